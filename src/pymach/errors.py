@@ -1,0 +1,127 @@
+"""Mach return codes and the exceptions that carry them.
+
+Every failure in pymach raises a `MachError` whose `.code` is the Mach return-code name
+(``KERN_INVALID_NAME``, ``SEND_TIMED_OUT``, ...). Families get their own subclass, so a
+caller can catch all send failures with `SendError`. Numeric values follow Mach 2.5
+(``kern_return.h``, ``msg.h``, ``mig_errors.h``); names marked *pymach* are additions for
+conditions that Mach 2.5 folded into a vaguer code.
+
+Invariant: every code name used anywhere in pymach is a key of `RETURN_CODES`.
+"""
+
+from __future__ import annotations
+
+RETURN_CODES: dict[str, int] = {
+    # kern_return.h
+    "KERN_SUCCESS": 0,
+    "KERN_INVALID_ADDRESS": 1,
+    "KERN_PROTECTION_FAILURE": 2,
+    "KERN_NO_SPACE": 3,
+    "KERN_INVALID_ARGUMENT": 4,
+    "KERN_FAILURE": 5,
+    "KERN_RESOURCE_SHORTAGE": 6,
+    "KERN_NOT_RECEIVER": 7,
+    "KERN_NO_ACCESS": 8,
+    "KERN_MEMORY_FAILURE": 9,
+    "KERN_MEMORY_ERROR": 10,
+    "KERN_NOT_IN_SET": 12,
+    "KERN_NAME_EXISTS": 13,
+    "KERN_ABORTED": 14,
+    "KERN_INVALID_NAME": 15,
+    "KERN_INVALID_TASK": 16,
+    "KERN_INVALID_RIGHT": 17,
+    "KERN_INVALID_VALUE": 18,
+    "KERN_INVALID_CAPABILITY": 20,
+    "KERN_INVALID_HOST": 22,
+    "KERN_TERMINATED": 37,
+    "KERN_OPERATION_TIMED_OUT": 49,  # Mach 3: a wait for a task or thread timed out
+    # msg.h: send
+    "SEND_SUCCESS": 0,
+    "SEND_INVALID_MEMORY": -101,
+    "SEND_INVALID_PORT": -102,
+    "SEND_TIMED_OUT": -103,
+    "SEND_KERNEL_REFUSED": -107,
+    "SEND_INTERRUPTED": -108,
+    "SEND_MSG_TOO_LARGE": -109,
+    "SEND_MSG_TOO_SMALL": -110,
+    "SEND_INVALID_TYPE": -112,  # pymach: a malformed typed item
+    "SEND_INVALID_RIGHT": -113,  # pymach: an item names a right the sender lacks
+    # msg.h: receive
+    "RCV_SUCCESS": 0,
+    "RCV_INVALID_MEMORY": -201,
+    "RCV_INVALID_PORT": -202,
+    "RCV_TIMED_OUT": -203,
+    "RCV_TOO_LARGE": -204,
+    "RCV_NOT_ENOUGH_MEMORY": -205,
+    "RCV_INTERRUPTED": -207,
+    "RCV_PORT_CHANGE": -208,
+    # mig_errors.h
+    "MIG_TYPE_ERROR": -300,
+    "MIG_REPLY_MISMATCH": -301,
+    "MIG_REMOTE_ERROR": -302,
+    "MIG_BAD_ID": -303,
+    "MIG_BAD_ARGUMENTS": -304,
+    "MIG_NO_REPLY": -305,
+    "MIG_ARRAY_TOO_LARGE": -307,
+    "MIG_SERVER_DIED": -308,
+}
+
+_NAME_BY_VALUE: dict[int, str] = {}
+for _name, _value in RETURN_CODES.items():
+    _NAME_BY_VALUE.setdefault(_value, _name)
+
+
+class MachError(Exception):
+    """A Mach call failed; `.code` is the return-code name, `.value` its number."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        if code not in RETURN_CODES:
+            raise ValueError(f"unknown Mach return code {code!r}")
+        self.code = code
+        self.value = RETURN_CODES[code]
+        self.detail = detail
+        super().__init__(f"{code}: {detail}" if detail else code)
+
+    def __new__(cls, code: str, detail: str = "") -> MachError:
+        """Pick the family subclass from the code's prefix when raised as `MachError`."""
+        if cls is MachError:
+            cls = _family(code)
+        return super().__new__(cls)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (MachError, (self.code, self.detail))
+
+
+class KernError(MachError):
+    """A KERN_* failure: bad arguments, names, rights, tasks."""
+
+
+class SendError(MachError):
+    """A SEND_* failure of msg_send or the send half of msg_rpc."""
+
+
+class RcvError(MachError):
+    """An RCV_* failure of msg_receive or the receive half of msg_rpc."""
+
+
+class MigError(MachError):
+    """A MIG_* failure: a malformed request or reply of an interface routine."""
+
+
+def _family(code: str) -> type[MachError]:
+    prefix = code.split("_", 1)[0]
+    return {"KERN": KernError, "SEND": SendError, "RCV": RcvError, "MIG": MigError}.get(
+        prefix, MachError
+    )
+
+
+def code_name(value: int) -> str:
+    """Return the name of a numeric return code (``'KERN_FAILURE'`` if unknown)."""
+    return _NAME_BY_VALUE.get(value, "KERN_FAILURE")
+
+
+class ThreadTerminated(BaseException):  # noqa: N818 - it is a signal, not an error
+    """Raised inside a thread that was terminated, to unwind it.
+
+    A `BaseException`, so that task code's ``except Exception`` does not swallow it.
+    """

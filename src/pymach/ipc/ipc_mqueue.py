@@ -1,0 +1,47 @@
+"""Message queues: enqueueing with wakeups, dequeueing, and the default group (3.2).
+
+A port's queue is FIFO, so messages from one sender to one port arrive in order. A task's
+*default group* is the set of its enabled ports; a group receive takes the oldest head
+message among them (lowest kernel sequence number), which keeps it fair and, under the
+deterministic scheduler, reproducible. All functions run with the kernel lock held.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pymach.ipc.kmsg import KMsg
+    from pymach.ipc.port import Port
+    from pymach.ipc.space import IpcSpace
+
+
+def mqueue_enqueue(port: Port, kmsg: KMsg) -> None:
+    """Append `kmsg` to a live port's queue and wake its receivers (no backlog check)."""
+    port.queue.append(kmsg)
+    port.sched.thread_wakeup(port.rcv_waitq)
+    receiver = port.receiver
+    if port.enabled and receiver is not None:
+        port.sched.thread_wakeup(receiver.space.group_waitq)
+
+
+def mqueue_dequeue(port: Port) -> KMsg:
+    """Remove the head message and wake one waiting sender's worth of room."""
+    kmsg = port.queue.popleft()
+    port.sched.thread_wakeup(port.send_waitq)
+    return kmsg
+
+
+def mqueue_group_select(space: IpcSpace) -> Port | None:
+    """The enabled port of `space` whose head message is oldest, or None if all are empty."""
+    best: Port | None = None
+    for port in space.enabled_ports():
+        if port.queue and (best is None or port.queue[0].seqno < best.queue[0].seqno):
+            best = port
+    return best
+
+
+def mqueue_wake_all(port: Port) -> None:
+    """Wake everything waiting on the port (it died or changed hands)."""
+    port.sched.thread_wakeup(port.send_waitq)
+    port.sched.thread_wakeup(port.rcv_waitq)

@@ -1,0 +1,223 @@
+"""Kernel messages: a message in transit, with port objects instead of names.
+
+`copyin` turns a task's `Message` into a `KMsg`, taking the rights it carries out of the
+sender's space; `copyout` puts them into the receiver's space and returns a `Message`.
+
+Invariant: copyin is all-or-nothing. It first checks every right against a scratch copy
+of the sender's entries and only then changes anything, so a refused message leaves the
+sender exactly as it was. Rights inside a KMsg belong to the message until copyout or
+`ipc_right.kmsg_destroy`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.ipc.message import (
+    OOL,
+    Disposition,
+    Item,
+    Message,
+    Port,
+    PortArray,
+    message_size,
+)
+
+if TYPE_CHECKING:
+    from pymach.ipc.port import Port as KernelPort
+    from pymach.ipc.space import IpcEntry, IpcSpace
+
+_kmsg_seq = itertools.count(1)
+
+# What each disposition needs from the sender's entry and what the message then carries.
+_ARRIVES_AS = {
+    Disposition.COPY_SEND: Disposition.MOVE_SEND,
+    Disposition.MAKE_SEND: Disposition.MOVE_SEND,
+    Disposition.MOVE_SEND: Disposition.MOVE_SEND,
+    Disposition.MOVE_RECEIVE: Disposition.MOVE_RECEIVE,
+    Disposition.MOVE_OWNERSHIP: Disposition.MOVE_OWNERSHIP,
+    Disposition.MOVE_ALL: Disposition.MOVE_ALL,
+}
+
+
+@dataclass
+class KPort:
+    """A port right inside a kernel message; `kind` is how it arrives (MOVE_*)."""
+
+    port: KernelPort | None
+    kind: Disposition = Disposition.MOVE_SEND
+
+    def data_size(self) -> int:
+        return 4
+
+
+@dataclass
+class KPortArray:
+    """An array of port rights of one kind inside a kernel message."""
+
+    ports: list[KernelPort | None]
+    kind: Disposition = Disposition.MOVE_SEND
+
+    def data_size(self) -> int:
+        return 4 * len(self.ports)
+
+
+KItem = Item | KPort | KPortArray
+
+
+@dataclass
+class KMsg:
+    """A message in the kernel: destination and reply as port objects, rights as KPorts."""
+
+    dest: KernelPort
+    reply: KernelPort | None
+    id: int
+    items: list[KItem]
+    sender: str = "kernel"  # name of the sending task, for traces and reports
+    seqno: int = field(default_factory=lambda: next(_kmsg_seq))
+
+    @property
+    def size(self) -> int:
+        return message_size(self.items)
+
+
+@dataclass
+class _Scratch:
+    """A copy of one entry's rights, changed as copyin checks each item."""
+
+    send: bool
+    receive: bool
+    owner: bool
+
+
+def _check_right(scratch: dict[int, _Scratch], space: IpcSpace, name: int,
+                 disp: Disposition, code: str) -> KernelPort:
+    """Check that `name` can give `disp`, update the scratch rights; return the port."""
+    entry: IpcEntry = space.lookup(name, code)
+    s = scratch.setdefault(name, _Scratch(entry.send, entry.receive, entry.owner))
+    can_send = s.send or s.receive or s.owner
+    ok = {
+        Disposition.COPY_SEND: can_send,
+        Disposition.MAKE_SEND: s.receive,
+        Disposition.MOVE_SEND: s.send,
+        Disposition.MOVE_RECEIVE: s.receive,
+        Disposition.MOVE_OWNERSHIP: s.owner,
+        Disposition.MOVE_ALL: s.receive and s.owner,
+    }[disp]
+    if not ok:
+        raise MachError(code, f"name {name} does not hold the right for {disp.name}")
+    if disp == Disposition.MOVE_SEND:
+        s.send = False
+    if disp in (Disposition.MOVE_RECEIVE, Disposition.MOVE_ALL):
+        s.receive, s.send = False, True
+    if disp in (Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL):
+        s.owner, s.send = False, True
+    return entry.port
+
+
+def _reply_disposition(space: IpcSpace, msg: Message) -> Disposition:
+    if msg.local_disposition is not None:
+        return msg.local_disposition
+    entry = space.names.get(msg.local_port)
+    return Disposition.MAKE_SEND if entry is not None and entry.receive else Disposition.COPY_SEND
+
+
+def copyin_check(space: IpcSpace, msg: Message) -> tuple[KernelPort, KernelPort | None]:
+    """Phase 1: check the whole message against the sender's rights; change nothing."""
+    scratch: dict[int, _Scratch] = {}
+    dest = _check_right(scratch, space, msg.remote_port, Disposition.COPY_SEND,
+                        "SEND_INVALID_PORT")
+    reply = None
+    if msg.local_port:
+        reply = _check_right(scratch, space, msg.local_port, _reply_disposition(space, msg),
+                             "SEND_INVALID_PORT")
+    for item in msg.items:
+        if isinstance(item, OOL):
+            raise MachError("SEND_INVALID_MEMORY",
+                            "out-of-line memory needs the virtual memory system (issue 3)")
+        names = (item.name,) if isinstance(item, Port) else (
+            item.names if isinstance(item, PortArray) else ())
+        for name in names:
+            port = _check_right(scratch, space, name, item.disposition,  # type: ignore[union-attr]
+                                "SEND_INVALID_RIGHT")
+            _check_not_circular(port, dest, item.disposition)  # type: ignore[union-attr]
+    return dest, reply
+
+
+def _check_not_circular(port: KernelPort, dest: KernelPort, disp: Disposition) -> None:
+    if port is dest and disp in (Disposition.MOVE_RECEIVE, Disposition.MOVE_ALL):
+        raise MachError("SEND_INVALID_RIGHT", "a port's receive rights cannot be sent to itself")
+
+
+def _take_right(space: IpcSpace, name: int, disp: Disposition) -> KernelPort:
+    """Phase 2 for one right: remove what `disp` moves out of the sender's entry."""
+    entry = space.names[name]
+    port = entry.port
+    if disp == Disposition.MOVE_SEND:
+        entry.send = False
+    if disp in (Disposition.MOVE_RECEIVE, Disposition.MOVE_ALL):
+        entry.receive = False
+        port.receiver, port.receive_in_transit, port.enabled = None, True, False
+        entry.send = True  # the sender keeps a send right
+    if disp in (Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL):
+        entry.owner = False
+        port.owner, port.ownership_in_transit = None, True
+        entry.send = True
+    space.drop_if_empty(name)
+    return port
+
+
+def copyin(space: IpcSpace, msg: Message, sender: str) -> KMsg:
+    """Turn a checked user message into a KMsg, moving rights out of `space`."""
+    dest, reply = copyin_check(space, msg)
+    if reply is not None:
+        _take_right(space, msg.local_port, _reply_disposition(space, msg))
+    items: list[KItem] = []
+    for item in msg.items:
+        if isinstance(item, Port):
+            items.append(KPort(_take_right(space, item.name, item.disposition),
+                               _ARRIVES_AS[item.disposition]))
+        elif isinstance(item, PortArray):
+            ports: list[KernelPort | None] = [
+                _take_right(space, n, item.disposition) for n in item.names]
+            items.append(KPortArray(ports, _ARRIVES_AS[item.disposition]))
+        else:
+            items.append(item)
+    return KMsg(dest, reply, msg.id, items, sender=sender)
+
+
+def _put_right(space: IpcSpace, port: KernelPort | None, kind: Disposition) -> int:
+    """Copyout one right into `space`; a right to a dead port arrives as PORT_NULL."""
+    if port is None or port.dead:
+        return 0
+    recv = kind in (Disposition.MOVE_RECEIVE, Disposition.MOVE_ALL)
+    own = kind in (Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL)
+    name = space.insert(port, send=True, receive=recv, owner=own)
+    if recv:
+        port.receiver, port.receive_in_transit = space.task, False
+        if port.owner is None and not port.ownership_in_transit:
+            port.owner = space.task
+            space.names[name].owner = True
+    if own:
+        port.owner, port.ownership_in_transit = space.task, False
+    return name
+
+
+def copyout(space: IpcSpace, kmsg: KMsg) -> Message:
+    """Deliver a dequeued KMsg into `space`; returns the task's view of it."""
+    local = space.name_of(kmsg.dest) or 0
+    remote = _put_right(space, kmsg.reply, Disposition.MOVE_SEND) if kmsg.reply else 0
+    items: list[Item] = []
+    for item in kmsg.items:
+        if isinstance(item, KPort):
+            items.append(Port(_put_right(space, item.port, item.kind), item.kind))
+        elif isinstance(item, KPortArray):
+            names = tuple(_put_right(space, p, item.kind) for p in item.ports)
+            items.append(PortArray(names, item.kind))
+        else:
+            items.append(item)
+    return Message(remote_port=remote, local_port=local, id=kmsg.id, items=items)
+

@@ -1,0 +1,142 @@
+"""Table 3-1: msg_send, msg_receive and msg_rpc, the kernel side of the message traps.
+
+Send: look up the destination, wait for room if its queue is full (block, time out, or
+fail at once with timeout 0), then copy the message in and queue it, or, for a kernel
+port, execute it inline. Waiting happens *before* copyin, so a send that times out leaves
+the sender's rights untouched. Receive: from one port the task receives on, or from its
+default group; a message larger than `rcv_size` stays queued (RCV_TOO_LARGE).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.ipc.ipc_mqueue import mqueue_dequeue, mqueue_enqueue, mqueue_group_select
+from pymach.ipc.kmsg import copyin, copyout
+from pymach.ipc.message import (
+    ALL_OPTIONS,
+    PORT_NULL,
+    RCV_TIMEOUT,
+    SEND_TIMEOUT,
+    Message,
+    validate_message,
+)
+from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
+
+if TYPE_CHECKING:
+    from pymach.ipc.port import Port
+    from pymach.kern.thread import Thread
+
+
+def check_options(option: object, flag: int, timeout: object, what: str) -> float | None:
+    """Validate an option word and its timeout (ms); return the timeout to apply."""
+    if isinstance(option, bool) or not isinstance(option, int) or option & ~ALL_OPTIONS:
+        raise MachError("KERN_INVALID_ARGUMENT", f"bad {what} option {option!r}")
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        raise MachError("KERN_INVALID_ARGUMENT", f"{what} timeout must be >= 0 ms, not "
+                        f"{timeout!r}")
+    if not option & flag:
+        raise MachError("KERN_INVALID_ARGUMENT", f"a {what} timeout needs the "
+                        f"{'SEND_TIMEOUT' if flag == SEND_TIMEOUT else 'RCV_TIMEOUT'} option")
+    return float(timeout)
+
+
+def check_rcv_size(rcv_size: object) -> int:
+    """Validate a receive buffer size."""
+    if isinstance(rcv_size, bool) or not isinstance(rcv_size, int) or rcv_size <= 0:
+        raise MachError("KERN_INVALID_ARGUMENT", f"rcv_size must be a positive int, "
+                        f"not {rcv_size!r}")
+    return rcv_size
+
+
+def msg_send_locked(thread: Thread, msg: Message, timeout: float | None) -> None:
+    """Send `msg` from `thread` (kernel lock held); see module docstring."""
+    kernel = thread.kernel
+    space = thread.task.space
+    if msg.size > kernel.msg_size_max:
+        raise MachError("SEND_MSG_TOO_LARGE", f"{msg.size} bytes inline; the limit is "
+                        f"{kernel.msg_size_max} (send large data out of line)")
+    deadline = deadline_after(kernel.sched, timeout)
+    while True:
+        port = space.lookup(msg.remote_port, "SEND_INVALID_PORT").port
+        if port.is_kernel_port or not port.queue_full():
+            break
+        if not thread_block(kernel.sched, thread, port.send_waitq, deadline):
+            raise MachError("SEND_TIMED_OUT", f"port {msg.remote_port} stayed full "
+                            f"({port.backlog} messages)")
+    kmsg = copyin(space, msg, thread.task.name)
+    kernel.trace_event(f"send {thread.name} id={msg.id} -> {port.label or port.serial}")
+    if port.is_kernel_port:
+        kernel.kobject_server(kmsg)
+    else:
+        mqueue_enqueue(port, kmsg)
+
+
+def _receive_source(thread: Thread, name: int) -> tuple[Port | None, WaitQueue]:
+    """The port to take a message from now (or None) and the queue to wait on."""
+    space = thread.task.space
+    if name == PORT_NULL:
+        return mqueue_group_select(space), space.group_waitq
+    entry = space.lookup(name, "RCV_INVALID_PORT")
+    if not entry.receive:
+        raise MachError("RCV_INVALID_PORT", f"task {thread.task.name!r} does not receive on "
+                        f"port {name}")
+    return entry.port, entry.port.rcv_waitq
+
+
+def msg_receive_locked(thread: Thread, name: int, timeout: float | None,
+                       rcv_size: int) -> Message:
+    """Receive one message on port `name` or the default group (kernel lock held)."""
+    kernel = thread.kernel
+    deadline = deadline_after(kernel.sched, timeout)
+    while True:
+        port, waitq = _receive_source(thread, name)
+        if port is not None and port.queue:
+            head = port.queue[0]
+            if head.size > rcv_size:
+                raise MachError("RCV_TOO_LARGE", f"message of {head.size} bytes exceeds "
+                                f"rcv_size {rcv_size}; it stays queued")
+            kmsg = mqueue_dequeue(port)
+            kernel.trace_event(f"recv {thread.name} id={kmsg.id} <- {port.label or port.serial}"
+                               f" from {kmsg.sender}")
+            return copyout(thread.task.space, kmsg)
+        if not thread_block(kernel.sched, thread, waitq, deadline):
+            raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
+
+
+def msg_send_trap(thread: Thread, msg: object, option: object, timeout: object) -> None:
+    """msg_send(message, option, timeout)."""
+    t = check_options(option, SEND_TIMEOUT, timeout, "send")
+    checked = validate_message(msg)
+    with thread.kernel.trap(thread):
+        msg_send_locked(thread, checked, t)
+
+
+def msg_receive_trap(thread: Thread, name: object, option: object, timeout: object,
+                     rcv_size: object) -> Message:
+    """msg_receive(message, option, timeout): `name` is the port, PORT_NULL the group."""
+    if isinstance(name, Message):
+        name = name.local_port
+    if isinstance(name, bool) or not isinstance(name, int):
+        raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {name!r}")
+    t = check_options(option, RCV_TIMEOUT, timeout, "receive")
+    size = check_rcv_size(rcv_size)
+    with thread.kernel.trap(thread):
+        return msg_receive_locked(thread, name, t, size)
+
+
+def msg_rpc_trap(thread: Thread, msg: object, option: object, rcv_size: object,
+                 send_timeout: object, receive_timeout: object) -> Message:
+    """msg_rpc: send `msg`, then receive the reply on its local (reply) port."""
+    st = check_options(option, SEND_TIMEOUT, send_timeout, "send")
+    rt = check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
+    size = check_rcv_size(rcv_size)
+    checked = validate_message(msg)
+    if checked.local_port == PORT_NULL:
+        raise MachError("RCV_INVALID_PORT", "msg_rpc needs a reply port in local_port")
+    with thread.kernel.trap(thread):
+        msg_send_locked(thread, checked, st)
+        return msg_receive_locked(thread, checked.local_port, rt, size)

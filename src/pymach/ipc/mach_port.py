@@ -1,0 +1,90 @@
+"""Table 3-2: the port operations, as the kernel performs them on a task's name space.
+
+Each function takes the target task's `IpcSpace` (the task whose port the request was
+sent to) and runs with the kernel lock held; the RPC plumbing lives in kern/.
+Errors: KERN_INVALID_NAME for a name the task does not hold, KERN_NOT_RECEIVER when the
+call needs receive rights, KERN_INVALID_ARGUMENT for bad values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.ipc.ipc_right import entry_deallocate
+from pymach.ipc.message import PORT_BACKLOG_MAX
+from pymach.ipc.port import Port
+
+if TYPE_CHECKING:
+    from pymach.ipc.space import IpcEntry, IpcSpace
+
+
+@dataclass(frozen=True)
+class PortStatus:
+    """port_status results. num_msgs and backlog are meaningful only to the receiver."""
+
+    unrestricted: bool  # enabled: in the task's default group for msg_receive
+    num_msgs: int
+    backlog: int
+    receiver: bool  # the task holds receive rights
+    owner: bool  # the task holds ownership rights
+
+
+def port_allocate(space: IpcSpace, label: str = "") -> int:
+    """Allocate a new port; the task gets send, receive and ownership rights. Returns its name."""
+    port = Port(space.task.kernel, label)
+    port.receiver = port.owner = space.task
+    return space.insert(port, send=True, receive=True, owner=True)
+
+
+def port_deallocate(space: IpcSpace, name: int) -> None:
+    """Remove the task's rights named `name` (receive/ownership pass on or the port dies)."""
+    space.lookup(name)
+    entry_deallocate(space, name)
+
+
+def _receiver_entry(space: IpcSpace, name: int) -> IpcEntry:
+    entry = space.lookup(name)
+    if not entry.receive:
+        raise MachError("KERN_NOT_RECEIVER", f"task {space.task.name!r} is not the receiver "
+                        f"of port {name}")
+    return entry
+
+
+def port_enable(space: IpcSpace, name: int) -> None:
+    """Add the port to the task's default group of ports for msg_receive."""
+    port = _receiver_entry(space, name).port
+    port.enabled = True
+    port.sched.thread_wakeup(space.group_waitq)
+
+
+def port_disable(space: IpcSpace, name: int) -> None:
+    """Remove the port from the task's default group."""
+    _receiver_entry(space, name).port.enabled = False
+
+
+def port_messages(space: IpcSpace) -> tuple[int, ...]:
+    """Names of the task's enabled ports on which messages are queued, in name order."""
+    names = (space.name_of(p) for p in space.enabled_ports() if p.queue)
+    return tuple(sorted(n for n in names if n is not None))
+
+
+def port_status(space: IpcSpace, name: int) -> PortStatus:
+    """Status of the port named `name` in this task."""
+    entry = space.lookup(name)
+    port = entry.port
+    return PortStatus(port.enabled and entry.receive, len(port.queue), port.backlog,
+                      entry.receive, entry.owner)
+
+
+def port_set_backlog(space: IpcSpace, name: int, backlog: int) -> None:
+    """Limit the number of messages that may wait on the port (1..PORT_BACKLOG_MAX)."""
+    port = _receiver_entry(space, name).port
+    if isinstance(backlog, bool) or not isinstance(backlog, int) or not (
+        1 <= backlog <= PORT_BACKLOG_MAX
+    ):
+        raise MachError("KERN_INVALID_ARGUMENT",
+                        f"backlog must be an int in 1..{PORT_BACKLOG_MAX}, not {backlog!r}")
+    port.backlog = backlog
+    port.sched.thread_wakeup(port.send_waitq)

@@ -1,0 +1,296 @@
+"""Messages as a task sees them: a fixed header and a list of typed items (paper 3.2).
+
+A `Message` is what user code builds and what `msg_receive` returns. Port rights inside
+it are *names* in the holder's name space; the kernel converts them to port objects
+(copyin) on send and back to names in the receiver's space (copyout) on receive.
+
+Header (Mach 2.5 field meanings): on send, `remote_port` is the destination and
+`local_port` the reply port; on receive, `local_port` is the port the message arrived
+on and `remote_port` the reply port, so a server replies to ``msg.remote_port``.
+
+Invariants: `Message.size` is computed from the items (header + 8-byte descriptor per item
++ data rounded up to 4 bytes); every item checks its own Python types in `validate()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from pymach.errors import MachError
+
+PORT_NULL = 0
+MSG_HEADER_SIZE = 24
+MSG_DESCRIPTOR_SIZE = 8
+MSG_SIZE_MAX = 8192  # Mach 2.5 default inline limit; a boot parameter
+PORT_BACKLOG_DEFAULT = 5
+PORT_BACKLOG_MAX = 16
+
+# msg_send / msg_receive / msg_rpc options (Mach 2.5 msg.h)
+MSG_OPTION_NONE = 0x0
+SEND_TIMEOUT = 0x1
+SEND_INTERRUPT = 0x2
+RCV_TIMEOUT = 0x100
+RCV_INTERRUPT = 0x200
+_SEND_OPTIONS = SEND_TIMEOUT | SEND_INTERRUPT
+_RCV_OPTIONS = RCV_TIMEOUT | RCV_INTERRUPT
+ALL_OPTIONS = _SEND_OPTIONS | _RCV_OPTIONS
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class Disposition(IntEnum):
+    """What a port item does with the sender's right, and what the receiver gets.
+
+    On receipt every send right arrives as MOVE_SEND (so it can be forwarded), a receive
+    right as MOVE_RECEIVE, ownership as MOVE_OWNERSHIP, both as MOVE_ALL.
+    """
+
+    COPY_SEND = 1  # sender keeps its send right; receiver gets one
+    MAKE_SEND = 2  # sender holds receive rights; receiver gets a new send right
+    MOVE_SEND = 3  # sender's send right moves to the receiver
+    MOVE_RECEIVE = 4  # receive rights move (the sender keeps a send right)
+    MOVE_OWNERSHIP = 5  # ownership rights move (the sender keeps a send right)
+    MOVE_ALL = 6  # receive and ownership rights move together
+
+
+COPY_SEND = Disposition.COPY_SEND
+MAKE_SEND = Disposition.MAKE_SEND
+MOVE_SEND = Disposition.MOVE_SEND
+MOVE_RECEIVE = Disposition.MOVE_RECEIVE
+MOVE_OWNERSHIP = Disposition.MOVE_OWNERSHIP
+MOVE_ALL = Disposition.MOVE_ALL
+
+
+def _round4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _require(ok: bool, detail: str) -> None:
+    if not ok:
+        raise MachError("SEND_INVALID_TYPE", detail)
+
+
+@dataclass
+class Int:
+    """A 64-bit signed integer item."""
+
+    value: int
+
+    def validate(self) -> None:
+        _require(isinstance(self.value, int), f"Int item holds {type(self.value).__name__}")
+        _require(INT64_MIN <= self.value <= INT64_MAX, f"Int item {self.value} exceeds 64 bits")
+
+    def data_size(self) -> int:
+        return 8
+
+
+@dataclass
+class Float:
+    """A 64-bit IEEE float item."""
+
+    value: float
+
+    def validate(self) -> None:
+        _require(
+            isinstance(self.value, float | int) and not isinstance(self.value, bool),
+            f"Float item holds {type(self.value).__name__}, not float",
+        )
+
+    def data_size(self) -> int:
+        return 8
+
+
+@dataclass
+class Bytes:
+    """A byte-string item (inline)."""
+
+    value: bytes
+
+    def validate(self) -> None:
+        _require(
+            isinstance(self.value, bytes | bytearray | memoryview),
+            f"Bytes item holds {type(self.value).__name__}, not bytes",
+        )
+        self.value = bytes(self.value)
+
+    def data_size(self) -> int:
+        return _round4(len(self.value))
+
+
+@dataclass
+class Str:
+    """A text item, carried as UTF-8 with a terminating NUL."""
+
+    value: str
+
+    def validate(self) -> None:
+        _require(isinstance(self.value, str), f"Str item holds {type(self.value).__name__}")
+
+    def data_size(self) -> int:
+        return _round4(len(self.value.encode("utf-8")) + 1)
+
+
+@dataclass
+class IntArray:
+    """An array of 64-bit signed integers."""
+
+    values: tuple[int, ...]
+
+    def validate(self) -> None:
+        _require(isinstance(self.values, tuple | list), "IntArray needs a tuple of ints")
+        self.values = tuple(self.values)
+        for v in self.values:
+            _require(isinstance(v, int) and INT64_MIN <= v <= INT64_MAX, f"bad IntArray {v!r}")
+
+    def data_size(self) -> int:
+        return 8 * len(self.values)
+
+
+@dataclass
+class Port:
+    """A port right, named in the holder's space, with what to do with it."""
+
+    name: int
+    disposition: Disposition = Disposition.COPY_SEND
+
+    def validate(self) -> None:
+        _require(isinstance(self.name, int) and not isinstance(self.name, bool),
+                 f"Port item name must be an int, not {type(self.name).__name__}")
+        _require(isinstance(self.disposition, int) and self.disposition in set(Disposition),
+                 f"Port item has bad disposition {self.disposition!r}")
+        self.disposition = Disposition(self.disposition)
+
+    def data_size(self) -> int:
+        return 4
+
+
+@dataclass
+class PortArray:
+    """An array of port rights with one disposition for all."""
+
+    names: tuple[int, ...]
+    disposition: Disposition = Disposition.COPY_SEND
+
+    def validate(self) -> None:
+        _require(isinstance(self.names, tuple | list), "PortArray needs a tuple of names")
+        self.names = tuple(self.names)
+        for n in self.names:
+            Port(n, self.disposition).validate()
+        self.disposition = Disposition(self.disposition)
+
+    def data_size(self) -> int:
+        return 4 * len(self.names)
+
+
+@dataclass
+class OOL:
+    """Out-of-line memory: `size` bytes at `address` of the sender's address space.
+
+    Transferred copy-on-write; with `deallocate` the region leaves the sender. The
+    transfer itself arrives with the virtual-memory subsystem (issue 3).
+    """
+
+    address: int
+    size: int
+    deallocate: bool = False
+
+    def validate(self) -> None:
+        _require(isinstance(self.address, int) and isinstance(self.size, int),
+                 "OOL item needs int address and size")
+        _require(self.size >= 0 and self.address >= 0, "OOL item has a negative address or size")
+
+    def data_size(self) -> int:
+        return 8
+
+
+@dataclass
+class Code:
+    """A Python callable and its arguments: the entry point of a new thread.
+
+    Embedded mode carries the reference itself; it never crosses a host boundary.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require(callable(self.fn), f"Code item needs a callable, not {type(self.fn).__name__}")
+        _require(isinstance(self.args, tuple) and isinstance(self.kwargs, dict),
+                 "Code item needs tuple args and dict kwargs")
+
+    def data_size(self) -> int:
+        return 8
+
+
+Item = Int | Float | Bytes | Str | IntArray | Port | PortArray | OOL | Code
+ITEM_TYPES: tuple[type, ...] = (Int, Float, Bytes, Str, IntArray, Port, PortArray, OOL, Code)
+
+
+@dataclass
+class Message:
+    """A message: header fields plus typed items. See the module docstring for the header."""
+
+    remote_port: int = PORT_NULL
+    local_port: int = PORT_NULL
+    id: int = 0
+    items: list[Item] = field(default_factory=list)
+    local_disposition: Disposition | None = None  # None: MAKE_SEND if receiver, else COPY_SEND
+
+    @property
+    def size(self) -> int:
+        """The message size in bytes, as msg_send checks it against the inline limit."""
+        return message_size(self.items)
+
+    @property
+    def simple(self) -> bool:
+        """True when the message carries no port rights and no out-of-line memory."""
+        return not any(isinstance(i, Port | PortArray | OOL) for i in self.items)
+
+    def values(self) -> list[Any]:
+        """The items' plain values, in order (port items give their names)."""
+        return [item_value(i) for i in self.items]
+
+
+def item_value(item: Item) -> Any:
+    """The plain Python value of one item."""
+    if isinstance(item, Port):
+        return item.name
+    if isinstance(item, PortArray):
+        return item.names
+    if isinstance(item, IntArray):
+        return item.values
+    if isinstance(item, OOL | Code):
+        return item
+    return item.value
+
+
+def message_size(items: list[Any]) -> int:
+    """Header size plus each item's descriptor and data."""
+    return MSG_HEADER_SIZE + sum(MSG_DESCRIPTOR_SIZE + i.data_size() for i in items)
+
+
+def validate_message(msg: object) -> Message:
+    """Check a user message's header and items; raise SEND_INVALID_TYPE etc. if malformed."""
+    if not isinstance(msg, Message):
+        raise MachError("SEND_INVALID_TYPE", f"msg_send needs a Message, not {type(msg).__name__}")
+    for fname in ("remote_port", "local_port", "id"):
+        v = getattr(msg, fname)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise MachError("SEND_INVALID_TYPE", f"header field {fname} must be an int")
+    if not INT64_MIN <= msg.id <= INT64_MAX:
+        raise MachError("SEND_INVALID_TYPE", "header id exceeds 64 bits")
+    if not isinstance(msg.items, list):
+        raise MachError("SEND_INVALID_TYPE", "Message.items must be a list")
+    for item in msg.items:
+        if not isinstance(item, ITEM_TYPES):
+            raise MachError("SEND_INVALID_TYPE", f"not a message item: {type(item).__name__}")
+        item.validate()
+    if msg.local_disposition is not None and msg.local_disposition not in (
+        Disposition.COPY_SEND, Disposition.MAKE_SEND, Disposition.MOVE_SEND
+    ):
+        raise MachError("SEND_INVALID_TYPE", "reply port disposition must give a send right")
+    return msg

@@ -1,0 +1,65 @@
+"""Ports: kernel-protected message queues with one receiver, one owner, many senders (3.2).
+
+A `Port` is the kernel's object; tasks only ever see names for it in their own spaces.
+All fields are guarded by the kernel lock.
+
+Invariants of a live port:
+- its receive right is held by exactly one task (`receiver`) or travels in exactly one
+  queued message (`receiver is None`, `receive_in_transit`);
+- likewise for ownership (`owner`, `ownership_in_transit`), except that a port whose
+  ownership was destroyed while its receive right travelled has no owner until that
+  right arrives, and then its receiver becomes its owner too;
+- `holders` maps every space that has a name for the port to that name;
+- `len(queue) <= backlog` for messages sent by tasks (the kernel's own messages, replies
+  and notifications, are never refused).
+A dead port has no holders, an empty queue and no receiver or owner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from pymach.ipc.message import PORT_BACKLOG_DEFAULT
+from pymach.kern.sched_prim import WaitQueue
+
+if TYPE_CHECKING:
+    from pymach.ipc.kmsg import KMsg
+    from pymach.ipc.space import IpcSpace
+    from pymach.kern.host import Kernel
+    from pymach.kern.sched_prim import Scheduler
+    from pymach.kern.task import Task
+
+class Port:
+    """The kernel structure behind a port (see module docstring for invariants)."""
+
+    def __init__(self, kernel: Kernel, label: str = "") -> None:
+        self.kernel = kernel  # immutable
+        self.sched: Scheduler = kernel.sched  # immutable
+        self.serial = kernel.new_serial("port")
+        self.label = label  # what the port stands for, for reports
+        self.receiver: Task | None = None
+        self.owner: Task | None = None
+        self.receive_in_transit = False
+        self.ownership_in_transit = False
+        self.kobject: object | None = None  # Task/Thread/Host this kernel port stands for
+        self.queue: deque[KMsg] = deque()
+        self.backlog = PORT_BACKLOG_DEFAULT
+        self.enabled = False  # in the receiver's default group
+        self.dead = False
+        self.holders: dict[IpcSpace, int] = {}
+        self.send_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.send")
+        self.rcv_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.rcv")
+
+    @property
+    def is_kernel_port(self) -> bool:
+        """True for ports that stand for kernel objects (tasks, threads, the host)."""
+        return self.kobject is not None
+
+    def queue_full(self) -> bool:
+        """True when a task's message would have to wait for room."""
+        return len(self.queue) >= self.backlog
+
+    def __repr__(self) -> str:
+        state = "dead" if self.dead else f"q={len(self.queue)}"
+        return f"<Port {self.serial} {self.label} {state}>"

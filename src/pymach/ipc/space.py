@@ -1,0 +1,100 @@
+"""Per-task IPC name spaces: a task's names for the ports it holds rights to (3.2).
+
+A port name means something only in the space that holds it; the same number in another
+task names another port or nothing. Names are never reused within a space, so a stale
+name fails with KERN_INVALID_NAME instead of reaching some other port.
+
+Invariants (kernel lock): a space has at most one name per port; an entry holds at least
+one right (send, receive or ownership); `entry.port.holders[space] == name` for every
+entry; an entry with receive rights is the port's `receiver`'s entry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.kern.sched_prim import WaitQueue
+
+if TYPE_CHECKING:
+    from pymach.ipc.port import Port
+    from pymach.kern.task import Task
+
+
+@dataclass
+class IpcEntry:
+    """One name's rights: a send right, receive rights, ownership rights."""
+
+    port: Port
+    send: bool = False
+    receive: bool = False
+    owner: bool = False
+
+    @property
+    def can_send(self) -> bool:
+        """Receive and ownership rights imply the right to send (Mach 2.5)."""
+        return self.send or self.receive or self.owner
+
+    def rights_text(self) -> str:
+        """'send', 'recv', 'own' joined by '+', for reports."""
+        parts = [n for n, h in (("recv", self.receive), ("own", self.owner), ("send", self.send))
+                 if h]
+        return "+".join(parts)
+
+
+class IpcSpace:
+    """A task's port name space. Guarded by the kernel lock."""
+
+    def __init__(self, task: Task, lock: threading.Lock) -> None:
+        self.task = task
+        self.names: dict[int, IpcEntry] = {}
+        self._next_name = itertools.count(1)
+        self.active = True
+        self.group_waitq = WaitQueue(lock, f"task{task.serial}.group")
+
+    def lookup(self, name: object, code: str = "KERN_INVALID_NAME") -> IpcEntry:
+        """The entry for `name`; raise `code` if the task holds no right by that name."""
+        if not isinstance(name, int) or isinstance(name, bool):
+            raise MachError("KERN_INVALID_ARGUMENT", f"port name must be an int, not {name!r}")
+        entry = self.names.get(name)
+        if entry is None:
+            raise MachError(code, f"task {self.task.name!r} holds no port named {name}")
+        return entry
+
+    def name_of(self, port: Port) -> int | None:
+        """This space's name for `port`, or None."""
+        return port.holders.get(self)
+
+    def insert(self, port: Port, send: bool = False, receive: bool = False,
+               owner: bool = False) -> int:
+        """Add rights for `port`, reusing this space's name for it if it has one."""
+        name = port.holders.get(self)
+        if name is None:
+            name = next(self._next_name)
+            self.names[name] = IpcEntry(port)
+            port.holders[self] = name
+        entry = self.names[name]
+        entry.send |= send
+        entry.receive |= receive
+        entry.owner |= owner
+        return name
+
+    def remove(self, name: int) -> IpcEntry:
+        """Drop the name and all its rights from the space (no port-side effects)."""
+        entry = self.names.pop(name)
+        entry.port.holders.pop(self, None)
+        return entry
+
+    def drop_if_empty(self, name: int) -> None:
+        """Remove `name` once it holds no right."""
+        entry = self.names.get(name)
+        if entry is not None and not (entry.send or entry.receive or entry.owner):
+            self.remove(name)
+
+    def enabled_ports(self) -> list[Port]:
+        """Ports in this task's default group (enabled ports it receives on), by serial."""
+        ports = [e.port for e in self.names.values() if e.receive and e.port.enabled]
+        return sorted(ports, key=lambda p: p.serial)

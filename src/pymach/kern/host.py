@@ -1,0 +1,288 @@
+"""The embedded kernel: one host's tasks, threads, ports and scheduler in this process.
+
+`boot()` starts a kernel and adopts the calling Python thread as the first thread of the
+`bootstrap` task, so Mach calls work straight away; `Kernel.spawn`/`run` start a Python
+callable as the first thread of a new task. Every Mach call passes through `trap`, the
+kernel boundary: a scheduling point (deterministic mode), the place where suspension and
+termination take effect, and the holder of the kernel lock.
+
+Fields are guarded by the kernel lock (`sched.lock`) unless marked otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+from pymach.errors import MachError, ThreadTerminated
+from pymach.ipc.kmsg import KMsg
+from pymach.ipc.message import MSG_SIZE_MAX, Code
+from pymach.ipc.port import Port
+from pymach.kern.sched_prim import make_scheduler, thread_block
+from pymach.kern.task import Task
+from pymach.kern.thread import Thread, current_thread, set_current_thread
+
+HARDWARE_PAGE = 4096
+
+
+def _check_config(page_size: int, memory_size: int, msg_size_max: int) -> None:
+    for name, v in (("page_size", page_size), ("memory_size", memory_size),
+                    ("msg_size_max", msg_size_max)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise MachError("KERN_INVALID_ARGUMENT", f"{name} must be a positive int")
+    if page_size % HARDWARE_PAGE:
+        raise MachError("KERN_INVALID_ARGUMENT", f"page_size must be a multiple of "
+                        f"{HARDWARE_PAGE}, not {page_size}")
+    if memory_size % page_size:
+        raise MachError("KERN_INVALID_ARGUMENT", "memory_size must be a multiple of page_size")
+
+
+class Kernel:
+    """One embedded Mach host (see module docstring)."""
+
+    def __init__(self, *, page_size: int = HARDWARE_PAGE, memory_size: int = 64 << 20,
+                 seed: int = 0, deterministic: bool = False, msg_size_max: int = MSG_SIZE_MAX,
+                 trace: bool | Callable[[str], None] = False, name: str = "host") -> None:
+        _check_config(page_size, memory_size, msg_size_max)
+        self.name = name  # immutable
+        self.page_size = page_size  # immutable
+        self.memory_size = memory_size  # immutable
+        self.msg_size_max = msg_size_max  # immutable
+        self.seed = seed  # immutable
+        self.sched = make_scheduler(deterministic, seed)  # immutable
+        self._serials: dict[str, Iterator[int]] = {}
+        self.trace_log: list[str] = []
+        self._trace = trace
+        self.tasks: dict[int, Task] = {}
+        self.running = True
+        self.kernel_task = Task(self, None, "kernel", kernel_task=True)
+        self.host_port = Port(self, "host")
+        self.host_port.kobject = self
+        self.host_port.receiver = self.host_port.owner = self.kernel_task
+        from pymach.kern.ipc_kobject import KernelServer
+
+        self.server = KernelServer(self)
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def new_serial(self, kind: str) -> int:
+        """The next serial number for objects of `kind`, starting at 1 (per kernel)."""
+        return next(self._serials.setdefault(kind, itertools.count(1)))
+
+    def trace_event(self, text: str) -> None:
+        """Record one kernel event if tracing is on (kernel lock held)."""
+        if self._trace:
+            line = f"{self.sched.now():10.3f} {text}" if self.sched.deterministic else text
+            self.trace_log.append(line)
+            if callable(self._trace):
+                self._trace(line)
+
+    def trap(self, thread: Thread) -> _Trap:
+        """The kernel boundary for one Mach call by `thread` (a context manager)."""
+        return _Trap(self, thread)
+
+    def ast_check(self, thread: Thread) -> None:
+        """At a kernel boundary: unwind if terminated, wait while suspended (lock held)."""
+        while True:
+            if thread.terminating:
+                raise ThreadTerminated()
+            if not (thread.suspend_count or thread.task.suspend_count):
+                return
+            thread.state = "suspended"
+            try:
+                thread_block(self.sched, thread, thread.suspend_waitq)
+            finally:
+                thread.state = "running"
+
+    def kobject_server(self, kmsg: KMsg) -> None:
+        """Serve a request sent to a kernel port (kernel lock held)."""
+        from pymach.kern.ipc_kobject import kobject_server
+
+        kobject_server(self, kmsg)
+
+    # -- tasks and threads -----------------------------------------------------------
+    def task_create_locked(self, parent: Task | None, inherit: bool, name: str = "") -> Task:
+        """Create a task with no threads (kernel lock held)."""
+        task = Task(self, parent, name, inherit)
+        self.tasks[task.serial] = task
+        self.trace_event(f"task created {task.name} parent={parent.name if parent else '-'}")
+        return task
+
+    def thread_create_locked(self, task: Task, code: Code | None, name: str = "",
+                             start: bool = True) -> Thread:
+        """Create a thread in `task` running `code`, and start it (kernel lock held)."""
+        thread = Thread(task, code, name or f"{task.name}.{len(task.threads) + 1}")
+        task.threads.append(thread)
+        self.trace_event(f"thread created {thread.name}")
+        if start:
+            thread.start()
+        return thread
+
+    def thread_terminate_locked(self, thread: Thread) -> None:
+        """Mark `thread` terminated; it unwinds at its next kernel boundary."""
+        thread.terminating = True
+        if not thread.port.dead:
+            from pymach.ipc.ipc_right import port_destroy
+
+            port_destroy(thread.port)
+        self.sched.thread_interrupt(thread)
+        self.sched.thread_wakeup(thread.suspend_waitq)
+
+    def thread_exited(self, thread: Thread) -> None:
+        """Called by a thread's Python thread as it ends (lock not held)."""
+        with self.sched.lock:
+            thread.state = "halted"
+            if thread in thread.task.threads:
+                thread.task.threads.remove(thread)
+            if not thread.port.dead:
+                from pymach.ipc.ipc_right import port_destroy
+
+                port_destroy(thread.port)
+            self.trace_event(f"thread exited {thread.name}")
+            if thread.ends_task:
+                thread.task.terminate()
+            self.sched.thread_wakeup(thread.done_waitq)
+        self.sched.thread_end(thread)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "",
+              inherit: bool = False, **kwargs: Any) -> TaskHandle:
+        """Start `fn(*args, **kwargs)` as the first thread of a new task, child of the
+        caller's task. The task ends when that thread returns (like a process's main)."""
+        caller = current_thread()
+        with self.trap(caller):
+            task = self.task_create_locked(caller.task, inherit, name)
+            thread = self.thread_create_locked(task, Code(fn, args, kwargs), start=False)
+            thread.ends_task = True
+            thread.start()
+            task_name = caller.task.space.insert(task.port, send=True)  # type: ignore[arg-type]
+        return TaskHandle(self, task, thread, task_name)
+
+    def run(self, fn: Callable[..., Any], *args: Any, name: str = "",
+            timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run `fn` as a new task's first thread and return its result (or raise its error)."""
+        return self.spawn(fn, *args, name=name, **kwargs).result(timeout)
+
+    # -- boot and shutdown -----------------------------------------------------------
+    def adopt_boot_thread(self) -> Thread:
+        """Make the calling Python thread the first thread of the `bootstrap` task."""
+        with self.sched.lock:
+            task = self.task_create_locked(None, False, "bootstrap")
+            thread = self.thread_create_locked(task, None, "bootstrap.main", start=False)
+            thread.state = "running"
+            self.sched.thread_setrun(thread)
+        set_current_thread(thread)
+        self.sched.thread_begin(thread)
+        return thread
+
+    def shutdown(self, boot_thread: Thread | None = None, join_timeout: float = 2.0) -> None:
+        """Terminate every task, release all waiting threads, and join them briefly."""
+        with self.sched.lock:
+            self.running = False
+            threads = [t for task in self.tasks.values() for t in task.threads]
+            for task in list(self.tasks.values()):
+                task.terminate()
+            self.sched.shutdown()
+            for t in threads:
+                self.sched.thread_interrupt(t)
+                t.suspend_waitq.cond.notify_all()
+                if t.wait_queue is not None:
+                    t.wait_queue.cond.notify_all()
+        for t in threads:
+            if t is not boot_thread and t.py_thread is not None:
+                t.py_thread.join(join_timeout)
+
+    # -- reports -----------------------------------------------------------------------
+    def ps(self) -> list[Any]:
+        """Rows describing every task and its threads (see kern/report.py)."""
+        from pymach.kern.report import ps
+
+        return ps(self)
+
+    def lsmp(self, task: Task | int | str) -> list[Any]:
+        """Rows describing one task's port name space (see kern/report.py)."""
+        from pymach.kern.report import lsmp
+
+        return lsmp(self, task)
+
+
+class _Trap:
+    """Context manager for one kernel entry and exit (see Kernel.trap)."""
+
+    __slots__ = ("kernel", "thread")
+
+    def __init__(self, kernel: Kernel, thread: Thread) -> None:
+        self.kernel = kernel
+        self.thread = thread
+
+    def __enter__(self) -> None:
+        kernel = self.kernel
+        if self.thread.kernel is not kernel:
+            raise MachError("KERN_INVALID_TASK", "this thread belongs to another kernel")
+        kernel.sched.kernel_entry(self.thread)
+        kernel.sched.lock.acquire()
+        try:
+            kernel.ast_check(self.thread)
+        except BaseException:
+            kernel.sched.lock.release()
+            raise
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if et is None or (self.thread.terminating and isinstance(ev, MachError)):
+                self.kernel.ast_check(self.thread)
+        finally:
+            self.kernel.sched.lock.release()
+
+
+class TaskHandle:
+    """A task started by `Kernel.spawn`: its objects, its name in the caller's space."""
+
+    def __init__(self, kernel: Kernel, task: Task, thread: Thread, name: int) -> None:
+        self.kernel = kernel
+        self.task = task
+        self.thread = thread
+        self.name = name  # the spawning task's send right to the new task's port
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait (timeout in ms) for the first thread to end; return or raise its outcome."""
+        caller = current_thread()
+        from pymach.kern.sched_prim import deadline_after
+
+        with self.kernel.trap(caller):
+            deadline = deadline_after(self.kernel.sched, timeout)
+            while not self.thread.done:
+                if not thread_block(self.kernel.sched, caller, self.thread.done_waitq, deadline):
+                    raise MachError("KERN_OPERATION_TIMED_OUT",
+                                    f"task {self.task.name!r} did not finish in {timeout} ms")
+        if self.thread.exception is not None:
+            raise self.thread.exception
+        return self.thread.result
+
+    @property
+    def done(self) -> bool:
+        """True once the task's first thread has ended."""
+        return self.thread.done
+
+
+@contextmanager
+def boot(**config: Any) -> Iterator[Kernel]:
+    """Start an embedded kernel for the duration of a `with` block.
+
+    Keywords: page_size (a multiple of 4096), memory_size (bytes), seed, deterministic,
+    msg_size_max, trace (True to keep `kernel.trace_log`, or a callable per line), name.
+    Inside the block the calling thread is the first thread of the `bootstrap` task.
+    """
+    kernel = Kernel(**config)
+    try:
+        previous = current_thread()
+    except MachError:
+        previous = None
+    boot_thread = kernel.adopt_boot_thread()
+    try:
+        yield kernel
+    finally:
+        kernel.shutdown(boot_thread)
+        set_current_thread(previous)

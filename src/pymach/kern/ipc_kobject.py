@@ -1,0 +1,196 @@
+"""The kernel as a server: requests sent to task, thread and host ports (3.2).
+
+A message to a kernel port is executed inline by the sending thread, with the kernel lock
+held, as Mach does; its semantics and errors are those of a message to a server. The MIG
+definitions in mach_defs decode it; `KernelServer` holds one method per routine, taking
+the target kernel object and the decoded arguments. The reply is queued on the request's
+reply port like any message. A request that fails has its rights destroyed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pymach import __version__
+from pymach.errors import MachError
+from pymach.ipc import mach_port
+from pymach.ipc.ipc_mqueue import mqueue_enqueue
+from pymach.ipc.ipc_right import kmsg_destroy
+from pymach.ipc.kmsg import KMsg
+from pymach.ipc.message import Code, Int, Str
+from pymach.ipc.port import Port
+from pymach.kern.mach_defs import (
+    SPECIAL_PORTS,
+    TASK_BOOTSTRAP_PORT,
+    TASK_KERNEL_PORT,
+    TASK_NOTIFY_PORT,
+    host_defs,
+    port_defs,
+    task_defs,
+    thread_defs,
+)
+from pymach.kern.mig import REPLY_ID_OFFSET, Subsystem
+from pymach.kern.task import Task
+from pymach.kern.thread import Thread, current_thread
+
+if TYPE_CHECKING:
+    from pymach.kern.host import Kernel
+
+
+def _subsystem_for(obj: object, msg_id: int) -> Subsystem | None:
+    for sub in (task_defs, port_defs, thread_defs, host_defs):
+        if msg_id in sub.routines:
+            return sub
+    return None
+
+
+def _expected_kind(sub: Subsystem) -> type:
+    from pymach.kern.host import Kernel
+
+    return {"task": Task, "port": Task, "thread": Thread, "host": Kernel}[sub.name]
+
+
+def kobject_server(kernel: Kernel, kmsg: KMsg) -> None:
+    """Execute a request sent to a kernel port and queue the reply (kernel lock held)."""
+    obj = kmsg.dest.kobject
+    sub = _subsystem_for(obj, kmsg.id)
+    if sub is None:
+        items: list[Any] | None = [Int(MachError("MIG_BAD_ID").value),
+                                   Str(f"no kernel routine has id {kmsg.id}")]
+    elif not isinstance(obj, _expected_kind(sub)):
+        items = [Int(MachError("KERN_INVALID_ARGUMENT").value),
+                 Str(f"{sub.routines[kmsg.id].name} needs a {sub.name} port, not "
+                     f"{kmsg.dest.label}")]
+    else:
+        items = sub.demux(kernel.server, kmsg.id, obj, kmsg.items)
+    if items is None or items[0].value != 0:
+        kmsg_destroy(kmsg)
+    if items is not None and kmsg.reply is not None and not kmsg.reply.dead:
+        mqueue_enqueue(kmsg.reply, KMsg(kmsg.reply, None, kmsg.id + REPLY_ID_OFFSET, items))
+
+
+def _check_active(task: Task) -> Task:
+    if not task.active:
+        raise MachError("KERN_INVALID_TASK", f"task {task.name!r} has terminated")
+    return task
+
+
+def _check_int(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MachError("KERN_INVALID_ARGUMENT", f"{what} must be an int")
+    return value
+
+
+class KernelServer:
+    """One method per kernel routine; each runs with the kernel lock held."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    # -- task interface --------------------------------------------------------------
+    def task_create(self, parent: Task, inherit: bool) -> Port | None:
+        child = self.kernel.task_create_locked(_check_active(parent), inherit)
+        return child.port
+
+    def task_terminate(self, task: Task) -> None:
+        _check_active(task).terminate()
+
+    def task_suspend(self, task: Task) -> None:
+        _check_active(task).suspend_count += 1
+
+    def task_resume(self, task: Task) -> None:
+        if _check_active(task).suspend_count == 0:
+            raise MachError("KERN_FAILURE", f"task {task.name!r} is not suspended")
+        task.suspend_count -= 1
+        for t in task.threads:
+            self.kernel.sched.thread_wakeup(t.suspend_waitq)
+
+    def task_threads(self, task: Task) -> list[Port]:
+        return [t.port for t in _check_active(task).threads if not t.port.dead]
+
+    def thread_create(self, task: Task, code: Code) -> Port:
+        thread = self.kernel.thread_create_locked(_check_active(task), code)
+        return thread.port
+
+    def task_get_special_port(self, task: Task, which: int) -> Port | None:
+        _check_active(task)
+        port = {TASK_KERNEL_PORT: task.port, TASK_NOTIFY_PORT: task.notify_port,
+                TASK_BOOTSTRAP_PORT: task.bootstrap_port}.get(_check_int(which, "which_port"),
+                                                               _BAD)
+        if port is _BAD:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no special port {which}; use one of "
+                            f"{sorted(SPECIAL_PORTS)}")
+        return port
+
+    def task_set_special_port(self, task: Task, which: int, port: Port | None) -> None:
+        _check_active(task)
+        if which == TASK_NOTIFY_PORT:
+            task.notify_port = port
+        elif which == TASK_BOOTSTRAP_PORT:
+            task.set_bootstrap(port)
+        else:
+            raise MachError("KERN_INVALID_ARGUMENT", f"special port {which} cannot be set")
+
+    def task_info(self, task: Task) -> tuple[str, int, int, int]:
+        _check_active(task)
+        return task.name, task.suspend_count, len(task.threads), len(task.space.names)
+
+    # -- port interface (Table 3-2) ----------------------------------------------------
+    def port_allocate(self, task: Task) -> int:
+        return mach_port.port_allocate(_check_active(task).space)
+
+    def port_deallocate(self, task: Task, name: int) -> None:
+        mach_port.port_deallocate(_check_active(task).space, name)
+
+    def port_enable(self, task: Task, name: int) -> None:
+        mach_port.port_enable(_check_active(task).space, name)
+
+    def port_disable(self, task: Task, name: int) -> None:
+        mach_port.port_disable(_check_active(task).space, name)
+
+    def port_messages(self, task: Task) -> tuple[int, ...]:
+        return mach_port.port_messages(_check_active(task).space)
+
+    def port_status(self, task: Task, name: int) -> tuple[bool, int, int, bool, bool]:
+        s = mach_port.port_status(_check_active(task).space, name)
+        return s.unrestricted, s.num_msgs, s.backlog, s.receiver, s.owner
+
+    def port_set_backlog(self, task: Task, name: int, backlog: int) -> None:
+        mach_port.port_set_backlog(_check_active(task).space, name, backlog)
+
+    # -- thread interface --------------------------------------------------------------
+    def thread_terminate(self, thread: Thread) -> None:
+        self.kernel.thread_terminate_locked(_check_thread(thread))
+
+    def thread_suspend(self, thread: Thread) -> None:
+        _check_thread(thread).suspend_count += 1
+
+    def thread_resume(self, thread: Thread) -> None:
+        if _check_thread(thread).suspend_count == 0:
+            raise MachError("KERN_FAILURE", f"thread {thread.name!r} is not suspended")
+        thread.suspend_count -= 1
+        self.kernel.sched.thread_wakeup(thread.suspend_waitq)
+
+    def thread_info(self, thread: Thread) -> tuple[str, str, int]:
+        return thread.name, thread.state, thread.suspend_count
+
+    # -- host interface ----------------------------------------------------------------
+    def host_info(self, kernel: Kernel) -> tuple[int, int, int, int, bool]:
+        threads = sum(len(t.threads) for t in kernel.tasks.values())
+        return (kernel.page_size, kernel.memory_size, len(kernel.tasks), threads,
+                kernel.sched.deterministic)
+
+    def host_kernel_version(self, kernel: Kernel) -> str:
+        return f"pymach {__version__} (embedded kernel, {kernel.sched.__class__.__name__})"
+
+
+_BAD: Any = object()
+
+
+def _check_thread(thread: Thread) -> Thread:
+    if thread.done or thread.terminating:
+        raise MachError("KERN_INVALID_ARGUMENT", f"thread {thread.name!r} has terminated")
+    return thread
+
+
+__all__ = ["KernelServer", "current_thread", "kobject_server"]

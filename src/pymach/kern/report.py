@@ -1,0 +1,122 @@
+"""Seeing the kernel work: `ps` (tasks and threads) and `lsmp` (one task's port names).
+
+Both take a consistent snapshot under the kernel lock and return plain rows; the
+`format_*` functions print them in the style of the macOS tools of the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from pymach.errors import MachError
+
+if TYPE_CHECKING:
+    from pymach.kern.host import Kernel
+    from pymach.kern.task import Task
+
+
+@dataclass(frozen=True)
+class ThreadRow:
+    """One thread in a `ps` report."""
+
+    name: str
+    state: str
+    suspend_count: int
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One task in a `ps` report."""
+
+    id: int
+    name: str
+    parent: str
+    suspend_count: int
+    port_names: int
+    threads: tuple[ThreadRow, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as plain data (for --json)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PortRow:
+    """One name in an `lsmp` report."""
+
+    name: int
+    rights: str
+    port: str  # what the port stands for (label) or its serial
+    queued: int
+    backlog: int
+    enabled: bool
+    receiver: str
+    owner: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as plain data (for --json)."""
+        return asdict(self)
+
+
+def ps(kernel: Kernel) -> list[TaskRow]:
+    """Every live task with its threads, in creation order."""
+    with kernel.sched.lock:
+        return [TaskRow(t.serial, t.name, t.parent.name if t.parent else "-", t.suspend_count,
+                        len(t.space.names),
+                        tuple(ThreadRow(th.name, th.state, th.suspend_count) for th in t.threads))
+                for t in sorted(kernel.tasks.values(), key=lambda t: t.serial)]
+
+
+def _find_task(kernel: Kernel, which: Task | int | str) -> Task:
+    from pymach.kern.task import Task
+
+    if isinstance(which, Task):
+        return which
+    for t in kernel.tasks.values():
+        if which in (t.serial, t.name):
+            return t
+    raise MachError("KERN_INVALID_TASK", f"no live task {which!r}")
+
+
+def _holder(task: Task | None, in_transit: bool) -> str:
+    if task is not None:
+        return task.name
+    return "(in transit)" if in_transit else "-"
+
+
+def lsmp(kernel: Kernel, which: Task | int | str) -> list[PortRow]:
+    """The port name space of one task (by Task, id or name), in name order."""
+    with kernel.sched.lock:
+        task = _find_task(kernel, which)
+        rows = []
+        for name in sorted(task.space.names):
+            e = task.space.names[name]
+            p = e.port
+            rows.append(PortRow(name, e.rights_text(), p.label or f"port{p.serial}",
+                                len(p.queue), p.backlog, p.enabled and e.receive,
+                                _holder(p.receiver, p.receive_in_transit),
+                                _holder(p.owner, p.ownership_in_transit)))
+        return rows
+
+
+def format_ps(rows: list[TaskRow]) -> str:
+    """A `ps`-style table of tasks and their threads."""
+    lines = [f"{'ID':>4} {'TASK':<16} {'PARENT':<12} {'SUSP':>4} {'NAMES':>5}  THREADS"]
+    for r in rows:
+        threads = ", ".join(f"{t.name}({t.state}{'/s' + str(t.suspend_count) if t.suspend_count else ''})"
+                            for t in r.threads) or "-"
+        lines.append(f"{r.id:>4} {r.name:<16} {r.parent:<12} {r.suspend_count:>4} "
+                     f"{r.port_names:>5}  {threads}")
+    return "\n".join(lines)
+
+
+def format_lsmp(task_name: str, rows: list[PortRow]) -> str:
+    """An `lsmp`-style table of one task's port names."""
+    lines = [f"port name space of task {task_name!r}",
+             f"{'NAME':>5}  {'RIGHTS':<14} {'PORT':<22} {'MSGS':>4} {'QLIM':>4} {'EN':>2}  "
+             f"{'RECEIVER':<14} OWNER"]
+    for r in rows:
+        lines.append(f"{r.name:>5}  {r.rights:<14} {r.port:<22} {r.queued:>4} {r.backlog:>4} "
+                     f"{'y' if r.enabled else '-':>2}  {r.receiver:<14} {r.owner}")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""The deterministic scheduler: one task thread runs at a time, in a seeded order.
+
+A single token says which thread may run. The holder gives it up only inside the kernel:
+at each kernel entry (to a runnable thread drawn from a `random.Random(seed)` over the
+runnable threads in creation order, possibly itself), when it blocks, and when it ends.
+Timeouts use a virtual clock that advances only when no thread is runnable, to the
+earliest deadline. So the interleaving depends only on the program and the seed.
+
+Invariants (all fields guarded by `_mx`): `_running` is the one thread allowed to run;
+a thread is in at most one of `_runnable` (keyed by serial) and `_blocked`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import TYPE_CHECKING
+
+from pymach.kern.sched_prim import WaitQueue
+
+if TYPE_CHECKING:
+    from pymach.kern.thread import Thread
+
+
+class DeterministicScheduler:
+    """Scheduler backend that serializes task threads (see module docstring)."""
+
+    deterministic = True
+
+    def __init__(self, seed: int) -> None:
+        self.lock = threading.Lock()  # the kernel lock
+        self._mx = threading.Lock()
+        self._cv = threading.Condition(self._mx)
+        self._rng = random.Random(seed)
+        self._running: Thread | None = None
+        self._runnable: dict[int, Thread] = {}
+        self._blocked: dict[Thread, tuple[WaitQueue, float | None]] = {}
+        self._reason: dict[Thread, str] = {}
+        self._clock = 0.0
+        self._shutdown = False
+
+    def now(self) -> float:
+        return self._clock
+
+    def thread_setrun(self, thread: Thread) -> None:
+        with self._mx:
+            self._runnable[thread.serial] = thread
+            if self._running is None:
+                self._running = thread
+
+    def thread_begin(self, thread: Thread) -> None:
+        with self._mx:
+            self._await_token(thread)
+
+    def thread_end(self, thread: Thread) -> None:
+        with self._mx:
+            self._runnable.pop(thread.serial, None)
+            self._blocked.pop(thread, None)
+            if self._running is thread:
+                self._dispatch()
+
+    def kernel_entry(self, thread: Thread) -> None:
+        with self._mx:
+            if self._shutdown or thread.serial not in self._runnable:
+                return
+            self._running = self._pick()
+            if self._running is not thread:
+                self._cv.notify_all()
+                self._await_token(thread)
+
+    def wait(self, thread: Thread, waitq: WaitQueue, deadline: float | None) -> str:
+        with self._mx:
+            if self._shutdown or thread.terminating:
+                return "woken"
+            self._runnable.pop(thread.serial, None)
+            self._blocked[thread] = (waitq, deadline)
+            self._reason[thread] = "woken"
+        self.lock.release()
+        try:
+            with self._mx:
+                if self._running is thread:
+                    self._dispatch()
+                self._await_token(thread)
+                return self._reason.pop(thread, "woken")
+        finally:
+            self.lock.acquire()
+
+    def thread_wakeup(self, waitq: WaitQueue) -> None:
+        with self._mx:
+            for t in [t for t, (q, _) in self._blocked.items() if q is waitq]:
+                self._make_runnable(t, "woken")
+
+    def thread_interrupt(self, thread: Thread) -> None:
+        with self._mx:
+            if thread in self._blocked:
+                self._make_runnable(thread, "woken")
+
+    def shutdown(self) -> None:
+        with self._mx:
+            self._shutdown = True
+            self._cv.notify_all()
+
+    # -- internals, all with _mx held --------------------------------------------------
+
+    def _await_token(self, thread: Thread) -> None:
+        while self._running is not thread and not self._shutdown:
+            self._cv.wait()
+
+    def _make_runnable(self, thread: Thread, reason: str) -> None:
+        del self._blocked[thread]
+        self._reason[thread] = reason
+        self._runnable[thread.serial] = thread
+
+    def _pick(self) -> Thread:
+        serials = sorted(self._runnable)
+        return self._runnable[serials[self._rng.randrange(len(serials))]]
+
+    def _dispatch(self) -> None:
+        """Give the token to the next thread: a runnable one, else a timed-out one."""
+        if not self._runnable and self._blocked:
+            self._expire_or_break_deadlock()
+        self._running = self._pick() if self._runnable else None
+        self._cv.notify_all()
+
+    def _expire_or_break_deadlock(self) -> None:
+        timed = [(d, t.serial, t) for t, (_, d) in self._blocked.items() if d is not None]
+        if timed:
+            deadline, _, t = min(timed, key=lambda e: (e[0], e[1]))
+            self._clock = max(self._clock, deadline)
+            self._make_runnable(t, "timeout")
+            return
+        oldest = min(self._blocked, key=lambda t: t.serial)
+        self._make_runnable(oldest, "deadlock")

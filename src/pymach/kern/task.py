@@ -1,0 +1,87 @@
+"""Tasks: the unit of resource allocation, holding threads and a port name space (3.1).
+
+A task is represented by its task port (a kernel port whose kobject is the Task); anyone
+holding a send right to it can operate on the task. A new task's space holds a send right
+to its own task port (`task_self()`), all rights to its notify port (where the kernel
+sends it notifications), and a send right to its parent's bootstrap port, if any.
+
+Fields are guarded by the kernel lock. Invariant: an inactive task has no threads left
+running Mach code, an empty space and a dead task port.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymach.ipc.ipc_right import port_destroy, space_destroy
+from pymach.ipc.mach_port import port_allocate
+from pymach.ipc.port import Port
+from pymach.ipc.space import IpcSpace
+from pymach.kern.sched_prim import WaitQueue
+
+if TYPE_CHECKING:
+    from pymach.kern.host import Kernel
+    from pymach.kern.thread import Thread
+
+
+class Task:
+    """A Mach task (see module docstring)."""
+
+    def __init__(self, kernel: Kernel, parent: Task | None, name: str, inherit: bool = False,
+                 kernel_task: bool = False) -> None:
+        self.kernel = kernel  # immutable
+        self.serial = kernel.new_serial("task")  # immutable
+        self.name = name or f"task{self.serial}"  # immutable
+        self.parent = parent  # immutable
+        self.inherit = inherit  # immutable; used by the VM system at creation
+        self.active = True
+        self.suspend_count = 0
+        self.threads: list[Thread] = []
+        self.space = IpcSpace(self, kernel.sched.lock)
+        self.exit_waitq = WaitQueue(kernel.sched.lock, f"task{self.serial}.exit")
+        self.port: Port | None = None
+        self.notify_port: Port | None = None
+        self.bootstrap_port: Port | None = None
+        self.self_name = self.notify_name = self.bootstrap_name = 0
+        if not kernel_task:
+            self._make_ports(parent)
+
+    def _make_ports(self, parent: Task | None) -> None:
+        self.port = Port(self.kernel, f"task:{self.name}")
+        self.port.kobject = self
+        self.port.receiver = self.port.owner = self.kernel.kernel_task
+        self.self_name = self.space.insert(self.port, send=True)
+        self.notify_name = port_allocate(self.space, f"notify:{self.name}")
+        self.notify_port = self.space.names[self.notify_name].port
+        if parent is not None and parent.bootstrap_port is not None:
+            self.set_bootstrap(parent.bootstrap_port)
+
+    def set_bootstrap(self, port: Port | None) -> None:
+        """Make `port` the task's bootstrap port and give the task a send right to it."""
+        self.bootstrap_port = port
+        alive = port is not None and not port.dead
+        self.bootstrap_name = self.space.insert(port, send=True) if alive else 0  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<Task {self.serial} {self.name}{'' if self.active else ' (dead)'}>"
+
+    def terminate(self) -> None:
+        """task_terminate: end every thread, give up every right, destroy the task port."""
+        if not self.active:
+            return
+        self.active = False
+        for thread in list(self.threads):
+            thread.terminating = True
+            if thread.port is not None:
+                port_destroy(thread.port)
+            self.kernel.sched.thread_interrupt(thread)
+        space_destroy(self.space)
+        if self.port is not None:
+            port_destroy(self.port)
+        self.kernel.tasks.pop(self.serial, None)
+        self.kernel.sched.thread_wakeup(self.exit_waitq)
+        self.kernel.trace_event(f"task terminated {self.name}")
+
+    def is_suspended(self) -> bool:
+        """True while the task's suspend count is positive."""
+        return self.suspend_count > 0

@@ -1,0 +1,101 @@
+"""Threads: the unit of computation, a real Python thread running inside a task (3.1).
+
+Each Mach thread is one Python `threading.Thread` that runs a callable. The thread's
+port (a kernel port whose kobject is this Thread) is how anyone operates on it.
+
+Suspension and termination take effect at kernel boundaries: when the thread next enters
+the kernel (any Mach call) or returns from the call it is in, or at once if it is blocked
+in the kernel. Python code between two Mach calls runs on: Python cannot stop a thread
+from outside. A terminated thread unwinds by `ThreadTerminated`.
+
+Fields are guarded by the kernel lock unless marked otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from pymach.errors import ThreadTerminated
+from pymach.ipc.message import Code
+from pymach.ipc.port import Port
+from pymach.kern.sched_prim import WaitQueue
+
+if TYPE_CHECKING:
+    from pymach.kern.task import Task
+
+log = logging.getLogger("pymach")
+_tls = threading.local()  # .thread: the Mach thread this Python thread runs
+
+
+class Thread:
+    """A Mach thread (see module docstring)."""
+
+    def __init__(self, task: Task, code: Code | None, name: str) -> None:
+        self.kernel = task.kernel  # immutable
+        self.task = task  # immutable
+        self.serial = self.kernel.new_serial("thread")  # immutable
+        self.name = name  # immutable
+        self.code = code  # immutable; None for a thread adopted at boot
+        self.port = Port(self.kernel, f"thread:{name}")
+        self.port.kobject = self
+        self.port.receiver = self.port.owner = self.kernel.kernel_task
+        self.suspend_count = 0
+        self.terminating = False
+        self.state = "new"  # new, running, waiting, suspended, halted
+        self.wait_queue: WaitQueue | None = None
+        self.suspend_waitq = WaitQueue(self.kernel.sched.lock, f"thread{self.serial}.suspend")
+        self.done_waitq = WaitQueue(self.kernel.sched.lock, f"thread{self.serial}.done")
+        self.result: Any = None
+        self.exception: BaseException | None = None
+        self.ends_task = False  # set once before start: the task ends with this thread
+        self.reply_name = 0  # the task's name for this thread's MIG reply port
+        self.py_thread: threading.Thread | None = None  # set once, by start()
+
+    def __repr__(self) -> str:
+        return f"<Thread {self.serial} {self.name} {self.state}>"
+
+    def start(self) -> None:
+        """Start the Python thread (kernel lock held); it runs once the scheduler allows."""
+        self.kernel.sched.thread_setrun(self)
+        self.state = "running"
+        self.py_thread = threading.Thread(target=self._bootstrap, name=f"mach:{self.name}",
+                                          daemon=True)
+        self.py_thread.start()
+
+    def _bootstrap(self) -> None:
+        _tls.thread = self
+        self.kernel.sched.thread_begin(self)
+        try:
+            if not self.terminating:
+                assert self.code is not None
+                self.result = self.code.fn(*self.code.args, **self.code.kwargs)
+        except ThreadTerminated:
+            pass
+        except BaseException as exc:  # recorded and reported, never lost
+            self.exception = exc
+            log.warning("thread %s of task %s raised %r", self.name, self.task.name, exc)
+        finally:
+            self.kernel.thread_exited(self)
+
+    @property
+    def done(self) -> bool:
+        """True once the thread has halted."""
+        return self.state == "halted"
+
+
+def current_thread() -> Thread:
+    """The Mach thread the calling Python thread runs, or MachError KERN_INVALID_TASK."""
+    thread: Thread | None = getattr(_tls, "thread", None)
+    if thread is None:
+        from pymach.errors import MachError
+
+        raise MachError("KERN_INVALID_TASK", "this Python thread is not a thread of a pymach "
+                        "task: call inside `with pymach.boot():` or from task code")
+    return thread
+
+
+def set_current_thread(thread: Thread | None) -> None:
+    """Bind (or unbind) the calling Python thread to a Mach thread."""
+    _tls.thread = thread

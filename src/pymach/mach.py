@@ -1,0 +1,138 @@
+"""The task's view of the kernel (our libmach): the traps and the generated RPC stubs.
+
+Traps: msg_send, msg_receive, msg_rpc (Table 3-1) and the identity calls task_self,
+thread_self, task_notify, thread_reply, host_self. Everything else is a MIG stub from
+kern/mach_defs.py that sends a message to a task, thread or host port.
+Timeouts are in milliseconds and apply only with SEND_TIMEOUT / RCV_TIMEOUT, as in Mach.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pymach.ipc import mach_port
+from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
+from pymach.ipc.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
+from pymach.ipc.port import Port
+from pymach.kern.mach_defs import host_defs, port_defs, task_defs, thread_defs
+from pymach.kern.thread import Thread, current_thread
+
+
+def msg_send(message: Message, option: int = MSG_OPTION_NONE,
+             timeout: float | None = None) -> None:
+    """Send a message to the destination in its header (Table 3-1).
+
+    A full destination queue blocks; with SEND_TIMEOUT it waits at most `timeout` ms
+    (0: fail at once) and raises SEND_TIMED_OUT, leaving the sender's rights untouched.
+    """
+    msg_send_trap(current_thread(), message, option, timeout)
+
+
+def msg_receive(port: int | Message = PORT_NULL, option: int = MSG_OPTION_NONE,
+                timeout: float | None = None, rcv_size: int = MSG_SIZE_MAX) -> Message:
+    """Receive a message from `port`, or from the task's default group if PORT_NULL.
+
+    Returns the message: `local_port` is the port it arrived on, `remote_port` the reply
+    port. With RCV_TIMEOUT, raises RCV_TIMED_OUT after `timeout` ms.
+    """
+    return msg_receive_trap(current_thread(), port, option, timeout, rcv_size)
+
+
+def msg_rpc(message: Message, option: int = MSG_OPTION_NONE, rcv_size: int = MSG_SIZE_MAX,
+            send_timeout: float | None = None,
+            receive_timeout: float | None = None) -> Message:
+    """Send a message, then receive the reply on its `local_port` (Table 3-1)."""
+    return msg_rpc_trap(current_thread(), message, option, rcv_size, send_timeout,
+                        receive_timeout)
+
+
+def _own_name(thread: Thread, port: Port | None) -> int:
+    """The calling task's name for a send right to `port`, inserting one if needed."""
+    if port is None or port.dead:
+        return PORT_NULL
+    return thread.task.space.insert(port, send=True)
+
+
+def task_self() -> int:
+    """The calling task's name for its own task port."""
+    thread = current_thread()
+    with thread.kernel.trap(thread):
+        return _own_name(thread, thread.task.port)
+
+
+def thread_self() -> int:
+    """The calling task's name for the calling thread's port."""
+    thread = current_thread()
+    with thread.kernel.trap(thread):
+        return _own_name(thread, thread.port)
+
+
+def task_notify() -> int:
+    """The calling task's name for its notify port (where notifications arrive)."""
+    thread = current_thread()
+    with thread.kernel.trap(thread):
+        return _own_name(thread, thread.task.notify_port)
+
+
+def host_self() -> int:
+    """The calling task's name for the host port."""
+    thread = current_thread()
+    with thread.kernel.trap(thread):
+        return _own_name(thread, thread.kernel.host_port)
+
+
+def thread_reply() -> int:
+    """The calling thread's reply port for RPCs (allocated on first use)."""
+    thread = current_thread()
+    with thread.kernel.trap(thread):
+        entry = thread.task.space.names.get(thread.reply_name)
+        if entry is None or not entry.receive:
+            thread.reply_name = mach_port.port_allocate(thread.task.space,
+                                                        f"reply:{thread.name}")
+        return thread.reply_name
+
+
+_task_create = task_defs.stub("task_create")
+task_terminate = task_defs.stub("task_terminate")
+task_suspend = task_defs.stub("task_suspend")
+task_resume = task_defs.stub("task_resume")
+task_threads = task_defs.stub("task_threads")
+_thread_create = task_defs.stub("thread_create")
+task_get_special_port = task_defs.stub("task_get_special_port")
+task_set_special_port = task_defs.stub("task_set_special_port")
+task_info = task_defs.stub("task_info")
+
+port_allocate = port_defs.stub("port_allocate")
+port_deallocate = port_defs.stub("port_deallocate")
+port_enable = port_defs.stub("port_enable")
+port_disable = port_defs.stub("port_disable")
+port_messages = port_defs.stub("port_messages")
+port_status = port_defs.stub("port_status")
+port_set_backlog = port_defs.stub("port_set_backlog")
+
+thread_terminate = thread_defs.stub("thread_terminate")
+thread_suspend = thread_defs.stub("thread_suspend")
+thread_resume = thread_defs.stub("thread_resume")
+thread_info = thread_defs.stub("thread_info")
+
+host_info = host_defs.stub("host_info")
+host_kernel_version = host_defs.stub("host_kernel_version")
+
+
+def task_create(parent_task: int, inherit: bool = False) -> int:
+    """Create a child task of `parent_task`; returns the caller's name for its task port.
+
+    The child has no threads until thread_create; it inherits the parent's bootstrap
+    port, and (with the VM system) its address space per region inheritance if `inherit`.
+    """
+    return _task_create(parent_task, inherit)  # type: ignore[no-any-return]
+
+
+def thread_create(parent_task: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Create a thread in `parent_task` running `fn(*args, **kwargs)`; returns its port name.
+
+    The thread starts at once. Its return value is kept by the kernel; an exception it
+    raises is logged and shown by the `ps` report.
+    """
+    return _thread_create(parent_task, Code(fn, args, kwargs))  # type: ignore[no-any-return]
