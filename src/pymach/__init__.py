@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pymach.errors import (  # noqa: E402
+from pymach.errors import (
     KernError,
     MachError,
     MigError,
@@ -16,12 +16,12 @@ from pymach.errors import (  # noqa: E402
     SendError,
     ThreadTerminated,
 )
-from pymach.ipc.ipc_notify import (  # noqa: E402
+from pymach.ipc.ipc_notify import (
     NOTIFY_OWNERSHIP_RIGHTS,
     NOTIFY_PORT_DELETED,
     NOTIFY_RECEIVE_RIGHTS,
 )
-from pymach.ipc.message import (  # noqa: E402
+from pymach.ipc.message import (
     COPY_SEND,
     MAKE_SEND,
     MOVE_ALL,
@@ -46,14 +46,14 @@ from pymach.ipc.message import (  # noqa: E402
     PortArray,
     Str,
 )
-from pymach.kern.host import Kernel, TaskHandle, boot  # noqa: E402
-from pymach.kern.mach_defs import (  # noqa: E402
+from pymach.kern.host import Kernel, TaskHandle, boot
+from pymach.kern.mach_defs import (
     TASK_BOOTSTRAP_PORT,
     TASK_KERNEL_PORT,
     TASK_NOTIFY_PORT,
 )
-from pymach.kern.mig import Subsystem, serve_message  # noqa: E402
-from pymach.mach import (  # noqa: E402
+from pymach.kern.mig import Subsystem, serve_message
+from pymach.mach import (
     host_info,
     host_kernel_version,
     host_self,
@@ -86,4 +86,76 @@ from pymach.mach import (  # noqa: E402
     thread_terminate,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "COPY_SEND",
+    "MAKE_SEND",
+    "MOVE_ALL",
+    "MOVE_OWNERSHIP",
+    "MOVE_RECEIVE",
+    "MOVE_SEND",
+    "MSG_OPTION_NONE",
+    "MSG_SIZE_MAX",
+    "NOTIFY_OWNERSHIP_RIGHTS",
+    "NOTIFY_PORT_DELETED",
+    "NOTIFY_RECEIVE_RIGHTS",
+    "OOL",
+    "PORT_BACKLOG_DEFAULT",
+    "PORT_BACKLOG_MAX",
+    "PORT_NULL",
+    "RCV_TIMEOUT",
+    "SEND_TIMEOUT",
+    "TASK_BOOTSTRAP_PORT",
+    "TASK_KERNEL_PORT",
+    "TASK_NOTIFY_PORT",
+    "Bytes",
+    "Disposition",
+    "Float",
+    "Int",
+    "IntArray",
+    "KernError",
+    "Kernel",
+    "MachError",
+    "Message",
+    "MigError",
+    "Port",
+    "PortArray",
+    "RcvError",
+    "SendError",
+    "Str",
+    "Subsystem",
+    "TaskHandle",
+    "ThreadTerminated",
+    "__version__",
+    "boot",
+    "host_info",
+    "host_kernel_version",
+    "host_self",
+    "msg_receive",
+    "msg_rpc",
+    "msg_send",
+    "port_allocate",
+    "port_deallocate",
+    "port_disable",
+    "port_enable",
+    "port_messages",
+    "port_set_backlog",
+    "port_status",
+    "serve_message",
+    "task_create",
+    "task_get_special_port",
+    "task_info",
+    "task_notify",
+    "task_resume",
+    "task_self",
+    "task_set_special_port",
+    "task_suspend",
+    "task_terminate",
+    "task_threads",
+    "thread_create",
+    "thread_info",
+    "thread_reply",
+    "thread_resume",
+    "thread_self",
+    "thread_suspend",
+    "thread_terminate",
+]

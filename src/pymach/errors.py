@@ -120,7 +120,7 @@ def code_name(value: int) -> str:
     return _NAME_BY_VALUE.get(value, "KERN_FAILURE")
 
 
-class ThreadTerminated(BaseException):  # noqa: N818 - it is a signal, not an error
+class ThreadTerminated(BaseException):
     """Raised inside a thread that was terminated, to unwind it.
 
     A `BaseException`, so that task code's ``except Exception`` does not swallow it.

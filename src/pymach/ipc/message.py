@@ -139,6 +139,11 @@ class IntArray:
 
     values: tuple[int, ...]
 
+    @property
+    def value(self) -> tuple[int, ...]:
+        """The item's plain value (uniform across item types)."""
+        return self.values
+
     def validate(self) -> None:
         _require(isinstance(self.values, tuple | list), "IntArray needs a tuple of ints")
         self.values = tuple(self.values)
@@ -155,6 +160,11 @@ class Port:
 
     name: int
     disposition: Disposition = Disposition.COPY_SEND
+
+    @property
+    def value(self) -> int:
+        """The item's plain value (uniform across item types)."""
+        return self.name
 
     def validate(self) -> None:
         _require(isinstance(self.name, int) and not isinstance(self.name, bool),
@@ -173,6 +183,11 @@ class PortArray:
 
     names: tuple[int, ...]
     disposition: Disposition = Disposition.COPY_SEND
+
+    @property
+    def value(self) -> tuple[int, ...]:
+        """The item's plain value (uniform across item types)."""
+        return self.names
 
     def validate(self) -> None:
         _require(isinstance(self.names, tuple | list), "PortArray needs a tuple of names")
@@ -197,6 +212,11 @@ class OOL:
     size: int
     deallocate: bool = False
 
+    @property
+    def value(self) -> OOL:
+        """The item's plain value (uniform across item types)."""
+        return self
+
     def validate(self) -> None:
         _require(isinstance(self.address, int) and isinstance(self.size, int),
                  "OOL item needs int address and size")
@@ -216,6 +236,11 @@ class Code:
     fn: Callable[..., Any]
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> Code:
+        """The item's plain value (uniform across item types)."""
+        return self
 
     def validate(self) -> None:
         _require(callable(self.fn), f"Code item needs a callable, not {type(self.fn).__name__}")
@@ -256,21 +281,14 @@ class Message:
 
 
 def item_value(item: Item) -> Any:
-    """The plain Python value of one item."""
-    if isinstance(item, Port):
-        return item.name
-    if isinstance(item, PortArray):
-        return item.names
-    if isinstance(item, IntArray):
-        return item.values
-    if isinstance(item, OOL | Code):
-        return item
+    """The plain Python value of one item (port items give their names)."""
     return item.value
 
 
 def message_size(items: list[Any]) -> int:
     """Header size plus each item's descriptor and data."""
-    return MSG_HEADER_SIZE + sum(MSG_DESCRIPTOR_SIZE + i.data_size() for i in items)
+    total: int = MSG_HEADER_SIZE + sum(MSG_DESCRIPTOR_SIZE + i.data_size() for i in items)
+    return total
 
 
 def validate_message(msg: object) -> Message:

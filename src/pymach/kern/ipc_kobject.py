@@ -114,13 +114,12 @@ class KernelServer:
 
     def task_get_special_port(self, task: Task, which: int) -> Port | None:
         _check_active(task)
-        port = {TASK_KERNEL_PORT: task.port, TASK_NOTIFY_PORT: task.notify_port,
-                TASK_BOOTSTRAP_PORT: task.bootstrap_port}.get(_check_int(which, "which_port"),
-                                                               _BAD)
-        if port is _BAD:
+        ports = {TASK_KERNEL_PORT: task.port, TASK_NOTIFY_PORT: task.notify_port,
+                 TASK_BOOTSTRAP_PORT: task.bootstrap_port}
+        if _check_int(which, "which_port") not in ports:
             raise MachError("KERN_INVALID_ARGUMENT", f"no special port {which}; use one of "
                             f"{sorted(SPECIAL_PORTS)}")
-        return port
+        return ports[which]
 
     def task_set_special_port(self, task: Task, which: int, port: Port | None) -> None:
         _check_active(task)
@@ -182,9 +181,6 @@ class KernelServer:
 
     def host_kernel_version(self, kernel: Kernel) -> str:
         return f"pymach {__version__} (embedded kernel, {kernel.sched.__class__.__name__})"
-
-
-_BAD: Any = object()
 
 
 def _check_thread(thread: Thread) -> Thread:

@@ -25,7 +25,6 @@ from typing import Any
 
 from pymach.errors import MachError, code_name
 from pymach.ipc.kmsg import KPort, KPortArray
-from pymach.ipc.port import Port as KernelPort
 from pymach.ipc.message import (
     Bytes,
     Code,
@@ -39,6 +38,7 @@ from pymach.ipc.message import (
     PortArray,
     Str,
 )
+from pymach.ipc.port import Port as KernelPort
 
 REPLY_ID_OFFSET = 100
 
@@ -67,7 +67,7 @@ class ArgType:
         if self.name == "int_array":
             return IntArray(tuple(value))
         cls = {"int": Int, "bool": Int, "float": Float, "str": Str, "bytes": Bytes}[self.name]
-        return cls(value)  # type: ignore[no-any-return]
+        return cls(value)
 
     def from_item(self, item: Any) -> Any:
         """The Python value an item stands for, on either side."""

@@ -100,12 +100,16 @@ def lsmp(kernel: Kernel, which: Task | int | str) -> list[PortRow]:
         return rows
 
 
+def _thread_text(t: ThreadRow) -> str:
+    suspended = f"/s{t.suspend_count}" if t.suspend_count else ""
+    return f"{t.name}({t.state}{suspended})"
+
+
 def format_ps(rows: list[TaskRow]) -> str:
     """A `ps`-style table of tasks and their threads."""
     lines = [f"{'ID':>4} {'TASK':<16} {'PARENT':<12} {'SUSP':>4} {'NAMES':>5}  THREADS"]
     for r in rows:
-        threads = ", ".join(f"{t.name}({t.state}{'/s' + str(t.suspend_count) if t.suspend_count else ''})"
-                            for t in r.threads) or "-"
+        threads = ", ".join(_thread_text(t) for t in r.threads) or "-"
         lines.append(f"{r.id:>4} {r.name:<16} {r.parent:<12} {r.suspend_count:>4} "
                      f"{r.port_names:>5}  {threads}")
     return "\n".join(lines)

@@ -87,10 +87,12 @@ def thread_block(sched: Scheduler, thread: Thread, waitq: WaitQueue,
     the deterministic scheduler finds every thread blocked with no timeout pending.
     """
     thread.wait_queue = waitq
+    previous, thread.state = thread.state, "waiting" if thread.state == "running" else thread.state
     try:
         reason = sched.wait(thread, waitq, deadline)
     finally:
         thread.wait_queue = None
+        thread.state = previous
     if thread.terminating:
         raise ThreadTerminated()
     if reason == "deadlock":

@@ -1,0 +1,122 @@
+"""`pymach bench ipc`: null msg_rpc between two tasks versus plain Python baselines.
+
+Three figures, measured in one run on this machine:
+- a null msg_rpc round trip between two tasks of the embedded kernel (free scheduler);
+- a thread-to-thread round trip through two `queue.SimpleQueue`s (the cost floor of any
+  in-process handoff between Python threads);
+- a 1-byte round trip over a `socket.socketpair` between two processes.
+Each is the median of several rounds of `n` round trips; ratios are pymach / baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import statistics
+import threading
+import time
+from typing import Any
+
+import pymach
+from pymach import Message
+
+STOP = 2
+
+
+def _median_us(samples: list[float], n: int) -> float:
+    return statistics.median(samples) / n * 1e6
+
+
+def bench_msg_rpc(n: int, rounds: int) -> float:
+    """Median microseconds per null msg_rpc between two embedded tasks."""
+    samples: list[float] = []
+    with pymach.boot() as kernel:
+        me = pymach.task_self()
+        svc = pymach.port_allocate(me)
+        server = kernel.spawn(_rpc_server, name="bench-server")
+        notify = pymach.task_get_special_port(server.name, pymach.TASK_NOTIFY_PORT)
+        pymach.msg_send(Message(remote_port=notify, items=[pymach.Port(svc, pymach.MOVE_RECEIVE)]))
+        reply = pymach.port_allocate(me)
+        req = Message(remote_port=svc, local_port=reply, id=1)
+        for _ in range(5):
+            pymach.msg_rpc(req)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                pymach.msg_rpc(req)
+            samples.append(time.perf_counter() - t0)
+        pymach.msg_send(Message(remote_port=svc, id=STOP))
+        server.result(timeout=10_000)
+    return _median_us(samples, n)
+
+
+def _rpc_server() -> None:
+    svc = pymach.msg_receive(pymach.task_notify()).items[0].name  # type: ignore[union-attr]
+    while True:
+        msg = pymach.msg_receive(svc)
+        if msg.id == STOP:
+            return
+        pymach.msg_send(Message(remote_port=msg.remote_port, id=msg.id + 100))
+
+
+def bench_thread_queue(n: int, rounds: int) -> float:
+    """Median microseconds per round trip between two threads over SimpleQueues."""
+    to_srv: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    to_cli: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def server() -> None:
+        while (item := to_srv.get()) is not None:
+            to_cli.put(item)
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(n):
+            to_srv.put(i)
+            to_cli.get()
+        samples.append(time.perf_counter() - t0)
+    to_srv.put(None)
+    t.join()
+    return _median_us(samples, n)
+
+
+def bench_socketpair(n: int, rounds: int) -> float:
+    """Median microseconds per 1-byte round trip between two processes over a socketpair."""
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # child: echo until EOF
+        a.close()
+        while data := b.recv(1):
+            b.sendall(data)
+        os._exit(0)
+    b.close()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a.sendall(b"x")
+            a.recv(1)
+        samples.append(time.perf_counter() - t0)
+    a.close()
+    os.waitpid(pid, 0)
+    return _median_us(samples, n)
+
+
+def run(n: int = 5000, rounds: int = 5) -> dict[str, Any]:
+    """Run all three and return figures (microseconds per round trip) and ratios."""
+    rpc = bench_msg_rpc(n, rounds)
+    q = bench_thread_queue(n, rounds)
+    sp = bench_socketpair(n, rounds)
+    return {
+        "benchmark": "ipc",
+        "round_trips_per_round": n,
+        "rounds": rounds,
+        "msg_rpc_us": round(rpc, 2),
+        "thread_queue_us": round(q, 2),
+        "socketpair_us": round(sp, 2),
+        "ratio_msg_rpc_vs_thread_queue": round(rpc / q, 2),
+        "ratio_msg_rpc_vs_socketpair": round(rpc / sp, 2),
+    }

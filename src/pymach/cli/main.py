@@ -1,0 +1,62 @@
+"""The `pymach` command: `pymach demo` and `pymach bench ipc [--json]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pymach.cli.demo import run_demo
+
+    run_demo(deterministic=args.deterministic, seed=args.seed, trace=args.trace)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "ipc":
+        from pymach.bench import ipc
+
+        result = ipc.run(n=args.n, rounds=args.rounds)
+    else:  # argparse restricts the choices
+        raise AssertionError(args.what)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:<34} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="pymach", description="The Mach kernel of the "
+                                     "1987 'Duality of Memory and Communication' paper, in Python.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a narrated multi-task program on the embedded kernel")
+    demo.add_argument("--deterministic", action="store_true",
+                      help="one thread at a time, in an order drawn from --seed")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--trace", action="store_true", help="print the kernel's event trace")
+    demo.set_defaults(func=_cmd_demo)
+    bench = sub.add_parser("bench", help="measure pymach against baselines in the same run")
+    bench.add_argument("what", choices=["ipc"])
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("-n", type=int, default=5000, help="round trips per round")
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pymach` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
