@@ -161,6 +161,7 @@ def _take_right(space: IpcSpace, name: int, disp: Disposition) -> KernelPort:
     if disp in (Disposition.MOVE_RECEIVE, Disposition.MOVE_ALL):
         entry.receive = False
         port.receiver, port.receive_in_transit, port.enabled = None, True, False
+        port.sched.thread_wakeup(port.rcv_waitq)  # the sender's blocked receives now fail
         entry.send = True  # the sender keeps a send right
     if disp in (Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL):
         entry.owner = False

@@ -109,34 +109,33 @@ def msg_receive_locked(thread: Thread, name: int, timeout: float | None,
 
 def msg_send_trap(thread: Thread, msg: object, option: object, timeout: object) -> None:
     """msg_send(message, option, timeout)."""
-    t = check_options(option, SEND_TIMEOUT, timeout, "send")
-    checked = validate_message(msg)
-    with thread.kernel.trap(thread):
-        msg_send_locked(thread, checked, t)
+    with thread.kernel.trap(thread):  # checks inside: a failing call is a boundary too
+        t = check_options(option, SEND_TIMEOUT, timeout, "send")
+        msg_send_locked(thread, validate_message(msg), t)
 
 
 def msg_receive_trap(thread: Thread, name: object, option: object, timeout: object,
                      rcv_size: object) -> Message:
     """msg_receive(message, option, timeout): `name` is the port, PORT_NULL the group."""
-    if isinstance(name, Message):
-        name = name.local_port
-    if isinstance(name, bool) or not isinstance(name, int):
-        raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {name!r}")
-    t = check_options(option, RCV_TIMEOUT, timeout, "receive")
-    size = check_rcv_size(rcv_size)
     with thread.kernel.trap(thread):
+        if isinstance(name, Message):
+            name = name.local_port
+        if isinstance(name, bool) or not isinstance(name, int):
+            raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {name!r}")
+        t = check_options(option, RCV_TIMEOUT, timeout, "receive")
+        size = check_rcv_size(rcv_size)
         return msg_receive_locked(thread, name, t, size)
 
 
 def msg_rpc_trap(thread: Thread, msg: object, option: object, rcv_size: object,
                  send_timeout: object, receive_timeout: object) -> Message:
     """msg_rpc: send `msg`, then receive the reply on its local (reply) port."""
-    st = check_options(option, SEND_TIMEOUT, send_timeout, "send")
-    rt = check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
-    size = check_rcv_size(rcv_size)
-    checked = validate_message(msg)
-    if checked.local_port == PORT_NULL:
-        raise MachError("RCV_INVALID_PORT", "msg_rpc needs a reply port in local_port")
     with thread.kernel.trap(thread):
+        st = check_options(option, SEND_TIMEOUT, send_timeout, "send")
+        rt = check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
+        size = check_rcv_size(rcv_size)
+        checked = validate_message(msg)
+        if checked.local_port == PORT_NULL:
+            raise MachError("RCV_INVALID_PORT", "msg_rpc needs a reply port in local_port")
         msg_send_locked(thread, checked, st)
         return msg_receive_locked(thread, checked.local_port, rt, size)

@@ -231,7 +231,7 @@ class _Trap:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
         try:
-            if et is None or (self.thread.terminating and isinstance(ev, MachError)):
+            if et is None or isinstance(ev, MachError):  # a failed call returns, too
                 self.kernel.ast_check(self.thread)
         finally:
             self.kernel.sched.lock.release()

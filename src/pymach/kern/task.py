@@ -70,7 +70,8 @@ class Task:
         if not self.active:
             return
         self.active = False
-        for thread in list(self.threads):
+        threads, self.threads = self.threads, []  # gone at once; each unwinds on its own
+        for thread in threads:
             thread.terminating = True
             if thread.port is not None:
                 port_destroy(thread.port)
