@@ -26,6 +26,8 @@ from typing import Any
 from pymach.errors import MachError, code_name
 from pymach.ipc.kmsg import KPort, KPortArray
 from pymach.ipc.message import (
+    INT64_MAX,
+    INT64_MIN,
     Bytes,
     Code,
     Disposition,
@@ -87,14 +89,24 @@ class ArgType:
 
     def check(self, routine: str, arg: str, value: Any) -> None:
         """Raise KERN_INVALID_ARGUMENT unless the client's `value` fits this type."""
-        ok = isinstance(value, self.accepts)
-        if self.name in ("int", "port") and isinstance(value, bool):
-            ok = False
-        if self.name == "int_array" and ok:
-            ok = all(isinstance(v, int) for v in value)
-        if not ok:
+        if not _fits(self.name, value, self.accepts):
             raise MachError("KERN_INVALID_ARGUMENT", f"{routine}: {arg} must be "
-                            f"{self.name}, not {type(value).__name__}")
+                            f"{self.name}, not {value!r:.60}")
+
+
+def _is_int64(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and INT64_MIN <= v <= INT64_MAX
+
+
+def _fits(kind: str, value: Any, accepts: tuple[type, ...]) -> bool:
+    """True if a client value is acceptable for an argument of type `kind`."""
+    if kind in ("int", "port"):
+        return _is_int64(value)
+    if kind == "float":
+        return isinstance(value, accepts) and not isinstance(value, bool)
+    if kind in ("int_array", "port_array"):
+        return isinstance(value, tuple | list) and all(_is_int64(v) for v in value)
+    return isinstance(value, accepts)
 
 
 INT = ArgType("int", (Int,), (int,))
