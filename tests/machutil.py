@@ -1,0 +1,114 @@
+"""Small helpers for tests that run inside a booted kernel (as a Mach thread)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pymach as m
+from pymach import Message
+
+WAIT_MS = 3000  # upper bound for anything that should happen "soon"
+
+
+def recv(port: int = m.PORT_NULL, timeout: float = WAIT_MS,
+         rcv_size: int = m.MSG_SIZE_MAX) -> Message:
+    """msg_receive with a timeout, so a bug fails instead of hanging."""
+    return m.msg_receive(port, m.RCV_TIMEOUT, timeout, rcv_size)
+
+
+def sleep_ms(ms: float) -> None:
+    """Let time pass inside the kernel (virtual time in deterministic mode)."""
+    task = m.task_self()
+    p = m.port_allocate(task)
+    try:
+        m.msg_receive(p, m.RCV_TIMEOUT, ms)
+    except m.RcvError as e:
+        assert e.code == "RCV_TIMED_OUT"
+    finally:
+        m.port_deallocate(task, p)
+
+
+def wait_until(pred: Callable[[], Any], timeout_ms: float = WAIT_MS, step_ms: float = 2) -> Any:
+    """Poll `pred` (letting other threads run between polls) until it is true."""
+    waited = 0.0
+    while True:
+        value = pred()
+        if value:
+            return value
+        if waited >= timeout_ms:
+            raise AssertionError(f"condition not met within {timeout_ms} ms")
+        sleep_ms(step_ms)
+        waited += step_ms
+
+
+def notifications(timeout: float = 0) -> list[tuple[int, int]]:
+    """Drain the caller's notify port: (id, name) of each queued notification."""
+    port = m.task_notify()
+    out = []
+    while True:
+        try:
+            msg = m.msg_receive(port, m.RCV_TIMEOUT, timeout)
+        except m.RcvError as e:
+            assert e.code == "RCV_TIMED_OUT"
+            return out
+        assert len(msg.items) == 1 and isinstance(msg.items[0], m.Int)
+        out.append((msg.id, msg.items[0].value))
+
+
+def wait_notification(kind: int, name: int, timeout: float = WAIT_MS) -> list[tuple[int, int]]:
+    """Receive notifications until (kind, name) arrives; return all seen, in order."""
+    port = m.task_notify()
+    seen = []
+    while True:
+        msg = recv(port, timeout)
+        seen.append((msg.id, msg.items[0].value))  # type: ignore[union-attr]
+        if seen[-1] == (kind, name):
+            return seen
+
+
+def has_name(name: int) -> bool:
+    """True if the calling task still holds a right named `name`."""
+    try:
+        m.port_status(m.task_self(), name)
+    except m.KernError as e:
+        assert e.code == "KERN_INVALID_NAME"
+        return False
+    return True
+
+
+def start_thread(fn: Callable[..., Any], *args: Any) -> tuple[int, dict[str, Any]]:
+    """Create a thread in the caller's task running fn(*args); returns (its port name, box).
+
+    The box gets "result" or "error" (a MachError's code) when fn ends.
+    """
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            box["result"] = fn(*args)
+        except m.MachError as e:
+            box["error"] = e.code
+        finally:
+            box["done"] = True
+
+    return m.thread_create(m.task_self(), body), box
+
+
+def thread_state(thread_name: int) -> str:
+    """The run state of a thread, by the caller's name for its port."""
+    return m.thread_info(thread_name)[1]  # type: ignore[no-any-return]
+
+
+def assert_kernel_ok() -> None:
+    """A normal round of RPCs and messages still works."""
+    task = m.task_self()
+    p = m.port_allocate(task)
+    m.msg_send(Message(remote_port=p, id=4242, items=[m.Int(1), m.Str("ok")]),
+               m.SEND_TIMEOUT, 0)
+    assert m.port_status(task, p) == (False, 1, m.PORT_BACKLOG_DEFAULT, True, True)
+    msg = recv(p, 1000)
+    assert (msg.id, msg.values()) == (4242, [1, "ok"])
+    m.port_deallocate(task, p)
+    assert not has_name(p)
+    assert m.task_info(task)[2] >= 1  # the caller's task has threads
