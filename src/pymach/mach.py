@@ -15,8 +15,16 @@ from pymach.ipc import mach_port
 from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
 from pymach.ipc.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
 from pymach.ipc.port import Port
-from pymach.kern.mach_defs import host_defs, port_defs, task_defs, thread_defs
+from pymach.kern.mach_defs import (
+    host_defs,
+    pager_defs,
+    port_defs,
+    task_defs,
+    thread_defs,
+    vm_defs,
+)
 from pymach.kern.thread import Thread, current_thread
+from pymach.mach_vm import VmRegion, VmStatistics
 
 
 def msg_send(message: Message, option: int = MSG_OPTION_NONE,
@@ -116,6 +124,25 @@ thread_suspend = thread_defs.stub("thread_suspend")
 thread_resume = thread_defs.stub("thread_resume")
 thread_info = thread_defs.stub("thread_info")
 
+vm_allocate = vm_defs.stub("vm_allocate")
+vm_deallocate = vm_defs.stub("vm_deallocate")
+vm_inherit = vm_defs.stub("vm_inherit")
+vm_protect = vm_defs.stub("vm_protect")
+vm_read = vm_defs.stub("vm_read")
+vm_write = vm_defs.stub("vm_write")
+vm_copy = vm_defs.stub("vm_copy")
+_vm_regions = vm_defs.stub("vm_regions")
+_vm_statistics = vm_defs.stub("vm_statistics")
+vm_allocate_with_pager = vm_defs.stub("vm_allocate_with_pager")
+
+pager_data_provided = pager_defs.stub("pager_data_provided")
+pager_data_unavailable = pager_defs.stub("pager_data_unavailable")
+pager_data_lock = pager_defs.stub("pager_data_lock")
+pager_flush_request = pager_defs.stub("pager_flush_request")
+pager_clean_request = pager_defs.stub("pager_clean_request")
+pager_cache = pager_defs.stub("pager_cache")
+pager_data_error = pager_defs.stub("pager_data_error")
+
 host_info = host_defs.stub("host_info")
 host_kernel_version = host_defs.stub("host_kernel_version")
 
@@ -136,3 +163,15 @@ def thread_create(parent_task: int, fn: Callable[..., Any], *args: Any, **kwargs
     raises is logged and shown by the `ps` report.
     """
     return _thread_create(parent_task, Code(fn, args, kwargs))  # type: ignore[no-any-return]
+
+
+def vm_regions(target_task: int, address: int = 0, size: int = 1 << 47) -> list[VmRegion]:
+    """Describe the task's regions overlapping [address, address+size) (Table 3-3)."""
+    cols = _vm_regions(target_task, address, size)
+    return [VmRegion(a, n, p, mp, inh, bool(sh), off, name)
+            for a, n, p, mp, inh, sh, off, name in zip(*cols, strict=True)]
+
+
+def vm_statistics(target_task: int) -> VmStatistics:
+    """Page counts and VM counters of the task's host (Table 3-3)."""
+    return VmStatistics(*_vm_statistics(target_task))

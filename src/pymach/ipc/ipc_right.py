@@ -22,7 +22,7 @@ from pymach.ipc.ipc_notify import (
     NOTIFY_RECEIVE_RIGHTS,
     notify_task,
 )
-from pymach.ipc.kmsg import KMsg, KPort, KPortArray
+from pymach.ipc.kmsg import KOOL, KMsg, KPort, KPortArray
 from pymach.ipc.message import Disposition
 
 if TYPE_CHECKING:
@@ -85,13 +85,17 @@ def port_destroy(port: Port) -> None:
 
 
 def kmsg_destroy(kmsg: KMsg) -> None:
-    """Release every right a message carries (it will never be received)."""
+    """Release every right and region a message carries (it will never be received)."""
     for item in kmsg.items:
         if isinstance(item, KPort):
             _release_in_transit(item.port, item.kind)
         elif isinstance(item, KPortArray):
             for p in item.ports:
                 _release_in_transit(p, item.kind)
+        elif isinstance(item, KOOL):
+            from pymach.vm.vm_map_copy import vm_map_copy_discard
+
+            vm_map_copy_discard(item.copy)
 
 
 def _release_in_transit(port: Port | None, kind: Disposition) -> None:

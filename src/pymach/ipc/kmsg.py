@@ -29,6 +29,7 @@ from pymach.ipc.message import (
 if TYPE_CHECKING:
     from pymach.ipc.port import Port as KernelPort
     from pymach.ipc.space import IpcEntry, IpcSpace
+    from pymach.vm.vm_map_copy import VmMapCopy
 
 _kmsg_seq = itertools.count(1)
 
@@ -65,7 +66,17 @@ class KPortArray:
         return 4 * len(self.ports)
 
 
-KItem = Item | KPort | KPortArray
+@dataclass
+class KOOL:
+    """Out-of-line memory inside a kernel message: a copy-on-write copy in transit."""
+
+    copy: VmMapCopy
+
+    def data_size(self) -> int:
+        return 8
+
+
+KItem = Item | KPort | KPortArray | KOOL
 
 
 @dataclass
@@ -134,10 +145,8 @@ def copyin_check(space: IpcSpace, msg: Message) -> tuple[KernelPort, KernelPort 
     if msg.local_port:
         reply = _check_right(scratch, space, msg.local_port, _reply_disposition(space, msg),
                              "SEND_INVALID_PORT")
+    _check_ool(space, msg)
     for item in msg.items:
-        if isinstance(item, OOL):
-            raise MachError("SEND_INVALID_MEMORY",
-                            "out-of-line memory needs the virtual memory system (issue 3)")
         names = (item.name,) if isinstance(item, Port) else (
             item.names if isinstance(item, PortArray) else ())
         for name in names:
@@ -145,6 +154,45 @@ def copyin_check(space: IpcSpace, msg: Message) -> tuple[KernelPort, KernelPort 
                                 "SEND_INVALID_RIGHT")
             _check_not_circular(port, dest, item.disposition)  # type: ignore[union-attr]
     return dest, reply
+
+
+def _check_ool(space: IpcSpace, msg: Message) -> None:
+    """Every out-of-line region must be allocated and readable, and a region that leaves
+    the sender (deallocate) may not overlap another region of the same message."""
+    from pymach.vm.vm_map_copy import vm_map_copy_check
+
+    regions = [i for i in msg.items if isinstance(i, OOL) and i.data is None and i.size]
+    vmap = space.task.map
+    for item in regions:
+        if vmap is None:
+            raise MachError("SEND_INVALID_MEMORY", "the sender has no address space")
+        try:
+            vm_map_copy_check(vmap, item.address, item.size)
+        except MachError as e:
+            raise MachError("SEND_INVALID_MEMORY", f"out-of-line region {item.address:#x}+"
+                            f"{item.size:#x}: {e.detail}") from None
+    for a in regions:
+        for b in regions:
+            if a is not b and (a.deallocate or b.deallocate) and _overlap(a, b):
+                raise MachError("SEND_INVALID_MEMORY", "a deallocated out-of-line region "
+                                "overlaps another region of the message")
+
+
+def _overlap(a: OOL, b: OOL) -> bool:
+    return a.address < b.address + b.size and b.address < a.address + a.size
+
+
+def _copyin_ool(space: IpcSpace, item: OOL) -> KOOL:
+    """Phase 2 for one region: make the copy in transit (checked already; cannot fail)."""
+    from pymach.vm.vm_map_copy import vm_map_copy_from_bytes, vm_map_copyin
+
+    vm = space.task.kernel.vm
+    if item.data is not None:
+        return KOOL(vm_map_copy_from_bytes(vm, item.data))
+    if item.size == 0:
+        return KOOL(vm_map_copy_from_bytes(vm, b""))
+    assert space.task.map is not None
+    return KOOL(vm_map_copyin(space.task.map, item.address, item.size, item.deallocate))
 
 
 def _check_not_circular(port: KernelPort, dest: KernelPort, disp: Disposition) -> None:
@@ -185,6 +233,8 @@ def copyin(space: IpcSpace, msg: Message, sender: str) -> KMsg:
             ports: list[KernelPort | None] = [
                 _take_right(space, n, item.disposition) for n in item.names]
             items.append(KPortArray(ports, _ARRIVES_AS[item.disposition]))
+        elif isinstance(item, OOL):
+            items.append(_copyin_ool(space, item))
         else:
             items.append(item)
     return KMsg(dest, reply, msg.id, items, sender=sender)
@@ -207,6 +257,16 @@ def _put_right(space: IpcSpace, port: KernelPort | None, kind: Disposition) -> i
     return name
 
 
+def _put_ool(space: IpcSpace, item: KOOL) -> OOL:
+    """Copyout one region: map the copy anywhere in the receiver's address space."""
+    from pymach.vm.vm_map_copy import vm_map_copy_discard, vm_map_copyout
+
+    if space.task.map is None:
+        vm_map_copy_discard(item.copy)
+        return OOL(0, 0)
+    return OOL(vm_map_copyout(space.task.map, item.copy), item.copy.size)
+
+
 def copyout(space: IpcSpace, kmsg: KMsg) -> Message:
     """Deliver a dequeued KMsg into `space`; returns the task's view of it."""
     local = space.name_of(kmsg.dest) or 0
@@ -218,6 +278,8 @@ def copyout(space: IpcSpace, kmsg: KMsg) -> Message:
         elif isinstance(item, KPortArray):
             names = tuple(_put_right(space, p, item.kind) for p in item.ports)
             items.append(PortArray(names, item.kind))
+        elif isinstance(item, KOOL):
+            items.append(_put_ool(space, item))
         else:
             items.append(item)
     return Message(remote_port=remote, local_port=local, id=kmsg.id, items=items)

@@ -204,13 +204,16 @@ class PortArray:
 class OOL:
     """Out-of-line memory: `size` bytes at `address` of the sender's address space.
 
-    Transferred copy-on-write; with `deallocate` the region leaves the sender. The
-    transfer itself arrives with the virtual-memory subsystem (issue 3).
+    Sent copy-on-write (no data is copied); with `deallocate` the region leaves the
+    sender and moves to the receiver. `OOL(data=b"...")` sends Python bytes out of line
+    instead (the kernel keeps them until the receiver first touches the memory). The
+    receiver always gets `OOL(address, size)` naming new memory in its own address space.
     """
 
-    address: int
-    size: int
+    address: int = 0
+    size: int = 0
     deallocate: bool = False
+    data: bytes | None = None
 
     @property
     def value(self) -> OOL:
@@ -218,9 +221,17 @@ class OOL:
         return self
 
     def validate(self) -> None:
-        _require(isinstance(self.address, int) and isinstance(self.size, int),
+        if self.data is not None:
+            _require(isinstance(self.data, bytes | bytearray | memoryview),
+                     f"OOL data must be bytes, not {type(self.data).__name__}")
+            self.data = bytes(self.data)
+            self.address, self.size = 0, len(self.data)
+            return
+        _require(isinstance(self.address, int) and isinstance(self.size, int)
+                 and not isinstance(self.address, bool) and not isinstance(self.size, bool),
                  "OOL item needs int address and size")
         _require(self.size >= 0 and self.address >= 0, "OOL item has a negative address or size")
+        _require(isinstance(self.deallocate, bool), "OOL deallocate must be a bool")
 
     def data_size(self) -> int:
         return 8

@@ -28,16 +28,23 @@ from pymach.kern.thread import Thread, current_thread, set_current_thread
 HARDWARE_PAGE = 4096
 
 
-def _check_config(page_size: int, memory_size: int, msg_size_max: int) -> None:
+MIN_FRAMES = 16
+
+
+def _check_config(page_size: int, memory_size: int, msg_size_max: int,
+                  swap_size: int | None) -> None:
     for name, v in (("page_size", page_size), ("memory_size", memory_size),
-                    ("msg_size_max", msg_size_max)):
+                    ("msg_size_max", msg_size_max), ("swap_size", swap_size)):
+        if v is None and name == "swap_size":
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise MachError("KERN_INVALID_ARGUMENT", f"{name} must be a positive int")
     if page_size % HARDWARE_PAGE:
         raise MachError("KERN_INVALID_ARGUMENT", f"page_size must be a multiple of "
                         f"{HARDWARE_PAGE}, not {page_size}")
-    if memory_size % page_size:
-        raise MachError("KERN_INVALID_ARGUMENT", "memory_size must be a multiple of page_size")
+    if memory_size % page_size or memory_size // page_size < MIN_FRAMES:
+        raise MachError("KERN_INVALID_ARGUMENT", f"memory_size must be a multiple of "
+                        f"page_size holding at least {MIN_FRAMES} pages")
 
 
 class Kernel:
@@ -45,8 +52,13 @@ class Kernel:
 
     def __init__(self, *, page_size: int = HARDWARE_PAGE, memory_size: int = 64 << 20,
                  seed: int = 0, deterministic: bool = False, msg_size_max: int = MSG_SIZE_MAX,
-                 trace: bool | Callable[[str], None] = False, name: str = "host") -> None:
-        _check_config(page_size, memory_size, msg_size_max)
+                 trace: bool | Callable[[str], None] = False, name: str = "host",
+                 swap_dir: str | None = None, swap_size: int | None = None,
+                 pmap: str = "soft") -> None:
+        _check_config(page_size, memory_size, msg_size_max, swap_size)
+        self.swap_dir = swap_dir  # immutable: where the default pager keeps its file
+        self.swap_size = swap_size  # immutable: backing store limit in bytes (None: grows)
+        self.swap_store: Any = None  # the default pager's BackingStore, once started
         self.name = name  # immutable
         self.page_size = page_size  # immutable
         self.memory_size = memory_size  # immutable
@@ -62,9 +74,12 @@ class Kernel:
         self.host_port = Port(self, "host")
         self.host_port.kobject = self
         self.host_port.receiver = self.host_port.owner = self.kernel_task
-        from pymach.kern.ipc_kobject import KernelServer
+        from pymach.kern.ipc_kobject import KernelServer, served_subsystems
+        from pymach.vm.vm_init import VmSystem
 
         self.server = KernelServer(self)
+        self.vm = VmSystem(self, pmap)  # immutable
+        self.served = served_subsystems(self)  # immutable
 
     # -- bookkeeping -------------------------------------------------------------------
     def new_serial(self, kind: str) -> int:
@@ -165,6 +180,16 @@ class Kernel:
         return self.spawn(fn, *args, name=name, **kwargs).result(timeout)
 
     # -- boot and shutdown -----------------------------------------------------------
+    def start_vm(self) -> None:
+        """Start the default pager task and the pageout daemon (6.2.2, 5.4)."""
+        from pymach.vm.default_pager import start_default_pager
+        from pymach.vm.vm_pageout import start_pageout_daemon
+
+        pages = None if self.swap_size is None else self.swap_size // self.page_size
+        with self.sched.lock:
+            self.swap_store = start_default_pager(self, self.swap_dir, pages)
+            start_pageout_daemon(self.vm)
+
     def adopt_boot_thread(self) -> Thread:
         """Make the calling Python thread the first thread of the `bootstrap` task."""
         with self.sched.lock:
@@ -181,8 +206,11 @@ class Kernel:
         with self.sched.lock:
             self.running = False
             threads = [t for task in self.tasks.values() for t in task.threads]
+            threads += self.kernel_task.threads  # the pageout daemon
             for task in list(self.tasks.values()):
                 task.terminate()
+            for t in self.kernel_task.threads:
+                t.terminating = True
             self.sched.shutdown()
             for t in threads:
                 self.sched.thread_interrupt(t)
@@ -192,6 +220,8 @@ class Kernel:
         for t in threads:
             if t is not boot_thread and t.py_thread is not None:
                 t.py_thread.join(join_timeout)
+        if self.swap_store is not None:
+            self.swap_store.close()
 
     # -- reports -----------------------------------------------------------------------
     def ps(self) -> list[Any]:
@@ -271,8 +301,10 @@ class TaskHandle:
 def boot(**config: Any) -> Iterator[Kernel]:
     """Start an embedded kernel for the duration of a `with` block.
 
-    Keywords: page_size (a multiple of 4096), memory_size (bytes), seed, deterministic,
-    msg_size_max, trace (True to keep `kernel.trace_log`, or a callable per line), name.
+    Keywords: page_size (a multiple of 4096), memory_size (bytes of simulated physical
+    memory), seed, deterministic, msg_size_max, trace (True to keep `kernel.trace_log`,
+    or a callable per line), name, swap_dir (where the default pager's swap file goes;
+    default: the system temporary directory), swap_size (bytes; default: unlimited).
     Inside the block the calling thread is the first thread of the `bootstrap` task.
     """
     kernel = Kernel(**config)
@@ -281,6 +313,7 @@ def boot(**config: Any) -> Iterator[Kernel]:
     except MachError:
         previous = None
     boot_thread = kernel.adopt_boot_thread()
+    kernel.start_vm()
     try:
         yield kernel
     finally:

@@ -16,7 +16,7 @@ from pymach.errors import MachError
 from pymach.ipc import mach_port
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.ipc_right import kmsg_destroy
-from pymach.ipc.kmsg import KMsg
+from pymach.ipc.kmsg import KOOL, KMsg
 from pymach.ipc.message import Code, Int, Str
 from pymach.ipc.port import Port
 from pymach.kern.mach_defs import (
@@ -25,9 +25,11 @@ from pymach.kern.mach_defs import (
     TASK_KERNEL_PORT,
     TASK_NOTIFY_PORT,
     host_defs,
+    pager_defs,
     port_defs,
     task_defs,
     thread_defs,
+    vm_defs,
 )
 from pymach.kern.mig import REPLY_ID_OFFSET, Subsystem
 from pymach.kern.task import Task
@@ -37,36 +39,53 @@ if TYPE_CHECKING:
     from pymach.kern.host import Kernel
 
 
-def _subsystem_for(obj: object, msg_id: int) -> Subsystem | None:
-    for sub in (task_defs, port_defs, thread_defs, host_defs):
-        if msg_id in sub.routines:
-            return sub
-    return None
-
-
-def _expected_kind(sub: Subsystem) -> type:
+def served_subsystems(kernel: Kernel) -> list[tuple[Subsystem, type, object]]:
+    """The subsystems the kernel serves: (definitions, kind of kernel object, server)."""
     from pymach.kern.host import Kernel
+    from pymach.vm.memory_object import PagerServer
+    from pymach.vm.vm_object import VmObject
+    from pymach.vm.vm_user import VmServer
 
-    return {"task": Task, "port": Task, "thread": Thread, "host": Kernel}[sub.name]
+    return [(task_defs, Task, kernel.server), (port_defs, Task, kernel.server),
+            (thread_defs, Thread, kernel.server), (host_defs, Kernel, kernel.server),
+            (vm_defs, Task, VmServer(kernel)), (pager_defs, VmObject, PagerServer(kernel))]
+
+
+def _dispatch(kernel: Kernel, kmsg: KMsg) -> list[Any] | None:
+    """Decode and execute one request; the reply items (None: no reply)."""
+    obj = kmsg.dest.kobject
+    for sub, kind, impl in kernel.served:
+        if kmsg.id not in sub.routines:
+            continue
+        if not isinstance(obj, kind):
+            return [Int(MachError("KERN_INVALID_ARGUMENT").value),
+                    Str(f"{sub.routines[kmsg.id].name} needs a {sub.name} port, not "
+                        f"{kmsg.dest.label}")]
+        return sub.demux(impl, kmsg.id, obj, kmsg.items)
+    return [Int(MachError("MIG_BAD_ID").value), Str(f"no kernel routine has id {kmsg.id}")]
 
 
 def kobject_server(kernel: Kernel, kmsg: KMsg) -> None:
-    """Execute a request sent to a kernel port and queue the reply (kernel lock held)."""
-    obj = kmsg.dest.kobject
-    sub = _subsystem_for(obj, kmsg.id)
-    if sub is None:
-        items: list[Any] | None = [Int(MachError("MIG_BAD_ID").value),
-                                   Str(f"no kernel routine has id {kmsg.id}")]
-    elif not isinstance(obj, _expected_kind(sub)):
-        items = [Int(MachError("KERN_INVALID_ARGUMENT").value),
-                 Str(f"{sub.routines[kmsg.id].name} needs a {sub.name} port, not "
-                     f"{kmsg.dest.label}")]
-    else:
-        items = sub.demux(kernel.server, kmsg.id, obj, kmsg.items)
+    """Execute a request sent to a kernel port and queue the reply (kernel lock held).
+
+    A failed request has all its rights and memory destroyed; a successful one has any
+    out-of-line memory the routine did not take released.
+    """
+    items = _dispatch(kernel, kmsg)
     if items is None or items[0].value != 0:
         kmsg_destroy(kmsg)
+    else:
+        _discard_regions(kmsg)
     if items is not None and kmsg.reply is not None and not kmsg.reply.dead:
         mqueue_enqueue(kmsg.reply, KMsg(kmsg.reply, None, kmsg.id + REPLY_ID_OFFSET, items))
+
+
+def _discard_regions(kmsg: KMsg) -> None:
+    from pymach.vm.vm_map_copy import vm_map_copy_discard
+
+    for item in kmsg.items:
+        if isinstance(item, KOOL):
+            vm_map_copy_discard(item.copy)
 
 
 def _check_active(task: Task) -> Task:

@@ -8,7 +8,17 @@ Out-parameters of the paper's signatures are return values.
 
 from __future__ import annotations
 
-from pymach.kern.mig import BOOL, CODE, INT, INT_ARRAY, PORT, PORT_ARRAY, STR, Subsystem
+from pymach.kern.mig import (
+    BOOL,
+    CODE,
+    DATA,
+    INT,
+    INT_ARRAY,
+    PORT,
+    PORT_ARRAY,
+    STR,
+    Subsystem,
+)
 
 TASK_KERNEL_PORT = 1
 TASK_NOTIFY_PORT = 2
@@ -80,4 +90,106 @@ host_defs.routine("host_info", "host",
 host_defs.routine("host_kernel_version", "host", outs=[("version", STR)],
                   doc="The kernel's version string.")
 
-SUBSYSTEMS = (task_defs, port_defs, thread_defs, host_defs)
+# -- Table 3-3 (and 3-4): virtual memory operations on a task ----------------------------
+vm_defs = Subsystem("vm", 2800)
+vm_defs.routine("vm_allocate", "target_task", [("address", INT), ("size", INT),
+                                               ("anywhere", BOOL)], [("address", INT)],
+                "Allocate zero-filled memory at `address` (page aligned), or anywhere space "
+                "can be found; `size` is rounded up to pages. Returns the address.")
+vm_defs.routine("vm_deallocate", "target_task", [("address", INT), ("size", INT)],
+                doc="Deallocate a range of addresses (rounded out to pages; holes are fine).")
+vm_defs.routine("vm_inherit", "target_task", [("address", INT), ("size", INT),
+                                              ("inheritance", INT)],
+                doc="Set how the range is inherited by child tasks: VM_INHERIT_SHARE, "
+                "VM_INHERIT_COPY or VM_INHERIT_NONE.")
+vm_defs.routine("vm_protect", "target_task", [("address", INT), ("size", INT),
+                                              ("set_max", BOOL), ("new_protection", INT)],
+                doc="Set the current protection of the range, or with `set_max` its maximum "
+                "(which also lowers the current).")
+vm_defs.routine("vm_read", "target_task", [("address", INT), ("size", INT)],
+                [("data", DATA)],
+                "Read the task's memory; the data travels out of line (copy-on-write) and "
+                "the stub returns it as bytes.")
+vm_defs.routine("vm_write", "target_task", [("address", INT), ("data", DATA)],
+                doc="Write data (bytes, or an OOL region of the caller) at `address` (page "
+                "aligned). Whole pages are replaced by a virtual copy; where the range is "
+                "shared through inheritance every sharer sees the change.")
+vm_defs.routine("vm_copy", "target_task", [("source_address", INT), ("count", INT),
+                                           ("dest_address", INT)],
+                doc="Copy a range (page aligned) to another address, copy-on-write.")
+vm_defs.routine("vm_regions", "target_task", [("address", INT), ("size", INT)],
+                [("addresses", INT_ARRAY), ("sizes", INT_ARRAY), ("protections", INT_ARRAY),
+                 ("max_protections", INT_ARRAY), ("inheritances", INT_ARRAY),
+                 ("shared", INT_ARRAY), ("offsets", INT_ARRAY), ("object_names", PORT_ARRAY)],
+                "Describe the regions overlapping [address, address+size).")
+vm_defs.routine("vm_statistics", "target_task",
+                outs=[("page_size", INT), ("free_count", INT), ("active_count", INT),
+                      ("inactive_count", INT), ("wire_count", INT), ("faults", INT),
+                      ("zero_fill_count", INT), ("cow_faults", INT), ("pageins", INT),
+                      ("pageouts", INT), ("reactivations", INT), ("lookups", INT),
+                      ("hits", INT)],
+                doc="Page counts and VM event counters of the task's host.")
+vm_defs.routine("vm_allocate_with_pager", "target_task",
+                [("address", INT), ("size", INT), ("anywhere", BOOL), ("memory_object", PORT),
+                 ("offset", INT)], [("address", INT)],
+                "Map `size` bytes of a memory object, from `offset`, at `address` or anywhere "
+                "(Table 3-4). The first mapping by this kernel sends pager_init before the "
+                "call returns.")
+
+# -- Table 3-5: kernel to data manager (asynchronous: simpleroutines) -----------------------
+memory_object_defs = Subsystem("memory_object", 2200)
+memory_object_defs.routine(
+    "pager_init", "memory_object", [("pager_request_port", PORT), ("pager_name", PORT)],
+    doc="Initialize a memory object: the manager learns this kernel's request and name "
+    "ports.", simple=True)
+memory_object_defs.routine(
+    "pager_data_request", "memory_object",
+    [("pager_request_port", PORT), ("offset", INT), ("length", INT),
+     ("desired_access", INT)],
+    doc="The kernel asks for data (a page fault missed the cache).", simple=True)
+memory_object_defs.routine(
+    "pager_data_write", "memory_object", [("offset", INT), ("data", DATA),
+                                           ("data_count", INT)],
+    doc="The kernel writes changed data back; the manager vm_deallocates `data` when it "
+    "no longer needs it.", simple=True)
+memory_object_defs.routine(
+    "pager_data_unlock", "memory_object",
+    [("pager_request_port", PORT), ("offset", INT), ("length", INT),
+     ("desired_access", INT)],
+    doc="A task needs more access than pager_data_lock allows.", simple=True)
+memory_object_defs.routine(
+    "pager_create", "pager", [("new_memory_object", PORT), ("new_request_port", PORT),
+                              ("new_name", PORT)],
+    doc="Sent to the default pager: back a kernel-created object (receive rights to "
+    "`new_memory_object` come with it).", simple=True)
+
+# -- Table 3-6: data manager to kernel (on the pager request port) ------------------------
+pager_defs = Subsystem("pager", 2300)
+pager_defs.routine(
+    "pager_data_provided", "pager_request_port",
+    [("offset", INT), ("data", DATA), ("data_count", INT), ("lock_value", INT)],
+    doc="Supply data for [offset, offset+data_count); whole pages only (partial pages are "
+    "discarded); `lock_value` is the access to prevent.")
+pager_defs.routine("pager_data_unavailable", "pager_request_port",
+                   [("offset", INT), ("size", INT)],
+                   doc="No data exists for the range: zero-fill it (or, for a shadow, use "
+                   "the original).")
+pager_defs.routine("pager_data_lock", "pager_request_port",
+                   [("offset", INT), ("length", INT), ("lock_value", INT)],
+                   doc="Prevent `lock_value` access to cached data of the range.")
+pager_defs.routine("pager_flush_request", "pager_request_port",
+                   [("offset", INT), ("length", INT)],
+                   doc="Invalidate cached data of the range, writing back changes.")
+pager_defs.routine("pager_clean_request", "pager_request_port",
+                   [("offset", INT), ("length", INT)],
+                   doc="Write back changed data of the range; the kernel may keep using it.")
+pager_defs.routine("pager_cache", "pager_request_port", [("should_cache", BOOL)],
+                   doc="Allow (or forbid) keeping the object's data after its last unmap.")
+pager_defs.routine("pager_data_error", "pager_request_port",
+                   [("offset", INT), ("size", INT), ("error_value", INT)],
+                   doc="The manager cannot supply (or store) the range: waiting faults fail "
+                   "with a memory error; data it could not store stays with the kernel. "
+                   "(pymach; Mach 3's memory_object_data_error.)")
+
+SUBSYSTEMS = (task_defs, port_defs, thread_defs, host_defs, vm_defs, memory_object_defs,
+              pager_defs)

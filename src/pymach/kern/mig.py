@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymach.errors import MachError, code_name
-from pymach.ipc.kmsg import KPort, KPortArray
+from pymach.ipc.kmsg import KOOL, KPort, KPortArray
 from pymach.ipc.message import (
     INT64_MAX,
     INT64_MIN,
+    OOL,
     Bytes,
     Code,
     Disposition,
@@ -59,13 +60,16 @@ class ArgType:
         if self.disposition is not None:
             if isinstance(value, KernelPort) or value is None:
                 return KPort(value, Disposition.MOVE_SEND)  # from the kernel's server
-            if isinstance(value, tuple | list) and all(isinstance(v, KernelPort) for v in value):
-                return KPortArray(list(value), Disposition.MOVE_SEND)
+            if isinstance(value, tuple | list) and value and all(
+                    v is None or isinstance(v, KernelPort) for v in value):
+                return KPortArray(list(value), Disposition.MOVE_SEND)  # from the kernel
             if isinstance(value, tuple | list):
                 return PortArray(tuple(value), self.disposition)
             return Port(value, self.disposition)
         if self.name == "code":
             return value if isinstance(value, Code) else Code(value)
+        if self.name == "data":
+            return _data_item(value)
         if self.name == "int_array":
             return IntArray(tuple(value))
         cls = {"int": Int, "bool": Int, "float": Float, "str": Str, "bytes": Bytes}[self.name]
@@ -83,8 +87,10 @@ class ArgType:
             return item.ports
         if isinstance(item, IntArray):
             return item.values
-        if isinstance(item, Code):
+        if isinstance(item, Code | OOL):
             return item
+        if isinstance(item, KOOL):
+            return item.copy
         return bool(item.value) if self.name == "bool" else item.value
 
     def check(self, routine: str, arg: str, value: Any) -> None:
@@ -109,6 +115,15 @@ def _fits(kind: str, value: Any, accepts: tuple[type, ...]) -> bool:
     return isinstance(value, accepts)
 
 
+def _data_item(value: Any) -> Any:
+    """The item for out-of-line data: a kernel copy, a task's region, or Python bytes."""
+    if isinstance(value, OOL | KOOL):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return OOL(data=bytes(value))
+    return KOOL(value)  # a VmMapCopy made by the kernel
+
+
 INT = ArgType("int", (Int,), (int,))
 BOOL = ArgType("bool", (Int,), (bool, int))
 FLOAT = ArgType("float", (Float,), (float, int))
@@ -116,6 +131,10 @@ STR = ArgType("str", (Str,), (str,))
 BYTES = ArgType("bytes", (Bytes,), (bytes, bytearray, memoryview))
 INT_ARRAY = ArgType("int_array", (IntArray,), (tuple, list))
 CODE = ArgType("code", (Code,), (Code,))
+# Out-of-line data: a client passes bytes (sent by value) or an OOL region of its own
+# memory; a user server gets the OOL item (address, size in its space); the kernel gets
+# the copy in transit; a client stub's reply value is the bytes (see _unpack_reply).
+DATA = ArgType("data", (OOL, KOOL), (bytes, bytearray, memoryview, OOL))
 PORT = ArgType("port", (Port, KPort), (int,), Disposition.COPY_SEND)  # a send right
 PORT_MAKE = ArgType("port", (Port, KPort), (int,), Disposition.MAKE_SEND)
 PORT_MOVE_RECEIVE = ArgType("port", (Port, KPort), (int,), Disposition.MOVE_RECEIVE)
@@ -259,9 +278,18 @@ def _unpack_reply(r: Routine, reply: Message) -> Any:
             reply.items[1], Str) else ""
         raise MachError(code_name(code), detail)
     outs = decode_items(r, r.outs, reply.items[1:], "MIG_TYPE_ERROR")
+    outs = [_ool_to_bytes(v) if t is DATA else v for (_, t), v in zip(r.outs, outs,
+                                                                       strict=True)]
     if not outs:
         return None
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _ool_to_bytes(item: OOL) -> bytes:
+    """Read out-of-line reply data into bytes and release the region it arrived in."""
+    from pymach import mach_vm
+
+    return mach_vm.take_ool(item)
 
 
 def serve_message(subsystem: Subsystem, impl: object, msg: Message) -> Message | None:

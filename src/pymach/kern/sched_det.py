@@ -4,7 +4,9 @@ A single token says which thread may run. The holder gives it up only inside the
 at each kernel entry (to a runnable thread drawn from a `random.Random(seed)` over the
 runnable threads in creation order, possibly itself), when it blocks, and when it ends.
 Timeouts use a virtual clock that advances only when no thread is runnable, to the
-earliest deadline. So the interleaving depends only on the program and the seed.
+earliest deadline. So the interleaving depends only on the program and the seed. When
+every thread is blocked with no deadline, the oldest non-daemon one is woken with
+"deadlock"; daemon threads (the default pager, the pageout daemon) idling is not one.
 
 Invariants (all fields guarded by `_mx`): `_running` is the one thread allowed to run;
 a thread is in at most one of `_runnable` (keyed by serial) and `_blocked`.
@@ -129,5 +131,6 @@ class DeterministicScheduler:
             self._clock = max(self._clock, deadline)
             self._make_runnable(t, "timeout")
             return
-        oldest = min(self._blocked, key=lambda t: t.serial)
-        self._make_runnable(oldest, "deadlock")
+        waiting = [t for t in self._blocked if not t.daemon]  # idle servers are no deadlock
+        if waiting:
+            self._make_runnable(min(waiting, key=lambda t: t.serial), "deadlock")

@@ -5,8 +5,11 @@ holding a send right to it can operate on the task. A new task's space holds a s
 to its own task port (`task_self()`), all rights to its notify port (where the kernel
 sends it notifications), and a send right to its parent's bootstrap port, if any.
 
+It also has an address space (`map`, section 5.1), made empty or inherited from the
+parent's regions by task_create.
+
 Fields are guarded by the kernel lock. Invariant: an inactive task has no threads left
-running Mach code, an empty space and a dead task port.
+running Mach code, an empty space, no address space and a dead task port.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pymach.kern.sched_prim import WaitQueue
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
     from pymach.kern.thread import Thread
+    from pymach.vm.vm_map import VmMap
 
 
 class Task:
@@ -43,8 +47,20 @@ class Task:
         self.notify_port: Port | None = None
         self.bootstrap_port: Port | None = None
         self.self_name = self.notify_name = self.bootstrap_name = 0
+        self.map: VmMap | None = None  # the address space (none for the kernel task)
         if not kernel_task:
             self._make_ports(parent)
+            self.map = self._make_map(parent, inherit)
+
+    def _make_map(self, parent: Task | None, inherit: bool) -> VmMap:
+        """An empty address space, or one inherited from the parent's regions (3.3)."""
+        from pymach.vm.vm_map import vm_map_create
+        from pymach.vm.vm_map_copy import vm_map_fork
+
+        vm = self.kernel.vm
+        if inherit and parent is not None and parent.map is not None:
+            return vm_map_fork(vm, parent.map)
+        return vm_map_create(vm, vm.phys.pmap_create())
 
     def _make_ports(self, parent: Task | None) -> None:
         self.port = Port(self.kernel, f"task:{self.name}")
@@ -77,6 +93,11 @@ class Task:
                 port_destroy(thread.port)
             self.kernel.sched.thread_interrupt(thread)
         space_destroy(self.space)
+        if self.map is not None:
+            from pymach.vm.vm_map import vm_map_deallocate
+
+            vm_map_deallocate(self.map)
+            self.map = None
         if self.port is not None:
             port_destroy(self.port)
         self.kernel.tasks.pop(self.serial, None)

@@ -51,6 +51,8 @@ class Thread:
         self.exception: BaseException | None = None
         self.ends_task = False  # set once before start: the task ends with this thread
         self.reply_name = 0  # the task's name for this thread's MIG reply port
+        self.vm_privileged = False  # set once before start: may use the reserved pool
+        self.daemon = False  # set once before start: a server that idles forever
         self.py_thread: threading.Thread | None = None  # set once, by start()
 
     def __repr__(self) -> str:

@@ -1,0 +1,218 @@
+"""The task's view of its own memory, and the VM calls' user-side helpers (our libmach).
+
+`memory()` gives the calling task's address space as an `AddressSpace`: index and slice
+it like a bytearray (``mem[a]``, ``mem[a:b] = data``) or use `read` and `write`. Every
+access goes through the MMU of the embedded kernel page by page; a page the MMU refuses
+is a fault (a kernel entry) that vm_fault resolves, and an access to unallocated memory
+or against protection raises `MachError` KERN_INVALID_ADDRESS or
+KERN_PROTECTION_FAILURE at the access, as a memory exception would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, overload
+
+from pymach.errors import MachError
+from pymach.kern.thread import Thread, current_thread
+from pymach.vm.vm_fault import vm_fault_trap
+from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE
+
+if TYPE_CHECKING:
+    from pymach.ipc.message import OOL
+    from pymach.kern.task import Task
+
+
+def _check_range(address: object, size: object) -> tuple[int, int]:
+    for what, v in (("address", address), ("size", size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise MachError("KERN_INVALID_ARGUMENT", f"{what} must be an int >= 0, not {v!r:.40}")
+    return address, size  # type: ignore[return-value]
+
+
+class AddressSpace:
+    """One task's memory as its own threads see it (see module docstring)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def _thread(self) -> Thread:
+        thread = current_thread()
+        if thread.task is not self.task:
+            raise MachError("KERN_INVALID_TASK", f"thread {thread.name!r} is not in task "
+                            f"{self.task.name!r}; use vm_read/vm_write on its task port")
+        if self.task.map is None:
+            raise MachError("KERN_INVALID_TASK", f"task {self.task.name!r} has terminated")
+        return thread
+
+    def read(self, address: int, size: int) -> bytes:
+        """The `size` bytes at `address`."""
+        address, size = _check_range(address, size)
+        thread = self._thread()
+        pmap = self.task.map.pmap  # type: ignore[union-attr]
+        ps = thread.kernel.page_size
+        out = bytearray()
+        va, end = address, address + size
+        while va < end:
+            n = min(end - va, ps - va % ps)
+            chunk = pmap.mmu_read(va, n)  # type: ignore[union-attr]
+            if chunk is None:
+                vm_fault_trap(thread, va, VM_PROT_READ)
+                continue
+            out += chunk
+            va += n
+        return bytes(out)
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` at `address`."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MachError("KERN_INVALID_ARGUMENT", f"data must be bytes, not "
+                            f"{type(data).__name__}")
+        address, _ = _check_range(address, len(data))
+        thread = self._thread()
+        pmap = self.task.map.pmap  # type: ignore[union-attr]
+        ps = thread.kernel.page_size
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            va = address + pos
+            n = min(len(view) - pos, ps - va % ps)
+            if not pmap.mmu_write(va, view[pos:pos + n]):  # type: ignore[union-attr]
+                vm_fault_trap(thread, va, VM_PROT_WRITE)
+                continue
+            pos += n
+
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> bytes: ...
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            start, stop = _slice_bounds(key)
+            return self.read(start, stop - start)
+        return self.read(key, 1)[0]
+
+    def __setitem__(self, key: int | slice, value: Any) -> None:
+        if isinstance(key, slice):
+            start, stop = _slice_bounds(key)
+            data = bytes(value)
+            if len(data) != stop - start:
+                raise MachError("KERN_INVALID_ARGUMENT", f"slice of {stop - start} bytes "
+                                f"cannot take {len(data)} bytes")
+            self.write(start, data)
+        else:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 256:
+                raise MachError("KERN_INVALID_ARGUMENT", f"a byte must be an int in 0..255, "
+                                f"not {value!r:.40}")
+            self.write(key, bytes((value,)))
+
+    def region(self, address: int, size: int) -> Region:
+        """A window [address, address+size) indexed from 0."""
+        return Region(self, *_check_range(address, size))
+
+
+def _slice_bounds(key: slice) -> tuple[int, int]:
+    if key.step not in (None, 1) or key.start is None or key.stop is None:
+        raise MachError("KERN_INVALID_ARGUMENT", "memory slices need a start and a stop "
+                        "and no step")
+    start, stop = _check_range(key.start, key.stop)
+    if stop < start:
+        raise MachError("KERN_INVALID_ARGUMENT", f"slice stop {stop:#x} is below start")
+    return start, stop
+
+
+class Region:
+    """A window of an AddressSpace, indexed from 0 (like a bytearray of `size` bytes)."""
+
+    def __init__(self, space: AddressSpace, address: int, size: int) -> None:
+        self.space, self.address, self.size = space, address, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _abs(self, start: int, stop: int) -> tuple[int, int]:
+        if not 0 <= start <= stop <= self.size:
+            raise MachError("KERN_INVALID_ADDRESS", f"[{start}:{stop}] is outside a region "
+                            f"of {self.size} bytes")
+        return self.address + start, self.address + stop
+
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            a, b = self._abs(*key.indices(self.size)[:2])
+            return self.space.read(a, b - a)
+        a, _ = self._abs(key, key + 1)
+        return self.space[a]
+
+    def __setitem__(self, key: int | slice, value: Any) -> None:
+        if isinstance(key, slice):
+            a, b = self._abs(*key.indices(self.size)[:2])
+            self.space[a:b] = value
+        else:
+            a, _ = self._abs(key, key + 1)
+            self.space[a] = value
+
+    def read(self) -> bytes:
+        """All bytes of the region."""
+        return self.space.read(self.address, self.size)
+
+    def write(self, data: bytes, offset: int = 0) -> None:
+        """Store `data` at `offset` within the region."""
+        a, _ = self._abs(offset, offset + len(data))
+        self.space.write(a, data)
+
+
+def memory() -> AddressSpace:
+    """The calling task's address space."""
+    return AddressSpace(current_thread().task)
+
+
+def vm_page_size() -> int:
+    """The system page size of the calling thread's kernel (a boot parameter)."""
+    return current_thread().kernel.page_size
+
+
+def take_ool(item: OOL) -> bytes:
+    """The bytes of out-of-line memory received in a message; the region is then freed."""
+    from pymach import mach
+
+    if item.size == 0:
+        return b""
+    try:
+        return memory().read(item.address, item.size)
+    finally:
+        mach.vm_deallocate(mach.task_self(), item.address, item.size)
+
+
+@dataclass(frozen=True)
+class VmRegion:
+    """One region as vm_regions describes it."""
+
+    address: int
+    size: int
+    protection: int
+    max_protection: int
+    inheritance: int
+    shared: bool
+    offset: int
+    object_name: int  # a send right to the object's name port, or PORT_NULL
+
+
+@dataclass(frozen=True)
+class VmStatistics:
+    """vm_statistics: page counts (in pages) and event counters of the host."""
+
+    page_size: int
+    free_count: int
+    active_count: int
+    inactive_count: int
+    wire_count: int
+    faults: int
+    zero_fill_count: int
+    cow_faults: int
+    pageins: int
+    pageouts: int
+    reactivations: int
+    lookups: int
+    hits: int

@@ -1,0 +1,100 @@
+"""The pmap contract: the one machine-dependent interface of the VM system (paper 5.5).
+
+The machine-independent VM (vm/) keeps the truth in address maps and memory objects; a
+*pmap* is the hardware's cache of virtual-to-physical translations for one address
+space. Mach's rule holds for every backend: a pmap may forget any mapping at any time,
+and what tasks see does not change, because the next access faults and vm_fault enters
+the mapping again. A pmap never grants more access than it was given.
+
+Two objects make up a backend (one file each, chosen only in `pmap/__init__.py`):
+
+- a `PhysicalMemory`: the machine's page frames, numbered 0..nframes-1, with reference
+  and modify bits per frame and the physical-to-virtual (pv) lists behind
+  `pmap_page_protect`;
+- a `Pmap` per task: `pmap_enter`, `pmap_remove`, `pmap_protect`, `pmap_extract`.
+
+All methods lock internally (the backend's `lock`, a leaf lock: nothing else is taken
+while it is held), so the VM may call them with the kernel lock held and the "hardware"
+(task threads touching memory) may use them without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+
+class Pmap(Protocol):
+    """One address space's translations (see module docstring)."""
+
+    def pmap_enter(self, va: int, frame: int, prot: int) -> None:
+        """Map page `va` to `frame` with `prot`, replacing any mapping of `va`."""
+        ...
+
+    def pmap_remove(self, start: int, end: int) -> None:
+        """Remove every mapping of a page in [start, end)."""
+        ...
+
+    def pmap_protect(self, start: int, end: int, prot: int) -> None:
+        """Reduce mappings in [start, end) to at most `prot` (VM_PROT_NONE removes them)."""
+        ...
+
+    def pmap_extract(self, va: int) -> int | None:
+        """The frame page `va` is mapped to, or None."""
+        ...
+
+    def pmap_resident_count(self) -> int:
+        """How many pages this pmap maps."""
+        ...
+
+    def pmap_destroy(self) -> None:
+        """Remove every mapping; the pmap is not used again."""
+        ...
+
+
+class PhysicalMemory(Protocol):
+    """The machine's frames and per-frame state (see module docstring)."""
+
+    page_size: int
+    nframes: int
+    lock: threading.Lock
+
+    def pmap_create(self) -> Pmap:
+        """A new, empty pmap."""
+        ...
+
+    def pmap_page_protect(self, frame: int, prot: int) -> None:
+        """Reduce every mapping of `frame`, in every pmap, to at most `prot` (NONE removes)."""
+        ...
+
+    def pmap_is_referenced(self, frame: int) -> bool:
+        """True if the frame was accessed since its reference bit was last cleared."""
+        ...
+
+    def pmap_clear_reference(self, frame: int) -> None:
+        """Clear the frame's reference bit."""
+        ...
+
+    def pmap_is_modified(self, frame: int) -> bool:
+        """True if the frame was written since its modify bit was last cleared."""
+        ...
+
+    def pmap_clear_modify(self, frame: int) -> None:
+        """Clear the frame's modify bit."""
+        ...
+
+    def pmap_zero_page(self, frame: int) -> None:
+        """Fill the frame with zeros."""
+        ...
+
+    def pmap_copy_page(self, src: int, dst: int) -> None:
+        """Copy frame `src` onto frame `dst`."""
+        ...
+
+    def phys_read(self, frame: int, offset: int = 0, size: int | None = None) -> bytes:
+        """Bytes of a frame, for the kernel's own copies (no reference bits change)."""
+        ...
+
+    def phys_write(self, frame: int, data: bytes, offset: int = 0) -> None:
+        """Store bytes into a frame, for the kernel's own copies."""
+        ...

@@ -1,0 +1,210 @@
+"""The default pager: backing store for the kernel's own memory objects (paper 6.2.2).
+
+A task started at boot, known to the kernel by its default pager port. It serves the
+objects the kernel creates (zero-fill memory, shadows) through the same memory-object
+interface as any data manager: pager_create hands it a new memory object, then
+pager_data_write stores pages and pager_data_request returns them, or
+pager_data_unavailable when it never stored the page (the kernel then zero-fills, or
+looks in the original for a shadow, footnote 6).
+
+Pages live in a real file: a sparse swap file in a configurable directory, with an
+allocation map of page-sized blocks. A full store never loses data: the pager answers
+pager_data_error and the kernel keeps the page (and stops paging out that object).
+
+One thread receives from the default group, which takes messages in the order the
+kernel sent them; that order is what keeps successive pageouts of one page in order.
+It is vm-privileged (it may use the reserved pool) and never allocates memory of its
+own while serving a pageout. State below belongs to that thread alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pymach.errors import MachError
+from pymach.ipc.message import OOL, Int, Message
+
+if TYPE_CHECKING:
+    from pymach.kern.host import Kernel
+
+
+class BackingStore:
+    """A sparse swap file of page-sized blocks with an allocation map."""
+
+    def __init__(self, directory: str | None, page_size: int, max_pages: int | None) -> None:
+        self.page_size = page_size  # immutable
+        self.max_pages = max_pages  # immutable; None: grow as needed
+        fd, self.path = tempfile.mkstemp(prefix="pymach-swap-", dir=directory)
+        self.fd = fd
+        self.used = bytearray()  # allocation map: 1 = block in use
+        self.free_blocks: list[int] = []  # freed blocks, reused lowest last-in first
+        self.in_use = 0
+
+    def alloc(self) -> int | None:
+        """A free block number, or None if the store is full."""
+        if self.free_blocks:
+            block = self.free_blocks.pop()
+        elif self.max_pages is None or len(self.used) < self.max_pages:
+            block = len(self.used)
+            self.used.append(0)
+        else:
+            return None
+        self.used[block] = 1
+        self.in_use += 1
+        return block
+
+    def free(self, block: int) -> None:
+        """Return a block to the free list."""
+        if self.used[block]:
+            self.used[block] = 0
+            self.in_use -= 1
+            self.free_blocks.append(block)
+
+    def write(self, block: int, data: bytes) -> None:
+        """Store one page in a block."""
+        os.pwrite(self.fd, data.ljust(self.page_size, b"\0"), block * self.page_size)
+
+    def read(self, block: int) -> bytes:
+        """Load one page from a block."""
+        data = os.pread(self.fd, self.page_size, block * self.page_size)
+        return data.ljust(self.page_size, b"\0")
+
+    def close(self) -> None:
+        """Remove the swap file."""
+        try:
+            os.close(self.fd)
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+@dataclass
+class DpObject:
+    """One memory object the default pager backs (names in the pager's space)."""
+
+    memory_object: int
+    request: int
+    name: int
+    blocks: dict[int, int] = field(default_factory=dict)  # pager offset -> block
+
+
+class DefaultPager:
+    """The server: handlers for the memory_object routines (see module docstring)."""
+
+    def __init__(self, store: BackingStore) -> None:
+        self.store = store
+        self.objects: dict[int, DpObject] = {}  # memory object name -> object
+        self.by_request: dict[int, int] = {}  # request port name -> memory object name
+
+    def pager_create(self, pager: int, memory_object: int, request: int, name: int) -> None:
+        from pymach import mach
+
+        self.objects[memory_object] = DpObject(memory_object, request, name)
+        self.by_request[request] = memory_object
+        mach.port_enable(mach.task_self(), memory_object)
+
+    def pager_data_request(self, memory_object: int, request: int, offset: int, length: int,
+                           desired_access: int) -> None:
+        from pymach import mach
+
+        obj = self.objects.get(memory_object)
+        ps = self.store.page_size
+        for off in range(offset, offset + length, ps):
+            block = obj.blocks.get(off) if obj else None
+            if block is None:
+                mach.pager_data_unavailable(request, off, ps)
+            else:
+                mach.pager_data_provided(request, off, self.store.read(block), ps, 0)
+
+    def pager_data_write(self, memory_object: int, offset: int, data: OOL,
+                         data_count: int) -> None:
+        from pymach import mach, mach_vm
+
+        raw = mach_vm.take_ool(data)[:data_count]
+        obj = self.objects.get(memory_object)
+        if obj is None:
+            return
+        ps = self.store.page_size
+        for i in range(0, len(raw), ps):
+            if not self._store(obj, offset + i, raw[i:i + ps]):
+                mach.pager_data_error(obj.request, offset + i, ps,
+                                      MachError("KERN_RESOURCE_SHORTAGE").value)
+
+    def _store(self, obj: DpObject, off: int, page: bytes) -> bool:
+        block = obj.blocks.get(off)
+        if block is None:
+            block = self.store.alloc()
+            if block is None:
+                return False
+            obj.blocks[off] = block
+        self.store.write(block, page)
+        return True
+
+    def pager_init(self, memory_object: int, request: int, name: int) -> None:
+        """Not expected: the default pager is given objects by pager_create."""
+
+    def pager_data_unlock(self, memory_object: int, request: int, offset: int, length: int,
+                          desired_access: int) -> None:
+        """Not expected: the default pager never locks data."""
+
+    def port_deleted(self, name: int) -> None:
+        """The kernel let go of an object (its request port died): free its blocks."""
+        from pymach import mach
+
+        mo = self.by_request.pop(name, None)
+        obj = self.objects.pop(mo, None) if mo is not None else None
+        if obj is None:
+            return
+        for block in obj.blocks.values():
+            self.store.free(block)
+        mach.port_deallocate(mach.task_self(), obj.memory_object)
+
+
+def default_pager_loop(dp: DefaultPager, notify: int) -> None:
+    """The pager thread: serve memory-object messages and notifications forever."""
+    from pymach import mach
+    from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
+    from pymach.kern.mach_defs import memory_object_defs
+    from pymach.kern.mig import serve_message
+
+    while True:
+        msg: Message = mach.msg_receive()
+        if msg.local_port == notify:
+            if msg.id == NOTIFY_PORT_DELETED and isinstance(msg.items[0], Int):
+                dp.port_deleted(msg.items[0].value)
+            continue
+        try:
+            serve_message(memory_object_defs, dp, msg)
+        except MachError as e:  # a dead request port: the object is already gone
+            _log(f"default pager: {e}")
+
+
+def _log(text: str) -> None:
+    import logging
+
+    logging.getLogger("pymach").debug(text)
+
+
+def start_default_pager(kernel: Kernel, directory: str | None,
+                        max_pages: int | None) -> BackingStore:
+    """Create the default pager task and its thread (kernel lock held)."""
+    from pymach.ipc import mach_port
+    from pymach.ipc.message import Code
+
+    task = kernel.task_create_locked(None, False, "default_pager")
+    name = mach_port.port_allocate(task.space, "default_pager")
+    port = task.space.names[name].port
+    port.enabled = True
+    assert task.notify_port is not None
+    task.notify_port.enabled = True
+    kernel.vm.default_pager_port = port
+    store = BackingStore(directory, kernel.page_size, max_pages)
+    args: tuple[Any, ...] = (DefaultPager(store), task.notify_name)
+    thread = kernel.thread_create_locked(task, Code(default_pager_loop, args),
+                                         "default_pager.1", start=False)
+    thread.vm_privileged = thread.daemon = True
+    thread.start()
+    return store

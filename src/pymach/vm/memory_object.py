@@ -1,0 +1,413 @@
+"""The kernel side of the memory-object protocol (paper 3.4, Tables 3-5 and 3-6).
+
+Kernel to data manager (Table 3-5): pager_init, pager_data_request, pager_data_write,
+pager_data_unlock and, to the default pager, pager_create. They are asynchronous, as in
+the paper: the kernel queues a message on the memory object port and never waits for
+an acknowledgement (a faulting thread waits for its page, not for the message).
+
+Data manager to kernel (Table 3-6): `PagerServer` executes the calls a manager makes on
+the *pager request port* the kernel made for the object: pager_data_provided,
+pager_data_unavailable, pager_data_lock, pager_flush_request, pager_clean_request,
+pager_cache, and pager_data_error (pymach, after Mach 3). Offsets in messages are
+offsets in the memory object; `paging_offset` maps them to the object.
+
+The kernel holds send rights to the memory object port and all rights to the request
+and name ports; when it lets go of an object it destroys the latter two, and the
+manager is notified of their death (NOTIFY_PORT_DELETED). The name port only names
+the object (vm_regions): requests sent to it are refused (footnote 3).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pymach.errors import MachError, code_name
+from pymach.ipc.ipc_mqueue import mqueue_enqueue
+from pymach.ipc.ipc_right import port_destroy
+from pymach.ipc.kmsg import KOOL, KMsg, KPort
+from pymach.ipc.message import Disposition, Int
+from pymach.ipc.port import Port
+from pymach.kern.mach_defs import memory_object_defs
+from pymach.kern.thread import current_thread
+from pymach.vm.vm_param import VM_PROT_ALL, VM_PROT_NONE, VM_PROT_WRITE, check_int, check_prot
+
+if TYPE_CHECKING:
+    from pymach.kern.host import Kernel
+    from pymach.kern.thread import Thread
+    from pymach.vm.vm_init import VmSystem
+    from pymach.vm.vm_map_copy import VmMapCopy
+    from pymach.vm.vm_object import VmObject
+    from pymach.vm.vm_page import VmPage
+
+
+class ObjectName:
+    """The kobject behind a pager name port: it names an object and grants nothing."""
+
+    def __init__(self, obj: VmObject) -> None:
+        self.object = obj
+
+
+# -- sending to the manager (Table 3-5) ---------------------------------------------------
+
+def _kernel_port(vm: VmSystem, label: str, kobject: object) -> Port:
+    port = Port(vm.kernel, label)
+    port.kobject = kobject
+    port.receiver = port.owner = vm.kernel.kernel_task
+    return port
+
+
+def _send(obj: VmObject, dest: Port | None, routine: str, items: list[Any]) -> None:
+    """Queue one kernel-to-manager message (never refused for backlog)."""
+    vm = obj.vm
+    if dest is None or dest.dead:
+        return
+    r = memory_object_defs.by_name[routine]
+    mqueue_enqueue(dest, KMsg(dest, None, r.id, items, sender="kernel"))
+    vm.resident.stats.pager_messages += 1
+    vm.kernel.trace_event(f"pager {routine} obj{obj.serial} -> {dest.label or dest.serial}")
+
+
+def _send_right(port: Port | None) -> KPort:
+    return KPort(port, Disposition.MOVE_SEND)
+
+
+def pager_ports_create(obj: VmObject) -> None:
+    """Make the kernel's request and name ports for an object's pager."""
+    vm = obj.vm
+    obj.pager_request = _kernel_port(vm, f"pager_request:obj{obj.serial}", obj)
+    obj.pager_name = _kernel_port(vm, f"pager_name:obj{obj.serial}", ObjectName(obj))
+
+
+def pager_create(obj: VmObject) -> bool:
+    """Give an internal object a memory object port served by the default pager."""
+    vm = obj.vm
+    dp = vm.default_pager_port
+    if dp is None or dp.dead:
+        return False
+    port = Port(vm.kernel, f"memory_object:obj{obj.serial}")
+    port.receive_in_transit = port.ownership_in_transit = True  # moves to the default pager
+    obj.pager = port
+    vm.pager_objects[(port, 0)] = obj
+    pager_ports_create(obj)
+    obj.pager_ready = True
+    _send(obj, dp, "pager_create", [KPort(port, Disposition.MOVE_ALL),
+                                    _send_right(obj.pager_request), _send_right(obj.pager_name)])
+    return True
+
+
+def pager_init(obj: VmObject) -> None:
+    """Tell the manager of an external object about this kernel's ports for it."""
+    pager_ports_create(obj)
+    obj.pager_ready = True
+    _send(obj, obj.pager, "pager_init", [_send_right(obj.pager_request),
+                                         _send_right(obj.pager_name)])
+
+
+def pager_data_request(obj: VmObject, offset: int, length: int, access: int) -> None:
+    """Ask the manager for data of [offset, offset+length) of the object."""
+    _send(obj, obj.pager, "pager_data_request",
+          [_send_right(obj.pager_request), Int(offset + obj.paging_offset), Int(length),
+           Int(access)])
+
+
+def pager_data_write(obj: VmObject, offset: int, copy: VmMapCopy) -> None:
+    """Write data back to the manager (the copy is the holding object's page)."""
+    if obj.pager is None or obj.pager.dead:
+        from pymach.vm.vm_map_copy import vm_map_copy_discard
+
+        vm_map_copy_discard(copy)
+        return
+    _send(obj, obj.pager, "pager_data_write",
+          [Int(offset + obj.paging_offset), KOOL(copy), Int(copy.size)])
+
+
+def pager_data_unlock(obj: VmObject, offset: int, length: int, access: int) -> None:
+    """Ask the manager for more access to cached data than its lock allows."""
+    _send(obj, obj.pager, "pager_data_unlock",
+          [_send_right(obj.pager_request), Int(offset + obj.paging_offset), Int(length),
+           Int(access)])
+
+
+def pager_terminate(obj: VmObject) -> None:
+    """Let go of an object's pager: destroy the request and name ports."""
+    vm = obj.vm
+    key = (obj.pager, obj.paging_offset % vm.page_size)
+    if obj.pager is not None and vm.pager_objects.get(key) is obj:  # type: ignore[arg-type]
+        del vm.pager_objects[key]  # type: ignore[arg-type]
+    for port in (obj.pager_request, obj.pager_name):
+        if port is not None and not port.dead:
+            port_destroy(port)
+    obj.pager = obj.pager_request = obj.pager_name = None
+
+
+def pager_rebind(old: VmObject, new: VmObject) -> None:
+    """Move a pager from one object to another (shadow-chain collapse)."""
+    vm = old.vm
+    new.pager, new.pager_request, new.pager_name = old.pager, old.pager_request, old.pager_name
+    new.pager_ready = old.pager_ready
+    if new.pager_request is not None:
+        new.pager_request.kobject = new
+    if new.pager_name is not None:
+        new.pager_name.kobject = ObjectName(new)
+    if new.pager is not None:
+        vm.pager_objects[(new.pager, new.paging_offset % vm.page_size)] = new
+    old.pager = old.pager_request = old.pager_name = None
+
+
+def vm_object_enter(vm: VmSystem, port: object, offset: int, size: int
+                    ) -> tuple[VmObject, int]:
+    """The kernel's object for [offset, offset+size) of a memory object, with a new
+    reference, and the object offset of `offset`.
+
+    The first use by this kernel makes the object and sends pager_init before returning
+    (5.1). Mappings whose offsets differ in page alignment get separate objects: the
+    kernel guarantees consistency only among mappings with similar alignment (3.4.1).
+    """
+    from pymach.vm.vm_object import VmObject
+
+    if not isinstance(port, Port) or port.dead:
+        raise MachError("KERN_INVALID_ARGUMENT", "memory_object is not a live port")
+    if port.is_kernel_port:
+        raise MachError("KERN_INVALID_ARGUMENT", f"{port.label} is a kernel port, not a "
+                        f"memory object")
+    align = offset % vm.page_size
+    obj = vm.pager_objects.get((port, align))
+    if obj is None or not obj.alive:
+        obj = VmObject(vm, 0, internal=False, label="external")
+        vm.objects_alive += 1
+        obj.pager, obj.paging_offset = port, align
+        vm.pager_objects[(port, align)] = obj
+        pager_init(obj)
+    elif obj in vm.cached:
+        object_cache_remove(obj, terminate=False)
+        obj.ref_count = 1
+    else:
+        obj.ref_count += 1
+    obj.size = max(obj.size, offset - align + size)
+    return obj, offset - align
+
+
+# -- faults that need the manager --------------------------------------------------------
+
+def request_unlock(thread: Thread, page: VmPage, access: int) -> None:
+    """A fault needs access the manager's lock prevents: ask (once) and wait (Retry)."""
+    from pymach.vm.vm_fault import _wait
+
+    obj = page.object
+    assert obj is not None
+    if obj.pager is None or obj.pager.dead:
+        raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} is "
+                        f"gone and the page is locked")
+    wanted = access & page.page_lock
+    if wanted & ~page.unlock_request:
+        page.unlock_request |= wanted
+        pager_data_unlock(obj, page.offset, obj.vm.page_size, wanted)
+    _wait(thread, obj.vm, obj.page_waitq, obj, pagein=True)
+
+
+def pager_request_timed_out(obj: VmObject) -> None:
+    """A manager did not answer in time: fail the waiting pages (KERN_MEMORY_ERROR)."""
+    for page in list(obj.memq.values()):
+        if page.absent:
+            page.error = (f"the data manager of object {obj.serial} did not answer in "
+                          f"{obj.vm.pager_timeout_ms} ms")
+            _page_done(obj, page)
+
+
+def _page_done(obj: VmObject, page: VmPage) -> None:
+    """A waiting page is settled (data, zeros or error): wake its waiters."""
+    vm = obj.vm
+    page.busy = page.absent = False
+    if page.wire_count:
+        vm.resident.vm_page_unwire(page)
+    vm.kernel.sched.thread_wakeup(obj.page_waitq)
+
+
+# -- cleaning and caching -----------------------------------------------------------------
+
+def object_clean(obj: VmObject, start: int, end: int, flush: bool) -> None:
+    """Write dirty pages of [start, end) back to the manager; with `flush` also drop
+    the cached pages (pager_flush_request, termination)."""
+    from pymach.vm.vm_pageout import vm_pageout_page
+
+    vm = obj.vm
+    for off in sorted(o for o in obj.memq if start <= o < end):
+        page = obj.memq[off]
+        if page.busy:
+            continue
+        vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
+        dirty = vm.resident.vm_page_is_dirty(page) or page.precious
+        if dirty and vm_pageout_page(page, keep=not flush):
+            continue
+        if flush:
+            vm.resident.vm_page_free(page)
+
+
+def object_cache_enter(vm: VmSystem, obj: VmObject) -> None:
+    """Keep an object with no references because its manager allows caching (sec. 9)."""
+    vm.cached[obj] = None
+
+
+def object_cache_remove(obj: VmObject, terminate: bool) -> None:
+    """Take an object out of the cache: to be mapped again, or to be terminated."""
+    from pymach.vm.vm_object import vm_object_terminate
+
+    obj.vm.cached.pop(obj, None)
+    if terminate:
+        vm_object_terminate(obj)
+
+
+# -- Table 3-6: the manager's calls on the request port ---------------------------------
+
+def _range(obj: VmObject, offset: object, length: object) -> range:
+    """Object offsets of the whole pages in a manager's [offset, offset+length)."""
+    ps = obj.vm.page_size
+    off = check_int(offset, "offset") - obj.paging_offset
+    n = check_int(length, "length")
+    first = -(-off // ps) * ps  # partial pages are discarded
+    return range(max(first, 0), min(off + n, obj.size) // ps * ps, ps)
+
+
+class PagerServer:
+    """Executes Table 3-6 calls (kernel lock held); the target is the VmObject."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    def pager_data_provided(self, obj: VmObject, offset: int, data: VmMapCopy,
+                            data_count: int, lock_value: int) -> None:
+        from pymach.vm.vm_kern import copy_bytes
+
+        lock = check_prot(lock_value, "lock_value")
+        count = check_int(data_count, "data_count")
+        base = check_int(offset, "offset") - obj.paging_offset
+        raw = copy_bytes(current_thread(), data)[:count]
+        _check_live(obj)
+        for off in _range(obj, offset, len(raw)):
+            chunk = raw[off - base:off - base + obj.vm.page_size]
+            _provide_page(obj, off, chunk, lock)
+
+    def pager_data_unavailable(self, obj: VmObject, offset: int, size: int) -> None:
+        _check_live(obj)
+        vm = obj.vm
+        for off in _range(obj, offset, size):
+            page = obj.memq.get(off)
+            if page is None or not page.absent:
+                continue
+            if obj.internal:  # the pager has nothing: look below (footnote 6) or zero-fill
+                obj.existence.discard(off)
+                vm.resident.vm_page_free(page)
+                vm.kernel.sched.thread_wakeup(obj.page_waitq)
+            else:
+                vm.phys.pmap_zero_page(page.frame)
+                vm.resident.stats.zero_fill_count += 1
+                _page_done(obj, page)
+
+    def pager_data_error(self, obj: VmObject, offset: int, size: int,
+                         error_value: int) -> None:
+        _check_live(obj)
+        code = code_name(check_int(error_value, "error_value", -(2**63)))
+        reason = f"the data manager reported {code}"
+        for off in _range(obj, offset, size):
+            page = obj.memq.get(off)
+            if page is not None and page.absent:
+                page.error = reason
+                _page_done(obj, page)
+            elif off in obj.pending:
+                _take_back(obj, off)
+
+    def pager_data_lock(self, obj: VmObject, offset: int, length: int,
+                        lock_value: int) -> None:
+        lock = check_prot(lock_value, "lock_value")
+        _check_live(obj)
+        for off in _range(obj, offset, length):
+            page = obj.memq.get(off)
+            if page is not None and not page.absent:
+                _set_lock(obj, page, lock)
+
+    def pager_flush_request(self, obj: VmObject, offset: int, length: int) -> None:
+        _check_live(obj)
+        r = _range(obj, offset, length)
+        object_clean(obj, r.start, r.stop, flush=True)
+
+    def pager_clean_request(self, obj: VmObject, offset: int, length: int) -> None:
+        _check_live(obj)
+        r = _range(obj, offset, length)
+        object_clean(obj, r.start, r.stop, flush=False)
+
+    def pager_cache(self, obj: VmObject, should_cache: bool) -> None:
+        _check_live(obj)
+        obj.can_persist = bool(should_cache)
+        if not should_cache and obj in obj.vm.cached:
+            object_cache_remove(obj, terminate=True)
+
+
+def _check_live(obj: VmObject) -> None:
+    if not obj.alive:
+        raise MachError("KERN_INVALID_ARGUMENT", f"object {obj.serial} has been terminated")
+
+
+def _provide_page(obj: VmObject, off: int, chunk: bytes, lock: int) -> None:
+    """Install one page of provided data: into a waiting page, or a new one if there is
+    room; data for pages the kernel already has is ignored."""
+    vm = obj.vm
+    page = obj.memq.get(off)
+    if page is None:
+        if off in obj.pending or vm.resident.free_count() <= vm.free_target:
+            return
+        page = vm.resident.vm_page_grab(privileged=False)
+        if page is None:
+            return
+        vm.resident.vm_page_insert(page, obj, off)
+        vm.resident.vm_page_activate(page)
+    elif not page.absent:
+        return
+    vm.phys.phys_write(page.frame, chunk)
+    page.page_lock, page.unlock_request = lock, VM_PROT_NONE
+    vm.resident.stats.pageins += 1
+    if page.absent:
+        _page_done(obj, page)
+
+
+def _set_lock(obj: VmObject, page: VmPage, lock: int) -> None:
+    """Apply pager_data_lock to one cached page and wake faults it now allows."""
+    vm = obj.vm
+    page.page_lock = lock
+    page.unlock_request &= lock
+    if lock:
+        vm.phys.pmap_page_protect(page.frame, VM_PROT_ALL & ~lock)
+    vm.kernel.sched.thread_wakeup(obj.page_waitq)
+
+
+def _take_back(obj: VmObject, off: int) -> None:
+    """The manager could not store a page it was sent: keep the data in the object."""
+    vm = obj.vm
+    holding = obj.pending.pop(off)
+    obj.existence.discard(off)
+    obj.pageout_failed = True
+    if off not in obj.memq and holding.memq:
+        src = next(iter(holding.memq.values()))
+        page = vm.resident.vm_page_grab(privileged=True)
+        if page is None:  # move the frame itself back
+            vm.phys.pmap_page_protect(src.frame, VM_PROT_NONE)
+            vm.resident.vm_page_rename(src, obj, off)
+            vm.resident.vm_page_unwire(src)
+            src.dirty = True
+            return
+        vm.resident.vm_page_insert(page, obj, off)
+        vm.phys.pmap_copy_page(src.frame, page.frame)
+        page.dirty = True
+        vm.resident.vm_page_activate(page)
+
+
+__all__ = [
+    "VM_PROT_WRITE",
+    "ObjectName",
+    "PagerServer",
+    "object_clean",
+    "pager_create",
+    "pager_data_request",
+    "pager_data_write",
+    "pager_init",
+    "pager_terminate",
+]

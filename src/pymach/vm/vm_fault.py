@@ -1,0 +1,246 @@
+"""The page fault handler, hub of the VM system (paper 5.5).
+
+`vm_fault` runs the four steps of the paper for one page of one task:
+
+1. validity and protection: `vm_map_lookup` finds the object and offset and checks the
+   access (a write to a copy-on-write region makes its shadow object there);
+2. page lookup: `vm_fault_page` walks the shadow chain through the resident-page hash;
+   a page that is not resident is asked of the object's data manager
+   (pager_data_request), taken back from a pageout still in flight, made from data the
+   kernel holds, or zero-filled at the bottom of the chain;
+3. copy-on-write: a write to a page found below the first object copies it up into the
+   first object; a write to a page of an object that has a copy object first pushes the
+   old contents into the copy; a read gets no write access in either case;
+4. hardware validation: `pmap_enter` of the page with the access now allowed.
+
+Every wait (for a busy page, for data from a manager, for a free frame) releases the
+kernel lock, so the fault then starts again from step 1: the map may have changed.
+Steps 2 and 3 are machine-independent and also serve the kernel's own accesses
+(`vm_fault_page` for vm_read, vm_write and data in transit).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.kern.sched_prim import deadline_after, thread_block
+from pymach.vm.vm_map import vm_map_lookup
+from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
+
+if TYPE_CHECKING:
+    from pymach.kern.thread import Thread
+    from pymach.vm.vm_init import VmSystem
+    from pymach.vm.vm_map import VmMap
+    from pymach.vm.vm_object import VmObject
+    from pymach.vm.vm_page import VmPage
+
+
+class Retry(Exception):
+    """The fault waited (the kernel lock was released): start again from step 1."""
+
+
+def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
+    """Resolve a fault by `thread` at `va` for `access` and validate the mapping.
+
+    Raises KERN_INVALID_ADDRESS, KERN_PROTECTION_FAILURE, KERN_MEMORY_ERROR (the data
+    manager failed) or KERN_RESOURCE_SHORTAGE (no memory and no backing store).
+    """
+    vm = vmap.vm
+    vm.resident.stats.faults += 1
+    page_va = trunc_page(va, vm.page_size)
+    while True:
+        look = vm_map_lookup(vmap, page_va, access)
+        try:
+            page, prot = vm_fault_page(thread, look.object, look.offset, access, look.prot,
+                                       look.single_use)
+        except Retry:
+            continue
+        assert vmap.pmap is not None
+        vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
+        if not page.busy:
+            vm.resident.vm_page_activate(page)
+        return
+
+
+def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, access: int,
+                  prot: int, single_use: bool = True) -> tuple[VmPage, int]:
+    """Steps 2 and 3: a resident page holding the data of `first_object` at
+    `first_offset`, ready for `access`, and the protection it may be mapped with.
+    Raises Retry after any wait."""
+    page, obj = _find_page(thread, first_object, first_offset)
+    if obj is not first_object:
+        if access & VM_PROT_WRITE:
+            page = _copy_up(thread, page, first_object, first_offset, single_use)
+        else:
+            prot &= ~VM_PROT_WRITE
+    elif first_object.copy is not None:
+        if access & VM_PROT_WRITE:
+            _push_to_copy(thread, page, first_object, first_offset)
+        elif not _copy_has(first_object.copy, first_offset):
+            prot &= ~VM_PROT_WRITE
+    if access & page.page_lock:
+        from pymach.vm.memory_object import request_unlock
+
+        request_unlock(thread, page, access)  # waits for pager_data_lock; raises Retry
+    return page, prot & ~page.page_lock
+
+
+# -- step 2: page lookup --------------------------------------------------------------------
+
+def _find_page(thread: Thread, first_object: VmObject, first_offset: int
+               ) -> tuple[VmPage, VmObject]:
+    """The page with the data, and the object of the shadow chain it is in."""
+    vm = first_object.vm
+    obj, off = first_object, first_offset
+    while True:
+        page = vm.resident.vm_page_lookup(obj, off)
+        if page is not None:
+            _check_ready(thread, page)
+            return page, obj
+        page = _fill_from_kernel(thread, obj, off)
+        if page is not None:
+            return page, obj
+        if _pager_has(obj, off):
+            _request_from_pager(thread, obj, off)  # raises Retry once it has waited
+        if obj.shadow is None:
+            return _zero_fill(thread, first_object, first_offset), first_object
+        obj, off = obj.shadow, off + obj.shadow_offset
+
+
+def _check_ready(thread: Thread, page: VmPage) -> None:
+    """Wait for a busy page; fail on a page its data manager reported an error for."""
+    if page.busy:
+        assert page.object is not None
+        _wait(thread, page.object.vm, page.object.page_waitq, page.object)
+    if page.error:
+        raise MachError("KERN_MEMORY_ERROR", page.error)
+
+
+def _fill_from_kernel(thread: Thread, obj: VmObject, off: int) -> VmPage | None:
+    """A page made from data the kernel still holds: a pageout in flight, or data given
+    to the kernel as bytes. None if neither applies."""
+    vm = obj.vm
+    holding = obj.pending.get(off)
+    if holding is not None and holding.memq:
+        page = _alloc(thread, obj, off)
+        src = next(iter(holding.memq.values()))
+        vm.phys.pmap_copy_page(src.frame, page.frame)
+        page.dirty = True  # the pager may not have stored it yet
+        return page
+    if obj.data_source is not None and off not in obj.existence and off < obj.size:
+        page = _alloc(thread, obj, off)
+        chunk = obj.data_source[off:off + vm.page_size]
+        vm.phys.pmap_zero_page(page.frame)
+        vm.phys.phys_write(page.frame, chunk)
+        return page
+    return None
+
+
+def _pager_has(obj: VmObject, off: int) -> bool:
+    """True if the object's data manager must be asked for this page."""
+    if obj.pager is None:
+        return False
+    return off in obj.existence if obj.internal else 0 <= off < obj.size
+
+
+def _request_from_pager(thread: Thread, obj: VmObject, off: int) -> None:
+    """Make an absent page, send pager_data_request, and wait for the data (Retry)."""
+    from pymach.vm.memory_object import pager_data_request
+
+    vm = obj.vm
+    if obj.pager is None or obj.pager.dead:
+        raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} "
+                        f"is gone")
+    page = _alloc(thread, obj, off)
+    page.busy = page.absent = True
+    vm.resident.vm_page_wire(page)
+    pager_data_request(obj, off, vm.page_size, VM_PROT_READ)
+    _wait(thread, vm, obj.page_waitq, obj, pagein=True)
+
+
+def _zero_fill(thread: Thread, obj: VmObject, off: int) -> VmPage:
+    """A new zero-filled page of `obj` at `off` (nothing in the chain has the data)."""
+    page = _alloc(thread, obj, off)
+    obj.vm.phys.pmap_zero_page(page.frame)
+    obj.vm.resident.stats.zero_fill_count += 1
+    return page
+
+
+# -- step 3: copy-on-write ------------------------------------------------------------------
+
+def _copy_up(thread: Thread, src: VmPage, first_object: VmObject, first_offset: int,
+             single_use: bool) -> VmPage:
+    """Copy a page found below the first object into it (a copy-on-write fault)."""
+    vm = first_object.vm
+    page = _alloc(thread, first_object, first_offset)
+    vm.phys.pmap_copy_page(src.frame, page.frame)
+    page.dirty = True
+    vm.resident.stats.cow_faults += 1
+    if not single_use:  # other tasks sharing this map must find the new page too
+        vm.phys.pmap_page_protect(src.frame, 0)
+    return page
+
+
+def _copy_has(copy: VmObject, off: int) -> bool:
+    """True if a copy object (which sees its original at the same offsets) already
+    holds its own version of page `off`."""
+    return off in copy.memq or off in copy.existence or off in copy.pending
+
+
+def _push_to_copy(thread: Thread, page: VmPage, obj: VmObject, off: int) -> None:
+    """Before `page` of `obj` changes, give its old contents to the copy object."""
+    copy = obj.copy
+    assert copy is not None
+    if _copy_has(copy, off):
+        return
+    vm = obj.vm
+    pushed = _alloc(thread, copy, off)
+    vm.phys.pmap_copy_page(page.frame, pushed.frame)
+    pushed.dirty = True
+    vm.resident.vm_page_activate(pushed)
+    vm.phys.pmap_page_protect(page.frame, 0)  # copies' readers must now find the push
+
+
+# -- frames and waiting ---------------------------------------------------------------------
+
+def _alloc(thread: Thread, obj: VmObject, off: int) -> VmPage:
+    """A free frame tabled as `obj`'s page at `off`; waits for pageout (Retry) if none."""
+    vm = obj.vm
+    page = vm.resident.vm_page_grab(thread.vm_privileged)
+    if page is None:
+        vm.page_wait(thread)  # raises KERN_RESOURCE_SHORTAGE or Retry
+        raise Retry
+    vm.resident.vm_page_insert(page, obj, off)
+    vm.after_grab()
+    return page
+
+
+def _wait(thread: Thread, vm: VmSystem, waitq: object, obj: VmObject,
+          pagein: bool = False) -> None:
+    """Block on an object's page queue (releasing the kernel lock), then Retry."""
+    from pymach.kern.sched_prim import WaitQueue
+
+    assert isinstance(waitq, WaitQueue)
+    obj.ref_count += 1  # the object must outlive our wait
+    try:
+        timeout = vm.pager_timeout_ms if pagein and not obj.internal else None
+        deadline = deadline_after(vm.kernel.sched, timeout)
+        if not thread_block(vm.kernel.sched, thread, waitq, deadline):
+            from pymach.vm.memory_object import pager_request_timed_out
+
+            pager_request_timed_out(obj)
+    finally:
+        from pymach.vm.vm_object import vm_object_deallocate
+
+        vm_object_deallocate(obj)
+    raise Retry
+
+
+def vm_fault_trap(thread: Thread, va: int, access: int) -> None:
+    """The trap a task thread takes when the MMU refuses an access (a kernel entry)."""
+    task = thread.task
+    with thread.kernel.trap(thread):
+        if task.map is None:
+            raise MachError("KERN_INVALID_TASK", f"task {task.name!r} has no address space")
+        vm_fault(thread, task.map, va, access)

@@ -1,0 +1,96 @@
+"""One kernel's virtual memory system: physical memory, resident pages, and VM policy.
+
+`VmSystem` ties the machine-independent VM to one kernel: its `PhysicalMemory` (from the
+pmap backend), the resident page table, the default pager port, the pageout targets and
+the objects known by memory object port. It also owns waiting for free frames: a
+thread that finds none wakes the pageout daemon and sleeps on `free_waitq`; if pageout
+can make no progress (no memory, no backing store) such threads fail with
+KERN_RESOURCE_SHORTAGE instead of hanging.
+
+Fields are guarded by the kernel lock unless marked immutable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.kern.sched_prim import WaitQueue, thread_block
+from pymach.pmap import make_physical_memory
+from pymach.vm.vm_page import VmResident
+
+if TYPE_CHECKING:
+    from pymach.ipc.port import Port
+    from pymach.kern.host import Kernel
+    from pymach.kern.thread import Thread
+    from pymach.vm.vm_object import VmObject
+
+
+class VmSystem:
+    """The VM state of one kernel (see module docstring)."""
+
+    def __init__(self, kernel: Kernel, backend: str = "soft") -> None:
+        self.kernel = kernel  # immutable
+        self.page_size = kernel.page_size  # immutable
+        nframes = kernel.memory_size // kernel.page_size
+        self.phys = make_physical_memory(backend, kernel.page_size, nframes)  # immutable
+        reserved = max(2, nframes // 64)
+        self.resident = VmResident(self.phys, reserved)  # immutable
+        self.free_min = max(reserved + 2, nframes // 32)  # wake pageout below this
+        self.free_target = max(self.free_min + 2, nframes // 16)  # pageout frees up to this
+        self.objects_alive = 0
+        self.stats_collapses = 0
+        self.pager_objects: dict[tuple[Port, int], VmObject] = {}  # (port, align) -> obj
+        self.cached: dict[VmObject, None] = {}  # unreferenced objects kept (pager_cache)
+        self.default_pager_port: Port | None = None  # set when the default pager starts
+        self.free_waitq = WaitQueue(kernel.sched.lock, "vm.free")
+        self.pageout_waitq = WaitQueue(kernel.sched.lock, "vm.pageout")
+        self.free_wanted = 0  # threads sleeping on free_waitq
+        self.shortage = ""  # why memory cannot be found, once pageout gives up
+        self.pageouts_in_flight = 0  # holding objects not yet released by their pager
+        self.pager_timeout_ms: float | None = None  # external pagers (issue 4 policy)
+        self.resident.on_free = self._frame_freed
+
+    # -- free frames ------------------------------------------------------------------
+    def _frame_freed(self) -> None:
+        self.shortage = ""
+        if self.free_wanted:
+            self.kernel.sched.thread_wakeup(self.free_waitq)
+
+    def after_grab(self) -> None:
+        """Called after a frame is taken: wake the pageout daemon when memory runs low."""
+        if self.resident.free_count() < self.free_min:
+            self.kernel.sched.thread_wakeup(self.pageout_waitq)
+
+    def page_wait(self, thread: Thread) -> None:
+        """Sleep until a frame may be free (kernel lock released meanwhile).
+
+        Raises KERN_RESOURCE_SHORTAGE if pageout found nothing it could free.
+        """
+        if self.shortage:
+            raise MachError("KERN_RESOURCE_SHORTAGE", self.shortage)
+        self.kernel.sched.thread_wakeup(self.pageout_waitq)
+        self.free_wanted += 1
+        try:
+            thread_block(self.kernel.sched, thread, self.free_waitq)
+        finally:
+            self.free_wanted -= 1
+        if self.shortage:
+            raise MachError("KERN_RESOURCE_SHORTAGE", self.shortage)
+
+    def pageout_needed(self) -> bool:
+        """True when free frames are below target and someone needs memory."""
+        return self.resident.free_count() < self.free_target
+
+    # -- hooks for external objects (section 9 cache; cleaning before termination) ----
+    def cache_enter(self, obj: VmObject) -> None:
+        """Keep an unreferenced object whose manager allows caching (pager_cache)."""
+        from pymach.vm.memory_object import object_cache_enter
+
+        object_cache_enter(self, obj)
+
+    def clean_external_object(self, obj: VmObject) -> None:
+        """Write an external object's dirty pages back to its manager before it goes."""
+        from pymach.vm.memory_object import object_clean
+
+        object_clean(obj, 0, obj.size, flush=True)

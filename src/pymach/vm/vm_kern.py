@@ -1,0 +1,65 @@
+"""The kernel's own access to memory: reading data in transit and tasks' memory.
+
+The kernel reads pages through `vm_fault_page`, exactly as a task's fault would find
+them (shadow chains, pagers, data in transit), so it sees what the task would see. A
+read may wait (for a pagein or a free frame); the caller's thread then sleeps with the
+kernel lock released and the read starts that page again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymach.vm.vm_fault import Retry, vm_fault_page
+from pymach.vm.vm_map import vm_map_lookup
+from pymach.vm.vm_param import VM_PROT_READ, trunc_page
+
+if TYPE_CHECKING:
+    from pymach.kern.thread import Thread
+    from pymach.vm.vm_map import VmMap
+    from pymach.vm.vm_map_copy import VmMapCopy
+    from pymach.vm.vm_object import VmObject
+
+
+def object_read_page(thread: Thread, obj: VmObject, offset: int) -> bytes:
+    """The page of `obj` at `offset` (page aligned), as a task reading it would see it.
+    The caller holds a reference to `obj` (memory in transit does)."""
+    while True:
+        try:
+            page, _ = vm_fault_page(thread, obj, offset, VM_PROT_READ, VM_PROT_READ)
+        except Retry:
+            continue
+        return obj.vm.phys.phys_read(page.frame)
+
+
+def copy_bytes(thread: Thread, copy: VmMapCopy) -> bytes:
+    """The bytes of memory in transit (without consuming it)."""
+    if len(copy.entries) == 1:
+        obj = copy.entries[0].object
+        if (obj.data_source is not None and not obj.memq and not obj.existence
+                and obj.shadow is None and copy.entries[0].offset == 0):
+            return obj.data_source[copy.offset:copy.offset + copy.size]
+    ps = copy.vm.page_size
+    out = bytearray()
+    for piece in copy.entries:
+        for off in range(piece.offset, piece.offset + piece.size, ps):
+            out += object_read_page(thread, piece.object, off)
+    return bytes(out[copy.offset:copy.offset + copy.size])
+
+
+def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
+    """Bytes [address, address+size) of a map, read as the task would read them."""
+    ps = vmap.vm.page_size
+    out = bytearray()
+    va = trunc_page(address, ps)
+    while va < address + size:
+        look = vm_map_lookup(vmap, va, VM_PROT_READ)
+        try:  # after a wait the map may have changed: look it up again
+            page, _ = vm_fault_page(thread, look.object, look.offset, VM_PROT_READ,
+                                    VM_PROT_READ)
+        except Retry:
+            continue
+        out += vmap.vm.phys.phys_read(page.frame)
+        va += ps
+    start = address % ps
+    return bytes(out[start:start + size])

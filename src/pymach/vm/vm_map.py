@@ -1,0 +1,336 @@
+"""Address maps: each task's directory of valid regions (paper 5.1).
+
+A task's address space is one top-level `VmMap` of entries sorted by address. An entry
+maps [start, end) either to a memory object (`object`, `offset`) or, once the region is
+shared through inheritance, to a second-level *sharing map* (`share_map`, `offset`).
+Per-task attributes (protection, maximum protection, inheritance) live in the top-level
+entry; what the memory *is* lives in the sharing map, so a change there (a shadow made
+by a write fault, a vm_write, a vm_copy) is seen by every task that shares it. A task
+map entry points straight at an object while nothing is shared (the optimization of
+5.1), and a mapping made by vm_allocate_with_pager never involves a sharing map.
+
+`needs_copy` on an object entry means the memory is a copy-on-write copy of the object:
+reads see the object, the first write makes a shadow object (vm_map_lookup).
+
+Invariants (kernel lock): entries are sorted, page aligned, non-empty and disjoint; an
+entry refers to exactly one of object / share_map and holds one reference to it;
+protection <= max_protection; a sharing map records in `sharers` every task map that
+has an entry pointing to it; only task maps have a pmap.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.vm.vm_object import (
+    VmObject,
+    vm_object_deallocate,
+    vm_object_page_remove,
+    vm_object_reference,
+    vm_object_shadow,
+)
+from pymach.vm.vm_param import (
+    VM_INHERIT_DEFAULT,
+    VM_MAX_ADDRESS,
+    VM_MIN_ADDRESS,
+    VM_PROT_ALL,
+    VM_PROT_DEFAULT,
+    VM_PROT_WRITE,
+)
+
+if TYPE_CHECKING:
+    from pymach.pmap.pmap import Pmap
+    from pymach.vm.vm_init import VmSystem
+
+
+class VmMapEntry:
+    """One region of a map (see module docstring)."""
+
+    __slots__ = ("end", "inheritance", "max_protection", "needs_copy", "object", "offset",
+                 "protection", "share_map", "start")
+
+    def __init__(self, start: int, end: int, obj: VmObject | None, offset: int,
+                 protection: int = VM_PROT_DEFAULT, max_protection: int = VM_PROT_ALL,
+                 inheritance: int = VM_INHERIT_DEFAULT, needs_copy: bool = False,
+                 share_map: VmMap | None = None) -> None:
+        self.start, self.end = start, end
+        self.object, self.share_map, self.offset = obj, share_map, offset
+        self.protection, self.max_protection = protection, max_protection
+        self.inheritance = inheritance
+        self.needs_copy = needs_copy
+
+    @property
+    def size(self) -> int:
+        """The entry's length in bytes."""
+        return self.end - self.start
+
+    def clone(self, start: int, end: int) -> VmMapEntry:
+        """A copy of this entry's attributes for [start, end) (no reference taken)."""
+        return VmMapEntry(start, end, self.object, self.offset + (start - self.start),
+                          self.protection, self.max_protection, self.inheritance,
+                          self.needs_copy, self.share_map)
+
+    def __repr__(self) -> str:
+        what = f"share{self.share_map.serial}" if self.share_map else repr(self.object)
+        return f"<Entry {self.start:#x}-{self.end:#x} {what}+{self.offset:#x}>"
+
+
+class VmMap:
+    """A task map (with a pmap) or a sharing map (without). Guarded by the kernel lock."""
+
+    def __init__(self, vm: VmSystem, pmap: Pmap | None, min_offset: int = VM_MIN_ADDRESS,
+                 max_offset: int = VM_MAX_ADDRESS) -> None:
+        self.vm = vm  # immutable
+        self.serial = vm.kernel.new_serial("vm_map")  # immutable
+        self.pmap = pmap  # immutable; None for a sharing map
+        self.min_offset, self.max_offset = min_offset, max_offset  # immutable
+        self.entries: list[VmMapEntry] = []
+        self.starts: list[int] = []  # entries' start addresses, for bisect
+        self.ref_count = 1
+        self.sharers: set[VmMap] = set()  # sharing maps: task maps pointing here
+
+    @property
+    def is_share_map(self) -> bool:
+        """True for a second-level sharing map."""
+        return self.pmap is None
+
+    def size(self) -> int:
+        """Total bytes mapped."""
+        return sum(e.size for e in self.entries)
+
+    # -- entries ----------------------------------------------------------------------
+    def lookup_entry(self, addr: int) -> VmMapEntry | None:
+        """The entry containing `addr`, or None."""
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0 and addr < self.entries[i].end:
+            return self.entries[i]
+        return None
+
+    def _index(self, entry: VmMapEntry) -> int:
+        return bisect.bisect_left(self.starts, entry.start)
+
+    def link(self, entry: VmMapEntry) -> None:
+        """Insert an entry (its range must be free)."""
+        i = bisect.bisect_left(self.starts, entry.start)
+        self.entries.insert(i, entry)
+        self.starts.insert(i, entry.start)
+        if entry.share_map is not None and not self.is_share_map:
+            entry.share_map.sharers.add(self)
+
+    def unlink(self, entry: VmMapEntry) -> None:
+        """Remove an entry from the list (references are the caller's business)."""
+        i = self._index(entry)
+        del self.entries[i]
+        del self.starts[i]
+        if entry.share_map is not None and not any(
+                e.share_map is entry.share_map for e in self.entries):
+            entry.share_map.sharers.discard(self)
+
+    def clip(self, addr: int) -> None:
+        """Split the entry containing `addr` so that an entry starts at `addr`."""
+        entry = self.lookup_entry(addr)
+        if entry is None or entry.start == addr:
+            return
+        tail = entry.clone(addr, entry.end)
+        vm_object_reference(tail.object)
+        if tail.share_map is not None:
+            tail.share_map.ref_count += 1
+        entry.end = addr
+        self.link(tail)
+
+    def clip_range(self, start: int, end: int) -> list[VmMapEntry]:
+        """Clip at both ends and return the entries inside [start, end), in order."""
+        self.clip(start)
+        self.clip(end)
+        lo = bisect.bisect_left(self.starts, start)
+        hi = bisect.bisect_left(self.starts, end)
+        return self.entries[lo:hi]
+
+    def entries_in(self, start: int, end: int) -> list[VmMapEntry]:
+        """The entries overlapping [start, end), unclipped."""
+        lo = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        return [e for e in self.entries[lo:bisect.bisect_left(self.starts, end)]
+                if e.end > start]
+
+    def check_mapped(self, start: int, end: int) -> list[VmMapEntry]:
+        """The entries covering [start, end) with no hole, or KERN_INVALID_ADDRESS."""
+        entries = self.entries_in(start, end)
+        at = start
+        for e in entries:
+            if e.start > at:
+                break
+            at = e.end
+        if at < end:
+            raise MachError("KERN_INVALID_ADDRESS", f"{at:#x} is not allocated "
+                            f"(in {start:#x}-{end:#x})")
+        return entries
+
+    def find_space(self, size: int, hint: int | None = None) -> int:
+        """The lowest free address >= `hint` (or min_offset) for `size` bytes."""
+        at = self.min_offset if hint is None else max(hint, self.min_offset)
+        i = max(bisect.bisect_right(self.starts, at) - 1, 0)
+        for e in self.entries[i:]:
+            if e.end <= at:
+                continue
+            if e.start >= at + size:
+                break
+            at = e.end
+        if at + size > self.max_offset:
+            raise MachError("KERN_NO_SPACE", f"no room for {size:#x} bytes in the address space")
+        return at
+
+    def range_free(self, start: int, end: int) -> bool:
+        """True if no entry overlaps [start, end) and it lies inside the map."""
+        return (self.min_offset <= start and end <= self.max_offset
+                and not self.entries_in(start, end))
+
+
+# -- map operations ---------------------------------------------------------------------
+
+def vm_map_create(vm: VmSystem, pmap: Pmap | None) -> VmMap:
+    """A new empty task map (with `pmap`) or sharing map (pmap None)."""
+    if pmap is None:
+        return VmMap(vm, None, 0, VM_MAX_ADDRESS)
+    return VmMap(vm, pmap)
+
+
+def vm_map_insert(vmap: VmMap, start: int, end: int, obj: VmObject | None, offset: int,
+                  *, protection: int = VM_PROT_DEFAULT, max_protection: int = VM_PROT_ALL,
+                  inheritance: int = VM_INHERIT_DEFAULT, needs_copy: bool = False,
+                  share_map: VmMap | None = None) -> VmMapEntry:
+    """Map [start, end) (which must be free) to `obj` or `share_map`; takes over the
+    caller's reference."""
+    entry = VmMapEntry(start, end, obj, offset, protection, max_protection, inheritance,
+                       needs_copy, share_map)
+    vmap.link(entry)
+    return entry
+
+
+def vm_map_pmap_remove(vmap: VmMap, start: int, end: int) -> None:
+    """Drop hardware mappings of [start, end): in the pmap of a task map, or in every
+    task map that shows this range of a sharing map."""
+    if vmap.pmap is not None:
+        vmap.pmap.pmap_remove(start, end)
+        return
+    for task_map in list(vmap.sharers):
+        for e in task_map.entries:
+            if e.share_map is not vmap:
+                continue
+            lo, hi = max(start, e.offset), min(end, e.offset + e.size)
+            if lo < hi:
+                task_map.pmap.pmap_remove(e.start + lo - e.offset,  # type: ignore[union-attr]
+                                          e.start + hi - e.offset)
+
+
+def vm_map_delete(vmap: VmMap, start: int, end: int) -> None:
+    """Remove [start, end) from the map (holes are fine) and release what it referred to."""
+    if start >= end:
+        return
+    doomed = vmap.clip_range(start, end)
+    for entry in doomed:
+        vmap.unlink(entry)
+    vm_map_pmap_remove(vmap, start, end)
+    for entry in doomed:
+        entry_release(entry)
+
+
+def entry_release(entry: VmMapEntry) -> None:
+    """Drop the reference an unlinked entry held (freeing pages only it could see)."""
+    obj = entry.object
+    if obj is not None:
+        if obj.ref_count == 1 and obj.copy is None:
+            vm_object_page_remove(obj, entry.offset, entry.offset + entry.size)
+        vm_object_deallocate(obj)
+    elif entry.share_map is not None:
+        vm_map_deallocate(entry.share_map)
+
+
+def vm_map_deallocate(vmap: VmMap) -> None:
+    """Drop a reference to a map; the last one empties it."""
+    vmap.ref_count -= 1
+    if vmap.ref_count == 0:
+        vm_map_delete(vmap, 0, VM_MAX_ADDRESS)
+        if vmap.pmap is not None:
+            vmap.pmap.pmap_destroy()
+
+
+def vm_map_protect(vmap: VmMap, start: int, end: int, prot: int, set_max: bool) -> None:
+    """Set the current (or maximum) protection of an allocated range."""
+    entries = vmap.check_mapped(start, end)
+    if not set_max:
+        for e in entries:
+            if prot & ~e.max_protection:
+                raise MachError("KERN_PROTECTION_FAILURE", f"protection {prot:#x} exceeds the "
+                                f"maximum {e.max_protection:#x} at {e.start:#x}")
+    for e in vmap.clip_range(start, end):
+        if set_max:
+            e.max_protection = prot
+            e.protection &= prot
+        else:
+            e.protection = prot
+    if vmap.pmap is not None:
+        for e in vmap.entries_in(start, end):
+            vmap.pmap.pmap_protect(max(e.start, start), min(e.end, end), e.protection)
+
+
+def vm_map_inherit(vmap: VmMap, start: int, end: int, inheritance: int) -> None:
+    """Set the inheritance of an allocated range."""
+    vmap.check_mapped(start, end)
+    for e in vmap.clip_range(start, end):
+        e.inheritance = inheritance
+
+
+# -- lookup for faults --------------------------------------------------------------------
+
+@dataclass
+class MapLookup:
+    """What vm_map_lookup found for one page."""
+
+    holder: VmMap  # the map whose entry refers to the object (task or sharing map)
+    entry: VmMapEntry  # that entry
+    object: VmObject
+    offset: int  # page offset in `object`
+    prot: int  # access the mapping may be given
+    single_use: bool  # no other task can reach this entry (not in a shared sharing map)
+
+
+def vm_map_lookup(vmap: VmMap, va: int, access: int) -> MapLookup:
+    """Find the object and offset behind page `va` and check `access` (fault step 1).
+
+    A write to a needs_copy entry makes its shadow object here; a read of one gets no
+    write access. Raises KERN_INVALID_ADDRESS or KERN_PROTECTION_FAILURE.
+    """
+    entry = vmap.lookup_entry(va)
+    if entry is None:
+        raise MachError("KERN_INVALID_ADDRESS", f"no memory is allocated at {va:#x}")
+    if access & ~entry.protection:
+        raise MachError("KERN_PROTECTION_FAILURE", f"access {access:#x} at {va:#x} exceeds "
+                        f"the region's protection {entry.protection:#x}")
+    prot, holder, single_use = entry.protection, vmap, True
+    if entry.share_map is not None:
+        smap = entry.share_map
+        s_addr = entry.offset + (va - entry.start)
+        inner = smap.lookup_entry(s_addr)
+        if inner is None:
+            raise MachError("KERN_INVALID_ADDRESS", f"{va:#x} is a hole in a sharing map")
+        prot &= inner.protection
+        holder, single_use, entry, va = smap, smap.ref_count == 1, inner, s_addr
+    if entry.needs_copy:
+        if access & VM_PROT_WRITE:
+            _make_shadow(entry)
+        else:
+            prot &= ~VM_PROT_WRITE
+    assert entry.object is not None
+    return MapLookup(holder, entry, entry.object, entry.offset + (va - entry.start), prot,
+                     single_use)
+
+
+def _make_shadow(entry: VmMapEntry) -> None:
+    """Give a needs_copy entry its own shadow object (the first write of a COW copy)."""
+    assert entry.object is not None
+    entry.object = vm_object_shadow(entry.object, entry.offset, entry.size)
+    entry.offset = 0
+    entry.needs_copy = False

@@ -1,0 +1,240 @@
+"""Virtual memory objects: the kernel's structure for one memory object (paper 5.2).
+
+A `VmObject` caches the data of a memory object in resident pages (`memq`) and records
+how to get the rest:
+
+- an external object has a data manager: `pager` is the memory object port (a send
+  right), `pager_request` and `pager_name` the ports the kernel made for it (3.4.1);
+- an internal object is made by the kernel for zero-fill memory, for shadows, and for
+  data in transit; it gets a pager (the default pager, via pager_create) only when one
+  of its pages must be paged out. `existence` lists the offsets the pager holds, so a
+  fault asks the pager only for pages it really has;
+- a *shadow* object holds the changed pages of a copy-on-write copy and finds the rest
+  in `shadow` at `offset + shadow_offset` (a shadow chain);
+- a *copy object* (`copy`) receives the old contents of pages of an object that can
+  change under its copies (an external object), pushed just before they change.
+
+`ref_count` counts address-map entries, shadow links, messages in transit and faults in
+progress. At zero the object is terminated (or kept in the cache if its manager allows,
+see section 9). Collapse (`vm_object_collapse`) merges a shadow chain link that nothing
+else uses into its child, so chains do not grow without bound.
+
+All fields are guarded by the kernel lock.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymach.kern.sched_prim import WaitQueue
+from pymach.vm.vm_param import VM_PROT_WRITE
+
+if TYPE_CHECKING:
+    from pymach.ipc.port import Port
+    from pymach.vm.vm_init import VmSystem
+    from pymach.vm.vm_page import VmPage
+
+
+class VmObject:
+    """The kernel's structure for one memory object (see module docstring)."""
+
+    def __init__(self, vm: VmSystem, size: int, internal: bool = True, label: str = "") -> None:
+        self.vm = vm  # immutable
+        self.serial = vm.kernel.new_serial("vm_object")  # immutable
+        self.size = size
+        self.internal = internal  # made by the kernel (zero fill, shadow, data in transit)
+        self.label = label or ("anonymous" if internal else "external")
+        self.ref_count = 1
+        self.memq: dict[int, VmPage] = {}  # offset -> resident page
+        self.shadow: VmObject | None = None  # a counted reference
+        self.shadow_offset = 0
+        self.copy: VmObject | None = None  # newest copy object; not a counted reference
+        self.pager: Port | None = None  # memory object port (the kernel's send right)
+        self.pager_request: Port | None = None  # kernel port the manager calls
+        self.pager_name: Port | None = None  # identifies the object in vm_regions
+        self.paging_offset = 0  # where this object's offset 0 lies in the memory object
+        self.pager_ready = False  # pager_init (or pager_create) has been sent
+        self.existence: set[int] = set()  # internal: offsets the pager holds
+        self.data_source: bytes | None = None  # internal: initial data held by the kernel
+        self.pending: dict[int, VmObject] = {}  # offset -> holding object of a pageout
+        self.holding_for: tuple[VmObject, int] | None = None  # holding: whose page it is
+        self.pageout_failed = False  # the pager could not store a page: keep pages here
+        self.can_persist = False  # pager_cache: keep after the last reference
+        self.alive = True
+        self.page_waitq = WaitQueue(vm.kernel.sched.lock, f"vm_object{self.serial}.pages")
+
+    def __repr__(self) -> str:
+        return f"<VmObject {self.serial} {self.label} size={self.size:#x} refs={self.ref_count}>"
+
+    def has_busy_pages(self) -> bool:
+        """True while any resident page is in transit."""
+        return any(p.busy for p in self.memq.values())
+
+    def shadow_depth(self) -> int:
+        """The number of objects below this one in its shadow chain."""
+        depth, o = 0, self.shadow
+        while o is not None:
+            depth, o = depth + 1, o.shadow
+        return depth
+
+
+def vm_object_allocate(vm: VmSystem, size: int, label: str = "") -> VmObject:
+    """A new internal object of `size` bytes, zero-filled on demand, with one reference."""
+    obj = VmObject(vm, size, internal=True, label=label)
+    vm.objects_alive += 1
+    return obj
+
+
+def vm_object_reference(obj: VmObject | None) -> None:
+    """Take one more reference to `obj`."""
+    if obj is not None:
+        obj.ref_count += 1
+
+
+def vm_object_deallocate(obj: VmObject | None) -> None:
+    """Drop one reference; at zero terminate the object (or cache it) and drop its shadow."""
+    while obj is not None:
+        obj.ref_count -= 1
+        if obj.ref_count > 0:
+            return
+        if obj.can_persist and obj.pager is not None and not obj.pager.dead:
+            obj.vm.cache_enter(obj)
+            return
+        shadow = obj.shadow
+        obj.shadow = None
+        vm_object_terminate(obj)
+        obj = shadow
+
+
+def vm_object_terminate(obj: VmObject) -> None:
+    """Free every page of an object nobody references and let go of its pager."""
+    from pymach.vm.memory_object import pager_terminate
+
+    if not obj.alive:
+        return
+    obj.alive = False
+    vm = obj.vm
+    if not obj.internal:
+        vm.clean_external_object(obj)  # dirty data goes back to its manager first
+    for page in list(obj.memq.values()):
+        vm.resident.vm_page_free(page)
+    if obj.shadow is not None and obj.shadow.copy is obj:
+        obj.shadow.copy = None
+    obj.pending.clear()  # holding objects in flight still reach their manager
+    if obj.holding_for is not None:
+        _holding_released(obj)
+    pager_terminate(obj)
+    vm.objects_alive -= 1
+    vm.kernel.sched.thread_wakeup(obj.page_waitq)
+
+
+def _holding_released(holding: VmObject) -> None:
+    """The manager let go of paged-out data: the pageout of that page is complete."""
+    owner, off = holding.holding_for  # type: ignore[misc]
+    holding.holding_for = None
+    if owner.pending.get(off) is holding:
+        del owner.pending[off]
+    vm = holding.vm
+    vm.pageouts_in_flight -= 1
+    vm.kernel.sched.thread_wakeup(vm.pageout_waitq)
+
+
+def vm_object_shadow(obj: VmObject, offset: int, size: int) -> VmObject:
+    """A new object that shadows [offset, offset+size) of `obj` (taking over the caller's
+    reference to `obj`)."""
+    new = vm_object_allocate(obj.vm, size, label="shadow")
+    new.shadow, new.shadow_offset = obj, offset
+    return new
+
+
+def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
+    """Discard the object's data in [start, end): resident pages and pager copies."""
+    vm = obj.vm
+    for offset, page in list(obj.memq.items()):
+        if start <= offset < end and not page.busy:
+            vm.resident.vm_page_free(page)
+    obj.existence = {o for o in obj.existence if not start <= o < end}
+    if obj.data_source is not None and start == 0 and end >= obj.size:
+        obj.data_source = None
+
+
+def vm_object_pmap_protect_copy(obj: VmObject, start: int, end: int) -> None:
+    """Write-protect, in every pmap, the object's resident pages in [start, end)."""
+    phys = obj.vm.phys
+    keep = ~VM_PROT_WRITE & 0x7
+    if end - start <= len(obj.memq) * obj.vm.page_size:
+        ps = obj.vm.page_size
+        for off in range(start, end, ps):
+            page = obj.memq.get(off)
+            if page is not None:
+                phys.pmap_page_protect(page.frame, keep)
+    else:
+        for off, page in obj.memq.items():
+            if start <= off < end:
+                phys.pmap_page_protect(page.frame, keep)
+
+
+# -- collapse --------------------------------------------------------------------------
+
+def vm_object_collapse(obj: VmObject) -> None:
+    """Merge or bypass shadow links below `obj` that nothing else uses (5.2, Mach 2.5)."""
+    while True:
+        backing = obj.shadow
+        if backing is None or not _collapsible(obj, backing):
+            return
+        if backing.ref_count == 1 and (backing.pager is None or obj.pager is None):
+            _collapse_into(obj, backing)
+        elif _shadows_everything(obj, backing):
+            _bypass(obj, backing)
+        else:
+            return
+
+
+def _collapsible(obj: VmObject, backing: VmObject) -> bool:
+    return (obj.internal and backing.internal and backing.alive and backing.copy is None
+            and not backing.pending and not obj.pending and backing.data_source is None
+            and not backing.has_busy_pages() and not obj.has_busy_pages()
+            and not (backing.pager is not None and backing.pager.dead))
+
+
+def _collapse_into(obj: VmObject, backing: VmObject) -> None:
+    """Move `backing`'s pages (and pager, if any) into `obj`; `backing` disappears."""
+    vm, delta = obj.vm, obj.shadow_offset
+    for boff, page in list(backing.memq.items()):
+        off = boff - delta
+        if 0 <= off < obj.size and off not in obj.memq and off not in obj.existence:
+            vm.resident.vm_page_rename(page, obj, off)
+        else:
+            vm.resident.vm_page_free(page)
+    if backing.pager is not None:
+        from pymach.vm.memory_object import pager_rebind
+
+        obj.existence = {b - delta for b in backing.existence if 0 <= b - delta < obj.size}
+        obj.paging_offset = backing.paging_offset + delta
+        pager_rebind(backing, obj)
+    obj.shadow, obj.shadow_offset = backing.shadow, backing.shadow_offset + delta
+    backing.shadow = None
+    backing.alive = False
+    vm.objects_alive -= 1
+    vm.stats_collapses += 1
+
+
+def _shadows_everything(obj: VmObject, backing: VmObject) -> bool:
+    """True if `obj` has its own copy of every page `backing` could show it; offsets
+    where `backing` has nothing look through it to its shadow either way."""
+    delta = obj.shadow_offset
+    for boff in list(backing.memq) + sorted(backing.existence):
+        off = boff - delta
+        if 0 <= off < obj.size and off not in obj.memq and off not in obj.existence:
+            return False
+    return True
+
+
+def _bypass(obj: VmObject, backing: VmObject) -> None:
+    """Point `obj` past `backing`, which it hides entirely."""
+    grand = backing.shadow
+    vm_object_reference(grand)
+    obj.shadow = grand
+    obj.shadow_offset += backing.shadow_offset
+    vm_object_deallocate(backing)
+    obj.vm.stats_collapses += 1

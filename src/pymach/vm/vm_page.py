@@ -1,0 +1,197 @@
+"""Resident page structures, the virtual-to-physical hash table and the pageout queues.
+
+Paper 5.3 and 5.4. One `VmPage` per physical frame (made when the frame is first used);
+it records the object and offset it caches, the access the data manager allows
+(`page_lock` holds the access *prevented*), and software copies of the reference and
+modify bits. `VmResident` is the per-kernel table of them:
+
+- `hash`: (object serial, offset) -> page, the fast lookup of 5.3 ("virtual to physical
+  table"); each object also lists its own pages (`object.memq`) to free them quickly.
+- three queues (5.4): `active` in least-recently-used order, `inactive` (pages being
+  prepared for pageout) and `free` (frames caching nothing).
+
+Invariants (kernel lock): a page is in `hash` iff it is in its object's memq; a tabled
+page is on exactly one of active/inactive unless it is busy or wired (then on none); a
+free frame is on `free` and has no page tabled for it. The reserved pool: only
+vm-privileged threads (the pageout daemon and the default pager, 6.2.3) may take the
+last `reserved` free frames.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+from pymach.vm.vm_param import VM_PROT_NONE
+
+if TYPE_CHECKING:
+    from pymach.pmap.pmap import PhysicalMemory
+    from pymach.vm.vm_object import VmObject
+
+
+class VmPage:
+    """One resident page (see module docstring). Fields guarded by the kernel lock."""
+
+    __slots__ = ("absent", "busy", "dirty", "error", "frame", "object", "offset",
+                 "page_lock", "precious", "queue", "unlock_request", "wire_count")
+
+    def __init__(self, frame: int) -> None:
+        self.frame = frame  # immutable: the physical frame this structure describes
+        self.object: VmObject | None = None
+        self.offset = 0
+        self.busy = False  # data in transit (pagein, copy); others wait
+        self.absent = False  # busy, and waiting for the data manager's data
+        self.error = ""  # the data manager reported an error for this page
+        self.dirty = False  # software modify bit (the pmap holds the hardware one)
+        self.precious = False  # the pager must get it back even if clean
+        self.page_lock = VM_PROT_NONE  # access the data manager prevents (pager_data_lock)
+        self.unlock_request = VM_PROT_NONE  # access already asked for by pager_data_unlock
+        self.wire_count = 0
+        self.queue = ""  # "active", "inactive", "free" or "" (on none)
+
+    def __repr__(self) -> str:
+        where = f"obj{self.object.serial}+{self.offset:#x}" if self.object else "free"
+        return f"<VmPage frame={self.frame} {where} {self.queue}>"
+
+
+@dataclass
+class VmStatistics:
+    """Counters for vm_statistics (host-wide, like Mach's). Guarded by the kernel lock."""
+
+    faults: int = 0
+    zero_fill_count: int = 0
+    cow_faults: int = 0
+    pageins: int = 0
+    pageouts: int = 0
+    reactivations: int = 0
+    lookups: int = 0
+    hits: int = 0
+    pager_messages: int = 0  # kernel-to-manager messages sent (pymach)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as plain data."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class VmResident:
+    """The per-kernel page table, hash and queues (see module docstring)."""
+
+    def __init__(self, phys: PhysicalMemory, reserved: int) -> None:
+        self.phys = phys  # immutable
+        self.page_size = phys.page_size  # immutable
+        self.pages: list[VmPage | None] = [None] * phys.nframes
+        self.free: deque[int] = deque(range(phys.nframes))
+        self.active: dict[VmPage, None] = {}  # insertion order = LRU order
+        self.inactive: dict[VmPage, None] = {}
+        self.hash: dict[tuple[int, int], VmPage] = {}
+        self.reserved = reserved  # frames only vm-privileged threads may take (6.2.3)
+        self.stats = VmStatistics()
+        self.on_free: Callable[[], None] | None = None  # called when a frame is freed
+
+    # -- lookup and tabling -----------------------------------------------------------
+    def vm_page_lookup(self, obj: VmObject, offset: int) -> VmPage | None:
+        """The resident page of `obj` at `offset`, or None (counts lookups and hits)."""
+        self.stats.lookups += 1
+        page = self.hash.get((obj.serial, offset))
+        if page is not None:
+            self.stats.hits += 1
+        return page
+
+    def vm_page_insert(self, page: VmPage, obj: VmObject, offset: int) -> None:
+        """Table `page` as `obj`'s page at `offset` (no page may be there yet)."""
+        page.object, page.offset = obj, offset
+        self.hash[(obj.serial, offset)] = page
+        obj.memq[offset] = page
+
+    def vm_page_remove(self, page: VmPage) -> None:
+        """Untable `page` from its object (it keeps its frame)."""
+        obj = page.object
+        if obj is not None:
+            self.hash.pop((obj.serial, page.offset), None)
+            obj.memq.pop(page.offset, None)
+        page.object = None
+
+    def vm_page_rename(self, page: VmPage, obj: VmObject, offset: int) -> None:
+        """Move a tabled page to another object and offset (no copy)."""
+        self.vm_page_remove(page)
+        self.vm_page_insert(page, obj, offset)
+
+    # -- frames -----------------------------------------------------------------------
+    def free_count(self) -> int:
+        """Frames on the free queue."""
+        return len(self.free)
+
+    def vm_page_grab(self, privileged: bool) -> VmPage | None:
+        """Take a free frame's page structure, or None if none may be taken now."""
+        if not self.free or (len(self.free) <= self.reserved and not privileged):
+            return None
+        frame = self.free.popleft()
+        self.phys.pmap_clear_reference(frame)
+        self.phys.pmap_clear_modify(frame)
+        page = self.pages[frame]
+        if page is None:
+            page = self.pages[frame] = VmPage(frame)
+        page.queue = ""
+        page.busy = page.absent = page.dirty = page.precious = False
+        page.error = ""
+        page.page_lock = page.unlock_request = VM_PROT_NONE
+        page.wire_count = 0
+        return page
+
+    def vm_page_free(self, page: VmPage) -> None:
+        """Untable the page, drop every mapping of its frame, and put the frame on free."""
+        self.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+        self.vm_page_remove(page)
+        self._dequeue(page)
+        page.busy = page.absent = False
+        page.queue = "free"
+        self.free.append(page.frame)
+        if self.on_free is not None:
+            self.on_free()
+
+    # -- the pageout queues -----------------------------------------------------------
+    def _dequeue(self, page: VmPage) -> None:
+        if page.queue == "active":
+            del self.active[page]
+        elif page.queue == "inactive":
+            del self.inactive[page]
+        page.queue = ""
+
+    def vm_page_activate(self, page: VmPage) -> None:
+        """Put the page at the most-recently-used end of the active queue."""
+        self._dequeue(page)
+        if page.wire_count == 0:
+            self.active[page] = None
+            page.queue = "active"
+
+    def vm_page_deactivate(self, page: VmPage) -> None:
+        """Move the page to the inactive queue, clearing its reference bit."""
+        self._dequeue(page)
+        self.phys.pmap_clear_reference(page.frame)
+        if page.wire_count == 0:
+            self.inactive[page] = None
+            page.queue = "inactive"
+
+    def vm_page_wire(self, page: VmPage) -> None:
+        """Keep the page out of pageout's reach until unwired."""
+        self._dequeue(page)
+        page.wire_count += 1
+
+    def vm_page_unwire(self, page: VmPage) -> None:
+        """Undo one vm_page_wire; the last one puts the page back on the active queue."""
+        page.wire_count -= 1
+        if page.wire_count == 0:
+            self.vm_page_activate(page)
+
+    def wired_count(self) -> int:
+        """Pages that are tabled but on no queue (wired or busy)."""
+        return len(self.hash) - len(self.active) - len(self.inactive)
+
+    def vm_page_is_dirty(self, page: VmPage) -> bool:
+        """Fold the hardware modify bit into the page's dirty flag; return it."""
+        if self.phys.pmap_is_modified(page.frame):
+            page.dirty = True
+            self.phys.pmap_clear_modify(page.frame)
+        return page.dirty

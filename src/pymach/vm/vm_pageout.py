@@ -1,0 +1,169 @@
+"""The pageout daemon: keeps free frames above target (paper 5.4, 6.2.2, 6.2.3).
+
+A kernel thread that sleeps until free frames fall below `free_min`, then scans:
+
+- it ages the active queue, moving its least recently used pages to the inactive queue
+  (clearing their reference bits);
+- it walks the inactive queue: a page referenced meanwhile is reactivated; a clean page
+  is freed; a dirty page is written to its pager with `vm_pageout_page`.
+
+Writing a page back moves it into a new *holding object* (6.2.2: "pages are temporarily
+moved to a new memory object which is destroyed when the data manager relinquishes
+that memory") sent to the manager as out-of-line data in pager_data_write. The frame
+is freed when the manager vm_deallocates that data. Until then a fault on the offset
+copies the data back from the holding object, so nothing is ever read before the pager
+has it. Internal objects get the default pager (pager_create) at their first pageout.
+
+The daemon and the default pager are vm-privileged: they may take the reserved frames,
+so pageout itself never waits for memory (6.2.3). If a whole scan frees nothing and no
+pageout is in flight, memory is exhausted: waiting faults fail with
+KERN_RESOURCE_SHORTAGE instead of hanging.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymach.kern.sched_prim import deadline_after, thread_block
+from pymach.vm.vm_map_copy import CopyEntry, VmMapCopy
+from pymach.vm.vm_object import vm_object_allocate
+from pymach.vm.vm_param import VM_PROT_NONE
+
+if TYPE_CHECKING:
+    from pymach.kern.thread import Thread
+    from pymach.vm.vm_init import VmSystem
+    from pymach.vm.vm_page import VmPage
+
+GIVE_UP_AFTER = 3  # scans in a row that free nothing, with nothing in flight
+
+
+def vm_pageout_daemon(vm: VmSystem) -> None:
+    """The daemon's thread body: sleep, scan, repeat (runs until the kernel shuts down)."""
+    from pymach.kern.thread import current_thread
+
+    thread = current_thread()
+    idle_scans = 0
+    while True:
+        with vm.kernel.trap(thread):
+            while not vm.pageout_needed():
+                idle_scans = 0
+                thread_block(vm.kernel.sched, thread, vm.pageout_waitq)
+            progress = vm_pageout_scan(vm)
+            idle_scans = 0 if progress else idle_scans + 1
+            _after_scan(vm, thread, progress, idle_scans)
+
+
+def _after_scan(vm: VmSystem, thread: Thread, progress: bool, idle_scans: int) -> None:
+    """Wake frame waiters; give up, or pause while pageouts are in flight."""
+    sched = vm.kernel.sched
+    if vm.free_wanted:
+        sched.thread_wakeup(vm.free_waitq)
+    if progress:
+        return
+    if vm.pageouts_in_flight == 0 and idle_scans >= GIVE_UP_AFTER:
+        vm.shortage = ("out of memory: every page is in use and none can be paged out "
+                       "(the backing store is full or unavailable)")
+        sched.thread_wakeup(vm.free_waitq)
+        thread_block(sched, thread, vm.pageout_waitq)  # until memory is freed
+    else:
+        thread_block(sched, thread, vm.pageout_waitq, deadline_after(sched, 5))
+
+
+def vm_pageout_scan(vm: VmSystem) -> bool:
+    """One pass over the queues (kernel lock held); True if it freed or sent any page."""
+    res = vm.resident
+    _balance(vm)
+    progress = False
+    for page in list(res.inactive):
+        if res.free_count() >= vm.free_target:
+            break
+        if page.queue != "inactive":
+            continue
+        if vm.phys.pmap_is_referenced(page.frame):
+            res.vm_page_activate(page)
+            res.stats.reactivations += 1
+            continue
+        progress |= _reclaim(vm, page)
+    return progress
+
+
+def _balance(vm: VmSystem) -> None:
+    """Age the active queue so the inactive queue holds about a third of the pages."""
+    res = vm.resident
+    want = (len(res.active) + len(res.inactive)) // 3 + (vm.free_target - res.free_count())
+    while len(res.inactive) < want and res.active:
+        res.vm_page_deactivate(next(iter(res.active)))
+
+
+def _reclaim(vm: VmSystem, page: VmPage) -> bool:
+    """Free an unreferenced inactive page, writing it to its pager first if dirty."""
+    res = vm.resident
+    vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+    if res.vm_page_is_dirty(page) or page.precious:
+        if vm_pageout_page(page, keep=False):
+            return True
+        res.vm_page_activate(page)  # it cannot be paged out now
+        return False
+    res.vm_page_free(page)
+    return True
+
+
+def vm_pageout_page(page: VmPage, keep: bool) -> bool:
+    """Send a page's data to its object's pager in pager_data_write.
+
+    Without `keep` the page itself moves into a holding object (pageout, flush); with
+    `keep` its data is copied into one and the page stays (clean). False if the object
+    has no pager that can take it (or, with `keep`, no frame for the copy).
+    """
+    from pymach.vm.memory_object import pager_create, pager_data_write
+
+    obj = page.object
+    assert obj is not None
+    vm, off = obj.vm, page.offset
+    if obj.internal and obj.pager is None and not pager_create(obj):
+        return False
+    if obj.pager is None or obj.pager.dead or obj.pageout_failed:
+        return False
+    holding = vm_object_allocate(vm, vm.page_size, label="pageout")
+    if keep:
+        copy_page = vm.resident.vm_page_grab(privileged=True)
+        if copy_page is None:
+            holding.alive = False
+            vm.objects_alive -= 1
+            return False
+        vm.resident.vm_page_insert(copy_page, holding, 0)
+        vm.phys.pmap_copy_page(page.frame, copy_page.frame)
+        held = copy_page
+    else:
+        vm.resident.vm_page_rename(page, holding, 0)
+        held = page
+    vm.resident.vm_page_wire(held)
+    page.dirty = held.dirty = False
+    _hold(vm, holding, obj, off)
+    copy = VmMapCopy(vm, [CopyEntry(holding, 0, vm.page_size, False)], 0, vm.page_size)
+    pager_data_write(obj, off, copy)
+    vm.resident.stats.pageouts += 1
+    return True
+
+
+def _hold(vm: VmSystem, holding: object, obj: object, off: int) -> None:
+    """Record a pageout in flight until the manager releases the holding object."""
+    from pymach.vm.vm_object import VmObject
+
+    assert isinstance(holding, VmObject) and isinstance(obj, VmObject)
+    holding.holding_for = (obj, off)
+    obj.pending[off] = holding
+    if obj.internal:
+        obj.existence.add(off)
+    vm.pageouts_in_flight += 1
+
+
+def start_pageout_daemon(vm: VmSystem) -> None:
+    """Create the daemon thread in the kernel task (kernel lock held)."""
+    from pymach.ipc.message import Code
+
+    kernel = vm.kernel
+    thread = kernel.thread_create_locked(kernel.kernel_task, Code(vm_pageout_daemon, (vm,)),
+                                         "kernel.pageout", start=False)
+    thread.vm_privileged = thread.daemon = True
+    thread.start()

@@ -1,0 +1,185 @@
+"""Table 3-3 (and 3-4): the virtual memory operations, as the kernel serves them.
+
+Each method is the kernel side of an RPC on a task port (kern/mach_defs.py: vm_defs),
+run with the kernel lock held on the task the request was sent to, so any holder of a
+task's port can operate on its memory. Addresses and sizes are checked here and bad
+ones fail with KERN_INVALID_ARGUMENT (not an int, not page aligned where it must be),
+KERN_INVALID_ADDRESS (outside the address space or not allocated), KERN_NO_SPACE or
+KERN_PROTECTION_FAILURE.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pymach.errors import MachError
+from pymach.kern.thread import current_thread
+from pymach.vm.vm_map import vm_map_delete, vm_map_inherit, vm_map_insert, vm_map_protect
+from pymach.vm.vm_map_copy import (
+    VmMapCopy,
+    vm_map_copy_from_bytes,
+    vm_map_copy_overwrite,
+    vm_map_copyin,
+)
+from pymach.vm.vm_object import vm_object_allocate
+from pymach.vm.vm_param import (
+    VM_MAX_ADDRESS,
+    check_inherit,
+    check_int,
+    check_prot,
+    round_page,
+    trunc_page,
+)
+
+if TYPE_CHECKING:
+    from pymach.kern.host import Kernel
+    from pymach.kern.task import Task
+    from pymach.vm.vm_map import VmMap
+
+
+def task_map(task: Task) -> VmMap:
+    """The address map of a live task, or KERN_INVALID_TASK."""
+    if not task.active or task.map is None:
+        raise MachError("KERN_INVALID_TASK", f"task {task.name!r} has terminated")
+    return task.map
+
+
+def page_range(vmap: VmMap, address: object, size: object) -> tuple[int, int]:
+    """[address, address+size) rounded out to pages and checked against the map."""
+    addr = check_int(address, "address")
+    n = check_int(size, "size")
+    ps = vmap.vm.page_size
+    start, end = trunc_page(addr, ps), round_page(addr + n, ps)
+    if end > VM_MAX_ADDRESS:
+        raise MachError("KERN_INVALID_ADDRESS", f"{addr:#x}+{n:#x} is beyond the address space")
+    return start, end
+
+
+def check_aligned(vmap: VmMap, value: object, what: str) -> int:
+    """A page-aligned non-negative int, or KERN_INVALID_ARGUMENT."""
+    v = check_int(value, what)
+    if v % vmap.vm.page_size:
+        raise MachError("KERN_INVALID_ARGUMENT", f"{what} {v:#x} is not a multiple of the "
+                        f"page size ({vmap.vm.page_size})")
+    return v
+
+
+class VmServer:
+    """The kernel's implementation of vm_defs (kernel lock held)."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    def vm_allocate(self, task: Task, address: int, size: int, anywhere: bool) -> int:
+        vmap = task_map(task)
+        n = check_int(size, "size", 1)
+        start = self._place(vmap, address, round_page(n, vmap.vm.page_size), anywhere)
+        obj = vm_object_allocate(vmap.vm, round_page(n, vmap.vm.page_size))
+        vm_map_insert(vmap, start, start + obj.size, obj, 0)
+        return start
+
+    def _place(self, vmap: VmMap, address: object, size: int, anywhere: bool) -> int:
+        """Where a new region of `size` bytes goes (anywhere, or at a free aligned address)."""
+        if anywhere:
+            return vmap.find_space(size)
+        start = check_aligned(vmap, address, "address")
+        if start + size > vmap.max_offset or start < vmap.min_offset:
+            raise MachError("KERN_INVALID_ADDRESS", f"{start:#x}+{size:#x} is outside the "
+                            f"address space")
+        if not vmap.range_free(start, start + size):
+            raise MachError("KERN_NO_SPACE", f"{start:#x}-{start + size:#x} is already "
+                            f"(partly) allocated")
+        return start
+
+    def vm_deallocate(self, task: Task, address: int, size: int) -> None:
+        vmap = task_map(task)
+        start, end = page_range(vmap, address, size)
+        vm_map_delete(vmap, start, end)
+
+    def vm_inherit(self, task: Task, address: int, size: int, inheritance: int) -> None:
+        vmap = task_map(task)
+        inh = check_inherit(inheritance)
+        start, end = page_range(vmap, address, size)
+        vm_map_inherit(vmap, start, end, inh)
+
+    def vm_protect(self, task: Task, address: int, size: int, set_max: bool,
+                   new_protection: int) -> None:
+        vmap = task_map(task)
+        prot = check_prot(new_protection)
+        start, end = page_range(vmap, address, size)
+        vm_map_protect(vmap, start, end, prot, bool(set_max))
+
+    def vm_read(self, task: Task, address: int, size: int) -> VmMapCopy:
+        vmap = task_map(task)
+        addr, n = check_int(address, "address"), check_int(size, "size")
+        page_range(vmap, addr, n)
+        return vm_map_copyin(vmap, addr, n, src_destroy=False)
+
+    def vm_write(self, task: Task, address: int, data: VmMapCopy) -> None:
+        vmap = task_map(task)
+        start = check_aligned(vmap, address, "address")
+        page_range(vmap, start, data.size)
+        if data.size % vmap.vm.page_size or data.offset:
+            data = self._whole_pages(vmap, start, data)
+        vm_map_copy_overwrite(vmap, start, data)
+
+    def _whole_pages(self, vmap: VmMap, start: int, data: VmMapCopy) -> VmMapCopy:
+        """Data padded with what follows it in its last page, as bytes in transit."""
+        from pymach.vm.vm_kern import copy_bytes, map_read
+
+        thread = current_thread()
+        raw = copy_bytes(thread, data)
+        end = round_page(start + len(raw), vmap.vm.page_size)
+        vmap.check_mapped(start, end)
+        tail = map_read(thread, vmap, start + len(raw), end - start - len(raw))
+        return vm_map_copy_from_bytes(vmap.vm, raw + tail)
+
+    def vm_copy(self, task: Task, source_address: int, count: int, dest_address: int) -> None:
+        vmap = task_map(task)
+        src = check_aligned(vmap, source_address, "source_address")
+        n = check_aligned(vmap, count, "count")
+        dst = check_aligned(vmap, dest_address, "dest_address")
+        page_range(vmap, src, n)
+        page_range(vmap, dst, n)
+        if n == 0:
+            return
+        vmap.check_mapped(dst, dst + n)
+        copy = vm_map_copyin(vmap, src, n, src_destroy=False)
+        try:
+            vm_map_copy_overwrite(vmap, dst, copy)
+        except MachError:
+            from pymach.vm.vm_map_copy import vm_map_copy_discard
+
+            vm_map_copy_discard(copy)
+            raise
+
+    def vm_regions(self, task: Task, address: int, size: int) -> tuple[Any, ...]:
+        from pymach.vm.vm_report import regions
+
+        vmap = task_map(task)
+        start, end = page_range(vmap, address, size)
+        rows = regions(vmap, start, end)
+        return (tuple(r.address for r in rows), tuple(r.size for r in rows),
+                tuple(r.protection for r in rows), tuple(r.max_protection for r in rows),
+                tuple(r.inheritance for r in rows), tuple(int(r.shared) for r in rows),
+                tuple(r.offset for r in rows), tuple(r.name_port for r in rows))
+
+    def vm_statistics(self, task: Task) -> tuple[int, ...]:
+        vm = task_map(task).vm
+        res = vm.resident
+        s = res.stats
+        return (vm.page_size, res.free_count(), len(res.active), len(res.inactive),
+                res.wired_count(), s.faults, s.zero_fill_count, s.cow_faults, s.pageins,
+                s.pageouts, s.reactivations, s.lookups, s.hits)
+
+    def vm_allocate_with_pager(self, task: Task, address: int, size: int, anywhere: bool,
+                               memory_object: Any, offset: int) -> int:
+        from pymach.vm.memory_object import vm_object_enter
+
+        vmap = task_map(task)
+        n = round_page(check_int(size, "size", 1), vmap.vm.page_size)
+        off = check_int(offset, "offset")
+        start = self._place(vmap, address, n, anywhere)
+        obj, obj_offset = vm_object_enter(vmap.vm, memory_object, off, n)
+        vm_map_insert(vmap, start, start + n, obj, obj_offset)
+        return start
