@@ -1,15 +1,19 @@
 """SoftPmap: simulated page frames and a software MMU, for the embedded kernel.
 
 Physical memory is one anonymous mmap of `nframes * page_size` bytes. A `SoftPmap` is a page
-table: a dict from virtual page number to a packed entry ``frame << 3 | prot``. Task
+table of chunks of 1024 pages: each chunk a dict from virtual page number to a packed
+entry ``frame << 3 | prot``, plus an optional chunk-wide protection mask, so protecting
+or removing a large range costs per chunk, not per page (what copy-on-write of a big
+region needs). Task
 threads reach memory only through `mmu_read` / `mmu_write`, which play the hardware:
 they translate one page, check the protection, copy bytes, and set the frame's
 reference (and modify) bit, all under the backend lock, or report a fault and touch
 nothing. Because translation and copy happen under that lock, a frame the VM takes away
 (pmap_page_protect NONE, then reuse) is never read through a stale translation.
 
-Invariants (`lock`): `pv[frame]` holds exactly the (pmap, vpn) pairs whose entry names
-`frame`; an entry's prot is never VM_PROT_NONE (such entries are removed).
+Invariants (`lock`): `pv[frame]` holds every (pmap, vpn) pair whose entry names `frame`,
+and possibly stale pairs left by chunk-wide removal (checked and dropped when walked);
+an entry's effective protection is its own ANDed with its chunk's mask.
 """
 
 from __future__ import annotations
@@ -43,8 +47,14 @@ class SoftPhysicalMemory:
     def pmap_page_protect(self, frame: int, prot: int) -> None:
         """Reduce every mapping of `frame` to at most `prot`; NONE removes them all."""
         with self.lock:
-            for pmap, vpn in list(self.pv.get(frame, ())):
-                pmap.reduce_locked(vpn, prot)
+            holders = self.pv.get(frame)
+            for pmap, vpn in list(holders or ()):
+                if pmap.maps_locked(vpn, frame):
+                    pmap.reduce_locked(vpn, prot)
+                else:  # left behind by a chunk-wide removal
+                    holders.discard((pmap, vpn))  # type: ignore[union-attr]
+            if holders is not None and not holders:
+                self.pv.pop(frame, None)
 
     def pmap_is_referenced(self, frame: int) -> bool:
         """The frame's reference bit."""
@@ -84,25 +94,43 @@ class SoftPhysicalMemory:
         self.mv[base:base + len(data)] = data
 
 
+CHUNK_SHIFT = 10  # a page table chunk covers 1024 pages
+
+
 class SoftPmap:
     """A page table of one address space (see module docstring)."""
 
     def __init__(self, phys: SoftPhysicalMemory) -> None:
         self.phys = phys  # immutable
         self.shift = phys.page_size.bit_length() - 1 if _pow2(phys.page_size) else 0
-        self.entries: dict[int, int] = {}  # vpn -> frame << 3 | prot; guarded by phys.lock
+        # Guarded by phys.lock: chunk number -> {vpn: frame << 3 | prot}, and per-chunk
+        # protection masks (a chunk-wide pmap_protect, applied lazily to its entries).
+        self.chunks: dict[int, dict[int, int]] = {}
+        self.masks: dict[int, int] = {}
 
     def _vpn(self, va: int) -> int:
         return va >> self.shift if self.shift else va // self.phys.page_size
+
+    def _entry(self, vpn: int) -> int | None:
+        """The effective entry for `vpn` (chunk mask applied), or None."""
+        chunk = self.chunks.get(vpn >> CHUNK_SHIFT)
+        if chunk is None:
+            return None
+        e = chunk.get(vpn)
+        if e is None:
+            return None
+        mask = self.masks.get(vpn >> CHUNK_SHIFT)
+        return e if mask is None else (e & ~_PROT_MASK) | (e & mask)
 
     # -- the pmap contract ---------------------------------------------------------------
     def pmap_enter(self, va: int, frame: int, prot: int) -> None:
         """Map page `va` to `frame` with `prot`, replacing any mapping of `va`."""
         vpn = self._vpn(va)
         with self.phys.lock:
+            self._unmask_locked(vpn >> CHUNK_SHIFT)
             self._drop_locked(vpn)
             if prot != VM_PROT_NONE:
-                self.entries[vpn] = frame << 3 | prot
+                self.chunks.setdefault(vpn >> CHUNK_SHIFT, {})[vpn] = frame << 3 | prot
                 self.phys.pv.setdefault(frame, set()).add((self, vpn))
 
     def pmap_remove(self, start: int, end: int) -> None:
@@ -110,45 +138,79 @@ class SoftPmap:
         self.pmap_protect(start, end, VM_PROT_NONE)
 
     def pmap_protect(self, start: int, end: int, prot: int) -> None:
-        """Reduce mappings in [start, end) to at most `prot`."""
+        """Reduce mappings in [start, end) to at most `prot`: whole chunks at once (by
+        mask, or dropped at NONE), the ragged ends entry by entry."""
         lo, hi = self._vpn(start), self._vpn(end + self.phys.page_size - 1)
         with self.phys.lock:
-            if hi - lo <= len(self.entries):
-                vpns = [v for v in range(lo, hi) if v in self.entries]
+            for c in [c for c in self.chunks if lo >> CHUNK_SHIFT <= c <= hi >> CHUNK_SHIFT]:
+                c_lo, c_hi = c << CHUNK_SHIFT, (c + 1) << CHUNK_SHIFT
+                if lo <= c_lo and c_hi <= hi:
+                    self._protect_chunk_locked(c, prot)
+                    continue
+                chunk = self.chunks[c]
+                for vpn in [v for v in chunk if lo <= v < hi]:
+                    self.reduce_locked(vpn, prot)
+
+    def _protect_chunk_locked(self, c: int, prot: int) -> None:
+        if prot == VM_PROT_NONE:  # pv pairs left behind are dropped lazily
+            del self.chunks[c]
+            self.masks.pop(c, None)
+        else:
+            self.masks[c] = self.masks.get(c, _PROT_MASK) & prot
+
+    def _unmask_locked(self, c: int) -> None:
+        """Apply a chunk's mask to its entries, so one entry may differ from it."""
+        mask = self.masks.pop(c, None)
+        if mask is None:
+            return
+        chunk = self.chunks.get(c, {})
+        for vpn, e in list(chunk.items()):
+            if e & mask & _PROT_MASK:
+                chunk[vpn] = (e & ~_PROT_MASK) | (e & mask)
             else:
-                vpns = [v for v in self.entries if lo <= v < hi]
-            for vpn in vpns:
-                self.reduce_locked(vpn, prot)
+                self._drop_locked(vpn)
 
     def pmap_extract(self, va: int) -> int | None:
         """The frame page `va` is mapped to, or None."""
-        e = self.entries.get(self._vpn(va))
-        return None if e is None else e >> 3
+        with self.phys.lock:
+            e = self._entry(self._vpn(va))
+        return None if e is None or not e & _PROT_MASK else e >> 3
 
     def pmap_resident_count(self) -> int:
         """How many pages this pmap maps."""
-        return len(self.entries)
+        with self.phys.lock:
+            return sum(len(c) for i, c in self.chunks.items() if self.masks.get(i) != 0)
 
     def pmap_destroy(self) -> None:
         """Remove every mapping."""
         with self.phys.lock:
-            for vpn in list(self.entries):
-                self._drop_locked(vpn)
+            self.chunks.clear()
+            self.masks.clear()
 
     # -- with phys.lock held -------------------------------------------------------------
+    def maps_locked(self, vpn: int, frame: int) -> bool:
+        """True if this pmap's entry for `vpn` still names `frame` (pv pairs may be stale)."""
+        chunk = self.chunks.get(vpn >> CHUNK_SHIFT)
+        e = None if chunk is None else chunk.get(vpn)
+        return e is not None and e >> 3 == frame
+
     def reduce_locked(self, vpn: int, prot: int) -> None:
         """Lower one entry's protection to at most `prot`, removing it at NONE."""
-        e = self.entries.get(vpn)
+        c = vpn >> CHUNK_SHIFT
+        self._unmask_locked(c)
+        chunk = self.chunks.get(c)
+        e = None if chunk is None else chunk.get(vpn)
         if e is None:
             return
         new = e & _PROT_MASK & prot
         if new == VM_PROT_NONE:
             self._drop_locked(vpn)
         else:
-            self.entries[vpn] = (e & ~_PROT_MASK) | new
+            chunk[vpn] = (e & ~_PROT_MASK) | new  # type: ignore[index]
 
     def _drop_locked(self, vpn: int) -> None:
-        e = self.entries.pop(vpn, None)
+        chunk = self.chunks.get(vpn >> CHUNK_SHIFT)
+        e = None if chunk is None else chunk.pop(vpn, None)
         if e is not None:
             holders = self.phys.pv.get(e >> 3)
             if holders is not None:
@@ -161,7 +223,7 @@ class SoftPmap:
         """Load `size` bytes at `va` (within one page), or None: a read fault."""
         phys = self.phys
         with phys.lock:
-            e = self.entries.get(self._vpn(va))
+            e = self._entry(self._vpn(va))
             if e is None or not e & VM_PROT_READ:
                 return None
             frame = e >> 3
@@ -173,7 +235,7 @@ class SoftPmap:
         """Store `data` at `va` (within one page); False: a write fault, nothing stored."""
         phys = self.phys
         with phys.lock:
-            e = self.entries.get(self._vpn(va))
+            e = self._entry(self._vpn(va))
             if e is None or not e & VM_PROT_WRITE:
                 return False
             frame = e >> 3

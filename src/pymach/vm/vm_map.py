@@ -209,20 +209,32 @@ def vm_map_insert(vmap: VmMap, start: int, end: int, obj: VmObject | None, offse
     return entry
 
 
-def vm_map_pmap_remove(vmap: VmMap, start: int, end: int) -> None:
-    """Drop hardware mappings of [start, end): in the pmap of a task map, or in every
-    task map that shows this range of a sharing map."""
+def _pmap_ranges(vmap: VmMap, start: int, end: int) -> list[tuple[Pmap, int, int]]:
+    """The (pmap, start, end) ranges that show [start, end) of a map: its own pmap for
+    a task map, every sharer's for a sharing map."""
     if vmap.pmap is not None:
-        vmap.pmap.pmap_remove(start, end)
-        return
-    for task_map in list(vmap.sharers):
+        return [(vmap.pmap, start, end)]
+    out = []
+    for task_map in vmap.sharers:
         for e in task_map.entries:
             if e.share_map is not vmap:
                 continue
             lo, hi = max(start, e.offset), min(end, e.offset + e.size)
-            if lo < hi:
-                task_map.pmap.pmap_remove(e.start + lo - e.offset,  # type: ignore[union-attr]
-                                          e.start + hi - e.offset)
+            if lo < hi and task_map.pmap is not None:
+                out.append((task_map.pmap, e.start + lo - e.offset, e.start + hi - e.offset))
+    return out
+
+
+def vm_map_pmap_remove(vmap: VmMap, start: int, end: int) -> None:
+    """Drop hardware mappings of [start, end) of a map, in every pmap that shows it."""
+    for pmap, lo, hi in _pmap_ranges(vmap, start, end):
+        pmap.pmap_remove(lo, hi)
+
+
+def vm_map_pmap_protect(vmap: VmMap, start: int, end: int, prot: int) -> None:
+    """Reduce hardware mappings of [start, end) of a map to `prot`, everywhere shown."""
+    for pmap, lo, hi in _pmap_ranges(vmap, start, end):
+        pmap.pmap_protect(lo, hi, prot)
 
 
 def vm_map_delete(vmap: VmMap, start: int, end: int) -> None:

@@ -30,6 +30,7 @@ from pymach.vm.vm_map import (
     vm_map_create,
     vm_map_delete,
     vm_map_insert,
+    vm_map_pmap_protect,
     vm_map_pmap_remove,
 )
 from pymach.vm.vm_object import (
@@ -119,11 +120,20 @@ def _copy_object(obj: VmObject) -> VmObject:
 
 def _copy_entry_piece(holder: VmMap, entry: VmMapEntry) -> CopyEntry:
     """A CopyEntry for all of an object entry (already clipped to the copied range)."""
-    assert entry.object is not None
-    if entry.needs_copy:
-        vm_object_reference(entry.object)
-        return CopyEntry(entry.object, entry.offset, entry.size, True)
-    obj, off, src_needs_copy = vm_object_copy(entry.object, entry.offset, entry.size)
+    obj = entry.object
+    assert obj is not None
+    if entry.needs_copy:  # already a copy-on-write copy: share the object read-only
+        vm_object_reference(obj)
+        return CopyEntry(obj, entry.offset, entry.size, True)
+    vm_object_collapse(obj)
+    if obj.internal and obj.ref_count == 1:
+        # Only this entry maps the object, so only its range can hold writable
+        # mappings of its pages: protect that range (Mach's pmap_protect), not each page.
+        vm_object_reference(obj)
+        entry.needs_copy = True
+        vm_map_pmap_protect(holder, entry.start, entry.end, VM_PROT_ALL & ~VM_PROT_WRITE)
+        return CopyEntry(obj, entry.offset, entry.size, True)
+    obj, off, src_needs_copy = vm_object_copy(obj, entry.offset, entry.size)
     if src_needs_copy:
         entry.needs_copy = True
     return CopyEntry(obj, off, entry.size, True)
