@@ -236,6 +236,22 @@ class Kernel:
 
         return lsmp(self, task)
 
+    def vmmap(self, task: Task | int | str) -> list[Any]:
+        """Rows describing one task's regions and their objects (see vm/vm_report.py)."""
+        from pymach.kern.report import find_task
+        from pymach.vm.vm_report import vmmap
+
+        with self.sched.lock:
+            t = find_task(self, task)
+            return [] if t.map is None else vmmap(t.map)
+
+    def vm_stat(self) -> dict[str, int]:
+        """Page counts and VM counters of this kernel (see vm/vm_report.py)."""
+        from pymach.vm.vm_report import vm_stat
+
+        with self.sched.lock:
+            return vm_stat(self.vm)
+
 
 class _Trap:
     """Context manager for one kernel entry and exit (see Kernel.trap)."""

@@ -68,7 +68,8 @@ def ps(kernel: Kernel) -> list[TaskRow]:
                 for t in sorted(kernel.tasks.values(), key=lambda t: t.serial)]
 
 
-def _find_task(kernel: Kernel, which: Task | int | str) -> Task:
+def find_task(kernel: Kernel, which: Task | int | str) -> Task:
+    """A live task by Task object, serial or name (KERN_INVALID_TASK if none)."""
     from pymach.kern.task import Task
 
     if isinstance(which, Task):
@@ -88,7 +89,7 @@ def _holder(task: Task | None, in_transit: bool) -> str:
 def lsmp(kernel: Kernel, which: Task | int | str) -> list[PortRow]:
     """The port name space of one task (by Task, id or name), in name order."""
     with kernel.sched.lock:
-        task = _find_task(kernel, which)
+        task = find_task(kernel, which)
         rows = []
         for name in sorted(task.space.names):
             e = task.space.names[name]
