@@ -9,8 +9,15 @@ import sys
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pymach.cli.demo import run_demo
+    from pymach.cli.demo_vm import run_vm_demo
 
-    run_demo(deterministic=args.deterministic, seed=args.seed, trace=args.trace)
+    opts = {"deterministic": args.deterministic, "seed": args.seed, "trace": args.trace}
+    if args.part in ("all", "ipc"):
+        run_demo(**opts)
+    if args.part == "all":
+        print()
+    if args.part in ("all", "vm"):
+        run_vm_demo(**opts)
     return 0
 
 
@@ -39,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "1987 'Duality of Memory and Communication' paper, in Python.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a narrated multi-task program on the embedded kernel")
+    demo.add_argument("part", nargs="?", default="all", choices=["all", "ipc", "vm"],
+                      help="which part: ports and messages (ipc), virtual memory (vm), or all")
     demo.add_argument("--deterministic", action="store_true",
                       help="one thread at a time, in an order drawn from --seed")
     demo.add_argument("--seed", type=int, default=0)
