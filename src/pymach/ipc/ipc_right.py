@@ -82,6 +82,9 @@ def port_destroy(port: Port) -> None:
     while port.queue:
         kmsg_destroy(port.queue.popleft())
     mqueue_wake_all(port)
+    hooks, port.death_hooks = port.death_hooks, []
+    for hook in hooks:
+        hook(port)
 
 
 def kmsg_destroy(kmsg: KMsg) -> None:

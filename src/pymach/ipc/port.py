@@ -18,6 +18,7 @@ A dead port has no holders, an empty queue and no receiver or owner.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pymach.ipc.message import PORT_BACKLOG_DEFAULT
@@ -48,6 +49,9 @@ class Port:
         self.enabled = False  # in the receiver's default group
         self.dead = False
         self.holders: dict[IpcSpace, int] = {}
+        # Kernel structures that hold this port outside any name space (a VM object's
+        # memory object port) are told of its death here, with the kernel lock held.
+        self.death_hooks: list[Callable[[Port], None]] = []
         self.send_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.send")
         self.rcv_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.rcv")
 

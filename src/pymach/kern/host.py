@@ -54,7 +54,9 @@ class Kernel:
                  seed: int = 0, deterministic: bool = False, msg_size_max: int = MSG_SIZE_MAX,
                  trace: bool | Callable[[str], None] = False, name: str = "host",
                  swap_dir: str | None = None, swap_size: int | None = None,
-                 pmap: str = "soft") -> None:
+                 pmap: str = "soft", pager_timeout_ms: float | None = None,
+                 pager_timeout_action: str = "error", pageout_deadline_ms: float = 1000.0,
+                 manager_page_limit: int | None = None) -> None:
         _check_config(page_size, memory_size, msg_size_max, swap_size)
         self.swap_dir = swap_dir  # immutable: where the default pager keeps its file
         self.swap_size = swap_size  # immutable: backing store limit in bytes (None: grows)
@@ -67,6 +69,7 @@ class Kernel:
         self.sched = make_scheduler(deterministic, seed)  # immutable
         self._serials: dict[str, Iterator[int]] = {}
         self.trace_log: list[str] = []
+        self._t0 = self.sched.now()  # immutable: trace times are ms since boot
         self._trace = trace
         self.tasks: dict[int, Task] = {}
         self.running = True
@@ -79,6 +82,8 @@ class Kernel:
 
         self.server = KernelServer(self)
         self.vm = VmSystem(self, pmap)  # immutable
+        self.vm.configure(pager_timeout_ms, pager_timeout_action, pageout_deadline_ms,
+                          manager_page_limit)
         self.served = served_subsystems(self)  # immutable
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -89,7 +94,7 @@ class Kernel:
     def trace_event(self, text: str) -> None:
         """Record one kernel event if tracing is on (kernel lock held)."""
         if self._trace:
-            line = f"{self.sched.now():10.3f} {text}" if self.sched.deterministic else text
+            line = f"{self.sched.now() - self._t0:10.3f} {text}"  # ms since boot
             self.trace_log.append(line)
             if callable(self._trace):
                 self._trace(line)
@@ -321,6 +326,11 @@ def boot(**config: Any) -> Iterator[Kernel]:
     memory), seed, deterministic, msg_size_max, trace (True to keep `kernel.trace_log`,
     or a callable per line), name, swap_dir (where the default pager's swap file goes;
     default: the system temporary directory), swap_size (bytes; default: unlimited).
+    Data-manager policies (paper 6.2): pager_timeout_ms (how long a fault waits for a
+    manager; default forever), pager_timeout_action ("error": KERN_MEMORY_ERROR, or
+    "zero_fill"), pageout_deadline_ms (after which data written back to a manager that
+    has not released it goes to the default pager), manager_page_limit (resident pages
+    one manager's objects may hold).
     Inside the block the calling thread is the first thread of the `bootstrap` task.
     """
     kernel = Kernel(**config)

@@ -53,6 +53,8 @@ class Thread:
         self.reply_name = 0  # the task's name for this thread's MIG reply port
         self.vm_privileged = False  # set once before start: may use the reserved pool
         self.daemon = False  # set once before start: a server that idles forever
+        self.vm_waiting: object | None = None  # the VM object whose page it waits for
+        self.vm_wait_error = ""  # set to fail that wait (a deadlock was found)
         self.py_thread: threading.Thread | None = None  # set once, by start()
 
     def __repr__(self) -> str:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from pymach.kern.host import Kernel
     from pymach.kern.thread import Thread
     from pymach.vm.vm_init import VmSystem
+    from pymach.vm.vm_map import FaultPolicy
     from pymach.vm.vm_map_copy import VmMapCopy
     from pymach.vm.vm_object import VmObject
     from pymach.vm.vm_page import VmPage
@@ -177,6 +178,8 @@ def vm_object_enter(vm: VmSystem, port: object, offset: int, size: int
         vm.objects_alive += 1
         obj.pager, obj.paging_offset = port, align
         vm.pager_objects[(port, align)] = obj
+        if not any(getattr(h, "__self__", None) is vm for h in port.death_hooks):
+            port.death_hooks.append(vm.pager_port_died)
         pager_init(obj)
     elif obj in vm.cached:
         object_cache_remove(obj, terminate=False)
@@ -189,8 +192,9 @@ def vm_object_enter(vm: VmSystem, port: object, offset: int, size: int
 
 # -- faults that need the manager --------------------------------------------------------
 
-def request_unlock(thread: Thread, page: VmPage, access: int) -> None:
-    """A fault needs access the manager's lock prevents: ask (once) and wait (Retry)."""
+def request_unlock(thread: Thread, page: VmPage, access: int, policy: FaultPolicy) -> None:
+    """A fault needs access the manager's lock prevents: ask (once) and wait (Retry).
+    If the manager does not unlock within the policy's timeout: KERN_MEMORY_ERROR."""
     from pymach.vm.vm_fault import _wait
 
     obj = page.object
@@ -198,29 +202,68 @@ def request_unlock(thread: Thread, page: VmPage, access: int) -> None:
     if obj.pager is None or obj.pager.dead:
         raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} is "
                         f"gone and the page is locked")
+    check_not_self_backed(thread, obj)
     wanted = access & page.page_lock
     if wanted & ~page.unlock_request:
         page.unlock_request |= wanted
         pager_data_unlock(obj, page.offset, obj.vm.page_size, wanted)
-    _wait(thread, obj.vm, obj.page_waitq, obj, pagein=True)
+    if not _wait(thread, obj.vm, obj.page_waitq, obj, policy.timeout_ms, raise_retry=False):
+        page.unlock_request &= ~wanted  # ask again next time
+        raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} did "
+                        f"not unlock within {policy.timeout_ms} ms")
+    from pymach.vm.vm_fault import Retry
+
+    raise Retry
 
 
-def pager_request_timed_out(obj: VmObject) -> None:
-    """A manager did not answer in time: fail the waiting pages (KERN_MEMORY_ERROR)."""
-    for page in list(obj.memq.values()):
-        if page.absent:
-            page.error = (f"the data manager of object {obj.serial} did not answer in "
-                          f"{obj.vm.pager_timeout_ms} ms")
-            _page_done(obj, page)
+def check_not_self_backed(thread: Thread, obj: VmObject) -> None:
+    """Refuse a wait that only the waiting task could end (paper 6.1: a data manager
+    backing its own data). Other threads of the manager may serve it; if every other
+    thread already waits on the manager's own objects, all of them fail."""
+    task = thread.task
+    if obj.pager is None or obj.pager.receiver is not task:
+        return
+    others = [t for t in task.threads if t is not thread and not t.done]
+    if any(t.vm_waiting is None or not _backed_by(t.vm_waiting, task) for t in others):
+        return
+    reason = (f"deadlock: task {task.name!r} faulted on memory object {obj.serial} that it "
+              f"manages itself, and no other thread of it is free to serve the request")
+    for t in others:
+        t.vm_wait_error = reason
+        thread.kernel.sched.thread_interrupt(t)
+    raise MachError("KERN_MEMORY_ERROR", reason)
 
 
-def _page_done(obj: VmObject, page: VmPage) -> None:
+def _backed_by(obj: object, task: object) -> bool:
+    from pymach.vm.vm_object import VmObject
+
+    return (isinstance(obj, VmObject) and obj.pager is not None
+            and obj.pager.receiver is task)
+
+
+def page_settled(obj: VmObject, page: VmPage) -> None:
     """A waiting page is settled (data, zeros or error): wake its waiters."""
     vm = obj.vm
     page.busy = page.absent = False
     if page.wire_count:
         vm.resident.vm_page_unwire(page)
     vm.kernel.sched.thread_wakeup(obj.page_waitq)
+
+
+def pager_died(vm: VmSystem, port: Port) -> None:
+    """A memory object port died (its manager is gone): fail what waits on it (6.2.1).
+    The objects stay mapped; their resident pages stay readable, and a fault that needs
+    the manager fails with KERN_MEMORY_ERROR."""
+    for (p, _), obj in list(vm.pager_objects.items()):
+        if p is not port:
+            continue
+        reason = f"the data manager of object {obj.serial} died"
+        for page in list(obj.memq.values()):
+            if page.absent:
+                page.error = reason
+                page_settled(obj, page)
+        vm.kernel.sched.thread_wakeup(obj.page_waitq)
+        vm.kernel.trace_event(f"pager died obj{obj.serial}")
 
 
 # -- cleaning and caching -----------------------------------------------------------------
@@ -244,8 +287,12 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool) -> None:
 
 
 def object_cache_enter(vm: VmSystem, obj: VmObject) -> None:
-    """Keep an object with no references because its manager allows caching (sec. 9)."""
+    """Keep an object with no references because its manager allows caching (sec. 9);
+    the oldest cached objects go once there are more than `cache_limit`."""
     vm.cached[obj] = None
+    vm.kernel.trace_event(f"cache obj{obj.serial} kept after its last unmap")
+    while len(vm.cached) > vm.cache_limit:
+        object_cache_remove(next(iter(vm.cached)), terminate=True)
 
 
 def object_cache_remove(obj: VmObject, terminate: bool) -> None:
@@ -301,7 +348,7 @@ class PagerServer:
             else:
                 vm.phys.pmap_zero_page(page.frame)
                 vm.resident.stats.zero_fill_count += 1
-                _page_done(obj, page)
+                page_settled(obj, page)
 
     def pager_data_error(self, obj: VmObject, offset: int, size: int,
                          error_value: int) -> None:
@@ -312,7 +359,7 @@ class PagerServer:
             page = obj.memq.get(off)
             if page is not None and page.absent:
                 page.error = reason
-                _page_done(obj, page)
+                page_settled(obj, page)
             elif off in obj.pending:
                 _take_back(obj, off)
 
@@ -366,7 +413,30 @@ def _provide_page(obj: VmObject, off: int, chunk: bytes, lock: int) -> None:
     page.page_lock, page.unlock_request = lock, VM_PROT_NONE
     vm.resident.stats.pageins += 1
     if page.absent:
-        _page_done(obj, page)
+        page_settled(obj, page)
+    if not obj.internal:
+        _enforce_manager_limit(obj)
+
+
+def _enforce_manager_limit(obj: VmObject) -> None:
+    """Keep one manager's objects within `manager_page_limit` resident pages, evicting
+    its least recently used pages (paper 6.1: a manager that floods the cache)."""
+    from pymach.vm.vm_pageout import vm_pageout_reclaim
+
+    vm = obj.vm
+    manager = obj.pager.receiver if obj.pager is not None else None
+    mine = {o for o in vm.pager_objects.values()
+            if o.pager is not None and (o.pager is obj.pager or
+                                        (manager is not None and o.pager.receiver is manager))}
+    count = sum(len(o.memq) for o in mine)
+    if count <= vm.manager_page_limit:
+        return
+    res = vm.resident
+    for page in [p for q in (res.inactive, res.active) for p in q if p.object in mine]:
+        if count <= vm.manager_page_limit:
+            break
+        if vm_pageout_reclaim(vm, page):
+            count -= 1
 
 
 def _set_lock(obj: VmObject, page: VmPage, lock: int) -> None:

@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
-from pymach.kern.sched_prim import deadline_after, thread_block
-from pymach.vm.vm_map import vm_map_lookup
+from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
+from pymach.vm.vm_map import FaultPolicy, vm_map_lookup
+from pymach.vm.vm_object import vm_object_deallocate
 from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         look = vm_map_lookup(vmap, page_va, access)
         try:
             page, prot = vm_fault_page(thread, look.object, look.offset, access, look.prot,
-                                       look.single_use)
+                                       look.single_use, look.policy)
         except Retry:
             continue
         assert vmap.pmap is not None
@@ -64,11 +65,14 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
 
 
 def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, access: int,
-                  prot: int, single_use: bool = True) -> tuple[VmPage, int]:
+                  prot: int, single_use: bool = True, policy: FaultPolicy | None = None
+                  ) -> tuple[VmPage, int]:
     """Steps 2 and 3: a resident page holding the data of `first_object` at
     `first_offset`, ready for `access`, and the protection it may be mapped with.
+    `policy` (the mapping's, else the host's) bounds waits for a data manager.
     Raises Retry after any wait."""
-    page, obj = _find_page(thread, first_object, first_offset)
+    policy = policy or first_object.vm.fault_policy
+    page, obj = _find_page(thread, first_object, first_offset, policy)
     if obj is not first_object:
         if access & VM_PROT_WRITE:
             page = _copy_up(thread, page, first_object, first_offset, single_use)
@@ -82,14 +86,14 @@ def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, acc
     if access & page.page_lock:
         from pymach.vm.memory_object import request_unlock
 
-        request_unlock(thread, page, access)  # waits for pager_data_lock; raises Retry
+        request_unlock(thread, page, access, policy)  # waits for pager_data_lock: Retry
     return page, prot & ~page.page_lock
 
 
 # -- step 2: page lookup --------------------------------------------------------------------
 
-def _find_page(thread: Thread, first_object: VmObject, first_offset: int
-               ) -> tuple[VmPage, VmObject]:
+def _find_page(thread: Thread, first_object: VmObject, first_offset: int,
+               policy: FaultPolicy) -> tuple[VmPage, VmObject]:
     """The page with the data, and the object of the shadow chain it is in."""
     vm = first_object.vm
     obj, off = first_object, first_offset
@@ -102,29 +106,33 @@ def _find_page(thread: Thread, first_object: VmObject, first_offset: int
         if page is not None:
             return page, obj
         if _pager_has(obj, off):
-            _request_from_pager(thread, obj, off)  # raises Retry once it has waited
+            _request_from_pager(thread, obj, off, policy)  # raises Retry once it has waited
         if obj.shadow is None:
             return _zero_fill(thread, first_object, first_offset), first_object
         obj, off = obj.shadow, off + obj.shadow_offset
 
 
 def _check_ready(thread: Thread, page: VmPage) -> None:
-    """Wait for a busy page; fail on a page its data manager reported an error for."""
+    """Wait for a busy page; fail on a page its data manager reported an error for (the
+    page is dropped, so a later access asks the manager again)."""
+    obj = page.object
+    assert obj is not None
     if page.busy:
-        assert page.object is not None
-        _wait(thread, page.object.vm, page.object.page_waitq, page.object)
+        _wait(thread, obj.vm, obj.page_waitq, obj)
     if page.error:
-        raise MachError("KERN_MEMORY_ERROR", page.error)
+        reason = page.error
+        obj.vm.resident.vm_page_free(page)
+        raise MachError("KERN_MEMORY_ERROR", reason)
 
 
 def _fill_from_kernel(thread: Thread, obj: VmObject, off: int) -> VmPage | None:
-    """A page made from data the kernel still holds: a pageout in flight, or data given
-    to the kernel as bytes. None if neither applies."""
+    """A page made from data the kernel still holds: a pageout in flight (its holding
+    object), or data given to the kernel as bytes. None if neither applies."""
     vm = obj.vm
     holding = obj.pending.get(off)
-    if holding is not None and holding.memq:
+    if holding is not None:
+        src, _ = vm_fault_page(thread, holding, 0, VM_PROT_READ, VM_PROT_READ)
         page = _alloc(thread, obj, off)
-        src = next(iter(holding.memq.values()))
         vm.phys.pmap_copy_page(src.frame, page.frame)
         page.dirty = True  # the pager may not have stored it yet
         return page
@@ -144,19 +152,46 @@ def _pager_has(obj: VmObject, off: int) -> bool:
     return off in obj.existence if obj.internal else 0 <= off < obj.size
 
 
-def _request_from_pager(thread: Thread, obj: VmObject, off: int) -> None:
-    """Make an absent page, send pager_data_request, and wait for the data (Retry)."""
-    from pymach.vm.memory_object import pager_data_request
+def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPolicy) -> None:
+    """Make an absent page, send pager_data_request, and wait for the data (Retry).
+
+    If the manager does not answer within the policy's timeout, the page becomes
+    zero-filled memory or an error (6.2.1). A manager faulting on its own object with no
+    other thread to serve the request fails at once instead of deadlocking (6.1).
+    """
+    from pymach.vm.memory_object import check_not_self_backed, pager_data_request
 
     vm = obj.vm
     if obj.pager is None or obj.pager.dead:
         raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} "
                         f"is gone")
+    check_not_self_backed(thread, obj)
     page = _alloc(thread, obj, off)
     page.busy = page.absent = True
     vm.resident.vm_page_wire(page)
     pager_data_request(obj, off, vm.page_size, VM_PROT_READ)
-    _wait(thread, vm, obj.page_waitq, obj, pagein=True)
+    if not _wait(thread, vm, obj.page_waitq, obj, policy.timeout_ms, raise_retry=False):
+        _timed_out(obj, off, policy)
+    raise Retry
+
+
+def _timed_out(obj: VmObject, off: int, policy: FaultPolicy) -> None:
+    """The manager did not answer in time: zero-fill the page, or fail it."""
+    from pymach.vm.memory_object import page_settled
+
+    page = obj.memq.get(off)
+    if page is None or not page.absent:
+        return
+    vm = obj.vm
+    if policy.zero_fill:
+        vm.phys.pmap_zero_page(page.frame)
+        vm.resident.stats.zero_fill_count += 1
+    else:
+        page.error = (f"the data manager of object {obj.serial} did not answer within "
+                      f"{policy.timeout_ms} ms")
+    vm.kernel.trace_event(f"pager timeout obj{obj.serial} offset={off:#x} "
+                          f"{'zero-filled' if policy.zero_fill else 'memory error'}")
+    page_settled(obj, page)
 
 
 def _zero_fill(thread: Thread, obj: VmObject, off: int) -> VmPage:
@@ -216,25 +251,24 @@ def _alloc(thread: Thread, obj: VmObject, off: int) -> VmPage:
     return page
 
 
-def _wait(thread: Thread, vm: VmSystem, waitq: object, obj: VmObject,
-          pagein: bool = False) -> None:
-    """Block on an object's page queue (releasing the kernel lock), then Retry."""
-    from pymach.kern.sched_prim import WaitQueue
-
-    assert isinstance(waitq, WaitQueue)
+def _wait(thread: Thread, vm: VmSystem, waitq: WaitQueue, obj: VmObject,
+          timeout_ms: float | None = None, raise_retry: bool = True) -> bool:
+    """Block on an object's page queue (releasing the kernel lock). Raises Retry (or, with
+    raise_retry False, returns whether it was woken rather than timed out)."""
     obj.ref_count += 1  # the object must outlive our wait
+    thread.vm_waiting = obj
     try:
-        timeout = vm.pager_timeout_ms if pagein and not obj.internal else None
-        deadline = deadline_after(vm.kernel.sched, timeout)
-        if not thread_block(vm.kernel.sched, thread, waitq, deadline):
-            from pymach.vm.memory_object import pager_request_timed_out
-
-            pager_request_timed_out(obj)
+        woken = thread_block(vm.kernel.sched, thread, waitq,
+                             deadline_after(vm.kernel.sched, timeout_ms))
     finally:
-        from pymach.vm.vm_object import vm_object_deallocate
-
+        thread.vm_waiting = None
         vm_object_deallocate(obj)
-    raise Retry
+    if thread.vm_wait_error:
+        reason, thread.vm_wait_error = thread.vm_wait_error, ""
+        raise MachError("KERN_MEMORY_ERROR", reason)
+    if raise_retry:
+        raise Retry
+    return woken
 
 
 def vm_fault_trap(thread: Thread, va: int, access: int) -> None:

@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING
 from pymach.errors import MachError
 from pymach.kern.sched_prim import WaitQueue, thread_block
 from pymach.pmap import make_physical_memory
+from pymach.vm.vm_map import FaultPolicy
 from pymach.vm.vm_page import VmResident
+
+MIN_MANAGER_PAGES = 8
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
@@ -48,7 +51,11 @@ class VmSystem:
         self.free_wanted = 0  # threads sleeping on free_waitq
         self.shortage = ""  # why memory cannot be found, once pageout gives up
         self.pageouts_in_flight = 0  # holding objects not yet released by their pager
-        self.pager_timeout_ms: float | None = None  # external pagers (issue 4 policy)
+        self.fault_policy = FaultPolicy()  # the host's pager timeout (set by boot)
+        self.pageout_deadline_ms = 1000.0  # a manager must release paged-out data by then
+        self.holdings: dict[VmObject, float] = {}  # external pageouts in flight -> deadline
+        self.manager_page_limit = max(MIN_MANAGER_PAGES, nframes // 2)  # pages per manager
+        self.cache_limit = 64  # unreferenced objects kept for their managers (section 9)
         self.resident.on_free = self._frame_freed
 
     # -- free frames ------------------------------------------------------------------
@@ -81,6 +88,31 @@ class VmSystem:
     def pageout_needed(self) -> bool:
         """True when free frames are below target and someone needs memory."""
         return self.resident.free_count() < self.free_target
+
+    def configure(self, pager_timeout_ms: float | None, pager_timeout_action: str,
+                  pageout_deadline_ms: float, manager_page_limit: int | None) -> None:
+        """Set the host's policies for data managers (boot parameters)."""
+        if pager_timeout_action not in ("error", "zero_fill"):
+            raise MachError("KERN_INVALID_ARGUMENT", "pager_timeout_action must be 'error' or "
+                            "'zero_fill'")
+        for what, v in (("pager_timeout_ms", pager_timeout_ms),
+                        ("pageout_deadline_ms", pageout_deadline_ms)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
+                raise MachError("KERN_INVALID_ARGUMENT", f"{what} must be a number >= 0")
+        self.fault_policy = FaultPolicy(pager_timeout_ms, pager_timeout_action == "zero_fill")
+        self.pageout_deadline_ms = float(pageout_deadline_ms)
+        if manager_page_limit is not None:
+            if isinstance(manager_page_limit, bool) or not isinstance(manager_page_limit, int) \
+                    or manager_page_limit < MIN_MANAGER_PAGES:
+                raise MachError("KERN_INVALID_ARGUMENT", f"manager_page_limit must be an int "
+                                f">= {MIN_MANAGER_PAGES}")
+            self.manager_page_limit = manager_page_limit
+
+    def pager_port_died(self, port: Port) -> None:
+        """Death hook of memory object ports (kernel lock held)."""
+        from pymach.vm.memory_object import pager_died
+
+        pager_died(self, port)
 
     # -- hooks for external objects (section 9 cache; cleaning before termination) ----
     def cache_enter(self, obj: VmObject) -> None:

@@ -50,7 +50,7 @@ class VmMapEntry:
     """One region of a map (see module docstring)."""
 
     __slots__ = ("end", "inheritance", "max_protection", "needs_copy", "object", "offset",
-                 "protection", "share_map", "start")
+                 "policy", "protection", "share_map", "start")
 
     def __init__(self, start: int, end: int, obj: VmObject | None, offset: int,
                  protection: int = VM_PROT_DEFAULT, max_protection: int = VM_PROT_ALL,
@@ -61,6 +61,7 @@ class VmMapEntry:
         self.protection, self.max_protection = protection, max_protection
         self.inheritance = inheritance
         self.needs_copy = needs_copy
+        self.policy: FaultPolicy | None = None  # pager timeout for this mapping (None: host's)
 
     @property
     def size(self) -> int:
@@ -69,9 +70,11 @@ class VmMapEntry:
 
     def clone(self, start: int, end: int) -> VmMapEntry:
         """A copy of this entry's attributes for [start, end) (no reference taken)."""
-        return VmMapEntry(start, end, self.object, self.offset + (start - self.start),
-                          self.protection, self.max_protection, self.inheritance,
-                          self.needs_copy, self.share_map)
+        e = VmMapEntry(start, end, self.object, self.offset + (start - self.start),
+                       self.protection, self.max_protection, self.inheritance,
+                       self.needs_copy, self.share_map)
+        e.policy = self.policy
+        return e
 
     def __repr__(self) -> str:
         what = f"share{self.share_map.serial}" if self.share_map else repr(self.object)
@@ -297,6 +300,14 @@ def vm_map_inherit(vmap: VmMap, start: int, end: int, inheritance: int) -> None:
 
 # -- lookup for faults --------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class FaultPolicy:
+    """What a fault does when a data manager does not answer (paper 6.2.1)."""
+
+    timeout_ms: float | None = None  # None: wait until the request is filled
+    zero_fill: bool = False  # after the timeout: zero-filled memory, else a memory error
+
+
 @dataclass
 class MapLookup:
     """What vm_map_lookup found for one page."""
@@ -307,6 +318,7 @@ class MapLookup:
     offset: int  # page offset in `object`
     prot: int  # access the mapping may be given
     single_use: bool  # no other task can reach this entry (not in a shared sharing map)
+    policy: FaultPolicy | None  # the mapping's pager timeout, if it has its own
 
 
 def vm_map_lookup(vmap: VmMap, va: int, access: int) -> MapLookup:
@@ -321,7 +333,7 @@ def vm_map_lookup(vmap: VmMap, va: int, access: int) -> MapLookup:
     if access & ~entry.protection:
         raise MachError("KERN_PROTECTION_FAILURE", f"access {access:#x} at {va:#x} exceeds "
                         f"the region's protection {entry.protection:#x}")
-    prot, holder, single_use = entry.protection, vmap, True
+    prot, holder, single_use, policy = entry.protection, vmap, True, entry.policy
     if entry.share_map is not None:
         smap = entry.share_map
         s_addr = entry.offset + (va - entry.start)
@@ -337,7 +349,7 @@ def vm_map_lookup(vmap: VmMap, va: int, access: int) -> MapLookup:
             prot &= ~VM_PROT_WRITE
     assert entry.object is not None
     return MapLookup(holder, entry, entry.object, entry.offset + (va - entry.start), prot,
-                     single_use)
+                     single_use, policy)
 
 
 def _make_shadow(entry: VmMapEntry) -> None:

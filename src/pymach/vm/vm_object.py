@@ -135,6 +135,7 @@ def _holding_released(holding: VmObject) -> None:
     if owner.pending.get(off) is holding:
         del owner.pending[off]
     vm = holding.vm
+    vm.holdings.pop(holding, None)
     vm.pageouts_in_flight -= 1
     vm.kernel.sched.thread_wakeup(vm.pageout_waitq)
 

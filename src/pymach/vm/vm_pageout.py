@@ -42,15 +42,45 @@ def vm_pageout_daemon(vm: VmSystem) -> None:
     from pymach.kern.thread import current_thread
 
     thread = current_thread()
+    sched = vm.kernel.sched
     idle_scans = 0
     while True:
         with vm.kernel.trap(thread):
-            while not vm.pageout_needed():
+            while not vm.pageout_needed() and not _expired(vm):
                 idle_scans = 0
-                thread_block(vm.kernel.sched, thread, vm.pageout_waitq)
+                thread_block(sched, thread, vm.pageout_waitq, _next_deadline(vm))
+            vm_pageout_expired_holdings(vm)
+            if not vm.pageout_needed():
+                continue
             progress = vm_pageout_scan(vm)
             idle_scans = 0 if progress else idle_scans + 1
             _after_scan(vm, thread, progress, idle_scans)
+
+
+def _next_deadline(vm: VmSystem) -> float | None:
+    return min(vm.holdings.values()) if vm.holdings else None
+
+
+def _expired(vm: VmSystem) -> bool:
+    deadline = _next_deadline(vm)
+    return deadline is not None and deadline <= vm.kernel.sched.now()
+
+
+def vm_pageout_expired_holdings(vm: VmSystem) -> None:
+    """Data written back to a manager that has not released it in time goes to the
+    default pager instead of pinning memory (6.2.2: errant data managers)."""
+    now = vm.kernel.sched.now()
+    for holding, deadline in list(vm.holdings.items()):
+        if deadline > now:
+            continue
+        del vm.holdings[holding]
+        for page in list(holding.memq.values()):
+            if page.busy:
+                continue
+            vm.resident.vm_page_unwire(page)
+            vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+            vm_pageout_page(page, keep=False)
+            vm.kernel.trace_event(f"pageout deadline: obj{holding.serial} to the default pager")
 
 
 def _after_scan(vm: VmSystem, thread: Thread, progress: bool, idle_scans: int) -> None:
@@ -83,7 +113,7 @@ def vm_pageout_scan(vm: VmSystem) -> bool:
             res.vm_page_activate(page)
             res.stats.reactivations += 1
             continue
-        progress |= _reclaim(vm, page)
+        progress |= vm_pageout_reclaim(vm, page)
     return progress
 
 
@@ -95,8 +125,9 @@ def _balance(vm: VmSystem) -> None:
         res.vm_page_deactivate(next(iter(res.active)))
 
 
-def _reclaim(vm: VmSystem, page: VmPage) -> bool:
-    """Free an unreferenced inactive page, writing it to its pager first if dirty."""
+def vm_pageout_reclaim(vm: VmSystem, page: VmPage) -> bool:
+    """Free a page (unmapping it everywhere), writing it to its pager first if dirty.
+    False if it is dirty and cannot be paged out now (it stays, active)."""
     res = vm.resident
     vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
     if res.vm_page_is_dirty(page) or page.precious:
@@ -155,6 +186,8 @@ def _hold(vm: VmSystem, holding: object, obj: object, off: int) -> None:
     obj.pending[off] = holding
     if obj.internal:
         obj.existence.add(off)
+    else:  # an external manager must let go of it in time
+        vm.holdings[holding] = vm.kernel.sched.now() + vm.pageout_deadline_ms
     vm.pageouts_in_flight += 1
 
 
