@@ -134,6 +134,7 @@ vm_copy = vm_defs.stub("vm_copy")
 _vm_regions = vm_defs.stub("vm_regions")
 _vm_statistics = vm_defs.stub("vm_statistics")
 vm_allocate_with_pager = vm_defs.stub("vm_allocate_with_pager")
+vm_pager_timeout = vm_defs.stub("vm_pager_timeout")
 
 pager_data_provided = pager_defs.stub("pager_data_provided")
 pager_data_unavailable = pager_defs.stub("pager_data_unavailable")

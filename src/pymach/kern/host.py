@@ -91,6 +91,11 @@ class Kernel:
         """The next serial number for objects of `kind`, starting at 1 (per kernel)."""
         return next(self._serials.setdefault(kind, itertools.count(1)))
 
+    @property
+    def tracing(self) -> bool:
+        """True if trace_event records anything (check before building costly text)."""
+        return bool(self._trace)
+
     def trace_event(self, text: str) -> None:
         """Record one kernel event if tracing is on (kernel lock held)."""
         if self._trace:

@@ -12,6 +12,7 @@ from pymach.kern.mig import (
     BOOL,
     CODE,
     DATA,
+    FLOAT,
     INT,
     INT_ARRAY,
     PORT,
@@ -135,6 +136,12 @@ vm_defs.routine("vm_allocate_with_pager", "target_task",
                 "Map `size` bytes of a memory object, from `offset`, at `address` or anywhere "
                 "(Table 3-4). The first mapping by this kernel sends pager_init before the "
                 "call returns.")
+
+vm_defs.routine("vm_pager_timeout", "target_task",
+                [("address", INT), ("size", INT), ("timeout_ms", FLOAT), ("zero_fill", BOOL)],
+                doc="pymach (paper 6.2.1): faults in the range wait at most `timeout_ms` for "
+                "a data manager, then get zero-filled memory (`zero_fill`) or "
+                "KERN_MEMORY_ERROR. Overrides the host's boot-time policy for these mappings.")
 
 # -- Table 3-5: kernel to data manager (asynchronous: simpleroutines) -----------------------
 memory_object_defs = Subsystem("memory_object", 2200)

@@ -68,7 +68,7 @@ class ArgType:
             return Port(value, self.disposition)
         if self.name == "code":
             return value if isinstance(value, Code) else Code(value)
-        if self.name == "data":
+        if self.name in ("data", "memory"):
             return _data_item(value)
         if self.name == "int_array":
             return IntArray(tuple(value))
@@ -135,6 +135,9 @@ CODE = ArgType("code", (Code,), (Code,))
 # memory; a user server gets the OOL item (address, size in its space); the kernel gets
 # the copy in transit; a client stub's reply value is the bytes (see _unpack_reply).
 DATA = ArgType("data", (OOL, KOOL), (bytes, bytearray, memoryview, OOL))
+# Out-of-line memory that stays memory: like DATA, but a client stub's reply value is the
+# OOL item itself (new memory in the caller's address space), as fs_read_file returns.
+MEMORY = ArgType("memory", (OOL, KOOL), (bytes, bytearray, memoryview, OOL))
 PORT = ArgType("port", (Port, KPort), (int,), Disposition.COPY_SEND)  # a send right
 PORT_MAKE = ArgType("port", (Port, KPort), (int,), Disposition.MAKE_SEND)
 PORT_MOVE_RECEIVE = ArgType("port", (Port, KPort), (int,), Disposition.MOVE_RECEIVE)

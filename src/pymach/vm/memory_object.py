@@ -65,7 +65,20 @@ def _send(obj: VmObject, dest: Port | None, routine: str, items: list[Any]) -> N
     r = memory_object_defs.by_name[routine]
     mqueue_enqueue(dest, KMsg(dest, None, r.id, items, sender="kernel"))
     vm.resident.stats.pager_messages += 1
-    vm.kernel.trace_event(f"pager {routine} obj{obj.serial} -> {dest.label or dest.serial}")
+    if vm.kernel.tracing:
+        manager = dest.receiver.name if dest.receiver is not None else "(in transit)"
+        args = " ".join(f"{v:#x}" for v in (i.value for i in items if isinstance(i, Int)))
+        vm.kernel.trace_event(f"kernel -> {manager}: {routine} obj{obj.serial} {args}")
+
+
+def _trace_call(obj: VmObject, routine: str, *args: object) -> None:
+    """Trace a manager's call on the request port (Table 3-6)."""
+    kernel = obj.vm.kernel
+    if kernel.tracing:
+        who = current_thread().task.name
+        kernel.trace_event(f"{who} -> kernel: {routine} obj{obj.serial} "
+                           + " ".join(f"{a:#x}" if isinstance(a, int) else repr(a)
+                                      for a in args))
 
 
 def _send_right(port: Port | None) -> KPort:
@@ -323,6 +336,7 @@ class PagerServer:
 
     def pager_data_provided(self, obj: VmObject, offset: int, data: VmMapCopy,
                             data_count: int, lock_value: int) -> None:
+        _trace_call(obj, "pager_data_provided", offset, data_count, lock_value)
         from pymach.vm.vm_kern import copy_bytes
 
         lock = check_prot(lock_value, "lock_value")
@@ -335,6 +349,7 @@ class PagerServer:
             _provide_page(obj, off, chunk, lock)
 
     def pager_data_unavailable(self, obj: VmObject, offset: int, size: int) -> None:
+        _trace_call(obj, "pager_data_unavailable", offset, size)
         _check_live(obj)
         vm = obj.vm
         for off in _range(obj, offset, size):
@@ -352,6 +367,7 @@ class PagerServer:
 
     def pager_data_error(self, obj: VmObject, offset: int, size: int,
                          error_value: int) -> None:
+        _trace_call(obj, "pager_data_error", offset, size)
         _check_live(obj)
         code = code_name(check_int(error_value, "error_value", -(2**63)))
         reason = f"the data manager reported {code}"
@@ -365,6 +381,7 @@ class PagerServer:
 
     def pager_data_lock(self, obj: VmObject, offset: int, length: int,
                         lock_value: int) -> None:
+        _trace_call(obj, "pager_data_lock", offset, length, lock_value)
         lock = check_prot(lock_value, "lock_value")
         _check_live(obj)
         for off in _range(obj, offset, length):
@@ -373,16 +390,19 @@ class PagerServer:
                 _set_lock(obj, page, lock)
 
     def pager_flush_request(self, obj: VmObject, offset: int, length: int) -> None:
+        _trace_call(obj, "pager_flush_request", offset, length)
         _check_live(obj)
         r = _range(obj, offset, length)
         object_clean(obj, r.start, r.stop, flush=True)
 
     def pager_clean_request(self, obj: VmObject, offset: int, length: int) -> None:
+        _trace_call(obj, "pager_clean_request", offset, length)
         _check_live(obj)
         r = _range(obj, offset, length)
         object_clean(obj, r.start, r.stop, flush=False)
 
     def pager_cache(self, obj: VmObject, should_cache: bool) -> None:
+        _trace_call(obj, "pager_cache", int(bool(should_cache)))
         _check_live(obj)
         obj.can_persist = bool(should_cache)
         if not should_cache and obj in obj.vm.cached:

@@ -183,3 +183,16 @@ class VmServer:
         obj, obj_offset = vm_object_enter(vmap.vm, memory_object, off, n)
         vm_map_insert(vmap, start, start + n, obj, obj_offset)
         return start
+
+    def vm_pager_timeout(self, task: Task, address: int, size: int, timeout_ms: float,
+                         zero_fill: bool) -> None:
+        from pymach.vm.vm_map import FaultPolicy
+
+        vmap = task_map(task)
+        if timeout_ms < 0:
+            raise MachError("KERN_INVALID_ARGUMENT", "timeout_ms must be >= 0")
+        start, end = page_range(vmap, address, size)
+        vmap.check_mapped(start, end)
+        policy = FaultPolicy(float(timeout_ms), bool(zero_fill))
+        for e in vmap.clip_range(start, end):
+            e.policy = policy

@@ -1,0 +1,170 @@
+"""`DataManager`: the base class for a user-level data manager (pager), paper 3.4.
+
+A data manager is an ordinary task that owns memory object ports and answers the
+kernel's calls on them (Table 3-5) by calling the kernel back on the pager request port
+(Table 3-6). Subclass `DataManager`, override what you need, and call `serve()` from a
+thread of the manager's task:
+
+- `read(memory_object, offset, length, access)` returns the bytes of a range (or None:
+  no data, zero-fill) and `write(memory_object, offset, data)` stores changed data.
+  These two are enough for most pagers: the default `pager_data_request` and
+  `pager_data_write` call them.
+- Or override the paper's handlers themselves: `pager_init`, `pager_data_request`,
+  `pager_data_write`, `pager_data_unlock`, and `pager_terminate` (the kernel let go of
+  the object: its request port died).
+- `services` lists extra MIG subsystems the manager also serves on its own ports (for
+  example the file server's fs_read_file); their routines are methods of the subclass.
+
+`serve()` runs a receive loop on the task's default group in `threads` threads (the
+calling one and more made with thread_create), so one thread can serve a request while
+another waits (paper 6.1). Handlers may therefore run concurrently, in any order;
+a manager that needs requests in kernel order sets `threads = 1`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+from pymach import mach
+from pymach.errors import MachError
+from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
+from pymach.ipc.message import OOL, SEND_TIMEOUT, Int, Message
+from pymach.kern.mach_defs import memory_object_defs
+from pymach.kern.mig import Subsystem, serve_message
+from pymach.mach_vm import take_ool
+from pymach.vm.vm_param import VM_PROT_NONE
+
+STOP_ID = 2299
+
+
+class DataManager:
+    """Base class of user-level data managers (see module docstring)."""
+
+    threads: ClassVar[int] = 2
+    services: ClassVar[tuple[Subsystem, ...]] = ()
+
+    def __init__(self) -> None:
+        self.uses: dict[int, dict[int, int]] = {}  # memory object -> {request: name port}
+        self._by_request: dict[int, int] = {}  # request port -> memory object
+        self._stop_port = 0
+        self._task = 0
+
+    # -- memory objects ---------------------------------------------------------------
+    def create_memory_object(self) -> int:
+        """A new memory object port served by this manager (call from its task)."""
+        me = mach.task_self()
+        port: int = mach.port_allocate(me)
+        mach.port_enable(me, port)
+        self.uses[port] = {}
+        return port
+
+    def requests(self, memory_object: int) -> list[int]:
+        """The pager request ports of the kernels using `memory_object` (one per kernel)."""
+        return list(self.uses.get(memory_object, {}))
+
+    # -- the loop -----------------------------------------------------------------------
+    def serve(self, threads: int | None = None) -> None:
+        """Serve until `stop()`: this thread plus `threads - 1` more of the same task."""
+        me = mach.task_self()
+        self._task = me
+        self._stop_port = mach.port_allocate(me)
+        mach.port_enable(me, self._stop_port)
+        mach.port_enable(me, mach.task_notify())
+        for _ in range((threads or self.threads) - 1):
+            mach.thread_create(me, self._loop)
+        self._loop()
+
+    def stop(self, threads: int | None = None) -> None:
+        """Ask every serving thread to return (callable from any thread of the task)."""
+        for _ in range(threads or self.threads):
+            mach.msg_send(Message(remote_port=self._stop_port, id=STOP_ID))
+
+    def _loop(self) -> None:
+        notify = mach.task_notify()
+        while True:
+            msg = mach.msg_receive()
+            if msg.local_port == self._stop_port:
+                return
+            if msg.local_port == notify:
+                self._notification(msg)
+            else:
+                self._dispatch(msg)
+
+    def _notification(self, msg: Message) -> None:
+        if msg.id != NOTIFY_PORT_DELETED or not isinstance(msg.items[0], Int):
+            return
+        request = msg.items[0].value
+        mo = self._by_request.pop(request, None)
+        if mo is not None:
+            self.uses.get(mo, {}).pop(request, None)
+            self.pager_terminate(mo, request)
+
+    def _dispatch(self, msg: Message) -> None:
+        for sub in (memory_object_defs, *self.services):
+            if msg.id in sub.routines:
+                target: Any = _Adapter(self) if sub is memory_object_defs else self
+                reply = serve_message(sub, target, msg)
+                if reply is not None:
+                    with contextlib.suppress(MachError):  # the client may have gone
+                        mach.msg_send(reply, SEND_TIMEOUT, 0)
+                return
+
+    # -- the paper's handlers (Table 3-5); override as needed ----------------------------
+    def pager_init(self, memory_object: int, request: int, name: int) -> None:
+        """A kernel maps the object for the first time: remember its ports."""
+        self.uses.setdefault(memory_object, {})[request] = name
+        self._by_request[request] = memory_object
+
+    def pager_data_request(self, memory_object: int, request: int, offset: int,
+                           length: int, access: int) -> None:
+        """A kernel needs data: provide `read()`'s bytes, or say none exists."""
+        data = self.read(memory_object, offset, length, access)
+        if data is None:
+            mach.pager_data_unavailable(request, offset, length)
+        else:
+            mach.pager_data_provided(request, offset, bytes(data), len(data), VM_PROT_NONE)
+
+    def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
+        """A kernel writes changed data back: store it with `write()`."""
+        self.write(memory_object, offset, data)
+
+    def pager_data_unlock(self, memory_object: int, request: int, offset: int, length: int,
+                          access: int) -> None:
+        """A task needs more access than a lock allows: by default, grant it."""
+        mach.pager_data_lock(request, offset, length, VM_PROT_NONE)
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        """A kernel let go of the object (its request port died)."""
+
+    # -- the simple hooks -----------------------------------------------------------------
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes | None:
+        """The object's bytes [offset, offset+length), or None for zero-fill."""
+        return None
+
+    def write(self, memory_object: int, offset: int, data: bytes) -> None:
+        """Store changed bytes of the object."""
+
+
+class _Adapter:
+    """Turns raw memory_object messages into the handlers' plain arguments."""
+
+    def __init__(self, dm: DataManager) -> None:
+        self.dm = dm
+
+    def pager_init(self, mo: int, request: int, name: int) -> None:
+        self.dm.pager_init(mo, request, name)
+
+    def pager_data_request(self, mo: int, request: int, offset: int, length: int,
+                           access: int) -> None:
+        self.dm.pager_data_request(mo, request, offset, length, access)
+
+    def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
+        self.dm.pager_data_write(mo, offset, take_ool(data)[:data_count])
+
+    def pager_data_unlock(self, mo: int, request: int, offset: int, length: int,
+                          access: int) -> None:
+        self.dm.pager_data_unlock(mo, request, offset, length, access)
+
+    def pager_create(self, pager: int, mo: int, request: int, name: int) -> None:
+        raise MachError("KERN_INVALID_ARGUMENT", "pager_create goes to the default pager")
