@@ -1,4 +1,4 @@
-"""The `pymach` command: `pymach demo` and `pymach bench {ipc,vm} [--json]`."""
+"""The `pymach` command: `pymach demo` and `pymach bench {ipc,vm,cache} [--json]`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from pymach.bench import vm
 
         result = vm.run(rounds=min(args.rounds, 3))
+    elif args.what == "cache":
+        from pymach.bench import cache
+
+        result = cache.run()
     else:  # argparse restricts the choices
         raise AssertionError(args.what)
     if args.json:
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", action="store_true", help="print the kernel's event trace")
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure pymach against baselines in the same run")
-    bench.add_argument("what", choices=["ipc", "vm"])
+    bench.add_argument("what", choices=["ipc", "vm", "cache"])
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("-n", type=int, default=5000, help="round trips per round")
     bench.add_argument("--rounds", type=int, default=5)
