@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pymach.errors import MachError
 from pymach.ipc import mach_port
 from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
 from pymach.ipc.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
@@ -25,6 +26,7 @@ from pymach.kern.mach_defs import (
 )
 from pymach.kern.thread import Thread, current_thread
 from pymach.mach_vm import VmRegion, VmStatistics
+from pymach.vm.vm_param import VM_MAX_ADDRESS
 
 
 def msg_send(message: Message, option: int = MSG_OPTION_NONE,
@@ -166,13 +168,21 @@ def thread_create(parent_task: int, fn: Callable[..., Any], *args: Any, **kwargs
     return _thread_create(parent_task, Code(fn, args, kwargs))  # type: ignore[no-any-return]
 
 
-def vm_regions(target_task: int, address: int = 0, size: int = 1 << 47) -> list[VmRegion]:
-    """Describe the task's regions overlapping [address, address+size) (Table 3-3)."""
-    cols = _vm_regions(target_task, address, size)
+def vm_regions(*args: Any, **kwargs: Any) -> list[VmRegion]:
+    """vm_regions(target_task, address=0, size=the whole address space): describe the
+    task's regions overlapping [address, address+size) (Table 3-3)."""
+    names = ("target_task", "address", "size")
+    if len(args) > len(names) or set(kwargs) - set(names) or set(
+            names[:len(args)]) & set(kwargs):
+        raise MachError("KERN_INVALID_ARGUMENT", "vm_regions(target_task, address=0, "
+                        "size=...) got unexpected arguments")
+    bound = {"address": 0, "size": VM_MAX_ADDRESS, **dict(zip(names, args, strict=False)),
+             **kwargs}
+    cols = _vm_regions(**bound)
     return [VmRegion(a, n, p, mp, inh, bool(sh), off, name)
             for a, n, p, mp, inh, sh, off, name in zip(*cols, strict=True)]
 
 
-def vm_statistics(target_task: int) -> VmStatistics:
-    """Page counts and VM counters of the task's host (Table 3-3)."""
-    return VmStatistics(*_vm_statistics(target_task))
+def vm_statistics(*args: Any, **kwargs: Any) -> VmStatistics:
+    """vm_statistics(target_task): page counts and VM counters of the task's host."""
+    return VmStatistics(*_vm_statistics(*args, **kwargs))

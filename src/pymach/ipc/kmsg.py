@@ -171,15 +171,19 @@ def _check_ool(space: IpcSpace, msg: Message) -> None:
         except MachError as e:
             raise MachError("SEND_INVALID_MEMORY", f"out-of-line region {item.address:#x}+"
                             f"{item.size:#x}: {e.detail}") from None
+    ps = space.task.kernel.page_size
     for a in regions:
         for b in regions:
-            if a is not b and (a.deallocate or b.deallocate) and _overlap(a, b):
+            if a is not b and (a.deallocate or b.deallocate) and _overlap(a, b, ps):
                 raise MachError("SEND_INVALID_MEMORY", "a deallocated out-of-line region "
-                                "overlaps another region of the message")
+                                "shares a page with another region of the message")
 
 
-def _overlap(a: OOL, b: OOL) -> bool:
-    return a.address < b.address + b.size and b.address < a.address + a.size
+def _overlap(a: OOL, b: OOL, page_size: int) -> bool:
+    """True if two regions touch a common page (deallocation works on whole pages)."""
+    a0, a1 = a.address // page_size, (a.address + a.size - 1) // page_size
+    b0, b1 = b.address // page_size, (b.address + b.size - 1) // page_size
+    return a0 <= b1 and b0 <= a1
 
 
 def _copyin_ool(space: IpcSpace, item: OOL) -> KOOL:
@@ -265,6 +269,19 @@ def _put_ool(space: IpcSpace, item: KOOL) -> OOL:
         vm_map_copy_discard(item.copy)
         return OOL(0, 0)
     return OOL(vm_map_copyout(space.task.map, item.copy), item.copy.size)
+
+
+def copyout_fits(space: IpcSpace, kmsg: KMsg) -> bool:
+    """True if the out-of-line regions of `kmsg` fit in the receiver's address space."""
+    total = sum(i.copy.total for i in kmsg.items if isinstance(i, KOOL))
+    vmap = space.task.map
+    if total == 0 or vmap is None:
+        return True
+    try:
+        vmap.find_space(total)
+    except MachError:
+        return False
+    return True
 
 
 def copyout(space: IpcSpace, kmsg: KMsg) -> Message:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
 from pymach.ipc.ipc_mqueue import mqueue_dequeue, mqueue_enqueue, mqueue_group_select
-from pymach.ipc.kmsg import copyin, copyout
+from pymach.ipc.kmsg import copyin, copyout, copyout_fits
 from pymach.ipc.message import (
     ALL_OPTIONS,
     PORT_NULL,
@@ -99,6 +99,9 @@ def msg_receive_locked(thread: Thread, name: int, timeout: float | None,
             if head.size > rcv_size:
                 raise MachError("RCV_TOO_LARGE", f"message of {head.size} bytes exceeds "
                                 f"rcv_size {rcv_size}; it stays queued")
+            if not copyout_fits(thread.task.space, head):
+                raise MachError("RCV_NOT_ENOUGH_MEMORY", "the message's out-of-line memory "
+                                "does not fit in the address space; it stays queued")
             kmsg = mqueue_dequeue(port)
             kernel.trace_event(f"recv {thread.name} id={kmsg.id} <- {port.label or port.serial}"
                                f" from {kmsg.sender}")

@@ -211,6 +211,27 @@ class Kernel:
         self.sched.thread_begin(thread)
         return thread
 
+    def boot_headless(self) -> Task:
+        """Boot without adopting a thread: a `bootstrap` task with no threads, and the
+        VM daemons. Drive the kernel from outside with `start_task` (multi-host runs)."""
+        with self.sched.lock:
+            task = self.task_create_locked(None, False, "bootstrap")
+        self.start_vm()
+        return task
+
+    def start_task(self, fn: Callable[..., Any], *args: Any, name: str = "",
+                   parent: Task | None = None, **kwargs: Any) -> ExternalHandle:
+        """From any Python thread: run `fn` as the first thread of a new task (a child of
+        `parent`, by default the bootstrap task, whose bootstrap port it inherits)."""
+        with self.sched.lock:
+            if parent is None:
+                parent = next(t for t in self.tasks.values() if t.name == "bootstrap")
+            task = self.task_create_locked(parent, False, name)
+            thread = self.thread_create_locked(task, Code(fn, args, kwargs), start=False)
+            thread.ends_task = True
+            thread.start()
+        return ExternalHandle(task, thread)
+
     def shutdown(self, boot_thread: Thread | None = None, join_timeout: float = 2.0) -> None:
         """Terminate every task, release all waiting threads, and join them briefly."""
         with self.sched.lock:
@@ -321,6 +342,25 @@ class TaskHandle:
     def done(self) -> bool:
         """True once the task's first thread has ended."""
         return self.thread.done
+
+
+class ExternalHandle:
+    """A task started by `Kernel.start_task`, waited for from outside the kernel."""
+
+    def __init__(self, task: Task, thread: Thread) -> None:
+        self.task = task
+        self.thread = thread
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Wait (seconds) for the task's first thread; return or raise its outcome."""
+        assert self.thread.py_thread is not None
+        self.thread.py_thread.join(timeout)
+        if self.thread.py_thread.is_alive():
+            raise MachError("KERN_OPERATION_TIMED_OUT", f"task {self.task.name!r} did not "
+                            f"finish in {timeout} s")
+        if self.thread.exception is not None:
+            raise self.thread.exception
+        return self.thread.result
 
 
 @contextmanager

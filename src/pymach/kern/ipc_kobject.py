@@ -76,7 +76,11 @@ def kobject_server(kernel: Kernel, kmsg: KMsg) -> None:
         kmsg_destroy(kmsg)
     else:
         _discard_regions(kmsg)
-    if items is not None and kmsg.reply is not None and not kmsg.reply.dead:
+    if items is None:
+        return
+    if kmsg.reply is None or kmsg.reply.dead:  # nobody to tell: release what it carries
+        kmsg_destroy(KMsg(kernel.host_port, None, kmsg.id + REPLY_ID_OFFSET, items))
+    else:
         mqueue_enqueue(kmsg.reply, KMsg(kmsg.reply, None, kmsg.id + REPLY_ID_OFFSET, items))
 
 

@@ -185,11 +185,14 @@ pager_defs.routine("pager_data_lock", "pager_request_port",
                    [("offset", INT), ("length", INT), ("lock_value", INT)],
                    doc="Prevent `lock_value` access to cached data of the range.")
 pager_defs.routine("pager_flush_request", "pager_request_port",
-                   [("offset", INT), ("length", INT)],
-                   doc="Invalidate cached data of the range, writing back changes.")
+                   [("offset", INT), ("length", INT)], [("pages_written", INT)],
+                   doc="Invalidate cached data of the range, writing back changes. Returns "
+                   "how many pages went back in pager_data_write (already queued to the "
+                   "memory object when this returns).")
 pager_defs.routine("pager_clean_request", "pager_request_port",
-                   [("offset", INT), ("length", INT)],
-                   doc="Write back changed data of the range; the kernel may keep using it.")
+                   [("offset", INT), ("length", INT)], [("pages_written", INT)],
+                   doc="Write back changed data of the range; the kernel may keep using it. "
+                   "Returns how many pages went back in pager_data_write.")
 pager_defs.routine("pager_cache", "pager_request_port", [("should_cache", BOOL)],
                    doc="Allow (or forbid) keeping the object's data after its last unmap.")
 pager_defs.routine("pager_data_error", "pager_request_port",

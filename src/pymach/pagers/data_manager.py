@@ -24,12 +24,13 @@ a manager that needs requests in kernel order sets `threads = 1`.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from typing import Any, ClassVar
 
 from pymach import mach
 from pymach.errors import MachError
 from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
-from pymach.ipc.message import OOL, SEND_TIMEOUT, Int, Message
+from pymach.ipc.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.kern.mach_defs import memory_object_defs
 from pymach.kern.mig import Subsystem, serve_message
 from pymach.mach_vm import take_ool
@@ -49,6 +50,7 @@ class DataManager:
         self._by_request: dict[int, int] = {}  # request port -> memory object
         self._stop_port = 0
         self._task = 0
+        self._deferred: deque[Message] = deque()  # received while awaiting something else
 
     # -- memory objects ---------------------------------------------------------------
     def create_memory_object(self) -> int:
@@ -83,13 +85,22 @@ class DataManager:
     def _loop(self) -> None:
         notify = mach.task_notify()
         while True:
-            msg = mach.msg_receive()
+            msg = self._deferred.popleft() if self._deferred else mach.msg_receive()
             if msg.local_port == self._stop_port:
                 return
             if msg.local_port == notify:
                 self._notification(msg)
             else:
                 self._dispatch(msg)
+
+    def await_message(self, port: int, wanted: Any, timeout_ms: float = 30_000) -> Message:
+        """Receive on `port` until `wanted(msg)` holds; other messages are kept and served
+        later, in order (for single-threaded managers waiting inside a handler)."""
+        while True:
+            msg = mach.msg_receive(port, RCV_TIMEOUT, timeout_ms)
+            if wanted(msg):
+                return msg
+            self._deferred.append(msg)
 
     def _notification(self, msg: Message) -> None:
         if msg.id != NOTIFY_PORT_DELETED or not isinstance(msg.items[0], Int):

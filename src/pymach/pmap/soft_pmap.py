@@ -179,7 +179,8 @@ class SoftPmap:
     def pmap_resident_count(self) -> int:
         """How many pages this pmap maps."""
         with self.phys.lock:
-            return sum(len(c) for i, c in self.chunks.items() if self.masks.get(i) != 0)
+            return sum(1 for i, c in self.chunks.items()
+                       for e in c.values() if e & self.masks.get(i, _PROT_MASK) & _PROT_MASK)
 
     def pmap_destroy(self) -> None:
         """Remove every mapping."""

@@ -40,7 +40,7 @@ class BackingStore:
         fd, self.path = tempfile.mkstemp(prefix="pymach-swap-", dir=directory)
         self.fd = fd
         self.used = bytearray()  # allocation map: 1 = block in use
-        self.free_blocks: list[int] = []  # freed blocks, reused lowest last-in first
+        self.free_blocks: list[int] = []  # freed blocks, the most recently freed reused first
         self.in_use = 0
 
     def alloc(self) -> int | None:
@@ -123,15 +123,15 @@ class DefaultPager:
                          data_count: int) -> None:
         from pymach import mach, mach_vm
 
-        raw = mach_vm.take_ool(data)[:data_count]
+        raw = mach_vm.memory().read(data.address, data.size)[:data_count]
         obj = self.objects.get(memory_object)
-        if obj is None:
-            return
         ps = self.store.page_size
         for i in range(0, len(raw), ps):
-            if not self._store(obj, offset + i, raw[i:i + ps]):
+            if obj is not None and not self._store(obj, offset + i, raw[i:i + ps]):
+                # Said while we still hold the data, so the kernel can take it back.
                 mach.pager_data_error(obj.request, offset + i, ps,
                                       MachError("KERN_RESOURCE_SHORTAGE").value)
+        mach.vm_deallocate(mach.task_self(), data.address, data.size)
 
     def _store(self, obj: DpObject, off: int, page: bytes) -> bool:
         block = obj.blocks.get(off)

@@ -281,22 +281,50 @@ def pager_died(vm: VmSystem, port: Port) -> None:
 
 # -- cleaning and caching -----------------------------------------------------------------
 
-def object_clean(obj: VmObject, start: int, end: int, flush: bool) -> None:
+def object_clean(obj: VmObject, start: int, end: int, flush: bool,
+                 privileged: bool = True) -> int:
     """Write dirty pages of [start, end) back to the manager; with `flush` also drop
-    the cached pages (pager_flush_request, termination)."""
+    the cached pages (pager_flush_request, termination). Returns the pages written."""
     from pymach.vm.vm_pageout import vm_pageout_page
 
     vm = obj.vm
+    written = 0
+    if flush and not obj.internal:  # pageouts on their way: the manager's from now on
+        for off in [o for o in obj.pending if start <= o < end]:
+            del obj.pending[off]
     for off in sorted(o for o in obj.memq if start <= o < end):
         page = obj.memq[off]
         if page.busy:
             continue
         vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
+        if flush and obj.copy is not None:
+            _push_before_flush(obj, page)
         dirty = vm.resident.vm_page_is_dirty(page) or page.precious
-        if dirty and vm_pageout_page(page, keep=not flush):
+        if dirty and vm_pageout_page(page, keep=not flush, privileged=privileged):
+            written += 1
             continue
         if flush:
             vm.resident.vm_page_free(page)
+    if flush:  # faults waiting on these pages (say, for an unlock) must look again
+        vm.kernel.sched.thread_wakeup(obj.page_waitq)
+    return written
+
+
+def _push_before_flush(obj: VmObject, page: VmPage) -> None:
+    """A copy object must keep the contents it had: give it the page before it goes."""
+    copy = obj.copy
+    assert copy is not None
+    vm = obj.vm
+    off = page.offset
+    if off in copy.memq or off in copy.existence or off in copy.pending:
+        return
+    pushed = vm.resident.vm_page_grab(privileged=True)
+    if pushed is None:
+        return
+    vm.resident.vm_page_insert(pushed, copy, off)
+    vm.phys.pmap_copy_page(page.frame, pushed.frame)
+    pushed.dirty = True
+    vm.resident.vm_page_activate(pushed)
 
 
 def object_cache_enter(vm: VmSystem, obj: VmObject) -> None:
@@ -388,18 +416,21 @@ class PagerServer:
             page = obj.memq.get(off)
             if page is not None and not page.absent:
                 _set_lock(obj, page, lock)
+        obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
-    def pager_flush_request(self, obj: VmObject, offset: int, length: int) -> None:
+    def pager_flush_request(self, obj: VmObject, offset: int, length: int) -> int:
         _trace_call(obj, "pager_flush_request", offset, length)
         _check_live(obj)
         r = _range(obj, offset, length)
-        object_clean(obj, r.start, r.stop, flush=True)
+        return object_clean(obj, r.start, r.stop, flush=True,
+                            privileged=current_thread().vm_privileged)
 
-    def pager_clean_request(self, obj: VmObject, offset: int, length: int) -> None:
+    def pager_clean_request(self, obj: VmObject, offset: int, length: int) -> int:
         _trace_call(obj, "pager_clean_request", offset, length)
         _check_live(obj)
         r = _range(obj, offset, length)
-        object_clean(obj, r.start, r.stop, flush=False)
+        return object_clean(obj, r.start, r.stop, flush=False,
+                            privileged=current_thread().vm_privileged)
 
     def pager_cache(self, obj: VmObject, should_cache: bool) -> None:
         _trace_call(obj, "pager_cache", int(bool(should_cache)))
@@ -466,7 +497,6 @@ def _set_lock(obj: VmObject, page: VmPage, lock: int) -> None:
     page.unlock_request &= lock
     if lock:
         vm.phys.pmap_page_protect(page.frame, VM_PROT_ALL & ~lock)
-    vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
 
 def _take_back(obj: VmObject, off: int) -> None:
@@ -474,7 +504,7 @@ def _take_back(obj: VmObject, off: int) -> None:
     vm = obj.vm
     holding = obj.pending.pop(off)
     obj.existence.discard(off)
-    obj.pageout_failed = True
+    obj.pageout_failed = vm.swap_epoch
     if off not in obj.memq and holding.memq:
         src = next(iter(holding.memq.values()))
         page = vm.resident.vm_page_grab(privileged=True)

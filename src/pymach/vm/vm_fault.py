@@ -72,7 +72,12 @@ def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, acc
     `policy` (the mapping's, else the host's) bounds waits for a data manager.
     Raises Retry after any wait."""
     policy = policy or first_object.vm.fault_policy
-    page, obj = _find_page(thread, first_object, first_offset, policy)
+    page, obj = _find_page(thread, first_object, first_offset, policy, access)
+    needed = access if obj is first_object else VM_PROT_READ  # a copy-up only reads it
+    if needed & page.page_lock:
+        from pymach.vm.memory_object import request_unlock
+
+        request_unlock(thread, page, needed, policy)  # waits for pager_data_lock: Retry
     if obj is not first_object:
         if access & VM_PROT_WRITE:
             page = _copy_up(thread, page, first_object, first_offset, single_use)
@@ -83,17 +88,13 @@ def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, acc
             _push_to_copy(thread, page, first_object, first_offset)
         elif not _copy_has(first_object.copy, first_offset):
             prot &= ~VM_PROT_WRITE
-    if access & page.page_lock:
-        from pymach.vm.memory_object import request_unlock
-
-        request_unlock(thread, page, access, policy)  # waits for pager_data_lock: Retry
     return page, prot & ~page.page_lock
 
 
 # -- step 2: page lookup --------------------------------------------------------------------
 
 def _find_page(thread: Thread, first_object: VmObject, first_offset: int,
-               policy: FaultPolicy) -> tuple[VmPage, VmObject]:
+               policy: FaultPolicy, access: int = VM_PROT_READ) -> tuple[VmPage, VmObject]:
     """The page with the data, and the object of the shadow chain it is in."""
     vm = first_object.vm
     obj, off = first_object, first_offset
@@ -106,7 +107,7 @@ def _find_page(thread: Thread, first_object: VmObject, first_offset: int,
         if page is not None:
             return page, obj
         if _pager_has(obj, off):
-            _request_from_pager(thread, obj, off, policy)  # raises Retry once it has waited
+            _request_from_pager(thread, obj, off, policy, access)  # Retry once it waited
         if obj.shadow is None:
             return _zero_fill(thread, first_object, first_offset), first_object
         obj, off = obj.shadow, off + obj.shadow_offset
@@ -152,8 +153,10 @@ def _pager_has(obj: VmObject, off: int) -> bool:
     return off in obj.existence if obj.internal else 0 <= off < obj.size
 
 
-def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPolicy) -> None:
-    """Make an absent page, send pager_data_request, and wait for the data (Retry).
+def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPolicy,
+                        access: int) -> None:
+    """Make an absent page, ask the manager for it with the access the fault needs
+    (pager_data_request), and wait for the data (Retry).
 
     If the manager does not answer within the policy's timeout, the page becomes
     zero-filled memory or an error (6.2.1). A manager faulting on its own object with no
@@ -169,7 +172,7 @@ def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPo
     page = _alloc(thread, obj, off)
     page.busy = page.absent = True
     vm.resident.vm_page_wire(page)
-    pager_data_request(obj, off, vm.page_size, VM_PROT_READ)
+    pager_data_request(obj, off, vm.page_size, access or VM_PROT_READ)
     if not _wait(thread, vm, obj.page_waitq, obj, policy.timeout_ms, raise_retry=False):
         _timed_out(obj, off, policy)
     raise Retry
@@ -247,6 +250,7 @@ def _alloc(thread: Thread, obj: VmObject, off: int) -> VmPage:
         vm.page_wait(thread)  # raises KERN_RESOURCE_SHORTAGE or Retry
         raise Retry
     vm.resident.vm_page_insert(page, obj, off)
+    vm.resident.vm_page_activate(page)  # pageable from the start (kernel reads too)
     vm.after_grab()
     return page
 

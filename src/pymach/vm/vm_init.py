@@ -51,6 +51,7 @@ class VmSystem:
         self.free_wanted = 0  # threads sleeping on free_waitq
         self.shortage = ""  # why memory cannot be found, once pageout gives up
         self.pageouts_in_flight = 0  # holding objects not yet released by their pager
+        self.swap_epoch = 0  # bumped when backing store may have been freed
         self.fault_policy = FaultPolicy()  # the host's pager timeout (set by boot)
         self.pageout_deadline_ms = 1000.0  # a manager must release paged-out data by then
         self.holdings: dict[VmObject, float] = {}  # external pageouts in flight -> deadline

@@ -89,7 +89,9 @@ class VmMap:
         self.vm = vm  # immutable
         self.serial = vm.kernel.new_serial("vm_map")  # immutable
         self.pmap = pmap  # immutable; None for a sharing map
-        self.min_offset, self.max_offset = min_offset, max_offset  # immutable
+        ps = vm.page_size  # the bounds are whole pages whatever the page size
+        self.min_offset = -(-min_offset // ps) * ps  # immutable
+        self.max_offset = max_offset - max_offset % ps  # immutable
         self.entries: list[VmMapEntry] = []
         self.starts: list[int] = []  # entries' start addresses, for bisect
         self.ref_count = 1
@@ -256,7 +258,7 @@ def entry_release(entry: VmMapEntry) -> None:
     """Drop the reference an unlinked entry held (freeing pages only it could see)."""
     obj = entry.object
     if obj is not None:
-        if obj.ref_count == 1 and obj.copy is None:
+        if obj.internal and obj.ref_count == 1 and obj.copy is None:  # nobody else sees it
             vm_object_page_remove(obj, entry.offset, entry.offset + entry.size)
         vm_object_deallocate(obj)
     elif entry.share_map is not None:
@@ -273,13 +275,12 @@ def vm_map_deallocate(vmap: VmMap) -> None:
 
 
 def vm_map_protect(vmap: VmMap, start: int, end: int, prot: int, set_max: bool) -> None:
-    """Set the current (or maximum) protection of an allocated range."""
-    entries = vmap.check_mapped(start, end)
-    if not set_max:
-        for e in entries:
-            if prot & ~e.max_protection:
-                raise MachError("KERN_PROTECTION_FAILURE", f"protection {prot:#x} exceeds the "
-                                f"maximum {e.max_protection:#x} at {e.start:#x}")
+    """Set the current (or maximum) protection of an allocated range; neither may exceed
+    the maximum (KERN_PROTECTION_FAILURE)."""
+    for e in vmap.check_mapped(start, end):  # a maximum can be lowered, never raised
+        if prot & ~e.max_protection:
+            raise MachError("KERN_PROTECTION_FAILURE", f"protection {prot:#x} exceeds the "
+                            f"maximum {e.max_protection:#x} at {e.start:#x}")
     for e in vmap.clip_range(start, end):
         if set_max:
             e.max_protection = prot

@@ -249,11 +249,13 @@ def vm_map_copy_from_bytes(vm: VmSystem, data: bytes) -> VmMapCopy:
 
 
 def vm_map_copyout(vmap: VmMap, copy: VmMapCopy) -> int:
-    """Map memory in transit anywhere in `vmap`; returns the address of its first byte."""
+    """Map memory in transit anywhere in `vmap`; returns the address of its first byte.
+    Raises KERN_NO_SPACE (leaving the copy unused) if it does not fit."""
+    start = vmap.find_space(copy.total) if copy.entries else 0
     _consume(copy)
     if not copy.entries:
         return 0
-    at = start = vmap.find_space(copy.total)
+    at = start
     for piece in copy.entries:
         vm_map_insert(vmap, at, at + piece.size, piece.object, piece.offset,
                       protection=VM_PROT_DEFAULT, needs_copy=piece.needs_copy)

@@ -58,7 +58,7 @@ class VmObject:
         self.data_source: bytes | None = None  # internal: initial data held by the kernel
         self.pending: dict[int, VmObject] = {}  # offset -> holding object of a pageout
         self.holding_for: tuple[VmObject, int] | None = None  # holding: whose page it is
-        self.pageout_failed = False  # the pager could not store a page: keep pages here
+        self.pageout_failed = -1  # vm.swap_epoch when the pager could not store a page
         self.can_persist = False  # pager_cache: keep after the last reference
         self.alive = True
         self.page_waitq = WaitQueue(vm.kernel.sched.lock, f"vm_object{self.serial}.pages")
@@ -102,6 +102,8 @@ def vm_object_deallocate(obj: VmObject | None) -> None:
             return
         shadow = obj.shadow
         obj.shadow = None
+        if shadow is not None and shadow.copy is obj:  # a copy object going away
+            shadow.copy = None
         vm_object_terminate(obj)
         obj = shadow
 
@@ -118,11 +120,11 @@ def vm_object_terminate(obj: VmObject) -> None:
         vm.clean_external_object(obj)  # dirty data goes back to its manager first
     for page in list(obj.memq.values()):
         vm.resident.vm_page_free(page)
-    if obj.shadow is not None and obj.shadow.copy is obj:
-        obj.shadow.copy = None
     obj.pending.clear()  # holding objects in flight still reach their manager
     if obj.holding_for is not None:
         _holding_released(obj)
+    if obj.internal and obj.pager is not None:
+        vm.swap_epoch += 1  # the default pager frees this object's blocks: room to retry
     pager_terminate(obj)
     vm.objects_alive -= 1
     vm.kernel.sched.thread_wakeup(obj.page_waitq)
@@ -192,6 +194,12 @@ def vm_object_collapse(obj: VmObject) -> None:
 
 
 def _collapsible(obj: VmObject, backing: VmObject) -> bool:
+    """Both internal and quiet, and neither a copy object (which must keep receiving
+    pushes from its original) nor a holding object (a pageout in flight)."""
+    if backing.shadow is not None and backing.shadow.copy is not None:
+        return False
+    if obj.holding_for is not None or backing.holding_for is not None:
+        return False
     return (obj.internal and backing.internal and backing.alive and backing.copy is None
             and not backing.pending and not obj.pending and backing.data_source is None
             and not backing.has_busy_pages() and not obj.has_busy_pages()

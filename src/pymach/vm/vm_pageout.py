@@ -15,9 +15,10 @@ copies the data back from the holding object, so nothing is ever read before the
 has it. Internal objects get the default pager (pager_create) at their first pageout.
 
 The daemon and the default pager are vm-privileged: they may take the reserved frames,
-so pageout itself never waits for memory (6.2.3). If a whole scan frees nothing and no
-pageout is in flight, memory is exhausted: waiting faults fail with
-KERN_RESOURCE_SHORTAGE instead of hanging.
+so pageout itself never waits for memory (6.2.3). If scans in a row find nothing they
+could ever page out (every page dirty with nowhere to go, or wired) and no pageout is
+in flight, memory is exhausted: waiting faults fail with KERN_RESOURCE_SHORTAGE instead
+of hanging. No data is lost then; freeing memory makes everything reachable again.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from pymach.vm.vm_param import VM_PROT_NONE
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
     from pymach.vm.vm_init import VmSystem
+    from pymach.vm.vm_object import VmObject
     from pymach.vm.vm_page import VmPage
 
-GIVE_UP_AFTER = 3  # scans in a row that free nothing, with nothing in flight
+GIVE_UP_AFTER = 3  # scans in a row that find nothing pageable, with nothing in flight
 
 
 def vm_pageout_daemon(vm: VmSystem) -> None:
@@ -52,8 +54,8 @@ def vm_pageout_daemon(vm: VmSystem) -> None:
             vm_pageout_expired_holdings(vm)
             if not vm.pageout_needed():
                 continue
-            progress = vm_pageout_scan(vm)
-            idle_scans = 0 if progress else idle_scans + 1
+            progress, pageable = vm_pageout_scan(vm)
+            idle_scans = 0 if progress or pageable else idle_scans + 1
             _after_scan(vm, thread, progress, idle_scans)
 
 
@@ -99,11 +101,12 @@ def _after_scan(vm: VmSystem, thread: Thread, progress: bool, idle_scans: int) -
         thread_block(sched, thread, vm.pageout_waitq, deadline_after(sched, 5))
 
 
-def vm_pageout_scan(vm: VmSystem) -> bool:
-    """One pass over the queues (kernel lock held); True if it freed or sent any page."""
+def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
+    """One pass over the queues (kernel lock held). Returns (progress: it freed or sent a
+    page, pageable: it saw pages in use that a later pass could take)."""
     res = vm.resident
     _balance(vm)
-    progress = False
+    progress = pageable = False
     for page in list(res.inactive):
         if res.free_count() >= vm.free_target:
             break
@@ -112,9 +115,10 @@ def vm_pageout_scan(vm: VmSystem) -> bool:
         if vm.phys.pmap_is_referenced(page.frame):
             res.vm_page_activate(page)
             res.stats.reactivations += 1
+            pageable = True
             continue
         progress |= vm_pageout_reclaim(vm, page)
-    return progress
+    return progress, pageable
 
 
 def _balance(vm: VmSystem) -> None:
@@ -139,12 +143,13 @@ def vm_pageout_reclaim(vm: VmSystem, page: VmPage) -> bool:
     return True
 
 
-def vm_pageout_page(page: VmPage, keep: bool) -> bool:
+def vm_pageout_page(page: VmPage, keep: bool, privileged: bool = True) -> bool:
     """Send a page's data to its object's pager in pager_data_write.
 
     Without `keep` the page itself moves into a holding object (pageout, flush); with
-    `keep` its data is copied into one and the page stays (clean). False if the object
-    has no pager that can take it (or, with `keep`, no frame for the copy).
+    `keep` its data is copied into one and the page stays (clean), using a frame taken
+    with `privileged` access to the reserved pool. False if the object has no pager
+    that can take it (or, with `keep`, no frame for the copy).
     """
     from pymach.vm.memory_object import pager_create, pager_data_write
 
@@ -153,11 +158,11 @@ def vm_pageout_page(page: VmPage, keep: bool) -> bool:
     vm, off = obj.vm, page.offset
     if obj.internal and obj.pager is None and not pager_create(obj):
         return False
-    if obj.pager is None or obj.pager.dead or obj.pageout_failed:
-        return False
+    if obj.pager is None or obj.pager.dead or obj.pageout_failed == vm.swap_epoch:
+        return False  # (a pager that could not store: not again until space is freed)
     holding = vm_object_allocate(vm, vm.page_size, label="pageout")
     if keep:
-        copy_page = vm.resident.vm_page_grab(privileged=True)
+        copy_page = vm.resident.vm_page_grab(privileged)
         if copy_page is None:
             holding.alive = False
             vm.objects_alive -= 1
@@ -177,11 +182,8 @@ def vm_pageout_page(page: VmPage, keep: bool) -> bool:
     return True
 
 
-def _hold(vm: VmSystem, holding: object, obj: object, off: int) -> None:
+def _hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) -> None:
     """Record a pageout in flight until the manager releases the holding object."""
-    from pymach.vm.vm_object import VmObject
-
-    assert isinstance(holding, VmObject) and isinstance(obj, VmObject)
     holding.holding_for = (obj, off)
     obj.pending[off] = holding
     if obj.internal:

@@ -17,6 +17,7 @@ from pymach.kern.thread import current_thread
 from pymach.vm.vm_map import vm_map_delete, vm_map_inherit, vm_map_insert, vm_map_protect
 from pymach.vm.vm_map_copy import (
     VmMapCopy,
+    vm_map_copy_discard,
     vm_map_copy_from_bytes,
     vm_map_copy_overwrite,
     vm_map_copyin,
@@ -49,10 +50,9 @@ def page_range(vmap: VmMap, address: object, size: object) -> tuple[int, int]:
     addr = check_int(address, "address")
     n = check_int(size, "size")
     ps = vmap.vm.page_size
-    start, end = trunc_page(addr, ps), round_page(addr + n, ps)
-    if end > VM_MAX_ADDRESS:
+    if addr + n > VM_MAX_ADDRESS:
         raise MachError("KERN_INVALID_ADDRESS", f"{addr:#x}+{n:#x} is beyond the address space")
-    return start, end
+    return trunc_page(addr, ps), round_page(addr + n, ps)
 
 
 def check_aligned(vmap: VmMap, value: object, what: str) -> int:
@@ -80,6 +80,7 @@ class VmServer:
 
     def _place(self, vmap: VmMap, address: object, size: int, anywhere: bool) -> int:
         """Where a new region of `size` bytes goes (anywhere, or at a free aligned address)."""
+        check_int(address, "address")
         if anywhere:
             return vmap.find_space(size)
         start = check_aligned(vmap, address, "address")
@@ -120,7 +121,12 @@ class VmServer:
         start = check_aligned(vmap, address, "address")
         page_range(vmap, start, data.size)
         if data.size % vmap.vm.page_size or data.offset:
-            data = self._whole_pages(vmap, start, data)
+            data = self._whole_pages(vmap, start, data)  # a new copy: ours to release
+            try:
+                vm_map_copy_overwrite(vmap, start, data)
+            finally:
+                vm_map_copy_discard(data)  # no-op once consumed
+            return
         vm_map_copy_overwrite(vmap, start, data)
 
     def _whole_pages(self, vmap: VmMap, start: int, data: VmMapCopy) -> VmMapCopy:
@@ -147,11 +153,8 @@ class VmServer:
         copy = vm_map_copyin(vmap, src, n, src_destroy=False)
         try:
             vm_map_copy_overwrite(vmap, dst, copy)
-        except MachError:
-            from pymach.vm.vm_map_copy import vm_map_copy_discard
-
-            vm_map_copy_discard(copy)
-            raise
+        finally:
+            vm_map_copy_discard(copy)  # no-op once consumed
 
     def vm_regions(self, task: Task, address: int, size: int) -> tuple[Any, ...]:
         from pymach.vm.vm_report import regions

@@ -1,0 +1,590 @@
+"""The pmap contract (src/pymach/pmap/pmap.py), run against every backend.
+
+The machine-independent VM keeps the truth in address maps and memory objects; a pmap is
+only the hardware's cache of translations (paper 5.5, "hardware validation"). These tests
+drive each backend's `PhysicalMemory` and `Pmap` directly: entering, extracting,
+protecting and removing translations, the pv lists behind `pmap_page_protect` (one frame
+mapped by two pmaps), reference and modify bits (set by the backend's MMU, where it has
+one: `mmu_read` / `mmu_write`), and the kernel's own frame accesses. The last tests boot a
+kernel on each backend and check that the pmap really is a cache: throwing away every
+translation of a task in the middle of its program does not change what it reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import pymach as m
+from machutil import assert_kernel_ok, sleep_ms
+from pymach.pmap import BACKENDS, make_physical_memory
+from pymach.vm.vm_param import VM_MAX_ADDRESS
+
+PS = 4096
+NFRAMES = 32
+NONE, R, W, X = m.VM_PROT_NONE, m.VM_PROT_READ, m.VM_PROT_WRITE, m.VM_PROT_EXECUTE
+RW, RWX = R | W, R | W | X
+CHUNK = 4096  # pages: more than any backend's page-table chunk, so ranges cover whole ones
+
+
+@pytest.fixture(params=BACKENDS)
+def phys(request: pytest.FixtureRequest) -> Any:
+    return make_physical_memory(request.param, PS, NFRAMES)
+
+
+def has_mmu(pmap: Any) -> bool:
+    return hasattr(pmap, "mmu_read") and hasattr(pmap, "mmu_write")
+
+
+def need_mmu(pmap: Any) -> None:
+    if not has_mmu(pmap):
+        pytest.skip("this backend has no software MMU (mmu_read / mmu_write)")
+
+
+def fill(phys: Any, frame: int, byte: int) -> bytes:
+    data = bytes([byte]) * PS
+    phys.phys_write(frame, data)
+    return data
+
+
+# -- the physical memory -------------------------------------------------------------------
+
+
+def test_make_physical_memory(phys: Any) -> None:
+    assert phys.page_size == PS and phys.nframes == NFRAMES
+    assert phys.lock is not None
+    for frame in (0, NFRAMES // 2, NFRAMES - 1):
+        assert phys.phys_read(frame) == bytes(PS)  # frames start out zero
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(m.MachError) as e:
+        make_physical_memory("no-such-mmu", PS, NFRAMES)
+    assert e.value.code == "KERN_INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("page_size", [8192, 12288, 16384])
+def test_other_page_sizes(page_size: int) -> None:
+    for backend in BACKENDS:
+        phys = make_physical_memory(backend, page_size, 4)
+        assert phys.page_size == page_size
+        phys.phys_write(1, b"\x01" * page_size)
+        phys.phys_write(2, b"\x02" * page_size)
+        assert phys.phys_read(1) == b"\x01" * page_size
+        assert phys.phys_read(2) == b"\x02" * page_size
+        pmap = phys.pmap_create()
+        pmap.pmap_enter(3 * page_size, 2, RW)
+        assert pmap.pmap_extract(3 * page_size) == 2
+        assert pmap.pmap_extract(3 * page_size + page_size - 1) == 2
+        assert pmap.pmap_extract(4 * page_size) is None
+        assert pmap.pmap_extract(3 * page_size - 1) is None
+        if has_mmu(pmap):
+            assert pmap.mmu_read(3 * page_size + 5, 3) == b"\x02" * 3
+            assert pmap.mmu_write(4 * page_size - 2, b"zz")
+            assert phys.phys_read(2, page_size - 2, 2) == b"zz"
+            assert phys.phys_read(1) == b"\x01" * page_size
+
+
+def test_phys_read_write_zero_copy(phys: Any) -> None:
+    a = fill(phys, 3, 0xAA)
+    fill(phys, 4, 0xBB)
+    assert phys.phys_read(3) == a
+    assert phys.phys_read(3, 10, 5) == b"\xaa" * 5
+    assert phys.phys_read(3, PS - 4) == b"\xaa" * 4  # offset to the end of the frame
+    phys.phys_write(3, b"hello", 100)
+    assert phys.phys_read(3, 98, 9) == b"\xaa\xaahello\xaa\xaa"
+    assert phys.phys_read(4) == b"\xbb" * PS  # neighbours untouched
+    assert phys.phys_read(2) == bytes(PS)
+    phys.pmap_copy_page(3, 5)
+    assert phys.phys_read(5) == phys.phys_read(3)
+    phys.phys_write(3, b"X")
+    assert phys.phys_read(5)[:1] == b"\xaa"  # a copy, not an alias
+    phys.pmap_zero_page(3)
+    assert phys.phys_read(3) == bytes(PS)
+    assert phys.phys_read(4) == b"\xbb" * PS and phys.phys_read(5)[:5] == b"\xaa" * 5
+
+
+def test_first_and_last_frame(phys: Any) -> None:
+    first, last = fill(phys, 0, 1), fill(phys, NFRAMES - 1, 2)
+    phys.pmap_copy_page(NFRAMES - 1, 0)
+    assert phys.phys_read(0) == last
+    phys.pmap_copy_page(1, NFRAMES - 1)
+    assert phys.phys_read(NFRAMES - 1) == bytes(PS)
+    assert first != last
+
+
+# -- one pmap -----------------------------------------------------------------------------
+
+
+def test_new_pmap_is_empty(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    assert pmap.pmap_resident_count() == 0
+    for va in (0, PS, 0x10000, VM_MAX_ADDRESS - PS):
+        assert pmap.pmap_extract(va) is None
+    if has_mmu(pmap):
+        assert pmap.mmu_read(0x10000, 1) is None
+        assert pmap.mmu_write(0x10000, b"x") is False
+
+
+def test_enter_and_extract(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    pmap.pmap_enter(0x10000, 7, RW)
+    pmap.pmap_enter(0x12000, 9, R)
+    assert pmap.pmap_extract(0x10000) == 7
+    assert pmap.pmap_extract(0x10FFF) == 7  # any address in the page
+    assert pmap.pmap_extract(0x11000) is None
+    assert pmap.pmap_extract(0x12000) == 9
+    assert pmap.pmap_resident_count() == 2
+    # entering again replaces the old mapping of that page
+    pmap.pmap_enter(0x10000, 8, R)
+    assert pmap.pmap_extract(0x10000) == 8
+    assert pmap.pmap_resident_count() == 2
+    # VM_PROT_NONE maps nothing
+    pmap.pmap_enter(0x20000, 3, NONE)
+    assert pmap.pmap_extract(0x20000) is None
+    assert pmap.pmap_resident_count() == 2
+    pmap.pmap_enter(0x10000, 8, NONE)  # and replaces an existing mapping with nothing
+    assert pmap.pmap_extract(0x10000) is None
+    assert pmap.pmap_resident_count() == 1
+
+
+def test_high_addresses(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    top = VM_MAX_ADDRESS - PS
+    pmap.pmap_enter(top, 1, RW)
+    pmap.pmap_enter(0x10000, 2, RW)
+    assert pmap.pmap_extract(top) == 1 and pmap.pmap_resident_count() == 2
+    pmap.pmap_remove(top, VM_MAX_ADDRESS)
+    assert pmap.pmap_extract(top) is None and pmap.pmap_extract(0x10000) == 2
+
+
+def test_remove_range(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    for i in range(8):
+        pmap.pmap_enter(0x40000 + i * PS, i, RW)
+    pmap.pmap_remove(0x40000 + 2 * PS, 0x40000 + 5 * PS)  # [2, 5)
+    assert [pmap.pmap_extract(0x40000 + i * PS) for i in range(8)] == [
+        0, 1, None, None, None, 5, 6, 7]
+    assert pmap.pmap_resident_count() == 5
+    pmap.pmap_remove(0x40000 + 7 * PS, 0x40000 + 7 * PS)  # empty range: nothing
+    assert pmap.pmap_extract(0x40000 + 7 * PS) == 7
+    pmap.pmap_remove(0, 0x40000)  # nothing mapped there: fine
+    assert pmap.pmap_resident_count() == 5
+    pmap.pmap_remove(0, VM_MAX_ADDRESS)
+    assert pmap.pmap_resident_count() == 0
+    assert all(pmap.pmap_extract(0x40000 + i * PS) is None for i in range(8))
+
+
+def test_remove_a_large_range(phys: Any) -> None:
+    """Whole page-table chunks at once and ragged ends, with mappings on both sides."""
+    pmap = phys.pmap_create()
+    base = 0x100000
+    vas = [base + i * PS for i in (0, 1, 500, 1023, 1024, 1025, 2047, 2048, 3000, 4100)]
+    for n, va in enumerate(vas):
+        pmap.pmap_enter(va, n, RW)
+    pmap.pmap_remove(base + PS, base + 3000 * PS)  # keeps the first and the last two
+    assert [pmap.pmap_extract(va) for va in vas] == [0] + [None] * 7 + [8, 9]
+    assert pmap.pmap_resident_count() == 3
+    # a page entered again after a chunk-wide removal is a fresh mapping
+    pmap.pmap_enter(base + 1024 * PS, 5, R)
+    assert pmap.pmap_extract(base + 1024 * PS) == 5
+    assert pmap.pmap_resident_count() == 4
+
+
+def test_protect_only_reduces(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    pmap.pmap_enter(0x10000, 1, RW)
+    pmap.pmap_enter(0x11000, 2, R)
+    pmap.pmap_enter(0x12000, 3, RW)
+    pmap.pmap_protect(0x10000, 0x12000, RWX)  # never grants more than was given
+    assert pmap.pmap_extract(0x10000) == 1 and pmap.pmap_extract(0x11000) == 2
+    if has_mmu(pmap):
+        assert pmap.mmu_write(0x10000, b"a")
+        assert not pmap.mmu_write(0x11000, b"a")  # still read-only
+    pmap.pmap_protect(0x10000, 0x12000, R)
+    assert pmap.pmap_extract(0x10000) == 1  # still mapped, read-only now
+    assert pmap.pmap_resident_count() == 3
+    if has_mmu(pmap):
+        assert not pmap.mmu_write(0x10000, b"b")
+        assert pmap.mmu_read(0x10000, 1) == b"a"
+        assert pmap.mmu_write(0x12000, b"c")  # outside the range: untouched
+    pmap.pmap_protect(0x10000, 0x11000, NONE)  # NONE removes
+    assert pmap.pmap_extract(0x10000) is None
+    assert pmap.pmap_resident_count() == 2
+    # re-entering gives the new protection exactly
+    pmap.pmap_enter(0x10000, 1, RW)
+    if has_mmu(pmap):
+        assert pmap.mmu_write(0x10000, b"d")
+        assert phys.phys_read(1, 0, 1) == b"d"
+
+
+def test_protect_a_large_range(phys: Any) -> None:
+    """pmap_protect over whole page-table chunks, then single entries inside them."""
+    pmap = phys.pmap_create()
+    base = 0x400000
+    vas = [base + i * PS for i in range(0, 3 * 1024, 97)]
+    for n, va in enumerate(vas):
+        pmap.pmap_enter(va, n % NFRAMES, RW)
+    count = pmap.pmap_resident_count()
+    assert count == len(vas)
+    pmap.pmap_protect(base, base + CHUNK * PS, R)
+    assert pmap.pmap_resident_count() == count
+    assert [pmap.pmap_extract(va) for va in vas] == [n % NFRAMES for n in range(len(vas))]
+    if has_mmu(pmap):
+        assert all(pmap.mmu_write(va, b"x") is False for va in vas)
+        assert all(pmap.mmu_read(va, 1) is not None for va in vas)
+    # one page given write access again; the others stay read-only
+    pmap.pmap_enter(vas[3], 3, RW)
+    if has_mmu(pmap):
+        assert pmap.mmu_write(vas[3], b"y")
+        assert pmap.mmu_write(vas[4], b"y") is False
+    pmap.pmap_protect(base, base + CHUNK * PS, RWX)  # still never more
+    if has_mmu(pmap):
+        assert pmap.mmu_write(vas[4], b"y") is False
+        assert pmap.mmu_write(vas[3], b"z")
+    pmap.pmap_protect(base, base + CHUNK * PS, NONE)
+    assert pmap.pmap_resident_count() == 0
+    assert all(pmap.pmap_extract(va) is None for va in vas)
+
+
+def test_protect_to_nothing_removes_write_only_mappings(phys: Any) -> None:
+    """A write-only mapping reduced to read-only has no access left: it is gone."""
+    pmap = phys.pmap_create()
+    base = 0x800000
+    pmap.pmap_enter(base, 1, W)
+    pmap.pmap_enter(base + PS, 2, RW)
+    pmap.pmap_enter(base + 5000 * PS, 3, W)  # far away, in a range covering whole chunks
+    pmap.pmap_enter(base + 5001 * PS, 4, RW)
+    pmap.pmap_protect(base, base + 2 * PS, R)  # a small range
+    pmap.pmap_protect(base + CHUNK * PS, base + 2 * CHUNK * PS, R)  # a large one
+    assert pmap.pmap_extract(base) is None
+    assert pmap.pmap_extract(base + 5000 * PS) is None
+    assert pmap.pmap_extract(base + PS) == 2 and pmap.pmap_extract(base + 5001 * PS) == 4
+    assert pmap.pmap_resident_count() == 2
+    if has_mmu(pmap):
+        assert pmap.mmu_write(base, b"w") is False
+        assert pmap.mmu_write(base + 5000 * PS, b"w") is False
+        assert pmap.mmu_read(base + 5001 * PS, 1) == b"\0"
+
+
+def test_destroy(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    other = phys.pmap_create()
+    for i in range(5):
+        pmap.pmap_enter(0x10000 + i * PS, i, RW)
+    other.pmap_enter(0x10000, 0, RW)
+    pmap.pmap_destroy()  # (the pmap is not used again)
+    # another pmap of the same frame is unaffected
+    assert other.pmap_extract(0x10000) == 0
+    # and pmap_page_protect of the frames the destroyed pmap had still works
+    for i in range(5):
+        phys.pmap_page_protect(i, NONE)
+    assert other.pmap_extract(0x10000) is None
+
+
+# -- pv lists: one frame, several pmaps ----------------------------------------------------
+
+
+def test_page_protect_across_pmaps(phys: Any) -> None:
+    a, b = phys.pmap_create(), phys.pmap_create()
+    shared, private = 5, 6
+    a.pmap_enter(0x10000, shared, RW)
+    b.pmap_enter(0x70000, shared, RW)  # another address in another space
+    b.pmap_enter(0x71000, shared, R)  # and twice in the same space
+    a.pmap_enter(0x11000, private, RW)
+    phys.pmap_page_protect(shared, R)  # copy-on-write: nobody may write the frame
+    assert a.pmap_extract(0x10000) == shared and b.pmap_extract(0x70000) == shared
+    if has_mmu(a):
+        assert a.mmu_write(0x10000, b"x") is False
+        assert b.mmu_write(0x70000, b"x") is False
+        assert a.mmu_write(0x11000, b"p")  # other frames keep their access
+        assert b.mmu_read(0x71000, 1) == b"\0"
+    phys.pmap_page_protect(shared, RW)  # never grants more
+    if has_mmu(a):
+        assert a.mmu_write(0x10000, b"x") is False
+    phys.pmap_page_protect(shared, NONE)  # every mapping of the frame goes
+    assert a.pmap_extract(0x10000) is None
+    assert b.pmap_extract(0x70000) is None and b.pmap_extract(0x71000) is None
+    assert a.pmap_extract(0x11000) == private
+    assert (a.pmap_resident_count(), b.pmap_resident_count()) == (1, 0)
+
+
+def test_page_protect_follows_remaps(phys: Any) -> None:
+    """The pv list tracks pmap_enter, pmap_remove and replacement exactly."""
+    a, b = phys.pmap_create(), phys.pmap_create()
+    a.pmap_enter(0x10000, 1, RW)
+    b.pmap_enter(0x10000, 1, RW)
+    a.pmap_enter(0x10000, 2, RW)  # a's page now maps another frame
+    b.pmap_remove(0x10000, 0x11000)
+    b.pmap_enter(0x20000, 1, RW)
+    phys.pmap_page_protect(1, NONE)
+    assert a.pmap_extract(0x10000) == 2  # not a mapping of frame 1 any more
+    assert b.pmap_extract(0x20000) is None
+    phys.pmap_page_protect(2, NONE)
+    assert a.pmap_extract(0x10000) is None
+    # a frame nobody maps: nothing to do
+    phys.pmap_page_protect(NFRAMES - 1, NONE)
+    phys.pmap_page_protect(NFRAMES - 1, R)
+
+
+def test_page_protect_after_large_removal_and_reuse(phys: Any) -> None:
+    """Frames that lost mappings through a range removal are then mapped elsewhere: a
+    pmap_page_protect must reach exactly the new mappings."""
+    a, b = phys.pmap_create(), phys.pmap_create()
+    base = 0x1000000
+    for i in range(8):
+        a.pmap_enter(base + i * PS, i, RW)
+    a.pmap_remove(base, base + CHUNK * PS)
+    a.pmap_destroy()
+    for i in range(8):
+        b.pmap_enter(base + i * PS, i, RW)
+    a2 = phys.pmap_create()
+    a2.pmap_enter(base, 0, R)
+    phys.pmap_page_protect(0, R)
+    assert b.pmap_extract(base) == 0 and a2.pmap_extract(base) == 0
+    if has_mmu(b):
+        assert b.mmu_write(base, b"x") is False
+        assert b.mmu_write(base + PS, b"x")
+    phys.pmap_page_protect(0, NONE)
+    assert b.pmap_extract(base) is None and a2.pmap_extract(base) is None
+    assert b.pmap_resident_count() == 7
+
+
+# -- the hardware: reference and modify bits -----------------------------------------------
+
+
+def test_mmu_reads_and_writes_frames(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    need_mmu(pmap)
+    fill(phys, 4, 0x44)
+    pmap.pmap_enter(0x30000, 4, RW)
+    assert pmap.mmu_read(0x30000, 4) == b"\x44" * 4
+    assert pmap.mmu_read(0x30000 + PS - 2, 2) == b"\x44\x44"
+    assert pmap.mmu_write(0x30000 + 10, b"abc") is True
+    assert phys.phys_read(4, 8, 7) == b"\x44\x44abc\x44\x44"
+    pmap.pmap_enter(0x30000, 5, RW)  # remapped: the same address now shows frame 5
+    assert pmap.mmu_read(0x30000 + 10, 3) == bytes(3)
+
+
+def test_mmu_faults_touch_nothing(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    need_mmu(pmap)
+    data = fill(phys, 2, 0x22)
+    pmap.pmap_enter(0x10000, 2, R)
+    pmap.pmap_enter(0x11000, 3, W)
+    phys.pmap_clear_reference(2)
+    phys.pmap_clear_modify(2)
+    assert pmap.mmu_write(0x10000, b"no") is False  # a write fault
+    assert phys.phys_read(2) == data
+    assert not phys.pmap_is_modified(2)
+    assert pmap.mmu_read(0x11000, 1) is None  # write-only: a read fault
+    assert pmap.mmu_read(0x12000, 1) is None  # unmapped: a fault
+    assert not phys.pmap_is_referenced(3)
+
+
+def test_reference_and_modify_bits(phys: Any) -> None:
+    a, b = phys.pmap_create(), phys.pmap_create()
+    need_mmu(a)
+    frame = 6
+    a.pmap_enter(0x10000, frame, RW)
+    b.pmap_enter(0x50000, frame, RW)
+    phys.pmap_clear_reference(frame)
+    phys.pmap_clear_modify(frame)
+    assert not phys.pmap_is_referenced(frame) and not phys.pmap_is_modified(frame)
+    assert a.mmu_read(0x10000, 1) == b"\0"
+    assert phys.pmap_is_referenced(frame) and not phys.pmap_is_modified(frame)
+    phys.pmap_clear_reference(frame)
+    assert b.mmu_write(0x50000, b"m")  # the bits are per frame, whichever pmap touched it
+    assert phys.pmap_is_referenced(frame) and phys.pmap_is_modified(frame)
+    phys.pmap_clear_modify(frame)
+    assert phys.pmap_is_referenced(frame) and not phys.pmap_is_modified(frame)
+    phys.pmap_clear_reference(frame)
+    assert not phys.pmap_is_referenced(frame)
+    # the bits survive losing the mappings (the VM reads them before reusing a frame)
+    assert a.mmu_write(0x10000, b"n")
+    phys.pmap_page_protect(frame, NONE)
+    assert phys.pmap_is_modified(frame) and phys.pmap_is_referenced(frame)
+    assert phys.phys_read(frame, 0, 1) == b"n"
+
+
+def test_kernel_accesses_leave_bits_alone(phys: Any) -> None:
+    frame = 7
+    phys.pmap_clear_reference(frame)
+    phys.pmap_clear_modify(frame)
+    phys.phys_write(frame, b"kernel")
+    assert phys.phys_read(frame, 0, 6) == b"kernel"
+    assert not phys.pmap_is_referenced(frame)
+    assert not phys.pmap_is_modified(frame)
+
+
+def test_mmu_is_atomic_with_page_protect(phys: Any) -> None:
+    """A thread hammers an address with mmu_write while the mapping is removed, the frame
+    reused and the address mapped read-only elsewhere: no store may land in a frame
+    through a translation that was already taken away."""
+    pmap = phys.pmap_create()
+    need_mmu(pmap)
+    va = 0x10000
+    stop = threading.Event()
+    stores: list[int] = []
+
+    def hammer() -> None:
+        n = 0
+        while not stop.is_set():
+            if pmap.mmu_write(va, b"\x01"):
+                n += 1
+        stores.append(n)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        for _ in range(100):
+            pmap.pmap_enter(va, 1, RW)
+            time.sleep(0)
+            phys.pmap_page_protect(1, NONE)  # frame 1 is taken away...
+            phys.pmap_zero_page(1)  # ...and reused
+            pmap.pmap_enter(va, 2, R)
+            time.sleep(0)
+            assert phys.phys_read(1, 0, 1) == b"\0"
+            assert phys.phys_read(2, 0, 1) == b"\0"
+            pmap.pmap_remove(va, va + PS)
+    finally:
+        stop.set()
+        t.join(5)
+    assert len(stores) == 1
+
+
+# -- the pmap is a cache: a booted kernel on each backend ----------------------------------
+
+
+@pytest.fixture(params=[(b, d) for b in BACKENDS for d in (False, True)],
+                ids=[f"{b}-{'det' if d else 'free'}" for b in BACKENDS for d in (False, True)])
+def small_kernel(request: pytest.FixtureRequest) -> Iterator[m.Kernel]:
+    backend, det = request.param
+    with m.boot(deterministic=det, seed=1987, pmap=backend, memory_size=64 * PS) as k:
+        yield k
+
+
+def drop_all_mappings(k: m.Kernel) -> int:
+    """Forget every translation of every task; returns how many there were."""
+    total = 0
+    for task in list(k.tasks.values()):
+        vmap = task.map
+        if vmap is None:
+            continue
+        total += vmap.pmap.pmap_resident_count()
+        vmap.pmap.pmap_remove(0, VM_MAX_ADDRESS)
+        assert vmap.pmap.pmap_resident_count() == 0
+    return total
+
+
+def drop_all_by_frame(k: m.Kernel) -> None:
+    """The same through the pv lists: no frame stays mapped anywhere."""
+    for frame in range(k.vm.phys.nframes):
+        k.vm.phys.pmap_page_protect(frame, NONE)
+
+
+def write_only_protect_all(k: m.Kernel) -> None:
+    """Take write access away everywhere (the VM gives it back at the next fault)."""
+    for frame in range(k.vm.phys.nframes):
+        k.vm.phys.pmap_page_protect(frame, R)
+
+
+def pattern(tag: int, i: int, size: int = PS) -> bytes:
+    return (bytes([tag, i % 256, (i >> 8) % 256, 0x5A]) * (size // 4 + 1))[:size]
+
+
+def test_dropping_mappings_changes_nothing(small_kernel: m.Kernel) -> None:
+    k = small_kernel
+    me = m.task_self()
+    mem = m.memory()
+    n = 24
+    a = m.vm_allocate(me, 0, n * PS, True)
+    for i in range(n):
+        mem[a + i * PS:a + (i + 1) * PS] = pattern(1, i)
+    assert drop_all_mappings(k) >= 1
+    for i in range(n):
+        assert mem[a + i * PS:a + (i + 1) * PS] == pattern(1, i)
+    # writes after the drop land where they should
+    drop_all_by_frame(k)
+    for i in range(0, n, 3):
+        mem[a + i * PS:a + i * PS + 4] = b"NEW!"
+    write_only_protect_all(k)
+    for i in range(1, n, 3):
+        mem[a + i * PS + 8:a + i * PS + 12] = b"new."
+    drop_all_mappings(k)
+    for i in range(n):
+        want = bytearray(pattern(1, i))
+        if i % 3 == 0:
+            want[:4] = b"NEW!"
+        if i % 3 == 1:
+            want[8:12] = b"new."
+        assert mem[a + i * PS:a + (i + 1) * PS] == bytes(want), i
+    assert m.vm_read(me, a, n * PS)[:4] == b"NEW!"
+    assert_kernel_ok()
+
+
+def test_dropping_mappings_keeps_copy_on_write(small_kernel: m.Kernel) -> None:
+    """Sharing and copy-on-write between a parent and a child survive the pmap forgetting
+    everything at each step."""
+    k = small_kernel
+    me = m.task_self()
+    mem = m.memory()
+    shared = m.vm_allocate(me, 0, 4 * PS, True)
+    copied = m.vm_allocate(me, 0, 4 * PS, True)
+    m.vm_inherit(me, shared, 4 * PS, m.VM_INHERIT_SHARE)
+    for i in range(4):
+        mem[shared + i * PS:shared + i * PS + 4] = pattern(2, i, 4)
+        mem[copied + i * PS:copied + i * PS + 4] = pattern(3, i, 4)
+    drop_all_mappings(k)
+    child = m.task_create(me, True)
+    drop_all_by_frame(k)
+    mem[copied:copied + 4] = b"PAR!"  # copy-on-write: the child keeps the old data
+    m.vm_write(child, copied + PS, b"CHI!" + bytes(PS - 4))
+    mem[shared + 2 * PS:shared + 2 * PS + 4] = b"SHR!"  # shared: the child sees it
+    drop_all_mappings(k)
+    assert m.vm_read(child, copied, 4) == pattern(3, 0, 4)
+    assert mem[copied + PS:copied + PS + 4] == pattern(3, 1, 4)
+    assert m.vm_read(child, copied + PS, 4) == b"CHI!"
+    assert m.vm_read(child, shared + 2 * PS, 4) == b"SHR!"
+    write_only_protect_all(k)
+    m.vm_write(child, shared + 3 * PS, b"FROMCHILD" + bytes(PS - 9))
+    drop_all_by_frame(k)
+    assert mem[shared + 3 * PS:shared + 3 * PS + 9] == b"FROMCHILD"
+    assert mem[copied:copied + 4] == b"PAR!"
+    m.task_terminate(child)
+
+
+def test_dropping_mappings_while_tasks_run(small_kernel: m.Kernel) -> None:
+    """Two tasks write and check their memory in a loop while the pmaps keep forgetting
+    (and losing write access) underneath them, with paging going on too."""
+    k = small_kernel
+
+    def worker(tag: int, pages: int, rounds: int) -> int:
+        me = m.task_self()
+        mem = m.memory()
+        a = m.vm_allocate(me, 0, pages * PS, True)
+        bad = 0
+        for r in range(rounds):
+            for i in range(pages):
+                mem[a + i * PS:a + i * PS + 8] = bytes([tag, r, i]) + b"\0" * 5
+            for i in range(pages):
+                if mem[a + i * PS:a + i * PS + 8] != bytes([tag, r, i]) + b"\0" * 5:
+                    bad += 1
+        return bad
+
+    hs = [k.spawn(worker, tag, 40 * tag, 6, name=f"w{tag}") for tag in (1, 2)]
+    rounds = 0
+    while not all(h.done for h in hs):
+        if rounds % 2:
+            drop_all_mappings(k)
+        else:
+            write_only_protect_all(k)
+        rounds += 1
+        sleep_ms(1)
+    assert [h.result(10_000) for h in hs] == [0, 0]
+    assert rounds >= 1
+    assert k.vm_stat()["pageouts"] > 0  # 120 pages through 64 frames
