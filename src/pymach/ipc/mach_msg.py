@@ -2,9 +2,12 @@
 
 Send: look up the destination, wait for room if its queue is full (block, time out, or
 fail at once with timeout 0), then copy the message in and queue it, or, for a kernel
-port, execute it inline. Waiting happens *before* copyin, so a send that times out leaves
-the sender's rights untouched. Receive: from one port the task receives on, or from its
-default group; a message larger than `rcv_size` stays queued (RCV_TOO_LARGE).
+port, execute it inline. An unthrottled task (a host's network message server, whose
+network has flow control of its own) is never held back by a backlog, so what arrives
+from one host is queued in the order it was sent. Waiting happens *before* copyin, so a
+send that times out leaves the sender's rights untouched. Receive: from one port the task
+receives on, or from its default group; a message larger than `rcv_size` stays queued
+(RCV_TOO_LARGE).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def msg_send_locked(thread: Thread, msg: Message, timeout: float | None) -> None
     deadline = deadline_after(kernel.sched, timeout)
     while True:
         port = space.lookup(msg.remote_port, "SEND_INVALID_PORT").port
-        if port.is_kernel_port or not port.queue_full():
+        if port.is_kernel_port or not port.queue_full() or thread.task.unthrottled:
             break
         if not thread_block(kernel.sched, thread, port.send_waitq, deadline):
             raise MachError("SEND_TIMED_OUT", f"port {msg.remote_port} stayed full "

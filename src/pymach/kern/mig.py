@@ -19,6 +19,7 @@ port arguments arrive as kernel port objects) and user servers (where they are n
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from pymach.ipc.message import (
 from pymach.ipc.port import Port as KernelPort
 
 REPLY_ID_OFFSET = 100
+log = logging.getLogger("pymach")
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,11 @@ class Subsystem:
             result = getattr(impl, r.name)(target, *args)
             reply = encode_outs(r, result)
         except MachError as e:
-            return None if r.simple else error_reply(e.code, e.detail)
+            if r.simple:  # no reply can carry it: say it where a developer will look
+                log.warning("%s(%s) failed with no reply to carry the error: %s",
+                            r.name, target, e)
+                return None
+            return error_reply(e.code, e.detail)
         return None if r.simple else reply
 
 

@@ -48,6 +48,7 @@ class Task:
         self.bootstrap_port: Port | None = None
         self.self_name = self.notify_name = self.bootstrap_name = 0
         self.map: VmMap | None = None  # the address space (none for the kernel task)
+        self.unthrottled = False  # set once: its sends ignore backlogs (netmsgserver)
         if not kernel_task:
             self._make_ports(parent)
             self.map = self._make_map(parent, inherit)
