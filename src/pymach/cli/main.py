@@ -22,6 +22,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from pymach.cli.demo_fs import run_fs_demo
 
         run_fs_demo(**opts)
+    if args.part == "shm":
+        from pymach.cli.demo_shm import run_shm_demo
+
+        run_shm_demo(**opts)
     return 0
 
 
@@ -54,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "1987 'Duality of Memory and Communication' paper, in Python.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a narrated multi-task program on the embedded kernel")
-    demo.add_argument("part", nargs="?", default="all", choices=["all", "ipc", "vm", "fs"],
+    demo.add_argument("part", nargs="?", default="all", choices=["all", "ipc", "vm", "fs", "shm"],
                       help="which part: ports and messages (ipc), virtual memory (vm), "
-                      "the section 4.1 filesystem (fs); 'all' runs ipc and vm")
+                      "the section 4.1 filesystem (fs), section 4.2 shared memory across "
+                      "hosts (shm); 'all' runs ipc and vm")
     demo.add_argument("--deterministic", action="store_true",
                       help="one thread at a time, in an order drawn from --seed")
     demo.add_argument("--seed", type=int, default=0)
