@@ -103,7 +103,17 @@ from pymach.mach import (
     vm_statistics,
     vm_write,
 )
-from pymach.mach_vm import AddressSpace, Region, VmRegion, VmStatistics, memory, vm_page_size
+from pymach.mach_vm import (
+    AddressSpace,
+    Region,
+    VmRegion,
+    VmStatistics,
+    copy_to_safe_memory,
+    memory,
+    vm_page_size,
+)
+from pymach.net.network import Network
+from pymach.pagers.data_manager import DataManager
 from pymach.vm.vm_param import (
     VM_INHERIT_COPY,
     VM_INHERIT_DEFAULT,
@@ -150,6 +160,7 @@ __all__ = [
     "VM_PROT_WRITE",
     "AddressSpace",
     "Bytes",
+    "DataManager",
     "Disposition",
     "Float",
     "Int",
@@ -159,6 +170,7 @@ __all__ = [
     "MachError",
     "Message",
     "MigError",
+    "Network",
     "Port",
     "PortArray",
     "RcvError",
@@ -172,6 +184,7 @@ __all__ = [
     "VmStatistics",
     "__version__",
     "boot",
+    "copy_to_safe_memory",
     "host_info",
     "host_kernel_version",
     "host_self",

@@ -216,3 +216,45 @@ class VmStatistics:
     reactivations: int
     lookups: int
     hits: int
+
+
+def copy_to_safe_memory(address: int, size: int, timeout_ms: float | None = None) -> int:
+    """Copy [address, address+size) of the calling task into new anonymous memory (backed
+    by the default pager) and return its address (paper 6.1).
+
+    For data received from a data manager that may change it, or never provide it: the
+    copy is made by a separate thread, so with `timeout_ms` a manager that does not
+    answer costs the caller a KERN_MEMORY_ERROR instead of a hang (the copying thread is
+    terminated). The copy never changes behind the caller's back.
+    """
+    from pymach import mach
+    from pymach.ipc.message import RCV_TIMEOUT, Int, Message
+
+    address, size = _check_range(address, size)
+    me = mach.task_self()
+    safe: int = mach.vm_allocate(me, 0, max(size, 1), True)
+    done = mach.port_allocate(me)
+
+    def copier() -> None:
+        space = memory()
+        space.write(safe, space.read(address, size))
+        mach.msg_send(Message(remote_port=done, items=[Int(0)]))
+
+    worker = mach.thread_create(me, copier)
+    try:
+        mach.msg_receive(done, RCV_TIMEOUT if timeout_ms is not None else 0, timeout_ms)
+    except MachError as e:
+        with _suppress():
+            mach.thread_terminate(worker)
+        mach.vm_deallocate(me, safe, max(size, 1))
+        raise MachError("KERN_MEMORY_ERROR", f"the data at {address:#x} could not be copied "
+                        f"within {timeout_ms} ms ({e.code})") from None
+    finally:
+        mach.port_deallocate(me, done)
+    return safe
+
+
+def _suppress() -> Any:
+    import contextlib
+
+    return contextlib.suppress(MachError)
