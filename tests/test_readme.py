@@ -1,4 +1,4 @@
-"""The README's first program runs and prints what the README says it prints."""
+"""The README's programs run and print what the README says they print."""
 
 from __future__ import annotations
 
@@ -10,16 +10,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _first_program() -> str:
+def _program(containing: str) -> str:
+    """The README's Python block that contains `containing`."""
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if containing in b]
+    assert len(blocks) == 1, f"expected one README block with {containing!r}"
+    return blocks[0]
+
+
+def _run(program: str) -> list[str]:
+    r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
 
 
 def test_readme_first_program_runs() -> None:
-    r = subprocess.run([sys.executable, "-c", _first_program()], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:3] == ["42", "bye", "(False, 0, 5, True, True)"]
+    out = _run(_program("def echo_server"))
+    assert out[:3] == ["42", "bye", "(False, 0, 5, True, True)"]
+
+
+def test_readme_vm_program_runs() -> None:
+    out = _run(_program("KERN_PROTECTION_FAILURE"))
+    assert out == ["KERN_PROTECTION_FAILURE", "b'hello'", "b'hello' 1"]
+
+
+def test_readme_data_manager_tutorial_runs() -> None:
+    out = _run(_program("class Squares"))
+    assert out == ["25", "page 0 written back"]
+
+
+def test_readme_network_example_runs() -> None:
+    out = _run(_program("pymach.Network()"))
+    assert out == ["42"]
 
 
 def test_demo_command_runs() -> None:
