@@ -21,7 +21,7 @@ import pytest
 
 import pymach as m
 from machutil import assert_kernel_ok, sleep_ms
-from pymach.pmap import BACKENDS, make_physical_memory
+from pymach.pmap import BACKENDS, EMBEDDED_BACKENDS, make_physical_memory
 from pymach.vm.vm_param import VM_MAX_ADDRESS
 
 PS = 4096
@@ -458,10 +458,21 @@ def test_mmu_is_atomic_with_page_protect(phys: Any) -> None:
 
 
 # -- the pmap is a cache: a booted kernel on each backend ----------------------------------
+# An embedded kernel's tasks are threads of this process and touch memory through the
+# software MMU, so only the embedded backends boot here; the native backend gets the same
+# checks from the native contract suite, whose tasks are processes.
 
 
-@pytest.fixture(params=[(b, d) for b in BACKENDS for d in (False, True)],
-                ids=[f"{b}-{'det' if d else 'free'}" for b in BACKENDS for d in (False, True)])
+def test_embedded_boot_refuses_native_backends() -> None:
+    for backend in set(BACKENDS) - set(EMBEDDED_BACKENDS):
+        with pytest.raises(m.KernError) as e, m.boot(pmap=backend):
+            pass
+        assert e.value.code == "KERN_INVALID_ARGUMENT" and "machd" in e.value.detail
+
+
+@pytest.fixture(params=[(b, d) for b in EMBEDDED_BACKENDS for d in (False, True)],
+                ids=[f"{b}-{'det' if d else 'free'}" for b in EMBEDDED_BACKENDS
+                     for d in (False, True)])
 def small_kernel(request: pytest.FixtureRequest) -> Iterator[m.Kernel]:
     backend, det = request.param
     with m.boot(deterministic=det, seed=1987, pmap=backend, memory_size=64 * PS) as k:

@@ -378,6 +378,12 @@ def boot(**config: Any) -> Iterator[Kernel]:
     one manager's objects may hold).
     Inside the block the calling thread is the first thread of the `bootstrap` task.
     """
+    from pymach.pmap import EMBEDDED_BACKENDS
+
+    if config.get("pmap", "soft") not in EMBEDDED_BACKENDS:
+        raise MachError("KERN_INVALID_ARGUMENT", f"pmap {config['pmap']!r} serves native "
+                        f"tasks (processes) under machd, not threads of this process: "
+                        f"use {', '.join(EMBEDDED_BACKENDS)} here, or `pymach machd`")
     kernel = Kernel(**config)
     try:
         previous = current_thread()

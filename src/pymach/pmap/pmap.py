@@ -6,6 +6,10 @@ space. Mach's rule holds for every backend: a pmap may forget any mapping at any
 and what tasks see does not change, because the next access faults and vm_fault enters
 the mapping again. A pmap never grants more access than it was given.
 
+A backend may keep a frame's data wherever it likes: the VM tells it where each frame
+belongs (`frame_bind`, `frame_unbind`, `frame_move`), so the native backend can keep a
+VM object's pages in that object's memfd, which tasks map.
+
 Two objects make up a backend (one file each, chosen only in `pmap/__init__.py`):
 
 - a `PhysicalMemory`: the machine's page frames, numbered 0..nframes-1, with reference
@@ -97,4 +101,21 @@ class PhysicalMemory(Protocol):
 
     def phys_write(self, frame: int, data: bytes, offset: int = 0) -> None:
         """Store bytes into a frame, for the kernel's own copies."""
+        ...
+
+    def frame_bind(self, frame: int, obj: object, offset: int) -> None:
+        """A frame now caches page `offset` of VM object `obj` (vm_page_insert)."""
+        ...
+
+    def frame_unbind(self, frame: int) -> None:
+        """A frame caches nothing any more (vm_page_remove); its data may go."""
+        ...
+
+    def frame_move(self, frame: int, obj: object, offset: int) -> None:
+        """A frame's page moves to another object and offset, keeping its data
+        (vm_page_rename: collapse, pageout's holding objects)."""
+        ...
+
+    def object_gone(self, obj: object) -> None:
+        """A VM object was terminated: release what the backend kept for it."""
         ...

@@ -29,15 +29,16 @@ _PROT_MASK = 0x7
 class SoftPhysicalMemory:
     """Frames, their reference/modify bits and pv lists (see module docstring)."""
 
-    def __init__(self, page_size: int, nframes: int) -> None:
+    def __init__(self, page_size: int, nframes: int, simulated: bool = True) -> None:
         self.page_size = page_size  # immutable
         self.nframes = nframes  # immutable
         self.lock = threading.Lock()  # the memory bus: a leaf lock over everything below
-        self.mem = mmap.mmap(-1, page_size * nframes)  # zero pages, allocated lazily by the OS
+        size = page_size * nframes if simulated else page_size
+        self.mem = mmap.mmap(-1, size)  # zero pages, allocated lazily by the OS
         self.mv = memoryview(self.mem)
         self.referenced = bytearray(nframes)
         self.modified = bytearray(nframes)
-        self.pv: dict[int, set[tuple[SoftPmap, int]]] = {}
+        self.pv: dict[int, set[tuple[PageTable, int]]] = {}
         self._zero = bytes(page_size)
 
     def pmap_create(self) -> SoftPmap:
@@ -93,12 +94,25 @@ class SoftPhysicalMemory:
         base = frame * self.page_size + offset
         self.mv[base:base + len(data)] = data
 
+    # -- where frames live: simulated frames are anonymous, nothing to do --------------
+    def frame_bind(self, frame: int, obj: object, offset: int) -> None:
+        """A frame now caches `obj` at `offset`."""
+
+    def frame_unbind(self, frame: int) -> None:
+        """A frame caches nothing any more."""
+
+    def frame_move(self, frame: int, obj: object, offset: int) -> None:
+        """A frame's page moves to another object and offset, data and all."""
+
+    def object_gone(self, obj: object) -> None:
+        """An object was terminated."""
+
 
 CHUNK_SHIFT = 10  # a page table chunk covers 1024 pages
 
 
-class SoftPmap:
-    """A page table of one address space (see module docstring)."""
+class PageTable:
+    """The bookkeeping of one address space's mappings (shared by both backends)."""
 
     def __init__(self, phys: SoftPhysicalMemory) -> None:
         self.phys = phys  # immutable
@@ -218,6 +232,11 @@ class SoftPmap:
                 holders.discard((self, vpn))
                 if not holders:
                     del self.phys.pv[e >> 3]
+
+
+
+class SoftPmap(PageTable):
+    """A page table plus the software MMU that task threads load and store through."""
 
     # -- the hardware: task threads' loads and stores ----------------------------------
     def mmu_read(self, va: int, size: int) -> bytes | None:

@@ -54,7 +54,7 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         look = vm_map_lookup(vmap, page_va, access)
         try:
             page, prot = vm_fault_page(thread, look.object, look.offset, access, look.prot,
-                                       look.single_use, look.policy)
+                                       look.single_use, look.policy, map_first=vm.native)
         except Retry:
             continue
         assert vmap.pmap is not None
@@ -65,12 +65,13 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
 
 
 def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, access: int,
-                  prot: int, single_use: bool = True, policy: FaultPolicy | None = None
-                  ) -> tuple[VmPage, int]:
+                  prot: int, single_use: bool = True, policy: FaultPolicy | None = None,
+                  map_first: bool = False) -> tuple[VmPage, int]:
     """Steps 2 and 3: a resident page holding the data of `first_object` at
     `first_offset`, ready for `access`, and the protection it may be mapped with.
-    `policy` (the mapping's, else the host's) bounds waits for a data manager.
-    Raises Retry after any wait."""
+    `policy` (the mapping's, else the host's) bounds waits for a data manager. With
+    `map_first` (native memory: a task maps only its first object's memfd) a page found
+    below the first object is copied up even for a read. Raises Retry after any wait."""
     policy = policy or first_object.vm.fault_policy
     page, obj = _find_page(thread, first_object, first_offset, policy, access)
     needed = access if obj is first_object else VM_PROT_READ  # a copy-up only reads it
@@ -79,8 +80,9 @@ def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, acc
 
         request_unlock(thread, page, needed, policy)  # waits for pager_data_lock: Retry
     if obj is not first_object:
-        if access & VM_PROT_WRITE:
+        if access & VM_PROT_WRITE or map_first:
             page = _copy_up(thread, page, first_object, first_offset, single_use)
+            obj = first_object
         else:
             prot &= ~VM_PROT_WRITE
     elif first_object.copy is not None:

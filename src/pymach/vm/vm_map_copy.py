@@ -40,6 +40,7 @@ from pymach.vm.vm_object import (
     vm_object_deallocate,
     vm_object_pmap_protect_copy,
     vm_object_reference,
+    vm_object_shadow,
 )
 from pymach.vm.vm_param import (
     VM_INHERIT_COPY,
@@ -92,7 +93,7 @@ def vm_object_copy(obj: VmObject, offset: int, size: int) -> tuple[VmObject, int
     reference), and whether the source entry must now be marked needs_copy.
     """
     vm_object_collapse(obj)
-    if obj.internal:
+    if obj.internal and not obj.vm.native:
         vm_object_reference(obj)
         vm_object_pmap_protect_copy(obj, offset, offset + size)
         return obj, offset, True
@@ -114,7 +115,9 @@ def _copy_object(obj: VmObject) -> VmObject:
         old.shadow = new
         vm_object_deallocate(old_shadow)
     obj.copy = new
-    vm_object_pmap_protect_copy(obj, 0, obj.size)
+    protect = getattr(obj.vm.phys, "object_write_protect", None)
+    if protect is None or not protect(obj):  # native: one call per task region
+        vm_object_pmap_protect_copy(obj, 0, obj.size)
     return new
 
 
@@ -126,7 +129,7 @@ def _copy_entry_piece(holder: VmMap, entry: VmMapEntry) -> CopyEntry:
         vm_object_reference(obj)
         return CopyEntry(obj, entry.offset, entry.size, True)
     vm_object_collapse(obj)
-    if obj.internal and obj.ref_count == 1:
+    if obj.internal and obj.ref_count == 1 and not obj.vm.native:
         # Only this entry maps the object, so only its range can hold writable
         # mappings of its pages: protect that range (Mach's pmap_protect), not each page.
         vm_object_reference(obj)
@@ -167,11 +170,22 @@ def vm_map_fork(vm: VmSystem, parent: VmMap) -> VmMap:
         else:
             at = e.start
             for piece in _copy_range(parent, e.start, e.end):
-                vm_map_insert(child, at, at + piece.size, piece.object, piece.offset,
-                              protection=e.protection, max_protection=e.max_protection,
-                              inheritance=e.inheritance, needs_copy=piece.needs_copy)
+                insert_copy(child, at, piece, protection=e.protection,
+                            max_protection=e.max_protection, inheritance=e.inheritance)
                 at += piece.size
     return child
+
+
+def insert_copy(vmap: VmMap, at: int, piece: CopyEntry, protection: int = VM_PROT_DEFAULT,
+                max_protection: int = VM_PROT_ALL, inheritance: int = VM_INHERIT_COPY) -> None:
+    """Map one piece of a copy at `at`. A native task gets its private shadow now (its
+    region will map that object's memfd for good); others make it at the first write."""
+    obj, offset, needs_copy = piece.object, piece.offset, piece.needs_copy
+    if needs_copy and vmap.vm.native:
+        obj, offset, needs_copy = vm_object_shadow(obj, offset, piece.size), 0, False
+    vm_map_insert(vmap, at, at + piece.size, obj, offset, protection=protection,
+                  max_protection=max_protection, inheritance=inheritance,
+                  needs_copy=needs_copy)
 
 
 def _share(vm: VmSystem, tmap: VmMap, entry: VmMapEntry) -> VmMap:
@@ -257,8 +271,7 @@ def vm_map_copyout(vmap: VmMap, copy: VmMapCopy) -> int:
         return 0
     at = start
     for piece in copy.entries:
-        vm_map_insert(vmap, at, at + piece.size, piece.object, piece.offset,
-                      protection=VM_PROT_DEFAULT, needs_copy=piece.needs_copy)
+        insert_copy(vmap, at, piece, protection=VM_PROT_DEFAULT)
         at += piece.size
     return start + copy.offset
 
@@ -302,6 +315,9 @@ def vm_map_copy_overwrite(vmap: VmMap, dst: int, copy: VmMapCopy) -> None:
         if not e.protection & VM_PROT_WRITE:
             raise MachError("KERN_PROTECTION_FAILURE", f"{e.start:#x}-{e.end:#x} is not "
                             f"writable")
+    if vmap.vm.native:
+        _write_pages(vmap, dst, copy)
+        return
     _consume(copy)
     for e in vmap.clip_range(dst, end):
         pieces = _slice(copy, e.start - dst, e.end - dst)
@@ -310,6 +326,35 @@ def vm_map_copy_overwrite(vmap: VmMap, dst: int, copy: VmMapCopy) -> None:
         else:
             _replace(vmap, e.start, pieces, e)
     for piece in copy.entries:
+        vm_object_deallocate(piece.object)
+
+
+def _write_pages(vmap: VmMap, dst: int, copy: VmMapCopy) -> None:
+    """Native vm_write/vm_copy: store the copy's data into the pages at `dst`, as the task
+    writing them would (the task's mappings stay; the memory changes under them)."""
+    from pymach.kern.thread import current_thread
+    from pymach.vm.vm_fault import Retry, vm_fault_page
+    from pymach.vm.vm_kern import object_read_page
+    from pymach.vm.vm_map import vm_map_lookup
+
+    thread = current_thread()
+    ps = vmap.vm.page_size
+    at = dst
+    _consume(copy)
+    for piece in copy.entries:
+        for off in range(piece.offset, piece.offset + piece.size, ps):
+            data = object_read_page(thread, piece.object, off)
+            while True:
+                look = vm_map_lookup(vmap, at, VM_PROT_WRITE)
+                try:
+                    page, _ = vm_fault_page(thread, look.object, look.offset, VM_PROT_WRITE,
+                                            look.prot, look.single_use, look.policy)
+                    break
+                except Retry:
+                    continue
+            vmap.vm.phys.phys_write(page.frame, data)
+            page.dirty = True
+            at += ps
         vm_object_deallocate(piece.object)
 
 

@@ -126,6 +126,7 @@ def vm_object_terminate(obj: VmObject) -> None:
     if obj.internal and obj.pager is not None:
         vm.swap_epoch += 1  # the default pager frees this object's blocks: room to retry
     pager_terminate(obj)
+    vm.phys.object_gone(obj)
     vm.objects_alive -= 1
     vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
@@ -224,6 +225,7 @@ def _collapse_into(obj: VmObject, backing: VmObject) -> None:
     obj.shadow, obj.shadow_offset = backing.shadow, backing.shadow_offset + delta
     backing.shadow = None
     backing.alive = False
+    vm.phys.object_gone(backing)
     vm.objects_alive -= 1
     vm.stats_collapses += 1
 

@@ -101,22 +101,32 @@ class VmResident:
 
     def vm_page_insert(self, page: VmPage, obj: VmObject, offset: int) -> None:
         """Table `page` as `obj`'s page at `offset` (no page may be there yet)."""
+        self._table(page, obj, offset)
+        self.phys.frame_bind(page.frame, obj, offset)
+
+    def _table(self, page: VmPage, obj: VmObject, offset: int) -> None:
         page.object, page.offset = obj, offset
         self.hash[(obj.serial, offset)] = page
         obj.memq[offset] = page
 
-    def vm_page_remove(self, page: VmPage) -> None:
-        """Untable `page` from its object (it keeps its frame)."""
+    def _untable(self, page: VmPage) -> None:
         obj = page.object
         if obj is not None:
             self.hash.pop((obj.serial, page.offset), None)
             obj.memq.pop(page.offset, None)
         page.object = None
 
+    def vm_page_remove(self, page: VmPage) -> None:
+        """Untable `page` from its object (its frame then caches nothing)."""
+        if page.object is not None:
+            self.phys.frame_unbind(page.frame)
+        self._untable(page)
+
     def vm_page_rename(self, page: VmPage, obj: VmObject, offset: int) -> None:
-        """Move a tabled page to another object and offset (no copy)."""
-        self.vm_page_remove(page)
-        self.vm_page_insert(page, obj, offset)
+        """Move a tabled page, data and all, to another object and offset."""
+        self._untable(page)
+        self._table(page, obj, offset)
+        self.phys.frame_move(page.frame, obj, offset)
 
     # -- frames -----------------------------------------------------------------------
     def free_count(self) -> int:

@@ -1,0 +1,225 @@
+"""UffdPmap: the pmap of native tasks, over real memory (Linux memfd + userfaultfd).
+
+Native tasks are processes, so the "hardware" is the real MMU. The backend keeps each
+VM object's pages in a memfd of its own (`ObjectStore`), which the tasks that map the
+object map MAP_SHARED at the region's address: a resident page of (object, offset) is
+that memfd's page at `offset`, and every task mapping the object sees the same memory.
+machd holds every task's userfaultfd and makes the mappings real:
+
+- `pmap_enter` lets a task reach a page: UFFDIO_CONTINUE maps the memfd's page into
+  the task (write-protected unless the mapping may write), or clearing write
+  protection upgrades a read mapping; either wakes the faulting thread;
+- lowering protection to read-only is UFFDIO_WRITEPROTECT on the task's range;
+- taking a page from every task while keeping it (pmap_page_protect to NONE) stashes
+  its data in machd and punches it out of the memfd; the next access faults and
+  `pmap_enter` puts the data back;
+- freeing a frame punches its page out of the memfd.
+
+What this backend cannot do, the native VM layer avoids: it never removes a task's
+mapping of a range asynchronously (a task changes its own mappings, at its kernel
+entries), and it has no reference bits (pageout is FIFO with a fault-based second
+chance). The modify bit is exact: pages are installed write-protected until written.
+
+The page-table bookkeeping (chunks, masks, pv lists) is `PageTable`'s, as in SoftPmap. All state is
+guarded by the backend `lock` (a leaf lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory
+from pymach.vm.vm_param import VM_PROT_NONE, VM_PROT_WRITE
+
+if TYPE_CHECKING:
+    from pymach.machd.uffd import Uffd
+
+
+@dataclass
+class ObjectStore:
+    """One VM object's memory: a memfd (machd's descriptor) of at least `size` bytes."""
+
+    serial: int
+    fd: int
+    size: int = 0
+    mappings: set[tuple[UffdPmap, int, int, int]] = field(default_factory=set)
+    # (pmap, va, object offset, length) of every task region that maps this memfd
+
+
+class UffdPhysicalMemory(SoftPhysicalMemory):
+    """Frames whose data live in VM objects' memfds (see module docstring)."""
+
+    def __init__(self, page_size: int, nframes: int) -> None:
+        super().__init__(page_size, nframes, simulated=False)
+        self.stash: dict[int, bytes] = {}  # frames taken from every task, data kept here
+        self.stores: dict[int, ObjectStore] = {}  # VM object serial -> its memfd
+        # A frame that caches no object keeps its data in one anonymous memfd, at its
+        # frame number (the pmap contract lets a frame hold data before it is tabled).
+        self.free_store = ObjectStore(-1, os.memfd_create("pymach-frames", os.MFD_CLOEXEC))
+        os.ftruncate(self.free_store.fd, nframes * page_size)
+        self.homes: list[tuple[ObjectStore, int]] = [
+            (self.free_store, f * page_size) for f in range(nframes)]
+
+    # -- object stores --------------------------------------------------------------------
+    def store_for(self, obj: Any, size: int = 0) -> ObjectStore:
+        """The memfd of VM object `obj`, made on first use, grown to `size` bytes."""
+        with self.lock:
+            return self._store_locked(obj.serial, max(size, obj.size))
+
+    def _store_locked(self, serial: int, size: int) -> ObjectStore:
+        store = self.stores.get(serial)
+        if store is None:
+            fd = os.memfd_create(f"pymach-obj{serial}", os.MFD_CLOEXEC)
+            store = self.stores[serial] = ObjectStore(serial, fd)
+        if size > store.size:
+            os.ftruncate(store.fd, size)
+            store.size = size
+        return store
+
+    def object_gone(self, obj: Any) -> None:
+        """Close machd's descriptor of a dead object's memfd (tasks may keep theirs)."""
+        with self.lock:
+            store = self.stores.pop(obj.serial, None)
+        if store is not None:
+            os.close(store.fd)
+
+    # -- where frames live ------------------------------------------------------------------
+    def frame_bind(self, frame: int, obj: object, offset: int) -> None:
+        with self.lock:
+            store = self._store_locked(obj.serial, offset + self.page_size)  # type: ignore[attr-defined]
+            self.homes[frame] = (store, offset)
+
+    def frame_unbind(self, frame: int) -> None:
+        from pymach.machd.uffd import punch_hole
+
+        with self.lock:
+            store, offset = self.homes[frame]
+            self.homes[frame] = (self.free_store, frame * self.page_size)
+            self.stash.pop(frame, None)
+            if store.serial in self.stores:
+                punch_hole(store.fd, offset, self.page_size)
+
+    def frame_move(self, frame: int, obj: object, offset: int) -> None:
+        data = self.phys_read(frame)
+        self.frame_unbind(frame)
+        self.frame_bind(frame, obj, offset)
+        self.phys_write(frame, data)
+
+    # -- data ------------------------------------------------------------------------------
+    def phys_read(self, frame: int, offset: int = 0, size: int | None = None) -> bytes:
+        n = self.page_size - offset if size is None else size
+        with self.lock:
+            if frame in self.stash:
+                return self.stash[frame][offset:offset + n]
+            store, base = self._home(frame)
+            data = os.pread(store.fd, n, base + offset)
+        return data.ljust(n, b"\0")
+
+    def phys_write(self, frame: int, data: bytes, offset: int = 0) -> None:
+        with self.lock:
+            if frame in self.stash:
+                page = bytearray(self.stash[frame])
+                page[offset:offset + len(data)] = data
+                self.stash[frame] = bytes(page)
+                return
+            store, base = self._home(frame)
+            os.pwrite(store.fd, data, base + offset)
+
+    def _home(self, frame: int) -> tuple[ObjectStore, int]:
+        return self.homes[frame]
+
+    def pmap_zero_page(self, frame: int) -> None:
+        self.phys_write(frame, self._zero)
+
+    def pmap_copy_page(self, src: int, dst: int) -> None:
+        self.phys_write(dst, self.phys_read(src))
+
+    # -- all mappings of a frame ------------------------------------------------------------
+    def pmap_create(self) -> UffdPmap:  # type: ignore[override]
+        return UffdPmap(self)
+
+    def pmap_page_protect(self, frame: int, prot: int) -> None:
+        """Lower every mapping of `frame`; at NONE the data moves to the stash and the page
+        leaves every task (the next access faults)."""
+        from pymach.machd.uffd import punch_hole
+
+        super().pmap_page_protect(frame, prot)
+        if prot != VM_PROT_NONE:
+            return
+        with self.lock:
+            if frame in self.stash:
+                return
+            store, base = self.homes[frame]
+            self.stash[frame] = os.pread(store.fd, self.page_size, base).ljust(
+                self.page_size, b"\0")
+            punch_hole(store.fd, base, self.page_size)
+
+    def pmap_clear_modify(self, frame: int) -> None:
+        """Clear the modify bit and write-protect every mapping, so the next write shows."""
+        super().pmap_page_protect(frame, ~VM_PROT_WRITE & 7)
+        self.modified[frame] = 0
+
+    def object_write_protect(self, obj: Any) -> bool:
+        """Write-protect every task mapping of `obj` with one call per region (a copy of
+        the object was made). False if the backend has nothing to say (soft does)."""
+        with self.lock:
+            store = self.stores.get(obj.serial)
+            regions = list(store.mappings) if store is not None else []
+        for pmap, va, _off, length in regions:
+            pmap.pmap_protect(va, va + length, ~VM_PROT_WRITE & 7)
+        return True
+
+    def _restore(self, frame: int) -> None:
+        """Put a stashed page back into its memfd (lock held)."""
+        data = self.stash.pop(frame, None)
+        if data is not None:
+            store, base = self._home(frame)
+            os.pwrite(store.fd, data, base)
+
+
+class UffdPmap(PageTable):
+    """One native task's page table; acts on the task through its userfaultfd."""
+
+    def __init__(self, phys: UffdPhysicalMemory) -> None:
+        super().__init__(phys)
+        self.uphys = phys  # immutable
+        self.uffd: Uffd | None = None  # set when the task's process attaches
+
+    def pmap_enter(self, va: int, frame: int, prot: int) -> None:
+        """Let the task reach `frame` at `va` with `prot`, waking a thread faulting there."""
+        super().pmap_enter(va, frame, prot)
+        ps = self.phys.page_size
+        with self.phys.lock:
+            self.uphys._restore(frame)
+            self.phys.referenced[frame] = 1
+            if prot & VM_PROT_WRITE:
+                self.phys.modified[frame] = 1
+        if self.uffd is None or prot == VM_PROT_NONE:
+            return
+        write = bool(prot & VM_PROT_WRITE)
+        if not self.uffd.cont(va, ps, wp=not write):  # it was mapped already
+            self.uffd.writeprotect(va, ps, protect=not write)
+            if not write:
+                self.uffd.wake(va, ps)
+
+    def pmap_protect(self, start: int, end: int, prot: int) -> None:
+        """Lower the task's mappings in [start, end): write access goes by one ioctl."""
+        super().pmap_protect(start, end, prot)
+        if self.uffd is not None and not prot & VM_PROT_WRITE:
+            self._writeprotect(start, end - start)
+
+    def reduce_locked(self, vpn: int, prot: int) -> None:
+        super().reduce_locked(vpn, prot)
+        if self.uffd is not None and not prot & VM_PROT_WRITE:
+            ps = self.phys.page_size
+            self._writeprotect(vpn * ps, ps)
+
+    def _writeprotect(self, start: int, length: int) -> None:
+        from pymach.machd.uffd import UffdError
+
+        assert self.uffd is not None
+        with contextlib.suppress(UffdError):  # not (yet, or any more) mapped in the task
+            self.uffd.writeprotect(start, length, protect=True, wake=False)
