@@ -36,7 +36,11 @@ def msg_send(message: Message, option: int = MSG_OPTION_NONE,
     A full destination queue blocks; with SEND_TIMEOUT it waits at most `timeout` ms
     (0: fail at once) and raises SEND_TIMED_OUT, leaving the sender's rights untouched.
     """
-    msg_send_trap(current_thread(), message, option, timeout)
+    thread = current_thread()
+    if thread.native:  # a native task: the trap runs in machd
+        thread.trap("msg_send", message, option, timeout)
+        return
+    msg_send_trap(thread, message, option, timeout)
 
 
 def msg_receive(port: int | Message = PORT_NULL, option: int = MSG_OPTION_NONE,
@@ -46,15 +50,21 @@ def msg_receive(port: int | Message = PORT_NULL, option: int = MSG_OPTION_NONE,
     Returns the message: `local_port` is the port it arrived on, `remote_port` the reply
     port. With RCV_TIMEOUT, raises RCV_TIMED_OUT after `timeout` ms.
     """
-    return msg_receive_trap(current_thread(), port, option, timeout, rcv_size)
+    thread = current_thread()
+    if thread.native:
+        return thread.trap("msg_receive", port, option, timeout, rcv_size)  # type: ignore[no-any-return]
+    return msg_receive_trap(thread, port, option, timeout, rcv_size)
 
 
 def msg_rpc(message: Message, option: int = MSG_OPTION_NONE, rcv_size: int = MSG_SIZE_MAX,
             send_timeout: float | None = None,
             receive_timeout: float | None = None) -> Message:
     """Send a message, then receive the reply on its `local_port` (Table 3-1)."""
-    return msg_rpc_trap(current_thread(), message, option, rcv_size, send_timeout,
-                        receive_timeout)
+    thread = current_thread()
+    if thread.native:
+        return thread.trap("msg_rpc", message, option, rcv_size,  # type: ignore[no-any-return]
+                           send_timeout, receive_timeout)
+    return msg_rpc_trap(thread, message, option, rcv_size, send_timeout, receive_timeout)
 
 
 def _own_name(thread: Thread, port: Port | None) -> int:
@@ -64,43 +74,45 @@ def _own_name(thread: Thread, port: Port | None) -> int:
     return thread.task.space.insert(port, send=True)
 
 
+def _identity(op: str, compute: Callable[[Thread], int]) -> int:
+    """An identity trap: in machd for a native task, else here under the kernel lock."""
+    thread = current_thread()
+    if thread.native:
+        return thread.trap(op)  # type: ignore[no-any-return]
+    with thread.kernel.trap(thread):
+        return compute(thread)
+
+
 def task_self() -> int:
     """The calling task's name for its own task port."""
-    thread = current_thread()
-    with thread.kernel.trap(thread):
-        return _own_name(thread, thread.task.port)
+    return _identity("task_self", lambda t: _own_name(t, t.task.port))
 
 
 def thread_self() -> int:
     """The calling task's name for the calling thread's port."""
-    thread = current_thread()
-    with thread.kernel.trap(thread):
-        return _own_name(thread, thread.port)
+    return _identity("thread_self", lambda t: _own_name(t, t.port))
 
 
 def task_notify() -> int:
     """The calling task's name for its notify port (where notifications arrive)."""
-    thread = current_thread()
-    with thread.kernel.trap(thread):
-        return _own_name(thread, thread.task.notify_port)
+    return _identity("task_notify", lambda t: _own_name(t, t.task.notify_port))
 
 
 def host_self() -> int:
     """The calling task's name for the host port."""
-    thread = current_thread()
-    with thread.kernel.trap(thread):
-        return _own_name(thread, thread.kernel.host_port)
+    return _identity("host_self", lambda t: _own_name(t, t.kernel.host_port))
 
 
 def thread_reply() -> int:
     """The calling thread's reply port for RPCs (allocated on first use)."""
-    thread = current_thread()
-    with thread.kernel.trap(thread):
-        entry = thread.task.space.names.get(thread.reply_name)
-        if entry is None or not entry.receive:
-            thread.reply_name = mach_port.port_allocate(thread.task.space,
-                                                        f"reply:{thread.name}")
-        return thread.reply_name
+    return _identity("thread_reply", _reply_port)
+
+
+def _reply_port(thread: Thread) -> int:
+    entry = thread.task.space.names.get(thread.reply_name)
+    if entry is None or not entry.receive:
+        thread.reply_name = mach_port.port_allocate(thread.task.space, f"reply:{thread.name}")
+    return thread.reply_name
 
 
 _task_create = task_defs.stub("task_create")

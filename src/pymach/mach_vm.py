@@ -1,15 +1,19 @@
 """The task's view of its own memory, and the VM calls' user-side helpers (our libmach).
 
-`memory()` gives the calling task's address space as an `AddressSpace`: index and slice
-it like a bytearray (``mem[a]``, ``mem[a:b] = data``) or use `read` and `write`. Every
-access goes through the MMU of the embedded kernel page by page; a page the MMU refuses
-is a fault (a kernel entry) that vm_fault resolves, and an access to unallocated memory
-or against protection raises `MachError` KERN_INVALID_ADDRESS or
-KERN_PROTECTION_FAILURE at the access, as a memory exception would.
+`memory()` gives the calling task's address space: index and slice it like a bytearray
+(``mem[a]``, ``mem[a:b] = data``) or use `read` and `write`. In the embedded kernel every
+access goes through the software MMU page by page; a page the MMU refuses is a fault (a
+kernel entry) that vm_fault resolves, and an access to unallocated memory or against
+protection raises `MachError` KERN_INVALID_ADDRESS or KERN_PROTECTION_FAILURE at the
+access, as a memory exception would. In a native task the memory is real: `buffer()`
+gives it through the buffer protocol, loads and stores are plain, machd serves the
+faults, and a memory exception ends the task (a process cannot take an exception at a
+hardware fault).
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
@@ -30,57 +34,16 @@ def _check_range(address: object, size: object) -> tuple[int, int]:
     return address, size  # type: ignore[return-value]
 
 
-class AddressSpace:
-    """One task's memory as its own threads see it (see module docstring)."""
-
-    def __init__(self, task: Task) -> None:
-        self.task = task
-
-    def _thread(self) -> Thread:
-        thread = current_thread()
-        if thread.task is not self.task:
-            raise MachError("KERN_INVALID_TASK", f"thread {thread.name!r} is not in task "
-                            f"{self.task.name!r}; use vm_read/vm_write on its task port")
-        if self.task.map is None:
-            raise MachError("KERN_INVALID_TASK", f"task {self.task.name!r} has terminated")
-        return thread
+class Memory:
+    """Indexing and slicing over `read` and `write` (shared by both kinds of memory)."""
 
     def read(self, address: int, size: int) -> bytes:
         """The `size` bytes at `address`."""
-        address, size = _check_range(address, size)
-        thread = self._thread()
-        pmap = self.task.map.pmap  # type: ignore[union-attr]
-        ps = thread.kernel.page_size
-        out = bytearray()
-        va, end = address, address + size
-        while va < end:
-            n = min(end - va, ps - va % ps)
-            chunk = pmap.mmu_read(va, n)  # type: ignore[union-attr]
-            if chunk is None:
-                vm_fault_trap(thread, va, VM_PROT_READ)
-                continue
-            out += chunk
-            va += n
-        return bytes(out)
+        raise NotImplementedError  # each kind of memory reads its own way
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `address`."""
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise MachError("KERN_INVALID_ARGUMENT", f"data must be bytes, not "
-                            f"{type(data).__name__}")
-        address, _ = _check_range(address, len(data))
-        thread = self._thread()
-        pmap = self.task.map.pmap  # type: ignore[union-attr]
-        ps = thread.kernel.page_size
-        view = memoryview(data).cast("B")
-        pos = 0
-        while pos < len(view):
-            va = address + pos
-            n = min(len(view) - pos, ps - va % ps)
-            if not pmap.mmu_write(va, view[pos:pos + n]):  # type: ignore[union-attr]
-                vm_fault_trap(thread, va, VM_PROT_WRITE)
-                continue
-            pos += n
+        raise NotImplementedError  # each kind of memory writes its own way
 
     @overload
     def __getitem__(self, key: int) -> int: ...
@@ -112,6 +75,115 @@ class AddressSpace:
         """A window [address, address+size) indexed from 0."""
         return Region(self, *_check_range(address, size))
 
+    def buffer(self, address: int, size: int) -> memoryview:
+        """The memory itself, through the buffer protocol (numpy.frombuffer works on it).
+        Only real memory has one: native tasks."""
+        raise MachError("KERN_INVALID_ARGUMENT", "the embedded kernel's memory is reached "
+                        "through the software MMU and has no buffer; native tasks have one")
+
+
+class AddressSpace(Memory):
+    """One task's memory as its own threads see it (see module docstring)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def _thread(self) -> Thread:
+        thread = current_thread()
+        if thread.task is not self.task:
+            raise MachError("KERN_INVALID_TASK", f"thread {thread.name!r} is not in task "
+                            f"{self.task.name!r}; use vm_read/vm_write on its task port")
+        if self.task.map is None:
+            raise MachError("KERN_INVALID_TASK", f"task {self.task.name!r} has terminated")
+        return thread
+
+    def read(self, address: int, size: int) -> bytes:
+        """The `size` bytes at `address`."""
+        address, size = _check_range(address, size)
+        thread = self._thread()
+        pmap: Any = self.task.map.pmap  # type: ignore[union-attr]
+        if not hasattr(pmap, "mmu_read"):  # a kernel-internal task of machd
+            return _kernel_access(thread, address, size, None)
+        ps = thread.kernel.page_size
+        out = bytearray()
+        va, end = address, address + size
+        while va < end:
+            n = min(end - va, ps - va % ps)
+            chunk = pmap.mmu_read(va, n)
+            if chunk is None:
+                vm_fault_trap(thread, va, VM_PROT_READ)
+                continue
+            out += chunk
+            va += n
+        return bytes(out)
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` at `address`."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MachError("KERN_INVALID_ARGUMENT", f"data must be bytes, not "
+                            f"{type(data).__name__}")
+        address, _ = _check_range(address, len(data))
+        thread = self._thread()
+        pmap: Any = self.task.map.pmap  # type: ignore[union-attr]
+        if not hasattr(pmap, "mmu_write"):
+            _kernel_access(thread, address, len(data), bytes(data))
+            return
+        ps = thread.kernel.page_size
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            va = address + pos
+            n = min(len(view) - pos, ps - va % ps)
+            if not pmap.mmu_write(va, view[pos:pos + n]):
+                vm_fault_trap(thread, va, VM_PROT_WRITE)
+                continue
+            pos += n
+
+
+def _kernel_access(thread: Thread, address: int, size: int, data: bytes | None) -> bytes:
+    """Read (data None) or write a task's memory through the kernel, for tasks whose
+    pmap has no software MMU: machd's own tasks, such as the default pager."""
+    from pymach.vm.vm_kern import map_read, map_write
+
+    with thread.kernel.trap(thread):
+        assert thread.task.map is not None
+        if data is None:
+            return map_read(thread, thread.task.map, address, size)
+        map_write(thread, thread.task.map, address, data)
+        return b""
+
+
+class NativeAddressSpace(Memory):
+    """A native task's real memory, in its own process (machd/task.py)."""
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+
+    def _check(self, address: int, size: int) -> None:
+        _check_range(address, size)
+        if not self.process.mapped(address, size):
+            raise MachError("KERN_INVALID_ADDRESS", f"{address:#x}+{size:#x} is not mapped in "
+                            f"this task")
+
+    def read(self, address: int, size: int) -> bytes:
+        """The `size` bytes at `address` (a plain load: machd serves the faults)."""
+        self._check(address, size)
+        return ctypes.string_at(address, size)
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` at `address`."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MachError("KERN_INVALID_ARGUMENT", f"data must be bytes, not "
+                            f"{type(data).__name__}")
+        raw = bytes(data)
+        self._check(address, len(raw))
+        ctypes.memmove(address, raw, len(raw))
+
+    def buffer(self, address: int, size: int) -> memoryview:
+        """The memory itself: a writable memoryview (numpy.frombuffer works on it)."""
+        self._check(address, size)
+        return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
 
 def _slice_bounds(key: slice) -> tuple[int, int]:
     if key.step not in (None, 1) or key.start is None or key.stop is None:
@@ -124,9 +196,9 @@ def _slice_bounds(key: slice) -> tuple[int, int]:
 
 
 class Region:
-    """A window of an AddressSpace, indexed from 0 (like a bytearray of `size` bytes)."""
+    """A window of a task's memory, indexed from 0 (like a bytearray of `size` bytes)."""
 
-    def __init__(self, space: AddressSpace, address: int, size: int) -> None:
+    def __init__(self, space: Memory, address: int, size: int) -> None:
         self.space, self.address, self.size = space, address, size
 
     def __len__(self) -> int:
@@ -163,9 +235,12 @@ class Region:
         self.space.write(a, data)
 
 
-def memory() -> AddressSpace:
-    """The calling task's address space."""
-    return AddressSpace(current_thread().task)
+def memory() -> Memory:
+    """The calling task's address space (real memory in a native task)."""
+    thread = current_thread()
+    if thread.native:
+        return NativeAddressSpace(thread.task)
+    return AddressSpace(thread.task)
 
 
 def vm_page_size() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -52,6 +53,48 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """'512M', '1G', '4096' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _cmd_machd(args: argparse.Namespace) -> int:
+    import logging
+
+    from pymach.machd.machd import Machd, MachdError, run_machd
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="machd %(levelname)s %(message)s")
+    try:
+        machd = Machd(args.socket, memory_size=args.memory, page_size=args.page_size,
+                      swap_dir=args.swap_dir, swap_size=args.swap_size)
+        return run_machd(machd)
+    except MachdError as e:
+        print(f"pymach machd: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_exec(args: argparse.Namespace) -> int:
+    import os
+    import runpy
+
+    from pymach.errors import MachError
+    from pymach.machd.task import attach
+
+    try:
+        attach(args.socket, name=os.path.basename(args.script))
+    except MachError as e:
+        print(f"pymach exec: {e}", file=sys.stderr)
+        return 1
+    sys.argv = [args.script, *args.args]
+    runpy.run_path(args.script, run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="pymach", description="The Mach kernel of the "
@@ -73,7 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-n", type=int, default=5000, help="round trips per round")
     bench.add_argument("--rounds", type=int, default=5)
     bench.set_defaults(func=_cmd_bench)
+    _native_parsers(sub)
     return parser
+
+
+def _native_parsers(sub: Any) -> None:
+    from pymach.machd.protocol import DEFAULT_SOCKET
+
+    machd = sub.add_parser("machd", help="run the native host daemon in the foreground")
+    machd.add_argument("--socket", default=DEFAULT_SOCKET, help="where to listen")
+    machd.add_argument("--memory", type=_size, default=1 << 30,
+                       help="physical memory limit for resident pages (e.g. 512M, 2G)")
+    machd.add_argument("--page-size", type=int, default=4096)
+    machd.add_argument("--swap-dir", default=None, help="where the default pager's file goes")
+    machd.add_argument("--swap-size", type=_size, default=None, help="backing store limit")
+    machd.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    machd.set_defaults(func=_cmd_machd)
+    ex = sub.add_parser("exec", help="run a Python script as a task of the running machd")
+    ex.add_argument("--socket", default=None, help="machd's socket (default: $PYMACH_SOCKET "
+                    f"or {DEFAULT_SOCKET})")
+    ex.add_argument("script")
+    ex.add_argument("args", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=_cmd_exec)
 
 
 def main(argv: list[str] | None = None) -> int:

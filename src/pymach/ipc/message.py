@@ -241,12 +241,15 @@ class OOL:
 class Code:
     """A Python callable and its arguments: the entry point of a new thread.
 
-    Embedded mode carries the reference itself; it never crosses a host boundary.
+    Embedded mode carries the reference itself. To reach another process (a native
+    task) it travels as `blob`, the callable and arguments pickled by value
+    (cloudpickle), and `fn` is None.
     """
 
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    blob: bytes | None = None
 
     @property
     def value(self) -> Code:
@@ -254,6 +257,9 @@ class Code:
         return self
 
     def validate(self) -> None:
+        if self.blob is not None:
+            _require(isinstance(self.blob, bytes), "Code blob must be bytes")
+            return
         _require(callable(self.fn), f"Code item needs a callable, not {type(self.fn).__name__}")
         _require(isinstance(self.args, tuple) and isinstance(self.kwargs, dict),
                  "Code item needs tuple args and dict kwargs")

@@ -61,6 +61,7 @@ class Kernel:
         self.swap_dir = swap_dir  # immutable: where the default pager keeps its file
         self.swap_size = swap_size  # immutable: backing store limit in bytes (None: grows)
         self.swap_store: Any = None  # the default pager's BackingStore, once started
+        self.native_host: Any = None  # machd, when this kernel runs native tasks
         self.name = name  # immutable
         self.page_size = page_size  # immutable
         self.memory_size = memory_size  # immutable
@@ -128,20 +129,29 @@ class Kernel:
         kobject_server(self, kmsg)
 
     # -- tasks and threads -----------------------------------------------------------
-    def task_create_locked(self, parent: Task | None, inherit: bool, name: str = "") -> Task:
-        """Create a task with no threads (kernel lock held)."""
-        task = Task(self, parent, name, inherit)
+    def task_create_locked(self, parent: Task | None, inherit: bool, name: str = "",
+                           native: bool | None = None) -> Task:
+        """Create a task with no threads (kernel lock held). A child of a native task is
+        native (a process under machd) unless `native` says otherwise."""
+        if native is None:
+            native = parent is not None and parent.native
+        task = Task(self, parent, name, inherit, native=native)
         self.tasks[task.serial] = task
         self.trace_event(f"task created {task.name} parent={parent.name if parent else '-'}")
         return task
 
     def thread_create_locked(self, task: Task, code: Code | None, name: str = "",
                              start: bool = True) -> Thread:
-        """Create a thread in `task` running `code`, and start it (kernel lock held)."""
+        """Create a thread in `task` running `code`, and start it unless `start` is False
+        (kernel lock held). A native task's thread starts in the task's process."""
         thread = Thread(task, code, name or f"{task.name}.{len(task.threads) + 1}")
         task.threads.append(thread)
         self.trace_event(f"thread created {thread.name}")
-        if start:
+        if not start:
+            return thread
+        if task.native and self.native_host is not None:
+            self.native_host.remote_thread(thread)  # runs in the task's process (machd)
+        else:
             thread.start()
         return thread
 

@@ -14,7 +14,7 @@ running Mach code, an empty space, no address space and a dead task port.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pymach.ipc.ipc_right import port_destroy, space_destroy
 from pymach.ipc.mach_port import port_allocate
@@ -32,7 +32,7 @@ class Task:
     """A Mach task (see module docstring)."""
 
     def __init__(self, kernel: Kernel, parent: Task | None, name: str, inherit: bool = False,
-                 kernel_task: bool = False) -> None:
+                 kernel_task: bool = False, native: bool = False) -> None:
         self.kernel = kernel  # immutable
         self.serial = kernel.new_serial("task")  # immutable
         self.name = name or f"task{self.serial}"  # immutable
@@ -49,19 +49,30 @@ class Task:
         self.self_name = self.notify_name = self.bootstrap_name = 0
         self.map: VmMap | None = None  # the address space (none for the kernel task)
         self.unthrottled = False  # set once: its sends ignore backlogs (netmsgserver)
+        self.native = native  # immutable: a process under machd, not threads here
+        self.process: Any = None  # machd's record of the native task's process
         if not kernel_task:
             self._make_ports(parent)
             self.map = self._make_map(parent, inherit)
 
     def _make_map(self, parent: Task | None, inherit: bool) -> VmMap:
-        """An empty address space, or one inherited from the parent's regions (3.3)."""
-        from pymach.vm.vm_map import vm_map_create
+        """An empty address space, or one inherited from the parent's regions (3.3).
+        A native task's lies in the window its process reserves."""
+        from pymach.vm.vm_map import VmMap
         from pymach.vm.vm_map_copy import vm_map_fork
 
         vm = self.kernel.vm
+        pmap = vm.phys.pmap_create()
+        if self.native:
+            from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
+
+            vmap = VmMap(vm, pmap, WINDOW_BASE, WINDOW_BASE + WINDOW_SIZE)
+            vmap.native = NativeMapBinding(pmap, vm.phys)  # type: ignore[arg-type]
+        else:
+            vmap = VmMap(vm, pmap)
         if inherit and parent is not None and parent.map is not None:
-            return vm_map_fork(vm, parent.map)
-        return vm_map_create(vm, vm.phys.pmap_create())
+            vm_map_fork(vm, parent.map, vmap)
+        return vmap
 
     def _make_ports(self, parent: Task | None) -> None:
         self.port = Port(self.kernel, f"task:{self.name}")
@@ -104,6 +115,8 @@ class Task:
         self.kernel.tasks.pop(self.serial, None)
         self.kernel.sched.thread_wakeup(self.exit_waitq)
         self.kernel.trace_event(f"task terminated {self.name}")
+        if self.native and self.kernel.native_host is not None:
+            self.kernel.native_host.task_terminated(self)  # its process must end too
 
     def is_suspended(self) -> bool:
         """True while the task's suspend count is positive."""

@@ -32,6 +32,8 @@ _tls = threading.local()  # .thread: the Mach thread this Python thread runs
 class Thread:
     """A Mach thread (see module docstring)."""
 
+    native = False  # a thread of this process (machd's task processes have NativeThread)
+
     def __init__(self, task: Task, code: Code | None, name: str) -> None:
         self.kernel = task.kernel  # immutable
         self.task = task  # immutable
@@ -54,11 +56,21 @@ class Thread:
         self.vm_privileged = False  # set once before start: may use the reserved pool
         self.daemon = False  # set once before start: a server that idles forever
         self.vm_waiting: object | None = None  # the VM object whose page it waits for
+        self.remote: Any = None  # machd: the connection of the process thread it serves
+        self.native_tid = 0  # machd: the id of that process thread (set once)
+        self.remote_state: Any = None  # machd: its fault queue (machd/remote.py)
         self.vm_wait_error = ""  # set to fail that wait (a deadlock was found)
         self.py_thread: threading.Thread | None = None  # set once, by start()
 
     def __repr__(self) -> str:
         return f"<Thread {self.serial} {self.name} {self.state}>"
+
+    def trap(self, op: str, *args: Any) -> Any:
+        """A native task's thread sends its traps to machd (machd/task.py); a thread of
+        this process enters the kernel directly instead, so this is never called."""
+        from pymach.errors import MachError
+
+        raise MachError("KERN_FAILURE", f"thread {self.name} is not a native thread")
 
     def start(self) -> None:
         """Start the Python thread (kernel lock held); it runs once the scheduler allows."""
@@ -73,7 +85,7 @@ class Thread:
         self.kernel.sched.thread_begin(self)
         try:
             if not self.terminating:
-                assert self.code is not None
+                assert self.code is not None and self.code.fn is not None
                 self.result = self.code.fn(*self.code.args, **self.code.kwargs)
         except ThreadTerminated:
             pass

@@ -63,3 +63,23 @@ def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
         va += ps
     start = address % ps
     return bytes(out[start:start + size])
+
+
+def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:
+    """Store `data` at `address` of a map, as the task writing it would."""
+    from pymach.vm.vm_param import VM_PROT_WRITE
+
+    ps = vmap.vm.page_size
+    pos = 0
+    while pos < len(data):
+        va = address + pos
+        n = min(len(data) - pos, ps - va % ps)
+        look = vm_map_lookup(vmap, trunc_page(va, ps), VM_PROT_WRITE)
+        try:
+            page, _ = vm_fault_page(thread, look.object, look.offset, VM_PROT_WRITE,
+                                    look.prot, look.single_use, look.policy)
+        except Retry:
+            continue
+        vmap.vm.phys.phys_write(page.frame, data[pos:pos + n], va % ps)
+        page.dirty = True
+        pos += n

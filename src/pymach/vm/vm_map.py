@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
 from pymach.vm.vm_object import (
@@ -96,6 +96,7 @@ class VmMap:
         self.starts: list[int] = []  # entries' start addresses, for bisect
         self.ref_count = 1
         self.sharers: set[VmMap] = set()  # sharing maps: task maps pointing here
+        self.native: Any = None  # a native task's NativeMapBinding (machd/native_map.py)
 
     @property
     def is_share_map(self) -> bool:
@@ -117,19 +118,24 @@ class VmMap:
     def _index(self, entry: VmMapEntry) -> int:
         return bisect.bisect_left(self.starts, entry.start)
 
-    def link(self, entry: VmMapEntry) -> None:
-        """Insert an entry (its range must be free)."""
+    def link(self, entry: VmMapEntry, remap: bool = True) -> None:
+        """Insert an entry (its range must be free). A native task will map it
+        (`remap` False: the range shows the same memory as before, a clip)."""
         i = bisect.bisect_left(self.starts, entry.start)
         self.entries.insert(i, entry)
         self.starts.insert(i, entry.start)
         if entry.share_map is not None and not self.is_share_map:
             entry.share_map.sharers.add(self)
+        if self.native is not None and remap:
+            self.native.mapped(self, entry)
 
     def unlink(self, entry: VmMapEntry) -> None:
         """Remove an entry from the list (references are the caller's business)."""
         i = self._index(entry)
         del self.entries[i]
         del self.starts[i]
+        if self.native is not None:
+            self.native.unmapped(entry.start, entry.end)
         if entry.share_map is not None and not any(
                 e.share_map is entry.share_map for e in self.entries):
             entry.share_map.sharers.discard(self)
@@ -144,7 +150,7 @@ class VmMap:
         if tail.share_map is not None:
             tail.share_map.ref_count += 1
         entry.end = addr
-        self.link(tail)
+        self.link(tail, remap=False)
 
     def clip_range(self, start: int, end: int) -> list[VmMapEntry]:
         """Clip at both ends and return the entries inside [start, end), in order."""
@@ -290,6 +296,8 @@ def vm_map_protect(vmap: VmMap, start: int, end: int, prot: int, set_max: bool) 
     if vmap.pmap is not None:
         for e in vmap.entries_in(start, end):
             vmap.pmap.pmap_protect(max(e.start, start), min(e.end, end), e.protection)
+            if vmap.native is not None:
+                vmap.native.protected(max(e.start, start), min(e.end, end), e.protection)
 
 
 def vm_map_inherit(vmap: VmMap, start: int, end: int, inheritance: int) -> None:

@@ -155,9 +155,11 @@ def _copy_range(vmap: VmMap, start: int, end: int) -> list[CopyEntry]:
 
 # -- task_create inheritance ---------------------------------------------------------------
 
-def vm_map_fork(vm: VmSystem, parent: VmMap) -> VmMap:
-    """A child's task map built from `parent` by each region's inheritance (3.3)."""
-    child = vm_map_create(vm, vm.phys.pmap_create())
+def vm_map_fork(vm: VmSystem, parent: VmMap, child: VmMap | None = None) -> VmMap:
+    """A child's task map (new, or the empty `child`) filled from `parent` by each
+    region's inheritance (3.3)."""
+    if child is None:
+        child = vm_map_create(vm, vm.phys.pmap_create())
     for e in list(parent.entries):
         if e.inheritance == VM_INHERIT_NONE:
             continue

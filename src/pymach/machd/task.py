@@ -1,0 +1,265 @@
+"""Inside a native task's process: attaching to machd, traps, mappings, threads.
+
+`attach()` makes the calling process a task of the running machd and the calling
+Python thread its first Mach thread; from then on the whole pymach API works in this
+process as in the embedded kernel (the traps go over the thread's connection). The
+process:
+
+- reserves its address-space window (PROT_NONE) and makes its userfaultfd, which it
+  hands to machd: machd serves every page fault of the process;
+- applies the address-space changes each trap reply carries, before returning from
+  the trap: it maps memory objects' memfds MAP_SHARED at their regions (and registers
+  them with the userfaultfd), unmaps, and changes protections. Only the process can
+  change its own mappings (../shared/DESIGN.md);
+- keeps a control connection, on which machd asks it to start threads (thread_create)
+  or to die (task_terminate, a memory error); if machd itself dies, that connection
+  closes and the process exits with a message instead of hanging.
+
+`NativeProcess` state is changed under its `lock`; each `NativeThread` and its
+connection belong to one Python thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+from typing import Any
+
+import cloudpickle
+
+from pymach.errors import MachError, ThreadTerminated
+from pymach.ipc.message import Code, Message
+from pymach.kern.thread import set_current_thread
+from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE
+from pymach.machd.protocol import DEFAULT_SOCKET, Connection, Disconnected, close_fds
+from pymach.machd.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, Uffd
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x4000, 0x100000
+MAP_FAILED = ctypes.c_void_p(-1).value
+EXIT_MACHD_DIED, EXIT_KILLED = 3, 70
+
+
+def _mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    got = _libc.mmap(addr, length, prot, flags, fd, offset)
+    if got in (None, MAP_FAILED):
+        e = ctypes.get_errno()
+        raise MachError("KERN_NO_SPACE", f"mmap at {addr:#x}: {os.strerror(e)}")
+    return int(got)
+
+
+class NativeProcess:
+    """This process as a native task (see module docstring)."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.lock = threading.Lock()
+        self.uffd = Uffd.create()
+        self.regions: dict[int, int] = {}  # start -> length of what is mapped now
+        self.task_serial = 0
+        self.task_name = ""
+        self.page_size = 4096
+        self.alive = threading.Event()
+        self.alive.set()
+        _mmap(WINDOW_BASE, WINDOW_SIZE, PROT_NONE,
+              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE)
+
+    def hello(self, conn: Connection, request: dict[str, Any], with_uffd: bool) -> Any:
+        """Send a connection's first frame; returns machd's welcome."""
+        request.update(pid=os.getpid(), tid=threading.get_native_id(), sys_path=sys.path,
+                       cwd=os.getcwd(), main=getattr(sys.modules["__main__"], "__file__", ""))
+        conn.send(request, [self.uffd.fd] if with_uffd else [])
+        reply, fds = conn.recv()
+        return _result(self, reply, fds)
+
+    # -- address-space changes --------------------------------------------------------
+    def apply(self, maps: list[tuple[Any, ...]] | None, fds: list[int]) -> None:
+        """Apply machd's instructions (see module docstring); close the fds."""
+        try:
+            with self.lock:
+                for ins in maps or ():
+                    self._apply_one(ins, fds)
+        finally:
+            close_fds(fds)
+
+    def _apply_one(self, ins: tuple[Any, ...], fds: list[int]) -> None:
+        kind, start, length = ins[0], ins[1], ins[2]
+        if kind == "map":
+            _mmap(start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fds[ins[3]],
+                  ins[4])
+            self.uffd.register(start, length, MODE_MISSING | MODE_WP | MODE_MINOR)
+            self.regions[start] = length
+        elif kind == "unmap":
+            _mmap(start, length, PROT_NONE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED)
+            for s in [s for s, n in self.regions.items() if s < start + length and s + n > start]:
+                del self.regions[s]
+        elif kind == "protect":
+            prot = PROT_READ | PROT_WRITE if ins[3] & PROT_READ else PROT_NONE
+            _libc.mprotect(start, length, prot)
+
+    def mapped(self, address: int, size: int) -> bool:
+        """True if [address, address+size) lies in regions this process has mapped."""
+        with self.lock:
+            regions = sorted(self.regions.items())
+        at, end = address, address + size
+        for s, n in regions:
+            if s <= at < s + n:
+                at = s + n
+                if at >= end:
+                    return True
+        return size == 0
+
+    # -- the control connection ---------------------------------------------------------
+    def start_control(self) -> None:
+        """Open the control connection and serve it in a daemon thread."""
+        conn = Connection.connect(self.socket_path)
+        conn.send({"op": "control", "task": self.task_serial, "pid": os.getpid()})
+        conn.recv()
+        threading.Thread(target=self._control, args=(conn,), daemon=True,
+                         name="pymach.control").start()
+
+    def _control(self, conn: Connection) -> None:
+        while True:
+            try:
+                request, fds = conn.recv()
+            except Disconnected:
+                _die(f"pymach: machd went away; task {self.task_name!r} exits",
+                     EXIT_MACHD_DIED)
+            close_fds(fds)
+            if request.get("op") == "start_thread":
+                threading.Thread(target=run_thread, args=(self, request["token"]),
+                                 daemon=True, name="mach-thread").start()
+            elif request.get("op") == "die":
+                _die(f"pymach: task {self.task_name!r} ended by machd: {request.get('why')}",
+                     EXIT_KILLED)
+
+
+class _KernelInfo:
+    """What task code asks of `thread.kernel` in a native process."""
+
+    def __init__(self, process: NativeProcess) -> None:
+        self.page_size = process.page_size
+
+
+class NativeThread:
+    """A Mach thread of this process: its traps go over its own connection to machd."""
+
+    native = True
+
+    def __init__(self, process: NativeProcess, conn: Connection, name: str) -> None:
+        self.process = process
+        self.conn = conn
+        self.name = name
+        self.task = process
+        self.kernel = _KernelInfo(process)
+
+    def trap(self, op: str, *args: Any) -> Any:
+        """Run a trap in machd as this thread; returns its result or raises its error."""
+        if op in ("msg_send", "msg_rpc"):
+            args = (_portable(args[0]), *args[1:])
+        try:
+            self.conn.send({"op": op, "args": args})
+            reply, fds = self.conn.recv()
+        except Disconnected:
+            raise ThreadTerminated() from None  # machd ended this thread (or itself)
+        return _result(self.process, reply, fds)
+
+    def exit(self, result: Any) -> None:
+        """Tell machd this thread is done."""
+        with contextlib.suppress(Disconnected):
+            self.conn.send({"op": "exit", "result": _picklable(result)})
+        self.conn.close()
+
+
+def _result(process: NativeProcess, reply: dict[str, Any], fds: list[int]) -> Any:
+    process.apply(reply.get("maps"), fds)
+    if reply.get("terminated"):
+        raise ThreadTerminated()
+    if "err" in reply:
+        raise MachError(*reply["err"])
+    return reply.get("ok")
+
+
+def _portable(msg: Any) -> Any:
+    """A message whose Code items are pickled by value (they cross processes)."""
+    if not isinstance(msg, Message) or not any(isinstance(i, Code) for i in msg.items):
+        return msg
+    items = [Code(None, blob=cloudpickle.dumps((i.fn, i.args, i.kwargs)))
+             if isinstance(i, Code) and i.blob is None else i for i in msg.items]
+    return Message(msg.remote_port, msg.local_port, msg.id, items, msg.local_disposition)
+
+
+def _picklable(value: Any) -> Any:
+    try:
+        cloudpickle.dumps(value)
+    except Exception:  # a result we cannot carry: say what it was
+        return repr(value)
+    return value
+
+
+def _die(text: str, status: int) -> None:
+    print(text, file=sys.stderr, flush=True)
+    os._exit(status)
+
+
+_process: NativeProcess | None = None
+
+
+def attach(socket_path: str | None = None, name: str = "") -> NativeThread:
+    """Make this process a new task of machd and this thread its first Mach thread."""
+    global _process
+    if _process is not None:
+        raise MachError("KERN_FAILURE", "this process is already a native task")
+    path = socket_path or os.environ.get("PYMACH_SOCKET", DEFAULT_SOCKET)
+    process = NativeProcess(path)
+    try:
+        conn = Connection.connect(path)
+    except OSError as e:
+        raise MachError("KERN_FAILURE", f"no machd at {path} ({e.strerror}): start one with "
+                        f"`pymach machd`") from None
+    welcome = process.hello(conn, {"op": "attach", "name": name}, with_uffd=True)
+    return _become(process, conn, welcome)
+
+
+def _become(process: NativeProcess, conn: Connection, welcome: dict[str, Any]) -> NativeThread:
+    global _process
+    process.task_serial, process.task_name = welcome["task"], welcome["task_name"]
+    process.page_size = welcome["page_size"]
+    _process = process
+    process.start_control()
+    thread = NativeThread(process, conn, welcome["thread"])
+    set_current_thread(thread)  # type: ignore[arg-type]
+    return thread
+
+
+def run_thread(process: NativeProcess, token: str, first: bool = False) -> None:
+    """A thread made by thread_create: connect, run its code, report its result."""
+    conn = Connection.connect(process.socket_path)
+    welcome = process.hello(conn, {"op": "thread", "token": token, "first": first},
+                            with_uffd=first)
+    thread = _become(process, conn, welcome) if first else NativeThread(
+        process, conn, welcome["thread"])
+    set_current_thread(thread)  # type: ignore[arg-type]
+    result: Any = None
+    try:
+        fn, args, kwargs = cloudpickle.loads(welcome["code"])
+        result = fn(*args, **kwargs)
+    except ThreadTerminated:
+        pass
+    except BaseException as e:  # reported, never lost (as for embedded threads)
+        print(f"pymach: thread {thread.name} of task {process.task_name!r} raised {e!r}",
+              file=sys.stderr, flush=True)
+        result = e
+    finally:
+        thread.exit(result)
+        set_current_thread(None)
