@@ -17,7 +17,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
-from pymach.errors import MachError
+from pymach.errors import MachError, code_name
 from pymach.kern.thread import Thread, current_thread
 from pymach.vm.vm_fault import vm_fault_trap
 from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE
@@ -312,12 +312,18 @@ def copy_to_safe_memory(address: int, size: int, timeout_ms: float | None = None
 
     def copier() -> None:
         space = memory()
-        space.write(safe, space.read(address, size))
-        mach.msg_send(Message(remote_port=done, items=[Int(0)]))
+        code = 0
+        try:
+            space.write(safe, space.read(address, size))
+        except MachError as e:
+            code = e.value
+        mach.msg_send(Message(remote_port=done, items=[Int(code)]))
 
     worker = mach.thread_create(me, copier)
     try:
-        mach.msg_receive(done, RCV_TIMEOUT if timeout_ms is not None else 0, timeout_ms)
+        reply = mach.msg_receive(done, RCV_TIMEOUT if timeout_ms is not None else 0,
+                                 timeout_ms)
+        code = reply.items[0].value if reply.items else 0
     except MachError as e:
         with _suppress():
             mach.thread_terminate(worker)
@@ -326,6 +332,9 @@ def copy_to_safe_memory(address: int, size: int, timeout_ms: float | None = None
                         f"within {timeout_ms} ms ({e.code})") from None
     finally:
         mach.port_deallocate(me, done)
+    if code:
+        mach.vm_deallocate(me, safe, max(size, 1))
+        raise MachError(code_name(int(code)), f"copying {address:#x}+{size:#x} failed")  # type: ignore[arg-type]
     return safe
 
 

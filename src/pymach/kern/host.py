@@ -175,11 +175,22 @@ class Kernel:
                 from pymach.ipc.ipc_right import port_destroy
 
                 port_destroy(thread.port)
+            self._release_reply_port(thread)
             self.trace_event(f"thread exited {thread.name}")
             if thread.ends_task:
                 thread.task.terminate()
             self.sched.thread_wakeup(thread.done_waitq)
         self.sched.thread_end(thread)
+
+    def _release_reply_port(self, thread: Thread) -> None:
+        """A thread's MIG reply port dies with it (lock held)."""
+        space = thread.task.space
+        entry = space.names.get(thread.reply_name)
+        if entry is not None and entry.receive and space.active:
+            from pymach.ipc.ipc_right import entry_deallocate
+
+            entry_deallocate(space, thread.reply_name)
+        thread.reply_name = 0
 
     def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "",
               inherit: bool = False, **kwargs: Any) -> TaskHandle:

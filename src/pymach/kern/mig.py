@@ -10,7 +10,9 @@ to (MIG's target). From the declaration:
   the server's error code as a `MachError`, and returns the out arguments.
 - `Subsystem.demux(impl, msg_id, target, items)` is the server side: it decodes and checks
   a request, calls ``impl.<routine>(target, *ins)``, and returns the reply items. A
-  `MachError` from the implementation becomes the reply's return code.
+  `MachError` from the implementation becomes the reply's return code; any other
+  exception (a bug in the server) is logged and becomes KERN_FAILURE, so a bad request
+  cannot kill the server's thread.
 
 Replies have id ``request id + 100`` and start with an Int return code; an error reply
 also carries a Str detail. The same definitions serve the kernel's own interfaces (where
@@ -199,6 +201,10 @@ class Subsystem:
                             r.name, target, e)
                 return None
             return error_reply(e.code, e.detail)
+        except Exception as e:  # a bug in the server: it must not take the server down
+            log.exception("%s(%s): the server's implementation raised", r.name, target)
+            return None if r.simple else error_reply(
+                "KERN_FAILURE", f"{r.name}: the server failed: {e!r}")
         return None if r.simple else reply
 
 

@@ -26,20 +26,25 @@ Send rights cross hosts. A receive or ownership right sent to a remote port is n
 carried across in this version: the server gives it up at once, which hands it back to
 its owner under the usual rules (NOTIFY_RECEIVE_RIGHTS).
 
-All state belongs to the server's one thread.
+State belongs to the server's thread; the export tables are also used by the threads
+that forward messages with remote-backed memory, under `lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
+import threading
 from typing import TYPE_CHECKING, Any
 
 from pymach import mach
-from pymach.errors import MachError
+from pymach.errors import MachError, ThreadTerminated
 from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
 from pymach.ipc.message import (
     OOL,
     RCV_TIMEOUT,
+    SEND_TIMEOUT,
     Disposition,
     Int,
     Message,
@@ -55,6 +60,7 @@ if TYPE_CHECKING:
     from pymach.net.network import Network
 
 PACKET_ID = 1200  # a packet from the network, on the wire port
+log = logging.getLogger("pymach.net")
 Ref = tuple[str, int]  # (host, network id) of a port
 _RIGHTS_KEPT_HERE = (Disposition.MOVE_RECEIVE, Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL)
 
@@ -71,6 +77,7 @@ class NetMsgServer:
         self.proxies: dict[Ref, int] = {}  # remote port -> our proxy's name
         self.proxy_ref: dict[int, Ref] = {}  # proxy name -> remote port
         self.service = self.wire = self.notify = 0
+        self.lock = threading.Lock()  # guards the export tables against forwarding threads
         self.forwarded = self.delivered = 0
 
     # -- the loop ---------------------------------------------------------------------
@@ -81,7 +88,16 @@ class NetMsgServer:
         for port in (service, wire, self.notify):
             mach.port_enable(me, port)
         while True:
-            self._handle(mach.msg_receive())
+            msg = mach.msg_receive()
+            try:
+                self._handle(msg)
+            except ThreadTerminated:
+                raise
+            except Exception:  # one bad message must not take the host off the network
+                log.exception("netmsgserver %s: could not handle message %d", self.host,
+                              msg.id)
+                self._refuse(msg.remote_port, msg.id, "SEND_INVALID_TYPE",
+                             "the network could not carry this message")
 
     def _handle(self, msg: Message) -> None:
         if msg.local_port == self.wire:
@@ -98,7 +114,25 @@ class NetMsgServer:
 
     # -- outbound ---------------------------------------------------------------------
     def forward(self, msg: Message, target: Ref) -> None:
-        """Send a message that arrived on a proxy to the host of the real port."""
+        """Send a message that arrived on a proxy to the host of the real port. One whose
+        out-of-line memory needs a data manager's pages is encoded by a thread of its own
+        (reading it could wait for a request that only this loop can forward), and may
+        then arrive after messages sent later; every other message keeps its order."""
+        if any(isinstance(i, OOL) and i.size and not self._readable_now(i) for i in msg.items):
+            mach.thread_create(mach.task_self(), self._forward_now, msg, target)
+            return
+        self._forward_now(msg, target)
+
+    def _readable_now(self, item: OOL) -> bool:
+        from pymach.kern.thread import current_thread
+        from pymach.vm.vm_kern import range_readable_now
+
+        thread = current_thread()
+        with thread.kernel.trap(thread):  # the server is part of this host's kernel side
+            vmap = thread.task.map
+            return vmap is not None and range_readable_now(vmap, item.address, item.size)
+
+    def _forward_now(self, msg: Message, target: Ref) -> None:
         packet = {"kind": "msg", "from": self.host, "dest": target[1], "id": msg.id,
                   "reply": self.ref_of(msg.remote_port) if msg.remote_port else None,
                   "items": [self._encode(item) for item in msg.items]}
@@ -107,13 +141,14 @@ class NetMsgServer:
 
     def ref_of(self, name: int) -> Ref:
         """The network reference for a port we hold a send right to (exporting it)."""
-        if name in self.proxy_ref:
-            return self.proxy_ref[name]
-        if name not in self.exported:
-            self.exported[name] = self.next_id
-            self.by_id[self.next_id] = name
-            self.next_id += 1
-        return (self.host, self.exported[name])
+        with self.lock:  # forwarding threads export too (no Mach call is made under it)
+            if name in self.proxy_ref:
+                return self.proxy_ref[name]
+            if name not in self.exported:
+                self.exported[name] = self.next_id
+                self.by_id[self.next_id] = name
+                self.next_id += 1
+            return (self.host, self.exported[name])
 
     def _encode(self, item: Any) -> Any:
         if isinstance(item, Port):
@@ -189,18 +224,25 @@ class NetMsgServer:
         try:
             mach.msg_send(msg)
         except MachError as e:
-            if e.code != "SEND_INVALID_PORT":
-                raise
-            self._refuse(msg)  # the port died just now: the caller must not wait forever
+            # The port (or a port it carries) died just now: whoever waits for an answer
+            # must get one.
+            self._refuse(msg.local_port, msg.id,
+                         "MIG_SERVER_DIED" if e.code == "SEND_INVALID_PORT" else e.code, e.detail)
             return
         self.delivered += 1
 
-    def _refuse(self, msg: Message) -> None:
-        """Answer an undeliverable request (one of ours to send: `local_port` is its reply
-        port) with MIG_SERVER_DIED, if it wants a reply."""
-        if msg.local_port:
-            self._send_local(Message(remote_port=msg.local_port,
-                                     id=msg.id + REPLY_ID_OFFSET, items=_server_died()))
+    def _refuse(self, reply: int, request_id: int, code: str = "MIG_SERVER_DIED",
+                detail: str = "") -> None:
+        """Answer a request that cannot be delivered with an error reply on `reply` (a
+        received message's `remote_port`, or the `local_port` of one we deliver)."""
+        if not reply:
+            return
+        items: list[Any] = [Int(MachError(code).value),
+                            Str(detail or "the destination port died before the request "
+                                "reached it")]
+        with contextlib.suppress(MachError):
+            mach.msg_send(Message(remote_port=reply, id=request_id + REPLY_ID_OFFSET,
+                                  items=items), SEND_TIMEOUT, 0)
 
     # -- port death ---------------------------------------------------------------------
     def _port_died(self, name: int) -> None:
@@ -224,9 +266,10 @@ class NetMsgServer:
                 msg = mach.msg_receive(name, RCV_TIMEOUT, 0)
             except MachError:
                 break
-            if msg.remote_port:  # (received: remote_port is its reply port)
-                self._send_local(Message(remote_port=msg.remote_port,
-                                         id=msg.id + REPLY_ID_OFFSET, items=_server_died()))
+            self._refuse(msg.remote_port, msg.id)
+            for item in msg.items:  # what it carried into our space goes too
+                if isinstance(item, OOL) and item.size:
+                    mach.vm_deallocate(mach.task_self(), item.address, item.size)
         mach.port_deallocate(mach.task_self(), name)  # the proxy dies here too
 
     # -- the network's name service -----------------------------------------------------

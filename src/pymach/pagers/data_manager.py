@@ -24,6 +24,7 @@ a manager that needs requests in kernel order sets `threads = 1`.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import deque
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
 from pymach.ipc.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.kern.mach_defs import memory_object_defs
 from pymach.kern.mig import Subsystem, serve_message
-from pymach.mach_vm import take_ool
+from pymach.mach_vm import memory
 from pymach.vm.vm_param import VM_PROT_NONE
 
 STOP_ID = 2299
@@ -43,6 +44,7 @@ class DataManager:
     """Base class of user-level data managers (see module docstring)."""
 
     threads: ClassVar[int] = 2
+    max_threads: ClassVar[int] = 16
     services: ClassVar[tuple[Subsystem, ...]] = ()
 
     def __init__(self) -> None:
@@ -51,6 +53,11 @@ class DataManager:
         self._stop_port = 0
         self._task = 0
         self._deferred: deque[Message] = deque()  # received while awaiting something else
+        self._lock = threading.Lock()  # guards the counters and the write queue below;
+        # never held across a Mach call
+        self._started = self._busy = 0
+        self._writes: deque[tuple[int, int, OOL, int]] = deque()
+        self._writing = False
 
     # -- memory objects ---------------------------------------------------------------
     def create_memory_object(self) -> int:
@@ -73,7 +80,8 @@ class DataManager:
         self._stop_port = mach.port_allocate(me)
         mach.port_enable(me, self._stop_port)
         mach.port_enable(me, mach.task_notify())
-        for _ in range((threads or self.threads) - 1):
+        self._started = threads or self.threads
+        for _ in range(self._started - 1):
             mach.thread_create(me, self._loop)
         self._loop()
 
@@ -92,6 +100,27 @@ class DataManager:
                 self._notification(msg)
             else:
                 self._dispatch(msg)
+
+    def queue_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
+        """Store written-back data in arrival order (see module docstring): this thread
+        stores it, and whatever arrives meanwhile, unless another thread is at it."""
+        with self._lock:
+            self._writes.append((mo, offset, data, data_count))
+            if self._writing:
+                return
+            self._writing = True
+        while True:
+            with self._lock:
+                if not self._writes:
+                    self._writing = False
+                    return
+                mo, offset, data, data_count = self._writes.popleft()
+            raw = memory().read(data.address, data.size)[:data_count] if data.size else b""
+            try:
+                self.pager_data_write(mo, offset, raw)
+            finally:  # released only now: until then the kernel still has the data
+                if data.size:
+                    mach.vm_deallocate(mach.task_self(), data.address, data.size)
 
     def await_message(self, port: int, wanted: Any, timeout_ms: float = 30_000) -> Message:
         """Receive on `port` until `wanted(msg)` holds; other messages are kept and served
@@ -112,6 +141,19 @@ class DataManager:
             self.pager_terminate(mo, request)
 
     def _dispatch(self, msg: Message) -> None:
+        with self._lock:
+            self._busy += 1
+            grow = self._busy >= self._started and self._started < self.max_threads
+            self._started += grow
+        if grow:  # everyone is busy: a request for us must still find a thread
+            mach.thread_create(mach.task_self(), self._loop)
+        try:
+            self._dispatch_one(msg)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _dispatch_one(self, msg: Message) -> None:
         for sub in (memory_object_defs, *self.services):
             if msg.id in sub.routines:
                 target: Any = _Adapter(self) if sub is memory_object_defs else self
@@ -171,7 +213,7 @@ class _Adapter:
         self.dm.pager_data_request(mo, request, offset, length, access)
 
     def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
-        self.dm.pager_data_write(mo, offset, take_ool(data)[:data_count])
+        self.dm.queue_write(mo, offset, data, data_count)
 
     def pager_data_unlock(self, mo: int, request: int, offset: int, length: int,
                           access: int) -> None:

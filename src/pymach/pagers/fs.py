@@ -64,6 +64,9 @@ class FileServer(DataManager):
         self.root = os.path.abspath(root)
         self.paths: dict[int, str] = {}  # memory object -> file
         self.fds: dict[int, int] = {}  # memory object -> descriptor of its file version
+        self.mapping: dict[int, int] = {}  # memory object -> our mappings whose pager_init
+        # we have not seen yet (a kernel object may be made anew while the old one's
+        # death notification is still queued)
         self.objects: dict[str, int] = {}  # file -> memory object of its current version
         self.disk_reads = 0  # I/O operations, for the section 9 benchmark
 
@@ -88,6 +91,7 @@ class FileServer(DataManager):
             self.paths[new_object], self.objects[path] = path, new_object
             self.fds[new_object] = os.open(path, os.O_RDONLY)
         me = mach.task_self()  # map the memory object into our own address space
+        self.mapping[new_object] = self.mapping.get(new_object, 0) + 1
         data = mach.vm_allocate_with_pager(me, 0, size, True, new_object, 0)
         return OOL(data, size, deallocate=True), size
 
@@ -106,6 +110,7 @@ class FileServer(DataManager):
     # -- the pager side ---------------------------------------------------------------------
     def pager_init(self, memory_object: int, request: int, name: int) -> None:
         super().pager_init(memory_object, request, name)
+        self.mapping[memory_object] = max(self.mapping.get(memory_object, 0) - 1, 0)
         mach.pager_cache(request, True)  # keep the file's pages after the last unmap
 
     def pager_data_request(self, memory_object: int, request: int, offset: int,
@@ -123,11 +128,13 @@ class FileServer(DataManager):
         return os.pread(self.fds[memory_object], length, offset).ljust(length, b"\0")
 
     def pager_terminate(self, memory_object: int, request: int) -> None:
-        """The kernel let go of the file's object: forget it once no kernel uses it."""
-        if not self.requests(memory_object):
+        """The kernel let go of the file's object: forget it once no kernel uses it and no
+        mapping of ours awaits its pager_init."""
+        if not self.requests(memory_object) and not self.mapping.get(memory_object):
             path = self.paths.pop(memory_object, None)
             if path is not None and self.objects.get(path) == memory_object:
                 del self.objects[path]
             os.close(self.fds.pop(memory_object))
             self.uses.pop(memory_object, None)
+            self.mapping.pop(memory_object, None)
             mach.port_deallocate(mach.task_self(), memory_object)

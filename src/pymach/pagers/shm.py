@@ -65,7 +65,7 @@ class Region:
 class SharedMemoryServer(DataManager):
     """The section 4.2 server (see module docstring)."""
 
-    threads = 1
+    threads = max_threads = 1  # requests are handled strictly in arrival order
     services = (shm_defs,)
 
     def __init__(self) -> None:
@@ -99,9 +99,22 @@ class SharedMemoryServer(DataManager):
         self.kernel_labels.setdefault(request, f"kernel {len(self.kernel_labels) + 1}")
         self._say(f"pager_init from {self._k(request)}")
 
+    def _known(self, memory_object: int, request: int) -> Region | None:
+        """The region, if `request` is a kernel's request port for it (from pager_init):
+        the server only ever calls ports the kernels gave it, so no client can make it
+        wait on a port of the client's own."""
+        region = self.by_object.get(memory_object)
+        if region is None or request not in self.uses.get(memory_object, {}):
+            self._say(f"ignored a request for object {memory_object} naming a port no "
+                      f"kernel gave us")
+            return None
+        return region
+
     def pager_data_request(self, memory_object: int, request: int, offset: int,
                            length: int, access: int) -> None:
-        region = self.by_object[memory_object]
+        region = self._known(memory_object, request)
+        if region is None:
+            return
         ps = vm_page_size()
         for off in range(offset, offset + length, ps):
             self._request_page(region, request, off, access)
@@ -128,7 +141,9 @@ class SharedMemoryServer(DataManager):
 
     def pager_data_unlock(self, memory_object: int, request: int, offset: int, length: int,
                           access: int) -> None:
-        region = self.by_object[memory_object]
+        region = self._known(memory_object, request)
+        if region is None:
+            return
         self._say(f"pager_data_unlock from {self._k(request)} for page {offset:#x}")
         for off in range(offset, offset + length, vm_page_size()):
             state = region.pages.setdefault(off, PageState())

@@ -270,6 +270,9 @@ def pager_died(vm: VmSystem, port: Port) -> None:
     for (p, _), obj in list(vm.pager_objects.items()):
         if p is not port:
             continue
+        if obj in vm.cached:  # nobody maps it, and nobody can refill it
+            object_cache_remove(obj, terminate=True)
+            continue
         reason = f"the data manager of object {obj.serial} died"
         for page in list(obj.memq.values()):
             if page.absent:
@@ -298,11 +301,12 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
             continue
         vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
         if flush and obj.copy is not None:
-            _push_before_flush(obj, page)
-        dirty = vm.resident.vm_page_is_dirty(page) or page.precious
-        if dirty and vm_pageout_page(page, keep=not flush, privileged=privileged):
-            written += 1
-            continue
+            push_to_copy_object(obj, page)
+        dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) and not page.substitute
+        if dirty:
+            if vm_pageout_page(page, keep=not flush, privileged=privileged):
+                written += 1
+            continue  # written, or kept because it cannot go back now: never lost
         if flush:
             vm.resident.vm_page_free(page)
     if flush:  # faults waiting on these pages (say, for an unlock) must look again
@@ -310,8 +314,9 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
     return written
 
 
-def _push_before_flush(obj: VmObject, page: VmPage) -> None:
-    """A copy object must keep the contents it had: give it the page before it goes."""
+def push_to_copy_object(obj: VmObject, page: VmPage) -> None:
+    """A copy object must keep the contents it had: give it the page before it goes
+    (flush, eviction), unless it has its own version already."""
     copy = obj.copy
     assert copy is not None
     vm = obj.vm
@@ -504,8 +509,12 @@ def _take_back(obj: VmObject, off: int) -> None:
     vm = obj.vm
     holding = obj.pending.pop(off)
     obj.existence.discard(off)
-    obj.pageout_failed = vm.swap_epoch
-    if off not in obj.memq and holding.memq:
+    obj.pageout_failed = (vm.swap_epoch, vm.kernel.sched.now())
+    kept = obj.memq.get(off)
+    if kept is not None:  # a clean_request kept the page: it is dirty again
+        kept.dirty = True
+        return
+    if holding.memq:
         src = next(iter(holding.memq.values()))
         page = vm.resident.vm_page_grab(privileged=True)
         if page is None:  # move the frame itself back

@@ -103,7 +103,7 @@ def _find_page(thread: Thread, first_object: VmObject, first_offset: int,
     while True:
         page = vm.resident.vm_page_lookup(obj, off)
         if page is not None:
-            _check_ready(thread, page)
+            _check_ready(thread, page, policy)
             return page, obj
         page = _fill_from_kernel(thread, obj, off)
         if page is not None:
@@ -115,11 +115,21 @@ def _find_page(thread: Thread, first_object: VmObject, first_offset: int,
         obj, off = obj.shadow, off + obj.shadow_offset
 
 
-def _check_ready(thread: Thread, page: VmPage) -> None:
+def _check_ready(thread: Thread, page: VmPage, policy: FaultPolicy) -> None:
     """Wait for a busy page; fail on a page its data manager reported an error for (the
-    page is dropped, so a later access asks the manager again)."""
+    page is dropped, so a later access asks the manager again). A page whose data
+    another fault asked the manager for is waited for under the same rules as asking:
+    the mapping's timeout, and the self-backing check."""
+    from pymach.vm.memory_object import check_not_self_backed
+
     obj = page.object
     assert obj is not None
+    if page.busy and page.absent:
+        check_not_self_backed(thread, obj)
+        if not _wait(thread, obj.vm, obj.page_waitq, obj, policy.timeout_ms,
+                     raise_retry=False):
+            _timed_out(obj, page.offset, policy)
+        raise Retry
     if page.busy:
         _wait(thread, obj.vm, obj.page_waitq, obj)
     if page.error:
@@ -188,9 +198,10 @@ def _timed_out(obj: VmObject, off: int, policy: FaultPolicy) -> None:
     if page is None or not page.absent:
         return
     vm = obj.vm
-    if policy.zero_fill:
+    if policy.zero_fill:  # a substitute: the manager never gets it (vm_pageout.py)
         vm.phys.pmap_zero_page(page.frame)
         vm.resident.stats.zero_fill_count += 1
+        page.substitute = True
     else:
         page.error = (f"the data manager of object {obj.serial} did not answer within "
                       f"{policy.timeout_ms} ms")

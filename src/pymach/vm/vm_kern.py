@@ -83,3 +83,32 @@ def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:
         vmap.vm.phys.phys_write(page.frame, data[pos:pos + n], va % ps)
         page.dirty = True
         pos += n
+
+
+def range_readable_now(vmap: VmMap, address: int, size: int) -> bool:
+    """True if every page of [address, address+size) can be read without waiting for a
+    data manager: resident, held by the kernel, or zero-filled (kernel lock held)."""
+    ps = vmap.vm.page_size
+    for va in range(trunc_page(address, ps), address + size, ps):
+        entry = vmap.lookup_entry(va)
+        if entry is None or entry.object is None:
+            return entry is not None  # a sharing map: be safe below
+        if not _available(entry.object, entry.offset + (va - entry.start)):
+            return False
+    return True
+
+
+def _available(obj: VmObject | None, off: int) -> bool:
+    from pymach.vm.vm_fault import _pager_has
+
+    while obj is not None:
+        page = obj.memq.get(off)
+        if page is not None:
+            return not page.busy
+        if off in obj.pending or (obj.data_source is not None and off not in obj.existence):
+            return True
+        if _pager_has(obj, off):
+            return False
+        off += obj.shadow_offset
+        obj = obj.shadow
+    return True

@@ -35,7 +35,8 @@ class VmPage:
     """One resident page (see module docstring). Fields guarded by the kernel lock."""
 
     __slots__ = ("absent", "busy", "dirty", "error", "frame", "object", "offset",
-                 "page_lock", "precious", "queue", "unlock_request", "wire_count")
+                 "page_lock", "precious", "queue", "substitute", "unlock_request",
+                 "wire_count")
 
     def __init__(self, frame: int) -> None:
         self.frame = frame  # immutable: the physical frame this structure describes
@@ -46,6 +47,7 @@ class VmPage:
         self.error = ""  # the data manager reported an error for this page
         self.dirty = False  # software modify bit (the pmap holds the hardware one)
         self.precious = False  # the pager must get it back even if clean
+        self.substitute = False  # zeros given after a manager's timeout: never written back
         self.page_lock = VM_PROT_NONE  # access the data manager prevents (pager_data_lock)
         self.unlock_request = VM_PROT_NONE  # access already asked for by pager_data_unlock
         self.wire_count = 0
@@ -144,7 +146,7 @@ class VmResident:
         if page is None:
             page = self.pages[frame] = VmPage(frame)
         page.queue = ""
-        page.busy = page.absent = page.dirty = page.precious = False
+        page.busy = page.absent = page.dirty = page.precious = page.substitute = False
         page.error = ""
         page.page_lock = page.unlock_request = VM_PROT_NONE
         page.wire_count = 0

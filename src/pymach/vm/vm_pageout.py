@@ -132,8 +132,16 @@ def _balance(vm: VmSystem) -> None:
 def vm_pageout_reclaim(vm: VmSystem, page: VmPage) -> bool:
     """Free a page (unmapping it everywhere), writing it to its pager first if dirty.
     False if it is dirty and cannot be paged out now (it stays, active)."""
+    from pymach.vm.memory_object import push_to_copy_object
+
     res = vm.resident
     vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+    obj = page.object
+    if obj is not None and obj.copy is not None:  # the copy must keep what it saw
+        push_to_copy_object(obj, page)
+    if page.substitute:  # zeros given after a manager's timeout: nobody is owed them
+        res.vm_page_free(page)
+        return True
     if res.vm_page_is_dirty(page) or page.precious:
         if vm_pageout_page(page, keep=False):
             return True
@@ -158,8 +166,8 @@ def vm_pageout_page(page: VmPage, keep: bool, privileged: bool = True) -> bool:
     vm, off = obj.vm, page.offset
     if obj.internal and obj.pager is None and not pager_create(obj):
         return False
-    if obj.pager is None or obj.pager.dead or obj.pageout_failed == vm.swap_epoch:
-        return False  # (a pager that could not store: not again until space is freed)
+    if obj.pager is None or obj.pager.dead or page.substitute or _failed_recently(obj):
+        return False
     holding = vm_object_allocate(vm, vm.page_size, label="pageout")
     if keep:
         copy_page = vm.resident.vm_page_grab(privileged)
@@ -180,6 +188,17 @@ def vm_pageout_page(page: VmPage, keep: bool, privileged: bool = True) -> bool:
     pager_data_write(obj, off, copy)
     vm.resident.stats.pageouts += 1
     return True
+
+
+def _failed_recently(obj: VmObject) -> bool:
+    """True while a pager that could not store a page of `obj` should not be tried
+    again: the default pager until it may have freed space, others for a deadline."""
+    if obj.pageout_failed is None:
+        return False
+    epoch, when = obj.pageout_failed
+    if obj.internal:
+        return epoch == obj.vm.swap_epoch
+    return obj.vm.kernel.sched.now() - when < obj.vm.pageout_deadline_ms
 
 
 def _hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) -> None:
