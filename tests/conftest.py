@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 import pymach
+from nativeutil import machd_socket, native  # noqa: F401  (native-mode fixtures)
 
 
 @pytest.fixture(params=[False, True], ids=["free", "det"])

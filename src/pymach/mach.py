@@ -17,6 +17,7 @@ from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
 from pymach.ipc.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
 from pymach.ipc.port import Port
 from pymach.kern.mach_defs import (
+    TASK_NOTIFY_PORT,
     host_defs,
     pager_defs,
     port_defs,
@@ -198,3 +199,76 @@ def vm_regions(*args: Any, **kwargs: Any) -> list[VmRegion]:
 def vm_statistics(*args: Any, **kwargs: Any) -> VmStatistics:
     """vm_statistics(target_task): page counts and VM counters of the task's host."""
     return VmStatistics(*_vm_statistics(*args, **kwargs))
+
+
+class Spawned:
+    """A task started by `spawn` in a native task (a process of its own under machd)."""
+
+    def __init__(self, name: int, box: int) -> None:
+        self.name = name  # the caller's send right to the child's task port
+        self._box = box  # where the child's first thread sends its outcome
+        self._outcome: tuple[bool, Any] | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait (ms) for the child's function to return; its value, or its exception."""
+        import cloudpickle
+
+        from pymach.ipc.message import RCV_TIMEOUT
+        from pymach.mach_vm import take_ool
+
+        if self._outcome is None:
+            try:
+                msg = msg_receive(self._box, RCV_TIMEOUT if timeout is not None else 0,
+                                  timeout)
+            except MachError as e:
+                if e.code == "RCV_TIMED_OUT":
+                    raise MachError("KERN_OPERATION_TIMED_OUT", "the spawned task did not "
+                                    f"finish in {timeout} ms") from None
+                raise
+            item = msg.items[0]
+            self._outcome = cloudpickle.loads(take_ool(item))  # type: ignore[arg-type]
+            port_deallocate(task_self(), self._box)
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def _spawned_main(fn: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> None:
+    """The first thread of a spawned native task: run fn, send its outcome, end."""
+    import cloudpickle
+
+    from pymach.ipc.message import OOL, Message
+
+    box = msg_receive(task_notify()).items[0].value  # the parent's port, sent first
+    try:
+        outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
+    except Exception as e:
+        outcome = (False, e)
+    try:
+        data = cloudpickle.dumps(outcome)
+    except Exception as e:  # a value that cannot travel: say what it was
+        data = cloudpickle.dumps((False, MachError("KERN_FAILURE", f"unpicklable: {e!r}")))
+    msg_send(Message(remote_port=box, items=[OOL(data=data)]))  # type: ignore[arg-type]
+    task_terminate(task_self())
+
+
+def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = False,
+          **kwargs: Any) -> Any:
+    """Run fn(*args, **kwargs) as the first thread of a new child task, in either mode;
+    `.result(timeout_ms)` waits for its value (the task ends when fn returns). In the
+    embedded kernel this is kernel.spawn; in a native task, task_create (with `inherit`)
+    and thread_create in a new process."""
+    from pymach.ipc.message import MAKE_SEND, Message, Port
+
+    thread = current_thread()
+    if not thread.native:
+        return thread.kernel.spawn(fn, *args, name=name, inherit=inherit, **kwargs)
+    me = task_self()
+    box = port_allocate(me)
+    child = task_create(me, inherit)
+    notify = task_get_special_port(child, TASK_NOTIFY_PORT)
+    msg_send(Message(remote_port=notify, items=[Port(box, MAKE_SEND)]))
+    thread_create(child, _spawned_main, fn, args, kwargs)
+    return Spawned(child, box)

@@ -62,6 +62,7 @@ class Process:
     main: str = ""  # the script run as __main__, for callables pickled by reference
     popen: subprocess.Popen[bytes] | None = None
     alive: bool = True
+    detaching: bool = False  # it asked to stop being a task: do not kill it
 
 
 class Machd:
@@ -239,13 +240,20 @@ class Machd:
 
     # -- ending processes -----------------------------------------------------------------
     def _watch_control(self, proc: Process) -> None:
-        """The control connection closes when the process ends: end the task then."""
+        """The control connection closes when the process ends: end the task then. A
+        process may also detach: the task ends and the process goes on."""
         assert proc.control is not None
         while True:
             try:
-                proc.control.recv()
+                request, fds = proc.control.recv()
             except Disconnected:
                 break
+            close_fds(fds)
+            if request.get("op") == "detach":
+                proc.detaching = True
+                self.process_gone(proc, "its process detached")
+                proc.control.close()
+                return
         self.process_gone(proc, "its process exited")
 
     def process_gone(self, proc: Process, why: str) -> None:
@@ -267,12 +275,13 @@ class Machd:
             return
         proc.alive = False
         self.poller.remove(proc)
-        if proc.control is not None:
-            with contextlib.suppress(Disconnected, OSError):
-                proc.control.send({"op": "die", "why": "task_terminate"})
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if proc.pid:
-                os.kill(proc.pid, signal.SIGKILL)
+        if not proc.detaching:
+            if proc.control is not None:
+                with contextlib.suppress(Disconnected, OSError):
+                    proc.control.send({"op": "die", "why": "task_terminate"})
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if proc.pid:
+                    os.kill(proc.pid, signal.SIGKILL)
         if proc.popen is not None:
             threading.Thread(target=proc.popen.wait, daemon=True).start()  # reap it
         with self.lock:

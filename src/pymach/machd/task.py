@@ -42,6 +42,7 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x4000, 0x100000
@@ -68,8 +69,8 @@ class NativeProcess:
         self.task_serial = 0
         self.task_name = ""
         self.page_size = 4096
-        self.alive = threading.Event()
-        self.alive.set()
+        self.detaching = False
+        self.control: Connection | None = None
         _mmap(WINDOW_BASE, WINDOW_SIZE, PROT_NONE,
               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE)
 
@@ -125,6 +126,7 @@ class NativeProcess:
         conn = Connection.connect(self.socket_path)
         conn.send({"op": "control", "task": self.task_serial, "pid": os.getpid()})
         conn.recv()
+        self.control = conn
         threading.Thread(target=self._control, args=(conn,), daemon=True,
                          name="pymach.control").start()
 
@@ -133,6 +135,8 @@ class NativeProcess:
             try:
                 request, fds = conn.recv()
             except Disconnected:
+                if self.detaching:
+                    return
                 _die(f"pymach: machd went away; task {self.task_name!r} exits",
                      EXIT_MACHD_DIED)
             close_fds(fds)
@@ -240,6 +244,24 @@ def _become(process: NativeProcess, conn: Connection, welcome: dict[str, Any]) -
     thread = NativeThread(process, conn, welcome["thread"])
     set_current_thread(thread)  # type: ignore[arg-type]
     return thread
+
+
+def detach() -> None:
+    """Stop being a native task: machd terminates the task, the process goes on (used
+    by tests, which attach a fresh task for each test)."""
+    global _process
+    process = _process
+    if process is None:
+        return
+    process.detaching = True
+    if process.control is not None:
+        with contextlib.suppress(Disconnected):
+            process.control.send({"op": "detach"})
+            process.control.recv()  # machd closes it once the task is gone
+    _libc.munmap(ctypes.c_void_p(WINDOW_BASE), ctypes.c_size_t(WINDOW_SIZE))
+    process.uffd.close()
+    _process = None
+    set_current_thread(None)
 
 
 def run_thread(process: NativeProcess, token: str, first: bool = False) -> None:
