@@ -74,7 +74,8 @@ class DataManager:
 
     # -- the loop -----------------------------------------------------------------------
     def serve(self, threads: int | None = None) -> None:
-        """Serve until `stop()`: this thread plus `threads - 1` more of the same task."""
+        """Serve until `stop()`: this thread plus `threads - 1` more of the same task.
+        Returns once every write-back received so far has been stored."""
         me = mach.task_self()
         self._task = me
         self._stop_port = mach.port_allocate(me)
@@ -84,17 +85,33 @@ class DataManager:
         for _ in range(self._started - 1):
             mach.thread_create(me, self._loop)
         self._loop()
+        self._await_stored_writes()
 
-    def stop(self, threads: int | None = None) -> None:
-        """Ask every serving thread to return (callable from any thread of the task)."""
-        for _ in range(threads or self.threads):
-            mach.msg_send(Message(remote_port=self._stop_port, id=STOP_ID))
+    def _await_stored_writes(self) -> None:
+        """Wait (in Mach time) until every received write-back has been stored."""
+        nap = mach.port_allocate(mach.task_self())
+        try:
+            while True:
+                with self._lock:
+                    if not self._writes and not self._writing:
+                        return
+                with contextlib.suppress(MachError):
+                    mach.msg_receive(nap, RCV_TIMEOUT, 2)
+        finally:
+            mach.port_deallocate(mach.task_self(), nap)
+
+    def stop(self) -> None:
+        """Ask every serving thread to return (callable from any thread of the task).
+        One stop message goes around: each thread passes it on before returning, so
+        threads the pool grew meanwhile see it too."""
+        mach.msg_send(Message(remote_port=self._stop_port, id=STOP_ID))
 
     def _loop(self) -> None:
         notify = mach.task_notify()
         while True:
             msg = self._deferred.popleft() if self._deferred else mach.msg_receive()
             if msg.local_port == self._stop_port:
+                self.stop()  # pass it on to the next thread
                 return
             if msg.local_port == notify:
                 self._notification(msg)
