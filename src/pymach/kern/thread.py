@@ -112,6 +112,11 @@ def current_thread() -> Thread:
     return thread
 
 
+def running_thread() -> Thread | None:
+    """The Mach thread the calling Python thread runs, or None."""
+    return getattr(_tls, "thread", None)
+
+
 def set_current_thread(thread: Thread | None) -> None:
     """Bind (or unbind) the calling Python thread to a Mach thread."""
     _tls.thread = thread

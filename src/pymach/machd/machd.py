@@ -38,7 +38,7 @@ from pymach.errors import MachError
 from pymach.ipc.message import Code
 from pymach.kern.host import Kernel
 from pymach.kern.task import Task
-from pymach.kern.thread import Thread
+from pymach.kern.thread import Thread, running_thread
 from pymach.machd.protocol import DEFAULT_SOCKET, Connection, Disconnected, close_fds
 from pymach.machd.uffd import Uffd, probe
 
@@ -63,6 +63,7 @@ class Process:
     popen: subprocess.Popen[bytes] | None = None
     alive: bool = True
     detaching: bool = False  # it asked to stop being a task: do not kill it
+    exited: bool = False  # it is gone already: nothing to kill (its pid may be reused)
 
 
 class Machd:
@@ -254,6 +255,7 @@ class Machd:
                 self.process_gone(proc, "its process detached")
                 proc.control.close()
                 return
+        proc.exited = True
         self.process_gone(proc, "its process exited")
 
     def process_gone(self, proc: Process, why: str) -> None:
@@ -275,12 +277,15 @@ class Machd:
             return
         proc.alive = False
         self.poller.remove(proc)
-        if not proc.detaching:
+        if not proc.detaching and not proc.exited:
             if proc.control is not None:
+                me = running_thread()
+                why = "" if me is not None and me.task is task else "task_terminate"
                 with contextlib.suppress(Disconnected, OSError):
-                    proc.control.send({"op": "die", "why": "task_terminate"})
+                    proc.control.send({"op": "die", "why": why})  # "": it ended itself
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if proc.pid:
+                    log.debug("killing process %d of task %s", proc.pid, task.name)
                     os.kill(proc.pid, signal.SIGKILL)
         if proc.popen is not None:
             threading.Thread(target=proc.popen.wait, daemon=True).start()  # reap it

@@ -9,8 +9,10 @@ inherited regions), or unlinks one, `NativeMapBinding` records an instruction:
 - ("unmap", start, length): give the range back to the task's reservation;
 - ("protect", start, length, prot): mprotect (for protections the MMU must enforce).
 
-The next reply to any trap of the task carries the pending instructions, and the task
-applies them before it returns from the trap (like an AST in Mach). So what a task does
+The next reply to any trap of the task carries the pending instructions as a numbered
+batch, and the task applies them before it returns from the trap (like an AST in Mach);
+every reply also names the last batch issued, so a thread never returns before the
+changes another thread's reply carried are in place, and batches apply in order. So what a task does
 to its own address space takes effect at once, and what others do to it takes effect at
 its next kernel entry. The binding also records, per memfd, which task ranges map it,
 so that write-protecting an object for a copy is one call per region.
@@ -45,6 +47,7 @@ class NativeMapBinding:
     fds: list[int] = field(default_factory=list)  # dups owned until the reply is sent
     regions: dict[int, tuple[ObjectStore, int, int]] = field(default_factory=dict)
     # start -> (store, object offset, length) of every mapped range
+    batches: int = 0  # instruction batches handed out so far (numbered from 1)
 
     def mapped(self, vmap: VmMap, entry: VmMapEntry) -> None:
         """An entry was linked: map each object it shows at its place."""
@@ -69,8 +72,10 @@ class NativeMapBinding:
         """The current protection of a range changed (vm_protect)."""
         self.pending.append(("protect", start, end - start, prot))
 
-    def take(self) -> tuple[list[tuple[Any, ...]], list[int]]:
-        """The pending instructions with fd numbers replaced by indexes into `fds`."""
+    def take(self) -> tuple[dict[str, Any], list[int]]:
+        """Reply fields carrying the pending instructions (fd numbers replaced by indexes
+        into the returned fds) as the next numbered batch, and the number of the last
+        batch issued, which the process applies before the trap returns."""
         out, fds = [], []
         for ins in self.pending:
             if ins[0] == "map":
@@ -78,7 +83,14 @@ class NativeMapBinding:
                 ins = (*ins[:3], len(fds) - 1, *ins[4:])
             out.append(ins)
         self.pending, self.fds = [], []
-        return out, fds
+        batch = 0
+        if out:
+            self.batches += 1
+            batch = self.batches
+        fields: dict[str, Any] = {"batch": (batch, self.batches)}
+        if out:
+            fields["maps"] = out
+        return fields, fds
 
     def everything(self, vmap: VmMap) -> None:
         """Queue the whole current map (a new process for the task)."""

@@ -4,7 +4,8 @@ Each native thread has its own connection to machd. A frame is an 8-byte header
 (payload length, number of file descriptors) and a pickled payload; descriptors ride in
 the same sendmsg as SCM_RIGHTS (memfds of memory objects, a task's userfaultfd).
 Requests are dicts with an "op"; replies are {"ok": value} or {"err": (code, detail)},
-optionally with "maps" (address-space changes the task must apply) and their fds.
+with "batch" (this reply's batch number, or 0, and the last batch issued) and
+optionally "maps" (address-space changes the task must apply) and their fds.
 
 `Connection` is used by one thread at a time on each side (a trap is a request and its
 reply); `send` and `recv` are therefore not locked.

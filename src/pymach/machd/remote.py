@@ -129,9 +129,8 @@ def _reply(thread: Thread, conn: Connection, reply: dict[str, Any]) -> None:
     fds: list[int] = []
     if binding is not None:
         with thread.kernel.sched.lock:
-            maps, fds = binding.take()
-        if maps:
-            reply["maps"] = maps
+            fields, fds = binding.take()
+        reply.update(fields)
     try:
         conn.send(reply, fds)
     finally:

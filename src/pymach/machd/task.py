@@ -8,9 +8,10 @@ process:
 - reserves its address-space window (PROT_NONE) and makes its userfaultfd, which it
   hands to machd: machd serves every page fault of the process;
 - applies the address-space changes each trap reply carries, before returning from
-  the trap: it maps memory objects' memfds MAP_SHARED at their regions (and registers
-  them with the userfaultfd), unmaps, and changes protections. Only the process can
-  change its own mappings (../shared/DESIGN.md);
+  the trap, in the order machd issued them (threads of the task wait for batches
+  other threads took first): it maps memory objects' memfds MAP_SHARED at their
+  regions (and registers them with the userfaultfd), unmaps, and changes protections.
+  Only the process can change its own mappings (../shared/DESIGN.md);
 - keeps a control connection, on which machd asks it to start threads (thread_create)
   or to die (task_terminate, a memory error); if machd itself dies, that connection
   closes and the process exits with a message instead of hanging.
@@ -26,6 +27,7 @@ import ctypes
 import os
 import sys
 import threading
+import uuid
 from typing import Any
 
 import cloudpickle
@@ -64,6 +66,8 @@ class NativeProcess:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self.lock = threading.Lock()
+        self.applied = threading.Condition(self.lock)  # notified when a batch is applied
+        self.batches_applied = 0  # (lock) machd numbers its instruction batches 1, 2, ...
         self.uffd = Uffd.create()
         self.regions: dict[int, int] = {}  # start -> length of what is mapped now
         self.task_serial = 0
@@ -71,6 +75,8 @@ class NativeProcess:
         self.page_size = 4096
         self.detaching = False
         self.control: Connection | None = None
+        self.task_port = 0  # this task's name for its own task port
+        self.local_code: dict[str, Code] = {}  # thread_create on our own task: shared
         _mmap(WINDOW_BASE, WINDOW_SIZE, PROT_NONE,
               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE)
 
@@ -83,12 +89,20 @@ class NativeProcess:
         return _result(self, reply, fds)
 
     # -- address-space changes --------------------------------------------------------
-    def apply(self, maps: list[tuple[Any, ...]] | None, fds: list[int]) -> None:
-        """Apply machd's instructions (see module docstring); close the fds."""
+    def apply(self, reply: dict[str, Any], fds: list[int]) -> None:
+        """Apply machd's instructions in a trap reply (see module docstring), in machd's
+        batch order, and return only once every batch issued before this reply is
+        applied (another thread may be applying an earlier one); close the fds."""
+        batch, upto = reply.get("batch", (0, 0))
         try:
-            with self.lock:
-                for ins in maps or ():
-                    self._apply_one(ins, fds)
+            with self.applied:
+                if batch:
+                    self.applied.wait_for(lambda: self.batches_applied == batch - 1)
+                    for ins in reply.get("maps", ()):
+                        self._apply_one(ins, fds)
+                    self.batches_applied = batch
+                    self.applied.notify_all()
+                self.applied.wait_for(lambda: self.batches_applied >= upto)
         finally:
             close_fds(fds)
 
@@ -144,8 +158,11 @@ class NativeProcess:
                 threading.Thread(target=run_thread, args=(self, request["token"]),
                                  daemon=True, name="mach-thread").start()
             elif request.get("op") == "die":
-                _die(f"pymach: task {self.task_name!r} ended by machd: {request.get('why')}",
-                     EXIT_KILLED)
+                why = request.get("why")
+                if not why:  # the task terminated itself: a normal end
+                    sys.stdout.flush()
+                    os._exit(0)
+                _die(f"pymach: task {self.task_name!r} ended by machd: {why}", EXIT_KILLED)
 
 
 class _KernelInfo:
@@ -170,7 +187,7 @@ class NativeThread:
     def trap(self, op: str, *args: Any) -> Any:
         """Run a trap in machd as this thread; returns its result or raises its error."""
         if op in ("msg_send", "msg_rpc"):
-            args = (_portable(args[0]), *args[1:])
+            args = (_portable(self.process, args[0]), *args[1:])
         try:
             self.conn.send({"op": op, "args": args})
             reply, fds = self.conn.recv()
@@ -186,7 +203,7 @@ class NativeThread:
 
 
 def _result(process: NativeProcess, reply: dict[str, Any], fds: list[int]) -> Any:
-    process.apply(reply.get("maps"), fds)
+    process.apply(reply, fds)
     if reply.get("terminated"):
         raise ThreadTerminated()
     if "err" in reply:
@@ -194,13 +211,49 @@ def _result(process: NativeProcess, reply: dict[str, Any], fds: list[int]) -> An
     return reply.get("ok")
 
 
-def _portable(msg: Any) -> Any:
-    """A message whose Code items are pickled by value (they cross processes)."""
+def _portable(process: NativeProcess, msg: Any) -> Any:
+    """A message whose Code items can travel: for a thread of our own task the callable
+    stays here (threads of a task share its objects) and only a key travels; for
+    another task it is pickled by value."""
     if not isinstance(msg, Message) or not any(isinstance(i, Code) for i in msg.items):
         return msg
-    items = [Code(None, blob=cloudpickle.dumps((i.fn, i.args, i.kwargs)))
-             if isinstance(i, Code) and i.blob is None else i for i in msg.items]
+    own = msg.remote_port == process.task_port
+
+    def travel(code: Code) -> Code:
+        if code.blob is not None:
+            return code
+        if own:
+            key = uuid.uuid4().hex
+            process.local_code[key] = code
+            return Code(None, blob=b"local:" + key.encode())
+        return Code(None, blob=_pickle_code(code))
+
+    items = [travel(i) if isinstance(i, Code) else i for i in msg.items]
     return Message(msg.remote_port, msg.local_port, msg.id, items, msg.local_disposition)
+
+
+def _pickle_code(code: Code) -> bytes:
+    """The callable and arguments, pickled by value, with this process's module path
+    (what the other process needs to import what they refer to)."""
+    inner = cloudpickle.dumps((code.fn, code.args, code.kwargs))
+    blob: bytes = cloudpickle.dumps((list(sys.path), inner))
+    return blob
+
+
+def _unpickle_code(blob: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    path, inner = cloudpickle.loads(blob)
+    sys.path.extend(p for p in path if p not in sys.path)
+    fn, args, kwargs = cloudpickle.loads(inner)
+    return fn, args, kwargs
+
+
+def _load_code(process: NativeProcess, blob: bytes) -> tuple[Any, tuple[Any, ...],
+                                                             dict[str, Any]]:
+    if blob.startswith(b"local:"):
+        code = process.local_code.pop(blob[6:].decode())
+        assert code.fn is not None
+        return code.fn, code.args, code.kwargs
+    return _unpickle_code(blob)
 
 
 def _picklable(value: Any) -> Any:
@@ -243,6 +296,7 @@ def _become(process: NativeProcess, conn: Connection, welcome: dict[str, Any]) -
     process.start_control()
     thread = NativeThread(process, conn, welcome["thread"])
     set_current_thread(thread)  # type: ignore[arg-type]
+    process.task_port = thread.trap("task_self")
     return thread
 
 
@@ -274,7 +328,7 @@ def run_thread(process: NativeProcess, token: str, first: bool = False) -> None:
     set_current_thread(thread)  # type: ignore[arg-type]
     result: Any = None
     try:
-        fn, args, kwargs = cloudpickle.loads(welcome["code"])
+        fn, args, kwargs = _load_code(process, welcome["code"])
         result = fn(*args, **kwargs)
     except ThreadTerminated:
         pass

@@ -58,6 +58,8 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         except Retry:
             continue
         assert vmap.pmap is not None
+        if vm.native and not access & VM_PROT_WRITE:
+            prot &= ~VM_PROT_WRITE  # real memory: the first write must fault (dirty bit)
         vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
         if not page.busy:
             vm.resident.vm_page_activate(page)
