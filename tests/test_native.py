@@ -62,3 +62,46 @@ def test_shared_memory_between_processes(native: str) -> None:
     m.vm_inherit(me, a, PS, m.VM_INHERIT_SHARE)
     m.spawn(_child_writes_shared, a, inherit=True).result(20_000)
     assert m.memory()[a:a + 6] == b"SHARED"
+
+
+class Squares(m.DataManager):
+    """Page n of the object holds the int64 n*n, repeated; changes are recorded."""
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        return b"".join(((offset // PS + i) ** 2).to_bytes(8, "little") * (PS // 8)
+                        for i in range(length // PS))
+
+    def write(self, memory_object: int, offset: int, data: bytes) -> None:
+        self.written.append((offset, data[:8]))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _pager_task() -> list[tuple[int, bytes]]:
+    """A native pager task: hands its memory object to whoever asks, serves it."""
+    dm = Squares()
+    dm.written = []  # type: ignore[attr-defined]
+    mo = dm.create_memory_object()
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                       items=[m.Port(mo, m.MAKE_SEND)]))
+    dm.serve()
+    return dm.written  # type: ignore[attr-defined, no-any-return]
+
+
+def test_numpy_array_backed_by_a_python_pager_in_another_process(native: str) -> None:
+    me = m.task_self()
+    pager = m.spawn(_pager_task, name="squares")
+    box = m.port_allocate(me)
+    notify = m.task_get_special_port(pager.name, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    n = 64
+    a = m.vm_allocate_with_pager(me, 0, n * PS, True, mo, 0)
+    arr = np.frombuffer(m.memory().buffer(a, n * PS), dtype=np.int64).reshape(n, PS // 8)
+    assert [int(arr[i, 0]) for i in range(n)] == [i * i for i in range(n)]
+    assert int(arr[7].sum()) == 49 * (PS // 8)
+    arr[3, 0] = -1  # a write: the page goes back to the pager when we let go
+    m.vm_deallocate(me, a, n * PS)
+    assert pager.result(20_000) == [(3 * PS, (-1).to_bytes(8, "little", signed=True))]

@@ -161,6 +161,7 @@ pager_data_error = pager_defs.stub("pager_data_error")
 
 host_info = host_defs.stub("host_info")
 host_kernel_version = host_defs.stub("host_kernel_version")
+host_report = host_defs.stub("host_report")
 
 
 def task_create(parent_task: int, inherit: bool = False) -> int:

@@ -202,6 +202,11 @@ class KernelServer:
         return (kernel.page_size, kernel.memory_size, len(kernel.tasks), threads,
                 kernel.sched.deterministic)
 
+    def host_report(self, kernel: Kernel, what: str, task: str) -> str:
+        from pymach.kern.report import report_json
+
+        return report_json(kernel, what, task)
+
     def host_kernel_version(self, kernel: Kernel) -> str:
         return f"pymach {__version__} (embedded kernel, {kernel.sched.__class__.__name__})"
 

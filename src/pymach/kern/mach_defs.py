@@ -90,6 +90,10 @@ host_defs.routine("host_info", "host",
                   doc="The host's page size, memory size, and numbers of tasks and threads.")
 host_defs.routine("host_kernel_version", "host", outs=[("version", STR)],
                   doc="The kernel's version string.")
+host_defs.routine("host_report", "host", [("what", STR), ("task", STR)], [("json", STR)],
+                  doc="pymach: a report of the host as JSON: 'ps', 'lsmp' or 'vmmap' (of "
+                  "`task`, by name or id), or 'vm_stat'. The pymach ps/lsmp/vmmap/vm_stat "
+                  "commands use it.")
 
 # -- Table 3-3 (and 3-4): virtual memory operations on a task ----------------------------
 vm_defs = Subsystem("vm", 2800)

@@ -23,6 +23,7 @@ class ThreadRow:
     name: str
     state: str
     suspend_count: int
+    waiting_on: str = ""  # the wait queue of a waiting thread
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class TaskRow:
     suspend_count: int
     port_names: int
     threads: tuple[ThreadRow, ...]
+    resident_pages: int = 0  # pages of its address space resident in memory
 
     def as_dict(self) -> dict[str, Any]:
         """The row as plain data (for --json)."""
@@ -62,10 +64,15 @@ class PortRow:
 def ps(kernel: Kernel) -> list[TaskRow]:
     """Every live task with its threads, in creation order."""
     with kernel.sched.lock:
-        return [TaskRow(t.serial, t.name, t.parent.name if t.parent else "-", t.suspend_count,
-                        len(t.space.names),
-                        tuple(ThreadRow(th.name, th.state, th.suspend_count) for th in t.threads))
-                for t in sorted(kernel.tasks.values(), key=lambda t: t.serial)]
+        return [_ps_row(t) for t in sorted(kernel.tasks.values(), key=lambda t: t.serial)]
+
+
+def _ps_row(t: Task) -> TaskRow:
+    """One task's `ps` row (kernel lock held)."""
+    threads = tuple(ThreadRow(th.name, th.state, th.suspend_count,
+                              th.wait_queue.name if th.wait_queue else "") for th in t.threads)
+    return TaskRow(t.serial, t.name, t.parent.name if t.parent else "-", t.suspend_count,
+                   len(t.space.names), threads, _resident(t))
 
 
 def find_task(kernel: Kernel, which: Task | int | str) -> Task:
@@ -80,6 +87,35 @@ def find_task(kernel: Kernel, which: Task | int | str) -> Task:
     raise MachError("KERN_INVALID_TASK", f"no live task {which!r}")
 
 
+def _resident(task: Task) -> int:
+    return sum(r.resident for r in _vmmap_rows(task))
+
+
+def _vmmap_rows(task: Task) -> list[Any]:
+    from pymach.vm.vm_report import vmmap
+
+    return [] if task.map is None else vmmap(task.map)
+
+
+def report_json(kernel: Kernel, what: str, which: str) -> str:
+    """A report as JSON (kernel lock held): 'ps', 'lsmp' or 'vmmap' of a task, 'vm_stat'."""
+    import json
+
+    from pymach.vm.vm_report import vm_stat
+
+    if what == "vm_stat":
+        return json.dumps(vm_stat(kernel.vm))
+    if what == "ps":
+        return json.dumps([_ps_row(t).as_dict() for t in
+                           sorted(kernel.tasks.values(), key=lambda t: t.serial)])
+    task = find_task(kernel, int(which) if which.isdigit() else which)
+    if what == "lsmp":
+        return json.dumps([r.as_dict() for r in _lsmp_rows(task)])
+    if what == "vmmap":
+        return json.dumps([r.as_dict() for r in _vmmap_rows(task)])
+    raise MachError("KERN_INVALID_ARGUMENT", f"no report {what!r}: ps, lsmp, vmmap or vm_stat")
+
+
 def _holder(task: Task | None, in_transit: bool) -> str:
     if task is not None:
         return task.name
@@ -89,16 +125,20 @@ def _holder(task: Task | None, in_transit: bool) -> str:
 def lsmp(kernel: Kernel, which: Task | int | str) -> list[PortRow]:
     """The port name space of one task (by Task, id or name), in name order."""
     with kernel.sched.lock:
-        task = find_task(kernel, which)
-        rows = []
-        for name in sorted(task.space.names):
-            e = task.space.names[name]
-            p = e.port
-            rows.append(PortRow(name, e.rights_text(), p.label or f"port{p.serial}",
-                                len(p.queue), p.backlog, p.enabled and e.receive,
-                                _holder(p.receiver, p.receive_in_transit),
-                                _holder(p.owner, p.ownership_in_transit)))
-        return rows
+        return _lsmp_rows(find_task(kernel, which))
+
+
+def _lsmp_rows(task: Task) -> list[PortRow]:
+    """One task's `lsmp` rows (kernel lock held)."""
+    rows = []
+    for name in sorted(task.space.names):
+        e = task.space.names[name]
+        p = e.port
+        rows.append(PortRow(name, e.rights_text(), p.label or f"port{p.serial}",
+                            len(p.queue), p.backlog, p.enabled and e.receive,
+                            _holder(p.receiver, p.receive_in_transit),
+                            _holder(p.owner, p.ownership_in_transit)))
+    return rows
 
 
 def _thread_text(t: ThreadRow) -> str:
