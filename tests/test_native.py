@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from typing import Any
+
 import numpy as np
 
 import pymach as m
@@ -105,3 +110,34 @@ def test_numpy_array_backed_by_a_python_pager_in_another_process(native: str) ->
     arr[3, 0] = -1  # a write: the page goes back to the pager when we let go
     m.vm_deallocate(me, a, n * PS)
     assert pager.result(20_000) == [(3 * PS, (-1).to_bytes(8, "little", signed=True))]
+
+
+def _tool(native: str, *argv: str) -> Any:
+    out = subprocess.run([sys.executable, "-m", "pymach.cli.main", *argv, "--socket", native,
+                          "--json"], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def test_ps_vmmap_lsmp_vm_stat_watch_a_running_machd(native: str) -> None:
+    me = m.task_self()
+    a = m.vm_allocate(me, 0, 8 * PS, True)
+    m.memory()[a:a + 3 * PS] = b"x" * (3 * PS)  # three pages resident
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=p, id=1))
+    rows = {r["name"]: r for r in _tool(native, "ps")}
+    row = rows[m.task_info(me)[0]]
+    assert row["resident_pages"] >= 3 and row["threads"][0]["state"] == "running"
+    assert "pymach-report" not in rows and "default_pager" in rows
+    regions = _tool(native, "vmmap", str(row["id"]))
+    ours = [r for r in regions if r["start"] == a]
+    assert ours and ours[0]["end"] == a + 8 * PS and ours[0]["resident"] == 3
+    ports = {r["name"]: r for r in _tool(native, "lsmp", str(row["id"]))}
+    assert ports[p]["queued"] == 1 and "recv" in ports[p]["rights"]
+    stats = _tool(native, "vm_stat")
+    assert stats["page_size"] == PS and stats["zero_fill_count"] >= 3
+    text = subprocess.run([sys.executable, "-m", "pymach.cli.main", "ps", "--socket", native],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "default_pager" in text and "RES" in text
+    bad = subprocess.run([sys.executable, "-m", "pymach.cli.main", "lsmp", "no-such-task",
+                          "--socket", native], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "KERN_INVALID_TASK" in bad.stderr

@@ -1,4 +1,5 @@
-"""The `pymach` command: `pymach demo` and `pymach bench {ipc,vm,cache} [--json]`."""
+"""The `pymach` command: `demo`, `bench`, and for native mode `machd`, `exec` and the
+tools `ps`, `vmmap`, `vm_stat`, `lsmp` (see cli/tools.py)."""
 
 from __future__ import annotations
 
@@ -133,12 +134,15 @@ def _native_parsers(sub: Any) -> None:
     machd.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     machd.set_defaults(func=_cmd_machd)
+    from pymach.cli.tools import add_parsers
+
+    socket_help = f"machd's socket (default: $PYMACH_SOCKET or {DEFAULT_SOCKET})"
     ex = sub.add_parser("exec", help="run a Python script as a task of the running machd")
-    ex.add_argument("--socket", default=None, help="machd's socket (default: $PYMACH_SOCKET "
-                    f"or {DEFAULT_SOCKET})")
+    ex.add_argument("--socket", default=None, help=socket_help)
     ex.add_argument("script")
     ex.add_argument("args", nargs=argparse.REMAINDER)
     ex.set_defaults(func=_cmd_exec)
+    add_parsers(sub, socket_help)
 
 
 def main(argv: list[str] | None = None) -> int:

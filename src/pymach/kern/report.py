@@ -143,16 +143,18 @@ def _lsmp_rows(task: Task) -> list[PortRow]:
 
 def _thread_text(t: ThreadRow) -> str:
     suspended = f"/s{t.suspend_count}" if t.suspend_count else ""
-    return f"{t.name}({t.state}{suspended})"
+    waiting = f" on {t.waiting_on}" if t.waiting_on else ""
+    return f"{t.name}({t.state}{waiting}{suspended})"
 
 
 def format_ps(rows: list[TaskRow]) -> str:
     """A `ps`-style table of tasks and their threads."""
-    lines = [f"{'ID':>4} {'TASK':<16} {'PARENT':<12} {'SUSP':>4} {'NAMES':>5}  THREADS"]
+    lines = [f"{'ID':>4} {'TASK':<16} {'PARENT':<12} {'SUSP':>4} {'NAMES':>5} {'RES':>6}  "
+             f"THREADS"]
     for r in rows:
         threads = ", ".join(_thread_text(t) for t in r.threads) or "-"
         lines.append(f"{r.id:>4} {r.name:<16} {r.parent:<12} {r.suspend_count:>4} "
-                     f"{r.port_names:>5}  {threads}")
+                     f"{r.port_names:>5} {r.resident_pages:>6}  {threads}")
     return "\n".join(lines)
 
 
