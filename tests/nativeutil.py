@@ -54,12 +54,17 @@ def stop_machd(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-@pytest.fixture(scope="session")
-def machd_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A running machd for the session (skipped, or failed under CI, without uffd)."""
+def uffd_or_skip() -> None:
+    """Skip (fail under CI) if this machine cannot run native mode."""
     reason = probe()
     if reason:
         _unavailable(reason)
+
+
+@pytest.fixture(scope="session")
+def machd_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running machd for the session (skipped, or failed under CI, without uffd)."""
+    uffd_or_skip()
     path = tmp_path_factory.mktemp("machd") / "machd.sock"
     proc = start_machd(path, "--memory", "512M")
     yield str(path)

@@ -125,6 +125,7 @@ _thread_create = task_defs.stub("thread_create")
 task_get_special_port = task_defs.stub("task_get_special_port")
 task_set_special_port = task_defs.stub("task_set_special_port")
 task_info = task_defs.stub("task_info")
+task_set_name = task_defs.stub("task_set_name")
 
 port_allocate = port_defs.stub("port_allocate")
 port_deallocate = port_defs.stub("port_deallocate")
@@ -211,28 +212,52 @@ class Spawned:
         self._outcome: tuple[bool, Any] | None = None
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait (ms) for the child's function to return; its value, or its exception."""
+        """Wait (ms) for the child's function to return; its value, or its exception.
+        KERN_OPERATION_TIMED_OUT if `timeout` passes first; KERN_ABORTED if the task
+        ended without a result (killed, or a memory error: its diagnostic says why)."""
         import cloudpickle
 
-        from pymach.ipc.message import RCV_TIMEOUT
         from pymach.mach_vm import take_ool
 
         if self._outcome is None:
-            try:
-                msg = msg_receive(self._box, RCV_TIMEOUT if timeout is not None else 0,
-                                  timeout)
-            except MachError as e:
-                if e.code == "RCV_TIMED_OUT":
-                    raise MachError("KERN_OPERATION_TIMED_OUT", "the spawned task did not "
-                                    f"finish in {timeout} ms") from None
-                raise
-            item = msg.items[0]
-            self._outcome = cloudpickle.loads(take_ool(item))  # type: ignore[arg-type]
+            msg = self._await_outcome(timeout)
+            self._outcome = cloudpickle.loads(take_ool(msg.items[0]))
             port_deallocate(task_self(), self._box)
         ok, value = self._outcome
         if not ok:
             raise value
         return value
+
+    def _await_outcome(self, timeout: float | None) -> Any:
+        """The child's outcome message, checking every 100 ms that the child lives."""
+        import time
+
+        from pymach.ipc.message import RCV_TIMEOUT
+
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        while True:
+            left = 100.0 if deadline is None else min(100.0, (deadline - time.monotonic()) * 1e3)
+            try:
+                return msg_receive(self._box, RCV_TIMEOUT, max(left, 0.0))
+            except MachError as e:
+                if e.code != "RCV_TIMED_OUT":
+                    raise
+            if not self._alive():  # its outcome may have come just before it ended
+                try:
+                    return msg_receive(self._box, RCV_TIMEOUT, 0)
+                except MachError:
+                    raise MachError("KERN_ABORTED", "the spawned task ended without a "
+                                    "result (its diagnostic is on its stderr)") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise MachError("KERN_OPERATION_TIMED_OUT", "the spawned task did not "
+                                f"finish in {timeout} ms")
+
+    def _alive(self) -> bool:
+        try:
+            task_info(self.name)
+        except MachError:
+            return False
+        return True
 
 
 def _spawned_main(fn: Callable[..., Any], args: tuple[Any, ...],
@@ -266,9 +291,12 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = Fa
     thread = current_thread()
     if not thread.native:
         return thread.kernel.spawn(fn, *args, name=name, inherit=inherit, **kwargs)
+    thread.share_stdio()  # type: ignore[attr-defined]  # (a NativeThread) child output: ours
     me = task_self()
     box = port_allocate(me)
     child = task_create(me, inherit)
+    if name:
+        task_set_name(child, name)
     notify = task_get_special_port(child, TASK_NOTIFY_PORT)
     msg_send(Message(remote_port=notify, items=[Port(box, MAKE_SEND)]))
     thread_create(child, _spawned_main, fn, args, kwargs)

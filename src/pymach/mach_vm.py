@@ -166,9 +166,13 @@ class NativeAddressSpace(Memory):
                             f"this task")
 
     def read(self, address: int, size: int) -> bytes:
-        """The `size` bytes at `address` (a plain load: machd serves the faults)."""
+        """The `size` bytes at `address` (a plain load: machd serves the faults). The copy
+        runs without the GIL, so other threads of the task go on while it waits on a
+        fault (they may be the ones serving it)."""
         self._check(address, size)
-        return ctypes.string_at(address, size)
+        buf = ctypes.create_string_buffer(size)
+        ctypes.memmove(buf, address, size)
+        return buf.raw
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Store `data` at `address`."""

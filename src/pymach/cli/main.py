@@ -72,7 +72,9 @@ def _cmd_machd(args: argparse.Namespace) -> int:
                         format="machd %(levelname)s %(message)s")
     try:
         machd = Machd(args.socket, memory_size=args.memory, page_size=args.page_size,
-                      swap_dir=args.swap_dir, swap_size=args.swap_size)
+                      swap_dir=args.swap_dir, swap_size=args.swap_size,
+                      pager_timeout_ms=args.pager_timeout,
+                      pager_timeout_action=args.pager_timeout_action)
         return run_machd(machd)
     except MachdError as e:
         print(f"pymach machd: {e}", file=sys.stderr)
@@ -131,6 +133,12 @@ def _native_parsers(sub: Any) -> None:
     machd.add_argument("--page-size", type=int, default=4096)
     machd.add_argument("--swap-dir", default=None, help="where the default pager's file goes")
     machd.add_argument("--swap-size", type=_size, default=None, help="backing store limit")
+    machd.add_argument("--pager-timeout", type=float, default=None, metavar="MS",
+                       help="how long a fault waits for an external pager (default: no limit)")
+    machd.add_argument("--pager-timeout-action", default="error",
+                       choices=["error", "zero_fill"],
+                       help="after the timeout: end the faulting task with a memory error, "
+                       "or give it zero-filled memory (paper 6.2.1)")
     machd.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     machd.set_defaults(func=_cmd_machd)

@@ -157,6 +157,11 @@ class KernelServer:
         _check_active(task)
         return task.name, task.suspend_count, len(task.threads), len(task.space.names)
 
+    def task_set_name(self, task: Task, name: str) -> None:
+        if not name or len(name) > 64:
+            raise MachError("KERN_INVALID_ARGUMENT", "a task name has 1 to 64 characters")
+        _check_active(task).name = name
+
     # -- port interface (Table 3-2) ----------------------------------------------------
     def port_allocate(self, task: Task) -> int:
         return mach_port.port_allocate(_check_active(task).space)

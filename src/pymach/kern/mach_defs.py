@@ -52,6 +52,9 @@ task_defs.routine("task_info", "target_task",
                   outs=[("name", STR), ("suspend_count", INT), ("thread_count", INT),
                         ("port_count", INT)],
                   doc="The task's name, suspend count, number of threads and of port names.")
+task_defs.routine("task_set_name", "target_task", [("name", STR)],
+                  doc="Name the task in reports (ps, lsmp); threads created after take it "
+                  "as their prefix. A pymach addition.")
 
 port_defs = Subsystem("port", 4000)
 port_defs.routine("port_allocate", "task", outs=[("port", INT)],

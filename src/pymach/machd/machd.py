@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -56,7 +57,7 @@ class Process:
     task: Task
     pid: int
     control: Connection | None = None
-    uffd: Uffd | None = None
+    uffd: Uffd | None = None  # (Machd.lock once attached)
     sys_path: list[str] = field(default_factory=list)
     cwd: str = ""
     main: str = ""  # the script run as __main__, for callables pickled by reference
@@ -64,6 +65,8 @@ class Process:
     alive: bool = True
     detaching: bool = False  # it asked to stop being a task: do not kill it
     exited: bool = False  # it is gone already: nothing to kill (its pid may be reused)
+    stdio: list[int] = field(default_factory=list)  # (Machd.lock) its stdout, stderr
+    why: str = ""  # the diagnostic it is ended with, if machd ends it
 
 
 class Machd:
@@ -140,7 +143,10 @@ class Machd:
             elif op == "thread":
                 self._bind_thread(conn, hello, fds)
             elif op == "control":
-                self._bind_control(conn, hello)
+                self._bind_control(conn, hello, fds)
+            elif op == "ping":  # a task checking that machd still lives
+                conn.send({"ok": True})
+                conn.close()
             else:
                 conn.send({"err": ("KERN_INVALID_ARGUMENT", f"unknown hello {op!r}")})
                 conn.close()
@@ -172,11 +178,15 @@ class Machd:
             self._new_process(thread.task, hello, fds)
         self._run_thread(thread, conn, hello)
 
-    def _bind_control(self, conn: Connection, hello: dict[str, Any]) -> None:
+    def _bind_control(self, conn: Connection, hello: dict[str, Any], fds: list[int]) -> None:
+        """A process opens its control connection, handing over its stdout and stderr
+        (the processes of the tasks it creates write there, as a forked child would)."""
         with self.lock:
             proc = self.processes.get(hello.get("task", -1))
         if proc is None or proc.pid != hello.get("pid"):
+            close_fds(fds)
             raise MachError("KERN_INVALID_TASK", "no such native task process")
+        self.set_stdio(proc.task, fds)
         proc.control = conn
         conn.send({"ok": True})
         threading.Thread(target=self._watch_control, args=(proc,), daemon=True,
@@ -236,7 +246,14 @@ class Machd:
         argv = [sys.executable, "-m", "pymach.machd.taskproc", self.socket_path, token]
         if parent is not None and parent.main:
             argv.append(parent.main)
-        popen = subprocess.Popen(argv, env=env, cwd=(parent.cwd if parent else None) or None)
+        with self.lock:  # the parent's stdout and stderr (as a forked child would have)
+            stdio = [os.dup(fd) for fd in parent.stdio] if parent is not None else []
+        try:
+            out, err = stdio if len(stdio) == 2 else (None, None)
+            popen = subprocess.Popen(argv, env=env, cwd=(parent.cwd if parent else None) or None,
+                                     stdout=out, stderr=err)
+        finally:
+            close_fds(stdio)
         task.process = Process(task, popen.pid, popen=popen)  # replaced when it attaches
 
     # -- ending processes -----------------------------------------------------------------
@@ -265,39 +282,83 @@ class Machd:
                 log.info("task %s ends: %s", proc.task.name, why)
                 proc.task.terminate()  # calls task_terminated
         self.task_terminated(proc.task)
-        if proc.uffd is not None:
-            proc.uffd.close()
-            proc.uffd = None
+        with self.lock:  # this may run twice (a kill, then the connection closing)
+            uffd, proc.uffd = proc.uffd, None
+            stdio, proc.stdio = proc.stdio, []
+        if uffd is not None:
+            uffd.close()
+        close_fds(stdio)
 
     def task_terminated(self, task: Task) -> None:
         """A native task was terminated (kernel lock held): end its process, whose
-        connections then close. Nothing here takes the kernel lock."""
+        connections then close. Nothing here takes the kernel lock. The process is told
+        why (it prints that and exits); if it has not exited after a grace period it is
+        killed."""
         proc = task.process
         if proc is None or not proc.alive:
             return
         proc.alive = False
         self.poller.remove(proc)
-        if not proc.detaching and not proc.exited:
-            if proc.control is not None:
-                me = running_thread()
-                why = "" if me is not None and me.task is task else "task_terminate"
-                with contextlib.suppress(Disconnected, OSError):
-                    proc.control.send({"op": "die", "why": why})  # "": it ended itself
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if proc.pid:
-                    log.debug("killing process %d of task %s", proc.pid, task.name)
-                    os.kill(proc.pid, signal.SIGKILL)
-        if proc.popen is not None:
-            threading.Thread(target=proc.popen.wait, daemon=True).start()  # reap it
+        told = False
+        pidfd = _pidfd(proc.pid) if proc.pid and not proc.detaching and not proc.exited else -1
+        if pidfd >= 0 and proc.control is not None:
+            me = running_thread()
+            why = proc.why or ("" if me is not None and me.task is task else "task_terminate")
+            if why:
+                self._tell(proc, f"pymach: task {task.name!r} ended by machd: {why}\n")
+            with contextlib.suppress(Disconnected, OSError):
+                proc.control.send({"op": "die", "why": why})  # "": it ended itself
+                told = True
+        threading.Thread(target=_end_process, args=(pidfd, proc.popen, 2.0 if told else 0.0),
+                         daemon=True, name=f"machd.end.{task.name}").start()
         with self.lock:
             self.processes.pop(task.serial, None)
 
+    def set_stdio(self, task: Task, fds: list[int]) -> None:
+        """Take a task's stdout and stderr (received fds): its children's go there."""
+        proc = task.process
+        if proc is None or len(fds) != 2:
+            close_fds(fds)
+            return
+        with self.lock:
+            old, proc.stdio = proc.stdio, fds
+        close_fds(old)
+
+    def _tell(self, proc: Process, text: str) -> None:
+        """Write a diagnostic to a task's stderr ourselves: its process may be unable
+        to (a thread stuck in a fault while holding the GIL)."""
+        with self.lock:
+            if len(proc.stdio) == 2:
+                with contextlib.suppress(OSError):
+                    os.write(proc.stdio[1], text.encode())
+
     def kill(self, proc: Process, why: str) -> None:
         """End a task and its process with a diagnostic (a memory error, shutdown)."""
-        if proc.control is not None and proc.alive:
-            with contextlib.suppress(Disconnected, OSError):
-                proc.control.send({"op": "die", "why": why})
+        proc.why = why
         self.process_gone(proc, why)
+
+
+def _pidfd(pid: int) -> int:
+    """A pidfd for `pid`, or -1 if it is gone (taken before signalling: no pid reuse)."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1
+
+
+def _end_process(pidfd: int, popen: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """Wait up to `grace` seconds for a process told to die, then SIGKILL it; reap it if
+    machd started it."""
+    if pidfd >= 0:
+        try:
+            ready, _, _ = select.select([pidfd], [], [], grace)
+            if not ready:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+    if popen is not None:
+        popen.wait()
 
 
 def _listen(path: str) -> socket.socket:
@@ -312,8 +373,13 @@ def _listen(path: str) -> socket.socket:
             probe_sock.close()
             raise MachdError(f"a machd is already running at {path}")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
-    s.listen(64)
+    try:
+        s.bind(path)
+        s.listen(64)
+    except OSError as e:
+        s.close()
+        raise MachdError(f"cannot listen at {path}: {e.strerror} (choose another path "
+                         f"with --socket)") from None
     return s
 
 

@@ -96,6 +96,10 @@ def _loop(machd: Machd, thread: Thread, conn: Connection, state: RemoteState) ->
                     _fault(machd, thread, fault)
         if conn.fileno() in ready:
             request, fds = conn.recv()
+            if request.get("op") == "stdio":  # where the task's next children write
+                machd.set_stdio(thread.task, fds)
+                _reply(thread, conn, {"ok": None})
+                continue
             close_fds(fds)
             if request.get("op") == "exit":
                 thread.result = request.get("result")

@@ -138,11 +138,26 @@ class NativeProcess:
     def start_control(self) -> None:
         """Open the control connection and serve it in a daemon thread."""
         conn = Connection.connect(self.socket_path)
-        conn.send({"op": "control", "task": self.task_serial, "pid": os.getpid()})
+        conn.send({"op": "control", "task": self.task_serial, "pid": os.getpid()},
+                  _stdio())
         conn.recv()
         self.control = conn
         threading.Thread(target=self._control, args=(conn,), daemon=True,
                          name="pymach.control").start()
+
+    def check_machd(self) -> None:
+        """After a lost connection: if machd itself is gone, exit with a clear message
+        (as the control thread does) rather than end just this thread."""
+        if self.detaching:
+            return
+        try:
+            conn = Connection.connect(self.socket_path)
+            conn.sock.settimeout(5)  # a dying machd may still accept, but never answers
+            conn.send({"op": "ping"})
+            conn.recv()
+            conn.close()
+        except (OSError, Disconnected):
+            _die(f"pymach: machd went away; task {self.task_name!r} exits", EXIT_MACHD_DIED)
 
     def _control(self, conn: Connection) -> None:
         while True:
@@ -151,18 +166,16 @@ class NativeProcess:
             except Disconnected:
                 if self.detaching:
                     return
-                _die(f"pymach: machd went away; task {self.task_name!r} exits",
-                     EXIT_MACHD_DIED)
+                self.check_machd()
+                return  # machd lives: it is ending this task, and says so elsewhere
             close_fds(fds)
             if request.get("op") == "start_thread":
                 threading.Thread(target=run_thread, args=(self, request["token"]),
                                  daemon=True, name="mach-thread").start()
-            elif request.get("op") == "die":
-                why = request.get("why")
-                if not why:  # the task terminated itself: a normal end
+            elif request.get("op") == "die":  # machd has written why to our stderr
+                with contextlib.suppress(Exception):
                     sys.stdout.flush()
-                    os._exit(0)
-                _die(f"pymach: task {self.task_name!r} ended by machd: {why}", EXIT_KILLED)
+                os._exit(EXIT_KILLED if request.get("why") else 0)  # "": we ended ourselves
 
 
 class _KernelInfo:
@@ -192,8 +205,15 @@ class NativeThread:
             self.conn.send({"op": op, "args": args})
             reply, fds = self.conn.recv()
         except Disconnected:
-            raise ThreadTerminated() from None  # machd ended this thread (or itself)
+            self.process.check_machd()
+            raise ThreadTerminated() from None  # machd ended this thread
         return _result(self.process, reply, fds)
+
+    def share_stdio(self) -> None:
+        """Give machd this process's current stdout and stderr: the processes of tasks
+        it creates next write there (as a forked child would)."""
+        self.conn.send({"op": "stdio"}, _stdio())
+        _result(self.process, *self.conn.recv())
 
     def exit(self, result: Any) -> None:
         """Tell machd this thread is done."""
@@ -262,6 +282,16 @@ def _picklable(value: Any) -> Any:
     except Exception:  # a result we cannot carry: say what it was
         return repr(value)
     return value
+
+
+def _stdio() -> list[int]:
+    """This process's stdout and stderr descriptors (for its children), if both open."""
+    try:
+        for fd in (1, 2):
+            os.fstat(fd)
+    except OSError:
+        return []
+    return [1, 2]
 
 
 def _die(text: str, status: int) -> None:
