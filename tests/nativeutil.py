@@ -8,6 +8,8 @@ the native tests are skipped with the reason, except under CI, where that is a f
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -15,10 +17,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pymach.machd.task import attach, detach
+import pymach as m
+from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE
+from pymach.machd.task import attach, attached, detach
 from pymach.machd.uffd import probe
 
 
@@ -77,5 +82,101 @@ def native(machd_socket: str, request: pytest.FixtureRequest) -> Iterator[str]:
     attach(machd_socket, name=request.node.name[:40])
     try:
         yield machd_socket
+    finally:
+        detach()
+
+
+class TaskRef:
+    """Stands for the embedded kernel's Task object in a handle: just its name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Clock:
+    """Stands for the embedded scheduler where tests only read the time (ms)."""
+
+    deterministic = False
+
+    def now(self) -> float:
+        """Milliseconds, as the free-running scheduler counts them."""
+        return time.monotonic() * 1000.0
+
+
+class NativeHandle:
+    """`Kernel.spawn`'s handle, for a native child task (see NativeKernel)."""
+
+    def __init__(self, spawned: Any, task: str) -> None:
+        self.spawned, self.name, self.task = spawned, spawned.name, TaskRef(task)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The child's result, or its exception (None if it ended without returning)."""
+        return self.spawned.result(timeout)
+
+    @property
+    def done(self) -> bool:
+        """True once the child has returned or ended."""
+        return bool(self.spawned.done)
+
+
+class NativeKernel:
+    """What the embedded tests ask of `kernel`, answered by the session's machd, so the
+    same test bodies run as native tasks (the contract suite). Reports come through
+    `host_report`; "bootstrap", the embedded test's own task, means the test's task."""
+
+    msg_size_max = 8192
+    sched = Clock()
+    vm_max = WINDOW_BASE + WINDOW_SIZE  # the end of a native task's address space
+
+    def __init__(self) -> None:
+        self.page_size = m.vm_page_size()
+        self.memory_size = m.host_info(m.host_self())[1]
+
+    def spawn(self, fn: Any, *args: Any, name: str = "", inherit: bool = False,
+              **kwargs: Any) -> NativeHandle:
+        """Run fn(*args, **kwargs) in a new native task (a process)."""
+        h = m.spawn(fn, *args, name=name, inherit=inherit, **kwargs)
+        return NativeHandle(h, m.task_info(h.name)[0])
+
+    def run(self, fn: Any, *args: Any, name: str = "", timeout: float | None = None,
+            **kwargs: Any) -> Any:
+        """Spawn and wait for the result."""
+        return self.spawn(fn, *args, name=name, **kwargs).result(timeout)
+
+    def _report(self, what: str, which: Any = "") -> Any:
+        from pymach.cli.tools import as_rows
+
+        if isinstance(which, NativeHandle | TaskRef):
+            which = which.task.name if isinstance(which, NativeHandle) else which.name
+        if which == "bootstrap":  # the test's own task (machd has a bootstrap task too)
+            process = attached()
+            assert process is not None
+            which = process.task_serial
+        return as_rows(what, json.loads(m.mach.host_report(m.host_self(), what, str(which))))
+
+    def ps(self) -> Any:
+        """Every task of machd."""
+        return self._report("ps")
+
+    def lsmp(self, which: Any) -> Any:
+        """One task's port names."""
+        return self._report("lsmp", which)
+
+    def vmmap(self, which: Any) -> Any:
+        """One task's regions."""
+        return self._report("vmmap", which)
+
+    def vm_stat(self) -> Any:
+        """machd's VM counters."""
+        return self._report("vm_stat")
+
+
+@contextlib.contextmanager
+def native_kernel(socket_path: str) -> Iterator[NativeKernel]:
+    """The calling thread as a fresh native task named like the embedded tests' own
+    task, with the kernel facade."""
+    attach(socket_path, name="bootstrap")
+    try:
+        yield NativeKernel()
     finally:
         detach()

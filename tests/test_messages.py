@@ -35,6 +35,8 @@ from pymach import (
 )
 from pymach.ipc.message import MSG_DESCRIPTOR_SIZE, MSG_HEADER_SIZE, Code
 
+CONTRACT = True  # these run as native tasks of machd too (conftest.py)
+
 
 def new_port() -> int:
     return m.port_allocate(m.task_self())  # type: ignore[no-any-return]

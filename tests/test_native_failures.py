@@ -40,9 +40,8 @@ def _answer(*items: object) -> Message:
 
 
 def _aborted(child: m.mach.Spawned) -> None:
-    with pytest.raises(MachError) as e:
-        child.result(20_000)
-    assert e.value.code == "KERN_ABORTED"
+    assert child.result(20_000) is None  # it ended without returning
+    assert child.done
 
 
 # -- a task that dies -------------------------------------------------------------------

@@ -28,6 +28,8 @@ from pymach import (
     PortArray,
 )
 
+CONTRACT = True  # these run as native tasks of machd too (conftest.py)
+
 BOOT = m.TASK_BOOTSTRAP_PORT
 
 

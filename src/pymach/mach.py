@@ -213,15 +213,19 @@ class Spawned:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait (ms) for the child's function to return; its value, or its exception.
-        KERN_OPERATION_TIMED_OUT if `timeout` passes first; KERN_ABORTED if the task
-        ended without a result (killed, or a memory error: its diagnostic says why)."""
+        None if the task ended without returning (task_terminate, or machd ended it for a
+        memory exception: its diagnostic is then on the task's stderr), as for a
+        terminated task in the embedded kernel; KERN_OPERATION_TIMED_OUT if `timeout`
+        passes first."""
         import cloudpickle
 
         from pymach.mach_vm import take_ool
 
         if self._outcome is None:
             msg = self._await_outcome(timeout)
-            self._outcome = cloudpickle.loads(take_ool(msg.items[0]))
+            outcome: tuple[bool, Any] = (True, None) if msg is None else cloudpickle.loads(
+                take_ool(msg.items[0]))
+            self._outcome = outcome
             port_deallocate(task_self(), self._box)
         ok, value = self._outcome
         if not ok:
@@ -229,7 +233,8 @@ class Spawned:
         return value
 
     def _await_outcome(self, timeout: float | None) -> Any:
-        """The child's outcome message, checking every 100 ms that the child lives."""
+        """The child's outcome message (None if it ended without one), checking every
+        100 ms that the child lives."""
         import time
 
         from pymach.ipc.message import RCV_TIMEOUT
@@ -246,11 +251,15 @@ class Spawned:
                 try:
                     return msg_receive(self._box, RCV_TIMEOUT, 0)
                 except MachError:
-                    raise MachError("KERN_ABORTED", "the spawned task ended without a "
-                                    "result (its diagnostic is on its stderr)") from None
+                    return None  # it ended without returning
             if deadline is not None and time.monotonic() >= deadline:
                 raise MachError("KERN_OPERATION_TIMED_OUT", "the spawned task did not "
                                 f"finish in {timeout} ms")
+
+    @property
+    def done(self) -> bool:
+        """True once the child's function has returned or the task has ended."""
+        return self._outcome is not None or not self._alive()
 
     def _alive(self) -> bool:
         try:

@@ -159,11 +159,9 @@ class NativeAddressSpace(Memory):
     def __init__(self, process: Any) -> None:
         self.process = process
 
-    def _check(self, address: int, size: int) -> None:
+    def _check(self, address: int, size: int, access: int = VM_PROT_READ) -> None:
         _check_range(address, size)
-        if not self.process.mapped(address, size):
-            raise MachError("KERN_INVALID_ADDRESS", f"{address:#x}+{size:#x} is not mapped in "
-                            f"this task")
+        self.process.check_access(address, size, access)
 
     def read(self, address: int, size: int) -> bytes:
         """The `size` bytes at `address` (a plain load: machd serves the faults). The copy
@@ -180,11 +178,13 @@ class NativeAddressSpace(Memory):
             raise MachError("KERN_INVALID_ARGUMENT", f"data must be bytes, not "
                             f"{type(data).__name__}")
         raw = bytes(data)
-        self._check(address, len(raw))
+        self._check(address, len(raw), VM_PROT_WRITE)
         ctypes.memmove(address, raw, len(raw))
 
     def buffer(self, address: int, size: int) -> memoryview:
-        """The memory itself: a writable memoryview (numpy.frombuffer works on it)."""
+        """The memory itself: a writable memoryview (numpy.frombuffer works on it). A
+        write through it where the protection forbids one is a memory exception: machd
+        ends the task, as hardware would."""
         self._check(address, size)
         return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
 

@@ -37,16 +37,28 @@ def fetch(socket_path: str | None, what: str, task: str = "") -> Any:
     return data
 
 
+def as_rows(what: str, data: Any) -> Any:
+    """A fetched report as the row objects the embedded kernel's reports return."""
+    if what == "ps":
+        return [TaskRow(**{**r, "threads": tuple(ThreadRow(**t) for t in r["threads"])})
+                for r in data]
+    if what == "vmmap":
+        return [VmmapRow(**r) for r in data]
+    if what == "lsmp":
+        return [PortRow(**r) for r in data]
+    return data
+
+
 def render(what: str, data: Any, task: str = "") -> str:
     """The text table of a fetched report."""
+    rows = as_rows(what, data)
     if what == "ps":
-        return format_ps([TaskRow(**{**r, "threads": tuple(ThreadRow(**t) for t in r["threads"])})
-                          for r in data])
+        return format_ps(rows)
     if what == "vmmap":
-        return format_vmmap(task, [VmmapRow(**r) for r in data])
+        return format_vmmap(task, rows)
     if what == "lsmp":
-        return format_lsmp(task, [PortRow(**r) for r in data])
-    return format_vm_stat(data)
+        return format_lsmp(task, rows)
+    return format_vm_stat(rows)
 
 
 def run_tool(args: argparse.Namespace) -> int:

@@ -163,7 +163,7 @@ class Machd:
         with k.sched.lock:
             boot = next(t for t in k.tasks.values() if t.name == "bootstrap")
             task = k.task_create_locked(boot, False, hello.get("name") or "", native=True)
-            thread = k.thread_create_locked(task, None, start=False)
+            thread = k.thread_create_locked(task, None, f"{task.name}.main", start=False)
         self._new_process(task, hello, fds)
         self._run_thread(thread, conn, hello)
 

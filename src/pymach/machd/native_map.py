@@ -5,9 +5,11 @@ process, and only the process can change its mappings. So when the kernel links 
 entry into a native task's map (vm_allocate, a received out-of-line region, a child's
 inherited regions), or unlinks one, `NativeMapBinding` records an instruction:
 
-- ("map", start, length, fd, offset): map `length` bytes of the memfd at `start`;
+- ("map", start, length, fd, offset, prot): map `length` bytes of the memfd at `start`,
+  with the entry's current protection;
 - ("unmap", start, length): give the range back to the task's reservation;
-- ("protect", start, length, prot): mprotect (for protections the MMU must enforce).
+- ("protect", start, length, prot): the range's current protection changed (the
+  process mprotects what must fault in hardware and refuses the rest in `memory()`).
 
 The next reply to any trap of the task carries the pending instructions as a numbered
 batch, and the task applies them before it returns from the trap (like an AST in Mach);
@@ -25,8 +27,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-from pymach.vm.vm_param import VM_PROT_NONE, VM_PROT_READ
 
 if TYPE_CHECKING:
     from pymach.pmap.uffd_pmap import ObjectStore, UffdPhysicalMemory, UffdPmap
@@ -55,11 +55,9 @@ class NativeMapBinding:
             store = self.phys.store_for(obj, offset + length)
             fd = os.dup(store.fd)
             self.fds.append(fd)
-            self.pending.append(("map", start, length, fd, offset))
+            self.pending.append(("map", start, length, fd, offset, entry.protection))
             self.regions[start] = (store, offset, length)
             store.mappings.add((self.pmap, start, offset, length))
-            if not entry.protection & VM_PROT_READ:
-                self.pending.append(("protect", start, length, VM_PROT_NONE))
 
     def unmapped(self, start: int, end: int) -> None:
         """An entry was unlinked: give the range back."""

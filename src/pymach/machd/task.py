@@ -33,11 +33,13 @@ from typing import Any
 import cloudpickle
 
 from pymach.errors import MachError, ThreadTerminated
-from pymach.ipc.message import Code, Message
+from pymach.ipc.message import Bytes, Code, Message
 from pymach.kern.thread import set_current_thread
 from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE
 from pymach.machd.protocol import DEFAULT_SOCKET, Connection, Disconnected, close_fds
+from pymach.machd.ranges import Ranges
 from pymach.machd.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, Uffd
+from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -69,7 +71,7 @@ class NativeProcess:
         self.applied = threading.Condition(self.lock)  # notified when a batch is applied
         self.batches_applied = 0  # (lock) machd numbers its instruction batches 1, 2, ...
         self.uffd = Uffd.create()
-        self.regions: dict[int, int] = {}  # start -> length of what is mapped now
+        self.ranges = Ranges()  # (lock) what is mapped now, with its protection
         self.task_serial = 0
         self.task_name = ""
         self.page_size = 4096
@@ -112,27 +114,36 @@ class NativeProcess:
             _mmap(start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fds[ins[3]],
                   ins[4])
             self.uffd.register(start, length, MODE_MISSING | MODE_WP | MODE_MINOR)
-            self.regions[start] = length
+            self._protect(start, length, ins[5])
         elif kind == "unmap":
             _mmap(start, length, PROT_NONE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED)
-            for s in [s for s, n in self.regions.items() if s < start + length and s + n > start]:
-                del self.regions[s]
+            self.ranges.remove(start, start + length)
         elif kind == "protect":
-            prot = PROT_READ | PROT_WRITE if ins[3] & PROT_READ else PROT_NONE
-            _libc.mprotect(start, length, prot)
+            self._protect(start, length, ins[3])
 
-    def mapped(self, address: int, size: int) -> bool:
-        """True if [address, address+size) lies in regions this process has mapped."""
+    def _protect(self, start: int, length: int, prot: int) -> None:
+        """Record a range's protection; without read access nothing may touch it (write
+        access is enforced by machd, which write-protects pages through the uffd)."""
+        if not prot & VM_PROT_READ:
+            _libc.mprotect(ctypes.c_void_p(start), ctypes.c_size_t(length), PROT_NONE)
+        elif self.ranges.protections(start, start + length) != [prot]:
+            _libc.mprotect(ctypes.c_void_p(start), ctypes.c_size_t(length),
+                           PROT_READ | PROT_WRITE)
+        self.ranges.set(start, start + length, prot)
+
+    def check_access(self, address: int, size: int, access: int) -> None:
+        """Refuse, as the embedded kernel does, an access memory() is about to make:
+        KERN_INVALID_ADDRESS if part of the range is unmapped, KERN_PROTECTION_FAILURE
+        if its protection lacks `access` (a VM_PROT_* mask)."""
         with self.lock:
-            regions = sorted(self.regions.items())
-        at, end = address, address + size
-        for s, n in regions:
-            if s <= at < s + n:
-                at = s + n
-                if at >= end:
-                    return True
-        return size == 0
+            prots = self.ranges.protections(address, address + size) if size else []
+        if prots is None:
+            raise MachError("KERN_INVALID_ADDRESS", f"{address:#x}+{size:#x} is not mapped "
+                            f"in this task")
+        if any(access & ~p for p in prots):
+            raise MachError("KERN_PROTECTION_FAILURE", f"{address:#x}+{size:#x} does not "
+                            f"allow {'write' if access & VM_PROT_WRITE else 'read'} access")
 
     # -- the control connection ---------------------------------------------------------
     def start_control(self) -> None:
@@ -207,7 +218,8 @@ class NativeThread:
         except Disconnected:
             self.process.check_machd()
             raise ThreadTerminated() from None  # machd ended this thread
-        return _result(self.process, reply, fds)
+        result = _result(self.process, reply, fds)
+        return _callable_code(result) if op in ("msg_receive", "msg_rpc") else result
 
     def share_stdio(self) -> None:
         """Give machd this process's current stdout and stderr: the processes of tasks
@@ -232,10 +244,10 @@ def _result(process: NativeProcess, reply: dict[str, Any], fds: list[int]) -> An
 
 
 def _portable(process: NativeProcess, msg: Any) -> Any:
-    """A message whose Code items can travel: for a thread of our own task the callable
-    stays here (threads of a task share its objects) and only a key travels; for
-    another task it is pickled by value."""
-    if not isinstance(msg, Message) or not any(isinstance(i, Code) for i in msg.items):
+    """A message whose items can travel to machd: byte items become bytes, and for Code
+    items, for a thread of our own task the callable stays here (threads of a task
+    share its objects) and only a key travels; for another task it is pickled by value."""
+    if not isinstance(msg, Message) or not any(isinstance(i, Code | Bytes) for i in msg.items):
         return msg
     own = msg.remote_port == process.task_port
 
@@ -248,8 +260,29 @@ def _portable(process: NativeProcess, msg: Any) -> Any:
             return Code(None, blob=b"local:" + key.encode())
         return Code(None, blob=_pickle_code(code))
 
-    items = [travel(i) if isinstance(i, Code) else i for i in msg.items]
+    def portable(item: Any) -> Any:
+        if isinstance(item, Code):
+            return travel(item)
+        if isinstance(item, Bytes) and isinstance(item.value, bytearray | memoryview):
+            return Bytes(bytes(item.value))
+        return item
+
+    items = [portable(i) for i in msg.items]
     return Message(msg.remote_port, msg.local_port, msg.id, items, msg.local_disposition)
+
+
+def _callable_code(msg: Any) -> Any:
+    """A received message whose Code items (pickled by their sender) are callable here;
+    one that cannot be loaded here stays a blob (its `fn` is None)."""
+    if not isinstance(msg, Message) or not any(isinstance(i, Code) and i.fn is None
+                                               for i in msg.items):
+        return msg
+    for n, item in enumerate(msg.items):
+        if isinstance(item, Code) and item.fn is None and item.blob is not None:
+            with contextlib.suppress(Exception):
+                fn, args, kwargs = _unpickle_code(item.blob)
+                msg.items[n] = Code(fn, args, kwargs)
+    return msg
 
 
 def _pickle_code(code: Code) -> bytes:
@@ -300,6 +333,11 @@ def _die(text: str, status: int) -> None:
 
 
 _process: NativeProcess | None = None
+
+
+def attached() -> NativeProcess | None:
+    """This process as a native task, or None if it is not one."""
+    return _process
 
 
 def attach(socket_path: str | None = None, name: str = "") -> NativeThread:

@@ -191,8 +191,10 @@ class Uffd:
         return self._retry(UFFDIO_CONTINUE, struct.pack("QQQq", start, length, mode, 0), 32)
 
     def writeprotect(self, start: int, length: int, protect: bool, wake: bool = True) -> None:
-        """Set or clear write protection of a range (clearing wakes faulting threads)."""
-        mode = (WP_MODE_WP if protect else 0) | (0 if wake else WP_MODE_DONTWAKE)
+        """Set or clear write protection of a range (clearing wakes faulting threads
+        unless `wake` is False; setting never wakes, and the kernel refuses DONTWAKE
+        with it)."""
+        mode = WP_MODE_WP if protect else (0 if wake else WP_MODE_DONTWAKE)
         buf = ctypes.create_string_buffer(struct.pack("QQQ", start, length, mode), 24)
         _ioctl(self.fd, UFFDIO_WRITEPROTECT, buf)
 
