@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 import pymach as m
+from nativeutil import start_machd, stop_machd, uffd_or_skip
 from pymach import Int, Message
+from pymach.machd.task import attach, detach
 
 PS = 4096
 
@@ -141,3 +145,147 @@ def test_ps_vmmap_lsmp_vm_stat_watch_a_running_machd(native: str) -> None:
     bad = subprocess.run([sys.executable, "-m", "pymach.cli.main", "lsmp", "no-such-task",
                           "--socket", native], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "KERN_INVALID_TASK" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def small_machd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A machd with 64 frames of physical memory (256 KiB): everything pages."""
+    uffd_or_skip()
+    path = tmp_path_factory.mktemp("small") / "machd.sock"
+    proc = start_machd(path, "--memory", "256K")
+    yield str(path)
+    stop_machd(proc)
+
+
+def _pattern(tag: int, pages: int) -> np.ndarray:
+    return (np.arange(pages * PS // 8, dtype=np.int64) * 7919 + tag).reshape(pages, PS // 8)
+
+
+def test_pageout_at_the_memory_limit_keeps_every_byte(small_machd: str) -> None:
+    attach(small_machd, name="pressure")
+    try:
+        me, pages = m.task_self(), 512  # 8 times physical memory
+        a = m.vm_allocate(me, 0, pages * PS, True)
+        arr = np.frombuffer(m.memory().buffer(a, pages * PS), dtype=np.int64)
+        arr = arr.reshape(pages, PS // 8)
+        arr[:] = _pattern(3, pages)
+        child = m.spawn(_sum_pages, a, pages, inherit=True)  # a COW copy under pressure
+        arr[::2] += 1  # our writes stay ours
+        assert child.result(60_000) == int(_pattern(3, pages).sum())
+        want = _pattern(3, pages)
+        want[::2] += 1
+        assert np.array_equal(arr, want)
+        stats = m.vm_statistics(me)
+        assert stats.pageouts >= pages and stats.pageins >= pages
+        assert stats.free_count + stats.active_count + stats.inactive_count + \
+            stats.wire_count == 64
+    finally:
+        detach()
+
+
+def _sum_pages(a: int, pages: int) -> int:
+    return int(np.frombuffer(m.memory().buffer(a, pages * PS), dtype=np.int64).sum())
+
+
+# -- a pager acting on the real mappings of every task that maps its object ------------
+FLUSH, CLEAN, LOCK, STATS = range(4)
+
+
+class Versioned(m.DataManager):
+    """Each data request gets the next version number as the bytes of its pages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = self.unlocks = 0
+        self.written: list[tuple[int, bytes]] = []
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        self.version += 1
+        return bytes([self.version]) * length
+
+    def write(self, memory_object: int, offset: int, data: bytes) -> None:
+        self.written.append((offset, data[:1]))
+
+    def pager_data_unlock(self, memory_object: int, request: int, offset: int, length: int,
+                          access: int) -> None:
+        self.unlocks += 1
+        super().pager_data_unlock(memory_object, request, offset, length, access)
+
+
+def _controlled_pager() -> None:
+    """Serve a Versioned object; obey FLUSH/CLEAN/LOCK/STATS on a control port."""
+    me = m.task_self()
+    dm = Versioned()
+    mo, control = dm.create_memory_object(), m.port_allocate(me)
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                       items=[m.Port(mo, m.MAKE_SEND), m.Port(control, m.MAKE_SEND)]))
+
+    def obey() -> None:
+        while True:
+            msg = m.msg_receive(control)
+            out = _obey(dm, dm.requests(mo)[0], *msg.values())
+            m.msg_send(Message(remote_port=msg.remote_port, items=[Int(v or 0) for v in out]))
+
+    m.thread_create(me, obey)
+    dm.serve()
+
+
+def _obey(dm: Versioned, request: int, cmd: int, off: int) -> list[int]:
+    if cmd == FLUSH:
+        return [m.pager_flush_request(request, off, PS)]
+    if cmd == CLEAN:
+        return [m.pager_clean_request(request, off, PS)]
+    if cmd == LOCK:
+        m.pager_data_lock(request, off, PS, m.VM_PROT_WRITE)
+        return [0]
+    return [dm.version, dm.unlocks, len(dm.written)]
+
+
+def _command(control: int, cmd: int, off: int = 0) -> list[Any]:
+    reply = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=control, local_port=reply, items=[Int(cmd), Int(off)]))
+    return m.msg_receive(reply, m.RCV_TIMEOUT, 20_000).values()
+
+
+def _reads_page_twice(pages: int) -> tuple[bytes, bytes]:
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    a = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, ask.items[1].value, 0)
+    first = m.memory()[a:a + 1]
+    m.msg_send(Message(remote_port=ask.items[0].value, id=1))  # type: ignore[arg-type]
+    m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)  # "read again"
+    return first, m.memory()[a:a + 1]  # type: ignore[return-value]
+
+
+def test_flush_clean_and_lock_act_on_every_task_mapping_the_object(native: str) -> None:
+    me = m.task_self()
+    pager = m.spawn(_controlled_pager, name="versioned")
+    box = m.port_allocate(me)
+    m.msg_send(Message(remote_port=m.task_get_special_port(pager.name, m.TASK_NOTIFY_PORT),
+                       items=[m.Port(box, m.MAKE_SEND)]))
+    mo, control = (i.value for i in m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items)
+    a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)  # type: ignore[arg-type]
+    mem = m.memory()
+    v1 = mem[a]
+    reader = m.spawn(_reads_page_twice, 4, name="reader")
+    child_notify = m.task_get_special_port(reader.name, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=child_notify, items=[m.Port(box, m.MAKE_SEND),
+                                                        m.Port(mo, m.COPY_SEND)]))
+    m.msg_receive(box, m.RCV_TIMEOUT, 20_000)  # the reader has page 0 mapped
+    mem[a:a + 1] = b"W"  # dirty
+    assert _command(control, FLUSH, 0) == [1]  # our change went back to the pager
+    assert mem[a] != v1 and mem[a] != ord("W")  # we fault again: a new version
+    m.msg_send(Message(remote_port=child_notify, id=2))
+    first, again = reader.result(20_000)
+    assert first == bytes([v1]) and again == bytes([mem[a]])  # its mapping was flushed too
+    _ = mem[a + PS]
+    _command(control, LOCK, PS)
+    mem[a + PS:a + PS + 1] = b"L"  # the lock makes this write ask the pager
+    _, unlocks, written = _command(control, STATS)
+    assert unlocks == 1 and written == 1
+    mem[a + 2 * PS:a + 2 * PS + 1] = b"C"
+    version = _command(control, STATS)[0]
+    assert _command(control, CLEAN, 2 * PS) == [1]  # written back, and kept:
+    assert mem[a + 2 * PS:a + 2 * PS + 1] == b"C" and _command(control, STATS)[0] == version
+    m.vm_deallocate(me, a, 4 * PS)
+    m.task_terminate(pager.name)

@@ -292,9 +292,6 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
 
     vm = obj.vm
     written = 0
-    if flush and not obj.internal:  # pageouts on their way: the manager's from now on
-        for off in [o for o in obj.pending if start <= o < end]:
-            del obj.pending[off]
     for off in sorted(o for o in obj.memq if start <= o < end):
         page = obj.memq[off]
         if page.busy:
@@ -309,6 +306,9 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
             continue  # written, or kept because it cannot go back now: never lost
         if flush:
             vm.resident.vm_page_free(page)
+    if flush and not obj.internal:  # pageouts on their way, this flush's included, are
+        for off in [o for o in obj.pending if start <= o < end]:  # the manager's now: a
+            del obj.pending[off]  # later fault asks it, never takes the data back
     if flush:  # faults waiting on these pages (say, for an unlock) must look again
         vm.kernel.sched.thread_wakeup(obj.page_waitq)
     return written
