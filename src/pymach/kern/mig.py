@@ -239,6 +239,9 @@ def encode_outs(r: Routine, result: Any) -> list[Item]:
     return [Int(0)] + [t.to_item(v) for (_, t), v in zip(r.outs, values, strict=True)]
 
 
+REPLY_SIZE_ANY = 1 << 40  # the rcv_size stubs use: the interface, not the caller, sizes replies
+
+
 def make_stub(r: Routine) -> Callable[..., Any]:
     """Build the client stub for `r`."""
     names = [r.target] + [n for n, _ in r.ins]
@@ -256,8 +259,9 @@ def make_stub(r: Routine) -> Callable[..., Any]:
         if r.simple:
             mach.msg_send(msg)
             return None
-        msg.local_port = mach.thread_reply()
-        return _unpack_reply(r, mach.msg_rpc(msg))
+        msg.local_port = mach.thread_reply()  # any reply fits: one left queued as too
+        return _unpack_reply(r, mach.msg_rpc(msg, rcv_size=REPLY_SIZE_ANY))  # large would
+        # block every later call of this thread
 
     stub.__name__ = stub.__qualname__ = r.name
     sig = ", ".join(names)

@@ -46,13 +46,15 @@ def task_map(task: Task) -> VmMap:
 
 
 def page_range(vmap: VmMap, address: object, size: object) -> tuple[int, int]:
-    """[address, address+size) rounded out to pages and checked against the map."""
+    """[address, address+size) rounded out to pages and checked against the map; empty
+    for size 0 (as in Mach, a zero-size call touches nothing)."""
     addr = check_int(address, "address")
     n = check_int(size, "size")
     ps = vmap.vm.page_size
     if addr + n > VM_MAX_ADDRESS:
         raise MachError("KERN_INVALID_ADDRESS", f"{addr:#x}+{n:#x} is beyond the address space")
-    return trunc_page(addr, ps), round_page(addr + n, ps)
+    start = trunc_page(addr, ps)
+    return (start, start) if n == 0 else (start, round_page(addr + n, ps))
 
 
 def check_aligned(vmap: VmMap, value: object, what: str) -> int:
