@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import pytest
 
 import pymach as m
+from pymach.machd.machd import start_daemon, stop_daemon
 from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE
 from pymach.machd.task import attach, attached, detach
 from pymach.machd.uffd import probe
@@ -35,28 +34,12 @@ def _unavailable(reason: str) -> None:
 
 def start_machd(path: Path, *extra: str) -> subprocess.Popen[bytes]:
     """Start a machd on `path` and wait until it accepts connections."""
-    proc = subprocess.Popen([sys.executable, "-m", "pymach.cli.main", "machd", "--socket",
-                             str(path), "--log-level", "warning", *extra])
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"machd exited with {proc.returncode}")
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(path))
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("machd did not start")
+    return start_daemon(str(path), *extra)
 
 
 def stop_machd(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """Stop a machd started by start_machd."""
+    stop_daemon(proc)
 
 
 def uffd_or_skip() -> None:

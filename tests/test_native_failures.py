@@ -109,17 +109,17 @@ def test_a_dead_pager_ends_the_faulting_task_with_a_memory_error(
         capfd: pytest.CaptureFixture[str], native: str) -> None:
     me = m.task_self()
     pager = m.spawn(_pager, False, name="doomed-pager")
-    a, pid = _map_from(pager, 8)
+    a, pid = _map_from(pager, 64)  # more than one cluster (machd asks 16 pages)
     assert _touch(a, 0) == b"\0" * 4 and _touch(a, 1) == b"\1" * 4
-    m.vm_inherit(me, a, 8 * PS, m.VM_INHERIT_SHARE)
+    m.vm_inherit(me, a, 64 * PS, m.VM_INHERIT_SHARE)
     os.kill(pid, signal.SIGKILL)
     _aborted(pager)
-    client = m.spawn(_touch, a, 5, inherit=True, name="client")
+    client = m.spawn(_touch, a, 40, inherit=True, name="client")  # not resident
     _aborted(client)
     err = capfd.readouterr().err
     assert "'client' ended by machd: memory exception: KERN_MEMORY_ERROR" in err
     assert _touch(a, 1) == b"\1" * 4  # resident data stays readable
-    m.vm_deallocate(me, a, 8 * PS)
+    m.vm_deallocate(me, a, 64 * PS)
 
 
 def _maps_and_reads(pages: int, zero_fill: bool) -> bytes:

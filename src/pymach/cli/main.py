@@ -32,7 +32,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "ipc":
+    if args.mode == "native":
+        from pymach.bench import native
+
+        if args.what == "cache":
+            print("pymach bench: 'cache' runs on the embedded kernel only", file=sys.stderr)
+            return 2
+        result = native.run(args.what, n=args.n, rounds=args.rounds)
+    elif args.what in ("pager", "all"):
+        print(f"pymach bench: '{args.what}' needs --mode native", file=sys.stderr)
+        return 2
+    elif args.what == "ipc":
         from pymach.bench import ipc
 
         result = ipc.run(n=args.n, rounds=args.rounds)
@@ -66,6 +76,7 @@ def _size(text: str) -> int:
 def _cmd_machd(args: argparse.Namespace) -> int:
     import logging
 
+    from pymach.errors import MachError
     from pymach.machd.machd import Machd, MachdError, run_machd
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -74,11 +85,15 @@ def _cmd_machd(args: argparse.Namespace) -> int:
         machd = Machd(args.socket, memory_size=args.memory, page_size=args.page_size,
                       swap_dir=args.swap_dir, swap_size=args.swap_size,
                       pager_timeout_ms=args.pager_timeout,
-                      pager_timeout_action=args.pager_timeout_action)
+                      pager_timeout_action=args.pager_timeout_action,
+                      pager_cluster_pages=args.pager_cluster)
         return run_machd(machd)
     except MachdError as e:
         print(f"pymach machd: {e}", file=sys.stderr)
         return 1
+    except MachError as e:  # a bad option value
+        print(f"pymach machd: {e}", file=sys.stderr)
+        return 2
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
@@ -114,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", action="store_true", help="print the kernel's event trace")
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure pymach against baselines in the same run")
-    bench.add_argument("what", choices=["ipc", "vm", "cache"])
+    bench.add_argument("what", choices=["ipc", "vm", "cache", "pager", "all"],
+                       help="ipc, vm, cache (embedded); with --mode native: ipc, vm, pager "
+                       "or all")
+    bench.add_argument("--mode", choices=["embedded", "native"], default="embedded",
+                       help="native: tasks are processes under a machd the benchmark starts")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("-n", type=int, default=5000, help="round trips per round")
     bench.add_argument("--rounds", type=int, default=5)
@@ -139,6 +158,8 @@ def _native_parsers(sub: Any) -> None:
                        choices=["error", "zero_fill"],
                        help="after the timeout: end the faulting task with a memory error, "
                        "or give it zero-filled memory (paper 6.2.1)")
+    machd.add_argument("--pager-cluster", type=int, default=16, metavar="PAGES",
+                       help="pages a fault asks an external pager for at once (default 16)")
     machd.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     machd.set_defaults(func=_cmd_machd)

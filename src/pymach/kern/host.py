@@ -56,7 +56,7 @@ class Kernel:
                  swap_dir: str | None = None, swap_size: int | None = None,
                  pmap: str = "soft", pager_timeout_ms: float | None = None,
                  pager_timeout_action: str = "error", pageout_deadline_ms: float = 1000.0,
-                 manager_page_limit: int | None = None) -> None:
+                 manager_page_limit: int | None = None, pager_cluster_pages: int = 1) -> None:
         _check_config(page_size, memory_size, msg_size_max, swap_size)
         self.swap_dir = swap_dir  # immutable: where the default pager keeps its file
         self.swap_size = swap_size  # immutable: backing store limit in bytes (None: grows)
@@ -84,7 +84,7 @@ class Kernel:
         self.server = KernelServer(self)
         self.vm = VmSystem(self, pmap)  # immutable
         self.vm.configure(pager_timeout_ms, pager_timeout_action, pageout_deadline_ms,
-                          manager_page_limit)
+                          manager_page_limit, pager_cluster_pages)
         self.served = served_subsystems(self)  # immutable
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -396,7 +396,9 @@ def boot(**config: Any) -> Iterator[Kernel]:
     manager; default forever), pager_timeout_action ("error": KERN_MEMORY_ERROR, or
     "zero_fill"), pageout_deadline_ms (after which data written back to a manager that
     has not released it goes to the default pager), manager_page_limit (resident pages
-    one manager's objects may hold).
+    one manager's objects may hold), pager_cluster_pages (a fault on an external object
+    asks its manager for up to this many pages at once, those not yet resident after
+    the faulting one; default 1).
     Inside the block the calling thread is the first thread of the `bootstrap` task.
     """
     from pymach.pmap import EMBEDDED_BACKENDS

@@ -75,7 +75,7 @@ class Machd:
     def __init__(self, socket_path: str = DEFAULT_SOCKET, memory_size: int = 1 << 30,
                  page_size: int = 4096, swap_dir: str | None = None,
                  swap_size: int | None = None, pager_timeout_ms: float | None = None,
-                 pager_timeout_action: str = "error") -> None:
+                 pager_timeout_action: str = "error", pager_cluster_pages: int = 16) -> None:
         reason = probe()
         if reason:
             raise MachdError(f"machd needs userfaultfd: {reason}")
@@ -83,7 +83,8 @@ class Machd:
         self.kernel = Kernel(name="machd", pmap="uffd", memory_size=memory_size,
                              page_size=page_size, swap_dir=swap_dir, swap_size=swap_size,
                              pager_timeout_ms=pager_timeout_ms,
-                             pager_timeout_action=pager_timeout_action)  # immutable
+                             pager_timeout_action=pager_timeout_action,
+                             pager_cluster_pages=pager_cluster_pages)  # immutable
         self.lock = threading.Lock()
         self.pending: dict[str, Thread] = {}  # token -> a thread awaiting its process
         self.processes: dict[int, Process] = {}  # task serial -> its process
@@ -397,3 +398,44 @@ def run_machd(machd: Machd) -> int:
         pass
     machd.stop()
     return 0
+
+
+def start_daemon(path: str, *options: str, timeout: float = 20.0) -> subprocess.Popen[bytes]:
+    """Start `pymach machd --socket path *options` as a child process that ends with the
+    caller; returns once it accepts connections (MachdError if it exits or does not
+    start in time)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pymach.cli.main", "machd", "--socket",
+                             path, "--log-level", "warning", *options],
+                            preexec_fn=_die_with_parent)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise MachdError(f"machd exited with status {proc.returncode}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise MachdError(f"machd did not start within {timeout} s")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the starting process dies (PR_SET_PDEATHSIG),
+    so a test run or benchmark killed midway leaves no daemon behind."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a machd started by `start_daemon`; SIGKILL it if it does not exit."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

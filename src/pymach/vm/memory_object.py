@@ -308,7 +308,8 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
             vm.resident.vm_page_free(page)
     if flush and not obj.internal:  # pageouts on their way, this flush's included, are
         for off in [o for o in obj.pending if start <= o < end]:  # the manager's now: a
-            del obj.pending[off]  # later fault asks it, never takes the data back
+            obj.pending[off].refill = False  # later fault asks it (pager_data_error
+            # for that data still gives it back to the kernel)
     if flush:  # faults waiting on these pages (say, for an unlock) must look again
         vm.kernel.sched.thread_wakeup(obj.page_waitq)
     return written

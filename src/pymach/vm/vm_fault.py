@@ -32,7 +32,7 @@ from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
     from pymach.vm.vm_init import VmSystem
-    from pymach.vm.vm_map import VmMap
+    from pymach.vm.vm_map import MapLookup, VmMap
     from pymach.vm.vm_object import VmObject
     from pymach.vm.vm_page import VmPage
 
@@ -63,7 +63,30 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
         if not page.busy:
             vm.resident.vm_page_activate(page)
+        if vm.native and not access & VM_PROT_WRITE:
+            _fault_around(vmap, look, page_va, prot)
         return
+
+
+FAULT_AROUND_MIN = 16  # pages a native read fault may map beyond the faulting one
+
+
+def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int) -> None:
+    """Map the resident pages that follow a native read fault in the same object, read
+    only (a write still faults), as Linux maps page-cache pages around a fault: reading
+    a region a pager filled in clusters takes one fault per cluster, not per page."""
+    if look.holder is not vmap or vmap.pmap is None:
+        return  # through a sharing map: keep it simple, fault page by page
+    vm, obj = vmap.vm, look.object
+    ps = vm.page_size
+    for i in range(1, max(vm.pager_cluster_pages, FAULT_AROUND_MIN)):
+        va = page_va + i * ps
+        page = obj.memq.get(look.offset + i * ps)
+        if va >= look.entry.end or page is None or page.busy or page.absent \
+                or page.error or page.page_lock:
+            return
+        if vmap.pmap.pmap_extract(va) is None:
+            vmap.pmap.pmap_enter(va, page.frame, prot & ~VM_PROT_WRITE)
 
 
 def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, access: int,
@@ -142,10 +165,11 @@ def _check_ready(thread: Thread, page: VmPage, policy: FaultPolicy) -> None:
 
 def _fill_from_kernel(thread: Thread, obj: VmObject, off: int) -> VmPage | None:
     """A page made from data the kernel still holds: a pageout in flight (its holding
-    object), or data given to the kernel as bytes. None if neither applies."""
+    object, unless a flush handed it to the manager), or data given to the kernel as
+    bytes. None if neither applies."""
     vm = obj.vm
     holding = obj.pending.get(off)
-    if holding is not None:
+    if holding is not None and holding.refill:
         src, _ = vm_fault_page(thread, holding, 0, VM_PROT_READ, VM_PROT_READ)
         page = _alloc(thread, obj, off)
         vm.phys.pmap_copy_page(src.frame, page.frame)
@@ -186,10 +210,27 @@ def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPo
     page = _alloc(thread, obj, off)
     page.busy = page.absent = True
     vm.resident.vm_page_wire(page)
-    pager_data_request(obj, off, vm.page_size, access or VM_PROT_READ)
+    pager_data_request(obj, off, _cluster(obj, off), access or VM_PROT_READ)
     if not _wait(thread, vm, obj.page_waitq, obj, policy.timeout_ms, raise_retry=False):
         _timed_out(obj, off, policy)
     raise Retry
+
+
+def _cluster(obj: VmObject, off: int) -> int:
+    """How many bytes to ask an external manager for at `off`: the page, and the pages
+    after it that the object lacks, up to the host's cluster size. Only the faulting
+    page waits for the data; the others are installed if they come and there is room
+    (so a manager may answer just the first page)."""
+    vm = obj.vm
+    ps, n = vm.page_size, 1
+    if obj.internal:
+        return ps
+    while n < vm.pager_cluster_pages:
+        nxt = off + n * ps
+        if nxt >= obj.size or nxt in obj.memq or nxt in obj.pending:
+            break
+        n += 1
+    return n * ps
 
 
 def _timed_out(obj: VmObject, off: int, policy: FaultPolicy) -> None:

@@ -94,8 +94,14 @@ class VmSystem:
         return self.resident.free_count() < self.free_target
 
     def configure(self, pager_timeout_ms: float | None, pager_timeout_action: str,
-                  pageout_deadline_ms: float, manager_page_limit: int | None) -> None:
+                  pageout_deadline_ms: float, manager_page_limit: int | None,
+                  pager_cluster_pages: int = 1) -> None:
         """Set the host's policies for data managers (boot parameters)."""
+        if isinstance(pager_cluster_pages, bool) or not isinstance(pager_cluster_pages, int) \
+                or not 1 <= pager_cluster_pages <= 1024:
+            raise MachError("KERN_INVALID_ARGUMENT", "pager_cluster_pages must be an int "
+                            "from 1 to 1024")
+        self.pager_cluster_pages = pager_cluster_pages
         if pager_timeout_action not in ("error", "zero_fill"):
             raise MachError("KERN_INVALID_ARGUMENT", "pager_timeout_action must be 'error' or "
                             "'zero_fill'")

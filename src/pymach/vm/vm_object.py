@@ -58,6 +58,8 @@ class VmObject:
         self.data_source: bytes | None = None  # internal: initial data held by the kernel
         self.pending: dict[int, VmObject] = {}  # offset -> holding object of a pageout
         self.holding_for: tuple[VmObject, int] | None = None  # holding: whose page it is
+        self.refill = True  # holding: a fault may take the data back (until a flush
+        # hands it to the manager; pager_data_error still returns it to the kernel)
         self.pageout_failed: tuple[int, float] | None = None  # (swap epoch, time) of the
         # last pager_data_error for a pageout (vm_pageout._failed_recently)
         self.can_persist = False  # pager_cache: keep after the last reference

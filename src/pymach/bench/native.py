@@ -1,0 +1,319 @@
+"""`pymach bench {ipc,vm,pager,all} --mode native`: native tasks under a real machd.
+
+Each figure is measured together with its baseline in the same run, on this machine:
+- ipc: a null msg_rpc between two native tasks (processes) vs a 1-byte round trip over
+  a socketpair between two processes;
+- vm: a 1 GiB out-of-line message sent and received by another task vs pickling the
+  same bytes over a multiprocessing.Pipe to another process;
+- pager: a one-page fault served by a trivial Python pager (clustering off) vs a
+  zero-fill fault served by machd alone and a minor fault of plain anonymous memory;
+  and a streaming read of a 1 GiB pager-backed region (clustering on) vs reading a
+  page-cached file through mmap.
+The benchmark starts its own machd (a temporary socket) and makes this process a task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+import pymach
+from pymach import OOL, Message
+from pymach.bench.ipc import _rpc_server, bench_socketpair
+from pymach.pagers.data_manager import DataManager
+
+PAGE = 4096
+MIB = 1 << 20
+GIB = 1 << 30
+STOP = 2
+
+
+@contextlib.contextmanager
+def native_task(*machd_options: str) -> Iterator[None]:
+    """A private machd, with this process attached as a task, for the block."""
+    from pymach.machd.machd import start_daemon, stop_daemon
+    from pymach.machd.task import attach, detach
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "machd.sock")
+        daemon = start_daemon(path, *machd_options)
+        try:
+            attach(path, name="bench")
+            try:
+                yield
+            finally:
+                detach()
+        finally:
+            stop_daemon(daemon)
+
+
+def _serve(server: Callable[[], Any]) -> tuple[Any, int]:
+    """Spawn a native server task; returns (its handle, a send right to its port)."""
+    me = pymach.task_self()
+    svc = pymach.port_allocate(me)
+    h = pymach.spawn(server, name="bench-server")
+    notify = pymach.task_get_special_port(h.name, pymach.TASK_NOTIFY_PORT)
+    pymach.msg_send(Message(remote_port=notify, items=[pymach.Port(svc, pymach.MOVE_RECEIVE)]))
+    return h, svc
+
+
+# -- ipc -------------------------------------------------------------------------------
+def bench_rpc(n: int, rounds: int) -> float:
+    """Median microseconds per null msg_rpc between two native tasks."""
+    h, svc = _serve(_rpc_server)
+    req = Message(remote_port=svc, local_port=pymach.port_allocate(pymach.task_self()), id=1)
+    for _ in range(50):
+        pymach.msg_rpc(req)
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pymach.msg_rpc(req)
+        samples.append(time.perf_counter() - t0)
+    pymach.msg_send(Message(remote_port=svc, id=STOP))
+    h.result(10_000)
+    return statistics.median(samples) / n * 1e6
+
+
+# -- vm: a 1 GiB out-of-line message ---------------------------------------------------
+def _ool_sink() -> None:
+    """Receive OOL regions; acknowledge each, then let go of it."""
+    me = pymach.task_self()
+    svc = pymach.msg_receive(pymach.task_notify()).items[0].value
+    while True:
+        msg = pymach.msg_receive(svc)  # type: ignore[arg-type]
+        if msg.id == STOP:
+            return
+        pymach.msg_send(Message(remote_port=msg.remote_port, id=msg.id + 100))
+        for item in msg.items:
+            if isinstance(item, OOL) and item.size:
+                pymach.vm_deallocate(me, item.address, item.size)
+
+
+def bench_ool(size: int, rounds: int) -> dict[str, float]:
+    """Milliseconds to send `size` bytes OOL to another task, through its receive and
+    acknowledgement, with every page resident in the sender (the costly case): the
+    first send (the sender's pages must be write-protected), later sends of the same
+    unchanged region (the copy object is reused), and sends with deallocate (the
+    object moves: nothing to protect, nothing to copy)."""
+    me = pymach.task_self()
+    h, svc = _serve(_ool_sink)
+    reply = pymach.port_allocate(me)
+    pymach.msg_rpc(Message(remote_port=svc, local_port=reply, id=1))  # the server is up
+    a = _resident_region(size)
+    first = _send_ool(svc, reply, OOL(a, size))
+    again = statistics.median(_send_ool(svc, reply, OOL(a, size)) for _ in range(rounds))
+    pymach.vm_deallocate(me, a, size)
+    moved = []
+    for _ in range(rounds):
+        b = _resident_region(size)
+        moved.append(_send_ool(svc, reply, OOL(b, size, deallocate=True)))
+    pymach.msg_send(Message(remote_port=svc, id=STOP))
+    h.result(30_000)
+    return {"first": first * 1e3, "again": again * 1e3,
+            "moved": statistics.median(moved) * 1e3}
+
+
+def _resident_region(size: int) -> int:
+    a: int = pymach.vm_allocate(pymach.task_self(), 0, size, True)
+    np.frombuffer(pymach.memory().buffer(a, size), dtype=np.uint8)[::PAGE] = 7
+    return a
+
+
+def _send_ool(svc: int, reply: int, item: OOL) -> float:
+    t0 = time.perf_counter()
+    pymach.msg_rpc(Message(remote_port=svc, local_port=reply, id=1, items=[item]))
+    return time.perf_counter() - t0
+
+
+def _pipe_sink(conn: Connection) -> None:
+    while (data := conn.recv()) is not None:
+        conn.send(len(data))
+
+
+def bench_pickle_pipe(size: int) -> float:
+    """Seconds to pickle `size` bytes over a multiprocessing.Pipe to another process
+    (which unpickles them and acknowledges)."""
+    data = np.full(size, 7, dtype=np.uint8).tobytes()
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_pipe_sink, args=(there,))
+    child.start()
+    t0 = time.perf_counter()
+    here.send(data)
+    assert here.recv() == size
+    dt = time.perf_counter() - t0
+    here.send(None)
+    child.join()
+    return dt
+
+
+# -- pager: one-page faults and streaming ----------------------------------------------
+class Trivial(DataManager):
+    """A trivial Python pager: every page it is asked for holds the byte 1."""
+
+    threads = max_threads = 1
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        return b"\1" * length
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _trivial_pager() -> None:
+    dm = Trivial()
+    mo = dm.create_memory_object()
+    ask = pymach.msg_receive(pymach.task_notify())
+    pymach.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                            items=[pymach.Port(mo, pymach.MAKE_SEND)]))
+    dm.serve()
+
+
+def _pager_region(size: int) -> tuple[Any, int]:
+    """A region of `size` bytes backed by a new Trivial pager task."""
+    me = pymach.task_self()
+    h = pymach.spawn(_trivial_pager, name="trivial-pager")
+    box = pymach.port_allocate(me)
+    pymach.msg_send(Message(remote_port=pymach.task_get_special_port(
+        h.name, pymach.TASK_NOTIFY_PORT), items=[pymach.Port(box, pymach.MAKE_SEND)]))
+    mo = pymach.msg_receive(box, pymach.RCV_TIMEOUT, 20_000).items[0].value
+    return h, pymach.vm_allocate_with_pager(me, 0, size, True, mo, 0)
+
+
+def _touch_each_page(a: int, size: int) -> float:
+    """Seconds to read one byte of every page, in order."""
+    view = np.frombuffer(pymach.memory().buffer(a, size), dtype=np.uint8)
+    t0 = time.perf_counter()
+    total = int(view[::PAGE].sum())
+    dt = time.perf_counter() - t0
+    assert total in (size // PAGE, 0)
+    return dt
+
+
+def bench_pager_fault(pages: int) -> float:
+    """Microseconds per one-page fault served by the Trivial pager (run with machd's
+    --pager-cluster 1)."""
+    h, a = _pager_region(pages * PAGE)
+    dt = _touch_each_page(a, pages * PAGE)
+    pymach.vm_deallocate(pymach.task_self(), a, pages * PAGE)
+    h.result(30_000)
+    return dt / pages * 1e6
+
+
+def bench_zero_fill_fault(pages: int) -> float:
+    """Microseconds per zero-fill fault of a native task (machd, no pager)."""
+    me = pymach.task_self()
+    a = pymach.vm_allocate(me, 0, pages * PAGE, True)
+    dt = _touch_each_page(a, pages * PAGE)
+    pymach.vm_deallocate(me, a, pages * PAGE)
+    return dt / pages * 1e6
+
+
+def bench_anonymous_fault(pages: int) -> float:
+    """Microseconds per first touch of a page of plain anonymous memory (Linux alone)."""
+    m = mmap.mmap(-1, pages * PAGE)
+    view = np.frombuffer(m, dtype=np.uint8)
+    t0 = time.perf_counter()
+    int(view[::PAGE].sum())
+    dt = time.perf_counter() - t0
+    del view
+    m.close()
+    return dt / pages * 1e6
+
+
+def bench_stream(size: int) -> float:
+    """GB/s reading every byte of a `size`-byte region backed by the Trivial pager."""
+    h, a = _pager_region(size)
+    view = np.frombuffer(pymach.memory().buffer(a, size), dtype=np.uint64)
+    t0 = time.perf_counter()
+    total = int(view.sum(dtype=np.uint64))
+    dt = time.perf_counter() - t0
+    assert total == (size // 8) * 0x0101010101010101 % (1 << 64)
+    del view
+    pymach.vm_deallocate(pymach.task_self(), a, size)
+    h.result(60_000)
+    return size / dt / 1e9
+
+
+def bench_mmap_file(size: int) -> float:
+    """GB/s reading every byte of a page-cached file through mmap."""
+    with tempfile.TemporaryFile() as f:
+        chunk = b"\1" * (64 * MIB)
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+            view = np.frombuffer(mm, dtype=np.uint64)
+            int(view.sum(dtype=np.uint64))  # into the page cache and this mapping
+            del view
+        with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+            view = np.frombuffer(mm, dtype=np.uint64)
+            t0 = time.perf_counter()
+            int(view.sum(dtype=np.uint64))
+            dt = time.perf_counter() - t0
+            del view
+    return size / dt / 1e9
+
+
+# -- the runs ---------------------------------------------------------------------------
+def run_ipc(n: int = 5000, rounds: int = 5) -> dict[str, Any]:
+    """Native msg_rpc vs socketpair (target: at most 1.5x)."""
+    with native_task():
+        rpc = bench_rpc(n, rounds)
+    sp = bench_socketpair(n, rounds)
+    return {"native_msg_rpc_us": round(rpc, 2), "socketpair_us": round(sp, 2),
+            "ratio_msg_rpc_vs_socketpair": round(rpc / sp, 2), "target_ratio_at_most": 1.5}
+
+
+def run_vm(size: int = GIB, rounds: int = 3) -> dict[str, Any]:
+    """1 GiB OOL send+receive vs pickle over a Pipe (target: >= 1000x faster, <= 1 ms)."""
+    with native_task("--memory", f"{3 * size // MIB}M"):
+        ool = bench_ool(size, rounds)
+    pipe = bench_pickle_pipe(size) * 1e3
+    return {"ool_bytes": size, "ool_first_send_ms": round(ool["first"], 3),
+            "ool_repeat_send_ms": round(ool["again"], 3),
+            "ool_deallocate_send_ms": round(ool["moved"], 3),
+            "pickle_pipe_ms": round(pipe, 1),
+            "speedup_first_send": round(pipe / ool["first"], 1),
+            "speedup_deallocate_send": round(pipe / ool["moved"], 1),
+            "target_speedup_at_least": 1000, "target_ms_at_most": 1.0}
+
+
+def run_pager(fault_pages: int = 4000, stream_size: int = GIB) -> dict[str, Any]:
+    """One-page pager faults (target <= 25 us) and a 1 GiB stream (target >= 2 GB/s)."""
+    with native_task("--pager-cluster", "1"):
+        fault = statistics.median(bench_pager_fault(fault_pages) for _ in range(3))
+        zero = statistics.median(bench_zero_fill_fault(fault_pages) for _ in range(3))
+    anon = statistics.median(bench_anonymous_fault(fault_pages) for _ in range(3))
+    with native_task("--memory", f"{2 * stream_size // MIB}M", "--pager-cluster", "64"):
+        stream = bench_stream(stream_size)
+    cached = bench_mmap_file(stream_size)
+    return {"pager_fault_us": round(fault, 1), "zero_fill_fault_us": round(zero, 1),
+            "anonymous_fault_us": round(anon, 2), "target_pager_fault_us_at_most": 25,
+            "stream_bytes": stream_size, "stream_cluster_pages": 64,
+            "stream_gb_per_s": round(stream, 3), "mmap_page_cache_gb_per_s": round(cached, 2),
+            "ratio_stream_vs_mmap": round(stream / cached, 3),
+            "target_stream_gb_per_s_at_least": 2.0}
+
+
+def run(what: str, n: int = 5000, rounds: int = 5) -> dict[str, Any]:
+    """One native benchmark group, or all of them."""
+    out: dict[str, Any] = {"benchmark": what, "mode": "native"}
+    if what in ("ipc", "all"):
+        out.update(run_ipc(n, rounds))
+    if what in ("vm", "all"):
+        out.update(run_vm(rounds=min(rounds, 3)))
+    if what in ("pager", "all"):
+        out.update(run_pager())
+    return out

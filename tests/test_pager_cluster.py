@@ -1,0 +1,72 @@
+"""Clustered paging: a fault on an external object asks its manager for several pages
+(pager_data_request's length), as many as the host's pager_cluster_pages allows."""
+
+from __future__ import annotations
+
+import pytest
+
+import pymach as m
+from pymach import Message
+
+PS = 4096
+
+
+class Recording(m.DataManager):
+    """Page n holds byte n; records each request's (offset, length)."""
+
+    threads = max_threads = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[int, int]] = []
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        self.asked.append((offset, length))
+        return b"".join(bytes([(offset // PS + i) % 256]) * PS for i in range(length // PS))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _serve(dm: Recording) -> None:
+    mo = dm.create_memory_object()
+    m.msg_send(Message(remote_port=m.msg_receive(m.task_notify()).items[0].value,  # type: ignore
+                       items=[m.Port(mo, m.MAKE_SEND)]))
+    dm.serve()
+
+
+def _sequential_read(cluster: int, pages: int, first: int = 0) -> list[tuple[int, int]]:
+    with m.boot(pager_cluster_pages=cluster) as k:
+        dm = Recording()
+        h = k.spawn(_serve, dm, name="recording")
+        box = m.port_allocate(m.task_self())
+        m.msg_send(Message(remote_port=m.task_get_special_port(h.name, m.TASK_NOTIFY_PORT),
+                           items=[m.Port(box, m.MAKE_SEND)]))
+        mo = m.msg_receive(box, m.RCV_TIMEOUT, 5000).items[0].value
+        a = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, mo, 0)  # type: ignore
+        mem = m.memory()
+        _ = mem[a + first * PS]  # a fault in the middle first
+        assert [mem[a + i * PS] for i in range(pages)] == [i % 256 for i in range(pages)]
+        m.vm_deallocate(m.task_self(), a, pages * PS)
+        h.result(5000)
+        return dm.asked
+
+
+@pytest.mark.parametrize("cluster", [1, 4, 16])
+def test_a_sequential_read_asks_once_per_cluster(cluster: int) -> None:
+    asked = _sequential_read(cluster, 40)
+    assert asked[0] == (0, min(cluster, 40) * PS)
+    assert sum(n for _, n in asked) == 40 * PS  # every page asked for exactly once
+    assert len(asked) == -(-40 // cluster)
+
+
+def test_a_cluster_stops_at_resident_pages_and_the_object_end() -> None:
+    asked = _sequential_read(16, 20, first=4)  # pages 4..19 first, then 0..3
+    assert asked == [(4 * PS, 16 * PS), (0, 4 * PS)]
+
+
+def test_pager_cluster_pages_is_checked() -> None:
+    for bad in (0, 1025, 2.0, True):
+        with pytest.raises(m.MachError) as e, m.boot(pager_cluster_pages=bad):
+            pass
+        assert e.value.code == "KERN_INVALID_ARGUMENT"
