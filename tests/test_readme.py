@@ -52,3 +52,15 @@ def test_demo_command_runs() -> None:
     assert "calc_add(2, 40) = 42" in r.stdout
     assert "NOTIFY_PORT_DELETED" in r.stdout
     assert "SEND_INVALID_PORT" in r.stdout
+
+
+def test_readme_native_program_runs(machd_socket: str, tmp_path: Path) -> None:
+    script = tmp_path / "squares.py"
+    script.write_text(_program("class SquarePager"))
+    r = subprocess.run([sys.executable, "-m", "pymach.cli.main", "exec", "--socket",
+                        machd_socket, str(script)], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = (ROOT / "README.md").read_text()
+    shown = text.split("$ pymach exec squares.py\n", 1)[1].split("```", 1)[0].splitlines()
+    assert r.stdout.splitlines() == shown

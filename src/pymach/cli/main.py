@@ -33,7 +33,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.mode == "native":
-        from pymach.bench import native
+        try:
+            from pymach.bench import native
+        except ImportError as e:
+            print(f"pymach bench: native benchmarks need NumPy ({e}): "
+                  f"pip install 'pymach[native]'", file=sys.stderr)
+            return 2
 
         if args.what == "cache":
             print("pymach bench: 'cache' runs on the embedded kernel only", file=sys.stderr)
