@@ -49,14 +49,20 @@ def uffd_or_skip() -> None:
         _unavailable(reason)
 
 
-@pytest.fixture(scope="session")
-def machd_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A running machd for the session (skipped, or failed under CI, without uffd)."""
+def running_machd(factory: pytest.TempPathFactory, *options: str) -> Iterator[str]:
+    """Fixture body: a machd with `options` on a fresh socket (skipped, or failed under
+    CI, without userfaultfd), stopped afterwards."""
     uffd_or_skip()
-    path = tmp_path_factory.mktemp("machd") / "machd.sock"
-    proc = start_machd(path, "--memory", "512M")
+    path = factory.mktemp("machd") / "machd.sock"
+    proc = start_machd(path, *options)
     yield str(path)
     stop_machd(proc)
+
+
+@pytest.fixture(scope="session")
+def machd_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running machd for the session."""
+    yield from running_machd(tmp_path_factory, "--memory", "512M")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pymach as m
-from nativeutil import start_machd, stop_machd, uffd_or_skip
+from nativeutil import running_machd
 from pymach import Int, Message
 from pymach.machd.task import attach, detach
 
@@ -150,11 +150,7 @@ def test_ps_vmmap_lsmp_vm_stat_watch_a_running_machd(native: str) -> None:
 @pytest.fixture(scope="module")
 def small_machd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A machd with 64 frames of physical memory (256 KiB): everything pages."""
-    uffd_or_skip()
-    path = tmp_path_factory.mktemp("small") / "machd.sock"
-    proc = start_machd(path, "--memory", "256K")
-    yield str(path)
-    stop_machd(proc)
+    yield from running_machd(tmp_path_factory, "--memory", "256K")
 
 
 def _pattern(tag: int, pages: int) -> np.ndarray:

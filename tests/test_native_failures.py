@@ -228,3 +228,15 @@ def test_machd_refuses_a_socket_in_use_with_a_clear_message(
         assert missing.returncode == 1 and "start one with `pymach machd`" in missing.stderr
     finally:
         stop_machd(daemon)
+
+
+def test_machd_without_userfaultfd_says_which_fix_applies(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pymach.cli.main import main
+    from pymach.machd import machd
+
+    monkeypatch.setattr(machd, "probe", lambda: "userfaultfd is not allowed for this user: "
+                        "run machd as root, or set vm.unprivileged_userfaultfd=1 (sysctl)")
+    assert main(["machd", "--socket", "/tmp/pymach-never.sock"]) == 1
+    err = capsys.readouterr().err
+    assert "machd needs userfaultfd" in err and "vm.unprivileged_userfaultfd=1" in err

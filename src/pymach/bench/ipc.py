@@ -30,25 +30,32 @@ def _median_us(samples: list[float], n: int) -> float:
 
 def bench_msg_rpc(n: int, rounds: int) -> float:
     """Median microseconds per null msg_rpc between two embedded tasks."""
-    samples: list[float] = []
     with pymach.boot() as kernel:
         me = pymach.task_self()
         svc = pymach.port_allocate(me)
         server = kernel.spawn(_rpc_server, name="bench-server")
         notify = pymach.task_get_special_port(server.name, pymach.TASK_NOTIFY_PORT)
         pymach.msg_send(Message(remote_port=notify, items=[pymach.Port(svc, pymach.MOVE_RECEIVE)]))
-        reply = pymach.port_allocate(me)
-        req = Message(remote_port=svc, local_port=reply, id=1)
-        for _ in range(5):
-            pymach.msg_rpc(req)
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                pymach.msg_rpc(req)
-            samples.append(time.perf_counter() - t0)
-        pymach.msg_send(Message(remote_port=svc, id=STOP))
+        samples = time_rpcs(svc, n, rounds, warmup=5)
         server.result(timeout=10_000)
     return _median_us(samples, n)
+
+
+def time_rpcs(svc: int, n: int, rounds: int, warmup: int) -> list[float]:
+    """Seconds per round of `n` null msg_rpc calls to `svc` (after `warmup` calls);
+    then tells the server to stop."""
+    reply = pymach.port_allocate(pymach.task_self())
+    req = Message(remote_port=svc, local_port=reply, id=1)
+    for _ in range(warmup):
+        pymach.msg_rpc(req)
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pymach.msg_rpc(req)
+        samples.append(time.perf_counter() - t0)
+    pymach.msg_send(Message(remote_port=svc, id=STOP))
+    return samples
 
 
 def _rpc_server() -> None:

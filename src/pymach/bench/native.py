@@ -29,7 +29,7 @@ import numpy as np
 
 import pymach
 from pymach import OOL, Message
-from pymach.bench.ipc import _rpc_server, bench_socketpair
+from pymach.bench.ipc import _rpc_server, bench_socketpair, time_rpcs
 from pymach.pagers.data_manager import DataManager
 
 PAGE = 4096
@@ -71,16 +71,7 @@ def _serve(server: Callable[[], Any]) -> tuple[Any, int]:
 def bench_rpc(n: int, rounds: int) -> float:
     """Median microseconds per null msg_rpc between two native tasks."""
     h, svc = _serve(_rpc_server)
-    req = Message(remote_port=svc, local_port=pymach.port_allocate(pymach.task_self()), id=1)
-    for _ in range(50):
-        pymach.msg_rpc(req)
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            pymach.msg_rpc(req)
-        samples.append(time.perf_counter() - t0)
-    pymach.msg_send(Message(remote_port=svc, id=STOP))
+    samples = time_rpcs(svc, n, rounds, warmup=50)  # the warm-up waits for the server
     h.result(10_000)
     return statistics.median(samples) / n * 1e6
 
