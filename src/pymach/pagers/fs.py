@@ -23,6 +23,7 @@ go (the server then withdraws its cache permission).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from pymach import mach
@@ -52,6 +53,12 @@ def fs_write_file(server: int, name: str, data: int | bytes, size: int) -> None:
     from bytes."""
     item = OOL(data, size) if isinstance(data, int) else bytes(data)
     _fs_write_file(server, name, item, size)
+
+
+def _remove_quietly(path: str) -> None:
+    """Remove a file if it exists; a name that cannot be a file is ignored."""
+    with contextlib.suppress(OSError, ValueError):
+        os.remove(path)
 
 
 class FileServer(DataManager):
@@ -99,9 +106,13 @@ class FileServer(DataManager):
         path = self._path(name)
         raw = take_ool(data)[:size]
         tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)  # a new inode: the old version's readers keep theirs
+        try:
+            with open(tmp, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)  # a new inode: the old version's readers keep theirs
+        except BaseException:
+            _remove_quietly(tmp)  # a failed write leaves nothing behind for readers
+            raise
         old = self.objects.pop(path, None)
         if old is not None:  # the old version need not outlive its last user
             for request in self.requests(old):

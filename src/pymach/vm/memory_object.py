@@ -9,7 +9,10 @@ Data manager to kernel (Table 3-6): `PagerServer` executes the calls a manager m
 the *pager request port* the kernel made for the object: pager_data_provided,
 pager_data_unavailable, pager_data_lock, pager_flush_request, pager_clean_request,
 pager_cache, and pager_data_error (pymach, after Mach 3). Offsets in messages are
-offsets in the memory object; `paging_offset` maps them to the object.
+offsets in the memory object; `paging_offset` maps them to the object. Provided data
+nobody asked for is taken only while memory and the manager's `manager_page_limit`
+allow; to keep within the limit the kernel evicts the manager's other pages, never the
+ones waiting faults asked for (6.1: a manager that floods the cache).
 
 The kernel holds send rights to the memory object port and all rights to the request
 and name ports; when it lets go of an object it destroys the latter two, and the
@@ -255,9 +258,11 @@ def _backed_by(obj: object, task: object) -> bool:
 
 
 def page_settled(obj: VmObject, page: VmPage) -> None:
-    """A waiting page is settled (data, zeros or error): wake its waiters."""
+    """A waiting page is settled (data, zeros or error): wake its waiters. The page is
+    fresh until pageout has passed over it once, so the fault gets to use it."""
     vm = obj.vm
     page.busy = page.absent = False
+    page.fresh = True
     if page.wire_count:
         vm.resident.vm_page_unwire(page)
     vm.kernel.sched.thread_wakeup(obj.page_waitq)
@@ -288,7 +293,7 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
                  privileged: bool = True) -> int:
     """Write dirty pages of [start, end) back to the manager; with `flush` also drop
     the cached pages (pager_flush_request, termination). Returns the pages written."""
-    from pymach.vm.vm_pageout import vm_pageout_page
+    from pymach.vm.vm_pageout import is_substitute, vm_pageout_page
 
     vm = obj.vm
     written = 0
@@ -299,7 +304,8 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
         vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
         if flush and obj.copy is not None:
             push_to_copy_object(obj, page)
-        dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) and not page.substitute
+        dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) \
+            and not is_substitute(page)  # never the manager's: a flush drops it
         if dirty:
             if vm_pageout_page(page, keep=not flush, privileged=privileged):
                 written += 1
@@ -310,9 +316,18 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
         for off in [o for o in obj.pending if start <= o < end]:  # the manager's now: a
             obj.pending[off].refill = False  # later fault asks it (pager_data_error
             # for that data still gives it back to the kernel)
+            if obj.pending[off].substitute:  # so is the offset of a substitute page
+                _drop_store(obj, off)
     if flush:  # faults waiting on these pages (say, for an unlock) must look again
         vm.kernel.sched.thread_wakeup(obj.page_waitq)
     return written
+
+
+def _drop_store(obj: VmObject, off: int) -> None:
+    """Discard the store of a substitute page (vm_pageout_substitute) of `obj`."""
+    from pymach.vm.vm_object import vm_object_deallocate
+
+    vm_object_deallocate(obj.pending.pop(off))
 
 
 def push_to_copy_object(obj: VmObject, page: VmPage) -> None:
@@ -378,9 +393,18 @@ class PagerServer:
         base = check_int(offset, "offset") - obj.paging_offset
         raw = copy_bytes(current_thread(), data)[:count]
         _check_live(obj)
+        room = _manager_room(obj)  # pages nobody asked for are taken only within it
+        settled: set[VmPage] = set()
         for off in _range(obj, offset, len(raw)):
             chunk = raw[off - base:off - base + obj.vm.page_size]
-            _provide_page(obj, off, chunk, lock)
+            page = obj.memq.get(off)
+            if page is not None and page.absent:  # a fault waits for it
+                _fill_page(obj, page, chunk, lock)
+                settled.add(page)
+            elif page is None and room > 0 and _provide_extra(obj, off, chunk, lock):
+                room -= 1
+        if settled and not obj.internal:  # never evict what the faults wait for
+            _enforce_manager_limit(obj, keep=settled)
 
     def pager_data_unavailable(self, obj: VmObject, offset: int, size: int) -> None:
         _trace_call(obj, "pager_data_unavailable", offset, size)
@@ -410,8 +434,8 @@ class PagerServer:
             if page is not None and page.absent:
                 page.error = reason
                 page_settled(obj, page)
-            elif off in obj.pending:
-                _take_back(obj, off)
+            elif off in obj.pending and not obj.pending[off].substitute:
+                _take_back(obj, off)  # (a substitute page was never the manager's)
 
     def pager_data_lock(self, obj: VmObject, offset: int, length: int,
                         lock_value: int) -> None:
@@ -451,48 +475,68 @@ def _check_live(obj: VmObject) -> None:
         raise MachError("KERN_INVALID_ARGUMENT", f"object {obj.serial} has been terminated")
 
 
-def _provide_page(obj: VmObject, off: int, chunk: bytes, lock: int) -> None:
-    """Install one page of provided data: into a waiting page, or a new one if there is
-    room; data for pages the kernel already has is ignored."""
+def _provide_extra(obj: VmObject, off: int, chunk: bytes, lock: int) -> bool:
+    """Install provided data nobody asked for as a new page if memory allows; data for
+    pages the kernel has (or is paging out) is ignored. True if installed."""
     vm = obj.vm
-    page = obj.memq.get(off)
+    if off in obj.pending or vm.resident.free_count() <= vm.free_target:
+        return False
+    page = vm.resident.vm_page_grab(privileged=False)
     if page is None:
-        if off in obj.pending or vm.resident.free_count() <= vm.free_target:
-            return
-        page = vm.resident.vm_page_grab(privileged=False)
-        if page is None:
-            return
-        vm.resident.vm_page_insert(page, obj, off)
-        vm.resident.vm_page_activate(page)
-    elif not page.absent:
-        return
+        return False
+    vm.resident.vm_page_insert(page, obj, off)
+    vm.resident.vm_page_activate(page)
+    _fill_page(obj, page, chunk, lock)
+    return True
+
+
+def _fill_page(obj: VmObject, page: VmPage, chunk: bytes, lock: int) -> None:
+    """Put one page of provided data in `page`, settling it if a fault waits for it."""
+    vm = obj.vm
     vm.phys.phys_write(page.frame, chunk)
     page.page_lock, page.unlock_request = lock, VM_PROT_NONE
     vm.resident.stats.pageins += 1
     if page.absent:
         page_settled(obj, page)
-    if not obj.internal:
-        _enforce_manager_limit(obj)
 
 
-def _enforce_manager_limit(obj: VmObject) -> None:
+def _manager_objects(obj: VmObject) -> set[VmObject]:
+    """The objects whose pages count against the manager of `obj` (paper 6.1)."""
+    vm = obj.vm
+    manager = obj.pager.receiver if obj.pager is not None else None
+    return {o for o in vm.pager_objects.values()
+            if o.pager is not None and (o.pager is obj.pager or
+                                        (manager is not None and o.pager.receiver is manager))}
+
+
+def _manager_room(obj: VmObject) -> int:
+    """How many more pages the manager of `obj` may have resident (internal objects:
+    as many as there are frames)."""
+    vm = obj.vm
+    if obj.internal:
+        return len(vm.resident.pages)
+    return vm.manager_page_limit - sum(len(o.memq) for o in _manager_objects(obj))
+
+
+def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     """Keep one manager's objects within `manager_page_limit` resident pages, evicting
-    its least recently used pages (paper 6.1: a manager that floods the cache)."""
+    its least recently used pages (paper 6.1: a manager that floods the cache). Pages
+    in `keep` (just provided for waiting faults) stay; fresh ones go last."""
     from pymach.vm.vm_pageout import vm_pageout_reclaim
 
     vm = obj.vm
-    manager = obj.pager.receiver if obj.pager is not None else None
-    mine = {o for o in vm.pager_objects.values()
-            if o.pager is not None and (o.pager is obj.pager or
-                                        (manager is not None and o.pager.receiver is manager))}
+    mine = _manager_objects(obj)
     count = sum(len(o.memq) for o in mine)
     if count <= vm.manager_page_limit:
         return
     res = vm.resident
-    for page in [p for q in (res.inactive, res.active) for p in q if p.object in mine]:
+    lru = [p for q in (res.inactive, res.active) for p in q
+           if p.object in mine and p not in keep]
+    for page in sorted(lru, key=lambda p: p.fresh):  # stable: LRU order otherwise
         if count <= vm.manager_page_limit:
             break
-        if vm_pageout_reclaim(vm, page):
+        if page.queue in ("active", "inactive") and page.object in mine \
+                and vm_pageout_reclaim(vm, page):
             count -= 1
 
 

@@ -171,7 +171,11 @@ def _fill_from_kernel(thread: Thread, obj: VmObject, off: int) -> VmPage | None:
     holding = obj.pending.get(off)
     if holding is not None and holding.refill:
         src, _ = vm_fault_page(thread, holding, 0, VM_PROT_READ, VM_PROT_READ)
-        page = _alloc(thread, obj, off)
+        vm.resident.vm_page_wire(src)  # not evicted while we may wait for a frame
+        try:
+            page = _alloc(thread, obj, off)
+        finally:
+            vm.resident.vm_page_unwire(src)
         vm.phys.pmap_copy_page(src.frame, page.frame)
         page.dirty = True  # the pager may not have stored it yet
         return page

@@ -56,7 +56,10 @@ class VmObject:
         self.pager_ready = False  # pager_init (or pager_create) has been sent
         self.existence: set[int] = set()  # internal: offsets the pager holds
         self.data_source: bytes | None = None  # internal: initial data held by the kernel
-        self.pending: dict[int, VmObject] = {}  # offset -> holding object of a pageout
+        self.pending: dict[int, VmObject] = {}  # offset -> holding object of a pageout,
+        # or the store of a written substitute page (external objects, owns a reference)
+        self.substitute = False  # a store: holds, at offset 0, a substitute page its
+        # external object got after a manager's timeout, backed by the default pager
         self.holding_for: tuple[VmObject, int] | None = None  # holding: whose page it is
         self.refill = True  # holding: a fault may take the data back (until a flush
         # hands it to the manager; pager_data_error still returns it to the kernel)
@@ -123,7 +126,10 @@ def vm_object_terminate(obj: VmObject) -> None:
         vm.clean_external_object(obj)  # dirty data goes back to its manager first
     for page in list(obj.memq.values()):
         vm.resident.vm_page_free(page)
+    stores = [h for h in obj.pending.values() if h.substitute]
     obj.pending.clear()  # holding objects in flight still reach their manager
+    for store in stores:
+        vm_object_deallocate(store)
     if obj.holding_for is not None:
         _holding_released(obj)
     if obj.internal and obj.pager is not None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class VmPage:
     """One resident page (see module docstring). Fields guarded by the kernel lock."""
 
-    __slots__ = ("absent", "busy", "dirty", "error", "frame", "object", "offset",
+    __slots__ = ("absent", "busy", "dirty", "error", "frame", "fresh", "object", "offset",
                  "page_lock", "precious", "queue", "substitute", "unlock_request",
                  "wire_count")
 
@@ -48,6 +48,9 @@ class VmPage:
         self.dirty = False  # software modify bit (the pmap holds the hardware one)
         self.precious = False  # the pager must get it back even if clean
         self.substitute = False  # zeros given after a manager's timeout: never written back
+        # to the manager (once written, the default pager backs it: vm_pageout.py)
+        self.fresh = False  # settled for a waiting fault that may not have used it yet:
+        # pageout passes over it once, as if referenced; eviction takes it last
         self.page_lock = VM_PROT_NONE  # access the data manager prevents (pager_data_lock)
         self.unlock_request = VM_PROT_NONE  # access already asked for by pager_data_unlock
         self.wire_count = 0
@@ -147,6 +150,7 @@ class VmResident:
             page = self.pages[frame] = VmPage(frame)
         page.queue = ""
         page.busy = page.absent = page.dirty = page.precious = page.substitute = False
+        page.fresh = False
         page.error = ""
         page.page_lock = page.unlock_request = VM_PROT_NONE
         page.wire_count = 0

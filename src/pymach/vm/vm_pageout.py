@@ -4,7 +4,8 @@ A kernel thread that sleeps until free frames fall below `free_min`, then scans:
 
 - it ages the active queue, moving its least recently used pages to the inactive queue
   (clearing their reference bits);
-- it walks the inactive queue: a page referenced meanwhile is reactivated; a clean page
+- it walks the inactive queue: a page referenced meanwhile is reactivated (so is, once,
+  a *fresh* page, just settled for a fault that may not have used it yet); a clean page
   is freed; a dirty page is written to its pager with `vm_pageout_page`.
 
 Writing a page back moves it into a new *holding object* (6.2.2: "pages are temporarily
@@ -13,6 +14,14 @@ that memory") sent to the manager as out-of-line data in pager_data_write. The f
 is freed when the manager vm_deallocates that data. Until then a fault on the offset
 copies the data back from the holding object, so nothing is ever read before the pager
 has it. Internal objects get the default pager (pager_create) at their first pageout.
+A written *substitute* page (zeros given after a manager's timeout, 6.2.1) never goes
+to its manager: it moves into an internal store object that the default pager backs
+(`vm_pageout_substitute`).
+
+Data written back to an external manager must be released by `pageout_deadline_ms`;
+the daemon sleeps until the earliest such deadline even when memory is not short, and
+is woken when a new pageout sets an earlier one. It wakes no frame waiter itself (each
+freed frame does), so in deterministic mode virtual time can reach the deadline.
 
 The daemon and the default pager are vm-privileged: they may take the reserved frames,
 so pageout itself never waits for memory (6.2.3). If scans in a row find nothing they
@@ -25,7 +34,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pymach.kern.sched_prim import deadline_after, thread_block
+from pymach.kern.sched_prim import thread_block
 from pymach.vm.vm_map_copy import CopyEntry, VmMapCopy
 from pymach.vm.vm_object import vm_object_allocate
 from pymach.vm.vm_param import VM_PROT_NONE
@@ -86,10 +95,10 @@ def vm_pageout_expired_holdings(vm: VmSystem) -> None:
 
 
 def _after_scan(vm: VmSystem, thread: Thread, progress: bool, idle_scans: int) -> None:
-    """Wake frame waiters; give up, or pause while pageouts are in flight."""
+    """Give up, or pause while pageouts are in flight. Frame waiters are woken by each
+    frame freed (VmSystem._frame_freed), not here: waking them for nothing would make
+    them wake the daemon in turn, and time would never reach a deadline (6.2.2)."""
     sched = vm.kernel.sched
-    if vm.free_wanted:
-        sched.thread_wakeup(vm.free_waitq)
     if progress:
         return
     if vm.pageouts_in_flight == 0 and idle_scans >= GIVE_UP_AFTER:
@@ -97,8 +106,10 @@ def _after_scan(vm: VmSystem, thread: Thread, progress: bool, idle_scans: int) -
                        "(the backing store is full or unavailable)")
         sched.thread_wakeup(vm.free_waitq)
         thread_block(sched, thread, vm.pageout_waitq)  # until memory is freed
-    else:
-        thread_block(sched, thread, vm.pageout_waitq, deadline_after(sched, 5))
+    else:  # until a pageout completes, or a while (memory may be referenced less)
+        pause, deadline = sched.now() + 5, _next_deadline(vm)
+        thread_block(sched, thread, vm.pageout_waitq,
+                     pause if deadline is None else min(pause, deadline))
 
 
 def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
@@ -112,9 +123,11 @@ def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
             break
         if page.queue != "inactive":
             continue
-        if vm.phys.pmap_is_referenced(page.frame):
+        referenced = vm.phys.pmap_is_referenced(page.frame)
+        if referenced or page.fresh:  # fresh: a fault waits to use it (maybe for a
+            page.fresh = False  # frame of its own): a second chance, as if referenced
             res.vm_page_activate(page)
-            res.stats.reactivations += 1
+            res.stats.reactivations += referenced
             pageable = True
             continue
         progress |= vm_pageout_reclaim(vm, page)
@@ -139,8 +152,10 @@ def vm_pageout_reclaim(vm: VmSystem, page: VmPage) -> bool:
     obj = page.object
     if obj is not None and obj.copy is not None:  # the copy must keep what it saw
         push_to_copy_object(obj, page)
-    if page.substitute:  # zeros given after a manager's timeout: nobody is owed them
-        res.vm_page_free(page)
+    if is_substitute(page):  # never the manager's: zeros after its timeout (6.2.1)
+        if res.vm_page_is_dirty(page):
+            return vm_pageout_substitute(page)
+        res.vm_page_free(page)  # unwritten zeros: a later fault asks the manager again
         return True
     if res.vm_page_is_dirty(page) or page.precious:
         if vm_pageout_page(page, keep=False):
@@ -166,7 +181,7 @@ def vm_pageout_page(page: VmPage, keep: bool, privileged: bool = True) -> bool:
     vm, off = obj.vm, page.offset
     if obj.internal and obj.pager is None and not pager_create(obj):
         return False
-    if obj.pager is None or obj.pager.dead or page.substitute or _failed_recently(obj):
+    if obj.pager is None or obj.pager.dead or is_substitute(page) or _failed_recently(obj):
         return False
     holding = vm_object_allocate(vm, vm.page_size, label="pageout")
     if keep:
@@ -190,6 +205,45 @@ def vm_pageout_page(page: VmPage, keep: bool, privileged: bool = True) -> bool:
     return True
 
 
+def is_substitute(page: VmPage) -> bool:
+    """True for data the manager never gave and must never get: zeros given after its
+    timeout, and such a page once written and taken back from its store."""
+    obj = page.object
+    if page.substitute or obj is None:
+        return page.substitute
+    store = obj.pending.get(page.offset)
+    return store is not None and store.substitute
+
+
+def vm_pageout_substitute(page: VmPage) -> bool:
+    """Page out a written substitute page of an external object to the default pager,
+    as the zero-filled memory of 6.2.1 is backed by it. The page moves into a *store*:
+    an internal object kept in the object's `pending` at its offset, so a fault takes
+    the data back from there (vm_fault._fill_from_kernel) and a late answer from the
+    manager is ignored. False if it cannot be paged out now (it stays, in the store,
+    where the daemon finds it again like any internal page)."""
+    obj = page.object
+    assert obj is not None
+    vm, off = obj.vm, page.offset
+    store = obj.pending.get(off)
+    if store is None:
+        store = vm_object_allocate(vm, vm.page_size, label="substitute")
+        store.substitute = True
+        obj.pending[off] = store  # the store's reference
+    old = store.memq.get(0)
+    if old is not None and old.busy:  # being read back: keep the newer data here
+        vm.resident.vm_page_activate(page)
+        return False
+    if old is not None:  # an older version of the data
+        vm.resident.vm_page_free(old)
+    vm.resident.vm_page_rename(page, store, 0)
+    page.substitute, page.dirty = False, True
+    if vm_pageout_page(page, keep=False):
+        return True
+    vm.resident.vm_page_activate(page)
+    return False
+
+
 def _failed_recently(obj: VmObject) -> bool:
     """True while a pager that could not store a page of `obj` should not be tried
     again: the default pager until it may have freed space, others for a deadline."""
@@ -208,7 +262,10 @@ def _hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) -> None:
     if obj.internal:
         obj.existence.add(off)
     else:  # an external manager must let go of it in time
-        vm.holdings[holding] = vm.kernel.sched.now() + vm.pageout_deadline_ms
+        deadline = vm.kernel.sched.now() + vm.pageout_deadline_ms
+        if not vm.holdings or deadline < min(vm.holdings.values()):
+            vm.kernel.sched.thread_wakeup(vm.pageout_waitq)  # the daemon must wait for it
+        vm.holdings[holding] = deadline
     vm.pageouts_in_flight += 1
 
 
