@@ -77,10 +77,11 @@ def has_name(name: int) -> bool:
     return True
 
 
-def start_thread(fn: Callable[..., Any], *args: Any) -> tuple[int, dict[str, Any]]:
-    """Create a thread in the caller's task running fn(*args); returns (its port name, box).
-
-    The box gets "result" or "error" (a MachError's code) when fn ends.
+def start_thread(fn: Callable[..., Any], *args: Any,
+                 task: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Create a thread in `task` (default: the caller's) running fn(*args); returns (its
+    port name, box). The box gets "result", or "error" (a MachError's code) and
+    "detail", then "done", when fn ends.
     """
     box: dict[str, Any] = {}
 
@@ -89,10 +90,11 @@ def start_thread(fn: Callable[..., Any], *args: Any) -> tuple[int, dict[str, Any
             box["result"] = fn(*args)
         except m.MachError as e:
             box["error"] = e.code
+            box["detail"] = str(e)
         finally:
             box["done"] = True
 
-    return m.thread_create(m.task_self(), body), box
+    return m.thread_create(m.task_self() if task is None else task, body), box
 
 
 def thread_state(thread_name: int) -> str:

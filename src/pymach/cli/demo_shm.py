@@ -10,40 +10,17 @@ protocol message the server sees and sends is printed, frame by frame.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pymach
-from pymach.net.netname import netname_check_in, netname_look_up
+from pymach.net.netname import netname_wait
 from pymach.net.network import Network
 from pymach.pagers.shm import SharedMemoryServer, shm_get_region
 
 WAIT_S = 30.0
-
-
-def _server(srv: SharedMemoryServer) -> None:
-    me = pymach.task_self()
-    svc = pymach.port_allocate(me)
-    pymach.port_enable(me, svc)
-    netname_check_in(pymach.task_get_special_port(me, pymach.TASK_BOOTSTRAP_PORT), "shm", svc)
-    srv.serve()
-
-
-def _look_up(name: str) -> int:
-    me = pymach.task_self()
-    boot = pymach.task_get_special_port(me, pymach.TASK_BOOTSTRAP_PORT)
-    nap = pymach.port_allocate(me)
-    for _ in range(2000):
-        try:
-            port: int = netname_look_up(boot, name)
-            return port
-        except pymach.MachError:
-            with contextlib.suppress(pymach.MachError):
-                pymach.msg_receive(nap, pymach.RCV_TIMEOUT, 5)
-    raise pymach.MachError("KERN_INVALID_NAME", f"{name!r} was never checked in")
 
 
 def _client(steps: list[threading.Event], done: list[threading.Event], write: bool,
@@ -55,7 +32,7 @@ def _client(steps: list[threading.Event], done: list[threading.Event], write: bo
     for frame, (go, finished) in enumerate(zip(steps, done, strict=True), start=1):
         go.wait(WAIT_S)
         if frame == 1:
-            x, size = shm_get_region(_look_up("shm"), "X", 4096)
+            x, size = shm_get_region(netname_wait("shm"), "X", 4096)
             out["address"] = pymach.vm_allocate_with_pager(me, 0, size, True, x, 0)
         elif frame == 2:
             out["read"] = mem[out["address"]:out["address"] + 5]
@@ -78,7 +55,7 @@ def run_shm_demo(deterministic: bool = False, seed: int = 0, trace: bool = False
     out("-- consistent network shared memory (paper 4.2): server on A, clients on B, C --")
     with Network() as net:
         a, b, c = net.host("A", trace=trace), net.host("B"), net.host("C")
-        a.start(_server, srv, name="shm-server")
+        a.start(srv.serve_as, "shm", name="shm-server")
         clients = [b.start(_client, steps["B"], done["B"], True, seen["B"], leave,
                            name="client"),
                    c.start(_client, steps["C"], done["C"], False, seen["C"], leave,

@@ -65,6 +65,28 @@ class NameServer:
             del self.names[name]
 
 
+def netname_wait(name: str, timeout_ms: float = 10_000) -> int:
+    """Look `name` up on the caller's bootstrap port (the name server), retrying every
+    5 ms of Mach time until it is checked in; KERN_INVALID_NAME after `timeout_ms`."""
+    from pymach.ipc.message import RCV_TIMEOUT
+    from pymach.kern.mach_defs import TASK_BOOTSTRAP_PORT
+    from pymach.mach import port_allocate, task_get_special_port
+
+    me = task_self()
+    boot = task_get_special_port(me, TASK_BOOTSTRAP_PORT)
+    nap = port_allocate(me)
+    try:
+        for _ in range(max(1, int(timeout_ms // 5))):
+            with contextlib.suppress(MachError):
+                port: int = netname_look_up(boot, name)
+                return port
+            with contextlib.suppress(MachError):
+                msg_receive(nap, RCV_TIMEOUT, 5)
+    finally:
+        port_deallocate(me, nap)
+    raise MachError("KERN_INVALID_NAME", f"{name!r} was not checked in within {timeout_ms} ms")
+
+
 def run_name_server(ns_name: int) -> NameServer:
     """Serve netname requests on port `ns_name` (and notifications) until shut down."""
     state = NameServer()

@@ -81,6 +81,19 @@ class SharedMemoryServer(DataManager):
     def _k(self, request: int) -> str:
         return self.kernel_labels.get(request, f"request port {request}")
 
+    def serve_as(self, name: str = "shm") -> None:
+        """Check a new service port in with the name server (bootstrap port) under
+        `name`, and serve until stopped."""
+        from pymach.kern.mach_defs import TASK_BOOTSTRAP_PORT
+        from pymach.mach import port_allocate, port_enable, task_get_special_port, task_self
+        from pymach.net.netname import netname_check_in
+
+        me = task_self()
+        svc = port_allocate(me)
+        port_enable(me, svc)
+        netname_check_in(task_get_special_port(me, TASK_BOOTSTRAP_PORT), name, svc)
+        self.serve()
+
     # -- the service ------------------------------------------------------------------
     def shm_get_region(self, server: int, name: str, size: int) -> tuple[int, int]:
         region = self.regions.get(name)
