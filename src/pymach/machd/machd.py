@@ -227,7 +227,8 @@ class Machd:
     def remote_thread(self, thread: Thread) -> None:
         """thread_create on a native task (kernel lock held): start it in the process."""
         token = uuid.uuid4().hex
-        with self.lock:
+        thread.state = "running"  # runnable now, as in the embedded kernel; its process
+        with self.lock:  # thread connects in a moment
             self.pending[token] = thread
         proc: Process | None = thread.task.process
         if proc is not None and proc.alive and proc.control is not None:
