@@ -599,3 +599,15 @@ def test_dropping_mappings_while_tasks_run(small_kernel: m.Kernel) -> None:
     assert [h.result(10_000) for h in hs] == [0, 0]
     assert rounds >= 1
     assert k.vm_stat()["pageouts"] > 0  # 120 pages through 64 frames
+
+
+def test_access_follows_enter_protect_and_remove(phys: Any) -> None:
+    ps = phys.page_size
+    pmap = phys.pmap_create()
+    assert pmap.pmap_access(5 * ps) == 0
+    pmap.pmap_enter(5 * ps, 1, RW)
+    assert pmap.pmap_access(5 * ps + 7) == RW
+    pmap.pmap_protect(0, 16 * ps, R)
+    assert pmap.pmap_access(5 * ps) == R
+    pmap.pmap_remove(5 * ps, 6 * ps)
+    assert pmap.pmap_access(5 * ps) == 0

@@ -47,6 +47,10 @@ class Pmap(Protocol):
         """The frame page `va` is mapped to, or None."""
         ...
 
+    def pmap_access(self, va: int) -> int:
+        """The access the MMU allows at page `va` now (VM_PROT_NONE if unmapped)."""
+        ...
+
     def pmap_resident_count(self) -> int:
         """How many pages this pmap maps."""
         ...

@@ -190,6 +190,12 @@ class PageTable:
             e = self._entry(self._vpn(va))
         return None if e is None or not e & _PROT_MASK else e >> 3
 
+    def pmap_access(self, va: int) -> int:
+        """The access the MMU allows at page `va` now (VM_PROT_NONE if unmapped)."""
+        with self.phys.lock:
+            e = self._entry(self._vpn(va))
+        return 0 if e is None else e & _PROT_MASK
+
     def pmap_resident_count(self) -> int:
         """How many pages this pmap maps."""
         with self.phys.lock:
