@@ -69,7 +69,9 @@ class NativeProcess:
         self.socket_path = socket_path
         self.lock = threading.Lock()
         self.applied = threading.Condition(self.lock)  # notified when a batch is applied
+        # or a thread ends
         self.batches_applied = 0  # (lock) machd numbers its instruction batches 1, 2, ...
+        self.threads_running = 0  # (lock) threads made by thread_create, still running
         self.uffd = Uffd.create()
         self.ranges = Ranges()  # (lock) what is mapped now, with its protection
         self.task_serial = 0
@@ -380,14 +382,30 @@ def detach() -> None:
         with contextlib.suppress(Disconnected):
             process.control.send({"op": "detach"})
             process.control.recv()  # machd closes it once the task is gone
+    process.uffd.close()  # wakes threads stuck in a fault: they see plain memory now
+    with process.applied:  # and end at their next trap (the task is gone)
+        process.applied.wait_for(lambda: process.threads_running == 0, DETACH_WAIT_S)
     _libc.munmap(ctypes.c_void_p(WINDOW_BASE), ctypes.c_size_t(WINDOW_SIZE))
-    process.uffd.close()
     _process = None
     set_current_thread(None)
 
 
+DETACH_WAIT_S = 5.0  # how long detach waits for the task's other threads to end
+
+
 def run_thread(process: NativeProcess, token: str, first: bool = False) -> None:
     """A thread made by thread_create: connect, run its code, report its result."""
+    with process.applied:
+        process.threads_running += 1
+    try:
+        _run_thread(process, token, first)
+    finally:
+        with process.applied:
+            process.threads_running -= 1
+            process.applied.notify_all()
+
+
+def _run_thread(process: NativeProcess, token: str, first: bool) -> None:
     conn = Connection.connect(process.socket_path)
     welcome = process.hello(conn, {"op": "thread", "token": token, "first": first},
                             with_uffd=first)
