@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,7 +103,22 @@ def _map_from(pager: m.mach.Spawned, pages: int) -> tuple[int, int]:
 
 
 def _touch(a: int, page: int) -> bytes:
+    """Read through memory(): a fault it cannot take is a MachError, as embedded."""
     return m.memory()[a + page * PS:a + page * PS + 4]  # type: ignore[return-value]
+
+
+def _load(a: int, page: int) -> bytes:
+    """A plain load (NumPy): a fault machd cannot serve is a memory exception."""
+    import numpy as np
+
+    view = np.frombuffer(m.memory().buffer(a + page * PS, 4), dtype=np.uint8)
+    return bytes(view)
+
+
+def _memory_error(child: m.mach.Spawned, *words: str) -> None:
+    with pytest.raises(MachError) as e:
+        child.result(20_000)
+    assert e.value.code == "KERN_MEMORY_ERROR" and all(w in str(e.value) for w in words)
 
 
 def test_a_dead_pager_ends_the_faulting_task_with_a_memory_error(
@@ -114,19 +130,19 @@ def test_a_dead_pager_ends_the_faulting_task_with_a_memory_error(
     m.vm_inherit(me, a, 64 * PS, m.VM_INHERIT_SHARE)
     os.kill(pid, signal.SIGKILL)
     _aborted(pager)
-    client = m.spawn(_touch, a, 40, inherit=True, name="client")  # not resident
-    _aborted(client)
+    _memory_error(m.spawn(_touch, a, 40, inherit=True), "is gone")  # not resident
+    _aborted(m.spawn(_load, a, 41, inherit=True, name="client"))
     err = capfd.readouterr().err
     assert "'client' ended by machd: memory exception: KERN_MEMORY_ERROR" in err
     assert _touch(a, 1) == b"\1" * 4  # resident data stays readable
     m.vm_deallocate(me, a, 64 * PS)
 
 
-def _maps_and_reads(pages: int, zero_fill: bool) -> bytes:
+def _maps_and_reads(pages: int, zero_fill: bool, read: Any = _touch) -> bytes:
     mo = _answer().items[1].value
     a = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, mo, 0)  # type: ignore
     m.vm_pager_timeout(m.task_self(), a, pages * PS, 300, zero_fill)
-    return _touch(a, 2)
+    return read(a, 2)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("zero_fill", [True, False])
@@ -134,29 +150,33 @@ def test_a_silent_pager_gives_the_configured_outcome(
         capfd: pytest.CaptureFixture[str], native: str, zero_fill: bool) -> None:
     pager = m.spawn(_pager, True, name="silent-pager")
     mo = _ask(pager).items[0].value
-    client = m.spawn(_maps_and_reads, 4, zero_fill, name="waiter")
-    _ask(client, m.Port(mo, m.COPY_SEND))  # type: ignore[arg-type]
-    t = time.monotonic()
-    if zero_fill:
-        assert client.result(20_000) == bytes(4)
-    else:
-        _aborted(client)
-        assert "'waiter' ended by machd: memory exception: KERN_MEMORY_ERROR" in \
-            capfd.readouterr().err
-    assert time.monotonic() - t < 10
+    for read in (_touch, _load):
+        client = m.spawn(_maps_and_reads, 4, zero_fill, read, name="waiter")
+        _ask(client, m.Port(mo, m.COPY_SEND))  # type: ignore[arg-type]
+        t = time.monotonic()
+        if zero_fill:
+            assert client.result(20_000) == bytes(4)
+        elif read is _touch:
+            _memory_error(client, "did not answer within 300")
+        else:
+            _aborted(client)
+            assert "'waiter' ended by machd: memory exception: KERN_MEMORY_ERROR" in \
+                capfd.readouterr().err
+        assert time.monotonic() - t < 10
     m.task_terminate(pager.name)
 
 
-def _faults_on_its_own_object() -> None:
+def _faults_on_its_own_object(read: Any) -> None:
     dm = Pages()
     mo = dm.create_memory_object()
     a = m.vm_allocate_with_pager(m.task_self(), 0, PS, True, mo, 0)
-    _touch(a, 0)  # nobody but this very thread could answer
+    read(a, 0)  # nobody but this very thread could answer
 
 
 def test_a_pager_faulting_on_its_own_object_is_detected(
         capfd: pytest.CaptureFixture[str], native: str) -> None:
-    _aborted(m.spawn(_faults_on_its_own_object, name="self-backed"))
+    _memory_error(m.spawn(_faults_on_its_own_object, _touch), "that it manages itself")
+    _aborted(m.spawn(_faults_on_its_own_object, _load, name="self-backed"))
     err = capfd.readouterr().err
     assert "KERN_MEMORY_ERROR" in err and "that it manages itself" in err
 

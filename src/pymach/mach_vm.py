@@ -159,15 +159,20 @@ class NativeAddressSpace(Memory):
     def __init__(self, process: Any) -> None:
         self.process = process
 
-    def _check(self, address: int, size: int, access: int = VM_PROT_READ) -> None:
+    def _check(self, address: int, size: int, access: int = VM_PROT_READ,
+               fault_in: bool = False) -> None:
+        """Refuse a bad access with the embedded kernel's error; with `fault_in`, also
+        have machd take its faults now, so a pager's failure is a MachError here."""
         _check_range(address, size)
         self.process.check_access(address, size, access)
+        if fault_in and size:
+            current_thread().trap("fault_in", address, size, access)
 
     def read(self, address: int, size: int) -> bytes:
         """The `size` bytes at `address` (a plain load: machd serves the faults). The copy
         runs without the GIL, so other threads of the task go on while it waits on a
         fault (they may be the ones serving it)."""
-        self._check(address, size)
+        self._check(address, size, fault_in=True)
         buf = ctypes.create_string_buffer(size)
         ctypes.memmove(buf, address, size)
         return buf.raw
@@ -178,7 +183,7 @@ class NativeAddressSpace(Memory):
             raise MachError("KERN_INVALID_ARGUMENT", f"data must be bytes, not "
                             f"{type(data).__name__}")
         raw = bytes(data)
-        self._check(address, len(raw), VM_PROT_WRITE)
+        self._check(address, len(raw), VM_PROT_WRITE, fault_in=True)
         ctypes.memmove(address, raw, len(raw))
 
     def buffer(self, address: int, size: int) -> memoryview:

@@ -120,11 +120,30 @@ def _trap(thread: Thread, request: dict[str, Any]) -> dict[str, Any]:
             return {"ok": msg_rpc_trap(thread, *args)}
         if op in _IDENTITY:
             return {"ok": _IDENTITY[op]()}
+        if op == "fault_in":
+            _fault_in(thread, *args)
+            return {"ok": None}
         raise MachError("KERN_INVALID_ARGUMENT", f"no trap {op!r}")
     except MachError as e:
         return {"err": (e.code, e.detail)}
     except ThreadTerminated:
         return {"terminated": True}
+
+
+def _fault_in(thread: Thread, address: int, size: int, access: int) -> None:
+    """memory()'s trap before it touches [address, address+size): take the faults the
+    access would take, so that a failure is a MachError for the caller (as in the
+    embedded kernel) instead of a memory exception that ends the task."""
+    from pymach.vm.vm_fault import vm_fault_trap
+    from pymach.vm.vm_param import trunc_page
+
+    vmap = thread.task.map
+    if vmap is None or vmap.pmap is None:
+        return
+    ps = thread.kernel.page_size
+    for va in range(trunc_page(address, ps), address + size, ps):
+        if access & ~vmap.pmap.pmap_access(va):
+            vm_fault_trap(thread, va, access)
 
 
 def _reply(thread: Thread, conn: Connection, reply: dict[str, Any]) -> None:
