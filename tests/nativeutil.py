@@ -62,7 +62,8 @@ def running_machd(factory: pytest.TempPathFactory, *options: str) -> Iterator[st
 @pytest.fixture(scope="session")
 def machd_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A running machd for the session."""
-    yield from running_machd(tmp_path_factory, "--memory", "512M")
+    yield from running_machd(tmp_path_factory, "--memory", "512M", "--pager-cluster", "1")
+    # one page per request, as the embedded kernel's default: the contract tests count
 
 
 @pytest.fixture

@@ -47,12 +47,14 @@ from pymach import Int, Message, Port
 from pymach.kern.mach_defs import memory_object_defs
 
 R, W = m.VM_PROT_READ, m.VM_PROT_WRITE
+CONTRACT = True  # these run as native tasks of machd too (conftest.py)
 
 
 
 # -- Table 3-4: vm_allocate_with_pager ----------------------------------------------------
 
 
+@pytest.mark.embedded_only("reads the embedded kernel's trace log")
 def test_pager_init_is_queued_before_vm_allocate_with_pager_returns(kernel: m.Kernel) -> None:
     me = m.task_self()
     p = Pager()
@@ -74,6 +76,7 @@ def test_pager_init_is_queued_before_vm_allocate_with_pager_returns(kernel: m.Ke
                for line in kernel.trace_log)
 
 
+@pytest.mark.embedded_only("a thread of another task shares a Python dict with the test")
 def test_pager_init_once_per_kernel_for_many_mappings_and_tasks(kernel: m.Kernel) -> None:
     me = m.task_self()
     p = Pager(size=2 * PS).start()
@@ -183,6 +186,8 @@ def test_bad_arguments_fail_clearly_and_change_nothing(kernel: m.Kernel) -> None
     assert read(a, 8) == bytes(p.data[:8])
 
 
+@pytest.mark.embedded_only("native vm_write writes into the pages instead of replacing the "
+                           "mapping (README)")
 def test_vm_write_replaces_one_mapping_only(kernel: m.Kernel) -> None:
     """5.1: mappings made by vm_allocate_with_pager involve no sharing map, so vm_write
     on one mapping replaces that mapping and is not reflected in the others; sharing
@@ -537,6 +542,7 @@ def test_pager_cache_false_releases_a_cached_object(kernel: m.Kernel) -> None:
     assert p.count("pager_init") == 2
 
 
+@pytest.mark.embedded_only("a thread of another task shares a Python dict with the test")
 def test_the_name_port_grants_no_access(kernel: m.Kernel) -> None:
     me = m.task_self()
     p = Pager().start()
@@ -612,6 +618,7 @@ def test_dirty_pages_go_back_on_vm_deallocate(kernel: m.Kernel) -> None:
     assert p.data[:4] == b"zero"
 
 
+@pytest.mark.embedded_only("the task's work runs as a closure that captures the test's objects")
 def test_dirty_pages_go_back_when_the_task_ends(kernel: m.Kernel) -> None:
     me = m.task_self()
     p = Pager().start()
@@ -648,6 +655,7 @@ class Store(m.DataManager):
         self.terminated.append(memory_object)
 
 
+@pytest.mark.embedded_only("the manager object, with its locks, is shared with the test")
 def test_data_manager_in_a_few_lines(kernel: m.Kernel) -> None:
     me = m.task_self()
     store = Store()
@@ -686,6 +694,7 @@ class Rendezvous(m.DataManager):
         return bytes([offset // PS + 1]) * length
 
 
+@pytest.mark.embedded_only("the manager object, with its locks, is shared with the test")
 def test_data_manager_handlers_run_concurrently(kernel: m.Kernel) -> None:
     me = m.task_self()
     dm = Rendezvous()
@@ -702,6 +711,7 @@ def test_data_manager_handlers_run_concurrently(kernel: m.Kernel) -> None:
 # -- seeing it: vmmap and the trace ----------------------------------------------------------
 
 
+@pytest.mark.embedded_only("reads the embedded kernel's trace log")
 def test_vmmap_and_trace_show_objects_managers_and_messages(kernel: m.Kernel) -> None:
     me = m.task_self()
     store = Store()
