@@ -611,3 +611,50 @@ def test_access_follows_enter_protect_and_remove(phys: Any) -> None:
     assert pmap.pmap_access(5 * ps) == R
     pmap.pmap_remove(5 * ps, 6 * ps)
     assert pmap.pmap_access(5 * ps) == 0
+
+
+class _Object:
+    """Stands for a VM object where the contract only needs its serial and size."""
+
+    def __init__(self, serial: int) -> None:
+        self.serial, self.size = serial, 16 * PS
+
+
+def test_discard_drops_every_mapping_of_the_frame(phys: Any) -> None:
+    a, b = phys.pmap_create(), phys.pmap_create()
+    a.pmap_enter(0, 3, RW)
+    b.pmap_enter(5 * PS, 3, R)
+    a.pmap_enter(PS, 4, R)
+    phys.pmap_page_discard(3)
+    assert a.pmap_extract(0) is None and b.pmap_extract(5 * PS) is None
+    assert a.pmap_extract(PS) == 4  # other frames keep theirs
+
+
+def test_discard_batch_drops_mappings_and_keeps_data_bound_inside_it(phys: Any) -> None:
+    obj = _Object(10**9)
+    pmap = phys.pmap_create()
+    for f in range(4):
+        phys.frame_bind(f, obj, f * PS)
+        phys.phys_write(f, bytes([f + 1]) * PS)
+        pmap.pmap_enter(f * PS, f, R)
+    with phys.discard_batch(), phys.discard_batch():  # batches nest
+        for f in range(4):
+            phys.pmap_page_discard(f)
+            phys.frame_unbind(f)
+        phys.frame_bind(7, obj, 2 * PS)  # a page freed in this batch comes back at once
+        phys.phys_write(7, b"new data")
+    assert [pmap.pmap_extract(f * PS) for f in range(4)] == [None] * 4
+    assert phys.phys_read(7, 0, 8) == b"new data"
+    phys.frame_unbind(7)
+    phys.object_gone(obj)
+
+
+def test_enter_run_is_enter_page_by_page(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    pmap.pmap_enter(9 * PS, 1, RW)
+    pmap.pmap_enter_run(8 * PS, [5, 6, 7], R)  # replaces the mapping of page 9
+    pmap.pmap_enter_run(20 * PS, [], R)  # an empty run maps nothing
+    assert [pmap.pmap_extract(v * PS) for v in range(7, 12)] == [None, 5, 6, 7, None]
+    assert [pmap.pmap_access(v * PS) for v in (8, 9, 10)] == [R, R, R]
+    phys.pmap_page_protect(6, NONE)  # the pv lists know the run's pages
+    assert pmap.pmap_extract(9 * PS) is None and pmap.pmap_extract(8 * PS) == 5

@@ -25,6 +25,7 @@ while it is held), so the VM may call them with the kernel lock held and the "ha
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 
@@ -33,6 +34,11 @@ class Pmap(Protocol):
 
     def pmap_enter(self, va: int, frame: int, prot: int) -> None:
         """Map page `va` to `frame` with `prot`, replacing any mapping of `va`."""
+        ...
+
+    def pmap_enter_run(self, va: int, frames: list[int], prot: int) -> None:
+        """pmap_enter of pages va, va + page_size, ... to `frames` in order, all with
+        `prot` (a backend may install the run in one step)."""
         ...
 
     def pmap_remove(self, start: int, end: int) -> None:
@@ -73,6 +79,18 @@ class PhysicalMemory(Protocol):
 
     def pmap_page_protect(self, frame: int, prot: int) -> None:
         """Reduce every mapping of `frame`, in every pmap, to at most `prot` (NONE removes)."""
+        ...
+
+    def pmap_page_discard(self, frame: int) -> None:
+        """Remove every mapping of `frame`, in every pmap; its data need not be kept (the
+        frame is being freed: vm_page_free). Cheaper than pmap_page_protect to NONE
+        where keeping the data costs (the native backend)."""
+        ...
+
+    def discard_batch(self) -> AbstractContextManager[None]:
+        """A block inside which pmap_page_discard and frame_unbind may defer their work
+        to the block's end, done there a run of pages at a time. The caller holds the
+        kernel lock for the whole block, so no task is served a fault meanwhile."""
         ...
 
     def pmap_is_referenced(self, frame: int) -> bool:

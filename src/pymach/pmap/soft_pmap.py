@@ -18,6 +18,7 @@ an entry's effective protection is its own ANDed with its chunk's mask.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
 
@@ -56,6 +57,14 @@ class SoftPhysicalMemory:
                     holders.discard((pmap, vpn))  # type: ignore[union-attr]
             if holders is not None and not holders:
                 self.pv.pop(frame, None)
+
+    def pmap_page_discard(self, frame: int) -> None:
+        """Remove every mapping of `frame` (its data stay: nothing here costs to keep)."""
+        self.pmap_page_protect(frame, VM_PROT_NONE)
+
+    def discard_batch(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing to batch here: discards are done at once."""
+        return contextlib.nullcontext()
 
     def pmap_is_referenced(self, frame: int) -> bool:
         """The frame's reference bit."""
@@ -146,6 +155,11 @@ class PageTable:
             if prot != VM_PROT_NONE:
                 self.chunks.setdefault(vpn >> CHUNK_SHIFT, {})[vpn] = frame << 3 | prot
                 self.phys.pv.setdefault(frame, set()).add((self, vpn))
+
+    def pmap_enter_run(self, va: int, frames: list[int], prot: int) -> None:
+        """pmap_enter of pages va, va + page_size, ... to `frames` in order."""
+        for i, frame in enumerate(frames):
+            self.pmap_enter(va + i * self.phys.page_size, frame, prot)
 
     def pmap_remove(self, start: int, end: int) -> None:
         """Remove every mapping of a page in [start, end)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,9 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         os.ftruncate(self.free_store.fd, nframes * page_size)
         self.homes: list[tuple[ObjectStore, int]] = [
             (self.free_store, f * page_size) for f in range(nframes)]
+        self.deferred: dict[int, list[int]] | None = None
+        # (lock) object serial -> offsets whose punch a discard_batch holds back; None
+        # outside a batch
 
     # -- object stores --------------------------------------------------------------------
     def store_for(self, obj: Any, size: int = 0) -> ObjectStore:
@@ -82,6 +86,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def object_gone(self, obj: Any) -> None:
         """Close machd's descriptor of a dead object's memfd (tasks may keep theirs)."""
         with self.lock:
+            self._flush_locked()
             store = self.stores.pop(obj.serial, None)
         if store is not None:
             os.close(store.fd)
@@ -89,18 +94,66 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     # -- where frames live ------------------------------------------------------------------
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         with self.lock:
+            self._flush_locked()  # a held-back punch must not hit the page's new data
             store = self._store_locked(obj.serial, offset + self.page_size)  # type: ignore[attr-defined]
             self.homes[frame] = (store, offset)
 
     def frame_unbind(self, frame: int) -> None:
-        from pymach.machd.uffd import punch_hole
-
         with self.lock:
             store, offset = self.homes[frame]
             self.homes[frame] = (self.free_store, frame * self.page_size)
             self.stash.pop(frame, None)
-            if store.serial in self.stores:
-                punch_hole(store.fd, offset, self.page_size)
+            self._punch_locked(store, offset)
+
+    # -- punching pages out, one at a time or a run at a time ---------------------------------
+    @contextlib.contextmanager
+    def discard_batch(self) -> Iterator[None]:
+        """Hold back the punches of pmap_page_discard and frame_unbind to the end of the
+        block, then punch each run of adjacent pages with one call (see the contract)."""
+        with self.lock:
+            outer = self.deferred is None
+            if outer:
+                self.deferred = {}
+        try:
+            yield
+        finally:
+            if outer:
+                with self.lock:
+                    self._flush_locked()
+                    self.deferred = None
+
+    def _punch_locked(self, store: ObjectStore, offset: int) -> None:
+        """Punch one page of a live object's memfd out of every task, now or at the end
+        of the discard_batch."""
+        from pymach.machd.uffd import punch_hole
+
+        if self.stores.get(store.serial) is not store:  # tasks map only live memfds
+            return
+        if self.deferred is not None:
+            self.deferred.setdefault(store.serial, []).append(offset)
+        else:
+            punch_hole(store.fd, offset, self.page_size)
+
+    def _flush_locked(self) -> None:
+        """Do the held-back punches, one call per run of adjacent pages of a memfd."""
+        from pymach.machd.uffd import punch_hole
+
+        if not self.deferred:
+            return
+        batches, ps = list(self.deferred.items()), self.page_size
+        self.deferred.clear()
+        for serial, offsets in batches:
+            store = self.stores.get(serial)  # serials are never reused
+            if store is None:
+                continue
+            offsets.sort()
+            start = end = offsets[0]
+            for off in offsets:
+                if off > end:  # a gap: punch the run so far
+                    punch_hole(store.fd, start, end - start)
+                    start = off
+                end = max(end, off + ps)
+            punch_hole(store.fd, start, end - start)
 
     def frame_move(self, frame: int, obj: object, offset: int) -> None:
         data = self.phys_read(frame)
@@ -157,6 +210,14 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
                 self.page_size, b"\0")
             punch_hole(store.fd, base, self.page_size)
 
+    def pmap_page_discard(self, frame: int) -> None:
+        """Remove every mapping of `frame` by punching its page out, without stashing the
+        data (the frame is being freed)."""
+        SoftPhysicalMemory.pmap_page_protect(self, frame, VM_PROT_NONE)
+        with self.lock:
+            self.stash.pop(frame, None)
+            self._punch_locked(*self.homes[frame])
+
     def pmap_clear_modify(self, frame: int) -> None:
         """Clear the modify bit and write-protect every mapping, so the next write shows."""
         super().pmap_page_protect(frame, ~VM_PROT_WRITE & 7)
@@ -190,15 +251,35 @@ class UffdPmap(PageTable):
 
     def pmap_enter(self, va: int, frame: int, prot: int) -> None:
         """Let the task reach `frame` at `va` with `prot`, waking a thread faulting there."""
-        super().pmap_enter(va, frame, prot)
+        self._account(va, frame, prot)
+        if self.uffd is not None and prot != VM_PROT_NONE:
+            self._install(va, prot)
+
+    def pmap_enter_run(self, va: int, frames: list[int], prot: int) -> None:
+        """Enter a run of pages with one UFFDIO_CONTINUE (page by page if some page of
+        the run is mapped in the task already)."""
         ps = self.phys.page_size
+        for i, frame in enumerate(frames):
+            self._account(va + i * ps, frame, prot)
+        if self.uffd is None or prot == VM_PROT_NONE or not frames:
+            return
+        if not self.uffd.cont(va, len(frames) * ps, wp=not prot & VM_PROT_WRITE):
+            for i in range(len(frames)):
+                self._install(va + i * ps, prot)
+
+    def _account(self, va: int, frame: int, prot: int) -> None:
+        """The page-table side of pmap_enter; the frame's data back in its memfd."""
+        PageTable.pmap_enter(self, va, frame, prot)
         with self.phys.lock:
             self.uphys._restore(frame)
             self.phys.referenced[frame] = 1
             if prot & VM_PROT_WRITE:
                 self.phys.modified[frame] = 1
-        if self.uffd is None or prot == VM_PROT_NONE:
-            return
+
+    def _install(self, va: int, prot: int) -> None:
+        """Make the task's page at `va` match `prot` (not NONE), waking its faulter."""
+        assert self.uffd is not None
+        ps = self.phys.page_size
         write = bool(prot & VM_PROT_WRITE)
         if not self.uffd.cont(va, ps, wp=not write):  # it was mapped already
             self.uffd.writeprotect(va, ps, protect=not write)
@@ -212,8 +293,8 @@ class UffdPmap(PageTable):
             self._writeprotect(start, end - start)
 
     def reduce_locked(self, vpn: int, prot: int) -> None:
-        super().reduce_locked(vpn, prot)
-        if self.uffd is not None and not prot & VM_PROT_WRITE:
+        super().reduce_locked(vpn, prot)  # at NONE, the caller punches or protects the range
+        if self.uffd is not None and prot != VM_PROT_NONE and not prot & VM_PROT_WRITE:
             ps = self.phys.page_size
             self._writeprotect(vpn * ps, ps)
 

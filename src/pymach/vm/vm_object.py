@@ -124,8 +124,9 @@ def vm_object_terminate(obj: VmObject) -> None:
     vm = obj.vm
     if not obj.internal:
         vm.clean_external_object(obj)  # dirty data goes back to its manager first
-    for page in list(obj.memq.values()):
-        vm.resident.vm_page_free(page)
+    with vm.phys.discard_batch():  # the backend may drop the pages a run at a time
+        for page in list(obj.memq.values()):
+            vm.resident.vm_page_free(page)
     stores = [h for h in obj.pending.values() if h.substitute]
     obj.pending.clear()  # holding objects in flight still reach their manager
     for store in stores:
@@ -163,9 +164,10 @@ def vm_object_shadow(obj: VmObject, offset: int, size: int) -> VmObject:
 def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
     """Discard the object's data in [start, end): resident pages and pager copies."""
     vm = obj.vm
-    for offset, page in list(obj.memq.items()):
-        if start <= offset < end and not page.busy:
-            vm.resident.vm_page_free(page)
+    with vm.phys.discard_batch():  # the backend may drop the pages a run at a time
+        for offset, page in list(obj.memq.items()):
+            if start <= offset < end and not page.busy:
+                vm.resident.vm_page_free(page)
     obj.existence = {o for o in obj.existence if not start <= o < end}
     if obj.data_source is not None and start == 0 and end >= obj.size:
         obj.data_source = None

@@ -158,7 +158,7 @@ class VmResident:
 
     def vm_page_free(self, page: VmPage) -> None:
         """Untable the page, drop every mapping of its frame, and put the frame on free."""
-        self.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+        self.phys.pmap_page_discard(page.frame)
         self.vm_page_remove(page)
         self._dequeue(page)
         page.busy = page.absent = False
