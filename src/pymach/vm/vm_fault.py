@@ -77,16 +77,21 @@ def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int) -> None
     a region a pager filled in clusters takes one fault per cluster, not per page."""
     if look.holder is not vmap or vmap.pmap is None:
         return  # through a sharing map: keep it simple, fault page by page
-    vm, obj = vmap.vm, look.object
+    vm, obj, pmap = vmap.vm, look.object, vmap.pmap
     ps = vm.page_size
+    run_va, run = page_va + ps, []  # frames for pages from run_va on, none mapped yet
     for i in range(1, max(vm.pager_cluster_pages, FAULT_AROUND_MIN)):
         va = page_va + i * ps
         page = obj.memq.get(look.offset + i * ps)
         if va >= look.entry.end or page is None or page.busy or page.absent \
                 or page.error or page.page_lock:
-            return
-        if vmap.pmap.pmap_extract(va) is None:
-            vmap.pmap.pmap_enter(va, page.frame, prot & ~VM_PROT_WRITE)
+            break
+        if pmap.pmap_extract(va) is None:
+            run.append(page.frame)
+            continue
+        pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
+        run_va, run = va + ps, []
+    pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
 
 
 def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, access: int,
