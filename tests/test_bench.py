@@ -1,0 +1,67 @@
+"""The benchmarks run and report consistent figures (small sizes; no timing is checked).
+
+Speed targets are met, or missed, in `pymach bench` runs (README, Benchmarks); these
+tests only keep the benchmark code working: every figure is there, positive, and each
+ratio is the quotient of the figures it names.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from nativeutil import uffd_or_skip
+
+
+def _ratio_ok(out: dict[str, Any], ratio: str, num: str, den: str) -> None:
+    assert out[ratio] == pytest.approx(out[num] / out[den], rel=0.05, abs=0.01)
+
+
+def test_bench_ipc_command_prints_json_figures_and_ratios() -> None:
+    r = subprocess.run([sys.executable, "-m", "pymach.cli.main", "bench", "ipc", "--json",
+                        "-n", "200", "--rounds", "2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["benchmark"] == "ipc" and out["round_trips_per_round"] == 200
+    assert min(out["msg_rpc_us"], out["thread_queue_us"], out["socketpair_us"]) > 0
+    _ratio_ok(out, "ratio_msg_rpc_vs_socketpair", "msg_rpc_us", "socketpair_us")
+    _ratio_ok(out, "ratio_msg_rpc_vs_thread_queue", "msg_rpc_us", "thread_queue_us")
+
+
+def test_bench_command_refuses_what_a_mode_lacks() -> None:
+    r = subprocess.run([sys.executable, "-m", "pymach.cli.main", "bench", "pager"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "needs --mode native" in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_vm_and_cache_small() -> None:
+    from pymach.bench import cache, vm
+
+    out = vm.run(pages=64, rounds=1, working_set=1 << 20)
+    assert out["zero_fill_faults_per_s"] > 0 and out["cow_faults_per_s"] > 0
+    assert out["pageouts"] > 0 and out["pageins"] > 0  # the working set did not fit
+    c = cache.run(files=2, file_size=8192)
+    assert c["mapped_pass2"]["io_operations"] == 0  # the second pass is all cache hits
+    assert c["read_calls_pass2"]["io_operations"] == c["read_calls_pass1"]["io_operations"] > 0
+
+
+@pytest.mark.slow
+def test_bench_native_small() -> None:
+    uffd_or_skip()
+    from pymach.bench import native
+
+    ipc = native.run_ipc(n=50, rounds=1)
+    _ratio_ok(ipc, "ratio_msg_rpc_vs_socketpair", "native_msg_rpc_us", "socketpair_us")
+    vm = native.run_vm(size=4 << 20, rounds=1)
+    assert min(vm["ool_first_send_ms"], vm["ool_repeat_send_ms"],
+               vm["ool_deallocate_send_ms"], vm["receiver_vm_deallocate_ms"]) > 0
+    _ratio_ok(vm, "speedup_first_send", "pickle_pipe_ms", "ool_first_send_ms")
+    pager = native.run_pager(fault_pages=32, stream_size=4 << 20)
+    assert min(pager["pager_fault_us"], pager["zero_fill_fault_us"],
+               pager["stream_gb_per_s"], pager["mmap_page_cache_gb_per_s"]) > 0
