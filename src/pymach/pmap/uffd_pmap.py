@@ -293,8 +293,10 @@ class UffdPmap(PageTable):
             self._writeprotect(start, end - start)
 
     def reduce_locked(self, vpn: int, prot: int) -> None:
-        super().reduce_locked(vpn, prot)  # at NONE, the caller punches or protects the range
-        if self.uffd is not None and prot != VM_PROT_NONE and not prot & VM_PROT_WRITE:
+        super().reduce_locked(vpn, prot)
+        # Even at NONE: pmap_page_protect snapshots the page before punching it, and a
+        # write between the two would be lost unless writes fault from here on.
+        if self.uffd is not None and not prot & VM_PROT_WRITE:
             ps = self.phys.page_size
             self._writeprotect(vpn * ps, ps)
 
