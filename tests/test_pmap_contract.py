@@ -658,3 +658,18 @@ def test_enter_run_is_enter_page_by_page(phys: Any) -> None:
     assert [pmap.pmap_access(v * PS) for v in (8, 9, 10)] == [R, R, R]
     phys.pmap_page_protect(6, NONE)  # the pv lists know the run's pages
     assert pmap.pmap_extract(9 * PS) is None and pmap.pmap_extract(8 * PS) == 5
+
+
+def test_phys_write_pages_writes_each_frame(phys: Any) -> None:
+    obj = _Object(10**9 + 1)
+    frames = [2, 3, 4, 9, 10]  # pages 0-2, then 5-6 of the object: two runs
+    for f, page in zip(frames, [0, 1, 2, 5, 6], strict=True):
+        phys.frame_bind(f, obj, page * PS)
+    writes = [(f, bytes([f]) * PS) for f in frames]
+    writes[-1] = (10, b"short")  # a partial last page
+    phys.phys_write_pages(writes + [(11, bytes([11]) * PS)])  # 11: no object
+    assert [phys.phys_read(f, 0, 8) for f in frames[:4]] == [bytes([f]) * 8 for f in frames[:4]]
+    assert phys.phys_read(10, 0, 5) == b"short" and phys.phys_read(11, 0, 1) == b"\x0b"
+    for f in frames:
+        phys.frame_unbind(f)
+    phys.object_gone(obj)

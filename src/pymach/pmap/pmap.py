@@ -125,6 +125,11 @@ class PhysicalMemory(Protocol):
         """Store bytes into a frame, for the kernel's own copies."""
         ...
 
+    def phys_write_pages(self, writes: list[tuple[int, bytes]]) -> None:
+        """phys_write(frame, data) for each pair, in order (a backend may combine the
+        writes of adjacent pages)."""
+        ...
+
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         """A frame now caches page `offset` of VM object `obj` (vm_page_insert)."""
         ...

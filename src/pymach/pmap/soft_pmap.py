@@ -103,6 +103,11 @@ class SoftPhysicalMemory:
         base = frame * self.page_size + offset
         self.mv[base:base + len(data)] = data
 
+    def phys_write_pages(self, writes: list[tuple[int, bytes]]) -> None:
+        """phys_write of each (frame, data) pair, in order."""
+        for frame, data in writes:
+            self.phys_write(frame, data)
+
     # -- where frames live: simulated frames are anonymous, nothing to do --------------
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         """A frame now caches `obj` at `offset`."""

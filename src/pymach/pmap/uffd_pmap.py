@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from pymach.machd.uffd import Uffd
 
 
+RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
+
+
 @dataclass
 class ObjectStore:
     """One VM object's memory: a memfd (machd's descriptor) of at least `size` bytes."""
@@ -180,6 +183,28 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
                 return
             store, base = self._home(frame)
             os.pwrite(store.fd, data, base + offset)
+
+    def phys_write_pages(self, writes: list[tuple[int, bytes]]) -> None:
+        """phys_write of each pair; whole pages adjacent in one memfd go in one pwritev
+        (a system call per run, not per page)."""
+        ps, stashed = self.page_size, []
+        runs: list[tuple[ObjectStore, int, list[bytes]]] = []  # (store, start, chunks)
+        with self.lock:
+            for frame, data in writes:
+                if frame in self.stash:
+                    stashed.append((frame, data))
+                    continue
+                store, base = self.homes[frame]
+                if runs and runs[-1][0] is store and len(runs[-1][2]) < RUN_MAX_PAGES \
+                        and runs[-1][1] + len(runs[-1][2]) * ps == base \
+                        and len(runs[-1][2][-1]) == ps:
+                    runs[-1][2].append(data)
+                else:
+                    runs.append((store, base, [data]))
+            for store, base, chunks in runs:
+                os.pwritev(store.fd, chunks, base)
+        for frame, data in stashed:
+            self.phys_write(frame, data)
 
     def _home(self, frame: int) -> tuple[ObjectStore, int]:
         return self.homes[frame]

@@ -395,14 +395,19 @@ class PagerServer:
         _check_live(obj)
         room = _manager_room(obj)  # pages nobody asked for are taken only within it
         settled: set[VmPage] = set()
+        fills: list[tuple[VmPage, bytes]] = []
         for off in _range(obj, offset, len(raw)):
             chunk = raw[off - base:off - base + obj.vm.page_size]
             page = obj.memq.get(off)
             if page is not None and page.absent:  # a fault waits for it
-                _fill_page(obj, page, chunk, lock)
+                fills.append((page, chunk))
                 settled.add(page)
-            elif page is None and room > 0 and _provide_extra(obj, off, chunk, lock):
-                room -= 1
+            elif page is None and room > 0:
+                extra = _provide_extra(obj, off)
+                if extra is not None:
+                    fills.append((extra, chunk))
+                    room -= 1
+        _fill_pages(obj, fills, lock)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
 
@@ -475,29 +480,30 @@ def _check_live(obj: VmObject) -> None:
         raise MachError("KERN_INVALID_ARGUMENT", f"object {obj.serial} has been terminated")
 
 
-def _provide_extra(obj: VmObject, off: int, chunk: bytes, lock: int) -> bool:
-    """Install provided data nobody asked for as a new page if memory allows; data for
-    pages the kernel has (or is paging out) is ignored. True if installed."""
+def _provide_extra(obj: VmObject, off: int) -> VmPage | None:
+    """A new page for provided data nobody asked for, if memory allows (None for pages
+    the kernel has or is paging out); the caller fills it."""
     vm = obj.vm
     if off in obj.pending or vm.resident.free_count() <= vm.free_target:
-        return False
+        return None
     page = vm.resident.vm_page_grab(privileged=False)
     if page is None:
-        return False
+        return None
     vm.resident.vm_page_insert(page, obj, off)
     vm.resident.vm_page_activate(page)
-    _fill_page(obj, page, chunk, lock)
-    return True
+    return page
 
 
-def _fill_page(obj: VmObject, page: VmPage, chunk: bytes, lock: int) -> None:
-    """Put one page of provided data in `page`, settling it if a fault waits for it."""
+def _fill_pages(obj: VmObject, fills: list[tuple[VmPage, bytes]], lock: int) -> None:
+    """Put provided data in pages (one backend call for all), settling the pages that
+    faults wait for."""
     vm = obj.vm
-    vm.phys.phys_write(page.frame, chunk)
-    page.page_lock, page.unlock_request = lock, VM_PROT_NONE
-    vm.resident.stats.pageins += 1
-    if page.absent:
-        page_settled(obj, page)
+    vm.phys.phys_write_pages([(page.frame, chunk) for page, chunk in fills])
+    vm.resident.stats.pageins += len(fills)
+    for page, _chunk in fills:
+        page.page_lock, page.unlock_request = lock, VM_PROT_NONE
+        if page.absent:
+            page_settled(obj, page)
 
 
 def _manager_objects(obj: VmObject) -> set[VmObject]:
