@@ -667,7 +667,7 @@ def test_phys_write_pages_writes_each_frame(phys: Any) -> None:
         phys.frame_bind(f, obj, page * PS)
     writes = [(f, bytes([f]) * PS) for f in frames]
     writes[-1] = (10, b"short")  # a partial last page
-    phys.phys_write_pages(writes + [(11, bytes([11]) * PS)])  # 11: no object
+    phys.phys_write_pages([*writes, (11, bytes([11]) * PS)])  # 11: no object
     assert [phys.phys_read(f, 0, 8) for f in frames[:4]] == [bytes([f]) * 8 for f in frames[:4]]
     assert phys.phys_read(10, 0, 5) == b"short" and phys.phys_read(11, 0, 1) == b"\x0b"
     for f in frames:
