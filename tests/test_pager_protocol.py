@@ -674,6 +674,13 @@ def test_data_manager_in_a_few_lines(kernel: m.Kernel) -> None:
     assert_kernel_ok()
 
 
+def _map_manager(kernel: m.Kernel, dm: m.DataManager, name: str, pages: int
+                 ) -> tuple[m.TaskHandle, int]:
+    """Start `dm` in a new task and map `pages` pages of its object: (handle, address)."""
+    handle, (obj,) = spawn_manager(kernel, dm, name=name)
+    return handle, m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, obj, 0)
+
+
 class Rendezvous(m.DataManager):
     """read() of page 0 and of page 1 each wait until both are being served."""
 
@@ -696,10 +703,8 @@ class Rendezvous(m.DataManager):
 
 @pytest.mark.embedded_only("the manager object, with its locks, is shared with the test")
 def test_data_manager_handlers_run_concurrently(kernel: m.Kernel) -> None:
-    me = m.task_self()
     dm = Rendezvous()
-    handle, (obj,) = spawn_manager(kernel, dm, name="rendezvous")
-    a = m.vm_allocate_with_pager(me, 0, 2 * PS, True, obj, 0)
+    handle, a = _map_manager(kernel, dm, "rendezvous", 2)
     _, box0 = start_thread(read, a, 4)
     _, box1 = start_thread(read, a + PS, 4)
     assert finished(box0, 10_000)["result"] == b"\x01" * 4
@@ -716,8 +721,7 @@ def test_vmmap_and_trace_show_objects_managers_and_messages(kernel: m.Kernel) ->
     me = m.task_self()
     store = Store()
     store.threads = 1
-    handle, (obj,) = spawn_manager(kernel, store, name="librarian")
-    a = m.vm_allocate_with_pager(me, 0, 2 * PS, True, obj, 0)
+    handle, a = _map_manager(kernel, store, "librarian", 2)
     anon = m.vm_allocate(me, 0, PS, True)
     write(a, b"x")
     rows = {r.start: r for r in kernel.vmmap("bootstrap")}
