@@ -14,6 +14,7 @@ hardware fault).
 from __future__ import annotations
 
 import ctypes
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
@@ -34,16 +35,16 @@ def _check_range(address: object, size: object) -> tuple[int, int]:
     return address, size  # type: ignore[return-value]
 
 
-class Memory:
+class Memory(ABC):
     """Indexing and slicing over `read` and `write` (shared by both kinds of memory)."""
 
+    @abstractmethod
     def read(self, address: int, size: int) -> bytes:
-        """The `size` bytes at `address`."""
-        raise NotImplementedError  # each kind of memory reads its own way
+        """The `size` bytes at `address` (each kind of memory reads its own way)."""
 
+    @abstractmethod
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
-        """Store `data` at `address`."""
-        raise NotImplementedError  # each kind of memory writes its own way
+        """Store `data` at `address` (each kind of memory writes its own way)."""
 
     @overload
     def __getitem__(self, key: int) -> int: ...
