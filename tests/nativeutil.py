@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 import pymach as m
+from pymach.libmach.task import attach, attached, detach
 from pymach.machd.machd import start_daemon, stop_daemon
-from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE
-from pymach.machd.task import attach, attached, detach
-from pymach.machd.uffd import probe
+from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE
+from pymach.pmap.uffd import probe
 
 
 def _unavailable(reason: str) -> None:

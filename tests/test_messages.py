@@ -33,7 +33,7 @@ from pymach import (
     PortArray,
     Str,
 )
-from pymach.ipc.message import MSG_DESCRIPTOR_SIZE, MSG_HEADER_SIZE, Code
+from pymach.include.message import MSG_DESCRIPTOR_SIZE, MSG_HEADER_SIZE, Code
 
 CONTRACT = True  # these run as native tasks of machd too (conftest.py)
 

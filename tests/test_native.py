@@ -14,7 +14,7 @@ import pytest
 import pymach as m
 from nativeutil import running_machd
 from pymach import Int, Message
-from pymach.machd.task import attach, detach
+from pymach.libmach.task import attach, detach
 
 PS = 4096
 

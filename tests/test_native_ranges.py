@@ -1,11 +1,11 @@
-"""machd/ranges.py against a page-by-page model (no machd needed)."""
+"""libmach/ranges.py against a page-by-page model (no machd needed)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pymach.machd.ranges import Ranges
+from pymach.libmach.ranges import Ranges
 
 spans = st.tuples(st.integers(0, 60), st.integers(1, 20)).map(lambda t: (t[0], t[0] + t[1]))
 ops = st.lists(st.tuples(st.booleans(), spans, st.integers(0, 7)), max_size=40)

@@ -21,8 +21,8 @@ import pytest
 
 import pymach as m
 from machutil import assert_kernel_ok, sleep_ms
+from pymach.include.vm_param import VM_MAX_ADDRESS
 from pymach.pmap import BACKENDS, EMBEDDED_BACKENDS, make_physical_memory
-from pymach.vm.vm_param import VM_MAX_ADDRESS
 
 PS = 4096
 NFRAMES = 32

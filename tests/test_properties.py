@@ -33,8 +33,8 @@ from hypothesis.stateful import (
 
 import pymach as m
 from pymach import Disposition, MachError
+from pymach.include.message import Code
 from pymach.ipc.kmsg import KPort, KPortArray
-from pymach.ipc.message import Code
 from pymach.kern.host import Kernel
 from pymach.kern.task import Task
 from pymach.kern.thread import current_thread

@@ -16,12 +16,7 @@ from pymach.errors import (
     SendError,
     ThreadTerminated,
 )
-from pymach.ipc.ipc_notify import (
-    NOTIFY_OWNERSHIP_RIGHTS,
-    NOTIFY_PORT_DELETED,
-    NOTIFY_RECEIVE_RIGHTS,
-)
-from pymach.ipc.message import (
+from pymach.include.message import (
     COPY_SEND,
     MAKE_SEND,
     MOVE_ALL,
@@ -45,6 +40,23 @@ from pymach.ipc.message import (
     Port,
     PortArray,
     Str,
+)
+from pymach.include.vm_param import (
+    VM_INHERIT_COPY,
+    VM_INHERIT_DEFAULT,
+    VM_INHERIT_NONE,
+    VM_INHERIT_SHARE,
+    VM_PROT_ALL,
+    VM_PROT_DEFAULT,
+    VM_PROT_EXECUTE,
+    VM_PROT_NONE,
+    VM_PROT_READ,
+    VM_PROT_WRITE,
+)
+from pymach.ipc.ipc_notify import (
+    NOTIFY_OWNERSHIP_RIGHTS,
+    NOTIFY_PORT_DELETED,
+    NOTIFY_RECEIVE_RIGHTS,
 )
 from pymach.kern.host import Kernel, TaskHandle, boot
 from pymach.kern.mach_defs import (
@@ -116,18 +128,6 @@ from pymach.mach_vm import (
 )
 from pymach.net.network import Network
 from pymach.pagers.data_manager import DataManager
-from pymach.vm.vm_param import (
-    VM_INHERIT_COPY,
-    VM_INHERIT_DEFAULT,
-    VM_INHERIT_NONE,
-    VM_INHERIT_SHARE,
-    VM_PROT_ALL,
-    VM_PROT_DEFAULT,
-    VM_PROT_EXECUTE,
-    VM_PROT_NONE,
-    VM_PROT_READ,
-    VM_PROT_WRITE,
-)
 
 __all__ = [
     "COPY_SEND",

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pymach.errors import MachError
+from pymach.include.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
+from pymach.include.vm_param import VM_MAX_ADDRESS
 from pymach.ipc import mach_port
 from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
-from pymach.ipc.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
 from pymach.ipc.port import Port
 from pymach.kern.mach_defs import (
     TASK_NOTIFY_PORT,
@@ -27,7 +28,6 @@ from pymach.kern.mach_defs import (
 )
 from pymach.kern.thread import Thread, current_thread
 from pymach.mach_vm import VmRegion, VmStatistics
-from pymach.vm.vm_param import VM_MAX_ADDRESS
 
 
 def msg_send(message: Message, option: int = MSG_OPTION_NONE,
@@ -237,7 +237,7 @@ class Spawned:
         100 ms that the child lives."""
         import time
 
-        from pymach.ipc.message import RCV_TIMEOUT
+        from pymach.include.message import RCV_TIMEOUT
 
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
@@ -274,7 +274,7 @@ def _spawned_main(fn: Callable[..., Any], args: tuple[Any, ...],
     """The first thread of a spawned native task: run fn, send its outcome, end."""
     import cloudpickle
 
-    from pymach.ipc.message import OOL, Message
+    from pymach.include.message import OOL, Message
 
     box = msg_receive(task_notify()).items[0].value  # the parent's port, sent first
     try:
@@ -295,7 +295,7 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = Fa
     `.result(timeout_ms)` waits for its value (the task ends when fn returns). In the
     embedded kernel this is kernel.spawn; in a native task, task_create (with `inherit`)
     and thread_create in a new process."""
-    from pymach.ipc.message import MAKE_SEND, Message, Port
+    from pymach.include.message import MAKE_SEND, Message, Port
 
     thread = current_thread()
     if not thread.native:

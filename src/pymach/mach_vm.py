@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
 from pymach.errors import MachError, code_name
+from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.kern.thread import Thread, current_thread
 from pymach.vm.vm_fault import vm_fault_trap
-from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE
 
 if TYPE_CHECKING:
-    from pymach.ipc.message import OOL
+    from pymach.include.message import OOL
     from pymach.kern.task import Task
 
 
@@ -155,7 +155,7 @@ def _kernel_access(thread: Thread, address: int, size: int, data: bytes | None) 
 
 
 class NativeAddressSpace(Memory):
-    """A native task's real memory, in its own process (machd/task.py)."""
+    """A native task's real memory, in its own process (libmach/task.py)."""
 
     def __init__(self, process: Any) -> None:
         self.process = process
@@ -313,7 +313,7 @@ def copy_to_safe_memory(address: int, size: int, timeout_ms: float | None = None
     terminated). The copy never changes behind the caller's back.
     """
     from pymach import mach
-    from pymach.ipc.message import RCV_TIMEOUT, Int, Message
+    from pymach.include.message import RCV_TIMEOUT, Int, Message
 
     address, size = _check_range(address, size)
     me = mach.task_self()

@@ -41,8 +41,8 @@ STOP = 2
 @contextlib.contextmanager
 def native_task(*machd_options: str) -> Iterator[None]:
     """A private machd, with this process attached as a task, for the block."""
+    from pymach.libmach.task import attach, detach
     from pymach.machd.machd import start_daemon, stop_daemon
-    from pymach.machd.task import attach, detach
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "machd.sock")

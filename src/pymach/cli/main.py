@@ -106,7 +106,7 @@ def _cmd_exec(args: argparse.Namespace) -> int:
     import runpy
 
     from pymach.errors import MachError
-    from pymach.machd.task import attach
+    from pymach.libmach.task import attach
 
     try:
         attach(args.socket, name=os.path.basename(args.script))

@@ -24,7 +24,7 @@ _REPORTER = "pymach-report"  # the name of the tools' own short-lived task
 def fetch(socket_path: str | None, what: str, task: str = "") -> Any:
     """The report `what` of the machd at `socket_path`, as plain data (JSON)."""
     from pymach import mach
-    from pymach.machd.task import attach, detach
+    from pymach.libmach.task import attach, detach
 
     attach(socket_path, name=_REPORTER)
     try:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pymach.include.message import Int
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.kmsg import KMsg
-from pymach.ipc.message import Int
 
 if TYPE_CHECKING:
     from pymach.kern.task import Task

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pymach.include.message import Disposition
 from pymach.ipc.ipc_mqueue import mqueue_wake_all
 from pymach.ipc.ipc_notify import (
     NOTIFY_OWNERSHIP_RIGHTS,
@@ -23,7 +24,6 @@ from pymach.ipc.ipc_notify import (
     notify_task,
 )
 from pymach.ipc.kmsg import KOOL, KMsg, KPort, KPortArray
-from pymach.ipc.message import Disposition
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
-from pymach.ipc.message import (
+from pymach.include.message import (
     OOL,
     Disposition,
     Item,

@@ -15,9 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
-from pymach.ipc.ipc_mqueue import mqueue_dequeue, mqueue_enqueue, mqueue_group_select
-from pymach.ipc.kmsg import copyin, copyout, copyout_fits
-from pymach.ipc.message import (
+from pymach.include.message import (
     ALL_OPTIONS,
     PORT_NULL,
     RCV_TIMEOUT,
@@ -25,6 +23,8 @@ from pymach.ipc.message import (
     Message,
     validate_message,
 )
+from pymach.ipc.ipc_mqueue import mqueue_dequeue, mqueue_enqueue, mqueue_group_select
+from pymach.ipc.kmsg import copyin, copyout, copyout_fits
 from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
+from pymach.include.message import PORT_BACKLOG_MAX
 from pymach.ipc.ipc_right import entry_deallocate
-from pymach.ipc.message import PORT_BACKLOG_MAX
 from pymach.ipc.port import Port
 
 if TYPE_CHECKING:

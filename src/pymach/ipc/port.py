@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pymach.ipc.message import PORT_BACKLOG_DEFAULT
+from pymach.include.message import PORT_BACKLOG_DEFAULT
 from pymach.kern.sched_prim import WaitQueue
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from types import TracebackType
 from typing import Any
 
 from pymach.errors import MachError, ThreadTerminated
+from pymach.include.message import MSG_SIZE_MAX, Code
 from pymach.ipc.kmsg import KMsg
-from pymach.ipc.message import MSG_SIZE_MAX, Code
 from pymach.ipc.port import Port
 from pymach.kern.sched_prim import make_scheduler, thread_block
 from pymach.kern.task import Task

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from pymach import __version__
 from pymach.errors import MachError
+from pymach.include.message import Code, Int, Str
 from pymach.ipc import mach_port
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.ipc_right import kmsg_destroy
 from pymach.ipc.kmsg import KOOL, KMsg
-from pymach.ipc.message import Code, Int, Str
 from pymach.ipc.port import Port
 from pymach.kern.mach_defs import (
     SPECIAL_PORTS,

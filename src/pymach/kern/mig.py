@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymach.errors import MachError, code_name
-from pymach.ipc.kmsg import KOOL, KPort, KPortArray
-from pymach.ipc.message import (
+from pymach.include.message import (
     INT64_MAX,
     INT64_MIN,
     OOL,
@@ -44,6 +43,7 @@ from pymach.ipc.message import (
     PortArray,
     Str,
 )
+from pymach.ipc.kmsg import KOOL, KPort, KPortArray
 from pymach.ipc.port import Port as KernelPort
 
 REPLY_ID_OFFSET = 100

@@ -64,7 +64,7 @@ class Task:
         vm = self.kernel.vm
         pmap = vm.phys.pmap_create()
         if self.native:
-            from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
+            from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
 
             vmap = VmMap(vm, pmap, WINDOW_BASE, WINDOW_BASE + WINDOW_SIZE)
             vmap.native = NativeMapBinding(pmap, vm.phys)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import ThreadTerminated
-from pymach.ipc.message import Code
+from pymach.include.message import Code
 from pymach.ipc.port import Port
 from pymach.kern.sched_prim import WaitQueue
 
@@ -66,7 +66,7 @@ class Thread:
         return f"<Thread {self.serial} {self.name} {self.state}>"
 
     def trap(self, op: str, *args: Any) -> Any:
-        """A native task's thread sends its traps to machd (machd/task.py); a thread of
+        """A native task's thread sends its traps to machd (libmach/task.py); a thread of
         this process enters the kernel directly instead, so this is never called."""
         from pymach.errors import MachError
 

@@ -16,12 +16,12 @@ import select
 import threading
 from typing import TYPE_CHECKING
 
-from pymach.ipc.message import Code
+from pymach.include.message import Code
 from pymach.kern.thread import Thread
 
 if TYPE_CHECKING:
     from pymach.machd.machd import Machd, Process
-    from pymach.machd.uffd import Fault
+    from pymach.pmap.uffd import Fault
 
 
 class FaultPoller:

@@ -10,7 +10,7 @@ call of a native task is the embedded kernel's code running on the task's behalf
 the same rights checks and errors; the reply carries the address-space changes the
 process must apply (native_map.py).
 
-A process attaches (`pymach exec`, or `pymach.machd.task.attach`) and becomes a new
+A process attaches (`pymach exec`, or `pymach.libmach.task.attach`) and becomes a new
 task; thread_create on a native task starts a thread in its process over the process's
 control connection, or, for a task with no process yet (task_create), a new process
 (`taskproc.py`). A task ends when its process ends; a process that machd must end
@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymach.errors import MachError
-from pymach.ipc.message import Code
+from pymach.include.message import Code
 from pymach.kern.host import Kernel
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, running_thread
 from pymach.machd.protocol import DEFAULT_SOCKET, Connection, Disconnected, close_fds
-from pymach.machd.uffd import Uffd, probe
+from pymach.pmap.uffd import Uffd, probe
 
 log = logging.getLogger("pymach.machd")
 
@@ -245,7 +245,7 @@ class Machd:
         env = dict(os.environ)
         if parent is not None and parent.sys_path:
             env["PYTHONPATH"] = os.pathsep.join(p for p in parent.sys_path if p)
-        argv = [sys.executable, "-m", "pymach.machd.taskproc", self.socket_path, token]
+        argv = [sys.executable, "-m", "pymach.libmach.taskproc", self.socket_path, token]
         if parent is not None and parent.main:
             argv.append(parent.main)
         with self.lock:  # the parent's stdout and stderr (as a forked child would have)

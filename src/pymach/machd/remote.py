@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 from pymach import mach
 from pymach.errors import MachError, ThreadTerminated
+from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
 from pymach.machd.protocol import Connection, Disconnected, close_fds
-from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE
 
 if TYPE_CHECKING:
-    from pymach.ipc.message import Code
+    from pymach.include.message import Code
     from pymach.kern.thread import Thread
     from pymach.machd.machd import Machd
-    from pymach.machd.uffd import Fault
+    from pymach.pmap.uffd import Fault
 
 log = logging.getLogger("pymach.machd")
 
@@ -134,8 +134,8 @@ def _fault_in(thread: Thread, address: int, size: int, access: int) -> None:
     """memory()'s trap before it touches [address, address+size): take the faults the
     access would take, so that a failure is a MachError for the caller (as in the
     embedded kernel) instead of a memory exception that ends the task."""
+    from pymach.include.vm_param import trunc_page
     from pymach.vm.vm_fault import vm_fault_trap
-    from pymach.vm.vm_param import trunc_page
 
     vmap = thread.task.map
     if vmap is None or vmap.pmap is None:

@@ -40,8 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from pymach import mach
 from pymach.errors import MachError, ThreadTerminated
-from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
-from pymach.ipc.message import (
+from pymach.include.message import (
     OOL,
     RCV_TIMEOUT,
     SEND_TIMEOUT,
@@ -52,6 +51,7 @@ from pymach.ipc.message import (
     PortArray,
     Str,
 )
+from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
 from pymach.kern.mig import REPLY_ID_OFFSET, serve_message
 from pymach.mach_vm import take_ool
 from pymach.net.netname import netname_defs

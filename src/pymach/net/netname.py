@@ -68,7 +68,7 @@ class NameServer:
 def netname_wait(name: str, timeout_ms: float = 10_000) -> int:
     """Look `name` up on the caller's bootstrap port (the name server), retrying every
     5 ms of Mach time until it is checked in; KERN_INVALID_NAME after `timeout_ms`."""
-    from pymach.ipc.message import RCV_TIMEOUT
+    from pymach.include.message import RCV_TIMEOUT
     from pymach.kern.mach_defs import TASK_BOOTSTRAP_PORT
     from pymach.mach import port_allocate, task_get_special_port
 

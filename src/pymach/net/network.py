@@ -27,9 +27,9 @@ from types import TracebackType
 from typing import Any
 
 from pymach.errors import MachError
+from pymach.include.message import Bytes
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.kmsg import KMsg
-from pymach.ipc.message import Bytes
 from pymach.ipc.port import Port
 from pymach.kern.host import ExternalHandle, Kernel
 from pymach.net.netmsgserver import PACKET_ID, NetMsgServer, Ref
@@ -47,8 +47,8 @@ class Host:
 
     def _start_server(self) -> Port:
         """Create the netmsgserver task with its service and wire ports (kernel side)."""
+        from pymach.include.message import Code
         from pymach.ipc import mach_port
-        from pymach.ipc.message import Code
 
         k = self.kernel
         with k.sched.lock:

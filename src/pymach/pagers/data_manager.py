@@ -30,12 +30,12 @@ from typing import Any, ClassVar
 
 from pymach import mach
 from pymach.errors import MachError
+from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
+from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
-from pymach.ipc.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.kern.mach_defs import memory_object_defs
 from pymach.kern.mig import Subsystem, serve_message
 from pymach.mach_vm import memory
-from pymach.vm.vm_param import VM_PROT_NONE
 
 STOP_ID = 2299
 

@@ -28,11 +28,11 @@ import os
 
 from pymach import mach
 from pymach.errors import MachError
-from pymach.ipc.message import OOL
+from pymach.include.message import OOL
+from pymach.include.vm_param import VM_PROT_NONE
 from pymach.kern.mig import INT, MEMORY, STR, Subsystem
 from pymach.mach_vm import memory, take_ool
 from pymach.pagers.data_manager import DataManager
-from pymach.vm.vm_param import VM_PROT_NONE
 
 fs_defs = Subsystem("fs", 6000)
 fs_defs.routine("fs_read_file", "server", [("name", STR)], [("data", MEMORY), ("size", INT)],

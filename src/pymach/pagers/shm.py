@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 from pymach import mach
 from pymach.errors import MachError
-from pymach.ipc.message import OOL, Int, Message
+from pymach.include.message import OOL, Int, Message
+from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_WRITE
 from pymach.kern.mach_defs import memory_object_defs
 from pymach.kern.mig import INT, PORT, STR, Subsystem
 from pymach.mach_vm import take_ool, vm_page_size
 from pymach.pagers.data_manager import DataManager
-from pymach.vm.vm_param import VM_PROT_NONE, VM_PROT_WRITE
 
 shm_defs = Subsystem("shm", 6200)
 shm_defs.routine("shm_get_region", "server", [("name", STR), ("size", INT)],

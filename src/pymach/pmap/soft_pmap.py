@@ -22,7 +22,7 @@ import contextlib
 import mmap
 import threading
 
-from pymach.vm.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
+from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
 
 _PROT_MASK = 0x7
 

@@ -32,11 +32,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_WRITE
 from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory
-from pymach.vm.vm_param import VM_PROT_NONE, VM_PROT_WRITE
 
 if TYPE_CHECKING:
-    from pymach.machd.uffd import Uffd
+    from pymach.pmap.uffd import Uffd
 
 
 RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
@@ -128,7 +128,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def _punch_locked(self, store: ObjectStore, offset: int) -> None:
         """Punch one page of a live object's memfd out of every task, now or at the end
         of the discard_batch."""
-        from pymach.machd.uffd import punch_hole
+        from pymach.pmap.uffd import punch_hole
 
         if self.stores.get(store.serial) is not store:  # tasks map only live memfds
             return
@@ -139,7 +139,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
 
     def _flush_locked(self) -> None:
         """Do the held-back punches, one call per run of adjacent pages of a memfd."""
-        from pymach.machd.uffd import punch_hole
+        from pymach.pmap.uffd import punch_hole
 
         if not self.deferred:
             return
@@ -222,7 +222,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def pmap_page_protect(self, frame: int, prot: int) -> None:
         """Lower every mapping of `frame`; at NONE the data moves to the stash and the page
         leaves every task (the next access faults)."""
-        from pymach.machd.uffd import punch_hole
+        from pymach.pmap.uffd import punch_hole
 
         super().pmap_page_protect(frame, prot)
         if prot != VM_PROT_NONE:
@@ -326,7 +326,7 @@ class UffdPmap(PageTable):
             self._writeprotect(vpn * ps, ps)
 
     def _writeprotect(self, start: int, length: int) -> None:
-        from pymach.machd.uffd import UffdError
+        from pymach.pmap.uffd import UffdError
 
         assert self.uffd is not None
         with contextlib.suppress(UffdError):  # not (yet, or any more) mapped in the task

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
-from pymach.ipc.message import OOL, Int, Message
+from pymach.include.message import OOL, Int, Message
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
@@ -191,8 +191,8 @@ def _log(text: str) -> None:
 def start_default_pager(kernel: Kernel, directory: str | None,
                         max_pages: int | None) -> BackingStore:
     """Create the default pager task and its thread (kernel lock held)."""
+    from pymach.include.message import Code
     from pymach.ipc import mach_port
-    from pymach.ipc.message import Code
 
     task = kernel.task_create_locked(None, False, "default_pager")
     name = mach_port.port_allocate(task.space, "default_pager")

@@ -25,14 +25,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError, code_name
+from pymach.include.message import Disposition, Int
+from pymach.include.vm_param import VM_PROT_ALL, VM_PROT_NONE, VM_PROT_WRITE, check_int, check_prot
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.ipc_right import port_destroy
 from pymach.ipc.kmsg import KOOL, KMsg, KPort
-from pymach.ipc.message import Disposition, Int
 from pymach.ipc.port import Port
 from pymach.kern.mach_defs import memory_object_defs
 from pymach.kern.thread import current_thread
-from pymach.vm.vm_param import VM_PROT_ALL, VM_PROT_NONE, VM_PROT_WRITE, check_int, check_prot
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel

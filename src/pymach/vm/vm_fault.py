@@ -24,10 +24,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
+from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
 from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
 from pymach.vm.vm_map import FaultPolicy, vm_map_lookup
 from pymach.vm.vm_object import vm_object_deallocate
-from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
 
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pymach.include.vm_param import VM_PROT_READ, trunc_page
 from pymach.vm.vm_fault import Retry, vm_fault_page
 from pymach.vm.vm_map import vm_map_lookup
-from pymach.vm.vm_param import VM_PROT_READ, trunc_page
 
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
@@ -67,7 +67,7 @@ def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
 
 def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:
     """Store `data` at `address` of a map, as the task writing it would."""
-    from pymach.vm.vm_param import VM_PROT_WRITE
+    from pymach.include.vm_param import VM_PROT_WRITE
 
     ps = vmap.vm.page_size
     pos = 0

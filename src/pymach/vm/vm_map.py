@@ -25,20 +25,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
-from pymach.vm.vm_object import (
-    VmObject,
-    vm_object_deallocate,
-    vm_object_page_remove,
-    vm_object_reference,
-    vm_object_shadow,
-)
-from pymach.vm.vm_param import (
+from pymach.include.vm_param import (
     VM_INHERIT_DEFAULT,
     VM_MAX_ADDRESS,
     VM_MIN_ADDRESS,
     VM_PROT_ALL,
     VM_PROT_DEFAULT,
     VM_PROT_WRITE,
+)
+from pymach.vm.vm_object import (
+    VmObject,
+    vm_object_deallocate,
+    vm_object_page_remove,
+    vm_object_reference,
+    vm_object_shadow,
 )
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class VmMap:
         self.starts: list[int] = []  # entries' start addresses, for bisect
         self.ref_count = 1
         self.sharers: set[VmMap] = set()  # sharing maps: task maps pointing here
-        self.native: Any = None  # a native task's NativeMapBinding (machd/native_map.py)
+        self.native: Any = None  # a native task's NativeMapBinding (pmap/native_map.py)
 
     @property
     def is_share_map(self) -> bool:

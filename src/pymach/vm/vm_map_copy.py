@@ -23,6 +23,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
+from pymach.include.vm_param import (
+    VM_INHERIT_COPY,
+    VM_INHERIT_NONE,
+    VM_INHERIT_SHARE,
+    VM_PROT_ALL,
+    VM_PROT_DEFAULT,
+    VM_PROT_READ,
+    VM_PROT_WRITE,
+    round_page,
+    trunc_page,
+)
 from pymach.vm.vm_map import (
     VmMap,
     VmMapEntry,
@@ -41,17 +52,6 @@ from pymach.vm.vm_object import (
     vm_object_pmap_protect_copy,
     vm_object_reference,
     vm_object_shadow,
-)
-from pymach.vm.vm_param import (
-    VM_INHERIT_COPY,
-    VM_INHERIT_NONE,
-    VM_INHERIT_SHARE,
-    VM_PROT_ALL,
-    VM_PROT_DEFAULT,
-    VM_PROT_READ,
-    VM_PROT_WRITE,
-    round_page,
-    trunc_page,
 )
 
 if TYPE_CHECKING:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pymach.include.vm_param import VM_PROT_WRITE
 from pymach.kern.sched_prim import WaitQueue
-from pymach.vm.vm_param import VM_PROT_WRITE
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from pymach.vm.vm_param import VM_PROT_NONE
+from pymach.include.vm_param import VM_PROT_NONE
 
 if TYPE_CHECKING:
     from pymach.pmap.pmap import PhysicalMemory

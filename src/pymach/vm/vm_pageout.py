@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pymach.include.vm_param import VM_PROT_NONE
 from pymach.kern.sched_prim import thread_block
 from pymach.vm.vm_map_copy import CopyEntry, VmMapCopy
 from pymach.vm.vm_object import vm_object_allocate
-from pymach.vm.vm_param import VM_PROT_NONE
 
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
@@ -271,7 +271,7 @@ def _hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) -> None:
 
 def start_pageout_daemon(vm: VmSystem) -> None:
     """Create the daemon thread in the kernel task (kernel lock held)."""
-    from pymach.ipc.message import Code
+    from pymach.include.message import Code
 
     kernel = vm.kernel
     thread = kernel.thread_create_locked(kernel.kernel_task, Code(vm_pageout_daemon, (vm,)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from pymach.vm.vm_param import INHERIT_NAMES, prot_text
+from pymach.include.vm_param import INHERIT_NAMES, prot_text
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port

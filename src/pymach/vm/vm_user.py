@@ -13,6 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
+from pymach.include.vm_param import (
+    VM_MAX_ADDRESS,
+    check_inherit,
+    check_int,
+    check_prot,
+    round_page,
+    trunc_page,
+)
 from pymach.kern.thread import current_thread
 from pymach.vm.vm_map import vm_map_delete, vm_map_inherit, vm_map_insert, vm_map_protect
 from pymach.vm.vm_map_copy import (
@@ -23,14 +31,6 @@ from pymach.vm.vm_map_copy import (
     vm_map_copyin,
 )
 from pymach.vm.vm_object import vm_object_allocate
-from pymach.vm.vm_param import (
-    VM_MAX_ADDRESS,
-    check_inherit,
-    check_int,
-    check_prot,
-    round_page,
-    trunc_page,
-)
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel

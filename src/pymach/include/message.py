@@ -243,13 +243,17 @@ class Code:
 
     Embedded mode carries the reference itself. To reach another process (a native
     task) it travels as `blob`, the callable and arguments pickled by value
-    (cloudpickle), and `fn` is None.
+    (cloudpickle), and `fn` is None; the kernel never decodes the blob. The kernel
+    stamps `origin_uid`, the user of the task that sent it, and a task decodes a blob
+    only from its own user: one from another user arrives `refused` (blob dropped).
     """
 
     fn: Callable[..., Any] | None
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     blob: bytes | None = None
+    origin_uid: int = -1  # set by the kernel at send; -1: not yet stamped
+    refused: bool = False  # set by the kernel: it came from another user
 
     @property
     def value(self) -> Code:
@@ -281,6 +285,8 @@ class Message:
     id: int = 0
     items: list[Item] = field(default_factory=list)
     local_disposition: Disposition | None = None  # None: MAKE_SEND if receiver, else COPY_SEND
+    sender_uid: int | None = None  # on receipt: the user of the sending task (a trailer,
+    # as Mach's security token); ignored on send
 
     @property
     def size(self) -> int:

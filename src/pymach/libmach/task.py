@@ -33,13 +33,13 @@ from typing import Any
 import cloudpickle
 
 from pymach.errors import MachError, ThreadTerminated
-from pymach.ipc.message import Bytes, Code, Message
+from pymach.include.message import Bytes, Code, Message
+from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.kern.thread import set_current_thread
-from pymach.machd.native_map import WINDOW_BASE, WINDOW_SIZE
+from pymach.libmach.ranges import Ranges
 from pymach.machd.protocol import DEFAULT_SOCKET, Connection, Disconnected, close_fds
-from pymach.machd.ranges import Ranges
-from pymach.machd.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, Uffd
-from pymach.vm.vm_param import VM_PROT_READ, VM_PROT_WRITE
+from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE
+from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, Uffd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

@@ -1,0 +1,3 @@
+"""The bottom layer, as GNU Mach's include/mach: Mach types, constants, the message
+format and its wire encoding. Every layer may import it; it imports only the standard
+library and `pymach.errors`."""
