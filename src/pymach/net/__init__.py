@@ -1,1 +1,8 @@
-"""Network message server: the name service now; ports across hosts later (3.2, 4.2)."""
+"""The network (paper 3.2, 4.2): the netmsgserver and what it stands on.
+
+netmsgserver.py (ports across hosts, the network's name service), packets.py (the typed
+packets between servers), transport.py (the one seam to a network: bytes to a host),
+station.py (a host: kernel, server task, transport events as wire-port messages),
+network.py (the in-process simulated network with fault injection), netname.py (the
+name service's interface and a local name server). Nothing here unpickles.
+"""

@@ -1,11 +1,14 @@
 """Several embedded hosts in one process, joined by a simulated network.
 
-`Network` boots kernels ("hosts"), each with its own scheduler, physical memory, default
-pager and a netmsgserver task (net/netmsgserver.py). Packets between the servers go
-through `send`, which hands them to the destination host as a kernel message on its
-server's wire port (like a network interface interrupt), after optional fault
-injection. Tasks find their host's netmsgserver through their bootstrap port and use
-netname to find ports on any host.
+`Network` is an in-process network and the hosts on it: `host(name)` boots a kernel
+with its netmsgserver (net/station.py) attached through a `SimulatedTransport`, this
+network's `NetTransport` (net/transport.py). A packet is handed to the destination
+host's sink in the sending thread, as a kernel message on its server's wire port (like
+a network interface interrupt), so the packets from one host to another arrive in the
+order they were sent. Fault injection: `drop` is the probability that a packet is lost
+(any packet, netname changes included), `crash(name)` takes a host off the network (its
+peers are told it is down) and stops its kernel. Tasks find their host's netmsgserver
+through their bootstrap port and use netname to find ports on any host.
 
     with pymach.Network() as net:
         a, b = net.host("A"), net.host("B")
@@ -14,130 +17,113 @@ netname to find ports on any host.
 
 Hosts run in real time side by side: a multi-host run is not deterministic even if the
 hosts' schedulers are. Shared state here is guarded by `lock` (a leaf lock, never held
-across a Mach call).
+while a sink or a kernel is called).
 """
 
 from __future__ import annotations
 
-import pickle
 import random
 import threading
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from pymach.errors import MachError
-from pymach.include.message import Bytes
-from pymach.ipc.ipc_mqueue import mqueue_enqueue
-from pymach.ipc.kmsg import KMsg
-from pymach.ipc.port import Port
-from pymach.kern.host import ExternalHandle, Kernel
-from pymach.net.netmsgserver import PACKET_ID, NetMsgServer, Ref
+from pymach.net.station import Host
+from pymach.net.transport import NetTransport, PacketSink
+
+__all__ = ["Host", "Network", "SimulatedTransport"]
 
 
-class Host:
-    """One booted kernel of a network, with its netmsgserver."""
+class SimulatedTransport(NetTransport):
+    """One host's attachment to a `Network` (contract: net/transport.py)."""
 
-    def __init__(self, network: Network, name: str, config: dict[str, Any]) -> None:
-        self.name = name
-        self.kernel = Kernel(name=name, **config)
-        self.kernel.boot_headless()
-        self.server = NetMsgServer(network, name)
-        self.wire: Port = self._start_server()
+    def __init__(self, network: Network, host: str) -> None:
+        self._network = network
+        self._host = host
 
-    def _start_server(self) -> Port:
-        """Create the netmsgserver task with its service and wire ports (kernel side)."""
-        from pymach.include.message import Code
-        from pymach.ipc import mach_port
+    @property
+    def host(self) -> str:
+        """The local host's name."""
+        return self._host
 
-        k = self.kernel
-        with k.sched.lock:
-            task = k.task_create_locked(None, False, "netmsgserver")
-            task.unthrottled = True  # deliveries keep each host's order (netmsgserver.py)
-            service = mach_port.port_allocate(task.space, f"netmsgserver:{self.name}")
-            wire = mach_port.port_allocate(task.space, f"wire:{self.name}")
-            boot_task = next(t for t in k.tasks.values() if t.name == "bootstrap")
-            boot_task.set_bootstrap(task.space.names[service].port)  # children inherit it
-            thread = k.thread_create_locked(task, Code(self.server.run, (service, wire)),
-                                            "netmsgserver.1", start=False)
-            thread.daemon = True
-            thread.start()
-            return task.space.names[wire].port
+    def start(self, sink: PacketSink) -> None:
+        """Join the network; KERN_NAME_EXISTS if a host of this name is on it."""
+        self._network._join(self._host, sink)
 
-    def start(self, fn: Callable[..., Any], *args: Any, name: str = "",
-              **kwargs: Any) -> ExternalHandle:
-        """Run `fn` as a new task on this host; `.wait(seconds)` for its result."""
-        return self.kernel.start_task(fn, *args, name=name, **kwargs)
+    def send(self, dest: str, data: bytes) -> bool:
+        """Hand `data` to `dest` now (unless fault injection loses it)."""
+        return self._network._carry(self._host, dest, bytes(data))
 
-    def deliver(self, packet: bytes) -> None:
-        """Hand a packet to this host's netmsgserver (from any thread)."""
-        with self.kernel.sched.lock:
-            if not self.wire.dead:
-                mqueue_enqueue(self.wire, KMsg(self.wire, None, PACKET_ID, [Bytes(packet)],
-                                               sender="network"))
+    def close(self) -> None:
+        """Leave the network; every other host gets host_down."""
+        self._network._leave(self._host)
 
 
 class Network:
     """Hosts joined by an in-process network (see module docstring)."""
 
     def __init__(self, drop: float = 0.0, seed: int = 0) -> None:
-        self.lock = threading.Lock()  # guards hosts, names, counters
+        self.lock = threading.Lock()  # guards hosts, sinks, counters, the generator
         self.hosts: dict[str, Host] = {}
-        self.names: dict[str, Ref] = {}  # the netname registry of the whole network
-        self.packets = 0
-        self.dropped = 0
+        self._sinks: dict[str, PacketSink] = {}  # the hosts attached to the medium
+        self.packets = 0  # packets accepted for delivery
+        self.dropped = 0  # of which fault injection lost
         self.drop = drop  # fault injection: probability that a packet is lost
         self._rng = random.Random(seed)
 
     def host(self, name: str, **config: Any) -> Host:
         """Boot a new host (keyword configuration as for pymach.boot)."""
         with self.lock:
-            if name in self.hosts:
+            if name in self.hosts or name in self._sinks:
                 raise MachError("KERN_NAME_EXISTS", f"there is already a host {name!r}")
-        h = Host(self, name, config)
+        h = Host(self.transport(name), config)
         with self.lock:
             self.hosts[name] = h
         return h
 
-    def send(self, host: str, packet: dict[str, Any]) -> None:
-        """Carry one packet to a host (possibly losing it, see `drop`)."""
-        data = pickle.dumps(packet)
+    def transport(self, name: str) -> SimulatedTransport:
+        """A transport for a host called `name` on this network (not yet started)."""
+        return SimulatedTransport(self, name)
+
+    def crash(self, name: str) -> None:
+        """Fault injection: host `name` leaves the network at once and its kernel stops."""
         with self.lock:
-            dest = self.hosts.get(host)
+            h = self.hosts.pop(name, None)
+        if h is None:
+            raise MachError("KERN_INVALID_NAME", f"there is no host {name!r}")
+        h.shutdown()
+
+    # -- the medium (called by SimulatedTransport) ----------------------------------------
+    def _join(self, host: str, sink: PacketSink) -> None:
+        with self.lock:
+            if host in self._sinks:
+                raise MachError("KERN_NAME_EXISTS", f"host {host!r} is already on the network")
+            others = dict(self._sinks)
+            self._sinks[host] = sink
+        for peer in others:  # the newcomer first: it knows a peer before hearing from it
+            sink.host_up(peer)
+        for other in others.values():
+            other.host_up(host)
+
+    def _carry(self, source: str, dest: str, data: bytes) -> bool:
+        with self.lock:
+            sink = self._sinks.get(dest) if source in self._sinks else None
+            if sink is None:
+                return False
             self.packets += 1
             lost = self.drop > 0 and self._rng.random() < self.drop
             self.dropped += lost
-        if dest is not None and not lost:
-            dest.deliver(data)
+        if not lost:
+            sink.packet(source, data)
+        return True
 
-    def broadcast(self, sender: str, packet: dict[str, Any]) -> None:
-        """Send a packet to every host but `sender`."""
+    def _leave(self, host: str) -> None:
         with self.lock:
-            others = [h for h in self.hosts if h != sender]
-        for h in others:
-            self.send(h, packet)
-
-    # -- the shared netname registry ----------------------------------------------------
-    def register(self, name: str, ref: Ref) -> None:
-        """netname_check_in: `name` now stands for the port `ref`."""
-        with self.lock:
-            self.names[name] = ref
-
-    def look_up(self, name: str) -> Ref | None:
-        """The port registered as `name`, if any."""
-        with self.lock:
-            return self.names.get(name)
-
-    def check_out(self, name: str) -> bool:
-        """Remove a registration; False if there was none."""
-        with self.lock:
-            return self.names.pop(name, None) is not None
-
-    def unregister(self, ref: Ref) -> None:
-        """A registered port died: drop its names."""
-        with self.lock:
-            for n in [n for n, r in self.names.items() if r == ref]:
-                del self.names[n]
+            gone = self._sinks.pop(host, None)
+            others = list(self._sinks.values())
+        if gone is not None:
+            for other in others:
+                other.host_down(host)
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
@@ -145,6 +131,7 @@ class Network:
         with self.lock:
             hosts = list(self.hosts.values())
             self.hosts.clear()
+            self._sinks.clear()
         for h in hosts:
             h.kernel.shutdown()
 

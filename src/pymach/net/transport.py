@@ -1,0 +1,72 @@
+"""The network transport: the one seam between a netmsgserver and the wire (DESIGN, Layout).
+
+A netmsgserver asks its transport for one thing, "deliver these bytes to that host", and
+learns from it three things: a packet arrived (and from which host), a host became
+reachable, a host is gone. Everything else (what the bytes mean, ports, names) is the
+server's business (net/packets.py, net/netmsgserver.py). Implementations: the in-process
+simulated network (net/network.py) and, later, TCP.
+
+A `NetTransport` is one host's attachment to a network. Its contract:
+
+- `host` is the local host's name, fixed for the transport's life; hosts are named by
+  non-empty strings unique on the network.
+- `start(sink)` is called once; from then on every event goes to `sink`, from any
+  thread (a transport's own threads, or the thread of another host's `send` in the
+  in-process network), so a sink only queues work and returns (net/station.py).
+- `send(dest, data)` is best effort, non-blocking in the sense that it never waits for
+  the receiver to process the packet. Packets from one host to another arrive whole, at
+  most once, and in the order they were sent (per pair of hosts; one sending thread's
+  order is the order). It returns False when the transport knows the packet cannot be
+  delivered (no such host, the host is down, the transport is closed); True means the
+  packet was accepted, which a lossy network may still lose.
+- The sink gets `host_up(peer)` for every peer present at `start` and for each that
+  joins later, before any packet from that peer; it gets
+  `host_down(peer)` when `peer` becomes unreachable (it left, crashed, or its connection
+  broke). After `host_down`, earlier packets to that peer may have been lost; a peer that
+  comes back gets `host_up` again.
+- `packet(source, data)`: `source` is the sending host as the transport knows it (the
+  address it connected from, its authenticated name), never a claim read from `data`.
+- `close()` leaves the network (peers get `host_down(host)`); it is idempotent, and
+  `send` returns False afterwards.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class PacketSink(ABC):
+    """What a transport tells its host. Methods must return promptly (only queue work)."""
+
+    @abstractmethod
+    def packet(self, source: str, data: bytes) -> None:
+        """Bytes `data` arrived from host `source` (named by the transport)."""
+
+    @abstractmethod
+    def host_up(self, host: str) -> None:
+        """Host `host` can now be reached (also for each host present at start)."""
+
+    @abstractmethod
+    def host_down(self, host: str) -> None:
+        """Host `host` can no longer be reached; packets in flight to it may be lost."""
+
+
+class NetTransport(ABC):
+    """One host's attachment to a network (see module docstring for the contract)."""
+
+    @property
+    @abstractmethod
+    def host(self) -> str:
+        """The local host's name on this network."""
+
+    @abstractmethod
+    def start(self, sink: PacketSink) -> None:
+        """Join the network and send every event to `sink` from now on (called once)."""
+
+    @abstractmethod
+    def send(self, dest: str, data: bytes) -> bool:
+        """Carry `data` to host `dest` in order; False if it surely cannot be delivered."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the network (peers get host_down); idempotent."""
