@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -942,8 +943,13 @@ def _is_dead_everywhere(world: World, kp: Any) -> None:
     global_invariants(world.k)
 
 
-def _setup(deterministic: bool, seed: int) -> Any:
-    return m.boot(deterministic=deterministic, seed=seed)
+@contextmanager
+def _setup(deterministic: bool, seed: int) -> Iterator[m.Kernel]:
+    """A kernel whose boot task hears every notification these scenarios cause (a
+    notify port holds at most its backlog of them, ipc_notify.py)."""
+    with m.boot(deterministic=deterministic, seed=seed) as k:
+        m.port_set_backlog(m.task_self(), m.task_notify(), m.PORT_BACKLOG_MAX)
+        yield k
 
 
 MODES = dict(deterministic=st.booleans(), seed=st.integers(0, 2**16))

@@ -7,8 +7,8 @@ change on the way: not for one task, not for several tasks at once, not for
 copy-on-write copies made by task_create, vm_copy or messages. A backing store with a
 size limit eventually fills up: then the task that needs memory gets
 KERN_RESOURCE_SHORTAGE instead of hanging, the data it wrote before stays intact, and
-the kernel keeps serving everyone else. The swap file lives where `swap_dir` says and is
-removed at shutdown.
+the kernel keeps serving everyone else. The swap file lives where `swap_dir` says but has
+no name there (nothing is left behind even if the process is killed); it goes at shutdown.
 """
 
 from __future__ import annotations
@@ -400,54 +400,61 @@ def swap_files(directory: str | Path) -> list[str]:
     return sorted(f for f in os.listdir(directory) if f.startswith("pymach-swap-"))
 
 
+def swap_dir_of(k: m.Kernel) -> str:
+    """The directory the kernel's (nameless) swap file lives in."""
+    link = os.readlink(f"/proc/self/fd/{k.swap_store.fd}")
+    assert link.endswith(" (deleted)"), link
+    return os.path.dirname(link)
+
+
 def test_swap_file_lives_in_swap_dir_and_goes_at_shutdown(tmp_path: Path) -> None:
     with m.boot(memory_size=FRAMES * PS, swap_dir=str(tmp_path)) as k:
-        files = swap_files(tmp_path)
-        assert len(files) == 1
+        assert swap_dir_of(k) == os.path.realpath(tmp_path)
         a = m.vm_allocate(m.task_self(), 0, 100 * PS, True)
         write_pages(a, 100, 4)
         settle(k)
         assert k.vm_stat()["pageouts"] > 0
-        size = (tmp_path / files[0]).stat().st_size
+        assert os.listdir(tmp_path) == []  # no name, even while in use
+        size = os.fstat(k.swap_store.fd).st_size
         assert size >= (100 - FRAMES) * PS // 2  # the pages went to the file
         assert size % PS == 0
         assert bad_pages(a, 100, 4) == []
-    assert swap_files(tmp_path) == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_swap_file_removed_even_if_the_program_fails(tmp_path: Path) -> None:
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom), m.boot(memory_size=FRAMES * PS, swap_dir=str(tmp_path)):
+    with pytest.raises(Boom), m.boot(memory_size=FRAMES * PS, swap_dir=str(tmp_path)) as k:
         a = m.vm_allocate(m.task_self(), 0, 60 * PS, True)
         write_pages(a, 60, 5)
-        assert len(swap_files(tmp_path)) == 1
+        assert swap_dir_of(k) == os.path.realpath(tmp_path)
         raise Boom
-    assert swap_files(tmp_path) == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_default_swap_dir_is_the_temporary_directory() -> None:
     tmp = tempfile.gettempdir()
     before = set(swap_files(tmp))
-    with m.boot(memory_size=FRAMES * PS):
-        mine = set(swap_files(tmp)) - before
-        assert len(mine) == 1
-    assert not (set(swap_files(tmp)) & mine)
+    with m.boot(memory_size=FRAMES * PS) as k:
+        assert swap_dir_of(k) == os.path.realpath(tmp)
+        assert set(swap_files(tmp)) <= before  # it added no name
 
 
 def test_two_kernels_have_separate_swap_files(tmp_path: Path) -> None:
-    with m.boot(memory_size=FRAMES * PS, swap_dir=str(tmp_path)):
+    with m.boot(memory_size=FRAMES * PS, swap_dir=str(tmp_path)) as k1:
         a = m.vm_allocate(m.task_self(), 0, 64 * PS, True)
         write_pages(a, 64, 6)
-        with m.boot(memory_size=FRAMES * PS, swap_dir=str(tmp_path)):
-            assert len(swap_files(tmp_path)) == 2
+        with m.boot(memory_size=FRAMES * PS, swap_dir=str(tmp_path)) as k2:
+            assert swap_dir_of(k1) == swap_dir_of(k2) == os.path.realpath(tmp_path)
+            files = [os.fstat(k.swap_store.fd) for k in (k1, k2)]
+            assert files[0].st_ino != files[1].st_ino
             b = m.vm_allocate(m.task_self(), 0, 64 * PS, True)
             write_pages(b, 64, 7)
             assert bad_pages(b, 64, 7) == []
-        assert len(swap_files(tmp_path)) == 1
         assert bad_pages(a, 64, 6) == []
-    assert swap_files(tmp_path) == []
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("bad", [0, -PS, 1.5, "1M", True])

@@ -46,6 +46,9 @@ RETURN_CODES: dict[str, int] = {
     "SEND_MSG_TOO_SMALL": -110,
     "SEND_INVALID_TYPE": -112,  # pymach: a malformed typed item
     "SEND_INVALID_RIGHT": -113,  # pymach: an item names a right the sender lacks
+    # pymach (Mach 3 MACH_SEND_NO_BUFFER; Mach 2.5's -105 is SEND_WILL_NOTIFY): the
+    # sender's queued out-of-line memory would exceed the kernel's ool_queued_max
+    "SEND_NO_BUFFER": -114,
     # msg.h: receive
     "RCV_SUCCESS": 0,
     "RCV_INVALID_MEMORY": -201,
@@ -55,6 +58,9 @@ RETURN_CODES: dict[str, int] = {
     "RCV_NOT_ENOUGH_MEMORY": -205,
     "RCV_INTERRUPTED": -207,
     "RCV_PORT_CHANGE": -208,
+    # pymach (Mach 3 MACH_MSG_IPC_SPACE): the message's rights need more names than the
+    # receiver's space may hold (port_names_max); the message stays queued
+    "RCV_IPC_SPACE": -209,
     # mig_errors.h
     "MIG_TYPE_ERROR": -300,
     "MIG_REPLY_MISMATCH": -301,

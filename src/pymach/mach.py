@@ -8,15 +8,14 @@ Timeouts are in milliseconds and apply only with SEND_TIMEOUT / RCV_TIMEOUT, as 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from pymach.errors import MachError
+from pymach.include import traps
 from pymach.include.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
 from pymach.include.vm_param import VM_MAX_ADDRESS
-from pymach.ipc import mach_port
-from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
-from pymach.ipc.port import Port
 from pymach.kern.mach_defs import (
     TASK_NOTIFY_PORT,
     host_defs,
@@ -26,8 +25,14 @@ from pymach.kern.mach_defs import (
     thread_defs,
     vm_defs,
 )
-from pymach.kern.thread import Thread, current_thread
+from pymach.kern.syscall_sw import TrapTransport
+from pymach.kern.thread import current_thread
 from pymach.mach_vm import VmRegion, VmStatistics
+
+
+def _traps() -> TrapTransport:
+    """The calling thread's way into its kernel (kern/syscall_sw.py)."""
+    return current_thread().transport
 
 
 def msg_send(message: Message, option: int = MSG_OPTION_NONE,
@@ -37,11 +42,7 @@ def msg_send(message: Message, option: int = MSG_OPTION_NONE,
     A full destination queue blocks; with SEND_TIMEOUT it waits at most `timeout` ms
     (0: fail at once) and raises SEND_TIMED_OUT, leaving the sender's rights untouched.
     """
-    thread = current_thread()
-    if thread.native:  # a native task: the trap runs in machd
-        thread.trap("msg_send", message, option, timeout)
-        return
-    msg_send_trap(thread, message, option, timeout)
+    _traps().msg_send(message, option, timeout)
 
 
 def msg_receive(port: int | Message = PORT_NULL, option: int = MSG_OPTION_NONE,
@@ -51,69 +52,39 @@ def msg_receive(port: int | Message = PORT_NULL, option: int = MSG_OPTION_NONE,
     Returns the message: `local_port` is the port it arrived on, `remote_port` the reply
     port. With RCV_TIMEOUT, raises RCV_TIMED_OUT after `timeout` ms.
     """
-    thread = current_thread()
-    if thread.native:
-        return thread.trap("msg_receive", port, option, timeout, rcv_size)  # type: ignore[no-any-return]
-    return msg_receive_trap(thread, port, option, timeout, rcv_size)
+    return _traps().msg_receive(port, option, timeout, rcv_size)
 
 
 def msg_rpc(message: Message, option: int = MSG_OPTION_NONE, rcv_size: int = MSG_SIZE_MAX,
             send_timeout: float | None = None,
             receive_timeout: float | None = None) -> Message:
     """Send a message, then receive the reply on its `local_port` (Table 3-1)."""
-    thread = current_thread()
-    if thread.native:
-        return thread.trap("msg_rpc", message, option, rcv_size,  # type: ignore[no-any-return]
-                           send_timeout, receive_timeout)
-    return msg_rpc_trap(thread, message, option, rcv_size, send_timeout, receive_timeout)
-
-
-def _own_name(thread: Thread, port: Port | None) -> int:
-    """The calling task's name for a send right to `port`, inserting one if needed."""
-    if port is None or port.dead:
-        return PORT_NULL
-    return thread.task.space.insert(port, send=True)
-
-
-def _identity(op: str, compute: Callable[[Thread], int]) -> int:
-    """An identity trap: in machd for a native task, else here under the kernel lock."""
-    thread = current_thread()
-    if thread.native:
-        return thread.trap(op)  # type: ignore[no-any-return]
-    with thread.kernel.trap(thread):
-        return compute(thread)
+    return _traps().msg_rpc(message, option, rcv_size, send_timeout, receive_timeout)
 
 
 def task_self() -> int:
     """The calling task's name for its own task port."""
-    return _identity("task_self", lambda t: _own_name(t, t.task.port))
+    return _traps().identity(traps.TASK_SELF)
 
 
 def thread_self() -> int:
     """The calling task's name for the calling thread's port."""
-    return _identity("thread_self", lambda t: _own_name(t, t.port))
+    return _traps().identity(traps.THREAD_SELF)
 
 
 def task_notify() -> int:
     """The calling task's name for its notify port (where notifications arrive)."""
-    return _identity("task_notify", lambda t: _own_name(t, t.task.notify_port))
+    return _traps().identity(traps.TASK_NOTIFY)
 
 
 def host_self() -> int:
     """The calling task's name for the host port."""
-    return _identity("host_self", lambda t: _own_name(t, t.kernel.host_port))
+    return _traps().identity(traps.HOST_SELF)
 
 
 def thread_reply() -> int:
     """The calling thread's reply port for RPCs (allocated on first use)."""
-    return _identity("thread_reply", _reply_port)
-
-
-def _reply_port(thread: Thread) -> int:
-    entry = thread.task.space.names.get(thread.reply_name)
-    if entry is None or not entry.receive:
-        thread.reply_name = mach_port.port_allocate(thread.task.space, f"reply:{thread.name}")
-    return thread.reply_name
+    return _traps().identity(traps.THREAD_REPLY)
 
 
 _task_create = task_defs.stub("task_create")
@@ -223,6 +194,9 @@ class Spawned:
 
         if self._outcome is None:
             msg = self._await_outcome(timeout)
+            if msg is not None and msg.sender_uid not in (None, os.getuid()):
+                raise MachError("KERN_PROTECTION_FAILURE", f"a result from uid "
+                                f"{msg.sender_uid} is not decoded")
             outcome: tuple[bool, Any] = (True, None) if msg is None else cloudpickle.loads(
                 take_ool(msg.items[0]))
             self._outcome = outcome

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
 from pymach.errors import MachError, code_name
+from pymach.include import traps
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.kern.thread import Thread, current_thread
 from pymach.vm.vm_fault import vm_fault_trap
@@ -166,8 +167,11 @@ class NativeAddressSpace(Memory):
         have machd take its faults now, so a pager's failure is a MachError here."""
         _check_range(address, size)
         self.process.check_access(address, size, access)
-        if fault_in and size:
-            current_thread().trap("fault_in", address, size, access)
+        thread: Any = current_thread()  # a NativeThread
+        for at in range(address, address + size if fault_in else address,
+                        traps.FAULT_IN_MAX):
+            thread.trap(traps.FAULT_IN, at, min(traps.FAULT_IN_MAX, address + size - at),
+                        access)
 
     def read(self, address: int, size: int) -> bytes:
         """The `size` bytes at `address` (a plain load: machd serves the faults). The copy

@@ -78,20 +78,37 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _uid(user: str) -> int:
+    """A user name or number -> uid (argparse error if there is no such user)."""
+    import pwd
+
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no user {user!r}") from None
+
+
 def _cmd_machd(args: argparse.Namespace) -> int:
     import logging
 
     from pymach.errors import MachError
-    from pymach.machd.machd import Machd, MachdError, run_machd
+    from pymach.machd.machd import Limits, Machd, MachdError, run_machd
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="machd %(levelname)s %(message)s")
     try:
+        limits = Limits(hello_timeout=args.hello_timeout, max_pending=args.max_pending,
+                        max_connections_per_user=args.max_connections_per_user,
+                        max_processes_per_user=args.max_processes_per_user)
         machd = Machd(args.socket, memory_size=args.memory, page_size=args.page_size,
                       swap_dir=args.swap_dir, swap_size=args.swap_size,
                       pager_timeout_ms=args.pager_timeout,
                       pager_timeout_action=args.pager_timeout_action,
-                      pager_cluster_pages=args.pager_cluster)
+                      pager_cluster_pages=args.pager_cluster, limits=limits,
+                      allow_uids=args.allow_user, port_names_max=args.port_names_max,
+                      ool_queued_max=args.ool_queued_max)
         return run_machd(machd)
     except MachdError as e:
         print(f"pymach machd: {e}", file=sys.stderr)
@@ -148,10 +165,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _native_parsers(sub: Any) -> None:
-    from pymach.machd.protocol import DEFAULT_SOCKET
+    from pymach.include.channel import default_socket_path
+    from pymach.machd.machd import Limits
 
+    where = default_socket_path()
     machd = sub.add_parser("machd", help="run the native host daemon in the foreground")
-    machd.add_argument("--socket", default=DEFAULT_SOCKET, help="where to listen")
+    machd.add_argument("--socket", default=None, help=f"where to listen (default: "
+                       f"$PYMACH_SOCKET or {where}; its directory is made private)")
+    machd.add_argument("--allow-user", action="append", default=[], metavar="USER", type=_uid,
+                       help="also serve this user (name or uid; repeatable). By default "
+                       "only machd's own user may connect")
+    d = Limits()
+    machd.add_argument("--hello-timeout", type=float, default=d.hello_timeout, metavar="S",
+                       help="seconds a new connection has to introduce itself "
+                       f"(default {d.hello_timeout})")
+    machd.add_argument("--max-pending", type=int, default=d.max_pending,
+                       help="connections that may wait for their hello at once "
+                       f"(default {d.max_pending})")
+    machd.add_argument("--max-connections-per-user", type=int,
+                       default=d.max_connections_per_user,
+                       help=f"default {d.max_connections_per_user}")
+    machd.add_argument("--max-processes-per-user", type=int,
+                       default=d.max_processes_per_user,
+                       help=f"task processes of one user at once (default "
+                       f"{d.max_processes_per_user})")
+    machd.add_argument("--port-names-max", type=int, default=4096,
+                       help="port names in one task's space (default 4096)")
+    machd.add_argument("--ool-queued-max", type=_size, default=None, metavar="SIZE",
+                       help="out-of-line memory one task's queued messages may hold "
+                       "(default: memory + swap size, or 4x memory with unlimited swap)")
     machd.add_argument("--memory", type=_size, default=1 << 30,
                        help="physical memory limit for resident pages (e.g. 512M, 2G)")
     machd.add_argument("--page-size", type=int, default=4096)
@@ -170,7 +212,7 @@ def _native_parsers(sub: Any) -> None:
     machd.set_defaults(func=_cmd_machd)
     from pymach.cli.tools import add_parsers
 
-    socket_help = f"machd's socket (default: $PYMACH_SOCKET or {DEFAULT_SOCKET})"
+    socket_help = f"machd's socket (default: $PYMACH_SOCKET or {where})"
     ex = sub.add_parser("exec", help="run a Python script as a task of the running machd")
     ex.add_argument("--socket", default=None, help=socket_help)
     ex.add_argument("script")

@@ -4,8 +4,17 @@ Each carries one Int item, the affected name in the notified task's space:
 - NOTIFY_PORT_DELETED: a port the task held send rights to was destroyed; the name is gone.
 - NOTIFY_RECEIVE_RIGHTS: the task (the owner) was given the port's receive rights.
 - NOTIFY_OWNERSHIP_RIGHTS: the task (the receiver) was given the port's ownership rights.
-Notifications are kernel messages: never refused for backlog, silently dropped if the
-task has no live notify port.
+- NOTIFY_OVERFLOW (pymach): notifications were lost; its Int item is how many.
+
+Notifications are kernel messages and never block the kernel, so they cannot wait for
+room: the notify port's backlog bounds them instead. When the queue is full, the
+notification is dropped and ONE NOTIFY_OVERFLOW notice is queued past the backlog; while
+that notice is queued, every further notification is dropped too and only counted in
+it. Once the task has received the notice, notifications queue again; a task that gets
+one should re-check the rights it cares about (port_status) rather than trust that it
+heard of every event. So a notify port never holds more than backlog + 1 of the
+kernel's messages. Notifications are silently dropped if the task has no live notify
+port.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.kmsg import KMsg
 
 if TYPE_CHECKING:
+    from pymach.ipc.port import Port
     from pymach.kern.task import Task
 
 NOTIFY_FIRST = 0o100
@@ -24,18 +34,38 @@ NOTIFY_PORT_DELETED = NOTIFY_FIRST + 0o3
 NOTIFY_MSG_ACCEPTED = NOTIFY_FIRST + 0o4
 NOTIFY_OWNERSHIP_RIGHTS = NOTIFY_FIRST + 0o11
 NOTIFY_RECEIVE_RIGHTS = NOTIFY_FIRST + 0o12
+NOTIFY_OVERFLOW = NOTIFY_FIRST + 0o14  # pymach; below Mach 2.5's NOTIFY_LAST (FIRST + 0o15)
 
 NOTIFY_NAMES = {
     NOTIFY_PORT_DELETED: "NOTIFY_PORT_DELETED",
     NOTIFY_OWNERSHIP_RIGHTS: "NOTIFY_OWNERSHIP_RIGHTS",
     NOTIFY_RECEIVE_RIGHTS: "NOTIFY_RECEIVE_RIGHTS",
+    NOTIFY_OVERFLOW: "NOTIFY_OVERFLOW",
 }
 
 
 def notify_task(task: Task, msg_id: int, name: int) -> None:
-    """Queue notification `msg_id` about `name` on the task's notify port, if it has one."""
+    """Queue notification `msg_id` about `name` on the task's notify port, if it has one,
+    or count it as lost in the port's NOTIFY_OVERFLOW notice (see module docstring).
+    Never blocks; never puts more than backlog + 1 kernel messages on the port."""
     port = task.notify_port
     if port is None or port.dead or not task.active:
         return
-    mqueue_enqueue(port, KMsg(port, None, msg_id, [Int(name)]))
-    task.kernel.trace_event(f"notify {task.name} {NOTIFY_NAMES.get(msg_id, msg_id)} name={name}")
+    what = f"{task.name} {NOTIFY_NAMES.get(msg_id, msg_id)} name={name}"
+    notice = _pending_notice(port)
+    if notice is None and not port.queue_full():
+        mqueue_enqueue(port, KMsg(port, None, msg_id, [Int(name)]))
+        task.kernel.trace_event(f"notify {what}")
+        return
+    if notice is None:
+        notice = KMsg(port, None, NOTIFY_OVERFLOW, [Int(0)], notify_overflow=True)
+        mqueue_enqueue(port, notice)
+    lost = notice.items[0]
+    assert isinstance(lost, Int)
+    notice.items[0] = Int(lost.value + 1)
+    task.kernel.trace_event(f"notify dropped {what} (notify port full)")
+
+
+def _pending_notice(port: Port) -> KMsg | None:
+    """The NOTIFY_OVERFLOW notice queued on `port` and not yet received, if any."""
+    return next((k for k in reversed(port.queue) if k.notify_overflow), None)

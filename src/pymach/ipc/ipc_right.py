@@ -23,7 +23,7 @@ from pymach.ipc.ipc_notify import (
     NOTIFY_RECEIVE_RIGHTS,
     notify_task,
 )
-from pymach.ipc.kmsg import KOOL, KMsg, KPort, KPortArray
+from pymach.ipc.kmsg import KOOL, KMsg, KPort, KPortArray, kmsg_uncharge
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
@@ -88,7 +88,9 @@ def port_destroy(port: Port) -> None:
 
 
 def kmsg_destroy(kmsg: KMsg) -> None:
-    """Release every right and region a message carries (it will never be received)."""
+    """Release every right and region a message carries (it will never be received),
+    and its sender's charge for queued out-of-line memory."""
+    kmsg_uncharge(kmsg)
     for item in kmsg.items:
         if isinstance(item, KPort):
             _release_in_transit(item.port, item.kind)

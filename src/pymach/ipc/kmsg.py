@@ -7,17 +7,29 @@ Invariant: copyin is all-or-nothing. It first checks every right against a scrat
 of the sender's entries and only then changes anything, so a refused message leaves the
 sender exactly as it was. Rights inside a KMsg belong to the message until copyout or
 `ipc_right.kmsg_destroy`.
+
+Accounting (the limits of one task): a message a task sends to a queue is charged the
+page-rounded size of its out-of-line items (`ool_charge`; address ranges and data=bytes
+alike) against the *sender's* `IpcSpace.ool_queued`, up to the kernel's `ool_queued_max`
+(SEND_NO_BUFFER beyond it). The sender is charged, not the receiver, because the sender
+decides to make the kernel hold the memory: charging receivers would let any client
+use up a server's allowance and make its other clients fail. The charge is released
+exactly once (`kmsg_uncharge`), when the message is dequeued for receipt or destroyed
+(port death, which task death causes for the ports it received on). Invariant:
+`space.ool_queued` is the sum of `charge` over the queued messages charged to it.
+Receiving needs room for the rights' new names (`copyout_names_needed`).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
 from pymach.include.message import (
     OOL,
+    Code,
     Disposition,
     Item,
     Message,
@@ -25,6 +37,7 @@ from pymach.include.message import (
     PortArray,
     message_size,
 )
+from pymach.include.vm_param import round_page, trunc_page
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port as KernelPort
@@ -88,11 +101,73 @@ class KMsg:
     id: int
     items: list[KItem]
     sender: str = "kernel"  # name of the sending task, for traces and reports
+    sender_uid: int = -1  # the sending task's user (the receiver's trailer); -1: kernel
     seqno: int = field(default_factory=lambda: next(_kmsg_seq))
+    charged: IpcSpace | None = None  # the space its out-of-line bytes are charged to
+    charge: int = 0  # those bytes (see module docstring)
+    notify_overflow: bool = False  # the kernel's NOTIFY_OVERFLOW notice (ipc_notify.py)
 
     @property
     def size(self) -> int:
         return message_size(self.items)
+
+
+# With unlimited swap, the default ool_queued_max counts swap as this many times memory.
+UNLIMITED_SWAP_FACTOR = 3
+
+
+def ool_queued_limit(value: int | None, memory_size: int, swap_size: int | None) -> int:
+    """The ool_queued_max boot parameter: `value` (a positive int), or by default what
+    the kernel can hold at all, memory plus swap (swap counted as UNLIMITED_SWAP_FACTOR
+    times memory when it is unlimited, so 4 * memory_size)."""
+    if value is None:
+        swap = UNLIMITED_SWAP_FACTOR * memory_size if swap_size is None else swap_size
+        return memory_size + swap
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MachError("KERN_INVALID_ARGUMENT", f"ool_queued_max must be a positive int "
+                        f"or None, not {value!r}")
+    return value
+
+
+def ool_charge(msg: Message, page_size: int) -> int:
+    """Bytes of memory the out-of-line items of a (validated) message make the kernel
+    hold while it is queued: whole pages, as the copies in transit cover."""
+    total = 0
+    for item in msg.items:
+        if not isinstance(item, OOL) or not item.size:
+            continue
+        if item.data is not None:
+            total += round_page(len(item.data), page_size)
+        else:
+            total += (round_page(item.address + item.size, page_size)
+                      - trunc_page(item.address, page_size))
+    return total
+
+
+def ool_check_room(space: IpcSpace, msg: Message, charge: int) -> None:
+    """SEND_NO_BUFFER unless `charge` more bytes (of `msg`) fit the sender's out-of-line
+    allowance; a message that is wrong anyway gets that error first (copyin_check)."""
+    limit = space.task.kernel.ool_queued_max
+    if charge and space.ool_queued + charge > limit:
+        copyin_check(space, msg)
+        raise MachError("SEND_NO_BUFFER", f"task {space.task.name!r} has {space.ool_queued} "
+                        f"bytes of out-of-line memory queued; {charge} more would pass the "
+                        f"limit of {limit} (ool_queued_max); nothing was sent")
+
+
+def kmsg_charge(space: IpcSpace, kmsg: KMsg, charge: int) -> None:
+    """Charge a message about to be queued to its sender's space."""
+    if charge:
+        kmsg.charged, kmsg.charge = space, charge
+        space.ool_queued += charge
+
+
+def kmsg_uncharge(kmsg: KMsg) -> None:
+    """Release a message's charge (idempotent): it was dequeued or destroyed."""
+    space, kmsg.charged = kmsg.charged, None
+    if space is not None:
+        space.ool_queued -= kmsg.charge
+        kmsg.charge = 0
 
 
 @dataclass
@@ -239,9 +314,11 @@ def copyin(space: IpcSpace, msg: Message, sender: str) -> KMsg:
             items.append(KPortArray(ports, _ARRIVES_AS[item.disposition]))
         elif isinstance(item, OOL):
             items.append(_copyin_ool(space, item))
+        elif isinstance(item, Code):
+            items.append(replace(item, origin_uid=space.task.uid))  # the kernel's word
         else:
             items.append(item)
-    return KMsg(dest, reply, msg.id, items, sender=sender)
+    return KMsg(dest, reply, msg.id, items, sender=sender, sender_uid=space.task.uid)
 
 
 def _put_right(space: IpcSpace, port: KernelPort | None, kind: Disposition) -> int:
@@ -284,6 +361,20 @@ def copyout_fits(space: IpcSpace, kmsg: KMsg) -> bool:
     return True
 
 
+def copyout_names_needed(space: IpcSpace, kmsg: KMsg) -> int:
+    """How many new names copying out `kmsg` would add to `space` (live ports it has no
+    name for yet, each counted once)."""
+    ports: set[KernelPort] = set()
+    if kmsg.reply is not None:
+        ports.add(kmsg.reply)
+    for item in kmsg.items:
+        if isinstance(item, KPort) and item.port is not None:
+            ports.add(item.port)
+        elif isinstance(item, KPortArray):
+            ports.update(p for p in item.ports if p is not None)
+    return sum(1 for p in ports if not p.dead and space not in p.holders)
+
+
 def copyout(space: IpcSpace, kmsg: KMsg) -> Message:
     """Deliver a dequeued KMsg into `space`; returns the task's view of it."""
     local = space.name_of(kmsg.dest) or 0
@@ -297,7 +388,11 @@ def copyout(space: IpcSpace, kmsg: KMsg) -> Message:
             items.append(PortArray(names, item.kind))
         elif isinstance(item, KOOL):
             items.append(_put_ool(space, item))
+        elif isinstance(item, Code) and item.origin_uid != space.task.uid:
+            items.append(Code(None, origin_uid=item.origin_uid, refused=True))  # another
+            # user's code is never decoded here: it arrives inert
         else:
             items.append(item)
-    return Message(remote_port=remote, local_port=local, id=kmsg.id, items=items)
+    return Message(remote_port=remote, local_port=local, id=kmsg.id, items=items,
+                   sender_uid=None if kmsg.sender_uid < 0 else kmsg.sender_uid)
 

@@ -8,6 +8,13 @@ from one host is queued in the order it was sent. Waiting happens *before* copyi
 send that times out leaves the sender's rights untouched. Receive: from one port the task
 receives on, or from its default group; a message larger than `rcv_size` stays queued
 (RCV_TOO_LARGE).
+
+Limits (ipc/kmsg.py, ipc/space.py): a send whose out-of-line memory would take the
+sender's queued total past `ool_queued_max` fails at once with SEND_NO_BUFFER, before
+copyin, so the sender keeps its rights and memory (a request to a kernel port is executed
+at once and never charged). A message whose rights would take the receiver's space past
+`port_names_max` names stays queued (RCV_IPC_SPACE), as a too large one does: the
+receiver can free names and receive it; no right is lost.
 """
 
 from __future__ import annotations
@@ -24,11 +31,22 @@ from pymach.include.message import (
     validate_message,
 )
 from pymach.ipc.ipc_mqueue import mqueue_dequeue, mqueue_enqueue, mqueue_group_select
-from pymach.ipc.kmsg import copyin, copyout, copyout_fits
+from pymach.ipc.kmsg import (
+    copyin,
+    copyout,
+    copyout_fits,
+    copyout_names_needed,
+    kmsg_charge,
+    kmsg_uncharge,
+    ool_charge,
+    ool_check_room,
+)
 from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
 
 if TYPE_CHECKING:
+    from pymach.ipc.kmsg import KMsg
     from pymach.ipc.port import Port
+    from pymach.ipc.space import IpcSpace
     from pymach.kern.thread import Thread
 
 
@@ -70,11 +88,14 @@ def msg_send_locked(thread: Thread, msg: Message, timeout: float | None) -> None
         if not thread_block(kernel.sched, thread, port.send_waitq, deadline):
             raise MachError("SEND_TIMED_OUT", f"port {msg.remote_port} stayed full "
                             f"({port.backlog} messages)")
+    charge = 0 if port.is_kernel_port else ool_charge(msg, kernel.page_size)
+    ool_check_room(space, msg, charge)
     kmsg = copyin(space, msg, thread.task.name)
     kernel.trace_event(f"send {thread.name} id={msg.id} -> {port.label or port.serial}")
     if port.is_kernel_port:
         kernel.kobject_server(kmsg)
     else:
+        kmsg_charge(space, kmsg, charge)
         mqueue_enqueue(port, kmsg)
 
 
@@ -90,6 +111,19 @@ def _receive_source(thread: Thread, name: int) -> tuple[Port | None, WaitQueue]:
     return entry.port, entry.port.rcv_waitq
 
 
+def _check_deliverable(space: IpcSpace, head: KMsg, rcv_size: int) -> None:
+    """Raise the RCV_ error that keeps `head` queued, if the receiver cannot take it now:
+    RCV_TOO_LARGE, RCV_NOT_ENOUGH_MEMORY (address space), RCV_IPC_SPACE (name space)."""
+    if head.size > rcv_size:
+        raise MachError("RCV_TOO_LARGE", f"message of {head.size} bytes exceeds "
+                        f"rcv_size {rcv_size}; it stays queued")
+    if not copyout_fits(space, head):
+        raise MachError("RCV_NOT_ENOUGH_MEMORY", "the message's out-of-line memory "
+                        "does not fit in the address space; it stays queued")
+    space.check_room(copyout_names_needed(space, head), "RCV_IPC_SPACE",
+                     "; the message and its rights stay queued")
+
+
 def msg_receive_locked(thread: Thread, name: int, timeout: float | None,
                        rcv_size: int) -> Message:
     """Receive one message on port `name` or the default group (kernel lock held)."""
@@ -98,14 +132,9 @@ def msg_receive_locked(thread: Thread, name: int, timeout: float | None,
     while True:
         port, waitq = _receive_source(thread, name)
         if port is not None and port.queue:
-            head = port.queue[0]
-            if head.size > rcv_size:
-                raise MachError("RCV_TOO_LARGE", f"message of {head.size} bytes exceeds "
-                                f"rcv_size {rcv_size}; it stays queued")
-            if not copyout_fits(thread.task.space, head):
-                raise MachError("RCV_NOT_ENOUGH_MEMORY", "the message's out-of-line memory "
-                                "does not fit in the address space; it stays queued")
+            _check_deliverable(thread.task.space, port.queue[0], rcv_size)
             kmsg = mqueue_dequeue(port)
+            kmsg_uncharge(kmsg)
             kernel.trace_event(f"recv {thread.name} id={kmsg.id} <- {port.label or port.serial}"
                                f" from {kmsg.sender}")
             return copyout(thread.task.space, kmsg)

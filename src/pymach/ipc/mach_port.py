@@ -3,7 +3,8 @@
 Each function takes the target task's `IpcSpace` (the task whose port the request was
 sent to) and runs with the kernel lock held; the RPC plumbing lives in kern/.
 Errors: KERN_INVALID_NAME for a name the task does not hold, KERN_NOT_RECEIVER when the
-call needs receive rights, KERN_INVALID_ARGUMENT for bad values.
+call needs receive rights, KERN_INVALID_ARGUMENT for bad values, KERN_NO_SPACE when the
+task's name space is full (port_names_max).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ class PortStatus:
 
 
 def port_allocate(space: IpcSpace, label: str = "") -> int:
-    """Allocate a new port; the task gets send, receive and ownership rights. Returns its name."""
+    """Allocate a new port; the task gets send, receive and ownership rights. Returns its name.
+
+    KERN_NO_SPACE if the task's space already holds `port_names_max` names (its name
+    space is full, as in Mach 3; KERN_RESOURCE_SHORTAGE would mean the kernel ran out).
+    """
+    space.check_room(1, "KERN_NO_SPACE")
     port = Port(space.task.kernel, label)
     port.receiver = port.owner = space.task
     return space.insert(port, send=True, receive=True, owner=True)

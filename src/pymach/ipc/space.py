@@ -7,6 +7,15 @@ name fails with KERN_INVALID_NAME instead of reaching some other port.
 Invariants (kernel lock): a space has at most one name per port; an entry holds at least
 one right (send, receive or ownership); `entry.port.holders[space] == name` for every
 entry; an entry with receive rights is the port's `receiver`'s entry.
+
+Limits (kernel resources one task can make the kernel hold):
+- names: a space holds at most `names_max` names (the kernel's `port_names_max`, None
+  for the kernel's own servers). Only the calls a task makes to grow its space check it:
+  port_allocate (KERN_NO_SPACE) and receiving rights (RCV_IPC_SPACE, message left
+  queued). The kernel's own insertions (a task's special ports, rights handed back by
+  the transfer rules, which reuse the name the task already has) never fail.
+- out-of-line memory: `ool_queued` is the bytes of out-of-line memory in messages this
+  task sent that still sit in queues (charged and released by ipc/kmsg.py).
 """
 
 from __future__ import annotations
@@ -22,6 +31,18 @@ from pymach.kern.sched_prim import WaitQueue
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
     from pymach.kern.task import Task
+
+# Default port_names_max. Above the rights one message can carry (msg_size_max / 4 with
+# the default msg_size_max), so a single message always fits a space that is not full.
+PORT_NAMES_MAX = 4096
+
+
+def check_port_names_max(value: object) -> int:
+    """Validate the port_names_max boot parameter (an int >= 16); return it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+        raise MachError("KERN_INVALID_ARGUMENT", f"port_names_max must be an int >= 16, "
+                        f"not {value!r}")
+    return value
 
 
 @dataclass
@@ -54,6 +75,17 @@ class IpcSpace:
         self._next_name = itertools.count(1)
         self.active = True
         self.group_waitq = WaitQueue(lock, f"task{task.serial}.group")
+        self.names_max: int | None = task.kernel.port_names_max  # None: no limit
+        self.ool_queued = 0  # bytes of out-of-line memory this task has queued
+
+    def check_room(self, new_names: int, code: str, note: str = "") -> None:
+        """Raise `code` (its detail ending with `note`) unless `new_names` more names fit
+        under `names_max`."""
+        limit = self.names_max
+        if limit is not None and len(self.names) + new_names > limit:
+            raise MachError(code, f"task {self.task.name!r} holds {len(self.names)} port "
+                            f"names; {new_names} more would pass the limit of {limit} "
+                            f"(port_names_max){note}")
 
     def lookup(self, name: object, code: str = "KERN_INVALID_NAME") -> IpcEntry:
         """The entry for `name`; raise `code` if the task holds no right by that name."""

@@ -19,8 +19,9 @@ from typing import Any
 
 from pymach.errors import MachError, ThreadTerminated
 from pymach.include.message import MSG_SIZE_MAX, Code
-from pymach.ipc.kmsg import KMsg
+from pymach.ipc.kmsg import KMsg, ool_queued_limit
 from pymach.ipc.port import Port
+from pymach.ipc.space import PORT_NAMES_MAX, check_port_names_max
 from pymach.kern.sched_prim import make_scheduler, thread_block
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, current_thread, set_current_thread
@@ -56,7 +57,9 @@ class Kernel:
                  swap_dir: str | None = None, swap_size: int | None = None,
                  pmap: str = "soft", pager_timeout_ms: float | None = None,
                  pager_timeout_action: str = "error", pageout_deadline_ms: float = 1000.0,
-                 manager_page_limit: int | None = None, pager_cluster_pages: int = 1) -> None:
+                 manager_page_limit: int | None = None, pager_cluster_pages: int = 1,
+                 port_names_max: int = PORT_NAMES_MAX,
+                 ool_queued_max: int | None = None) -> None:
         _check_config(page_size, memory_size, msg_size_max, swap_size)
         self.swap_dir = swap_dir  # immutable: where the default pager keeps its file
         self.swap_size = swap_size  # immutable: backing store limit in bytes (None: grows)
@@ -66,6 +69,9 @@ class Kernel:
         self.page_size = page_size  # immutable
         self.memory_size = memory_size  # immutable
         self.msg_size_max = msg_size_max  # immutable
+        # immutable: resource limits per task (ipc/space.py, ipc/kmsg.py)
+        self.port_names_max = check_port_names_max(port_names_max)
+        self.ool_queued_max = ool_queued_limit(ool_queued_max, memory_size, swap_size)
         self.seed = seed  # immutable
         self.sched = make_scheduler(deterministic, seed)  # immutable
         self._serials: dict[str, Iterator[int]] = {}
@@ -399,6 +405,11 @@ def boot(**config: Any) -> Iterator[Kernel]:
     one manager's objects may hold), pager_cluster_pages (a fault on an external object
     asks its manager for up to this many pages at once, those not yet resident after
     the faulting one; default 1).
+    Limits per task: port_names_max (names in one task's port name space; default
+    PORT_NAMES_MAX = 4096; port_allocate beyond it fails with KERN_NO_SPACE, a receive
+    needing more names with RCV_IPC_SPACE), ool_queued_max (bytes of out-of-line memory a
+    task's sent messages may hold in queues; default memory_size + swap_size, or four
+    times memory_size with unlimited swap; beyond it msg_send fails with SEND_NO_BUFFER).
     Inside the block the calling thread is the first thread of the `bootstrap` task.
     """
     from pymach.pmap import EMBEDDED_BACKENDS

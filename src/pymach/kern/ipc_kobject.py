@@ -132,7 +132,12 @@ class KernelServer:
         return [t.port for t in _check_active(task).threads if not t.port.dead]
 
     def thread_create(self, task: Task, code: Code) -> Port:
-        thread = self.kernel.thread_create_locked(_check_active(task), code)
+        _check_active(task)
+        if code.refused or code.origin_uid not in (-1, task.uid):
+            raise MachError("KERN_PROTECTION_FAILURE", f"a callable from uid "
+                            f"{code.origin_uid} cannot run in task {task.name!r} of uid "
+                            f"{task.uid}: code runs only in its own user's tasks")
+        thread = self.kernel.thread_create_locked(task, code)
         return thread.port
 
     def task_get_special_port(self, task: Task, which: int) -> Port | None:

@@ -14,6 +14,7 @@ running Mach code, an empty space, no address space and a dead task port.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from pymach.ipc.ipc_right import port_destroy, space_destroy
@@ -50,6 +51,8 @@ class Task:
         self.map: VmMap | None = None  # the address space (none for the kernel task)
         self.unthrottled = False  # set once: its sends ignore backlogs (netmsgserver)
         self.native = native  # immutable: a process under machd, not threads here
+        self.uid: int = parent.uid if parent is not None else os.getuid()  # its user
+        # (machd sets an attached task's from SO_PEERCRED; a child has its parent's)
         self.process: Any = None  # machd's record of the native task's process
         if not kernel_task:
             self._make_ports(parent)

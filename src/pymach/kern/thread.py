@@ -21,6 +21,7 @@ from pymach.errors import ThreadTerminated
 from pymach.include.message import Code
 from pymach.ipc.port import Port
 from pymach.kern.sched_prim import WaitQueue
+from pymach.kern.syscall_sw import LocalTraps
 
 if TYPE_CHECKING:
     from pymach.kern.task import Task
@@ -65,12 +66,10 @@ class Thread:
     def __repr__(self) -> str:
         return f"<Thread {self.serial} {self.name} {self.state}>"
 
-    def trap(self, op: str, *args: Any) -> Any:
-        """A native task's thread sends its traps to machd (libmach/task.py); a thread of
-        this process enters the kernel directly instead, so this is never called."""
-        from pymach.errors import MachError
-
-        raise MachError("KERN_FAILURE", f"thread {self.name} is not a native thread")
+    @property
+    def transport(self) -> LocalTraps:
+        """How this thread enters its kernel: by direct calls (kern/syscall_sw.py)."""
+        return LocalTraps(self)
 
     def start(self) -> None:
         """Start the Python thread (kernel lock held); it runs once the scheduler allows."""

@@ -2,19 +2,26 @@
 
 `attach()` makes the calling process a task of the running machd and the calling
 Python thread its first Mach thread; from then on the whole pymach API works in this
-process as in the embedded kernel (the traps go over the thread's connection). The
-process:
+process as in the embedded kernel (the traps go over the thread's connection, in the
+typed wire of include/wire.py and include/traps.py). The process:
 
+- checks that the daemon at the socket runs as the expected user (SO_PEERCRED) before
+  it sends anything;
 - reserves its address-space window (PROT_NONE) and makes its userfaultfd, which it
-  hands to machd: machd serves every page fault of the process;
+  hands to machd and closes: machd alone holds it and serves every page fault of the
+  process, so if machd dies no fault can wait forever;
 - applies the address-space changes each trap reply carries, before returning from
   the trap, in the order machd issued them (threads of the task wait for batches
-  other threads took first): it maps memory objects' memfds MAP_SHARED at their
-  regions (and registers them with the userfaultfd), unmaps, and changes protections.
-  Only the process can change its own mappings (../shared/DESIGN.md);
+  other threads took first): it maps memory objects' memfds at their regions (read-only
+  descriptors where the region may never be written), unmaps, and changes protections,
+  then tells machd (MAPPED), which arms the new ranges. Only the process can change its
+  own mappings (../shared/DESIGN.md);
 - keeps a control connection, on which machd asks it to start threads (thread_create)
   or to die (task_terminate, a memory error); if machd itself dies, that connection
   closes and the process exits with a message instead of hanging.
+
+A callable sent to a thread of this task (thread_create, spawn) is unpickled here only
+if machd says it came from this process's own user; nothing received changes sys.path.
 
 `NativeProcess` state is changed under its `lock`; each `NativeThread` and its
 connection belong to one Python thread.
@@ -33,13 +40,14 @@ from typing import Any
 import cloudpickle
 
 from pymach.errors import MachError, ThreadTerminated
-from pymach.include.message import Bytes, Code, Message
+from pymach.include import traps, wire
+from pymach.include.channel import Channel, Disconnected, Frame, close_fds, default_socket_path
+from pymach.include.message import Bytes, Code, Message, validate_message
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.kern.thread import set_current_thread
 from pymach.libmach.ranges import Ranges
-from pymach.machd.protocol import DEFAULT_SOCKET, Connection, Disconnected, close_fds
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE
-from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, Uffd
+from pymach.pmap.uffd import Uffd
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -72,66 +80,103 @@ class NativeProcess:
         # or a thread ends
         self.batches_applied = 0  # (lock) machd numbers its instruction batches 1, 2, ...
         self.threads_running = 0  # (lock) threads made by thread_create, still running
-        self.uffd = Uffd.create()
         self.ranges = Ranges()  # (lock) what is mapped now, with its protection
         self.task_serial = 0
         self.task_name = ""
         self.page_size = 4096
         self.detaching = False
-        self.control: Connection | None = None
+        self.control: Channel | None = None
+        self.control_closed = threading.Event()  # set when the control connection ends
         self.task_port = 0  # this task's name for its own task port
         self.local_code: dict[str, Code] = {}  # thread_create on our own task: shared
         _mmap(WINDOW_BASE, WINDOW_SIZE, PROT_NONE,
               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE)
 
-    def hello(self, conn: Connection, request: dict[str, Any], with_uffd: bool) -> Any:
-        """Send a connection's first frame; returns machd's welcome."""
-        request.update(pid=os.getpid(), tid=threading.get_native_id(), sys_path=sys.path,
-                       cwd=os.getcwd(), main=getattr(sys.modules["__main__"], "__file__", ""))
-        conn.send(request, [self.uffd.fd] if with_uffd else [])
-        reply, fds = conn.recv()
-        return _result(self, reply, fds)
+    def connect(self) -> Channel:
+        """A new connection to machd, refused unless the daemon runs as the expected
+        user (SO_PEERCRED): ours, root, or $PYMACH_MACHD_UID."""
+        try:
+            chan = Channel.connect(self.socket_path, timeout=10)
+        except OSError as e:
+            raise MachError("KERN_FAILURE", f"no machd at {self.socket_path} "
+                            f"({e.strerror or e}): start one with `pymach machd`") from None
+        check_daemon(chan, self.socket_path)
+        return chan
+
+    def hello(self, chan: Channel, op: int, values: list[Any], fds: list[int]) -> list[Any]:
+        """Send a connection's hello; returns machd's welcome (WELCOME_FIELDS)."""
+        chan.send(op, values, fds)
+        value = _reply(self, chan, chan.recv())
+        if not isinstance(value, list) or len(value) != len(traps.WELCOME_FIELDS):
+            raise MachError("MIG_TYPE_ERROR", "machd sent a malformed welcome")
+        return value
 
     # -- address-space changes --------------------------------------------------------
-    def apply(self, reply: dict[str, Any], fds: list[int]) -> None:
+    def apply(self, chan: Channel, batch: int, upto: int, maps: list[Any],
+              fds: list[int]) -> None:
         """Apply machd's instructions in a trap reply (see module docstring), in machd's
-        batch order, and return only once every batch issued before this reply is
-        applied (another thread may be applying an earlier one); close the fds."""
-        batch, upto = reply.get("batch", (0, 0))
+        batch order; have machd arm what was mapped; return only once every batch
+        issued before this reply is applied (another thread may be applying one)."""
+        follow: Frame | None = None
         try:
-            with self.applied:
-                if batch:
+            if batch:
+                with self.applied:
                     self.applied.wait_for(lambda: self.batches_applied == batch - 1)
-                    for ins in reply.get("maps", ()):
-                        self._apply_one(ins, fds)
+                    mapped = self._apply_batch(maps, fds)
+                if mapped:  # machd arms the new ranges before anyone may touch them
+                    chan.send(traps.MAPPED, [batch])
+                    follow = chan.recv()
+                with self.applied:
                     self.batches_applied = batch
                     self.applied.notify_all()
-                self.applied.wait_for(lambda: self.batches_applied >= upto)
         finally:
             close_fds(fds)
+        if follow is not None:
+            _reply(self, chan, follow)
+        with self.applied:
+            self.applied.wait_for(lambda: self.batches_applied >= upto)
 
-    def _apply_one(self, ins: tuple[Any, ...], fds: list[int]) -> None:
+    def _apply_batch(self, maps: list[Any], fds: list[int]) -> bool:
+        """Apply one batch (lock held); True if it mapped anything."""
+        mapped = False
+        for ins in maps:
+            if not (isinstance(ins, list) and ins and ins[0] in traps.MAP_LAYOUT
+                    and len(ins) == traps.MAP_LAYOUT[ins[0]]
+                    and all(isinstance(v, int) for v in ins)):
+                raise MachError("MIG_TYPE_ERROR", f"machd sent a bad map instruction {ins!r}")
+            mapped |= self._apply_one(ins, fds)
+        return mapped
+
+    def _apply_one(self, ins: list[int], fds: list[int]) -> bool:
         kind, start, length = ins[0], ins[1], ins[2]
-        if kind == "map":
-            _mmap(start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fds[ins[3]],
-                  ins[4])
-            self.uffd.register(start, length, MODE_MISSING | MODE_WP | MODE_MINOR)
-            self._protect(start, length, ins[5])
-        elif kind == "unmap":
+        if kind == traps.MAP_FD:
+            fd_index, offset, prot, shared = ins[3:]
+            if shared:
+                _mmap(start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                      fds[fd_index], offset)
+            else:  # a region that may never be written: a read-only descriptor
+                _mmap(start, length, PROT_READ, MAP_PRIVATE | MAP_FIXED, fds[fd_index],
+                      offset)
+            self.ranges.remove(start, start + length)
+            self._protect(start, length, prot, bool(shared))
+            return True
+        if kind == traps.MAP_UNMAP:
             _mmap(start, length, PROT_NONE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED)
             self.ranges.remove(start, start + length)
-        elif kind == "protect":
-            self._protect(start, length, ins[3])
+        else:
+            self._protect(start, length, ins[3], None)
+        return False
 
-    def _protect(self, start: int, length: int, prot: int) -> None:
+    def _protect(self, start: int, length: int, prot: int, shared: bool | None) -> None:
         """Record a range's protection; without read access nothing may touch it (write
-        access is enforced by machd, which write-protects pages through the uffd)."""
+        access is enforced by machd, which write-protects pages through the uffd).
+        `shared` None: the range keeps the kind of mapping it has."""
         if not prot & VM_PROT_READ:
             _libc.mprotect(ctypes.c_void_p(start), ctypes.c_size_t(length), PROT_NONE)
-        elif self.ranges.protections(start, start + length) != [prot]:
+        elif shared is not False and self.ranges.protections(start, start + length) != [prot]:
             _libc.mprotect(ctypes.c_void_p(start), ctypes.c_size_t(length),
-                           PROT_READ | PROT_WRITE)
+                           PROT_READ | PROT_WRITE)  # fails (harmlessly) on read-only maps
         self.ranges.set(start, start + length, prot)
 
     def check_access(self, address: int, size: int, access: int) -> None:
@@ -148,14 +193,14 @@ class NativeProcess:
                             f"allow {'write' if access & VM_PROT_WRITE else 'read'} access")
 
     # -- the control connection ---------------------------------------------------------
-    def start_control(self) -> None:
-        """Open the control connection and serve it in a daemon thread."""
-        conn = Connection.connect(self.socket_path)
-        conn.send({"op": "control", "task": self.task_serial, "pid": os.getpid()},
-                  _stdio())
-        conn.recv()
-        self.control = conn
-        threading.Thread(target=self._control, args=(conn,), daemon=True,
+    def start_control(self, token: bytes) -> None:
+        """Open the control connection (with the token of our welcome) and serve it in a
+        daemon thread."""
+        chan = self.connect()
+        chan.send(traps.HELLO_CONTROL, [token], _stdio())
+        _reply(self, chan, chan.recv())
+        self.control = chan
+        threading.Thread(target=self._control, args=(chan,), daemon=True,
                          name="pymach.control").start()
 
     def check_machd(self) -> None:
@@ -164,31 +209,47 @@ class NativeProcess:
         if self.detaching:
             return
         try:
-            conn = Connection.connect(self.socket_path)
-            conn.sock.settimeout(5)  # a dying machd may still accept, but never answers
-            conn.send({"op": "ping"})
-            conn.recv()
-            conn.close()
-        except (OSError, Disconnected):
+            chan = Channel.connect(self.socket_path, timeout=5)
+            chan.sock.settimeout(5)  # a dying machd may still accept, but never answers
+            chan.send(traps.HELLO_PING)
+            chan.recv()
+            chan.close()
+        except (OSError, Disconnected, MachError):
             _die(f"pymach: machd went away; task {self.task_name!r} exits", EXIT_MACHD_DIED)
 
-    def _control(self, conn: Connection) -> None:
+    def _control(self, chan: Channel) -> None:
         while True:
             try:
-                request, fds = conn.recv()
-            except Disconnected:
+                frame = chan.recv()
+            except (Disconnected, MachError):
+                self.control_closed.set()
                 if self.detaching:
                     return
                 self.check_machd()
                 return  # machd lives: it is ending this task, and says so elsewhere
-            close_fds(fds)
-            if request.get("op") == "start_thread":
-                threading.Thread(target=run_thread, args=(self, request["token"]),
+            frame.close_fds()
+            if frame.op == traps.START_THREAD and frame.values and isinstance(
+                    frame.values[0], bytes):
+                threading.Thread(target=run_thread, args=(self, frame.values[0]),
                                  daemon=True, name="mach-thread").start()
-            elif request.get("op") == "die":  # machd has written why to our stderr
+            elif frame.op == traps.DIE:  # machd has written why to our stderr
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
-                os._exit(EXIT_KILLED if request.get("why") else 0)  # "": we ended ourselves
+                os._exit(EXIT_KILLED if frame.values and frame.values[0] else 0)
+
+
+def check_daemon(chan: Channel, path: str) -> None:
+    """MachError (the channel closed) unless the peer at `path` runs as our user, root,
+    or the uid in $PYMACH_MACHD_UID: a socket another user bound is never trusted."""
+    expected = {os.getuid(), 0}
+    if os.environ.get("PYMACH_MACHD_UID", "").isdigit():
+        expected = {int(os.environ["PYMACH_MACHD_UID"])}
+    uid = chan.peer().uid
+    if uid not in expected:
+        chan.close()
+        raise MachError("KERN_FAILURE", f"the daemon at {path} runs as uid {uid}, not as "
+                        f"{' or '.join(map(str, sorted(expected)))}: refusing to trust it "
+                        f"(set PYMACH_MACHD_UID to accept it)")
 
 
 class _KernelInfo:
@@ -198,58 +259,129 @@ class _KernelInfo:
         self.page_size = process.page_size
 
 
+_STALE_REPLY = ("RCV_INVALID_PORT", "SEND_INVALID_PORT", "SEND_INVALID_RIGHT")
+
+
 class NativeThread:
-    """A Mach thread of this process: its traps go over its own connection to machd."""
+    """A Mach thread of this process: its traps go over its own connection to machd
+    (the wire trap transport; kern/thread.py's Thread is the in-process one)."""
 
     native = True
 
-    def __init__(self, process: NativeProcess, conn: Connection, name: str) -> None:
+    def __init__(self, process: NativeProcess, chan: Channel, welcome: list[Any]) -> None:
+        fields = dict(zip(traps.WELCOME_FIELDS, welcome, strict=True))
         self.process = process
-        self.conn = conn
-        self.name = name
+        self.conn = chan
+        self.name = str(fields["thread"])
+        self.reply_name = int(fields["thread_reply"])  # known without a round trip
         self.task = process
         self.kernel = _KernelInfo(process)
 
-    def trap(self, op: str, *args: Any) -> Any:
+    def trap(self, op: int, *args: Any) -> Any:
         """Run a trap in machd as this thread; returns its result or raises its error."""
-        if op in ("msg_send", "msg_rpc"):
-            args = (_portable(self.process, args[0]), *args[1:])
         try:
-            self.conn.send({"op": op, "args": args})
-            reply, fds = self.conn.recv()
+            self.conn.send(op, args)
+            frame = self.conn.recv()
         except Disconnected:
             self.process.check_machd()
             raise ThreadTerminated() from None  # machd ended this thread
-        result = _result(self.process, reply, fds)
-        return _callable_code(result) if op in ("msg_receive", "msg_rpc") else result
+        return _reply(self.process, self.conn, frame)
+
+    # -- the trap transport ---------------------------------------------------------------
+    def _message_trap(self, op: int, msg: Any, *rest: Any) -> Any:
+        """A trap that carries a message: a malformed one gets the kernel's own error
+        (checked here: it could not travel), after entering the kernel all the same,
+        where a pending termination or suspension takes effect as in the embedded one."""
+        try:
+            portable = _portable(self.process, msg)
+        except MachError as e:
+            with contextlib.suppress(MachError):
+                self.trap(op, None, *rest)
+            raise e from None
+        return self.trap(op, portable, *rest)
+
+    def msg_send(self, msg: Any, option: Any, timeout: Any) -> None:
+        """msg_send in machd."""
+        self._message_trap(traps.MSG_SEND, msg, option, timeout)
+
+    def msg_receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
+        """msg_receive in machd."""
+        if isinstance(port, Message):
+            port = port.local_port
+        msg: Message = _callable_code(self.trap(traps.MSG_RECEIVE, port, option, timeout,
+                                                rcv_size))
+        return msg
+
+    def msg_rpc(self, msg: Any, option: Any, rcv_size: Any, send_timeout: Any,
+                receive_timeout: Any) -> Message:
+        """msg_rpc in machd. A failure that names our cached reply port (it was
+        destroyed) makes the next thread_reply() ask machd again."""
+        try:
+            reply: Message = _callable_code(self._message_trap(
+                traps.MSG_RPC, msg, option, rcv_size, send_timeout, receive_timeout))
+        except MachError as e:
+            if e.code in _STALE_REPLY and getattr(msg, "local_port", 0) == self.reply_name:
+                self.reply_name = 0
+            raise
+        return reply
+
+    @property
+    def transport(self) -> NativeThread:
+        """How this thread enters its kernel: over the wire (this object)."""
+        return self
+
+    def identity(self, op: int) -> int:
+        """An identity trap (traps.TASK_SELF ...); thread_reply needs no round trip."""
+        if op == traps.THREAD_REPLY and self.reply_name:
+            return self.reply_name
+        name = int(self.trap(op))
+        if op == traps.THREAD_REPLY:
+            self.reply_name = name
+        return name
 
     def share_stdio(self) -> None:
-        """Give machd this process's current stdout and stderr: the processes of tasks
-        it creates next write there (as a forked child would)."""
-        self.conn.send({"op": "stdio"}, _stdio())
-        _result(self.process, *self.conn.recv())
+        """Give machd this process's current stdout and stderr and where its program
+        runs: the processes of tasks it creates next write there and start there (as
+        a forked child would)."""
+        main = getattr(sys.modules["__main__"], "__file__", "") or ""
+        path = [p for p in sys.path if isinstance(p, str)][:256]
+        self.conn.send(traps.STDIO, [os.getcwd(), path, main], _stdio())
+        _reply(self.process, self.conn, self.conn.recv())
 
     def exit(self, result: Any) -> None:
         """Tell machd this thread is done."""
-        with contextlib.suppress(Disconnected):
-            self.conn.send({"op": "exit", "result": _picklable(result)})
+        with contextlib.suppress(Disconnected, OSError):
+            self.conn.send(traps.EXIT, [_wire_value(result)])
         self.conn.close()
 
 
-def _result(process: NativeProcess, reply: dict[str, Any], fds: list[int]) -> Any:
-    process.apply(reply, fds)
-    if reply.get("terminated"):
+def _reply(process: NativeProcess, chan: Channel, frame: Frame) -> Any:
+    """Act on one REPLY frame: apply its batch, then return its value or raise."""
+    if frame.op != traps.REPLY:
+        frame.close_fds()
+        raise MachError("MIG_TYPE_ERROR", f"machd sent frame {frame.op}, not a reply")
+    try:
+        wire.check(frame.values, traps.SIGNATURES[traps.REPLY], "reply")
+    except MachError:
+        frame.close_fds()
+        raise
+    status, value, code, detail, batch, upto, maps = frame.values
+    process.apply(chan, batch, upto, maps, frame.fds)
+    if status == traps.REPLY_TERMINATED:
         raise ThreadTerminated()
-    if "err" in reply:
-        raise MachError(*reply["err"])
-    return reply.get("ok")
+    if status != traps.REPLY_OK:
+        raise MachError(code, detail)
+    return value
 
 
 def _portable(process: NativeProcess, msg: Any) -> Any:
     """A message whose items can travel to machd: byte items become bytes, and for Code
     items, for a thread of our own task the callable stays here (threads of a task
     share its objects) and only a key travels; for another task it is pickled by value."""
-    if not isinstance(msg, Message) or not any(isinstance(i, Code | Bytes) for i in msg.items):
+    if not isinstance(msg, Message):
+        return msg
+    validate_message(msg)  # the kernel's own check, so errors are the embedded ones
+    if not any(isinstance(i, Code | Bytes) for i in msg.items):
         return msg
     own = msg.remote_port == process.task_port
 
@@ -260,7 +392,7 @@ def _portable(process: NativeProcess, msg: Any) -> Any:
             key = uuid.uuid4().hex
             process.local_code[key] = code
             return Code(None, blob=b"local:" + key.encode())
-        return Code(None, blob=_pickle_code(code))
+        return Code(None, blob=cloudpickle.dumps((code.fn, code.args, code.kwargs)))
 
     def portable(item: Any) -> Any:
         if isinstance(item, Code):
@@ -274,47 +406,38 @@ def _portable(process: NativeProcess, msg: Any) -> Any:
 
 
 def _callable_code(msg: Any) -> Any:
-    """A received message whose Code items (pickled by their sender) are callable here;
-    one that cannot be loaded here stays a blob (its `fn` is None)."""
-    if not isinstance(msg, Message) or not any(isinstance(i, Code) and i.fn is None
-                                               for i in msg.items):
+    """A received message whose Code items are callable here. Only a blob machd says
+    came from this process's own user is unpickled; another user's arrives refused
+    (machd dropped its blob), and one that cannot be loaded stays a blob (`fn` None)."""
+    if not isinstance(msg, Message):
         return msg
     for n, item in enumerate(msg.items):
-        if isinstance(item, Code) and item.fn is None and item.blob is not None:
+        if isinstance(item, Code) and item.fn is None and item.blob is not None \
+                and not item.refused and item.origin_uid == os.getuid():
             with contextlib.suppress(Exception):
-                fn, args, kwargs = _unpickle_code(item.blob)
-                msg.items[n] = Code(fn, args, kwargs)
+                fn, args, kwargs = cloudpickle.loads(item.blob)
+                msg.items[n] = Code(fn, tuple(args), dict(kwargs), origin_uid=item.origin_uid)
     return msg
 
 
-def _pickle_code(code: Code) -> bytes:
-    """The callable and arguments, pickled by value, with this process's module path
-    (what the other process needs to import what they refer to)."""
-    inner = cloudpickle.dumps((code.fn, code.args, code.kwargs))
-    blob: bytes = cloudpickle.dumps((list(sys.path), inner))
-    return blob
-
-
-def _unpickle_code(blob: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    path, inner = cloudpickle.loads(blob)
-    sys.path.extend(p for p in path if p not in sys.path)
-    fn, args, kwargs = cloudpickle.loads(inner)
-    return fn, args, kwargs
-
-
-def _load_code(process: NativeProcess, blob: bytes) -> tuple[Any, tuple[Any, ...],
-                                                             dict[str, Any]]:
+def _load_code(process: NativeProcess, blob: bytes, uid: int) -> tuple[Any, tuple[Any, ...],
+                                                                        dict[str, Any]]:
+    """A new thread's callable: our own task's (by key), or a blob of our own user."""
     if blob.startswith(b"local:"):
         code = process.local_code.pop(blob[6:].decode())
         assert code.fn is not None
         return code.fn, code.args, code.kwargs
-    return _unpickle_code(blob)
+    if uid != os.getuid():
+        raise MachError("KERN_PROTECTION_FAILURE", f"refusing code from uid {uid}")
+    fn, args, kwargs = cloudpickle.loads(blob)
+    return fn, tuple(args), dict(kwargs)
 
 
-def _picklable(value: Any) -> Any:
+def _wire_value(value: Any) -> Any:
+    """A thread's result as it can travel: itself if the wire carries it, else its repr."""
     try:
-        cloudpickle.dumps(value)
-    except Exception:  # a result we cannot carry: say what it was
+        wire.encode([value])
+    except MachError:
         return repr(value)
     return value
 
@@ -344,29 +467,34 @@ def attached() -> NativeProcess | None:
 
 def attach(socket_path: str | None = None, name: str = "") -> NativeThread:
     """Make this process a new task of machd and this thread its first Mach thread."""
-    global _process
     if _process is not None:
         raise MachError("KERN_FAILURE", "this process is already a native task")
-    path = socket_path or os.environ.get("PYMACH_SOCKET", DEFAULT_SOCKET)
-    process = NativeProcess(path)
+    process = NativeProcess(socket_path or default_socket_path())
     try:
-        conn = Connection.connect(path)
-    except OSError as e:
-        raise MachError("KERN_FAILURE", f"no machd at {path} ({e.strerror}): start one with "
-                        f"`pymach machd`") from None
-    welcome = process.hello(conn, {"op": "attach", "name": name}, with_uffd=True)
-    return _become(process, conn, welcome)
+        chan = process.connect()
+        uffd = Uffd.create()
+        try:  # machd takes the userfaultfd; this process keeps no copy of it
+            welcome = process.hello(chan, traps.HELLO_ATTACH,
+                                    [name, threading.get_native_id()], [uffd.fd])
+        finally:
+            uffd.close()
+    except BaseException:
+        _libc.munmap(ctypes.c_void_p(WINDOW_BASE), ctypes.c_size_t(WINDOW_SIZE))
+        raise
+    return _become(process, chan, welcome)
 
 
-def _become(process: NativeProcess, conn: Connection, welcome: dict[str, Any]) -> NativeThread:
+def _become(process: NativeProcess, chan: Channel, welcome: list[Any]) -> NativeThread:
     global _process
-    process.task_serial, process.task_name = welcome["task"], welcome["task_name"]
-    process.page_size = welcome["page_size"]
+    fields = dict(zip(traps.WELCOME_FIELDS, welcome, strict=True))
+    process.task_serial, process.task_name = fields["task"], fields["task_name"]
+    process.page_size = fields["page_size"]
     _process = process
-    process.start_control()
-    thread = NativeThread(process, conn, welcome["thread"])
+    process.start_control(fields["control_token"])
+    thread = NativeThread(process, chan, welcome)
     set_current_thread(thread)  # type: ignore[arg-type]
-    process.task_port = thread.trap("task_self")
+    process.task_port = int(fields["task_self"])
+    thread.share_stdio()  # its children start where it runs
     return thread
 
 
@@ -379,11 +507,10 @@ def detach() -> None:
         return
     process.detaching = True
     if process.control is not None:
-        with contextlib.suppress(Disconnected):
-            process.control.send({"op": "detach"})
-            process.control.recv()  # machd closes it once the task is gone
-    process.uffd.close()  # wakes threads stuck in a fault: they see plain memory now
-    with process.applied:  # and end at their next trap (the task is gone)
+        with contextlib.suppress(Disconnected, MachError, OSError):
+            process.control.send(traps.DETACH)
+            process.control_closed.wait(DETACH_WAIT_S)  # machd closes it: the task is gone
+    with process.applied:  # threads stuck in a fault woke when machd dropped the uffd
         process.applied.wait_for(lambda: process.threads_running == 0, DETACH_WAIT_S)
     _libc.munmap(ctypes.c_void_p(WINDOW_BASE), ctypes.c_size_t(WINDOW_SIZE))
     _process = None
@@ -393,7 +520,7 @@ def detach() -> None:
 DETACH_WAIT_S = 5.0  # how long detach waits for the task's other threads to end
 
 
-def run_thread(process: NativeProcess, token: str, first: bool = False) -> None:
+def run_thread(process: NativeProcess, token: bytes, first: bool = False) -> None:
     """A thread made by thread_create: connect, run its code, report its result."""
     with process.applied:
         process.threads_running += 1
@@ -405,16 +532,22 @@ def run_thread(process: NativeProcess, token: str, first: bool = False) -> None:
             process.applied.notify_all()
 
 
-def _run_thread(process: NativeProcess, token: str, first: bool) -> None:
-    conn = Connection.connect(process.socket_path)
-    welcome = process.hello(conn, {"op": "thread", "token": token, "first": first},
-                            with_uffd=first)
-    thread = _become(process, conn, welcome) if first else NativeThread(
-        process, conn, welcome["thread"])
+def _run_thread(process: NativeProcess, token: bytes, first: bool) -> None:
+    chan = process.connect()
+    uffd = Uffd.create() if first else None
+    try:
+        welcome = process.hello(chan, traps.HELLO_THREAD, [token, threading.get_native_id()],
+                                [uffd.fd] if uffd is not None else [])
+    finally:
+        if uffd is not None:
+            uffd.close()
+    thread = (_become(process, chan, welcome) if first
+              else NativeThread(process, chan, welcome))
     set_current_thread(thread)  # type: ignore[arg-type]
+    fields = dict(zip(traps.WELCOME_FIELDS, welcome, strict=True))
     result: Any = None
     try:
-        fn, args, kwargs = _load_code(process, welcome["code"])
+        fn, args, kwargs = _load_code(process, fields["code"], fields["code_uid"])
         result = fn(*args, **kwargs)
     except ThreadTerminated:
         pass

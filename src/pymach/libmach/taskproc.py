@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m pymach.libmach.taskproc SOCKET TOKEN", file=sys.stderr)
         return 2
     process = NativeProcess(argv[0])
-    run_thread(process, argv[1], first=True)
+    run_thread(process, bytes.fromhex(argv[1]), first=True)
     threading.Event().wait()  # until machd ends the task (the control thread exits us)
     return 0
 

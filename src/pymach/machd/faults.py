@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pymach.include.message import Code
 from pymach.kern.thread import Thread
+from pymach.machd.remote import RemoteState, serve_faults
 
 if TYPE_CHECKING:
     from pymach.machd.machd import Machd, Process
@@ -96,8 +97,6 @@ class FaultPoller:
 
     def _helper(self, proc: Process) -> Thread:
         """The task's kernel thread for faults of threads unknown to Mach."""
-        from pymach.machd.remote import RemoteState, serve_faults
-
         with self.lock:
             helper = self.helpers.get(proc.task.serial)
             if helper is not None:

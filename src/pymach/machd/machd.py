@@ -2,19 +2,26 @@
 
 machd runs the same kernel as the embedded mode (ipc/, kern/, vm/) with the uffd pmap.
 Every thread of a native task process has its own connection; on machd's side it is
-served by a kernel `Thread` of that task whose Python thread runs `serve_remote`: it
-executes the process thread's traps (msg_send, msg_receive, msg_rpc, the identity
-calls) as that Mach thread, and resolves the page faults the process thread takes
-(read from the task's userfaultfd by the fault poller, `faults.py`). So every Mach
-call of a native task is the embedded kernel's code running on the task's behalf, with
-the same rights checks and errors; the reply carries the address-space changes the
-process must apply (native_map.py).
+served by a kernel `Thread` of that task whose Python thread runs `serve_remote`
+(remote.py): it executes the process thread's traps as that Mach thread, and resolves
+the page faults the process thread takes (read from the task's userfaultfd by the fault
+poller, `faults.py`). The reply carries the address-space changes the process must
+apply (pmap/native_map.py).
 
-A process attaches (`pymach exec`, or `pymach.libmach.task.attach`) and becomes a new
-task; thread_create on a native task starts a thread in its process over the process's
-control connection, or, for a task with no process yet (task_create), a new process
-(`taskproc.py`). A task ends when its process ends; a process that machd must end
-(task_terminate, a memory error) is killed. See the README, "Native mode".
+The boundary (README, "Security model"): machd's socket lives in a directory only its
+user can enter; each connection's uid and pid come from SO_PEERCRED, and by default
+only machd's own user is served (`allow_uids` adds others). A connection must send a
+valid hello (include/traps.py) within `hello_timeout` before anything is created, and
+it becomes a task (HELLO_ATTACH, with the process's userfaultfd), a thread (HELLO_THREAD,
+with a single-use token machd handed out) or a process's control connection
+(HELLO_CONTROL, with the token its first thread's welcome carried); tokens are checked
+against the connecting pid, so no frame can name another task, process or connection.
+Every frame is the typed wire (include/wire.py): nothing is unpickled here. Connections
+pending a hello, connections and processes per user are bounded (`Limits`).
+
+A task ends when its process ends; a process that machd must end (task_terminate, a
+memory error) is told why and then killed. A process machd starts (task_create, then
+thread_create) runs as the task's user. See the README, "Native mode".
 
 Registries below are guarded by `self.lock` (a leaf lock); kernel state by the kernel
 lock, as everywhere.
@@ -25,29 +32,55 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
+import secrets
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
-import uuid
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pymach.errors import MachError
+from pymach.include import traps, wire
+from pymach.include.channel import (
+    Channel,
+    Disconnected,
+    Frame,
+    PeerCred,
+    close_fds,
+    default_socket_path,
+)
 from pymach.include.message import Code
 from pymach.kern.host import Kernel
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, running_thread
-from pymach.machd.protocol import DEFAULT_SOCKET, Connection, Disconnected, close_fds
+from pymach.machd.faults import FaultPoller
+from pymach.machd.remote import TaskEnv, check_frame, serve_remote
 from pymach.pmap.uffd import Uffd, probe
 
 log = logging.getLogger("pymach.machd")
 
+HELLOS = (traps.HELLO_ATTACH, traps.HELLO_THREAD, traps.HELLO_CONTROL, traps.HELLO_PING)
+
 
 class MachdError(Exception):
     """machd cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one user's connections may make machd hold (machd options; README)."""
+
+    hello_timeout: float = 5.0  # seconds a new connection has to send a valid hello
+    max_pending: int = 64  # connections waiting for their hello, all users together
+    max_connections_per_user: int = 1024  # thread and control connections of one user
+    max_processes_per_user: int = 256  # task processes of one user at once
 
 
 @dataclass
@@ -55,12 +88,12 @@ class Process:
     """machd's record of one native task's process."""
 
     task: Task
-    pid: int
-    control: Connection | None = None
-    uffd: Uffd | None = None  # (Machd.lock once attached)
-    sys_path: list[str] = field(default_factory=list)
-    cwd: str = ""
-    main: str = ""  # the script run as __main__, for callables pickled by reference
+    pid: int  # from SO_PEERCRED (or the child machd started)
+    uid: int  # from SO_PEERCRED (or the task's user, for a child machd started)
+    control: Channel | None = None
+    uffd: Uffd | None = None  # (Machd.lock once attached); machd's alone
+    env: TaskEnv = field(default_factory=TaskEnv)
+    control_token: bytes = b""  # what its control connection must present
     popen: subprocess.Popen[bytes] | None = None
     alive: bool = True
     detaching: bool = False  # it asked to stop being a task: do not kill it
@@ -72,39 +105,46 @@ class Process:
 class Machd:
     """The daemon (see module docstring)."""
 
-    def __init__(self, socket_path: str = DEFAULT_SOCKET, memory_size: int = 1 << 30,
+    def __init__(self, socket_path: str | None = None, memory_size: int = 1 << 30,
                  page_size: int = 4096, swap_dir: str | None = None,
                  swap_size: int | None = None, pager_timeout_ms: float | None = None,
-                 pager_timeout_action: str = "error", pager_cluster_pages: int = 16) -> None:
+                 pager_timeout_action: str = "error", pager_cluster_pages: int = 16,
+                 limits: Limits | None = None, allow_uids: Iterable[int] = (),
+                 **kernel_limits: Any) -> None:
         reason = probe()
         if reason:
             raise MachdError(f"machd needs userfaultfd: {reason}")
-        self.socket_path = socket_path  # immutable
+        self.socket_path = socket_path or default_socket_path()  # immutable
+        self.limits = limits or Limits()  # immutable
+        self.allow_uids = frozenset({os.getuid(), *allow_uids})  # immutable
         self.kernel = Kernel(name="machd", pmap="uffd", memory_size=memory_size,
                              page_size=page_size, swap_dir=swap_dir, swap_size=swap_size,
                              pager_timeout_ms=pager_timeout_ms,
                              pager_timeout_action=pager_timeout_action,
-                             pager_cluster_pages=pager_cluster_pages)  # immutable
+                             pager_cluster_pages=pager_cluster_pages,
+                             **kernel_limits)  # immutable
         self.lock = threading.Lock()
-        self.pending: dict[str, Thread] = {}  # token -> a thread awaiting its process
+        self.pending: dict[bytes, Thread] = {}  # token -> a thread awaiting its process
         self.processes: dict[int, Process] = {}  # task serial -> its process
+        self.controls: dict[bytes, Process] = {}  # control token -> its process
+        self.connections: Counter[int] = Counter()  # uid -> open connections
+        self.greeting = 0  # connections still owing their hello
         self.listener: socket.socket | None = None
         self.running = False
-        from pymach.machd.faults import FaultPoller
-
         self.poller = FaultPoller(self)
 
     # -- lifetime -----------------------------------------------------------------------
     def start(self) -> None:
         """Boot the kernel and listen (returns; serving runs in threads)."""
-        self.listener = _listen(self.socket_path)
+        self.listener = listen(self.socket_path, others=len(self.allow_uids) > 1)
         self.kernel.boot_headless()
         self.kernel.native_host = self
         self.running = True
         self.poller.start()
         threading.Thread(target=self._accept_loop, name="machd.accept", daemon=True).start()
-        log.info("machd listening on %s (memory %d MiB, page size %d)", self.socket_path,
-                 self.kernel.memory_size >> 20, self.kernel.page_size)
+        log.info("machd listening on %s (memory %d MiB, page size %d, users %s)",
+                 self.socket_path, self.kernel.memory_size >> 20, self.kernel.page_size,
+                 sorted(self.allow_uids))
 
     def stop(self) -> None:
         """End every native task, shut the kernel down, remove the socket."""
@@ -130,152 +170,246 @@ class Machd:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._greet, args=(Connection(sock),), daemon=True,
+            chan = Channel(sock)
+            cred = self._admit(chan)
+            if cred is None:
+                chan.close()
+                continue
+            threading.Thread(target=self._greet, args=(chan, cred), daemon=True,
                              name="machd.greet").start()
 
-    # -- new connections ----------------------------------------------------------------
-    def _greet(self, conn: Connection) -> None:
-        """Read a connection's first frame and hand it to what it asks for."""
-        try:
-            hello, fds = conn.recv()
-            op = hello.get("op")
-            if op == "attach":
-                self._attach(conn, hello, fds)
-            elif op == "thread":
-                self._bind_thread(conn, hello, fds)
-            elif op == "control":
-                self._bind_control(conn, hello, fds)
-            elif op == "ping":  # a task checking that machd still lives
-                conn.send({"ok": True})
-                conn.close()
+    def _admit(self, chan: Channel) -> PeerCred | None:
+        """The peer's credentials if it may connect now (counted), else None (logged)."""
+        cred = chan.peer()
+        with self.lock:
+            if cred.uid not in self.allow_uids:
+                why = f"uid {cred.uid} is not served (see --allow-user)"
+            elif self.greeting >= self.limits.max_pending:
+                why = f"{self.greeting} connections already owe their hello"
+            elif self.connections[cred.uid] >= self.limits.max_connections_per_user:
+                why = f"uid {cred.uid} has {self.connections[cred.uid]} connections"
             else:
-                conn.send({"err": ("KERN_INVALID_ARGUMENT", f"unknown hello {op!r}")})
-                conn.close()
-        except Disconnected:
-            conn.close()
+                self.greeting += 1
+                self.connections[cred.uid] += 1
+                return cred
+        log.warning("refused a connection from pid %d: %s", cred.pid, why)
+        return None
+
+    def connection_closed(self, uid: int) -> None:
+        """One of `uid`'s connections has ended."""
+        with self.lock:
+            self.connections[uid] -= 1
+            if self.connections[uid] <= 0:
+                del self.connections[uid]
+
+    # -- new connections ----------------------------------------------------------------
+    def _greet(self, chan: Channel, cred: PeerCred) -> None:
+        """Read a connection's hello (bounded in time and checked) and act on it; a bad
+        or late hello closes the connection, having created nothing."""
+        served = False
+        try:
+            chan.sock.settimeout(self.limits.hello_timeout)
+            frame = chan.recv()
+            chan.sock.settimeout(None)
+            try:
+                check_frame(frame, lambda op: op in HELLOS)
+                served = self._hello(chan, cred, frame)
+            finally:
+                frame.close_fds()
         except MachError as e:
-            with contextlib.suppress(Disconnected):
-                conn.send({"err": (e.code, e.detail)})
-            conn.close()
+            log.warning("hello from pid %d refused: %s", cred.pid, e)
+            with contextlib.suppress(Disconnected, OSError):
+                chan.send(traps.REPLY, [traps.REPLY_ERROR, None, e.code, e.detail, 0, 0, []])
+        except (Disconnected, TimeoutError, OSError) as e:
+            log.info("connection from pid %d ended before its hello: %s", cred.pid, e)
+        finally:
+            with self.lock:
+                self.greeting -= 1
+            if not served:
+                chan.close()
+                self.connection_closed(cred.uid)
 
-    def _attach(self, conn: Connection, hello: dict[str, Any], fds: list[int]) -> None:
-        """A process becomes a new task (a child of the bootstrap task)."""
-        k = self.kernel
-        with k.sched.lock:
-            boot = next(t for t in k.tasks.values() if t.name == "bootstrap")
-            task = k.task_create_locked(boot, False, hello.get("name") or "", native=True)
-            thread = k.thread_create_locked(task, None, f"{task.name}.main", start=False)
-        self._new_process(task, hello, fds)
-        self._run_thread(thread, conn, hello)
+    def _hello(self, chan: Channel, cred: PeerCred, frame: Frame) -> bool:
+        """Dispatch a checked hello; True if the connection now belongs to a task."""
+        if frame.op == traps.HELLO_PING:
+            chan.send(traps.REPLY, [traps.REPLY_OK, None, "", "", 0, 0, []])
+            return False
+        if frame.op == traps.HELLO_CONTROL:
+            self._hello_control(chan, cred, frame)
+        elif frame.op == traps.HELLO_ATTACH:
+            self._hello_attach(chan, cred, frame)
+        else:
+            self._hello_thread(chan, cred, frame)
+        return True
 
-    def _bind_thread(self, conn: Connection, hello: dict[str, Any], fds: list[int]) -> None:
-        """A process thread connects for a thread made by thread_create."""
+    def _hello_attach(self, chan: Channel, cred: PeerCred, frame: Frame) -> None:
+        """A process becomes a new task (a child of the bootstrap task) of its user."""
+        name, tid = frame.values
+        uffd = _take_uffd(frame, cred, tid)
+        try:
+            self._check_processes(cred.uid)
+            k = self.kernel
+            with k.sched.lock:
+                boot = next(t for t in k.tasks.values() if t.name == "bootstrap")
+                task = k.task_create_locked(boot, False, name[:64], native=True)
+                task.uid = cred.uid
+                thread = k.thread_create_locked(task, None, f"{task.name}.main",
+                                                start=False)
+        except BaseException:
+            uffd.close()
+            raise
+        proc = Process(task, cred.pid, cred.uid)
+        self._new_process(proc, uffd)
+        self._run_thread(thread, chan, tid, proc.control_token)
+
+    def _hello_thread(self, chan: Channel, cred: PeerCred, frame: Frame) -> None:
+        """A process thread connects for a thread made by thread_create, with the token
+        machd gave that thread; the first thread of a process machd started brings the
+        process's userfaultfd."""
+        token, tid = frame.values
         with self.lock:
-            thread = self.pending.pop(hello.get("token", ""), None)
-        if thread is None:
-            close_fds(fds)
-            raise MachError("KERN_INVALID_ARGUMENT", "no thread waits for that token")
-        if hello.get("first"):  # a new process for a task made by task_create
-            self._new_process(thread.task, hello, fds)
-        self._run_thread(thread, conn, hello)
+            thread = self.pending.get(token)
+            proc: Process | None = thread.task.process if thread is not None else None
+            if thread is None or proc is None or proc.pid != cred.pid or (
+                    thread.task.uid != cred.uid):
+                thread = None
+            else:
+                del self.pending[token]
+        if thread is None or proc is None:
+            raise MachError("KERN_INVALID_ARGUMENT", "no thread waits for that token from "
+                            "this process")
+        control = b""
+        if proc.uffd is None:  # the first thread of a process machd started
+            self._new_process(proc, _take_uffd(frame, cred, tid))
+            control = proc.control_token
+        elif frame.fds:
+            raise wire.WireError("a thread of a running process brings no descriptors")
+        self._run_thread(thread, chan, tid, control)
 
-    def _bind_control(self, conn: Connection, hello: dict[str, Any], fds: list[int]) -> None:
-        """A process opens its control connection, handing over its stdout and stderr
-        (the processes of the tasks it creates write there, as a forked child would)."""
+    def _hello_control(self, chan: Channel, cred: PeerCred, frame: Frame) -> None:
+        """A process opens its control connection (token from its welcome), handing over
+        its stdout and stderr (its children write there, as a forked child would)."""
         with self.lock:
-            proc = self.processes.get(hello.get("task", -1))
-        if proc is None or proc.pid != hello.get("pid"):
-            close_fds(fds)
-            raise MachError("KERN_INVALID_TASK", "no such native task process")
-        self.set_stdio(proc.task, fds)
-        proc.control = conn
-        conn.send({"ok": True})
+            proc = self.controls.get(frame.values[0])
+            if proc is None or proc.pid != cred.pid or proc.control is not None:
+                proc = None
+            else:
+                del self.controls[frame.values[0]]
+                proc.control = chan
+        if proc is None:
+            raise MachError("KERN_INVALID_TASK", "no native task process awaits that "
+                            "control token from this process")
+        if len(frame.fds) not in (0, 2):
+            raise wire.WireError("a control hello brings 0 or 2 descriptors")
+        self.set_stdio(proc.task, frame.fds)
+        frame.fds = []
+        chan.send(traps.REPLY, [traps.REPLY_OK, None, "", "", 0, 0, []])
+        with self.lock:  # threads created before the process could be told of them
+            waiting = [t for t, th in self.pending.items() if th.task is proc.task]
+        for token in waiting:
+            with contextlib.suppress(Disconnected, OSError):
+                chan.send(traps.START_THREAD, [token])
         threading.Thread(target=self._watch_control, args=(proc,), daemon=True,
                          name=f"machd.control.{proc.task.name}").start()
 
-    def _new_process(self, task: Task, hello: dict[str, Any], fds: list[int]) -> None:
-        """Record a task's process and take its userfaultfd."""
-        if len(fds) != 1:
-            close_fds(fds)
-            raise MachError("KERN_INVALID_ARGUMENT", "a process attaches with its userfaultfd")
-        uffd = Uffd(fds[0])
-        proc = Process(task, int(hello.get("pid", 0)), uffd=uffd,
-                       sys_path=list(hello.get("sys_path", [])), cwd=hello.get("cwd", ""),
-                       main=hello.get("main", ""))
+    def _check_processes(self, uid: int) -> None:
+        """KERN_RESOURCE_SHORTAGE if `uid` already has its limit of processes."""
+        with self.lock:
+            n = sum(1 for p in self.processes.values() if p.uid == uid)
+        if n >= self.limits.max_processes_per_user:
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"uid {uid} has {n} task processes, "
+                            f"the limit (--max-processes-per-user)")
+
+    def _new_process(self, proc: Process, uffd: Uffd) -> None:
+        """Record a task's process, take its userfaultfd, queue its whole map."""
+        task = proc.task
+        proc.uffd = uffd
+        proc.control_token = secrets.token_bytes(16)
         with self.kernel.sched.lock:
             task.process = proc
             assert task.map is not None
-            pmap: Any = task.map.pmap
-            pmap.uffd = uffd
+            task.map.pmap.uffd = uffd  # type: ignore[union-attr]
+            task.map.native.uffd = uffd
             task.map.native.everything(task.map)  # the process maps what the task has
         with self.lock:
             self.processes[task.serial] = proc
+            self.controls[proc.control_token] = proc
         self.poller.add(proc)
 
-    def _run_thread(self, thread: Thread, conn: Connection, hello: dict[str, Any]) -> None:
-        """Start the kernel thread that serves this process thread, and answer hello."""
-        from pymach.machd.remote import serve_remote
-
+    def _run_thread(self, thread: Thread, chan: Channel, tid: int, control: bytes) -> None:
+        """Start the kernel thread that serves this process thread (it sends the
+        welcome)."""
         code = thread.code
-        thread.remote = conn
-        thread.native_tid = int(hello.get("tid", 0))
-        thread.code = Code(serve_remote, (self, thread, conn, code))
+        thread.remote = chan
+        thread.native_tid = tid
+        thread.code = Code(serve_remote, (self, thread, chan, code, control))
         with self.kernel.sched.lock:
             thread.start()
 
     # -- threads of native tasks -----------------------------------------------------------
     def remote_thread(self, thread: Thread) -> None:
-        """thread_create on a native task (kernel lock held): start it in the process."""
-        token = uuid.uuid4().hex
+        """thread_create on a native task (kernel lock held): start it in the task's
+        process, or in a new process (running as the task's user) if it has none."""
+        token = secrets.token_bytes(16)
         thread.state = "running"  # runnable now, as in the embedded kernel; its process
         with self.lock:  # thread connects in a moment
             self.pending[token] = thread
         proc: Process | None = thread.task.process
         if proc is not None and proc.alive and proc.control is not None:
             try:
-                proc.control.send({"op": "start_thread", "token": token})
+                proc.control.send(traps.START_THREAD, [token])
                 return
             except Disconnected:
                 proc.alive = False
-        self._spawn(thread.task, token)
+        if proc is None:
+            self._spawn(thread.task, token)
 
-    def _spawn(self, task: Task, token: str) -> None:
-        """Start a process for a task that has none (task_create, then thread_create)."""
+    def _spawn(self, task: Task, token: bytes) -> None:
+        """Start a process for a task that has none, as the task's user, where its
+        creator's program runs (its cwd and sys.path as the creator reported them)."""
         parent = task.parent.process if task.parent is not None else None
-        env = dict(os.environ)
-        if parent is not None and parent.sys_path:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in parent.sys_path if p)
-        argv = [sys.executable, "-m", "pymach.libmach.taskproc", self.socket_path, token]
-        if parent is not None and parent.main:
-            argv.append(parent.main)
+        env_of = parent.env if parent is not None else TaskEnv()
+        argv = [sys.executable, "-m", "pymach.libmach.taskproc", self.socket_path,
+                token.hex()]
+        if env_of.main:
+            argv.append(env_of.main)
         with self.lock:  # the parent's stdout and stderr (as a forked child would have)
             stdio = [os.dup(fd) for fd in parent.stdio] if parent is not None else []
         try:
             out, err = stdio if len(stdio) == 2 else (None, None)
-            popen = subprocess.Popen(argv, env=env, cwd=(parent.cwd if parent else None) or None,
-                                     stdout=out, stderr=err)
+            popen = subprocess.Popen(argv, env=_child_env(task.uid, env_of),
+                                     cwd=env_of.cwd or None, stdout=out, stderr=err,
+                                     **_as_user(task.uid))
+        except OSError as e:
+            log.warning("cannot start a process for task %s: %s", task.name, e)
+            return
         finally:
             close_fds(stdio)
-        task.process = Process(task, popen.pid, popen=popen)  # replaced when it attaches
+        task.process = Process(task, popen.pid, task.uid, popen=popen)  # until it attaches
 
     # -- ending processes -----------------------------------------------------------------
     def _watch_control(self, proc: Process) -> None:
         """The control connection closes when the process ends: end the task then. A
-        process may also detach: the task ends and the process goes on."""
+        process may also detach: the task ends and the process goes on. Anything but a
+        DETACH frame ends the connection (and so the task)."""
         assert proc.control is not None
-        while True:
-            try:
-                request, fds = proc.control.recv()
-            except Disconnected:
-                break
-            close_fds(fds)
-            if request.get("op") == "detach":
-                proc.detaching = True
-                self.process_gone(proc, "its process detached")
-                proc.control.close()
-                return
-        proc.exited = True
-        self.process_gone(proc, "its process exited")
+        detach = False
+        try:
+            frame = proc.control.recv()
+            frame.close_fds()
+            check_frame(frame, lambda op: op == traps.DETACH)
+            detach = True
+        except (Disconnected, MachError) as e:
+            if isinstance(e, MachError):
+                log.warning("task %s control: %s", proc.task.name, e)
+        if detach:
+            proc.detaching = True
+            self.process_gone(proc, "its process detached")
+        else:
+            proc.exited = True
+            self.process_gone(proc, "its process exited")
+        proc.control.close()
+        self.connection_closed(proc.uid)
 
     def process_gone(self, proc: Process, why: str) -> None:
         """A task's process is gone: terminate the task (its ports, its memory)."""
@@ -287,6 +421,9 @@ class Machd:
         with self.lock:  # this may run twice (a kill, then the connection closing)
             uffd, proc.uffd = proc.uffd, None
             stdio, proc.stdio = proc.stdio, []
+            self.controls.pop(proc.control_token, None)
+            for token in [t for t, th in self.pending.items() if th.task is proc.task]:
+                del self.pending[token]
         if uffd is not None:
             uffd.close()
         close_fds(stdio)
@@ -309,21 +446,24 @@ class Machd:
             if why:
                 self._tell(proc, f"pymach: task {task.name!r} ended by machd: {why}\n")
             with contextlib.suppress(Disconnected, OSError):
-                proc.control.send({"op": "die", "why": why})  # "": it ended itself
+                proc.control.send(traps.DIE, [why])  # "": it ended itself
                 told = True
         threading.Thread(target=_end_process, args=(pidfd, proc.popen, 2.0 if told else 0.0),
                          daemon=True, name=f"machd.end.{task.name}").start()
         with self.lock:
             self.processes.pop(task.serial, None)
 
-    def set_stdio(self, task: Task, fds: list[int]) -> None:
-        """Take a task's stdout and stderr (received fds): its children's go there."""
+    def set_stdio(self, task: Task, fds: list[int], env: TaskEnv | None = None) -> None:
+        """Take a task's stdout and stderr (received fds, now owned here) and where its
+        program runs: its children's processes write there and start there."""
         proc = task.process
-        if proc is None or len(fds) != 2:
+        if proc is None or len(fds) not in (0, 2):
             close_fds(fds)
             return
         with self.lock:
-            old, proc.stdio = proc.stdio, fds
+            old, proc.stdio = (proc.stdio, fds) if fds else ([], proc.stdio)
+            if env is not None:
+                proc.env = env
         close_fds(old)
 
     def _tell(self, proc: Process, text: str) -> None:
@@ -340,6 +480,51 @@ class Machd:
         self.process_gone(proc, why)
 
 
+def _take_uffd(frame: Frame, cred: PeerCred, tid: int) -> Uffd:
+    """The userfaultfd a hello brought (taken from the frame), checked to be one, from
+    a thread of the connecting process."""
+    if len(frame.fds) != 1:
+        raise wire.WireError("a process attaches with exactly one descriptor, its "
+                             "userfaultfd")
+    fd = frame.fds[0]
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = ""
+    if kind != "anon_inode:[userfaultfd]":
+        raise wire.WireError(f"the descriptor is {kind or 'unknown'}, not a userfaultfd")
+    if not os.path.exists(f"/proc/{cred.pid}/task/{tid}"):
+        raise MachError("KERN_INVALID_ARGUMENT", f"thread {tid} is not a thread of the "
+                        f"connecting process {cred.pid}")
+    frame.fds = []
+    return Uffd(fd)
+
+
+def _as_user(uid: int) -> dict[str, Any]:
+    """Popen arguments that run a child as `uid` (nothing if that is machd's user)."""
+    if uid == os.getuid():
+        return {}
+    try:
+        gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        gid = uid
+    return {"user": uid, "group": gid, "extra_groups": []}
+
+
+def _child_env(uid: int, env: TaskEnv) -> dict[str, str]:
+    """The environment of a process machd starts for a task: machd's own for its own
+    user; for another user only a neutral base; with the creator's module path."""
+    if uid == os.getuid():
+        out = dict(os.environ)
+    else:
+        out = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
+        with contextlib.suppress(KeyError):
+            out["HOME"] = pwd.getpwuid(uid).pw_dir
+    if env.sys_path:
+        out["PYTHONPATH"] = os.pathsep.join(p for p in env.sys_path if p)
+    return out
+
+
 def _pidfd(pid: int) -> int:
     """A pidfd for `pid`, or -1 if it is gone (taken before signalling: no pid reuse)."""
     try:
@@ -353,8 +538,9 @@ def _end_process(pidfd: int, popen: subprocess.Popen[bytes] | None, grace: float
     machd started it."""
     if pidfd >= 0:
         try:
-            ready, _, _ = select.select([pidfd], [], [], grace)
-            if not ready:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(int(grace * 1000)):
                 with contextlib.suppress(OSError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         finally:
@@ -363,21 +549,46 @@ def _end_process(pidfd: int, popen: subprocess.Popen[bytes] | None, grace: float
         popen.wait()
 
 
-def _listen(path: str) -> socket.socket:
-    """Bind the daemon's socket, refusing if a live machd already listens there."""
-    if os.path.exists(path):
+def private_dir(path: str, others: bool) -> None:
+    """Make sure `path` is a directory of ours that nobody else may change (mode 0700,
+    or 0711 so that other users allowed to connect can reach the socket), whatever the
+    umask; MachdError if it is someone else's, a symlink, or writable by others."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise MachdError(f"cannot make the socket directory {path}: {e.strerror}") from None
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise MachdError(f"{path} is not a directory owned by uid {os.getuid()}: refusing "
+                         f"to put machd's socket there")
+    if st.st_mode & 0o022:
+        raise MachdError(f"{path} is writable by other users (mode {st.st_mode & 0o777:o}): "
+                         f"choose a private directory for the socket")
+    os.chmod(path, 0o711 if others else 0o700)
+
+
+def listen(path: str, others: bool = False) -> socket.socket:
+    """Bind the daemon's socket in a private directory (see `private_dir`), refusing if
+    a live machd already listens there. The socket is 0600, or 0666 when other users
+    are served (each connection is still checked with SO_PEERCRED)."""
+    private_dir(os.path.dirname(os.path.abspath(path)), others)
+    if os.path.lexists(path):
         probe_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe_sock.connect(path)
         except OSError:
             os.unlink(path)  # a stale socket of a machd that died
         else:
-            probe_sock.close()
             raise MachdError(f"a machd is already running at {path}")
+        finally:
+            probe_sock.close()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.bind(path)
-        s.listen(64)
+        os.chmod(path, 0o666 if others else 0o600)
+        s.listen(128)
     except OSError as e:
         s.close()
         raise MachdError(f"cannot listen at {path}: {e.strerror} (choose another path "

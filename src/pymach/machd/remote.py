@@ -1,18 +1,22 @@
-"""The kernel thread that stands for one thread of a native task's process.
+"""The kernel thread that stands for one thread of a native task's process, and the trap
+table it serves.
 
-`serve_remote` is the code of a kernel `Thread` in machd: it answers the process
-thread's hello, then serves its traps and its page faults until the connection ends:
+`serve_remote` is the code of a kernel `Thread` in machd: it sends the process thread
+its welcome, then serves its traps and its page faults until the connection ends:
 
-- a trap request runs the embedded kernel's trap function as this Mach thread, so a
-  native task gets exactly the embedded semantics and errors; the reply carries the
-  address-space changes the process must apply first;
+- a trap frame (include/traps.py) is checked against its layout and dispatched through
+  `TRAP_TABLE` (trap number -> handler), which runs the embedded kernel's trap function
+  as this Mach thread, so a native task gets exactly the embedded semantics and errors;
+  the reply carries the address-space changes the process must apply first;
 - a page fault of the process thread (from the fault poller) runs vm_fault for this
   thread; the pmap then resolves it in the process (pmap/uffd_pmap.py). A fault that
   vm_fault refuses (an unallocated address, a protection violation, a memory error)
   ends the task with that diagnostic: a process cannot take a Python exception at a
   hardware fault.
 
-The connection, the fault queue and the wake pipe belong to this thread.
+A frame that breaks the wire format or a trap's layout ends this connection (the
+thread), logged; nothing else is affected. The connection, the fault queue and the
+wake pipe belong to this thread.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ import logging
 import os
 import select
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymach import mach
 from pymach.errors import MachError, ThreadTerminated
-from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
+from pymach.include import traps, wire
+from pymach.include.channel import Channel, Disconnected, Frame, close_fds
+from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
 from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
-from pymach.machd.protocol import Connection, Disconnected, close_fds
+from pymach.vm.vm_fault import vm_fault_trap
 
 if TYPE_CHECKING:
     from pymach.include.message import Code
@@ -38,9 +46,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pymach.machd")
 
-_IDENTITY = {"task_self": mach.task_self, "thread_self": mach.thread_self,
-             "task_notify": mach.task_notify, "host_self": mach.host_self,
-             "thread_reply": mach.thread_reply}
+ENV_MAX_ENTRIES, ENV_MAX_CHARS = 256, 4096  # bounds on a task's sys.path as it reports it
+
+
+@dataclass
+class TaskEnv:
+    """Where a task's program runs, as the task reported it (STDIO trap): used only to
+    start processes for the tasks it creates, which run as the same user."""
+
+    cwd: str = ""
+    sys_path: list[str] = field(default_factory=list)
+    main: str = ""  # the script run as __main__, for callables pickled by reference
+
+
+def task_env(values: list[Any]) -> TaskEnv:
+    """A STDIO trap's (cwd, sys.path, main), bounded (WireError past the bounds)."""
+    cwd, path, main = values
+    if len(path) > ENV_MAX_ENTRIES or not all(isinstance(p, str) for p in path) or any(
+            len(p) > ENV_MAX_CHARS for p in [cwd, main, *path]):
+        raise wire.WireError(f"a task environment holds at most {ENV_MAX_ENTRIES} paths "
+                             f"of {ENV_MAX_CHARS} characters")
+    return TaskEnv(cwd, list(path), main)
 
 
 class RemoteState:
@@ -48,7 +74,7 @@ class RemoteState:
 
     def __init__(self) -> None:
         self.faults: deque[Fault | None] = deque()
-        self.wake_r, self.wake_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def post(self, fault: Fault | None) -> None:
         """Queue a fault for the thread (called by the poller)."""
@@ -56,116 +82,189 @@ class RemoteState:
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"f")
 
+    def drain(self) -> None:
+        """Empty the wake pipe."""
+        with contextlib.suppress(OSError):
+            os.read(self.wake_r, 4096)
+
     def close(self) -> None:
         for fd in (self.wake_r, self.wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
-def serve_remote(machd: Machd, thread: Thread, conn: Connection, code: Code | None) -> None:
-    """Serve one process thread (see module docstring); ends with its connection."""
-    state = RemoteState()
-    thread.remote_state = state
-    machd.poller.register_thread(thread)
-    try:
-        _reply(thread, conn, {"ok": _welcome(machd, thread, code)})
-        _loop(machd, thread, conn, state)
-    except (Disconnected, ThreadTerminated):
-        pass
-    finally:
-        machd.poller.unregister_thread(thread)
-        conn.close()
-        state.close()
+# -- the trap table -------------------------------------------------------------------------
+def _msg_send(thread: Thread, args: list[Any]) -> Any:
+    msg_send_trap(thread, *args)
 
 
-def _welcome(machd: Machd, thread: Thread, code: Code | None) -> dict[str, Any]:
-    task = thread.task
-    return {"task": task.serial, "task_name": task.name, "thread": thread.name,
-            "page_size": machd.kernel.page_size,
-            "code": code.blob if code is not None else None}
+def _msg_receive(thread: Thread, args: list[Any]) -> Any:
+    return msg_receive_trap(thread, *args)
 
 
-def _loop(machd: Machd, thread: Thread, conn: Connection, state: RemoteState) -> None:
-    while True:
-        ready, _, _ = select.select([conn.fileno(), state.wake_r], [], [])
-        if state.wake_r in ready:
-            os.read(state.wake_r, 4096)
-            while state.faults:
-                fault = state.faults.popleft()
-                if fault is not None:
-                    _fault(machd, thread, fault)
-        if conn.fileno() in ready:
-            request, fds = conn.recv()
-            if request.get("op") == "stdio":  # where the task's next children write
-                machd.set_stdio(thread.task, fds)
-                _reply(thread, conn, {"ok": None})
-                continue
-            close_fds(fds)
-            if request.get("op") == "exit":
-                thread.result = request.get("result")
-                return
-            _reply(thread, conn, _trap(thread, request))
+def _msg_rpc(thread: Thread, args: list[Any]) -> Any:
+    return msg_rpc_trap(thread, *args)
 
 
-def _trap(thread: Thread, request: dict[str, Any]) -> dict[str, Any]:
-    """Run one trap as `thread`; the reply (ok, or the Mach error)."""
-    op, args = request.get("op"), request.get("args", ())
-    try:
-        if op == "msg_send":
-            msg_send_trap(thread, *args)
-            return {"ok": None}
-        if op == "msg_receive":
-            return {"ok": msg_receive_trap(thread, *args)}
-        if op == "msg_rpc":
-            return {"ok": msg_rpc_trap(thread, *args)}
-        if op in _IDENTITY:
-            return {"ok": _IDENTITY[op]()}
-        if op == "fault_in":
-            _fault_in(thread, *args)
-            return {"ok": None}
-        raise MachError("KERN_INVALID_ARGUMENT", f"no trap {op!r}")
-    except MachError as e:
-        return {"err": (e.code, e.detail)}
-    except ThreadTerminated:
-        return {"terminated": True}
+def _identity(call: Callable[[], int]) -> Callable[[Thread, list[Any]], Any]:
+    return lambda thread, args: call()
 
 
-def _fault_in(thread: Thread, address: int, size: int, access: int) -> None:
+def _fault_in(thread: Thread, args: list[Any]) -> Any:
     """memory()'s trap before it touches [address, address+size): take the faults the
     access would take, so that a failure is a MachError for the caller (as in the
     embedded kernel) instead of a memory exception that ends the task."""
-    from pymach.include.vm_param import trunc_page
-    from pymach.vm.vm_fault import vm_fault_trap
-
+    address, size, access = args
+    if not (address >= 0 and 0 <= size <= traps.FAULT_IN_MAX) or access & ~(
+            VM_PROT_READ | VM_PROT_WRITE):
+        raise MachError("KERN_INVALID_ARGUMENT", f"fault_in of {size:#x} bytes at "
+                        f"{address:#x} (at most {traps.FAULT_IN_MAX:#x}, access read/write)")
     vmap = thread.task.map
     if vmap is None or vmap.pmap is None:
         return
+    if address + size > vmap.max_offset or address < vmap.min_offset:
+        raise MachError("KERN_INVALID_ADDRESS", f"{address:#x}+{size:#x} is outside the "
+                        f"task's address space")
     ps = thread.kernel.page_size
     for va in range(trunc_page(address, ps), address + size, ps):
         if access & ~vmap.pmap.pmap_access(va):
             vm_fault_trap(thread, va, access)
 
 
-def _reply(thread: Thread, conn: Connection, reply: dict[str, Any]) -> None:
-    """Send a reply with the task's pending address-space changes."""
+def _mapped(thread: Thread, args: list[Any]) -> Any:
+    """The process has applied a batch of mappings: arm its ranges."""
     binding = thread.task.map.native if thread.task.map is not None else None
+    if binding is not None:
+        with thread.kernel.sched.lock:
+            binding.arm(args[0])
+
+
+TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
+    traps.TASK_SELF: _identity(mach.task_self),
+    traps.THREAD_SELF: _identity(mach.thread_self),
+    traps.TASK_NOTIFY: _identity(mach.task_notify),
+    traps.HOST_SELF: _identity(mach.host_self),
+    traps.THREAD_REPLY: _identity(mach.thread_reply),
+    traps.MSG_SEND: _msg_send,
+    traps.MSG_RECEIVE: _msg_receive,
+    traps.MSG_RPC: _msg_rpc,
+    traps.FAULT_IN: _fault_in,
+    traps.MAPPED: _mapped,
+}
+
+
+def check_frame(frame: Frame, allowed: Callable[[int], bool]) -> None:
+    """WireError unless the frame's op is `allowed` and its values fit the op's layout."""
+    if frame.op not in traps.SIGNATURES or not allowed(frame.op):
+        raise wire.WireError(f"op {frame.op} is not allowed here")
+    wire.check(frame.values, traps.SIGNATURES[frame.op], traps.NAMES[frame.op])
+
+
+# -- serving one process thread ----------------------------------------------------------------
+def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
+                 control_token: bytes) -> None:
+    """Serve one process thread (see module docstring); ends with its connection."""
+    state = RemoteState()
+    thread.remote_state = state
+    machd.poller.register_thread(thread)
+    try:
+        reply(thread, conn, traps.REPLY_OK, _welcome(machd, thread, code, control_token))
+        _loop(machd, thread, conn, state)
+    except (Disconnected, ThreadTerminated):
+        pass
+    except wire.WireError as e:
+        log.warning("task %s thread %s: %s; connection closed", thread.task.name,
+                    thread.name, e.detail)
+    finally:
+        machd.poller.unregister_thread(thread)
+        conn.close()
+        state.close()
+        machd.connection_closed(thread.task.uid)
+
+
+def _welcome(machd: Machd, thread: Thread, code: Code | None,
+             control_token: bytes) -> list[Any]:
+    """The WELCOME_FIELDS of a new process thread."""
+    task = thread.task
+    return [task.serial, task.name, thread.name, machd.kernel.page_size,
+            code.blob if code is not None else None,
+            code.origin_uid if code is not None else -1, mach.task_self(),
+            mach.thread_reply(), control_token]
+
+
+def _loop(machd: Machd, thread: Thread, conn: Channel, state: RemoteState) -> None:
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    poller.register(state.wake_r, select.POLLIN)
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if state.wake_r in ready:
+            state.drain()
+            while state.faults:
+                fault = state.faults.popleft()
+                if fault is not None:
+                    serve_fault(machd, thread, fault)
+        if conn.fileno() in ready and not _serve_frame(machd, thread, conn):
+            return
+
+
+def _serve_frame(machd: Machd, thread: Thread, conn: Channel) -> bool:
+    """Serve one frame of the process thread; False once it has exited."""
+    frame = conn.recv()
+    try:
+        check_frame(frame, lambda op: op in TRAP_TABLE or op in (traps.STDIO, traps.EXIT))
+        if frame.op == traps.STDIO:  # where the task's next children write, and run
+            env = task_env(frame.values)
+            fds, frame.fds = frame.fds, []
+            machd.set_stdio(thread.task, fds, env)
+            reply(thread, conn, traps.REPLY_OK, None)
+            return True
+        if frame.fds:
+            raise wire.WireError(f"{traps.NAMES[frame.op]} carries no descriptors")
+    finally:
+        frame.close_fds()
+    if frame.op == traps.EXIT:
+        thread.result = frame.values[0]
+        return False
+    _trap(thread, conn, frame)
+    return True
+
+
+def _trap(thread: Thread, conn: Channel, frame: Frame) -> None:
+    """Run one trap as `thread` and send its reply (its value, or the Mach error)."""
+    try:
+        value = TRAP_TABLE[frame.op](thread, frame.values)
+    except MachError as e:
+        reply(thread, conn, traps.REPLY_ERROR, None, e.code, e.detail)
+    except ThreadTerminated:
+        reply(thread, conn, traps.REPLY_TERMINATED, None)
+    else:
+        reply(thread, conn, traps.REPLY_OK, value)
+
+
+def reply(thread: Thread, conn: Channel, status: int, value: Any, code: str = "",
+          detail: str = "") -> None:
+    """Send a REPLY with the task's pending address-space changes (their fds closed
+    here once sent); raise ThreadTerminated after a REPLY_TERMINATED."""
+    binding = thread.task.map.native if thread.task.map is not None else None
+    batch: list[Any] = [0, 0, []]
     fds: list[int] = []
     if binding is not None:
         with thread.kernel.sched.lock:
-            fields, fds = binding.take()
-        reply.update(fields)
+            batch, fds = binding.take()
     try:
-        conn.send(reply, fds)
+        conn.send(traps.REPLY, [status, value, code, detail, *batch], fds)
+    except wire.WireError as e:  # a value that cannot travel: the caller gets an error
+        conn.send(traps.REPLY, [traps.REPLY_ERROR, None, "MIG_TYPE_ERROR", e.detail,
+                                *batch], fds)
     finally:
         close_fds(fds)
-    if reply.get("terminated"):
+    if status == traps.REPLY_TERMINATED:
         raise ThreadTerminated()
 
 
-def _fault(machd: Machd, thread: Thread, fault: Fault) -> None:
+def serve_fault(machd: Machd, thread: Thread, fault: Fault) -> None:
     """Resolve one page fault of the process thread, or end the task."""
-    from pymach.vm.vm_fault import vm_fault_trap
-
     access = VM_PROT_WRITE if (fault.write or fault.wp) else VM_PROT_READ
     try:
         vm_fault_trap(thread, fault.address, access)
@@ -183,15 +282,17 @@ def serve_faults(machd: Machd, thread: Thread) -> None:
     """A task's helper kernel thread: resolve faults of process threads Mach does not
     know (a None fault means the process is gone)."""
     state: RemoteState = thread.remote_state
+    poller = select.poll()
+    poller.register(state.wake_r, select.POLLIN)
     try:
         while True:
-            select.select([state.wake_r], [], [])
-            os.read(state.wake_r, 4096)
+            poller.poll()
+            state.drain()
             while state.faults:
                 fault = state.faults.popleft()
                 if fault is None or not thread.task.active:
                     return
-                _fault(machd, thread, fault)
+                serve_fault(machd, thread, fault)
     except ThreadTerminated:
         pass
     finally:

@@ -5,11 +5,18 @@ process, and only the process can change its mappings. So when the kernel links 
 entry into a native task's map (vm_allocate, a received out-of-line region, a child's
 inherited regions), or unlinks one, `NativeMapBinding` records an instruction:
 
-- ("map", start, length, fd, offset, prot): map `length` bytes of the memfd at `start`,
-  with the entry's current protection;
-- ("unmap", start, length): give the range back to the task's reservation;
-- ("protect", start, length, prot): the range's current protection changed (the
+- [MAP_FD, start, length, fd, offset, prot, shared]: map `length` bytes of the memfd at
+  `start`, with the entry's current protection. A range whose maximum protection allows
+  writing is mapped MAP_SHARED from a read-write descriptor; any other range from a
+  read-only descriptor, MAP_PRIVATE (Linux refuses to register a shared mapping without
+  write permission with a userfaultfd), so no mprotect can make the object writable
+  there: a task's write to such a page stays in a private copy of its own;
+- [MAP_UNMAP, start, length]: give the range back to the task's reservation;
+- [MAP_PROTECT, start, length, prot]: the range's current protection changed (the
   process mprotects what must fault in hardware and refuses the rest in `memory()`).
+
+The process holds no userfaultfd: once it has mapped a batch it says so (the MAPPED
+trap), and machd arms the batch's new ranges with the task's userfaultfd (`arm`).
 
 The next reply to any trap of the task carries the pending instructions as a numbered
 batch, and the task applies them before it returns from the trap (like an AST in Mach);
@@ -24,9 +31,14 @@ Fields are guarded by the kernel lock.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from pymach.include.traps import MAP_FD, MAP_PROTECT, MAP_UNMAP
+from pymach.include.vm_param import VM_PROT_WRITE
+from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, UffdError
 
 if TYPE_CHECKING:
     from pymach.pmap.uffd_pmap import ObjectStore, UffdPhysicalMemory, UffdPmap
@@ -43,52 +55,76 @@ class NativeMapBinding:
 
     pmap: UffdPmap
     phys: UffdPhysicalMemory
-    pending: list[tuple[Any, ...]] = field(default_factory=list)
+    pending: list[list[Any]] = field(default_factory=list)
     fds: list[int] = field(default_factory=list)  # dups owned until the reply is sent
     regions: dict[int, tuple[ObjectStore, int, int]] = field(default_factory=dict)
     # start -> (store, object offset, length) of every mapped range
     batches: int = 0  # instruction batches handed out so far (numbered from 1)
+    unarmed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # batch -> the ranges it maps, to arm once the process says it mapped them
+    uffd: Any = None  # the task's userfaultfd (machd's alone), once its process attached
+    readonly: set[int] = field(default_factory=set)  # starts of ranges mapped read-only
 
     def mapped(self, vmap: VmMap, entry: VmMapEntry) -> None:
-        """An entry was linked: map each object it shows at its place."""
+        """An entry was linked: map each object it shows at its place, from a read-only
+        descriptor where the entry's maximum protection forbids writing."""
+        shared = bool(entry.max_protection & VM_PROT_WRITE)
         for start, length, obj, offset in _pieces(entry):
             store = self.phys.store_for(obj, offset + length)
-            fd = os.dup(store.fd)
+            fd = os.dup(store.fd) if shared else os.open(f"/proc/self/fd/{store.fd}",
+                                                         os.O_RDONLY | os.O_CLOEXEC)
             self.fds.append(fd)
-            self.pending.append(("map", start, length, fd, offset, entry.protection))
+            self.pending.append([MAP_FD, start, length, fd, offset, entry.protection,
+                                 int(shared)])
             self.regions[start] = (store, offset, length)
+            (self.readonly.discard if shared else self.readonly.add)(start)
             store.mappings.add((self.pmap, start, offset, length))
 
     def unmapped(self, start: int, end: int) -> None:
         """An entry was unlinked: give the range back."""
-        self.pending.append(("unmap", start, end - start))
+        self.pending.append([MAP_UNMAP, start, end - start])
         for s in [s for s, (_, _, n) in self.regions.items() if s < end and s + n > start]:
             store, offset, length = self.regions.pop(s)
+            self.readonly.discard(s)
             store.mappings.discard((self.pmap, s, offset, length))
 
-    def protected(self, start: int, end: int, prot: int) -> None:
-        """The current protection of a range changed (vm_protect)."""
-        self.pending.append(("protect", start, end - start, prot))
+    def protected(self, vmap: VmMap, entry: VmMapEntry, start: int, end: int) -> None:
+        """The protection of part of an entry changed (vm_protect). A maximum that no
+        longer allows writing remaps the entry from a read-only descriptor."""
+        if not entry.max_protection & VM_PROT_WRITE and any(
+                s not in self.readonly for s, _, _, _ in _pieces(entry)):
+            self.mapped(vmap, entry)
+        self.pending.append([MAP_PROTECT, start, end - start, entry.protection])
 
-    def take(self) -> tuple[dict[str, Any], list[int]]:
-        """Reply fields carrying the pending instructions (fd numbers replaced by indexes
-        into the returned fds) as the next numbered batch, and the number of the last
-        batch issued, which the process applies before the trap returns."""
-        out, fds = [], []
+    def take(self) -> tuple[list[Any], list[int]]:
+        """The pending instructions as the next numbered batch: ([batch, last batch
+        issued, instructions], fds), each MAP_FD naming its fd by index into fds. The
+        process applies the batch (and every earlier one) before its trap returns."""
+        out, fds, arm = [], [], []
         for ins in self.pending:
-            if ins[0] == "map":
+            if ins[0] == MAP_FD:
                 fds.append(ins[3])
-                ins = (*ins[:3], len(fds) - 1, *ins[4:])
+                ins = [*ins[:3], len(fds) - 1, *ins[4:]]
+                arm.append((ins[1], ins[2]))
             out.append(ins)
         self.pending, self.fds = [], []
         batch = 0
         if out:
             self.batches += 1
             batch = self.batches
-        fields: dict[str, Any] = {"batch": (batch, self.batches)}
-        if out:
-            fields["maps"] = out
-        return fields, fds
+            if arm:
+                self.unarmed[batch] = arm
+        return [batch, self.batches, out], fds
+
+    def arm(self, batch: int) -> None:
+        """The process has mapped `batch`: register its new ranges with the task's
+        userfaultfd, so that machd serves their faults. A range the process did not map
+        as told (or that a later instruction of the batch unmapped) stays unarmed: only
+        that task is affected (it reads its own reservation or mapping unserved)."""
+        for start, length in self.unarmed.pop(batch, ()):
+            if self.uffd is not None:
+                with contextlib.suppress(UffdError):
+                    self.uffd.register(start, length, MODE_MISSING | MODE_WP | MODE_MINOR)
 
     def everything(self, vmap: VmMap) -> None:
         """Queue the whole current map (a new process for the task)."""

@@ -8,8 +8,16 @@ pager_data_unavailable when it never stored the page (the kernel then zero-fills
 looks in the original for a shadow, footnote 6).
 
 Pages live in a real file: a sparse swap file in a configurable directory, with an
-allocation map of page-sized blocks. A full store never loses data: the pager answers
-pager_data_error and the kernel keeps the page (and stops paging out that object).
+allocation map of page-sized blocks. The file has no name: it is created unlinked
+(O_TMPFILE, or unlinked right after creation where that is unsupported) and lives only
+as long as its descriptor, so a kernel (or machd) killed by SIGKILL leaves nothing
+behind. A full store never loses data: the pager answers pager_data_error and the
+kernel keeps the page (and stops paging out that object).
+
+The pager serves the kernel's own objects, so its name space is not bounded by
+port_names_max (it holds three names per object the kernel pages out). It learns that
+an object is gone from NOTIFY_PORT_DELETED on its request port; if its notify port
+overflowed (NOTIFY_OVERFLOW), it re-checks every request port it knows instead.
 
 One thread receives from the default group, which takes messages in the order the
 kernel sent them; that order is what keeps successive pageouts of one page in order.
@@ -19,13 +27,14 @@ own while serving a pageout. State below belongs to that thread alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
-from pymach.include.message import OOL, Int, Message
+from pymach.include.message import OOL, PORT_BACKLOG_MAX, Int, Message
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
@@ -37,8 +46,8 @@ class BackingStore:
     def __init__(self, directory: str | None, page_size: int, max_pages: int | None) -> None:
         self.page_size = page_size  # immutable
         self.max_pages = max_pages  # immutable; None: grow as needed
-        fd, self.path = tempfile.mkstemp(prefix="pymach-swap-", dir=directory)
-        self.fd = fd
+        self.directory = directory or tempfile.gettempdir()  # immutable
+        self.fd = _open_unlinked(self.directory)
         self.used = bytearray()  # allocation map: 1 = block in use
         self.free_blocks: list[int] = []  # freed blocks, the most recently freed reused first
         self.in_use = 0
@@ -73,12 +82,22 @@ class BackingStore:
         return data.ljust(self.page_size, b"\0")
 
     def close(self) -> None:
-        """Remove the swap file."""
-        try:
+        """Close the swap file (it has no name; closing frees its blocks)."""
+        with contextlib.suppress(OSError):
             os.close(self.fd)
-            os.unlink(self.path)
-        except OSError:
+
+
+def _open_unlinked(directory: str) -> int:
+    """A read-write descriptor for a new file in `directory` that has no name there."""
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(directory, tmpfile | os.O_RDWR, 0o600)
+        except OSError:  # the filesystem cannot: fall back to create-then-unlink
             pass
+    fd, path = tempfile.mkstemp(prefix="pymach-swap-", dir=directory)
+    os.unlink(path)
+    return fd
 
 
 @dataclass
@@ -162,11 +181,23 @@ class DefaultPager:
             self.store.free(block)
         mach.port_deallocate(mach.task_self(), obj.memory_object)
 
+    def notifications_lost(self) -> None:
+        """NOTIFY_OVERFLOW: some port deaths went unheard; find them by looking."""
+        from pymach import mach
+
+        me = mach.task_self()
+        for request in list(self.by_request):
+            try:
+                mach.port_status(me, request)
+            except MachError as e:
+                if e.code == "KERN_INVALID_NAME":  # names are never reused: it died
+                    self.port_deleted(request)
+
 
 def default_pager_loop(dp: DefaultPager, notify: int) -> None:
     """The pager thread: serve memory-object messages and notifications forever."""
     from pymach import mach
-    from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
+    from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
     from pymach.kern.mach_defs import memory_object_defs
     from pymach.kern.mig import serve_message
 
@@ -175,6 +206,8 @@ def default_pager_loop(dp: DefaultPager, notify: int) -> None:
         if msg.local_port == notify:
             if msg.id == NOTIFY_PORT_DELETED and isinstance(msg.items[0], Int):
                 dp.port_deleted(msg.items[0].value)
+            elif msg.id == NOTIFY_OVERFLOW:
+                dp.notifications_lost()
             continue
         try:
             serve_message(memory_object_defs, dp, msg)
@@ -195,11 +228,13 @@ def start_default_pager(kernel: Kernel, directory: str | None,
     from pymach.ipc import mach_port
 
     task = kernel.task_create_locked(None, False, "default_pager")
+    task.space.names_max = None  # see module docstring
     name = mach_port.port_allocate(task.space, "default_pager")
     port = task.space.names[name].port
     port.enabled = True
     assert task.notify_port is not None
     task.notify_port.enabled = True
+    task.notify_port.backlog = PORT_BACKLOG_MAX  # fewer overflows to recover from
     kernel.vm.default_pager_port = port
     store = BackingStore(directory, kernel.page_size, max_pages)
     args: tuple[Any, ...] = (DefaultPager(store), task.notify_name)

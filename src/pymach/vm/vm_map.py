@@ -297,7 +297,7 @@ def vm_map_protect(vmap: VmMap, start: int, end: int, prot: int, set_max: bool) 
         for e in vmap.entries_in(start, end):
             vmap.pmap.pmap_protect(max(e.start, start), min(e.end, end), e.protection)
             if vmap.native is not None:
-                vmap.native.protected(max(e.start, start), min(e.end, end), e.protection)
+                vmap.native.protected(vmap, e, max(e.start, start), min(e.end, end))
 
 
 def vm_map_inherit(vmap: VmMap, start: int, end: int, inheritance: int) -> None:

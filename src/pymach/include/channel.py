@@ -1,0 +1,178 @@
+"""A channel: typed-wire frames (include/wire.py) over a stream socket, with descriptors.
+
+One `Channel` wraps one connected socket. `send(op, values, fds)` writes one frame, the
+descriptors riding with its header as SCM_RIGHTS; `recv()` reads one whole frame into a
+`Frame` of typed values. Every descriptor a `recv` takes in is either returned in the
+Frame (the caller then owns it and must close it) or closed before `recv` raises; a
+frame whose ancillary data was truncated, whose fd count disagrees with its header, or
+whose body does not decode is refused with a `WireError` and its descriptors closed.
+A closed or reset peer is `Disconnected`. A channel is used by one thread at a time on
+each side (a trap is a request and its reply), so it has no lock.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymach.include import wire
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class Disconnected(ConnectionError):
+    """The other side closed the connection (machd or the task went away)."""
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """Who is at the other end, as the kernel says (SO_PEERCRED), never as it claims."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass
+class Frame:
+    """One received frame: its op, its values and the descriptors it brought."""
+
+    op: int
+    values: list[Any]
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        """Close the descriptors nobody took."""
+        close_fds(self.fds)
+        self.fds = []
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close received descriptors nobody took."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Channel:
+    """One framed, fd-carrying stream (see module docstring)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock  # owned
+
+    @classmethod
+    def connect(cls, path: str, timeout: float | None = None) -> Channel:
+        """A new channel to the Unix socket at `path` (OSError if nobody listens)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.connect(path)
+        except OSError:
+            s.close()
+            raise
+        s.settimeout(None)
+        return cls(s)
+
+    def fileno(self) -> int:
+        """The socket's descriptor (for poll)."""
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the connection."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def peer(self) -> PeerCred:
+        """The peer's pid, uid and gid from the kernel (SO_PEERCRED)."""
+        raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+        return PeerCred(*_CRED.unpack(raw))
+
+    def send(self, op: int, values: Sequence[Any] = (), fds: Sequence[int] = ()) -> None:
+        """Send one frame with `fds` (they stay open on this side). WireError if a value
+        cannot be encoded (nothing is sent then); Disconnected if the peer is gone."""
+        body = wire.encode(values)
+        if len(body) > wire.MAX_BODY or len(fds) > wire.MAX_FDS:
+            raise wire.WireError(f"frame too large ({len(body)} bytes, {len(fds)} fds)")
+        header = wire.pack_header(op, len(body), len(fds))
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            self.sock.sendmsg([header], anc)  # the header carries the descriptors
+            self.sock.sendall(body)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise Disconnected(str(e)) from None
+        except OSError as e:
+            if isinstance(e, TimeoutError):
+                raise
+            raise Disconnected(str(e)) from None
+
+    def recv(self) -> Frame:
+        """Receive one frame (see module docstring for what is refused)."""
+        header, fds = self._recv_header()
+        try:
+            op, length, nfds = wire.unpack_header(header)
+            if len(fds) != nfds:
+                raise wire.WireError(f"header announces {nfds} descriptors, {len(fds)} came")
+            values = wire.decode(self._recv_exact(length))
+        except BaseException:
+            close_fds(fds)
+            raise
+        return Frame(op, values, fds)
+
+    def _recv_header(self) -> tuple[bytes, list[int]]:
+        fds = array.array("i")
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(
+                wire.HEADER_SIZE, socket.CMSG_SPACE(wire.MAX_FDS * fds.itemsize))
+        except TimeoutError:
+            raise
+        except OSError as e:
+            raise Disconnected(str(e)) from None
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(blob[:len(blob) - len(blob) % fds.itemsize])
+        try:
+            if flags & socket.MSG_CTRUNC:
+                raise wire.WireError("too many descriptors in one frame")
+            if not data:
+                raise Disconnected("connection closed")
+            if len(data) < wire.HEADER_SIZE:
+                data += self._recv_exact(wire.HEADER_SIZE - len(data))
+        except BaseException:
+            close_fds(list(fds))
+            raise
+        return data, list(fds)
+
+    def _recv_exact(self, n: int) -> bytes:
+        """Exactly n bytes; the buffer grows with what arrives (no allocation on trust)."""
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            except TimeoutError:
+                raise
+            except OSError as e:
+                raise Disconnected(str(e)) from None
+            if not chunk:
+                raise Disconnected("connection closed")
+            buf += chunk
+        return bytes(buf)
+
+
+def default_socket_path() -> str:
+    """Where machd listens unless told otherwise: $PYMACH_SOCKET if set; else
+    $XDG_RUNTIME_DIR/pymach/machd.sock; else /run/pymach/machd.sock for root; else
+    /tmp/pymach-UID/machd.sock. machd makes the directory private to its user."""
+    if os.environ.get("PYMACH_SOCKET"):
+        return os.environ["PYMACH_SOCKET"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "pymach", "machd.sock")
+    if os.getuid() == 0:
+        return "/run/pymach/machd.sock"
+    return f"/tmp/pymach-{os.getuid()}/machd.sock"

@@ -1,0 +1,82 @@
+"""The trap numbers and frame layouts between a task process and machd (the syscall
+table's numbering, as GNU Mach's mach/syscall_sw.h; the handlers live in machd/remote.py).
+
+Each op is a frame number with a fixed layout: the typed values it carries, in order
+(`SIGNATURES`), checked by `wire.check` before anything acts on them. Numbers below 100
+go from a task to machd; from 100 on, from machd to a task.
+
+Connection hellos (the first frame of a connection; nothing else is accepted first):
+  HELLO_ATTACH   name str, tid int            + 1 fd: the process's new userfaultfd
+  HELLO_THREAD   token bytes, tid int         [+ 1 fd: userfaultfd, for a new process]
+  HELLO_CONTROL  token bytes                  + 0 or 2 fds: its stdout, stderr
+  HELLO_PING     (nothing)
+Traps (on a thread's connection, each answered by one REPLY):
+  TASK_SELF .. THREAD_REPLY (nothing)         -> a port name
+  MSG_SEND       message, option, timeout     -> None
+  MSG_RECEIVE    port, option, timeout, size  -> message
+  MSG_RPC        message, option, size, send timeout, receive timeout -> message
+  FAULT_IN       address, size, access        -> None
+  STDIO          cwd, sys.path list, main     + 0 or 2 fds (stdout, stderr) -> None
+  MAPPED         batch int                    -> None (machd has armed the batch's ranges)
+  EXIT           result (any wire value)      (no reply; the connection ends)
+On the control connection: DETACH (task -> machd); START_THREAD token, DIE why (machd ->
+task).
+REPLY: status int (REPLY_OK, REPLY_ERROR, REPLY_TERMINATED), value, error code str,
+error detail str, batch int, last batch int, maps list; + the fds the maps name.
+A WELCOME is the REPLY to a hello; its value is WELCOME_FIELDS, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymach.include.message import Message
+
+HELLO_ATTACH, HELLO_THREAD, HELLO_CONTROL, HELLO_PING = 1, 2, 3, 4
+TASK_SELF, THREAD_SELF, TASK_NOTIFY, HOST_SELF, THREAD_REPLY = 10, 11, 12, 13, 14
+MSG_SEND, MSG_RECEIVE, MSG_RPC = 20, 21, 22
+FAULT_IN, STDIO, EXIT, MAPPED = 30, 31, 32, 33
+DETACH = 40
+REPLY, START_THREAD, DIE = 100, 110, 111
+
+REPLY_OK, REPLY_ERROR, REPLY_TERMINATED = 0, 1, 2
+FAULT_IN_MAX = 1 << 30  # the most one FAULT_IN may cover (memory() splits larger ranges)
+
+# Map instructions inside a REPLY: [kind, start, length, ...]
+MAP_FD, MAP_UNMAP, MAP_PROTECT = 1, 2, 3
+# MAP_FD:      [1, start, length, fd index, offset, protection, shared (0/1)]
+# MAP_UNMAP:   [2, start, length]
+# MAP_PROTECT: [3, start, length, protection]
+MAP_LAYOUT = {MAP_FD: 7, MAP_UNMAP: 3, MAP_PROTECT: 4}
+
+WELCOME_FIELDS = ("task", "task_name", "thread", "page_size", "code", "code_uid",
+                  "task_self", "thread_reply", "control_token")
+
+_ANY = (type(None), bool, int, float, bytes, str, list, Message)
+
+SIGNATURES: dict[int, tuple[Any, ...]] = {
+    HELLO_ATTACH: (str, int),
+    HELLO_THREAD: (bytes, int),
+    HELLO_CONTROL: (bytes,),
+    HELLO_PING: (),
+    TASK_SELF: (), THREAD_SELF: (), TASK_NOTIFY: (), HOST_SELF: (), THREAD_REPLY: (),
+    MSG_SEND: (_ANY,) * 3,  # the kernel's trap functions check these values' types, so
+    MSG_RECEIVE: (_ANY,) * 4,  # a wrong one gets the embedded kernel's own error
+    MSG_RPC: (_ANY,) * 5,
+    FAULT_IN: (int, int, int),
+    STDIO: (str, list, str),
+    MAPPED: (int,),
+    EXIT: (_ANY,),
+    DETACH: (),
+    REPLY: (int, _ANY, str, str, int, int, list),
+    START_THREAD: (bytes,),
+    DIE: (str,),
+}
+
+NAMES = {HELLO_ATTACH: "hello_attach", HELLO_THREAD: "hello_thread",
+         HELLO_CONTROL: "hello_control", HELLO_PING: "ping", TASK_SELF: "task_self",
+         THREAD_SELF: "thread_self", TASK_NOTIFY: "task_notify", HOST_SELF: "host_self",
+         THREAD_REPLY: "thread_reply", MSG_SEND: "msg_send", MSG_RECEIVE: "msg_receive",
+         MSG_RPC: "msg_rpc", FAULT_IN: "fault_in", STDIO: "stdio", EXIT: "exit",
+         MAPPED: "mapped", DETACH: "detach", REPLY: "reply", START_THREAD: "start_thread",
+         DIE: "die"}
