@@ -17,6 +17,7 @@ import contextlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from pymach.include import wire
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+SO_PEERPIDFD = 77  # Linux 6.5 (asm-generic/socket.h)
 
 
 class Disconnected(ConnectionError):
@@ -65,6 +67,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock  # owned
+        self.deadline: float | None = None  # of the recv in progress
 
     @classmethod
     def connect(cls, path: str, timeout: float | None = None) -> Channel:
@@ -93,6 +96,19 @@ class Channel:
         raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
         return PeerCred(*_CRED.unpack(raw))
 
+    def peer_pidfd(self) -> int:
+        """A pidfd of the peer process (SO_PEERPIDFD, so it names the process that
+        connected even if it has exited since; pidfd_open where the kernel lacks it).
+        The caller owns it; -1 if the peer is gone already."""
+        try:
+            return int(self.sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+        except OSError:
+            pass
+        try:
+            return os.pidfd_open(self.peer().pid)
+        except OSError:
+            return -1
+
     def send(self, op: int, values: Sequence[Any] = (), fds: Sequence[int] = ()) -> None:
         """Send one frame with `fds` (they stay open on this side). WireError if a value
         cannot be encoded (nothing is sent then); Disconnected if the peer is gone."""
@@ -102,8 +118,9 @@ class Channel:
         header = wire.pack_header(op, len(body), len(fds))
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            self.sock.sendmsg([header], anc)  # the header carries the descriptors
-            self.sock.sendall(body)
+            sent = self.sock.sendmsg([header, body], anc)  # the header carries the fds
+            if sent < len(header) + len(body):
+                self.sock.sendall(memoryview(header + body)[sent:])
         except (BrokenPipeError, ConnectionResetError) as e:
             raise Disconnected(str(e)) from None
         except OSError as e:
@@ -111,11 +128,24 @@ class Channel:
                 raise
             raise Disconnected(str(e)) from None
 
-    def recv(self) -> Frame:
-        """Receive one frame (see module docstring for what is refused)."""
+    def recv(self, deadline: float | None = None, max_body: int = wire.MAX_BODY) -> Frame:
+        """Receive one frame (see module docstring for what is refused). With a
+        `deadline` (time.monotonic()), TimeoutError once it passes, however slowly the
+        frame trickles in; a body longer than `max_body` is refused before it is read."""
+        self.deadline = deadline
+        try:
+            return self._recv_frame(max_body)
+        finally:
+            self.deadline = None
+            if deadline is not None:
+                self.sock.settimeout(None)
+
+    def _recv_frame(self, max_body: int) -> Frame:
         header, fds = self._recv_header()
         try:
             op, length, nfds = wire.unpack_header(header)
+            if length > max_body:
+                raise wire.WireError(f"a body of {length} bytes exceeds {max_body} here")
             if len(fds) != nfds:
                 raise wire.WireError(f"header announces {nfds} descriptors, {len(fds)} came")
             values = wire.decode(self._recv_exact(length))
@@ -124,8 +154,17 @@ class Channel:
             raise
         return Frame(op, values, fds)
 
+    def _arm(self) -> None:
+        """Before each read: time out at the deadline, if there is one."""
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the frame did not arrive in time")
+            self.sock.settimeout(left)
+
     def _recv_header(self) -> tuple[bytes, list[int]]:
         fds = array.array("i")
+        self._arm()
         try:
             data, anc, flags, _ = self.sock.recvmsg(
                 wire.HEADER_SIZE, socket.CMSG_SPACE(wire.MAX_FDS * fds.itemsize))
@@ -152,6 +191,7 @@ class Channel:
         """Exactly n bytes; the buffer grows with what arrives (no allocation on trust)."""
         buf = bytearray()
         while len(buf) < n:
+            self._arm()
             try:
                 chunk = self.sock.recv(min(n - len(buf), 1 << 20))
             except TimeoutError:

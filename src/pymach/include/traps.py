@@ -40,6 +40,7 @@ DETACH = 40
 REPLY, START_THREAD, DIE = 100, 110, 111
 
 REPLY_OK, REPLY_ERROR, REPLY_TERMINATED = 0, 1, 2
+HELLO_MAX_BODY = 64 << 10  # a hello is small: machd buffers no more before it is valid
 FAULT_IN_MAX = 1 << 30  # the most one FAULT_IN may cover (memory() splits larger ranges)
 
 # Map instructions inside a REPLY: [kind, start, length, ...]

@@ -23,7 +23,7 @@ from pymach.ipc.kmsg import KMsg, ool_queued_limit
 from pymach.ipc.port import Port
 from pymach.ipc.space import PORT_NAMES_MAX, check_port_names_max
 from pymach.kern.sched_prim import make_scheduler, thread_block
-from pymach.kern.task import Task
+from pymach.kern.task import Task, TaskHost
 from pymach.kern.thread import Thread, current_thread, set_current_thread
 
 HARDWARE_PAGE = 4096
@@ -64,7 +64,6 @@ class Kernel:
         self.swap_dir = swap_dir  # immutable: where the default pager keeps its file
         self.swap_size = swap_size  # immutable: backing store limit in bytes (None: grows)
         self.swap_store: Any = None  # the default pager's BackingStore, once started
-        self.native_host: Any = None  # machd, when this kernel runs native tasks
         self.name = name  # immutable
         self.page_size = page_size  # immutable
         self.memory_size = memory_size  # immutable
@@ -136,12 +135,10 @@ class Kernel:
 
     # -- tasks and threads -----------------------------------------------------------
     def task_create_locked(self, parent: Task | None, inherit: bool, name: str = "",
-                           native: bool | None = None) -> Task:
-        """Create a task with no threads (kernel lock held). A child of a native task is
-        native (a process under machd) unless `native` says otherwise."""
-        if native is None:
-            native = parent is not None and parent.native
-        task = Task(self, parent, name, inherit, native=native)
+                           host: TaskHost | None = None) -> Task:
+        """Create a task with no threads (kernel lock held), its threads run by `host`
+        (default: its parent's; a child of a machd task is a process too)."""
+        task = Task(self, parent, name, inherit, host=host)
         self.tasks[task.serial] = task
         self.trace_event(f"task created {task.name} parent={parent.name if parent else '-'}")
         return task
@@ -149,16 +146,13 @@ class Kernel:
     def thread_create_locked(self, task: Task, code: Code | None, name: str = "",
                              start: bool = True) -> Thread:
         """Create a thread in `task` running `code`, and start it unless `start` is False
-        (kernel lock held). A native task's thread starts in the task's process."""
+        (kernel lock held). Its task's host runs it (a machd task: in its process)."""
         thread = Thread(task, code, name or f"{task.name}.{len(task.threads) + 1}")
         task.threads.append(thread)
         self.trace_event(f"thread created {thread.name}")
         if not start:
             return thread
-        if task.native and self.native_host is not None:
-            self.native_host.remote_thread(thread)  # runs in the task's process (machd)
-        else:
-            thread.start()
+        task.host.start_thread(thread)
         return thread
 
     def thread_terminate_locked(self, thread: Thread) -> None:

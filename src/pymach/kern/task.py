@@ -15,7 +15,7 @@ running Mach code, an empty space, no address space and a dead task port.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pymach.ipc.ipc_right import port_destroy, space_destroy
 from pymach.ipc.mach_port import port_allocate
@@ -29,11 +29,38 @@ if TYPE_CHECKING:
     from pymach.vm.vm_map import VmMap
 
 
+class TaskHost(Protocol):
+    """Where a task's threads run: in this process (`LOCAL_TASKS`), or in a process of
+    the task's own that a daemon serves (machd). A task has its creator's host."""
+
+    def start_thread(self, thread: Thread) -> None:
+        """Run a new thread of a task of this host (kernel lock held)."""
+        ...
+
+    def task_terminated(self, task: Task) -> None:
+        """A task of this host was terminated (kernel lock held)."""
+        ...
+
+
+class LocalTaskHost:
+    """Threads of this process: each Mach thread is a Python thread here."""
+
+    def start_thread(self, thread: Thread) -> None:
+        """Start the thread's Python thread."""
+        thread.start()
+
+    def task_terminated(self, task: Task) -> None:
+        """Nothing outside this process to end."""
+
+
+LOCAL_TASKS = LocalTaskHost()
+
+
 class Task:
     """A Mach task (see module docstring)."""
 
     def __init__(self, kernel: Kernel, parent: Task | None, name: str, inherit: bool = False,
-                 kernel_task: bool = False, native: bool = False) -> None:
+                 kernel_task: bool = False, host: TaskHost | None = None) -> None:
         self.kernel = kernel  # immutable
         self.serial = kernel.new_serial("task")  # immutable
         self.name = name or f"task{self.serial}"  # immutable
@@ -50,29 +77,25 @@ class Task:
         self.self_name = self.notify_name = self.bootstrap_name = 0
         self.map: VmMap | None = None  # the address space (none for the kernel task)
         self.unthrottled = False  # set once: its sends ignore backlogs (netmsgserver)
-        self.native = native  # immutable: a process under machd, not threads here
+        self.host: TaskHost = host or (parent.host if parent is not None else LOCAL_TASKS)
+        # immutable: where its threads run
         self.uid: int = parent.uid if parent is not None else os.getuid()  # its user
         # (machd sets an attached task's from SO_PEERCRED; a child has its parent's)
-        self.process: Any = None  # machd's record of the native task's process
+        self.process: Any = None  # owned by its host: machd's record of its process
         if not kernel_task:
             self._make_ports(parent)
             self.map = self._make_map(parent, inherit)
 
     def _make_map(self, parent: Task | None, inherit: bool) -> VmMap:
-        """An empty address space, or one inherited from the parent's regions (3.3).
-        A native task's lies in the window its process reserves."""
+        """An empty address space, or one inherited from the parent's regions (3.3),
+        in the window the machine gives task maps (pmap contract)."""
         from pymach.vm.vm_map import VmMap
         from pymach.vm.vm_map_copy import vm_map_fork
 
         vm = self.kernel.vm
-        pmap = vm.phys.pmap_create()
-        if self.native:
-            from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
-
-            vmap = VmMap(vm, pmap, WINDOW_BASE, WINDOW_BASE + WINDOW_SIZE)
-            vmap.native = NativeMapBinding(pmap, vm.phys)  # type: ignore[arg-type]
-        else:
-            vmap = VmMap(vm, pmap)
+        window = vm.phys.task_window
+        vmap = VmMap(vm, vm.phys.pmap_create(), *window) if window else VmMap(
+            vm, vm.phys.pmap_create())
         if inherit and parent is not None and parent.map is not None:
             vm_map_fork(vm, parent.map, vmap)
         return vmap
@@ -118,8 +141,7 @@ class Task:
         self.kernel.tasks.pop(self.serial, None)
         self.kernel.sched.thread_wakeup(self.exit_waitq)
         self.kernel.trace_event(f"task terminated {self.name}")
-        if self.native and self.kernel.native_host is not None:
-            self.kernel.native_host.task_terminated(self)  # its process must end too
+        self.host.task_terminated(self)  # a process of its own must end too
 
     def is_suspended(self) -> bool:
         """True while the task's suspend count is positive."""

@@ -57,9 +57,8 @@ class Thread:
         self.vm_privileged = False  # set once before start: may use the reserved pool
         self.daemon = False  # set once before start: a server that idles forever
         self.vm_waiting: object | None = None  # the VM object whose page it waits for
-        self.remote: Any = None  # machd: the connection of the process thread it serves
-        self.native_tid = 0  # machd: the id of that process thread (set once)
-        self.remote_state: Any = None  # machd: its fault queue (machd/remote.py)
+        self.host_data: Any = None  # owned by its task's host (machd: the process thread
+        # it stands for, its fault queue; machd/remote.py)
         self.vm_wait_error = ""  # set to fail that wait (a deadlock was found)
         self.py_thread: threading.Thread | None = None  # set once, by start()
 

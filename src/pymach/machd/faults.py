@@ -32,7 +32,8 @@ class FaultPoller:
         self.machd = machd
         self.lock = threading.Lock()
         self.epoll = select.epoll()
-        self.by_fd: dict[int, Process] = {}
+        self.by_fd: dict[int, Process] = {}  # userfaultfd -> its process
+        self.exits: dict[int, Process] = {}  # pidfd -> its process (readable at exit)
         self.by_tid: dict[int, Thread] = {}
         self.helpers: dict[int, Thread] = {}  # task serial -> helper kernel thread
         self.running = False
@@ -48,32 +49,38 @@ class FaultPoller:
             self.epoll.close()
 
     def add(self, proc: Process) -> None:
-        """Watch a process's userfaultfd."""
+        """Watch a process's userfaultfd, and its pidfd for its exit."""
         assert proc.uffd is not None
         with self.lock:
             self.by_fd[proc.uffd.fd] = proc
+            if proc.pidfd >= 0:
+                self.exits[proc.pidfd] = proc
         self.epoll.register(proc.uffd.fd, select.EPOLLIN)
+        if proc.pidfd >= 0:
+            self.epoll.register(proc.pidfd, select.EPOLLIN)
 
     def remove(self, proc: Process) -> None:
         """Stop watching a process (it is gone)."""
         with self.lock:
             if proc.uffd is None or self.by_fd.pop(proc.uffd.fd, None) is None:
                 return
+            self.exits.pop(proc.pidfd, None)
             helper = self.helpers.pop(proc.task.serial, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(proc.uffd.fd)
+        for fd in (proc.uffd.fd, proc.pidfd):
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(fd)
         if helper is not None:
-            helper.remote_state.post(None)
+            helper.host_data.post(None)
 
     def register_thread(self, thread: Thread) -> None:
-        """Faults of the process thread `thread.native_tid` go to `thread`."""
+        """Faults of the process thread `thread.host_data.tid` go to `thread`."""
         with self.lock:
-            self.by_tid[thread.native_tid] = thread
+            self.by_tid[thread.host_data.tid] = thread
 
     def unregister_thread(self, thread: Thread) -> None:
         with self.lock:
-            if self.by_tid.get(thread.native_tid) is thread:
-                del self.by_tid[thread.native_tid]
+            if self.by_tid.get(thread.host_data.tid) is thread:
+                del self.by_tid[thread.host_data.tid]
 
     def _loop(self) -> None:
         while self.running:
@@ -83,8 +90,13 @@ class FaultPoller:
                 return
             for fd, _ in events:
                 with self.lock:
-                    proc = self.by_fd.get(fd)
-                if proc is not None and proc.uffd is not None:
+                    proc, gone = self.by_fd.get(fd), self.exits.pop(fd, None)
+                if gone is not None:  # ended without closing its control connection
+                    with contextlib.suppress(OSError, ValueError):
+                        self.epoll.unregister(fd)
+                    threading.Thread(target=self.machd.process_exited, args=(gone,),
+                                     daemon=True, name="machd.exited").start()
+                elif proc is not None and proc.uffd is not None:
                     for fault in proc.uffd.read_events():
                         self._dispatch(proc, fault)
 
@@ -93,7 +105,7 @@ class FaultPoller:
             thread = self.by_tid.get(fault.tid)
         if thread is None or thread.task is not proc.task:
             thread = self._helper(proc)
-        thread.remote_state.post(fault)
+        thread.host_data.post(fault)
 
     def _helper(self, proc: Process) -> Thread:
         """The task's kernel thread for faults of threads unknown to Mach."""
@@ -103,7 +115,7 @@ class FaultPoller:
                 return helper
             k = self.machd.kernel
             helper = Thread(proc.task, None, f"{proc.task.name}.faults")
-            helper.remote_state = RemoteState()
+            helper.host_data = RemoteState(0)
             helper.code = Code(serve_faults, (self.machd, helper))
             self.helpers[proc.task.serial] = helper
         with k.sched.lock:

@@ -41,6 +41,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ from pymach.kern.host import Kernel
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, running_thread
 from pymach.machd.faults import FaultPoller
-from pymach.machd.remote import TaskEnv, check_frame, serve_remote
+from pymach.machd.remote import RemoteState, TaskEnv, check_frame, serve_remote
 from pymach.pmap.uffd import Uffd, probe
 
 log = logging.getLogger("pymach.machd")
@@ -94,6 +95,7 @@ class Process:
     uffd: Uffd | None = None  # (Machd.lock once attached); machd's alone
     env: TaskEnv = field(default_factory=TaskEnv)
     control_token: bytes = b""  # what its control connection must present
+    pidfd: int = -1  # (Machd.lock) the process itself: watched for its exit, signalled
     popen: subprocess.Popen[bytes] | None = None
     alive: bool = True
     detaching: bool = False  # it asked to stop being a task: do not kill it
@@ -138,7 +140,6 @@ class Machd:
         """Boot the kernel and listen (returns; serving runs in threads)."""
         self.listener = listen(self.socket_path, others=len(self.allow_uids) > 1)
         self.kernel.boot_headless()
-        self.kernel.native_host = self
         self.running = True
         self.poller.start()
         threading.Thread(target=self._accept_loop, name="machd.accept", daemon=True).start()
@@ -208,9 +209,8 @@ class Machd:
         or late hello closes the connection, having created nothing."""
         served = False
         try:
-            chan.sock.settimeout(self.limits.hello_timeout)
-            frame = chan.recv()
-            chan.sock.settimeout(None)
+            frame = chan.recv(deadline=time.monotonic() + self.limits.hello_timeout,
+                              max_body=traps.HELLO_MAX_BODY)
             try:
                 check_frame(frame, lambda op: op in HELLOS)
                 served = self._hello(chan, cred, frame)
@@ -251,14 +251,14 @@ class Machd:
             k = self.kernel
             with k.sched.lock:
                 boot = next(t for t in k.tasks.values() if t.name == "bootstrap")
-                task = k.task_create_locked(boot, False, name[:64], native=True)
+                task = k.task_create_locked(boot, False, name[:64], host=self)
                 task.uid = cred.uid
                 thread = k.thread_create_locked(task, None, f"{task.name}.main",
                                                 start=False)
         except BaseException:
             uffd.close()
             raise
-        proc = Process(task, cred.pid, cred.uid)
+        proc = Process(task, cred.pid, cred.uid, pidfd=chan.peer_pidfd())
         self._new_process(proc, uffd)
         self._run_thread(thread, chan, tid, proc.control_token)
 
@@ -328,27 +328,39 @@ class Machd:
         with self.kernel.sched.lock:
             task.process = proc
             assert task.map is not None
-            task.map.pmap.uffd = uffd  # type: ignore[union-attr]
-            task.map.native.uffd = uffd
-            task.map.native.everything(task.map)  # the process maps what the task has
+            pmap: Any = task.map.pmap  # a UffdPmap
+            pmap.uffd = pmap.binding.uffd = uffd
+            pmap.binding.everything(task.map)  # the process maps what the task has
         with self.lock:
             self.processes[task.serial] = proc
             self.controls[proc.control_token] = proc
         self.poller.add(proc)
+        timer = threading.Timer(self.limits.hello_timeout, self._control_due, (proc,))
+        timer.daemon = True
+        timer.start()
+
+    def _control_due(self, proc: Process) -> None:
+        """A process must open its control connection within the hello timeout."""
+        if proc.control is None and proc.alive:
+            self.kill(proc, "it did not open its control connection in time")
+
+    def process_exited(self, proc: Process) -> None:
+        """The process is gone (its pidfd said so): end its task."""
+        proc.exited = True
+        self.process_gone(proc, "its process exited")
 
     def _run_thread(self, thread: Thread, chan: Channel, tid: int, control: bytes) -> None:
         """Start the kernel thread that serves this process thread (it sends the
         welcome)."""
         code = thread.code
-        thread.remote = chan
-        thread.native_tid = tid
+        thread.host_data = RemoteState(tid)
         thread.code = Code(serve_remote, (self, thread, chan, code, control))
         with self.kernel.sched.lock:
             thread.start()
 
     # -- threads of native tasks -----------------------------------------------------------
-    def remote_thread(self, thread: Thread) -> None:
-        """thread_create on a native task (kernel lock held): start it in the task's
+    def start_thread(self, thread: Thread) -> None:
+        """thread_create on a task of machd's (kernel lock held): start it in the task's
         process, or in a new process (running as the task's user) if it has none."""
         token = secrets.token_bytes(16)
         thread.state = "running"  # runnable now, as in the embedded kernel; its process
@@ -385,7 +397,8 @@ class Machd:
             return
         finally:
             close_fds(stdio)
-        task.process = Process(task, popen.pid, task.uid, popen=popen)  # until it attaches
+        task.process = Process(task, popen.pid, task.uid, popen=popen,
+                               pidfd=_pidfd(popen.pid))  # our child: not reaped, no reuse
 
     # -- ending processes -----------------------------------------------------------------
     def _watch_control(self, proc: Process) -> None:
@@ -421,12 +434,13 @@ class Machd:
         with self.lock:  # this may run twice (a kill, then the connection closing)
             uffd, proc.uffd = proc.uffd, None
             stdio, proc.stdio = proc.stdio, []
+            pidfd, proc.pidfd = proc.pidfd, -1
             self.controls.pop(proc.control_token, None)
             for token in [t for t, th in self.pending.items() if th.task is proc.task]:
                 del self.pending[token]
         if uffd is not None:
             uffd.close()
-        close_fds(stdio)
+        close_fds([*stdio, *([pidfd] if pidfd >= 0 else [])])
 
     def task_terminated(self, task: Task) -> None:
         """A native task was terminated (kernel lock held): end its process, whose
@@ -439,7 +453,9 @@ class Machd:
         proc.alive = False
         self.poller.remove(proc)
         told = False
-        pidfd = _pidfd(proc.pid) if proc.pid and not proc.detaching and not proc.exited else -1
+        with self.lock:  # the pidfd taken at attach: signals can only reach that process
+            pidfd = os.dup(proc.pidfd) if proc.pidfd >= 0 and not (
+                proc.detaching or proc.exited) else -1
         if pidfd >= 0 and proc.control is not None:
             me = running_thread()
             why = proc.why or ("" if me is not None and me.task is task else "task_terminate")
@@ -616,8 +632,6 @@ def start_daemon(path: str, *options: str, timeout: float = 20.0) -> subprocess.
     """Start `pymach machd --socket path *options` as a child process that ends with the
     caller; returns once it accepts connections (MachdError if it exits or does not
     start in time)."""
-    import time
-
     proc = subprocess.Popen([sys.executable, "-m", "pymach.cli.main", "machd", "--socket",
                              path, "--log-level", "warning", *options],
                             preexec_fn=_die_with_parent)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from pymach.include.message import Code
     from pymach.kern.thread import Thread
     from pymach.machd.machd import Machd
+    from pymach.pmap.native_map import NativeMapBinding
     from pymach.pmap.uffd import Fault
 
 log = logging.getLogger("pymach.machd")
@@ -70,9 +71,11 @@ def task_env(values: list[Any]) -> TaskEnv:
 
 
 class RemoteState:
-    """Per-thread state: the faults waiting for this thread, and its wake pipe."""
+    """A kernel thread's record of the process thread it stands for (its
+    `host_data`): that thread's id, the faults waiting for it, and its wake pipe."""
 
-    def __init__(self) -> None:
+    def __init__(self, tid: int) -> None:
+        self.tid = tid  # immutable: the process thread's id (0: a helper)
         self.faults: deque[Fault | None] = deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -133,10 +136,16 @@ def _fault_in(thread: Thread, args: list[Any]) -> Any:
 
 def _mapped(thread: Thread, args: list[Any]) -> Any:
     """The process has applied a batch of mappings: arm its ranges."""
-    binding = thread.task.map.native if thread.task.map is not None else None
+    binding = _binding(thread)
     if binding is not None:
         with thread.kernel.sched.lock:
             binding.arm(args[0])
+
+
+def _binding(thread: Thread) -> NativeMapBinding | None:
+    """The map-change record of the thread's task (its UffdPmap's), if it has a map."""
+    vmap = thread.task.map
+    return getattr(vmap.pmap, "binding", None) if vmap is not None else None
 
 
 TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
@@ -164,8 +173,7 @@ def check_frame(frame: Frame, allowed: Callable[[int], bool]) -> None:
 def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
                  control_token: bytes) -> None:
     """Serve one process thread (see module docstring); ends with its connection."""
-    state = RemoteState()
-    thread.remote_state = state
+    state: RemoteState = thread.host_data
     machd.poller.register_thread(thread)
     try:
         reply(thread, conn, traps.REPLY_OK, _welcome(machd, thread, code, control_token))
@@ -246,7 +254,7 @@ def reply(thread: Thread, conn: Channel, status: int, value: Any, code: str = ""
           detail: str = "") -> None:
     """Send a REPLY with the task's pending address-space changes (their fds closed
     here once sent); raise ThreadTerminated after a REPLY_TERMINATED."""
-    binding = thread.task.map.native if thread.task.map is not None else None
+    binding = _binding(thread)
     batch: list[Any] = [0, 0, []]
     fds: list[int] = []
     if binding is not None:
@@ -281,7 +289,7 @@ def serve_fault(machd: Machd, thread: Thread, fault: Fault) -> None:
 def serve_faults(machd: Machd, thread: Thread) -> None:
     """A task's helper kernel thread: resolve faults of process threads Mach does not
     know (a None fault means the process is gone)."""
-    state: RemoteState = thread.remote_state
+    state: RemoteState = thread.host_data
     poller = select.poll()
     poller.register(state.wake_r, select.POLLIN)
     try:

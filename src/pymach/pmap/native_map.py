@@ -67,7 +67,10 @@ class NativeMapBinding:
 
     def mapped(self, vmap: VmMap, entry: VmMapEntry) -> None:
         """An entry was linked: map each object it shows at its place, from a read-only
-        descriptor where the entry's maximum protection forbids writing."""
+        descriptor where the entry's maximum protection forbids writing. Until a process
+        attaches (`uffd` set) nothing is recorded: `everything` queues the whole map then."""
+        if self.uffd is None:
+            return
         shared = bool(entry.max_protection & VM_PROT_WRITE)
         for start, length, obj, offset in _pieces(entry):
             store = self.phys.store_for(obj, offset + length)
@@ -82,6 +85,8 @@ class NativeMapBinding:
 
     def unmapped(self, start: int, end: int) -> None:
         """An entry was unlinked: give the range back."""
+        if self.uffd is None:
+            return
         self.pending.append([MAP_UNMAP, start, end - start])
         for s in [s for s, (_, _, n) in self.regions.items() if s < end and s + n > start]:
             store, offset, length = self.regions.pop(s)
@@ -91,6 +96,8 @@ class NativeMapBinding:
     def protected(self, vmap: VmMap, entry: VmMapEntry, start: int, end: int) -> None:
         """The protection of part of an entry changed (vm_protect). A maximum that no
         longer allows writing remaps the entry from a read-only descriptor."""
+        if self.uffd is None:
+            return
         if not entry.max_protection & VM_PROT_WRITE and any(
                 s not in self.readonly for s, _, _, _ in _pieces(entry)):
             self.mapped(vmap, entry)

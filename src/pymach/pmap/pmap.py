@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Pmap(Protocol):
@@ -65,13 +65,48 @@ class Pmap(Protocol):
         """Remove every mapping; the pmap is not used again."""
         ...
 
+    # Map changes. A backend whose address spaces belong to other processes (which alone
+    # can change their own mappings) is told of each; the soft backend ignores them.
+    def pmap_map_entry(self, vmap: Any, entry: Any) -> None:
+        """The map linked `entry` (new memory at its range, not a clip)."""
+        ...
+
+    def pmap_unmap_range(self, start: int, end: int) -> None:
+        """The map unlinked the entry at [start, end)."""
+        ...
+
+    def pmap_entry_protected(self, vmap: Any, entry: Any, start: int, end: int) -> None:
+        """vm_protect changed the protection of [start, end) of `entry`."""
+        ...
+
 
 class PhysicalMemory(Protocol):
-    """The machine's frames and per-frame state (see module docstring)."""
+    """The machine's frames and per-frame state (see module docstring).
+
+    Two capabilities tell the machine-independent VM how this machine's MMU works:
+
+    - `maps_objects`: a task region maps one VM object's memory for the region's whole
+      life (a memfd mapping), not frames one page at a time. The VM then copies with
+      copy objects and push rather than by write-protecting the source's pages in
+      place, gives a copied region its private shadow at once, copies a page up from
+      below a region's first object even for a read, and writes vm_write/vm_copy data
+      into existing memory eagerly;
+    - `dirty_by_fault`: the MMU keeps no modify bit of its own, so a read fault enters
+      the page without write access (the first write faults and marks it), and maps
+      the resident pages that follow it read-only too (fault-around).
+    """
 
     page_size: int
     nframes: int
     lock: threading.Lock
+    maps_objects: bool
+    dirty_by_fault: bool
+    task_window: tuple[int, int] | None  # where task maps lie (None: the VM's default)
+
+    def object_write_protect(self, obj: Any) -> bool:
+        """Write-protect every task mapping of VM object `obj` in one step per region (a
+        copy of it was made); False if the backend has no such shortcut."""
+        ...
 
     def pmap_create(self) -> Pmap:
         """A new, empty pmap."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import threading
+from typing import Any
 
 from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
 
@@ -29,6 +30,14 @@ _PROT_MASK = 0x7
 
 class SoftPhysicalMemory:
     """Frames, their reference/modify bits and pv lists (see module docstring)."""
+
+    maps_objects = False  # the pmap contract's capabilities (pmap.py)
+    dirty_by_fault = False
+    task_window: tuple[int, int] | None = None
+
+    def object_write_protect(self, obj: Any) -> bool:
+        """No shortcut here: the VM protects the object's pages one by one."""
+        return False
 
     def __init__(self, page_size: int, nframes: int, simulated: bool = True) -> None:
         self.page_size = page_size  # immutable
@@ -226,6 +235,15 @@ class PageTable:
         with self.phys.lock:
             self.chunks.clear()
             self.masks.clear()
+
+    def pmap_map_entry(self, vmap: Any, entry: Any) -> None:
+        """Nothing to do: the software MMU maps page by page at faults."""
+
+    def pmap_unmap_range(self, start: int, end: int) -> None:
+        """Nothing to do (the VM removed the range's mappings already)."""
+
+    def pmap_entry_protected(self, vmap: Any, entry: Any, start: int, end: int) -> None:
+        """Nothing to do (pmap_protect lowered the mappings already)."""
 
     # -- with phys.lock held -------------------------------------------------------------
     def maps_locked(self, vpn: int, frame: int) -> bool:

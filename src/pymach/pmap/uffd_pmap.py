@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_WRITE
+from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
 from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory
 
 if TYPE_CHECKING:
@@ -40,6 +41,14 @@ if TYPE_CHECKING:
 
 
 RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
+
+
+def _memfd(name: str) -> int:
+    """A new memfd only machd's user may reopen (a task handed a read-only descriptor
+    cannot reopen it read-write through /proc/self/fd unless it runs as that user)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.fchmod(fd, 0o600)
+    return fd
 
 
 @dataclass
@@ -56,13 +65,18 @@ class ObjectStore:
 class UffdPhysicalMemory(SoftPhysicalMemory):
     """Frames whose data live in VM objects' memfds (see module docstring)."""
 
+    maps_objects = True  # a region maps its object's memfd for the region's life
+    dirty_by_fault = True  # userfaultfd gives no modify bit: writes must fault
+    task_window: tuple[int, int] | None = (WINDOW_BASE, WINDOW_BASE + WINDOW_SIZE)  # what
+    # each process reserves
+
     def __init__(self, page_size: int, nframes: int) -> None:
         super().__init__(page_size, nframes, simulated=False)
         self.stash: dict[int, bytes] = {}  # frames taken from every task, data kept here
         self.stores: dict[int, ObjectStore] = {}  # VM object serial -> its memfd
         # A frame that caches no object keeps its data in one anonymous memfd, at its
         # frame number (the pmap contract lets a frame hold data before it is tabled).
-        self.free_store = ObjectStore(-1, os.memfd_create("pymach-frames", os.MFD_CLOEXEC))
+        self.free_store = ObjectStore(-1, _memfd("pymach-frames"))
         os.ftruncate(self.free_store.fd, nframes * page_size)
         self.homes: list[tuple[ObjectStore, int]] = [
             (self.free_store, f * page_size) for f in range(nframes)]
@@ -79,7 +93,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def _store_locked(self, serial: int, size: int) -> ObjectStore:
         store = self.stores.get(serial)
         if store is None:
-            fd = os.memfd_create(f"pymach-obj{serial}", os.MFD_CLOEXEC)
+            fd = _memfd(f"pymach-obj{serial}")
             store = self.stores[serial] = ObjectStore(serial, fd)
         if size > store.size:
             os.ftruncate(store.fd, size)
@@ -273,6 +287,19 @@ class UffdPmap(PageTable):
         super().__init__(phys)
         self.uphys = phys  # immutable
         self.uffd: Uffd | None = None  # set when the task's process attaches
+        self.binding = NativeMapBinding(self, phys)  # immutable: the process's map changes
+
+    def pmap_map_entry(self, vmap: Any, entry: Any) -> None:
+        """The task's process must map the entry's objects (native_map.py)."""
+        self.binding.mapped(vmap, entry)
+
+    def pmap_unmap_range(self, start: int, end: int) -> None:
+        """The task's process must give the range back."""
+        self.binding.unmapped(start, end)
+
+    def pmap_entry_protected(self, vmap: Any, entry: Any, start: int, end: int) -> None:
+        """The task's process must change the range's protection (or remap it)."""
+        self.binding.protected(vmap, entry, start, end)
 
     def pmap_enter(self, va: int, frame: int, prot: int) -> None:
         """Let the task reach `frame` at `va` with `prot`, waking a thread faulting there."""

@@ -54,25 +54,26 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         look = vm_map_lookup(vmap, page_va, access)
         try:
             page, prot = vm_fault_page(thread, look.object, look.offset, access, look.prot,
-                                       look.single_use, look.policy, map_first=vm.native)
+                                       look.single_use, look.policy,
+                                       map_first=vm.phys.maps_objects)
         except Retry:
             continue
         assert vmap.pmap is not None
-        if vm.native and not access & VM_PROT_WRITE:
-            prot &= ~VM_PROT_WRITE  # real memory: the first write must fault (dirty bit)
+        if vm.phys.dirty_by_fault and not access & VM_PROT_WRITE:
+            prot &= ~VM_PROT_WRITE  # no modify bit: the first write must fault
         vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
         if not page.busy:
             vm.resident.vm_page_activate(page)
-        if vm.native and not access & VM_PROT_WRITE:
+        if vm.phys.dirty_by_fault and not access & VM_PROT_WRITE:
             _fault_around(vmap, look, page_va, prot)
         return
 
 
-FAULT_AROUND_MIN = 16  # pages a native read fault may map beyond the faulting one
+FAULT_AROUND_MIN = 16  # pages a read fault may map beyond the faulting one (dirty_by_fault)
 
 
 def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int) -> None:
-    """Map the resident pages that follow a native read fault in the same object, read
+    """Map the resident pages that follow a read fault in the same object, read
     only (a write still faults), as Linux maps page-cache pages around a fault: reading
     a region a pager filled in clusters takes one fault per cluster, not per page."""
     if look.holder is not vmap or vmap.pmap is None:
@@ -100,7 +101,7 @@ def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, acc
     """Steps 2 and 3: a resident page holding the data of `first_object` at
     `first_offset`, ready for `access`, and the protection it may be mapped with.
     `policy` (the mapping's, else the host's) bounds waits for a data manager. With
-    `map_first` (native memory: a task maps only its first object's memfd) a page found
+    `map_first` (the machine maps only a region's first object: `maps_objects`) a page found
     below the first object is copied up even for a read. Raises Retry after any wait."""
     policy = policy or first_object.vm.fault_policy
     page, obj = _find_page(thread, first_object, first_offset, policy, access)

@@ -37,9 +37,6 @@ class VmSystem:
         self.page_size = kernel.page_size  # immutable
         nframes = kernel.memory_size // kernel.page_size
         self.phys = make_physical_memory(backend, kernel.page_size, nframes)  # immutable
-        # Native memory: a task region maps one object's memfd for its whole life, so
-        # copies are copy objects with push and a fresh private shadow (vm_map_copy.py).
-        self.native = backend != "soft"  # immutable
         reserved = max(2, nframes // 64)
         self.resident = VmResident(self.phys, reserved)  # immutable
         self.free_min = max(reserved + 2, nframes // 32)  # wake pageout below this

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
 from pymach.include.vm_param import (
@@ -96,7 +96,6 @@ class VmMap:
         self.starts: list[int] = []  # entries' start addresses, for bisect
         self.ref_count = 1
         self.sharers: set[VmMap] = set()  # sharing maps: task maps pointing here
-        self.native: Any = None  # a native task's NativeMapBinding (pmap/native_map.py)
 
     @property
     def is_share_map(self) -> bool:
@@ -119,23 +118,23 @@ class VmMap:
         return bisect.bisect_left(self.starts, entry.start)
 
     def link(self, entry: VmMapEntry, remap: bool = True) -> None:
-        """Insert an entry (its range must be free). A native task will map it
-        (`remap` False: the range shows the same memory as before, a clip)."""
+        """Insert an entry (its range must be free) and tell the pmap (`remap` False: the
+        range shows the same memory as before, a clip)."""
         i = bisect.bisect_left(self.starts, entry.start)
         self.entries.insert(i, entry)
         self.starts.insert(i, entry.start)
         if entry.share_map is not None and not self.is_share_map:
             entry.share_map.sharers.add(self)
-        if self.native is not None and remap:
-            self.native.mapped(self, entry)
+        if self.pmap is not None and remap:
+            self.pmap.pmap_map_entry(self, entry)
 
     def unlink(self, entry: VmMapEntry) -> None:
         """Remove an entry from the list (references are the caller's business)."""
         i = self._index(entry)
         del self.entries[i]
         del self.starts[i]
-        if self.native is not None:
-            self.native.unmapped(entry.start, entry.end)
+        if self.pmap is not None:
+            self.pmap.pmap_unmap_range(entry.start, entry.end)
         if entry.share_map is not None and not any(
                 e.share_map is entry.share_map for e in self.entries):
             entry.share_map.sharers.discard(self)
@@ -296,8 +295,7 @@ def vm_map_protect(vmap: VmMap, start: int, end: int, prot: int, set_max: bool) 
     if vmap.pmap is not None:
         for e in vmap.entries_in(start, end):
             vmap.pmap.pmap_protect(max(e.start, start), min(e.end, end), e.protection)
-            if vmap.native is not None:
-                vmap.native.protected(vmap, e, max(e.start, start), min(e.end, end))
+            vmap.pmap.pmap_entry_protected(vmap, e, max(e.start, start), min(e.end, end))
 
 
 def vm_map_inherit(vmap: VmMap, start: int, end: int, inheritance: int) -> None:

@@ -93,7 +93,7 @@ def vm_object_copy(obj: VmObject, offset: int, size: int) -> tuple[VmObject, int
     reference), and whether the source entry must now be marked needs_copy.
     """
     vm_object_collapse(obj)
-    if obj.internal and not obj.vm.native:
+    if obj.internal and not obj.vm.phys.maps_objects:
         vm_object_reference(obj)
         vm_object_pmap_protect_copy(obj, offset, offset + size)
         return obj, offset, True
@@ -115,8 +115,7 @@ def _copy_object(obj: VmObject) -> VmObject:
         old.shadow = new
         vm_object_deallocate(old_shadow)
     obj.copy = new
-    protect = getattr(obj.vm.phys, "object_write_protect", None)
-    if protect is None or not protect(obj):  # native: one call per task region
+    if not obj.vm.phys.object_write_protect(obj):  # else one step per task region
         vm_object_pmap_protect_copy(obj, 0, obj.size)
     return new
 
@@ -129,7 +128,7 @@ def _copy_entry_piece(holder: VmMap, entry: VmMapEntry) -> CopyEntry:
         vm_object_reference(obj)
         return CopyEntry(obj, entry.offset, entry.size, True)
     vm_object_collapse(obj)
-    if obj.internal and obj.ref_count == 1 and not obj.vm.native:
+    if obj.internal and obj.ref_count == 1 and not obj.vm.phys.maps_objects:
         # Only this entry maps the object, so only its range can hold writable
         # mappings of its pages: protect that range (Mach's pmap_protect), not each page.
         vm_object_reference(obj)
@@ -180,10 +179,10 @@ def vm_map_fork(vm: VmSystem, parent: VmMap, child: VmMap | None = None) -> VmMa
 
 def insert_copy(vmap: VmMap, at: int, piece: CopyEntry, protection: int = VM_PROT_DEFAULT,
                 max_protection: int = VM_PROT_ALL, inheritance: int = VM_INHERIT_COPY) -> None:
-    """Map one piece of a copy at `at`. A native task gets its private shadow now (its
-    region will map that object's memfd for good); others make it at the first write."""
+    """Map one piece of a copy at `at`. Where a region maps one object for good
+    (`maps_objects`) it gets its private shadow now; elsewhere at the first write."""
     obj, offset, needs_copy = piece.object, piece.offset, piece.needs_copy
-    if needs_copy and vmap.vm.native:
+    if needs_copy and vmap.vm.phys.maps_objects:
         obj, offset, needs_copy = vm_object_shadow(obj, offset, piece.size), 0, False
     vm_map_insert(vmap, at, at + piece.size, obj, offset, protection=protection,
                   max_protection=max_protection, inheritance=inheritance,
@@ -317,7 +316,7 @@ def vm_map_copy_overwrite(vmap: VmMap, dst: int, copy: VmMapCopy) -> None:
         if not e.protection & VM_PROT_WRITE:
             raise MachError("KERN_PROTECTION_FAILURE", f"{e.start:#x}-{e.end:#x} is not "
                             f"writable")
-    if vmap.vm.native:
+    if vmap.vm.phys.maps_objects:
         _write_pages(vmap, dst, copy)
         return
     _consume(copy)
@@ -332,8 +331,9 @@ def vm_map_copy_overwrite(vmap: VmMap, dst: int, copy: VmMapCopy) -> None:
 
 
 def _write_pages(vmap: VmMap, dst: int, copy: VmMapCopy) -> None:
-    """Native vm_write/vm_copy: store the copy's data into the pages at `dst`, as the task
-    writing them would (the task's mappings stay; the memory changes under them)."""
+    """vm_write/vm_copy where regions map objects (`maps_objects`): store the copy's
+    data into the pages at `dst`, as the task writing them would (the task's mappings
+    stay; the memory changes under them)."""
     from pymach.kern.thread import current_thread
     from pymach.vm.vm_fault import Retry, vm_fault_page
     from pymach.vm.vm_kern import object_read_page
