@@ -116,10 +116,14 @@ def unpack_header(data: bytes) -> tuple[int, int, int]:
 
 
 def encode(values: Sequence[Any]) -> bytes:
-    """The body for `values` (None, bool, int, float, bytes, str, list/tuple, Message)."""
+    """The body for `values` (None, bool, int, float, bytes, str, list/tuple, Message);
+    WireError for anything else, or for an item holding a value of the wrong kind."""
     out = bytearray()
-    for v in values:
-        _put(out, v, 0)
+    try:
+        for v in values:
+            _put(out, v, 0)
+    except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as e:
+        raise WireError(f"cannot encode: {e}") from None
     return bytes(out)
 
 
@@ -235,33 +239,41 @@ def _put_code(out: bytearray, item: Code) -> None:
 class _Reader:
     """A bounds-checked cursor over one body."""
 
+    __slots__ = ("buf", "end", "pos")
+
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self.buf = memoryview(data).cast("B")
+        self.buf = bytes(data)
+        self.end = len(self.buf)
         self.pos = 0
 
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise WireError(f"truncated at offset {self.pos} (wanted {n} bytes, "
-                            f"{len(self.buf) - self.pos} remain)")
-        out = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return out
+    def _need(self, n: int) -> int:
+        """The current offset, having checked that n more bytes are there."""
+        pos = self.pos
+        if n < 0 or pos + n > self.end:
+            raise WireError(f"truncated at offset {pos} (wanted {n} bytes, "
+                            f"{self.end - pos} remain)")
+        self.pos = pos + n
+        return pos
+
+    def take(self, n: int) -> bytes:
+        pos = self._need(n)
+        return self.buf[pos:pos + n]
 
     def unpack(self, st: struct.Struct) -> tuple[Any, ...]:
-        return st.unpack(self.take(st.size))
+        return st.unpack_from(self.buf, self._need(st.size))
 
     def u8(self) -> int:
-        return int(self.take(1)[0])
+        return self.buf[self._need(1)]
 
     def count(self, min_each: int) -> int:
         """An element count, refused if the rest of the body could not hold it."""
-        (n,) = self.unpack(_U32)
-        if n > MAX_COUNT or n * min_each > len(self.buf) - self.pos:
+        n: int = _U32.unpack_from(self.buf, self._need(4))[0]
+        if n > MAX_COUNT or n * min_each > self.end - self.pos:
             raise WireError(f"count {n} at offset {self.pos - 4} exceeds the frame")
-        return int(n)
+        return n
 
     def blob(self) -> bytes:
-        return bytes(self.take(self.count(1)))
+        return self.take(self.count(1))
 
     def text(self) -> str:
         at = self.pos
@@ -275,19 +287,19 @@ def decode(data: bytes | bytearray | memoryview) -> list[Any]:
     """The values of a body (see module docstring), or WireError."""
     r = _Reader(data)
     out = []
-    while r.pos < len(r.buf):
+    while r.pos < r.end:
         out.append(_get(r, 0))
     return out
 
 
 def _get(r: _Reader, depth: int) -> Any:
     tag = r.u8()
+    if tag == T_INT:
+        return r.unpack(_I64)[0]
     if tag == T_NONE:
         return None
     if tag in (T_FALSE, T_TRUE):
         return tag == T_TRUE
-    if tag == T_INT:
-        return r.unpack(_I64)[0]
     if tag == T_FLOAT:
         return r.unpack(_F64)[0]
     if tag == T_BYTES:
@@ -333,14 +345,14 @@ def _get_item(r: _Reader) -> Item:
         return Str(r.text())
     if tag == I_INTARRAY:
         n = r.count(8)
-        return IntArray(struct.unpack(f"<{n}q", r.take(8 * n)))
+        return IntArray(struct.unpack_from(f"<{n}q", r.buf, r._need(8 * n)))
     if tag == I_PORT:
         name, disp = r.unpack(_PORT)
         return Port(name, _disposition(disp, at))
     if tag == I_PORTARRAY:
         disp = _disposition(r.u8(), at)
         n = r.count(8)
-        return PortArray(struct.unpack(f"<{n}q", r.take(8 * n)), disp)
+        return PortArray(struct.unpack_from(f"<{n}q", r.buf, r._need(8 * n)), disp)
     if tag == I_OOL:
         address, size, flags = r.unpack(_OOL_HEAD)
         if flags & ~(OOL_DEALLOCATE | OOL_DATA):
@@ -355,17 +367,16 @@ def _get_item(r: _Reader) -> Item:
 
 
 # -- signatures ---------------------------------------------------------------------------
-NUMBER = (int, float)
-
-
 def check(values: list[Any], signature: Sequence[tuple[type, ...] | type], what: str) -> None:
     """Refuse (WireError) values whose count or types differ from `signature`, a type
-    or tuple of types per position (bool is not an int here)."""
+    or tuple of types per position. Decoded values have exact types, so the check is
+    by exact type (a bool is not an int here)."""
     if len(values) != len(signature):
         raise WireError(f"{what} takes {len(signature)} values, got {len(values)}")
-    for n, (v, want) in enumerate(zip(values, signature, strict=True)):
+    for n, v in enumerate(values):
+        want = signature[n]
+        if type(v) is want or (type(want) is tuple and type(v) in want):
+            continue
         types = want if isinstance(want, tuple) else (want,)
-        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
-        if not ok:
-            names = "/".join("None" if t is type(None) else t.__name__ for t in types)
-            raise WireError(f"{what} value {n} is {type(v).__name__}, not {names}")
+        names = "/".join("None" if t is type(None) else t.__name__ for t in types)
+        raise WireError(f"{what} value {n} is {type(v).__name__}, not {names}")

@@ -281,24 +281,38 @@ class NativeThread:
         """Run a trap in machd as this thread; returns its result or raises its error."""
         try:
             self.conn.send(op, args)
-            frame = self.conn.recv()
         except Disconnected:
             self.process.check_machd()
             raise ThreadTerminated() from None  # machd ended this thread
+        return self._await_reply()
+
+    def _await_reply(self) -> Any:
+        """The reply to the trap just sent: its value, or its error raised."""
+        try:
+            frame = self.conn.recv()
+        except Disconnected:
+            self.process.check_machd()
+            raise ThreadTerminated() from None
         return _reply(self.process, self.conn, frame)
 
     # -- the trap transport ---------------------------------------------------------------
     def _message_trap(self, op: int, msg: Any, *rest: Any) -> Any:
-        """A trap that carries a message: a malformed one gets the kernel's own error
-        (checked here: it could not travel), after entering the kernel all the same,
-        where a pending termination or suspension takes effect as in the embedded one."""
+        """A trap that carries a message. One that cannot travel (the encoding checks
+        it) still enters the kernel, where a pending termination or suspension takes
+        effect as in the embedded one, and then fails with the embedded kernel's own
+        error for it (validate_message), or MIG_TYPE_ERROR."""
         try:
-            portable = _portable(self.process, msg)
+            self.conn.send(op, (_portable(self.process, msg), *rest))
+        except Disconnected:
+            self.process.check_machd()
+            raise ThreadTerminated() from None
         except MachError as e:
             with contextlib.suppress(MachError):
                 self.trap(op, None, *rest)
+            if isinstance(msg, Message):
+                validate_message(msg)
             raise e from None
-        return self.trap(op, portable, *rest)
+        return self._await_reply()
 
     def msg_send(self, msg: Any, option: Any, timeout: Any) -> None:
         """msg_send in machd."""
@@ -378,11 +392,8 @@ def _portable(process: NativeProcess, msg: Any) -> Any:
     """A message whose items can travel to machd: byte items become bytes, and for Code
     items, for a thread of our own task the callable stays here (threads of a task
     share its objects) and only a key travels; for another task it is pickled by value."""
-    if not isinstance(msg, Message):
-        return msg
-    validate_message(msg)  # the kernel's own check, so errors are the embedded ones
-    if not any(isinstance(i, Code | Bytes) for i in msg.items):
-        return msg
+    if not isinstance(msg, Message) or not any(isinstance(i, Code) for i in msg.items):
+        return msg  # (malformed ones fail to encode, and _message_trap reports them)
     own = msg.remote_port == process.task_port
 
     def travel(code: Code) -> Code:
