@@ -39,6 +39,7 @@ from typing import Any
 
 from pymach.include import traps, wire
 from pymach.include.channel import Channel, Disconnected, Frame
+from pymach.include.mach_defs import port_defs, task_defs, thread_defs, vm_defs
 from pymach.include.message import (
     OOL,
     RCV_TIMEOUT,
@@ -54,7 +55,6 @@ from pymach.include.message import (
     PortArray,
     Str,
 )
-from pymach.kern.mach_defs import port_defs, task_defs, thread_defs, vm_defs
 from pymach.pmap.uffd import Uffd
 
 HERE = Path(__file__).resolve().parent

@@ -24,7 +24,7 @@ from typing import Any
 import pymach as m
 from machutil import WAIT_MS, recv, sleep_ms, start_thread, wait_until
 from pymach import OOL, Int, Message, Port
-from pymach.kern.mach_defs import memory_object_defs
+from pymach.include.mach_defs import memory_object_defs
 from pymach.mach_vm import take_ool
 
 PS = 4096

@@ -885,6 +885,7 @@ def test_task_churn_leaves_machd_flat(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)  # 500 processes, each a Python start-up: about 2 minutes
 def test_process_churn_leaves_machd_flat(tmp_path: Path) -> None:
     with machd(tmp_path / "machd.sock") as d, task_of(d, "spawner"):
         for i in range(5):

@@ -660,7 +660,7 @@ def test_msg_rpc_needs_reply_port(kernel: m.Kernel) -> None:
 
 def test_msg_rpc_to_kernel_port_raw(kernel: m.Kernel) -> None:
     """The generated stubs are plain msg_rpc: build a port_status request by hand."""
-    from pymach.kern.mach_defs import port_defs
+    from pymach.include.mach_defs import port_defs
 
     reply, p = new_port(), new_port()
     rid = port_defs.by_name["port_status"].id

@@ -10,8 +10,8 @@ import pytest
 import pymach as m
 from machutil import assert_kernel_ok, notifications, recv, sleep_ms
 from pymach import Int, Message, Port, Str, Subsystem, serve_message
-from pymach.kern.mach_defs import port_defs, task_defs
-from pymach.kern.mig import BOOL, BYTES, FLOAT, INT, INT_ARRAY, PORT, PORT_ARRAY, STR
+from pymach.include.mach_defs import port_defs, task_defs
+from pymach.include.mig import BOOL, BYTES, FLOAT, INT, INT_ARRAY, PORT, PORT_ARRAY, STR
 
 CONTRACT = True  # these run as native tasks of machd too (conftest.py)
 

@@ -32,7 +32,7 @@ from pagerutil import (
     values,
     watchdog,
 )
-from pymach.kern.mach_defs import memory_object_defs
+from pymach.include.mach_defs import memory_object_defs
 
 MODES = pytest.mark.parametrize("det", [False, True], ids=["free", "det"])
 

@@ -44,7 +44,7 @@ from pagerutil import (
     write,
 )
 from pymach import Int, Message, Port
-from pymach.kern.mach_defs import memory_object_defs
+from pymach.include.mach_defs import memory_object_defs
 
 R, W = m.VM_PROT_READ, m.VM_PROT_WRITE
 CONTRACT = True  # these run as native tasks of machd too (conftest.py)

@@ -1017,8 +1017,8 @@ def test_vm_call_on_a_plain_port_goes_to_its_receiver(kernel: m.Kernel, ctx: C,
     """A plain port is a server's port, not a task: the request is an ordinary message to
     whoever holds its receive rights. Nothing happens to anyone's memory; the caller gets
     whatever the receiver replies (here an error)."""
-    from pymach.kern.mach_defs import vm_defs
-    from pymach.kern.mig import error_reply
+    from pymach.include.mach_defs import vm_defs
+    from pymach.include.mig import error_reply
 
     me = m.task_self()
     p = m.port_allocate(me)

@@ -6,8 +6,6 @@ every call below works. Names follow the paper; out-parameters are return values
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from pymach.errors import (
     KernError,
     MachError,
@@ -15,6 +13,11 @@ from pymach.errors import (
     RcvError,
     SendError,
     ThreadTerminated,
+)
+from pymach.include.mach_defs import (
+    TASK_BOOTSTRAP_PORT,
+    TASK_KERNEL_PORT,
+    TASK_NOTIFY_PORT,
 )
 from pymach.include.message import (
     COPY_SEND,
@@ -41,6 +44,8 @@ from pymach.include.message import (
     PortArray,
     Str,
 )
+from pymach.include.mig import Subsystem, serve_message
+from pymach.include.version import __version__
 from pymach.include.vm_param import (
     VM_INHERIT_COPY,
     VM_INHERIT_DEFAULT,
@@ -58,13 +63,7 @@ from pymach.ipc.ipc_notify import (
     NOTIFY_PORT_DELETED,
     NOTIFY_RECEIVE_RIGHTS,
 )
-from pymach.kern.host import Kernel, TaskHandle, boot
-from pymach.kern.mach_defs import (
-    TASK_BOOTSTRAP_PORT,
-    TASK_KERNEL_PORT,
-    TASK_NOTIFY_PORT,
-)
-from pymach.kern.mig import Subsystem, serve_message
+from pymach.kern.host import Kernel, TaskHandle, boot, install_default_pager
 from pymach.mach import (
     host_info,
     host_kernel_version,
@@ -128,6 +127,11 @@ from pymach.mach_vm import (
 )
 from pymach.net.network import Network
 from pymach.pagers.data_manager import DataManager
+from pymach.pagers.default_pager import start_default_pager
+
+# The composition root: every kernel booted in this process gets the stock default
+# pager, a task above the kernel (kern/host.py).
+install_default_pager(start_default_pager)
 
 __all__ = [
     "COPY_SEND",

@@ -2,21 +2,21 @@
 
 Traps: msg_send, msg_receive, msg_rpc (Table 3-1) and the identity calls task_self,
 thread_self, task_notify, thread_reply, host_self. Everything else is a MIG stub from
-kern/mach_defs.py that sends a message to a task, thread or host port.
+include/mach_defs.py that sends a message to a task, thread or host port. `make_stub`
+makes every client stub (`Subsystem.stub`, include/mig.py).
 Timeouts are in milliseconds and apply only with SEND_TIMEOUT / RCV_TIMEOUT, as in Mach.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
-from pymach.errors import MachError
+from pymach.errors import MachError, code_name
 from pymach.include import traps
-from pymach.include.message import MSG_OPTION_NONE, MSG_SIZE_MAX, PORT_NULL, Code, Message
-from pymach.include.vm_param import VM_MAX_ADDRESS
-from pymach.kern.mach_defs import (
+from pymach.include.mach_defs import (
     TASK_NOTIFY_PORT,
     host_defs,
     pager_defs,
@@ -25,9 +25,33 @@ from pymach.kern.mach_defs import (
     thread_defs,
     vm_defs,
 )
+from pymach.include.message import (
+    MAKE_SEND,
+    MSG_OPTION_NONE,
+    MSG_SIZE_MAX,
+    OOL,
+    PORT_NULL,
+    RCV_TIMEOUT,
+    Code,
+    Int,
+    Message,
+    Port,
+    Str,
+)
+from pymach.include.mig import (
+    DATA,
+    PORT,
+    REPLY_ID_OFFSET,
+    REPLY_SIZE_ANY,
+    TASK_CODEC,
+    Routine,
+    decode_items,
+    install_stub_maker,
+)
+from pymach.include.vm_param import VM_MAX_ADDRESS
 from pymach.kern.syscall_sw import TrapTransport
 from pymach.kern.thread import current_thread
-from pymach.mach_vm import VmRegion, VmStatistics
+from pymach.mach_vm import VmRegion, VmStatistics, take_ool
 
 
 def _traps() -> TrapTransport:
@@ -86,6 +110,71 @@ def thread_reply() -> int:
     """The calling thread's reply port for RPCs (allocated on first use)."""
     return _traps().identity(traps.THREAD_REPLY)
 
+
+# -- MIG client stubs ----------------------------------------------------------------
+
+def make_stub(r: Routine) -> Callable[..., Any]:
+    """The client stub for `r` (what `Subsystem.stub` returns; include/mig.py)."""
+    names = [r.target] + [n for n, _ in r.ins]
+
+    def stub(*args: Any, **kwargs: Any) -> Any:
+        values = _bind(r, names, args, kwargs)
+        target = values[0]
+        PORT.check(r.name, r.target, target)
+        for (arg, t), v in zip(r.ins, values[1:], strict=True):
+            t.check(r.name, arg, v)
+        msg = Message(remote_port=target, id=r.id,
+                      items=[TASK_CODEC.to_item(t, v)
+                             for (_, t), v in zip(r.ins, values[1:], strict=True)])
+        if r.simple:
+            msg_send(msg)
+            return None
+        msg.local_port = thread_reply()  # any reply fits: one left queued as too
+        return _unpack_reply(r, msg_rpc(msg, rcv_size=REPLY_SIZE_ANY))  # large would
+        # block every later call of this thread
+
+    stub.__name__ = stub.__qualname__ = r.name
+    sig = ", ".join(names)
+    outs = ", ".join(n for n, _ in r.outs) or "None"
+    stub.__doc__ = f"{r.name}({sig}) -> {outs}\n\n{r.doc}\n\nMIG routine {r.id}."
+    return stub
+
+
+def _bind(r: Routine, names: list[str], args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> list[Any]:
+    if len(args) > len(names):
+        raise MachError("KERN_INVALID_ARGUMENT", f"{r.name} takes {len(names)} arguments")
+    values = dict(zip(names, args, strict=False))
+    for k, v in kwargs.items():
+        if k not in names or k in values:
+            raise MachError("KERN_INVALID_ARGUMENT", f"{r.name}: unexpected argument {k!r}")
+        values[k] = v
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise MachError("KERN_INVALID_ARGUMENT", f"{r.name}: missing {', '.join(missing)}")
+    return [values[n] for n in names]
+
+
+def _unpack_reply(r: Routine, reply: Message) -> Any:
+    if reply.id != r.id + REPLY_ID_OFFSET:
+        raise MachError("MIG_REPLY_MISMATCH", f"{r.name}: reply id {reply.id}, expected "
+                        f"{r.id + REPLY_ID_OFFSET}")
+    if not reply.items or not isinstance(reply.items[0], Int):
+        raise MachError("MIG_TYPE_ERROR", f"{r.name}: reply has no return code")
+    code = reply.items[0].value
+    if code != 0:
+        detail = reply.items[1].value if len(reply.items) > 1 and isinstance(
+            reply.items[1], Str) else ""
+        raise MachError(code_name(code), detail)
+    outs = decode_items(r, r.outs, reply.items[1:], "MIG_TYPE_ERROR")
+    # Out-of-line DATA is read into bytes and its region released (MEMORY stays memory).
+    outs = [take_ool(v) if t is DATA else v for (_, t), v in zip(r.outs, outs, strict=True)]
+    if not outs:
+        return None
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+install_stub_maker(make_stub)
 
 _task_create = task_defs.stub("task_create")
 task_terminate = task_defs.stub("task_terminate")
@@ -190,8 +279,6 @@ class Spawned:
         passes first."""
         import cloudpickle
 
-        from pymach.mach_vm import take_ool
-
         if self._outcome is None:
             msg = self._await_outcome(timeout)
             if msg is not None and msg.sender_uid not in (None, os.getuid()):
@@ -209,10 +296,6 @@ class Spawned:
     def _await_outcome(self, timeout: float | None) -> Any:
         """The child's outcome message (None if it ended without one), checking every
         100 ms that the child lives."""
-        import time
-
-        from pymach.include.message import RCV_TIMEOUT
-
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
             left = 100.0 if deadline is None else min(100.0, (deadline - time.monotonic()) * 1e3)
@@ -248,8 +331,6 @@ def _spawned_main(fn: Callable[..., Any], args: tuple[Any, ...],
     """The first thread of a spawned native task: run fn, send its outcome, end."""
     import cloudpickle
 
-    from pymach.include.message import OOL, Message
-
     box = msg_receive(task_notify()).items[0].value  # the parent's port, sent first
     try:
         outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
@@ -269,8 +350,6 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = Fa
     `.result(timeout_ms)` waits for its value (the task ends when fn returns). In the
     embedded kernel this is kernel.spawn; in a native task, task_create (with `inherit`)
     and thread_create in a new process."""
-    from pymach.include.message import MAKE_SEND, Message, Port
-
     thread = current_thread()
     if not thread.native:
         return thread.kernel.spawn(fn, *args, name=name, inherit=inherit, **kwargs)

@@ -13,6 +13,7 @@ hardware fault).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ from typing import TYPE_CHECKING, Any, overload
 
 from pymach.errors import MachError, code_name
 from pymach.include import traps
+from pymach.include.message import OOL, RCV_TIMEOUT, Int, Message
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.kern.thread import Thread, current_thread
 from pymach.vm.vm_fault import vm_fault_trap
 
 if TYPE_CHECKING:
-    from pymach.include.message import OOL
     from pymach.kern.task import Task
 
 
@@ -145,7 +146,7 @@ class AddressSpace(Memory):
 def _kernel_access(thread: Thread, address: int, size: int, data: bytes | None) -> bytes:
     """Read (data None) or write a task's memory through the kernel, for tasks whose
     pmap has no software MMU: machd's own tasks, such as the default pager."""
-    from pymach.vm.vm_kern import map_read, map_write
+    from pymach.vm.vm_kern import map_read, map_write  # (kernel-side: only machd needs it)
 
     with thread.kernel.trap(thread):
         assert thread.task.map is not None
@@ -264,7 +265,7 @@ def vm_page_size() -> int:
 
 def take_ool(item: OOL) -> bytes:
     """The bytes of out-of-line memory received in a message; the region is then freed."""
-    from pymach import mach
+    from pymach import mach  # (mach imports this module: both are the user library)
 
     if item.size == 0:
         return b""
@@ -316,8 +317,7 @@ def copy_to_safe_memory(address: int, size: int, timeout_ms: float | None = None
     answer costs the caller a KERN_MEMORY_ERROR instead of a hang (the copying thread is
     terminated). The copy never changes behind the caller's back.
     """
-    from pymach import mach
-    from pymach.include.message import RCV_TIMEOUT, Int, Message
+    from pymach import mach  # (mach imports this module: both are the user library)
 
     address, size = _check_range(address, size)
     me = mach.task_self()
@@ -353,6 +353,4 @@ def copy_to_safe_memory(address: int, size: int, timeout_ms: float | None = None
 
 
 def _suppress() -> Any:
-    import contextlib
-
     return contextlib.suppress(MachError)

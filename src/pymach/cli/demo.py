@@ -23,7 +23,7 @@ from pymach import (
     Message,
     Port,
 )
-from pymach.kern.mig import INT, Subsystem, serve_message
+from pymach.include.mig import INT, Subsystem, serve_message
 from pymach.kern.report import format_lsmp, format_ps
 from pymach.net.netname import (
     NETNAME_SHUTDOWN,

@@ -1,1 +1,2 @@
-"""Kernel: tasks, threads, the host, scheduling, traps, the kernel server and our MIG (3.1)."""
+"""Kernel: tasks, threads, the host, scheduling, traps, the kernel server and its side of
+MIG (3.1)."""

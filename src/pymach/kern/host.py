@@ -19,10 +19,11 @@ from typing import Any
 
 from pymach.errors import MachError, ThreadTerminated
 from pymach.include.message import MSG_SIZE_MAX, Code
+from pymach.ipc.ipc_right import entry_deallocate, port_destroy
 from pymach.ipc.kmsg import KMsg, ool_queued_limit
 from pymach.ipc.port import Port
 from pymach.ipc.space import PORT_NAMES_MAX, check_port_names_max
-from pymach.kern.sched_prim import make_scheduler, thread_block
+from pymach.kern.sched_prim import deadline_after, make_scheduler, thread_block
 from pymach.kern.task import Task, TaskHost
 from pymach.kern.thread import Thread, current_thread, set_current_thread
 
@@ -30,6 +31,21 @@ HARDWARE_PAGE = 4096
 
 
 MIN_FRAMES = 16
+
+# The default pager is a task above the kernel (pagers/default_pager.py), so the kernel
+# does not import it: whoever boots a kernel gives it one, as `Kernel(default_pager=...)`
+# or for every kernel with `install_default_pager`, which `pymach/__init__` calls with
+# the stock pager. A start function creates the pager's task and thread (kernel lock
+# held), sets `kernel.vm.default_pager_port`, and returns its backing store (closed at
+# shutdown): start(kernel, swap_dir, max_pages or None).
+DefaultPagerStart = Callable[["Kernel", str | None, int | None], Any]
+_default_pager_start: DefaultPagerStart | None = None
+
+
+def install_default_pager(start: DefaultPagerStart) -> None:
+    """Make `start` the default pager of every kernel not given one (see above)."""
+    global _default_pager_start
+    _default_pager_start = start
 
 
 def _check_config(page_size: int, memory_size: int, msg_size_max: int,
@@ -59,8 +75,10 @@ class Kernel:
                  pager_timeout_action: str = "error", pageout_deadline_ms: float = 1000.0,
                  manager_page_limit: int | None = None, pager_cluster_pages: int = 1,
                  port_names_max: int = PORT_NAMES_MAX,
-                 ool_queued_max: int | None = None) -> None:
+                 ool_queued_max: int | None = None,
+                 default_pager: DefaultPagerStart | None = None) -> None:
         _check_config(page_size, memory_size, msg_size_max, swap_size)
+        self.default_pager = default_pager  # immutable; None: the installed one
         self.swap_dir = swap_dir  # immutable: where the default pager keeps its file
         self.swap_size = swap_size  # immutable: backing store limit in bytes (None: grows)
         self.swap_store: Any = None  # the default pager's BackingStore, once started
@@ -159,8 +177,6 @@ class Kernel:
         """Mark `thread` terminated; it unwinds at its next kernel boundary."""
         thread.terminating = True
         if not thread.port.dead:
-            from pymach.ipc.ipc_right import port_destroy
-
             port_destroy(thread.port)
         self.sched.thread_interrupt(thread)
         self.sched.thread_wakeup(thread.suspend_waitq)
@@ -172,8 +188,6 @@ class Kernel:
             if thread in thread.task.threads:
                 thread.task.threads.remove(thread)
             if not thread.port.dead:
-                from pymach.ipc.ipc_right import port_destroy
-
                 port_destroy(thread.port)
             self._release_reply_port(thread)
             self.trace_event(f"thread exited {thread.name}")
@@ -187,8 +201,6 @@ class Kernel:
         space = thread.task.space
         entry = space.names.get(thread.reply_name)
         if entry is not None and entry.receive and space.active:
-            from pymach.ipc.ipc_right import entry_deallocate
-
             entry_deallocate(space, thread.reply_name)
         thread.reply_name = 0
 
@@ -213,12 +225,15 @@ class Kernel:
     # -- boot and shutdown -----------------------------------------------------------
     def start_vm(self) -> None:
         """Start the default pager task and the pageout daemon (6.2.2, 5.4)."""
-        from pymach.vm.default_pager import start_default_pager
         from pymach.vm.vm_pageout import start_pageout_daemon
 
+        start = self.default_pager or _default_pager_start
+        if start is None:
+            raise MachError("KERN_FAILURE", "no default pager: pass Kernel(default_pager="
+                            "...) or install one (import pymach does)")
         pages = None if self.swap_size is None else self.swap_size // self.page_size
         with self.sched.lock:
-            self.swap_store = start_default_pager(self, self.swap_dir, pages)
+            self.swap_store = start(self, self.swap_dir, pages)
             start_pageout_daemon(self.vm)
 
     def adopt_boot_thread(self) -> Thread:
@@ -347,8 +362,6 @@ class TaskHandle:
     def result(self, timeout: float | None = None) -> Any:
         """Wait (timeout in ms) for the first thread to end; return or raise its outcome."""
         caller = current_thread()
-        from pymach.kern.sched_prim import deadline_after
-
         with self.kernel.trap(caller):
             deadline = deadline_after(self.kernel.sched, timeout)
             while not self.thread.done:
@@ -404,6 +417,8 @@ def boot(**config: Any) -> Iterator[Kernel]:
     needing more names with RCV_IPC_SPACE), ool_queued_max (bytes of out-of-line memory a
     task's sent messages may hold in queues; default memory_size + swap_size, or four
     times memory_size with unlimited swap; beyond it msg_send fails with SEND_NO_BUFFER).
+    default_pager: the function that starts the kernel's default pager (default: the
+    installed one, pagers/default_pager.py).
     Inside the block the calling thread is the first thread of the `bootstrap` task.
     """
     from pymach.pmap import EMBEDDED_BACKENDS

@@ -2,24 +2,18 @@
 
 A message to a kernel port is executed inline by the sending thread, with the kernel lock
 held, as Mach does; its semantics and errors are those of a message to a server. The MIG
-definitions in mach_defs decode it; `KernelServer` holds one method per routine, taking
-the target kernel object and the decoded arguments. The reply is queued on the request's
-reply port like any message. A request that fails has its rights destroyed.
+definitions (include/mach_defs.py) decode it, with the kernel's item codec (kern/mig.py);
+`KernelServer` holds one method per routine, taking the target kernel object and the
+decoded arguments. The reply is queued on the request's reply port like any message. A
+request that fails has its rights destroyed.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pymach import __version__
 from pymach.errors import MachError
-from pymach.include.message import Code, Int, Str
-from pymach.ipc import mach_port
-from pymach.ipc.ipc_mqueue import mqueue_enqueue
-from pymach.ipc.ipc_right import kmsg_destroy
-from pymach.ipc.kmsg import KOOL, KMsg
-from pymach.ipc.port import Port
-from pymach.kern.mach_defs import (
+from pymach.include.mach_defs import (
     SPECIAL_PORTS,
     TASK_BOOTSTRAP_PORT,
     TASK_KERNEL_PORT,
@@ -31,23 +25,32 @@ from pymach.kern.mach_defs import (
     thread_defs,
     vm_defs,
 )
-from pymach.kern.mig import REPLY_ID_OFFSET, Subsystem
+from pymach.include.message import Code, Int, Str
+from pymach.include.mig import REPLY_ID_OFFSET, Subsystem
+from pymach.include.version import __version__
+from pymach.ipc import mach_port
+from pymach.ipc.ipc_mqueue import mqueue_enqueue
+from pymach.ipc.ipc_right import kmsg_destroy
+from pymach.ipc.kmsg import KOOL, KMsg
+from pymach.ipc.port import Port
+from pymach.kern.mig import KERNEL_CODEC
+from pymach.kern.report import report_json
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, current_thread
+from pymach.vm.memory_object import PagerServer
+from pymach.vm.vm_map_copy import vm_map_copy_discard
+from pymach.vm.vm_object import VmObject
+from pymach.vm.vm_user import VmServer
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
 
 
 def served_subsystems(kernel: Kernel) -> list[tuple[Subsystem, type, object]]:
-    """The subsystems the kernel serves: (definitions, kind of kernel object, server)."""
-    from pymach.kern.host import Kernel
-    from pymach.vm.memory_object import PagerServer
-    from pymach.vm.vm_object import VmObject
-    from pymach.vm.vm_user import VmServer
-
+    """The subsystems the kernel serves: (definitions, kind of kernel object, server).
+    The host port's kernel object is the kernel itself."""
     return [(task_defs, Task, kernel.server), (port_defs, Task, kernel.server),
-            (thread_defs, Thread, kernel.server), (host_defs, Kernel, kernel.server),
+            (thread_defs, Thread, kernel.server), (host_defs, type(kernel), kernel.server),
             (vm_defs, Task, VmServer(kernel)), (pager_defs, VmObject, PagerServer(kernel))]
 
 
@@ -61,7 +64,7 @@ def _dispatch(kernel: Kernel, kmsg: KMsg) -> list[Any] | None:
             return [Int(MachError("KERN_INVALID_ARGUMENT").value),
                     Str(f"{sub.routines[kmsg.id].name} needs a {sub.name} port, not "
                         f"{kmsg.dest.label}")]
-        return sub.demux(impl, kmsg.id, obj, kmsg.items)
+        return sub.demux(impl, kmsg.id, obj, kmsg.items, KERNEL_CODEC)
     return [Int(MachError("MIG_BAD_ID").value), Str(f"no kernel routine has id {kmsg.id}")]
 
 
@@ -85,8 +88,6 @@ def kobject_server(kernel: Kernel, kmsg: KMsg) -> None:
 
 
 def _discard_regions(kmsg: KMsg) -> None:
-    from pymach.vm.vm_map_copy import vm_map_copy_discard
-
     for item in kmsg.items:
         if isinstance(item, KOOL):
             vm_map_copy_discard(item.copy)
@@ -213,8 +214,6 @@ class KernelServer:
                 kernel.sched.deterministic)
 
     def host_report(self, kernel: Kernel, what: str, task: str) -> str:
-        from pymach.kern.report import report_json
-
         return report_json(kernel, what, task)
 
     def host_kernel_version(self, kernel: Kernel) -> str:

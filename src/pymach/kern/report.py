@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
+from pymach.kern.task import Task
+from pymach.vm.vm_report import vm_stat, vmmap
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
-    from pymach.kern.task import Task
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,6 @@ def _ps_row(t: Task) -> TaskRow:
 
 def find_task(kernel: Kernel, which: Task | int | str) -> Task:
     """A live task by Task object, serial or name (KERN_INVALID_TASK if none)."""
-    from pymach.kern.task import Task
-
     if isinstance(which, Task):
         return which
     for t in kernel.tasks.values():
@@ -92,16 +91,12 @@ def _resident(task: Task) -> int:
 
 
 def _vmmap_rows(task: Task) -> list[Any]:
-    from pymach.vm.vm_report import vmmap
-
     return [] if task.map is None else vmmap(task.map)
 
 
 def report_json(kernel: Kernel, what: str, which: str) -> str:
     """A report as JSON (kernel lock held): 'ps', 'lsmp' or 'vmmap' of a task, 'vm_stat'."""
     import json
-
-    from pymach.vm.vm_report import vm_stat
 
     if what == "vm_stat":
         return json.dumps(vm_stat(kernel.vm))

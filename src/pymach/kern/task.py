@@ -22,11 +22,11 @@ from pymach.ipc.mach_port import port_allocate
 from pymach.ipc.port import Port
 from pymach.ipc.space import IpcSpace
 from pymach.kern.sched_prim import WaitQueue
+from pymach.vm.vm_map import VmMap, vm_map_deallocate
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
     from pymach.kern.thread import Thread
-    from pymach.vm.vm_map import VmMap
 
 
 class TaskHost(Protocol):
@@ -89,7 +89,6 @@ class Task:
     def _make_map(self, parent: Task | None, inherit: bool) -> VmMap:
         """An empty address space, or one inherited from the parent's regions (3.3),
         in the window the machine gives task maps (pmap contract)."""
-        from pymach.vm.vm_map import VmMap
         from pymach.vm.vm_map_copy import vm_map_fork
 
         vm = self.kernel.vm
@@ -132,8 +131,6 @@ class Task:
             self.kernel.sched.thread_interrupt(thread)
         space_destroy(self.space)
         if self.map is not None:
-            from pymach.vm.vm_map import vm_map_deallocate
-
             vm_map_deallocate(self.map)
             self.map = None
         if self.port is not None:

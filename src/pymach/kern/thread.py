@@ -17,7 +17,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from pymach.errors import ThreadTerminated
+from pymach.errors import MachError, ThreadTerminated
 from pymach.include.message import Code
 from pymach.ipc.port import Port
 from pymach.kern.sched_prim import WaitQueue
@@ -103,8 +103,6 @@ def current_thread() -> Thread:
     """The Mach thread the calling Python thread runs, or MachError KERN_INVALID_TASK."""
     thread: Thread | None = getattr(_tls, "thread", None)
     if thread is None:
-        from pymach.errors import MachError
-
         raise MachError("KERN_INVALID_TASK", "this Python thread is not a thread of a pymach "
                         "task: call inside `with pymach.boot():` or from task code")
     return thread

@@ -297,10 +297,10 @@ class NativeThread:
 
     # -- the trap transport ---------------------------------------------------------------
     def _message_trap(self, op: int, msg: Any, *rest: Any) -> Any:
-        """A trap that carries a message. One that cannot travel (the encoding checks
-        it) still enters the kernel, where a pending termination or suspension takes
-        effect as in the embedded one, and then fails with the embedded kernel's own
-        error for it (validate_message), or MIG_TYPE_ERROR."""
+        """A trap that carries a message. A malformed one (the kernel's own check, run
+        here since it could not travel) still enters the kernel, where a pending
+        termination or suspension takes effect as in the embedded one, and then fails
+        with the embedded kernel's error for it."""
         try:
             self.conn.send(op, (_portable(self.process, msg), *rest))
         except Disconnected:
@@ -309,8 +309,6 @@ class NativeThread:
         except MachError as e:
             with contextlib.suppress(MachError):
                 self.trap(op, None, *rest)
-            if isinstance(msg, Message):
-                validate_message(msg)
             raise e from None
         return self._await_reply()
 
@@ -392,8 +390,11 @@ def _portable(process: NativeProcess, msg: Any) -> Any:
     """A message whose items can travel to machd: byte items become bytes, and for Code
     items, for a thread of our own task the callable stays here (threads of a task
     share its objects) and only a key travels; for another task it is pickled by value."""
-    if not isinstance(msg, Message) or not any(isinstance(i, Code) for i in msg.items):
-        return msg  # (malformed ones fail to encode, and _message_trap reports them)
+    if not isinstance(msg, Message):
+        return msg
+    validate_message(msg)  # the kernel's own check (0.4 us): its errors, raised here
+    if not any(isinstance(i, Code) for i in msg.items):
+        return msg
     own = msg.remote_port == process.task_port
 
     def travel(code: Code) -> Code:

@@ -4,5 +4,6 @@ netmsgserver.py (ports across hosts, the network's name service), packets.py (th
 packets between servers), transport.py (the one seam to a network: bytes to a host),
 station.py (a host: kernel, server task, transport events as wire-port messages),
 network.py (the in-process simulated network with fault injection), netname.py (the
-name service's interface and a local name server). Nothing here unpickles.
+name service's client stubs and a local name server; its interface is in
+include/netname_defs.py). Nothing here unpickles.
 """

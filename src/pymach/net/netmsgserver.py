@@ -65,11 +65,12 @@ from pymach.include.message import (
     PortArray,
     Str,
 )
+from pymach.include.mig import REPLY_ID_OFFSET, serve_message
+from pymach.include.netname_defs import netname_defs
 from pymach.include.wire import WireError
 from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
-from pymach.kern.mig import REPLY_ID_OFFSET, serve_message
+from pymach.kern.thread import current_thread
 from pymach.mach_vm import take_ool
-from pymach.net.netname import netname_defs
 from pymach.net.packets import (
     MAX_NETNAME,
     DeadPacket,
@@ -182,8 +183,7 @@ class NetMsgServer:
         self._forward_now(msg, target)
 
     def _readable_now(self, item: OOL) -> bool:
-        from pymach.kern.thread import current_thread
-        from pymach.vm.vm_kern import range_readable_now
+        from pymach.vm.vm_kern import range_readable_now  # loaded with a kernel, not pymach
 
         thread = current_thread()
         with thread.kernel.trap(thread):  # the server is part of this host's kernel side

@@ -1,6 +1,7 @@
 """The name service of Mach's network message server (netname), local part.
 
-A user-level server, written with our MIG like any other: tasks register a send right
+A user-level server, written with our MIG like any other (the interface is in
+include/netname_defs.py; its client stubs are here): tasks register a send right
 under a name (`netname_check_in`) and look names up (`netname_look_up`). Tasks find the
 name server through their bootstrap port, which children inherit. When a registered
 port dies the entry disappears (the server gets NOTIFY_PORT_DELETED for its name).
@@ -14,18 +15,22 @@ from __future__ import annotations
 import contextlib
 
 from pymach.errors import MachError
+from pymach.include.mach_defs import TASK_BOOTSTRAP_PORT
+from pymach.include.message import RCV_TIMEOUT
+from pymach.include.mig import serve_message
+from pymach.include.netname_defs import netname_defs
 from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
-from pymach.kern.mig import PORT, STR, Subsystem, serve_message
-from pymach.mach import msg_receive, msg_send, port_deallocate, port_enable, task_notify, task_self
+from pymach.mach import (
+    msg_receive,
+    msg_send,
+    port_allocate,
+    port_deallocate,
+    port_enable,
+    task_get_special_port,
+    task_notify,
+    task_self,
+)
 
-netname_defs = Subsystem("netname", 1040)
-netname_defs.routine("netname_check_in", "server_port", [("name", STR), ("port", PORT)],
-                     doc="Register a send right to `port` under `name`.")
-netname_defs.routine("netname_look_up", "server_port", [("name", STR)], [("port", PORT)],
-                     doc="A send right to the port registered under `name` "
-                         "(KERN_INVALID_NAME if none).")
-netname_defs.routine("netname_check_out", "server_port", [("name", STR)],
-                     doc="Remove the registration of `name`.")
 NETNAME_SHUTDOWN = 1099
 
 netname_check_in = netname_defs.stub("netname_check_in")
@@ -68,10 +73,6 @@ class NameServer:
 def netname_wait(name: str, timeout_ms: float = 10_000) -> int:
     """Look `name` up on the caller's bootstrap port (the name server), retrying every
     5 ms of Mach time until it is checked in; KERN_INVALID_NAME after `timeout_ms`."""
-    from pymach.include.message import RCV_TIMEOUT
-    from pymach.kern.mach_defs import TASK_BOOTSTRAP_PORT
-    from pymach.mach import port_allocate, task_get_special_port
-
     me = task_self()
     boot = task_get_special_port(me, TASK_BOOTSTRAP_PORT)
     nap = port_allocate(me)

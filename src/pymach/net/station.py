@@ -21,6 +21,7 @@ from typing import Any
 from pymach.errors import MachError
 from pymach.include.message import Bytes, Code, Str
 from pymach.include.wire import WireError
+from pymach.ipc import mach_port
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.kmsg import KItem, KMsg
 from pymach.ipc.port import Port
@@ -73,8 +74,6 @@ class Host:
 
     def _start_server(self) -> Port:
         """Create the netmsgserver task with its service and wire ports (kernel side)."""
-        from pymach.ipc import mach_port
-
         k = self.kernel
         with k.sched.lock:
             task = k.task_create_locked(None, False, "netmsgserver")

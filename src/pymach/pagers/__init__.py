@@ -1,4 +1,5 @@
-"""Data managers: the base class for writing one, and the paper's section 4 examples."""
+"""Data managers: the base class for writing one, the paper's section 4 examples, and the
+default pager."""
 
 from pymach.pagers.data_manager import DataManager
 

@@ -30,11 +30,11 @@ from typing import Any, ClassVar
 
 from pymach import mach
 from pymach.errors import MachError
+from pymach.include.mach_defs import memory_object_defs
 from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
+from pymach.include.mig import Subsystem, serve_message
 from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
-from pymach.kern.mach_defs import memory_object_defs
-from pymach.kern.mig import Subsystem, serve_message
 from pymach.mach_vm import memory
 
 STOP_ID = 2299

@@ -29,8 +29,8 @@ import os
 from pymach import mach
 from pymach.errors import MachError
 from pymach.include.message import OOL
+from pymach.include.mig import INT, MEMORY, STR, Subsystem
 from pymach.include.vm_param import VM_PROT_NONE
-from pymach.kern.mig import INT, MEMORY, STR, Subsystem
 from pymach.mach_vm import memory, take_ool
 from pymach.pagers.data_manager import DataManager
 

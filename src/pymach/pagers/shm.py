@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 from pymach import mach
 from pymach.errors import MachError
+from pymach.include.mach_defs import TASK_BOOTSTRAP_PORT, memory_object_defs
 from pymach.include.message import OOL, Int, Message
+from pymach.include.mig import INT, PORT, STR, Subsystem
+from pymach.include.netname_defs import netname_defs
 from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_WRITE
-from pymach.kern.mach_defs import memory_object_defs
-from pymach.kern.mig import INT, PORT, STR, Subsystem
 from pymach.mach_vm import take_ool, vm_page_size
 from pymach.pagers.data_manager import DataManager
 
@@ -39,6 +40,7 @@ shm_defs.routine("shm_get_region", "server", [("name", STR), ("size", INT)],
                  "The memory object of the named shared region, made with `size` bytes on "
                  "first use; returns it and the region's size.")
 shm_get_region = shm_defs.stub("shm_get_region")
+_netname_check_in = netname_defs.stub("netname_check_in")  # any name server will do
 
 _DATA_WRITE = memory_object_defs.by_name["pager_data_write"].id
 
@@ -84,14 +86,10 @@ class SharedMemoryServer(DataManager):
     def serve_as(self, name: str = "shm") -> None:
         """Check a new service port in with the name server (bootstrap port) under
         `name`, and serve until stopped."""
-        from pymach.kern.mach_defs import TASK_BOOTSTRAP_PORT
-        from pymach.mach import port_allocate, port_enable, task_get_special_port, task_self
-        from pymach.net.netname import netname_check_in
-
-        me = task_self()
-        svc = port_allocate(me)
-        port_enable(me, svc)
-        netname_check_in(task_get_special_port(me, TASK_BOOTSTRAP_PORT), name, svc)
+        me = mach.task_self()
+        svc = mach.port_allocate(me)
+        mach.port_enable(me, svc)
+        _netname_check_in(mach.task_get_special_port(me, TASK_BOOTSTRAP_PORT), name, svc)
         self.serve()
 
     # -- the service ------------------------------------------------------------------

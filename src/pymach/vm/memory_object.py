@@ -25,14 +25,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError, code_name
+from pymach.include.mach_defs import memory_object_defs
 from pymach.include.message import Disposition, Int
 from pymach.include.vm_param import VM_PROT_ALL, VM_PROT_NONE, VM_PROT_WRITE, check_int, check_prot
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.ipc_right import port_destroy
 from pymach.ipc.kmsg import KOOL, KMsg, KPort
 from pymach.ipc.port import Port
-from pymach.kern.mach_defs import memory_object_defs
 from pymach.kern.thread import current_thread
+from pymach.vm.vm_fault import Retry, _wait
+from pymach.vm.vm_kern import copy_bytes
+from pymach.vm.vm_map_copy import vm_map_copy_discard
+from pymach.vm.vm_object import VmObject, vm_object_deallocate, vm_object_terminate
+from pymach.vm.vm_pageout import is_substitute, vm_pageout_page, vm_pageout_reclaim
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
@@ -40,7 +45,6 @@ if TYPE_CHECKING:
     from pymach.vm.vm_init import VmSystem
     from pymach.vm.vm_map import FaultPolicy
     from pymach.vm.vm_map_copy import VmMapCopy
-    from pymach.vm.vm_object import VmObject
     from pymach.vm.vm_page import VmPage
 
 
@@ -130,8 +134,6 @@ def pager_data_request(obj: VmObject, offset: int, length: int, access: int) -> 
 def pager_data_write(obj: VmObject, offset: int, copy: VmMapCopy) -> None:
     """Write data back to the manager (the copy is the holding object's page)."""
     if obj.pager is None or obj.pager.dead:
-        from pymach.vm.vm_map_copy import vm_map_copy_discard
-
         vm_map_copy_discard(copy)
         return
     _send(obj, obj.pager, "pager_data_write",
@@ -180,8 +182,6 @@ def vm_object_enter(vm: VmSystem, port: object, offset: int, size: int
     (5.1). Mappings whose offsets differ in page alignment get separate objects: the
     kernel guarantees consistency only among mappings with similar alignment (3.4.1).
     """
-    from pymach.vm.vm_object import VmObject
-
     if not isinstance(port, Port) or port.dead:
         raise MachError("KERN_INVALID_ARGUMENT", "memory_object is not a live port")
     if port.is_kernel_port:
@@ -211,8 +211,6 @@ def vm_object_enter(vm: VmSystem, port: object, offset: int, size: int
 def request_unlock(thread: Thread, page: VmPage, access: int, policy: FaultPolicy) -> None:
     """A fault needs access the manager's lock prevents: ask (once) and wait (Retry).
     If the manager does not unlock within the policy's timeout: KERN_MEMORY_ERROR."""
-    from pymach.vm.vm_fault import _wait
-
     obj = page.object
     assert obj is not None
     if obj.pager is None or obj.pager.dead:
@@ -227,8 +225,6 @@ def request_unlock(thread: Thread, page: VmPage, access: int, policy: FaultPolic
         page.unlock_request &= ~wanted  # ask again next time
         raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} did "
                         f"not unlock within {policy.timeout_ms} ms")
-    from pymach.vm.vm_fault import Retry
-
     raise Retry
 
 
@@ -251,8 +247,6 @@ def check_not_self_backed(thread: Thread, obj: VmObject) -> None:
 
 
 def _backed_by(obj: object, task: object) -> bool:
-    from pymach.vm.vm_object import VmObject
-
     return (isinstance(obj, VmObject) and obj.pager is not None
             and obj.pager.receiver is task)
 
@@ -293,8 +287,6 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
                  privileged: bool = True) -> int:
     """Write dirty pages of [start, end) back to the manager; with `flush` also drop
     the cached pages (pager_flush_request, termination). Returns the pages written."""
-    from pymach.vm.vm_pageout import is_substitute, vm_pageout_page
-
     vm = obj.vm
     written = 0
     for off in sorted(o for o in obj.memq if start <= o < end):
@@ -325,8 +317,6 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
 
 def _drop_store(obj: VmObject, off: int) -> None:
     """Discard the store of a substitute page (vm_pageout_substitute) of `obj`."""
-    from pymach.vm.vm_object import vm_object_deallocate
-
     vm_object_deallocate(obj.pending.pop(off))
 
 
@@ -359,8 +349,6 @@ def object_cache_enter(vm: VmSystem, obj: VmObject) -> None:
 
 def object_cache_remove(obj: VmObject, terminate: bool) -> None:
     """Take an object out of the cache: to be mapped again, or to be terminated."""
-    from pymach.vm.vm_object import vm_object_terminate
-
     obj.vm.cached.pop(obj, None)
     if terminate:
         vm_object_terminate(obj)
@@ -386,8 +374,6 @@ class PagerServer:
     def pager_data_provided(self, obj: VmObject, offset: int, data: VmMapCopy,
                             data_count: int, lock_value: int) -> None:
         _trace_call(obj, "pager_data_provided", offset, data_count, lock_value)
-        from pymach.vm.vm_kern import copy_bytes
-
         lock = check_prot(lock_value, "lock_value")
         count = check_int(data_count, "data_count")
         base = check_int(offset, "offset") - obj.paging_offset
@@ -528,8 +514,6 @@ def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     """Keep one manager's objects within `manager_page_limit` resident pages, evicting
     its least recently used pages (paper 6.1: a manager that floods the cache). Pages
     in `keep` (just provided for waiting faults) stay; fresh ones go last."""
-    from pymach.vm.vm_pageout import vm_pageout_reclaim
-
     vm = obj.vm
     mine = _manager_objects(obj)
     count = sum(len(o.memq) for o in mine)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pymach.errors import MachError
 from pymach.kern.sched_prim import WaitQueue, thread_block
 from pymach.pmap import make_physical_memory
+from pymach.vm.memory_object import object_cache_enter, object_clean, pager_died
 from pymach.vm.vm_map import FaultPolicy
 from pymach.vm.vm_page import VmResident
 
@@ -117,19 +118,13 @@ class VmSystem:
 
     def pager_port_died(self, port: Port) -> None:
         """Death hook of memory object ports (kernel lock held)."""
-        from pymach.vm.memory_object import pager_died
-
         pager_died(self, port)
 
     # -- hooks for external objects (section 9 cache; cleaning before termination) ----
     def cache_enter(self, obj: VmObject) -> None:
         """Keep an unreferenced object whose manager allows caching (pager_cache)."""
-        from pymach.vm.memory_object import object_cache_enter
-
         object_cache_enter(self, obj)
 
     def clean_external_object(self, obj: VmObject) -> None:
         """Write an external object's dirty pages back to its manager before it goes."""
-        from pymach.vm.memory_object import object_clean
-
         object_clean(obj, 0, obj.size, flush=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pymach.include.vm_param import VM_PROT_READ, trunc_page
-from pymach.vm.vm_fault import Retry, vm_fault_page
+from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
+from pymach.vm.vm_fault import Retry, _pager_has, vm_fault_page
 from pymach.vm.vm_map import vm_map_lookup
 
 if TYPE_CHECKING:
@@ -67,8 +67,6 @@ def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
 
 def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:
     """Store `data` at `address` of a map, as the task writing it would."""
-    from pymach.include.vm_param import VM_PROT_WRITE
-
     ps = vmap.vm.page_size
     pos = 0
     while pos < len(data):
@@ -99,8 +97,6 @@ def range_readable_now(vmap: VmMap, address: int, size: int) -> bool:
 
 
 def _available(obj: VmObject | None, off: int) -> bool:
-    from pymach.vm.vm_fault import _pager_has
-
     while obj is not None:
         page = obj.memq.get(off)
         if page is not None:

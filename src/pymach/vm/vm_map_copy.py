@@ -34,6 +34,9 @@ from pymach.include.vm_param import (
     round_page,
     trunc_page,
 )
+from pymach.kern.thread import current_thread
+from pymach.vm.vm_fault import Retry, vm_fault_page
+from pymach.vm.vm_kern import object_read_page
 from pymach.vm.vm_map import (
     VmMap,
     VmMapEntry,
@@ -41,6 +44,7 @@ from pymach.vm.vm_map import (
     vm_map_create,
     vm_map_delete,
     vm_map_insert,
+    vm_map_lookup,
     vm_map_pmap_protect,
     vm_map_pmap_remove,
 )
@@ -334,11 +338,6 @@ def _write_pages(vmap: VmMap, dst: int, copy: VmMapCopy) -> None:
     """vm_write/vm_copy where regions map objects (`maps_objects`): store the copy's
     data into the pages at `dst`, as the task writing them would (the task's mappings
     stay; the memory changes under them)."""
-    from pymach.kern.thread import current_thread
-    from pymach.vm.vm_fault import Retry, vm_fault_page
-    from pymach.vm.vm_kern import object_read_page
-    from pymach.vm.vm_map import vm_map_lookup
-
     thread = current_thread()
     ps = vmap.vm.page_size
     at = dst

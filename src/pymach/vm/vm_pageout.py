@@ -34,8 +34,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pymach.include.message import Code
 from pymach.include.vm_param import VM_PROT_NONE
 from pymach.kern.sched_prim import thread_block
+from pymach.kern.thread import current_thread
 from pymach.vm.vm_map_copy import CopyEntry, VmMapCopy
 from pymach.vm.vm_object import vm_object_allocate
 
@@ -50,8 +52,6 @@ GIVE_UP_AFTER = 3  # scans in a row that find nothing pageable, with nothing in 
 
 def vm_pageout_daemon(vm: VmSystem) -> None:
     """The daemon's thread body: sleep, scan, repeat (runs until the kernel shuts down)."""
-    from pymach.kern.thread import current_thread
-
     thread = current_thread()
     sched = vm.kernel.sched
     idle_scans = 0
@@ -271,8 +271,6 @@ def _hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) -> None:
 
 def start_pageout_daemon(vm: VmSystem) -> None:
     """Create the daemon thread in the kernel task (kernel lock held)."""
-    from pymach.include.message import Code
-
     kernel = vm.kernel
     thread = kernel.thread_create_locked(kernel.kernel_task, Code(vm_pageout_daemon, (vm,)),
                                          "kernel.pageout", start=False)

@@ -1,6 +1,6 @@
 """Table 3-3 (and 3-4): the virtual memory operations, as the kernel serves them.
 
-Each method is the kernel side of an RPC on a task port (kern/mach_defs.py: vm_defs),
+Each method is the kernel side of an RPC on a task port (include/mach_defs.py: vm_defs),
 run with the kernel lock held on the task the request was sent to, so any holder of a
 task's port can operate on its memory. Addresses and sizes are checked here and bad
 ones fail with KERN_INVALID_ARGUMENT (not an int, not page aligned where it must be),
@@ -22,7 +22,15 @@ from pymach.include.vm_param import (
     trunc_page,
 )
 from pymach.kern.thread import current_thread
-from pymach.vm.vm_map import vm_map_delete, vm_map_inherit, vm_map_insert, vm_map_protect
+from pymach.vm.memory_object import vm_object_enter
+from pymach.vm.vm_kern import copy_bytes, map_read
+from pymach.vm.vm_map import (
+    FaultPolicy,
+    vm_map_delete,
+    vm_map_inherit,
+    vm_map_insert,
+    vm_map_protect,
+)
 from pymach.vm.vm_map_copy import (
     VmMapCopy,
     vm_map_copy_discard,
@@ -31,6 +39,7 @@ from pymach.vm.vm_map_copy import (
     vm_map_copyin,
 )
 from pymach.vm.vm_object import vm_object_allocate
+from pymach.vm.vm_report import regions
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
@@ -133,8 +142,6 @@ class VmServer:
 
     def _whole_pages(self, vmap: VmMap, start: int, data: VmMapCopy) -> VmMapCopy:
         """Data padded with what follows it in its last page, as bytes in transit."""
-        from pymach.vm.vm_kern import copy_bytes, map_read
-
         thread = current_thread()
         raw = copy_bytes(thread, data)
         end = round_page(start + len(raw), vmap.vm.page_size)
@@ -159,8 +166,6 @@ class VmServer:
             vm_map_copy_discard(copy)  # no-op once consumed
 
     def vm_regions(self, task: Task, address: int, size: int) -> tuple[Any, ...]:
-        from pymach.vm.vm_report import regions
-
         vmap = task_map(task)
         start, end = page_range(vmap, address, size)
         rows = regions(vmap, start, end)
@@ -179,8 +184,6 @@ class VmServer:
 
     def vm_allocate_with_pager(self, task: Task, address: int, size: int, anywhere: bool,
                                memory_object: Any, offset: int) -> int:
-        from pymach.vm.memory_object import vm_object_enter
-
         vmap = task_map(task)
         n = round_page(check_int(size, "size", 1), vmap.vm.page_size)
         off = check_int(offset, "offset")
@@ -191,8 +194,6 @@ class VmServer:
 
     def vm_pager_timeout(self, task: Task, address: int, size: int, timeout_ms: float,
                          zero_fill: bool) -> None:
-        from pymach.vm.vm_map import FaultPolicy
-
         vmap = task_map(task)
         if timeout_ms < 0:
             raise MachError("KERN_INVALID_ARGUMENT", "timeout_ms must be >= 0")

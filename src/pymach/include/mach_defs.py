@@ -1,14 +1,15 @@
-"""The kernel's interfaces, declared once with our MIG (like Mach's mach.defs).
+"""The kernel's interfaces, declared once with our MIG (like Mach's include/mach/*.defs).
 
 Everything here is a remote procedure call on a port: task and port operations go to a
 task port, thread operations to a thread port, host queries to the host port. The kernel
-serves them (kern/ipc_kobject.py); `pymach.mach` exposes the generated client stubs.
-Out-parameters of the paper's signatures are return values.
+serves them (kern/ipc_kobject.py); `pymach.mach` exposes the generated client stubs; the
+kernel sends the memory_object routines to data managers (vm/memory_object.py), which
+serve them (pagers/). Out-parameters of the paper's signatures are return values.
 """
 
 from __future__ import annotations
 
-from pymach.kern.mig import (
+from pymach.include.mig import (
     BOOL,
     CODE,
     DATA,

@@ -1,6 +1,8 @@
 """The default pager: backing store for the kernel's own memory objects (paper 6.2.2).
 
-A task started at boot, known to the kernel by its default pager port. It serves the
+A task started at boot, known to the kernel by its default pager port. As in Mach it is
+a server above the kernel, not part of vm/: the kernel is given `start_default_pager`
+when it boots (kern/host.py, `install_default_pager`; `pymach` installs it). It serves the
 objects the kernel creates (zero-fill memory, shadows) through the same memory-object
 interface as any data manager: pager_create hands it a new memory object, then
 pager_data_write stores pages and pager_data_request returns them, or
@@ -28,13 +30,19 @@ own while serving a pageout. State below belongs to that thread alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pymach import mach, mach_vm
 from pymach.errors import MachError
-from pymach.include.message import OOL, PORT_BACKLOG_MAX, Int, Message
+from pymach.include.mach_defs import memory_object_defs
+from pymach.include.message import OOL, PORT_BACKLOG_MAX, Code, Int, Message
+from pymach.include.mig import serve_message
+from pymach.ipc import mach_port
+from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
@@ -119,16 +127,12 @@ class DefaultPager:
         self.by_request: dict[int, int] = {}  # request port name -> memory object name
 
     def pager_create(self, pager: int, memory_object: int, request: int, name: int) -> None:
-        from pymach import mach
-
         self.objects[memory_object] = DpObject(memory_object, request, name)
         self.by_request[request] = memory_object
         mach.port_enable(mach.task_self(), memory_object)
 
     def pager_data_request(self, memory_object: int, request: int, offset: int, length: int,
                            desired_access: int) -> None:
-        from pymach import mach
-
         obj = self.objects.get(memory_object)
         ps = self.store.page_size
         for off in range(offset, offset + length, ps):
@@ -140,8 +144,6 @@ class DefaultPager:
 
     def pager_data_write(self, memory_object: int, offset: int, data: OOL,
                          data_count: int) -> None:
-        from pymach import mach, mach_vm
-
         raw = mach_vm.memory().read(data.address, data.size)[:data_count]
         obj = self.objects.get(memory_object)
         ps = self.store.page_size
@@ -171,8 +173,6 @@ class DefaultPager:
 
     def port_deleted(self, name: int) -> None:
         """The kernel let go of an object (its request port died): free its blocks."""
-        from pymach import mach
-
         mo = self.by_request.pop(name, None)
         obj = self.objects.pop(mo, None) if mo is not None else None
         if obj is None:
@@ -183,8 +183,6 @@ class DefaultPager:
 
     def notifications_lost(self) -> None:
         """NOTIFY_OVERFLOW: some port deaths went unheard; find them by looking."""
-        from pymach import mach
-
         me = mach.task_self()
         for request in list(self.by_request):
             try:
@@ -196,11 +194,6 @@ class DefaultPager:
 
 def default_pager_loop(dp: DefaultPager, notify: int) -> None:
     """The pager thread: serve memory-object messages and notifications forever."""
-    from pymach import mach
-    from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
-    from pymach.kern.mach_defs import memory_object_defs
-    from pymach.kern.mig import serve_message
-
     while True:
         msg: Message = mach.msg_receive()
         if msg.local_port == notify:
@@ -216,17 +209,12 @@ def default_pager_loop(dp: DefaultPager, notify: int) -> None:
 
 
 def _log(text: str) -> None:
-    import logging
-
     logging.getLogger("pymach").debug(text)
 
 
 def start_default_pager(kernel: Kernel, directory: str | None,
                         max_pages: int | None) -> BackingStore:
     """Create the default pager task and its thread (kernel lock held)."""
-    from pymach.include.message import Code
-    from pymach.ipc import mach_port
-
     task = kernel.task_create_locked(None, False, "default_pager")
     task.space.names_max = None  # see module docstring
     name = mach_port.port_allocate(task.space, "default_pager")
