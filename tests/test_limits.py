@@ -16,6 +16,7 @@ These look at kernel counters, so they run on the embedded kernel only.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -404,4 +405,84 @@ def test_default_pager_recovers_from_a_notify_overflow(det: bool) -> None:
             m.vm_deallocate(me, a, 2 * PS)
         wait_until(lambda: k.swap_store.in_use == 0, 10_000)
         assert any("notify dropped default_pager" in line for line in k.trace_log)
+        assert_kernel_ok()
+
+
+def test_tasks_per_user_and_threads_per_task_are_bounded() -> None:
+    """task_create past tasks_max_per_user and thread_create past threads_max_per_task
+    fail with KERN_RESOURCE_SHORTAGE; terminating frees the room; the kernel goes on."""
+    with m.boot(tasks_max_per_user=6, threads_max_per_task=3) as kernel:
+        me = m.task_self()
+        with kernel.sched.lock:
+            mine = sum(1 for t in kernel.tasks.values() if t.uid == os.getuid())
+        children = [m.task_create(me) for _ in range(6 - mine)]
+        with pytest.raises(m.KernError) as e:
+            m.task_create(me)
+        assert e.value.code == "KERN_RESOURCE_SHORTAGE" and "tasks_max_per_user" in str(e.value)
+        m.task_terminate(children.pop())
+        children.append(m.task_create(me))  # room again
+        child, gate = children[0], threading.Event()
+        for _ in range(3):
+            m.thread_create(child, gate.wait, 10)
+        with pytest.raises(m.KernError) as e:
+            m.thread_create(child, gate.wait, 10)
+        assert e.value.code == "KERN_RESOURCE_SHORTAGE" and "threads_max_per_task" in str(e.value)
+        gate.set()
+        for c in children:
+            m.task_terminate(c)
+        assert m.task_create(me)  # the kernel goes on
+
+
+def test_task_and_thread_limits_must_be_positive() -> None:
+    for bad in ({"tasks_max_per_user": 0}, {"threads_max_per_task": -1},
+                {"tasks_max_per_user": True}):
+        with pytest.raises(m.KernError, match="must be a positive int"):
+            m.boot(**bad).__enter__()  # type: ignore[arg-type]
+
+
+def test_names_gone_finds_the_ports_that_died() -> None:
+    with m.boot():
+        me = m.task_self()
+        ports = [m.port_allocate(me) for _ in range(4)]
+        holder = m.port_allocate(me)
+        m.port_deallocate(me, ports[1])
+        m.port_deallocate(me, ports[3])
+        assert m.names_gone([*ports, holder]) == [ports[1], ports[3]]
+
+
+def test_a_data_manager_recovers_lost_port_deaths_from_an_overflow_notice() -> None:
+    """After NOTIFY_OVERFLOW a DataManager looks for the request ports that died and
+    terminates their objects, as the NOTIFY_PORT_DELETED it missed would have."""
+    ended: list[tuple[int, int]] = []
+
+    class Dm(m.DataManager):
+        def pager_terminate(self, memory_object: int, request: int) -> None:
+            ended.append((memory_object, request))
+
+    with m.boot():
+        me = m.task_self()
+        dm = Dm()
+        live, dead = m.port_allocate(me), m.port_allocate(me)
+        dm._by_request.update({live: 101, dead: 102})
+        m.port_deallocate(me, dead)
+        dm._notification(Message(id=NOTIFY_OVERFLOW, items=[Int(7)]))
+        assert ended == [(102, dead)] and live in dm._by_request
+
+
+def test_kernel_replies_to_a_port_nobody_drains_are_bounded() -> None:
+    """Requests sent to a kernel port with msg_send and a reply port the task never
+    reads: the kernel keeps at most KERNEL_REPLIES_QUEUED_MAX replies there and drops
+    the rest (traced); the task's own later calls are unaffected."""
+    from pymach.include.mach_defs import task_defs
+    from pymach.kern.ipc_kobject import KERNEL_REPLIES_QUEUED_MAX
+
+    info = next(r.id for r in task_defs.routines.values() if r.name == "task_info")
+    with m.boot(trace=True) as k:
+        me = m.task_self()
+        sink = m.port_allocate(me)
+        for _ in range(KERNEL_REPLIES_QUEUED_MAX + 40):
+            m.msg_send(Message(remote_port=me, local_port=sink, id=info))
+        assert m.port_status(me, sink)[1] == KERNEL_REPLIES_QUEUED_MAX
+        assert sum("kernel reply" in line and "dropped" in line for line in k.trace_log) == 40
+        assert m.task_info(me)[1] == 0  # an RPC still gets its reply
         assert_kernel_ok()

@@ -59,6 +59,7 @@ from pymach.include.vm_param import (
     VM_PROT_WRITE,
 )
 from pymach.ipc.ipc_notify import (
+    NOTIFY_OVERFLOW,
     NOTIFY_OWNERSHIP_RIGHTS,
     NOTIFY_PORT_DELETED,
     NOTIFY_RECEIVE_RIGHTS,
@@ -71,6 +72,7 @@ from pymach.mach import (
     msg_receive,
     msg_rpc,
     msg_send,
+    names_gone,
     pager_cache,
     pager_clean_request,
     pager_data_error,
@@ -142,6 +144,7 @@ __all__ = [
     "MOVE_SEND",
     "MSG_OPTION_NONE",
     "MSG_SIZE_MAX",
+    "NOTIFY_OVERFLOW",
     "NOTIFY_OWNERSHIP_RIGHTS",
     "NOTIFY_PORT_DELETED",
     "NOTIFY_RECEIVE_RIGHTS",
@@ -198,6 +201,7 @@ __all__ = [
     "msg_receive",
     "msg_rpc",
     "msg_send",
+    "names_gone",
     "pager_cache",
     "pager_clean_request",
     "pager_data_error",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pymach.errors import MachError, code_name
@@ -194,6 +194,20 @@ port_disable = port_defs.stub("port_disable")
 port_messages = port_defs.stub("port_messages")
 port_status = port_defs.stub("port_status")
 port_set_backlog = port_defs.stub("port_set_backlog")
+
+
+def names_gone(names: Iterable[int]) -> list[int]:
+    """Those of `names` the calling task no longer holds: their ports died (names are
+    never reused). What a server checks on NOTIFY_OVERFLOW, when some port-death
+    notifications were dropped (its notify port's backlog was full)."""
+    me, gone = task_self(), []
+    for name in names:
+        try:
+            port_status(me, name)
+        except MachError as e:
+            if e.code == "KERN_INVALID_NAME":
+                gone.append(name)
+    return gone
 
 thread_terminate = thread_defs.stub("thread_terminate")
 thread_suspend = thread_defs.stub("thread_suspend")

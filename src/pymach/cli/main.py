@@ -108,7 +108,9 @@ def _cmd_machd(args: argparse.Namespace) -> int:
                       pager_timeout_action=args.pager_timeout_action,
                       pager_cluster_pages=args.pager_cluster, limits=limits,
                       allow_uids=args.allow_user, port_names_max=args.port_names_max,
-                      ool_queued_max=args.ool_queued_max)
+                      ool_queued_max=args.ool_queued_max,
+                      tasks_max_per_user=args.tasks_max_per_user,
+                      threads_max_per_task=args.threads_max_per_task)
         return run_machd(machd)
     except MachdError as e:
         print(f"pymach machd: {e}", file=sys.stderr)
@@ -191,6 +193,11 @@ def _native_parsers(sub: Any) -> None:
                        f"{d.max_processes_per_user})")
     machd.add_argument("--port-names-max", type=int, default=4096,
                        help="port names in one task's space (default 4096)")
+    machd.add_argument("--tasks-max-per-user", type=int, default=1024,
+                       help="live tasks of one user, with or without a process (default "
+                       "1024)")
+    machd.add_argument("--threads-max-per-task", type=int, default=1024,
+                       help="threads of one task (default 1024)")
     machd.add_argument("--ool-queued-max", type=_size, default=None, metavar="SIZE",
                        help="out-of-line memory one task's queued messages may hold "
                        "(default: memory + swap size, or 4x memory with unlimited swap)")

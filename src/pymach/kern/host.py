@@ -12,6 +12,7 @@ Fields are guarded by the kernel lock (`sched.lock`) unless marked otherwise.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -48,6 +49,18 @@ def install_default_pager(start: DefaultPagerStart) -> None:
     _default_pager_start = start
 
 
+TASKS_MAX_PER_USER = 1024  # live tasks of one uid (Kernel keyword)
+THREADS_MAX_PER_TASK = 1024  # threads of one task (Kernel keyword)
+
+
+def _positive(name: str, value: object) -> int:
+    """A positive int configuration value, or KERN_INVALID_ARGUMENT naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MachError("KERN_INVALID_ARGUMENT", f"{name} must be a positive int, not "
+                        f"{value!r}")
+    return value
+
+
 def _check_config(page_size: int, memory_size: int, msg_size_max: int,
                   swap_size: int | None) -> None:
     for name, v in (("page_size", page_size), ("memory_size", memory_size),
@@ -76,6 +89,8 @@ class Kernel:
                  manager_page_limit: int | None = None, pager_cluster_pages: int = 1,
                  port_names_max: int = PORT_NAMES_MAX,
                  ool_queued_max: int | None = None,
+                 tasks_max_per_user: int = TASKS_MAX_PER_USER,
+                 threads_max_per_task: int = THREADS_MAX_PER_TASK,
                  default_pager: DefaultPagerStart | None = None) -> None:
         _check_config(page_size, memory_size, msg_size_max, swap_size)
         self.default_pager = default_pager  # immutable; None: the installed one
@@ -89,6 +104,8 @@ class Kernel:
         # immutable: resource limits per task (ipc/space.py, ipc/kmsg.py)
         self.port_names_max = check_port_names_max(port_names_max)
         self.ool_queued_max = ool_queued_limit(ool_queued_max, memory_size, swap_size)
+        self.tasks_max_per_user = _positive("tasks_max_per_user", tasks_max_per_user)
+        self.threads_max_per_task = _positive("threads_max_per_task", threads_max_per_task)
         self.seed = seed  # immutable
         self.sched = make_scheduler(deterministic, seed)  # immutable
         self._serials: dict[str, Iterator[int]] = {}
@@ -153,10 +170,17 @@ class Kernel:
 
     # -- tasks and threads -----------------------------------------------------------
     def task_create_locked(self, parent: Task | None, inherit: bool, name: str = "",
-                           host: TaskHost | None = None) -> Task:
+                           host: TaskHost | None = None, uid: int | None = None) -> Task:
         """Create a task with no threads (kernel lock held), its threads run by `host`
-        (default: its parent's; a child of a machd task is a process too)."""
-        task = Task(self, parent, name, inherit, host=host)
+        (default: its parent's; a child of a machd task is a process too), of user `uid`
+        (default: its parent's). KERN_RESOURCE_SHORTAGE if that user has
+        tasks_max_per_user tasks already."""
+        owner = uid if uid is not None else (parent.uid if parent is not None else os.getuid())
+        n = sum(1 for t in self.tasks.values() if t.uid == owner)
+        if n >= self.tasks_max_per_user and parent is not None:
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"uid {owner} has {n} tasks, the "
+                            f"limit (tasks_max_per_user)")
+        task = Task(self, parent, name, inherit, host=host, uid=owner)
         self.tasks[task.serial] = task
         self.trace_event(f"task created {task.name} parent={parent.name if parent else '-'}")
         return task
@@ -164,7 +188,11 @@ class Kernel:
     def thread_create_locked(self, task: Task, code: Code | None, name: str = "",
                              start: bool = True) -> Thread:
         """Create a thread in `task` running `code`, and start it unless `start` is False
-        (kernel lock held). Its task's host runs it (a machd task: in its process)."""
+        (kernel lock held). Its task's host runs it (a machd task: in its process).
+        KERN_RESOURCE_SHORTAGE if the task has threads_max_per_task threads already."""
+        if len(task.threads) >= self.threads_max_per_task:
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"task {task.name!r} has "
+                            f"{len(task.threads)} threads, the limit (threads_max_per_task)")
         thread = Thread(task, code, name or f"{task.name}.{len(task.threads) + 1}")
         task.threads.append(thread)
         self.trace_event(f"thread created {thread.name}")
@@ -416,7 +444,10 @@ def boot(**config: Any) -> Iterator[Kernel]:
     PORT_NAMES_MAX = 4096; port_allocate beyond it fails with KERN_NO_SPACE, a receive
     needing more names with RCV_IPC_SPACE), ool_queued_max (bytes of out-of-line memory a
     task's sent messages may hold in queues; default memory_size + swap_size, or four
-    times memory_size with unlimited swap; beyond it msg_send fails with SEND_NO_BUFFER).
+    times memory_size with unlimited swap; beyond it msg_send fails with SEND_NO_BUFFER),
+    threads_max_per_task (default 1024). Per user: tasks_max_per_user (live tasks of one
+    uid, default 1024). Past either, task_create or thread_create fails with
+    KERN_RESOURCE_SHORTAGE.
     default_pager: the function that starts the kernel's default pager (default: the
     installed one, pagers/default_pager.py).
     Inside the block the calling thread is the first thread of the `bootstrap` task.

@@ -68,6 +68,10 @@ def _dispatch(kernel: Kernel, kmsg: KMsg) -> list[Any] | None:
     return [Int(MachError("MIG_BAD_ID").value), Str(f"no kernel routine has id {kmsg.id}")]
 
 
+KERNEL_REPLIES_QUEUED_MAX = 64  # a kernel reply to a port holding this many is dropped:
+# a task that never receives its replies cannot make the kernel hold them without bound
+
+
 def kobject_server(kernel: Kernel, kmsg: KMsg) -> None:
     """Execute a request sent to a kernel port and queue the reply (kernel lock held).
 
@@ -81,10 +85,15 @@ def kobject_server(kernel: Kernel, kmsg: KMsg) -> None:
         _discard_regions(kmsg)
     if items is None:
         return
-    if kmsg.reply is None or kmsg.reply.dead:  # nobody to tell: release what it carries
+    reply = kmsg.reply
+    if reply is None or reply.dead or len(reply.queue) >= KERNEL_REPLIES_QUEUED_MAX:
+        # nobody to tell, or nobody reads what it was told: release what it carries
         kmsg_destroy(KMsg(kernel.host_port, None, kmsg.id + REPLY_ID_OFFSET, items))
+        if reply is not None and not reply.dead:
+            kernel.trace_event(f"kernel reply {kmsg.id + REPLY_ID_OFFSET} dropped: "
+                               f"{len(reply.queue)} messages wait on its port")
     else:
-        mqueue_enqueue(kmsg.reply, KMsg(kmsg.reply, None, kmsg.id + REPLY_ID_OFFSET, items))
+        mqueue_enqueue(reply, KMsg(reply, None, kmsg.id + REPLY_ID_OFFSET, items))
 
 
 def _discard_regions(kmsg: KMsg) -> None:

@@ -60,7 +60,8 @@ class Task:
     """A Mach task (see module docstring)."""
 
     def __init__(self, kernel: Kernel, parent: Task | None, name: str, inherit: bool = False,
-                 kernel_task: bool = False, host: TaskHost | None = None) -> None:
+                 kernel_task: bool = False, host: TaskHost | None = None,
+                 uid: int | None = None) -> None:
         self.kernel = kernel  # immutable
         self.serial = kernel.new_serial("task")  # immutable
         self.name = name or f"task{self.serial}"  # immutable
@@ -79,8 +80,9 @@ class Task:
         self.unthrottled = False  # set once: its sends ignore backlogs (netmsgserver)
         self.host: TaskHost = host or (parent.host if parent is not None else LOCAL_TASKS)
         # immutable: where its threads run
-        self.uid: int = parent.uid if parent is not None else os.getuid()  # its user
-        # (machd sets an attached task's from SO_PEERCRED; a child has its parent's)
+        self.uid: int = uid if uid is not None else (
+            parent.uid if parent is not None else os.getuid())  # immutable: its user
+        # (machd gives an attached task its SO_PEERCRED uid; a child has its parent's)
         self.process: Any = None  # owned by its host: machd's record of its process
         if not kernel_task:
             self._make_ports(parent)

@@ -251,8 +251,7 @@ class Machd:
             k = self.kernel
             with k.sched.lock:
                 boot = next(t for t in k.tasks.values() if t.name == "bootstrap")
-                task = k.task_create_locked(boot, False, name[:64], host=self)
-                task.uid = cred.uid
+                task = k.task_create_locked(boot, False, name[:64], host=self, uid=cred.uid)
                 thread = k.thread_create_locked(task, None, f"{task.name}.main",
                                                 start=False)
         except BaseException:

@@ -68,7 +68,7 @@ from pymach.include.message import (
 from pymach.include.mig import REPLY_ID_OFFSET, serve_message
 from pymach.include.netname_defs import netname_defs
 from pymach.include.wire import WireError
-from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
+from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 from pymach.kern.thread import current_thread
 from pymach.mach_vm import take_ool
 from pymach.net.packets import (
@@ -140,6 +140,11 @@ class NetMsgServer:
         elif msg.local_port == self.notify:
             if msg.id == NOTIFY_PORT_DELETED and isinstance(msg.items[0], Int):
                 self._port_died(msg.items[0].value)
+            elif msg.id == NOTIFY_OVERFLOW:  # deaths went unheard: find them by looking
+                with self.lock:
+                    known = [*self.exported, *self.proxy_ref]
+                for name in mach.names_gone(known):
+                    self._port_died(name)
         elif msg.local_port == self.service:
             reply = serve_message(netname_defs, self, msg)
             if reply is not None:

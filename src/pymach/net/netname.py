@@ -19,10 +19,11 @@ from pymach.include.mach_defs import TASK_BOOTSTRAP_PORT
 from pymach.include.message import RCV_TIMEOUT
 from pymach.include.mig import serve_message
 from pymach.include.netname_defs import netname_defs
-from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
+from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 from pymach.mach import (
     msg_receive,
     msg_send,
+    names_gone,
     port_allocate,
     port_deallocate,
     port_enable,
@@ -99,6 +100,10 @@ def run_name_server(ns_name: int) -> NameServer:
             return state
         if msg.id == NOTIFY_PORT_DELETED:
             state.forget(int(msg.items[0].value))  # type: ignore[arg-type]
+            continue
+        if msg.id == NOTIFY_OVERFLOW:  # deaths went unheard: find them by looking
+            for name in names_gone(set(state.names.values())):
+                state.forget(name)
             continue
         reply = serve_message(netname_defs, state, msg)
         if reply is not None:

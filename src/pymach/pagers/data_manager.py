@@ -34,7 +34,7 @@ from pymach.include.mach_defs import memory_object_defs
 from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.include.mig import Subsystem, serve_message
 from pymach.include.vm_param import VM_PROT_NONE
-from pymach.ipc.ipc_notify import NOTIFY_PORT_DELETED
+from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 from pymach.mach_vm import memory
 
 STOP_ID = 2299
@@ -149,9 +149,14 @@ class DataManager:
             self._deferred.append(msg)
 
     def _notification(self, msg: Message) -> None:
-        if msg.id != NOTIFY_PORT_DELETED or not isinstance(msg.items[0], Int):
-            return
-        request = msg.items[0].value
+        if msg.id == NOTIFY_OVERFLOW:  # some deaths went unheard: find them by looking
+            for request in mach.names_gone(list(self._by_request)):
+                self._request_died(request)
+        elif msg.id == NOTIFY_PORT_DELETED and isinstance(msg.items[0], Int):
+            self._request_died(msg.items[0].value)
+
+    def _request_died(self, request: int) -> None:
+        """A kernel's request port for one of our objects died: it let the object go."""
         mo = self._by_request.pop(request, None)
         if mo is not None:
             self.uses.get(mo, {}).pop(request, None)

@@ -183,13 +183,8 @@ class DefaultPager:
 
     def notifications_lost(self) -> None:
         """NOTIFY_OVERFLOW: some port deaths went unheard; find them by looking."""
-        me = mach.task_self()
-        for request in list(self.by_request):
-            try:
-                mach.port_status(me, request)
-            except MachError as e:
-                if e.code == "KERN_INVALID_NAME":  # names are never reused: it died
-                    self.port_deleted(request)
+        for request in mach.names_gone(list(self.by_request)):
+            self.port_deleted(request)
 
 
 def default_pager_loop(dp: DefaultPager, notify: int) -> None:
