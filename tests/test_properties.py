@@ -114,9 +114,16 @@ def op_drain(got: Any) -> list[tuple[int, int]]:
         out.append((msg.id, msg.items[0].value))
 
 
+def _hear_every_notification() -> None:
+    """The calling task's notify port holds PORT_BACKLOG_MAX notifications, more than
+    one step of these scenarios causes: the models do not model NOTIFY_OVERFLOW."""
+    m.port_set_backlog(m.task_self(), m.task_notify(), m.PORT_BACKLOG_MAX)
+
+
 def _worker_main(world: World, actor: int) -> None:
     """A worker task's thread: announce a command port, then execute commands forever."""
     bootstrap = m.task_get_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT)
+    _hear_every_notification()
     cmd = m.port_allocate(m.task_self())
     m.msg_send(m.Message(bootstrap, cmd, HELLO, [m.Int(actor)]))
     while True:
@@ -540,6 +547,7 @@ class RightsMachine(RuleBasedStateMachine):
     def boot(self, seed: int) -> None:
         self._boot = m.boot(deterministic=self.deterministic, seed=seed)
         self.k = self._boot.__enter__()
+        _hear_every_notification()
         self.world = World(self.k)
         self.model = Model()
         self.kports: dict[int, Any] = {}
@@ -948,7 +956,7 @@ def _setup(deterministic: bool, seed: int) -> Iterator[m.Kernel]:
     """A kernel whose boot task hears every notification these scenarios cause (a
     notify port holds at most its backlog of them, ipc_notify.py)."""
     with m.boot(deterministic=deterministic, seed=seed) as k:
-        m.port_set_backlog(m.task_self(), m.task_notify(), m.PORT_BACKLOG_MAX)
+        _hear_every_notification()
         yield k
 
 

@@ -10,7 +10,9 @@ Notifications are kernel messages and never block the kernel, so they cannot wai
 room: the notify port's backlog bounds them instead. When the queue is full, the
 notification is dropped and ONE NOTIFY_OVERFLOW notice is queued past the backlog; while
 that notice is queued, every further notification is dropped too and only counted in
-it. Once the task has received the notice, notifications queue again; a task that gets
+it, and the notice moves behind what is queued by then (so a server that looks around
+when it receives the notice has already received every message sent before the last
+loss it counts). Once the task has received the notice, notifications queue again; a task that gets
 one should re-check the rights it cares about (port_status) rather than trust that it
 heard of every event. So a notify port never holds more than backlog + 1 of the
 kernel's messages. Notifications are silently dropped if the task has no live notify
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from pymach.include.message import Int
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
-from pymach.ipc.kmsg import KMsg
+from pymach.ipc.kmsg import KMsg, next_kmsg_seqno
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
@@ -59,7 +61,10 @@ def notify_task(task: Task, msg_id: int, name: int) -> None:
         return
     if notice is None:
         notice = KMsg(port, None, NOTIFY_OVERFLOW, [Int(0)], notify_overflow=True)
-        mqueue_enqueue(port, notice)
+    else:  # it now stands for a later loss too: it goes after what is queued by now,
+        port.queue.remove(notice)  # so a server that looks when it gets the notice has
+        notice.seqno = next_kmsg_seqno()  # seen every message sent before that loss
+    mqueue_enqueue(port, notice)
     lost = notice.items[0]
     assert isinstance(lost, Int)
     notice.items[0] = Int(lost.value + 1)

@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 
 _kmsg_seq = itertools.count(1)
 
+
+def next_kmsg_seqno() -> int:
+    """A sequence number later than every message's so far (the group receive order)."""
+    return next(_kmsg_seq)
+
 # What each disposition needs from the sender's entry and what the message then carries.
 _ARRIVES_AS = {
     Disposition.COPY_SEND: Disposition.MOVE_SEND,
@@ -102,7 +107,7 @@ class KMsg:
     items: list[KItem]
     sender: str = "kernel"  # name of the sending task, for traces and reports
     sender_uid: int = -1  # the sending task's user (the receiver's trailer); -1: kernel
-    seqno: int = field(default_factory=lambda: next(_kmsg_seq))
+    seqno: int = field(default_factory=next_kmsg_seqno)
     charged: IpcSpace | None = None  # the space its out-of-line bytes are charged to
     charge: int = 0  # those bytes (see module docstring)
     notify_overflow: bool = False  # the kernel's NOTIFY_OVERFLOW notice (ipc_notify.py)
