@@ -242,6 +242,29 @@ def test_an_allowed_user_is_served_as_the_uid_the_kernel_reports(
         assert "other-user" not in task_names(d.sock)  # it detached: the task is gone
 
 
+def test_a_process_machd_starts_for_another_users_task_runs_as_that_user(
+        other_user: pwd.struct_passwd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """machd starts a task's process with `_as_user` and `_child_env` (machd._spawn):
+    the process runs as the task's uid, and another user gets none of machd's own
+    environment beyond a neutral base, only the module path its own task reported.
+    (The Python of this machine lives under /root, which that user cannot enter, so
+    the process checked here is `id`, started the way _spawn starts taskproc.)"""
+    from pymach.machd.machd import _as_user, _child_env
+    from pymach.machd.remote import TaskEnv
+
+    monkeypatch.setenv("PYMACH_SECRET_OF_MACHD", "only-for-root")
+    uid = other_user.pw_uid
+    env = _child_env(uid, TaskEnv("/tmp", ["/srv/its-own-lib", ""], ""))
+    assert env["PYTHONPATH"] == "/srv/its-own-lib" and "PYMACH_SECRET_OF_MACHD" not in env
+    assert env.get("HOME") == other_user.pw_dir
+    out = subprocess.run(["sh", "-c", "id -u; id -g; id -G"], capture_output=True, text=True,
+                         env=env, cwd="/", check=True, **_as_user(uid))
+    assert out.stdout.split() == [str(uid), str(other_user.pw_gid), str(other_user.pw_gid)]
+    assert _as_user(os.getuid()) == {}  # machd's own user: started as machd is
+    own = _child_env(os.getuid(), TaskEnv("/tmp", [], ""))
+    assert own["PYMACH_SECRET_OF_MACHD"] == "only-for-root"
+
+
 def _fake_daemon(signal_ready: Any, path: str) -> dict[str, Any]:
     """As another user: listen at `path`, take one connection, count what it sends."""
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
