@@ -8,6 +8,7 @@ ratio is the quotient of the figures it names.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from typing import Any
@@ -31,6 +32,7 @@ def test_bench_ipc_command_prints_json_figures_and_ratios() -> None:
     assert min(out["msg_rpc_us"], out["thread_queue_us"], out["socketpair_us"]) > 0
     _ratio_ok(out, "ratio_msg_rpc_vs_socketpair", "msg_rpc_us", "socketpair_us")
     _ratio_ok(out, "ratio_msg_rpc_vs_thread_queue", "msg_rpc_us", "thread_queue_us")
+    assert out["target_ratio_at_most"] == 1.5
 
 
 def test_bench_command_refuses_what_a_mode_lacks() -> None:
@@ -62,6 +64,53 @@ def test_bench_native_small() -> None:
     assert min(vm["ool_first_send_ms"], vm["ool_repeat_send_ms"],
                vm["ool_deallocate_send_ms"], vm["receiver_vm_deallocate_ms"]) > 0
     _ratio_ok(vm, "speedup_first_send", "pickle_pipe_ms", "ool_first_send_ms")
-    pager = native.run_pager(fault_pages=32, stream_size=4 << 20)
+    _ratio_ok(vm, "ratio_ool_first_send_vs_mprotect", "ool_first_send_ms", "mprotect_ms")
+    _ratio_ok(vm, "ratio_receiver_vm_deallocate_vs_munmap_punch",
+              "receiver_vm_deallocate_ms", "munmap_punch_ms")
+    _ratio_ok(vm, "ratio_ool_deallocate_send_vs_munmap_punch", "ool_deallocate_send_ms",
+              "munmap_punch_ms")
+    assert vm["target_ratio_ool_first_send_vs_mprotect_at_most"] == 1.2
+    pager = native.run_pager(fault_pages=32, stream_size=4 << 20, fill_size=4 << 20)
     assert min(pager["pager_fault_us"], pager["zero_fill_fault_us"],
                pager["stream_gb_per_s"], pager["mmap_page_cache_gb_per_s"]) > 0
+    _ratio_ok(pager, "ratio_pager_fault_vs_naive_uffd", "pager_fault_us",
+              "naive_uffd_fault_us")
+    _ratio_ok(pager, "ratio_zero_fill_fault_vs_memfd_first_touch", "zero_fill_fault_us",
+              "memfd_first_touch_us")
+    _ratio_ok(pager, "ratio_stream_vs_naive_uffd_stream", "stream_gb_per_s",
+              "naive_uffd_stream_gb_per_s")
+    _ratio_ok(pager, "ratio_numpy_fill_native_vs_anon", "numpy_fill_native_ms",
+              "numpy_fill_anon_ms")
+
+
+# -- the baselines (pymach.bench.baselines) --------------------------------------------
+def _positive(x: float) -> None:
+    assert isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("cluster_pages", [1, 64])
+def test_naive_uffd_handler_serves_the_ones_it_writes(cluster_pages: int) -> None:
+    uffd_or_skip()
+    from pymach.bench.baselines import PAGE, naive_handler
+
+    size = 100 * PAGE + 123  # a partial last block, and a partial last page
+    with naive_handler(size, cluster_pages) as view:
+        assert view.size == size and bool((view == 1).all())  # every byte, from the handler
+        del view
+
+
+def test_naive_uffd_fault_and_stream_baselines() -> None:
+    uffd_or_skip()
+    from pymach.bench import baselines
+
+    _positive(baselines.naive_uffd_fault_us(64))  # raises if the pages are not all 1s
+    _positive(baselines.naive_uffd_stream_gbps(4 << 20, 64))  # likewise for the bytes
+
+
+def test_kernel_baselines() -> None:
+    from pymach.bench import baselines
+
+    _positive(baselines.memfd_first_touch_us(64))
+    _positive(baselines.mprotect_ms(4 << 20))
+    _positive(baselines.munmap_punch_ms(4 << 20))
+    _positive(baselines.numpy_fill_anon_ms(4 << 20))

@@ -1,0 +1,222 @@
+"""Baselines for the native speed targets, measured by Linux and plain Python alone.
+
+Each native figure of `pymach bench ... --mode native` is printed beside one of these,
+measured in the same run on the same machine (issue 10; the targets are in
+../shared/DESIGN.md, Targets):
+
+- `naive_uffd_fault_us` and `naive_uffd_stream_gbps`: a naive Python userfaultfd handler
+  in a separate process serving a memfd mapped in this process (the floor for a pager
+  fault and a pager stream, which cross machd and a pager task);
+- `memfd_first_touch_us`: the kernel's own first touch of a memfd page (for a zero-fill
+  fault);
+- `mprotect_ms`: write-protecting a resident region (for a first out-of-line send);
+- `munmap_punch_ms`: unmapping and punching out a resident memfd (for freeing a region);
+- `numpy_fill_anon_ms`: NumPy filling fresh anonymous memory (for filling task memory).
+
+Pages are 4 KiB. The userfaultfd calls are pymach's own (`pymach.pmap.uffd`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import select
+import socket
+import time
+import traceback
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, Uffd, UffdError, punch_hole
+
+PAGE = 4096
+ONES = 0x0101010101010101  # eight bytes of 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mprotect.restype = ctypes.c_int
+
+
+def _resolve(uffd: Uffd, fd: int, base: int, start: int, data: bytes, copy: bool) -> bool:
+    """Fill [start, start+len(data)) of the memfd with `data` and map it in the faulting
+    process; returns whether UFFDIO_COPY is (now) the way to do it."""
+    n = len(data)
+    if not copy:
+        os.pwrite(fd, data, start)
+        try:
+            done = uffd.cont(base + start, n)
+        except UffdError as e:  # CONTINUE refused for a missing fault: copy instead
+            if e.errno not in (errno.EINVAL, errno.ENOENT, errno.EFAULT):
+                raise
+            punch_hole(fd, start, n)
+            copy = True
+    if copy:
+        src = ctypes.create_string_buffer(data, n)
+        done = uffd.copy(base + start, ctypes.addressof(src), n)
+    if not done:  # mapped already (EEXIST): just wake the faulting thread
+        uffd.wake(base + start, n)
+    return copy
+
+
+def _serve_faults(uffd: Uffd, fd: int, base: int, size: int, run: int,
+                  ctl: socket.socket) -> None:
+    """The handler process: for each fault, the `run`-byte aligned block around it."""
+    ones = b"\1" * run
+    copy = False
+    poll = select.poll()
+    poll.register(uffd.fd, select.POLLIN)
+    poll.register(ctl.fileno(), select.POLLIN)
+    ctl.send(b"r")
+    while True:
+        ready = {f for f, _ in poll.poll()}
+        for fault in uffd.read_events():
+            start = (fault.address - base) // run * run
+            data = ones if start + run <= size else ones[:size - start]
+            copy = _resolve(uffd, fd, base, start, data, copy)
+        if ctl.fileno() in ready:  # the benchmark closed its end: stop
+            return
+
+
+@contextlib.contextmanager
+def naive_handler(size: int, cluster_pages: int = 1) -> Iterator[npt.NDArray[np.uint8]]:
+    """A memfd of `size` bytes (rounded up to whole pages), mapped MAP_SHARED here and
+    registered with a userfaultfd for missing and minor faults; yields a NumPy view of
+    its first `size` bytes. Only a handler process forked for the block holds the
+    userfaultfd. For each fault it reads the event, `pwrite`s the aligned block of
+    `cluster_pages` pages around the fault with 1s into the memfd (which creates the
+    pages), and maps the block with one UFFDIO_CONTINUE: Linux 6.18 accepts CONTINUE
+    for a missing fault on shmem once the page is in the memfd. Were it refused, the
+    handler would punch the block out again and fill it with UFFDIO_COPY instead.
+    pymach's pager faults are such missing faults, resolved the same way by machd
+    (pwritev, then UFFDIO_CONTINUE). If the handler dies, the userfaultfd closes and
+    the faults fill with zeros."""
+    whole = -(-size // PAGE) * PAGE
+    fd = os.memfd_create("naive-uffd", os.MFD_CLOEXEC)
+    os.ftruncate(fd, whole)
+    m = mmap.mmap(fd, whole, mmap.MAP_SHARED)
+    view = np.frombuffer(m, dtype=np.uint8)
+    uffd = Uffd.create()
+    uffd.register(view.ctypes.data, whole, MODE_MISSING | MODE_MINOR)
+    here, there = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the handler process
+        code = 1
+        try:
+            here.close()
+            _serve_faults(uffd, fd, view.ctypes.data, whole, cluster_pages * PAGE, there)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    uffd.close()  # only the handler holds the userfaultfd now
+    there.close()
+    try:
+        here.recv(1)  # the handler is polling
+        yield view[:size]
+    finally:
+        here.close()
+        os.waitpid(pid, 0)
+        del view
+        with contextlib.suppress(BufferError):  # a caller's view may still be alive
+            m.close()
+        os.close(fd)
+
+
+def naive_uffd_fault_us(pages: int) -> float:
+    """Microseconds per one-page fault served by `naive_handler` (one page per fault):
+    reading one byte of each of `pages` pages, in order, each page touched once."""
+    with naive_handler(pages * PAGE, 1) as view:
+        t0 = time.perf_counter()
+        total = int(view[::PAGE].sum())
+        dt = time.perf_counter() - t0
+    if total != pages:
+        raise RuntimeError(f"the naive handler's pages read {total}, not {pages}")
+    return dt / pages * 1e6
+
+
+def naive_uffd_stream_gbps(size: int, cluster_pages: int = 64) -> float:
+    """GB/s reading every byte (a NumPy sum) of a `size`-byte region served by
+    `naive_handler` with `cluster_pages` pages per fault."""
+    with naive_handler(size, cluster_pages) as view:
+        words = view.view(np.uint64)
+        t0 = time.perf_counter()
+        total = int(words.sum(dtype=np.uint64))
+        dt = time.perf_counter() - t0
+        del words
+    if total != (size // 8) * ONES % (1 << 64):
+        raise RuntimeError("the naive handler's stream read wrong bytes")
+    return size / dt / 1e9
+
+
+@contextlib.contextmanager
+def _memfd_map(size: int) -> Iterator[tuple[int, mmap.mmap]]:
+    """A fresh memfd of `size` bytes mapped MAP_SHARED: (fd, mapping)."""
+    fd = os.memfd_create("baseline", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        yield fd, m
+        with contextlib.suppress(BufferError):  # else it is unmapped when last used
+            m.close()
+    finally:
+        os.close(fd)
+
+
+def memfd_first_touch_us(pages: int) -> float:
+    """Microseconds per first touch of a page of a fresh memfd mapped MAP_SHARED (Linux
+    allocates a zeroed page): reading one byte of each of `pages` pages, in order."""
+    with _memfd_map(pages * PAGE) as (_, m):
+        view = np.frombuffer(m, dtype=np.uint8)
+        t0 = time.perf_counter()
+        int(view[::PAGE].sum())
+        dt = time.perf_counter() - t0
+        del view
+    return dt / pages * 1e6
+
+
+def mprotect_ms(size: int) -> float:
+    """Milliseconds for mprotect(PROT_READ) of a `size`-byte MAP_SHARED memfd mapping
+    whose 4 KiB pages are all resident and mapped writable (each written once)."""
+    with _memfd_map(size) as (_, m):
+        view = np.frombuffer(m, dtype=np.uint8)
+        view[::PAGE] = 1
+        t0 = time.perf_counter()
+        rc = _libc.mprotect(view.ctypes.data, size, mmap.PROT_READ)
+        dt = time.perf_counter() - t0
+        del view
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), "mprotect")
+    return dt * 1e3
+
+
+def munmap_punch_ms(size: int) -> float:
+    """Milliseconds to munmap a `size`-byte MAP_SHARED memfd mapping whose 4 KiB pages
+    are all resident and mapped (each written once), then fallocate(PUNCH_HOLE) the
+    whole memfd (which frees the pages)."""
+    with _memfd_map(size) as (fd, m):
+        view = np.frombuffer(m, dtype=np.uint8)
+        view[::PAGE] = 1
+        del view
+        t0 = time.perf_counter()
+        m.close()
+        punch_hole(fd, 0, size)
+        return (time.perf_counter() - t0) * 1e3
+
+
+def numpy_fill_anon_ms(size: int) -> float:
+    """Milliseconds for NumPy to fill (`arr[:] = 1`) a fresh `size`-byte private
+    anonymous mapping of uint8 (every page first touched by the fill)."""
+    m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arr = np.frombuffer(m, dtype=np.uint8)
+    t0 = time.perf_counter()
+    arr[:] = 1
+    dt = time.perf_counter() - t0
+    del arr
+    m.close()
+    return dt * 1e3
