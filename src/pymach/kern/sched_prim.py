@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from pymach.kern.thread import Thread
 
 
+class WouldBlock(Exception):
+    """A kernel call made with `thread.no_wait` set reached a wait. Raised where the
+    call would have blocked, which is always a point where the blocked call would start
+    again from the top once woken (vm_fault's Retry), so the caller may run the whole
+    call again in a context that can block and get the same result."""
+
+
 class WaitQueue:
     """An event that threads wait on; guarded by the kernel lock."""
 
@@ -84,8 +91,11 @@ def thread_block(sched: Scheduler, thread: Thread, waitq: WaitQueue,
     """Wait on `waitq` (kernel lock held). True if woken, False if `deadline` (ms) passed.
 
     Raises ThreadTerminated if the thread was terminated meanwhile, and KERN_ABORTED when
-    the deterministic scheduler finds every thread blocked with no timeout pending.
+    the deterministic scheduler finds every thread blocked with no timeout pending;
+    WouldBlock at once if the thread may not block now (`thread.no_wait`).
     """
+    if thread.no_wait:
+        raise WouldBlock(waitq.name)
     thread.wait_queue = waitq
     previous, thread.state = thread.state, "waiting" if thread.state == "running" else thread.state
     try:

@@ -60,6 +60,8 @@ class Thread:
         self.host_data: Any = None  # owned by its task's host (machd: the process thread
         # it stands for, its fault queue; machd/remote.py)
         self.vm_wait_error = ""  # set to fail that wait (a deadlock was found)
+        self.no_wait = False  # (kernel lock) set while someone else runs a fault for this
+        # thread that must not block: a wait raises WouldBlock instead (sched_prim)
         self.py_thread: threading.Thread | None = None  # set once, by start()
 
     def __repr__(self) -> str:

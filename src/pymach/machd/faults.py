@@ -1,10 +1,17 @@
 """The fault poller: reads every native task's userfaultfd and dispatches the faults.
 
 One machd thread waits (epoll) on the userfaultfds of all task processes. Each fault
-carries the faulting thread's id; it goes to the kernel thread that stands for that
-process thread (remote.py), which is idle then (a thread in a trap cannot fault). A
-thread the process made without Mach (a library's worker thread) has no kernel thread:
-its faults go to a helper kernel thread of the task, made on first need.
+carries the faulting thread's id, which names the kernel thread that stands for that
+process thread (remote.py); that kernel thread is idle then (a thread in a trap cannot
+fault, and a faulting thread does nothing else). The poller first runs the fault itself,
+as that kernel thread, with waiting forbidden (`Thread.no_wait`): a fault that needs
+nothing but memory (a zero fill, a resident page, a copy-on-write copy) is resolved with
+no thread hand-off, as a hardware fault is served in the faulting context. A fault that
+must wait (for a data manager, a busy page, a free frame) stops at that wait, which is
+a point where the fault would start over anyway, and goes to the kernel thread, which
+runs it again and waits. A thread the process made without Mach (a library's worker
+thread) has no kernel thread: its faults go to a helper kernel thread of the task, made
+on first need, which several process threads share, so it serves their faults itself.
 
 Registries are guarded by `lock` (a leaf lock).
 """
@@ -16,9 +23,12 @@ import select
 import threading
 from typing import TYPE_CHECKING
 
+from pymach.errors import MachError, ThreadTerminated
 from pymach.include.message import Code
+from pymach.kern.sched_prim import WouldBlock
 from pymach.kern.thread import Thread
-from pymach.machd.remote import RemoteState, serve_faults
+from pymach.machd.remote import RemoteState, fault_access, memory_exception, serve_faults
+from pymach.vm.vm_fault import vm_fault_trap
 
 if TYPE_CHECKING:
     from pymach.machd.machd import Machd, Process
@@ -98,14 +108,31 @@ class FaultPoller:
                                      daemon=True, name="machd.exited").start()
                 elif proc is not None and proc.uffd is not None:
                     for fault in proc.uffd.read_events():
+                        if proc.uffd is None:  # a fault of this batch ended the task
+                            break
                         self._dispatch(proc, fault)
 
     def _dispatch(self, proc: Process, fault: Fault) -> None:
         with self.lock:
             thread = self.by_tid.get(fault.tid)
         if thread is None or thread.task is not proc.task:
-            thread = self._helper(proc)
-        thread.host_data.post(fault)
+            self._helper(proc).host_data.post(fault)
+        elif not self._resolve_now(thread, fault):
+            thread.host_data.post(fault)
+
+    def _resolve_now(self, thread: Thread, fault: Fault) -> bool:
+        """Run the fault as `thread` without waiting; False if it must wait (or the thread
+        is being terminated), so that the kernel thread runs it."""
+        thread.no_wait = True
+        try:
+            vm_fault_trap(thread, fault.address, fault_access(fault))
+        except (WouldBlock, ThreadTerminated):
+            return False  # it must wait, or unwind: its own kernel thread does that
+        except MachError as e:
+            memory_exception(self.machd, thread, fault, e)  # the process is killed
+        finally:
+            thread.no_wait = False
+        return True
 
     def _helper(self, proc: Process) -> Thread:
         """The task's kernel thread for faults of threads unknown to Mach."""

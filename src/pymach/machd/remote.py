@@ -271,18 +271,27 @@ def reply(thread: Thread, conn: Channel, status: int, value: Any, code: str = ""
         raise ThreadTerminated()
 
 
+def fault_access(fault: Fault) -> int:
+    """The access a userfaultfd fault needs."""
+    return VM_PROT_WRITE if (fault.write or fault.wp) else VM_PROT_READ
+
+
+def memory_exception(machd: Machd, thread: Thread, fault: Fault, e: MachError) -> None:
+    """vm_fault refused a fault of the process: end the task, saying why."""
+    why = (f"memory exception: {e.code} at {fault.address:#x} "
+           f"({'write' if fault_access(fault) & VM_PROT_WRITE else 'read'}): {e.detail}")
+    log.warning("task %s: %s", thread.task.name, why)
+    proc = thread.task.process
+    if proc is not None:
+        machd.kill(proc, why)
+
+
 def serve_fault(machd: Machd, thread: Thread, fault: Fault) -> None:
     """Resolve one page fault of the process thread, or end the task."""
-    access = VM_PROT_WRITE if (fault.write or fault.wp) else VM_PROT_READ
     try:
-        vm_fault_trap(thread, fault.address, access)
+        vm_fault_trap(thread, fault.address, fault_access(fault))
     except MachError as e:
-        why = (f"memory exception: {e.code} at {fault.address:#x} "
-               f"({'write' if access & VM_PROT_WRITE else 'read'}): {e.detail}")
-        log.warning("task %s: %s", thread.task.name, why)
-        proc = thread.task.process
-        if proc is not None:
-            machd.kill(proc, why)
+        memory_exception(machd, thread, fault, e)
         raise ThreadTerminated() from None
 
 
