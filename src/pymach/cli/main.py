@@ -203,7 +203,10 @@ def _native_parsers(sub: Any) -> None:
                        "(default: memory + swap size, or 4x memory with unlimited swap)")
     machd.add_argument("--memory", type=_size, default=1 << 30,
                        help="physical memory limit for resident pages (e.g. 512M, 2G)")
-    machd.add_argument("--page-size", type=int, default=4096)
+    machd.add_argument("--page-size", type=_size, default=4096, metavar="SIZE",
+                       help="the VM page size, a multiple of 4K (default 4096); a multiple "
+                       "of the huge page (2M) keeps memory in huge pages, which needs "
+                       "vm.nr_hugepages to hold --memory")
     machd.add_argument("--swap-dir", default=None, help="where the default pager's file goes")
     machd.add_argument("--swap-size", type=_size, default=None, help="backing store limit")
     machd.add_argument("--pager-timeout", type=float, default=None, metavar="MS",

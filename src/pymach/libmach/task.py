@@ -152,11 +152,12 @@ class NativeProcess:
         if kind == traps.MAP_FD:
             fd_index, offset, prot, shared = ins[3:]
             if shared:
-                _mmap(start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                      fds[fd_index], offset)
+                _mmap(start, length, PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fds[fd_index], offset)
             else:  # a region that may never be written: a read-only descriptor
-                _mmap(start, length, PROT_READ, MAP_PRIVATE | MAP_FIXED, fds[fd_index],
-                      offset)
+                _mmap(start, length, PROT_READ, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE,
+                      fds[fd_index], offset)
+            # (NORESERVE: a hugetlb memfd's pages are machd's to provide, not reserved)
             self.ranges.remove(start, start + length)
             self._protect(start, length, prot, bool(shared))
             return True

@@ -34,12 +34,16 @@ UFFD_USER_MODE_ONLY = 1
 UFFD_API = 0xAA
 
 FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+FEATURE_MISSING_HUGETLBFS = 1 << 4
 FEATURE_MISSING_SHMEM = 1 << 5
 FEATURE_THREAD_ID = 1 << 8
+FEATURE_MINOR_HUGETLBFS = 1 << 9
 FEATURE_MINOR_SHMEM = 1 << 10
 FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
-WANTED_FEATURES = (FEATURE_PAGEFAULT_FLAG_WP | FEATURE_MISSING_SHMEM | FEATURE_THREAD_ID
-                   | FEATURE_MINOR_SHMEM | FEATURE_WP_HUGETLBFS_SHMEM)
+BASE_FEATURES = (FEATURE_PAGEFAULT_FLAG_WP | FEATURE_MISSING_SHMEM | FEATURE_THREAD_ID
+                 | FEATURE_MINOR_SHMEM | FEATURE_WP_HUGETLBFS_SHMEM)
+WANTED_FEATURES = BASE_FEATURES | FEATURE_MISSING_HUGETLBFS | FEATURE_MINOR_HUGETLBFS
+# (the hugetlbfs ones serve machd's 2 MiB pages; a kernel without them gets BASE_FEATURES)
 
 MODE_MISSING, MODE_WP, MODE_MINOR = 1 << 0, 1 << 1, 1 << 2
 COPY_MODE_DONTWAKE, COPY_MODE_WP = 1 << 0, 1 << 1
@@ -133,6 +137,15 @@ class Uffd:
     @classmethod
     def create(cls, features: int = WANTED_FEATURES) -> Uffd:
         """A new userfaultfd for the calling process, with the API handshake done."""
+        try:
+            return cls._handshake(features)
+        except UffdError as e:
+            if e.errno != errno.EINVAL or features == features & BASE_FEATURES:
+                raise
+            return cls._handshake(features & BASE_FEATURES)  # an older kernel
+
+    @classmethod
+    def _handshake(cls, features: int) -> Uffd:
         fd = _new_fd(O_CLOEXEC | O_NONBLOCK)
         buf = ctypes.create_string_buffer(struct.pack("QQQ", UFFD_API, features, 0), 24)
         try:
@@ -237,6 +250,14 @@ def probe() -> str:
 
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def allocate(fd: int, offset: int, length: int) -> None:
+    """Give [offset, offset+length) of a memfd pages (zeros where it had none); the
+    error (ENOSPC: no huge pages left) comes here, not as a SIGBUS at first touch."""
+    if _libc.fallocate(fd, 0, offset, length) < 0:
+        e = ctypes.get_errno()
+        raise UffdError(e, f"fallocate: {os.strerror(e)}")
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

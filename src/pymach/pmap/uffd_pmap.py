@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_WRITE
+from pymach.pmap import hugetlb
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
 from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory
 
@@ -43,10 +44,11 @@ if TYPE_CHECKING:
 RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
 
 
-def _memfd(name: str) -> int:
-    """A new memfd only machd's user may reopen (a task handed a read-only descriptor
-    cannot reopen it read-write through /proc/self/fd unless it runs as that user)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+def _memfd(name: str, huge: bool) -> int:
+    """A new memfd (hugetlb if `huge`) only machd's user may reopen (a task handed a
+    read-only descriptor cannot reopen it read-write through /proc/self/fd unless it runs
+    as that user)."""
+    fd = hugetlb.memfd(name) if huge else os.memfd_create(name, os.MFD_CLOEXEC)
     os.fchmod(fd, 0o600)
     return fd
 
@@ -72,11 +74,15 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
 
     def __init__(self, page_size: int, nframes: int) -> None:
         super().__init__(page_size, nframes, simulated=False)
+        self.huge = hugetlb.huge_page_size() if hugetlb.uses_huge_pages(page_size) else 0
+        # immutable: the huge page size when memfds are hugetlb (hugetlb.py), else 0
+        if self.huge:
+            hugetlb.check_pool(page_size, nframes)
         self.stash: dict[int, bytes] = {}  # frames taken from every task, data kept here
         self.stores: dict[int, ObjectStore] = {}  # VM object serial -> its memfd
         # A frame that caches no object keeps its data in one anonymous memfd, at its
         # frame number (the pmap contract lets a frame hold data before it is tabled).
-        self.free_store = ObjectStore(-1, _memfd("pymach-frames"))
+        self.free_store = ObjectStore(-1, _memfd("pymach-frames", bool(self.huge)))
         os.ftruncate(self.free_store.fd, nframes * page_size)
         self.homes: list[tuple[ObjectStore, int]] = [
             (self.free_store, f * page_size) for f in range(nframes)]
@@ -93,7 +99,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def _store_locked(self, serial: int, size: int) -> ObjectStore:
         store = self.stores.get(serial)
         if store is None:
-            fd = _memfd(f"pymach-obj{serial}")
+            fd = _memfd(f"pymach-obj{serial}", bool(self.huge))
             store = self.stores[serial] = ObjectStore(serial, fd)
         if size > store.size:
             os.ftruncate(store.fd, size)
@@ -196,7 +202,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
                 self.stash[frame] = bytes(page)
                 return
             store, base = self._home(frame)
-            os.pwrite(store.fd, data, base + offset)
+            self._store_write(store, base + offset, [data])
 
     def phys_write_pages(self, writes: list[tuple[int, bytes]]) -> None:
         """phys_write of each pair; whole pages adjacent in one memfd go in one pwritev
@@ -216,14 +222,27 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
                 else:
                     runs.append((store, base, [data]))
             for store, base, chunks in runs:
-                os.pwritev(store.fd, chunks, base)
+                self._store_write(store, base, chunks)
         for frame, data in stashed:
             self.phys_write(frame, data)
 
     def _home(self, frame: int) -> tuple[ObjectStore, int]:
         return self.homes[frame]
 
+    def _store_write(self, store: ObjectStore, offset: int, chunks: list[bytes]) -> None:
+        """Write `chunks` one after another at `offset` of a memfd (lock held): one
+        pwritev, or through a mapping for a hugetlb memfd (which has no write())."""
+        if self.huge:
+            hugetlb.write(store.fd, offset, chunks, self.huge)
+        else:
+            os.pwritev(store.fd, chunks, offset)
+
     def pmap_zero_page(self, frame: int) -> None:
+        with self.lock:
+            if self.huge and frame not in self.stash:  # fresh pages are zeros: no copy
+                store, base = self._home(frame)
+                hugetlb.zero(store.fd, base, self.page_size)
+                return
         self.phys_write(frame, self._zero)
 
     def pmap_copy_page(self, src: int, dst: int) -> None:
@@ -277,7 +296,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         data = self.stash.pop(frame, None)
         if data is not None:
             store, base = self._home(frame)
-            os.pwrite(store.fd, data, base)
+            self._store_write(store, base, [data])
 
 
 class UffdPmap(PageTable):
