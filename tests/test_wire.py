@@ -51,6 +51,16 @@ def test_every_value_and_item_round_trips() -> None:
     assert got.items == ALL_ITEMS
 
 
+def test_byte_strings_are_bounded_by_the_body_not_the_element_count() -> None:
+    big = bytes(range(256)) * ((wire.MAX_COUNT + 4096) // 256)  # a pager's 8 MiB page run
+    msg = Message(3, 0, 1, [OOL(data=big), Bytes(big)])
+    got = wire.decode(wire.encode([big, msg]))
+    assert got[0] == big and got[1].items == [OOL(data=big), Bytes(big)]
+    n = wire.MAX_COUNT + 1  # a list is still bounded by its element count
+    with pytest.raises(wire.WireError, match="count"):
+        wire.decode(bytes([wire.T_LIST]) + struct.pack("<I", n) + bytes([wire.T_NONE]) * n)
+
+
 def test_values_that_cannot_travel_are_refused_at_the_sender() -> None:
     for bad in (object(), {1: 2}, 2**64, Code(lambda: 0), [[[[[1]]]]]):
         with pytest.raises(wire.WireError):

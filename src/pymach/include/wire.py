@@ -265,15 +265,17 @@ class _Reader:
     def u8(self) -> int:
         return self.buf[self._need(1)]
 
-    def count(self, min_each: int) -> int:
-        """An element count, refused if the rest of the body could not hold it."""
+    def count(self, min_each: int, most: int = MAX_COUNT) -> int:
+        """An element count, refused past `most` or if the rest of the body could not
+        hold it."""
         n: int = _U32.unpack_from(self.buf, self._need(4))[0]
-        if n > MAX_COUNT or n * min_each > self.end - self.pos:
+        if n > most or n * min_each > self.end - self.pos:
             raise WireError(f"count {n} at offset {self.pos - 4} exceeds the frame")
         return n
 
     def blob(self) -> bytes:
-        return self.take(self.count(1))
+        """A byte string: bounded by the body (MAX_BODY), not by MAX_COUNT."""
+        return self.take(self.count(1, MAX_BODY))
 
     def text(self) -> str:
         at = self.pos
