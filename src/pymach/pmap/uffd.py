@@ -255,14 +255,20 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 def allocate(fd: int, offset: int, length: int) -> None:
     """Give [offset, offset+length) of a memfd pages (zeros where it had none); the
     error (ENOSPC: no huge pages left) comes here, not as a SIGBUS at first touch."""
-    if _libc.fallocate(fd, 0, offset, length) < 0:
+    _fallocate(fd, 0, offset, length, "fallocate")
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> None:
+    """fallocate(2), started again when a signal interrupts it (as os calls are, PEP
+    475: zeroing huge pages takes long enough to be interrupted); UffdError else."""
+    while _libc.fallocate(fd, mode, offset, length) < 0:
         e = ctypes.get_errno()
-        raise UffdError(e, f"fallocate: {os.strerror(e)}")
+        if e != errno.EINTR:
+            raise UffdError(e, f"{what}: {os.strerror(e)}")
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Drop [offset, offset+length) of a memfd: the pages leave every mapping, and the
     next access is a missing fault again."""
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) < 0:
-        e = ctypes.get_errno()
-        raise UffdError(e, f"fallocate(PUNCH_HOLE): {os.strerror(e)}")
+    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length,
+               "fallocate(PUNCH_HOLE)")
