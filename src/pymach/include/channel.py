@@ -188,21 +188,26 @@ class Channel:
             raise
         return data, list(fds)
 
-    def _recv_exact(self, n: int) -> bytes:
-        """Exactly n bytes; the buffer grows with what arrives (no allocation on trust)."""
-        buf = bytearray()
-        while len(buf) < n:
+    def _recv_exact(self, n: int) -> bytearray:
+        """Exactly n bytes, received in place; the buffer grows (doubling) with what
+        arrives, so a header's length is never trusted with an allocation."""
+        buf = bytearray(min(n, 1 << 20))
+        got = 0
+        while got < n:
+            if got == len(buf):
+                buf.extend(bytes(min(len(buf), n - got)))
             self._arm()
             try:
-                chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+                with memoryview(buf) as view:
+                    k = self.sock.recv_into(view[got:])
             except TimeoutError:
                 raise
             except OSError as e:
                 raise Disconnected(str(e)) from None
-            if not chunk:
+            if not k:
                 raise Disconnected("connection closed")
-            buf += chunk
-        return bytes(buf)
+            got += k
+        return buf
 
 
 def default_socket_path() -> str:

@@ -242,7 +242,8 @@ class _Reader:
     __slots__ = ("buf", "end", "pos")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self.buf = bytes(data)
+        self.buf = data if isinstance(data, bytes) else memoryview(data).toreadonly()
+        # (no copy of a received body: byte strings are copied out once, by `take`)
         self.end = len(self.buf)
         self.pos = 0
 
@@ -257,7 +258,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         pos = self._need(n)
-        return self.buf[pos:pos + n]
+        return bytes(self.buf[pos:pos + n])  # (a slice of bytes is not copied again)
 
     def unpack(self, st: struct.Struct) -> tuple[Any, ...]:
         return st.unpack_from(self.buf, self._need(st.size))
