@@ -40,6 +40,7 @@ from pymach import OOL, Message
 from pymach.bench import baselines
 from pymach.bench.ipc import _rpc_server, bench_socketpair, time_rpcs
 from pymach.pagers.data_manager import DataManager
+from pymach.pmap import hugetlb
 
 PAGE = 4096
 MIB = 1 << 20
@@ -386,6 +387,42 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
             "target_ratio_numpy_fill_native_vs_anon_at_most": 3.0}
 
 
+HUGE = 2 * MIB
+
+
+def run_huge(size: int = GIB, rounds: int = 3, fill_size: int = 64 * MIB) -> dict[str, Any]:
+    """The vm and stream figures again with 2 MiB pages (machd --page-size 2M: hugetlb
+    memfds), each beside its baseline from this run: a 1 GiB OOL first send (target
+    <= 1 ms) and the receiver's deallocate (<= 2x munmap + PUNCH_HOLE), a 1 GiB stream
+    from the Trivial pager in 4-page (8 MiB) clusters (>= 2 GB/s, and >= 1x the naive
+    handler's 4 KiB stream), and the NumPy fill (<= 3x anonymous memory). Needs
+    vm.nr_hugepages to hold 3 GiB; otherwise says so and measures nothing."""
+    memory = 3 * size
+    if not hugetlb.uses_huge_pages(HUGE) or hugetlb.free_huge_pages() < memory // HUGE:
+        return {"huge_pages_skipped": f"needs {memory // HUGE} free 2 MiB huge pages "
+                f"(sysctl vm.nr_hugepages); {hugetlb.free_huge_pages()} are free"}
+    opts = ("--page-size", "2M", "--memory", f"{memory // MIB}M")
+    with native_task(*opts):
+        ool = bench_ool(size, rounds)
+        fill = statistics.median(bench_numpy_fill(fill_size) for _ in range(3))
+    with native_task(*opts, "--pager-cluster", "4"):
+        stream = bench_stream(size)
+    punch = baselines.munmap_punch_ms(size)
+    naive_stream = baselines.naive_uffd_stream_gbps(size, 64)
+    fill_anon = statistics.median(baselines.numpy_fill_anon_ms(fill_size) for _ in range(3))
+    return {"huge_page_bytes": HUGE, "huge_ool_first_send_ms": round(ool["first"], 3),
+            "huge_ool_deallocate_send_ms": round(ool["moved"], 3),
+            "huge_target_ool_first_send_ms_at_most": 1.0,
+            "huge_receiver_vm_deallocate_ms": round(ool["receiver_deallocate"], 2),
+            "huge_ratio_receiver_vm_deallocate_vs_munmap_punch":
+                _ratio(ool["receiver_deallocate"], punch),
+            "huge_stream_gb_per_s": round(stream, 3),
+            "huge_target_stream_gb_per_s_at_least": 2.0,
+            "huge_ratio_stream_vs_naive_uffd_stream": _ratio(stream, naive_stream),
+            "huge_numpy_fill_native_ms": round(fill, 2),
+            "huge_ratio_numpy_fill_native_vs_anon": _ratio(fill, fill_anon)}
+
+
 def run(what: str, n: int = 5000, rounds: int = 5) -> dict[str, Any]:
     """One native benchmark group, or all of them."""
     out: dict[str, Any] = {"benchmark": what, "mode": "native"}
@@ -395,4 +432,6 @@ def run(what: str, n: int = 5000, rounds: int = 5) -> dict[str, Any]:
         out.update(run_vm(rounds=min(rounds, 3)))
     if what in ("pager", "all"):
         out.update(run_pager())
+    if what in ("huge", "all"):
+        out.update(run_huge(rounds=min(rounds, 3)))
     return out

@@ -44,7 +44,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print("pymach bench: 'cache' runs on the embedded kernel only", file=sys.stderr)
             return 2
         result = native.run(args.what, n=args.n, rounds=args.rounds)
-    elif args.what in ("pager", "all"):
+    elif args.what in ("pager", "huge", "all"):
         print(f"pymach bench: '{args.what}' needs --mode native", file=sys.stderr)
         return 2
     elif args.what == "ipc":
@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trace", action="store_true", help="print the kernel's event trace")
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure pymach against baselines in the same run")
-    bench.add_argument("what", choices=["ipc", "vm", "cache", "pager", "all"],
-                       help="ipc, vm, cache (embedded); with --mode native: ipc, vm, pager "
-                       "or all")
+    bench.add_argument("what", choices=["ipc", "vm", "cache", "pager", "huge", "all"],
+                       help="ipc, vm, cache (embedded); with --mode native: ipc, vm, pager, "
+                       "huge (2 MiB pages; needs vm.nr_hugepages) or all")
     bench.add_argument("--mode", choices=["embedded", "native"], default="embedded",
                        help="native: tasks are processes under a machd the benchmark starts")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
