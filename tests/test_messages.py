@@ -658,6 +658,53 @@ def test_msg_rpc_needs_reply_port(kernel: m.Kernel) -> None:
     assert status(p)[1] == 0
 
 
+def send_receive_server(inbox: int, count: int) -> None:
+    """echo_server written the way a Mach server loop is: reply and receive in one call."""
+    req = m.msg_receive(inbox, m.RCV_TIMEOUT, 5000)
+    for i in range(count):
+        reply = Message(remote_port=req.remote_port, id=req.id + 100, items=list(req.items))
+        if i == count - 1:
+            m.msg_send(reply, m.SEND_TIMEOUT, 5000)
+        else:
+            req = m.msg_send_receive(reply, inbox, m.RCV_TIMEOUT, receive_timeout=5000)
+
+
+def test_msg_send_receive_serves_in_order(kernel: m.Kernel) -> None:
+    inbox, reply = new_port(), new_port()
+    start_thread(send_receive_server, inbox, 4)
+    for i in range(4):
+        ans = m.msg_rpc(Message(remote_port=inbox, local_port=reply, id=i,
+                                items=[Str(f"n{i}")]), m.RCV_TIMEOUT, receive_timeout=5000)
+        assert (ans.id, ans.values()) == (i + 100, [f"n{i}"])
+
+
+def test_msg_send_receive_sends_before_it_receives(kernel: m.Kernel) -> None:
+    out, inbox = new_port(), new_port()
+    send(inbox, msg_id=5)  # already queued: the receive returns it at once
+    got = m.msg_send_receive(Message(remote_port=out, id=7), inbox, m.RCV_TIMEOUT,
+                             receive_timeout=5000)
+    assert got.id == 5 and recv(out).id == 7
+    with pytest.raises(m.RcvError) as e:  # the send happened; the receive timed out
+        m.msg_send_receive(Message(remote_port=out, id=8), inbox, m.RCV_TIMEOUT,
+                           receive_timeout=20)
+    assert e.value.code == "RCV_TIMED_OUT" and recv(out).id == 8
+
+
+def test_msg_send_receive_checks_everything_before_sending(kernel: m.Kernel) -> None:
+    out, inbox = new_port(), new_port()
+    with pytest.raises(m.RcvError) as e:
+        m.msg_send_receive(Message(remote_port=out, id=1), "inbox")  # type: ignore[arg-type]
+    assert e.value.code == "RCV_INVALID_PORT" and status(out)[1] == 0
+    m.port_set_backlog(m.task_self(), out, 1)
+    send(out)
+    with pytest.raises(m.SendError) as e2:  # a failed send: nothing received either
+        m.msg_send_receive(Message(remote_port=out, id=2), inbox, m.SEND_TIMEOUT,
+                           send_timeout=0)
+    assert e2.value.code == "SEND_TIMED_OUT" and status(out)[1] == 1
+    send(inbox, msg_id=3)
+    assert recv(inbox).id == 3  # still queued: the failed call received nothing
+
+
 def test_msg_rpc_to_kernel_port_raw(kernel: m.Kernel) -> None:
     """The generated stubs are plain msg_rpc: build a port_status request by hand."""
     from pymach.include.mach_defs import port_defs

@@ -86,6 +86,19 @@ def msg_rpc(message: Message, option: int = MSG_OPTION_NONE, rcv_size: int = MSG
     return _traps().msg_rpc(message, option, rcv_size, send_timeout, receive_timeout)
 
 
+def msg_send_receive(message: Message, port: int = PORT_NULL,
+                     option: int = MSG_OPTION_NONE, rcv_size: int = MSG_SIZE_MAX,
+                     send_timeout: float | None = None,
+                     receive_timeout: float | None = None) -> Message:
+    """A server's reply and its next request in one kernel call (Mach 3.0's mach_msg
+    with both SEND and RCV): send `message`, then receive from `port` (PORT_NULL: the
+    task's default group), as msg_send then msg_receive would. A SEND_* error means
+    nothing was sent; an RCV_* error means the message was sent and nothing received.
+    In native mode it saves a round trip to machd per request."""
+    return _traps().msg_send_receive(message, port, option, rcv_size, send_timeout,
+                                     receive_timeout)
+
+
 def task_self() -> int:
     """The calling task's name for its own task port."""
     return _traps().identity(traps.TASK_SELF)

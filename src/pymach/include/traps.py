@@ -15,6 +15,7 @@ Traps (on a thread's connection, each answered by one REPLY):
   MSG_SEND       message, option, timeout     -> None
   MSG_RECEIVE    port, option, timeout, size  -> message
   MSG_RPC        message, option, size, send timeout, receive timeout -> message
+  MSG_SEND_RECEIVE  message, port, option, size, send timeout, receive timeout -> message
   FAULT_IN       address, size, access        -> None
   STDIO          cwd, sys.path list, main     + 0 or 2 fds (stdout, stderr) -> None
   MAPPED         batch int                    -> None (machd has armed the batch's ranges)
@@ -34,7 +35,7 @@ from pymach.include.message import Message
 
 HELLO_ATTACH, HELLO_THREAD, HELLO_CONTROL, HELLO_PING = 1, 2, 3, 4
 TASK_SELF, THREAD_SELF, TASK_NOTIFY, HOST_SELF, THREAD_REPLY = 10, 11, 12, 13, 14
-MSG_SEND, MSG_RECEIVE, MSG_RPC = 20, 21, 22
+MSG_SEND, MSG_RECEIVE, MSG_RPC, MSG_SEND_RECEIVE = 20, 21, 22, 23
 FAULT_IN, STDIO, EXIT, MAPPED = 30, 31, 32, 33
 DETACH = 40
 REPLY, START_THREAD, DIE = 100, 110, 111
@@ -64,6 +65,7 @@ SIGNATURES: dict[int, tuple[Any, ...]] = {
     MSG_SEND: (_ANY,) * 3,  # the kernel's trap functions check these values' types, so
     MSG_RECEIVE: (_ANY,) * 4,  # a wrong one gets the embedded kernel's own error
     MSG_RPC: (_ANY,) * 5,
+    MSG_SEND_RECEIVE: (_ANY,) * 6,
     FAULT_IN: (int, int, int),
     STDIO: (str, list, str),
     MAPPED: (int,),
@@ -78,6 +80,7 @@ NAMES = {HELLO_ATTACH: "hello_attach", HELLO_THREAD: "hello_thread",
          HELLO_CONTROL: "hello_control", HELLO_PING: "ping", TASK_SELF: "task_self",
          THREAD_SELF: "thread_self", TASK_NOTIFY: "task_notify", HOST_SELF: "host_self",
          THREAD_REPLY: "thread_reply", MSG_SEND: "msg_send", MSG_RECEIVE: "msg_receive",
-         MSG_RPC: "msg_rpc", FAULT_IN: "fault_in", STDIO: "stdio", EXIT: "exit",
+         MSG_RPC: "msg_rpc", MSG_SEND_RECEIVE: "msg_send_receive", FAULT_IN: "fault_in",
+         STDIO: "stdio", EXIT: "exit",
          MAPPED: "mapped", DETACH: "detach", REPLY: "reply", START_THREAD: "start_thread",
          DIE: "die"}

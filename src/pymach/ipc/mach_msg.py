@@ -162,6 +162,23 @@ def msg_receive_trap(thread: Thread, name: object, option: object, timeout: obje
         return msg_receive_locked(thread, name, t, size)
 
 
+def msg_send_receive_trap(thread: Thread, msg: object, port: object, option: object,
+                          rcv_size: object, send_timeout: object,
+                          receive_timeout: object) -> Message:
+    """A server's reply and its next receive in one kernel entry (Mach 3.0's mach_msg
+    with both SEND and RCV): send `msg`, then receive from `port` (PORT_NULL: the
+    task's default group). Every argument is checked before anything is sent; a SEND_*
+    error means nothing was sent, an RCV_* error that the message was sent."""
+    with thread.kernel.trap(thread):
+        st = check_options(option, SEND_TIMEOUT, send_timeout, "send")
+        rt = check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
+        size = check_rcv_size(rcv_size)
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {port!r}")
+        msg_send_locked(thread, validate_message(msg), st)
+        return msg_receive_locked(thread, port, rt, size)
+
+
 def msg_rpc_trap(thread: Thread, msg: object, option: object, rcv_size: object,
                  send_timeout: object, receive_timeout: object) -> Message:
     """msg_rpc: send `msg`, then receive the reply on its local (reply) port."""

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pymach.include import traps
 from pymach.include.message import PORT_NULL, Message
 from pymach.ipc import mach_port
-from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
+from pymach.ipc.mach_msg import (
+    msg_receive_trap,
+    msg_rpc_trap,
+    msg_send_receive_trap,
+    msg_send_trap,
+)
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
@@ -35,6 +40,9 @@ class TrapTransport(Protocol):
 
     def msg_rpc(self, msg: Any, option: Any, rcv_size: Any, send_timeout: Any,
                 receive_timeout: Any) -> Message: ...
+
+    def msg_send_receive(self, msg: Any, port: Any, option: Any, rcv_size: Any,
+                         send_timeout: Any, receive_timeout: Any) -> Message: ...
 
     def identity(self, op: int) -> int: ...
 
@@ -96,6 +104,12 @@ class LocalTraps:
         """msg_rpc as this thread."""
         return msg_rpc_trap(self.thread, msg, option, rcv_size, send_timeout,
                             receive_timeout)
+
+    def msg_send_receive(self, msg: Any, port: Any, option: Any, rcv_size: Any,
+                         send_timeout: Any, receive_timeout: Any) -> Message:
+        """msg_send_receive as this thread."""
+        return msg_send_receive_trap(self.thread, msg, port, option, rcv_size,
+                                     send_timeout, receive_timeout)
 
     def identity(self, op: int) -> int:
         """An identity trap, under the kernel lock."""

@@ -338,6 +338,14 @@ class NativeThread:
             raise
         return reply
 
+    def msg_send_receive(self, msg: Any, port: Any, option: Any, rcv_size: Any,
+                         send_timeout: Any, receive_timeout: Any) -> Message:
+        """msg_send_receive in machd: one trap for a server's reply and next receive."""
+        received: Message = _callable_code(self._message_trap(
+            traps.MSG_SEND_RECEIVE, msg, port, option, rcv_size, send_timeout,
+            receive_timeout))
+        return received
+
     @property
     def transport(self) -> NativeThread:
         """How this thread enters its kernel: over the wire (this object)."""

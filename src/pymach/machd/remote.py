@@ -35,7 +35,12 @@ from pymach.errors import MachError, ThreadTerminated
 from pymach.include import traps, wire
 from pymach.include.channel import Channel, Disconnected, Frame, close_fds
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
-from pymach.ipc.mach_msg import msg_receive_trap, msg_rpc_trap, msg_send_trap
+from pymach.ipc.mach_msg import (
+    msg_receive_trap,
+    msg_rpc_trap,
+    msg_send_receive_trap,
+    msg_send_trap,
+)
 from pymach.vm.vm_fault import vm_fault_trap
 
 if TYPE_CHECKING:
@@ -109,6 +114,10 @@ def _msg_rpc(thread: Thread, args: list[Any]) -> Any:
     return msg_rpc_trap(thread, *args)
 
 
+def _msg_send_receive(thread: Thread, args: list[Any]) -> Any:
+    return msg_send_receive_trap(thread, *args)
+
+
 def _identity(call: Callable[[], int]) -> Callable[[Thread, list[Any]], Any]:
     return lambda thread, args: call()
 
@@ -157,6 +166,7 @@ TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
     traps.MSG_SEND: _msg_send,
     traps.MSG_RECEIVE: _msg_receive,
     traps.MSG_RPC: _msg_rpc,
+    traps.MSG_SEND_RECEIVE: _msg_send_receive,
     traps.FAULT_IN: _fault_in,
     traps.MAPPED: _mapped,
 }
