@@ -649,6 +649,60 @@ def test_discard_batch_drops_mappings_and_keeps_data_bound_inside_it(phys: Any) 
     phys.object_gone(obj)
 
 
+def test_frames_discard_drops_mappings_and_unbinds(phys: Any) -> None:
+    """frames_discard of frames caching runs of an object: every mapping of each goes,
+    in every pmap, stale pv pairs from a large removal included; pages of the object
+    outside the runs keep their data and mappings; the frames can be bound again."""
+    obj = _Object(10**9 + 2)
+    a, b = phys.pmap_create(), phys.pmap_create()
+    for f in range(8):  # object pages 0-7 in frames 0-7
+        phys.frame_bind(f, obj, f * PS)
+        fill(phys, f, f + 1)
+        a.pmap_enter(0x100000 + f * PS, f, R)
+    a.pmap_remove(0, VM_MAX_ADDRESS)  # chunk-wide: pv pairs left behind
+    b.pmap_enter(0, 2, RW)
+    b.pmap_enter(PS, 3, R)
+    b.pmap_enter(2 * PS, 6, R)  # page 6 stays
+    phys.frames_discard(obj, [(PS, 4 * PS), (5 * PS, 6 * PS)], [1, 2, 3, 5])
+    assert [b.pmap_extract(v * PS) for v in range(3)] == [None, None, 6]
+    assert b.pmap_resident_count() == 1
+    for f in (0, 4, 6, 7):
+        assert phys.phys_read(f) == bytes([f + 1]) * PS
+    phys.pmap_page_protect(6, NONE)  # the survivors' pv lists still work
+    assert b.pmap_extract(2 * PS) is None
+    other = _Object(10**9 + 3)
+    for f in (1, 2, 3, 5):
+        phys.frame_bind(f, other, f * PS)
+        fill(phys, f, 0x40 + f)
+        assert phys.phys_read(f) == bytes([0x40 + f]) * PS
+    phys.frames_discard(other, [(PS, 4 * PS), (5 * PS, 6 * PS)], [1, 2, 3, 5])
+    phys.frames_discard(obj, [(0, PS), (4 * PS, 5 * PS), (6 * PS, 8 * PS)], [0, 4, 6, 7])
+    phys.object_gone(obj)
+    phys.object_gone(other)
+
+
+def test_frames_discard_of_untabled_frames_and_in_a_batch(phys: Any) -> None:
+    """Frames of no object (no runs) lose their mappings; inside a discard_batch a frame
+    discarded and bound again at once keeps its new data."""
+    pmap = phys.pmap_create()
+    pmap.pmap_enter(0, 9, RW)
+    phys.frames_discard(None, [], [9, 10])
+    assert pmap.pmap_extract(0) is None
+    obj = _Object(10**9 + 4)
+    for f in range(4):
+        phys.frame_bind(f, obj, f * PS)
+        fill(phys, f, f + 1)
+        pmap.pmap_enter(f * PS, f, R)
+    with phys.discard_batch():
+        phys.frames_discard(obj, [(0, 4 * PS)], [0, 1, 2, 3])
+        phys.frame_bind(7, obj, 2 * PS)
+        phys.phys_write(7, b"new data")
+    assert [pmap.pmap_extract(f * PS) for f in range(4)] == [None] * 4
+    assert phys.phys_read(7, 0, 8) == b"new data"
+    phys.frames_discard(obj, [(2 * PS, 3 * PS)], [7])
+    phys.object_gone(obj)
+
+
 def test_enter_run_is_enter_page_by_page(phys: Any) -> None:
     pmap = phys.pmap_create()
     pmap.pmap_enter(9 * PS, 1, RW)

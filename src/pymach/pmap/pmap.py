@@ -10,6 +10,11 @@ A backend may keep a frame's data wherever it likes: the VM tells it where each 
 belongs (`frame_bind`, `frame_unbind`, `frame_move`), so the native backend can keep a
 VM object's pages in that object's memfd, which tasks map.
 
+Freeing is done a run at a time: the VM frees the pages of an object's range (or of all
+of it) with one `frames_discard`, naming the runs of the object's offsets they fill, so
+a backend's cost per run can be one step (the native backend punches a run out of the
+memfd with one call) and its cost per page a few dictionary operations.
+
 Two objects make up a backend (one file each, chosen only in `pmap/__init__.py`):
 
 - a `PhysicalMemory`: the machine's page frames, numbered 0..nframes-1, with reference
@@ -118,14 +123,26 @@ class PhysicalMemory(Protocol):
 
     def pmap_page_discard(self, frame: int) -> None:
         """Remove every mapping of `frame`, in every pmap; its data need not be kept (the
-        frame is being freed: vm_page_free). Cheaper than pmap_page_protect to NONE
-        where keeping the data costs (the native backend)."""
+        frame is being freed). Cheaper than pmap_page_protect to NONE where keeping the
+        data costs (the native backend)."""
+        ...
+
+    def frames_discard(self, obj: object | None, runs: list[tuple[int, int]],
+                       frames: list[int]) -> None:
+        """Frames being freed together (vm_page_free of each, in one step): remove every
+        mapping of each, in every pmap, and unbind it; their data need not be kept. The
+        frames cache pages of VM object `obj` (None: no object, `runs` empty), and
+        `runs` are ranges [start, end) of `obj`'s offsets whose resident pages are
+        exactly those (an offset in a run may hold no page; no other resident page of
+        `obj` lies in a run). The same as pmap_page_discard then frame_unbind of each
+        frame, but a backend may drop a whole run at once."""
         ...
 
     def discard_batch(self) -> AbstractContextManager[None]:
-        """A block inside which pmap_page_discard and frame_unbind may defer their work
-        to the block's end, done there a run of pages at a time. The caller holds the
-        kernel lock for the whole block, so no task is served a fault meanwhile."""
+        """A block inside which pmap_page_discard, frame_unbind and frames_discard may
+        defer their work to the block's end, done there a run of pages at a time. The
+        caller holds the kernel lock for the whole block, so no task is served a fault
+        meanwhile."""
         ...
 
     def pmap_is_referenced(self, frame: int) -> bool:
@@ -170,7 +187,7 @@ class PhysicalMemory(Protocol):
         ...
 
     def frame_unbind(self, frame: int) -> None:
-        """A frame caches nothing any more (vm_page_remove); its data may go."""
+        """A frame caches nothing any more (it is being freed); its data may go."""
         ...
 
     def frame_move(self, frame: int, obj: object, offset: int) -> None:

@@ -58,6 +58,9 @@ class SoftPhysicalMemory:
     def pmap_page_protect(self, frame: int, prot: int) -> None:
         """Reduce every mapping of `frame` to at most `prot`; NONE removes them all."""
         with self.lock:
+            if prot == VM_PROT_NONE:
+                self._unmap_locked([frame])
+                return
             holders = self.pv.get(frame)
             for pmap, vpn in list(holders or ()):
                 if pmap.maps_locked(vpn, frame):
@@ -69,7 +72,28 @@ class SoftPhysicalMemory:
 
     def pmap_page_discard(self, frame: int) -> None:
         """Remove every mapping of `frame` (its data stay: nothing here costs to keep)."""
-        self.pmap_page_protect(frame, VM_PROT_NONE)
+        with self.lock:
+            self._unmap_locked([frame])
+
+    def frames_discard(self, obj: object | None, runs: list[tuple[int, int]],
+                       frames: list[int]) -> None:
+        """Remove every mapping of each frame, in one pass (simulated frames are
+        anonymous: there is nothing to unbind, and the runs do not matter)."""
+        with self.lock:
+            self._unmap_locked(frames)
+
+    def _unmap_locked(self, frames: list[int]) -> None:
+        """Remove every mapping of each frame and its pv list, in one pass over the
+        lists: a pair left behind by chunk-wide removal (the usual case for memory
+        being freed: its range was removed first) costs one dictionary probe."""
+        pop = self.pv.pop
+        for frame in frames:
+            holders = pop(frame, None)
+            if holders:
+                for pmap, vpn in holders:
+                    chunk = pmap.chunks.get(vpn >> CHUNK_SHIFT)  # maps_locked, inline:
+                    if chunk is not None and chunk.get(vpn, 0) >> 3 == frame:  # per page
+                        pmap.reduce_locked(vpn, VM_PROT_NONE)
 
     def discard_batch(self) -> contextlib.AbstractContextManager[None]:
         """Nothing to batch here: discards are done at once."""

@@ -13,7 +13,8 @@ machd holds every task's userfaultfd and makes the mappings real:
 - taking a page from every task while keeping it (pmap_page_protect to NONE) stashes
   its data in machd and punches it out of the memfd; the next access faults and
   `pmap_enter` puts the data back;
-- freeing a frame punches its page out of the memfd.
+- freeing a frame punches its page out of the memfd (frames freed together: one
+  punch per run of the object's offsets, `frames_discard`).
 
 What this backend cannot do, the native VM layer avoids: it never removes a task's
 mapping of a range asynchronously (a task changes its own mappings, at its kernel
@@ -86,9 +87,9 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         os.ftruncate(self.free_store.fd, nframes * page_size)
         self.homes: list[tuple[ObjectStore, int]] = [
             (self.free_store, f * page_size) for f in range(nframes)]
-        self.deferred: dict[int, list[int]] | None = None
-        # (lock) object serial -> offsets whose punch a discard_batch holds back; None
-        # outside a batch
+        self.deferred: dict[int, list[tuple[int, int]]] | None = None
+        # (lock) object serial -> runs [start, end) whose punch a discard_batch holds
+        # back; None outside a batch
 
     # -- object stores --------------------------------------------------------------------
     def store_for(self, obj: Any, size: int = 0) -> ObjectStore:
@@ -124,15 +125,37 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def frame_unbind(self, frame: int) -> None:
         with self.lock:
             store, offset = self.homes[frame]
-            self.homes[frame] = (self.free_store, frame * self.page_size)
-            self.stash.pop(frame, None)
-            self._punch_locked(store, offset)
+            self._unbind_locked([frame])
+            self._punch_locked(store, offset, self.page_size)
+
+    def _unbind_locked(self, frames: list[int]) -> None:
+        """The frames cache nothing any more: each goes back to its place in the free
+        store, and stashed data of theirs is dropped."""
+        homes, free, ps = self.homes, self.free_store, self.page_size
+        for frame in frames:
+            homes[frame] = (free, frame * ps)
+        if self.stash:
+            for frame in frames:
+                self.stash.pop(frame, None)
 
     # -- punching pages out, one at a time or a run at a time ---------------------------------
+    def frames_discard(self, obj: Any, runs: list[tuple[int, int]],
+                       frames: list[int]) -> None:
+        """Drop every mapping of the frames and unbind them; punch each run out of the
+        object's memfd with one call (at the end of the discard_batch, inside one)."""
+        with self.lock:
+            self._unmap_locked(frames)
+            self._unbind_locked(frames)
+            store = None if obj is None else self.stores.get(obj.serial)
+            if store is not None:
+                for start, end in runs:
+                    self._punch_locked(store, start, end - start)
+
     @contextlib.contextmanager
     def discard_batch(self) -> Iterator[None]:
-        """Hold back the punches of pmap_page_discard and frame_unbind to the end of the
-        block, then punch each run of adjacent pages with one call (see the contract)."""
+        """Hold back the punches of pmap_page_discard, frame_unbind and frames_discard
+        to the end of the block, then punch each run of adjacent pages with one call
+        (see the contract)."""
         with self.lock:
             outer = self.deferred is None
             if outer:
@@ -145,17 +168,18 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
                     self._flush_locked()
                     self.deferred = None
 
-    def _punch_locked(self, store: ObjectStore, offset: int) -> None:
-        """Punch one page of a live object's memfd out of every task, now or at the end
-        of the discard_batch."""
+    def _punch_locked(self, store: ObjectStore, offset: int, length: int) -> None:
+        """Punch [offset, offset+length) of a live object's memfd (what of it the memfd
+        holds) out of every task, now or at the end of the discard_batch."""
         from pymach.pmap.uffd import punch_hole
 
-        if self.stores.get(store.serial) is not store:  # tasks map only live memfds
-            return
+        length = min(length, store.size - offset)
+        if self.stores.get(store.serial) is not store or length <= 0:  # tasks map only
+            return  # live memfds, and nothing lies past a memfd's end
         if self.deferred is not None:
-            self.deferred.setdefault(store.serial, []).append(offset)
+            self.deferred.setdefault(store.serial, []).append((offset, offset + length))
         else:
-            punch_hole(store.fd, offset, self.page_size)
+            punch_hole(store.fd, offset, length)
 
     def _flush_locked(self) -> None:
         """Do the held-back punches, one call per run of adjacent pages of a memfd."""
@@ -163,19 +187,19 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
 
         if not self.deferred:
             return
-        batches, ps = list(self.deferred.items()), self.page_size
+        batches = list(self.deferred.items())
         self.deferred.clear()
-        for serial, offsets in batches:
+        for serial, runs in batches:
             store = self.stores.get(serial)  # serials are never reused
             if store is None:
                 continue
-            offsets.sort()
-            start = end = offsets[0]
-            for off in offsets:
-                if off > end:  # a gap: punch the run so far
+            runs.sort()
+            start, end = runs[0]
+            for lo, hi in runs:
+                if lo > end:  # a gap: punch the run so far
                     punch_hole(store.fd, start, end - start)
-                    start = off
-                end = max(end, off + ps)
+                    start = lo
+                end = max(end, hi)
             punch_hole(store.fd, start, end - start)
 
     def frame_move(self, frame: int, obj: object, offset: int) -> None:
@@ -271,10 +295,11 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def pmap_page_discard(self, frame: int) -> None:
         """Remove every mapping of `frame` by punching its page out, without stashing the
         data (the frame is being freed)."""
-        SoftPhysicalMemory.pmap_page_protect(self, frame, VM_PROT_NONE)
         with self.lock:
+            self._unmap_locked([frame])
             self.stash.pop(frame, None)
-            self._punch_locked(*self.homes[frame])
+            store, offset = self.homes[frame]
+            self._punch_locked(store, offset, self.page_size)
 
     def pmap_clear_modify(self, frame: int) -> None:
         """Clear the modify bit and write-protect every mapping, so the next write shows."""

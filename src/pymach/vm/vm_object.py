@@ -19,6 +19,11 @@ progress. At zero the object is terminated (or kept in the cache if its manager 
 see section 9). Collapse (`vm_object_collapse`) merges a shadow chain link that nothing
 else uses into its child, so chains do not grow without bound.
 
+Pages are freed an object range at a time, never page by page (`vm_pages_free`):
+termination and collapse free all of an object's remaining pages as one run of its
+offsets, vm_object_page_remove its range's pages as the runs between busy pages (whose
+data are in transit and stay).
+
 All fields are guarded by the kernel lock.
 """
 
@@ -45,7 +50,8 @@ class VmObject:
         self.internal = internal  # made by the kernel (zero fill, shadow, data in transit)
         self.label = label or ("anonymous" if internal else "external")
         self.ref_count = 1
-        self.memq: dict[int, VmPage] = {}  # offset -> resident page
+        self.memq: dict[int, VmPage] = {}  # offset -> resident page (this object's part
+        # of the virtual-to-physical table, vm_page.py)
         self.shadow: VmObject | None = None  # a counted reference
         self.shadow_offset = 0
         self.copy: VmObject | None = None  # newest copy object; not a counted reference
@@ -124,9 +130,7 @@ def vm_object_terminate(obj: VmObject) -> None:
     vm = obj.vm
     if not obj.internal:
         vm.clean_external_object(obj)  # dirty data goes back to its manager first
-    with vm.phys.discard_batch():  # the backend may drop the pages a run at a time
-        for page in list(obj.memq.values()):
-            vm.resident.vm_page_free(page)
+    _free_all_pages(obj)
     stores = [h for h in obj.pending.values() if h.substitute]
     obj.pending.clear()  # holding objects in flight still reach their manager
     for store in stores:
@@ -162,15 +166,44 @@ def vm_object_shadow(obj: VmObject, offset: int, size: int) -> VmObject:
 
 
 def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
-    """Discard the object's data in [start, end): resident pages and pager copies."""
+    """Discard the object's data in [start, end): resident pages (but busy ones: their
+    data are in transit) and pager copies. The pages go in one step, each run of the
+    range between busy pages at once (vm_pages_free)."""
     vm = obj.vm
-    with vm.phys.discard_batch():  # the backend may drop the pages a run at a time
-        for offset, page in list(obj.memq.items()):
-            if start <= offset < end and not page.busy:
-                vm.resident.vm_page_free(page)
+    pages, busy = [], []
+    for offset, page in obj.memq.items():  # one pass over the pages (memory-bound)
+        if not start <= offset < end:
+            continue
+        if page.busy:
+            busy.append(offset)
+        else:
+            pages.append(page)
+    busy.sort()
+    vm.resident.vm_pages_free(obj, pages, _runs_between(start, end, busy, vm.page_size))
     obj.existence = {o for o in obj.existence if not start <= o < end}
     if obj.data_source is not None and start == 0 and end >= obj.size:
         obj.data_source = None
+
+
+def _runs_between(start: int, end: int, holes: list[int], page_size: int
+                  ) -> list[tuple[int, int]]:
+    """[start, end) less the pages at the sorted offsets `holes`, as runs."""
+    runs, at = [], start
+    for hole in holes:
+        if at < hole:
+            runs.append((at, hole))
+        at = hole + page_size
+    if at < end:
+        runs.append((at, end))
+    return runs
+
+
+def _free_all_pages(obj: VmObject) -> None:
+    """Free every resident page of `obj` (busy ones too) in one step: one run covers
+    the object (termination, collapse)."""
+    if obj.memq:
+        end = max(obj.size, max(obj.memq) + obj.vm.page_size)
+        obj.vm.resident.vm_pages_free(obj, list(obj.memq.values()), [(0, end)])
 
 
 def vm_object_pmap_protect_copy(obj: VmObject, start: int, end: int) -> None:
@@ -225,8 +258,7 @@ def _collapse_into(obj: VmObject, backing: VmObject) -> None:
         off = boff - delta
         if 0 <= off < obj.size and off not in obj.memq and off not in obj.existence:
             vm.resident.vm_page_rename(page, obj, off)
-        else:
-            vm.resident.vm_page_free(page)
+    _free_all_pages(backing)  # what obj hides or cannot hold
     if backing.pager is not None:
         from pymach.vm.memory_object import pager_rebind
 

@@ -1,18 +1,24 @@
-"""Resident page structures, the virtual-to-physical hash table and the pageout queues.
+"""Resident page structures, the virtual-to-physical table and the pageout queues.
 
 Paper 5.3 and 5.4. One `VmPage` per physical frame (made when the frame is first used);
 it records the object and offset it caches, the access the data manager allows
 (`page_lock` holds the access *prevented*), and software copies of the reference and
 modify bits. `VmResident` is the per-kernel table of them:
 
-- `hash`: (object serial, offset) -> page, the fast lookup of 5.3 ("virtual to physical
-  table"); each object also lists its own pages (`object.memq`) to free them quickly.
+- the fast (object, offset) -> page lookup of 5.3 ("virtual to physical table") is a
+  hash table split by object: each object's `memq` maps its offsets to its pages, so
+  the lookup is one probe and an object's pages leave the table in one step;
 - three queues (5.4): `active` in least-recently-used order, `inactive` (pages being
   prepared for pageout) and `free` (frames caching nothing).
 
-Invariants (kernel lock): a page is in `hash` iff it is in its object's memq; a tabled
-page is on exactly one of active/inactive unless it is busy or wired (then on none); a
-free frame is on `free` and has no page tabled for it. The reserved pool: only
+Pages are freed a batch at a time where they can be (`vm_pages_free`: an object's range
+or all of it), so freeing costs the backend one step per run of the object's offsets
+(`frames_discard`) and the tables a few dictionary operations per page.
+
+Invariants (kernel lock): a page is tabled (`object` set) iff it is in its object's
+memq, and `tabled` counts such pages; a tabled page is on exactly one of
+active/inactive unless it is busy or wired (then on none); a free frame is on `free`,
+its page (if made) is untabled with queue "free". The reserved pool: only
 vm-privileged threads (the pageout daemon and the default pager, 6.2.3) may take the
 last `reserved` free frames.
 """
@@ -20,7 +26,7 @@ last `reserved` free frames.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -90,7 +96,7 @@ class VmResident:
         self.free: deque[int] = deque(range(phys.nframes))
         self.active: dict[VmPage, None] = {}  # insertion order = LRU order
         self.inactive: dict[VmPage, None] = {}
-        self.hash: dict[tuple[int, int], VmPage] = {}
+        self.tabled = 0  # pages in some object's memq
         self.reserved = reserved  # frames only vm-privileged threads may take (6.2.3)
         self.stats = VmStatistics()
         self.on_free: Callable[[], None] | None = None  # called when a frame is freed
@@ -99,7 +105,7 @@ class VmResident:
     def vm_page_lookup(self, obj: VmObject, offset: int) -> VmPage | None:
         """The resident page of `obj` at `offset`, or None (counts lookups and hits)."""
         self.stats.lookups += 1
-        page = self.hash.get((obj.serial, offset))
+        page = obj.memq.get(offset)
         if page is not None:
             self.stats.hits += 1
         return page
@@ -111,21 +117,14 @@ class VmResident:
 
     def _table(self, page: VmPage, obj: VmObject, offset: int) -> None:
         page.object, page.offset = obj, offset
-        self.hash[(obj.serial, offset)] = page
         obj.memq[offset] = page
+        self.tabled += 1
 
     def _untable(self, page: VmPage) -> None:
         obj = page.object
-        if obj is not None:
-            self.hash.pop((obj.serial, page.offset), None)
-            obj.memq.pop(page.offset, None)
+        if obj is not None and obj.memq.pop(page.offset, None) is not None:
+            self.tabled -= 1
         page.object = None
-
-    def vm_page_remove(self, page: VmPage) -> None:
-        """Untable `page` from its object (its frame then caches nothing)."""
-        if page.object is not None:
-            self.phys.frame_unbind(page.frame)
-        self._untable(page)
 
     def vm_page_rename(self, page: VmPage, obj: VmObject, offset: int) -> None:
         """Move a tabled page, data and all, to another object and offset."""
@@ -158,33 +157,59 @@ class VmResident:
 
     def vm_page_free(self, page: VmPage) -> None:
         """Untable the page, drop every mapping of its frame, and put the frame on free."""
-        self.phys.pmap_page_discard(page.frame)
-        self.vm_page_remove(page)
-        self._dequeue(page)
-        page.busy = page.absent = False
-        page.queue = "free"
-        self.free.append(page.frame)
+        obj, off = page.object, page.offset
+        self.vm_pages_free(obj, [page], [] if obj is None else [(off, off + self.page_size)])
+
+    def vm_pages_free(self, obj: VmObject | None, pages: list[VmPage],
+                      runs: list[tuple[int, int]]) -> None:
+        """vm_page_free of each of `pages`, all tabled in `obj` (None: all untabled), in
+        one step: `runs` are ranges [start, end) of `obj`'s offsets whose resident
+        pages are exactly these (no other resident page of `obj` lies in a run), which
+        the backend may drop a run at a time (frames_discard)."""
+        if not pages:
+            return
+        if obj is not None:
+            memq = obj.memq
+            if len(pages) == len(memq):  # all of them: the object's table empties at once
+                memq.clear()
+            else:
+                for page in pages:
+                    del memq[page.offset]
+            self.tabled -= len(pages)
+        frames = self._dequeue(pages, freeing=True)
+        self.phys.frames_discard(obj, runs, frames)
+        self.free.extend(frames)
         if self.on_free is not None:
             self.on_free()
 
     # -- the pageout queues -----------------------------------------------------------
-    def _dequeue(self, page: VmPage) -> None:
-        if page.queue == "active":
-            del self.active[page]
-        elif page.queue == "inactive":
-            del self.inactive[page]
-        page.queue = ""
+    def _dequeue(self, pages: Iterable[VmPage], freeing: bool = False) -> list[int]:
+        """Take each page off the queue it is on. `freeing`: the pages are being freed,
+        so each is also marked free and untabled (the caller empties its object's memq),
+        in the same pass; their frames are returned."""
+        active, inactive = self.active, self.inactive
+        frames = []
+        for page in pages:
+            if page.queue == "active":
+                del active[page]
+            elif page.queue == "inactive":
+                del inactive[page]
+            page.queue = ""
+            if freeing:
+                page.object, page.queue, page.busy, page.absent = None, "free", False, False
+                frames.append(page.frame)
+        return frames
 
     def vm_page_activate(self, page: VmPage) -> None:
         """Put the page at the most-recently-used end of the active queue."""
-        self._dequeue(page)
+        self._dequeue((page,))
         if page.wire_count == 0:
             self.active[page] = None
             page.queue = "active"
 
     def vm_page_deactivate(self, page: VmPage) -> None:
         """Move the page to the inactive queue, clearing its reference bit."""
-        self._dequeue(page)
+        self._dequeue((page,))
         self.phys.pmap_clear_reference(page.frame)
         if page.wire_count == 0:
             self.inactive[page] = None
@@ -192,7 +217,7 @@ class VmResident:
 
     def vm_page_wire(self, page: VmPage) -> None:
         """Keep the page out of pageout's reach until unwired."""
-        self._dequeue(page)
+        self._dequeue((page,))
         page.wire_count += 1
 
     def vm_page_unwire(self, page: VmPage) -> None:
@@ -203,7 +228,7 @@ class VmResident:
 
     def wired_count(self) -> int:
         """Pages that are tabled but on no queue (wired or busy)."""
-        return len(self.hash) - len(self.active) - len(self.inactive)
+        return self.tabled - len(self.active) - len(self.inactive)
 
     def vm_page_is_dirty(self, page: VmPage) -> bool:
         """Fold the hardware modify bit into the page's dirty flag; return it."""
