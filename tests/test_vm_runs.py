@@ -15,6 +15,7 @@ runs, so nothing else holds the kernel lock); the last run as tasks, embedded an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,6 +77,8 @@ def resident(k: Kernel, pages: int, size: int | None = None) -> VmObject:
     """A new internal object with its first `pages` pages resident, each filled."""
     vm = k.vm
     obj = vm_object_allocate(vm, size or pages * PS)
+    if is_native(k):
+        vm.phys.store_for(obj)  # as a task's mapping of it would: it has a memfd
     for i in range(pages):
         page = vm.resident.vm_page_grab(privileged=True)
         assert page is not None
@@ -199,7 +202,7 @@ def test_termination_frees_every_page_with_one_punch(vmk: Kernel, punches: list[
     assert not obj.alive and not obj.memq
     assert vmk.vm.resident.free_count() == free0 + 12
     if is_native(vmk):
-        assert punches == [(0, 12 * PS)]  # the memfd holds only the resident pages
+        assert punches == [(0, 16 * PS)]  # one punch: the object's whole memfd
     frames_add_up(vmk)
 
 
@@ -348,3 +351,30 @@ def test_a_shared_region_outlives_one_sharer(kernel: m.Kernel) -> None:
     m.vm_deallocate(me, a, pages * ps())
     assert m.vm_read(child, a, pages * ps()) == b"".join(pattern(4, i) for i in range(pages))
     m.task_terminate(child)
+
+
+def test_an_object_no_task_maps_holds_no_descriptor_and_moves_in_when_mapped(
+        vmk: Kernel) -> None:
+    """Pages of objects no task maps (a pageout's holding objects, say) keep their data
+    in the free store: thousands of them cost machd no descriptor. When a task maps such
+    an object its pages move into its new memfd, data and all."""
+    if not is_native(vmk):
+        pytest.skip("the software MMU has no memfds")
+    vm = vmk.vm
+    fds0 = len(os.listdir("/proc/self/fd"))
+    objs = []
+    for _ in range(40):
+        obj = vm_object_allocate(vm, PS)
+        page = vm.resident.vm_page_grab(privileged=True)
+        assert page is not None
+        vm.resident.vm_page_insert(page, obj, 0)
+        vm.phys.phys_write(page.frame, page_bytes(obj, 0))
+        objs.append((obj, page))
+    assert len(os.listdir("/proc/self/fd")) == fds0
+    obj, page = objs[7]
+    store = vm.phys.store_for(obj)
+    assert os.pread(store.fd, PS, 0) == page_bytes(obj, 0)  # moved into the memfd
+    assert vm.phys.phys_read(page.frame) == page_bytes(obj, 0)
+    for _, p in objs:
+        vm.resident.vm_page_free(p)
+    frames_add_up(vmk)

@@ -87,15 +87,40 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         os.ftruncate(self.free_store.fd, nframes * page_size)
         self.homes: list[tuple[ObjectStore, int]] = [
             (self.free_store, f * page_size) for f in range(nframes)]
+        # An object no task maps (a pageout's holding object, the lower objects of a
+        # shadow chain, data in transit) gets no memfd: its frames keep their data in
+        # the free store until a task maps the object, so machd holds a descriptor per
+        # mapped object only, however many pages are in flight to a pager.
+        self.unstored: dict[int, dict[int, int]] = {}  # serial -> {offset: frame}
+        self.unstored_at: dict[int, tuple[int, int]] = {}  # frame -> (serial, offset)
         self.deferred: dict[int, list[tuple[int, int]]] | None = None
         # (lock) object serial -> runs [start, end) whose punch a discard_batch holds
         # back; None outside a batch
 
     # -- object stores --------------------------------------------------------------------
     def store_for(self, obj: Any, size: int = 0) -> ObjectStore:
-        """The memfd of VM object `obj`, made on first use, grown to `size` bytes."""
+        """The memfd of VM object `obj` (a task maps it), made on first use, grown to
+        `size` bytes; the object's resident pages move into it from the free store."""
         with self.lock:
-            return self._store_locked(obj.serial, max(size, obj.size))
+            store = self._store_locked(obj.serial, max(size, obj.size))
+            self._adopt_locked(store)
+            return store
+
+    def _adopt_locked(self, store: ObjectStore) -> None:
+        """Move the pages of a newly stored object from the free store into its memfd."""
+        from pymach.pmap.uffd import punch_hole
+
+        ps, free = self.page_size, self.free_store
+        for offset, frame in self.unstored.pop(store.serial, {}).items():
+            del self.unstored_at[frame]
+            if offset + ps > store.size:
+                os.ftruncate(store.fd, offset + ps)
+                store.size = offset + ps
+            if frame not in self.stash:
+                data = os.pread(free.fd, ps, frame * ps).ljust(ps, b"\0")
+                self._store_write(store, offset, [data])
+                punch_hole(free.fd, frame * ps, ps)
+            self.homes[frame] = (store, offset)
 
     def _store_locked(self, serial: int, size: int) -> ObjectStore:
         store = self.stores.get(serial)
@@ -112,14 +137,22 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         with self.lock:
             self._flush_locked()
             store = self.stores.pop(obj.serial, None)
+            for frame in self.unstored.pop(obj.serial, {}).values():
+                self.unstored_at.pop(frame, None)
         if store is not None:
             os.close(store.fd)
 
     # -- where frames live ------------------------------------------------------------------
-    def frame_bind(self, frame: int, obj: object, offset: int) -> None:
+    def frame_bind(self, frame: int, obj: Any, offset: int) -> None:
+        """The frame caches `obj` at `offset`: its data go to the object's memfd if a
+        task maps the object, else stay at the frame's place in the free store."""
         with self.lock:
             self._flush_locked()  # a held-back punch must not hit the page's new data
-            store = self._store_locked(obj.serial, offset + self.page_size)  # type: ignore[attr-defined]
+            if obj.serial not in self.stores:
+                self.unstored.setdefault(obj.serial, {})[offset] = frame
+                self.unstored_at[frame] = (obj.serial, offset)
+                return
+            store = self._store_locked(obj.serial, offset + self.page_size)
             self.homes[frame] = (store, offset)
 
     def frame_unbind(self, frame: int) -> None:
@@ -134,6 +167,11 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         homes, free, ps = self.homes, self.free_store, self.page_size
         for frame in frames:
             homes[frame] = (free, frame * ps)
+        if self.unstored_at:
+            for frame in frames:
+                at = self.unstored_at.pop(frame, None)
+                if at is not None:
+                    self.unstored[at[0]].pop(at[1], None)
         if self.stash:
             for frame in frames:
                 self.stash.pop(frame, None)
