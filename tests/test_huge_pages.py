@@ -172,3 +172,13 @@ def test_a_pool_too_small_is_a_clear_error(pool: None, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "vm.nr_hugepages" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_the_huge_page_benchmark_measures_what_it_prints(pool: None) -> None:
+    from pymach.bench.native import run_huge
+
+    out = run_huge(size=8 * HP, rounds=1, fill_size=8 * HP)
+    assert "huge_pages_skipped" not in out, out
+    for key in ("huge_ool_first_send_ms", "huge_receiver_vm_deallocate_ms",
+                "huge_stream_gb_per_s", "huge_numpy_fill_native_ms"):
+        assert 0 < out[key] < float("inf"), (key, out)
