@@ -27,16 +27,21 @@ MFD_HUGETLB = 0x0004
 MAP_NORESERVE = 0x4000
 
 
-def huge_page_size() -> int:
-    """The machine's default huge page size in bytes (0 if it has none)."""
+def _meminfo(field: str) -> int:
+    """A number from /proc/meminfo (its first column), 0 if absent or unreadable."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("Hugepagesize:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def huge_page_size() -> int:
+    """The machine's default huge page size in bytes (0 if it has none)."""
+    return _meminfo("Hugepagesize") * 1024
 
 
 def uses_huge_pages(page_size: int) -> bool:
@@ -47,11 +52,7 @@ def uses_huge_pages(page_size: int) -> bool:
 
 def free_huge_pages() -> int:
     """Huge pages free in the pool now."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
+    return _meminfo("HugePages_Free")
 
 
 def check_pool(page_size: int, nframes: int) -> None:
@@ -70,14 +71,7 @@ def check_pool(page_size: int, nframes: int) -> None:
 
 def _in_use() -> int:
     """Huge pages the pool has given out already."""
-    total = free = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Total:"):
-                total = int(line.split()[1])
-            elif line.startswith("HugePages_Free:"):
-                free = int(line.split()[1])
-    return total - free
+    return _meminfo("HugePages_Total") - _meminfo("HugePages_Free")
 
 
 def memfd(name: str) -> int:
