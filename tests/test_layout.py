@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "net": 5,  # the network message server, name service, transports
     "libmach": 6,  # what runs inside a native task's process
     "machd": 6,  # the native daemon
+    "apps": 6,  # the paper's section 8 applications, libraries built on the user library
     "cli": 7,
     "bench": 7,
     "pymach": 7,  # pymach/__init__.py: the public API, and the composition root
