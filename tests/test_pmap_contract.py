@@ -727,3 +727,19 @@ def test_phys_write_pages_writes_each_frame(phys: Any) -> None:
     for f in frames:
         phys.frame_unbind(f)
     phys.object_gone(obj)
+
+
+def test_lazy_zero_fill_of_an_object_no_task_maps(phys: Any) -> None:
+    """Zero fill by the machine needs tasks mapping the object: every backend refuses
+    it for one no task maps (nothing changes: the frames bound keep their data and the
+    backend reports no page made behind the VM's back); stopping it is always allowed."""
+    obj = _Object(10**9 + 4)
+    assert phys.lazy_zero_fill(obj, True) is False
+    assert phys.lazy_zero_fill(obj, False) is True
+    phys.frame_bind(5, obj, 2 * PS)
+    data = fill(phys, 5, 9)
+    assert phys.lazy_collect(obj) == []
+    phys.lazy_adopt(obj, [])
+    assert phys.phys_read(5) == data
+    phys.frames_discard(obj, [(2 * PS, 3 * PS)], [5])
+    phys.object_gone(obj)

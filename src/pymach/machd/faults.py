@@ -12,6 +12,8 @@ a point where the fault would start over anyway, and goes to the kernel thread, 
 runs it again and waits. A thread the process made without Mach (a library's worker
 thread) has no kernel thread: its faults go to a helper kernel thread of the task, made
 on first need, which several process threads share, so it serves their faults itself.
+A missing-page fault read from a region the VM has since let the kernel zero-fill
+itself (vm_page.py) is stale: its thread only needs waking (`_stale`).
 
 Registries are guarded by `lock` (a leaf lock).
 """
@@ -28,6 +30,8 @@ from pymach.include.message import Code
 from pymach.kern.sched_prim import WouldBlock
 from pymach.kern.thread import Thread
 from pymach.machd.remote import RemoteState, fault_access, memory_exception, serve_faults
+from pymach.pmap.uffd import UffdError
+from pymach.pmap.uffd_pmap import UffdPmap
 from pymach.vm.vm_fault import vm_fault_trap
 
 if TYPE_CHECKING:
@@ -113,12 +117,28 @@ class FaultPoller:
                         self._dispatch(proc, fault)
 
     def _dispatch(self, proc: Process, fault: Fault) -> None:
+        if self._stale(proc, fault):
+            return
         with self.lock:
             thread = self.by_tid.get(fault.tid)
         if thread is None or thread.task is not proc.task:
             self._helper(proc).host_data.post(fault)
         elif not self._resolve_now(thread, fault):
             thread.host_data.post(fault)
+
+    def _stale(self, proc: Process, fault: Fault) -> bool:
+        """A missing fault read before its region was armed for the kernel's own zero
+        fill (uffd_pmap.lazy_zero_fill): arming woke the thread, which faults again
+        into that fill; wake it again in case it had not been woken yet. True if so."""
+        vmap, uffd = proc.task.map, proc.uffd
+        if fault.wp or fault.minor or vmap is None or uffd is None \
+                or not isinstance(vmap.pmap, UffdPmap) or not vmap.pmap.uphys.lazy_at(
+                    vmap.pmap, fault.address):
+            return False
+        ps = vmap.vm.page_size
+        with contextlib.suppress(UffdError):
+            uffd.wake(fault.address - fault.address % ps, ps)
+        return True
 
     def _resolve_now(self, thread: Thread, fault: Fault) -> bool:
         """Run the fault as `thread` without waiting; False if it must wait (or the thread

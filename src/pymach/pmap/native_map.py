@@ -16,7 +16,11 @@ inherited regions), or unlinks one, `NativeMapBinding` records an instruction:
   process mprotects what must fault in hardware and refuses the rest in `memory()`).
 
 The process holds no userfaultfd: once it has mapped a batch it says so (the MAPPED
-trap), and machd arms the batch's new ranges with the task's userfaultfd (`arm`).
+trap), and machd arms the batch's new ranges with the task's userfaultfd (`arm`): for
+missing pages (holes of the memfd), pages in the memfd but not yet mapped in the task,
+and writes to write-protected pages. While the VM lets the machine zero-fill an object
+(vm_page.py), its range is armed without missing pages (`rearm`), so the kernel fills
+a hole at first touch itself.
 
 The next reply to any trap of the task carries the pending instructions as a numbered
 batch, and the task applies them before it returns from the trap (like an AST in Mach);
@@ -44,6 +48,9 @@ if TYPE_CHECKING:
     from pymach.pmap.uffd_pmap import ObjectStore, UffdPhysicalMemory, UffdPmap
     from pymach.vm.vm_map import VmMap, VmMapEntry
     from pymach.vm.vm_object import VmObject
+
+ARMED = MODE_MISSING | MODE_WP | MODE_MINOR  # what a range is armed for
+ARMED_LAZY = MODE_WP | MODE_MINOR  # the same while the kernel zero-fills holes itself
 
 WINDOW_BASE = 0x2000_0000_0000  # where native tasks reserve their address space
 WINDOW_SIZE = 0x0100_0000_0000  # 1 TiB
@@ -131,7 +138,25 @@ class NativeMapBinding:
         for start, length in self.unarmed.pop(batch, ()):
             if self.uffd is not None:
                 with contextlib.suppress(UffdError):
-                    self.uffd.register(start, length, MODE_MISSING | MODE_WP | MODE_MINOR)
+                    self.uffd.register(start, length, ARMED)
+
+    def armed_shared(self, start: int) -> bool:
+        """True if the range at `start` is mapped writable and shared, and armed."""
+        return (self.uffd is not None and start in self.regions
+                and start not in self.readonly
+                and not any(s == start for b in self.unarmed.values() for s, _ in b))
+
+    def rearm(self, start: int, length: int, lazy: bool) -> None:
+        """Arm an armed range again: `lazy`, without missing pages (registering fewer
+        modes changes nothing, so the range is disarmed first, which wakes its waiting
+        faulters: they fault again into the kernel's own fill; the range has no page
+        the VM knows of, so no write protection is lost), else with all of them."""
+        if self.uffd is None:
+            return
+        with contextlib.suppress(UffdError):  # the process unmapped it meanwhile
+            if lazy:
+                self.uffd.unregister(start, length)
+            self.uffd.register(start, length, ARMED_LAZY if lazy else ARMED)
 
     def everything(self, vmap: VmMap) -> None:
         """Queue the whole current map (a new process for the task)."""

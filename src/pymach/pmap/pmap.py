@@ -198,3 +198,26 @@ class PhysicalMemory(Protocol):
     def object_gone(self, obj: object) -> None:
         """A VM object was terminated: release what the backend kept for it."""
         ...
+
+    # Zero fill by the machine (vm_page.py): where the hardware can zero-fill a page on
+    # first touch by itself, the VM lets it for fresh anonymous memory and learns of the
+    # pages afterwards.
+    def lazy_zero_fill(self, obj: object, on: bool) -> bool:
+        """`on`: from now on let the hardware zero-fill, on first touch and without a
+        fault, the pages of VM object `obj` (it has no resident page, and the VM holds
+        a frame for each of its pages) in every task mapping it now; False if it cannot
+        (then nothing changed). Not `on`: stop; faults on its missing pages reach the VM
+        again (True)."""
+        ...
+
+    def lazy_collect(self, obj: object) -> list[int]:
+        """After lazy_zero_fill(obj, False): the offsets, in order, of the pages of `obj`
+        that exist (made by the hardware or known to the VM); the VM binds a frame to
+        each it did not know (frame_bind keeps the data where it is), then lazy_adopt."""
+        ...
+
+    def lazy_adopt(self, obj: object, pages: list[tuple[int, int]]) -> None:
+        """The (offset, frame) pairs lazy_collect reported are bound: record the
+        mappings the hardware made of them (as writable where the tasks had the object
+        mapped for the zero fill) and mark them modified."""
+        ...

@@ -154,6 +154,17 @@ class SoftPhysicalMemory:
     def object_gone(self, obj: object) -> None:
         """An object was terminated."""
 
+    def lazy_zero_fill(self, obj: object, on: bool) -> bool:
+        """Simulated frames are filled by the VM: no zero fill by the machine."""
+        return not on
+
+    def lazy_collect(self, obj: object) -> list[int]:
+        """Nothing was filled behind the VM's back."""
+        return []
+
+    def lazy_adopt(self, obj: object, pages: list[tuple[int, int]]) -> None:
+        """Nothing to adopt (lazy_collect reports no page)."""
+
 
 CHUNK_SHIFT = 10  # a page table chunk covers 1024 pages
 

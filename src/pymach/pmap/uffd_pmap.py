@@ -28,12 +28,13 @@ guarded by the backend `lock` (a leaf lock).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_WRITE
+from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
 from pymach.pmap import hugetlb
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
 from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory
@@ -45,6 +46,24 @@ if TYPE_CHECKING:
 RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
 
 
+def _data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The runs [lo, hi) of [start, end) of a file that hold data (not holes)."""
+    runs, at = [], start
+    while at < end:
+        try:
+            lo = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after `at`
+                break
+            raise
+        if lo >= end:
+            break
+        hi = min(os.lseek(fd, lo, os.SEEK_HOLE), end)
+        runs.append((lo, hi))
+        at = hi
+    return runs
+
+
 def _memfd(name: str, huge: bool) -> int:
     """A new memfd (hugetlb if `huge`) only machd's user may reopen (a task handed a
     read-only descriptor cannot reopen it read-write through /proc/self/fd unless it runs
@@ -54,7 +73,7 @@ def _memfd(name: str, huge: bool) -> int:
     return fd
 
 
-@dataclass
+@dataclass(eq=False)
 class ObjectStore:
     """One VM object's memory: a memfd (machd's descriptor) of at least `size` bytes."""
 
@@ -63,6 +82,10 @@ class ObjectStore:
     size: int = 0
     mappings: set[tuple[UffdPmap, int, int, int]] = field(default_factory=set)
     # (pmap, va, object offset, length) of every task region that maps this memfd
+    lazy: list[tuple[UffdPmap, int, int, int]] | None = None  # the regions armed for
+    # the kernel's own zero fill (lazy_zero_fill)
+    filled: list[tuple[UffdPmap, int, int, int]] = field(default_factory=list)  # the
+    # regions it was on in when it ended, until lazy_adopt
 
 
 class UffdPhysicalMemory(SoftPhysicalMemory):
@@ -93,6 +116,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         # mapped object only, however many pages are in flight to a pager.
         self.unstored: dict[int, dict[int, int]] = {}  # serial -> {offset: frame}
         self.unstored_at: dict[int, tuple[int, int]] = {}  # frame -> (serial, offset)
+        self.lazy_stores: set[ObjectStore] = set()  # (lock) stores with `lazy` set
         self.deferred: dict[int, list[tuple[int, int]]] | None = None
         # (lock) object serial -> runs [start, end) whose punch a discard_batch holds
         # back; None outside a batch
@@ -137,10 +161,72 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         with self.lock:
             self._flush_locked()
             store = self.stores.pop(obj.serial, None)
+            if store is not None:
+                self.lazy_stores.discard(store)
             for frame in self.unstored.pop(obj.serial, {}).values():
                 self.unstored_at.pop(frame, None)
         if store is not None:
             os.close(store.fd)
+
+    # -- zero fill by the kernel (pmap contract) -------------------------------------------
+    def lazy_zero_fill(self, obj: Any, on: bool) -> bool:
+        """Arm the object's regions without missing pages (`on`), so the kernel fills a
+        memfd hole at first touch; or arm them fully again. Not for hugetlb memfds
+        (their pages come from a pool the VM accounts for) nor for a region mapped
+        read-only or not yet armed."""
+        with self.lock:
+            store = self.stores.get(obj.serial)
+            if store is None:
+                return not on
+            if on:
+                if self.huge or store.lazy is not None or not store.mappings or not all(
+                        p.binding.armed_shared(va) for p, va, _, _ in store.mappings):
+                    return False
+                store.lazy = list(store.mappings)
+                self.lazy_stores.add(store)
+                regions = store.lazy
+            else:
+                regions, store.filled, store.lazy = store.lazy or [], store.lazy or [], None
+                self.lazy_stores.discard(store)
+        for pmap, va, _off, length in regions:
+            pmap.binding.rearm(va, length, lazy=on)
+        return True
+
+    def lazy_at(self, pmap: UffdPmap, va: int) -> bool:
+        """True if `va` of the task lies in a region armed for the kernel's zero fill
+        (a missing fault there was read before the region was armed so: stale)."""
+        with self.lock:
+            return any(p is pmap and start <= va < start + n
+                       for store in self.lazy_stores for p, start, _, n in store.lazy or ())
+
+    def lazy_collect(self, obj: Any) -> list[int]:
+        """The offsets of the object's pages its memfd holds (SEEK_DATA/SEEK_HOLE)."""
+        with self.lock:
+            store = self.stores.get(obj.serial)
+            if store is None:
+                return []
+            ps, out = self.page_size, list[int]()
+            for lo, hi in _data_runs(store.fd, 0, min(obj.size, store.size)):
+                out.extend(range(lo - lo % ps, hi, ps))
+            return out
+
+    def lazy_adopt(self, obj: Any, pages: list[tuple[int, int]]) -> None:
+        """Record the kernel's mappings of the adopted pages in the regions that were
+        armed for its zero fill, writable (as they were mapped), and mark them
+        modified."""
+        with self.lock:
+            store = self.stores.get(obj.serial)
+            regions = [] if store is None else [r for r in store.filled
+                                                if r in store.mappings]
+            if store is not None:
+                store.filled = []
+            for _off, frame in pages:
+                self.referenced[frame] = self.modified[frame] = 1
+        rw = VM_PROT_READ | VM_PROT_WRITE
+        for pmap, va, roff, length in regions:
+            for off, frame in pages:
+                if roff <= off < roff + length:
+                    PageTable.pmap_enter(pmap, va + off - roff, frame, rw)
 
     # -- where frames live ------------------------------------------------------------------
     def frame_bind(self, frame: int, obj: Any, offset: int) -> None:

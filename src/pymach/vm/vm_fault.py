@@ -52,6 +52,8 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
     page_va = trunc_page(va, vm.page_size)
     while True:
         look = vm_map_lookup(vmap, page_va, access)
+        if _machine_zero_fill(vmap, look):
+            return  # the hardware fills the page as the thread touches it again
         try:
             page, prot = vm_fault_page(thread, look.object, look.offset, access, look.prot,
                                        look.single_use, look.policy,
@@ -67,6 +69,21 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         if vm.phys.dirty_by_fault and not access & VM_PROT_WRITE:
             _fault_around(vmap, look, page_va, prot)
         return
+
+
+def _machine_zero_fill(vmap: VmMap, look: MapLookup) -> bool:
+    """The first fault of fresh zero-fill memory that only this mapping sees, readable
+    and writable: let the machine zero-fill the object's pages itself from now on
+    (vm_page.py, "Zero fill by the machine"). True if it does."""
+    obj, entry = look.object, look.entry
+    if (obj.memq or obj.lazy_frames is not None or not obj.internal or obj.ref_count != 1
+            or obj.shadow is not None or obj.copy is not None or obj.pager is not None
+            or obj.data_source is not None or obj.pending or obj.existence
+            or obj.holding_for is not None or look.holder is not vmap or entry.needs_copy
+            or entry.protection != VM_PROT_READ | VM_PROT_WRITE):
+        return False
+    vm = vmap.vm
+    return vm.resident.lazy_begin(obj, vm.free_target)
 
 
 FAULT_AROUND_MIN = 16  # pages a read fault may map beyond the faulting one (dirty_by_fault)

@@ -72,6 +72,9 @@ class VmObject:
         self.pageout_failed: tuple[int, float] | None = None  # (swap epoch, time) of the
         # last pager_data_error for a pageout (vm_pageout._failed_recently)
         self.can_persist = False  # pager_cache: keep after the last reference
+        self.lazy_frames: list[int] | None = None  # frames held for the pages the machine
+        # zero-fills on its own (vm_page.py, "Zero fill by the machine"); None: the VM
+        # knows every resident page of the object
         self.alive = True
         self.page_waitq = WaitQueue(vm.kernel.sched.lock, f"vm_object{self.serial}.pages")
 
@@ -98,8 +101,11 @@ def vm_object_allocate(vm: VmSystem, size: int, label: str = "") -> VmObject:
 
 
 def vm_object_reference(obj: VmObject | None) -> None:
-    """Take one more reference to `obj`."""
+    """Take one more reference to `obj`. Another holder will look at its pages, so the
+    machine's zero fill of it ends first (the pages it made become resident pages)."""
     if obj is not None:
+        if obj.lazy_frames is not None:
+            obj.vm.resident.lazy_end(obj)
         obj.ref_count += 1
 
 
@@ -135,6 +141,7 @@ def vm_object_terminate(obj: VmObject) -> None:
     obj.pending.clear()  # holding objects in flight still reach their manager
     for store in stores:
         vm_object_deallocate(store)
+    obj.vm.resident.lazy_drop(obj)
     if obj.holding_for is not None:
         _holding_released(obj)
     if obj.internal and obj.pager is not None:
@@ -168,8 +175,14 @@ def vm_object_shadow(obj: VmObject, offset: int, size: int) -> VmObject:
 def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
     """Discard the object's data in [start, end): resident pages (but busy ones: their
     data are in transit) and pager copies. The pages go in one step, each run of the
-    range between busy pages at once (vm_pages_free)."""
+    range between busy pages at once (vm_pages_free). All of an object the machine
+    zero-fills goes with no look at its pages; part of one ends the machine's fill first."""
     vm = obj.vm
+    if obj.lazy_frames is not None:
+        if start <= 0 and end >= obj.size:
+            vm.resident.lazy_drop(obj)
+        else:
+            vm.resident.lazy_end(obj)
     pages, busy = [], []
     for offset, page in obj.memq.items():  # one pass over the pages (memory-bound)
         if not start <= offset < end:

@@ -15,6 +15,17 @@ Pages are freed a batch at a time where they can be (`vm_pages_free`: an object'
 or all of it), so freeing costs the backend one step per run of the object's offsets
 (`frames_discard`) and the tables a few dictionary operations per page.
 
+Zero fill by the machine. A machine whose hardware can zero-fill a page on first
+touch without a fault reaching the VM (the native backend: a memfd hole) may do so for
+fresh anonymous memory: at the first fault of an object that nothing else sees and that
+has no page yet, `lazy_begin` takes from the free queue a frame for every page of the
+object (so memory is accounted for as if all were resident) and the pmap lets the
+hardware fill the object (`lazy_zero_fill`). The VM learns of the pages made meanwhile
+when it next needs to know: a lookup that misses, another reference, vm_protect, part
+of the object freed, or pageout short of frames (`lazy_end`: the pages the pmap reports
+become dirty resident pages, the frames left over go back to the free queue). Freeing
+the whole object needs no look at all (`lazy_drop`).
+
 Invariants (kernel lock): a page is tabled (`object` set) iff it is in its object's
 memq, and `tabled` counts such pages; a tabled page is on exactly one of
 active/inactive unless it is busy or wired (then on none); a free frame is on `free`,
@@ -100,12 +111,16 @@ class VmResident:
         self.reserved = reserved  # frames only vm-privileged threads may take (6.2.3)
         self.stats = VmStatistics()
         self.on_free: Callable[[], None] | None = None  # called when a frame is freed
+        self.lazy: dict[VmObject, None] = {}  # objects the machine zero-fills
 
     # -- lookup and tabling -----------------------------------------------------------
     def vm_page_lookup(self, obj: VmObject, offset: int) -> VmPage | None:
         """The resident page of `obj` at `offset`, or None (counts lookups and hits)."""
         self.stats.lookups += 1
         page = obj.memq.get(offset)
+        if page is None and obj.lazy_frames is not None:
+            self.lazy_end(obj)  # the machine may have made it
+            page = obj.memq.get(offset)
         if page is not None:
             self.stats.hits += 1
         return page
@@ -141,7 +156,10 @@ class VmResident:
         """Take a free frame's page structure, or None if none may be taken now."""
         if not self.free or (len(self.free) <= self.reserved and not privileged):
             return None
-        frame = self.free.popleft()
+        return self._fresh_page(self.free.popleft())
+
+    def _fresh_page(self, frame: int) -> VmPage:
+        """The page structure of a frame just taken off the free queue, reset."""
         self.phys.pmap_clear_reference(frame)
         self.phys.pmap_clear_modify(frame)
         page = self.pages[frame]
@@ -178,9 +196,72 @@ class VmResident:
             self.tabled -= len(pages)
         frames = self._dequeue(pages, freeing=True)
         self.phys.frames_discard(obj, runs, frames)
-        self.free.extend(frames)
-        if self.on_free is not None:
-            self.on_free()
+        self._release(frames)
+
+    # -- zero fill by the machine (module docstring) ---------------------------------------
+    def lazy_begin(self, obj: VmObject, keep_free: int) -> bool:
+        """Let the machine zero-fill `obj` (internal, fresh, no page yet, seen by one
+        mapping) on first touch: hold a free frame for each of its pages, leaving at
+        least `keep_free` frames free. False (nothing changed) if memory is short or
+        the machine cannot."""
+        n = -(-obj.size // self.page_size)
+        if obj.memq or obj.lazy_frames is not None or \
+                len(self.free) - n < self.reserved + keep_free:
+            return False
+        if not self.phys.lazy_zero_fill(obj, True):
+            return False
+        obj.lazy_frames = [self.free.pop() for _ in range(n)]
+        self.lazy[obj] = None
+        return True
+
+    def lazy_end(self, obj: VmObject) -> None:
+        """The machine's zero fill of `obj` ends: each page it made becomes a dirty
+        resident page (it has data no pager holds), mapped where it is mapped; the held
+        frames left over go back to the free queue."""
+        frames = self._lazy_stop(obj)
+        if frames is None:
+            return
+        made = [off for off in self.phys.lazy_collect(obj) if off not in obj.memq]
+        adopted = []
+        for off in made[:len(frames)]:
+            page = self._fresh_page(frames.pop())
+            self.vm_page_insert(page, obj, off)
+            page.dirty = True
+            self.vm_page_activate(page)
+            adopted.append((off, page.frame))
+        self.phys.lazy_adopt(obj, adopted)
+        self.stats.zero_fill_count += len(adopted)
+        self._release(frames)
+
+    def lazy_drop(self, obj: VmObject) -> None:
+        """All of `obj` goes (terminated, or its whole range freed): what the machine
+        made is discarded unseen, and the held frames go back to the free queue."""
+        frames = self._lazy_stop(obj)
+        if frames is None:
+            return
+        self.phys.frames_discard(obj, [(0, obj.size)], [])
+        self._release(frames)
+
+    def _lazy_stop(self, obj: VmObject) -> list[int] | None:
+        """Stop the machine's zero fill of `obj`; the frames it held (None: it was off)."""
+        frames = obj.lazy_frames
+        if frames is not None:
+            obj.lazy_frames = None
+            del self.lazy[obj]
+            self.phys.lazy_zero_fill(obj, False)
+        return frames
+
+    def lazy_end_all(self) -> None:
+        """End the machine's zero fill of every object (pageout is short of frames: the
+        frames no page needed come back)."""
+        for obj in list(self.lazy):
+            self.lazy_end(obj)
+
+    def _release(self, frames: list[int]) -> None:
+        if frames:
+            self.free.extend(frames)
+            if self.on_free is not None:
+                self.on_free()
 
     # -- the pageout queues -----------------------------------------------------------
     def _dequeue(self, pages: Iterable[VmPage], freeing: bool = False) -> list[int]:

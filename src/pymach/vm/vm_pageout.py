@@ -116,6 +116,8 @@ def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
     """One pass over the queues (kernel lock held). Returns (progress: it freed or sent a
     page, pageable: it saw pages in use that a later pass could take)."""
     res = vm.resident
+    if res.free_count() < vm.free_target:
+        res.lazy_end_all()  # frames held for the machine's zero fill come back first
     _balance(vm)
     progress = pageable = False
     for page in list(res.inactive):
