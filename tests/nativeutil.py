@@ -96,8 +96,9 @@ class Clock:
 class NativeHandle:
     """`Kernel.spawn`'s handle, for a native child task (see NativeKernel)."""
 
-    def __init__(self, spawned: Any, task: str) -> None:
-        self.spawned, self.name, self.task = spawned, spawned.name, TaskRef(task)
+    def __init__(self, spawned: Any) -> None:
+        self.spawned, self.port, self.name = spawned, spawned.port, spawned.name
+        self.task = TaskRef(spawned.name)
 
     def result(self, timeout: float | None = None) -> Any:
         """The child's result, or its exception (None if it ended without returning)."""
@@ -125,8 +126,7 @@ class NativeKernel:
     def spawn(self, fn: Any, *args: Any, name: str = "", inherit: bool = False,
               **kwargs: Any) -> NativeHandle:
         """Run fn(*args, **kwargs) in a new native task (a process)."""
-        h = m.spawn(fn, *args, name=name, inherit=inherit, **kwargs)
-        return NativeHandle(h, m.task_info(h.name)[0])
+        return NativeHandle(m.spawn(fn, *args, name=name, inherit=inherit, **kwargs))
 
     def run(self, fn: Any, *args: Any, name: str = "", timeout: float | None = None,
             **kwargs: Any) -> Any:

@@ -941,7 +941,7 @@ _BLOCKED = textwrap.dedent("""
     me = m.task_self()
     child = m.spawn(pager, name="silent-pager")
     box = m.port_allocate(me)
-    notify = m.task_get_special_port(child.name, m.TASK_NOTIFY_PORT)
+    notify = m.task_get_special_port(child.port, m.TASK_NOTIFY_PORT)
     m.msg_send(m.Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
     mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
     a = m.vm_allocate_with_pager(me, 0, 4096, True, mo, 0)

@@ -30,7 +30,7 @@ def _child_task(kernel: m.Kernel, fn: Any, *args: Any) -> tuple[Any, int]:
     handle = kernel.spawn(fn, *args, name="other-user")
     with kernel.sched.lock:
         handle.task.uid = OTHER_UID
-    return handle, handle.name
+    return handle, handle.port
 
 
 def _receive_one(port_box: dict[str, int]) -> Any:

@@ -42,7 +42,7 @@ def _spawn_with_right(fn: object, tag: int, port: int) -> m.TaskHandle:
         fn(tag, got.items[0].value)  # type: ignore[operator, union-attr]
 
     h = kernel.spawn(body, name=f"racer{tag}")
-    notify = m.task_get_special_port(h.name, m.TASK_NOTIFY_PORT)
+    notify = m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, items=[m.Port(port, m.MAKE_SEND)]))
     return h
 

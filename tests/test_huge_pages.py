@@ -99,7 +99,7 @@ def test_out_of_line_memory_in_huge_pages(task: None) -> None:
     v[:] = 3
     h = m.spawn(_receive_sum, name="ool-sink")
     port = m.port_allocate(me)
-    notify = m.task_get_special_port(h.name, m.TASK_NOTIFY_PORT)
+    notify = m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, items=[m.Port(port, m.MOVE_RECEIVE)]))
     m.msg_send(Message(remote_port=port, items=[m.OOL(a, size)]))
     v[:] = 4  # after the send: the receiver keeps what was sent
@@ -131,7 +131,7 @@ def test_a_python_pager_serves_huge_pages(task: None) -> None:
     me, n = m.task_self(), 6
     h = m.spawn(_pager, name="pages")
     box = m.port_allocate(me)
-    m.msg_send(Message(remote_port=m.task_get_special_port(h.name, m.TASK_NOTIFY_PORT),
+    m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
                        items=[m.Port(box, m.MAKE_SEND)]))
     mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
     a = m.vm_allocate_with_pager(me, 0, n * HP, True, mo, 0)

@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "cli": 7,
     "bench": 7,
     "pymach": 7,  # pymach/__init__.py: the public API, and the composition root
+    "__main__": 7,  # pymach/__main__.py: `python -m pymach`, the command line (cli/)
 }
 CORE = frozenset({"ipc", "kern", "vm"})
 USER_LIBRARY = frozenset({"mach", "mach_vm"})  # top-level modules of the unit libmach-api

@@ -95,7 +95,7 @@ def test_moved_memory_arrives_whole_in_a_child(native: str) -> None:
     data = _fill(a, pages, 5)
     box = m.port_allocate(me)
     child = m.spawn(_receive_and_sum, name="sum")
-    notify = m.task_get_special_port(getattr(child, "task", child.name), m.TASK_NOTIFY_PORT)
+    notify = m.task_get_special_port(child.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, items=[Port(box, m.MOVE_RECEIVE)]))
     m.msg_send(Message(remote_port=box, items=[OOL(a, pages * PS, deallocate=True)]))
     assert child.result(30_000) == int(data.astype(np.uint64).sum())

@@ -103,7 +103,7 @@ def test_numpy_array_backed_by_a_python_pager_in_another_process(native: str) ->
     me = m.task_self()
     pager = m.spawn(_pager_task, name="squares")
     box = m.port_allocate(me)
-    notify = m.task_get_special_port(pager.name, m.TASK_NOTIFY_PORT)
+    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
     mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
     n = 64
@@ -257,14 +257,14 @@ def test_flush_clean_and_lock_act_on_every_task_mapping_the_object(native: str) 
     me = m.task_self()
     pager = m.spawn(_controlled_pager, name="versioned")
     box = m.port_allocate(me)
-    m.msg_send(Message(remote_port=m.task_get_special_port(pager.name, m.TASK_NOTIFY_PORT),
+    m.msg_send(Message(remote_port=m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT),
                        items=[m.Port(box, m.MAKE_SEND)]))
     mo, control = (i.value for i in m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items)
     a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)  # type: ignore[arg-type]
     mem = m.memory()
     v1 = mem[a]
     reader = m.spawn(_reads_page_twice, 4, name="reader")
-    child_notify = m.task_get_special_port(reader.name, m.TASK_NOTIFY_PORT)
+    child_notify = m.task_get_special_port(reader.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=child_notify, items=[m.Port(box, m.MAKE_SEND),
                                                         m.Port(mo, m.COPY_SEND)]))
     m.msg_receive(box, m.RCV_TIMEOUT, 20_000)  # the reader has page 0 mapped
@@ -284,4 +284,4 @@ def test_flush_clean_and_lock_act_on_every_task_mapping_the_object(native: str) 
     assert _command(control, CLEAN, 2 * PS) == [1]  # written back, and kept:
     assert mem[a + 2 * PS:a + 2 * PS + 1] == b"C" and _command(control, STATS)[0] == version
     m.vm_deallocate(me, a, 4 * PS)
-    m.task_terminate(pager.name)
+    m.task_terminate(pager.port)

@@ -28,7 +28,7 @@ def _ask(child: m.mach.Spawned, *items: object) -> Message:
     """Send the child a reply port (and items) on its notify port; return its answer."""
     me = m.task_self()
     box = m.port_allocate(me)
-    notify = m.task_get_special_port(child.name, m.TASK_NOTIFY_PORT)
+    notify = m.task_get_special_port(child.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND), *items]))
     return m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
 
@@ -71,7 +71,7 @@ def test_a_killed_task_loses_its_ports_and_its_memory(native: str) -> None:
 
 
 def _ask_no_wait(child: m.mach.Spawned) -> None:
-    notify = m.task_get_special_port(child.name, m.TASK_NOTIFY_PORT)
+    notify = m.task_get_special_port(child.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, id=1))
 
 
@@ -163,7 +163,7 @@ def test_a_silent_pager_gives_the_configured_outcome(
             assert "'waiter' ended by machd: memory exception: KERN_MEMORY_ERROR" in \
                 capfd.readouterr().err
         assert time.monotonic() - t < 10
-    m.task_terminate(pager.name)
+    m.task_terminate(pager.port)
 
 
 def _faults_on_its_own_object(read: Any) -> None:
@@ -236,15 +236,15 @@ def test_sigterm_shuts_machd_down_and_ends_its_tasks(own_machd: tuple[Path, Path
 
 def test_machd_refuses_a_socket_in_use_with_a_clear_message(
         own_machd: tuple[Path, Path]) -> None:
-    sock, _ = own_machd
+    sock, script = own_machd
     daemon = start_machd(sock)
     try:
         second = subprocess.run([sys.executable, "-m", "pymach.cli.main", "machd", "--socket",
                                  str(sock)], capture_output=True, text=True, timeout=60)
         assert second.returncode == 1 and "already running" in second.stderr
         missing = subprocess.run([sys.executable, "-m", "pymach.cli.main", "exec", "--socket",
-                                  str(sock) + ".none", "x.py"], capture_output=True, text=True,
-                                 timeout=60)
+                                  str(sock) + ".none", str(script)], capture_output=True,
+                                 text=True, timeout=60)
         assert missing.returncode == 1 and "start one with `pymach machd`" in missing.stderr
     finally:
         stop_machd(daemon)

@@ -202,7 +202,7 @@ def test_rpc_rights_and_memory_cross_the_in_process_network() -> None:
     with m.Network() as net:
         a, b = net.host("A"), net.host("B")
         a.start(echo_server, "echo", 1, name="server")
-        assert b.start(client, "echo", name="client").wait(WAIT_S) == EXPECTED
+        assert b.start(client, "echo", name="client").wait(WAIT_S * 1000) == EXPECTED
         assert net.packets > 0 and net.dropped == 0
         assert isinstance(net.transport("X"), NetTransport)
 
@@ -210,7 +210,7 @@ def test_rpc_rights_and_memory_cross_the_in_process_network() -> None:
 def test_rpc_rights_and_memory_cross_a_second_transport() -> None:
     with hub_hosts("A", "B") as (hub, hosts):
         hosts["A"].start(echo_server, "echo", 1, name="server")
-        assert hosts["B"].start(client, "echo", name="client").wait(WAIT_S) == EXPECTED
+        assert hosts["B"].start(client, "echo", name="client").wait(WAIT_S * 1000) == EXPECTED
         assert hub.sent, "the hub carried the packets"
         kinds = {type(pk.decode_packet(data)) for _, _, data in hub.sent}
         assert {pk.MsgPacket, pk.NamePacket} <= kinds  # every packet is a typed layout
@@ -224,7 +224,7 @@ def test_names_reach_a_host_that_joins_later() -> None:
         wait_until(lambda: "late" in a.server.own_names, "the check-in on A")
         b = Host(HubTransport(hub, "B"))
         try:
-            assert b.start(client, "late", name="client").wait(WAIT_S) == EXPECTED
+            assert b.start(client, "late", name="client").wait(WAIT_S * 1000) == EXPECTED
         finally:
             b.kernel.shutdown()
     finally:
@@ -264,7 +264,7 @@ def test_host_down_kills_its_proxies_and_names(via: str) -> None:
         assert ready.wait(WAIT_S)
         down()
         gone.set()
-        assert handle.wait(WAIT_S) == "SEND_INVALID_PORT"
+        assert handle.wait(WAIT_S * 1000) == "SEND_INVALID_PORT"
         wait_until(lambda: "gone" not in b.server.names, "B to drop A's names")
 
 
@@ -280,7 +280,7 @@ def test_a_code_item_does_not_cross_hosts() -> None:
     with m.Network() as net:
         a, b = net.host("A"), net.host("B")
         a.start(echo_server, "echo", 1, name="server")
-        assert b.start(call, name="client").wait(WAIT_S) == m.MachError(
+        assert b.start(call, name="client").wait(WAIT_S * 1000) == m.MachError(
             "SEND_INVALID_TYPE").value
 
 
@@ -402,7 +402,7 @@ def test_garbage_is_refused_logged_and_the_server_keeps_serving(
             inject(data)
         server = hosts["B"].server
         wait_until(lambda: server.bad_packets == expected, f"{expected} refusals")
-        assert hosts["B"].start(client, "echo", name="client").wait(WAIT_S) == EXPECTED
+        assert hosts["B"].start(client, "echo", name="client").wait(WAIT_S * 1000) == EXPECTED
     assert server.bad_packets == expected
     refusals = [r for r in caplog.records if "refused a packet from 'evil'" in r.getMessage()]
     assert len(refusals) == expected

@@ -40,7 +40,7 @@ def _sequential_read(cluster: int, pages: int, first: int = 0) -> list[tuple[int
         dm = Recording()
         h = k.spawn(_serve, dm, name="recording")
         box = m.port_allocate(m.task_self())
-        m.msg_send(Message(remote_port=m.task_get_special_port(h.name, m.TASK_NOTIFY_PORT),
+        m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
                            items=[m.Port(box, m.MAKE_SEND)]))
         mo = m.msg_receive(box, m.RCV_TIMEOUT, 5000).items[0].value
         a = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, mo, 0)  # type: ignore

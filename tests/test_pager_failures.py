@@ -185,7 +185,7 @@ def test_a_dying_manager_fails_the_waiting_thread(guarded: m.Kernel) -> None:
     wait_until(lambda: set(dm.asked) >= {PS, 2 * PS})
     quiet(20)
     assert not box.get("done") and not other.get("done")
-    m.task_terminate(handle.name)  # the manager dies with requests outstanding
+    m.task_terminate(handle.port)  # the manager dies with requests outstanding
     assert finished(box)["error"] == "KERN_MEMORY_ERROR"
     assert finished(other)["error"] == "KERN_MEMORY_ERROR"
     # resident data stays usable; data that would need the manager fails at once
@@ -350,7 +350,7 @@ def test_a_dead_managers_cached_object_is_let_go(guarded: m.Kernel) -> None:
     m.vm_deallocate(me, a, 20 * PS)
     wait_until(lambda: k.vm_stat()["cached_objects"] == 1)
     objects = k.vm_stat()["objects"]
-    m.task_terminate(handle.name)
+    m.task_terminate(handle.port)
     wait_until(lambda: k.vm_stat()["cached_objects"] == 0, 2000)
     assert k.vm_stat()["objects"] == objects - 1
     s = k.vm_stat()
@@ -512,7 +512,7 @@ def test_a_manager_reading_its_own_object_in_a_handler_gets_an_error(det: bool) 
         errors: list[str] = []
         inbox = m.port_allocate(me)
         handle = k.spawn(_introspective_manager, errors, name="narcissus")
-        notify = m.task_get_special_port(handle.name, m.TASK_NOTIFY_PORT)
+        notify = m.task_get_special_port(handle.port, m.TASK_NOTIFY_PORT)
         m.msg_send(m.Message(remote_port=notify, items=[m.Port(inbox, m.MAKE_SEND)]))
         obj = recv(inbox, 5000).items[0].value
         a = m.vm_allocate_with_pager(me, 0, PS, True, obj, 0)  # type: ignore[arg-type]
@@ -520,5 +520,5 @@ def test_a_manager_reading_its_own_object_in_a_handler_gets_an_error(det: bool) 
             read(a, 4)
         assert e.value.code == "KERN_MEMORY_ERROR"
         assert errors == ["KERN_MEMORY_ERROR"]
-        m.task_terminate(handle.name)
+        m.task_terminate(handle.port)
         assert_kernel_ok()

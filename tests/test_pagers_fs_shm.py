@@ -66,7 +66,7 @@ def fs(kernel: m.Kernel, tmp_path: Path) -> Iterator[tuple[m.Kernel, Path, FileS
     m.task_set_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT, port)
     yield kernel, tmp_path, server, port
     with contextlib.suppress(m.MachError):  # (it may have died)
-        m.task_terminate(handle.name)
+        m.task_terminate(handle.port)
 
 
 def _server_port() -> int:
@@ -258,7 +258,7 @@ def run_clients(hosts: dict[str, Any], fn: Callable[..., Any],
     """Start fn(*args[h]) as a task on each host h; wait for all; their results."""
     handles = {h: hosts[h].start(fn, *a, name=f"client-{h}") for h, a in args.items()}
     deadline = time.monotonic() + WAIT_S
-    return {h: handle.wait(max(0.1, deadline - time.monotonic()))
+    return {h: handle.wait(max(100.0, (deadline - time.monotonic()) * 1000))
             for h, handle in handles.items()}
 
 
@@ -281,7 +281,7 @@ def test_shm_false_sharing_loses_no_write_and_stays_coherent() -> None:
         start = threading.Barrier(len(slots))
         results = run_clients(hosts, client, {h: (i, start) for i, h in enumerate(slots)})
         final = hosts["A"].start(lambda: [get(map_region("counters", PS) + 8 * s)
-                                          for s in range(len(slots))]).wait(WAIT_S)
+                                          for s in range(len(slots))]).wait(WAIT_S * 1000)
         log = list(srv.log)
     assert final == [n] * len(slots)  # no lost update, seen by a fresh reader
     for h, seen in results.items():
@@ -365,7 +365,7 @@ def test_shm_pager_init_once_per_kernel() -> None:
     with shm_network("BCD") as (_, srv, hosts):
         handles = [hosts[h].start(client, i, name="client") for i, h in enumerate("BCDBCD")]
         deadline = time.monotonic() + WAIT_S
-        results = [h.wait(max(0.1, deadline - time.monotonic())) for h in handles]
+        results = [h.wait(max(100.0, (deadline - time.monotonic()) * 1000)) for h in handles]
         log = list(srv.log)
     expected = b"".join(b"client %d" % i for i in range(6))
     assert results == [expected] * 6

@@ -738,8 +738,26 @@ def test_lazy_zero_fill_of_an_object_no_task_maps(phys: Any) -> None:
     assert phys.lazy_zero_fill(obj, False) is True
     phys.frame_bind(5, obj, 2 * PS)
     data = fill(phys, 5, 9)
-    assert phys.lazy_collect(obj) == []
+    assert phys.lazy_collect(obj, 0, obj.size) == []
     phys.lazy_adopt(obj, [])
     assert phys.phys_read(5) == data
     phys.frames_discard(obj, [(2 * PS, 3 * PS)], [5])
+    phys.object_gone(obj)
+
+
+def test_freed_frames_have_no_reference_or_modify_bit(phys: Any) -> None:
+    """frames_discard and pmap_page_discard clear the bits (a free frame has neither),
+    so the VM can take a free frame without pmap work."""
+    obj = _Object(10**9 + 5)
+    p = phys.pmap_create()
+    for f in (1, 2, 3):
+        phys.frame_bind(f, obj, f * PS)
+        fill(phys, f, f)
+        p.pmap_enter(f * PS, f, RW)
+    phys.modified[1] = phys.modified[2] = phys.referenced[3] = 1
+    phys.frames_discard(obj, [(PS, 3 * PS)], [1, 2])
+    phys.pmap_page_discard(3)
+    phys.frame_unbind(3)
+    for f in (1, 2, 3):
+        assert not phys.pmap_is_modified(f) and not phys.pmap_is_referenced(f)
     phys.object_gone(obj)

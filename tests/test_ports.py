@@ -351,7 +351,7 @@ def test_port_death_wakes_blocked_sender_in_another_task(kernel: m.Kernel) -> No
         return "sent"
 
     h = kernel.spawn(child)
-    threads = m.task_threads(h.name)
+    threads = m.task_threads(h.port)
     wait_until(lambda: thread_state(threads[0]) == "waiting")
     m.port_deallocate(m.task_self(), b)
     assert h.result(5000) == "SEND_INVALID_PORT"

@@ -41,7 +41,7 @@ def test_readme_data_manager_tutorial_runs() -> None:
 
 
 def test_readme_network_example_runs() -> None:
-    out = _run(_program("pymach.Network()"))
+    out = _run(_program('a.start(serve, name="server")'))
     assert out == ["42"]
 
 
@@ -64,3 +64,33 @@ def test_readme_native_program_runs(machd_socket: str, tmp_path: Path) -> None:
     text = (ROOT / "README.md").read_text()
     shown = text.split("$ pymach exec squares.py\n", 1)[1].split("```", 1)[0].splitlines()
     assert r.stdout.splitlines() == shown
+
+
+def _expected_output(containing: str) -> list[str]:
+    """The lines of the ```text block that follows the README's Python block with
+    `containing` (what the README says the program prints)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(_program(containing))
+    block = re.search(r"```text\n(.*?)```", text[start:], re.S)
+    assert block is not None
+    return block.group(1).splitlines()
+
+
+def test_readme_unixio_example_prints_what_the_readme_says() -> None:
+    assert _run(_program("unixio.spawn(child, fd)")) == \
+        _expected_output("unixio.spawn(child, fd)")
+
+
+def test_readme_blackboard_example_prints_what_the_readme_says() -> None:
+    marker = "from pymach.apps.blackboard import Blackboard"
+    assert _run(_program(marker)) == _expected_output(marker)
+
+
+def test_readme_mig_example_runs() -> None:
+    assert _run(_program('calc = Subsystem("calc", 7000)')) == ["42", "stopped"]
+
+
+def test_readme_rvm_program_runs() -> None:
+    out = _run(_program("rvm.start_manager"))
+    assert out[:2] == ["b'hello'", "b'world'"]
+    assert out[2].startswith("RvmStatistics(records_applied=2, pages_written=2, wal_forces=1")

@@ -121,7 +121,7 @@ def test_task_terminate_ends_running_threads(kernel: m.Kernel) -> None:
 
     h = kernel.spawn(child, name="looper")
     wait_until(lambda: box.get("n", 0) > 3)
-    m.task_terminate(h.name)
+    m.task_terminate(h.port)
     assert h.result(5000) is None  # it never returned
     assert box["unwound"] == 1
     assert "looper" not in [r.name for r in kernel.ps()]
@@ -147,7 +147,7 @@ def test_spawned_task_ends_with_first_thread(kernel: m.Kernel) -> None:
     h = kernel.spawn(child, 1, b=2, name="adder")
     assert h.result(5000) == (3, ("adder", 0, 1))
     assert h.done
-    wait_notification(NOTIFY_PORT_DELETED, h.name)
+    wait_notification(NOTIFY_PORT_DELETED, h.port)
     assert "adder" not in [r.name for r in kernel.ps()]
 
 
@@ -165,7 +165,7 @@ def test_task_handle_reraises_and_times_out(kernel: m.Kernel) -> None:
     with pytest.raises(m.KernError) as e:
         h.result(10)
     assert e.value.code == "KERN_OPERATION_TIMED_OUT"
-    m.task_terminate(h.name)
+    m.task_terminate(h.port)
     assert h.result(5000) is None
 
 
@@ -174,22 +174,22 @@ def test_task_suspend_and_resume(kernel: m.Kernel) -> None:
     box: dict[str, int] = {}
     h = kernel.spawn(counter_loop, box)
     wait_until(lambda: box.get("n", 0) > 2)
-    m.task_suspend(h.name)
-    m.task_suspend(h.name)
-    assert m.task_info(h.name)[1] == 2
-    thread = m.task_threads(h.name)[0]
+    m.task_suspend(h.port)
+    m.task_suspend(h.port)
+    assert m.task_info(h.port)[1] == 2
+    thread = m.task_threads(h.port)[0]
     wait_until(lambda: thread_state(thread) == "suspended")
     frozen = box["n"]
     sleep_ms(30)
     assert box["n"] == frozen
-    m.task_resume(h.name)
+    m.task_resume(h.port)
     sleep_ms(20)
     assert box["n"] == frozen  # still suspended once
     assert thread_state(thread) == "suspended"
-    m.task_resume(h.name)
+    m.task_resume(h.port)
     wait_until(lambda: box["n"] > frozen)
     with pytest.raises(m.KernError) as e:
-        m.task_resume(h.name)
+        m.task_resume(h.port)
     assert e.value.code == "KERN_FAILURE"
     box["stop"] = 1
     h.result(5000)
@@ -205,11 +205,11 @@ def test_task_suspends_itself_until_resumed(kernel: m.Kernel) -> None:
         return "ok"
 
     h = kernel.spawn(child)
-    thread = m.task_threads(h.name)[0]
+    thread = m.task_threads(h.port)[0]
     wait_until(lambda: thread_state(thread) == "suspended")
     sleep_ms(10)
     assert box == {}
-    m.task_resume(h.name)
+    m.task_resume(h.port)
     assert h.result(5000) == "ok"
     assert box == {"resumed": 1}
 

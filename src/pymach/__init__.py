@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from pymach.errors import (
     KernError,
+    KernTimeoutError,
     MachError,
     MigError,
     RcvError,
+    RcvTimeoutError,
     SendError,
+    SendTimeoutError,
     ThreadTerminated,
 )
 from pymach.include.mach_defs import (
@@ -66,6 +69,8 @@ from pymach.ipc.ipc_notify import (
 )
 from pymach.kern.host import Kernel, TaskHandle, boot, install_default_pager
 from pymach.mach import (
+    RemoteTraceback,
+    end_spawned_tasks,
     host_info,
     host_kernel_version,
     host_self,
@@ -126,6 +131,7 @@ from pymach.mach_vm import (
     VmStatistics,
     copy_to_safe_memory,
     memory,
+    take_ool,
     vm_page_size,
 )
 from pymach.net.network import Network
@@ -176,6 +182,7 @@ __all__ = [
     "Int",
     "IntArray",
     "KernError",
+    "KernTimeoutError",
     "Kernel",
     "MachError",
     "Message",
@@ -184,8 +191,11 @@ __all__ = [
     "Port",
     "PortArray",
     "RcvError",
+    "RcvTimeoutError",
     "Region",
+    "RemoteTraceback",
     "SendError",
+    "SendTimeoutError",
     "Str",
     "Subsystem",
     "TaskHandle",
@@ -195,6 +205,7 @@ __all__ = [
     "__version__",
     "boot",
     "copy_to_safe_memory",
+    "end_spawned_tasks",
     "host_info",
     "host_kernel_version",
     "host_self",
@@ -220,6 +231,7 @@ __all__ = [
     "port_status",
     "serve_message",
     "spawn",
+    "take_ool",
     "task_create",
     "task_get_special_port",
     "task_info",

@@ -6,7 +6,12 @@ caller can catch all send failures with `SendError`. Numeric values follow Mach 
 (``kern_return.h``, ``msg.h``, ``mig_errors.h``); names marked *pymach* are additions for
 conditions that Mach 2.5 folded into a vaguer code.
 
-Invariant: every code name used anywhere in pymach is a key of `RETURN_CODES`.
+The three timeout codes (``KERN_OPERATION_TIMED_OUT``, ``SEND_TIMED_OUT``,
+``RCV_TIMED_OUT``) raise a class that is both its family's and Python's builtin
+`TimeoutError`, so ``except TimeoutError`` catches them as ``except MachError`` does.
+
+Invariants: every code name used anywhere in pymach is a key of `RETURN_CODES`;
+``MachError(code)`` is always an instance of the class `error_class(code)`.
 """
 
 from __future__ import annotations
@@ -86,13 +91,18 @@ class MachError(Exception):
         self.code = code
         self.value = RETURN_CODES[code]
         self.detail = detail
-        super().__init__(f"{code}: {detail}" if detail else code)
+        text = f"{code}: {detail}" if detail else code
+        super().__init__(text)
+        self.args = (text,)  # (OSError, a base of the timeout classes, ignores __init__ args)
 
     def __new__(cls, code: str, detail: str = "") -> MachError:
-        """Pick the family subclass from the code's prefix when raised as `MachError`."""
-        if cls is MachError:
-            cls = _family(code)
-        return super().__new__(cls)
+        """Pick the code's own class (a timeout) or its family's, when that is a subclass
+        of the class raised: ``MachError("RCV_TIMED_OUT")`` is an `RcvTimeoutError`."""
+        own = error_class(code) if isinstance(code, str) else cls
+        target = own if issubclass(own, cls) else cls
+        if issubclass(target, OSError):  # a timeout: its C base must make the object
+            return OSError.__new__(target)
+        return super().__new__(target)
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return (MachError, (self.code, self.detail))
@@ -114,7 +124,31 @@ class MigError(MachError):
     """A MIG_* failure: a malformed request or reply of an interface routine."""
 
 
-def _family(code: str) -> type[MachError]:
+class KernTimeoutError(KernError, TimeoutError):
+    """KERN_OPERATION_TIMED_OUT: a wait for a task (`.result`, `.wait`) timed out."""
+
+
+class SendTimeoutError(SendError, TimeoutError):
+    """SEND_TIMED_OUT: a send with SEND_TIMEOUT found the queue full until its timeout."""
+
+
+class RcvTimeoutError(RcvError, TimeoutError):
+    """RCV_TIMED_OUT: a receive with RCV_TIMEOUT found no message until its timeout."""
+
+
+_CLASS_BY_CODE: dict[str, type[MachError]] = {
+    "KERN_OPERATION_TIMED_OUT": KernTimeoutError,
+    "SEND_TIMED_OUT": SendTimeoutError,
+    "RCV_TIMED_OUT": RcvTimeoutError,
+}
+
+
+def error_class(code: str) -> type[MachError]:
+    """The class `MachError(code)` raises: the code's own (the timeouts), else its
+    family's from the prefix (`KernError`, `SendError`, `RcvError`, `MigError`)."""
+    own = _CLASS_BY_CODE.get(code)
+    if own is not None:
+        return own
     prefix = code.split("_", 1)[0]
     return {"KERN": KernError, "SEND": SendError, "RCV": RcvError, "MIG": MigError}.get(
         prefix, MachError

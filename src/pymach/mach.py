@@ -9,9 +9,13 @@ Timeouts are in milliseconds and apply only with SEND_TIMEOUT / RCV_TIMEOUT, as 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import time
-from collections.abc import Callable, Iterable
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pymach.errors import MachError, code_name
@@ -34,9 +38,11 @@ from pymach.include.message import (
     RCV_TIMEOUT,
     Code,
     Int,
+    Item,
     Message,
     Port,
     Str,
+    check_timeout,
 )
 from pymach.include.mig import (
     DATA,
@@ -45,11 +51,13 @@ from pymach.include.mig import (
     REPLY_SIZE_ANY,
     TASK_CODEC,
     Routine,
+    Subsystem,
     decode_items,
     install_stub_maker,
 )
 from pymach.include.vm_param import VM_MAX_ADDRESS
 from pymach.kern.syscall_sw import TrapTransport
+from pymach.kern.task import check_spawn
 from pymach.kern.thread import current_thread
 from pymach.mach_vm import VmRegion, VmStatistics, take_ool
 
@@ -129,16 +137,11 @@ def thread_reply() -> int:
 def make_stub(r: Routine) -> Callable[..., Any]:
     """The client stub for `r` (what `Subsystem.stub` returns; include/mig.py)."""
     names = [r.target] + [n for n, _ in r.ins]
+    signature = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
 
     def stub(*args: Any, **kwargs: Any) -> Any:
-        values = _bind(r, names, args, kwargs)
-        target = values[0]
-        PORT.check(r.name, r.target, target)
-        for (arg, t), v in zip(r.ins, values[1:], strict=True):
-            t.check(r.name, arg, v)
-        msg = Message(remote_port=target, id=r.id,
-                      items=[TASK_CODEC.to_item(t, v)
-                             for (_, t), v in zip(r.ins, values[1:], strict=True)])
+        msg = _request(r, _bind(r, signature, args, kwargs))
         if r.simple:
             msg_send(msg)
             return None
@@ -147,25 +150,54 @@ def make_stub(r: Routine) -> Callable[..., Any]:
         # block every later call of this thread
 
     stub.__name__ = stub.__qualname__ = r.name
+    stub.__signature__ = signature  # type: ignore[attr-defined]  # (for help and inspect)
     sig = ", ".join(names)
     outs = ", ".join(n for n, _ in r.outs) or "None"
     stub.__doc__ = f"{r.name}({sig}) -> {outs}\n\n{r.doc}\n\nMIG routine {r.id}."
     return stub
 
 
-def _bind(r: Routine, names: list[str], args: tuple[Any, ...],
+def oneway_stub(subsystem: Subsystem, name: str) -> Callable[..., None]:
+    """A stub for routine `name` of `subsystem` that sends the request and does not wait
+    for the reply: the request names no reply port, so the server sends none, and an
+    error it finds is logged where the server runs (as a simpleroutine's is). For a
+    server that streams requests and needs no answer, as a data manager providing data
+    does (Mach 3.0 made memory_object_data_provided a simpleroutine). Arguments are
+    checked here as the routine's stub checks them."""
+    r = subsystem.by_name[name]
+    names = [r.target] + [n for n, _ in r.ins]
+    signature = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+
+    def send(*args: Any, **kwargs: Any) -> None:
+        msg_send(_request(r, _bind(r, signature, args, kwargs)))
+
+    send.__name__ = send.__qualname__ = f"{r.name}_oneway"
+    send.__signature__ = signature  # type: ignore[attr-defined]  # (for help and inspect)
+    send.__doc__ = f"{r.name}({', '.join(names)}) sent without waiting for the reply."
+    return send
+
+
+def _request(r: Routine, values: list[Any]) -> Message:
+    """The request message of routine `r` for its checked argument values."""
+    target = values[0]
+    PORT.check(r.name, r.target, target)
+    for (arg, t), v in zip(r.ins, values[1:], strict=True):
+        t.check(r.name, arg, v)
+    return Message(remote_port=target, id=r.id,
+                   items=[TASK_CODEC.to_item(t, v)
+                          for (_, t), v in zip(r.ins, values[1:], strict=True)])
+
+
+def _bind(r: Routine, signature: inspect.Signature, args: tuple[Any, ...],
           kwargs: dict[str, Any]) -> list[Any]:
-    if len(args) > len(names):
-        raise MachError("KERN_INVALID_ARGUMENT", f"{r.name} takes {len(names)} arguments")
-    values = dict(zip(names, args, strict=False))
-    for k, v in kwargs.items():
-        if k not in names or k in values:
-            raise MachError("KERN_INVALID_ARGUMENT", f"{r.name}: unexpected argument {k!r}")
-        values[k] = v
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise MachError("KERN_INVALID_ARGUMENT", f"{r.name}: missing {', '.join(missing)}")
-    return [values[n] for n in names]
+    """The call's values in the routine's order; TypeError for missing, extra or unknown
+    arguments, as a Python function gives (wrong types are checked after, as Mach does)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{r.name}(): {e}") from None
+    return list(bound.arguments.values())
 
 
 def _unpack_reply(r: Routine, reply: Message) -> Any:
@@ -212,7 +244,11 @@ port_set_backlog = port_defs.stub("port_set_backlog")
 def names_gone(names: Iterable[int]) -> list[int]:
     """Those of `names` the calling task no longer holds: their ports died (names are
     never reused). What a server checks on NOTIFY_OVERFLOW, when some port-death
-    notifications were dropped (its notify port's backlog was full)."""
+    notifications were dropped (its notify port's backlog was full). `names` is an
+    iterable of names (KERN_INVALID_ARGUMENT otherwise)."""
+    if not isinstance(names, Iterable) or isinstance(names, str | bytes):
+        raise MachError("KERN_INVALID_ARGUMENT", f"names_gone needs port names, not "
+                        f"{names!r:.40}")
     me, gone = task_self(), []
     for name in names:
         try:
@@ -270,54 +306,65 @@ def thread_create(parent_task: int, fn: Callable[..., Any], *args: Any, **kwargs
     return _thread_create(parent_task, Code(fn, args, kwargs))  # type: ignore[no-any-return]
 
 
-def vm_regions(*args: Any, **kwargs: Any) -> list[VmRegion]:
-    """vm_regions(target_task, address=0, size=the whole address space): describe the
-    task's regions overlapping [address, address+size) (Table 3-3)."""
-    names = ("target_task", "address", "size")
-    if len(args) > len(names) or set(kwargs) - set(names) or set(
-            names[:len(args)]) & set(kwargs):
-        raise MachError("KERN_INVALID_ARGUMENT", "vm_regions(target_task, address=0, "
-                        "size=...) got unexpected arguments")
-    bound = {"address": 0, "size": VM_MAX_ADDRESS, **dict(zip(names, args, strict=False)),
-             **kwargs}
-    cols = _vm_regions(**bound)
+def vm_regions(target_task: int, address: int = 0,
+               size: int = VM_MAX_ADDRESS) -> list[VmRegion]:
+    """Describe the task's regions overlapping [address, address+size) (Table 3-3); by
+    default the whole address space."""
+    cols = _vm_regions(target_task, address, size)
     return [VmRegion(a, n, p, mp, inh, bool(sh), off, name)
             for a, n, p, mp, inh, sh, off, name in zip(*cols, strict=True)]
 
 
-def vm_statistics(*args: Any, **kwargs: Any) -> VmStatistics:
-    """vm_statistics(target_task): page counts and VM counters of the task's host."""
-    return VmStatistics(*_vm_statistics(*args, **kwargs))
+def vm_statistics(target_task: int) -> VmStatistics:
+    """Page counts and VM counters of the task's host."""
+    return VmStatistics(*_vm_statistics(target_task))
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a spawned native task, as text: the
+    `__cause__` of that exception when `Spawned.result()` raises it here (as
+    concurrent.futures does for a process pool), so both tracebacks are shown."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
 
 
 class Spawned:
     """A task started by `spawn` in a native task (a process of its own under machd)."""
 
-    def __init__(self, name: int, box: int) -> None:
-        self.name = name  # the caller's send right to the child's task port
+    def __init__(self, port: int, box: int, name: str) -> None:
+        self.port = port  # the caller's send right to the child's task port
+        self.name = name  # the task's name (spawn's `name=`, else the kernel's taskN)
         self._box = box  # where the child's first thread sends its outcome
-        self._outcome: tuple[bool, Any] | None = None
+        self._outcome: tuple[bool, Any, str] | None = None  # ok, value, traceback text
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait (ms) for the child's function to return; its value, or its exception.
         None if the task ended without returning (task_terminate, or machd ended it for a
         memory exception: its diagnostic is then on the task's stderr), as for a
-        terminated task in the embedded kernel; KERN_OPERATION_TIMED_OUT if `timeout`
-        passes first."""
+        terminated task in the embedded kernel; KERN_OPERATION_TIMED_OUT (a
+        TimeoutError too) if `timeout` (ms, as every pymach timeout) passes first. An
+        exception the function raised is raised here with the child's traceback chained
+        as its `__cause__` (a RemoteTraceback)."""
         import cloudpickle
 
         if self._outcome is None:
-            msg = self._await_outcome(timeout)
+            msg = self._await_outcome(check_timeout(timeout, "result"))
             if msg is not None and msg.sender_uid not in (None, os.getuid()):
                 raise MachError("KERN_PROTECTION_FAILURE", f"a result from uid "
                                 f"{msg.sender_uid} is not decoded")
-            outcome: tuple[bool, Any] = (True, None) if msg is None else cloudpickle.loads(
-                take_ool(msg.items[0]))
+            outcome: tuple[bool, Any, str] = (True, None, "") if msg is None else \
+                cloudpickle.loads(take_ool(msg.items[0]))
             self._outcome = outcome
+            _spawned.pop(self.port, None)
             port_deallocate(task_self(), self._box)
-        ok, value = self._outcome
+        ok, value, remote = self._outcome
         if not ok:
-            raise value
+            raise value from (RemoteTraceback(remote) if remote else None)
         return value
 
     def _await_outcome(self, timeout: float | None) -> Any:
@@ -347,7 +394,7 @@ class Spawned:
 
     def _alive(self) -> bool:
         try:
-            task_info(self.name)
+            task_info(self.port)
         except MachError:
             return False
         return True
@@ -355,38 +402,143 @@ class Spawned:
 
 def _spawned_main(fn: Callable[..., Any], args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> None:
-    """The first thread of a spawned native task: run fn, send its outcome, end."""
+    """The first thread of a spawned native task: run fn, send its outcome (with the
+    traceback of an exception, from fn's frame on, as text), end. Nothing is printed
+    here: the parent's `result()` raises the exception. The task ends when fn returns,
+    whatever became of the parent (a parent that is gone is not told)."""
+    try:
+        first = msg_receive(task_notify())  # the parent's port, and the rights it passes
+        box = first.items[0].value
+        outcome = _outcome(fn, _given_rights(args, first.items[1:]), kwargs)
+        with contextlib.suppress(MachError):  # SEND_INVALID_PORT: the parent is gone
+            msg_send(Message(remote_port=box, items=[OOL(data=outcome)]))  # type: ignore[arg-type]
+    finally:
+        task_terminate(task_self())
+
+
+@dataclass(frozen=True)
+class _RightArg:
+    """Stands in spawn's arguments for the i-th port right passed to the child."""
+
+    index: int
+
+
+def _port_args(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[Item]]:
+    """spawn's arguments with each `Port` item replaced by a placeholder, and the Port
+    items (rights to carry to the child, with their dispositions)."""
+    rights: list[Item] = []
+    out = []
+    for a in args:
+        if isinstance(a, Port):
+            out.append(_RightArg(len(rights)))
+            rights.append(a)
+        else:
+            out.append(a)
+    return tuple(out), rights
+
+
+def _pass_rights(child: int, items: list[Item]) -> None:
+    """Send the child's first message (to its notify port); if a right cannot go (the
+    caller lacks it), the child is terminated and the error raised."""
+    try:
+        notify = task_get_special_port(child, TASK_NOTIFY_PORT)
+        msg_send(Message(remote_port=notify, items=items))
+    except MachError:
+        with contextlib.suppress(MachError):
+            task_terminate(child)
+        raise
+
+
+def _given_rights(args: tuple[Any, ...], items: Sequence[Any]) -> tuple[Any, ...]:
+    """The child's arguments: each placeholder becomes the name of the right it stands
+    for, in the child's space (as received)."""
+    return tuple(items[a.index].name if isinstance(a, _RightArg) else a for a in args)
+
+
+def _with_rights(fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+    """An embedded child's first code when rights are passed: take them, then run fn."""
+    first = msg_receive(task_notify())
+    return fn(*_given_rights(args, first.items), **kwargs)
+
+
+def _outcome(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """fn's outcome, pickled: (True, value, "") or (False, exception, traceback text)."""
     import cloudpickle
 
-    box = msg_receive(task_notify()).items[0].value  # the parent's port, sent first
     try:
-        outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
+        outcome: tuple[bool, Any, str] = (True, fn(*args, **kwargs), "")
     except Exception as e:
-        outcome = (False, e)
+        outcome = (False, e, _traceback_text(e))
     try:
-        data = cloudpickle.dumps(outcome)
+        return bytes(cloudpickle.dumps(outcome))
     except Exception as e:  # a value that cannot travel: say what it was
-        data = cloudpickle.dumps((False, MachError("KERN_FAILURE", f"unpicklable: {e!r}")))
-    msg_send(Message(remote_port=box, items=[OOL(data=data)]))  # type: ignore[arg-type]
-    task_terminate(task_self())
+        return bytes(cloudpickle.dumps(
+            (False, MachError("KERN_FAILURE", f"unpicklable: {e!r}"), outcome[2])))
+
+
+def _traceback_text(e: BaseException) -> str:
+    """`e`'s traceback from the spawned function's frame on, as text. Code that came
+    pickled by value (cloudpickle names its file "<dynamic-code>") is shown with its
+    module's file, which cloudpickle keeps in the function's globals."""
+    tb = e.__traceback__.tb_next if e.__traceback__ else None  # skip _spawned_main
+    te = traceback.TracebackException(type(e), e, tb, lookup_lines=False)
+    for summary, (frame, _) in zip(te.stack, traceback.walk_tb(tb), strict=False):
+        if summary.filename == "<dynamic-code>":
+            summary.filename = frame.f_globals.get("__file__") or summary.filename
+    return "".join(te.format())
 
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = False,
-          **kwargs: Any) -> Any:
+          detach: bool = False, **kwargs: Any) -> Any:
     """Run fn(*args, **kwargs) as the first thread of a new child task, in either mode;
-    `.result(timeout_ms)` waits for its value (the task ends when fn returns). In the
+    `.result(timeout_ms)` waits for its value (the task ends when fn returns, whatever
+    became of the caller). The handle's `.name` is the task's name (`name`, else the
+    kernel's ``taskN``) and `.port` the caller's send right to its task port. In the
     embedded kernel this is kernel.spawn; in a native task, task_create (with `inherit`)
-    and thread_create in a new process."""
+    and thread_create in a new process, which `end_spawned_tasks` (which `pymach exec`
+    calls on Ctrl-C) ends unless `detach`. KERN_INVALID_ARGUMENT for a `fn` that is not
+    callable or a bad `name`."""
     thread = current_thread()
+    args, rights = _port_args(args)
     if not thread.native:
-        return thread.kernel.spawn(fn, *args, name=name, inherit=inherit, **kwargs)
+        if not rights:
+            return thread.kernel.spawn(fn, *args, name=name, inherit=inherit, **kwargs)
+        embedded = thread.kernel.spawn(_with_rights, fn, args, kwargs, name=name,
+                                       inherit=inherit)
+        _pass_rights(embedded.port, list(rights))
+        return embedded
+    check_spawn(fn, name, inherit)
     thread.share_stdio()  # type: ignore[attr-defined]  # (a NativeThread) child output: ours
     me = task_self()
     box = port_allocate(me)
     child = task_create(me, inherit)
     if name:
         task_set_name(child, name)
-    notify = task_get_special_port(child, TASK_NOTIFY_PORT)
-    msg_send(Message(remote_port=notify, items=[Port(box, MAKE_SEND)]))
+    else:
+        name = task_info(child)[0]
+    _pass_rights(child, [Port(box, MAKE_SEND), *rights])
     thread_create(child, _spawned_main, fn, args, kwargs)
-    return Spawned(child, box)
+    handle = Spawned(child, box, name)
+    if not detach:
+        _spawned[child] = handle
+    return handle
+
+
+_spawned: dict[int, Spawned] = {}  # task port -> handle: this process's native children
+# not yet collected with .result() nor spawned with detach (end_spawned_tasks ends them)
+
+
+def end_spawned_tasks() -> int:
+    """Terminate the tasks this process spawned (natively, without `detach`) whose
+    outcome it has not collected; returns how many were still alive. `pymach exec` calls
+    it when the program is interrupted (Ctrl-C), so a program's tasks end with it."""
+    ended = 0
+    for port in list(_spawned):
+        _spawned.pop(port, None)
+        try:
+            task_terminate(port)
+            ended += 1
+        except MachError:  # it ended already
+            pass
+    return ended

@@ -63,7 +63,7 @@ class Memory(ABC):
     def __setitem__(self, key: int | slice, value: Any) -> None:
         if isinstance(key, slice):
             start, stop = _slice_bounds(key)
-            data = bytes(value)
+            data = _as_bytes(value)
             if len(data) != stop - start:
                 raise MachError("KERN_INVALID_ARGUMENT", f"slice of {stop - start} bytes "
                                 f"cannot take {len(data)} bytes")
@@ -193,11 +193,31 @@ class NativeAddressSpace(Memory):
         ctypes.memmove(address, raw, len(raw))
 
     def buffer(self, address: int, size: int) -> memoryview:
-        """The memory itself: a writable memoryview (numpy.frombuffer works on it). A
-        write through it where the protection forbids one is a memory exception: machd
-        ends the task, as hardware would."""
+        """The memory itself (numpy.frombuffer works on it): a writable memoryview where
+        the whole range allows writes now, else a read-only one (NumPy reports
+        writeable=False). A later vm_protect does not change a view already made: a
+        write through it where the protection forbids one is a memory exception, and
+        machd ends the task, as hardware would."""
         self._check(address, size)
-        return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+        view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+        try:
+            self.process.check_access(address, size, VM_PROT_WRITE)
+        except MachError:  # (KERN_PROTECTION_FAILURE: the range was checked mapped)
+            return view.toreadonly()
+        return view
+
+
+def _as_bytes(value: object) -> bytes:
+    """The bytes a slice assignment stores: a bytes-like object, or an iterable of ints
+    in 0..255 (as bytearray takes); KERN_INVALID_ARGUMENT otherwise (an int, which
+    bytes() would take as a length, text, a float)."""
+    if isinstance(value, int | str | float) or value is None:
+        raise MachError("KERN_INVALID_ARGUMENT", f"memory slices take bytes, not "
+                        f"{type(value).__name__}")
+    try:
+        return bytes(value)  # type: ignore[call-overload,no-any-return]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise MachError("KERN_INVALID_ARGUMENT", f"memory slices take bytes: {e}") from None
 
 
 def _slice_bounds(key: slice) -> tuple[int, int]:
@@ -225,19 +245,32 @@ class Region:
                             f"of {self.size} bytes")
         return self.address + start, self.address + stop
 
+    def _key(self, key: object) -> tuple[int, int]:
+        """The absolute [a, b) an index or a step-less slice names; KERN_INVALID_ARGUMENT
+        for any other key, KERN_INVALID_ADDRESS outside the region."""
+        if isinstance(key, slice) and key.step in (None, 1):
+            try:
+                start, stop, _ = key.indices(self.size)
+            except TypeError:
+                start = stop = -1
+            if start >= 0:
+                return self._abs(start, max(start, stop))
+        elif isinstance(key, int) and not isinstance(key, bool):
+            return self._abs(key, key + 1)
+        raise MachError("KERN_INVALID_ARGUMENT", f"a region takes an int index or a slice "
+                        f"of ints with no step, not {key!r:.40}")
+
     def __getitem__(self, key: int | slice) -> int | bytes:
+        a, b = self._key(key)
         if isinstance(key, slice):
-            a, b = self._abs(*key.indices(self.size)[:2])
             return self.space.read(a, b - a)
-        a, _ = self._abs(key, key + 1)
         return self.space[a]
 
     def __setitem__(self, key: int | slice, value: Any) -> None:
+        a, b = self._key(key)
         if isinstance(key, slice):
-            a, b = self._abs(*key.indices(self.size)[:2])
             self.space[a:b] = value
         else:
-            a, _ = self._abs(key, key + 1)
             self.space[a] = value
 
     def read(self) -> bytes:
@@ -246,6 +279,12 @@ class Region:
 
     def write(self, data: bytes, offset: int = 0) -> None:
         """Store `data` at `offset` within the region."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MachError("KERN_INVALID_ARGUMENT", f"data must be bytes, not "
+                            f"{type(data).__name__}")
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise MachError("KERN_INVALID_ARGUMENT", f"offset must be an int, not "
+                            f"{offset!r:.40}")
         a, _ = self._abs(offset, offset + len(data))
         self.space.write(a, data)
 
@@ -264,9 +303,19 @@ def vm_page_size() -> int:
 
 
 def take_ool(item: OOL) -> bytes:
-    """The bytes of out-of-line memory received in a message; the region is then freed."""
+    """The bytes of out-of-line memory received in a message (an `OOL` item: new memory
+    in the calling task's address space); the region is then deallocated, so call it
+    once per item. What a data manager does with the data of pager_data_write, and a
+    server with an `OOL` argument it does not keep as memory. An item made with
+    `OOL(data=...)` gives its data. KERN_INVALID_ARGUMENT for anything but an OOL item."""
     from pymach import mach  # (mach imports this module: both are the user library)
 
+    if not isinstance(item, OOL):
+        raise MachError("KERN_INVALID_ARGUMENT", f"take_ool needs an OOL item, not "
+                        f"{item!r:.60}")
+    if item.data is not None:
+        return bytes(item.data)
+    _check_range(item.address, item.size)
     if item.size == 0:
         return b""
     try:

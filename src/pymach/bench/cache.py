@@ -71,7 +71,7 @@ def _start(kernel: pymach.Kernel, dm: DataManager, name: str) -> int:
     me = pymach.task_self()
     inbox = pymach.port_allocate(me)
     h = kernel.spawn(_serve, dm, name=name)
-    notify = pymach.task_get_special_port(h.name, pymach.TASK_NOTIFY_PORT)
+    notify = pymach.task_get_special_port(h.port, pymach.TASK_NOTIFY_PORT)
     pymach.msg_send(Message(remote_port=notify, items=[Port(inbox, pymach.MAKE_SEND)]))
     port: int = pymach.msg_receive(inbox, pymach.RCV_TIMEOUT, 30_000).items[0].value  # type: ignore[assignment]
     return port

@@ -26,7 +26,8 @@ from pymach import Message
 STOP = 2
 
 
-def _median_us(samples: list[float], n: int) -> float:
+def median_us(samples: list[float], n: int) -> float:
+    """Microseconds per operation: the median round of `n` operations."""
     return statistics.median(samples) / n * 1e6
 
 
@@ -36,11 +37,23 @@ def bench_msg_rpc(n: int, rounds: int) -> float:
         me = pymach.task_self()
         svc = pymach.port_allocate(me)
         server = kernel.spawn(_rpc_server, name="bench-server")
-        notify = pymach.task_get_special_port(server.name, pymach.TASK_NOTIFY_PORT)
+        notify = pymach.task_get_special_port(server.port, pymach.TASK_NOTIFY_PORT)
         pymach.msg_send(Message(remote_port=notify, items=[pymach.Port(svc, pymach.MOVE_RECEIVE)]))
         samples = time_rpcs(svc, n, rounds, warmup=5)
         server.result(timeout=10_000)
-    return _median_us(samples, n)
+    return median_us(samples, n)
+
+
+def time_round_trips(sock: socket.socket, n: int, rounds: int) -> list[float]:
+    """Seconds per round of `n` one-byte round trips over `sock` (its peer echoes)."""
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            sock.sendall(b"x")
+            sock.recv(1)
+        samples.append(time.perf_counter() - t0)
+    return samples
 
 
 def time_rpcs(svc: int, n: int, rounds: int, warmup: int) -> list[float]:
@@ -90,7 +103,7 @@ def bench_thread_queue(n: int, rounds: int) -> float:
         samples.append(time.perf_counter() - t0)
     to_srv.put(None)
     t.join()
-    return _median_us(samples, n)
+    return median_us(samples, n)
 
 
 def bench_socketpair(n: int, rounds: int) -> float:
@@ -103,16 +116,10 @@ def bench_socketpair(n: int, rounds: int) -> float:
             b.sendall(data)
         os._exit(0)
     b.close()
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            a.sendall(b"x")
-            a.recv(1)
-        samples.append(time.perf_counter() - t0)
+    samples = time_round_trips(a, n, rounds)
     a.close()
     os.waitpid(pid, 0)
-    return _median_us(samples, n)
+    return median_us(samples, n)
 
 
 def run(n: int = 5000, rounds: int = 5) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def _serve(server: Callable[[], Any]) -> tuple[Any, int]:
     me = pymach.task_self()
     svc = pymach.port_allocate(me)
     h = pymach.spawn(server, name="bench-server")
-    notify = pymach.task_get_special_port(h.name, pymach.TASK_NOTIFY_PORT)
+    notify = pymach.task_get_special_port(h.port, pymach.TASK_NOTIFY_PORT)
     pymach.msg_send(Message(remote_port=notify, items=[pymach.Port(svc, pymach.MOVE_RECEIVE)]))
     return h, svc
 
@@ -209,7 +209,7 @@ def _pager_region(size: int) -> tuple[Any, int]:
     h = pymach.spawn(_trivial_pager, name="trivial-pager")
     box = pymach.port_allocate(me)
     pymach.msg_send(Message(remote_port=pymach.task_get_special_port(
-        h.name, pymach.TASK_NOTIFY_PORT), items=[pymach.Port(box, pymach.MAKE_SEND)]))
+        h.port, pymach.TASK_NOTIFY_PORT), items=[pymach.Port(box, pymach.MAKE_SEND)]))
     mo = pymach.msg_receive(box, pymach.RCV_TIMEOUT, 20_000).items[0].value
     return h, pymach.vm_allocate_with_pager(me, 0, size, True, mo, 0)
 

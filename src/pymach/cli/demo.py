@@ -77,7 +77,7 @@ def _narrate(kernel: pymach.Kernel, say: Callable[[str], None]) -> None:
     ns = pymach.port_allocate(me)
     pymach.task_set_special_port(me, TASK_BOOTSTRAP_PORT, ns)
     nameserver = kernel.spawn(_name_server_main, name="netname")
-    child_notify = pymach.task_get_special_port(nameserver.name, TASK_NOTIFY_PORT)
+    child_notify = pymach.task_get_special_port(nameserver.port, TASK_NOTIFY_PORT)
     pymach.msg_send(Message(remote_port=child_notify, id=1, items=[Port(ns, MOVE_ALL)]))
     say(f"[boot] name server task started; gave it port {ns}'s receive rights, kept a send "
         "right as everyone's bootstrap port")

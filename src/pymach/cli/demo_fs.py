@@ -94,7 +94,7 @@ def _narrate(kernel: pymach.Kernel, root: str, original: bytes, seed: int,
     me = pymach.task_self()
     inbox = pymach.port_allocate(me)
     server_task = kernel.spawn(_server, root, name="fs")
-    notify = pymach.task_get_special_port(server_task.name, pymach.TASK_NOTIFY_PORT)
+    notify = pymach.task_get_special_port(server_task.port, pymach.TASK_NOTIFY_PORT)
     pymach.msg_send(Message(remote_port=notify, items=[Port(inbox, pymach.MAKE_SEND)]))
     server = pymach.msg_receive(inbox, pymach.RCV_TIMEOUT, 30_000).items[0].value
     pymach.task_set_special_port(me, pymach.TASK_BOOTSTRAP_PORT, server)  # for our children

@@ -73,7 +73,7 @@ def run_shm_demo(deterministic: bool = False, seed: int = 0, trace: bool = False
             printed = _print_new(srv, out, printed)
         leave.set()
         for client in clients:
-            client.wait(WAIT_S)
+            client.wait(WAIT_S * 1000)
     out(f"\nclient B read {seen['B']['read']!r}, then wrote b'hello'; client C read "
         f"{seen['C']['read']!r} and then {seen['C']['read again']!r}")
     out(f"{net.packets} packets crossed the network")

@@ -60,7 +60,7 @@ def _big_ool(kernel: pymach.Kernel, say: Callable[[str], None], timing: bool) ->
         mem[region + off] = 0xAB
     port = pymach.port_allocate(me)
     receiver = kernel.spawn(_receive_big, name="receiver")
-    notify = pymach.task_get_special_port(receiver.name, pymach.TASK_NOTIFY_PORT)
+    notify = pymach.task_get_special_port(receiver.port, pymach.TASK_NOTIFY_PORT)
     pymach.msg_send(Message(remote_port=notify, items=[Port(port, pymach.MAKE_SEND)]))
     reply = pymach.msg_receive(port, pymach.RCV_TIMEOUT, 30_000)  # receiver's port
     handed = reply.items[0]

@@ -9,7 +9,9 @@ Header (Mach 2.5 field meanings): on send, `remote_port` is the destination and
 on and `remote_port` the reply port, so a server replies to ``msg.remote_port``.
 
 Invariants: `Message.size` is computed from the items (header + 8-byte descriptor per item
-+ data rounded up to 4 bytes); every item checks its own Python types in `validate()`.
++ data rounded up to 4 bytes); every item checks its own Python types and values in
+`validate()`, so any malformed item fails the send with SEND_INVALID_TYPE (a `MachError`)
+and never with another exception.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ ALL_OPTIONS = _SEND_OPTIONS | _RCV_OPTIONS
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+def check_timeout(timeout: object, what: str) -> float | None:
+    """A timeout in milliseconds (pymach's one unit for timeouts, as Mach's): None (wait
+    forever) or a number >= 0; KERN_INVALID_ARGUMENT otherwise (a bool, NaN, text)."""
+    if timeout is None:
+        return None
+    if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+            or not timeout >= 0):  # (NaN is not >= 0)
+        raise MachError("KERN_INVALID_ARGUMENT", f"{what} timeout must be a number of "
+                        f"milliseconds >= 0 or None, not {timeout!r:.40}")
+    return float(timeout)
+
+
 class Disposition(IntEnum):
     """What a port item does with the sender's right, and what the receiver gets.
 
@@ -62,6 +76,7 @@ MOVE_SEND = Disposition.MOVE_SEND
 MOVE_RECEIVE = Disposition.MOVE_RECEIVE
 MOVE_OWNERSHIP = Disposition.MOVE_OWNERSHIP
 MOVE_ALL = Disposition.MOVE_ALL
+_DISPOSITIONS = frozenset(int(d) for d in Disposition)
 
 
 def _round4(n: int) -> int:
@@ -71,6 +86,14 @@ def _round4(n: int) -> int:
 def _require(ok: bool, detail: str) -> None:
     if not ok:
         raise MachError("SEND_INVALID_TYPE", detail)
+
+
+def _check_disposition(disposition: object, what: str) -> None:
+    """SEND_INVALID_TYPE unless `disposition` is one of `Disposition`'s values."""
+    _require(isinstance(disposition, int) and not isinstance(disposition, bool)
+             and disposition in _DISPOSITIONS,
+             f"{what} item has bad disposition {disposition!r:.40} (use COPY_SEND, "
+             f"MAKE_SEND, MOVE_SEND, MOVE_RECEIVE, MOVE_OWNERSHIP or MOVE_ALL)")
 
 
 @dataclass
@@ -128,9 +151,20 @@ class Str:
 
     def validate(self) -> None:
         _require(isinstance(self.value, str), f"Str item holds {type(self.value).__name__}")
+        _require(is_utf8(self.value), f"Str item {self.value!r:.40} is not valid Unicode "
+                 f"text (a lone surrogate has no UTF-8 form)")
 
     def data_size(self) -> int:
-        return _round4(len(self.value.encode("utf-8")) + 1)
+        return _round4(len(self.value.encode("utf-8", "surrogatepass")) + 1)
+
+
+def is_utf8(text: str) -> bool:
+    """True if `text` has a UTF-8 form (no lone surrogates), as a Str item must."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -169,8 +203,7 @@ class Port:
     def validate(self) -> None:
         _require(isinstance(self.name, int) and not isinstance(self.name, bool),
                  f"Port item name must be an int, not {type(self.name).__name__}")
-        _require(isinstance(self.disposition, int) and self.disposition in set(Disposition),
-                 f"Port item has bad disposition {self.disposition!r}")
+        _check_disposition(self.disposition, "Port")
         self.disposition = Disposition(self.disposition)
 
     def data_size(self) -> int:
@@ -192,6 +225,7 @@ class PortArray:
     def validate(self) -> None:
         _require(isinstance(self.names, tuple | list), "PortArray needs a tuple of names")
         self.names = tuple(self.names)
+        _check_disposition(self.disposition, "PortArray")
         for n in self.names:
             Port(n, self.disposition).validate()
         self.disposition = Disposition(self.disposition)

@@ -4,8 +4,10 @@ A `Subsystem` has a base message id; each `routine` gets the next id and a list 
 in and out arguments. The first argument of every routine is the port the request goes
 to (MIG's target). From the declaration:
 
-- `Subsystem.stub(name)` is the client function: it checks argument types (raising
-  KERN_INVALID_ARGUMENT before anything is sent), builds the request, calls `msg_rpc` on
+- `Subsystem.stub(name)` is the client function: a call with missing, extra or unknown
+  arguments raises `TypeError`, as any Python function does (the stub has the routine's
+  signature); it checks argument types (raising KERN_INVALID_ARGUMENT before anything is
+  sent), builds the request, calls `msg_rpc` on
   the thread's reply port, checks the reply (MIG_REPLY_MISMATCH, MIG_TYPE_ERROR), raises
   the server's error code as a `MachError`, and returns the out arguments.
 - `Subsystem.demux(impl, msg_id, target, items)` is the server side: it decodes and checks
@@ -49,6 +51,7 @@ from pymach.include.message import (
     Port,
     PortArray,
     Str,
+    is_utf8,
 )
 
 REPLY_ID_OFFSET = 100
@@ -68,8 +71,11 @@ class ArgType:
     def check(self, routine: str, arg: str, value: Any) -> None:
         """Raise KERN_INVALID_ARGUMENT unless the client's `value` fits this type."""
         if not _fits(self.name, value, self.accepts):
+            hint = (" (a port name is an int: a spawned task's port is its handle's "
+                    ".port; .name is the task's name)"
+                    if self.name == "port" and isinstance(value, str) else "")
             raise MachError("KERN_INVALID_ARGUMENT", f"{routine}: {arg} must be "
-                            f"{self.name}, not {value!r:.60}")
+                            f"{self.name}, not {value!r:.60}{hint}")
 
 
 class ItemCodec:
@@ -124,6 +130,8 @@ def _fits(kind: str, value: Any, accepts: tuple[type, ...]) -> bool:
         return isinstance(value, accepts) and not isinstance(value, bool)
     if kind in ("int_array", "port_array"):
         return isinstance(value, tuple | list) and all(_is_int64(v) for v in value)
+    if kind == "str":
+        return isinstance(value, str) and is_utf8(value)
     return isinstance(value, accepts)
 
 
@@ -251,7 +259,13 @@ def encode_outs(r: Routine, result: Any, codec: ItemCodec = TASK_CODEC) -> list[
 
 
 def serve_message(subsystem: Subsystem, impl: object, msg: Message) -> Message | None:
-    """For user servers: the reply Message for a received request (None: no reply)."""
+    """For user servers: the reply Message for a received request (None: no reply: a
+    simpleroutine, or a request that named no reply port). KERN_INVALID_ARGUMENT unless
+    `subsystem` is a Subsystem and `msg` a Message."""
+    if not isinstance(subsystem, Subsystem) or not isinstance(msg, Message):
+        raise MachError("KERN_INVALID_ARGUMENT", f"serve_message(subsystem, impl, msg) "
+                        f"needs a Subsystem and a Message, not {type(subsystem).__name__} "
+                        f"and {type(msg).__name__}")
     items = subsystem.demux(impl, msg.id, msg.local_port, msg.items)
     if items is None or not msg.remote_port:
         return None

@@ -19,13 +19,13 @@ from types import TracebackType
 from typing import Any
 
 from pymach.errors import MachError, ThreadTerminated
-from pymach.include.message import MSG_SIZE_MAX, Code
+from pymach.include.message import MSG_SIZE_MAX, Code, check_timeout
 from pymach.ipc.ipc_right import entry_deallocate, port_destroy
 from pymach.ipc.kmsg import KMsg, ool_queued_limit
 from pymach.ipc.port import Port
 from pymach.ipc.space import PORT_NAMES_MAX, check_port_names_max
 from pymach.kern.sched_prim import deadline_after, make_scheduler, thread_block
-from pymach.kern.task import Task, TaskHost
+from pymach.kern.task import Task, TaskHost, check_spawn
 from pymach.kern.thread import Thread, current_thread, set_current_thread
 
 HARDWARE_PAGE = 4096
@@ -202,8 +202,11 @@ class Kernel:
         return thread
 
     def thread_terminate_locked(self, thread: Thread) -> None:
-        """Mark `thread` terminated; it unwinds at its next kernel boundary."""
+        """Mark `thread` terminated; it unwinds at its next kernel boundary. It leaves its
+        task at once (as in Task.terminate), so task_threads and task_info agree."""
         thread.terminating = True
+        if thread in thread.task.threads:
+            thread.task.threads.remove(thread)
         if not thread.port.dead:
             port_destroy(thread.port)
         self.sched.thread_interrupt(thread)
@@ -235,10 +238,12 @@ class Kernel:
     def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "",
               inherit: bool = False, **kwargs: Any) -> TaskHandle:
         """Start `fn(*args, **kwargs)` as the first thread of a new task, child of the
-        caller's task. The task ends when that thread returns (like a process's main)."""
+        caller's task. The task ends when that thread returns (like a process's main).
+        KERN_INVALID_ARGUMENT for a `fn` that is not callable or a bad `name`."""
         caller = current_thread()
+        check_spawn(fn, name, inherit)
         with self.trap(caller):
-            task = self.task_create_locked(caller.task, inherit, name)
+            task = self.task_create_locked(caller.task, bool(inherit), name)
             thread = self.thread_create_locked(task, Code(fn, args, kwargs), start=False)
             thread.ends_task = True
             thread.start()
@@ -247,7 +252,8 @@ class Kernel:
 
     def run(self, fn: Callable[..., Any], *args: Any, name: str = "",
             timeout: float | None = None, **kwargs: Any) -> Any:
-        """Run `fn` as a new task's first thread and return its result (or raise its error)."""
+        """Run `fn` as a new task's first thread and return its result (or raise its
+        error); KERN_OPERATION_TIMED_OUT after `timeout` ms."""
         return self.spawn(fn, *args, name=name, **kwargs).result(timeout)
 
     # -- boot and shutdown -----------------------------------------------------------
@@ -379,17 +385,25 @@ class _Trap:
 
 
 class TaskHandle:
-    """A task started by `Kernel.spawn`: its objects, its name in the caller's space."""
+    """A task started by `Kernel.spawn`: its objects, its name, and the caller's port
+    name for it (`port`)."""
 
-    def __init__(self, kernel: Kernel, task: Task, thread: Thread, name: int) -> None:
+    def __init__(self, kernel: Kernel, task: Task, thread: Thread, port: int) -> None:
         self.kernel = kernel
         self.task = task
         self.thread = thread
-        self.name = name  # the spawning task's send right to the new task's port
+        self.port = port  # the spawning task's send right to the new task's port
+
+    @property
+    def name(self) -> str:
+        """The task's name (spawn's `name=`, else ``taskN``)."""
+        return self.task.name
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait (timeout in ms) for the first thread to end; return or raise its outcome."""
+        """Wait (timeout in ms) for the first thread to end; return or raise its outcome.
+        KERN_OPERATION_TIMED_OUT (a TimeoutError too) if the timeout passes first."""
         caller = current_thread()
+        timeout = check_timeout(timeout, "result")
         with self.kernel.trap(caller):
             deadline = deadline_after(self.kernel.sched, timeout)
             while not self.thread.done:
@@ -414,12 +428,15 @@ class ExternalHandle:
         self.thread = thread
 
     def wait(self, timeout: float | None = None) -> Any:
-        """Wait (seconds) for the task's first thread; return or raise its outcome."""
+        """Wait (timeout in ms, as every pymach timeout) for the task's first thread;
+        return or raise its outcome. KERN_OPERATION_TIMED_OUT (a TimeoutError too) if
+        the timeout passes first."""
         assert self.thread.py_thread is not None
-        self.thread.py_thread.join(timeout)
+        timeout = check_timeout(timeout, "wait")
+        self.thread.py_thread.join(None if timeout is None else timeout / 1000)
         if self.thread.py_thread.is_alive():
             raise MachError("KERN_OPERATION_TIMED_OUT", f"task {self.task.name!r} did not "
-                            f"finish in {timeout} s")
+                            f"finish in {timeout:g} ms")
         if self.thread.exception is not None:
             raise self.thread.exception
         return self.thread.result

@@ -10,6 +10,7 @@ request that fails has its rights destroyed.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
@@ -45,6 +46,8 @@ from pymach.vm.vm_user import VmServer
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
 
+log = logging.getLogger("pymach.kernel")
+
 
 def served_subsystems(kernel: Kernel) -> list[tuple[Subsystem, type, object]]:
     """The subsystems the kernel serves: (definitions, kind of kernel object, server).
@@ -68,6 +71,13 @@ def _dispatch(kernel: Kernel, kmsg: KMsg) -> list[Any] | None:
     return [Int(MachError("MIG_BAD_ID").value), Str(f"no kernel routine has id {kmsg.id}")]
 
 
+def _routine_name(kernel: Kernel, msg_id: int) -> str:
+    for sub, _, _ in kernel.served:
+        if msg_id in sub.routines:
+            return sub.routines[msg_id].name
+    return f"routine {msg_id}"
+
+
 KERNEL_REPLIES_QUEUED_MAX = 64  # a kernel reply to a port holding this many is dropped:
 # a task that never receives its replies cannot make the kernel hold them without bound
 
@@ -86,6 +96,10 @@ def kobject_server(kernel: Kernel, kmsg: KMsg) -> None:
     if items is None:
         return
     reply = kmsg.reply
+    if reply is None and items[0].value != 0:  # sent without waiting (mach.oneway_stub)
+        log.warning("%s to %s failed with no reply port to carry the error: %s",
+                    _routine_name(kernel, kmsg.id), kmsg.dest.label,
+                    items[1].value if len(items) > 1 else items[0].value)
     if reply is None or reply.dead or len(reply.queue) >= KERNEL_REPLIES_QUEUED_MAX:
         # nobody to tell, or nobody reads what it was told: release what it carries
         kmsg_destroy(KMsg(kernel.host_port, None, kmsg.id + REPLY_ID_OFFSET, items))

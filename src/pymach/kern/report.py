@@ -142,23 +142,31 @@ def _thread_text(t: ThreadRow) -> str:
     return f"{t.name}({t.state}{waiting}{suspended})"
 
 
+def fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, the last one "~" if it was longer (so a long
+    name keeps a table's columns in line)."""
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
 def format_ps(rows: list[TaskRow]) -> str:
-    """A `ps`-style table of tasks and their threads."""
+    """A `ps`-style table of tasks and their threads (long names cut to their columns)."""
     lines = [f"{'ID':>4} {'TASK':<16} {'PARENT':<12} {'SUSP':>4} {'NAMES':>5} {'RES':>6}  "
              f"THREADS"]
     for r in rows:
         threads = ", ".join(_thread_text(t) for t in r.threads) or "-"
-        lines.append(f"{r.id:>4} {r.name:<16} {r.parent:<12} {r.suspend_count:>4} "
-                     f"{r.port_names:>5} {r.resident_pages:>6}  {threads}")
+        lines.append(f"{r.id:>4} {fit(r.name, 16):<16} {fit(r.parent, 12):<12} "
+                     f"{r.suspend_count:>4} {r.port_names:>5} {r.resident_pages:>6}  {threads}")
     return "\n".join(lines)
 
 
 def format_lsmp(task_name: str, rows: list[PortRow]) -> str:
-    """An `lsmp`-style table of one task's port names."""
+    """An `lsmp`-style table of one task's port names (long names cut to their
+    columns)."""
     lines = [f"port name space of task {task_name!r}",
              f"{'NAME':>5}  {'RIGHTS':<14} {'PORT':<22} {'MSGS':>4} {'QLIM':>4} {'EN':>2}  "
              f"{'RECEIVER':<14} OWNER"]
     for r in rows:
-        lines.append(f"{r.name:>5}  {r.rights:<14} {r.port:<22} {r.queued:>4} {r.backlog:>4} "
-                     f"{'y' if r.enabled else '-':>2}  {r.receiver:<14} {r.owner}")
+        lines.append(f"{r.name:>5}  {r.rights:<14} {fit(r.port, 22):<22} {r.queued:>4} "
+                     f"{r.backlog:>4} {'y' if r.enabled else '-':>2}  "
+                     f"{fit(r.receiver, 14):<14} {r.owner}")
     return "\n".join(lines)

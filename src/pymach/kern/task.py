@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pymach.errors import MachError
+from pymach.include.message import is_utf8
 from pymach.ipc.ipc_right import port_destroy, space_destroy
 from pymach.ipc.mach_port import port_allocate
 from pymach.ipc.port import Port
@@ -27,6 +29,32 @@ from pymach.vm.vm_map import VmMap, vm_map_deallocate
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
     from pymach.kern.thread import Thread
+
+
+TASK_NAME_MAX = 64  # characters in a task's name (task_set_name, spawn)
+
+
+def check_task_name(name: object, empty_ok: bool = True) -> str:
+    """A task name as spawn and task_set_name take it: text of at most TASK_NAME_MAX
+    characters with a UTF-8 form (empty only with `empty_ok`: a name made from the
+    task's serial); KERN_INVALID_ARGUMENT otherwise."""
+    if (not isinstance(name, str) or len(name) > TASK_NAME_MAX or not is_utf8(name)
+            or not (name or empty_ok)):
+        raise MachError("KERN_INVALID_ARGUMENT", f"a task name is text of "
+                        f"{0 if empty_ok else 1} to {TASK_NAME_MAX} characters, not "
+                        f"{name!r:.80}")
+    return name
+
+
+def check_spawn(fn: object, name: object, inherit: object) -> None:
+    """What `spawn` checks before it creates anything: KERN_INVALID_ARGUMENT unless `fn`
+    is callable, `name` a task name (check_task_name) and `inherit` a bool (or 0 or 1)."""
+    if not callable(fn):
+        raise MachError("KERN_INVALID_ARGUMENT", f"spawn needs a callable, not {fn!r:.40}")
+    check_task_name(name)
+    if not isinstance(inherit, int) or inherit not in (0, 1):
+        raise MachError("KERN_INVALID_ARGUMENT", f"inherit must be a bool, not "
+                        f"{inherit!r:.40}")
 
 
 class TaskHost(Protocol):

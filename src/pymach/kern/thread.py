@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError, ThreadTerminated
@@ -63,6 +64,9 @@ class Thread:
         self.no_wait = False  # (kernel lock) set while someone else runs a fault for this
         # thread that must not block: a wait raises WouldBlock instead (sched_prim)
         self.py_thread: threading.Thread | None = None  # set once, by start()
+        self.never_ran: Callable[[], None] | None = None  # set once before start: called
+        # in place of `code` when the thread is terminated before it runs (machd: the
+        # process thread waiting for its welcome is told)
 
     def __repr__(self) -> str:
         return f"<Thread {self.serial} {self.name} {self.state}>"
@@ -87,11 +91,14 @@ class Thread:
             if not self.terminating:
                 assert self.code is not None and self.code.fn is not None
                 self.result = self.code.fn(*self.code.args, **self.code.kwargs)
+            elif self.never_ran is not None:
+                self.never_ran()
         except ThreadTerminated:
             pass
-        except BaseException as exc:  # recorded and reported, never lost
-            self.exception = exc
-            log.warning("thread %s of task %s raised %r", self.name, self.task.name, exc)
+        except BaseException as exc:  # recorded (a handle's .result() raises it), logged
+            self.exception = exc  # at debug level only, as concurrent.futures keeps a
+            # task's exception for whoever collects it
+            log.debug("thread %s of task %s raised %r", self.name, self.task.name, exc)
         finally:
             self.kernel.thread_exited(self)
 
@@ -106,7 +113,8 @@ def current_thread() -> Thread:
     thread: Thread | None = getattr(_tls, "thread", None)
     if thread is None:
         raise MachError("KERN_INVALID_TASK", "this Python thread is not a thread of a pymach "
-                        "task: call inside `with pymach.boot():` or from task code")
+                        "task: call inside `with pymach.boot():` or from task code, or "
+                        "run the script as a native task with `pymach exec script.py`")
     return thread
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import os
 import sys
 import threading
@@ -490,6 +491,8 @@ def attach(socket_path: str | None = None, name: str = "") -> NativeThread:
     """Make this process a new task of machd and this thread its first Mach thread."""
     if _process is not None:
         raise MachError("KERN_FAILURE", "this process is already a native task")
+    if not faulthandler.is_enabled():  # a stray access (an address the task has not
+        faulthandler.enable()  # mapped) is a SIGSEGV: show where, as machd cannot
     process = NativeProcess(socket_path or default_socket_path())
     try:
         chan = process.connect()
@@ -559,6 +562,9 @@ def _run_thread(process: NativeProcess, token: bytes, first: bool) -> None:
     try:
         welcome = process.hello(chan, traps.HELLO_THREAD, [token, threading.get_native_id()],
                                 [uffd.fd] if uffd is not None else [])
+    except (ThreadTerminated, Disconnected, MachError):  # terminated before it ran (machd
+        chan.close()  # tells it so, or no longer knows its token), or detached
+        return
     finally:
         if uffd is not None:
             uffd.close()

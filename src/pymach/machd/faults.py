@@ -21,6 +21,7 @@ Registries are guarded by `lock` (a leaf lock).
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import threading
 from typing import TYPE_CHECKING
@@ -37,6 +38,9 @@ from pymach.vm.vm_fault import vm_fault_trap
 if TYPE_CHECKING:
     from pymach.machd.machd import Machd, Process
     from pymach.pmap.uffd import Fault
+
+
+log = logging.getLogger("pymach.machd")
 
 
 class FaultPoller:
@@ -111,10 +115,21 @@ class FaultPoller:
                     threading.Thread(target=self.machd.process_exited, args=(gone,),
                                      daemon=True, name="machd.exited").start()
                 elif proc is not None and proc.uffd is not None:
-                    for fault in proc.uffd.read_events():
-                        if proc.uffd is None:  # a fault of this batch ended the task
-                            break
-                        self._dispatch(proc, fault)
+                    self._serve_events(proc)
+
+    def _serve_events(self, proc: Process) -> None:
+        """Dispatch the faults waiting on a process's userfaultfd. A failure affects that
+        process only (it died while its fault was resolved: ESRCH), never the poller."""
+        try:
+            uffd = proc.uffd
+            for fault in uffd.read_events() if uffd is not None else []:
+                if proc.uffd is None:  # a fault of this batch ended the task
+                    break
+                self._dispatch(proc, fault)
+        except (OSError, UffdError) as e:
+            log.info("task %s: a fault not resolved: %s", proc.task.name, e)
+        except Exception:  # a bug: log it, and keep serving every other task
+            log.exception("task %s: resolving a fault failed", proc.task.name)
 
     def _dispatch(self, proc: Process, fault: Fault) -> None:
         if self._stale(proc, fault):
@@ -143,6 +158,12 @@ class FaultPoller:
     def _resolve_now(self, thread: Thread, fault: Fault) -> bool:
         """Run the fault as `thread` without waiting; False if it must wait (or the thread
         is being terminated), so that the kernel thread runs it."""
+        state: RemoteState = thread.host_data
+        if not state.busy.acquire(blocking=False):
+            # Its kernel thread is acting as it (a trap, whose reply the process thread
+            # waits for, so this event is stale; or a posted fault, whose resolution may
+            # already have let the thread fault again): the kernel thread runs it next.
+            return False
         thread.no_wait = True
         try:
             vm_fault_trap(thread, fault.address, fault_access(fault))
@@ -152,6 +173,7 @@ class FaultPoller:
             memory_exception(self.machd, thread, fault, e)  # the process is killed
         finally:
             thread.no_wait = False
+            state.busy.release()
         return True
 
     def _helper(self, proc: Process) -> Thread:

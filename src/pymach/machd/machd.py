@@ -23,6 +23,11 @@ A task ends when its process ends; a process that machd must end (task_terminate
 memory error) is told why and then killed. A process machd starts (task_create, then
 thread_create) runs as the task's user. See the README, "Native mode".
 
+With a `network` (net/tcp.py), machd joins a cluster: its kernel gets a netmsgserver
+over TCP with mutual TLS (net/station.py), whose service port is the bootstrap port of
+every native task, so tasks on different hosts find each other through netname and
+talk through proxies. See the README, "Network over TCP".
+
 Registries below are guarded by `self.lock` (a leaf lock); kernel state by the kernel
 lock, as everywhere.
 """
@@ -62,7 +67,10 @@ from pymach.kern.host import Kernel
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, running_thread
 from pymach.machd.faults import FaultPoller
-from pymach.machd.remote import RemoteState, TaskEnv, check_frame, serve_remote
+from pymach.machd.remote import RemoteState, TaskEnv, check_frame, refuse_thread, serve_remote
+from pymach.net.netmsgserver import NetMsgServer
+from pymach.net.station import start_netmsgserver
+from pymach.net.tcp import TcpConfig, TcpTransport, address_text
 from pymach.pmap.uffd import Uffd, probe
 
 log = logging.getLogger("pymach.machd")
@@ -112,7 +120,7 @@ class Machd:
                  swap_size: int | None = None, pager_timeout_ms: float | None = None,
                  pager_timeout_action: str = "error", pager_cluster_pages: int = 16,
                  limits: Limits | None = None, allow_uids: Iterable[int] = (),
-                 **kernel_limits: Any) -> None:
+                 network: TcpConfig | None = None, **kernel_limits: Any) -> None:
         reason = probe()
         if reason:
             raise MachdError(f"machd needs userfaultfd: {reason}")
@@ -132,6 +140,8 @@ class Machd:
         self.connections: Counter[int] = Counter()  # uid -> open connections
         self.greeting = 0  # connections still owing their hello
         self.listener: socket.socket | None = None
+        self.network = network  # immutable: the cluster this host joins (None: none)
+        self.netmsgserver: NetMsgServer | None = None
         self.running = False
         self.poller = FaultPoller(self)
 
@@ -140,6 +150,8 @@ class Machd:
         """Boot the kernel and listen (returns; serving runs in threads)."""
         self.listener = listen(self.socket_path, others=len(self.allow_uids) > 1)
         self.kernel.boot_headless()
+        if self.network is not None:
+            self._join(self.network)
         self.running = True
         self.poller.start()
         threading.Thread(target=self._accept_loop, name="machd.accept", daemon=True).start()
@@ -147,8 +159,27 @@ class Machd:
                  self.socket_path, self.kernel.memory_size >> 20, self.kernel.page_size,
                  sorted(self.allow_uids))
 
+    def _join(self, network: TcpConfig) -> None:
+        """Start the netmsgserver over TCP (before any task exists, so every task gets its
+        service port as bootstrap port); MachdError, having cleaned up, if it cannot
+        listen."""
+        try:
+            self.netmsgserver, _ = start_netmsgserver(self.kernel, TcpTransport(network))
+        except OSError as e:
+            assert self.listener is not None
+            self.listener.close()
+            self.kernel.shutdown()
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+            raise MachdError(f"cannot listen for hosts at {address_text(network.listen)}: "
+                             f"{e.strerror or e} (choose another --listen)") from None
+        log.info("machd is host %r of a cluster (listening at %s, peers %s)", network.host,
+                 address_text(network.listen),
+                 ", ".join(map(address_text, network.peers)) or "none")
+
     def stop(self) -> None:
-        """End every native task, shut the kernel down, remove the socket."""
+        """End every native task, leave the cluster, shut the kernel down, remove the
+        socket."""
         if not self.running:
             return
         self.running = False
@@ -159,6 +190,8 @@ class Machd:
         for p in procs:
             self.kill(p, "machd is shutting down")
         self.poller.stop()
+        if self.netmsgserver is not None:
+            self.netmsgserver.transport.close()
         self.kernel.shutdown()
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
@@ -346,7 +379,26 @@ class Machd:
     def process_exited(self, proc: Process) -> None:
         """The process is gone (its pidfd said so): end its task."""
         proc.exited = True
+        self._signal_diagnostic(proc)
         self.process_gone(proc, "its process exited")
+
+    def _signal_diagnostic(self, proc: Process) -> None:
+        """If the process (one machd started: it can read its status) was ended by
+        SIGSEGV or SIGBUS, say so on the task's stderr in pymach's words: the task
+        touched an address it has no memory at (never mapped, or after vm_deallocate)."""
+        with self.lock:
+            pidfd = os.dup(proc.pidfd) if proc.pidfd >= 0 and proc.popen is not None else -1
+        if pidfd < 0:
+            return
+        try:
+            signum = _fatal_signal(pidfd)
+        finally:
+            os.close(pidfd)
+        if signum in (signal.SIGSEGV, signal.SIGBUS):
+            self._tell(proc, f"pymach: task {proc.task.name!r} ended: memory exception: "
+                             f"{signal.Signals(signum).name}: an access to an address the "
+                             f"task has no memory at (never mapped, or used after "
+                             f"vm_deallocate)\n")
 
     def _run_thread(self, thread: Thread, chan: Channel, tid: int, control: bytes) -> None:
         """Start the kernel thread that serves this process thread (it sends the
@@ -354,6 +406,7 @@ class Machd:
         code = thread.code
         thread.host_data = RemoteState(tid)
         thread.code = Code(serve_remote, (self, thread, chan, code, control))
+        thread.never_ran = lambda: refuse_thread(thread, chan)  # terminated before it ran
         with self.kernel.sched.lock:
             thread.start()
 
@@ -419,6 +472,7 @@ class Machd:
             self.process_gone(proc, "its process detached")
         else:
             proc.exited = True
+            self._signal_diagnostic(proc)
             self.process_gone(proc, "its process exited")
         proc.control.close()
         self.connection_closed(proc.uid)
@@ -455,6 +509,10 @@ class Machd:
         with self.lock:  # the pidfd taken at attach: signals can only reach that process
             pidfd = os.dup(proc.pidfd) if proc.pidfd >= 0 and not (
                 proc.detaching or proc.exited) else -1
+            uffd = None
+            if pidfd >= 0:  # its memory stays machd's until it is gone: a process left
+                uffd, proc.uffd = proc.uffd, None  # without its userfaultfd would read
+                # zeros and write where nobody sees it
         if pidfd >= 0 and proc.control is not None:
             me = running_thread()
             why = proc.why or ("" if me is not None and me.task is task else "task_terminate")
@@ -463,7 +521,8 @@ class Machd:
             with contextlib.suppress(Disconnected, OSError):
                 proc.control.send(traps.DIE, [why])  # "": it ended itself
                 told = True
-        threading.Thread(target=_end_process, args=(pidfd, proc.popen, 2.0 if told else 0.0),
+        threading.Thread(target=_end_process,
+                         args=(pidfd, proc.popen, 2.0 if told else 0.0, uffd),
                          daemon=True, name=f"machd.end.{task.name}").start()
         with self.lock:
             self.processes.pop(task.serial, None)
@@ -548,9 +607,29 @@ def _pidfd(pid: int) -> int:
         return -1
 
 
-def _end_process(pidfd: int, popen: subprocess.Popen[bytes] | None, grace: float) -> None:
-    """Wait up to `grace` seconds for a process told to die, then SIGKILL it; reap it if
-    machd started it."""
+END_WAIT_S = 5.0  # how long a SIGKILLed process may take to go (its userfaultfd waits)
+
+
+def _fatal_signal(pidfd: int, wait_ms: int = 200) -> int:
+    """The signal that ended the process of `pidfd` (a child of machd's), 0 if none
+    did, or if it has not ended within `wait_ms` (it is not reaped: WNOWAIT)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if not poller.poll(wait_ms):
+        return 0
+    try:
+        info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    except OSError:
+        return 0
+    if info is None or info.si_code not in (os.CLD_KILLED, os.CLD_DUMPED):
+        return 0
+    return info.si_status
+
+
+def _end_process(pidfd: int, popen: subprocess.Popen[bytes] | None, grace: float,
+                 uffd: Uffd | None = None) -> None:
+    """Wait up to `grace` seconds for a process told to die, then SIGKILL it, and close
+    its userfaultfd once it is gone; reap it if machd started it."""
     if pidfd >= 0:
         try:
             poller = select.poll()
@@ -558,8 +637,11 @@ def _end_process(pidfd: int, popen: subprocess.Popen[bytes] | None, grace: float
             if not poller.poll(int(grace * 1000)):
                 with contextlib.suppress(OSError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                poller.poll(int(END_WAIT_S * 1000))
         finally:
             os.close(pidfd)
+    if uffd is not None:
+        uffd.close()
     if popen is not None:
         popen.wait()
 
@@ -627,12 +709,13 @@ def run_machd(machd: Machd) -> int:
     return 0
 
 
-def start_daemon(path: str, *options: str, timeout: float = 20.0) -> subprocess.Popen[bytes]:
+def start_daemon(path: str, *options: str, timeout: float = 20.0,
+                 prefix: Iterable[str] = ()) -> subprocess.Popen[bytes]:
     """Start `pymach machd --socket path *options` as a child process that ends with the
-    caller; returns once it accepts connections (MachdError if it exits or does not
-    start in time)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pymach.cli.main", "machd", "--socket",
-                             path, "--log-level", "warning", *options],
+    caller (run by `prefix`, as `ip netns exec NS`, if given); returns once it accepts
+    connections (MachdError if it exits or does not start in time)."""
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "pymach.cli.main", "machd",
+                             "--socket", path, "--log-level", "warning", *options],
                             preexec_fn=_die_with_parent)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -25,6 +25,8 @@ import contextlib
 import logging
 import os
 import select
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from pymach.ipc.mach_msg import (
     msg_send_receive_trap,
     msg_send_trap,
 )
+from pymach.pmap.uffd import UffdError
 from pymach.vm.vm_fault import vm_fault_trap
 
 if TYPE_CHECKING:
@@ -81,6 +84,8 @@ class RemoteState:
 
     def __init__(self, tid: int) -> None:
         self.tid = tid  # immutable: the process thread's id (0: a helper)
+        self.busy = threading.Lock()  # held while the kernel thread acts as the process
+        # thread (a trap, a posted fault); the poller runs a fault only if it can take it
         self.faults: deque[Fault | None] = deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -200,6 +205,15 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
         machd.connection_closed(thread.task.uid)
 
 
+def refuse_thread(thread: Thread, conn: Channel) -> None:
+    """The thread was terminated before it ran: its process thread, waiting for its
+    welcome, is told so (it ends without running its code)."""
+    with contextlib.suppress(Disconnected, OSError, ThreadTerminated):
+        reply(thread, conn, traps.REPLY_TERMINATED, None)
+    conn.close()
+    thread.host_data.close()
+
+
 def _welcome(machd: Machd, thread: Thread, code: Code | None,
              control_token: bytes) -> list[Any]:
     """The WELCOME_FIELDS of a new process thread."""
@@ -221,7 +235,8 @@ def _loop(machd: Machd, thread: Thread, conn: Channel, state: RemoteState) -> No
             while state.faults:
                 fault = state.faults.popleft()
                 if fault is not None:
-                    serve_fault(machd, thread, fault)
+                    with state.busy:
+                        serve_fault(machd, thread, fault)
         if conn.fileno() in ready and not _serve_frame(machd, thread, conn):
             return
 
@@ -251,7 +266,8 @@ def _serve_frame(machd: Machd, thread: Thread, conn: Channel) -> bool:
 def _trap(thread: Thread, conn: Channel, frame: Frame) -> None:
     """Run one trap as `thread` and send its reply (its value, or the Mach error)."""
     try:
-        value = TRAP_TABLE[frame.op](thread, frame.values)
+        with thread.host_data.busy:  # (released before the reply: see faults._resolve_now)
+            value = TRAP_TABLE[frame.op](thread, frame.values)
     except MachError as e:
         reply(thread, conn, traps.REPLY_ERROR, None, e.code, e.detail)
     except ThreadTerminated:
@@ -286,12 +302,39 @@ def fault_access(fault: Fault) -> int:
     return VM_PROT_WRITE if (fault.write or fault.wp) else VM_PROT_READ
 
 
+def fault_pending(pid: int, tid: int) -> bool:
+    """False if the kernel shows that thread `tid` of process `pid` waits somewhere other
+    than in a userfaultfd fault (its wait channel): an event read for a fault the thread
+    no longer waits on is stale (it was woken another way, and went on). True where it
+    cannot tell (no wait channel shown, or the thread still running into its wait)."""
+    for _ in range(STALE_CHECKS):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read().strip()
+        except OSError:
+            return True
+        if wchan == "handle_userfault":
+            return True
+        if wchan not in ("", "0"):
+            return False  # asleep elsewhere (in a trap's socket read, say)
+        time.sleep(0.002)  # running: about to sleep in its fault, or running on
+    return True
+
+
+STALE_CHECKS = 5
+
+
 def memory_exception(machd: Machd, thread: Thread, fault: Fault, e: MachError) -> None:
-    """vm_fault refused a fault of the process: end the task, saying why."""
+    """vm_fault refused a fault of the process: end the task, saying why (unless the
+    fault is stale: the thread is not waiting on it)."""
+    proc = thread.task.process
+    if proc is not None and not fault_pending(proc.pid, fault.tid):
+        log.info("task %s: stale fault at %#x ignored (%s)", thread.task.name,
+                 fault.address, e.code)
+        return
     why = (f"memory exception: {e.code} at {fault.address:#x} "
            f"({'write' if fault_access(fault) & VM_PROT_WRITE else 'read'}): {e.detail}")
     log.warning("task %s: %s", thread.task.name, why)
-    proc = thread.task.process
     if proc is not None:
         machd.kill(proc, why)
 
@@ -303,6 +346,8 @@ def serve_fault(machd: Machd, thread: Thread, fault: Fault) -> None:
     except MachError as e:
         memory_exception(machd, thread, fault, e)
         raise ThreadTerminated() from None
+    except UffdError as e:  # the process died while its fault was resolved (ESRCH)
+        log.info("task %s: a fault not resolved: %s", thread.task.name, e)
 
 
 def serve_faults(machd: Machd, thread: Thread) -> None:

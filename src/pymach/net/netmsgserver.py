@@ -12,11 +12,12 @@ the typed packets of net/packets.py, never pickles.
   (host, unguessable id), out-of-line memory becomes bytes) and sent as a MSG packet to
   the host of the real port; a packet from the wire port is decoded (references become
   the real local port or a proxy) and sent on locally. A packet that is not one of the
-  layouts of net/packets.py is refused: logged, counted in `bad_packets`, dropped; the
-  server goes on serving. The server's task is unthrottled: a full local queue does not
-  hold it back, so the messages of one host are queued in the order that host sent them
-  (data managers rely on this: a kernel's pager_data_write always precedes its later
-  replies), and a slow receiver never stalls the network;
+  layouts of net/packets.py is refused: logged, counted in `bad_packets`, dropped, and
+  the transport is told to drop its sender (`disconnect`: over TCP that host's
+  connection closes); the server goes on serving. The server's task is unthrottled: a
+  full local queue does not hold it back, so the messages of one host are queued in the
+  order that host sent them (data managers rely on this: a kernel's pager_data_write
+  always precedes its later replies), and a slow receiver never stalls the network;
 - the server is the network's name service (netname_check_in / look_up / check_out on
   its service port, which is every task's bootstrap port on the host). Every server
   keeps a replica of the network's registry: a change is sent to every reachable host
@@ -30,6 +31,12 @@ the typed packets of net/packets.py, never pickles.
   waited on a proxy being destroyed, its host is unreachable) is answered with a
   MIG_SERVER_DIED reply when it has a reply port, so a remote procedure call fails
   instead of waiting forever.
+
+What other hosts can make the server hold is bounded: MAX_NAMES registry entries,
+NET_QUEUE_MAX messages from the network queued on any one local port (more are
+refused with SEND_TIMED_OUT, as a full port refuses a send with a zero timeout), proxies
+by its task's port_names_max, out-of-line memory by its ool_queued_max; packets not yet
+taken by the transport's flow control (the sink's backlog, net/transport.py).
 
 Send rights cross hosts. A receive or ownership right sent to a remote port is not
 carried across in this version: the server gives it up at once, which hands it back to
@@ -65,7 +72,7 @@ from pymach.include.message import (
     PortArray,
     Str,
 )
-from pymach.include.mig import REPLY_ID_OFFSET, serve_message
+from pymach.include.mig import REPLY_ID_OFFSET, REPLY_SIZE_ANY, serve_message
 from pymach.include.netname_defs import netname_defs
 from pymach.include.wire import WireError
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
@@ -96,6 +103,8 @@ HOST_DOWN_ID = 1202  # [Str host]
 log = logging.getLogger("pymach.net")
 _RIGHTS_KEPT_HERE = (Disposition.MOVE_RECEIVE, Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL)
 _PLAIN_ITEMS = (Int, Float, Bytes, Str, IntArray)
+MAX_NAMES = 16384  # entries in a replica of the netname registry
+NET_QUEUE_MAX = 1024  # messages from the network queued on one local port
 
 
 class NetMsgServer:
@@ -114,6 +123,7 @@ class NetMsgServer:
         self.service = self.wire = self.notify = 0
         self.lock = threading.Lock()  # guards the export tables against forwarding threads
         self.forwarded = self.delivered = self.bad_packets = 0
+        self.bytes_in = 0  # packet bytes taken from the wire port (the sink's backlog)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, service: int, wire: int) -> None:
@@ -123,7 +133,7 @@ class NetMsgServer:
         for port in (service, wire, self.notify):
             mach.port_enable(me, port)
         while True:
-            msg = mach.msg_receive()
+            msg = mach.msg_receive(rcv_size=REPLY_SIZE_ANY)  # a packet may be 64 MiB
             try:
                 self._handle(msg)
             except ThreadTerminated:
@@ -251,12 +261,14 @@ class NetMsgServer:
     # -- inbound ------------------------------------------------------------------------
     def packet_in(self, source: str, data: bytes) -> None:
         """Bytes from host `source`: act on the packet, or refuse and log a bad one."""
+        self.bytes_in += len(data)
         try:
             self._dispatch(source, decode_packet(data))
         except WireError as e:
             self.bad_packets += 1
             log.warning("netmsgserver %s: refused a packet from %r: %s", self.host, source,
                         e.detail)
+            self.transport.disconnect(source, f"it sent a bad packet ({e.detail})")
 
     def _dispatch(self, source: str, packet: Packet) -> None:
         if isinstance(packet, MsgPacket):
@@ -266,6 +278,10 @@ class NetMsgServer:
             self._forget_proxy(dead)
             self._drop_names(lambda ref: ref == dead)
         elif isinstance(packet, NamePacket):
+            if packet.name not in self.names and len(self.names) >= MAX_NAMES:
+                log.warning("netmsgserver %s: refused name %r from %r: the registry holds "
+                            "%d names", self.host, packet.name[:64], source, MAX_NAMES)
+                return
             self.names[packet.name] = packet.ref
             self.own_names.pop(packet.name, None)  # the later check-in elsewhere wins
         else:
@@ -277,16 +293,36 @@ class NetMsgServer:
         dest = self.by_id.get(packet.dest)
         if dest is None:  # the port died meanwhile: tell the sender's host, fail the call
             self._send(source, DeadPacket(packet.dest))
-            if packet.reply is not None:
-                self._send(packet.reply[0], MsgPacket(
-                    packet.reply[1], packet.msg_id + REPLY_ID_OFFSET, None,
-                    tuple(_server_died())))
+            self._fail_remote(packet, "MIG_SERVER_DIED",
+                              "the destination port died before the request reached it")
+            return
+        if self._queued(dest) >= NET_QUEUE_MAX:  # the network may not fill a port
+            log.warning("netmsgserver %s: refused message %d from %r: its port holds %d "
+                        "messages", self.host, packet.msg_id, source, NET_QUEUE_MAX)
+            self._fail_remote(packet, "SEND_TIMED_OUT", f"the port stayed full "
+                              f"({NET_QUEUE_MAX} messages from the network)")
             return
         reply, reply_disp = self._local(packet.reply)
         msg = Message(remote_port=dest, local_port=reply, id=packet.msg_id,
                       items=[self._decode(i) for i in packet.items],
                       local_disposition=reply_disp if reply else None)
         self._send_local(msg)
+
+    def _fail_remote(self, packet: MsgPacket, code: str, detail: str) -> None:
+        """Answer a request from another host that will not be delivered with an error
+        reply (as _refuse does for a local one); nothing if it has no reply port."""
+        if packet.reply is not None:
+            self._send(packet.reply[0], MsgPacket(
+                packet.reply[1], packet.msg_id + REPLY_ID_OFFSET, None,
+                (Int(MachError(code).value), Str(detail))))
+
+    def _queued(self, name: int) -> int:
+        """Messages queued on the local port we name `name` (0 if we name none)."""
+        thread = current_thread()
+        with thread.kernel.trap(thread):  # the server is part of this host's kernel side
+            entry = thread.task.space.names.get(name)
+            port = entry.port if entry is not None else None
+            return len(port.queue) if port is not None else 0
 
     def _local(self, ref: Ref | None) -> tuple[int, Disposition]:
         """Our name for a referenced port and the disposition that gives a send right."""
@@ -399,6 +435,9 @@ class NetMsgServer:
             raise MachError("KERN_INVALID_ARGUMENT",
                             f"netname_check_in needs a port and a name of 1 to "
                             f"{MAX_NETNAME} characters")
+        if name not in self.names and len(self.names) >= MAX_NAMES:
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"the network's registry holds "
+                            f"{MAX_NAMES} names")
         ref = self.ref_of(port)
         self.names[name] = self.own_names[name] = ref
         self._broadcast(NamePacket(name, ref))
@@ -418,8 +457,3 @@ class NetMsgServer:
         self.own_names.pop(name, None)
         self._broadcast(UnnamePacket(name))
 
-
-def _server_died() -> list[NetItem]:
-    """The items of a MIG error reply: the port died before the request reached it."""
-    return [Int(MachError("MIG_SERVER_DIED").value),
-            Str("the destination port died before the request reached it")]

@@ -13,7 +13,7 @@ through their bootstrap port and use netname to find ports on any host.
     with pymach.Network() as net:
         a, b = net.host("A"), net.host("B")
         server = a.start(serve_it)            # tasks on host A ...
-        print(b.start(use_it).wait(10))       # ... and host B
+        print(b.start(use_it).wait(10_000))   # ... and host B
 
 Hosts run in real time side by side: a multi-host run is not deterministic even if the
 hosts' schedulers are. Shared state here is guarded by `lock` (a leaf lock, never held

@@ -1,16 +1,19 @@
 """A host on a network: a booted kernel, its netmsgserver task, and its transport.
 
-`Host(transport, config)` boots an embedded kernel named after `transport.host`, creates
-the netmsgserver task (net/netmsgserver.py) with its service port (every task's
-bootstrap port on the host) and its wire port, and starts the transport with a
-`WirePortSink`. The sink is the host's network interface: each transport event becomes
-a kernel message queued on the wire port, like an interrupt, whatever thread the
-transport calls from. The same Host runs over any `NetTransport` (net/transport.py):
-the in-process network (net/network.py) or another.
+`start_netmsgserver(kernel, transport)` gives a booted kernel its netmsgserver task
+(net/netmsgserver.py) with its service port (the bootstrap port every task created
+afterwards inherits) and its wire port, and starts the transport with a `WirePortSink`.
+The sink is the host's network interface: each transport event becomes a kernel message
+queued on the wire port, like an interrupt, whatever thread the transport calls from.
+`Host(transport, config)` boots an embedded kernel named after `transport.host` and
+does that; machd does it on its own kernel (machd/machd.py). The same server runs over
+any `NetTransport` (net/transport.py): the in-process network (net/network.py), TCP
+(net/tcp.py) or another.
 
 Invariants: the wire port has no send right outside the kernel, so everything on it
 comes from the sink; the sink never blocks on the server (it queues under the kernel's
-scheduler lock and returns) and drops events once the wire port is dead.
+scheduler lock and returns) and drops events once the wire port is dead. The sink's
+backlog is the bytes of packets it queued that the server has not taken yet.
 """
 
 from __future__ import annotations
@@ -34,13 +37,20 @@ from pymach.net.transport import NetTransport, PacketSink
 class WirePortSink(PacketSink):
     """Transport events as kernel messages on a netmsgserver's wire port."""
 
-    def __init__(self, kernel: Kernel, wire: Port) -> None:
+    def __init__(self, kernel: Kernel, wire: Port, server: NetMsgServer) -> None:
         self.kernel = kernel
         self.wire = wire
+        self.server = server  # counts the packet bytes it takes (bytes_in)
+        self.posted = 0  # packet bytes ever queued on the wire port (kernel lock)
 
     def packet(self, source: str, data: bytes) -> None:
         """Queue [Str source, Bytes data] as PACKET_ID."""
-        self._post(PACKET_ID, [Str(source), Bytes(bytes(data))])
+        self._post(PACKET_ID, [Str(source), Bytes(bytes(data))], len(data))
+
+    def backlog(self) -> int:
+        """Packet bytes queued on the wire port that the server has not taken yet (read
+        without the lock: an estimate, enough for flow control)."""
+        return max(0, self.posted - self.server.bytes_in)
 
     def host_up(self, host: str) -> None:
         """Queue [Str host] as HOST_UP_ID."""
@@ -50,11 +60,34 @@ class WirePortSink(PacketSink):
         """Queue [Str host] as HOST_DOWN_ID."""
         self._post(HOST_DOWN_ID, [Str(host)])
 
-    def _post(self, msg_id: int, items: list[KItem]) -> None:
+    def _post(self, msg_id: int, items: list[KItem], size: int = 0) -> None:
         with self.kernel.sched.lock:
             if not self.wire.dead:
                 mqueue_enqueue(self.wire, KMsg(self.wire, None, msg_id, items,
                                                sender="network"))
+                self.posted += size
+
+
+def start_netmsgserver(kernel: Kernel, transport: NetTransport) -> tuple[NetMsgServer, Port]:
+    """Give the booted `kernel` its netmsgserver, reached through `transport`: the server
+    task's service port becomes the bootstrap task's bootstrap port (so every task made
+    afterwards finds the network's name service there), then the transport starts, its
+    events queued on the wire port. Returns (the server, its wire port)."""
+    server = NetMsgServer(transport)
+    with kernel.sched.lock:
+        task = kernel.task_create_locked(None, False, "netmsgserver")
+        task.unthrottled = True  # deliveries keep each host's order (netmsgserver.py)
+        service = mach_port.port_allocate(task.space, f"netmsgserver:{transport.host}")
+        wire_name = mach_port.port_allocate(task.space, f"wire:{transport.host}")
+        boot_task = next(t for t in kernel.tasks.values() if t.name == "bootstrap")
+        boot_task.set_bootstrap(task.space.names[service].port)  # children inherit it
+        thread = kernel.thread_create_locked(task, Code(server.run, (service, wire_name)),
+                                             "netmsgserver.1", start=False)
+        thread.daemon = True
+        thread.start()
+        wire = task.space.names[wire_name].port
+    transport.start(WirePortSink(kernel, wire, server))
+    return server, wire
 
 
 class Host:
@@ -68,29 +101,15 @@ class Host:
         self.transport = transport
         self.kernel = Kernel(name=self.name, **(config or {}))
         self.kernel.boot_headless()
-        self.server = NetMsgServer(transport)
-        self.wire: Port = self._start_server()
-        transport.start(WirePortSink(self.kernel, self.wire))
-
-    def _start_server(self) -> Port:
-        """Create the netmsgserver task with its service and wire ports (kernel side)."""
-        k = self.kernel
-        with k.sched.lock:
-            task = k.task_create_locked(None, False, "netmsgserver")
-            task.unthrottled = True  # deliveries keep each host's order (netmsgserver.py)
-            service = mach_port.port_allocate(task.space, f"netmsgserver:{self.name}")
-            wire = mach_port.port_allocate(task.space, f"wire:{self.name}")
-            boot_task = next(t for t in k.tasks.values() if t.name == "bootstrap")
-            boot_task.set_bootstrap(task.space.names[service].port)  # children inherit it
-            thread = k.thread_create_locked(task, Code(self.server.run, (service, wire)),
-                                            "netmsgserver.1", start=False)
-            thread.daemon = True
-            thread.start()
-            return task.space.names[wire].port
+        try:
+            self.server, self.wire = start_netmsgserver(self.kernel, transport)
+        except BaseException:  # the transport could not start (an address in use)
+            self.kernel.shutdown()
+            raise
 
     def start(self, fn: Callable[..., Any], *args: Any, name: str = "",
               **kwargs: Any) -> ExternalHandle:
-        """Run `fn` as a new task on this host; `.wait(seconds)` for its result."""
+        """Run `fn` as a new task on this host; `.wait(timeout_ms)` for its result."""
         return self.kernel.start_task(fn, *args, name=name, **kwargs)
 
     def shutdown(self) -> None:

@@ -4,7 +4,7 @@ A netmsgserver asks its transport for one thing, "deliver these bytes to that ho
 learns from it three things: a packet arrived (and from which host), a host became
 reachable, a host is gone. Everything else (what the bytes mean, ports, names) is the
 server's business (net/packets.py, net/netmsgserver.py). Implementations: the in-process
-simulated network (net/network.py) and, later, TCP.
+simulated network (net/network.py) and TCP with mutual TLS (net/tcp.py).
 
 A `NetTransport` is one host's attachment to a network. Its contract:
 
@@ -28,6 +28,12 @@ A `NetTransport` is one host's attachment to a network. Its contract:
   address it connected from, its authenticated name), never a claim read from `data`.
 - `close()` leaves the network (peers get `host_down(host)`); it is idempotent, and
   `send` returns False afterwards.
+- `disconnect(peer, why)`: the host found that `peer` sent something no correct host
+  sends; a transport with connections drops that peer's (the sink gets `host_down`),
+  one without (the in-process network) may ignore it.
+- A sink's `backlog()` is how many bytes of packets it was handed and its host has not
+  yet taken; a transport that reads from peers stops reading while that is high, so a
+  peer cannot make the host hold more than a bounded amount.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ class PacketSink(ABC):
     def host_down(self, host: str) -> None:
         """Host `host` can no longer be reached; packets in flight to it may be lost."""
 
+    def backlog(self) -> int:
+        """Bytes of packets handed over and not yet taken by the host (0: not counted)."""
+        return 0
+
 
 class NetTransport(ABC):
     """One host's attachment to a network (see module docstring for the contract)."""
@@ -70,3 +80,8 @@ class NetTransport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Leave the network (peers get host_down); idempotent."""
+
+    def disconnect(self, host: str, why: str) -> None:
+        """Drop the connection to `host`, which misbehaved (`why`); this default, for a
+        transport without connections, does nothing."""
+        return

@@ -8,7 +8,11 @@ thread of the manager's task:
 - `read(memory_object, offset, length, access)` returns the bytes of a range (or None:
   no data, zero-fill) and `write(memory_object, offset, data)` stores changed data.
   These two are enough for most pagers: the default `pager_data_request` and
-  `pager_data_write` call them.
+  `pager_data_write` call them. `write` gets *runs*: the kernel writes back one page
+  per pager_data_write message, and the writes already queued when one is stored are
+  joined, contiguous pages into one call (so 256 dirty pages written back together
+  come as one call of 256 pages, not 256 calls). A manager that overrides
+  `pager_data_write` gets each message as the kernel sent it instead.
 - Or override the paper's handlers themselves: `pager_init`, `pager_data_request`,
   `pager_data_write`, `pager_data_unlock`, and `pager_terminate` (the kernel let go of
   the object: its request port died).
@@ -19,25 +23,40 @@ thread of the manager's task:
 calling one and more made with thread_create), so one thread can serve a request while
 another waits (paper 6.1). Handlers may therefore run concurrently, in any order;
 a manager that needs requests in kernel order sets `threads = 1`.
+
+Written-back data is stored by one thread at a time, in arrival order, except that
+writes to disjoint ranges may be stored in offset order (their order cannot matter).
+A subclass's `__init__` must call ``super().__init__()``; one that does not gets an
+AttributeError saying so at its first use of the base class's state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections import deque
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pymach import mach
 from pymach.errors import MachError
-from pymach.include.mach_defs import memory_object_defs
+from pymach.include.mach_defs import memory_object_defs, pager_defs
 from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
-from pymach.include.mig import Subsystem, serve_message
+from pymach.include.mig import Subsystem, decode_items, serve_message
 from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 from pymach.mach_vm import memory
 
 STOP_ID = 2299
+# The answers to a data request go without waiting for the kernel's reply (a manager
+# streams them; the kernel logs a bad one): one message each way per request.
+_data_provided = mach.oneway_stub(pager_defs, "pager_data_provided")
+_data_unavailable = mach.oneway_stub(pager_defs, "pager_data_unavailable")
+_DATA_WRITE = memory_object_defs.by_name["pager_data_write"]
+_BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferred", "_lock",
+                         "_started", "_busy", "_writes", "_writing"})
+Write = tuple[int, int, OOL, int]  # memory object, offset, data, data_count
+WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
 
 
 class DataManager:
@@ -56,16 +75,28 @@ class DataManager:
         self._lock = threading.Lock()  # guards the counters and the write queue below;
         # never held across a Mach call
         self._started = self._busy = 0
-        self._writes: deque[tuple[int, int, OOL, int]] = deque()
+        self._writes: deque[Write] = deque()
         self._writing = False
+
+    if not TYPE_CHECKING:  # (for mypy the base class's state is declared above)
+        def __getattr__(self, name: str) -> Any:
+            """Only for attributes not found: say why the base class's state is missing."""
+            if name in _BASE_STATE:
+                raise AttributeError(
+                    f"{type(self).__name__!r} object has no attribute {name!r}: its "
+                    f"__init__ must call super().__init__() (DataManager keeps its "
+                    f"state there)", name=name, obj=self)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute "
+                                 f"{name!r}", name=name, obj=self)
 
     # -- memory objects ---------------------------------------------------------------
     def create_memory_object(self) -> int:
         """A new memory object port served by this manager (call from its task)."""
+        uses = self.uses  # (first: a subclass that skipped our __init__ learns it here)
         me = mach.task_self()
         port: int = mach.port_allocate(me)
         mach.port_enable(me, port)
-        self.uses[port] = {}
+        uses[port] = {}
         return port
 
     def requests(self, memory_object: int) -> list[int]:
@@ -76,12 +107,13 @@ class DataManager:
     def serve(self, threads: int | None = None) -> None:
         """Serve until `stop()`: this thread plus `threads - 1` more of the same task.
         Returns once every write-back received so far has been stored."""
+        with self._lock:  # (first: a subclass that skipped our __init__ learns it here)
+            self._started = threads or self.threads
         me = mach.task_self()
         self._task = me
         self._stop_port = mach.port_allocate(me)
         mach.port_enable(me, self._stop_port)
         mach.port_enable(me, mach.task_notify())
-        self._started = threads or self.threads
         for _ in range(self._started - 1):
             mach.thread_create(me, self._loop)
         self._loop()
@@ -109,7 +141,7 @@ class DataManager:
     def _loop(self) -> None:
         notify = mach.task_notify()
         while True:
-            msg = self._deferred.popleft() if self._deferred else mach.msg_receive()
+            msg = self._next_message()
             if msg.local_port == self._stop_port:
                 self.stop()  # pass it on to the next thread
                 return
@@ -118,24 +150,67 @@ class DataManager:
             else:
                 self._dispatch(msg)
 
+    def _next_message(self) -> Message:
+        """A message kept for later (`_deferred`), else the next one received."""
+        try:
+            return self._deferred.popleft()
+        except IndexError:
+            return mach.msg_receive()
+
     def queue_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
-        """Store written-back data in arrival order (see module docstring): this thread
-        stores it, and whatever arrives meanwhile, unless another thread is at it."""
+        """Store written-back data (see module docstring): this thread stores it, and
+        whatever arrives meanwhile, unless another thread is at it. Unless a subclass
+        overrides pager_data_write, the writes already queued are joined into runs."""
         with self._lock:
             self._writes.append((mo, offset, data, data_count))
             if self._writing:
                 return
             self._writing = True
+        joined = type(self).pager_data_write is DataManager.pager_data_write
         while True:
+            if joined:
+                self._take_queued_writes(mo)
             with self._lock:
                 if not self._writes:
                     self._writing = False
                     return
-                mo, offset, data, data_count = self._writes.popleft()
-            raw = memory().read(data.address, data.size)[:data_count] if data.size else b""
+                batch = list(self._writes) if joined else [self._writes[0]]
+                for _ in batch:
+                    self._writes.popleft()
+            for run in write_runs(batch):
+                self._store_run(run)
+                mo = run[0][0]
+
+    def _take_queued_writes(self, mo: int) -> None:
+        """Queue, without waiting, the pager_data_write messages already queued on `mo`
+        (the kernel sends a run of dirty pages together), up to WRITE_RUN_MAX bytes;
+        the first other message is kept for the receive loop."""
+        taken = 0
+        while taken < WRITE_RUN_MAX:
             try:
-                self.pager_data_write(mo, offset, raw)
-            finally:  # released only now: until then the kernel still has the data
+                msg = mach.msg_receive(mo, RCV_TIMEOUT, 0)
+            except MachError:  # none left (RCV_TIMED_OUT), or the port is gone
+                return
+            try:
+                if msg.id != _DATA_WRITE.id:
+                    raise MachError("MIG_BAD_ID")
+                offset, data, count = decode_items(_DATA_WRITE, _DATA_WRITE.ins, msg.items,
+                                                   "MIG_BAD_ARGUMENTS")
+            except MachError:  # served (or refused) by the loop, in order
+                self._deferred.append(msg)
+                return
+            with self._lock:
+                self._writes.append((mo, offset, data, count))
+            taken += count
+
+    def _store_run(self, run: list[Write]) -> None:
+        """Hand one run of written-back data to pager_data_write, then release it."""
+        try:
+            raw = b"".join(memory().read(data.address, data.size)[:count] if data.size
+                           else b"" for _, _, data, count in run)
+            self.pager_data_write(run[0][0], run[0][1], raw)
+        finally:  # released only now: until then the kernel still has the data
+            for _, _, data, _ in run:
                 if data.size:
                     mach.vm_deallocate(mach.task_self(), data.address, data.size)
 
@@ -196,9 +271,9 @@ class DataManager:
         """A kernel needs data: provide `read()`'s bytes, or say none exists."""
         data = self.read(memory_object, offset, length, access)
         if data is None:
-            mach.pager_data_unavailable(request, offset, length)
+            _data_unavailable(request, offset, length)
         else:
-            mach.pager_data_provided(request, offset, bytes(data), len(data), VM_PROT_NONE)
+            _data_provided(request, offset, bytes(data), len(data), VM_PROT_NONE)
 
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """A kernel writes changed data back: store it with `write()`."""
@@ -219,6 +294,28 @@ class DataManager:
 
     def write(self, memory_object: int, offset: int, data: bytes) -> None:
         """Store changed bytes of the object."""
+
+
+def write_runs(writes: list[Write]) -> list[list[Write]]:
+    """Writes grouped into runs of contiguous data of one object (of at most
+    WRITE_RUN_MAX bytes, unless one write alone is larger), in the order to store them:
+    by (object, offset) when no two overlap (then their order cannot matter), else in
+    arrival order, joining only neighbours."""
+    spans = sorted((mo, off, off + count) for mo, off, _, count in writes)
+    disjoint = all(a[0] != b[0] or a[2] <= b[1] for a, b in itertools.pairwise(spans))
+    ordered = sorted(writes, key=lambda w: (w[0], w[1])) if disjoint else writes
+    runs: list[list[Write]] = []
+    size = 0
+    for w in ordered:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and last[0] == w[0] and last[1] + last[3] == w[1]
+                and size + w[3] <= WRITE_RUN_MAX):
+            runs[-1].append(w)
+            size += w[3]
+        else:
+            runs.append([w])
+            size = w[3]
+    return runs
 
 
 class _Adapter:

@@ -122,9 +122,9 @@ class PhysicalMemory(Protocol):
         ...
 
     def pmap_page_discard(self, frame: int) -> None:
-        """Remove every mapping of `frame`, in every pmap; its data need not be kept (the
-        frame is being freed). Cheaper than pmap_page_protect to NONE where keeping the
-        data costs (the native backend)."""
+        """Remove every mapping of `frame`, in every pmap, and clear its reference and
+        modify bits; its data need not be kept (the frame is being freed). Cheaper than
+        pmap_page_protect to NONE where keeping the data costs (the native backend)."""
         ...
 
     def frames_discard(self, obj: object | None, runs: list[tuple[int, int]],
@@ -135,7 +135,8 @@ class PhysicalMemory(Protocol):
         `runs` are ranges [start, end) of `obj`'s offsets whose resident pages are
         exactly those (an offset in a run may hold no page; no other resident page of
         `obj` lies in a run). The same as pmap_page_discard then frame_unbind of each
-        frame, but a backend may drop a whole run at once."""
+        frame, but a backend may drop a whole run at once. Both clear the frames'
+        reference and modify bits (a free frame has neither)."""
         ...
 
     def discard_batch(self) -> AbstractContextManager[None]:
@@ -207,13 +208,15 @@ class PhysicalMemory(Protocol):
         fault, the pages of VM object `obj` (it has no resident page, and the VM holds
         a frame for each of its pages) in every task mapping it now; False if it cannot
         (then nothing changed). Not `on`: stop; faults on its missing pages reach the VM
-        again (True)."""
+        again (True); the pages the hardware made stay, for lazy_collect and
+        lazy_adopt. Stopping it again says the VM is done with them."""
         ...
 
-    def lazy_collect(self, obj: object) -> list[int]:
+    def lazy_collect(self, obj: object, start: int, end: int) -> list[int]:
         """After lazy_zero_fill(obj, False): the offsets, in order, of the pages of `obj`
-        that exist (made by the hardware or known to the VM); the VM binds a frame to
-        each it did not know (frame_bind keeps the data where it is), then lazy_adopt."""
+        in [start, end) that exist (made by the hardware or known to the VM); the VM
+        binds a frame to each it did not know (frame_bind keeps the data where it is),
+        then calls lazy_adopt."""
         ...
 
     def lazy_adopt(self, obj: object, pages: list[tuple[int, int]]) -> None:

@@ -74,6 +74,7 @@ class SoftPhysicalMemory:
         """Remove every mapping of `frame` (its data stay: nothing here costs to keep)."""
         with self.lock:
             self._unmap_locked([frame])
+            self._forget_locked([frame])
 
     def frames_discard(self, obj: object | None, runs: list[tuple[int, int]],
                        frames: list[int]) -> None:
@@ -81,6 +82,14 @@ class SoftPhysicalMemory:
         anonymous: there is nothing to unbind, and the runs do not matter)."""
         with self.lock:
             self._unmap_locked(frames)
+            self._forget_locked(frames)
+
+    def _forget_locked(self, frames: list[int]) -> None:
+        """Frames being freed: clear their reference and modify bits (a free frame has
+        neither, so taking one needs no pmap work)."""
+        referenced, modified = self.referenced, self.modified
+        for frame in frames:
+            referenced[frame] = modified[frame] = 0
 
     def _unmap_locked(self, frames: list[int]) -> None:
         """Remove every mapping of each frame and its pv list, in one pass over the
@@ -158,7 +167,7 @@ class SoftPhysicalMemory:
         """Simulated frames are filled by the VM: no zero fill by the machine."""
         return not on
 
-    def lazy_collect(self, obj: object) -> list[int]:
+    def lazy_collect(self, obj: object, start: int, end: int) -> list[int]:
         """Nothing was filled behind the VM's back."""
         return []
 

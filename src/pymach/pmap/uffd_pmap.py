@@ -85,7 +85,8 @@ class ObjectStore:
     lazy: list[tuple[UffdPmap, int, int, int]] | None = None  # the regions armed for
     # the kernel's own zero fill (lazy_zero_fill)
     filled: list[tuple[UffdPmap, int, int, int]] = field(default_factory=list)  # the
-    # regions it was on in when it ended, until lazy_adopt
+    # regions it was on in when it stopped (lazy_adopt maps pages there), until the VM
+    # stops it again (it is done with the fill)
 
 
 class UffdPhysicalMemory(SoftPhysicalMemory):
@@ -199,14 +200,15 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             return any(p is pmap and start <= va < start + n
                        for store in self.lazy_stores for p, start, _, n in store.lazy or ())
 
-    def lazy_collect(self, obj: Any) -> list[int]:
-        """The offsets of the object's pages its memfd holds (SEEK_DATA/SEEK_HOLE)."""
+    def lazy_collect(self, obj: Any, start: int, end: int) -> list[int]:
+        """The offsets in [start, end) of the object's pages its memfd holds
+        (SEEK_DATA/SEEK_HOLE)."""
         with self.lock:
             store = self.stores.get(obj.serial)
             if store is None:
                 return []
             ps, out = self.page_size, list[int]()
-            for lo, hi in _data_runs(store.fd, 0, min(obj.size, store.size)):
+            for lo, hi in _data_runs(store.fd, start, min(end, obj.size, store.size)):
                 out.extend(range(lo - lo % ps, hi, ps))
             return out
 
@@ -218,8 +220,6 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             store = self.stores.get(obj.serial)
             regions = [] if store is None else [r for r in store.filled
                                                 if r in store.mappings]
-            if store is not None:
-                store.filled = []
             for _off, frame in pages:
                 self.referenced[frame] = self.modified[frame] = 1
         rw = VM_PROT_READ | VM_PROT_WRITE
@@ -269,6 +269,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         object's memfd with one call (at the end of the discard_batch, inside one)."""
         with self.lock:
             self._unmap_locked(frames)
+            self._forget_locked(frames)
             self._unbind_locked(frames)
             store = None if obj is None else self.stores.get(obj.serial)
             if store is not None:
@@ -421,6 +422,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         data (the frame is being freed)."""
         with self.lock:
             self._unmap_locked([frame])
+            self._forget_locked([frame])
             self.stash.pop(frame, None)
             store, offset = self.homes[frame]
             self._punch_locked(store, offset, self.page_size)

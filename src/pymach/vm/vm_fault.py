@@ -364,4 +364,28 @@ def vm_fault_trap(thread: Thread, va: int, access: int) -> None:
     with thread.kernel.trap(thread):
         if task.map is None:
             raise MachError("KERN_INVALID_TASK", f"task {task.name!r} has no address space")
-        vm_fault(thread, task.map, va, access)
+        if not thread.kernel.tracing:
+            vm_fault(thread, task.map, va, access)
+            return
+        _traced_fault(thread, task.map, va, access)
+
+
+def _traced_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
+    """vm_fault, then one trace line `fault TASK VA read|write KIND MSms` (kernel lock
+    held): KIND is what the kernel counted meanwhile (pager: a data manager was asked or
+    provided data; copy-on-write; zero-fill; resident: none of these), or failed."""
+    kernel, stats = thread.kernel, vmap.vm.resident.stats
+    t0 = kernel.sched.now()
+    before = (stats.pager_messages + stats.pageins, stats.cow_faults, stats.zero_fill_count)
+    kind = "failed"
+    try:
+        vm_fault(thread, vmap, va, access)
+        after = (stats.pager_messages + stats.pageins, stats.cow_faults,
+                 stats.zero_fill_count)
+        changed = [k for k, b, a in zip(("pager", "copy-on-write", "zero-fill"), before, after,
+                                        strict=True) if a != b]
+        kind = changed[0] if changed else "resident"
+    finally:
+        kernel.trace_event(f"fault {thread.task.name} {trunc_page(va, vmap.vm.page_size):#x} "
+                           f"{'write' if access & VM_PROT_WRITE else 'read'} {kind} "
+                           f"{kernel.sched.now() - t0:.3f}ms")

@@ -287,8 +287,8 @@ def vm_map_protect(vmap: VmMap, start: int, end: int, prot: int, set_max: bool) 
             raise MachError("KERN_PROTECTION_FAILURE", f"protection {prot:#x} exceeds the "
                             f"maximum {e.max_protection:#x} at {e.start:#x}")
     for e in vmap.clip_range(start, end):
-        if e.object is not None:  # the pmap must know every page it then protects
-            vmap.vm.resident.lazy_end(e.object)
+        if e.object is not None:  # holes fault again: new pages get this protection
+            vmap.vm.resident.lazy_freeze(e.object)
         if set_max:
             e.max_protection = prot
             e.protection &= prot

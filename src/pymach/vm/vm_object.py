@@ -75,6 +75,7 @@ class VmObject:
         self.lazy_frames: list[int] | None = None  # frames held for the pages the machine
         # zero-fills on its own (vm_page.py, "Zero fill by the machine"); None: the VM
         # knows every resident page of the object
+        self.lazy_filling = False  # the machine fills holes of it now (until lazy_freeze)
         self.alive = True
         self.page_waitq = WaitQueue(vm.kernel.sched.lock, f"vm_object{self.serial}.pages")
 
@@ -102,10 +103,11 @@ def vm_object_allocate(vm: VmSystem, size: int, label: str = "") -> VmObject:
 
 def vm_object_reference(obj: VmObject | None) -> None:
     """Take one more reference to `obj`. Another holder will look at its pages, so the
-    machine's zero fill of it ends first (the pages it made become resident pages)."""
+    machine stops zero-filling it first (its pages become resident as they are looked
+    up)."""
     if obj is not None:
-        if obj.lazy_frames is not None:
-            obj.vm.resident.lazy_end(obj)
+        if obj.lazy_filling:
+            obj.vm.resident.lazy_freeze(obj)
         obj.ref_count += 1
 
 
@@ -182,7 +184,7 @@ def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
         if start <= 0 and end >= obj.size:
             vm.resident.lazy_drop(obj)
         else:
-            vm.resident.lazy_end(obj)
+            vm.resident.lazy_freeze(obj)
     pages, busy = [], []
     for offset, page in obj.memq.items():  # one pass over the pages (memory-bound)
         if not start <= offset < end:
@@ -192,7 +194,10 @@ def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
         else:
             pages.append(page)
     busy.sort()
-    vm.resident.vm_pages_free(obj, pages, _runs_between(start, end, busy, vm.page_size))
+    runs = _runs_between(start, end, busy, vm.page_size)
+    vm.resident.vm_pages_free(obj, pages, runs)
+    if obj.lazy_frames is not None:  # and the pages the machine made there, unseen
+        vm.phys.frames_discard(obj, runs, [])
     obj.existence = {o for o in obj.existence if not start <= o < end}
     if obj.data_source is not None and start == 0 and end >= obj.size:
         obj.data_source = None
@@ -243,6 +248,7 @@ def vm_object_collapse(obj: VmObject) -> None:
         backing = obj.shadow
         if backing is None or not _collapsible(obj, backing):
             return
+        obj.vm.resident.lazy_end(backing)  # every page of it known before pages move
         if backing.ref_count == 1 and (backing.pager is None or obj.pager is None):
             _collapse_into(obj, backing)
         elif _shadows_everything(obj, backing):

@@ -20,11 +20,14 @@ touch without a fault reaching the VM (the native backend: a memfd hole) may do 
 fresh anonymous memory: at the first fault of an object that nothing else sees and that
 has no page yet, `lazy_begin` takes from the free queue a frame for every page of the
 object (so memory is accounted for as if all were resident) and the pmap lets the
-hardware fill the object (`lazy_zero_fill`). The VM learns of the pages made meanwhile
-when it next needs to know: a lookup that misses, another reference, vm_protect, part
-of the object freed, or pageout short of frames (`lazy_end`: the pages the pmap reports
-become dirty resident pages, the frames left over go back to the free queue). Freeing
-the whole object needs no look at all (`lazy_drop`).
+hardware fill the object (`lazy_zero_fill`). When anything else looks at the object
+(another reference: a copy, a share, a clip; vm_protect; a lookup that misses; part of
+it freed) the fill stops (`lazy_freeze`: faults on holes reach the VM again), and each
+page the machine made becomes a dirty resident page when a lookup asks for it
+(`lazy_page`), so a copy of a GiB filled this way costs what a copy of resident memory
+costs. Pageout short of frames makes them all resident at once and takes back the
+frames no page needed (`lazy_end`). Freeing the whole object needs no look at all
+(`lazy_drop`).
 
 Invariants (kernel lock): a page is tabled (`object` set) iff it is in its object's
 memq, and `tabled` counts such pages; a tabled page is on exactly one of
@@ -119,8 +122,7 @@ class VmResident:
         self.stats.lookups += 1
         page = obj.memq.get(offset)
         if page is None and obj.lazy_frames is not None:
-            self.lazy_end(obj)  # the machine may have made it
-            page = obj.memq.get(offset)
+            page = self.lazy_page(obj, offset)  # the machine may have made it
         if page is not None:
             self.stats.hits += 1
         return page
@@ -159,9 +161,13 @@ class VmResident:
         return self._fresh_page(self.free.popleft())
 
     def _fresh_page(self, frame: int) -> VmPage:
-        """The page structure of a frame just taken off the free queue, reset."""
-        self.phys.pmap_clear_reference(frame)
-        self.phys.pmap_clear_modify(frame)
+        """The page structure of a frame just taken off the free queue, reset (its
+        reference and modify bits were cleared when it was freed: frames_discard)."""
+        phys = self.phys
+        if phys.pmap_is_referenced(frame):  # (a frame never freed since boot has none)
+            phys.pmap_clear_reference(frame)
+        if phys.pmap_is_modified(frame):
+            phys.pmap_clear_modify(frame)
         page = self.pages[frame]
         if page is None:
             page = self.pages[frame] = VmPage(frame)
@@ -211,27 +217,59 @@ class VmResident:
         if not self.phys.lazy_zero_fill(obj, True):
             return False
         obj.lazy_frames = [self.free.pop() for _ in range(n)]
+        obj.lazy_filling = True
         self.lazy[obj] = None
         return True
 
+    def lazy_freeze(self, obj: VmObject) -> None:
+        """Someone other than the machine's fill looks at `obj` now (another reference,
+        vm_protect, a lookup): the machine fills no more holes (a fault on one reaches
+        the VM again), and the pages it made become resident pages one at a time, as
+        lookups ask for them (`lazy_page`), or all at once (`lazy_end`)."""
+        if obj.lazy_filling:
+            obj.lazy_filling = False
+            self.phys.lazy_zero_fill(obj, False)
+
+    def lazy_page(self, obj: VmObject, offset: int) -> VmPage | None:
+        """A lookup of `obj` at `offset` missed: the page the machine made there, as a
+        dirty resident page (it has data no pager holds), or None if it made none."""
+        self.lazy_freeze(obj)
+        frames = obj.lazy_frames
+        made = self.phys.lazy_collect(obj, offset, offset + self.page_size)
+        if frames is None or not made:
+            return None
+        if not frames:  # (cannot happen: a frame is held for every page)
+            self.lazy_end(obj)
+            return obj.memq.get(offset)
+        return self._lazy_adopt(obj, [offset], frames)[0]
+
     def lazy_end(self, obj: VmObject) -> None:
         """The machine's zero fill of `obj` ends: each page it made becomes a dirty
-        resident page (it has data no pager holds), mapped where it is mapped; the held
-        frames left over go back to the free queue."""
+        resident page, mapped where it is mapped; the held frames left over go back to
+        the free queue."""
         frames = self._lazy_stop(obj)
         if frames is None:
             return
-        made = [off for off in self.phys.lazy_collect(obj) if off not in obj.memq]
-        adopted = []
-        for off in made[:len(frames)]:
+        made = [off for off in self.phys.lazy_collect(obj, 0, obj.size)
+                if off not in obj.memq]
+        self._lazy_adopt(obj, made[:len(frames)], frames)
+        self._release(frames)
+
+    def _lazy_adopt(self, obj: VmObject, offsets: list[int],
+                    frames: list[int]) -> list[VmPage]:
+        """The pages the machine made at `offsets` of `obj`, tabled in frames taken from
+        `frames` (the held ones), dirty, active, and mapped where the machine mapped
+        them (lazy_adopt)."""
+        pages = []
+        for off in offsets:
             page = self._fresh_page(frames.pop())
             self.vm_page_insert(page, obj, off)
             page.dirty = True
             self.vm_page_activate(page)
-            adopted.append((off, page.frame))
-        self.phys.lazy_adopt(obj, adopted)
-        self.stats.zero_fill_count += len(adopted)
-        self._release(frames)
+            pages.append(page)
+        self.phys.lazy_adopt(obj, [(p.offset, p.frame) for p in pages])
+        self.stats.zero_fill_count += len(pages)
+        return pages
 
     def lazy_drop(self, obj: VmObject) -> None:
         """All of `obj` goes (terminated, or its whole range freed): what the machine
@@ -243,12 +281,14 @@ class VmResident:
         self._release(frames)
 
     def _lazy_stop(self, obj: VmObject) -> list[int] | None:
-        """Stop the machine's zero fill of `obj`; the frames it held (None: it was off)."""
+        """Stop the machine's zero fill of `obj` for good; the frames it held (None: it
+        was off)."""
         frames = obj.lazy_frames
         if frames is not None:
+            self.lazy_freeze(obj)
             obj.lazy_frames = None
             del self.lazy[obj]
-            self.phys.lazy_zero_fill(obj, False)
+            self.phys.lazy_zero_fill(obj, False)  # (again: the backend forgets the fill)
         return frames
 
     def lazy_end_all(self) -> None:

@@ -6,6 +6,16 @@ task's port can operate on its memory. Addresses and sizes are checked here and 
 ones fail with KERN_INVALID_ARGUMENT (not an int, not page aligned where it must be),
 KERN_INVALID_ADDRESS (outside the address space or not allocated), KERN_NO_SPACE or
 KERN_PROTECTION_FAILURE.
+
+Edge cases follow GNU Mach's vm/vm_user.c (and XNU's, where they agree):
+- a zero-size call touches nothing and succeeds at any address (vm_deallocate,
+  vm_protect, vm_inherit, vm_read, vm_write, vm_copy, vm_regions, vm_pager_timeout);
+  vm_allocate of size 0 returns address 0 and allocates nothing;
+- a fixed-address vm_allocate or vm_allocate_with_pager takes the page the address is
+  in (trunc_page) and a size rounded up to whole pages (round_page), as GNU Mach does;
+- vm_write and vm_copy need page-aligned destinations (and vm_copy a page-aligned
+  source and count), as GNU Mach's vm_map_copy_overwrite; vm_write's data may end
+  mid-page (the rest of the last page is kept), as XNU allows.
 """
 
 from __future__ import annotations
@@ -56,14 +66,16 @@ def task_map(task: Task) -> VmMap:
 
 def page_range(vmap: VmMap, address: object, size: object) -> tuple[int, int]:
     """[address, address+size) rounded out to pages and checked against the map; empty
-    for size 0 (as in Mach, a zero-size call touches nothing)."""
+    for size 0, at any address (as in Mach, a zero-size call touches nothing)."""
     addr = check_int(address, "address")
     n = check_int(size, "size")
     ps = vmap.vm.page_size
+    start = trunc_page(addr, ps)
+    if n == 0:
+        return start, start
     if addr + n > VM_MAX_ADDRESS:
         raise MachError("KERN_INVALID_ADDRESS", f"{addr:#x}+{n:#x} is beyond the address space")
-    start = trunc_page(addr, ps)
-    return (start, start) if n == 0 else (start, round_page(addr + n, ps))
+    return start, round_page(addr + n, ps)
 
 
 def check_aligned(vmap: VmMap, value: object, what: str) -> int:
@@ -83,18 +95,22 @@ class VmServer:
 
     def vm_allocate(self, task: Task, address: int, size: int, anywhere: bool) -> int:
         vmap = task_map(task)
-        n = check_int(size, "size", 1)
+        n = check_int(size, "size")
+        check_int(address, "address")
+        if n == 0:  # as GNU Mach and XNU: nothing allocated, address 0
+            return 0
         start = self._place(vmap, address, round_page(n, vmap.vm.page_size), anywhere)
         obj = vm_object_allocate(vmap.vm, round_page(n, vmap.vm.page_size))
         vm_map_insert(vmap, start, start + obj.size, obj, 0)
         return start
 
     def _place(self, vmap: VmMap, address: object, size: int, anywhere: bool) -> int:
-        """Where a new region of `size` bytes goes (anywhere, or at a free aligned address)."""
-        check_int(address, "address")
+        """Where a new region of `size` bytes goes: anywhere, or at the page `address`
+        is in (trunc_page, as GNU Mach's vm_allocate and vm_map), which must be free."""
+        addr = check_int(address, "address")
         if anywhere:
             return vmap.find_space(size)
-        start = check_aligned(vmap, address, "address")
+        start = trunc_page(addr, vmap.vm.page_size)
         if start + size > vmap.max_offset or start < vmap.min_offset:
             raise MachError("KERN_INVALID_ADDRESS", f"{start:#x}+{size:#x} is outside the "
                             f"address space")
@@ -112,23 +128,29 @@ class VmServer:
         vmap = task_map(task)
         inh = check_inherit(inheritance)
         start, end = page_range(vmap, address, size)
-        vm_map_inherit(vmap, start, end, inh)
+        if start < end:
+            vm_map_inherit(vmap, start, end, inh)
 
     def vm_protect(self, task: Task, address: int, size: int, set_max: bool,
                    new_protection: int) -> None:
         vmap = task_map(task)
         prot = check_prot(new_protection)
         start, end = page_range(vmap, address, size)
-        vm_map_protect(vmap, start, end, prot, bool(set_max))
+        if start < end:
+            vm_map_protect(vmap, start, end, prot, bool(set_max))
 
     def vm_read(self, task: Task, address: int, size: int) -> VmMapCopy:
         vmap = task_map(task)
         addr, n = check_int(address, "address"), check_int(size, "size")
         page_range(vmap, addr, n)
-        return vm_map_copyin(vmap, addr, n, src_destroy=False)
+        return vm_map_copy_from_bytes(vmap.vm, b"") if n == 0 else vm_map_copyin(
+            vmap, addr, n, src_destroy=False)
 
     def vm_write(self, task: Task, address: int, data: VmMapCopy) -> None:
         vmap = task_map(task)
+        check_int(address, "address")
+        if data.size == 0:  # as GNU Mach: a null copy overwrites nothing, anywhere
+            return
         start = check_aligned(vmap, address, "address")
         page_range(vmap, start, data.size)
         if data.size % vmap.vm.page_size or data.offset:
@@ -151,13 +173,16 @@ class VmServer:
 
     def vm_copy(self, task: Task, source_address: int, count: int, dest_address: int) -> None:
         vmap = task_map(task)
+        for value, what in ((source_address, "source_address"), (count, "count"),
+                            (dest_address, "dest_address")):
+            check_int(value, what)
+        if count == 0:  # as GNU Mach: a null copy, anywhere
+            return
         src = check_aligned(vmap, source_address, "source_address")
         n = check_aligned(vmap, count, "count")
         dst = check_aligned(vmap, dest_address, "dest_address")
         page_range(vmap, src, n)
         page_range(vmap, dst, n)
-        if n == 0:
-            return
         vmap.check_mapped(dst, dst + n)
         copy = vm_map_copyin(vmap, src, n, src_destroy=False)
         try:
@@ -195,10 +220,10 @@ class VmServer:
     def vm_pager_timeout(self, task: Task, address: int, size: int, timeout_ms: float,
                          zero_fill: bool) -> None:
         vmap = task_map(task)
-        if timeout_ms < 0:
+        if not timeout_ms >= 0:  # (nor NaN)
             raise MachError("KERN_INVALID_ARGUMENT", "timeout_ms must be >= 0")
         start, end = page_range(vmap, address, size)
         vmap.check_mapped(start, end)
         policy = FaultPolicy(float(timeout_ms), bool(zero_fill))
-        for e in vmap.clip_range(start, end):
+        for e in vmap.clip_range(start, end) if start < end else ():
             e.policy = policy

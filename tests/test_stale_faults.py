@@ -1,0 +1,56 @@
+"""A fault event the faulting thread no longer waits on (machd/remote.fault_pending).
+
+userfaultfd events can outlive their fault: a thread woken another way (a range armed
+again, say) runs on, and may even have unmapped the address by the time machd reads the
+event. machd must not end a task for such an event, so before it does it asks the
+kernel where the thread waits (its wait channel): only a thread asleep in
+handle_userfault is waiting on a fault.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from pymach.machd.remote import fault_pending
+
+
+def test_a_thread_asleep_elsewhere_waits_on_no_fault() -> None:
+    tids: list[int] = []
+    stop = threading.Event()
+
+    def sleeper() -> None:
+        tids.append(threading.get_native_id())
+        stop.wait(10)
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    try:
+        time.sleep(0.1)
+        assert fault_pending(os.getpid(), tids[0]) is False
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_when_it_cannot_tell_it_treats_the_fault_as_pending() -> None:
+    assert fault_pending(os.getpid(), threading.get_native_id()) is True  # running
+    assert fault_pending(2**22 + 12345, 1) is True  # no such process
+
+
+def test_a_fault_that_fails_affects_its_process_only() -> None:
+    """A process that dies while machd resolves its fault makes UFFDIO_CONTINUE fail
+    with ESRCH; that must not end machd's fault poller (every task would hang)."""
+    from types import SimpleNamespace
+
+    from pymach.machd.faults import FaultPoller
+    from pymach.pmap.uffd import UffdError
+
+    class DyingUffd:
+        def read_events(self) -> list[object]:
+            raise UffdError(3, "UFFDIO_CONTINUE: No such process")
+
+    poller = FaultPoller.__new__(FaultPoller)  # only _serve_events is exercised
+    proc = SimpleNamespace(uffd=DyingUffd(), task=SimpleNamespace(name="gone"))
+    poller._serve_events(proc)  # type: ignore[arg-type]  # returns: nothing raised
