@@ -357,6 +357,27 @@ def test_clean_writes_back_and_keeps_the_page(kernel: m.Kernel) -> None:
     assert p.count("pager_data_request") == 1
 
 
+@pytest.mark.embedded_only("takes every free frame from the embedded kernel's VM")
+def test_clean_with_no_frame_for_the_copy_still_writes_back(kernel: m.Kernel) -> None:
+    """A clean copies each changed page for the manager and keeps the page; with no
+    frame for the copy it sends the page itself (it leaves memory: the next access asks
+    the manager again) rather than leave the change unwritten."""
+    p = Pager().start()
+    a = p.map()
+    write(a, b"dirty zero")
+    res = kernel.vm.resident
+    grab = res.vm_page_grab
+    res.vm_page_grab = lambda privileged: None  # type: ignore[method-assign]
+    try:
+        assert m.pager_clean_request(p.request, 0, PS) == 1
+    finally:
+        res.vm_page_grab = grab  # type: ignore[method-assign]
+    (_, off, count, data), = p.wait_for("pager_data_write")
+    assert (off, count, data[:10]) == (0, PS, b"dirty zero")
+    assert read(a, 10) == b"dirty zero"  # asked of the manager again, which has it
+    assert p.count("pager_data_request") == 2
+
+
 def test_flush_writes_back_and_drops_the_page(kernel: m.Kernel) -> None:
     p = Pager().start()
     a = p.map()

@@ -283,6 +283,19 @@ def pager_died(vm: VmSystem, port: Port) -> None:
 
 # -- cleaning and caching -----------------------------------------------------------------
 
+def _write_back(page: VmPage, flush: bool, privileged: bool) -> bool:
+    """Send a dirty page's data to its manager: a copy of it for a clean (the page
+    stays), or the page itself for a flush. A clean with no free frame for the copy
+    sends the page itself (it leaves memory, and the next access asks for it again)
+    rather than leaving the change unwritten."""
+    if vm_pageout_page(page, keep=not flush, privileged=privileged):
+        return True
+    if flush or page.object is None or page.busy:
+        return False
+    page.object.vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+    return vm_pageout_page(page, keep=False, privileged=privileged)
+
+
 def object_clean(obj: VmObject, start: int, end: int, flush: bool,
                  privileged: bool = True) -> int:
     """Write dirty pages of [start, end) back to the manager; with `flush` also drop
@@ -299,7 +312,7 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
         dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) \
             and not is_substitute(page)  # never the manager's: a flush drops it
         if dirty:
-            if vm_pageout_page(page, keep=not flush, privileged=privileged):
+            if _write_back(page, flush, privileged):
                 written += 1
             continue  # written, or kept because it cannot go back now: never lost
         if flush:
