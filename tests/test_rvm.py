@@ -22,9 +22,8 @@ a prefix of each session's commits, as a sequential log must give).
   then resident with the manager killed while its client goes on committing. This is
   what really stops a manager mid-write (between its write and its sync, or between two
   page writes of a truncation); unlike the fault-injecting disk it cannot lose the page
-  cache, which is why both tests exist. Each victim is stopped 5 ms before it is killed,
-  and a manager dies under a running client only when the client's pages are all
-  resident, because of two machd bugs (KNOWN_MACHD_BUG below).
+  cache, which is why both tests exist. A manager dies under a running client only when
+  the client's pages are all resident (PAGED_OUT_CLIENT below).
 """
 
 from __future__ import annotations
@@ -492,12 +491,12 @@ def test_a_crash_at_every_io_point_long(seed: int, n: int) -> None:
 
 # -- SIGKILL --------------------------------------------------------------------------------
 KILL_PAGES = 64
-KNOWN_MACHD_BUG = """machd: a process that dies while machd resolves one of its page faults makes
-UFFDIO_CONTINUE fail with ESRCH; the UffdError ends the machd.faults thread, and no fault of
-any task is served after that. And a task ended by a memory exception goes on running (its
-userfaultfd is closed before it is told to die), so its stores are lost and its loads read
-zeros for a few ms. The test stops each victim before it kills it, and kills a manager while
-its client runs on only when every page of the client is resident."""
+PAGED_OUT_CLIENT = """A client whose manager dies while the client needs a page from it takes a
+memory exception (KERN_MEMORY_ERROR: its data manager died) and ends; this test checks what
+the commits left on disk, so it kills a manager under a running client only when every page
+of the client is resident. (Victims are killed at once: machd survives a process that dies
+while it resolves one of its faults, and a task machd ends keeps its userfaultfd until its
+process is gone.)"""
 # (machd's memory, cycles, victims and their weights): first with the segment paged out
 # all the time (machd has 384K), the manager killed only while the client is stopped
 # (SIGSTOP) or dead; then with the segment resident (4M, every page read in first), the
@@ -515,13 +514,9 @@ def _alive(pid: int) -> bool:
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
-    """Send `sig`; for SIGKILL, stop the process first and kill it 5 ms later (machd must
-    not be resolving a fault of it as it dies: see KNOWN_MACHD_BUG), then wait until it
-    is gone. Stopped, it stays wherever it was, in a write or between two stores."""
+    """Send `sig`; for SIGKILL, wait until the process is gone (it dies wherever it
+    was, in a write or between two stores)."""
     with contextlib.suppress(ProcessLookupError):
-        if sig == signal.SIGKILL:
-            os.kill(pid, signal.SIGSTOP)
-            time.sleep(0.005)
         os.kill(pid, sig)
     if sig != signal.SIGKILL:
         return
