@@ -237,6 +237,14 @@ PANELS: tuple[Panel, ...] = (
        [("task memory", "huge_numpy_fill_native_ms"),
         ("anonymous memory, 4 KiB (from the ratio)", "huge_numpy_fill_native_ms", B,
          "huge_ratio_numpy_fill_native_vs_anon")]),
+    # bench/net.py (two machd hosts over TCP)
+    _p("null msg_rpc to a port on another host", "us", "lower",
+       [("native task to native task", "null_msg_rpc_other_host_us"),
+        ("embedded kernels over the same transport", "embedded_msg_rpc_other_host_us", B),
+        ("Python TCP round trip", "tcp_round_trip_us", B),
+        ("Python TLS round trip", "tls_round_trip_us", B)],
+       [("target: <= {t}x the TCP round trip", "target_ratio_msg_rpc_vs_tcp_at_most",
+         "tcp_round_trip_us")]),
 )
 
 

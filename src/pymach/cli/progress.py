@@ -25,9 +25,9 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from pymach.bench import cache, ipc, rvm, unixio, vm
+from pymach.bench import cache, ipc, net, rvm, unixio, vm
 
-WATCHED: list[types.ModuleType] = [cache, ipc, rvm, unixio, vm]
+WATCHED: list[types.ModuleType] = [cache, ipc, net, rvm, unixio, vm]
 try:  # the native benchmarks and their baselines need NumPy
     from pymach.bench import baselines, native
 
