@@ -36,6 +36,20 @@ def _tasks(socket: str) -> str:
                           capture_output=True, text=True, timeout=60).stdout
 
 
+def _script(tmp_path: Path, name: str, source: str) -> Path:
+    """A program file written from `source` (dedented)."""
+    prog = tmp_path / name
+    prog.write_text(textwrap.dedent(source))
+    return prog
+
+
+def _exec(machd: str, prog: Path) -> subprocess.CompletedProcess[str]:
+    """`pymach exec prog` as a user runs it (returns once every output is closed)."""
+    return subprocess.run([sys.executable, "-m", "pymach", "exec", str(prog)],
+                          env=_env(machd), capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
 def _wait_for(predicate, seconds: float) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -47,18 +61,15 @@ def _wait_for(predicate, seconds: float) -> bool:  # type: ignore[no-untyped-def
 
 def test_a_child_whose_parent_exited_ends_when_its_function_returns(
         machd: str, tmp_path: Path) -> None:
-    prog = tmp_path / "parent.py"
-    prog.write_text(textwrap.dedent("""
+    prog = _script(tmp_path, "parent.py", """
         import time, pymach
         def slow():
             time.sleep(1.0)
             return 7
         pymach.spawn(slow, name="orphan")
         print("parent exits")
-    """))
-    r = subprocess.run([sys.executable, "-m", "pymach", "exec", str(prog)],
-                       env=_env(machd), capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL)  # returns once the child's output closes
+    """)
+    r = _exec(machd, prog)
     assert r.returncode == 0 and r.stdout.strip() == "parent exits"
     assert r.stderr == ""  # the child did not print a traceback for the missing parent
     assert _wait_for(lambda: "orphan" not in _tasks(machd), 10)
@@ -66,8 +77,7 @@ def test_a_child_whose_parent_exited_ends_when_its_function_returns(
 
 def test_ctrl_c_ends_the_program_and_its_tasks_but_detached_ones(
         machd: str, tmp_path: Path) -> None:
-    prog = tmp_path / "interrupted.py"
-    prog.write_text(textwrap.dedent("""
+    prog = _script(tmp_path, "interrupted.py", """
         import time, pymach
         def sleeper():
             time.sleep(60)
@@ -75,7 +85,7 @@ def test_ctrl_c_ends_the_program_and_its_tasks_but_detached_ones(
         kept = pymach.spawn(sleeper, name="detached-child", detach=True)
         print("ready", flush=True)
         time.sleep(60)
-    """))
+    """)
     p = subprocess.Popen([sys.executable, "-m", "pymach", "exec", str(prog)],
                          env=_env(machd), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          stdin=subprocess.DEVNULL, text=True)
@@ -99,8 +109,7 @@ def test_threads_terminated_before_they_run_end_quietly(machd: str, tmp_path: Pa
     told so by machd and never runs its code; one that had started is unwound at its
     kernel boundary (it waits in msg_receive). Nothing is printed, the task ends with
     its program, and its thread count agrees with task_threads."""
-    prog = tmp_path / "terminated.py"
-    prog.write_text(textwrap.dedent("""
+    prog = _script(tmp_path, "terminated.py", """
         import pymach
         me = pymach.task_self()
         port = pymach.port_allocate(me)
@@ -110,10 +119,8 @@ def test_threads_terminated_before_they_run_end_quietly(machd: str, tmp_path: Pa
         for _ in range(8):
             pymach.thread_terminate(pymach.thread_create(me, waiter))
         print(len(pymach.task_threads(me)), pymach.task_info(me)[2])
-    """))
-    r = subprocess.run([sys.executable, "-m", "pymach", "exec", str(prog)],
-                       env=_env(machd), capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL)
+    """)
+    r = _exec(machd, prog)
     assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "1 1", "")
 
 
@@ -140,16 +147,13 @@ def _cmdline(pid: str) -> str:
 
 def test_ended_task_processes_are_reaped(machd: str, tmp_path: Path) -> None:
     """machd reaps the processes of tasks that end (no zombies until the next spawn)."""
-    prog = tmp_path / "three.py"
-    prog.write_text(textwrap.dedent("""
+    prog = _script(tmp_path, "three.py", """
         import pymach
         def one():
             return 1
         print(sum(pymach.spawn(one).result(30_000) for _ in range(3)))
-    """))
-    r = subprocess.run([sys.executable, "-m", "pymach", "exec", str(prog)],
-                       env=_env(machd), capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL)
+    """)
+    r = _exec(machd, prog)
     assert r.stdout.strip() == "3", r.stderr
     assert _wait_for(lambda: "Z" not in _machd_children(machd), 10)
 
@@ -160,8 +164,7 @@ def test_a_stray_access_ends_a_spawned_task_with_pymachs_diagnostic(
     raises SIGSEGV in the process) ends the task; machd, which started its process, says
     why on the task's stderr, and .result() gives None (the task ended without
     returning)."""
-    prog = tmp_path / "stray.py"
-    prog.write_text(textwrap.dedent("""
+    prog = _script(tmp_path, "stray.py", """
         import pymach
         def bad():
             me = pymach.task_self()
@@ -172,9 +175,7 @@ def test_a_stray_access_ends_a_spawned_task_with_pymachs_diagnostic(
             view[0] = 2
             return "not reached"
         print("result:", pymach.spawn(bad, name="stray").result(30_000))
-    """))
-    r = subprocess.run([sys.executable, "-m", "pymach", "exec", str(prog)],
-                       env=_env(machd), capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL)
+    """)
+    r = _exec(machd, prog)
     assert r.stdout.strip() == "result: None"
     assert "pymach: task 'stray' ended: memory exception: SIGSEGV" in r.stderr
