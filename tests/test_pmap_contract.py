@@ -251,6 +251,43 @@ def test_protect_a_large_range(phys: Any) -> None:
     assert all(pmap.pmap_extract(va) is None for va in vas)
 
 
+class _RecordingUffd:
+    """Stands for a task's userfaultfd: records write-protect calls; refuses a range
+    wider than one page when `refuse_ranges` (as Linux does when part of a range is not
+    registered)."""
+
+    def __init__(self, refuse_ranges: bool = False) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.refuse_ranges = refuse_ranges
+
+    def writeprotect(self, start: int, length: int, protect: bool, wake: bool = True) -> None:
+        from pymach.pmap.uffd import UffdError
+
+        if self.refuse_ranges and length > PS:
+            raise UffdError(2, "not registered")
+        self.calls.append((start, length))
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_native_protect_takes_the_range_in_one_call(refuse: bool) -> None:
+    """The native pmap write-protects a pmap_protect's range with one userfaultfd call
+    (ragged chunk ends included), not one per page; if Linux refuses the range, each
+    entry lowered is protected alone, so no mapping stays writable."""
+    phys = make_physical_memory("uffd", PS, NFRAMES)
+    pmap = phys.pmap_create()
+    base = 0x400000 + 5 * PS  # not on a chunk boundary: every entry is a ragged one
+    vas = [base + i * PS for i in range(20)]
+    for n, va in enumerate(vas):
+        pmap.pmap_enter(va, n % NFRAMES, RW)  # (no userfaultfd yet: nothing to wake)
+    pmap.uffd = fake = _RecordingUffd(refuse)
+    pmap.pmap_protect(vas[2], vas[12], R)
+    if refuse:
+        assert sorted(fake.calls) == [(va, PS) for va in vas[2:12]]
+    else:
+        assert fake.calls == [(vas[2], 10 * PS)]
+    assert [pmap.pmap_extract(va) for va in vas] == [n % NFRAMES for n in range(20)]
+
+
 def test_protect_to_nothing_removes_write_only_mappings(phys: Any) -> None:
     """A write-only mapping reduced to read-only has no access left: it is gone."""
     pmap = phys.pmap_create()

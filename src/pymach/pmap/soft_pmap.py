@@ -228,14 +228,17 @@ class PageTable:
         mask, or dropped at NONE), the ragged ends entry by entry."""
         lo, hi = self._vpn(start), self._vpn(end + self.phys.page_size - 1)
         with self.phys.lock:
+            ragged: list[int] = []
             for c in [c for c in self.chunks if lo >> CHUNK_SHIFT <= c <= hi >> CHUNK_SHIFT]:
                 c_lo, c_hi = c << CHUNK_SHIFT, (c + 1) << CHUNK_SHIFT
                 if lo <= c_lo and c_hi <= hi:
                     self._protect_chunk_locked(c, prot)
                     continue
-                chunk = self.chunks[c]
-                for vpn in [v for v in chunk if lo <= v < hi]:
-                    self.reduce_locked(vpn, prot)
+                vpns = [v for v in self.chunks[c] if lo <= v < hi]
+                for vpn in vpns:
+                    self._reduce_entry_locked(vpn, prot)
+                ragged += vpns
+            self.protect_hw_locked(start, end, prot, ragged)
 
     def _protect_chunk_locked(self, c: int, prot: int) -> None:
         if prot == VM_PROT_NONE:  # pv pairs left behind are dropped lazily
@@ -297,7 +300,20 @@ class PageTable:
         return e is not None and e >> 3 == frame
 
     def reduce_locked(self, vpn: int, prot: int) -> None:
-        """Lower one entry's protection to at most `prot`, removing it at NONE."""
+        """Lower one entry's protection to at most `prot`, removing it at NONE, and make
+        the hardware follow (phys.lock held)."""
+        self._reduce_entry_locked(vpn, prot)
+        ps = self.phys.page_size
+        self.protect_hw_locked(vpn * ps, (vpn + 1) * ps, prot, [vpn])
+
+    def protect_hw_locked(self, start: int, end: int, prot: int, vpns: list[int]) -> None:
+        """Make the hardware follow entries just lowered (phys.lock held): every mapping
+        in [start, end) is now at most `prot`; `vpns` are the entries lowered one by one
+        (the rest went chunk-wide). A backend whose MMU takes a whole range in one
+        operation does it here once. The soft MMU reads the table itself: nothing."""
+
+    def _reduce_entry_locked(self, vpn: int, prot: int) -> None:
+        """The table side of reduce_locked."""
         c = vpn >> CHUNK_SHIFT
         self._unmask_locked(c)
         chunk = self.chunks.get(c)

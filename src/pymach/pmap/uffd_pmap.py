@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
 from pymach.pmap import hugetlb
+from pymach.pmap import uffd as linux
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
 from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory
+from pymach.pmap.uffd import UffdError
 
 if TYPE_CHECKING:
     from pymach.pmap.uffd import Uffd
@@ -133,8 +135,6 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
 
     def _adopt_locked(self, store: ObjectStore) -> None:
         """Move the pages of a newly stored object from the free store into its memfd."""
-        from pymach.pmap.uffd import punch_hole
-
         ps, free = self.page_size, self.free_store
         for offset, frame in self.unstored.pop(store.serial, {}).items():
             del self.unstored_at[frame]
@@ -144,7 +144,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             if frame not in self.stash:
                 data = os.pread(free.fd, ps, frame * ps).ljust(ps, b"\0")
                 self._store_write(store, offset, [data])
-                punch_hole(free.fd, frame * ps, ps)
+                linux.punch_hole(free.fd, frame * ps, ps)
             self.homes[frame] = (store, offset)
 
     def _store_locked(self, serial: int, size: int) -> ObjectStore:
@@ -296,20 +296,16 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def _punch_locked(self, store: ObjectStore, offset: int, length: int) -> None:
         """Punch [offset, offset+length) of a live object's memfd (what of it the memfd
         holds) out of every task, now or at the end of the discard_batch."""
-        from pymach.pmap.uffd import punch_hole
-
         length = min(length, store.size - offset)
         if self.stores.get(store.serial) is not store or length <= 0:  # tasks map only
             return  # live memfds, and nothing lies past a memfd's end
         if self.deferred is not None:
             self.deferred.setdefault(store.serial, []).append((offset, offset + length))
         else:
-            punch_hole(store.fd, offset, length)
+            linux.punch_hole(store.fd, offset, length)
 
     def _flush_locked(self) -> None:
         """Do the held-back punches, one call per run of adjacent pages of a memfd."""
-        from pymach.pmap.uffd import punch_hole
-
         if not self.deferred:
             return
         batches = list(self.deferred.items())
@@ -322,10 +318,10 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             start, end = runs[0]
             for lo, hi in runs:
                 if lo > end:  # a gap: punch the run so far
-                    punch_hole(store.fd, start, end - start)
+                    linux.punch_hole(store.fd, start, end - start)
                     start = lo
                 end = max(end, hi)
-            punch_hole(store.fd, start, end - start)
+            linux.punch_hole(store.fd, start, end - start)
 
     def frame_move(self, frame: int, obj: object, offset: int) -> None:
         data = self.phys_read(frame)
@@ -404,8 +400,6 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def pmap_page_protect(self, frame: int, prot: int) -> None:
         """Lower every mapping of `frame`; at NONE the data moves to the stash and the page
         leaves every task (the next access faults)."""
-        from pymach.pmap.uffd import punch_hole
-
         super().pmap_page_protect(frame, prot)
         if prot != VM_PROT_NONE:
             return
@@ -415,7 +409,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             store, base = self.homes[frame]
             self.stash[frame] = os.pread(store.fd, self.page_size, base).ljust(
                 self.page_size, b"\0")
-            punch_hole(store.fd, base, self.page_size)
+            linux.punch_hole(store.fd, base, self.page_size)
 
     def pmap_page_discard(self, frame: int) -> None:
         """Remove every mapping of `frame` by punching its page out, without stashing the
@@ -508,23 +502,18 @@ class UffdPmap(PageTable):
             if not write:
                 self.uffd.wake(va, ps)
 
-    def pmap_protect(self, start: int, end: int, prot: int) -> None:
-        """Lower the task's mappings in [start, end): write access goes by one ioctl."""
-        super().pmap_protect(start, end, prot)
-        if self.uffd is not None and not prot & VM_PROT_WRITE:
-            self._writeprotect(start, end - start)
-
-    def reduce_locked(self, vpn: int, prot: int) -> None:
-        super().reduce_locked(vpn, prot)
-        # Even at NONE: pmap_page_protect snapshots the page before punching it, and a
-        # write between the two would be lost unless writes fault from here on.
-        if self.uffd is not None and not prot & VM_PROT_WRITE:
+    def protect_hw_locked(self, start: int, end: int, prot: int, vpns: list[int]) -> None:
+        """Write access to [start, end) goes by one UFFDIO_WRITEPROTECT (Linux skips the
+        holes between the task's mappings); only if Linux refuses the range (part of it
+        is not registered with the userfaultfd) is each entry lowered one by one done
+        alone. Even at NONE: pmap_page_protect snapshots a page before punching it, and
+        a write between the two would be lost unless writes fault from here on."""
+        if self.uffd is None or prot & VM_PROT_WRITE:
+            return
+        try:
+            self.uffd.writeprotect(start, end - start, protect=True, wake=False)
+        except UffdError:
             ps = self.phys.page_size
-            self._writeprotect(vpn * ps, ps)
-
-    def _writeprotect(self, start: int, length: int) -> None:
-        from pymach.pmap.uffd import UffdError
-
-        assert self.uffd is not None
-        with contextlib.suppress(UffdError):  # not (yet, or any more) mapped in the task
-            self.uffd.writeprotect(start, length, protect=True, wake=False)
+            for vpn in vpns:
+                with contextlib.suppress(UffdError):  # not (yet, or any more) mapped
+                    self.uffd.writeprotect(vpn * ps, ps, protect=True, wake=False)
