@@ -769,3 +769,31 @@ def test_vmmap_and_trace_show_objects_managers_and_messages(kernel: m.Kernel) ->
     times = [float(lines[i].split()[0]) for i in found]
     assert times == sorted(times) and times[0] >= 0
     m.task_terminate(handle.port)
+
+
+def test_termination_writes_back_only_the_dirty_pages(kernel: m.Kernel,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the last unmap (no pager_cache) the object terminates: its dirty pages go
+    back to the manager, and its clean ones are freed with the rest in one step, not
+    taken from memory one at a time (on the native backend that copied each page out of
+    its memfd before punching it)."""
+    me = m.task_self()
+    p = Pager(size=8 * PS).start()
+    a = p.map()
+    assert read(a, 8 * PS) == bytes(p.data)  # every page resident and clean
+    write(a + 2 * PS, b"two")
+    write(a + 5 * PS, b"five")
+    taken: list[int] = []
+    phys = getattr(getattr(kernel, "vm", None), "phys", None)
+    if phys is not None:  # embedded: count the pages taken from memory one by one
+        real = phys.pmap_page_protect
+        monkeypatch.setattr(phys, "pmap_page_protect",
+                            lambda frame, prot: (taken.append(frame), real(frame, prot)))
+    m.vm_deallocate(me, a, 8 * PS)
+    wait_notification(m.NOTIFY_PORT_DELETED, p.requests[0])
+    wait_until(lambda: len(p.writes) >= 2)
+    quiet(20)  # (and no more)
+    writes = sorted((off, bytes(data[:5])) for off, data in p.writes)
+    assert writes == [(2 * PS, b"two" + bytes(p.data[2 * PS + 3:2 * PS + 5])),
+                      (5 * PS, b"five" + bytes(p.data[5 * PS + 4:5 * PS + 5]))]
+    assert len(taken) <= 2  # the dirty pages at most; never the six clean ones

@@ -251,15 +251,18 @@ def _backed_by(obj: object, task: object) -> bool:
             and obj.pager.receiver is task)
 
 
-def page_settled(obj: VmObject, page: VmPage) -> None:
-    """A waiting page is settled (data, zeros or error): wake its waiters. The page is
-    fresh until pageout has passed over it once, so the fault gets to use it."""
+def page_settled(obj: VmObject, page: VmPage, wake: bool = True) -> None:
+    """A waiting page is settled (data, zeros or error): wake its waiters (unless
+    `wake` is False: the caller settles a run and wakes them once, with
+    thread_wakeup(obj.page_waitq)). The page is fresh until pageout has passed over it
+    once, so the fault gets to use it."""
     vm = obj.vm
     page.busy = page.absent = False
     page.fresh = True
     if page.wire_count:
         vm.resident.vm_page_unwire(page)
-    vm.kernel.sched.thread_wakeup(obj.page_waitq)
+    if wake:
+        vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
 
 def pager_died(vm: VmSystem, port: Port) -> None:
@@ -297,16 +300,24 @@ def _write_back(page: VmPage, flush: bool, privileged: bool) -> bool:
 
 
 def object_clean(obj: VmObject, start: int, end: int, flush: bool,
-                 privileged: bool = True) -> int:
+                 privileged: bool = True, terminating: bool = False) -> int:
     """Write dirty pages of [start, end) back to the manager; with `flush` also drop
-    the cached pages (pager_flush_request, termination). Returns the pages written."""
+    the cached pages (pager_flush_request, termination). Returns the pages written.
+    `terminating` (with `flush`): the object is being terminated, so nothing maps its
+    pages (no mapping to take away, no modify bit that can change) and the caller frees
+    every page left at once: only the dirty pages are looked at one by one."""
     vm = obj.vm
     written = 0
     for off in sorted(o for o in obj.memq if start <= o < end):
         page = obj.memq[off]
         if page.busy:
             continue
-        vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
+        if terminating and not (page.dirty or page.precious
+                                or vm.phys.pmap_is_modified(page.frame)):
+            continue  # clean: freed with the rest by the caller
+        if not terminating:
+            vm.phys.pmap_page_protect(page.frame,
+                                      VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
         if flush and obj.copy is not None:
             push_to_copy_object(obj, page)
         dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) \
@@ -499,10 +510,14 @@ def _fill_pages(obj: VmObject, fills: list[tuple[VmPage, bytes]], lock: int) -> 
     vm = obj.vm
     vm.phys.phys_write_pages([(page.frame, chunk) for page, chunk in fills])
     vm.resident.stats.pageins += len(fills)
+    settled = False
     for page, _chunk in fills:
         page.page_lock, page.unlock_request = lock, VM_PROT_NONE
         if page.absent:
-            page_settled(obj, page)
+            page_settled(obj, page, wake=False)
+            settled = True
+    if settled:  # one wake-up for the run: its waiters all wait on the object
+        vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
 
 def _manager_objects(obj: VmObject) -> set[VmObject]:

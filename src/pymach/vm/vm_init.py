@@ -127,4 +127,4 @@ class VmSystem:
 
     def clean_external_object(self, obj: VmObject) -> None:
         """Write an external object's dirty pages back to its manager before it goes."""
-        object_clean(obj, 0, obj.size, flush=True)
+        object_clean(obj, 0, obj.size, flush=True, terminating=True)
