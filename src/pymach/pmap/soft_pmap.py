@@ -206,13 +206,16 @@ class PageTable:
     # -- the pmap contract ---------------------------------------------------------------
     def pmap_enter(self, va: int, frame: int, prot: int) -> None:
         """Map page `va` to `frame` with `prot`, replacing any mapping of `va`."""
-        vpn = self._vpn(va)
         with self.phys.lock:
-            self._unmask_locked(vpn >> CHUNK_SHIFT)
-            self._drop_locked(vpn)
-            if prot != VM_PROT_NONE:
-                self.chunks.setdefault(vpn >> CHUNK_SHIFT, {})[vpn] = frame << 3 | prot
-                self.phys.pv.setdefault(frame, set()).add((self, vpn))
+            self.enter_locked(self._vpn(va), frame, prot)
+
+    def enter_locked(self, vpn: int, frame: int, prot: int) -> None:
+        """The table side of pmap_enter for page number `vpn` (phys.lock held)."""
+        self._unmask_locked(vpn >> CHUNK_SHIFT)
+        self._drop_locked(vpn)
+        if prot != VM_PROT_NONE:
+            self.chunks.setdefault(vpn >> CHUNK_SHIFT, {})[vpn] = frame << 3 | prot
+            self.phys.pv.setdefault(frame, set()).add((self, vpn))
 
     def pmap_enter_run(self, va: int, frames: list[int], prot: int) -> None:
         """pmap_enter of pages va, va + page_size, ... to `frames` in order."""

@@ -475,8 +475,7 @@ class UffdPmap(PageTable):
         """Enter a run of pages with one UFFDIO_CONTINUE (page by page if some page of
         the run is mapped in the task already)."""
         ps = self.phys.page_size
-        for i, frame in enumerate(frames):
-            self._account(va + i * ps, frame, prot)
+        self._account_run(self._vpn(va), frames, prot)
         if self.uffd is None or prot == VM_PROT_NONE or not frames:
             return
         if not self.uffd.cont(va, len(frames) * ps, wp=not prot & VM_PROT_WRITE):
@@ -485,12 +484,19 @@ class UffdPmap(PageTable):
 
     def _account(self, va: int, frame: int, prot: int) -> None:
         """The page-table side of pmap_enter; the frame's data back in its memfd."""
-        PageTable.pmap_enter(self, va, frame, prot)
-        with self.phys.lock:
-            self.uphys._restore(frame)
-            self.phys.referenced[frame] = 1
-            if prot & VM_PROT_WRITE:
-                self.phys.modified[frame] = 1
+        self._account_run(self._vpn(va), [frame], prot)
+
+    def _account_run(self, vpn: int, frames: list[int], prot: int) -> None:
+        """_account of pages vpn, vpn + 1, ... to `frames`, under one hold of the lock."""
+        phys, stash, written = self.uphys, self.uphys.stash, bool(prot & VM_PROT_WRITE)
+        with phys.lock:
+            for i, frame in enumerate(frames):
+                self.enter_locked(vpn + i, frame, prot)
+                if frame in stash:
+                    phys._restore(frame)
+                phys.referenced[frame] = 1
+                if written:
+                    phys.modified[frame] = 1
 
     def _install(self, va: int, prot: int) -> None:
         """Make the task's page at `va` match `prot` (not NONE), waking its faulter."""
