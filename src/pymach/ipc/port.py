@@ -39,6 +39,10 @@ class Port:
         self.sched: Scheduler = kernel.sched  # immutable
         self.serial = kernel.new_serial("port")
         self.label = label  # what the port stands for, for reports
+        # The host where the real port lives, when this is a proxy that the host's
+        # network message server made for a port of another host ("": a local port);
+        # set by that server, kernel lock; for reports (ps, lsmp, vmmap).
+        self.remote_host = ""
         self.receiver: Task | None = None
         self.owner: Task | None = None
         self.receive_in_transit = False

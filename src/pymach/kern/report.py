@@ -38,6 +38,7 @@ class TaskRow:
     port_names: int
     threads: tuple[ThreadRow, ...]
     resident_pages: int = 0  # pages of its address space resident in memory
+    remote_names: int = 0  # names for ports that live on other hosts (netmsgserver proxies)
 
     def as_dict(self) -> dict[str, Any]:
         """The row as plain data (for --json)."""
@@ -56,6 +57,7 @@ class PortRow:
     enabled: bool
     receiver: str
     owner: str
+    remote_host: str = ""  # the host where the port lives, if not this one
 
     def as_dict(self) -> dict[str, Any]:
         """The row as plain data (for --json)."""
@@ -72,8 +74,9 @@ def _ps_row(t: Task) -> TaskRow:
     """One task's `ps` row (kernel lock held)."""
     threads = tuple(ThreadRow(th.name, th.state, th.suspend_count,
                               th.wait_queue.name if th.wait_queue else "") for th in t.threads)
+    remote = sum(1 for e in t.space.names.values() if e.port.remote_host)
     return TaskRow(t.serial, t.name, t.parent.name if t.parent else "-", t.suspend_count,
-                   len(t.space.names), threads, _resident(t))
+                   len(t.space.names), threads, _resident(t), remote)
 
 
 def find_task(kernel: Kernel, which: Task | int | str) -> Task:
@@ -129,10 +132,11 @@ def _lsmp_rows(task: Task) -> list[PortRow]:
     for name in sorted(task.space.names):
         e = task.space.names[name]
         p = e.port
+        receiver = f"host {p.remote_host}" if p.remote_host else \
+            _holder(p.receiver, p.receive_in_transit)
         rows.append(PortRow(name, e.rights_text(), p.label or f"port{p.serial}",
-                            len(p.queue), p.backlog, p.enabled and e.receive,
-                            _holder(p.receiver, p.receive_in_transit),
-                            _holder(p.owner, p.ownership_in_transit)))
+                            len(p.queue), p.backlog, p.enabled and e.receive, receiver,
+                            _holder(p.owner, p.ownership_in_transit), p.remote_host))
     return rows
 
 
@@ -149,19 +153,21 @@ def fit(text: str, width: int) -> str:
 
 
 def format_ps(rows: list[TaskRow]) -> str:
-    """A `ps`-style table of tasks and their threads (long names cut to their columns)."""
-    lines = [f"{'ID':>4} {'TASK':<16} {'PARENT':<12} {'SUSP':>4} {'NAMES':>5} {'RES':>6}  "
-             f"THREADS"]
+    """A `ps`-style table of tasks and their threads (long names cut to their columns;
+    REM counts the names a task holds for ports on other hosts)."""
+    lines = [f"{'ID':>4} {'TASK':<16} {'PARENT':<12} {'SUSP':>4} {'NAMES':>5} {'REM':>4} "
+             f"{'RES':>6}  THREADS"]
     for r in rows:
         threads = ", ".join(_thread_text(t) for t in r.threads) or "-"
         lines.append(f"{r.id:>4} {fit(r.name, 16):<16} {fit(r.parent, 12):<12} "
-                     f"{r.suspend_count:>4} {r.port_names:>5} {r.resident_pages:>6}  {threads}")
+                     f"{r.suspend_count:>4} {r.port_names:>5} {r.remote_names:>4} "
+                     f"{r.resident_pages:>6}  {threads}")
     return "\n".join(lines)
 
 
 def format_lsmp(task_name: str, rows: list[PortRow]) -> str:
     """An `lsmp`-style table of one task's port names (long names cut to their
-    columns)."""
+    columns; a port that lives on another host shows "host NAME" as its receiver)."""
     lines = [f"port name space of task {task_name!r}",
              f"{'NAME':>5}  {'RIGHTS':<14} {'PORT':<22} {'MSGS':>4} {'QLIM':>4} {'EN':>2}  "
              f"{'RECEIVER':<14} OWNER"]

@@ -94,7 +94,9 @@ def _describe(obj: VmObject | None) -> str:
     while bottom.shadow is not None:
         bottom = bottom.shadow
     if not bottom.internal and bottom.pager is not None:
-        manager = bottom.pager.receiver.name if bottom.pager.receiver else "?"
+        pager = bottom.pager
+        manager = f"on host {pager.remote_host}" if pager.remote_host else \
+            pager.receiver.name if pager.receiver else "?"
         text += f" (manager: {manager})" if bottom is obj else f" over obj{bottom.serial} " \
                                                                f"(manager: {manager})"
     return text
