@@ -47,9 +47,11 @@ from pymach.net import packets as pk
 from pymach.net.cluster import Credentials, cluster_init, tls_contexts
 from pymach.net.station import Host
 from pymach.net.tcp import (
+    DATA_HEAD,
     LINK_VERSION,
+    OP_ACK,
+    OP_DATA,
     OP_HELLO,
-    OP_PACKET,
     OP_WELCOME,
     TcpLimits,
     TcpTransport,
@@ -181,7 +183,13 @@ def frame(op: int, body: bytes, nfds: int = 0) -> bytes:
 
 
 def hello() -> bytes:
-    return frame(OP_HELLO, wire.encode([LINK_VERSION, os.urandom(16)]))
+    """A HELLO beginning a new session (no session id, nothing received)."""
+    return frame(OP_HELLO, wire.encode([LINK_VERSION, os.urandom(16), b"", 0, 5000]))
+
+
+def data(seq: int, packet: bytes, ack: int = 0) -> bytes:
+    """A DATA frame: packet number `seq` of its session, acknowledging `ack` of ours."""
+    return frame(OP_DATA, DATA_HEAD.pack(seq, ack) + packet)
 
 
 def closed_by_peer(sock: ssl.SSLSocket | socket.socket) -> bool:
@@ -372,14 +380,19 @@ def test_a_host_with_a_backlog_stops_reading_and_loses_nothing(cluster: str) -> 
 
 # -- garbage from a host of the cluster -----------------------------------------------------------
 GARBAGE: dict[str, bytes] = {
-    "bad magic": b"XXXX" + frame(OP_PACKET, b"abc")[4:],
-    "bad version": wire.HEADER.pack(wire.MAGIC, 99, OP_PACKET, 0, 0),
-    "oversized": wire.HEADER.pack(wire.MAGIC, wire.VERSION, OP_PACKET, 1 << 30, 0),
-    "over the packet limit": wire.pack_header(OP_PACKET, (1 << 20) + 1, 0) + b"x" * 100,
+    "bad magic": b"XXXX" + data(1, b"abc")[4:],
+    "bad version": wire.HEADER.pack(wire.MAGIC, 99, OP_DATA, 0, 0),
+    "oversized": wire.HEADER.pack(wire.MAGIC, wire.VERSION, OP_DATA, 1 << 30, 0),
+    "over the packet limit": wire.pack_header(OP_DATA, (1 << 20) + 17, 0) + b"x" * 100,
     "unknown op": frame(7, b""),
-    "descriptors": frame(OP_PACKET, b"", nfds=1),
+    "descriptors": frame(OP_DATA, DATA_HEAD.pack(1, 0), nfds=1),
+    "a data frame without its numbers": frame(OP_DATA, b"1234"),
     "welcome out of turn": frame(OP_WELCOME, wire.encode([os.urandom(16)])),
     "hello out of turn": hello(),
+    "a packet out of sequence": data(2, b"x"),
+    "a packet replayed": data(1, b"x") + data(1, b"x"),
+    "an acknowledgement of packets not sent": frame(OP_ACK, (5).to_bytes(8, "big")),
+    "data acknowledging packets not sent": data(1, b"x", ack=1),
     "random bytes": os.urandom(64),
 }
 
@@ -396,7 +409,7 @@ def test_a_host_that_sends_garbage_is_disconnected_and_the_others_go_on(
             c.sendall(GARBAGE[garbage])
             assert closed_by_peer(c)
         wait_until(lambda: ra.seen("down", "C") == 1, "C down")
-        assert ra.packets("C") == []
+        assert ra.packets("C") == ([b"x"] if garbage == "a packet replayed" else [])  # once
         assert ts["B"][0].send("A", b"ok") and a.send("B", b"ok")
         wait_until(lambda: ra.packets("B") == [b"ok"] == ts["B"][1].packets("A"), "B goes on")
     assert a.dropped == 1
@@ -461,7 +474,7 @@ def test_a_bad_packet_disconnects_its_host_and_the_others_go_on(
         transport = a.transport
         assert isinstance(transport, TcpTransport)
         with raw_host(cluster, transport) as c:
-            c.sendall(frame(OP_PACKET, wire.encode([pk.K_DEAD, b"short id"])))
+            c.sendall(data(1, wire.encode([pk.K_DEAD, b"short id"])))
             assert closed_by_peer(c)
         wait_until(lambda: a.server.bad_packets == 1 and "C" not in transport.peers(),
                    "the refusal")
@@ -550,7 +563,7 @@ def test_names_beyond_the_bound_from_a_peer_are_refused(
         with raw_host(cluster, transport) as c:
             ref = ("C", os.urandom(pk.NET_ID_SIZE))
             for n in range(5):
-                c.sendall(frame(OP_PACKET, pk.encode_packet(pk.NamePacket(f"n{n}", ref))))
+                c.sendall(data(n + 1, pk.encode_packet(pk.NamePacket(f"n{n}", ref))))
             wait_until(lambda: sum("refused name" in r.getMessage()
                                    for r in caplog.records) == 2, "two refusals")
             assert sorted(a.server.names) == ["n0", "n1", "n2"]
@@ -794,8 +807,8 @@ def test_the_help_shows_the_cluster_options() -> None:
 def test_bench_net_prints_its_figures_and_ratio() -> None:
     uffd_or_skip()
     r = subprocess.run([sys.executable, "-m", "pymach.bench.net", "--json", "-n", "30",
-                        "--rounds", "2"], capture_output=True, text=True, timeout=120,
-                       check=False)
+                        "--rounds", "2", "--trials", "2", "--peer-timeout", "1.5"],
+                       capture_output=True, text=True, timeout=180, check=False)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["benchmark"] == "net" and out["round_trips_per_round"] == 30
@@ -805,3 +818,8 @@ def test_bench_net_prints_its_figures_and_ratio() -> None:
     assert out["ratio_msg_rpc_vs_tcp"] == pytest.approx(
         out["null_msg_rpc_other_host_us"] / out["tcp_round_trip_us"], rel=0.05, abs=0.01)
     assert out["target_ratio_msg_rpc_vs_tcp_at_most"] == 2.0
+    assert out["dead_host_bound_s"] == 1.5 and len(out["dead_host_noticed_s"]) == 2
+    assert 0 < min(out["dead_host_noticed_s"]) <= out["dead_host_noticed_max_s"]
+    assert out["dead_host_within_bound_every_time"] == (out["dead_host_noticed_max_s"] <= 1.5)
+    assert out["stream_mib"] == 64 and min(out["tcp_stream_mib_s"], out["tls_stream_mib_s"]) > 0
+    assert r.stderr.count("a dead host noticed after") == 2

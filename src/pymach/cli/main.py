@@ -24,6 +24,7 @@ from pymach.cli.bench_table import format_result
 from pymach.cli.options import (
     DefaultsFormatter,
     address,
+    apply_cluster_config,
     as_options,
     machd_option_error,
     positive_float,
@@ -193,7 +194,7 @@ def _cmd_machd(args: argparse.Namespace) -> int:
     from pymach.errors import MachError
     from pymach.machd.machd import Machd, MachdError, run_machd
 
-    why = machd_option_error(args)
+    why = apply_cluster_config(args) or machd_option_error(args)
     if why is not None:
         print(f"pymach machd: {why}", file=sys.stderr)
         return 2
@@ -378,20 +379,25 @@ def _machd_memory_options(machd: argparse.ArgumentParser) -> None:
 
 
 def _machd_network_options(machd: argparse.ArgumentParser) -> None:
+    machd.add_argument("--config", default=None, metavar="FILE",
+                       help="read the cluster options below from a TOML file (keys cluster, "
+                       "host-name, listen, peers, peer-timeout); options given here win")
     machd.add_argument("--cluster", default=None, metavar="DIR",
                        help="join a cluster of hosts, with the credentials in DIR (ca.crt, "
                        "NAME.crt, NAME.key; see `pymach cluster init`) (default: no network)")
-    machd.add_argument("--host-name", default=socket.gethostname(), metavar="NAME",
-                       help="this host's name in the cluster, as its certificate names it")
+    machd.add_argument("--host-name", default=None, metavar="NAME",
+                       help="this host's name in the cluster, as its certificate names it "
+                       f"(default: this machine's name, {socket.gethostname()})")
     machd.add_argument("--listen", type=address, default=None, metavar="ADDR:PORT",
                        help="accept other hosts here (:PORT for every address) (default: "
                        "accept none; this host only dials its --peer hosts)")
     machd.add_argument("--peer", type=address, action="append", default=[],
                        metavar="ADDR:PORT", help="a host to connect to and keep connected "
                        "to (repeatable)")
-    machd.add_argument("--peer-timeout", type=positive_float, metavar="S",
-                       default=TcpLimits.peer_timeout,
-                       help="a host not heard from for this long is down: its ports die here")
+    machd.add_argument("--peer-timeout", type=positive_float, metavar="S", default=None,
+                       help="a host not heard from for this long is down: its ports die "
+                       "here; a connection that breaks meanwhile is dialed again and "
+                       f"nothing is lost (default: {TcpLimits.peer_timeout})")
 
 
 def _cluster_parser(sub: Any) -> None:

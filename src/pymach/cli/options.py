@@ -1,23 +1,33 @@
 """Option values of the `pymach` command: sizes, positive counts, users, and the checks
-`pymach machd` makes before it starts anything.
+`pymach machd` makes before it starts anything, and machd's cluster config file.
 
 Each `type=` function here either returns a valid value or raises
 `argparse.ArgumentTypeError` with a message that names what was wrong, so argparse
 prints `pymach machd: error: argument --memory: 'abc' is not a size ...`. The checks
 that need several options at once (`machd_option_error`) run after parsing and before
 machd makes its socket, so a refused option leaves nothing behind.
+
+`pymach machd --config FILE` reads the cluster settings from a TOML file
+(`read_cluster_config`); an option given on the command line wins over the file
+(`apply_cluster_config`), and an unknown key or a bad value is refused with a message
+that names the file and the key.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pwd
 import re
+import socket
 import tempfile
+import tomllib
+from typing import Any
 
 from pymach.errors import MachError
-from pymach.net.tcp import Address, parse_address
+from pymach.net.cluster import check_host_name
+from pymach.net.tcp import Address, TcpLimits, parse_address
 from pymach.pmap.hugetlb import uses_huge_pages
 
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -78,6 +88,78 @@ def address(text: str) -> Address:
         return parse_address(text)
     except MachError as e:
         raise argparse.ArgumentTypeError(e.detail) from None
+
+
+# The keys of machd's config file and the options they stand for (argparse dest, option)
+CONFIG_KEYS = {"cluster": ("cluster", "--cluster"), "host-name": ("host_name", "--host-name"),
+               "listen": ("listen", "--listen"), "peers": ("peer", "--peer"),
+               "peer-timeout": ("peer_timeout", "--peer-timeout")}
+
+
+def read_cluster_config(path: str) -> dict[str, Any]:
+    """The settings of machd's TOML config file at `path`, by argparse dest (`cluster`,
+    `host_name`, `listen`, `peer`, `peer_timeout`), each checked as its option checks it;
+    a relative `cluster` directory is taken from the file's directory.
+    KERN_INVALID_ARGUMENT, naming the file and the key, if the file cannot be read, is
+    not TOML, has a key that is not one of CONFIG_KEYS, or a value of the wrong kind."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise MachError("KERN_INVALID_ARGUMENT",
+                        f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MachError("KERN_INVALID_ARGUMENT", f"--config {path}: not TOML: {e}") from None
+    unknown = sorted(set(table) - set(CONFIG_KEYS))
+    if unknown:
+        raise MachError("KERN_INVALID_ARGUMENT", f"--config {path}: unknown key "
+                        f"{unknown[0]!r} (the keys are {', '.join(CONFIG_KEYS)})")
+    settings: dict[str, Any] = {}
+    for key, value in table.items():
+        try:
+            settings[CONFIG_KEYS[key][0]] = _config_value(key, value, os.path.dirname(path))
+        except MachError as e:
+            raise MachError("KERN_INVALID_ARGUMENT", f"--config {path}: {key} = {value!r}: "
+                            f"{e.detail}") from None
+    return settings
+
+
+def _config_value(key: str, value: Any, here: str) -> Any:
+    """One config file value, checked (KERN_INVALID_ARGUMENT saying what it should be)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise MachError("KERN_INVALID_ARGUMENT", f"must be {what}")
+
+    if key == "peers":
+        need(isinstance(value, list) and all(isinstance(v, str) for v in value),
+             'a list of "ADDR:PORT" strings')
+        return [parse_address(v) for v in value]
+    if key == "peer-timeout":
+        need(type(value) in (int, float) and math.isfinite(value) and value > 0,
+             "a number of seconds more than 0")
+        return float(value)
+    need(isinstance(value, str) and value != "", "a non-empty string")
+    if key == "cluster":
+        return os.path.join(here, os.path.expanduser(value))
+    return parse_address(value) if key == "listen" else check_host_name(value)
+
+
+def apply_cluster_config(args: argparse.Namespace) -> str | None:
+    """Fill machd's cluster options from `--config FILE` where the command line left them
+    unset, then the defaults; what is wrong with the file, or None."""
+    if args.config is not None:
+        try:
+            settings = read_cluster_config(args.config)
+        except MachError as e:
+            return e.detail
+        for dest, value in settings.items():
+            if getattr(args, dest) in (None, []):
+                setattr(args, dest, value)
+    if args.host_name is None:
+        args.host_name = socket.gethostname()
+    if args.peer_timeout is None:
+        args.peer_timeout = TcpLimits.peer_timeout
+    return None
 
 
 def machine_memory() -> int:

@@ -16,21 +16,27 @@ A `NetTransport` is one host's attachment to a network. Its contract:
 - `send(dest, data)` is best effort, non-blocking in the sense that it never waits for
   the receiver to process the packet. Packets from one host to another arrive whole, at
   most once, and in the order they were sent (per pair of hosts; one sending thread's
-  order is the order). It returns False when the transport knows the packet cannot be
+  order is the order), across any reconnection the transport makes underneath (TCP: a
+  reset connection is dialed again and the packets the peer missed are sent again,
+  net/tcp.py). It returns False when the transport knows the packet cannot be
   delivered (no such host, the host is down, the transport is closed); True means the
   packet was accepted, which a lossy network may still lose.
 - The sink gets `host_up(peer)` for every peer present at `start` and for each that
-  joins later, before any packet from that peer; it gets
-  `host_down(peer)` when `peer` becomes unreachable (it left, crashed, or its connection
-  broke). After `host_down`, earlier packets to that peer may have been lost; a peer that
-  comes back gets `host_up` again.
+  joins later, before any packet from that peer; it gets `host_down(peer)` when `peer`
+  is unreachable for good: it left, it restarted (a new incarnation), it broke the
+  protocol, or it was not heard from within the transport's bound (TCP:
+  `peer_timeout`). A transient drop that the transport repairs within the bound is not
+  reported. Over TCP nothing is lost between `host_up` and `host_down` (the in-process
+  network's fault injection may lose packets any time); after `host_down`, packets to
+  that peer that had not arrived are lost; a peer that comes back gets `host_up` again.
 - `packet(source, data)`: `source` is the sending host as the transport knows it (the
   address it connected from, its authenticated name), never a claim read from `data`.
 - `close()` leaves the network (peers get `host_down(host)`); it is idempotent, and
   `send` returns False afterwards.
 - `disconnect(peer, why)`: the host found that `peer` sent something no correct host
-  sends; a transport with connections drops that peer's (the sink gets `host_down`),
-  one without (the in-process network) may ignore it.
+  sends; a transport with connections ends everything it shares with that peer (the
+  sink gets `host_down`; the peer may come back, as new), one without (the in-process
+  network) may ignore it.
 - A sink's `backlog()` is how many bytes of packets it was handed and its host has not
   yet taken; a transport that reads from peers stops reading while that is high, so a
   peer cannot make the host hold more than a bounded amount.
