@@ -91,6 +91,12 @@ def _bench_rvm(args: argparse.Namespace) -> dict[str, Any]:
     return rvm.run(mode=args.mode, rounds=args.rounds)
 
 
+def _bench_net_shm(args: argparse.Namespace) -> dict[str, Any]:
+    from pymach.bench import net_shm
+
+    return net_shm.run()
+
+
 def _bench_net(args: argparse.Namespace) -> dict[str, Any]:
     from pymach.bench import net
 
@@ -99,7 +105,8 @@ def _bench_net(args: argparse.Namespace) -> dict[str, Any]:
 
 # Benchmarks that choose their own setting (either mode, or machd hosts they start):
 BOTH_MODES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "unixio": _bench_unixio, "rvm": _bench_rvm, "net": _bench_net}
+    "unixio": _bench_unixio, "rvm": _bench_rvm, "net": _bench_net,
+    "net-shm": _bench_net_shm}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
