@@ -1,9 +1,17 @@
-"""PendingCalls: the calls in flight to other hosts that a host's death must fail."""
+"""PendingCalls: the calls in flight to other hosts that a host's death must fail (the
+table, and the netmsgserver using it on the in-process network)."""
 
 from __future__ import annotations
 
+import threading
+
+import pymach as m
+from pymach.errors import code_name
 from pymach.include.mig import REPLY_ID_OFFSET
+from pymach.net.netname import netname_check_in, netname_wait
 from pymach.net.pending import PendingCalls
+
+WAIT_S = 10.0
 
 
 def test_a_reply_closes_its_call_and_a_death_returns_the_rest_in_order() -> None:
@@ -44,3 +52,34 @@ def test_the_same_call_sent_again_is_remembered_once() -> None:
     p.sent("B", 7, 500)
     p.sent("C", 7, 500)  # (the port moved: the latest destination counts)
     assert p.host_down("B") == [] and p.host_down("C") == [(7, 500)]
+
+
+# -- in the netmsgserver: a host's death fails the calls it never answered ---------------
+def _silent(ready: threading.Event) -> None:
+    """Check in 'silent'; take one request and never answer it."""
+    me = m.task_self()
+    port = m.port_allocate(me)
+    netname_check_in(m.task_get_special_port(me, m.TASK_BOOTSTRAP_PORT), "silent", port)
+    m.msg_receive(port)
+    ready.set()
+    threading.Event().wait(WAIT_S)
+
+
+def _call(name: str) -> tuple[int, str]:
+    """msg_rpc `name` on the network: the reply's id and its first value's code name."""
+    port = netname_wait(name, WAIT_S * 1000)
+    reply = m.msg_rpc(m.Message(remote_port=port, local_port=m.thread_reply(), id=7),
+                      m.RCV_TIMEOUT, receive_timeout=WAIT_S * 1000)
+    return reply.id, code_name(reply.items[0].value)
+
+
+def test_a_call_in_flight_fails_when_its_host_dies() -> None:
+    ready = threading.Event()
+    with m.Network() as net:
+        a, b = net.host("A"), net.host("B")
+        b.start(_silent, ready, name="silent")
+        caller = a.start(_call, "silent", name="caller")
+        assert ready.wait(WAIT_S)
+        net.crash("B")
+        assert caller.wait(WAIT_S * 1000) == (7 + REPLY_ID_OFFSET, "MIG_SERVER_DIED")
+        assert len(a.server.open_calls) == 0

@@ -9,7 +9,9 @@ events the kernel queues on the server's *wire port* (net/station.py); what trav
 the typed packets of net/packets.py, never pickles.
 
 - a message arriving on a proxy is encoded (port rights become network references
-  (host, unguessable id), out-of-line memory becomes bytes) and sent as a MSG packet to
+  (host, unguessable id) or moved rights, see below; out-of-line memory becomes bytes,
+  or, from COR_MIN bytes, a memory object this server serves: net/cor.py, whose
+  docstring says when) and sent as a MSG packet to
   the host of the real port; a packet from the wire port is decoded (references become
   the real local port or a proxy) and sent on locally. A packet that is not one of the
   layouts of net/packets.py is refused: logged, counted in `bad_packets`, dropped, and
@@ -36,15 +38,118 @@ What other hosts can make the server hold is bounded: MAX_NAMES registry entries
 NET_QUEUE_MAX messages from the network queued on any one local port (more are
 refused with SEND_TIMED_OUT, as a full port refuses a send with a zero timeout), proxies
 by its task's port_names_max, out-of-line memory by its ool_queued_max; packets not yet
-taken by the transport's flow control (the sink's backlog, net/transport.py).
+taken by the transport's flow control (the sink's backlog, net/transport.py); memory
+kept for another host by net/cor.py's COR_HOST_MAX; forwarding entries by MAX_FORWARDS;
+messages held for a receive right coming back by NET_QUEUE_MAX.
 
-Send rights cross hosts. A receive or ownership right sent to a remote port is not
-carried across in this version: the server gives it up at once, which hands it back to
-its owner under the usual rules (NOTIFY_RECEIVE_RIGHTS). A Code item (a callable) does
-not cross hosts: such a message is refused with SEND_INVALID_TYPE.
+Every right crosses hosts (paper 3.2: "a port may have any number of senders but only
+one receiver"; the port, not the host, is what senders name):
 
-State belongs to the server's thread; the export tables are also used by the threads
-that forward messages with remote-backed memory, under `lock`.
+- **Where a port lives.** A network reference is (host, id): the host that holds the
+  receive right *as the sender of the reference knew it*, and an id that host gave the
+  port. Ids are per host: a receive right that lands on a host gets a new id there,
+  chosen by the host that sends it (checked unused where it lands), and the host it
+  left keeps a *forwarding entry* old id -> (new host, new id). So a reference never has
+  to be right, only to lead to the port, and a peer cannot claim someone else's port by
+  naming its id (what it moves is always a new port where it lands, see "Lies"). A
+  server hands out only references that lead to the port *now*: its own ids (a port's
+  forwarding id included: a port that just left is named by it, since a third host
+  could otherwise reach the new host before the right does) and routes it learned
+  from a reference or from the port's host itself (FLUSHED).
+- **Moving a receive right** (MOVE_RECEIVE, MOVE_ALL, in a Port or PortArray item):
+  the server that got the right from a local task takes every message queued on the
+  port, turns the port into a proxy for (destination host, new id) (so local senders
+  keep their names and now reach the new receiver), sends the carrying message (its
+  item is a RightItem: old reference, new id, where ownership is, the port's backlog),
+  then the queued messages as MSG packets for the new id, then MOVED [old id] to every
+  host. Where it lands, the server makes a new port with that id, queues nothing ahead
+  of what follows on the same link, and hands the receive right to the task the message
+  is for. A host that only relays the carrying message (the destination's own port
+  moved on) records a forwarding entry for the new id too, so the queued messages that
+  follow go the same way. The old host forwards every later MSG for the old id (the
+  packet is passed on unchanged, re-addressed) and answers its sender with MOVED.
+- **Per-sender order across a move** (the argument). Links are FIFO per pair of hosts
+  and each server handles its packets one at a time. (1) A sender on the old host: its
+  messages queued before the move travel right behind the carrying message; later ones
+  reach the proxy, which forwards them on the same link afterwards. (2) A sender on any
+  other host H (the new host included) reaches the port through a proxy routed at the
+  old reference. When H hears MOVED from that route (or, on the new host, as soon as the
+  right lands), it *holds* the proxy (disables it: its messages wait in the proxy's own
+  queue, under its backlog) and sends FLUSH [id, H, nonce] along the old route. Every
+  message H sent that way precedes the FLUSH on the H->old link; the old host forwards
+  both in that order on its link to the next host, and so on to where the port lives
+  (forwarding preserves order hop by hop). When the FLUSH arrives there, every message
+  H sent along the old path is queued on the port, so the home answers FLUSHED [id,
+  nonce] and H retargets the proxy at the home and releases it: what it sends from now
+  on is queued after. (A proxy whose message a forwarding thread is still encoding is
+  held only at the next MOVED, so its FLUSH follows that message too; a proxy routed at
+  an older reference goes through the older hosts, in order, until MOVED comes from
+  the route it uses.) A proxy on the new host becomes a local relay (its senders keep
+  their names; the server passes their messages on without the network). (3) When a
+  receive right comes back to the host of its owner (below), the owner's proxy itself
+  becomes the port: what arrives for it is kept until that host's own FLUSH comes back,
+  then queued *in front of* what local senders queued meanwhile in one kernel entry
+  (net/portops.py), and only then is the receive right handed to the owner.
+  The order between different senders is, as on one host, the order of arrival.
+- **Ownership** (MOVE_OWNERSHIP, and a receive right moved without it). Where the
+  receive right is and where ownership is may differ: the receiving host's server then
+  holds the port's ownership itself and remembers (owner host, token), a random secret;
+  on the owner's host a task owns the local proxy, and the server knows the token. The
+  rules of ipc/ipc_right.py then hold across hosts: an owner that gives ownership up
+  (or dies) makes its server send DISOWN [id, token] to the port's host, which passes
+  ownership to the receiver (NOTIFY_OWNERSHIP_RIGHTS); a receiver that gives its
+  receive right up (or dies) makes the kernel hand it to the owner (the server), which
+  sends it to the owner's host (RECEIVE packet, then its queued messages); there the
+  owner's proxy becomes the port ((3) above) and the owner gets NOTIFY_RECEIVE_RIGHTS.
+  Ownership moved on to another host is announced to the port's host with OWNER [id,
+  token, new host]. Without an owner anywhere, giving up the receive right destroys the
+  port, as on one host.
+- **Death.** A port that dies on its host is announced with DEAD to every host (as
+  before); a host with a forwarding entry to it drops the entry and announces its old
+  id dead too, so holders on every path get NOTIFY_PORT_DELETED. A host that goes down
+  takes with it the ports that live there, and the forwarding entries that lead there
+  (announced dead the same way); an owner on it gives ownership back to the receiver.
+  A port whose path to it runs through a host that dies before a holder switched to the
+  new route dies for that holder (the right moved on, but the holder cannot know where).
+- **Lies** (refused, logged, counted in `refused_rights`; they hurt only the liar's own
+  messages): a right that lands under an id already in use here arrives as PORT_NULL;
+  ownership without the right token, DISOWN or OWNER with a wrong token, a RECEIVE for
+  an owner that is not here, a FLUSHED that answers no FLUSH of ours are ignored; MSG or
+  FLUSH for an unknown id get DEAD back. Since a moved right becomes a new port where it
+  lands, a host that "moves" a port it does not hold just gives away a new port of its
+  own; proxies here for the real port flush along their own route and are told the
+  truth by the real port's host.
+- **What holds across hosts.** Per-sender order (above). The backlog of the moved port
+  moves with it. A sender on another host sends to its local proxy, whose backlog and
+  the sender's SEND_TIMEOUT mean what they mean locally: the proxy drains as fast as the
+  network takes packets, and while it is held for a flush senders wait on it; the real
+  port's backlog is not enforced across the network (a server does not wait), only
+  NET_QUEUE_MAX (beyond it the message fails with SEND_TIMED_OUT, as a full port with a
+  zero timeout). Receive timeouts are local to the receiver, as always. Forwarding
+  entries are kept for the MAX_FORWARDS most recent moves (an older entry is dropped:
+  its port looks dead to a holder that had not yet switched).
+- **API for migration** (issue 11 item 6): a receive right moves to host H when a task
+  sends it (Port(name, MOVE_RECEIVE) or MOVE_ALL, or a PortArray of them) in a message
+  to any port on H, typically the new task's own port there: what lands is the same
+  port for every sender, with its queue and backlog; nothing else is needed.
+  `where(name)` says on which host this server believes the port it names lives, and
+  `moves_out` / `moves_in` / `relayed` count moves and forwarded messages.
+
+Not supported: a message that moves a receive right *and* carries out-of-line memory a
+data manager must page in first is encoded by the server's own loop (the forwarding
+thread is only for messages without moved rights), so that memory must not be backed
+by a data manager reached through this same server. The transport's contract is
+assumed (in order, or the host is reported down): on a lossy `Network(drop=p)` a lost
+FLUSH or FLUSHED holds its proxies until the route's host goes down. A message
+waiting behind a forwarding thread on a proxy that becomes the port itself (its
+receive right came back to its owner here) in that moment is refused.
+
+A Code item (a callable) does not cross hosts: such a message is refused with
+SEND_INVALID_TYPE.
+
+State belongs to the server's thread; the export tables and `alias` are also used by
+the threads that forward messages with remote-backed memory, under `lock` (those threads
+never move rights: a message that moves one is encoded by the loop).
 """
 
 from __future__ import annotations
@@ -52,13 +157,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pymach import mach
 from pymach.errors import MachError, ThreadTerminated
+from pymach.include.mach_defs import memory_object_defs, pager_defs
 from pymach.include.message import (
     OOL,
+    PORT_BACKLOG_MAX,
     RCV_TIMEOUT,
     SEND_TIMEOUT,
     Bytes,
@@ -74,26 +183,46 @@ from pymach.include.message import (
 )
 from pymach.include.mig import REPLY_ID_OFFSET, REPLY_SIZE_ANY, serve_message
 from pymach.include.netname_defs import netname_defs
+from pymach.include.vm_param import VM_PROT_NONE
 from pymach.include.wire import WireError
-from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
+from pymach.ipc.ipc_notify import (
+    NOTIFY_OVERFLOW,
+    NOTIFY_OWNERSHIP_RIGHTS,
+    NOTIFY_PORT_DELETED,
+    NOTIFY_RECEIVE_RIGHTS,
+)
 from pymach.kern.thread import current_thread
-from pymach.mach_vm import take_ool
+from pymach.mach_vm import take_ool, vm_page_size
+from pymach.net import portops
+from pymach.net.cor import COR_MIN, CorPager
 from pymach.net.packets import (
     MAX_NETNAME,
+    CorItem,
     DeadPacket,
+    DisownPacket,
+    FlushedPacket,
+    FlushPacket,
+    MovedPacket,
     MsgPacket,
     NamePacket,
     NetItem,
     OolData,
+    OwnerPacket,
     Packet,
+    PageInPacket,
+    PagePacket,
     PortRef,
     PortRefs,
+    ReceivePacket,
     Ref,
+    RightItem,
+    RightItems,
     UnnamePacket,
     decode_packet,
     encode_packet,
     new_net_id,
 )
+from pymach.net.pending import PendingCalls
 from pymach.net.transport import NetTransport
 
 # Messages the kernel queues on the wire port for transport events (net/station.py)
@@ -101,10 +230,26 @@ PACKET_ID = 1200  # [Str source host, Bytes packet]
 HOST_UP_ID = 1201  # [Str host]
 HOST_DOWN_ID = 1202  # [Str host]
 log = logging.getLogger("pymach.net")
-_RIGHTS_KEPT_HERE = (Disposition.MOVE_RECEIVE, Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL)
+_MOVES = (Disposition.MOVE_RECEIVE, Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL)
 _PLAIN_ITEMS = (Int, Float, Bytes, Str, IntArray)
 MAX_NAMES = 16384  # entries in a replica of the netname registry
 NET_QUEUE_MAX = 1024  # messages from the network queued on one local port
+MAX_FORWARDS = 4096  # forwarding entries kept for ports that moved away
+_PAGER_INIT = memory_object_defs.by_name["pager_init"].id
+_FORWARDED_ID = 1203  # [Int proxy]: a forwarding thread sent that proxy's message
+_PAGER_DATA_REQUEST = memory_object_defs.by_name["pager_data_request"].id
+_PAGER_DATA_PROVIDED = pager_defs.by_name["pager_data_provided"].id
+After = list[tuple[str, Packet]]  # packets to send once the message being encoded is sent
+
+
+@dataclass
+class Flush:
+    """A FLUSH in flight: the route it follows, the proxies it holds, or the port (our
+    name) that is coming back to its owner here (`returning`)."""
+
+    route: Ref
+    names: list[int] = field(default_factory=list)
+    returning: int = 0
 
 
 class NetMsgServer:
@@ -115,22 +260,38 @@ class NetMsgServer:
         self.host = transport.host
         self.exported: dict[int, bytes] = {}  # our name for a local port -> network id
         self.by_id: dict[bytes, int] = {}  # network id -> our name for the local port
-        self.proxies: dict[Ref, int] = {}  # remote port -> our proxy's name
-        self.proxy_ref: dict[int, Ref] = {}  # proxy name -> remote port
+        self.proxies: dict[Ref, int] = {}  # remote port (route or alias) -> our proxy
+        self.proxy_ref: dict[int, Ref] = {}  # proxy name -> its route
+        self.alias: dict[int, bytes] = {}  # a port that moved away -> its id here (lock)
+        self.forward: OrderedDict[bytes, Ref] = OrderedDict()  # moved away: old id -> route
+        self.flushes: dict[bytes, Flush] = {}  # nonce -> a FLUSH of ours in flight
+        self.held: dict[int, bytes] = {}  # proxy held for a flush -> the flush's nonce
+        self.pending: dict[bytes, list[MsgPacket]] = {}  # id coming back -> held packets
+        self.remote_owner: dict[bytes, tuple[str, bytes]] = {}  # id -> (owner host, token)
+        self.owner_token: dict[int, bytes] = {}  # proxy a task here owns -> its token
+        self.owner_moved: OrderedDict[bytes, str] = OrderedDict()  # token -> host it went to
         self.names: dict[str, Ref] = {}  # this host's replica of the netname registry
         self.own_names: dict[str, Ref] = {}  # names checked in here (told to newcomers)
         self.peers: set[str] = set()  # hosts the transport reported up
-        self.service = self.wire = self.notify = 0
+        self.service = self.wire = self.notify = self.done = 0
+        self._in_flight: dict[int, list[Message]] = {}  # proxy -> messages waiting for
+        # the forwarding thread that encodes an earlier one (the loop's own state)
         self.lock = threading.Lock()  # guards the export tables against forwarding threads
         self.forwarded = self.delivered = self.bad_packets = 0
+        self.relayed = self.moves_out = self.moves_in = self.refused_rights = 0
         self.bytes_in = 0  # packet bytes taken from the wire port (the sink's backlog)
+        self.bytes_out = 0  # packet bytes handed to the transport
+        self.cor = CorPager(self.host, self._cor_send, self._cor_provide)  # regions sent
+        self.mapped: set[int] = set()  # our proxies that are memory objects we mapped
+        self.open_calls = PendingCalls()  # requests sent to other hosts, unanswered (lock)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, service: int, wire: int) -> None:
         """Serve forever: proxies, packets, name service and notifications."""
         self.service, self.wire, self.notify = service, wire, mach.task_notify()
         me = mach.task_self()
-        for port in (service, wire, self.notify):
+        self.done = mach.port_allocate(me)  # forwarding threads say they are done here
+        for port in (service, wire, self.notify, self.done):
             mach.port_enable(me, port)
         while True:
             msg = mach.msg_receive(rcv_size=REPLY_SIZE_ANY)  # a packet may be 64 MiB
@@ -148,19 +309,46 @@ class NetMsgServer:
         if msg.local_port == self.wire:
             self._wire_event(msg)
         elif msg.local_port == self.notify:
-            if msg.id == NOTIFY_PORT_DELETED and isinstance(msg.items[0], Int):
-                self._port_died(msg.items[0].value)
-            elif msg.id == NOTIFY_OVERFLOW:  # deaths went unheard: find them by looking
-                with self.lock:
-                    known = [*self.exported, *self.proxy_ref]
-                for name in mach.names_gone(known):
-                    self._port_died(name)
+            self._notification(msg)
+        elif msg.local_port == self.done and msg.id == _FORWARDED_ID:
+            self._forward_waiting(int(msg.values()[0]))
         elif msg.local_port == self.service:
             reply = serve_message(netname_defs, self, msg)
             if reply is not None:
                 self._send_local(reply)
+        elif msg.local_port in self.mapped and msg.id == _PAGER_DATA_REQUEST \
+                and msg.local_port not in self._in_flight:
+            self._page_in_out(msg)
         elif msg.local_port in self.proxy_ref:
-            self.forward(msg, self.proxy_ref[msg.local_port])
+            self.forward_msg(msg, self.proxy_ref[msg.local_port])
+
+    def _notification(self, msg: Message) -> None:
+        name = msg.items[0].value if msg.items and isinstance(msg.items[0], Int) else 0
+        if msg.id == NOTIFY_PORT_DELETED:
+            self._port_died(name)
+        elif msg.id == NOTIFY_RECEIVE_RIGHTS:
+            self._receive_given_back(name)
+        elif msg.id == NOTIFY_OWNERSHIP_RIGHTS:
+            self._ownership_given_back(name)
+        elif msg.id == NOTIFY_OVERFLOW:  # deaths went unheard: find them by looking
+            with self.lock:
+                known = [*self.exported, *self.proxy_ref]
+            for gone in mach.names_gone(known):
+                self._port_died(gone)
+            self._recheck_rights()
+
+    def _recheck_rights(self) -> None:
+        """Notifications were lost: find by looking the rights the kernel handed us (a
+        receive right given up by a receiver whose owner is elsewhere, ownership given
+        up by a task owning one of our proxies)."""
+        for net_id in list(self.remote_owner):
+            name = self.by_id.get(net_id)
+            with contextlib.suppress(MachError):
+                if name is not None and _status(name)[3]:
+                    self._receive_given_back(name)
+        for name in list(self.owner_token):
+            if name in self.proxy_ref and portops.owner_of(name) == "server":
+                self._ownership_given_back(name)
 
     def _wire_event(self, msg: Message) -> None:
         """A transport event the kernel queued on the wire port (see PACKET_ID)."""
@@ -177,13 +365,14 @@ class NetMsgServer:
             log.warning("netmsgserver %s: malformed wire event %d", self.host, msg.id)
 
     # -- outbound ---------------------------------------------------------------------
-    def forward(self, msg: Message, target: Ref) -> None:
-        """Send a message that arrived on a proxy to the host of the real port. One whose
-        out-of-line memory needs a data manager's pages is encoded by a thread of its own
-        (reading it could wait for a request that only this loop can forward), and may
-        then arrive after messages sent later; every other message keeps its order.
-        A message with an item that cannot cross (a Code item) is refused with
-        SEND_INVALID_TYPE."""
+    def forward_msg(self, msg: Message, target: Ref) -> None:
+        """Send a message that arrived on a proxy to the host of the real port, in the
+        order the proxy got them. One whose out-of-line memory needs a data manager's
+        pages (and that moves no receive or ownership right) is encoded by a thread of
+        its own (reading it could wait for a request that only this loop can forward);
+        the messages that arrive on the same proxy meanwhile wait, and follow it once
+        the thread has sent it (`_forward_waiting`). A message with an item that cannot
+        cross (a Code item) is refused with SEND_INVALID_TYPE."""
         bad = [type(i).__name__ for i in msg.items
                if not isinstance(i, (*_PLAIN_ITEMS, Port, PortArray, OOL))]
         if bad:
@@ -192,10 +381,44 @@ class NetMsgServer:
             self._refuse(msg.remote_port, msg.id, "SEND_INVALID_TYPE",
                          f"a {bad[0]} item cannot cross hosts")
             return
-        if any(isinstance(i, OOL) and i.size and not self._readable_now(i) for i in msg.items):
-            mach.thread_create(mach.task_self(), self._forward_now, msg, target)
-            return
-        self._forward_now(msg, target)
+        waiting = self._in_flight.get(msg.local_port)
+        if waiting is not None:  # an earlier message of this proxy is being encoded
+            waiting.append(msg)
+        elif self._needs_thread(msg):
+            self._in_flight[msg.local_port] = []
+            mach.thread_create(mach.task_self(), self._forward_threaded, msg, target)
+        else:
+            self._forward_now(msg, target)
+
+    def _needs_thread(self, msg: Message) -> bool:
+        return not _moves_rights(msg) and any(
+            isinstance(i, OOL) and i.size and not self._readable_now(i) for i in msg.items)
+
+    def _forward_threaded(self, msg: Message, target: Ref) -> None:
+        """(A forwarding thread) send `msg`, then tell the loop (its `done` port) that the
+        proxy's next messages may go."""
+        try:
+            self._forward_now(msg, target)
+        finally:
+            with contextlib.suppress(MachError):
+                mach.msg_send(Message(remote_port=self.done, id=_FORWARDED_ID,
+                                      items=[Int(msg.local_port)]))
+
+    def _forward_waiting(self, proxy: int) -> None:
+        """A forwarding thread sent its message: forward what waited behind it, in order
+        (the next one that needs a thread of its own holds back the rest again)."""
+        waiting = self._in_flight.pop(proxy, [])
+        for n, msg in enumerate(waiting):
+            route = self.proxy_ref.get(proxy)
+            if route is None:  # the proxy died meanwhile
+                self._refuse(msg.remote_port, msg.id)
+                self._abandon(msg)
+            elif self._needs_thread(msg):
+                self._in_flight[proxy] = waiting[n + 1:]
+                mach.thread_create(mach.task_self(), self._forward_threaded, msg, route)
+                return
+            else:
+                self._forward_now(msg, route)
 
     def _readable_now(self, item: OOL) -> bool:
         from pymach.vm.vm_kern import range_readable_now  # loaded with a kernel, not pymach
@@ -206,42 +429,113 @@ class NetMsgServer:
             return vmap is not None and range_readable_now(vmap, item.address, item.size)
 
     def _forward_now(self, msg: Message, target: Ref) -> None:
-        """Encode `msg` as a MSG packet for port `target`; refuse it if the host is gone."""
-        reply = self.ref_of(msg.remote_port) if msg.remote_port else None
-        packet = MsgPacket(target[1], msg.id, reply, tuple(self._encode(i) for i in msg.items))
+        """Encode `msg` as a MSG packet for port `target` and send it, then what moving
+        its rights produced (queued messages, MOVED); refuse it if the host is gone."""
+        after: After = []
+        packet = self._packet(target[0], target[1], msg, after)
         self.forwarded += 1
-        if not self._send(target[0], packet):
+        sent = self._send(target[0], packet)
+        self._send_all(after)
+        if not sent:
             self._refuse(msg.remote_port, msg.id, "MIG_SERVER_DIED",
                          f"host {target[0]!r} cannot be reached")
+        elif msg.remote_port and target[0] != self.host:
+            with self.lock:  # (forwarding threads come here too)
+                if msg.remote_port not in self.proxy_ref:  # its reply comes back here
+                    self.open_calls.sent(target[0], msg.remote_port, msg.id)
+
+    def _packet(self, host: str, dest: bytes, msg: Message, after: After) -> MsgPacket:
+        """`msg` (received by this server) as a MSG packet for port `dest` on `host`."""
+        reply = self.ref_of(msg.remote_port) if msg.remote_port else None
+        return MsgPacket(dest, msg.id, reply, tuple(self._encode(i, host, after)
+                                                    for i in msg.items))
+
+    def _send_all(self, after: After) -> None:
+        for host, packet in after:
+            if host:
+                self._send(host, packet)
+            else:
+                self._broadcast(packet, to_self=True)
 
     def ref_of(self, name: int) -> Ref:
         """The network reference for a port we hold a send right to (exporting it)."""
         with self.lock:  # forwarding threads export too (no Mach call is made under it)
+            old_id = self.alias.get(name)
+            if old_id is not None and old_id in self.forward:
+                return (self.host, old_id)  # the new host may not have the port yet
             if name in self.proxy_ref:
                 return self.proxy_ref[name]
-            if name not in self.exported:
-                net_id = new_net_id()
-                self.exported[name], self.by_id[net_id] = net_id, name
-            return (self.host, self.exported[name])
+            return (self.host, self._export_locked(name))
 
-    def _encode(self, item: Item) -> NetItem:
+    def _export_locked(self, name: int) -> bytes:
+        if name not in self.exported:
+            net_id = new_net_id()
+            self.exported[name], self.by_id[net_id] = net_id, name
+        return self.exported[name]
+
+    def _encode(self, item: Item, host: str, after: After) -> NetItem:
         if isinstance(item, Port):
-            return PortRef(self._right(item.name, item.disposition))
+            if item.disposition in _MOVES:
+                right = self._move_out(item.name, item.disposition, host, after)
+                return right if right is not None else PortRef(None)
+            return PortRef(self._right(item.name))
         if isinstance(item, PortArray):
-            return PortRefs(tuple(self._right(n, item.disposition) for n in item.names))
+            if item.disposition in _MOVES:
+                moved = (self._move_out(n, item.disposition, host, after) for n in item.names)
+                return RightItems(tuple(r for r in moved if r is not None))
+            return PortRefs(tuple(self._right(n) for n in item.names))
         if isinstance(item, OOL):
-            return OolData(take_ool(item))
+            return self._ool_out(item, host)
         if isinstance(item, _PLAIN_ITEMS):
             return item
         raise MachError("SEND_INVALID_TYPE", f"a {type(item).__name__} item cannot cross hosts")
 
-    def _right(self, name: int, kind: Disposition) -> Ref | None:
-        if not name:
-            return None
-        if kind in _RIGHTS_KEPT_HERE:  # not carried across: give it back (see docstring)
-            mach.port_deallocate(mach.task_self(), name)
-            return None
-        return self.ref_of(name)
+    def _ool_out(self, item: OOL, host: str) -> NetItem:
+        """A region for `host`: by reference if it is large and readable without a data
+        manager (net/cor.py), else by value."""
+        if item.data is None and item.size >= COR_MIN and host != self.host \
+                and self._readable_now(item):
+            mo = self.cor.keep(item, host, vm_page_size())
+            if mo:
+                return CorItem(self.ref_of(mo), item.size)
+        return OolData(take_ool(item))
+
+    def _cor_send(self, proxy: int, msg_id: int, items: list[Item]) -> None:
+        """A reply of our memory objects' pager to a kernel's request port (our proxy)."""
+        route = self.proxy_ref.get(proxy)
+        if route is not None:
+            self._forward_now(Message(local_port=proxy, id=msg_id, items=items), route)
+
+    def _cor_provide(self, request: int, offset: int, data: bytes) -> None:
+        """Data of our memory objects for a kernel's request port (our proxy): PAGE."""
+        route = self.proxy_ref.get(request)
+        if route is not None:
+            self._send(route[0], PagePacket(route[1], offset, data))
+
+    def _page_in_out(self, msg: Message) -> None:
+        """Our kernel's pager_data_request to a memory object of another host (our proxy
+        `msg.local_port`): sent as a PAGEIN (its request port is known there)."""
+        values = msg.values()
+        if len(values) != 4 or not all(isinstance(v, int) for v in values[1:]):
+            self.forward_msg(msg, self.proxy_ref[msg.local_port])
+            return
+        route = self.proxy_ref[msg.local_port]
+        self._send(route[0], PageInPacket(route[1], values[1], values[2], values[3]))
+
+    def _page_in(self, source: str, packet: PageInPacket) -> None:
+        mo = self.by_id.get(packet.port, 0)
+        self.cor.page_in(source, mo, packet.offset, packet.length, packet.access)
+
+    def _page(self, packet: PagePacket) -> None:
+        """Data for one of our kernel's pager request ports: pager_data_provided."""
+        dest = self.by_id.get(packet.port)
+        if dest is not None:  # (else the kernel let the object go meanwhile)
+            self._send_local(Message(remote_port=dest, id=_PAGER_DATA_PROVIDED, items=[
+                Int(packet.offset), OOL(data=packet.data), Int(len(packet.data)),
+                Int(VM_PROT_NONE)]))
+
+    def _right(self, name: int) -> Ref | None:
+        return self.ref_of(name) if name else None
 
     def _send(self, host: str, packet: Packet) -> bool:
         """Send `packet` to `host` (to ourselves without the network); False if the
@@ -250,13 +544,126 @@ class NetMsgServer:
         if host == self.host:
             self._dispatch(host, packet)
             return True
+        self.bytes_out += len(data)
         return self.transport.send(host, data)
 
-    def _broadcast(self, packet: Packet) -> None:
-        """Send `packet` to every host the transport reported up."""
+    def _broadcast(self, packet: Packet, to_self: bool = False) -> None:
+        """Send `packet` to every host the transport reported up (and to ourselves)."""
         data = encode_packet(packet)
         for peer in sorted(self.peers):
+            self.bytes_out += len(data)
             self.transport.send(peer, data)
+        if to_self:
+            self._dispatch(self.host, packet)
+
+    # -- rights leaving this host -------------------------------------------------------
+    def _move_out(self, name: int, kind: Disposition, host: str,
+                  after: After) -> RightItem | None:
+        """The right `kind` to our port `name` (received from a local task) leaves for
+        `host`: a receive right takes the port's queue with it and leaves a proxy."""
+        if not name:
+            return None
+        if kind == Disposition.MOVE_OWNERSHIP:
+            return self._ownership_out(name, host)
+        backlog = _status(name)[2]
+        with self.lock:
+            old_id = self._export_locked(name)
+        owner, token = (None, None) if kind == Disposition.MOVE_ALL else \
+            self._owner_apart(name, old_id)
+        new_id = new_net_id()
+        queue = self._drain(name)
+        self._become_proxy(name, old_id, (host, new_id))
+        for msg in queue:  # behind the carrying message, on the same link
+            inner: After = []
+            after.append((host, self._packet(host, new_id, msg, inner)))
+            after.extend(inner)
+        after.append(("", MovedPacket(old_id)))
+        self.moves_out += 1
+        return RightItem(int(kind), (self.host, old_id), new_id, owner, token, backlog)
+
+    def where(self, name: int) -> str | None:
+        """The host this server believes the port it names `name` lives on (None: it
+        names no port it exports or proxies)."""
+        if name in self.proxy_ref:
+            return self.proxy_ref[name][0]
+        return self.host if name in self.exported else None
+
+    def _owner_apart(self, name: int, old_id: bytes) -> tuple[str | None, bytes | None]:
+        """Where the ownership of a port whose receive right leaves stays: an owner on
+        another host stays there; a task here keeps it (the proxy stands for it)."""
+        if old_id in self.remote_owner:
+            return self.remote_owner.pop(old_id)
+        if portops.owner_of(name) == "task":
+            token = new_net_id()
+            self.owner_token[name] = token
+            return self.host, token
+        return None, None
+
+    def _ownership_out(self, name: int, host: str) -> RightItem | None:
+        """Ownership of our port `name` leaves for `host`: of a local port, its receive
+        right stays and we hold ownership for the owner there; of a remote port (our
+        proxy), it moves on with the token that proves it."""
+        if name in self.proxy_ref:
+            token = self.owner_token.pop(name, None)
+            route = self.proxy_ref[name]
+            if token is None:  # no task here owned it: nothing to pass on
+                log.warning("netmsgserver %s: ownership of %s cannot leave: it is not held "
+                            "here", self.host, route[1].hex()[:8])
+                return None
+            self._owner_went(token, host)
+            return RightItem(int(Disposition.MOVE_OWNERSHIP), route, route[1], None, token)
+        with self.lock:
+            net_id = self._export_locked(name)
+        token = new_net_id()
+        self.remote_owner[net_id] = (host, token)
+        return RightItem(int(Disposition.MOVE_OWNERSHIP), (self.host, net_id), net_id, None,
+                         token)
+
+    def _owner_went(self, token: bytes, host: str) -> None:
+        """Ownership proven by `token` left for `host`: a receive right that comes back
+        here for it before its host hears of the move is sent on there."""
+        self.owner_moved[token] = host
+        while len(self.owner_moved) > MAX_FORWARDS:
+            self.owner_moved.popitem(last=False)
+
+    def _drain(self, name: int) -> list[Message]:
+        """Take every message queued on a port whose receive right we hold."""
+        msgs = []
+        while True:
+            try:
+                msgs.append(mach.msg_receive(name, RCV_TIMEOUT, 0, REPLY_SIZE_ANY))
+            except MachError:
+                return msgs
+
+    def _become_proxy(self, name: int, old_id: bytes, route: Ref) -> None:
+        """Our port `name` (its receive right ours) now stands for `route`: what local
+        senders send to it is forwarded; so is what other hosts send to `old_id`."""
+        with self.lock:
+            self.exported.pop(name, None)
+            self.by_id.pop(old_id, None)
+            self.alias[name] = old_id
+        self._add_forward(old_id, route)
+        self.proxy_ref[name] = route
+        self.proxies.setdefault(route, name)
+        self.proxies[(self.host, old_id)] = name
+        self._mark(name, route)
+        mach.port_enable(mach.task_self(), name)
+
+    def _add_forward(self, old_id: bytes, route: Ref) -> None:
+        with self.lock:
+            self.forward[old_id] = route
+            self.forward.move_to_end(old_id)
+            while len(self.forward) > MAX_FORWARDS:
+                self.forward.popitem(last=False)
+
+    def _drop_forwards(self, match: Callable[[Ref], bool]) -> None:
+        """Forwarding entries whose route `match`es die: their ids are dead too."""
+        with self.lock:
+            dead = [k for k, r in self.forward.items() if match(r)]
+            for old in dead:
+                del self.forward[old]
+        for old in dead:
+            self._broadcast(DeadPacket(old), to_self=True)
 
     # -- inbound ------------------------------------------------------------------------
     def packet_in(self, source: str, data: bytes) -> None:
@@ -274,39 +681,107 @@ class NetMsgServer:
         if isinstance(packet, MsgPacket):
             self._deliver(source, packet)
         elif isinstance(packet, DeadPacket):
-            dead = (source, packet.port)
-            self._forget_proxy(dead)
-            self._drop_names(lambda ref: ref == dead)
-        elif isinstance(packet, NamePacket):
-            if packet.name not in self.names and len(self.names) >= MAX_NAMES:
-                log.warning("netmsgserver %s: refused name %r from %r: the registry holds "
-                            "%d names", self.host, packet.name[:64], source, MAX_NAMES)
-                return
-            self.names[packet.name] = packet.ref
-            self.own_names.pop(packet.name, None)  # the later check-in elsewhere wins
+            self._dead(source, packet.port)
+        elif isinstance(packet, NamePacket | UnnamePacket):
+            self._name_packet(source, packet)
+        elif isinstance(packet, MovedPacket):
+            self._hold_route((source, packet.port))
+        elif isinstance(packet, FlushPacket):
+            self._flush_arrived(source, packet)
+        elif isinstance(packet, FlushedPacket):
+            self._flush_done(packet.nonce, (source, packet.port))
+        elif isinstance(packet, DisownPacket | OwnerPacket):
+            self._owner_packet(source, packet)
+        elif isinstance(packet, PageInPacket):
+            self._page_in(source, packet)
+        elif isinstance(packet, PagePacket):
+            self._page(packet)
         else:
+            self._receive_back(source, packet.right)
+
+    def _name_packet(self, source: str, packet: NamePacket | UnnamePacket) -> None:
+        if isinstance(packet, UnnamePacket):
             self.names.pop(packet.name, None)
             self.own_names.pop(packet.name, None)
+            return
+        if packet.name not in self.names and len(self.names) >= MAX_NAMES:
+            log.warning("netmsgserver %s: refused name %r from %r: the registry holds "
+                        "%d names", self.host, packet.name[:64], source, MAX_NAMES)
+            return
+        self.names[packet.name] = packet.ref
+        self.own_names.pop(packet.name, None)  # the later check-in elsewhere wins
 
     def _deliver(self, source: str, packet: MsgPacket) -> None:
-        """A message for one of our exported ports (failing the call if it died)."""
+        """A message for one of our ports: deliver, hold (its port is coming back),
+        forward (it moved away), or fail the call (it died)."""
+        held = self.pending.get(packet.dest)
+        if held is not None:
+            self._hold_packet(source, packet, held)
+            return
         dest = self.by_id.get(packet.dest)
-        if dest is None:  # the port died meanwhile: tell the sender's host, fail the call
+        if dest is None:
+            route = self.forward.get(packet.dest)
+            if route is not None:
+                self._relay(source, packet, route)
+                return
             self._send(source, DeadPacket(packet.dest))
             self._fail_remote(packet, "MIG_SERVER_DIED",
                               "the destination port died before the request reached it")
             return
-        if self._queued(dest) >= NET_QUEUE_MAX:  # the network may not fill a port
+        if dest in self.cor.objects:  # a kernel's request to a memory object of ours
+            self._cor_request(source, dest, packet)
+            return
+        msg = self._message(dest, packet)
+        with self.lock:
+            self.open_calls.delivered(dest, packet.msg_id)  # a reply closes its call
+        if portops.queued(dest) >= NET_QUEUE_MAX:  # the network may not fill a port
             log.warning("netmsgserver %s: refused message %d from %r: its port holds %d "
                         "messages", self.host, packet.msg_id, source, NET_QUEUE_MAX)
+            self._abandon(msg)
             self._fail_remote(packet, "SEND_TIMED_OUT", f"the port stayed full "
                               f"({NET_QUEUE_MAX} messages from the network)")
             return
-        reply, reply_disp = self._local(packet.reply)
-        msg = Message(remote_port=dest, local_port=reply, id=packet.msg_id,
-                      items=[self._decode(i) for i in packet.items],
-                      local_disposition=reply_disp if reply else None)
         self._send_local(msg)
+
+    def _message(self, dest: int, packet: MsgPacket) -> Message:
+        """The local message for a MSG packet (landing the rights it carries)."""
+        reply, reply_disp = self._local(packet.reply)
+        return Message(remote_port=dest, local_port=reply, id=packet.msg_id,
+                       items=[self._decode(i) for i in packet.items],
+                       local_disposition=reply_disp if reply else None)
+
+    def _cor_request(self, source: str, dest: int, packet: MsgPacket) -> None:
+        msg = self._message(dest, packet)
+        self.cor.serve(source, replace(msg, remote_port=msg.local_port, local_port=dest))
+        if packet.msg_id == _PAGER_INIT and len(msg.items) == 2:  # its name port: unused
+            name = msg.items[1]
+            if isinstance(name, Port) and name.name in self.proxy_ref:
+                self._kill_proxy(name.name)
+
+    def _hold_packet(self, source: str, packet: MsgPacket, held: list[MsgPacket]) -> None:
+        if len(held) >= NET_QUEUE_MAX:
+            log.warning("netmsgserver %s: refused message %d from %r: %d wait for a port "
+                        "coming back", self.host, packet.msg_id, source, NET_QUEUE_MAX)
+            self._fail_remote(packet, "SEND_TIMED_OUT", "the port stayed full")
+            return
+        held.append(packet)
+
+    def _relay(self, source: str, packet: MsgPacket, route: Ref) -> None:
+        """Pass a MSG for a port that moved away on to where it went (unchanged but for
+        its address), and tell the sender (MOVED). Receive rights it carries go the same
+        way: so will the messages that follow them."""
+        for item in packet.items:
+            for right in _rights_in(item):
+                if right.kind != Disposition.MOVE_OWNERSHIP:
+                    self._add_forward(right.new_id, (route[0], right.new_id))
+                elif right.token is not None:
+                    self._owner_went(right.token, route[0])
+        self.relayed += 1
+        if not self._send(route[0], MsgPacket(route[1], packet.msg_id, packet.reply,
+                                              packet.items)):
+            self._fail_remote(packet, "MIG_SERVER_DIED", f"host {route[0]!r} cannot be "
+                              f"reached")
+        self._send(source, MovedPacket(packet.dest))
 
     def _fail_remote(self, packet: MsgPacket, code: str, detail: str) -> None:
         """Answer a request from another host that will not be delivered with an error
@@ -316,22 +791,20 @@ class NetMsgServer:
                 packet.reply[1], packet.msg_id + REPLY_ID_OFFSET, None,
                 (Int(MachError(code).value), Str(detail))))
 
-    def _queued(self, name: int) -> int:
-        """Messages queued on the local port we name `name` (0 if we name none)."""
-        thread = current_thread()
-        with thread.kernel.trap(thread):  # the server is part of this host's kernel side
-            entry = thread.task.space.names.get(name)
-            port = entry.port if entry is not None else None
-            return len(port.queue) if port is not None else 0
-
     def _local(self, ref: Ref | None) -> tuple[int, Disposition]:
         """Our name for a referenced port and the disposition that gives a send right."""
         if ref is None:
             return 0, Disposition.COPY_SEND
-        if ref[0] == self.host:
-            name = self.by_id.get(ref[1], 0)
-            return name, Disposition.COPY_SEND
-        return self._proxy(ref), Disposition.MAKE_SEND
+        if ref[0] == self.host and ref[1] in self.by_id:
+            return self.by_id[ref[1]], Disposition.COPY_SEND
+        name = self.proxies.get(ref)
+        if name is None:
+            route = self.forward.get(ref[1]) if ref[0] == self.host else ref
+            if route is None:
+                return 0, Disposition.COPY_SEND
+            name = self._proxy(route)
+            self.proxies[ref] = name
+        return name, Disposition.MAKE_SEND
 
     def _proxy(self, ref: Ref) -> int:
         name = self.proxies.get(ref)
@@ -340,7 +813,12 @@ class NetMsgServer:
             name = mach.port_allocate(me)
             mach.port_enable(me, name)
             self.proxies[ref], self.proxy_ref[name] = name, ref
+            self._mark(name, ref)
         return name
+
+    def _mark(self, name: int, route: Ref | None) -> None:
+        """Tell the kernel's reports where the port our `name` stands for lives."""
+        portops.mark_remote(name, "" if route is None or route[0] == self.host else route[0])
 
     def _decode(self, item: NetItem) -> Item:
         if isinstance(item, PortRef):
@@ -349,17 +827,49 @@ class NetMsgServer:
         if isinstance(item, PortRefs):
             rights = [self._local(r) for r in item.refs]
             return PortArray(tuple(n for n, _ in rights), Disposition.COPY_SEND)
+        if isinstance(item, RightItem):
+            name = self._land(item)
+            return Port(name, Disposition(item.kind)) if name else \
+                Port(0, Disposition.COPY_SEND)
+        if isinstance(item, RightItems):
+            names = tuple(self._land(r) for r in item.rights)
+            kind = item.rights[0].kind if item.rights else Disposition.MOVE_RECEIVE
+            return PortArray(tuple(n for n in names if n), Disposition(kind))
         if isinstance(item, OolData):
             return OOL(data=item.data)
+        if isinstance(item, CorItem):
+            return self._cor_in(item)
         return item
 
-    def _send_local(self, msg: Message) -> None:
-        """Deliver a message locally (never held back by a backlog: see docstring)."""
+    def _cor_in(self, item: CorItem) -> OOL:
+        """Memory by reference: map the object (its port our proxy) and pass it on as
+        out-of-line memory; empty if the object is dead or cannot be mapped."""
+        name, _ = self._local(item.ref)
+        if not name:
+            return OOL(data=b"")
         try:
-            mach.msg_send(msg)
+            address: int = mach.vm_allocate_with_pager(mach.task_self(), 0, item.size, True,
+                                                       name, 0)
+        except MachError as e:
+            log.warning("netmsgserver %s: cannot map memory from %r: %s", self.host,
+                        item.ref[0], e.detail)
+            return OOL(data=b"")
+        self.mapped.add(name)
+        return OOL(address, item.size, deallocate=True)
+
+    def _send_local(self, msg: Message) -> None:
+        """Deliver a message locally (never held back by a backlog: see docstring); a
+        null right in it (refused, or its port died) arrives as PORT_NULL."""
+        try:
+            if _has_null(msg):
+                placeholder = mach.port_allocate(mach.task_self())
+                portops.send_with_null(_with_null(msg, placeholder), placeholder)
+            else:
+                mach.msg_send(msg)
         except MachError as e:
             # The port (or a port it carries) died just now: whoever waits for an answer
-            # must get one.
+            # must get one; rights that landed for it are given up here.
+            self._abandon(msg)
             self._refuse(msg.local_port, msg.id,
                          "MIG_SERVER_DIED" if e.code == "SEND_INVALID_PORT" else e.code, e.detail)
             return
@@ -378,6 +888,231 @@ class NetMsgServer:
             mach.msg_send(Message(remote_port=reply, id=request_id + REPLY_ID_OFFSET,
                                   items=items), SEND_TIMEOUT, 0)
 
+    # -- rights arriving here -----------------------------------------------------------
+    def _land(self, right: RightItem) -> int:
+        """A right that arrived for a task here; our name for the port (0: refused)."""
+        if right.kind == Disposition.MOVE_OWNERSHIP:
+            return self._land_ownership(right)
+        if right.new_id in self.by_id or right.new_id in self.forward \
+                or right.new_id in self.pending:
+            self._lie(f"a receive right under id {right.new_id.hex()[:8]}, in use here")
+            return 0
+        me = mach.task_self()
+        try:
+            name: int = mach.port_allocate(me)
+        except MachError as e:  # our name space is full
+            log.warning("netmsgserver %s: a receive right cannot land: %s", self.host,
+                        e.detail)
+            return 0
+        if right.backlog:
+            mach.port_set_backlog(me, name, max(1, min(right.backlog, PORT_BACKLOG_MAX)))
+        with self.lock:
+            self.exported[name], self.by_id[right.new_id] = right.new_id, name
+        if right.kind == Disposition.MOVE_RECEIVE and right.owner is not None \
+                and right.token is not None:
+            self.remote_owner[right.new_id] = (right.owner, right.token)
+        self.moves_in += 1
+        self._hold_route(right.ref)  # our proxies for where it was: flush their path
+        return name
+
+    def _land_ownership(self, right: RightItem) -> int:
+        """Ownership arriving: of a port that lives here (it comes home), or of a remote
+        port (a proxy here stands for it; the port's host is told)."""
+        if right.ref[0] == self.host and right.ref[1] in self.by_id:
+            owner = self.remote_owner.get(right.ref[1])
+            if owner is None or owner[1] != right.token:
+                self._lie("ownership of a port here without its token")
+                return 0
+            del self.remote_owner[right.ref[1]]
+            return self.by_id[right.ref[1]]
+        name, _ = self._local(right.ref)
+        if not name or name in self.owner_token or name in self.exported \
+                or right.token is None:
+            self._lie("ownership of a port whose ownership is here already or dead")
+            return 0
+        self.owner_token[name] = right.token
+        route = self.proxy_ref[name]
+        self._send(route[0], OwnerPacket(route[1], right.token, self.host))
+        return name
+
+    def _lie(self, what: str) -> None:
+        self.refused_rights += 1
+        log.warning("netmsgserver %s: refused %s", self.host, what)
+
+    def _abandon(self, msg: Message) -> None:
+        """A message that landed rights here will not be delivered: give them up here
+        as the kernel does for a destroyed message (to the owner, or the port dies)."""
+        for item in msg.items:
+            if isinstance(item, OOL) and item.data is None and item.size:
+                mach.vm_deallocate(mach.task_self(), item.address, item.size)
+            if not isinstance(item, Port | PortArray) or item.disposition not in _MOVES:
+                continue
+            for name in (item.name,) if isinstance(item, Port) else item.names:
+                if not name:
+                    continue
+                if item.disposition == Disposition.MOVE_OWNERSHIP:
+                    self._ownership_given_back(name)
+                elif name in self.exported and self.exported[name] in self.remote_owner:
+                    self._receive_given_back(name)
+                else:
+                    portops.destroy(name)
+
+    def _receive_given_back(self, name: int) -> None:
+        """We (the owner's stand-in) were given the receive right of our port `name`: it
+        goes to the owner's host, or, with no owner elsewhere, the port dies."""
+        net_id = self.exported.get(name)
+        owner = self.remote_owner.get(net_id) if net_id is not None else None
+        if owner is None:
+            if name in self.exported and portops.owner_of(name) == "server":
+                portops.destroy(name)
+            return
+        after: After = []
+        right = self._move_out(name, Disposition.MOVE_RECEIVE, owner[0], after)
+        if right is not None:
+            self._send(owner[0], ReceivePacket(right))
+        self._send_all(after)
+
+    def _ownership_given_back(self, name: int) -> None:
+        """The task here that owned the remote port our proxy `name` stands for gave
+        ownership up (the kernel passed it to us, the proxy's receiver): tell its host."""
+        token = self.owner_token.pop(name, None)
+        route = self.proxy_ref.get(name)
+        if token is not None and route is not None:
+            self._send(route[0], DisownPacket(route[1], token))
+        elif name in self.exported and self.exported[name] in self.remote_owner:
+            self.remote_owner.pop(self.exported[name])  # ownership came home, unused
+            portops.give_up(name, "ownership")
+
+    def _owner_packet(self, source: str, packet: DisownPacket | OwnerPacket) -> None:
+        """DISOWN or OWNER for one of our ports (passed on if it moved away)."""
+        name = self.by_id.get(packet.port)
+        if name is None:
+            route = self.forward.get(packet.port)
+            if route is not None:
+                moved = DisownPacket(route[1], packet.token) if isinstance(
+                    packet, DisownPacket) else OwnerPacket(route[1], packet.token, packet.host)
+                self._send(route[0], moved)
+            return
+        owner = self.remote_owner.get(packet.port)
+        if owner is None or owner[1] != packet.token:
+            self._lie(f"{type(packet).__name__} from {source!r} without the owner's token")
+            return
+        if isinstance(packet, OwnerPacket):
+            self.remote_owner[packet.port] = (packet.host, packet.token)
+            return
+        del self.remote_owner[packet.port]
+        portops.give_up(name, "ownership")
+
+    def _receive_back(self, source: str, right: RightItem) -> None:
+        """The receive right of a port whose ownership a task here holds comes back:
+        that task's proxy becomes the port, once its old path is flushed."""
+        proxy = next((n for n, t in self.owner_token.items() if t == right.token), 0)
+        went = self.owner_moved.get(right.token) if right.token is not None else None
+        if not proxy and went is not None and right.new_id not in self.forward:
+            self._add_forward(right.new_id, (went, right.new_id))  # its queue follows
+            self._send(went, ReceivePacket(right))  # ownership moved on from here
+            return
+        if not proxy or right.new_id in self.by_id or right.new_id in self.forward:
+            self._lie(f"a receive right from {source!r} for an owner that is not here")
+            self._send(source, DeadPacket(right.new_id))
+            return
+        del self.owner_token[proxy]
+        route = self._unproxy(proxy)
+        with self.lock:
+            self.exported[proxy], self.by_id[right.new_id] = right.new_id, proxy
+        self.pending[right.new_id] = []
+        if right.backlog:
+            mach.port_set_backlog(mach.task_self(), proxy,
+                                  max(1, min(right.backlog, PORT_BACKLOG_MAX)))
+        self.moves_in += 1
+        self._start_flush(route, [], returning=proxy)
+
+    def _unproxy(self, name: int) -> Ref:
+        """Our proxy `name` stops being one (held: its senders wait); its route."""
+        for ref in [r for r, n in self.proxies.items() if n == name]:
+            del self.proxies[ref]
+        nonce = self.held.pop(name, None)
+        if nonce is not None and nonce in self.flushes:
+            self.flushes[nonce].names.remove(name)
+        with self.lock:
+            self.alias.pop(name, None)
+        mach.port_disable(mach.task_self(), name)
+        self._mark(name, None)
+        return self.proxy_ref.pop(name)
+
+    # -- flushing a path (per-sender order across a move) -------------------------------
+    def _hold_route(self, route: Ref) -> None:
+        """The port at `route` moved on: hold our proxies routed there and flush it (not
+        one whose forwarding thread is still at work: a FLUSH must follow what it sends;
+        the next MOVED for it will do)."""
+        names = [n for n, r in self.proxy_ref.items()
+                 if r == route and n not in self.held and n not in self._in_flight]
+        if names:
+            self._start_flush(route, names)
+
+    def _start_flush(self, route: Ref, names: list[int], returning: int = 0) -> None:
+        nonce = new_net_id()
+        self.flushes[nonce] = Flush(route, names, returning)
+        me = mach.task_self()
+        for name in names:
+            self.held[name] = nonce
+            mach.port_disable(me, name)
+        if not self._send(route[0], FlushPacket(route[1], self.host, nonce)):
+            self._flush_done(nonce, route)  # nothing is on that path any more
+
+    def _flush_arrived(self, source: str, packet: FlushPacket) -> None:
+        if packet.port in self.by_id:  # the port lives here: the path is flushed
+            if packet.origin == self.host:
+                self._flush_done(packet.nonce, (self.host, packet.port))
+            else:
+                self._send(packet.origin, FlushedPacket(packet.port, packet.nonce))
+        elif packet.port in self.forward:
+            route = self.forward[packet.port]
+            self._send(route[0], FlushPacket(route[1], packet.origin, packet.nonce))
+        else:
+            self._send(source, DeadPacket(packet.port))
+
+    def _flush_done(self, nonce: bytes, home: Ref) -> None:
+        """Our FLUSH `nonce` reached the port, which lives at `home`: release the
+        proxies it held, routed there now, or hand a returning port to its owner."""
+        flush = self.flushes.pop(nonce, None)
+        if flush is None:
+            log.info("netmsgserver %s: a FLUSHED from %r answers no flush", self.host,
+                     home[0])
+            return
+        if flush.returning:
+            self._return_done(flush.returning)
+            return
+        me = mach.task_self()
+        for name in flush.names:
+            if self.held.get(name) != nonce:
+                continue
+            del self.held[name]
+            self.proxy_ref[name] = home
+            self.proxies.setdefault(home, name)
+            with self.lock:  # its route comes from the port's host: hand that out now
+                self.alias.pop(name, None)
+            self._mark(name, home)
+            mach.port_enable(me, name)
+
+    def _return_done(self, name: int) -> None:
+        """Every message for the returning port `name` is here: queue those that came
+        by the network ahead of what local senders queued, then give the receive right
+        to the owner (NOTIFY_RECEIVE_RIGHTS), or send it on to the owner's new host if
+        ownership left meanwhile; with no owner left, the port dies."""
+        net_id = self.exported.get(name)
+        packets = self.pending.pop(net_id, []) if net_id is not None else []
+        if net_id is None:
+            return
+        msgs = [self._message(name, p) for p in packets]
+        portops.requeue_front(name, msgs)
+        if portops.owner_of(name) == "task":
+            portops.give_up(name, "receive")
+        elif net_id in self.remote_owner:  # the owner sent ownership on meanwhile
+            self._receive_given_back(name)
+        else:
+            portops.destroy(name)
+
     # -- port and host death ------------------------------------------------------------
     def _port_died(self, name: int) -> None:
         with self.lock:
@@ -385,28 +1120,54 @@ class NetMsgServer:
             if net_id is not None:
                 del self.by_id[net_id]
         if net_id is not None:
-            dead = (self.host, net_id)
-            self._drop_names(lambda ref: ref == dead)
-            self._broadcast(DeadPacket(net_id))
-        ref = self.proxy_ref.pop(name, None)
-        if ref is not None:
-            self.proxies.pop(ref, None)
+            self.remote_owner.pop(net_id, None)
+            self.pending.pop(net_id, None)
+            self._broadcast(DeadPacket(net_id), to_self=True)
+        if name in self.proxy_ref:
+            self._forget(name)
+        with self.lock:
+            self.open_calls.port_died(name)
 
-    def _forget_proxy(self, ref: Ref) -> None:
-        name = self.proxies.pop(ref, None)
-        if name is None:
-            return
-        del self.proxy_ref[name]
+    def _dead(self, source: str, net_id: bytes) -> None:
+        """Host `source` says its port `net_id` died: proxies routed there die, ports
+        coming back along that path stop waiting, forwarding entries to it die too."""
+        dead = (source, net_id)
+        for name in [n for n, r in self.proxy_ref.items() if r == dead]:
+            self._kill_proxy(name)
+        for nonce in [k for k, f in self.flushes.items() if f.route == dead]:
+            self._flush_done(nonce, dead)
+        self._drop_forwards(lambda route: route == dead)
+        self._drop_names(lambda ref: ref == dead)
+
+    def _kill_proxy(self, name: int) -> None:
+        """A proxy whose port died: requests still queued on it fail, and it dies."""
+        self._forget(name)
+        for msg in self._in_flight.pop(name, []):  # (its thread finds no route after)
+            self._refuse(msg.remote_port, msg.id)
+            self._abandon(msg)
         while True:  # requests still queued on the proxy will never be delivered
             try:
-                msg = mach.msg_receive(name, RCV_TIMEOUT, 0)
+                msg = mach.msg_receive(name, RCV_TIMEOUT, 0, REPLY_SIZE_ANY)
             except MachError:
                 break
             self._refuse(msg.remote_port, msg.id)
-            for item in msg.items:  # what it carried into our space goes too
-                if isinstance(item, OOL) and item.size:
-                    mach.vm_deallocate(mach.task_self(), item.address, item.size)
-        mach.port_deallocate(mach.task_self(), name)  # the proxy dies here too
+            self._abandon(msg)  # what it carried into our space goes too
+        portops.destroy(name)  # the proxy dies here too, even if a task owns it
+        mo = self.cor.request_gone(name)  # a kernel let go of a memory object of ours
+        if mo:
+            portops.destroy(mo)
+
+    def _forget(self, name: int) -> None:
+        for ref in [r for r, n in self.proxies.items() if n == name]:
+            del self.proxies[ref]
+        self.proxy_ref.pop(name, None)
+        self.mapped.discard(name)
+        with self.lock:
+            self.alias.pop(name, None)
+        self.owner_token.pop(name, None)
+        nonce = self.held.pop(name, None)
+        if nonce is not None and nonce in self.flushes:
+            self.flushes[nonce].names.remove(name)
 
     def _drop_names(self, match: Callable[[Ref], bool]) -> None:
         """Forget every registration whose port `match`es (it died or is unreachable)."""
@@ -423,11 +1184,31 @@ class NetMsgServer:
             self._send(host, NamePacket(name, ref))
 
     def host_down(self, host: str) -> None:
-        """`host` is unreachable: its ports are dead to us (proxies and names go)."""
+        """`host` is unreachable: its ports are dead to us (proxies, names and forwarding
+        entries go; ports coming back along a path through it stop waiting), and
+        ownership held there passes to the receivers here."""
         self.peers.discard(host)
-        for ref in [r for r in self.proxies if r[0] == host]:
-            self._forget_proxy(ref)
+        for name in [n for n, r in self.proxy_ref.items() if r[0] == host]:
+            self._kill_proxy(name)
+        for nonce in [k for k, f in self.flushes.items() if f.route[0] == host]:
+            self._flush_done(nonce, self.flushes[nonce].route)
+        self._drop_forwards(lambda route: route[0] == host)
+        for net_id in [k for k, o in self.remote_owner.items() if o[0] == host]:
+            del self.remote_owner[net_id]
+            portops.give_up(self.by_id[net_id], "ownership")
+        for mo in self.cor.host_gone(host):
+            portops.destroy(mo)
         self._drop_names(lambda ref: ref[0] == host)
+        self._fail_open_calls(host)
+
+    def _fail_open_calls(self, host: str) -> None:
+        """Requests that reached `host` and were never answered will never be: each
+        caller gets MIG_SERVER_DIED (net/pending.py)."""
+        with self.lock:
+            calls = self.open_calls.host_down(host)
+        for reply, request_id in calls:
+            self._refuse(reply, request_id, "MIG_SERVER_DIED",
+                         f"host {host!r} went down before it answered")
 
     # -- the network's name service -----------------------------------------------------
     def netname_check_in(self, _server: int, name: str, port: int) -> None:
@@ -457,3 +1238,35 @@ class NetMsgServer:
         self.own_names.pop(name, None)
         self._broadcast(UnnamePacket(name))
 
+
+def _status(name: int) -> tuple[bool, int, int, bool, bool]:
+    """port_status of the server's name: (enabled, messages, backlog, receiver, owner)."""
+    status: tuple[bool, int, int, bool, bool] = mach.port_status(mach.task_self(), name)
+    return status
+
+
+def _has_null(msg: Message) -> bool:
+    return any((isinstance(i, Port) and not i.name)
+               or (isinstance(i, PortArray) and not all(i.names)) for i in msg.items)
+
+
+def _with_null(msg: Message, placeholder: int) -> Message:
+    """`msg` with its null send rights made send rights to `placeholder`."""
+    items: list[Item] = []
+    for i in msg.items:
+        if isinstance(i, Port) and not i.name:
+            i = Port(placeholder, Disposition.COPY_SEND)
+        elif isinstance(i, PortArray) and not all(i.names):
+            i = PortArray(tuple(n or placeholder for n in i.names), i.disposition)
+        items.append(i)
+    return replace(msg, items=items)
+
+
+def _moves_rights(msg: Message) -> bool:
+    return any(isinstance(i, Port | PortArray) and i.disposition in _MOVES for i in msg.items)
+
+
+def _rights_in(item: NetItem) -> tuple[RightItem, ...]:
+    if isinstance(item, RightItem):
+        return (item,)
+    return item.rights if isinstance(item, RightItems) else ()

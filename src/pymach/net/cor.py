@@ -1,0 +1,213 @@
+"""Copy-on-reference out-of-line memory across hosts (paper 7, 8.2): the sending side.
+
+"It is possible to implement copy-on-reference ... in a network environment" (7): when a
+message carries a large out-of-line region to another host, the sending host's
+netmsgserver does not copy it into the packet. It keeps the region (its copy-on-write
+copy in the server's own address space, which the message gave it) and serves it as a
+*memory object*: a port of the server's, sent in the packet's CorItem as an ordinary
+send right. The receiving netmsgserver maps that object with vm_allocate_with_pager
+(its memory object port is just its proxy for the sender's port) and delivers the
+mapping as ordinary out-of-line memory. The receiving kernel's pager_init,
+pager_data_request, pager_data_write and pager_data_unlock messages go to the proxy,
+so they cross like any other message; this `CorPager`, part of the sending server's
+loop, answers them with pager_data_provided / pager_data_lock on its proxy for the
+kernel's request port. The two messages of a fault, pager_data_request and
+pager_data_provided, travel in compact packets (PAGEIN, PAGE: net/packets.py) that
+name only the object or the request port, an offset and the data (the request port of
+a PAGEIN is the one the object's pager_init named), so a fault costs about 100 bytes
+besides its page. Only pages the receiver touches cross, plus read-ahead once the
+reader has twice gone on where the last data ended: it doubles on each such fault (up
+to WINDOW_MAX), then STREAM_WINDOWS more windows are sent without waiting for faults
+(pre-paging, 8.2), so a sequential reader pays O(log size) round trips.
+
+- Threshold: regions of at least COR_MIN bytes (256 KiB) go by reference when they can
+  be read without a data manager (resident, zero-fill or the kernel's own, as
+  `range_readable_now` says: a region that itself came by reference cannot be served
+  from inside the server's loop, so it goes by value, by a forwarding thread); smaller
+  ones go by value (OolData), where one packet is cheaper than a fault's round trip.
+- Release: the object (the kept region and its port) goes when every kernel that mapped
+  it has let it go (the kernel destroys its request port: the receiving host announces
+  that port dead, and the proxy here dies), when the host it was sent to goes down,
+  and, if it was never mapped, when that host goes down. The receiving side frees its
+  proxy when the sending host announces the object's port dead (net/netmsgserver.py).
+- Failure: if the sending host goes down, the receiving host's proxy (the memory object
+  port) dies, and every fault on a page not yet received fails with KERN_MEMORY_ERROR
+  (vm/memory_object.py: a manager that died), at once, not after a timeout.
+- Bounds: at most COR_HOST_MAX bytes of regions are kept for any one host (beyond it a
+  region goes by value); only the host the object was sent to is served (its id is
+  unguessable and given to that host only; a request from another host is refused);
+  written-back data is dropped (the receiver's changes are its own: its mapping is a
+  copy-on-write copy of the object, which no kernel writes).
+
+State belongs to the server's loop, except `keep`, which a forwarding thread may call:
+the tables are guarded by `lock` (no Mach call is made under it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pymach import mach
+from pymach.include.mach_defs import memory_object_defs, pager_defs
+from pymach.include.message import OOL, Int, Item, Message
+from pymach.include.mig import serve_message
+from pymach.include.vm_param import VM_PROT_NONE, round_page
+from pymach.net import portops
+
+log = logging.getLogger("pymach.net")
+COR_MIN = 256 << 10  # bytes: smaller regions go by value
+COR_HOST_MAX = 1 << 30  # bytes of regions kept for one host at most
+WINDOW_MAX = 8 << 20  # bytes of read-ahead at most
+STREAM_WINDOWS = 3  # windows streamed after a fault of a sequential reader
+_LOCK = pager_defs.by_name["pager_data_lock"].id
+Send = Callable[[int, int, list[Item]], None]  # (our proxy, msg id, items): forward it
+Provide = Callable[[int, int, bytes], None]  # (request port proxy, offset, data): send it
+
+
+@dataclass
+class CorObject:
+    """A region kept for `host`: `size` bytes at `address` in the server's space."""
+
+    host: str
+    address: int
+    size: int
+    charge: int  # page-rounded size (the object's), counted against the host
+    requests: set[int] = field(default_factory=set)  # proxies of kernels' request ports
+    next: int = -1  # the offset right after the last data provided
+    window: int = 0  # read-ahead of the last reply
+    streak: int = 0  # faults in a row that went on where the last data ended
+    provided: int = 0  # bytes provided so far
+
+
+class CorPager:
+    """The memory objects a host serves for the regions it sent (see module docstring)."""
+
+    def __init__(self, host: str, send: Send, provide: Provide) -> None:
+        self.host = host
+        self.send = send  # how a reply leaves: the server forwards it to the proxy's host
+        self.provide_data = provide  # how data leaves (a PAGE packet: net/packets.py)
+        self.lock = threading.Lock()
+        self.objects: dict[int, CorObject] = {}  # memory object port (our name) -> object
+        self.held: dict[str, int] = {}  # host -> bytes kept for it
+        self.by_request: dict[int, int] = {}  # request port proxy -> memory object port
+        self.kept = self.released = 0  # objects made and let go, ever
+        self.faults = self.provided = 0  # data requests served and bytes provided, ever
+
+    def keep(self, item: OOL, host: str, page_size: int) -> int:
+        """Keep the region of `item` (in our space, received) for `host`; the memory
+        object port that serves it, or 0 if `host` has COR_HOST_MAX bytes kept already
+        (then the caller sends it by value)."""
+        charge = round_page(item.size, page_size)
+        with self.lock:
+            if self.held.get(host, 0) + charge > COR_HOST_MAX:
+                return 0
+            self.held[host] = self.held.get(host, 0) + charge
+        port: int = mach.port_allocate(mach.task_self())
+        with self.lock:
+            self.objects[port] = CorObject(host, item.address, item.size, charge)
+            self.kept += 1
+        return port
+
+    def serve(self, source: str, msg: Message) -> None:
+        """A memory_object request (received form: `local_port` the object) that came
+        from host `source`; a host the object was not sent to is refused."""
+        obj = self.objects.get(msg.local_port)
+        if obj is None or obj.host != source:
+            log.warning("netmsgserver %s: refused a memory object request from %r", self.host,
+                        source)
+            return
+        serve_message(memory_object_defs, self, msg)
+
+    def page_in(self, source: str, mo: int, offset: int, length: int, access: int) -> None:
+        """A compact pager_data_request (PAGEIN) from host `source`, for the kernel whose
+        request port we learned from its pager_init."""
+        obj = self.objects.get(mo)
+        request = min(obj.requests, default=0) if obj is not None else 0
+        if obj is None or obj.host != source or not request:
+            log.warning("netmsgserver %s: refused a memory object request from %r", self.host,
+                        source)
+            return
+        self.pager_data_request(mo, request, offset, length, access)
+
+    # -- the memory_object routines (Table 3-5), for objects of ours ------------------------
+    def pager_init(self, mo: int, request: int, name: int) -> None:
+        """A kernel of the host we sent the object to maps it."""
+        self.objects[mo].requests.add(request)
+        self.by_request[request] = mo
+
+    def pager_data_request(self, mo: int, request: int, offset: int, length: int,
+                           access: int) -> None:
+        """Provide the bytes asked for, and more once the reader has twice gone on where
+        the last data ended (read-ahead, doubling up to WINDOW_MAX; a random reader whose
+        two pages happen to be neighbours gets no more than it asks)."""
+        obj = self.objects[mo]
+        if not 0 <= offset < obj.charge or length <= 0:
+            return
+        obj.streak = obj.streak + 1 if offset == obj.next else 0
+        window = min(2 * obj.window, WINDOW_MAX) if obj.streak >= 2 else 0
+        self.faults += 1
+        self._provide(obj, request, offset, max(length, window))
+        if window == WINDOW_MAX:  # a sequential reader: stream what it will read next
+            for _ in range(STREAM_WINDOWS):
+                if obj.next >= obj.charge:
+                    break
+                self._provide(obj, request, obj.next, WINDOW_MAX)
+
+    def _provide(self, obj: CorObject, request: int, offset: int, length: int) -> None:
+        """Provide whole pages from `offset`: the bytes past the region's end (in its last
+        page) are zeros, never what else the sender had in that page."""
+        count = min(length, obj.charge - offset)
+        data = portops.read(obj.address + offset, max(0, min(count, obj.size - offset)))
+        data += bytes(count - len(data))
+        obj.next, obj.window, obj.provided = offset + count, count, obj.provided + count
+        self.provided += count
+        self.provide_data(request, offset, data)
+
+    def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
+        """Nothing to store: the object's data is the region as it was sent."""
+        if data.data is None and data.size:
+            mach.vm_deallocate(mach.task_self(), data.address, data.size)
+
+    def pager_data_unlock(self, mo: int, request: int, offset: int, length: int,
+                          access: int) -> None:
+        """Grant any access (the data is never locked)."""
+        self.send(request, _LOCK, [Int(offset), Int(length), Int(VM_PROT_NONE)])
+
+    def pager_create(self, pager: int, mo: int, request: int, name: int) -> None:
+        """Not for us (the default pager's call)."""
+
+    # -- letting go ---------------------------------------------------------------------
+    def request_gone(self, request: int) -> int:
+        """The kernel request port our proxy `request` stood for died: the object it was
+        for goes once no kernel maps it. Its memory object port (to destroy), or 0."""
+        mo = self.by_request.pop(request, 0)
+        obj = self.objects.get(mo)
+        if obj is None:
+            return 0
+        obj.requests.discard(request)
+        return self.release(mo) if not obj.requests else 0
+
+    def host_gone(self, host: str) -> list[int]:
+        """`host` went down: every object kept for it goes; their ports (to destroy)."""
+        return [self.release(mo) for mo, o in list(self.objects.items()) if o.host == host]
+
+    def release(self, mo: int) -> int:
+        """Let the object go: its region is deallocated; returns its port (to destroy)."""
+        with self.lock:
+            obj = self.objects.pop(mo, None)
+            if obj is None:
+                return 0
+            self.held[obj.host] -= obj.charge
+            self.released += 1
+        for request in obj.requests:
+            self.by_request.pop(request, None)
+        mach.vm_deallocate(mach.task_self(), obj.address, obj.size)
+        return mo
+
+    def held_bytes(self) -> int:
+        """Bytes of regions kept now, for every host."""
+        with self.lock:
+            return sum(self.held.values())
