@@ -68,6 +68,12 @@ def _demo_blackboard(**opts: Any) -> None:
     run_blackboard_demo(**opts)
 
 
+def _demo_net(**opts: Any) -> None:
+    from pymach.cli.demo_net import run_net_demo
+
+    run_net_demo(**opts)
+
+
 def _demo_rvm(**opts: Any) -> None:
     from pymach.cli.demo_rvm import run_rvm_demo
 
@@ -76,7 +82,7 @@ def _demo_rvm(**opts: Any) -> None:
 
 
 DEMOS = {"fs": _demo_fs, "shm": _demo_shm, "unixio": _demo_unixio, "rvm": _demo_rvm,
-         "blackboard": _demo_blackboard}  # beyond ipc and vm
+         "blackboard": _demo_blackboard, "net": _demo_net}  # beyond ipc and vm
 
 
 def _bench_unixio(args: argparse.Namespace) -> dict[str, Any]:
