@@ -7,7 +7,11 @@ Frame (the caller then owns it and must close it) or closed before `recv` raises
 frame whose ancillary data was truncated, whose fd count disagrees with its header, or
 whose body does not decode is refused with a `WireError` and its descriptors closed.
 A closed or reset peer is `Disconnected`. A channel is used by one thread at a time on
-each side (a trap is a request and its reply), so it has no lock.
+each side (a trap is a request and its reply), so it has no lock: in machd the reply
+to a parked trap may be written by another thread (the one that completed it, with
+`send_nowait`, which never blocks; what does not fit the socket now is left for the
+channel's own thread to write, `send_rest`), but only ever by the one thread that
+completed that trap, while the peer waits for that reply and sends nothing.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pymach.include import wire
 
+_T = TypeVar("_T", bytes, int)
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 SO_PEERPIDFD = 77  # Linux 6.5 (asm-generic/socket.h)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # (the enum's & costs microseconds a frame)
@@ -113,21 +118,35 @@ class Channel:
     def send(self, op: int, values: Sequence[Any] = (), fds: Sequence[int] = ()) -> None:
         """Send one frame with `fds` (they stay open on this side). WireError if a value
         cannot be encoded (nothing is sent then); Disconnected if the peer is gone."""
-        body = wire.encode(values)
-        if len(body) > wire.MAX_BODY or len(fds) > wire.MAX_FDS:
-            raise wire.WireError(f"frame too large ({len(body)} bytes, {len(fds)} fds)")
-        header = wire.pack_header(op, len(body), len(fds))
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        header, body, anc = _frame(op, values, fds)
         try:
             sent = self.sock.sendmsg([header, body], anc)  # the header carries the fds
             if sent < len(header) + len(body):
                 self.sock.sendall(memoryview(header + body)[sent:])
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise Disconnected(str(e)) from None
         except OSError as e:
-            if isinstance(e, TimeoutError):
-                raise
-            raise Disconnected(str(e)) from None
+            raise _lost(e) from None
+
+    def send_nowait(self, op: int, values: Sequence[Any] = (),
+                    fds: Sequence[int] = ()) -> bytes | None:
+        """Send what of one frame the socket takes now, never blocking. Returns b"" if
+        it all went; the rest, to send next with `send_rest`, if part went (the
+        descriptors ride with the first byte); None if nothing went (send the frame
+        again with `send`). WireError (nothing sent) or Disconnected as `send`."""
+        header, body, anc = _frame(op, values, fds)
+        try:
+            sent = self.sock.sendmsg([header, body], anc, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            raise _lost(e) from None
+        return b"" if sent == len(header) + len(body) else (header + body)[sent:]
+
+    def send_rest(self, data: bytes) -> None:
+        """Send the rest of a frame that `send_nowait` left (blocking)."""
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise _lost(e) from None
 
     def recv(self, deadline: float | None = None, max_body: int = wire.MAX_BODY) -> Frame:
         """Receive one frame (see module docstring for what is refused). With a
@@ -188,26 +207,63 @@ class Channel:
             raise
         return data, list(fds)
 
-    def _recv_exact(self, n: int) -> bytearray:
+    def _recv_exact(self, n: int) -> bytes | bytearray:
         """Exactly n bytes, received in place; the buffer grows (doubling) with what
-        arrives, so a header's length is never trusted with an allocation."""
-        buf = bytearray(min(n, 1 << 20))
-        got = 0
+        arrives, so a header's length is never trusted with an allocation. (A small
+        body, the common case, usually comes whole in one read.)"""
+        if n == 0:
+            return b""
+        if n <= _SMALL:
+            data = self._recv_some(n)
+            if len(data) == n:
+                return data
+            buf, got = bytearray(data), len(data)
+        else:
+            buf, got = bytearray(min(n, 1 << 20)), 0
         while got < n:
-            if got == len(buf):
-                buf.extend(bytes(min(len(buf), n - got)))
-            self._arm()
-            try:
-                with memoryview(buf) as view:
-                    k = self.sock.recv_into(view[got:])
-            except TimeoutError:
-                raise
-            except OSError as e:
-                raise Disconnected(str(e)) from None
-            if not k:
-                raise Disconnected("connection closed")
-            got += k
+            if got >= len(buf):
+                buf.extend(bytes(min(max(len(buf), 1), n - got)))
+            with memoryview(buf) as view, view[got:] as rest:
+                got += self._read(lambda: self.sock.recv_into(rest))
         return buf
+
+    def _recv_some(self, n: int) -> bytes:
+        """Up to n bytes (at least one), as one read gives them."""
+        return self._read(lambda: self.sock.recv(n))
+
+    def _read(self, call: Callable[[], _T]) -> _T:
+        """One read from the socket (bytes, or a count), armed with the deadline; a
+        closed or failed connection is Disconnected."""
+        self._arm()
+        try:
+            got = call()
+        except TimeoutError:
+            raise
+        except OSError as e:
+            raise Disconnected(str(e)) from None
+        if not got:
+            raise Disconnected("connection closed")
+        return got
+
+
+_SMALL = 64 << 10  # bodies up to this size are read with one recv first
+
+
+def _frame(op: int, values: Sequence[Any],
+           fds: Sequence[int]) -> tuple[bytes, bytes, list[Any]]:
+    """A frame's header, body and ancillary data (WireError if it cannot be sent)."""
+    body = wire.encode(values)
+    if len(body) > wire.MAX_BODY or len(fds) > wire.MAX_FDS:
+        raise wire.WireError(f"frame too large ({len(body)} bytes, {len(fds)} fds)")
+    header = wire.pack_header(op, len(body), len(fds))
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    return header, body, anc
+
+
+def _lost(e: OSError) -> OSError:
+    """A send's OSError as the caller sees it: a timeout stays one, anything else means
+    the peer is gone."""
+    return e if isinstance(e, TimeoutError) else Disconnected(str(e))
 
 
 def default_socket_path() -> str:

@@ -74,6 +74,8 @@ _MSG_HEAD = struct.Struct("<qqqBqI")
 _OOL_HEAD = struct.Struct("<QQB")
 _CODE_HEAD = struct.Struct("<qBI")
 _PORT = struct.Struct("<qB")
+_TAG_I64 = struct.Struct("<Bq")
+_TAG_U32 = struct.Struct("<BI")
 
 T_NONE, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_BYTES, T_STR, T_LIST, T_MSG = range(9)
 I_INT, I_FLOAT, I_BYTES, I_STR, I_INTARRAY, I_PORT, I_PORTARRAY, I_OOL, I_CODE = range(
@@ -139,34 +141,91 @@ def _put_blob(out: bytearray, data: bytes) -> None:
 
 
 def _put(out: bytearray, v: Any, depth: int) -> None:
-    if v is None:
-        out.append(T_NONE)
-    elif v is True or v is False:
+    t = type(v)
+    if t is int:  # the commonest values inline (a trap's numbers, a reply's strings)
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise WireError(f"integer {v} does not fit in 64 bits")
+        out += _TAG_I64.pack(T_INT, v)
+    elif t is str:
+        data = v.encode("utf-8", "surrogatepass")
+        out += _TAG_U32.pack(T_STR, len(data))
+        out += data
+    else:
+        put = _PUT.get(t)  # other exact types: one lookup
+        if put is not None:
+            put(out, v, depth)
+        else:
+            _put_other(out, v, depth)
+
+
+def _put_other(out: bytearray, v: Any, depth: int) -> None:
+    """Values of other types: subclasses of the wire's types, or refused."""
+    if v is True or v is False:
         out.append(T_TRUE if v else T_FALSE)
     elif isinstance(v, int):
-        out.append(T_INT)
-        _put_int(out, v)
+        _put_int_value(out, v, depth)
     elif isinstance(v, float):
-        out.append(T_FLOAT)
-        out += _F64.pack(v)
+        _put_float_value(out, v, depth)
     elif isinstance(v, bytes | bytearray | memoryview):
-        out.append(T_BYTES)
-        _put_blob(out, bytes(v))
+        _put_bytes_value(out, v, depth)
     elif isinstance(v, str):
-        out.append(T_STR)
-        _put_blob(out, v.encode("utf-8", "surrogatepass"))
+        _put_str_value(out, v, depth)
     elif isinstance(v, list | tuple):
-        if depth >= MAX_DEPTH:
-            raise WireError("lists nest too deep")
-        out.append(T_LIST)
-        out += _U32.pack(len(v))
-        for x in v:
-            _put(out, x, depth + 1)
+        _put_list_value(out, v, depth)
     elif isinstance(v, Message):
-        out.append(T_MSG)
-        _put_message(out, v)
+        _put_message_value(out, v, depth)
     else:
         raise WireError(f"a {type(v).__name__} cannot travel on the wire")
+
+
+def _put_none(out: bytearray, v: None, depth: int) -> None:
+    out.append(T_NONE)
+
+
+def _put_bool(out: bytearray, v: bool, depth: int) -> None:
+    out.append(T_TRUE if v else T_FALSE)
+
+
+def _put_int_value(out: bytearray, v: int, depth: int) -> None:
+    out.append(T_INT)
+    _put_int(out, v)
+
+
+def _put_float_value(out: bytearray, v: float, depth: int) -> None:
+    out.append(T_FLOAT)
+    out += _F64.pack(v)
+
+
+def _put_bytes_value(out: bytearray, v: bytes | bytearray | memoryview, depth: int) -> None:
+    out.append(T_BYTES)
+    _put_blob(out, bytes(v))
+
+
+def _put_str_value(out: bytearray, v: str, depth: int) -> None:
+    out.append(T_STR)
+    _put_blob(out, v.encode("utf-8", "surrogatepass"))
+
+
+def _put_list_value(out: bytearray, v: list[Any] | tuple[Any, ...], depth: int) -> None:
+    if depth >= MAX_DEPTH:
+        raise WireError("lists nest too deep")
+    out.append(T_LIST)
+    out += _U32.pack(len(v))
+    for x in v:
+        _put(out, x, depth + 1)
+
+
+def _put_message_value(out: bytearray, v: Message, depth: int) -> None:
+    out.append(T_MSG)
+    _put_message(out, v)
+
+
+_PUT: dict[type, Any] = {
+    type(None): _put_none, bool: _put_bool, int: _put_int_value, float: _put_float_value,
+    bytes: _put_bytes_value, bytearray: _put_bytes_value, memoryview: _put_bytes_value,
+    str: _put_str_value, list: _put_list_value, tuple: _put_list_value,
+    Message: _put_message_value,
+}
 
 
 def _put_message(out: bytearray, msg: Message) -> None:
@@ -178,41 +237,51 @@ def _put_message(out: bytearray, msg: Message) -> None:
     out += _MSG_HEAD.pack(msg.remote_port, msg.local_port, msg.id, disp, uid,
                           len(msg.items))
     for item in msg.items:
-        _put_item(out, item)
+        put = _PUT_ITEM.get(type(item))
+        if put is None:  # a subclass of an item type, or not an item
+            put = next((f for t, f in _PUT_ITEM.items() if isinstance(item, t)), None)
+            if put is None:
+                raise WireError(f"not a message item: {type(item).__name__}")
+        put(out, item)
 
 
-def _put_item(out: bytearray, item: Item) -> None:
-    if isinstance(item, Int):
-        out.append(I_INT)
-        _put_int(out, item.value)
-    elif isinstance(item, Float):
-        out.append(I_FLOAT)
-        out += _F64.pack(float(item.value))
-    elif isinstance(item, Bytes):
-        out.append(I_BYTES)
-        _put_blob(out, bytes(item.value))
-    elif isinstance(item, Str):
-        out.append(I_STR)
-        _put_blob(out, item.value.encode("utf-8", "surrogatepass"))
-    elif isinstance(item, IntArray):
-        out.append(I_INTARRAY)
-        out += _U32.pack(len(item.values))
-        for v in item.values:
-            _put_int(out, v)
-    elif isinstance(item, Port):
-        out.append(I_PORT)
-        out += _PORT.pack(item.name, int(item.disposition))
-    elif isinstance(item, PortArray):
-        out.append(I_PORTARRAY)
-        out += bytes((int(item.disposition),)) + _U32.pack(len(item.names))
-        for n in item.names:
-            _put_int(out, n)
-    elif isinstance(item, OOL):
-        _put_ool(out, item)
-    elif isinstance(item, Code):
-        _put_code(out, item)
-    else:
-        raise WireError(f"not a message item: {type(item).__name__}")
+def _put_int_item(out: bytearray, item: Int) -> None:
+    out.append(I_INT)
+    _put_int(out, item.value)
+
+
+def _put_float_item(out: bytearray, item: Float) -> None:
+    out.append(I_FLOAT)
+    out += _F64.pack(float(item.value))
+
+
+def _put_bytes_item(out: bytearray, item: Bytes) -> None:
+    out.append(I_BYTES)
+    _put_blob(out, bytes(item.value))
+
+
+def _put_str_item(out: bytearray, item: Str) -> None:
+    out.append(I_STR)
+    _put_blob(out, item.value.encode("utf-8", "surrogatepass"))
+
+
+def _put_int_array(out: bytearray, item: IntArray) -> None:
+    out.append(I_INTARRAY)
+    out += _U32.pack(len(item.values))
+    for v in item.values:
+        _put_int(out, v)
+
+
+def _put_port(out: bytearray, item: Port) -> None:
+    out.append(I_PORT)
+    out += _PORT.pack(item.name, int(item.disposition))
+
+
+def _put_port_array(out: bytearray, item: PortArray) -> None:
+    out.append(I_PORTARRAY)
+    out += bytes((int(item.disposition),)) + _U32.pack(len(item.names))
+    for n in item.names:
+        _put_int(out, n)
 
 
 def _put_ool(out: bytearray, item: OOL) -> None:
@@ -235,87 +304,102 @@ def _put_code(out: bytearray, item: Code) -> None:
     out += item.blob
 
 
+_PUT_ITEM: dict[type, Any] = {
+    Int: _put_int_item, Float: _put_float_item, Bytes: _put_bytes_item, Str: _put_str_item,
+    IntArray: _put_int_array, Port: _put_port, PortArray: _put_port_array, OOL: _put_ool,
+    Code: _put_code,
+}
+
+
 # -- decoding -----------------------------------------------------------------------------
-class _Reader:
-    """A bounds-checked cursor over one body."""
+# Each reader takes the body (`buf`, bytes or a read-only memoryview: a received body is
+# never copied, byte strings are copied out once), the offset to read at and the end,
+# and returns the value and the offset after it; every length is checked against the
+# end before anything is read or allocated.
+Buf = bytes | memoryview
 
-    __slots__ = ("buf", "end", "pos")
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self.buf = data if isinstance(data, bytes) else memoryview(data).toreadonly()
-        # (no copy of a received body: byte strings are copied out once, by `take`)
-        self.end = len(self.buf)
-        self.pos = 0
+def _truncated(pos: int, n: int, end: int) -> WireError:
+    return WireError(f"truncated at offset {pos} (wanted {n} bytes, {end - pos} remain)")
 
-    def _need(self, n: int) -> int:
-        """The current offset, having checked that n more bytes are there."""
-        pos = self.pos
-        if n < 0 or pos + n > self.end:
-            raise WireError(f"truncated at offset {pos} (wanted {n} bytes, "
-                            f"{self.end - pos} remain)")
-        self.pos = pos + n
-        return pos
 
-    def take(self, n: int) -> bytes:
-        pos = self._need(n)
-        return bytes(self.buf[pos:pos + n])  # (a slice of bytes is not copied again)
+def _count(buf: Buf, pos: int, end: int, min_each: int,
+           most: int = MAX_COUNT) -> tuple[int, int]:
+    """An element count at `pos`, refused past `most` or if the rest of the body could
+    not hold it; (count, offset after it)."""
+    if pos + 4 > end:
+        raise _truncated(pos, 4, end)
+    n: int = _U32.unpack_from(buf, pos)[0]
+    if n > most or n * min_each > end - pos - 4:
+        raise WireError(f"count {n} at offset {pos} exceeds the frame")
+    return n, pos + 4
 
-    def unpack(self, st: struct.Struct) -> tuple[Any, ...]:
-        return st.unpack_from(self.buf, self._need(st.size))
 
-    def u8(self) -> int:
-        return self.buf[self._need(1)]
+def _blob(buf: Buf, pos: int, end: int) -> tuple[bytes, int]:
+    """A byte string: bounded by the body (MAX_BODY), not by MAX_COUNT."""
+    n, pos = _count(buf, pos, end, 1, MAX_BODY)
+    return bytes(buf[pos:pos + n]), pos + n  # (a slice of bytes is not copied again)
 
-    def count(self, min_each: int, most: int = MAX_COUNT) -> int:
-        """An element count, refused past `most` or if the rest of the body could not
-        hold it."""
-        n: int = _U32.unpack_from(self.buf, self._need(4))[0]
-        if n > most or n * min_each > self.end - self.pos:
-            raise WireError(f"count {n} at offset {self.pos - 4} exceeds the frame")
-        return n
 
-    def blob(self) -> bytes:
-        """A byte string: bounded by the body (MAX_BODY), not by MAX_COUNT."""
-        return self.take(self.count(1, MAX_BODY))
+def _text(buf: Buf, pos: int, end: int) -> tuple[str, int]:
+    data, after = _blob(buf, pos, end)
+    try:
+        return data.decode("utf-8"), after
+    except UnicodeDecodeError:
+        raise WireError(f"invalid UTF-8 at offset {pos}") from None
 
-    def text(self) -> str:
-        at = self.pos
-        try:
-            return self.blob().decode("utf-8")
-        except UnicodeDecodeError:
-            raise WireError(f"invalid UTF-8 at offset {at}") from None
+
+def _fixed(buf: Buf, pos: int, end: int, st: struct.Struct) -> tuple[Any, ...]:
+    """The fields of `st` at `pos` (checked to be there)."""
+    if pos + st.size > end:
+        raise _truncated(pos, st.size, end)
+    return st.unpack_from(buf, pos)
 
 
 def decode(data: bytes | bytearray | memoryview) -> list[Any]:
     """The values of a body (see module docstring), or WireError."""
-    r = _Reader(data)
+    buf: Buf = data if isinstance(data, bytes) else memoryview(data).toreadonly()
+    end, pos = len(buf), 0
     out = []
-    while r.pos < r.end:
-        out.append(_get(r, 0))
+    while pos < end:
+        value, pos = _get(buf, pos, end, 0)
+        out.append(value)
     return out
 
 
-def _get(r: _Reader, depth: int) -> Any:
-    tag = r.u8()
-    if tag == T_INT:
-        return r.unpack(_I64)[0]
-    if tag == T_NONE:
-        return None
-    if tag in (T_FALSE, T_TRUE):
-        return tag == T_TRUE
-    if tag == T_FLOAT:
-        return r.unpack(_F64)[0]
-    if tag == T_BYTES:
-        return r.blob()
+def _get(buf: Buf, pos: int, end: int, depth: int) -> tuple[Any, int]:
+    if pos >= end:
+        raise _truncated(pos, 1, end)
+    tag = buf[pos]
+    pos += 1
+    if tag == T_INT:  # (the commonest values, inline)
+        if pos + 8 > end:
+            raise _truncated(pos, 8, end)
+        return _I64.unpack_from(buf, pos)[0], pos + 8
     if tag == T_STR:
-        return r.text()
+        if pos + 4 <= end and not _U32.unpack_from(buf, pos)[0]:
+            return "", pos + 4
+        return _text(buf, pos, end)
+    if tag == T_NONE:
+        return None, pos
+    if tag == T_MSG:
+        return _get_message(buf, pos, end)
     if tag == T_LIST:
         if depth >= MAX_DEPTH:
-            raise WireError(f"lists nest too deep at offset {r.pos}")
-        return [_get(r, depth + 1) for _ in range(r.count(1))]
-    if tag == T_MSG:
-        return _get_message(r)
-    raise WireError(f"unknown tag {tag:#x} at offset {r.pos - 1}")
+            raise WireError(f"lists nest too deep at offset {pos}")
+        n, pos = _count(buf, pos, end, 1)
+        values = []
+        for _ in range(n):
+            value, pos = _get(buf, pos, end, depth + 1)
+            values.append(value)
+        return values, pos
+    if tag in (T_FALSE, T_TRUE):
+        return tag == T_TRUE, pos
+    if tag == T_FLOAT:
+        return _fixed(buf, pos, end, _F64)[0], pos + 8
+    if tag == T_BYTES:
+        return _blob(buf, pos, end)
+    raise WireError(f"unknown tag {tag:#x} at offset {pos - 1}")
 
 
 def _disposition(value: int, at: int) -> Disposition:
@@ -325,48 +409,91 @@ def _disposition(value: int, at: int) -> Disposition:
         raise WireError(f"bad port disposition {value} at offset {at}") from None
 
 
-def _get_message(r: _Reader) -> Message:
-    remote, local, msg_id, disp, uid, _n = r.unpack(_MSG_HEAD)
-    r.pos -= 4
-    n = r.count(1)
-    items = [_get_item(r) for _ in range(n)]
-    local_disp = None if disp == 0 else _disposition(disp, r.pos)
+def _get_message(buf: Buf, pos: int, end: int) -> tuple[Message, int]:
+    remote, local, msg_id, disp, uid, _n = _fixed(buf, pos, end, _MSG_HEAD)
+    n, pos = _count(buf, pos + _MSG_HEAD.size - 4, end, 1)
+    items = []
+    for _ in range(n):
+        item, pos = _get_item(buf, pos, end)
+        items.append(item)
+    local_disp = None if disp == 0 else _disposition(disp, pos)
     return Message(remote, local, msg_id, items, local_disp,
-                   sender_uid=None if uid < 0 else uid)
+                   sender_uid=None if uid < 0 else uid), pos
 
 
-def _get_item(r: _Reader) -> Item:
-    at = r.pos
-    tag = r.u8()
-    if tag == I_INT:
-        return Int(r.unpack(_I64)[0])
-    if tag == I_FLOAT:
-        return Float(r.unpack(_F64)[0])
-    if tag == I_BYTES:
-        return Bytes(r.blob())
-    if tag == I_STR:
-        return Str(r.text())
-    if tag == I_INTARRAY:
-        n = r.count(8)
-        return IntArray(struct.unpack_from(f"<{n}q", r.buf, r._need(8 * n)))
-    if tag == I_PORT:
-        name, disp = r.unpack(_PORT)
-        return Port(name, _disposition(disp, at))
-    if tag == I_PORTARRAY:
-        disp = _disposition(r.u8(), at)
-        n = r.count(8)
-        return PortArray(struct.unpack_from(f"<{n}q", r.buf, r._need(8 * n)), disp)
-    if tag == I_OOL:
-        address, size, flags = r.unpack(_OOL_HEAD)
-        if flags & ~(OOL_DEALLOCATE | OOL_DATA):
-            raise WireError(f"bad OOL flags {flags:#x} at offset {at}")
-        data = r.blob() if flags & OOL_DATA else None
-        return OOL(address, size, bool(flags & OOL_DEALLOCATE), data)
-    if tag == I_CODE:
-        uid, flags = r.unpack(_CODE_HEAD)[:2]
-        r.pos -= 4
-        return Code(None, blob=r.blob(), origin_uid=uid, refused=bool(flags & CODE_REFUSED))
-    raise WireError(f"unknown item type {tag:#x} at offset {at}")
+def _get_item(buf: Buf, pos: int, end: int) -> tuple[Item, int]:
+    if pos >= end:
+        raise _truncated(pos, 1, end)
+    get = _GET_ITEM.get(buf[pos])
+    if get is None:
+        raise WireError(f"unknown item type {buf[pos]:#x} at offset {pos}")
+    item: tuple[Item, int] = get(buf, pos + 1, end)
+    return item
+
+
+def _get_int(buf: Buf, pos: int, end: int) -> tuple[Int, int]:
+    return Int(_fixed(buf, pos, end, _I64)[0]), pos + 8
+
+
+def _get_float(buf: Buf, pos: int, end: int) -> tuple[Float, int]:
+    return Float(_fixed(buf, pos, end, _F64)[0]), pos + 8
+
+
+def _get_bytes(buf: Buf, pos: int, end: int) -> tuple[Bytes, int]:
+    data, pos = _blob(buf, pos, end)
+    return Bytes(data), pos
+
+
+def _get_str(buf: Buf, pos: int, end: int) -> tuple[Str, int]:
+    text, pos = _text(buf, pos, end)
+    return Str(text), pos
+
+
+def _ints(buf: Buf, pos: int, end: int) -> tuple[tuple[int, ...], int]:
+    n, pos = _count(buf, pos, end, 8)
+    return struct.unpack_from(f"<{n}q", buf, pos), pos + 8 * n
+
+
+def _get_int_array(buf: Buf, pos: int, end: int) -> tuple[IntArray, int]:
+    values, pos = _ints(buf, pos, end)
+    return IntArray(values), pos
+
+
+def _get_port(buf: Buf, pos: int, end: int) -> tuple[Port, int]:
+    name, disp = _fixed(buf, pos, end, _PORT)
+    return Port(name, _disposition(disp, pos - 1)), pos + _PORT.size
+
+
+def _get_port_array(buf: Buf, pos: int, end: int) -> tuple[PortArray, int]:
+    if pos >= end:
+        raise _truncated(pos, 1, end)
+    disp = _disposition(buf[pos], pos - 1)
+    names, pos = _ints(buf, pos + 1, end)
+    return PortArray(names, disp), pos
+
+
+def _get_ool(buf: Buf, pos: int, end: int) -> tuple[OOL, int]:
+    address, size, flags = _fixed(buf, pos, end, _OOL_HEAD)
+    if flags & ~(OOL_DEALLOCATE | OOL_DATA):
+        raise WireError(f"bad OOL flags {flags:#x} at offset {pos - 1}")
+    pos += _OOL_HEAD.size
+    data = None
+    if flags & OOL_DATA:
+        data, pos = _blob(buf, pos, end)
+    return OOL(address, size, bool(flags & OOL_DEALLOCATE), data), pos
+
+
+def _get_code(buf: Buf, pos: int, end: int) -> tuple[Code, int]:
+    uid, flags, _n = _fixed(buf, pos, end, _CODE_HEAD)
+    blob, pos = _blob(buf, pos + _CODE_HEAD.size - 4, end)
+    return Code(None, blob=blob, origin_uid=uid, refused=bool(flags & CODE_REFUSED)), pos
+
+
+_GET_ITEM: dict[int, Any] = {
+    I_INT: _get_int, I_FLOAT: _get_float, I_BYTES: _get_bytes, I_STR: _get_str,
+    I_INTARRAY: _get_int_array, I_PORT: _get_port, I_PORTARRAY: _get_port_array,
+    I_OOL: _get_ool, I_CODE: _get_code,
+}
 
 
 # -- signatures ---------------------------------------------------------------------------

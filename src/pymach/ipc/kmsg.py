@@ -18,6 +18,10 @@ exactly once (`kmsg_uncharge`), when the message is dequeued for receipt or dest
 (port death, which task death causes for the ports it received on). Invariant:
 `space.ool_queued` is the sum of `charge` over the queued messages charged to it.
 Receiving needs room for the rights' new names (`copyout_names_needed`).
+
+A *plain* message (only data items: Int, Float, Bytes, Str, IntArray; the common RPC)
+takes the same checks with nothing to look at but its header: copyin marks its KMsg
+`plain`, and copyout and the receive checks skip the item walks for it.
 """
 
 from __future__ import annotations
@@ -29,12 +33,17 @@ from typing import TYPE_CHECKING
 from pymach.errors import MachError
 from pymach.include.message import (
     OOL,
+    Bytes,
     Code,
     Disposition,
+    Float,
+    Int,
+    IntArray,
     Item,
     Message,
     Port,
     PortArray,
+    Str,
     message_size,
 )
 from pymach.include.vm_param import round_page, trunc_page
@@ -111,6 +120,7 @@ class KMsg:
     charged: IpcSpace | None = None  # the space its out-of-line bytes are charged to
     charge: int = 0  # those bytes (see module docstring)
     notify_overflow: bool = False  # the kernel's NOTIFY_OVERFLOW notice (ipc_notify.py)
+    plain: bool = False  # only data items (set by copyin; see module docstring)
 
     @property
     def size(self) -> int:
@@ -184,21 +194,27 @@ class _Scratch:
     owner: bool
 
 
+def _holds_for(s: _Scratch, disp: Disposition) -> bool:
+    """True if rights `s` can give `disp`."""
+    if disp == Disposition.COPY_SEND:
+        return s.send or s.receive or s.owner
+    if disp in (Disposition.MAKE_SEND, Disposition.MOVE_RECEIVE):
+        return s.receive
+    if disp == Disposition.MOVE_SEND:
+        return s.send
+    if disp == Disposition.MOVE_OWNERSHIP:
+        return s.owner
+    if disp == Disposition.MOVE_ALL:
+        return s.receive and s.owner
+    raise KeyError(disp)  # (as the table this replaces: not a disposition)
+
+
 def _check_right(scratch: dict[int, _Scratch], space: IpcSpace, name: int,
                  disp: Disposition, code: str) -> KernelPort:
     """Check that `name` can give `disp`, update the scratch rights; return the port."""
     entry: IpcEntry = space.lookup(name, code)
     s = scratch.setdefault(name, _Scratch(entry.send, entry.receive, entry.owner))
-    can_send = s.send or s.receive or s.owner
-    ok = {
-        Disposition.COPY_SEND: can_send,
-        Disposition.MAKE_SEND: s.receive,
-        Disposition.MOVE_SEND: s.send,
-        Disposition.MOVE_RECEIVE: s.receive,
-        Disposition.MOVE_OWNERSHIP: s.owner,
-        Disposition.MOVE_ALL: s.receive and s.owner,
-    }[disp]
-    if not ok:
+    if not _holds_for(s, disp):
         raise MachError(code, f"name {name} does not hold the right for {disp.name}")
     if disp == Disposition.MOVE_SEND:
         s.send = False
@@ -216,8 +232,19 @@ def _reply_disposition(space: IpcSpace, msg: Message) -> Disposition:
     return Disposition.MAKE_SEND if entry is not None and entry.receive else Disposition.COPY_SEND
 
 
-def copyin_check(space: IpcSpace, msg: Message) -> tuple[KernelPort, KernelPort | None]:
-    """Phase 1: check the whole message against the sender's rights; change nothing."""
+_PLAIN_ITEMS = frozenset((Int, Float, Bytes, Str, IntArray))
+
+
+def is_plain(items: list[Item]) -> bool:
+    """True if every item is a data item (no right, region or code): see docstring."""
+    plain = _PLAIN_ITEMS
+    return all(type(i) in plain for i in items)
+
+
+def copyin_check(space: IpcSpace, msg: Message,
+                 plain: bool = False) -> tuple[KernelPort, KernelPort | None]:
+    """Phase 1: check the whole message against the sender's rights; change nothing.
+    `plain`: the caller found only data items (is_plain): only the header is checked."""
     scratch: dict[int, _Scratch] = {}
     dest = _check_right(scratch, space, msg.remote_port, Disposition.COPY_SEND,
                         "SEND_INVALID_PORT")
@@ -225,6 +252,8 @@ def copyin_check(space: IpcSpace, msg: Message) -> tuple[KernelPort, KernelPort 
     if msg.local_port:
         reply = _check_right(scratch, space, msg.local_port, _reply_disposition(space, msg),
                              "SEND_INVALID_PORT")
+    if plain:
+        return dest, reply
     _check_ool(space, msg)
     for item in msg.items:
         names = (item.name,) if isinstance(item, Port) else (
@@ -305,9 +334,13 @@ def _take_right(space: IpcSpace, name: int, disp: Disposition) -> KernelPort:
 
 def copyin(space: IpcSpace, msg: Message, sender: str) -> KMsg:
     """Turn a checked user message into a KMsg, moving rights out of `space`."""
-    dest, reply = copyin_check(space, msg)
+    plain = is_plain(msg.items)
+    dest, reply = copyin_check(space, msg, plain)
     if reply is not None:
         _take_right(space, msg.local_port, _reply_disposition(space, msg))
+    if plain:
+        return KMsg(dest, reply, msg.id, list(msg.items), sender=sender,
+                    sender_uid=space.task.uid, plain=True)
     items: list[KItem] = []
     for item in msg.items:
         if isinstance(item, Port):
@@ -355,6 +388,8 @@ def _put_ool(space: IpcSpace, item: KOOL) -> OOL:
 
 def copyout_fits(space: IpcSpace, kmsg: KMsg) -> bool:
     """True if the out-of-line regions of `kmsg` fit in the receiver's address space."""
+    if kmsg.plain:
+        return True
     total = sum(i.copy.total for i in kmsg.items if isinstance(i, KOOL))
     vmap = space.task.map
     if total == 0 or vmap is None:
@@ -369,6 +404,9 @@ def copyout_fits(space: IpcSpace, kmsg: KMsg) -> bool:
 def copyout_names_needed(space: IpcSpace, kmsg: KMsg) -> int:
     """How many new names copying out `kmsg` would add to `space` (live ports it has no
     name for yet, each counted once)."""
+    if kmsg.plain:
+        reply = kmsg.reply
+        return int(reply is not None and not reply.dead and space not in reply.holders)
     ports: set[KernelPort] = set()
     if kmsg.reply is not None:
         ports.add(kmsg.reply)
@@ -384,6 +422,10 @@ def copyout(space: IpcSpace, kmsg: KMsg) -> Message:
     """Deliver a dequeued KMsg into `space`; returns the task's view of it."""
     local = space.name_of(kmsg.dest) or 0
     remote = _put_right(space, kmsg.reply, Disposition.MOVE_SEND) if kmsg.reply else 0
+    if kmsg.plain:
+        return Message(remote_port=remote, local_port=local, id=kmsg.id,
+                       items=list(kmsg.items),  # type: ignore[arg-type]
+                       sender_uid=None if kmsg.sender_uid < 0 else kmsg.sender_uid)
     items: list[Item] = []
     for item in kmsg.items:
         if isinstance(item, KPort):

@@ -15,6 +15,17 @@ copyin, so the sender keeps its rights and memory (a request to a kernel port is
 at once and never charged). A message whose rights would take the receiver's space past
 `port_names_max` names stays queued (RCV_IPC_SPACE), as a too large one does: the
 receiver can free names and receive it; no right is lost.
+
+Hand-off (Mach 3.0's message hand-off with continuations, kern/sched_prim.py): a
+receive given a `Handoff` by its trap transport parks where it would block. A sender
+that then queues a message for it completes the receive on its own thread (dequeue,
+copyout into the receiver's space, the transport's delivery of the result), exactly as
+the woken receiver would have, so no thread is woken for it; the same holds for the
+errors a waking receiver would raise (RCV_TOO_LARGE and friends leave the message
+queued; a port that died or moved away fails the receive with RCV_INVALID_PORT). A
+receive that times out, or whose thread is terminated or suspended meanwhile, is
+finished by its own thread, as before. The embedded kernel's threads never park: they
+must wake anyway to run the code after the receive.
 """
 
 from __future__ import annotations
@@ -41,7 +52,14 @@ from pymach.ipc.kmsg import (
     ool_charge,
     ool_check_room,
 )
-from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
+from pymach.kern.sched_prim import (
+    NOT_YET,
+    Handoff,
+    WaitQueue,
+    deadline_after,
+    thread_block,
+    thread_park,
+)
 
 if TYPE_CHECKING:
     from pymach.ipc.kmsg import KMsg
@@ -83,16 +101,19 @@ def msg_send_locked(thread: Thread, msg: Message, timeout: float | None) -> None
     deadline = deadline_after(kernel.sched, timeout)
     while True:
         port = space.lookup(msg.remote_port, "SEND_INVALID_PORT").port
-        if port.is_kernel_port or not port.queue_full() or thread.task.unthrottled:
+        to_kernel = port.kobject is not None  # (is_kernel_port)
+        if to_kernel or len(port.queue) < port.backlog or thread.task.unthrottled:
             break
         if not thread_block(kernel.sched, thread, port.send_waitq, deadline):
             raise MachError("SEND_TIMED_OUT", f"port {msg.remote_port} stayed full "
                             f"({port.backlog} messages)")
-    charge = 0 if port.is_kernel_port else ool_charge(msg, kernel.page_size)
-    ool_check_room(space, msg, charge)
+    charge = 0 if to_kernel or not msg.items else ool_charge(msg, kernel.page_size)
+    if charge:
+        ool_check_room(space, msg, charge)
     kmsg = copyin(space, msg, thread.task.name)
-    kernel.trace_event(f"send {thread.name} id={msg.id} -> {port.label or port.serial}")
-    if port.is_kernel_port:
+    if kernel.tracing:
+        kernel.trace_event(f"send {thread.name} id={msg.id} -> {port.label or port.serial}")
+    if to_kernel:
         kernel.kobject_server(kmsg)
     else:
         kmsg_charge(space, kmsg, charge)
@@ -125,21 +146,55 @@ def _check_deliverable(space: IpcSpace, head: KMsg, rcv_size: int) -> None:
 
 
 def msg_receive_locked(thread: Thread, name: int, timeout: float | None,
-                       rcv_size: int) -> Message:
-    """Receive one message on port `name` or the default group (kernel lock held)."""
-    kernel = thread.kernel
-    deadline = deadline_after(kernel.sched, timeout)
+                       rcv_size: int, handoff: Handoff | None = None) -> Message:
+    """Receive one message on port `name` or the default group (kernel lock held);
+    with a `handoff`, park instead of blocking (raises Parked; see module docstring)."""
+    deadline = deadline_after(thread.kernel.sched, timeout)
+    return _receive(thread, name, deadline, rcv_size, handoff)
+
+
+def _receive(thread: Thread, name: int, deadline: float | None, rcv_size: int,
+             handoff: Handoff | None) -> Message:
+    """The receive loop (kernel lock held): take the message, or wait for one until
+    `deadline` (ms), blocking, or parking if there is a `handoff` (the parked call's
+    rest is this loop again, run by its own thread)."""
+    sched = thread.kernel.sched
     while True:
         port, waitq = _receive_source(thread, name)
         if port is not None and port.queue:
-            _check_deliverable(thread.task.space, port.queue[0], rcv_size)
-            kmsg = mqueue_dequeue(port)
-            kmsg_uncharge(kmsg)
-            kernel.trace_event(f"recv {thread.name} id={kmsg.id} <- {port.label or port.serial}"
-                               f" from {kmsg.sender}")
-            return copyout(thread.task.space, kmsg)
-        if not thread_block(kernel.sched, thread, waitq, deadline):
-            raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
+            return _take(thread, port, rcv_size)
+        if handoff is not None and not sched.deterministic:
+            if deadline is not None and sched.now() >= deadline:
+                break
+            thread_park(thread, waitq, deadline,
+                        lambda: _attempt(thread, name, rcv_size),
+                        lambda: _receive(thread, name, deadline, rcv_size, handoff),
+                        handoff)
+        if not thread_block(sched, thread, waitq, deadline):
+            break
+    raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
+
+
+def _attempt(thread: Thread, name: int, rcv_size: int) -> Message:
+    """A parked receive, offered a wake-up: its message if one is there now (NOT_YET if
+    not), or the error the receive would raise on waking."""
+    port, _ = _receive_source(thread, name)
+    if port is None or not port.queue:
+        return NOT_YET  # type: ignore[no-any-return]
+    return _take(thread, port, rcv_size)
+
+
+def _take(thread: Thread, port: Port, rcv_size: int) -> Message:
+    """Dequeue the head message of `port` for `thread` and copy it out (or raise the
+    RCV_ error that keeps it queued)."""
+    space = thread.task.space
+    _check_deliverable(space, port.queue[0], rcv_size)
+    kmsg = mqueue_dequeue(port)
+    kmsg_uncharge(kmsg)
+    if thread.kernel.tracing:
+        thread.kernel.trace_event(f"recv {thread.name} id={kmsg.id} <- "
+                                  f"{port.label or port.serial} from {kmsg.sender}")
+    return copyout(space, kmsg)
 
 
 def msg_send_trap(thread: Thread, msg: object, option: object, timeout: object) -> None:
@@ -150,8 +205,9 @@ def msg_send_trap(thread: Thread, msg: object, option: object, timeout: object) 
 
 
 def msg_receive_trap(thread: Thread, name: object, option: object, timeout: object,
-                     rcv_size: object) -> Message:
-    """msg_receive(message, option, timeout): `name` is the port, PORT_NULL the group."""
+                     rcv_size: object, handoff: Handoff | None = None) -> Message:
+    """msg_receive(message, option, timeout): `name` is the port, PORT_NULL the group.
+    With a `handoff`, a receive that must wait parks (raises Parked)."""
     with thread.kernel.trap(thread):
         if isinstance(name, Message):
             name = name.local_port
@@ -159,16 +215,17 @@ def msg_receive_trap(thread: Thread, name: object, option: object, timeout: obje
             raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {name!r}")
         t = check_options(option, RCV_TIMEOUT, timeout, "receive")
         size = check_rcv_size(rcv_size)
-        return msg_receive_locked(thread, name, t, size)
+        return msg_receive_locked(thread, name, t, size, handoff)
 
 
 def msg_send_receive_trap(thread: Thread, msg: object, port: object, option: object,
                           rcv_size: object, send_timeout: object,
-                          receive_timeout: object) -> Message:
+                          receive_timeout: object, handoff: Handoff | None = None) -> Message:
     """A server's reply and its next receive in one kernel entry (Mach 3.0's mach_msg
     with both SEND and RCV): send `msg`, then receive from `port` (PORT_NULL: the
     task's default group). Every argument is checked before anything is sent; a SEND_*
-    error means nothing was sent, an RCV_* error that the message was sent."""
+    error means nothing was sent, an RCV_* error that the message was sent. With a
+    `handoff`, a receive that must wait parks (raises Parked)."""
     with thread.kernel.trap(thread):
         st = check_options(option, SEND_TIMEOUT, send_timeout, "send")
         rt = check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
@@ -176,12 +233,14 @@ def msg_send_receive_trap(thread: Thread, msg: object, port: object, option: obj
         if isinstance(port, bool) or not isinstance(port, int):
             raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {port!r}")
         msg_send_locked(thread, validate_message(msg), st)
-        return msg_receive_locked(thread, port, rt, size)
+        return msg_receive_locked(thread, port, rt, size, handoff)
 
 
 def msg_rpc_trap(thread: Thread, msg: object, option: object, rcv_size: object,
-                 send_timeout: object, receive_timeout: object) -> Message:
-    """msg_rpc: send `msg`, then receive the reply on its local (reply) port."""
+                 send_timeout: object, receive_timeout: object,
+                 handoff: Handoff | None = None) -> Message:
+    """msg_rpc: send `msg`, then receive the reply on its local (reply) port. With a
+    `handoff`, a receive that must wait parks (raises Parked)."""
     with thread.kernel.trap(thread):
         st = check_options(option, SEND_TIMEOUT, send_timeout, "send")
         rt = check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
@@ -190,4 +249,4 @@ def msg_rpc_trap(thread: Thread, msg: object, option: object, rcv_size: object,
         if checked.local_port == PORT_NULL:
             raise MachError("RCV_INVALID_PORT", "msg_rpc needs a reply port in local_port")
         msg_send_locked(thread, checked, st)
-        return msg_receive_locked(thread, checked.local_port, rt, size)
+        return msg_receive_locked(thread, checked.local_port, rt, size, handoff)

@@ -89,6 +89,10 @@ class IpcSpace:
 
     def lookup(self, name: object, code: str = "KERN_INVALID_NAME") -> IpcEntry:
         """The entry for `name`; raise `code` if the task holds no right by that name."""
+        if type(name) is int:  # the common case: one dict lookup
+            found = self.names.get(name)
+            if found is not None:
+                return found
         if not isinstance(name, int) or isinstance(name, bool):
             raise MachError("KERN_INVALID_ARGUMENT", f"port name must be an int, not {name!r}")
         entry = self.names.get(name)

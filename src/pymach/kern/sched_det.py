@@ -18,7 +18,7 @@ import random
 import threading
 from typing import TYPE_CHECKING
 
-from pymach.kern.sched_prim import WaitQueue
+from pymach.kern.sched_prim import WaitQueue, continuation_interrupt, continuations_wakeup
 
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
@@ -91,11 +91,15 @@ class DeterministicScheduler:
         with self._mx:
             for t in [t for t, (q, _) in self._blocked.items() if q is waitq]:
                 self._make_runnable(t, "woken")
+        if waitq.parked:  # (none here: only the free scheduler parks; kept for the
+            continuations_wakeup(waitq)  # contract, outside _mx as it may wake more)
 
     def thread_interrupt(self, thread: Thread) -> None:
         with self._mx:
             if thread in self._blocked:
                 self._make_runnable(thread, "woken")
+        if thread.continuation is not None:
+            continuation_interrupt(thread)
 
     def shutdown(self) -> None:
         with self._mx:

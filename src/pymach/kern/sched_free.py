@@ -1,8 +1,11 @@
 """The free scheduler: task threads are ordinary Python threads running side by side.
 
 Waits are condition variables on the kernel lock, timeouts are wall-clock milliseconds.
-Invariant: a waiting thread's `wait_queue` names the queue whose condition it sleeps on,
-so `thread_interrupt` can wake it.
+Invariants: a waiting thread's `wait_queue` names the queue whose condition it sleeps
+on, so `thread_interrupt` can wake it; `WaitQueue.sleepers` counts the threads in its
+condition's wait (so a wake-up of a queue nobody sleeps on costs nothing). A wake-up
+also offers the event to the calls parked on the queue with a continuation
+(sched_prim), on the waker's thread.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from pymach.kern.sched_prim import WaitQueue
+from pymach.kern.sched_prim import WaitQueue, continuation_interrupt, continuations_wakeup
 
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
@@ -44,21 +47,27 @@ class FreeScheduler:
     def wait(self, thread: Thread, waitq: WaitQueue, deadline: float | None) -> str:
         if self._shutdown or thread.terminating:
             return "woken"
-        if deadline is None:
-            waitq.cond.wait()
-            return "woken"
-        remaining = (deadline - self.now()) / 1000.0
-        if remaining <= 0:
+        remaining = None if deadline is None else (deadline - self.now()) / 1000.0
+        if remaining is not None and remaining <= 0:
             return "timeout"
-        waitq.cond.wait(remaining)
-        return "woken" if self.now() < deadline else "timeout"
+        waitq.sleepers += 1
+        try:
+            waitq.cond.wait(remaining)
+        finally:
+            waitq.sleepers -= 1
+        return "woken" if deadline is None or self.now() < deadline else "timeout"
 
     def thread_wakeup(self, waitq: WaitQueue) -> None:
-        waitq.cond.notify_all()
+        if waitq.sleepers:
+            waitq.cond.notify_all()
+        if waitq.parked:
+            continuations_wakeup(waitq)
 
     def thread_interrupt(self, thread: Thread) -> None:
         if thread.wait_queue is not None:
             thread.wait_queue.cond.notify_all()
+        if thread.continuation is not None:
+            continuation_interrupt(thread)
 
     def shutdown(self) -> None:
         self._shutdown = True

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pymach.errors import MachError, ThreadTerminated
 from pymach.include.message import Code
 from pymach.ipc.port import Port
-from pymach.kern.sched_prim import WaitQueue
+from pymach.kern.sched_prim import Continuation, WaitQueue
 from pymach.kern.syscall_sw import LocalTraps
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ class Thread:
         self.terminating = False
         self.state = "new"  # new, running, waiting, suspended, halted
         self.wait_queue: WaitQueue | None = None
+        self.continuation: Continuation | None = None  # its parked call (sched_prim)
         self.suspend_waitq = WaitQueue(self.kernel.sched.lock, f"thread{self.serial}.suspend")
         self.done_waitq = WaitQueue(self.kernel.sched.lock, f"thread{self.serial}.done")
         self.result: Any = None
@@ -63,6 +64,7 @@ class Thread:
         self.vm_wait_error = ""  # set to fail that wait (a deadlock was found)
         self.no_wait = False  # (kernel lock) set while someone else runs a fault for this
         # thread that must not block: a wait raises WouldBlock instead (sched_prim)
+        self._transport: LocalTraps | None = None  # made on first use (`transport`)
         self.py_thread: threading.Thread | None = None  # set once, by start()
         self.never_ran: Callable[[], None] | None = None  # set once before start: called
         # in place of `code` when the thread is terminated before it runs (machd: the
@@ -74,7 +76,10 @@ class Thread:
     @property
     def transport(self) -> LocalTraps:
         """How this thread enters its kernel: by direct calls (kern/syscall_sw.py)."""
-        return LocalTraps(self)
+        traps = self._transport
+        if traps is None:  # made once (a race makes two equal ones: harmless)
+            traps = self._transport = LocalTraps(self)
+        return traps
 
     def start(self) -> None:
         """Start the Python thread (kernel lock held); it runs once the scheduler allows."""

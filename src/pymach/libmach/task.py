@@ -118,6 +118,8 @@ class NativeProcess:
         """Apply machd's instructions in a trap reply (see module docstring), in machd's
         batch order; have machd arm what was mapped; return only once every batch
         issued before this reply is applied (another thread may be applying one)."""
+        if not batch and not fds and self.batches_applied >= upto:
+            return  # nothing to apply or wait for (the count only grows: no lock needed)
         follow: Frame | None = None
         try:
             if batch:

@@ -3,7 +3,10 @@
 One machd thread waits (epoll) on the userfaultfds of all task processes. Each fault
 carries the faulting thread's id, which names the kernel thread that stands for that
 process thread (remote.py); that kernel thread is idle then (a thread in a trap cannot
-fault, and a faulting thread does nothing else). The poller first runs the fault itself,
+fault, and a faulting thread does nothing else; a trap parked with a continuation holds
+no thread, so an event read for a thread in one is stale and is run as any other: it
+maps a page the thread will find mapped, or is found stale by `memory_exception`'s
+check of the thread's wait channel). The poller first runs the fault itself,
 as that kernel thread, with waiting forbidden (`Thread.no_wait`): a fault that needs
 nothing but memory (a zero fill, a resident page, a copy-on-write copy) is resolved with
 no thread hand-off, as a hardware fault is served in the faulting context. A fault that

@@ -14,15 +14,32 @@ its welcome, then serves its traps and its page faults until the connection ends
   ends the task with that diagnostic: a process cannot take a Python exception at a
   hardware fault.
 
+A message trap that must wait for a message does not sleep in the kernel: it parks
+with a continuation (kern/sched_prim.py, ipc/mach_msg.py) and this thread goes back to
+waiting on the connection. The thread whose send completes it (another task's kernel
+thread, the fault poller, ...) copies the message out and writes this trap's REPLY to
+the process itself (`TrapHandoff.deliver`, a write that never blocks: what the socket
+does not take at once is left to this thread), so a message between two native tasks
+wakes no thread in machd but the sender's. A parked trap that times out, or is handed
+back (its thread was terminated or suspended), is finished here (`_continue`).
+
+`RemoteState.busy` is held while this thread acts as its process thread (a trap, a
+posted fault, a parked trap's rest); a parked trap holds nothing, as it does not act
+as the thread: its completion only touches the task's space and map, under the
+kernel lock. The fault poller takes `busy` to run a fault as the thread
+(machd/faults.py).
+
 A frame that breaks the wire format or a trap's layout ends this connection (the
 thread), logged; nothing else is affected. The connection, the fault queue and the
-wake pipe belong to this thread.
+wake pipe belong to this thread; the REPLY to a parked trap is written by whoever
+completes it (only one party can), and what it could not write by this thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import threading
@@ -43,6 +60,7 @@ from pymach.ipc.mach_msg import (
     msg_send_receive_trap,
     msg_send_trap,
 )
+from pymach.kern.sched_prim import NOT_YET, Parked, thread_cancel, thread_continue
 from pymach.pmap.uffd import UffdError
 from pymach.vm.vm_fault import vm_fault_trap
 
@@ -88,10 +106,17 @@ class RemoteState:
         # thread (a trap, a posted fault); the poller runs a fault only if it can take it
         self.faults: deque[Fault | None] = deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.handoff: TrapHandoff | None = None  # set once by serve_remote
+        self.outgoing: deque[Outgoing] = deque()  # parked traps' replies left to write
 
     def post(self, fault: Fault | None) -> None:
         """Queue a fault for the thread (called by the poller)."""
         self.faults.append(fault)
+        self.kick()
+
+    def kick(self) -> None:
+        """Wake the kernel thread (it looks at its faults, outgoing replies, and parked
+        trap)."""
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"f")
 
@@ -106,21 +131,93 @@ class RemoteState:
                 os.close(fd)
 
 
+# A reply a parked trap's completion could not write at once: the whole frame (its
+# values and descriptors), or the bytes of it the socket did not take.
+Outgoing = tuple[list[Any], list[int]] | bytes
+
+
+class TrapHandoff:
+    """The Handoff (kern/sched_prim.py) of one kernel thread's parked traps: their
+    outcome becomes the REPLY the process thread waits for, written by whoever
+    completes the trap (see module docstring)."""
+
+    def __init__(self, thread: Thread, conn: Channel, state: RemoteState) -> None:
+        self.thread, self.conn, self.state = thread, conn, state  # immutable
+
+    def deliver(self, outcome: Any) -> None:
+        """The parked trap completed with `outcome` (kernel lock held, any thread)."""
+        if isinstance(outcome, MachError):
+            values, fds = reply_values(self.thread, traps.REPLY_ERROR, None, outcome.code,
+                                       outcome.detail)
+        else:
+            values, fds = reply_values(self.thread, traps.REPLY_OK, outcome)
+        try:  # (after anything still left to write: frames never interleave)
+            rest = None if self.state.outgoing else _send_nowait(self.conn, values, fds)
+        except (Disconnected, OSError):  # the process is gone: this thread ends
+            close_fds(fds)
+            return
+        if rest is None:
+            self.state.outgoing.append((values, fds))  # (its fds are closed once sent)
+        else:
+            close_fds(fds)
+            if not rest:
+                return
+            self.state.outgoing.append(rest)
+        self.state.kick()
+
+    def wake(self) -> None:
+        """The parked trap needs this kernel thread (kernel lock held, any thread)."""
+        self.state.kick()
+
+
+def _send_nowait(conn: Channel, values: list[Any], fds: list[int]) -> bytes | None:
+    """Channel.send_nowait of a REPLY; a value that cannot travel becomes its error."""
+    try:
+        return conn.send_nowait(traps.REPLY, values, fds)
+    except wire.WireError as e:
+        return conn.send_nowait(traps.REPLY, _unencodable(values, e), fds)
+
+
+def _unencodable(values: list[Any], e: wire.WireError) -> list[Any]:
+    """A REPLY's values with its value replaced by the error saying it cannot travel."""
+    return [traps.REPLY_ERROR, None, "MIG_TYPE_ERROR", e.detail, *values[4:]]
+
+
+def _flush(conn: Channel, state: RemoteState) -> None:
+    """Write the replies parked traps' completions left to this thread, in order."""
+    while state.outgoing:
+        out = state.outgoing.popleft()
+        if isinstance(out, bytes):
+            conn.send_rest(out)
+        else:
+            send_reply(conn, *out)
+
+
 # -- the trap table -------------------------------------------------------------------------
+def _handoff(thread: Thread) -> TrapHandoff | None:
+    handoff: TrapHandoff | None = thread.host_data.handoff
+    return handoff
+
+
 def _msg_send(thread: Thread, args: list[Any]) -> Any:
     msg_send_trap(thread, *args)
 
 
 def _msg_receive(thread: Thread, args: list[Any]) -> Any:
-    return msg_receive_trap(thread, *args)
+    name, option, timeout, rcv_size = args
+    return msg_receive_trap(thread, name, option, timeout, rcv_size, _handoff(thread))
 
 
 def _msg_rpc(thread: Thread, args: list[Any]) -> Any:
-    return msg_rpc_trap(thread, *args)
+    msg, option, rcv_size, send_timeout, receive_timeout = args
+    return msg_rpc_trap(thread, msg, option, rcv_size, send_timeout, receive_timeout,
+                        _handoff(thread))
 
 
 def _msg_send_receive(thread: Thread, args: list[Any]) -> Any:
-    return msg_send_receive_trap(thread, *args)
+    msg, port, option, rcv_size, send_timeout, receive_timeout = args
+    return msg_send_receive_trap(thread, msg, port, option, rcv_size, send_timeout,
+                                 receive_timeout, _handoff(thread))
 
 
 def _identity(call: Callable[[], int]) -> Callable[[Thread, list[Any]], Any]:
@@ -177,6 +274,9 @@ TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
 }
 
 
+_THREAD_OPS = frozenset((*TRAP_TABLE, traps.STDIO, traps.EXIT))  # a thread's frames
+
+
 def check_frame(frame: Frame, allowed: Callable[[int], bool]) -> None:
     """WireError unless the frame's op is `allowed` and its values fit the op's layout."""
     if frame.op not in traps.SIGNATURES or not allowed(frame.op):
@@ -189,6 +289,7 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
                  control_token: bytes) -> None:
     """Serve one process thread (see module docstring); ends with its connection."""
     state: RemoteState = thread.host_data
+    state.handoff = TrapHandoff(thread, conn, state)
     machd.poller.register_thread(thread)
     try:
         reply(thread, conn, traps.REPLY_OK, _welcome(machd, thread, code, control_token))
@@ -199,8 +300,13 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
         log.warning("task %s thread %s: %s; connection closed", thread.task.name,
                     thread.name, e.detail)
     finally:
+        with thread.kernel.sched.lock:  # a trap parked now has nobody to answer
+            thread_cancel(thread)
         machd.poller.unregister_thread(thread)
         conn.close()
+        for out in state.outgoing:
+            if not isinstance(out, bytes):
+                close_fds(out[1])
         state.close()
         machd.connection_closed(thread.task.uid)
 
@@ -226,26 +332,45 @@ def _welcome(machd: Machd, thread: Thread, code: Code | None,
 
 def _loop(machd: Machd, thread: Thread, conn: Channel, state: RemoteState) -> None:
     poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    poller.register(state.wake_r, select.POLLIN)
+    conn_fd, wake_fd = conn.fileno(), state.wake_r
+    poller.register(conn_fd, select.POLLIN)
+    poller.register(wake_fd, select.POLLIN)
     while True:
-        ready = {fd for fd, _ in poller.poll()}
-        if state.wake_r in ready:
+        ready = {fd for fd, _ in poller.poll(_poll_timeout(thread))}
+        if wake_fd in ready or not ready:  # kicked, or a parked trap's deadline
             state.drain()
+            _flush(conn, state)
+            if thread.continuation is not None:
+                _continue(thread, conn)
             while state.faults:
                 fault = state.faults.popleft()
                 if fault is not None:
                     with state.busy:
                         serve_fault(machd, thread, fault)
-        if conn.fileno() in ready and not _serve_frame(machd, thread, conn):
+        if conn_fd in ready and not _serve_frame(machd, thread, conn):
             return
+
+
+def _poll_timeout(thread: Thread) -> int | None:
+    """How long (ms) the thread may wait for its connection: until its parked trap's
+    deadline, if it has one (read without the lock: a stale value only makes the loop
+    look again)."""
+    cont = thread.continuation
+    if cont is None or cont.deadline is None:
+        return None
+    return max(0, math.ceil(cont.deadline - thread.kernel.sched.now()))
+
+
+def _continue(thread: Thread, conn: Channel) -> None:
+    """Finish the thread's parked trap here if it was handed back or timed out."""
+    _run_trap(thread, conn, lambda: thread_continue(thread))
 
 
 def _serve_frame(machd: Machd, thread: Thread, conn: Channel) -> bool:
     """Serve one frame of the process thread; False once it has exited."""
     frame = conn.recv()
     try:
-        check_frame(frame, lambda op: op in TRAP_TABLE or op in (traps.STDIO, traps.EXIT))
+        check_frame(frame, _THREAD_OPS.__contains__)
         if frame.op == traps.STDIO:  # where the task's next children write, and run
             env = task_env(frame.values)
             fds, frame.fds = frame.fds, []
@@ -265,36 +390,58 @@ def _serve_frame(machd: Machd, thread: Thread, conn: Channel) -> bool:
 
 def _trap(thread: Thread, conn: Channel, frame: Frame) -> None:
     """Run one trap as `thread` and send its reply (its value, or the Mach error)."""
+    _run_trap(thread, conn, lambda: TRAP_TABLE[frame.op](thread, frame.values))
+
+
+def _run_trap(thread: Thread, conn: Channel, call: Callable[[], Any]) -> None:
+    """Run `call` as `thread` and reply with its outcome; no reply if it parked (its
+    completion replies) or returned NOT_YET (a parked trap still waiting)."""
     try:
         with thread.host_data.busy:  # (released before the reply: see faults._resolve_now)
-            value = TRAP_TABLE[frame.op](thread, frame.values)
+            value = call()
+    except Parked:
+        return
     except MachError as e:
         reply(thread, conn, traps.REPLY_ERROR, None, e.code, e.detail)
     except ThreadTerminated:
         reply(thread, conn, traps.REPLY_TERMINATED, None)
     else:
-        reply(thread, conn, traps.REPLY_OK, value)
+        if value is not NOT_YET:
+            reply(thread, conn, traps.REPLY_OK, value)
 
 
 def reply(thread: Thread, conn: Channel, status: int, value: Any, code: str = "",
           detail: str = "") -> None:
     """Send a REPLY with the task's pending address-space changes (their fds closed
     here once sent); raise ThreadTerminated after a REPLY_TERMINATED."""
-    binding = _binding(thread)
-    batch: list[Any] = [0, 0, []]
-    fds: list[int] = []
-    if binding is not None:
+    if _binding(thread) is not None:
         with thread.kernel.sched.lock:
-            batch, fds = binding.take()
-    try:
-        conn.send(traps.REPLY, [status, value, code, detail, *batch], fds)
-    except wire.WireError as e:  # a value that cannot travel: the caller gets an error
-        conn.send(traps.REPLY, [traps.REPLY_ERROR, None, "MIG_TYPE_ERROR", e.detail,
-                                *batch], fds)
-    finally:
-        close_fds(fds)
+            values, fds = reply_values(thread, status, value, code, detail)
+    else:
+        values, fds = [status, value, code, detail, 0, 0, []], []
+    send_reply(conn, values, fds)
     if status == traps.REPLY_TERMINATED:
         raise ThreadTerminated()
+
+
+def reply_values(thread: Thread, status: int, value: Any, code: str = "",
+                 detail: str = "") -> tuple[list[Any], list[int]]:
+    """A REPLY's values and descriptors, taking the task's pending address-space
+    changes as its batch (kernel lock held)."""
+    binding = _binding(thread)
+    batch, fds = binding.take() if binding is not None else ([0, 0, []], [])
+    return [status, value, code, detail, *batch], fds
+
+
+def send_reply(conn: Channel, values: list[Any], fds: list[int]) -> None:
+    """Send a REPLY (a value that cannot travel: the caller gets an error); its
+    descriptors are closed here once sent."""
+    try:
+        conn.send(traps.REPLY, values, fds)
+    except wire.WireError as e:
+        conn.send(traps.REPLY, _unencodable(values, e), fds)
+    finally:
+        close_fds(fds)
 
 
 def fault_access(fault: Fault) -> int:
