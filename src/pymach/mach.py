@@ -239,6 +239,8 @@ port_disable = port_defs.stub("port_disable")
 port_messages = port_defs.stub("port_messages")
 port_status = port_defs.stub("port_status")
 port_set_backlog = port_defs.stub("port_set_backlog")
+port_extract_right = port_defs.stub("port_extract_right")
+port_insert_right = port_defs.stub("port_insert_right")
 
 
 def names_gone(names: Iterable[int]) -> list[int]:

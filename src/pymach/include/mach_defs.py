@@ -18,6 +18,7 @@ from pymach.include.mig import (
     INT_ARRAY,
     PORT,
     PORT_ARRAY,
+    PORT_POLY,
     STR,
     Subsystem,
 )
@@ -75,6 +76,18 @@ port_defs.routine("port_status", "task", [("port", INT)],
                   "task is its receiver and owner.")
 port_defs.routine("port_set_backlog", "task", [("port", INT), ("backlog", INT)],
                   doc="Limit the number of messages that can be waiting on this port.")
+port_defs.routine("port_extract_right", "task", [("name", INT), ("disposition", INT)],
+                  [("port", PORT_POLY)],
+                  doc="Take a right out of the task's name space, as if the task had sent "
+                  "it with `disposition` (COPY_SEND, MAKE_SEND, MOVE_SEND, MOVE_RECEIVE, "
+                  "MOVE_OWNERSHIP, MOVE_ALL); the caller gets it under a name of its own. "
+                  "Mach 3.0's mach_port_extract_right (Mach 2.5: port_extract_*).")
+port_defs.routine("port_insert_right", "task", [("name", INT), ("port", PORT_POLY)],
+                  doc="Give the task the caller's right `port` (a Port item: name and "
+                  "disposition) under the name `name`: a name the task has never used "
+                  "(names are never reused), or its name for that same port. On failure "
+                  "the right sent is destroyed, as for any kernel call that fails. Mach "
+                  "3.0's mach_port_insert_right (Mach 2.5: port_insert_*).")
 
 thread_defs = Subsystem("thread", 3000)
 thread_defs.routine("thread_terminate", "target_thread",

@@ -95,6 +95,8 @@ class ItemCodec:
             return Port(value, t.disposition)
         if t.name == "code":
             return value if isinstance(value, Code) else Code(value)
+        if t.name == "port_poly":
+            return value  # a Port item: name and disposition
         if t.name in ("data", "memory"):
             return value if isinstance(value, OOL) else OOL(data=bytes(value))
         if t.name == "int_array":
@@ -153,6 +155,9 @@ PORT = ArgType("port", (Port,), (int,), Disposition.COPY_SEND)  # a send right
 PORT_MAKE = ArgType("port", (Port,), (int,), Disposition.MAKE_SEND)
 PORT_MOVE_RECEIVE = ArgType("port", (Port,), (int,), Disposition.MOVE_RECEIVE)
 PORT_ARRAY = ArgType("port_array", (PortArray,), (tuple, list), Disposition.COPY_SEND)
+# A right whose disposition the caller chooses: the client passes a Port item, the kernel
+# gets the right in transit with its kind, a reply's right arrives as the kernel says.
+PORT_POLY = ArgType("port_poly", (Port,), (Port,))
 
 
 @dataclass(frozen=True)

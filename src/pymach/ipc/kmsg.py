@@ -359,13 +359,15 @@ def copyin(space: IpcSpace, msg: Message, sender: str) -> KMsg:
     return KMsg(dest, reply, msg.id, items, sender=sender, sender_uid=space.task.uid)
 
 
-def _put_right(space: IpcSpace, port: KernelPort | None, kind: Disposition) -> int:
-    """Copyout one right into `space`; a right to a dead port arrives as PORT_NULL."""
+def _put_right(space: IpcSpace, port: KernelPort | None, kind: Disposition,
+               name: int | None = None) -> int:
+    """Copyout one right into `space` (under `name` if given: IpcSpace.insert); a right
+    to a dead port arrives as PORT_NULL."""
     if port is None or port.dead:
         return 0
     recv = kind in (Disposition.MOVE_RECEIVE, Disposition.MOVE_ALL)
     own = kind in (Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL)
-    name = space.insert(port, send=True, receive=recv, owner=own)
+    name = space.insert(port, send=True, receive=recv, owner=own, name=name)
     if recv:
         port.receiver, port.receive_in_transit = space.task, False
         if port.owner is None and not port.ownership_in_transit:
@@ -374,6 +376,23 @@ def _put_right(space: IpcSpace, port: KernelPort | None, kind: Disposition) -> i
     if own:
         port.owner, port.ownership_in_transit = space.task, False
     return name
+
+
+def right_out(space: IpcSpace, name: int, disposition: Disposition) -> KPort:
+    """One right taken out of `space` as a message item with `disposition` would take it
+    (checked as copyin checks; KERN_INVALID_RIGHT if the name cannot give it): the right
+    in transit."""
+    _check_right({}, space, name, disposition, "KERN_INVALID_RIGHT")
+    return KPort(_take_right(space, name, disposition), _ARRIVES_AS[disposition])
+
+
+def right_in(space: IpcSpace, right: KPort, name: int) -> None:
+    """A right in transit given to `space` under `name`, as copyout would give it
+    (KERN_INVALID_RIGHT if its port died on the way: the name stays unused)."""
+    if right.port is None or right.port.dead:
+        raise MachError("KERN_INVALID_RIGHT", "the port died before its right arrived")
+    space.check_new_name(name, right.port)
+    _put_right(space, right.port, right.kind, name)
 
 
 def _put_ool(space: IpcSpace, item: KOOL) -> OOL:

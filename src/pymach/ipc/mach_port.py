@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
-from pymach.include.message import PORT_BACKLOG_MAX
+from pymach.include.message import PORT_BACKLOG_MAX, Disposition
 from pymach.ipc.ipc_right import entry_deallocate
+from pymach.ipc.kmsg import KPort, right_in, right_out
 from pymach.ipc.port import Port
 
 if TYPE_CHECKING:
@@ -94,3 +95,25 @@ def port_set_backlog(space: IpcSpace, name: int, backlog: int) -> None:
                         f"backlog must be an int in 1..{PORT_BACKLOG_MAX}, not {backlog!r}")
     port.backlog = backlog
     port.sched.thread_wakeup(port.send_waitq)
+
+
+def port_extract_right(space: IpcSpace, name: int, disposition: int) -> KPort:
+    """Take the right `disposition` gives out of the task's name `name` (what sending it
+    in a message would take: MOVE_RECEIVE leaves the task a send right, as a send does);
+    the caller gets it. KERN_INVALID_ARGUMENT for a bad disposition, KERN_INVALID_NAME
+    or KERN_INVALID_RIGHT if the task cannot give it."""
+    if isinstance(disposition, bool) or disposition not in set(Disposition):
+        raise MachError("KERN_INVALID_ARGUMENT", f"port_extract_right: no disposition "
+                        f"{disposition!r:.40}")
+    space.lookup(name)
+    return right_out(space, name, Disposition(disposition))
+
+
+def port_insert_right(space: IpcSpace, name: int, right: KPort) -> None:
+    """Give the task `right` (in transit from the caller) under `name`: a name it never
+    used, or its name for that port (then the rights add up). KERN_NAME_EXISTS,
+    KERN_INVALID_NAME (a used name), KERN_INVALID_RIGHT (the port died), KERN_NO_SPACE
+    (port_names_max)."""
+    if right.port is not None and right.port.holders.get(space) is None:
+        space.check_room(1, "KERN_NO_SPACE")
+    right_in(space, right, name)

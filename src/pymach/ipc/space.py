@@ -20,7 +20,6 @@ Limits (kernel resources one task can make the kernel hold):
 
 from __future__ import annotations
 
-import itertools
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -72,7 +71,7 @@ class IpcSpace:
     def __init__(self, task: Task, lock: threading.Lock) -> None:
         self.task = task
         self.names: dict[int, IpcEntry] = {}
-        self._next_name = itertools.count(1)
+        self._next_name = 1  # every name below it has been used (names are never reused)
         self.active = True
         self.group_waitq = WaitQueue(lock, f"task{task.serial}.group")
         self.names_max: int | None = task.kernel.port_names_max  # None: no limit
@@ -105,17 +104,47 @@ class IpcSpace:
         return port.holders.get(self)
 
     def insert(self, port: Port, send: bool = False, receive: bool = False,
-               owner: bool = False) -> int:
-        """Add rights for `port`, reusing this space's name for it if it has one."""
-        name = port.holders.get(self)
-        if name is None:
-            name = next(self._next_name)
+               owner: bool = False, name: int | None = None) -> int:
+        """Add rights for `port`, reusing this space's name for it if it has one; a new
+        name is the next unused one, or `name` if given (see `check_new_name`)."""
+        known = port.holders.get(self)
+        if name is not None and known not in (None, name):
+            raise MachError("KERN_NAME_EXISTS", f"task {self.task.name!r} names this port "
+                            f"{known} already, not {name}")
+        if known is None:
+            name = self.new_name(name)
             self.names[name] = IpcEntry(port)
             port.holders[self] = name
+        else:
+            name = known
         entry = self.names[name]
         entry.send |= send
         entry.receive |= receive
         entry.owner |= owner
+        return name
+
+    def check_new_name(self, name: object, port: Port) -> None:
+        """Raise unless `name` may be given to `port` here: a positive int that names
+        `port` already, or one this space has never used (KERN_NAME_EXISTS if it names
+        another port; KERN_INVALID_NAME if it did once: names are never reused, so a
+        name that is gone always means a dead port)."""
+        if not isinstance(name, int) or isinstance(name, bool) or name <= 0:
+            raise MachError("KERN_INVALID_ARGUMENT", f"a port name is an int > 0, not "
+                            f"{name!r:.40}")
+        entry = self.names.get(name)
+        if entry is not None and entry.port is not port:
+            raise MachError("KERN_NAME_EXISTS", f"task {self.task.name!r} uses name "
+                            f"{name} for another port")
+        if entry is None and name < self._next_name:
+            raise MachError("KERN_INVALID_NAME", f"task {self.task.name!r} used name "
+                            f"{name} before: names are never reused")
+
+    def new_name(self, name: int | None = None) -> int:
+        """The next unused name, or `name` (checked by check_new_name), after which
+        names continue."""
+        if name is None:
+            name = self._next_name
+        self._next_name = max(self._next_name, name + 1)
         return name
 
     def remove(self, name: int) -> IpcEntry:

@@ -32,7 +32,7 @@ from pymach.include.version import __version__
 from pymach.ipc import mach_port
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.ipc_right import kmsg_destroy
-from pymach.ipc.kmsg import KOOL, KMsg
+from pymach.ipc.kmsg import KOOL, KMsg, KPort
 from pymach.ipc.port import Port
 from pymach.kern.mig import KERNEL_CODEC
 from pymach.kern.report import report_json
@@ -213,6 +213,12 @@ class KernelServer:
 
     def port_set_backlog(self, task: Task, name: int, backlog: int) -> None:
         mach_port.port_set_backlog(_check_active(task).space, name, backlog)
+
+    def port_extract_right(self, task: Task, name: int, disposition: int) -> KPort:
+        return mach_port.port_extract_right(_check_active(task).space, name, disposition)
+
+    def port_insert_right(self, task: Task, name: int, right: KPort) -> None:
+        mach_port.port_insert_right(_check_active(task).space, name, right)
 
     # -- thread interface --------------------------------------------------------------
     def thread_terminate(self, thread: Thread) -> None:

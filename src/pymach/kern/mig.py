@@ -30,6 +30,7 @@ from pymach.include.mig import (
     PORT_ARRAY,
     PORT_MAKE,
     PORT_MOVE_RECEIVE,
+    PORT_POLY,
     REPLY_ID_OFFSET,
     REPLY_SIZE_ANY,
     STR,
@@ -57,6 +58,8 @@ class KernelCodec(ItemCodec):
             item, tuple(_KERNEL_ITEMS[c] for c in t.items if c in _KERNEL_ITEMS))
 
     def to_item(self, t: ArgType, value: Any) -> Any:
+        if isinstance(value, KPort):  # a right with its kind (PORT_POLY)
+            return value
         if t.disposition is not None:
             if isinstance(value, KernelPort) or value is None:
                 return KPort(value, Disposition.MOVE_SEND)
@@ -72,7 +75,7 @@ class KernelCodec(ItemCodec):
 
     def from_item(self, t: ArgType, item: Any) -> Any:
         if isinstance(item, KPort):
-            return item.port
+            return item if t.name == "port_poly" else item.port
         if isinstance(item, KPortArray):
             return item.ports
         if isinstance(item, KOOL):
@@ -96,6 +99,7 @@ __all__ = [
     "PORT_ARRAY",
     "PORT_MAKE",
     "PORT_MOVE_RECEIVE",
+    "PORT_POLY",
     "REPLY_ID_OFFSET",
     "REPLY_SIZE_ANY",
     "STR",
