@@ -24,8 +24,9 @@ each its own machd process; the JSON names the link):
   over the same link (`stream_mib` MiB written in 1 MiB pieces until the reader has
   them all); `tls_stream_mib_s`: the same over TLS 1.3 with the cluster's certificates.
   These are the baselines of the memory-across-hosts figures (issue 11: 64 MiB out of
-  line to another host, every page touched, >= 0.5x the stream), whose rows
-  `memory_rows` leaves room for (bench/net_memory.py provides them).
+  line to another host, every page touched, >= 0.5x the stream), which
+  bench/net_memory.py measures (it uses this module's `bench_stream`, so this module
+  does not import it: `pymach bench net` adds its rows, prefixed `memory_`).
 
 Targets (issue 11): null msg_rpc to another host at most 2x the TCP round trip
 (`ratio_msg_rpc_vs_tcp`); a dead host noticed within the bound every time. Each figure
@@ -91,7 +92,7 @@ def run(n: int = 500, rounds: int = 5, trials: int = DEAD_TRIALS,
             "dead_host_noticed_s": [round(d, 3) for d in dead],
             "dead_host_noticed_max_s": round(max(dead), 3),
             "dead_host_within_bound_every_time": max(dead) <= peer_timeout,
-            "stream_mib": STREAM_MIB, **streams, **memory_rows()}
+            "stream_mib": STREAM_MIB, **streams}
 
 
 def _rpc_rows(n: int, rounds: int, native: float, embedded: float, tcp: float,
@@ -109,15 +110,6 @@ def _rpc_rows(n: int, rounds: int, native: float, embedded: float, tcp: float,
         "target_ratio_msg_rpc_vs_tcp_at_most": 2.0,
         "ratio_msg_rpc_vs_tls": round(native / tls, 2),
     }
-
-
-def memory_rows() -> dict[str, Any]:
-    """The rows of memory across hosts (issue 11, item 5), to go beside their baseline
-    `tcp_stream_mib_s`: 64 MiB out of line to another host with every page touched
-    (MiB/s; target >= 0.5x the stream) and with 1% touched (bytes moved; target <= 1.05x
-    the touched pages plus headers). bench/net_memory.py, being written, will provide
-    the function that measures them; it is to be called here. None yet."""
-    return {}
 
 
 def _free_port() -> int:

@@ -104,9 +104,14 @@ def _bench_net_shm(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bench_net(args: argparse.Namespace) -> dict[str, Any]:
-    from pymach.bench import net
+    from pymach.bench import net, net_memory
 
-    return net.run(n=args.n, rounds=args.rounds)
+    out = net.run(n=args.n, rounds=args.rounds)
+    memory = net_memory.measure(tcp_mib_s=out["tcp_stream_mib_s"],
+                                tls_mib_s=out["tls_stream_mib_s"])
+    out.update((f"memory_{k}", v) for k, v in memory.items()
+               if k not in ("benchmark", "tcp_stream_mib_s", "tls_stream_mib_s"))
+    return out
 
 
 # Benchmarks that choose their own setting (either mode, or machd hosts they start):
