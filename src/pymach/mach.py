@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
+import pkgutil
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pymach.errors import MachError, code_name
 from pymach.include import traps
 from pymach.include.mach_defs import (
+    TASK_ENTRY_MAX,
     TASK_NOTIFY_PORT,
     host_defs,
     pager_defs,
@@ -46,6 +49,7 @@ from pymach.include.message import (
 )
 from pymach.include.mig import (
     DATA,
+    MEMORY,
     PORT,
     REPLY_ID_OFFSET,
     REPLY_SIZE_ANY,
@@ -231,6 +235,8 @@ task_get_special_port = task_defs.stub("task_get_special_port")
 task_set_special_port = task_defs.stub("task_set_special_port")
 task_info = task_defs.stub("task_info")
 task_set_name = task_defs.stub("task_set_name")
+task_set_entry = task_defs.stub("task_set_entry")
+task_get_entry = task_defs.stub("task_get_entry")
 
 port_allocate = port_defs.stub("port_allocate")
 port_deallocate = port_defs.stub("port_deallocate")
@@ -241,6 +247,7 @@ port_status = port_defs.stub("port_status")
 port_set_backlog = port_defs.stub("port_set_backlog")
 port_extract_right = port_defs.stub("port_extract_right")
 port_insert_right = port_defs.stub("port_insert_right")
+port_names = port_defs.stub("port_names")
 
 
 def names_gone(names: Iterable[int]) -> list[int]:
@@ -276,6 +283,13 @@ _vm_regions = vm_defs.stub("vm_regions")
 _vm_statistics = vm_defs.stub("vm_statistics")
 vm_allocate_with_pager = vm_defs.stub("vm_allocate_with_pager")
 vm_pager_timeout = vm_defs.stub("vm_pager_timeout")
+vm_map_copyout = vm_defs.stub("vm_map_copyout")
+vm_read_memory = make_stub(replace(vm_defs.by_name["vm_read"], outs=(("data", MEMORY),)))
+vm_read_memory.__doc__ = (
+    "vm_read_memory(target_task, address, size) -> OOL\n\nvm_read as Mach returns it: "
+    "the range as new memory in the caller's address space (an OOL item: address, size), "
+    "copy-on-write, no page copied. The caller vm_deallocates it, or sends it on with "
+    "OOL(..., deallocate=True). The same routine as vm_read, whose stub reads the data.")
 
 pager_data_provided = pager_defs.stub("pager_data_provided")
 pager_data_unavailable = pager_defs.stub("pager_data_unavailable")
@@ -288,6 +302,7 @@ pager_data_error = pager_defs.stub("pager_data_error")
 host_info = host_defs.stub("host_info")
 host_kernel_version = host_defs.stub("host_kernel_version")
 host_report = host_defs.stub("host_report")
+task_for_id = host_defs.stub("task_for_id")
 
 
 def task_create(parent_task: int, inherit: bool = False) -> int:
@@ -338,11 +353,23 @@ class RemoteTraceback(Exception):
 class Spawned:
     """A task started by `spawn` in a native task (a process of its own under machd)."""
 
-    def __init__(self, port: int, box: int, name: str) -> None:
-        self.port = port  # the caller's send right to the child's task port
+    def __init__(self, port: int, box: int, name: str, migratable: bool = False) -> None:
+        self._port = port  # the caller's send right to the child's task port
         self.name = name  # the task's name (spawn's `name=`, else the kernel's taskN)
         self._box = box  # where the child's first thread sends its outcome
         self._outcome: tuple[bool, Any, str] | None = None  # ok, value, traceback text
+        self._early: Message | None = None  # an outcome that came before result()
+        self._migratable = migratable
+
+    @property
+    def port(self) -> int:
+        """The caller's send right to the task's port; for a migratable task, the port
+        of the task it is now (moves it was told of are followed first)."""
+        if self._migratable and self._outcome is None and self._early is None:
+            with contextlib.suppress(MachError):  # RCV_TIMED_OUT: nothing more to follow
+                while self._early is None:
+                    self._early = self._follow(msg_receive(self._box, RCV_TIMEOUT, 0))
+        return self._port
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait (ms) for the child's function to return; its value, or its exception.
@@ -362,7 +389,7 @@ class Spawned:
             outcome: tuple[bool, Any, str] = (True, None, "") if msg is None else \
                 cloudpickle.loads(take_ool(msg.items[0]))
             self._outcome = outcome
-            _spawned.pop(self.port, None)
+            _spawned.pop(self._port, None)
             port_deallocate(task_self(), self._box)
         ok, value, remote = self._outcome
         if not ok:
@@ -372,22 +399,49 @@ class Spawned:
     def _await_outcome(self, timeout: float | None) -> Any:
         """The child's outcome message (None if it ended without one), checking every
         100 ms that the child lives."""
+        if self._early is not None:
+            return self._early
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
             left = 100.0 if deadline is None else min(100.0, (deadline - time.monotonic()) * 1e3)
             try:
-                return msg_receive(self._box, RCV_TIMEOUT, max(left, 0.0))
+                msg = self._follow(msg_receive(self._box, RCV_TIMEOUT, max(left, 0.0)))
+                if msg is not None:
+                    return msg
+                continue
             except MachError as e:
                 if e.code != "RCV_TIMED_OUT":
                     raise
             if not self._alive():  # its outcome may have come just before it ended
                 try:
-                    return msg_receive(self._box, RCV_TIMEOUT, 0)
+                    msg = self._follow(msg_receive(self._box, RCV_TIMEOUT, 0))
                 except MachError:
                     return None  # it ended without returning
+                if msg is not None:
+                    return msg
             if deadline is not None and time.monotonic() >= deadline:
                 raise MachError("KERN_OPERATION_TIMED_OUT", "the spawned task did not "
                                 f"finish in {timeout} ms")
+
+    def await_ready(self) -> None:
+        """Wait until a migratable child has recorded its entry point (MSG_ID_READY on
+        the outcome port), or has ended or sent its outcome first (kept for result)."""
+        msg = self._await_outcome(None)
+        if msg is not None and msg.id != MSG_ID_READY:
+            self._early = msg
+
+    def _follow(self, msg: Message) -> Message | None:
+        """The outcome message, or None having followed a task that moved
+        (MSG_ID_MIGRATED: the handle's port is now the new task's)."""
+        if msg.id != MSG_ID_MIGRATED or not msg.items or not isinstance(msg.items[0], Port):
+            return msg
+        registered = _spawned.pop(self._port, None) is not None
+        with contextlib.suppress(MachError):  # a dead name already, or one going
+            port_deallocate(task_self(), self._port)
+        self._port = msg.items[0].name
+        if registered:
+            _spawned[self._port] = self
+        return None
 
     @property
     def done(self) -> bool:
@@ -396,26 +450,115 @@ class Spawned:
 
     def _alive(self) -> bool:
         try:
-            task_info(self.port)
+            task_info(self._port)
         except MachError:
             return False
         return True
 
 
 def _spawned_main(fn: Callable[..., Any], args: tuple[Any, ...],
-                  kwargs: dict[str, Any]) -> None:
+                  kwargs: dict[str, Any], migratable: bool = False) -> None:
     """The first thread of a spawned native task: run fn, send its outcome (with the
     traceback of an exception, from fn's frame on, as text), end. Nothing is printed
     here: the parent's `result()` raises the exception. The task ends when fn returns,
-    whatever became of the parent (a parent that is gone is not told)."""
+    whatever became of the parent (a parent that is gone is not told). A migratable
+    task records its entry point first (task_set_entry: `migration_entry`)."""
     try:
         first = msg_receive(task_notify())  # the parent's port, and the rights it passes
         box = first.items[0].value
-        outcome = _outcome(fn, _given_rights(args, first.items[1:]), kwargs)
-        with contextlib.suppress(MachError):  # SEND_INVALID_PORT: the parent is gone
-            msg_send(Message(remote_port=box, items=[OOL(data=outcome)]))  # type: ignore[arg-type]
+        assert isinstance(box, int)  # (our own message: the parent's outcome port)
+        args = _given_rights(args, first.items[1:])
+        if migratable:  # it can be moved from now on: spawn returns
+            task_set_entry(task_self(), migration_entry(fn, args, kwargs, box))
+            msg_send(Message(remote_port=box, id=MSG_ID_READY))
+        _send_outcome(box, _outcome(fn, args, kwargs))
     finally:
         task_terminate(task_self())
+
+
+def _send_outcome(box: int, outcome: bytes) -> None:
+    with contextlib.suppress(MachError):  # SEND_INVALID_PORT: the parent is gone
+        msg_send(Message(remote_port=box, items=[OOL(data=outcome)]))
+
+
+# -- migratable tasks (paper 8.2; apps/migrate.py moves them) -------------------------------
+
+MSG_ID_READY = 2902  # a migratable spawned task has recorded its entry point
+MSG_ID_MIGRATED = 2900  # sent to a spawned task's outcome port when the task has moved:
+# one Port item, a send right to its new task port (Spawned.result follows it)
+_migrated = False  # set in a process that a migrated task's thread started in
+
+
+def migrated() -> bool:
+    """True in a task that arrived by task migration: its function runs again from the
+    top (`spawn(..., migratable=True)`), with its pymach memory and port names as they
+    were when it was frozen. False everywhere else."""
+    return _migrated
+
+
+def migration_entry(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
+                    box: int = PORT_NULL) -> str:
+    """The entry point text of a migratable task (task_set_entry): JSON naming `fn` by
+    module and qualified name, with typed arguments (what JSON carries: None, bool, int,
+    float, str, lists, str-keyed dicts; tuples arrive as lists) and the name of its
+    outcome port. KERN_INVALID_ARGUMENT unless `fn` is importable by that name as this
+    same object (not from __main__, not a local function or lambda) and the arguments are
+    typed and fit in TASK_ENTRY_MAX characters. A callable never crosses hosts; a name
+    and data can."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    try:
+        found = pkgutil.resolve_name(f"{module}:{qualname}") if module != "__main__" else None
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if found is not fn:
+        raise MachError("KERN_INVALID_ARGUMENT", f"a migratable task runs a function "
+                        f"importable by module:qualname (defined at the top of a module "
+                        f"other than __main__), not {fn!r:.60}")
+    try:
+        text = json.dumps({"module": module, "qualname": qualname, "args": list(args),
+                           "kwargs": kwargs, "box": box}, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise MachError("KERN_INVALID_ARGUMENT", f"a migratable task's arguments are typed "
+                        f"data (None, bool, int, float, str, lists, str-keyed dicts): "
+                        f"{e}") from None
+    if len(text) > TASK_ENTRY_MAX:
+        raise MachError("KERN_INVALID_ARGUMENT", f"a migratable task's entry point is at "
+                        f"most {TASK_ENTRY_MAX} characters of JSON, not {len(text)}")
+    return text
+
+
+def parse_entry(text: str) -> tuple[str, str, list[Any], dict[str, Any], int]:
+    """An entry point's (module, qualname, args, kwargs, box), checked to have those
+    types (KERN_INVALID_ARGUMENT otherwise); nothing is imported here."""
+    try:
+        e = json.loads(text)
+        fields = (e["module"], e["qualname"], e["args"], e["kwargs"], e["box"])
+    except (ValueError, TypeError, KeyError):
+        fields = None
+    if fields is None or not (isinstance(fields[0], str) and isinstance(fields[1], str)
+                              and isinstance(fields[2], list) and isinstance(fields[3], dict)
+                              and isinstance(fields[4], int)):
+        raise MachError("KERN_INVALID_ARGUMENT", f"not a migration entry point: {text!r:.80}")
+    return fields
+
+
+def _migrated_main(entry: str) -> None:
+    """The first thread of a migrated task: its function runs again from the top, with
+    migrated() true; its outcome goes where the spawned task's would have gone."""
+    global _migrated
+    _migrated = True
+    try:
+        module, qualname, args, kwargs, box = parse_entry(entry)
+        _send_outcome(box, _outcome(_run_entry, (f"{module}:{qualname}", args, kwargs), {}))
+    finally:
+        task_terminate(task_self())
+
+
+def _run_entry(name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """Import the entry point's function by name (the new process's own modules) and
+    call it."""
+    fn = pkgutil.resolve_name(name)
+    return fn(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -492,7 +635,7 @@ def _traceback_text(e: BaseException) -> str:
 
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = False,
-          detach: bool = False, **kwargs: Any) -> Any:
+          detach: bool = False, migratable: bool = False, **kwargs: Any) -> Any:
     """Run fn(*args, **kwargs) as the first thread of a new child task, in either mode;
     `.result(timeout_ms)` waits for its value (the task ends when fn returns, whatever
     became of the caller). The handle's `.name` is the task's name (`name`, else the
@@ -500,9 +643,17 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = Fa
     embedded kernel this is kernel.spawn; in a native task, task_create (with `inherit`)
     and thread_create in a new process, which `end_spawned_tasks` (which `pymach exec`
     calls on Ctrl-C) ends unless `detach`. KERN_INVALID_ARGUMENT for a `fn` that is not
-    callable or a bad `name`."""
+    callable or a bad `name`.
+
+    With `migratable` (native tasks only) the task can be moved by task_migrate: `fn`
+    must be importable by module:qualname and its arguments typed data or Port items
+    (`migration_entry`); spawn returns once the task has recorded its entry point (its
+    process has started). After a move fn(*args, **kwargs) runs again from the top in
+    the new task, with migrated() true, and `.result()` follows the task."""
     thread = current_thread()
     args, rights = _port_args(args)
+    if migratable:
+        _check_migratable(thread.native, fn, args, kwargs)
     if not thread.native:
         if not rights:
             return thread.kernel.spawn(fn, *args, name=name, inherit=inherit, **kwargs)
@@ -520,11 +671,22 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "", inherit: bool = Fa
     else:
         name = task_info(child)[0]
     _pass_rights(child, [Port(box, MAKE_SEND), *rights])
-    thread_create(child, _spawned_main, fn, args, kwargs)
-    handle = Spawned(child, box, name)
+    thread_create(child, _spawned_main, fn, args, kwargs, migratable)
+    handle = Spawned(child, box, name, migratable)
+    if migratable:
+        handle.await_ready()
     if not detach:
         _spawned[child] = handle
     return handle
+
+
+def _check_migratable(native: bool, fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> None:
+    """What spawn checks of a migratable task before it creates anything."""
+    if not native:
+        raise MachError("KERN_INVALID_ARGUMENT", "a migratable task is a native task: "
+                        "spawn it from a task of machd (pymach exec, or attach)")
+    migration_entry(fn, [0 if isinstance(a, _RightArg) else a for a in args], kwargs)
 
 
 _spawned: dict[int, Spawned] = {}  # task port -> handle: this process's native children

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pymach.cli.bench_table import format_result
+from pymach.cli.migrate import add_migrate_parser
 from pymach.cli.options import (
     DefaultsFormatter,
     address,
@@ -170,8 +171,13 @@ def _bench(args: argparse.Namespace) -> int:
         if args.what == "cache":
             print("pymach bench: 'cache' runs on the embedded kernel only", file=sys.stderr)
             return 2
-        result = native.run(args.what, n=args.n, rounds=args.rounds)
-    elif args.what in ("pager", "huge", "all"):
+        if args.what == "migrate":
+            from pymach.bench import migrate
+
+            result = migrate.run(rounds=min(args.rounds, 3))
+        else:
+            result = native.run(args.what, n=args.n, rounds=args.rounds)
+    elif args.what in ("pager", "huge", "migrate", "all"):
         print(f"pymach bench: '{args.what}' needs --mode native", file=sys.stderr)
         return 2
     elif args.what == "ipc":
@@ -314,11 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="measure pymach against baselines in the same run",
                            formatter_class=DefaultsFormatter)
-    bench.add_argument("what", choices=["ipc", "vm", "cache", "pager", "huge", "all",
-                                        *BOTH_MODES],
+    bench.add_argument("what", choices=["ipc", "vm", "cache", "pager", "huge", "migrate",
+                                        "all", *BOTH_MODES],
                        help="ipc, vm, cache (embedded); with --mode native: ipc, vm, pager, "
-                       "huge (2 MiB pages; needs vm.nr_hugepages) or all; in either mode: "
-                       + ", ".join(BOTH_MODES))
+                       "huge (2 MiB pages; needs vm.nr_hugepages), migrate (task migration, "
+                       "1 MiB vs 1 GiB) or all; in either mode: " + ", ".join(BOTH_MODES))
     bench.add_argument("--mode", choices=["embedded", "native"], default="embedded",
                        help="native: tasks are processes under a machd the benchmark starts")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -446,6 +452,7 @@ def _task_parsers(sub: Any) -> None:
     rest.required = False  # argparse makes a REMAINDER positional required
     ex.set_defaults(func=_cmd_exec)
     add_parsers(sub, socket_help)
+    add_migrate_parser(sub, socket_help)
     add_top_parser(sub, socket_help)
     add_trace_parser(sub)
 

@@ -16,6 +16,7 @@ from pymach.include.mig import (
     FLOAT,
     INT,
     INT_ARRAY,
+    MEMORY,
     PORT,
     PORT_ARRAY,
     PORT_POLY,
@@ -26,6 +27,8 @@ from pymach.include.mig import (
 TASK_KERNEL_PORT = 1
 TASK_NOTIFY_PORT = 2
 TASK_BOOTSTRAP_PORT = 4
+PORT_TYPE_SEND, PORT_TYPE_RECEIVE, PORT_TYPE_OWN = 1, 2, 4  # port_names: rights of a name
+TASK_ENTRY_MAX = 4096  # characters of a task's entry point (task_set_entry)
 SPECIAL_PORTS = {TASK_KERNEL_PORT: "kernel", TASK_NOTIFY_PORT: "notify",
                  TASK_BOOTSTRAP_PORT: "bootstrap"}
 
@@ -57,6 +60,14 @@ task_defs.routine("task_info", "target_task",
 task_defs.routine("task_set_name", "target_task", [("name", STR)],
                   doc="Name the task in reports (ps, lsmp); threads created after take it "
                   "as their prefix. A pymach addition.")
+task_defs.routine("task_set_entry", "target_task", [("entry", STR)],
+                  doc="Record the task's entry point for migration: the documented place "
+                  "its threads restart after task migration (text, at most "
+                  "TASK_ENTRY_MAX characters; \"\": the task cannot migrate). The kernel "
+                  "keeps it and never interprets it. A pymach addition (paper 8.2).")
+task_defs.routine("task_get_entry", "target_task", outs=[("entry", STR)],
+                  doc="The task's entry point for migration (task_set_entry), \"\" if it "
+                  "has none. A pymach addition.")
 
 port_defs = Subsystem("port", 4000)
 port_defs.routine("port_allocate", "task", outs=[("port", INT)],
@@ -88,6 +99,11 @@ port_defs.routine("port_insert_right", "task", [("name", INT), ("port", PORT_POL
                   "(names are never reused), or its name for that same port. On failure "
                   "the right sent is destroyed, as for any kernel call that fails. Mach "
                   "3.0's mach_port_insert_right (Mach 2.5: port_insert_*).")
+port_defs.routine("port_names", "task", outs=[("names", INT_ARRAY), ("types", INT_ARRAY)],
+                  doc="Every name of the task's port name space, in increasing order, and "
+                  "the rights each holds: a sum of PORT_TYPE_SEND (1), PORT_TYPE_RECEIVE "
+                  "(2) and PORT_TYPE_OWN (4) (Mach 2.5's port_names, whose PORT_TYPE_RECEIVE "
+                  "is 3: these bits).")
 
 thread_defs = Subsystem("thread", 3000)
 thread_defs.routine("thread_terminate", "target_thread",
@@ -111,6 +127,12 @@ host_defs.routine("host_report", "host", [("what", STR), ("task", STR)], [("json
                   doc="pymach: a report of the host as JSON: 'ps', 'lsmp' or 'vmmap' (of "
                   "`task`, by name or id), or 'vm_stat'. The pymach ps/lsmp/vmmap/vm_stat "
                   "commands use it.")
+host_defs.routine("task_for_id", "host", [("task_id", INT)], [("task", PORT)],
+                  doc="A send right to the port of the live task with this id (as `ps` "
+                  "shows it), if the caller's task has the same user "
+                  "(KERN_PROTECTION_FAILURE otherwise; KERN_INVALID_TASK if none). "
+                  "Mach 2.5's task_by_unix_pid, XNU's task_for_pid; what `pymach "
+                  "migrate` uses.")
 
 # -- Table 3-3 (and 3-4): virtual memory operations on a task ----------------------------
 vm_defs = Subsystem("vm", 2800)
@@ -163,6 +185,15 @@ vm_defs.routine("vm_pager_timeout", "target_task",
                 doc="pymach (paper 6.2.1): faults in the range wait at most `timeout_ms` for "
                 "a data manager, then get zero-filled memory (`zero_fill`) or "
                 "KERN_MEMORY_ERROR. Overrides the host's boot-time policy for these mappings.")
+vm_defs.routine("vm_map_copyout", "target_task",
+                [("address", INT), ("data", MEMORY), ("protection", INT),
+                 ("max_protection", INT), ("inheritance", INT)],
+                doc="Map memory in transit (an OOL region of the caller, page aligned: "
+                "sent with deallocate it moves) at `address` (page aligned; the range must "
+                "be free) with these protections and inheritance, copy-on-write: no page is "
+                "copied, the task's pages come from the copy when first touched. Mach's "
+                "vm_map_copyout at a chosen address; what task migration builds a task "
+                "with (vm_write, natively, writes into pages the task has).")
 
 # -- Table 3-5: kernel to data manager (asynchronous: simpleroutines) -----------------------
 memory_object_defs = Subsystem("memory_object", 2200)

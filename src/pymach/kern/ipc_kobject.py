@@ -15,8 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
 from pymach.include.mach_defs import (
+    PORT_TYPE_OWN,
+    PORT_TYPE_RECEIVE,
+    PORT_TYPE_SEND,
     SPECIAL_PORTS,
     TASK_BOOTSTRAP_PORT,
+    TASK_ENTRY_MAX,
     TASK_KERNEL_PORT,
     TASK_NOTIFY_PORT,
     host_defs,
@@ -191,6 +195,19 @@ class KernelServer:
             raise MachError("KERN_INVALID_ARGUMENT", "a task name has 1 to 64 characters")
         _check_active(task).name = name
 
+    def task_set_entry(self, task: Task, entry: str) -> None:
+        if len(entry) > TASK_ENTRY_MAX:
+            raise MachError("KERN_INVALID_ARGUMENT", f"an entry point has at most "
+                            f"{TASK_ENTRY_MAX} characters, not {len(entry)}")
+        caller = current_thread().task
+        if caller.uid != _check_active(task).uid:
+            raise MachError("KERN_PROTECTION_FAILURE", f"only a task of uid {task.uid} may "
+                            f"set the entry point of task {task.name!r}")
+        task.entry = entry
+
+    def task_get_entry(self, task: Task) -> str:
+        return _check_active(task).entry
+
     # -- port interface (Table 3-2) ----------------------------------------------------
     def port_allocate(self, task: Task) -> int:
         return mach_port.port_allocate(_check_active(task).space)
@@ -220,6 +237,12 @@ class KernelServer:
     def port_insert_right(self, task: Task, name: int, right: KPort) -> None:
         mach_port.port_insert_right(_check_active(task).space, name, right)
 
+    def port_names(self, task: Task) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        entries = sorted(_check_active(task).space.names.items())
+        types = tuple(PORT_TYPE_SEND * e.send + PORT_TYPE_RECEIVE * e.receive
+                      + PORT_TYPE_OWN * e.owner for _, e in entries)
+        return tuple(name for name, _ in entries), types
+
     # -- thread interface --------------------------------------------------------------
     def thread_terminate(self, thread: Thread) -> None:
         self.kernel.thread_terminate_locked(_check_thread(thread))
@@ -244,6 +267,16 @@ class KernelServer:
 
     def host_report(self, kernel: Kernel, what: str, task: str) -> str:
         return report_json(kernel, what, task)
+
+    def task_for_id(self, kernel: Kernel, task_id: int) -> Port | None:
+        task = kernel.tasks.get(_check_int(task_id, "task_id"))
+        if task is None or not task.active or task.map is None:
+            raise MachError("KERN_INVALID_TASK", f"no live task has id {task_id}")
+        caller = current_thread().task
+        if caller.uid != task.uid:
+            raise MachError("KERN_PROTECTION_FAILURE", f"task {task_id} is uid {task.uid}'s, "
+                            f"not the caller's (uid {caller.uid})")
+        return task.port
 
     def host_kernel_version(self, kernel: Kernel) -> str:
         return f"pymach {__version__} (embedded kernel, {kernel.sched.__class__.__name__})"

@@ -112,6 +112,7 @@ class Task:
             parent.uid if parent is not None else os.getuid())  # immutable: its user
         # (machd gives an attached task its SO_PEERCRED uid; a child has its parent's)
         self.process: Any = None  # owned by its host: machd's record of its process
+        self.entry = ""  # its entry point for migration (task_set_entry); "": none
         if not kernel_task:
             self._make_ports(parent)
             self.map = self._make_map(parent, inherit)

@@ -449,8 +449,9 @@ class Machd:
             return
         finally:
             close_fds(stdio)
-        task.process = Process(task, popen.pid, task.uid, popen=popen,
+        task.process = Process(task, popen.pid, task.uid, popen=popen, env=env_of,
                                pidfd=_pidfd(popen.pid))  # our child: not reaped, no reuse
+        # (it runs where its creator's program runs, and so do the tasks it creates)
 
     # -- ending processes -----------------------------------------------------------------
     def _watch_control(self, proc: Process) -> None:

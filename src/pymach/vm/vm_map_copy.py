@@ -281,6 +281,22 @@ def vm_map_copyout(vmap: VmMap, copy: VmMapCopy) -> int:
     return start + copy.offset
 
 
+def vm_map_copyout_at(vmap: VmMap, address: int, copy: VmMapCopy, protection: int,
+                      max_protection: int, inheritance: int) -> None:
+    """Map memory in transit at `address` (page aligned, in a free range the caller
+    checked) with these attributes, copy-on-write: the copy's objects are mapped, no page
+    is copied. KERN_INVALID_ARGUMENT if the copy does not start on a page boundary."""
+    if copy.offset:
+        raise MachError("KERN_INVALID_ARGUMENT", f"memory in transit starts {copy.offset} "
+                        f"bytes into a page: only whole pages can be mapped at an address")
+    _consume(copy)
+    at = address
+    for piece in copy.entries:
+        insert_copy(vmap, at, piece, protection=protection, max_protection=max_protection,
+                    inheritance=inheritance)
+        at += piece.size
+
+
 def vm_map_copy_discard(copy: VmMapCopy) -> None:
     """Release memory in transit that will never be received."""
     if copy.consumed:
@@ -390,4 +406,4 @@ def _attrs_at(attrs: list[tuple[int, int, int, int, int]], at: int,
 
 __all__ = ["VM_INHERIT_SHARE", "CopyEntry", "VmMapCopy", "vm_map_copy_check",
            "vm_map_copy_discard", "vm_map_copy_from_bytes", "vm_map_copy_overwrite",
-           "vm_map_copyin", "vm_map_copyout", "vm_map_fork", "vm_object_copy"]
+           "vm_map_copyin", "vm_map_copyout", "vm_map_copyout_at", "vm_map_fork", "vm_object_copy"]

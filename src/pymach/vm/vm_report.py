@@ -80,6 +80,8 @@ class VmmapRow:
     shadow_depth: int
     resident: int  # pages of the region resident somewhere in its object chain
     copy_on_write: bool
+    own_resident: int = 0  # of those, pages in the region's own (top) object: pages it
+    # made or touched since it was copied (a migrated task's pages arrive as touched)
 
     def as_dict(self) -> dict[str, Any]:
         """The row as plain data (for --json)."""
@@ -116,6 +118,10 @@ def _resident(obj: VmObject | None, offset: int, size: int, page_size: int) -> i
     return count
 
 
+def _own_resident(obj: VmObject | None, offset: int, size: int) -> int:
+    return 0 if obj is None else sum(1 for at in obj.memq if offset <= at < offset + size)
+
+
 def vmmap(vmap: VmMap) -> list[VmmapRow]:
     """The regions of a task map with their objects (see module docstring)."""
     rows = []
@@ -130,7 +136,8 @@ def vmmap(vmap: VmMap) -> list[VmmapRow]:
                              f"{prot_text(e.protection)}/{prot_text(e.max_protection)}",
                              INHERIT_NAMES[e.inheritance], e.share_map is not None,
                              _describe(obj), off, obj.shadow_depth() if obj else 0,
-                             _resident(obj, off, e.size, ps), inner_cow))
+                             _resident(obj, off, e.size, ps), inner_cow,
+                             _own_resident(obj, off, e.size)))
     return rows
 
 

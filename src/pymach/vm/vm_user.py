@@ -47,6 +47,7 @@ from pymach.vm.vm_map_copy import (
     vm_map_copy_from_bytes,
     vm_map_copy_overwrite,
     vm_map_copyin,
+    vm_map_copyout_at,
 )
 from pymach.vm.vm_object import vm_object_allocate
 from pymach.vm.vm_report import regions
@@ -216,6 +217,19 @@ class VmServer:
         obj, obj_offset = vm_object_enter(vmap.vm, memory_object, off, n)
         vm_map_insert(vmap, start, start + n, obj, obj_offset)
         return start
+
+    def vm_map_copyout(self, task: Task, address: int, data: VmMapCopy, protection: int,
+                       max_protection: int, inheritance: int) -> None:
+        vmap = task_map(task)
+        start = check_aligned(vmap, address, "address")
+        prot, maxp = check_prot(protection), check_prot(max_protection, "max_protection")
+        inh = check_inherit(inheritance)
+        if prot & ~maxp:
+            raise MachError("KERN_INVALID_ARGUMENT", f"protection {prot} exceeds "
+                            f"max_protection {maxp}")
+        if data.total:
+            self._place(vmap, start, data.total, anywhere=False)
+            vm_map_copyout_at(vmap, start, data, prot, maxp, inh)
 
     def vm_pager_timeout(self, task: Task, address: int, size: int, timeout_ms: float,
                          zero_fill: bool) -> None:

@@ -1,0 +1,289 @@
+"""Copy-on-reference task migration on one host (paper 8.2, issue 11 item 6).
+
+The kernel calls it is built from run in every setting (CONTRACT): port_names,
+vm_read_memory, vm_map_copyout, task_set_entry / task_get_entry, task_for_id. The
+migration itself moves native tasks (processes under the session's machd): a task with a
+NumPy array in vm_allocate'd memory and a receive right with queued messages moves; its
+memory, port names and rights are the same after; a client's msg_rpc made before the
+move is answered by the new process; pages reach the new task as it touches them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pymach as m
+from pymach import mach
+from pymach.pmap.native_map import WINDOW_BASE
+
+CONTRACT = True  # the kernel-call tests: embedded (both schedulers) and native
+
+PAGE = 4096
+
+
+def code_of(call: Any, *args: Any) -> str:
+    with pytest.raises(m.MachError) as e:
+        call(*args)
+    return e.value.code
+
+
+def task_id(name: str) -> int:
+    """The id `ps` shows for the live task named `name`."""
+    rows = json.loads(mach.host_report(m.host_self(), "ps", ""))
+    return int(next(r["id"] for r in rows if r["name"] == name))
+
+
+# -- the kernel calls --------------------------------------------------------------------
+
+def test_port_names_lists_every_name_with_its_rights(kernel: m.Kernel) -> None:
+    me = m.task_self()
+    child = m.task_create(me)
+    names, types = m.port_names(child)
+    assert list(names) == sorted(names) and len(names) == len(types)
+    port = m.port_allocate(me)
+    m.port_insert_right(child, 90, m.Port(port, m.MAKE_SEND))
+    m.port_insert_right(child, 91, m.Port(m.port_allocate(me), m.MOVE_ALL))
+    got = dict(zip(*m.port_names(child), strict=True))
+    assert got[90] == m.PORT_TYPE_SEND
+    assert got[91] == m.PORT_TYPE_SEND | m.PORT_TYPE_RECEIVE | m.PORT_TYPE_OWN
+    m.task_terminate(child)
+    assert code_of(m.port_names, child) in ("SEND_INVALID_PORT", "KERN_INVALID_TASK")
+
+
+def test_a_region_is_read_as_memory_and_mapped_at_an_address(kernel: m.Kernel) -> None:
+    me = m.task_self()
+    a = m.vm_allocate(me, 0, 3 * PAGE, True)
+    m.vm_write(me, a, b"abc" * 2000)
+    mem = m.vm_read_memory(me, a, 3 * PAGE)
+    assert isinstance(mem, m.OOL) and mem.address != a and mem.size == 3 * PAGE
+    assert m.vm_read(me, mem.address, 6000) == b"abc" * 2000  # a copy, in our space
+    child = m.task_create(me)
+    at = m.vm_allocate(child, 0, PAGE, True) + 16 * PAGE
+    m.vm_map_copyout(child, at, m.OOL(mem.address, mem.size, deallocate=True),
+                     m.VM_PROT_READ, m.VM_PROT_READ | m.VM_PROT_WRITE, m.VM_INHERIT_NONE)
+    assert code_of(m.vm_read, me, mem.address, PAGE) == "KERN_INVALID_ADDRESS"  # it moved
+    placed = m.vm_regions(child, at, 3 * PAGE)  # (the copy's pieces may be entries each)
+    assert sum(r.size for r in placed) == 3 * PAGE and placed[0].address == at
+    assert {(r.protection, r.max_protection, r.inheritance) for r in placed} == {
+        (m.VM_PROT_READ, m.VM_PROT_READ | m.VM_PROT_WRITE, m.VM_INHERIT_NONE)}
+    assert m.vm_read(child, at, 6000) == b"abc" * 2000
+    m.vm_write(me, a, b"x" * PAGE)  # the source changes; the copy does not
+    assert m.vm_read(child, at, 3) == b"abc"
+    m.task_terminate(child)
+
+
+def test_vm_map_copyout_refuses_what_it_cannot_map(kernel: m.Kernel) -> None:
+    me = m.task_self()
+    child = m.task_create(me)
+    taken = m.vm_allocate(child, 0, 2 * PAGE, True)
+
+    def copyout(at: int, prot: int = m.VM_PROT_DEFAULT, maxp: int = m.VM_PROT_ALL) -> str:
+        return code_of(m.vm_map_copyout, child, at, m.OOL(data=b"z" * PAGE), prot, maxp,
+                       m.VM_INHERIT_COPY)
+
+    assert copyout(taken + PAGE) == "KERN_NO_SPACE"  # the range is in use
+    assert copyout(taken + 2 * PAGE + 1) == "KERN_INVALID_ARGUMENT"  # not page aligned
+    assert copyout(taken + 8 * PAGE, m.VM_PROT_ALL, m.VM_PROT_READ) == "KERN_INVALID_ARGUMENT"
+    assert code_of(m.vm_map_copyout, child, taken + 8 * PAGE, m.OOL(data=b"z"), 0, 7,
+                   99) == "KERN_INVALID_ARGUMENT"  # no such inheritance
+    m.task_terminate(child)
+
+
+def test_the_entry_point_is_kept_by_the_kernel(kernel: m.Kernel) -> None:
+    me = m.task_self()
+    child = m.task_create(me)
+    assert m.task_get_entry(child) == ""
+    m.task_set_entry(child, '{"module": "x"}')
+    assert m.task_get_entry(child) == '{"module": "x"}'
+    assert code_of(m.task_set_entry, child, "x" * 5000) == "KERN_INVALID_ARGUMENT"
+    m.task_terminate(child)
+
+
+def test_task_for_id_gives_the_task_port_of_a_task_of_ours(kernel: m.Kernel) -> None:
+    me = m.task_self()
+    child = m.task_create(me)
+    m.task_set_name(child, "findme-migrate")
+    assert m.task_for_id(m.host_self(), task_id("findme-migrate")) == child  # our name
+    assert code_of(m.task_for_id, m.host_self(), 10**9) == "KERN_INVALID_TASK"
+    m.task_terminate(child)
+
+
+# -- migration (native tasks) ------------------------------------------------------------
+
+STATE_ADDRESS = WINDOW_BASE + (1 << 36)  # where the server keeps its state
+ARRAY_PAGES = 256  # a 1 MiB NumPy array, one int64 marker per page
+SERVE, NOTE, NOTES, TOUCH, HOLD, WHO, STOP = range(1, 8)
+
+
+def server(svc: int, gate: int) -> str:
+    """A migratable server: a NumPy array and a log of notes in pymach memory at a
+    fixed address, a service port `svc`; HOLD blocks on `gate` (nobody sends there)
+    so that requests queue while it is moved."""
+    me, size = m.task_self(), ARRAY_PAGES * PAGE
+    if not m.vm_regions(me, STATE_ADDRESS, PAGE):  # its state is not made yet (a task
+        # moved before it made it starts again without it, as on its first run)
+        m.vm_allocate(me, STATE_ADDRESS, size + PAGE, False)
+        arr = np.frombuffer(m.memory().buffer(STATE_ADDRESS, size), dtype=np.int64)
+        arr[::PAGE // 8] = np.arange(ARRAY_PAGES) * 3
+    arr = np.frombuffer(m.memory().buffer(STATE_ADDRESS, size), dtype=np.int64)
+    log = np.frombuffer(m.memory().buffer(STATE_ADDRESS + size, PAGE), dtype=np.int64)
+    while True:
+        req = m.msg_receive(svc)
+        out: list[Any] = []
+        if req.id == NOTE:
+            log[0] += 1
+            log[log[0]] = req.items[0].value
+        elif req.id == NOTES:
+            out = [m.IntArray(log[1:log[0] + 1].tolist())]
+        elif req.id == TOUCH:
+            out = [m.IntArray(arr[::PAGE // 8][:req.items[0].value].tolist())]
+        elif req.id == WHO:
+            out = [m.Int(os.getpid()), m.Int(int(m.migrated()))]
+        elif req.id == HOLD:
+            m.msg_receive(gate)
+        elif req.id == STOP:
+            return f"stopped, migrated={m.migrated()}"
+        if out and req.remote_port:
+            m.msg_send(m.Message(remote_port=req.remote_port, items=out))
+
+
+def client(svc: int) -> list[int]:
+    """A non-migratable client: one msg_rpc to the server, its reply."""
+    reply = m.msg_rpc(m.Message(remote_port=svc, local_port=m.thread_reply(), id=WHO))
+    return [reply.items[0].value, reply.items[1].value]
+
+
+def rpc(svc: int, msg_id: int, *items: Any) -> list[Any]:
+    reply = m.msg_rpc(m.Message(remote_port=svc, local_port=m.thread_reply(), id=msg_id,
+                                items=list(items)), m.RCV_TIMEOUT,
+                       receive_timeout=30_000)
+    return [i.value for i in reply.items]
+
+
+def wait_for(done: Any, timeout_s: float = 30.0) -> None:
+    """Poll until done() (a wait, not a timed assertion: it fails only if never)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
+
+
+def own_resident(task_name: str, address: int) -> int:
+    """Pages of the task's region at `address` in its own object (touched by it)."""
+    rows = json.loads(mach.host_report(m.host_self(), "vmmap", str(task_id(task_name))))
+    return int(next(r["own_resident"] for r in rows if r["start"] == address))
+
+
+def start_server(name: str) -> tuple[Any, int, int]:
+    me = m.task_self()
+    svc, gate = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(server, m.Port(svc, m.MOVE_ALL), m.Port(gate, m.MOVE_ALL), name=name,
+                migratable=True)
+    return h, svc, gate
+
+
+@pytest.mark.slow
+def test_a_task_moves_with_its_memory_ports_and_queued_messages(native: str) -> None:
+    h, svc, _ = start_server("mover")
+    old_pid, moved = rpc(svc, WHO)
+    assert moved == 0
+    m.msg_send(m.Message(remote_port=svc, id=HOLD))  # it stops serving svc
+    for k in (11, 22, 33):
+        m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(k)]))
+    asker = m.spawn(client, m.Port(svc, m.COPY_SEND), name="asker")  # its rpc queues too
+    served = json.loads(m.task_get_entry(h.port))["args"][0]  # its name for svc
+    wait_for(lambda: m.port_status(h.port, served)[1] == 4)  # 3 notes and the rpc
+    names = m.port_names(h.port)
+
+    old = h.port
+    new = m.task_migrate(old)
+
+    assert code_of(m.task_info, old) in ("SEND_INVALID_PORT", "KERN_INVALID_TASK",
+                                         "KERN_INVALID_NAME")
+    assert m.task_info(new)[0] == "mover"
+    assert h.port == new  # the handle follows the task
+    new_pid, moved = asker.result(30_000)  # the rpc made before the move: answered after
+    assert moved == 1 and new_pid != old_pid
+    assert rpc(svc, NOTES) == [(11, 22, 33)]  # queued before the move, received after
+    after = dict(zip(*m.port_names(new), strict=True))
+    before = dict(zip(*names, strict=True))
+    assert {n: t for n, t in before.items() if n in after} == {
+        n: after[n] for n in before if n in after}
+    assert set(before) - set(after) == set()  # every name is still there
+    assert own_resident("mover", STATE_ADDRESS) <= 2  # nothing copied yet but the log
+    assert rpc(svc, TOUCH, m.Int(10)) == [tuple(3 * i for i in range(10))]
+    grown = own_resident("mover", STATE_ADDRESS)
+    assert 10 <= grown <= 12  # the pages it touched came, no more
+    assert rpc(svc, TOUCH, m.Int(ARRAY_PAGES))[0] == tuple(3 * i for i in range(ARRAY_PAGES))
+    assert own_resident("mover", STATE_ADDRESS) >= ARRAY_PAGES
+    m.msg_send(m.Message(remote_port=svc, id=STOP))
+    assert h.result(30_000) == "stopped, migrated=True"  # the handle followed the task
+
+
+def test_a_task_moves_three_times_and_keeps_serving(native: str) -> None:
+    h, svc, _ = start_server("twice")
+    first = m.task_migrate(h.port)  # (it may not have made its state yet: it makes it)
+    m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(5)]))
+    second = m.task_migrate(first)
+    m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(6)]))
+    third = m.task_migrate(second)
+    assert rpc(svc, NOTES) == [(5, 6)]
+    assert rpc(svc, WHO)[1] == 1
+    m.task_terminate(third)
+    assert h.result(30_000) is None  # it ended without returning
+
+
+def idle() -> None:
+    m.msg_receive(m.port_allocate(m.task_self()))
+
+
+def test_migration_errors_are_clear_and_leave_the_task_running(native: str) -> None:
+    plain = m.spawn(idle, name="plain")
+    with pytest.raises(m.MachError, match="not migratable") as e:
+        m.task_migrate(plain.port)
+    assert e.value.code == "KERN_INVALID_ARGUMENT"
+    m.task_terminate(plain.port)
+    h, svc, _ = start_server("stays")
+    with pytest.raises(m.MachError, match="needs the network part") as e:
+        m.task_migrate(h.port, "elsewhere.example")
+    assert e.value.code == "KERN_INVALID_HOST"
+    assert code_of(m.task_migrate, h.port, 7) == "KERN_INVALID_ARGUMENT"
+    assert rpc(svc, WHO)[1] == 0  # untouched: the same task serves
+    m.task_terminate(h.port)
+    assert code_of(m.task_migrate, h.port) == "KERN_INVALID_TASK"  # it has ended
+
+
+def test_spawn_refuses_what_cannot_migrate(native: str) -> None:
+    with pytest.raises(m.MachError, match="importable by module:qualname"):
+        m.spawn(lambda: None, migratable=True)
+    with pytest.raises(m.MachError, match="typed data"):
+        m.spawn(client, object(), migratable=True)
+    assert not m.migrated()
+
+
+def pymach_cli(*args: str) -> Any:
+    return subprocess.run([sys.executable, "-m", "pymach", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_pymach_migrate_moves_a_task_by_name(native: str) -> None:
+    h, svc, _ = start_server("cli-mover")
+    m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(9)]))
+    old_id = task_id("cli-mover")
+    r = pymach_cli("migrate", "cli-mover", "--socket", native)
+    assert r.returncode == 0, r.stderr
+    assert f"(id {old_id}) moved: it is task {task_id('cli-mover')} now" in r.stdout
+    assert rpc(svc, WHO)[1] == 1 and rpc(svc, NOTES) == [(9,)]
+    r = pymach_cli("migrate", "cli-mover", "elsewhere.example", "--socket", native)
+    assert r.returncode == 1 and "needs the network part" in r.stderr
+    r = pymach_cli("migrate", "no-such-task", "--socket", native)
+    assert r.returncode == 1 and "no live task" in r.stderr
+    m.task_terminate(h.port)
