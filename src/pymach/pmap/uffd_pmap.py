@@ -48,8 +48,11 @@ if TYPE_CHECKING:
 RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
 
 
-def _data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """The runs [lo, hi) of [start, end) of a file that hold data (not holes)."""
+def _data_runs(fd: int, start: int, end: int, page: int = 0) -> list[tuple[int, int]]:
+    """The runs [lo, hi) of [start, end) of a file that hold data (not holes). With
+    `page` (the file's page size, `start` aligned to it): data found within the last
+    page of the range runs to `end` without asking SEEK_HOLE, which would walk the
+    file's data to its end (a one-page query of a full memfd would cost the file)."""
     runs, at = [], start
     while at < end:
         try:
@@ -59,6 +62,9 @@ def _data_runs(fd: int, start: int, end: int) -> list[tuple[int, int]]:
                 break
             raise
         if lo >= end:
+            break
+        if page and end - (lo - lo % page) <= page:
+            runs.append((lo, end))
             break
         hi = min(os.lseek(fd, lo, os.SEEK_HOLE), end)
         runs.append((lo, hi))
@@ -208,7 +214,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             if store is None:
                 return []
             ps, out = self.page_size, list[int]()
-            for lo, hi in _data_runs(store.fd, start, min(end, obj.size, store.size)):
+            for lo, hi in _data_runs(store.fd, start, min(end, obj.size, store.size), ps):
                 out.extend(range(lo - lo % ps, hi, ps))
             return out
 
