@@ -287,3 +287,31 @@ def test_pymach_migrate_moves_a_task_by_name(native: str) -> None:
     r = pymach_cli("migrate", "no-such-task", "--socket", native)
     assert r.returncode == 1 and "no live task" in r.stderr
     m.task_terminate(h.port)
+
+
+GUARDED = WINDOW_BASE + (1 << 37)
+
+
+def guarded(report: int) -> None:
+    """A migratable task with a page it can write and a guard page it cannot touch;
+    it reports (migrated, the first bytes) on each start."""
+    me = m.task_self()
+    if not m.vm_regions(me, GUARDED, PAGE):
+        m.vm_allocate(me, GUARDED, 2 * PAGE, False)
+        m.memory()[GUARDED:GUARDED + 4] = b"keep"
+        m.vm_protect(me, GUARDED + PAGE, PAGE, False, m.VM_PROT_NONE)
+    m.msg_send(m.Message(remote_port=report, items=[
+        m.Int(int(m.migrated())), m.Bytes(bytes(m.memory()[GUARDED:GUARDED + 4]))]))
+    m.msg_receive(m.port_allocate(me))
+
+
+def test_a_region_it_cannot_read_moves_with_its_protection(native: str) -> None:
+    me = m.task_self()
+    report = m.port_allocate(me)
+    h = m.spawn(guarded, m.Port(report, m.MAKE_SEND), name="guarded", migratable=True)
+    assert m.msg_receive(report, m.RCV_TIMEOUT, 30_000).values() == [0, b"keep"]
+    new = m.task_migrate(h.port)
+    assert m.msg_receive(report, m.RCV_TIMEOUT, 30_000).values() == [1, b"keep"]
+    guard = m.vm_regions(new, GUARDED + PAGE, PAGE)
+    assert [(r.address, r.protection) for r in guard] == [(GUARDED + PAGE, m.VM_PROT_NONE)]
+    m.task_terminate(new)

@@ -194,26 +194,29 @@ def _entry_of(task: int) -> str:
 
 def task_capture(task: int, entry: str) -> TaskState:
     """The state of the suspended `task`: its regions as copy-on-write copies in the
-    caller's space, its rights (all but its special ports) moved to the caller."""
+    caller's space, its rights (all but its own special ports) moved to the caller. On
+    failure the task is left as it was."""
     state = TaskState(task_info(task)[0], entry)
     regions = vm_regions(task)
-    _check_regions(task, regions)
+    _release(r.object_name for r in regions)
+    made_readable = _check_regions(task, regions)
     try:
         for r in regions:
             mem = vm_read_memory(task, r.address, r.size)
             state.regions.append(RegionState(r.address, r.size, r.protection,
                                              r.max_protection, r.inheritance, mem.address))
+        state.rights = _capture_rights(task)
     except BaseException:
         _drop_regions(state.regions)
+        for r in made_readable:
+            vm_protect(task, r.address, r.size, False, r.protection)
         raise
-    finally:
-        _release(r.object_name for r in regions)
-    state.rights = _capture_rights(task)
     return state
 
 
-def _check_regions(task: int, regions: list[VmRegion]) -> None:
-    """Refuse regions that cannot move; make readable those that may be read."""
+def _check_regions(task: int, regions: list[VmRegion]) -> list[VmRegion]:
+    """Refuse regions that cannot move; make readable those that may be read (the
+    copy keeps the region's protection) and return them."""
     for r in regions:
         if r.shared:
             raise MachError("KERN_INVALID_ARGUMENT", f"the region at {r.address:#x} is "
@@ -223,30 +226,39 @@ def _check_regions(task: int, regions: list[VmRegion]) -> None:
             raise MachError("KERN_INVALID_ARGUMENT", f"the region at {r.address:#x} can "
                             f"never be read (maximum protection {r.max_protection}): it "
                             f"cannot be copied")
-    for r in regions:
-        if not r.protection & VM_PROT_READ:  # the copy keeps the region's protection
-            vm_protect(task, r.address, r.size, False, r.protection | VM_PROT_READ)
+    unreadable = [r for r in regions if not r.protection & VM_PROT_READ]
+    for r in unreadable:
+        vm_protect(task, r.address, r.size, False, r.protection | VM_PROT_READ)
+    return unreadable
 
 
 def _capture_rights(task: int) -> list[RightState]:
-    """Move every right of `task` to the caller, except those for its special ports
-    and its threads' ports (which stay, and die with it)."""
+    """Move every right of `task` to the caller, except its rights to its own special
+    ports and its threads' ports (they stay, and die with it). A copied send right tells
+    which port a name stands for before anything is taken. On failure the rights taken
+    are given back."""
     me = task_self()
     before = set(port_names(me)[0])
     special = {task_get_special_port(task, w) for w in (
         TASK_KERNEL_PORT, TASK_NOTIFY_PORT, TASK_BOOTSTRAP_PORT)} | set(task_threads(task))
-    special.discard(0)
-    rights = []
+    probed: set[int] = set()
+    rights: list[RightState] = []
     try:
         for name, kind in zip(*port_names(task), strict=True):
+            held: int = port_extract_right(task, name, COPY_SEND)  # our name for its port
+            probed.add(held)
+            if held in special:
+                continue
             disposition = _disposition(kind)
             enabled = bool(kind & PORT_TYPE_RECEIVE) and bool(port_status(task, name)[0])
-            held: int = port_extract_right(task, name, disposition)  # our name for it
-            if held in special:  # released below (its notify port dies then)
-                continue
+            port_extract_right(task, name, disposition)  # (merges into `held`)
             rights.append(RightState(name, held, disposition, enabled, held in before))
+    except BaseException:
+        _give_back(task, rights)
+        rights = []
+        raise
     finally:
-        _release(n for n in special if n not in before)
+        _release((special | probed) - before - {r.held for r in rights})
     return rights
 
 
@@ -342,58 +354,78 @@ def _through_one_message(state: TaskState) -> TaskState:
 def task_build(state: TaskState, parent: int) -> int:
     """A new task (a child of `parent`, whose process's directory and output it gets)
     made from `state`: regions at their addresses, rights under their names; its first
-    thread runs the entry point. Returns the caller's send right to its task port."""
+    thread runs the entry point. Returns the caller's send right to its task port. On
+    failure the new task is terminated, having given back the rights it got (they stay
+    in `state`); the regions are gone."""
     new = task_create(parent, False)
+    inserted: list[RightState] = []
     try:
         task_set_name(new, state.name)
         for r in state.regions:
             vm_map_copyout(new, r.address, OOL(r.memory, r.size, deallocate=True),
                            r.protection, r.max_protection, r.inheritance)
         state.regions = []
-        _tell_outcome_port(state, new)
-        _insert_rights(new, state.rights)
-        state.rights = []
+        for right in state.rights:
+            _insert_right(new, right)
+            inserted.append(right)
         task_set_entry(new, state.entry)
         thread_create(new, _migrated_main, state.entry)
     except BaseException:
+        state.rights = _take_back(new, inserted) + state.rights[len(inserted):]
         with contextlib.suppress(MachError):
             task_terminate(new)
         raise
+    state.rights = []
+    _tell_outcome_port(state.entry, new)
     return new
 
 
-def _insert_rights(new: int, rights: list[RightState]) -> None:
-    """Give the new task each right under its name (and enable what was enabled)."""
-    me = task_self()
-    for r in rights:
-        port_insert_right(new, r.name, Port(r.held, _sent_as(r)))
-        if r.enabled:
-            port_enable(new, r.name)
-        if r.disposition != MOVE_SEND and not r.kept:
-            port_deallocate(me, r.held)  # the send right a receive right leaves behind
+def _insert_right(task: int, r: RightState) -> None:
+    """Give `task` the right under its name (enabled if it was); a send right that a
+    receive or ownership right leaves the caller goes unless the caller had it."""
+    port_insert_right(task, r.name, Port(r.held, _sent_as(r)))
+    if r.enabled:
+        port_enable(task, r.name)
+    if r.disposition != MOVE_SEND and not r.kept:
+        port_deallocate(task_self(), r.held)
 
 
-def _tell_outcome_port(state: TaskState, new: int) -> None:
+def _tell_outcome_port(entry: str, new: int) -> None:
     """A spawned task's parent waits on its outcome port: tell it where the task is now
     (MSG_ID_MIGRATED), so its handle follows the task."""
-    box = parse_entry(state.entry)[4]
-    held = next((r.held for r in state.rights if r.name == box), 0)
-    if held:
-        with contextlib.suppress(MachError):  # the parent is gone
+    box = parse_entry(entry)[4]
+    if not box:
+        return
+    before = set(port_names(task_self())[0])
+    with contextlib.suppress(MachError):  # it has no such right, or the parent is gone
+        held: int = port_extract_right(new, box, COPY_SEND)
+        try:
             msg_send(Message(remote_port=held, id=MSG_ID_MIGRATED,
                              items=[Port(new, COPY_SEND)]))
+        finally:
+            if held not in before:
+                port_deallocate(task_self(), held)
 
 
 # -- undoing --------------------------------------------------------------------------------
 
 def _give_back(task: int, rights: list[RightState]) -> None:
-    """Return rights the caller still holds to the task under their names (a failed
-    build: the task runs on as it was)."""
+    """Return rights the caller holds to the task under their names (a failed move:
+    the task runs on as it was)."""
     for r in rights:
         with contextlib.suppress(MachError):
-            port_insert_right(task, r.name, Port(r.held, _sent_as(r)))
-            if r.enabled:
-                port_enable(task, r.name)
+            _insert_right(task, r)
+
+
+def _take_back(task: int, rights: list[RightState]) -> list[RightState]:
+    """Take rights given to `task` back to the caller (a failed build)."""
+    before = set(port_names(task_self())[0])
+    back = []
+    for r in rights:
+        with contextlib.suppress(MachError):
+            held: int = port_extract_right(task, r.name, r.disposition)
+            back.append(RightState(r.name, held, r.disposition, r.enabled, held in before))
+    return back
 
 
 def _drop_regions(regions: list[RegionState]) -> None:

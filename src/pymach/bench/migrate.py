@@ -7,6 +7,8 @@ moved with `task_migrate` on one host. Figures, each the median of the rounds:
   includes starting the new task's process, the same for both sizes;
 - the call itself: capture (a copy-on-write copy of each region, the rights), the one
   state message, and the build (regions mapped at their addresses, rights inserted);
+- reading one byte of every page, in the task before the move (resident) and in the
+  new task after it (each page comes on that first reference): where the cost went;
 - the baseline: copying the GiB (a NumPy copy of a resident 1 GiB array in this
   process), which a migration that moved the bytes would at least pay.
 The target: freeze-to-resume at 1 GiB within 2x of that at 1 MiB (only the map and the
@@ -27,41 +29,57 @@ import numpy as np
 import pymach
 from pymach import Int, Message, Port
 from pymach.bench.native import native_task
+from pymach.pmap.native_map import WINDOW_BASE
 
 PAGE = 4096
 MIB = 1 << 20
 GIB = 1 << 30
 SIZES = {"1MiB": MIB, "1GiB": GIB}
+BENCH_ADDRESS = WINDOW_BASE + (1 << 37)  # where the moved task keeps its memory
 
 
-def resident_task(size: int, report: int) -> None:
+def resident_task(size: int, report: int, cmd: int) -> None:
     """A migratable task: first run, `size` bytes of its own memory written (all
-    resident), then it waits; after a move it tells `report` at once, then waits."""
+    resident); on each start it tells `report`, then serves `cmd`: each request is
+    answered once it has read one byte of every page of its memory."""
     me = pymach.task_self()
-    if not pymach.migrated():
-        a = pymach.vm_allocate(me, 0, size, True)
-        np.frombuffer(pymach.memory().buffer(a, size), dtype=np.uint8)[::PAGE] = 1
+    if not pymach.vm_regions(me, BENCH_ADDRESS, PAGE):
+        pymach.vm_allocate(me, BENCH_ADDRESS, size, False)
+        np.frombuffer(pymach.memory().buffer(BENCH_ADDRESS, size), dtype=np.uint8)[::PAGE] = 1
     pymach.msg_send(Message(remote_port=report, items=[Int(int(pymach.migrated()))]))
-    pymach.msg_receive(pymach.port_allocate(me))  # until it is moved or ended
+    pages = np.frombuffer(pymach.memory().buffer(BENCH_ADDRESS, size), dtype=np.uint8)[::PAGE]
+    while True:
+        req = pymach.msg_receive(cmd)
+        pymach.msg_send(Message(remote_port=req.remote_port, items=[Int(int(pages.sum()))]))
 
 
-def migrate_once(size: int) -> tuple[float, float]:
-    """Seconds (freeze-to-resume, the task_migrate call) for one move of a task with
+def _touch_all(cmd: int) -> float:
+    """Seconds for the task to read every page of its memory (one request)."""
+    t0 = time.perf_counter()
+    pymach.msg_rpc(Message(remote_port=cmd, local_port=pymach.thread_reply()))
+    return time.perf_counter() - t0
+
+
+def migrate_once(size: int) -> tuple[float, float, float, float]:
+    """Seconds (freeze-to-resume, the task_migrate call, reading every page before
+    the move, the same after it: the pages come then) for one move of a task with
     `size` bytes resident."""
     me = pymach.task_self()
-    report = pymach.port_allocate(me)
-    h = pymach.spawn(resident_task, size, Port(report, pymach.MAKE_SEND), name="bench-move",
-                     migratable=True)
-    pymach.msg_receive(report)  # resident and waiting
+    report, cmd = pymach.port_allocate(me), pymach.port_allocate(me)
+    h = pymach.spawn(resident_task, size, Port(report, pymach.MAKE_SEND),
+                     Port(cmd, pymach.MOVE_ALL), name="bench-move", migratable=True)
+    pymach.msg_receive(report)  # resident and serving
+    before = _touch_all(cmd)
     t0 = time.perf_counter()
     new = pymach.task_migrate(h.port)
     t1 = time.perf_counter()
     arrived = pymach.msg_receive(report)
     t2 = time.perf_counter()
     assert arrived.items[0].value == 1
-    pymach.task_terminate(new)
+    after = _touch_all(cmd)
+    pymach.task_terminate(new)  # (cmd dies with it)
     pymach.port_deallocate(me, report)
-    return t2 - t0, t1 - t0
+    return t2 - t0, t1 - t0, before, after
 
 
 def bench_copy_gib() -> float:
@@ -81,6 +99,10 @@ def run(rounds: int = 3) -> dict[str, Any]:
             runs = [migrate_once(size) for _ in range(rounds)]
             out[f"freeze_to_resume_{label}_ms"] = statistics.median(r[0] for r in runs) * 1e3
             out[f"migrate_call_{label}_ms"] = statistics.median(r[1] for r in runs) * 1e3
+            out[f"read_every_page_before_move_{label}_ms"] = statistics.median(
+                r[2] for r in runs) * 1e3
+            out[f"read_every_page_after_move_{label}_ms"] = statistics.median(
+                r[3] for r in runs) * 1e3
     out["baseline_copy_1GiB_ms"] = statistics.median(bench_copy_gib()
                                                      for _ in range(rounds)) * 1e3
     out["ratio_freeze_to_resume_1GiB_vs_1MiB"] = (out["freeze_to_resume_1GiB_ms"]
