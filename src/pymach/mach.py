@@ -483,8 +483,9 @@ def _send_outcome(box: int, outcome: bytes) -> None:
 
 # -- migratable tasks (paper 8.2; apps/migrate.py moves them) -------------------------------
 
-MSG_ID_READY = 2902  # a migratable spawned task has recorded its entry point
-MSG_ID_MIGRATED = 2900  # sent to a spawned task's outcome port when the task has moved:
+MSG_ID_READY = 7202  # a migratable spawned task has recorded its entry point (ids 7200-7202:
+# task migration's messages, clear of the subsystems' requests and replies)
+MSG_ID_MIGRATED = 7200  # sent to a spawned task's outcome port when the task has moved:
 # one Port item, a send right to its new task port (Spawned.result follows it)
 _migrated = False  # set in a process that a migrated task's thread started in
 

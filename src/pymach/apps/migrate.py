@@ -98,7 +98,7 @@ from pymach.mach import (
 )
 from pymach.mach_vm import VmRegion
 
-MSG_ID_TASK_STATE = 2901  # the one message that carries a task's state
+MSG_ID_TASK_STATE = 7201  # the one message that carries a task's state
 
 
 @dataclass(frozen=True)
