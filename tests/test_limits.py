@@ -403,7 +403,12 @@ def test_default_pager_recovers_from_a_notify_overflow(det: bool) -> None:
         assert k.swap_store.in_use > 16
         for a in regions:
             m.vm_deallocate(me, a, 2 * PS)
-        wait_until(lambda: k.swap_store.in_use == 0, 10_000)
+        try:
+            wait_until(lambda: k.swap_store.in_use == 0, 10_000)
+        except AssertionError:  # (say what is left, to find why: a rare failure in CI)
+            raise AssertionError(
+                f"{k.swap_store.in_use} swap blocks still in use; vm_stat {k.vm_stat()}; "
+                f"kernel trace tail {list(k.trace_log)[-40:]}") from None
         assert any("notify dropped default_pager" in line for line in k.trace_log)
         assert_kernel_ok()
 

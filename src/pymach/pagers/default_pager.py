@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymach import mach, mach_vm
-from pymach.errors import MachError
+from pymach.errors import MachError, ThreadTerminated
 from pymach.include.mach_defs import memory_object_defs
 from pymach.include.message import OOL, PORT_BACKLOG_MAX, Code, Int, Message
 from pymach.include.mig import serve_message
@@ -191,16 +191,24 @@ def default_pager_loop(dp: DefaultPager, notify: int) -> None:
     """The pager thread: serve memory-object messages and notifications forever."""
     while True:
         msg: Message = mach.msg_receive()
-        if msg.local_port == notify:
-            if msg.id == NOTIFY_PORT_DELETED and isinstance(msg.items[0], Int):
-                dp.port_deleted(msg.items[0].value)
-            elif msg.id == NOTIFY_OVERFLOW:
-                dp.notifications_lost()
-            continue
         try:
-            serve_message(memory_object_defs, dp, msg)
+            _serve_one(dp, notify, msg)
         except MachError as e:  # a dead request port: the object is already gone
             _log(f"default pager: {e}")
+        except ThreadTerminated:
+            raise
+        except Exception:  # the kernel's pager must outlive any one message
+            logging.getLogger("pymach").exception("default pager: message %d", msg.id)
+
+
+def _serve_one(dp: DefaultPager, notify: int, msg: Message) -> None:
+    """One message: a notification on `notify`, or a memory_object request."""
+    if msg.local_port != notify:
+        serve_message(memory_object_defs, dp, msg)
+    elif msg.id == NOTIFY_PORT_DELETED and isinstance(msg.items[0], Int):
+        dp.port_deleted(msg.items[0].value)
+    elif msg.id == NOTIFY_OVERFLOW:
+        dp.notifications_lost()
 
 
 def _log(text: str) -> None:
