@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 import pymach as m
+from nativeutil import uffd_or_skip
 from pymach import mach
 from pymach.pmap.native_map import WINDOW_BASE
 
@@ -315,3 +317,17 @@ def test_a_region_it_cannot_read_moves_with_its_protection(native: str) -> None:
     guard = m.vm_regions(new, GUARDED + PAGE, PAGE)
     assert [(r.address, r.protection) for r in guard] == [(GUARDED + PAGE, m.VM_PROT_NONE)]
     m.task_terminate(new)
+
+
+@pytest.mark.slow
+def test_demo_migrate_moves_the_counter_and_its_count_goes_on() -> None:
+    """`pymach demo migrate` (its own machd): another process answers after the move,
+    through the same port, and the count kept in pymach memory goes on."""
+    uffd_or_skip()
+    r = subprocess.run([sys.executable, "-m", "pymach", "demo", "migrate"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    counts = re.findall(r"count (\d+), answered by pid (\d+)( \(migrated\))?", r.stdout)
+    assert [int(c) for c, _, _ in counts] == [1, 2, 3, 4, 5, 6]
+    before, after = {p for _, p, m in counts[:3] if not m}, {p for _, p, m in counts[3:] if m}
+    assert len(before) == 1 and len(after) == 1 and before != after

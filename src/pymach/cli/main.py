@@ -75,6 +75,12 @@ def _demo_net(**opts: Any) -> None:
     run_net_demo(**opts)
 
 
+def _demo_migrate(**opts: Any) -> None:
+    from pymach.cli.demo_migrate import run_migrate_demo
+
+    run_migrate_demo(**opts)
+
+
 def _demo_rvm(**opts: Any) -> None:
     from pymach.cli.demo_rvm import run_rvm_demo
 
@@ -83,7 +89,8 @@ def _demo_rvm(**opts: Any) -> None:
 
 
 DEMOS = {"fs": _demo_fs, "shm": _demo_shm, "unixio": _demo_unixio, "rvm": _demo_rvm,
-         "blackboard": _demo_blackboard, "net": _demo_net}  # beyond ipc and vm
+         "blackboard": _demo_blackboard, "net": _demo_net,
+         "migrate": _demo_migrate}  # beyond ipc and vm
 
 
 def _bench_unixio(args: argparse.Namespace) -> dict[str, Any]:
