@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import pkgutil
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -515,9 +516,17 @@ def migration_entry(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[st
         raise MachError("KERN_INVALID_ARGUMENT", f"a migratable task runs a function "
                         f"importable by module:qualname (defined at the top of a module "
                         f"other than __main__), not {fn!r:.60}")
+    path: list[str] = []
+    entry: dict[str, Any] = {"module": module, "qualname": qualname, "args": list(args),
+                             "kwargs": kwargs, "box": box, "cwd": os.getcwd(), "path": path}
     try:
-        text = json.dumps({"module": module, "qualname": qualname, "args": list(args),
-                           "kwargs": kwargs, "box": box}, allow_nan=False)
+        text = json.dumps(entry, allow_nan=False)
+        for p in filter(None, sys.path):  # where the program runs is a hint: as much of
+            longer = json.dumps({**entry, "path": [*path, p]})  # its module path as fits,
+            if len(longer) > TASK_ENTRY_MAX:  # first entries first
+                break
+            path.append(p)
+            text = longer
     except (TypeError, ValueError) as e:
         raise MachError("KERN_INVALID_ARGUMENT", f"a migratable task's arguments are typed "
                         f"data (None, bool, int, float, str, lists, str-keyed dicts): "
@@ -541,6 +550,26 @@ def parse_entry(text: str) -> tuple[str, str, list[Any], dict[str, Any], int]:
                               and isinstance(fields[4], int)):
         raise MachError("KERN_INVALID_ARGUMENT", f"not a migration entry point: {text!r:.80}")
     return fields
+
+
+def entry_env(text: str) -> tuple[str, list[str]]:
+    """Where a migratable task's program runs, as its entry point records it (the
+    spawner's cwd and module path; ("", []) if it records none): a new host starts the
+    task's process there. Bounded as a task's own report of its environment."""
+    try:
+        e = json.loads(text)
+        cwd, path = e.get("cwd", ""), e.get("path", [])
+    except (ValueError, TypeError, AttributeError):
+        return "", []
+    if not isinstance(cwd, str) or not isinstance(path, list) or len(path) > ENTRY_PATH_MAX \
+            or not all(isinstance(p, str) and len(p) <= 4096 for p in path) or len(cwd) > 4096:
+        return "", []
+    return cwd, path
+
+
+ENTRY_PATH_MAX = 256  # module path entries a migration entry point may name
+ENTRY_BLOB = b"entry:"  # a first thread's code that runs the entry point after it (UTF-8
+# JSON): how a kernel starts a migrated task's thread without a pickle (libmach/task.py)
 
 
 def _migrated_main(entry: str) -> None:

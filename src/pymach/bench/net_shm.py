@@ -246,11 +246,12 @@ class Cluster:
 
 @contextlib.contextmanager
 def machd_cluster(tmp: str, hosts: Sequence[str], peer_timeout: float = 3.0,
-                  addresses: Sequence[str] = (), prefixes: Sequence[Sequence[str]] = ()
-                  ) -> Iterator[Cluster]:
+                  addresses: Sequence[str] = (), prefixes: Sequence[Sequence[str]] = (),
+                  options: Sequence[Sequence[str]] = ()) -> Iterator[Cluster]:
     """machd hosts of a temporary cluster made in `tmp`, each listening at its address
     (default: a free loopback port) and dialing the hosts before it, each run by its
-    prefix if given (as `ip netns exec NS`); stopped afterwards."""
+    prefix if given (as `ip netns exec NS`) with its extra machd options if given;
+    stopped afterwards."""
     from pymach.machd.machd import start_daemon, stop_daemon
 
     cluster = os.path.join(tmp, "cluster")
@@ -263,7 +264,7 @@ def machd_cluster(tmp: str, hosts: Sequence[str], peer_timeout: float = 3.0,
             daemon = start_daemon(
                 running.socks[i], "--memory", "256M", "--cluster", cluster, "--host-name",
                 host, "--listen", addresses[i], "--peer-timeout", str(peer_timeout), *peers,
-                prefix=list(prefixes[i]) if prefixes else ())
+                *(options[i] if options else ()), prefix=list(prefixes[i]) if prefixes else ())
             stack.callback(stop_daemon, daemon)
             running.daemons.append(daemon)
         yield running

@@ -8,7 +8,7 @@ net/netname.py also gives the client stubs.
 
 from __future__ import annotations
 
-from pymach.include.mig import PORT, STR, Subsystem
+from pymach.include.mig import INT, PORT, STR, Subsystem
 
 netname_defs = Subsystem("netname", 1040)
 netname_defs.routine("netname_check_in", "server_port", [("name", STR), ("port", PORT)],
@@ -18,3 +18,6 @@ netname_defs.routine("netname_look_up", "server_port", [("name", STR)], [("port"
                          "(KERN_INVALID_NAME if none).")
 netname_defs.routine("netname_check_out", "server_port", [("name", STR)],
                      doc="Remove the registration of `name`.")
+netname_defs.routine("netname_host", "server_port", [("host", STR)], [("is_this_host", INT)],
+                     doc="1 if `host` names this host, 0 for another host of the network that "
+                         "is up now; KERN_INVALID_HOST for any other name.")

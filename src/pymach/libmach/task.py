@@ -47,6 +47,7 @@ from pymach.include.message import Bytes, Code, Message, validate_message
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.kern.thread import set_current_thread
 from pymach.libmach.ranges import Ranges
+from pymach.mach import ENTRY_BLOB, _migrated_main
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE
 from pymach.pmap.uffd import Uffd
 
@@ -453,6 +454,8 @@ def _load_code(process: NativeProcess, blob: bytes, uid: int) -> tuple[Any, tupl
         return code.fn, code.args, code.kwargs
     if uid != os.getuid():
         raise MachError("KERN_PROTECTION_FAILURE", f"refusing code from uid {uid}")
+    if blob.startswith(ENTRY_BLOB):  # a migrated task's first thread (net/migration.py)
+        return _migrated_main, (blob[len(ENTRY_BLOB):].decode(),), {}
     fn, args, kwargs = cloudpickle.loads(blob)
     return fn, tuple(args), dict(kwargs)
 

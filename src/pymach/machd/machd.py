@@ -67,9 +67,16 @@ from pymach.kern.host import Kernel
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, running_thread
 from pymach.machd.faults import FaultPoller
-from pymach.machd.remote import RemoteState, TaskEnv, check_frame, refuse_thread, serve_remote
+from pymach.machd.remote import (
+    RemoteState,
+    TaskEnv,
+    check_frame,
+    refuse_thread,
+    serve_remote,
+    task_env,
+)
 from pymach.net.netmsgserver import NetMsgServer
-from pymach.net.station import start_netmsgserver
+from pymach.net.station import start_migration_server, start_netmsgserver
 from pymach.net.tcp import TcpConfig, TcpTransport, address_text
 from pymach.pmap.uffd import Uffd, probe
 
@@ -136,6 +143,8 @@ class Machd:
         self.lock = threading.Lock()
         self.pending: dict[bytes, Thread] = {}  # token -> a thread awaiting its process
         self.processes: dict[int, Process] = {}  # task serial -> its process
+        self.arrived: dict[int, TaskEnv] = {}  # migrated task serial -> where its process
+        # is to start (lock; taken when it starts, dropped when the task ends)
         self.controls: dict[bytes, Process] = {}  # control token -> its process
         self.connections: Counter[int] = Counter()  # uid -> open connections
         self.greeting = 0  # connections still owing their hello
@@ -165,6 +174,7 @@ class Machd:
         listen."""
         try:
             self.netmsgserver, _ = start_netmsgserver(self.kernel, TcpTransport(network))
+            start_migration_server(self.kernel, self.netmsgserver, self.migrated_task)
         except OSError as e:
             assert self.listener is not None
             self.listener.close()
@@ -432,7 +442,9 @@ class Machd:
         """Start a process for a task that has none, as the task's user, where its
         creator's program runs (its cwd and sys.path as the creator reported them)."""
         parent = task.parent.process if task.parent is not None else None
-        env_of = parent.env if parent is not None else TaskEnv()
+        with self.lock:
+            arrived = self.arrived.pop(task.serial, None)
+        env_of = arrived or (parent.env if parent is not None else TaskEnv())
         argv = [sys.executable, "-m", "pymach.libmach.taskproc", self.socket_path,
                 token.hex()]
         if env_of.main:
@@ -452,6 +464,26 @@ class Machd:
         task.process = Process(task, popen.pid, task.uid, popen=popen, env=env_of,
                                pidfd=_pidfd(popen.pid))  # our child: not reaped, no reuse
         # (it runs where its creator's program runs, and so do the tasks it creates)
+
+    def migrated_task(self, uid: int, name: str, cwd: str, path: list[str],
+                      only_check: bool = False) -> Task | None:
+        """A task for a task migrated from another host (kernel lock held;
+        net/migration.py): of user `uid`, a child of the bootstrap task, whose process
+        starts in `cwd` (if it exists here) with module path `path`; None if
+        `only_check`. KERN_PROTECTION_FAILURE for a user this machd does not serve,
+        KERN_RESOURCE_SHORTAGE for one at its process limit."""
+        if uid not in self.allow_uids:
+            raise MachError("KERN_PROTECTION_FAILURE", f"uid {uid} is not served by this "
+                            f"host's machd (see --allow-user)")
+        self._check_processes(uid)
+        if only_check:
+            return None
+        k = self.kernel
+        boot = next(t for t in k.tasks.values() if t.name == "bootstrap")
+        task = k.task_create_locked(boot, False, name[:64] or "migrated", host=self, uid=uid)
+        with self.lock:
+            self.arrived[task.serial] = task_env([cwd if os.path.isdir(cwd) else "", path, ""])
+        return task
 
     # -- ending processes -----------------------------------------------------------------
     def _watch_control(self, proc: Process) -> None:
@@ -503,6 +535,8 @@ class Machd:
         killed."""
         proc = task.process
         if proc is None or not proc.alive:
+            with self.lock:
+                self.arrived.pop(task.serial, None)
             return
         proc.alive = False
         self.poller.remove(proc)

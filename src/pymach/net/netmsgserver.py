@@ -195,8 +195,10 @@ from pymach.kern.thread import current_thread
 from pymach.mach_vm import take_ool, vm_page_size
 from pymach.net import portops
 from pymach.net.cor import COR_MIN, CorPager
+from pymach.net.migration import MSG_ID_TASK_CHECK, MSG_ID_TASK_STATE, refusal
 from pymach.net.packets import (
     MAX_NETNAME,
+    MIGRATE_NET_ID,
     CorItem,
     DeadPacket,
     DisownPacket,
@@ -239,6 +241,7 @@ _PAGER_INIT = memory_object_defs.by_name["pager_init"].id
 _FORWARDED_ID = 1203  # [Int proxy]: a forwarding thread sent that proxy's message
 _PAGER_DATA_REQUEST = memory_object_defs.by_name["pager_data_request"].id
 _PAGER_DATA_PROVIDED = pager_defs.by_name["pager_data_provided"].id
+_MIGRATION_IDS = (MSG_ID_TASK_STATE, MSG_ID_TASK_CHECK)  # to another host's migration server
 After = list[tuple[str, Packet]]  # packets to send once the message being encoded is sent
 
 
@@ -284,6 +287,7 @@ class NetMsgServer:
         self.cor = CorPager(self.host, self._cor_send, self._cor_provide)  # regions sent
         self.mapped: set[int] = set()  # our proxies that are memory objects we mapped
         self.open_calls = PendingCalls()  # requests sent to other hosts, unanswered (lock)
+        self.migration = 0  # a send right to this host's migration server (0: none)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, service: int, wire: int) -> None:
@@ -312,6 +316,8 @@ class NetMsgServer:
             self._notification(msg)
         elif msg.local_port == self.done and msg.id == _FORWARDED_ID:
             self._forward_waiting(int(msg.values()[0]))
+        elif msg.local_port == self.service and msg.id in _MIGRATION_IDS:
+            self._migrate_out(msg)
         elif msg.local_port == self.service:
             reply = serve_message(netname_defs, self, msg)
             if reply is not None:
@@ -714,6 +720,9 @@ class NetMsgServer:
     def _deliver(self, source: str, packet: MsgPacket) -> None:
         """A message for one of our ports: deliver, hold (its port is coming back),
         forward (it moved away), or fail the call (it died)."""
+        if packet.dest == MIGRATE_NET_ID:
+            self._migrate_in(source, packet)
+            return
         held = self.pending.get(packet.dest)
         if held is not None:
             self._hold_packet(source, packet, held)
@@ -1210,6 +1219,35 @@ class NetMsgServer:
             self._refuse(reply, request_id, "MIG_SERVER_DIED",
                          f"host {host!r} went down before it answered")
 
+    # -- task migration (net/migration.py) ------------------------------------------------
+    def _migrate_out(self, msg: Message) -> None:
+        """A local migrator's state message [Str host, <state>] (or check [Str host,
+        Str meta]): on to that host's migration server as [Int uid, <state>], with the
+        user of the task that sent it as this kernel reports it (the trailer). Refused,
+        with what it brought, unless the host is another host that is up (a move within
+        this host is the migrator's own) and the sender's user is known."""
+        host = msg.items[0].value if msg.items and isinstance(msg.items[0], Str) else ""
+        uid = msg.sender_uid
+        if uid is None or host == self.host or host not in self.peers:
+            why = ("the sender's user is unknown" if uid is None else
+                   f"host {host!r} is this host" if host == self.host else
+                   f"host {host!r} is not up in this cluster")
+            answer = refusal(msg.remote_port, msg.items[1:], "KERN_INVALID_HOST", why)
+            self._send_local(replace(answer, id=msg.id + REPLY_ID_OFFSET))
+            return
+        self._forward_now(replace(msg, items=[Int(uid), *msg.items[1:]]), (host, MIGRATE_NET_ID))
+
+    def _migrate_in(self, source: str, packet: MsgPacket) -> None:
+        """A state message from host `source`'s netmsgserver for our migration server."""
+        msg = self._message(self.migration, packet)
+        if not self.migration:
+            answer = refusal(msg.local_port, msg.items[1:], "KERN_INVALID_HOST",
+                             f"host {self.host!r} takes no migrated tasks")
+            self._send_local(replace(answer, id=msg.id + REPLY_ID_OFFSET))
+            return
+        log.info("netmsgserver %s: a task moves in from %r", self.host, source)
+        self._send_local(msg)
+
     # -- the network's name service -----------------------------------------------------
     def netname_check_in(self, _server: int, name: str, port: int) -> None:
         if not name or not port or len(name) > MAX_NETNAME:
@@ -1231,6 +1269,14 @@ class NetMsgServer:
         if not local:
             raise MachError("KERN_INVALID_NAME", f"the port checked in as {name!r} died")
         return local
+
+    def netname_host(self, _server: int, host: str) -> int:
+        if host == self.host:
+            return 1
+        if host not in self.peers:
+            raise MachError("KERN_INVALID_HOST", f"host {host!r} is not up in the cluster "
+                            f"of {self.host!r} (hosts up: {sorted(self.peers) or 'none'})")
+        return 0
 
     def netname_check_out(self, _server: int, name: str) -> None:
         if self.names.pop(name, None) is None:

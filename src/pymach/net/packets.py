@@ -246,6 +246,10 @@ def new_net_id() -> bytes:
     return secrets.token_bytes(NET_ID_SIZE)
 
 
+MIGRATE_NET_ID = b"\0" * (NET_ID_SIZE - 7) + b"migrate"  # reserved: a host's migration
+# server (net/migration.py); no host exports a port under it (new_net_id is random)
+
+
 # -- encoding -----------------------------------------------------------------------------
 def encode_packet(packet: Packet) -> bytes:
     """The bytes of `packet`; WireError if a value cannot travel or a netname is out of

@@ -29,6 +29,7 @@ from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.kmsg import KItem, KMsg
 from pymach.ipc.port import Port
 from pymach.kern.host import ExternalHandle, Kernel
+from pymach.net.migration import MigrationServer, NewTask
 from pymach.net.netmsgserver import HOST_DOWN_ID, HOST_UP_ID, PACKET_ID, NetMsgServer
 from pymach.net.packets import check_host
 from pymach.net.transport import NetTransport, PacketSink
@@ -88,6 +89,26 @@ def start_netmsgserver(kernel: Kernel, transport: NetTransport) -> tuple[NetMsgS
         wire = task.space.names[wire_name].port
     transport.start(WirePortSink(kernel, wire, server))
     return server, wire
+
+
+def start_migration_server(kernel: Kernel, server: NetMsgServer,
+                           new_task: NewTask) -> MigrationServer:
+    """Give the booted `kernel`, whose netmsgserver is `server`, a migration server
+    (net/migration.py) that makes arriving tasks with `new_task`: a task of the kernel
+    side, a child of the bootstrap task; `server` holds the only send right to its port
+    (the port is never checked in)."""
+    migration = MigrationServer(new_task)
+    with kernel.sched.lock:
+        boot = next(t for t in kernel.tasks.values() if t.name == "bootstrap")
+        task = kernel.task_create_locked(boot, False, "migration")
+        port = mach_port.port_allocate(task.space, f"migration:{kernel.name}")
+        net_task = next(t for t in kernel.tasks.values() if t.name == "netmsgserver")
+        server.migration = net_task.space.insert(task.space.names[port].port, send=True)
+        thread = kernel.thread_create_locked(task, Code(migration.run, (port,)),
+                                             "migration.1", start=False)
+        thread.daemon = True
+        thread.start()
+    return migration
 
 
 class Host:

@@ -1,0 +1,169 @@
+"""Copy-on-reference task migration across machd hosts (paper 8.2, issue 11 item 6).
+
+Three machd hosts on loopback addresses, joined over TCP with mutual TLS; host C serves
+one process per user (a full host). The test body is a native task of host A. A
+migratable server (tests/test_migrate.py's: a NumPy array and a log in pymach memory, a
+service port with messages queued on it, an RPC waiting) moves to host B:
+
+- its memory comes to B by reference (the pages it touches after the move, with their
+  values), its receive right with the messages queued on it (an RPC made before the
+  move is answered on B), its name for each right is the same, the spawn handle follows
+  it to B (its outcome comes back from B), and a kernel call on its new task port from
+  A reaches B's kernel; `ps` on B lists it, `ps` on A no longer does;
+- a move to a host that is not up is refused (KERN_INVALID_HOST) before anything
+  changes; a move B accepts but C refuses (C is full) brings the rights back and the
+  task runs on at A, unmoved; `pymach migrate TASK B` moves it by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import pymach as m
+from nativeutil import uffd_or_skip
+from pymach.bench.net_shm import Cluster, machd_cluster
+from pymach.libmach.task import attach, detach
+from pymach.mach import end_spawned_tasks
+from pymach.net.migration import host_is_local
+from test_migrate import (
+    ARRAY_PAGES,
+    HOLD,
+    NOTE,
+    NOTES,
+    STOP,
+    TOUCH,
+    WHO,
+    client,
+    rpc,
+    start_server,
+    wait_for,
+)
+from test_net_tcp import exec_task
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="making cluster certificates needs openssl")]
+
+FULL = """\
+import time
+print("up", flush=True)
+time.sleep(120)
+"""
+
+
+def hosts_up(*hosts: str) -> bool:
+    """Whether this host's netmsgserver has every host in `hosts` up."""
+    try:
+        return all(not host_is_local(h) for h in hosts)
+    except m.MachError:
+        return False
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Hosts A, B, C (C: one process per user, taken by a sleeping task); the test body
+    is a task of A."""
+    uffd_or_skip()
+    options = [(), (), ("--max-processes-per-user", "1")]
+    with machd_cluster(str(tmp_path), ["A", "B", "C"], options=options) as running:
+        (tmp_path / "full.py").write_text(FULL)
+        full = exec_task(running.socks[2], tmp_path / "full.py")
+        assert full.stdout is not None and full.stdout.readline() == "up\n"
+        attach(running.socks[0], name="migrator")
+        try:
+            wait_for(lambda: hosts_up("B", "C"))
+            yield running
+        finally:
+            end_spawned_tasks()
+            detach()
+            full.kill()
+            full.communicate()
+
+
+def names_on(sock: str) -> list[str]:
+    r = subprocess.run([sys.executable, "-m", "pymach", "ps", "--json", "--socket", sock],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [row["name"] for row in json.loads(r.stdout)]
+
+
+def test_a_task_moves_to_another_host_with_its_memory_and_ports(cluster: Cluster) -> None:
+    h, svc, _ = start_server("mover")
+    old_pid, moved = rpc(svc, WHO)
+    assert moved == 0
+    m.msg_send(m.Message(remote_port=svc, id=HOLD))  # it stops serving svc
+    for k in (11, 22, 33):
+        m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(k)]))
+    asker = m.spawn(client, m.Port(svc, m.COPY_SEND), name="asker")  # its rpc queues too
+    served = json.loads(m.task_get_entry(h.port))["args"][0]  # its name for svc
+    wait_for(lambda: m.port_status(h.port, served)[1] == 4)  # 3 notes and the rpc
+    names = dict(zip(*m.port_names(h.port), strict=True))
+
+    new = m.task_migrate(h.port, "B")
+
+    assert m.task_info(new)[0] == "mover"  # a kernel call that B's kernel answers
+    assert h.port == new  # the handle follows the task
+    new_pid, moved = asker.result(60_000)  # the rpc made before the move: answered on B
+    assert moved == 1 and new_pid != old_pid
+    assert rpc(svc, NOTES) == [(11, 22, 33)]  # queued before the move, received on B
+    after = dict(zip(*m.port_names(new), strict=True))
+    assert {n: t for n, t in names.items() if n in after} == {
+        n: after[n] for n in names if n in after}
+    assert set(names) - set(after) == set()  # every name is still there
+    assert rpc(svc, TOUCH, m.Int(10)) == [tuple(3 * i for i in range(10))]
+    assert rpc(svc, TOUCH, m.Int(ARRAY_PAGES))[0] == tuple(3 * i for i in range(ARRAY_PAGES))
+    assert "mover" in names_on(cluster.socks[1]) and "mover" not in names_on(cluster.socks[0])
+    m.msg_send(m.Message(remote_port=svc, id=STOP))
+    assert h.result(60_000) == "stopped, migrated=True"  # its outcome came back from B
+
+
+def test_a_refused_move_leaves_the_task_running_where_it_was(cluster: Cluster) -> None:
+    h, svc, _ = start_server("stayer")
+    m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(7)]))
+    with pytest.raises(m.MachError, match="not up") as e:
+        m.task_migrate(h.port, "D")
+    assert e.value.code == "KERN_INVALID_HOST"
+    with pytest.raises(m.MachError, match="refused the task") as e:
+        m.task_migrate(h.port, "C")  # C has its one process already
+    assert e.value.code == "KERN_RESOURCE_SHORTAGE"
+    assert rpc(svc, WHO)[1] == 0  # not moved: the same task serves, with its rights
+    assert rpc(svc, NOTES) == [(7,)]
+    assert m.task_info(h.port)[0] == "stayer"
+    r = subprocess.run([sys.executable, "-m", "pymach", "migrate", "stayer", "B", "--socket",
+                        cluster.socks[0]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "moved to host 'B'" in r.stdout
+    assert rpc(svc, WHO)[1] == 1 and rpc(svc, NOTES) == [(7,)]
+    m.task_terminate(h.port)  # (the handle followed it to B)
+
+
+MOVER = """\
+import sys
+import pymach as m
+from test_migrate import start_server, rpc, WHO
+h, svc, _ = start_server("moved-by-script")
+new = m.task_migrate(h.port, sys.argv[1])
+print(rpc(svc, WHO)[1], m.task_info(new)[0], flush=True)
+m.task_terminate(new)
+"""
+
+
+def test_a_script_moves_its_task_with_the_documented_call(cluster: Cluster,
+                                                          tmp_path: Path) -> None:
+    """As the README shows: a program run with `pymach exec` on A moves its task to B."""
+    (tmp_path / "mover.py").write_text(textwrap.dedent(MOVER))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "pymach", "exec", "--socket", cluster.socks[0],
+                        str(tmp_path / "mover.py"), "B"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "1 moved-by-script\n"
