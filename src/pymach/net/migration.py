@@ -548,6 +548,8 @@ class MigrationServer:
             self.refused += 1
             _release_message(msg.items, before)
             log.warning("migration server: refused a malformed state message")
+            self._send(refusal(msg.remote_port, [], "KERN_INVALID_ARGUMENT",
+                               "not a task state message"))
             return
         try:
             new = self._build(uid, state)

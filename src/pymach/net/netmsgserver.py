@@ -26,6 +26,11 @@ the typed packets of net/packets.py, never pickles.
   (NAME / UNNAME packets), and a host that joins gets the names checked in on each
   host. The last change a replica hears wins; with a lossy network (fault injection)
   replicas may differ;
+- the server carries task migration's state messages (net/migration.py): a local
+  migrator's request on the service port goes to the reserved id MIGRATE_NET_ID on the
+  host it names, stamped with the sender's uid from this kernel's trailer, and what
+  arrives for that id goes to this host's migration server (`migration`), whose port
+  only this server can send to;
 - when a port that other hosts know dies, its host sends DEAD to them and they destroy
   their proxies, so their tasks get NOTIFY_PORT_DELETED as for a local port; when the
   transport reports a host down, every proxy for that host's ports goes the same way.
