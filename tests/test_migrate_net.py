@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from test_migrate import (
     wait_for,
 )
 from test_net_tcp import exec_task
+from test_readme import _program as readme_program
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("openssl") is None, reason="making cluster certificates needs openssl")]
@@ -167,3 +169,30 @@ def test_a_script_moves_its_task_with_the_documented_call(cluster: Cluster,
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "1 moved-by-script\n"
+
+
+def test_the_readme_moves_a_task_to_another_host(cluster: Cluster, tmp_path: Path) -> None:
+    """The README's walk-through ("Network over TCP", moving a task), as written."""
+    for name in ("tally.py", "start.py", "count.py"):
+        (tmp_path / name).write_text(readme_program(f"# {name}:"))
+
+    def pymach_exec(sock: str, script: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "pymach", "exec", "--socket", sock,
+                            str(tmp_path / script)], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    sock_a, sock_b = cluster.socks[:2]
+    started = subprocess.run([sys.executable, "-m", "pymach", "exec", "--socket", sock_a,
+                              str(tmp_path / "start.py")], cwd=tmp_path, timeout=120,
+                             stdout=subprocess.DEVNULL)  # (the detached task keeps its
+    assert started.returncode == 0  # output: a pipe would stay open while it runs)
+    assert pymach_exec(sock_a, "count.py") == "[1, 0]\n"
+    r = subprocess.run([sys.executable, "-m", "pymach", "migrate", "tally", "B", "--socket",
+                        sock_a], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"task 'tally' \(id \d+\) moved to host 'B'\n", r.stdout)
+    assert pymach_exec(sock_a, "count.py") == "[2, 1]\n"
+    assert pymach_exec(sock_b, "count.py") == "[3, 1]\n"
+    assert "tally" in names_on(sock_b) and "tally" not in names_on(sock_a)
