@@ -101,6 +101,21 @@ def test_vm_map_copyout_refuses_what_it_cannot_map(kernel: m.Kernel) -> None:
     m.task_terminate(child)
 
 
+def test_vm_resident_gives_the_runs_of_pages_a_task_has(kernel: m.Kernel) -> None:
+    me = m.task_self()
+    a = m.vm_allocate(me, 0, 10 * PAGE, True)
+    assert m.vm_resident(me, a, 10 * PAGE) == []  # nothing touched yet
+    m.memory()[a:a + 1] = b"x"
+    m.memory()[a + 2 * PAGE:a + 4 * PAGE] = b"y" * (2 * PAGE)
+    m.memory()[a + 9 * PAGE:a + 9 * PAGE + 1] = b"z"
+    assert m.vm_resident(me, a, 10 * PAGE) == [(a, 1), (a + 2 * PAGE, 2), (a + 9 * PAGE, 1)]
+    assert m.vm_resident(me, a + 3 * PAGE, 5 * PAGE) == [(a + 3 * PAGE, 1)]  # the range only
+    assert (a, 1) in m.vm_resident(me)  # the whole space by default
+    assert code_of(m.vm_resident, me, 1 << 62, PAGE << 40) == "KERN_INVALID_ADDRESS"
+    m.vm_deallocate(me, a, 10 * PAGE)
+    assert m.vm_resident(me, a, 10 * PAGE) == []
+
+
 def test_the_entry_point_is_kept_by_the_kernel(kernel: m.Kernel) -> None:
     me = m.task_self()
     child = m.task_create(me)

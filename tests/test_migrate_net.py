@@ -196,3 +196,21 @@ def test_the_readme_moves_a_task_to_another_host(cluster: Cluster, tmp_path: Pat
     assert pymach_exec(sock_a, "count.py") == "[2, 1]\n"
     assert pymach_exec(sock_b, "count.py") == "[3, 1]\n"
     assert "tally" in names_on(sock_b) and "tally" not in names_on(sock_a)
+
+
+@pytest.mark.parametrize("prepage", [False, True], ids=["on-reference", "prepaged"])
+def test_prepaging_brings_the_working_set_before_the_task_starts(
+        cluster: Cluster, prepage: bool) -> None:
+    """With pre-paging, the pages resident in the task before the move are on B when
+    task_migrate returns: touching them there brings nothing more in (B's pageins stay);
+    without it, touching them does (the control)."""
+    h, svc, _ = start_server("paged")
+    assert rpc(svc, TOUCH, m.Int(ARRAY_PAGES))[0] == tuple(3 * i for i in range(ARRAY_PAGES))
+    runs = m.vm_resident(h.port)
+    assert sum(n for _, n in runs) >= ARRAY_PAGES  # its array is its working set
+    new = m.task_migrate(h.port, "B", prepage=prepage)
+    before = m.vm_statistics(new).pageins  # B's counter (a kernel call that B answers)
+    assert rpc(svc, TOUCH, m.Int(ARRAY_PAGES))[0] == tuple(3 * i for i in range(ARRAY_PAGES))
+    came = m.vm_statistics(new).pageins - before
+    assert (came == 0) if prepage else (came > 0)
+    m.task_terminate(new)

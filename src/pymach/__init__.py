@@ -134,6 +134,7 @@ from pymach.mach import (
     vm_read,
     vm_read_memory,
     vm_regions,
+    vm_resident,
     vm_statistics,
     vm_write,
 )
@@ -286,6 +287,7 @@ __all__ = [
     "vm_read",
     "vm_read_memory",
     "vm_regions",
+    "vm_resident",
     "vm_statistics",
     "vm_write",
 ]

@@ -281,6 +281,7 @@ vm_read = vm_defs.stub("vm_read")
 vm_write = vm_defs.stub("vm_write")
 vm_copy = vm_defs.stub("vm_copy")
 _vm_regions = vm_defs.stub("vm_regions")
+_vm_resident = vm_defs.stub("vm_resident")
 _vm_statistics = vm_defs.stub("vm_statistics")
 vm_allocate_with_pager = vm_defs.stub("vm_allocate_with_pager")
 vm_pager_timeout = vm_defs.stub("vm_pager_timeout")
@@ -331,6 +332,15 @@ def vm_regions(target_task: int, address: int = 0,
     cols = _vm_regions(target_task, address, size)
     return [VmRegion(a, n, p, mp, inh, bool(sh), off, name)
             for a, n, p, mp, inh, sh, off, name in zip(*cols, strict=True)]
+
+
+def vm_resident(target_task: int, address: int = 0,
+                size: int = VM_MAX_ADDRESS) -> list[tuple[int, int]]:
+    """The runs (address, pages) of [address, address+size) resident in their region's
+    own object now (the task's working set; as mincore), in address order, at most
+    RESIDENT_RUNS_MAX of them."""
+    addresses, counts = _vm_resident(target_task, address, size)
+    return list(zip(addresses, counts, strict=True))
 
 
 def vm_statistics(target_task: int) -> VmStatistics:

@@ -33,7 +33,9 @@ from pymach.mach import (
     task_suspend,
     task_terminate,
     thread_create,
+    vm_resident,
 )
+from pymach.mach_vm import vm_page_size
 from pymach.net.migration import (
     Bounced,
     TaskState,
@@ -65,7 +67,7 @@ def check_host(host: object) -> bool:
     return host_is_local(host)
 
 
-def task_migrate(task: int, host: str | None = None) -> int:
+def task_migrate(task: int, host: str | None = None, prepage: bool = False) -> int:
     """Move the migratable task `task` (a send right to its task port) to `host` (None:
     this host; see `check_host`) and end it; returns the caller's send right to the new
     task's port. Other tasks' rights to its ports keep working (the ports moved); a
@@ -74,22 +76,36 @@ def task_migrate(task: int, host: str | None = None) -> int:
     ended, KERN_INVALID_HOST for a host that is not up in this host's cluster,
     KERN_PROTECTION_FAILURE if that host does not serve the task's user: the task then
     runs on, untouched. MIG_SERVER_DIED if that host went down during the move: the
-    task has ended then (see module docstring)."""
+    task has ended then (see module docstring).
+
+    With `prepage` (another host only) the manager predicts the pages the task will
+    touch first, those resident in it now (`vm_resident`, before the freeze), and the
+    new host brings them in before the task starts: its first touches are then local,
+    and the move takes longer by the time they take to cross."""
     local = check_host(host)
     entry = _entry_of(task)
+    predicted: list[tuple[int, int]] = []
     if not local:
         assert host is not None
         check_move(task_info(task)[0], entry, host)
+        predicted = _working_set(task) if prepage else []
     task_suspend(task)
     try:
         state = task_capture(task, entry)
     except BaseException:
         task_resume(task)
         raise
+    state.prepage = predicted
     if local:
         return _move_here(task, state)
     assert host is not None
     return _move_to(task, state, host)
+
+
+def _working_set(task: int) -> list[tuple[int, int]]:
+    """The runs (address, size) of the task's pages resident now: the prediction."""
+    ps = vm_page_size()
+    return [(a, n * ps) for a, n in vm_resident(task)]
 
 
 def _move_here(task: int, state: TaskState) -> int:

@@ -15,7 +15,8 @@ The same figures with the task moved to another host (`..._other_host`): two mac
 of a temporary cluster on loopback addresses (TLS), the task moving from A to B; there
 each page comes from A over the network on first reference, so after the move the task
 reads every page at 1 MiB and one page in a hundred at 1 GiB (`read_..._1GiB` is then
-per 1%).
+per 1%). And the 1 MiB move once more with pre-paging (`..._prepaged`: the pages resident
+in the task cross before it starts again, so its reads after the move are local).
 The target: freeze-to-resume at 1 GiB within 2x of that at 1 MiB (only the map and the
 rights move; pages follow on reference: Zayas 1987). The benchmark starts its own
 machd hosts (temporary sockets) and makes this process a task of each in turn.
@@ -73,8 +74,8 @@ def _touch_all(cmd: int, stride: int = 1) -> float:
     return time.perf_counter() - t0
 
 
-def migrate_once(size: int, host: str | None = None,
-                 stride: int = 1) -> tuple[float, float, float, float]:
+def migrate_once(size: int, host: str | None = None, stride: int = 1,
+                 prepage: bool = False) -> tuple[float, float, float, float]:
     """Seconds (freeze-to-resume, the task_migrate call, reading every stride-th page
     before the move, the same after it: the pages come then) for one move of a task
     with `size` bytes resident to `host` (None: this host)."""
@@ -85,7 +86,7 @@ def migrate_once(size: int, host: str | None = None,
     pymach.msg_receive(report)  # resident and serving
     before = _touch_all(cmd, stride)
     t0 = time.perf_counter()
-    new = pymach.task_migrate(h.port, host)
+    new = pymach.task_migrate(h.port, host, prepage)
     t1 = time.perf_counter()
     arrived = pymach.msg_receive(report)
     t2 = time.perf_counter()
@@ -133,8 +134,14 @@ def _other_host(rounds: int) -> dict[str, Any]:
         attach(cluster.socks[0], name="bench")
         try:
             _wait_up("B")
-            return {"other_host_link": "loopback TCP with TLS",
-                    **_figures(rounds, "B", "_other_host")}
+            out = {"other_host_link": "loopback TCP with TLS",
+                   **_figures(rounds, "B", "_other_host")}
+            runs = [migrate_once(MIB, "B", 1, prepage=True) for _ in range(rounds)]
+            out["freeze_to_resume_1MiB_other_host_prepaged_ms"] = statistics.median(
+                r[0] for r in runs) * 1e3
+            out["read_every_page_after_move_1MiB_other_host_prepaged_ms"] = statistics.median(
+                r[3] for r in runs) * 1e3
+            return out
         finally:
             detach()
 

@@ -23,15 +23,17 @@ from pymach.libmach.task import attach, detach
 _MIGRATOR = "pymach-migrate"  # the name of the command's own short-lived task
 
 
-def migrate(socket_path: str | None, which: str, host: str | None = None) -> dict[str, Any]:
-    """Move the task `which` (id or name) of the machd at `socket_path` to `host`;
-    returns {"old": its ps row, "new": the new task's ps row}."""
+def migrate(socket_path: str | None, which: str, host: str | None = None,
+            prepage: bool = False) -> dict[str, Any]:
+    """Move the task `which` (id or name) of the machd at `socket_path` to `host` (with
+    pre-paging if `prepage`); returns {"old": its ps row, "new": the new task's ps row,
+    or its name and host}."""
     attach(socket_path, name=_MIGRATOR)
     try:
         local = check_host(host)
         row = pick_task(live_tasks(), which)
         task = mach.task_for_id(mach.host_self(), row["id"])
-        new = task_migrate(task, host)
+        new = task_migrate(task, host, prepage)
         serial = next((r for r in live_tasks() if r["name"] == row["name"]
                        and r["id"] != row["id"]), {"id": "?", "name": row["name"]}) \
             if local else {"id": None, "name": row["name"], "host": host}
@@ -44,7 +46,7 @@ def migrate(socket_path: str | None, which: str, host: str | None = None) -> dic
 def run_migrate(args: argparse.Namespace) -> int:
     """The `pymach migrate` command."""
     try:
-        moved = migrate(args.socket, args.task, args.host)
+        moved = migrate(args.socket, args.task, args.host, args.prepage)
     except (MachError, AmbiguousTask) as e:
         print(f"pymach migrate: {e}", file=sys.stderr)
         return 1
@@ -63,5 +65,7 @@ def add_migrate_parser(sub: Any, socket_help: str) -> None:
     p.add_argument("task", help="the task's id or name, as `pymach ps` shows them")
     p.add_argument("host", nargs="?", default=None, help="where to: another host of "
                    "machd's cluster (default: this host)")
+    p.add_argument("--prepage", action="store_true", help="to another host: bring the "
+                   "pages resident in the task now over before it starts again")
     p.add_argument("--socket", default=None, metavar="PATH", help=socket_help)
     p.set_defaults(func=run_migrate)

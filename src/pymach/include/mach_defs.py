@@ -194,6 +194,13 @@ vm_defs.routine("vm_map_copyout", "target_task",
                 "copied, the task's pages come from the copy when first touched. Mach's "
                 "vm_map_copyout at a chosen address; what task migration builds a task "
                 "with (vm_write, natively, writes into pages the task has).")
+vm_defs.routine("vm_resident", "target_task", [("address", INT), ("size", INT)],
+                [("addresses", INT_ARRAY), ("counts", INT_ARRAY)],
+                doc="pymach (as mincore): the runs of pages of the range resident in their "
+                "region's own object now (the task's working set), in address order: each "
+                "run's first address and page count; at most RESIDENT_RUNS_MAX runs (what "
+                "follows is left out). What task migration pre-pages.")
+RESIDENT_RUNS_MAX = 256  # runs vm_resident returns at most (an inline reply)
 
 # -- Table 3-5: kernel to data manager (asynchronous: simpleroutines) -----------------------
 memory_object_defs = Subsystem("memory_object", 2200)

@@ -130,6 +130,7 @@ from pymach.mach import (
     vm_regions,
 )
 from pymach.mach_vm import VmRegion
+from pymach.net import portops
 
 if TYPE_CHECKING:
     from pymach.kern.task import Task
@@ -177,6 +178,8 @@ class TaskState:
     entry: str
     regions: list[RegionState] = field(default_factory=list)
     rights: list[RightState] = field(default_factory=list)
+    prepage: list[tuple[int, int]] = field(default_factory=list)  # runs (address, size)
+    # predicted to be touched first: the new host brings them in before the task starts
 
 
 class Bounced(Exception):
@@ -286,7 +289,8 @@ def state_message(state: TaskState, dest: int) -> Message:
     regions = tuple(v for r in state.regions for v in (
         r.address, r.size, r.protection, r.max_protection, r.inheritance))
     rights = tuple(v for r in state.rights for v in (r.name, r.disposition, int(r.enabled)))
-    items: list[Item] = [Str(meta), IntArray(regions), IntArray(rights)]
+    prepage = tuple(v for run in state.prepage for v in run)
+    items: list[Item] = [Str(meta), IntArray(regions), IntArray(rights), IntArray(prepage)]
     items += [OOL(r.memory, r.size, deallocate=True) for r in state.regions]
     items += [Port(r.held, _sent_as(r)) for r in state.rights]
     return Message(remote_port=dest, id=MSG_ID_TASK_STATE, items=items)
@@ -309,25 +313,34 @@ def receive_state(port: int) -> TaskState:
     return state
 
 
+_FIXED = 4  # the state message's leading items: meta, regions, rights, pre-paging runs
+
+
+def _ints(item: Item) -> tuple[int, ...]:
+    return item.value if isinstance(item, IntArray) else ()
+
+
 def _decode_state(msg: Message, before: set[int]) -> TaskState | None:
     """The state a message carries, or None if it is not a well-formed state message."""
     items = msg.items
-    if msg.id != MSG_ID_TASK_STATE or len(items) < 3 or not isinstance(items[0], Str) or \
-            not isinstance(items[1], IntArray) or not isinstance(items[2], IntArray):
+    if msg.id != MSG_ID_TASK_STATE or len(items) < _FIXED or not isinstance(items[0], Str) \
+            or not all(isinstance(i, IntArray) for i in items[1:_FIXED]):
         return None
-    regions, rights = items[1].value, items[2].value
+    regions, rights, prepage = (_ints(i) for i in items[1:_FIXED])
     nr, nk = len(regions) // 5, len(rights) // 3
-    ool = [i for i in items[3:3 + nr] if isinstance(i, OOL)]
-    held = [i for i in items[3 + nr:] if isinstance(i, Port)]
+    ool = [i for i in items[_FIXED:_FIXED + nr] if isinstance(i, OOL)]
+    held = [i for i in items[_FIXED + nr:] if isinstance(i, Port)]
     try:
         meta = json.loads(items[0].value)
         name, entry = str(meta["name"]), str(meta["entry"])
         parse_entry(entry)
     except (ValueError, TypeError, KeyError, MachError):
         return None
-    if len(ool) != nr or len(held) != nk or len(items) != 3 + nr + nk:
+    if len(ool) != nr or len(held) != nk or len(items) != _FIXED + nr + nk \
+            or len(prepage) % 2:
         return None
     state = TaskState(name, entry)
+    state.prepage = list(zip(prepage[::2], prepage[1::2], strict=True))
     state.regions = [RegionState(regions[5 * i], regions[5 * i + 1], regions[5 * i + 2],
                                  regions[5 * i + 3], regions[5 * i + 4], ool[i].address)
                      for i in range(nr)]
@@ -565,6 +578,7 @@ class MigrationServer:
                            items=[Int(0), Port(new, MOVE_SEND)]))
 
     def _build(self, uid: int, state: TaskState) -> int:
+        prefetch(state)
         cwd, path = entry_env(state.entry)
         new = _create_task(self.new_task, uid, state.name, cwd, path)
         return task_build(state, new, lambda: _start_entry(new, state.entry, uid))
@@ -578,6 +592,22 @@ class MigrationServer:
         except MachError as e:  # the migrator is gone: what it would have got goes
             log.warning("migration server: the migrator is gone (%s)", e.code)
             _release_message(answer.items, set())
+
+
+def prefetch(state: TaskState) -> int:
+    """Pre-paging: read the predicted runs of the regions the holder has (each page read
+    comes from the old host now, into the object the new task's region will be a copy
+    of, so its first touch finds it here); returns the bytes read. A run outside the
+    regions, or a page that cannot be read, is skipped: it is a prediction."""
+    done = 0
+    for address, size in state.prepage:
+        for r in state.regions:
+            lo, hi = max(address, r.address), min(address + size, r.address + r.size)
+            if lo < hi:
+                with contextlib.suppress(MachError):
+                    portops.read(r.memory + lo - r.address, hi - lo)
+                    done += hi - lo
+    return done
 
 
 def _rights_items(state: TaskState) -> list[Item]:

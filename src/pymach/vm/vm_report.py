@@ -122,6 +122,32 @@ def _own_resident(obj: VmObject | None, offset: int, size: int) -> int:
     return 0 if obj is None else sum(1 for at in obj.memq if offset <= at < offset + size)
 
 
+def resident_runs(vmap: VmMap, start: int, end: int, most: int) -> list[tuple[int, int]]:
+    """Runs (address, pages), in address order, of the pages of [start, end) resident in
+    their region's own (top) object, the pages the machine made there included (at most
+    `most` runs: what follows is left out). The task's working set as its map knows it:
+    what a migration manager predicts the task will touch again (vm_resident)."""
+    ps, runs = vmap.vm.page_size, list[tuple[int, int]]()
+    for e in vmap.entries_in(start, end):
+        obj, off = _object_of(e)
+        if obj is None or e.share_map is not None:
+            continue
+        lo, hi = max(start, e.start), min(end, e.end)
+        base = off + lo - e.start  # the object offset of lo
+        offsets = {at for at in obj.memq if base <= at < base + hi - lo}
+        if obj.lazy_frames is not None:
+            offsets.update(vmap.vm.phys.lazy_collect(obj, base, base + hi - lo))
+        for at in sorted(offsets):
+            va = lo + at - base
+            if runs and runs[-1][0] + runs[-1][1] * ps == va:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            elif len(runs) >= most:
+                return runs
+            else:
+                runs.append((va, 1))
+    return runs
+
+
 def vmmap(vmap: VmMap) -> list[VmmapRow]:
     """The regions of a task map with their objects (see module docstring)."""
     rows = []

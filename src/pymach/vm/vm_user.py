@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError
+from pymach.include.mach_defs import RESIDENT_RUNS_MAX
 from pymach.include.vm_param import (
     VM_MAX_ADDRESS,
     check_inherit,
@@ -50,7 +51,7 @@ from pymach.vm.vm_map_copy import (
     vm_map_copyout_at,
 )
 from pymach.vm.vm_object import vm_object_allocate
-from pymach.vm.vm_report import regions
+from pymach.vm.vm_report import regions, resident_runs
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
@@ -199,6 +200,12 @@ class VmServer:
                 tuple(r.protection for r in rows), tuple(r.max_protection for r in rows),
                 tuple(r.inheritance for r in rows), tuple(int(r.shared) for r in rows),
                 tuple(r.offset for r in rows), tuple(r.name_port for r in rows))
+
+    def vm_resident(self, task: Task, address: int, size: int) -> tuple[Any, ...]:
+        vmap = task_map(task)
+        start, end = page_range(vmap, address, size)
+        runs = resident_runs(vmap, start, end, RESIDENT_RUNS_MAX)
+        return tuple(a for a, _ in runs), tuple(n for _, n in runs)
 
     def vm_statistics(self, task: Task) -> tuple[int, ...]:
         vm = task_map(task).vm
