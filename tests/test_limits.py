@@ -29,6 +29,7 @@ from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW
 from pymach.ipc.space import PORT_NAMES_MAX, IpcSpace
 from pymach.kern.task import Task
 from pymach.kern.thread import current_thread
+from pymach.pagers.default_pager import BackingStore, DefaultPager
 
 PS = 4096
 BOOT = m.TASK_BOOTSTRAP_PORT
@@ -411,6 +412,38 @@ def test_default_pager_recovers_from_a_notify_overflow(det: bool) -> None:
                 f"kernel trace tail {list(k.trace_log)[-40:]}") from None
         assert any("notify dropped default_pager" in line for line in k.trace_log)
         assert_kernel_ok()
+
+
+@MODES
+def test_objects_that_die_with_pageouts_on_the_way_free_their_blocks(det: bool) -> None:
+    """Regions deallocated while the pageout daemon is still writing them out: some die
+    with their pager_create still queued for the default pager, so their request port
+    arrives dead (PORT_NULL) and no death notice will ever name it. The pager lets such
+    an object go at once, with the pageouts queued for it, and every block is free."""
+    with m.boot(memory_size=32 * PS, deterministic=det, seed=3) as k:
+        me = m.task_self()
+        regions = [m.vm_allocate(me, 0, 2 * PS, True) for _ in range(60)]
+        mem = m.memory()
+        for a in regions:
+            mem[a:a + 2 * PS] = b"\x01" * (2 * PS)
+        for a in regions:  # (no wait: pageouts are still on their way)
+            m.vm_deallocate(me, a, 2 * PS)
+        wait_until(lambda: k.vm_stat()["pageouts_in_flight"] == 0, 10_000)
+        wait_until(lambda: k.swap_store.in_use == 0, 10_000)
+        assert_kernel_ok()
+
+
+def test_the_default_pager_drops_an_object_whose_request_port_died_on_the_way() -> None:
+    """pager_create whose request port died in transit (PORT_NULL): nothing is kept,
+    and the memory object port (with any pageout queued on it) is let go."""
+    with m.boot():
+        me = m.task_self()
+        dp = DefaultPager(BackingStore(None, PS, None))
+        mo = m.port_allocate(me)
+        dp.pager_create(0, mo, m.PORT_NULL, m.PORT_NULL)
+        assert dp.objects == {} and dp.by_request == {}
+        assert m.names_gone([mo]) == [mo]
+        dp.store.close()
 
 
 def test_tasks_per_user_and_threads_per_task_are_bounded() -> None:

@@ -215,11 +215,14 @@ def test_a_task_moves_with_its_memory_ports_and_queued_messages(native: str) -> 
     h, svc, _ = start_server("mover")
     old_pid, moved = rpc(svc, WHO)
     assert moved == 0
+    served = json.loads(m.task_get_entry(h.port))["args"][0]  # its name for svc
     m.msg_send(m.Message(remote_port=svc, id=HOLD))  # it stops serving svc
+    wait_for(lambda: m.port_status(h.port, served)[1] == 0)  # once it has taken HOLD
+    # (else a server slow to come back to its receive could still have HOLD queued when
+    # frozen: HOLD would move with svc, and the new task would block on gate instead)
     for k in (11, 22, 33):
         m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(k)]))
     asker = m.spawn(client, m.Port(svc, m.COPY_SEND), name="asker")  # its rpc queues too
-    served = json.loads(m.task_get_entry(h.port))["args"][0]  # its name for svc
     wait_for(lambda: m.port_status(h.port, served)[1] == 4)  # 3 notes and the rpc
     names = m.port_names(h.port)
 

@@ -19,7 +19,12 @@ kernel keeps the page (and stops paging out that object).
 The pager serves the kernel's own objects, so its name space is not bounded by
 port_names_max (it holds three names per object the kernel pages out). It learns that
 an object is gone from NOTIFY_PORT_DELETED on its request port; if its notify port
-overflowed (NOTIFY_OVERFLOW), it re-checks every request port it knows instead.
+overflowed (NOTIFY_OVERFLOW), it re-checks every request port it knows instead. An
+object that died while its pager_create was still queued (a region deallocated while
+the pageout daemon was writing it out) is heard of by neither: its request port arrives
+as PORT_NULL. The pager then keeps nothing of it and deallocates its memory object port
+at once, which destroys the pageouts queued on it (the kernel's holding memory is
+released as for any destroyed message); keeping it would keep its blocks forever.
 
 One thread receives from the default group, which takes messages in the order the
 kernel sent them; that order is what keeps successive pageouts of one page in order.
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from pymach import mach, mach_vm
 from pymach.errors import MachError, ThreadTerminated
 from pymach.include.mach_defs import memory_object_defs
-from pymach.include.message import OOL, PORT_BACKLOG_MAX, Code, Int, Message
+from pymach.include.message import OOL, PORT_BACKLOG_MAX, PORT_NULL, Code, Int, Message
 from pymach.include.mig import serve_message
 from pymach.ipc import mach_port
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
@@ -127,6 +132,12 @@ class DefaultPager:
         self.by_request: dict[int, int] = {}  # request port name -> memory object name
 
     def pager_create(self, pager: int, memory_object: int, request: int, name: int) -> None:
+        """A new object to back; one whose request port arrives as PORT_NULL died on the
+        way (see module docstring) and is let go at once."""
+        if request == PORT_NULL:
+            if memory_object != PORT_NULL:
+                mach.port_deallocate(mach.task_self(), memory_object)
+            return
         self.objects[memory_object] = DpObject(memory_object, request, name)
         self.by_request[request] = memory_object
         mach.port_enable(mach.task_self(), memory_object)
