@@ -116,6 +116,17 @@ def test_vm_resident_gives_the_runs_of_pages_a_task_has(kernel: m.Kernel) -> Non
     assert m.vm_resident(me, a, 10 * PAGE) == []
 
 
+def test_a_threads_special_ports_are_its_port_and_its_reply_port(kernel: m.Kernel) -> None:
+    me_thread = m.thread_self()
+    assert m.thread_get_special_port(me_thread, m.THREAD_KERNEL_PORT) == me_thread
+    assert m.thread_get_special_port(me_thread, m.THREAD_REPLY_PORT) == m.thread_reply()
+    assert code_of(m.thread_get_special_port, me_thread, 9) == "KERN_INVALID_ARGUMENT"
+    child = m.task_create(m.task_self())
+    assert code_of(m.thread_get_special_port, child, m.THREAD_KERNEL_PORT) in (
+        "KERN_INVALID_ARGUMENT", "MIG_BAD_ID", "KERN_INVALID_NAME", "SEND_INVALID_PORT")
+    m.task_terminate(child)
+
+
 def test_the_entry_point_is_kept_by_the_kernel(kernel: m.Kernel) -> None:
     me = m.task_self()
     child = m.task_create(me)
@@ -240,7 +251,8 @@ def test_a_task_moves_with_its_memory_ports_and_queued_messages(native: str) -> 
     before = dict(zip(*names, strict=True))
     assert {n: t for n, t in before.items() if n in after} == {
         n: after[n] for n in before if n in after}
-    assert set(before) - set(after) == set()  # every name is still there
+    stayed = set(before) - set(after)  # every name but its thread's reply port moved
+    assert len(stayed) <= 1 and all(before[n] & m.PORT_TYPE_RECEIVE for n in stayed)
     assert own_resident("mover", STATE_ADDRESS) <= 2  # nothing copied yet but the log
     assert rpc(svc, TOUCH, m.Int(10)) == [tuple(3 * i for i in range(10))]
     grown = own_resident("mover", STATE_ADDRESS)
@@ -300,7 +312,8 @@ def pymach_cli(*args: str) -> Any:
 def test_pymach_migrate_moves_a_task_by_name(native: str) -> None:
     h, svc, _ = start_server("cli-mover")
     m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(9)]))
-    old_id = task_id("cli-mover")
+    assert rpc(svc, NOTES) == [(9,)]  # noted before the freeze (a change in progress is
+    old_id = task_id("cli-mover")  # not carried: module docstring of net/migration.py)
     r = pymach_cli("migrate", "cli-mover", "--socket", native)
     assert r.returncode == 0, r.stderr
     assert f"(id {old_id}) moved: it is task {task_id('cli-mover')} now" in r.stdout

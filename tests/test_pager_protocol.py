@@ -797,3 +797,21 @@ def test_termination_writes_back_only_the_dirty_pages(kernel: m.Kernel,
     assert writes == [(2 * PS, b"two" + bytes(p.data[2 * PS + 3:2 * PS + 5])),
                       (5 * PS, b"five" + bytes(p.data[5 * PS + 4:5 * PS + 5]))]
     assert len(taken) <= 2  # the dirty pages at most; never the six clean ones
+
+
+def test_a_data_manager_keeps_nothing_for_a_pager_init_whose_request_port_died(
+        kernel: m.Kernel) -> None:
+    """A kernel that let go of the object before its pager_init arrived: the request
+    port came as PORT_NULL, and no notification will ever name it, so a DataManager
+    records nothing (it would otherwise keep the object under request 0 forever)."""
+    from pymach.pagers.data_manager import DataManager, _Adapter
+
+    dm = DataManager()
+    me = m.task_self()
+    mo, name = m.port_allocate(me), m.port_allocate(me)
+    _Adapter(dm).pager_init(mo, 0, name)
+    assert dm.uses == {} and not dm._by_request
+    assert name not in m.port_names(me)[0]  # the name port it came with is given up
+    live = m.port_allocate(me)
+    _Adapter(dm).pager_init(mo, live, 0)
+    assert dm.uses == {mo: {live: 0}}

@@ -25,6 +25,8 @@ from pymach.include.mach_defs import (
     TASK_BOOTSTRAP_PORT,
     TASK_KERNEL_PORT,
     TASK_NOTIFY_PORT,
+    THREAD_KERNEL_PORT,
+    THREAD_REPLY_PORT,
 )
 from pymach.include.message import (
     COPY_SEND,
@@ -117,6 +119,7 @@ from pymach.mach import (
     task_terminate,
     task_threads,
     thread_create,
+    thread_get_special_port,
     thread_info,
     thread_reply,
     thread_resume,
@@ -181,6 +184,8 @@ __all__ = [
     "TASK_BOOTSTRAP_PORT",
     "TASK_KERNEL_PORT",
     "TASK_NOTIFY_PORT",
+    "THREAD_KERNEL_PORT",
+    "THREAD_REPLY_PORT",
     "VM_INHERIT_COPY",
     "VM_INHERIT_DEFAULT",
     "VM_INHERIT_NONE",
@@ -269,6 +274,7 @@ __all__ = [
     "task_terminate",
     "task_threads",
     "thread_create",
+    "thread_get_special_port",
     "thread_info",
     "thread_reply",
     "thread_resume",

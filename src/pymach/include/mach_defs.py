@@ -27,6 +27,7 @@ from pymach.include.mig import (
 TASK_KERNEL_PORT = 1
 TASK_NOTIFY_PORT = 2
 TASK_BOOTSTRAP_PORT = 4
+THREAD_KERNEL_PORT, THREAD_REPLY_PORT = 1, 2  # thread_get_special_port (Mach 2.5)
 PORT_TYPE_SEND, PORT_TYPE_RECEIVE, PORT_TYPE_OWN = 1, 2, 4  # port_names: rights of a name
 TASK_ENTRY_MAX = 4096  # characters of a task's entry point (task_set_entry)
 SPECIAL_PORTS = {TASK_KERNEL_PORT: "kernel", TASK_NOTIFY_PORT: "notify",
@@ -115,6 +116,11 @@ thread_defs.routine("thread_resume", "target_thread",
 thread_defs.routine("thread_info", "target_thread",
                     outs=[("name", STR), ("state", STR), ("suspend_count", INT)],
                     doc="The thread's name, run state and suspend count.")
+thread_defs.routine("thread_get_special_port", "target_thread", [("which_port", INT)],
+                    [("port", PORT)],
+                    doc="A send right to one of the thread's special ports (Mach 2.5): "
+                    "THREAD_KERNEL_PORT (the thread's port) or THREAD_REPLY_PORT (its MIG "
+                    "reply port, PORT_NULL until it has one).")
 
 host_defs = Subsystem("host", 5000)
 host_defs.routine("host_info", "host",

@@ -23,6 +23,8 @@ from pymach.include.mach_defs import (
     TASK_ENTRY_MAX,
     TASK_KERNEL_PORT,
     TASK_NOTIFY_PORT,
+    THREAD_KERNEL_PORT,
+    THREAD_REPLY_PORT,
     host_defs,
     pager_defs,
     port_defs,
@@ -258,6 +260,17 @@ class KernelServer:
 
     def thread_info(self, thread: Thread) -> tuple[str, str, int]:
         return thread.name, thread.state, thread.suspend_count
+
+    def thread_get_special_port(self, thread: Thread, which: int) -> Port | None:
+        _check_thread(thread)
+        if _check_int(which, "which_port") == THREAD_KERNEL_PORT:
+            return thread.port
+        if which != THREAD_REPLY_PORT:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no thread special port {which}; use "
+                            f"THREAD_KERNEL_PORT ({THREAD_KERNEL_PORT}) or THREAD_REPLY_PORT "
+                            f"({THREAD_REPLY_PORT})")
+        entry = thread.task.space.names.get(thread.reply_name) if thread.reply_name else None
+        return entry.port if entry is not None and entry.receive else None
 
     # -- host interface ----------------------------------------------------------------
     def host_info(self, kernel: Kernel) -> tuple[int, int, int, int, bool]:

@@ -78,6 +78,7 @@ from pymach.include.mach_defs import (
     TASK_BOOTSTRAP_PORT,
     TASK_KERNEL_PORT,
     TASK_NOTIFY_PORT,
+    THREAD_REPLY_PORT,
 )
 from pymach.include.message import (
     COPY_SEND,
@@ -122,6 +123,7 @@ from pymach.mach import (
     task_set_name,
     task_terminate,
     task_threads,
+    thread_get_special_port,
     thread_reply,
     vm_deallocate,
     vm_map_copyout,
@@ -236,15 +238,17 @@ def _check_regions(task: int, regions: list[VmRegion]) -> list[VmRegion]:
 
 def _capture_rights(task: int) -> list[RightState]:
     """Move every right of `task` to the caller, except its rights to its own special
-    ports and its threads' ports (they stay, and die with it). A copied send right tells
-    which port a name stands for before anything is taken; a send right is only copied
-    (the task's dies with it), and a task keeps a send right where a receive right
-    leaves, so its names stay in use and a right given back finds its name. On failure
-    the rights taken are given back."""
+    ports, its threads' ports and their reply ports (they stay, and die with it). A
+    copied send right tells which port a name stands for before anything is taken; a
+    send right is only copied (the task's dies with it), and a task keeps a send right
+    where a receive right leaves, so its names stay in use and a right given back finds
+    its name. On failure the rights taken are given back."""
     me = task_self()
     before = set(port_names(me)[0])
+    threads = task_threads(task)
     special = {task_get_special_port(task, w) for w in (
-        TASK_KERNEL_PORT, TASK_NOTIFY_PORT, TASK_BOOTSTRAP_PORT)} | set(task_threads(task))
+        TASK_KERNEL_PORT, TASK_NOTIFY_PORT, TASK_BOOTSTRAP_PORT)} | set(threads) | {
+        thread_get_special_port(t, THREAD_REPLY_PORT) for t in threads}
     probed: set[int] = set()
     rights: list[RightState] = []
     try:

@@ -325,6 +325,11 @@ class _Adapter:
         self.dm = dm
 
     def pager_init(self, mo: int, request: int, name: int) -> None:
+        if not request:  # the kernel let go of the object before this arrived: its
+            for port in (name,) if name else ():  # request port died on the way, and no
+                with contextlib.suppress(MachError):  # notification will ever name it
+                    mach.port_deallocate(mach.task_self(), port)
+            return
         self.dm.pager_init(mo, request, name)
 
     def pager_data_request(self, mo: int, request: int, offset: int, length: int,
