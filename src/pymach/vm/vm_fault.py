@@ -66,8 +66,8 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
         if not page.busy:
             vm.resident.vm_page_activate(page)
-        if vm.phys.dirty_by_fault and not access & VM_PROT_WRITE:
-            _fault_around(vmap, look, page_va, prot)
+        if not access & VM_PROT_WRITE:
+            _fault_around(vmap, look, page_va, prot, vm.phys.maps_objects)
         return
 
 
@@ -86,23 +86,31 @@ def _machine_zero_fill(vmap: VmMap, look: MapLookup) -> bool:
     return vm.resident.lazy_begin(obj, vm.free_target)
 
 
-FAULT_AROUND_MIN = 16  # pages a read fault may map beyond the faulting one (dirty_by_fault)
+FAULT_AROUND_MIN = 16  # pages a read fault may map beyond the faulting one, at least
 
 
-def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int) -> None:
-    """Map the resident pages that follow a read fault in the same object, read
-    only (a write still faults), as Linux maps page-cache pages around a fault: reading
-    a region a pager filled in clusters takes one fault per cluster, not per page."""
-    if look.holder is not vmap or vmap.pmap is None:
+def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int,
+                  copy_up: bool) -> None:
+    """Map the resident pages that follow a read fault in the same entry, read only (a
+    write still faults), as Linux maps page-cache pages around a fault: reading a region
+    a pager filled in clusters takes one fault per cluster, not per page. A page may be
+    in an object below the first (a copy-on-write copy of a manager's object): what a
+    read fault there would map. With `copy_up` (the machine maps only a region's first
+    object: `maps_objects`) such pages are copied up as the fault would, in one run, and
+    only while frames are plentiful."""
+    if look.holder is not vmap or vmap.pmap is None or not look.single_use:
         return  # through a sharing map: keep it simple, fault page by page
-    vm, obj, pmap = vmap.vm, look.object, vmap.pmap
+    vm, pmap = vmap.vm, vmap.pmap
     ps = vm.page_size
     run_va, run = page_va + ps, []  # frames for pages from run_va on, none mapped yet
     for i in range(1, max(vm.pager_cluster_pages, FAULT_AROUND_MIN)):
         va = page_va + i * ps
-        page = obj.memq.get(look.offset + i * ps)
-        if va >= look.entry.end or page is None or page.busy or page.absent \
-                or page.error or page.page_lock:
+        if va >= look.entry.end:
+            break
+        page = resident_page(look.object, look.offset + i * ps)
+        if page is not None and copy_up and page.object is not look.object:
+            page = _copy_up_now(page, look.object, look.offset + i * ps)
+        if page is None:
             break
         if pmap.pmap_extract(va) is None:
             run.append(page.frame)
@@ -110,6 +118,40 @@ def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int) -> None
         pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
         run_va, run = va + ps, []
     pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
+
+
+def resident_page(obj: VmObject, off: int) -> VmPage | None:
+    """The page a read fault of `obj` at `off` would find at once, with no wait and no
+    change to any object: resident, settled and unlocked, in `obj` or an object below
+    it that nothing above it covers; None otherwise (the fault must take its course:
+    vm_fault_page). A shortcut for runs of pages (fault-around, the kernel's reads)."""
+    while True:
+        page = obj.memq.get(off)
+        if page is not None:
+            if page.busy or page.absent or page.error or page.page_lock:
+                return None
+            return page
+        if off in obj.pending or _pager_has(obj, off) or obj.shadow is None \
+                or (obj.data_source is not None and off not in obj.existence):
+            return None
+        obj, off = obj.shadow, off + obj.shadow_offset
+
+
+def _copy_up_now(src: VmPage, first_object: VmObject, first_offset: int) -> VmPage | None:
+    """_copy_up for fault-around: a frame only if one is free above the pageout target
+    (never waits); None otherwise."""
+    vm = first_object.vm
+    if vm.resident.free_count() <= vm.free_target:
+        return None
+    page = vm.resident.vm_page_grab(privileged=False)
+    if page is None:
+        return None
+    vm.resident.vm_page_insert(page, first_object, first_offset)
+    vm.resident.vm_page_activate(page)
+    vm.phys.pmap_copy_page(src.frame, page.frame)
+    page.dirty = True
+    vm.resident.stats.cow_faults += 1
+    return page
 
 
 def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, access: int,
