@@ -26,9 +26,13 @@ of line to a task of B; B's netmsgserver maps it as a memory object served by A'
 - `machd_cor_all_pages_mib_s`: the same dense run between two machd hosts (each its own
   process, as bench/net.py's hosts): a native task of A (this process, attached) sends,
   a native task of B (a child process) touches every page; seconds from A's msg_send to
-  B's last touch (one clock: both on this machine). Beside it
-  `machd_local_cow_touch_mib_s`: the same touches of a copy-on-write copy on one machd
-  host, no network (the native fault path's own cost). Needs userfaultfd; None without.
+  B's last touch (one clock: both on this machine). The native task touches with plain
+  loads through `memory().buffer()` (the pages fault through userfaultfd to machd, as
+  any native program's would), not with `memory().read()`, which makes a round trip to
+  machd per call (so that a pager's failure is a MachError) and would time that trap
+  instead. Beside it `machd_local_cow_touch_mib_s`: the same touches of a copy-on-write
+  copy on one machd host, no network (the native fault path's own cost). Needs
+  userfaultfd; None without.
 
 Call: `measure()` (or `python -m pymach.bench.net_memory [--json] [--mib N]`) returns
 the rows as a dict (it needs the openssl command for the cluster's certificates). This
@@ -228,9 +232,11 @@ def _native_local(size: int) -> float:
     m.msg_send(m.Message(remote_port=port, items=[m.OOL(address, size, deallocate=True)]))
     item = m.msg_receive(port).items[0]
     assert isinstance(item, m.OOL)
+    view = mem.buffer(item.address, item.size)  # plain loads, as the dense run's
     for off in range(0, size, PAGE):
-        mem.read(item.address + off, 8)
+        view[off:off + 8].tobytes()
     seconds = time.time() - t0
+    view.release()
     m.vm_deallocate(me, item.address, item.size)
     m.port_deallocate(me, port)
     return seconds
@@ -274,9 +280,8 @@ def _native_receiver(socket_path: str, box: str, size: int, conn: Connection) ->
         netname_check_in(m.task_get_special_port(me, m.TASK_BOOTSTRAP_PORT), box, port)
         item = m.msg_receive(port, m.RCV_TIMEOUT, WAIT_MS).items[0]
         assert isinstance(item, m.OOL)
-        mem = m.memory()
-        ok = all(mem.read(item.address + off, 8) == off.to_bytes(8, "little")
-                 for off in range(0, size, PAGE))
+        view = m.memory().buffer(item.address, item.size)  # plain loads: see docstring
+        ok = all(view[off:off + 8] == off.to_bytes(8, "little") for off in range(0, size, PAGE))
         conn.send((time.time(), ok))
     finally:
         detach()

@@ -129,6 +129,19 @@ def encode(values: Sequence[Any]) -> bytes:
     return bytes(out)
 
 
+def encode_with_blob(values: Sequence[Any], blob: bytes) -> bytes:
+    """encode([*values, blob]), copying the (large) bytes `blob` once, not twice."""
+    head = bytearray()
+    try:
+        for v in values:
+            _put(head, v, 0)
+    except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as e:
+        raise WireError(f"cannot encode: {e}") from None
+    head.append(T_BYTES)
+    head += _U32.pack(len(blob))
+    return b"".join((head, blob))
+
+
 def _put_int(out: bytearray, v: int) -> None:
     if not INT64_MIN <= v <= INT64_MAX:
         raise WireError(f"integer {v} does not fit in 64 bits")

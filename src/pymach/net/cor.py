@@ -17,8 +17,13 @@ name only the object or the request port, an offset and the data (the request po
 a PAGEIN is the one the object's pager_init named), so a fault costs about 100 bytes
 besides its page. Only pages the receiver touches cross, plus read-ahead once the
 reader has twice gone on where the last data ended: it doubles on each such fault (up
-to WINDOW_MAX), then STREAM_WINDOWS more windows are sent without waiting for faults
-(pre-paging, 8.2), so a sequential reader pays O(log size) round trips.
+to WINDOW_MAX), then windows are sent without waiting for faults until STREAM_AHEAD
+bytes lie ahead of the reader (pre-paging, 8.2), so a sequential reader pays O(log
+size) round trips. A reader that overtakes data on its way (faults on a page of its
+run already sent) stays sequential: that page alone is sent again (the kernel may have
+let it go) and the stream goes on. A random reader gets just the pages it asks for.
+The receiving kernel maps the pages that came after a fault's page at the next fault
+(vm_fault.py's fault-around), so it takes one fault per run, not per page.
 
 - Threshold: regions of at least COR_MIN bytes (256 KiB) go by reference when they can
   be read without a data manager (resident, zero-fill or the kernel's own, as
@@ -61,7 +66,7 @@ log = logging.getLogger("pymach.net")
 COR_MIN = 256 << 10  # bytes: smaller regions go by value
 COR_HOST_MAX = 1 << 30  # bytes of regions kept for one host at most
 WINDOW_MAX = 8 << 20  # bytes of read-ahead at most
-STREAM_WINDOWS = 3  # windows streamed after a fault of a sequential reader
+STREAM_AHEAD = 32 << 20  # bytes streamed ahead of a sequential reader at most
 _LOCK = pager_defs.by_name["pager_data_lock"].id
 Send = Callable[[int, int, list[Item]], None]  # (our proxy, msg id, items): forward it
 Provide = Callable[[int, int, bytes], None]  # (request port proxy, offset, data): send it
@@ -75,10 +80,12 @@ class CorObject:
     address: int
     size: int
     charge: int  # page-rounded size (the object's), counted against the host
+    page_size: int
     requests: set[int] = field(default_factory=set)  # proxies of kernels' request ports
     next: int = -1  # the offset right after the last data provided
-    window: int = 0  # read-ahead of the last reply
-    streak: int = 0  # faults in a row that went on where the last data ended
+    window: int = 0  # bytes of the last reply
+    streak: int = 0  # faults in a row that went on where the last data ended, plus 1
+    start: int = 0  # the offset where that run of faults began
     provided: int = 0  # bytes provided so far
 
 
@@ -107,7 +114,7 @@ class CorPager:
             self.held[host] = self.held.get(host, 0) + charge
         port: int = mach.port_allocate(mach.task_self())
         with self.lock:
-            self.objects[port] = CorObject(host, item.address, item.size, charge)
+            self.objects[port] = CorObject(host, item.address, item.size, charge, page_size)
             self.kept += 1
         return port
 
@@ -142,29 +149,44 @@ class CorPager:
                            access: int) -> None:
         """Provide the bytes asked for, and more once the reader has twice gone on where
         the last data ended (read-ahead, doubling up to WINDOW_MAX; a random reader whose
-        two pages happen to be neighbours gets no more than it asks)."""
+        two pages happen to be neighbours gets no more than it asks). A sequential reader
+        that overtakes data on its way (asks for a page of the run already sent) stays
+        sequential: its page is sent again (the kernel may have let it go) and the
+        stream goes on; from WINDOW_MAX on, windows are sent until STREAM_AHEAD bytes
+        lie ahead of the reader."""
         obj = self.objects[mo]
         if not 0 <= offset < obj.charge or length <= 0:
             return
-        obj.streak = obj.streak + 1 if offset == obj.next else 0
-        window = min(2 * obj.window, WINDOW_MAX) if obj.streak >= 2 else 0
         self.faults += 1
-        self._provide(obj, request, offset, max(length, window))
-        if window == WINDOW_MAX:  # a sequential reader: stream what it will read next
-            for _ in range(STREAM_WINDOWS):
-                if obj.next >= obj.charge:
-                    break
+        overtook = obj.streak > 2 and obj.start <= offset < obj.next
+        if overtook:
+            self._send_pages(obj, request, offset, min(length, obj.page_size))
+        else:
+            if offset != obj.next:
+                obj.streak, obj.start = 0, offset
+            obj.streak += 1
+            window = min(2 * obj.window, WINDOW_MAX) if obj.streak > 2 else 0
+            self._provide(obj, request, offset, max(length, window))
+        if obj.window >= WINDOW_MAX:  # a sequential reader: stream what it will read next
+            while obj.next < min(obj.charge, offset + STREAM_AHEAD):
                 self._provide(obj, request, obj.next, WINDOW_MAX)
 
     def _provide(self, obj: CorObject, request: int, offset: int, length: int) -> None:
-        """Provide whole pages from `offset`: the bytes past the region's end (in its last
-        page) are zeros, never what else the sender had in that page."""
+        """Provide whole pages from `offset`, the data that follows what was sent."""
+        count = self._send_pages(obj, request, offset, length)
+        obj.next, obj.window = offset + count, count
+
+    def _send_pages(self, obj: CorObject, request: int, offset: int, length: int) -> int:
+        """Send `length` bytes (whole pages) from `offset`, or up to the object's end: the
+        bytes past the region's end (in its last page) are zeros, never what else the
+        sender had in that page. The count sent."""
         count = min(length, obj.charge - offset)
         data = portops.read(obj.address + offset, max(0, min(count, obj.size - offset)))
         data += bytes(count - len(data))
-        obj.next, obj.window, obj.provided = offset + count, count, obj.provided + count
+        obj.provided += count
         self.provided += count
         self.provide_data(request, offset, data)
+        return count
 
     def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
         """Nothing to store: the object's data is the region as it was sent."""

@@ -253,7 +253,10 @@ MIGRATE_NET_ID = b"\0" * (NET_ID_SIZE - 7) + b"migrate"  # reserved: a host's mi
 # -- encoding -----------------------------------------------------------------------------
 def encode_packet(packet: Packet) -> bytes:
     """The bytes of `packet`; WireError if a value cannot travel or a netname is out of
-    range (hosts and ids are checked where they are made: station.py, new_net_id)."""
+    range (hosts and ids are checked where they are made: station.py, new_net_id). A
+    PAGE's data is copied once (it is most of the bytes that cross)."""
+    if isinstance(packet, PagePacket) and type(packet.data) is bytes:
+        return wire.encode_with_blob([K_PAGE, packet.port, packet.offset], packet.data)
     return wire.encode(_packet_values(packet))
 
 

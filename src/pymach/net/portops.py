@@ -150,11 +150,11 @@ def queued(name: int) -> int:
 def read(address: int, size: int) -> bytes:
     """The `size` bytes at `address` of the server's space (MachError as a task's read
     would raise: KERN_INVALID_ADDRESS, KERN_MEMORY_ERROR)."""
-    out = bytearray()
+    out = []
     for at in range(address, address + size, READ_CHUNK):
         with _kernel() as thread:
             vmap = thread.task.map
             if vmap is None:
                 raise MachError("KERN_INVALID_TASK", "the server has no address space")
-            out += map_read(thread, vmap, at, min(READ_CHUNK, address + size - at))
-    return bytes(out)
+            out.append(map_read(thread, vmap, at, min(READ_CHUNK, address + size - at)))
+    return out[0] if len(out) == 1 else b"".join(out)

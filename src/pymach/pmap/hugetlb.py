@@ -79,7 +79,7 @@ def memfd(name: str) -> int:
     return os.memfd_create(name, os.MFD_CLOEXEC | MFD_HUGETLB)
 
 
-def write(fd: int, offset: int, chunks: list[bytes], huge: int) -> None:
+def write(fd: int, offset: int, chunks: list[bytes | memoryview], huge: int) -> None:
     """Write `chunks` one after another at `offset` of a hugetlb memfd whose pages are
     `huge` bytes: give the pages spanned memory (KERN_RESOURCE_SHORTAGE if the pool is
     empty), then copy through a temporary mapping."""

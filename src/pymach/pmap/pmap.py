@@ -174,11 +174,11 @@ class PhysicalMemory(Protocol):
         """Bytes of a frame, for the kernel's own copies (no reference bits change)."""
         ...
 
-    def phys_write(self, frame: int, data: bytes, offset: int = 0) -> None:
+    def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         """Store bytes into a frame, for the kernel's own copies."""
         ...
 
-    def phys_write_pages(self, writes: list[tuple[int, bytes]]) -> None:
+    def phys_write_pages(self, writes: list[tuple[int, bytes | memoryview]]) -> None:
         """phys_write(frame, data) for each pair, in order (a backend may combine the
         writes of adjacent pages)."""
         ...

@@ -140,12 +140,12 @@ class SoftPhysicalMemory:
         base = frame * self.page_size + offset
         return bytes(self.mv[base:base + n])
 
-    def phys_write(self, frame: int, data: bytes, offset: int = 0) -> None:
+    def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         """Store bytes into a frame (kernel access)."""
         base = frame * self.page_size + offset
         self.mv[base:base + len(data)] = data
 
-    def phys_write_pages(self, writes: list[tuple[int, bytes]]) -> None:
+    def phys_write_pages(self, writes: list[tuple[int, bytes | memoryview]]) -> None:
         """phys_write of each (frame, data) pair, in order."""
         for frame, data in writes:
             self.phys_write(frame, data)

@@ -345,7 +345,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             data = os.pread(store.fd, n, base + offset)
         return data.ljust(n, b"\0")
 
-    def phys_write(self, frame: int, data: bytes, offset: int = 0) -> None:
+    def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         with self.lock:
             if frame in self.stash:
                 page = bytearray(self.stash[frame])
@@ -355,11 +355,11 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             store, base = self._home(frame)
             self._store_write(store, base + offset, [data])
 
-    def phys_write_pages(self, writes: list[tuple[int, bytes]]) -> None:
+    def phys_write_pages(self, writes: list[tuple[int, bytes | memoryview]]) -> None:
         """phys_write of each pair; whole pages adjacent in one memfd go in one pwritev
         (a system call per run, not per page)."""
         ps, stashed = self.page_size, []
-        runs: list[tuple[ObjectStore, int, list[bytes]]] = []  # (store, start, chunks)
+        runs: list[tuple[ObjectStore, int, list[bytes | memoryview]]] = []  # (store, start, chunks)
         with self.lock:
             for frame, data in writes:
                 if frame in self.stash:
@@ -380,7 +380,8 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def _home(self, frame: int) -> tuple[ObjectStore, int]:
         return self.homes[frame]
 
-    def _store_write(self, store: ObjectStore, offset: int, chunks: list[bytes]) -> None:
+    def _store_write(self, store: ObjectStore, offset: int,
+                     chunks: list[bytes | memoryview]) -> None:
         """Write `chunks` one after another at `offset` of a memfd (lock held): one
         pwritev, or through a mapping for a hugetlb memfd (which has no write())."""
         if self.huge:

@@ -401,11 +401,11 @@ class PagerServer:
         lock = check_prot(lock_value, "lock_value")
         count = check_int(data_count, "data_count")
         base = check_int(offset, "offset") - obj.paging_offset
-        raw = copy_bytes(current_thread(), data)[:count]
+        raw = memoryview(copy_bytes(current_thread(), data))[:count]  # pages: no copies
         _check_live(obj)
         room = _manager_room(obj)  # pages nobody asked for are taken only within it
         settled: set[VmPage] = set()
-        fills: list[tuple[VmPage, bytes]] = []
+        fills: list[tuple[VmPage, memoryview]] = []
         for off in _range(obj, offset, len(raw)):
             chunk = raw[off - base:off - base + obj.vm.page_size]
             page = obj.memq.get(off)
@@ -504,7 +504,7 @@ def _provide_extra(obj: VmObject, off: int) -> VmPage | None:
     return page
 
 
-def _fill_pages(obj: VmObject, fills: list[tuple[VmPage, bytes]], lock: int) -> None:
+def _fill_pages(obj: VmObject, fills: list[tuple[VmPage, memoryview]], lock: int) -> None:
     """Put provided data in pages (one backend call for all), settling the pages that
     faults wait for."""
     vm = obj.vm

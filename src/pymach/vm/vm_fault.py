@@ -66,8 +66,8 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
         if not page.busy:
             vm.resident.vm_page_activate(page)
-        if vm.phys.dirty_by_fault and not access & VM_PROT_WRITE:
-            _fault_around(vmap, look, page_va, prot)
+        if not access & VM_PROT_WRITE:
+            _fault_around(vmap, look, page_va, prot, vm.phys.maps_objects)
         return
 
 
@@ -86,30 +86,91 @@ def _machine_zero_fill(vmap: VmMap, look: MapLookup) -> bool:
     return vm.resident.lazy_begin(obj, vm.free_target)
 
 
-FAULT_AROUND_MIN = 16  # pages a read fault may map beyond the faulting one (dirty_by_fault)
+FAULT_AROUND_MIN = 16  # pages a read fault may map beyond the faulting one, at least
+FAULT_AROUND_MAX = 256  # ... and at most, for a reader that goes on in order
 
 
-def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int) -> None:
-    """Map the resident pages that follow a read fault in the same object, read
-    only (a write still faults), as Linux maps page-cache pages around a fault: reading
-    a region a pager filled in clusters takes one fault per cluster, not per page."""
-    if look.holder is not vmap or vmap.pmap is None:
+def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int,
+                  copy_up: bool) -> None:
+    """Map the resident pages that follow a read fault in the same entry, read only (a
+    write still faults), as Linux maps page-cache pages around a fault: reading a region
+    a pager filled in clusters takes one fault per cluster, not per page. The count
+    doubles (up to FAULT_AROUND_MAX) while each fault comes right after the pages the
+    last one mapped. A page may be in an object below the first (a copy-on-write copy
+    of a manager's object): what a read fault there would map. With `copy_up` (the
+    machine maps only a region's first object: `maps_objects`) such pages are copied
+    up as the fault would, in one write, and only while frames are plentiful."""
+    if look.holder is not vmap or vmap.pmap is None or not look.single_use:
         return  # through a sharing map: keep it simple, fault page by page
-    vm, obj, pmap = vmap.vm, look.object, vmap.pmap
+    vm, pmap = vmap.vm, vmap.pmap
     ps = vm.page_size
-    run_va, run = page_va + ps, []  # frames for pages from run_va on, none mapped yet
-    for i in range(1, max(vm.pager_cluster_pages, FAULT_AROUND_MIN)):
-        va = page_va + i * ps
-        page = obj.memq.get(look.offset + i * ps)
-        if va >= look.entry.end or page is None or page.busy or page.absent \
-                or page.error or page.page_lock:
+    count = max(vm.pager_cluster_pages, FAULT_AROUND_MIN)
+    if page_va == vmap.around_end:
+        count = max(count, min(2 * vmap.around, FAULT_AROUND_MAX))
+    pages = []
+    for i in range(1, min(count + 1, (look.entry.end - page_va) // ps)):
+        page = resident_page(look.object, look.offset + i * ps)
+        if page is None:
             break
+        pages.append(page)
+    if copy_up:
+        pages = _copy_up_run(look.object, look.offset + ps, pages)
+    vmap.around, vmap.around_end = count, page_va + (len(pages) + 1) * ps
+    run_va, run = page_va + ps, []  # frames for pages from run_va on, none mapped yet
+    for i, page in enumerate(pages):
+        va = page_va + (i + 1) * ps
         if pmap.pmap_extract(va) is None:
             run.append(page.frame)
             continue
         pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
         run_va, run = va + ps, []
     pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
+
+
+def _copy_up_run(first_object: VmObject, offset: int, pages: list[VmPage]) -> list[VmPage]:
+    """_copy_up for fault-around of pages found for `first_object` from `offset` on:
+    those below it get a frame of their own in it (one backend write for the run), as
+    long as frames are free above the pageout target (never waits). The pages, as far
+    as it got."""
+    vm = first_object.vm
+    ps, out = vm.page_size, []
+    writes: list[tuple[int, bytes | memoryview]] = []
+    for i, src in enumerate(pages):
+        if src.object is first_object:
+            out.append(src)
+            continue
+        if vm.resident.free_count() <= vm.free_target:
+            break
+        page = vm.resident.vm_page_grab(privileged=False)
+        if page is None:
+            break
+        vm.resident.vm_page_insert(page, first_object, offset + i * ps)
+        vm.resident.vm_page_activate(page)
+        writes.append((page.frame, vm.phys.phys_read(src.frame)))
+        page.dirty = True
+        out.append(page)
+    vm.phys.phys_write_pages(writes)
+    vm.resident.stats.cow_faults += len(writes)
+    return out
+
+
+def resident_page(obj: VmObject, off: int) -> VmPage | None:
+    """The page a read fault of `obj` at `off` would find at once, with no wait and no
+    change to any object: resident, settled and unlocked, in `obj` or an object below
+    it that nothing above it covers; None otherwise (the fault must take its course:
+    vm_fault_page). A shortcut for runs of pages (fault-around, the kernel's reads)."""
+    while True:
+        page = obj.memq.get(off)
+        if page is None and obj.lazy_frames is not None:
+            return None  # (the machine may have made it: vm_page_lookup knows)
+        if page is not None:
+            if page.busy or page.absent or page.error or page.page_lock:
+                return None
+            return page
+        if off in obj.pending or _pager_has(obj, off) or obj.shadow is None \
+                or (obj.data_source is not None and off not in obj.existence):
+            return None
+        obj, off = obj.shadow, off + obj.shadow_offset
 
 
 def vm_fault_page(thread: Thread, first_object: VmObject, first_offset: int, access: int,

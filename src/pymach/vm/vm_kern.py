@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
-from pymach.vm.vm_fault import Retry, _pager_has, vm_fault_page
+from pymach.vm.vm_fault import Retry, _pager_has, resident_page, vm_fault_page
 from pymach.vm.vm_map import vm_map_lookup
 
 if TYPE_CHECKING:
@@ -48,21 +48,33 @@ def copy_bytes(thread: Thread, copy: VmMapCopy) -> bytes:
 
 
 def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
-    """Bytes [address, address+size) of a map, read as the task would read them."""
+    """Bytes [address, address+size) of a map, read as the task would read them. After
+    each page a fault finds, the pages after it in the same entry that are resident at
+    once (`resident_page`) are read without another lookup."""
     ps = vmap.vm.page_size
-    out = bytearray()
-    va = trunc_page(address, ps)
-    while va < address + size:
+    phys = vmap.vm.phys
+    chunks: list[bytes] = []
+    va, end = trunc_page(address, ps), address + size
+    while va < end:
         look = vm_map_lookup(vmap, va, VM_PROT_READ)
         try:  # after a wait the map may have changed: look it up again
             page, _ = vm_fault_page(thread, look.object, look.offset, VM_PROT_READ,
                                     VM_PROT_READ)
         except Retry:
             continue
-        out += vmap.vm.phys.phys_read(page.frame)
+        chunks.append(phys.phys_read(page.frame))
+        base, stop = va - look.offset, min(end, look.entry.end)
         va += ps
+        while look.holder is vmap and va < stop:
+            more = resident_page(look.object, va - base)
+            if more is None:
+                break
+            chunks.append(phys.phys_read(more.frame))
+            va += ps
     start = address % ps
-    return bytes(out[start:start + size])
+    if start == 0 and len(chunks) * ps == size:
+        return b"".join(chunks)
+    return b"".join(chunks)[start:start + size]
 
 
 def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:

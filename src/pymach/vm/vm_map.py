@@ -96,6 +96,8 @@ class VmMap:
         self.starts: list[int] = []  # entries' start addresses, for bisect
         self.ref_count = 1
         self.sharers: set[VmMap] = set()  # sharing maps: task maps pointing here
+        self.around = 0  # pages the last read fault mapped around it (vm_fault.py)
+        self.around_end = -1  # the address right after them
 
     @property
     def is_share_map(self) -> bool:
