@@ -126,11 +126,18 @@ one receiver"; the port, not the host, is what senders name):
   truth by the real port's host.
 - **What holds across hosts.** Per-sender order (above). The backlog of the moved port
   moves with it. A sender on another host sends to its local proxy, whose backlog and
-  the sender's SEND_TIMEOUT mean what they mean locally: the proxy drains as fast as the
-  network takes packets, and while it is held for a flush senders wait on it; the real
-  port's backlog is not enforced across the network (a server does not wait), only
-  NET_QUEUE_MAX (beyond it the message fails with SEND_TIMED_OUT, as a full port with a
-  zero timeout). Receive timeouts are local to the receiver, as always. Forwarding
+  the sender's SEND_TIMEOUT mean what they mean locally; the proxy drains as fast as the
+  network takes packets, except while it is held: for a flush, or because the real
+  port is full. A server that queues a message from host H on a local port and so fills
+  it (queued >= backlog) sends CHOKE [id, backlog] to H, whose server sets its proxies
+  for that port to that backlog and stops taking from them: H's senders then wait, or
+  time out with SEND_TIMED_OUT, as they would at the port itself. The full port is
+  looked at every CHOKE_POLL_MS while it is full (the loop receives with that timeout);
+  once it has room, READY [id] goes to every host told, and their proxies go on (as
+  they do when the port dies, DEAD, or moves away, MOVED). Messages on their way when
+  the CHOKE left are still queued (a server does not wait), up to NET_QUEUE_MAX (beyond
+  it the message fails with SEND_TIMED_OUT, as a full port with a zero timeout).
+  Receive timeouts are local to the receiver, as always. Forwarding
   entries are kept for the MAX_FORWARDS most recent moves (an older entry is dropped:
   its port looks dead to a holder that had not yet switched).
 - **API for migration** (issue 11 item 6): a receive right moves to host H when a task
@@ -173,6 +180,7 @@ from pymach.include.mach_defs import memory_object_defs, pager_defs
 from pymach.include.message import (
     OOL,
     PORT_BACKLOG_MAX,
+    PORT_NULL,
     RCV_TIMEOUT,
     SEND_TIMEOUT,
     Bytes,
@@ -204,6 +212,7 @@ from pymach.net.migration import MSG_ID_TASK_CHECK, MSG_ID_TASK_STATE, refusal
 from pymach.net.packets import (
     MAX_NETNAME,
     MIGRATE_NET_ID,
+    ChokePacket,
     CorItem,
     DeadPacket,
     DisownPacket,
@@ -220,6 +229,7 @@ from pymach.net.packets import (
     PagePacket,
     PortRef,
     PortRefs,
+    ReadyPacket,
     ReceivePacket,
     Ref,
     RightItem,
@@ -242,6 +252,7 @@ _PLAIN_ITEMS = (Int, Float, Bytes, Str, IntArray)
 MAX_NAMES = 16384  # entries in a replica of the netname registry
 NET_QUEUE_MAX = 1024  # messages from the network queued on one local port
 MAX_FORWARDS = 4096  # forwarding entries kept for ports that moved away
+CHOKE_POLL_MS = 5  # how often a full port is looked at again while hosts are held off
 _PAGER_INIT = memory_object_defs.by_name["pager_init"].id
 _FORWARDED_ID = 1203  # [Int proxy]: a forwarding thread sent that proxy's message
 _PAGER_DATA_REQUEST = memory_object_defs.by_name["pager_data_request"].id
@@ -293,6 +304,9 @@ class NetMsgServer:
         self.mapped: set[int] = set()  # our proxies that are memory objects we mapped
         self.open_calls = PendingCalls()  # requests sent to other hosts, unanswered (lock)
         self.migration = 0  # a send right to this host's migration server (0: none)
+        self.choked: set[int] = set()  # our proxies held: their port's host said CHOKE
+        self.choking: dict[int, tuple[bytes, set[str]]] = {}  # our full port -> (its id,
+        # the hosts told CHOKE); polled until it has room (READY)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, service: int, wire: int) -> None:
@@ -303,7 +317,9 @@ class NetMsgServer:
         for port in (service, wire, self.notify, self.done):
             mach.port_enable(me, port)
         while True:
-            msg = mach.msg_receive(rcv_size=REPLY_SIZE_ANY)  # a packet may be 64 MiB
+            msg = self._next()
+            if msg is None:
+                continue
             try:
                 self._handle(msg)
             except ThreadTerminated:
@@ -313,6 +329,20 @@ class NetMsgServer:
                               msg.id)
                 self._refuse(msg.remote_port, msg.id, "SEND_INVALID_TYPE",
                              "the network could not carry this message")
+
+    def _next(self) -> Message | None:
+        """The next message (a packet may be 64 MiB); while ports here are full, look
+        at them every CHOKE_POLL_MS (None then)."""
+        if self.choking:
+            self._check_choking()
+        if not self.choking:
+            return mach.msg_receive(rcv_size=REPLY_SIZE_ANY)
+        try:
+            return mach.msg_receive(PORT_NULL, RCV_TIMEOUT, CHOKE_POLL_MS, REPLY_SIZE_ANY)
+        except MachError as e:
+            if e.code != "RCV_TIMED_OUT":
+                raise
+            return None
 
     def _handle(self, msg: Message) -> None:
         if msg.local_port == self.wire:
@@ -583,6 +613,7 @@ class NetMsgServer:
             self._owner_apart(name, old_id)
         new_id = new_net_id()
         queue = self._drain(name)
+        self._release_choked(name)  # MOVED follows: they will flush to the new host
         self._become_proxy(name, old_id, (host, new_id))
         for msg in queue:  # behind the carrying message, on the same link
             inner: After = []
@@ -707,6 +738,10 @@ class NetMsgServer:
             self._page_in(source, packet)
         elif isinstance(packet, PagePacket):
             self._page(packet)
+        elif isinstance(packet, ChokePacket):
+            self._choke((source, packet.port), packet.backlog)
+        elif isinstance(packet, ReadyPacket):
+            self._ready((source, packet.port))
         else:
             self._receive_back(source, packet.right)
 
@@ -756,6 +791,7 @@ class NetMsgServer:
                               f"({NET_QUEUE_MAX} messages from the network)")
             return
         self._send_local(msg)
+        self._check_full(dest, packet.dest, source)
 
     def _message(self, dest: int, packet: MsgPacket) -> Message:
         """The local message for a MSG packet (landing the rights it carries)."""
@@ -1107,6 +1143,7 @@ class NetMsgServer:
             with self.lock:  # its route comes from the port's host: hand that out now
                 self.alias.pop(name, None)
             self._mark(name, home)
+            self.choked.discard(name)  # (a CHOKE was about its old route)
             mach.port_enable(me, name)
 
     def _return_done(self, name: int) -> None:
@@ -1137,6 +1174,7 @@ class NetMsgServer:
             self.remote_owner.pop(net_id, None)
             self.pending.pop(net_id, None)
             self._broadcast(DeadPacket(net_id), to_self=True)
+        self.choking.pop(name, None)  # (DEAD ends their hold)
         if name in self.proxy_ref:
             self._forget(name)
         with self.lock:
@@ -1172,6 +1210,7 @@ class NetMsgServer:
             portops.destroy(mo)
 
     def _forget(self, name: int) -> None:
+        self.choked.discard(name)
         for ref in [r for r, n in self.proxies.items() if n == name]:
             del self.proxies[ref]
         self.proxy_ref.pop(name, None)
@@ -1202,6 +1241,8 @@ class NetMsgServer:
         entries go; ports coming back along a path through it stop waiting), and
         ownership held there passes to the receivers here."""
         self.peers.discard(host)
+        for _, told in self.choking.values():
+            told.discard(host)
         for name in [n for n, r in self.proxy_ref.items() if r[0] == host]:
             self._kill_proxy(name)
         for nonce in [k for k, f in self.flushes.items() if f.route[0] == host]:
@@ -1223,6 +1264,49 @@ class NetMsgServer:
         for reply, request_id in calls:
             self._refuse(reply, request_id, "MIG_SERVER_DIED",
                          f"host {host!r} went down before it answered")
+
+    # -- a port's backlog across hosts (CHOKE / READY) ---------------------------------------
+    def _check_full(self, name: int, net_id: bytes, source: str) -> None:
+        """A message from `source` was queued on our port `name` (id `net_id`): if that
+        filled it, tell `source` to hold its proxies (CHOKE) until it has room."""
+        queued, backlog = portops.fill(name)
+        if queued < backlog:
+            return
+        _, told = self.choking.setdefault(name, (net_id, set()))
+        if source not in told:
+            told.add(source)
+            self._send(source, ChokePacket(net_id, max(1, min(backlog, PORT_BACKLOG_MAX))))
+
+    def _check_choking(self) -> None:
+        """READY to the hosts held off from each of our ports that has room now."""
+        for name in list(self.choking):
+            queued, backlog = portops.fill(name)
+            if queued < backlog:
+                self._release_choked(name)
+
+    def _release_choked(self, name: int) -> None:
+        net_id, told = self.choking.pop(name, (b"", set()))
+        for host in told:
+            self._send(host, ReadyPacket(net_id))
+
+    def _choke(self, route: Ref, backlog: int) -> None:
+        """The port at `route` is full: our proxies for it take its backlog and are held
+        (not received from), so local senders wait, or time out, as for the port."""
+        me = mach.task_self()
+        for name in [n for n, r in self.proxy_ref.items() if r == route]:
+            mach.port_set_backlog(me, name, backlog)
+            if name not in self.held:
+                mach.port_disable(me, name)
+            self.choked.add(name)
+
+    def _ready(self, route: Ref) -> None:
+        """The port at `route` has room: release our proxies held for it (unless a
+        flush holds them too)."""
+        me = mach.task_self()
+        for name in [n for n in self.choked if self.proxy_ref.get(n) == route]:
+            self.choked.discard(name)
+            if name not in self.held:
+                mach.port_enable(me, name)
 
     # -- task migration (net/migration.py) ------------------------------------------------
     def _migrate_out(self, msg: Message) -> None:

@@ -69,6 +69,7 @@ MAX_HOST = 255
 MAX_NETNAME = 1024
 K_MSG, K_DEAD, K_NAME, K_UNNAME = 1, 2, 3, 4
 K_MOVED, K_FLUSH, K_FLUSHED, K_DISOWN, K_OWNER, K_RECEIVE, K_PAGEIN, K_PAGE = range(5, 13)
+K_CHOKE, K_READY = 13, 14
 I_INT, I_FLOAT, I_BYTES, I_STR, I_INTS, I_PORT, I_PORTS, I_OOL = range(1, 9)
 I_RIGHT, I_RIGHTS, I_COR = 9, 10, 11
 MAX_COR = 1 << 40  # bytes of one region by reference
@@ -236,9 +237,25 @@ class ReceivePacket:
     right: RightItem
 
 
+@dataclass(frozen=True)
+class ChokePacket:
+    """The sending host's port `port` is full (`backlog` messages): hold what is sent to
+    it until READY (a port's backlog across hosts)."""
+
+    port: bytes
+    backlog: int
+
+
+@dataclass(frozen=True)
+class ReadyPacket:
+    """The sending host's port `port` has room again (or is no longer there)."""
+
+    port: bytes
+
+
 Packet = (MsgPacket | DeadPacket | NamePacket | UnnamePacket | MovedPacket | FlushPacket
           | FlushedPacket | DisownPacket | OwnerPacket | ReceivePacket | PageInPacket
-          | PagePacket)
+          | PagePacket | ChokePacket | ReadyPacket)
 
 
 def new_net_id() -> bytes:
@@ -284,6 +301,10 @@ def _packet_values(packet: Packet) -> list[Any]:
         return [K_PAGEIN, packet.port, packet.offset, packet.length, packet.access]
     if isinstance(packet, PagePacket):
         return [K_PAGE, packet.port, packet.offset, packet.data]
+    if isinstance(packet, ChokePacket):
+        return [K_CHOKE, packet.port, packet.backlog]
+    if isinstance(packet, ReadyPacket):
+        return [K_READY, packet.port]
     return [K_RECEIVE, *_right_values(packet.right)]
 
 
@@ -355,6 +376,8 @@ _ID_PACKETS: dict[int, tuple[str, tuple[type, ...], tuple[int, ...]]] = {
     K_OWNER: ("OWNER", (bytes, bytes, str), (1, 2)),
     K_PAGEIN: ("PAGEIN", (bytes, int, int, int), (1,)),
     K_PAGE: ("PAGE", (bytes, int, bytes), (1,)),
+    K_CHOKE: ("CHOKE", (bytes, int), (1,)),
+    K_READY: ("READY", (bytes,), (1,)),
 }
 
 
@@ -375,6 +398,12 @@ def _id_packet(kind: int, values: list[Any]) -> Packet:
         return DisownPacket(values[1], values[2])
     if kind == K_OWNER:
         return OwnerPacket(values[1], values[2], check_host(values[3], "OWNER host"))
+    if kind == K_READY:
+        return ReadyPacket(values[1])
+    if kind == K_CHOKE:
+        if not 0 < values[2] <= MAX_BACKLOG:
+            raise WireError(f"CHOKE backlog {values[2]} is not in 1..{MAX_BACKLOG}")
+        return ChokePacket(values[1], values[2])
     if not 0 <= values[2] < MAX_COR:
         raise WireError(f"{what} offset {values[2]} is not in 0..{MAX_COR}")
     if kind == K_PAGEIN:

@@ -22,7 +22,7 @@ as everything else (ipc/ipc_right.py):
   for a right that died in transit (a task cannot send a null right itself);
 - `mark_remote(name, host)`: tell the kernel's reports (ps, lsmp, vmmap) that the
   server's port `name` is a proxy for a port of `host` ("": it is not, or no longer);
-- `queued(name)`: how many messages wait on a port;
+- `queued(name)`: how many messages wait on a port; `fill(name)`: that and its backlog;
 - `read(address, size)`: bytes of the server's own address space, read in the kernel
   (no page is entered in the server's pmap, so a large region costs no fault per page),
   READ_CHUNK bytes per kernel entry.
@@ -145,6 +145,14 @@ def queued(name: int) -> int:
     with _kernel() as thread:
         entry = _entry(thread, name)
         return len(entry.port.queue) if entry is not None else 0
+
+
+def fill(name: int) -> tuple[int, int]:
+    """(messages queued, backlog) of the port the server names `name` ((0, 1) if it names
+    none)."""
+    with _kernel() as thread:
+        entry = _entry(thread, name)
+        return (len(entry.port.queue), entry.port.backlog) if entry is not None else (0, 1)
 
 
 def read(address: int, size: int) -> bytes:
