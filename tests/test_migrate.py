@@ -373,3 +373,63 @@ def test_demo_migrate_moves_the_counter_and_its_count_goes_on() -> None:
         assert len(there) == 1 and next(iter(there))[1] == "B"
         assert next(iter(there))[0] not in first | here
         assert {h for _, _, h, _ in counts[:6]} == {"A"}
+
+
+COUNTER = WINDOW_BASE + (1 << 38)
+STEP = 100_000  # increments between two kernel calls
+
+
+def counter_spinner(report: int) -> None:
+    """A migratable task that computes: STEP increments of a counter in pymach memory
+    with no kernel call, then one (thread_self), and so on; it reports the counter on
+    each start."""
+    me = m.task_self()
+    if not m.vm_regions(me, COUNTER, PAGE):
+        m.vm_allocate(me, COUNTER, PAGE, False)
+    count = np.frombuffer(m.memory().buffer(COUNTER, 8), dtype=np.int64)
+    m.msg_send(m.Message(remote_port=report, items=[m.Int(int(m.migrated())),
+                                                    m.Int(int(count[0]))]))
+    while True:
+        for _ in range(STEP):
+            count[0] += 1
+        m.thread_self()
+
+
+def busy(report: int) -> None:
+    """A migratable task that never makes a kernel call after its report."""
+    m.msg_send(m.Message(remote_port=report))
+    while True:
+        pass
+
+
+def test_the_freeze_waits_for_every_thread_to_stop_between_two_calls(native: str) -> None:
+    """The state captured is the task's at a kernel call: the counter moves as a whole
+    number of steps, never half-way through one."""
+    me = m.task_self()
+    report = m.port_allocate(me)
+    h = m.spawn(counter_spinner, m.Port(report, m.MAKE_SEND), name="spinner",
+                migratable=True)
+    assert m.msg_receive(report, m.RCV_TIMEOUT, 30_000).values() == [0, 0]
+    wait_for(lambda: m.vm_resident(h.port, COUNTER, PAGE) != [])  # it is counting
+    time.sleep(0.3)
+    new = m.task_migrate(h.port)
+    moved, count = m.msg_receive(report, m.RCV_TIMEOUT, 30_000).values()
+    assert moved == 1 and count > 0 and count % STEP == 0
+    m.task_terminate(new)
+
+
+def test_a_task_that_makes_no_kernel_call_is_not_frozen_half_way(
+        native: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymach.net import migration
+
+    monkeypatch.setattr(migration, "FREEZE_TIMEOUT_S", 0.5)
+    me = m.task_self()
+    report = m.port_allocate(me)
+    h = m.spawn(busy, m.Port(report, m.MAKE_SEND), name="busy", migratable=True)
+    m.msg_receive(report, m.RCV_TIMEOUT, 30_000)
+    with pytest.raises(m.MachError, match="without a kernel call") as e:
+        m.task_migrate(h.port)
+    assert e.value.code == "KERN_FAILURE"
+    assert m.task_info(h.port)[:2] == ("busy", 0)  # it runs on, resumed
+    m.task_terminate(h.port)
+

@@ -6,12 +6,13 @@ ends the old one. The mechanism (what moves, the one state message, each host's
 migration server, what is trusted) is net/migration.py.
 
 Order of a move: check the task can move and where to (nothing is changed yet);
-task_suspend; capture (regions as copy-on-write copies, rights moved to the migrator);
-build the new task here, or send the state to the other host; task_terminate the old
-one. A move refused before the state left the migrator, or refused by the other host
-(the rights come back), leaves the old task running as it was. A move whose answer
-never comes (the other host went down on the way) ends the old task: its rights were on
-their way and are lost.
+task_suspend, and wait until every thread has stopped in the kernel (`await_frozen`);
+capture (regions as copy-on-write copies, rights moved to the migrator); build the new
+task here, or send the state to the other host; task_terminate the old one. A move
+refused before the state left the migrator, or refused by the other host (the rights
+come back), leaves the old task running as it was. A move whose answer never comes (the
+other host went down on the way) ends the old task: its rights were on their way and
+are lost.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pymach.mach_vm import vm_page_size
 from pymach.net.migration import (
     Bounced,
     TaskState,
+    await_frozen,
     check_move,
     drop_regions,
     give_back,
@@ -91,6 +93,7 @@ def task_migrate(task: int, host: str | None = None, prepage: bool = False) -> i
         predicted = _working_set(task) if prepage else []
     task_suspend(task)
     try:
+        await_frozen(task)
         state = task_capture(task, entry)
     except BaseException:
         task_resume(task)

@@ -22,8 +22,11 @@ The migration manager (apps/migrate.py: `task_migrate`) moves a migratable nativ
   memory (vm_allocate'd regions) and port names.
 
 The old task is frozen with task_suspend, which stops its threads at their next kernel
-call: a change a thread makes to its memory after its last kernel call is not carried,
-so a migratable program finishes each change before its next pymach call.
+call, and the manager waits until every thread has stopped there, or is blocked in one
+(`await_frozen`), before it captures anything: the state is the task's between two of
+its calls, never half-way through a change. A migratable program finishes each change
+before its next pymach call; a thread that computes for FREEZE_TIMEOUT_S without a call
+keeps its task from being frozen (KERN_FAILURE, and the task runs on).
 
 The state moves as ONE message (`state_message` / `_decode_state`): regions out of
 line (moved, deallocate), rights as port items, the rest as data. On one host the
@@ -66,6 +69,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -124,6 +128,7 @@ from pymach.mach import (
     task_terminate,
     task_threads,
     thread_get_special_port,
+    thread_info,
     thread_reply,
     vm_deallocate,
     vm_map_copyout,
@@ -195,6 +200,30 @@ class Bounced(Exception):
 
 
 # -- capture: the old task's side -------------------------------------------------------
+
+FREEZE_TIMEOUT_S = 5.0  # how long a suspended task's threads may take to stop in the kernel
+
+
+def await_frozen(task: int, timeout_s: float | None = None) -> None:
+    """Wait until every thread of the suspended `task` is stopped in the kernel (at a
+    kernel call, or blocked in one): from then on it changes nothing until resumed, and
+    what it wrote before its last kernel call is all there. KERN_FAILURE if a thread is
+    still running its own code after `timeout_s` (a computation that makes no kernel
+    call cannot be frozen at such a point; default FREEZE_TIMEOUT_S)."""
+    timeout_s = FREEZE_TIMEOUT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = [name for name, state, _ in map(thread_info, task_threads(task))
+                if state in ("running", "new")]
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise MachError("KERN_FAILURE", f"thread {busy[0]!r} ran its own code for "
+                            f"{timeout_s:g} s after task_suspend without a kernel call: the "
+                            f"task cannot be frozen between two of its calls (make a pymach "
+                            f"call now and then in long computations)")
+        time.sleep(0.001)
+
 
 def task_capture(task: int, entry: str) -> TaskState:
     """The state of the suspended `task`: its regions as copy-on-write copies in the
@@ -711,6 +740,7 @@ __all__ = [
     "RegionState",
     "RightState",
     "TaskState",
+    "await_frozen",
     "check_move",
     "drop_regions",
     "give_back",
