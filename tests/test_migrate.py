@@ -221,11 +221,9 @@ def start_server(name: str) -> tuple[Any, int, int]:
     return h, svc, gate
 
 
-@pytest.mark.slow
-def test_a_task_moves_with_its_memory_ports_and_queued_messages(native: str) -> None:
-    h, svc, _ = start_server("mover")
-    old_pid, moved = rpc(svc, WHO)
-    assert moved == 0
+def hold_with_queue(h: Any, svc: int) -> Any:
+    """Make the server stop serving `svc` (HOLD), then queue three notes and an rpc
+    (made by a spawned client, whose handle is returned) on it."""
     served = json.loads(m.task_get_entry(h.port))["args"][0]  # its name for svc
     m.msg_send(m.Message(remote_port=svc, id=HOLD))  # it stops serving svc
     wait_for(lambda: m.port_status(h.port, served)[1] == 0)  # once it has taken HOLD
@@ -235,6 +233,15 @@ def test_a_task_moves_with_its_memory_ports_and_queued_messages(native: str) -> 
         m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(k)]))
     asker = m.spawn(client, m.Port(svc, m.COPY_SEND), name="asker")  # its rpc queues too
     wait_for(lambda: m.port_status(h.port, served)[1] == 4)  # 3 notes and the rpc
+    return asker
+
+
+@pytest.mark.slow
+def test_a_task_moves_with_its_memory_ports_and_queued_messages(native: str) -> None:
+    h, svc, _ = start_server("mover")
+    old_pid, moved = rpc(svc, WHO)
+    assert moved == 0
+    asker = hold_with_queue(h, svc)
     names = m.port_names(h.port)
 
     old = h.port

@@ -37,13 +37,12 @@ from pymach.mach import end_spawned_tasks
 from pymach.net.migration import host_is_local
 from test_migrate import (
     ARRAY_PAGES,
-    HOLD,
     NOTE,
     NOTES,
     STOP,
     TOUCH,
     WHO,
-    client,
+    hold_with_queue,
     rpc,
     start_server,
     wait_for,
@@ -101,13 +100,7 @@ def test_a_task_moves_to_another_host_with_its_memory_and_ports(cluster: Cluster
     h, svc, _ = start_server("mover")
     old_pid, moved = rpc(svc, WHO)
     assert moved == 0
-    served = json.loads(m.task_get_entry(h.port))["args"][0]  # its name for svc
-    m.msg_send(m.Message(remote_port=svc, id=HOLD))  # it stops serving svc
-    wait_for(lambda: m.port_status(h.port, served)[1] == 0)  # once it has taken HOLD
-    for k in (11, 22, 33):
-        m.msg_send(m.Message(remote_port=svc, id=NOTE, items=[m.Int(k)]))
-    asker = m.spawn(client, m.Port(svc, m.COPY_SEND), name="asker")  # its rpc queues too
-    wait_for(lambda: m.port_status(h.port, served)[1] == 4)  # 3 notes and the rpc
+    asker = hold_with_queue(h, svc)
     names = dict(zip(*m.port_names(h.port), strict=True))
 
     new = m.task_migrate(h.port, "B")

@@ -120,23 +120,22 @@ def unpack_header(data: bytes) -> tuple[int, int, int]:
 def encode(values: Sequence[Any]) -> bytes:
     """The body for `values` (None, bool, int, float, bytes, str, list/tuple, Message);
     WireError for anything else, or for an item holding a value of the wrong kind."""
+    return bytes(_encoded(values))
+
+
+def _encoded(values: Sequence[Any]) -> bytearray:
     out = bytearray()
     try:
         for v in values:
             _put(out, v, 0)
     except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as e:
         raise WireError(f"cannot encode: {e}") from None
-    return bytes(out)
+    return out
 
 
 def encode_with_blob(values: Sequence[Any], blob: bytes) -> bytes:
     """encode([*values, blob]), copying the (large) bytes `blob` once, not twice."""
-    head = bytearray()
-    try:
-        for v in values:
-            _put(head, v, 0)
-    except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as e:
-        raise WireError(f"cannot encode: {e}") from None
+    head = _encoded(values)
     head.append(T_BYTES)
     head += _U32.pack(len(blob))
     return b"".join((head, blob))
