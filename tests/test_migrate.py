@@ -440,3 +440,40 @@ def test_a_task_that_makes_no_kernel_call_is_not_frozen_half_way(
     assert m.task_info(h.port)[:2] == ("busy", 0)  # it runs on, resumed
     m.task_terminate(h.port)
 
+
+
+SHARED_AT = WINDOW_BASE + (1 << 39)
+
+
+def sharer(report: int) -> None:
+    """A migratable task with a region it shares with a child task (VM_INHERIT_SHARE):
+    first start, it writes "before" there and reports the child's port; after a move,
+    "after!"."""
+    me = m.task_self()
+    if not m.vm_regions(me, SHARED_AT, PAGE):
+        m.vm_allocate(me, SHARED_AT, PAGE, False)
+        m.vm_inherit(me, SHARED_AT, PAGE, m.VM_INHERIT_SHARE)
+        child = m.task_create(me, True)
+        m.memory()[SHARED_AT:SHARED_AT + 6] = b"before"
+        m.msg_send(m.Message(remote_port=report, items=[m.Int(0), m.Port(child, m.MOVE_SEND)]))
+    else:
+        m.memory()[SHARED_AT:SHARED_AT + 6] = b"after!"
+        m.msg_send(m.Message(remote_port=report, items=[m.Int(1)]))
+    m.msg_receive(m.port_allocate(me))
+
+
+def test_a_region_shared_with_another_task_stays_shared_after_a_move(native: str) -> None:
+    me = m.task_self()
+    report = m.port_allocate(me)
+    h = m.spawn(sharer, m.Port(report, m.MAKE_SEND), name="sharer", migratable=True)
+    first = m.msg_receive(report, m.RCV_TIMEOUT, 30_000)
+    child = first.items[1].name
+    assert m.vm_read(child, SHARED_AT, 6) == b"before"
+    assert [r.shared for r in m.vm_regions(h.port, SHARED_AT, PAGE)] == [True]
+    new = m.task_migrate(h.port)
+    assert m.msg_receive(report, m.RCV_TIMEOUT, 30_000).values() == [1]
+    assert m.vm_read(child, SHARED_AT, 6) == b"after!"  # the new task writes where the
+    (region,) = m.vm_regions(new, SHARED_AT, PAGE)  # child reads: one region, shared
+    assert region.shared and region.inheritance == m.VM_INHERIT_SHARE
+    m.task_terminate(new)
+    m.task_terminate(child)

@@ -39,11 +39,13 @@ from test_migrate import (
     ARRAY_PAGES,
     NOTE,
     NOTES,
+    SHARED_AT,
     STOP,
     TOUCH,
     WHO,
     hold_with_queue,
     rpc,
+    sharer,
     start_server,
     wait_for,
 )
@@ -210,3 +212,17 @@ def test_prepaging_brings_the_working_set_before_the_task_starts(
     came = m.vm_statistics(new).pageins - before
     assert (came == 0) if prepage else (came > 0)
     m.task_terminate(new)
+
+
+def test_a_shared_region_moves_within_a_host_only(cluster: Cluster) -> None:
+    me = m.task_self()
+    report = m.port_allocate(me)
+    h = m.spawn(sharer, m.Port(report, m.MAKE_SEND), name="sharer", migratable=True)
+    child = m.msg_receive(report, m.RCV_TIMEOUT, 60_000).items[1].name
+    with pytest.raises(m.MachError, match="within this host only") as e:
+        m.task_migrate(h.port, "B")
+    assert e.value.code == "KERN_INVALID_ARGUMENT"
+    assert m.task_info(h.port)[:2] == ("sharer", 0)  # untouched, running
+    assert m.vm_read(child, SHARED_AT, 6) == b"before"
+    m.task_terminate(h.port)
+    m.task_terminate(child)

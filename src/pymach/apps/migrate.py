@@ -21,6 +21,7 @@ import contextlib
 import socket
 
 from pymach.errors import MachError
+from pymach.include.vm_param import VM_INHERIT_NONE, VM_INHERIT_SHARE
 from pymach.mach import (
     _migrated_main,
     msg_send,
@@ -34,11 +35,13 @@ from pymach.mach import (
     task_suspend,
     task_terminate,
     thread_create,
+    vm_inherit,
     vm_resident,
 )
-from pymach.mach_vm import vm_page_size
+from pymach.mach_vm import VmRegion, vm_page_size
 from pymach.net.migration import (
     Bounced,
+    RegionState,
     TaskState,
     await_frozen,
     check_move,
@@ -94,7 +97,7 @@ def task_migrate(task: int, host: str | None = None, prepage: bool = False) -> i
     task_suspend(task)
     try:
         await_frozen(task)
-        state = task_capture(task, entry)
+        state = task_capture(task, entry, keep_shared=local)
     except BaseException:
         task_resume(task)
         raise
@@ -113,15 +116,39 @@ def _working_set(task: int) -> list[tuple[int, int]]:
 
 def _move_here(task: int, state: TaskState) -> int:
     """Build the new task on this host, a child of the old one, and end the old one."""
+    shared = state.shared
     try:
         state = _through_one_message(state)
-        new = task_create(task, False)
+        new = _child_sharing(task, shared, state.regions)
         task_build(state, new, lambda: _start(new, state.entry))
     except BaseException:
         give_back(task, state.rights)
         task_resume(task)
         raise
     task_terminate(task)
+    return new
+
+
+def _child_sharing(task: int, shared: list[VmRegion], copied: list[RegionState]) -> int:
+    """A child of the old task that shares its shared regions (inheriting them, VM_INHERIT
+    _SHARE, with every other region set not to be inherited meanwhile: those come from
+    their copies), each with its own inheritance after."""
+    if not shared:
+        return task_create(task, False)
+    attributes = [(c.address, c.size, c.inheritance) for c in copied] + [
+        (r.address, r.size, r.inheritance) for r in shared]
+    for c in copied:
+        vm_inherit(task, c.address, c.size, VM_INHERIT_NONE)
+    for r in shared:
+        vm_inherit(task, r.address, r.size, VM_INHERIT_SHARE)
+    try:
+        new = task_create(task, True)
+    finally:
+        for address, size, inheritance in attributes:
+            with contextlib.suppress(MachError):
+                vm_inherit(task, address, size, inheritance)
+    for r in shared:
+        vm_inherit(new, r.address, r.size, r.inheritance)
     return new
 
 
@@ -184,7 +211,9 @@ def _through_one_message(state: TaskState) -> TaskState:
     port = port_allocate(me)
     try:
         msg_send(state_message(state, port))
-        return receive_state(port)
+        received = receive_state(port)
+        received.shared = state.shared
+        return received
     finally:
         port_deallocate(me, port)
 

@@ -59,8 +59,10 @@ addressed to the reserved id MIGRATE_NET_ID (it does that only for a local migra
 request); the port is never checked in, so no task can name it. The server also refuses
 anything not sent by a task of machd's own user.
 
-Not carried (refused with a clear error): regions shared with other tasks (a sharing
-map: VM_INHERIT_SHARE) and regions that can never be read.
+A region shared with other tasks (a sharing map: VM_INHERIT_SHARE) is not captured: on
+one host the new task shares it (apps/migrate.py makes it a child of the old task that
+inherits just those regions); to another host it is refused with a clear error, as is a
+region that can never be read.
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ class TaskState:
     entry: str
     regions: list[RegionState] = field(default_factory=list)
     rights: list[RightState] = field(default_factory=list)
+    shared: list[VmRegion] = field(default_factory=list)  # regions shared with other
+    # tasks, not captured: a move within the host shares them (never in the message)
     prepage: list[tuple[int, int]] = field(default_factory=list)  # runs (address, size)
     # predicted to be touched first: the new host brings them in before the task starts
 
@@ -225,16 +229,19 @@ def await_frozen(task: int, timeout_s: float | None = None) -> None:
         time.sleep(0.001)
 
 
-def task_capture(task: int, entry: str) -> TaskState:
+def task_capture(task: int, entry: str, keep_shared: bool = False) -> TaskState:
     """The state of the suspended `task`: its regions as copy-on-write copies in the
-    caller's space, its rights (all but its own special ports) moved to the caller. On
-    failure the task is left as it was."""
+    caller's space, its rights (all but its own special ports) moved to the caller. A
+    region shared with other tasks (a sharing map) is refused, or with `keep_shared`
+    (a move within this host) only listed in `shared`: the new task will share it too.
+    On failure the task is left as it was."""
     state = TaskState(task_info(task)[0], entry)
     regions = vm_regions(task)
     _release(r.object_name for r in regions)
-    made_readable = _check_regions(task, regions)
+    made_readable = _check_regions(task, regions, keep_shared)
+    state.shared = [r for r in regions if r.shared]
     try:
-        for r in regions:
+        for r in (r for r in regions if not r.shared):
             mem = vm_read_memory(task, r.address, r.size)
             state.regions.append(RegionState(r.address, r.size, r.protection,
                                              r.max_protection, r.inheritance, mem.address))
@@ -247,19 +254,20 @@ def task_capture(task: int, entry: str) -> TaskState:
     return state
 
 
-def _check_regions(task: int, regions: list[VmRegion]) -> list[VmRegion]:
+def _check_regions(task: int, regions: list[VmRegion], keep_shared: bool) -> list[VmRegion]:
     """Refuse regions that cannot move; make readable those that may be read (the
     copy keeps the region's protection) and return them."""
     for r in regions:
-        if r.shared:
+        if r.shared and not keep_shared:
             raise MachError("KERN_INVALID_ARGUMENT", f"the region at {r.address:#x} is "
-                            f"shared with other tasks (VM_INHERIT_SHARE): task migration "
-                            f"does not carry shared regions yet")
+                            f"shared with other tasks (VM_INHERIT_SHARE): it can move "
+                            f"within this host only (sharing across hosts is a data "
+                            f"manager's work: pagers/shm.py)")
         if not r.max_protection & VM_PROT_READ:
             raise MachError("KERN_INVALID_ARGUMENT", f"the region at {r.address:#x} can "
                             f"never be read (maximum protection {r.max_protection}): it "
                             f"cannot be copied")
-    unreadable = [r for r in regions if not r.protection & VM_PROT_READ]
+    unreadable = [r for r in regions if not r.protection & VM_PROT_READ and not r.shared]
     for r in unreadable:
         vm_protect(task, r.address, r.size, False, r.protection | VM_PROT_READ)
     return unreadable
