@@ -477,3 +477,29 @@ def test_a_region_shared_with_another_task_stays_shared_after_a_move(native: str
     assert region.shared and region.inheritance == m.VM_INHERIT_SHARE
     m.task_terminate(new)
     m.task_terminate(child)
+
+
+def notified(report: int, watched: int) -> None:
+    """A migratable task that, once moved, reports the first notification on its notify
+    port (it was queued before the move) and its name for the watched port."""
+    me = m.task_self()
+    if not m.migrated():
+        m.msg_send(m.Message(remote_port=report, items=[m.Int(0)]))
+        m.msg_receive(m.port_allocate(me))  # it is moved while waiting here
+    note = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 10_000)
+    m.msg_send(m.Message(remote_port=report, items=[
+        m.Int(note.id), m.Int(note.items[0].value), m.Int(watched)]))
+    m.msg_receive(m.port_allocate(me))
+
+
+def test_notifications_queued_before_a_move_reach_the_new_task(native: str) -> None:
+    me = m.task_self()
+    report, watched = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(notified, m.Port(report, m.MAKE_SEND), m.Port(watched, m.MAKE_SEND),
+                name="notified", migratable=True)
+    assert m.msg_receive(report, m.RCV_TIMEOUT, 30_000).values() == [0]
+    m.port_deallocate(me, watched)  # its send right dies: NOTIFY_PORT_DELETED is queued
+    new = m.task_migrate(h.port)
+    note_id, name, its_name = m.msg_receive(report, m.RCV_TIMEOUT, 30_000).values()
+    assert note_id == m.NOTIFY_PORT_DELETED and name == its_name
+    m.task_terminate(new)

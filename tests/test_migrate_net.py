@@ -44,6 +44,7 @@ from test_migrate import (
     TOUCH,
     WHO,
     hold_with_queue,
+    notified,
     rpc,
     sharer,
     start_server,
@@ -226,3 +227,16 @@ def test_a_shared_region_moves_within_a_host_only(cluster: Cluster) -> None:
     assert m.vm_read(child, SHARED_AT, 6) == b"before"
     m.task_terminate(h.port)
     m.task_terminate(child)
+
+
+def test_notifications_queued_before_a_move_reach_the_new_task_on_b(cluster: Cluster) -> None:
+    me = m.task_self()
+    report, watched = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(notified, m.Port(report, m.MAKE_SEND), m.Port(watched, m.MAKE_SEND),
+                name="notified", migratable=True)
+    assert m.msg_receive(report, m.RCV_TIMEOUT, 60_000).values() == [0]
+    m.port_deallocate(me, watched)  # NOTIFY_PORT_DELETED is queued on A
+    new = m.task_migrate(h.port, "B")
+    note_id, name, its_name = m.msg_receive(report, m.RCV_TIMEOUT, 60_000).values()
+    assert note_id == m.NOTIFY_PORT_DELETED and name == its_name  # on B, the same name
+    m.task_terminate(new)

@@ -49,6 +49,7 @@ from pymach.net.migration import (
     give_back,
     host_is_local,
     migrate_to_host,
+    post_notices,
     receive_state,
     state_message,
     task_build,
@@ -123,6 +124,7 @@ def _move_here(task: int, state: TaskState) -> int:
         task_build(state, new, lambda: _start(new, state.entry))
     except BaseException:
         give_back(task, state.rights)
+        post_notices(task, state.notices)
         task_resume(task)
         raise
     task_terminate(task)
@@ -164,6 +166,7 @@ def _move_to(task: int, state: TaskState, host: str) -> int:
         drop_regions(e.state.regions)
         lost = give_back(task, e.state.rights)
         if not lost:
+            post_notices(task, e.state.notices)
             task_resume(task)
             raise e.error from None
         with contextlib.suppress(MachError):
@@ -175,6 +178,7 @@ def _move_to(task: int, state: TaskState, host: str) -> int:
         if e.code.startswith("SEND_"):  # it never left: the rights are still ours
             drop_regions(state.regions)
             give_back(task, state.rights)
+            post_notices(task, state.notices)
             task_resume(task)
             raise
         with contextlib.suppress(MachError):

@@ -12,9 +12,10 @@ The migration manager (apps/migrate.py: `task_migrate`) moves a migratable nativ
 - its port rights, under the same names (`port_names`, `port_extract_right`,
   `port_insert_right`): receive and ownership rights move with the messages queued on
   them (they are the same ports), so tasks holding send rights keep talking to it;
-  whether each receive right was enabled (port_enable) moves too. Its own special ports
-  do not: the new task has its own task port, notify port (notifications queued on the
-  old one are lost) and thread ports;
+  whether each receive right was enabled (port_enable) moves too. Its special ports do
+  not: the new task has its own task port, notify port and thread ports (and makes its
+  own reply ports), but the notifications queued on the old notify port are queued on
+  the new one (their names are the same in the new task), up to its backlog;
 - its entry point (`task_get_entry`): module:qualname, typed arguments, and where its
   program runs (the spawner's cwd and module path). Python threads, stacks and heap do
   not move: the new task's first thread runs the entry point's function again from the
@@ -94,6 +95,7 @@ from pymach.include.message import (
     MOVE_SEND,
     OOL,
     RCV_TIMEOUT,
+    SEND_TIMEOUT,
     Code,
     Disposition,
     Int,
@@ -187,6 +189,9 @@ class TaskState:
     entry: str
     regions: list[RegionState] = field(default_factory=list)
     rights: list[RightState] = field(default_factory=list)
+    notify: int = 0  # the task's name for its notify port (found by _capture_rights)
+    notices: list[tuple[int, int]] = field(default_factory=list)  # notifications queued
+    # on it (id, name): the new task's notify port gets them
     shared: list[VmRegion] = field(default_factory=list)  # regions shared with other
     # tasks, not captured: a move within the host shares them (never in the message)
     prepage: list[tuple[int, int]] = field(default_factory=list)  # runs (address, size)
@@ -245,7 +250,8 @@ def task_capture(task: int, entry: str, keep_shared: bool = False) -> TaskState:
             mem = vm_read_memory(task, r.address, r.size)
             state.regions.append(RegionState(r.address, r.size, r.protection,
                                              r.max_protection, r.inheritance, mem.address))
-        state.rights = _capture_rights(task)
+        state.rights = _capture_rights(task, state)
+        state.notices = take_notices(task, state.notify)
     except BaseException:
         drop_regions(state.regions)
         for r in made_readable:
@@ -273,7 +279,7 @@ def _check_regions(task: int, regions: list[VmRegion], keep_shared: bool) -> lis
     return unreadable
 
 
-def _capture_rights(task: int) -> list[RightState]:
+def _capture_rights(task: int, state: TaskState) -> list[RightState]:
     """Move every right of `task` to the caller, except its rights to its own special
     ports, its threads' ports and their reply ports (they stay, and die with it). A
     copied send right tells which port a name stands for before anything is taken; a
@@ -283,8 +289,9 @@ def _capture_rights(task: int) -> list[RightState]:
     me = task_self()
     before = set(port_names(me)[0])
     threads = task_threads(task)
+    notify = task_get_special_port(task, TASK_NOTIFY_PORT)
     special = {task_get_special_port(task, w) for w in (
-        TASK_KERNEL_PORT, TASK_NOTIFY_PORT, TASK_BOOTSTRAP_PORT)} | set(threads) | {
+        TASK_KERNEL_PORT, TASK_BOOTSTRAP_PORT)} | set(threads) | {notify} | {
         thread_get_special_port(t, THREAD_REPLY_PORT) for t in threads}
     probed: set[int] = set()
     rights: list[RightState] = []
@@ -292,6 +299,8 @@ def _capture_rights(task: int) -> list[RightState]:
         for name, kind in zip(*port_names(task), strict=True):
             held: int = port_extract_right(task, name, COPY_SEND)  # our name for its port
             probed.add(held)
+            if held == notify:
+                state.notify = name
             if held in special:
                 continue
             disposition = _disposition(kind)
@@ -331,7 +340,9 @@ def state_message(state: TaskState, dest: int) -> Message:
         r.address, r.size, r.protection, r.max_protection, r.inheritance))
     rights = tuple(v for r in state.rights for v in (r.name, r.disposition, int(r.enabled)))
     prepage = tuple(v for run in state.prepage for v in run)
-    items: list[Item] = [Str(meta), IntArray(regions), IntArray(rights), IntArray(prepage)]
+    notices = tuple(v for notice in state.notices for v in notice)
+    items: list[Item] = [Str(meta), IntArray(regions), IntArray(rights), IntArray(prepage),
+                         IntArray(notices)]
     items += [OOL(r.memory, r.size, deallocate=True) for r in state.regions]
     items += [Port(r.held, _sent_as(r)) for r in state.rights]
     return Message(remote_port=dest, id=MSG_ID_TASK_STATE, items=items)
@@ -354,7 +365,8 @@ def receive_state(port: int) -> TaskState:
     return state
 
 
-_FIXED = 4  # the state message's leading items: meta, regions, rights, pre-paging runs
+_FIXED = 5  # the state message's leading items: meta, regions, rights, pre-paging runs,
+# notifications
 
 
 def _ints(item: Item) -> tuple[int, ...]:
@@ -367,7 +379,7 @@ def _decode_state(msg: Message, before: set[int]) -> TaskState | None:
     if msg.id != MSG_ID_TASK_STATE or len(items) < _FIXED or not isinstance(items[0], Str) \
             or not all(isinstance(i, IntArray) for i in items[1:_FIXED]):
         return None
-    regions, rights, prepage = (_ints(i) for i in items[1:_FIXED])
+    regions, rights, prepage, notices = (_ints(i) for i in items[1:_FIXED])
     nr, nk = len(regions) // 5, len(rights) // 3
     ool = [i for i in items[_FIXED:_FIXED + nr] if isinstance(i, OOL)]
     held = [i for i in items[_FIXED + nr:] if isinstance(i, Port)]
@@ -378,9 +390,10 @@ def _decode_state(msg: Message, before: set[int]) -> TaskState | None:
     except (ValueError, TypeError, KeyError, MachError):
         return None
     if len(ool) != nr or len(held) != nk or len(items) != _FIXED + nr + nk \
-            or len(prepage) % 2:
+            or len(prepage) % 2 or len(notices) % 2:
         return None
     state = TaskState(name, entry)
+    state.notices = list(zip(notices[::2], notices[1::2], strict=True))
     state.prepage = list(zip(prepage[::2], prepage[1::2], strict=True))
     state.regions = [RegionState(regions[5 * i], regions[5 * i + 1], regions[5 * i + 2],
                                  regions[5 * i + 3], regions[5 * i + 4], ool[i].address)
@@ -409,6 +422,7 @@ def task_build(state: TaskState, new: int, start: Callable[[], None]) -> int:
         for right in state.rights:
             _insert_right(new, right)
             inserted.append(right)
+        post_notices(new, state.notices)
         task_set_entry(new, state.entry)
         start()
     except BaseException:
@@ -419,6 +433,54 @@ def task_build(state: TaskState, new: int, start: Callable[[], None]) -> int:
     state.rights = []
     _tell_outcome_port(state.entry, new)
     return new
+
+
+def post_notices(task: int, notices: list[tuple[int, int]]) -> int:
+    """Queue `notices` (id, name) on the task's notify port, as the kernel queued them
+    on the old task's (the names are the same in the new task); returns how many fit
+    (the port's backlog bounds them, as it bounds the kernel's own)."""
+    if not notices:
+        return 0
+    before = set(port_names(task_self())[0])
+    notify: int = task_get_special_port(task, TASK_NOTIFY_PORT)
+    posted = 0
+    try:
+        for msg_id, name in notices:
+            with contextlib.suppress(MachError):
+                msg_send(Message(remote_port=notify, id=msg_id, items=[Int(name)]),
+                         SEND_TIMEOUT, 0)
+                posted += 1
+    finally:
+        if notify not in before:
+            port_deallocate(task_self(), notify)
+    return posted
+
+
+def take_notices(task: int, name: int) -> list[tuple[int, int]]:
+    """The notifications queued on the suspended task's notify port (`name`, its name
+    for it), taken off it: the receive right comes to the caller for the moment and goes
+    back under the same name, enabled as it was."""
+    if not name:
+        return []
+    enabled = bool(port_status(task, name)[0])
+    held: int = port_extract_right(task, name, MOVE_RECEIVE)
+    notices: list[tuple[int, int]] = []
+    try:
+        while True:
+            try:
+                msg = msg_receive(held, RCV_TIMEOUT, 0)
+            except MachError as e:
+                if e.code == "RCV_TIMED_OUT":
+                    break
+                raise
+            values = msg.values()
+            if len(values) == 1 and isinstance(values[0], int):
+                notices.append((msg.id, values[0]))
+    finally:
+        port_insert_right(task, name, Port(held, MOVE_RECEIVE))
+        if enabled:
+            port_enable(task, name)
+    return notices
 
 
 def _insert_right(task: int, r: RightState) -> None:
@@ -754,9 +816,11 @@ __all__ = [
     "give_back",
     "host_is_local",
     "migrate_to_host",
+    "post_notices",
     "receive_state",
     "refusal",
     "state_message",
+    "take_notices",
     "task_build",
     "task_capture",
 ]
