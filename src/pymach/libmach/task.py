@@ -33,8 +33,10 @@ import contextlib
 import ctypes
 import faulthandler
 import os
+import select
 import sys
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -62,6 +64,7 @@ MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x4000, 0x100000
 MAP_FAILED = ctypes.c_void_p(-1).value
 EXIT_MACHD_DIED, EXIT_KILLED = 3, 70
+VERDICT_WAIT_S = 5.0  # how long a thread whose connection closed waits for machd's DIE
 
 
 def _mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
@@ -209,10 +212,14 @@ class NativeProcess:
                          name="pymach.control").start()
 
     def check_machd(self) -> None:
-        """After a lost connection: if machd itself is gone, exit with a clear message
-        (as the control thread does) rather than end just this thread."""
+        """After a lost connection: if machd ended the whole task, let the control thread
+        act on its verdict (machd sends DIE before it closes the task's threads, but
+        that thread may read it later than this one sees its connection close); if machd
+        itself is gone, exit with a clear message (as the control thread does) rather
+        than end just this thread."""
         if self.detaching:
             return
+        self.await_verdict()
         try:
             chan = Channel.connect(self.socket_path, timeout=5)
             chan.sock.settimeout(5)  # a dying machd may still accept, but never answers
@@ -221,6 +228,19 @@ class NativeProcess:
             chan.close()
         except (OSError, Disconnected, MachError):
             _die(f"pymach: machd went away; task {self.task_name!r} exits", EXIT_MACHD_DIED)
+
+    def await_verdict(self, seconds: float = VERDICT_WAIT_S) -> None:
+        """If a frame (a DIE) waits on the control connection, give the control thread
+        `seconds` to act on it (it exits the process)."""
+        chan = self.control
+        deadline = time.monotonic() + seconds
+        while chan is not None and time.monotonic() < deadline:
+            try:
+                pending = select.select([chan.sock], [], [], 0)[0]
+            except (OSError, ValueError):
+                return
+            if not pending or self.control_closed.wait(0.05):
+                return
 
     def _control(self, chan: Channel) -> None:
         while True:
@@ -393,6 +413,7 @@ def _reply(process: NativeProcess, chan: Channel, frame: Frame) -> Any:
     status, value, code, detail, batch, upto, maps = frame.values
     process.apply(chan, batch, upto, maps, frame.fds)
     if status == traps.REPLY_TERMINATED:
+        process.await_verdict()  # the whole task may be ending: machd says so (DIE)
         raise ThreadTerminated()
     if status != traps.REPLY_OK:
         raise MachError(code, detail)
