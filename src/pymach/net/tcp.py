@@ -6,8 +6,9 @@ hosts, in order, and says when a host comes and goes.
 
 - **One event loop.** An asyncio loop in a thread of its own carries every connection.
   `send` (from the server's thread) queues the packet on the peer's session and wakes
-  the loop; the loop hands what arrives to the sink, which only queues it
-  (net/station.py).
+  the loop; the loop hands what arrives to the sink, and only the loop's thread calls
+  the sink (`own_thread`: the host's server may act on a packet there before the loop
+  reads on, net/station.py).
 - **Who is a host.** Every connection is TLS 1.3 with certificates both ways, checked
   against the cluster's CA (net/cluster.py). A peer's host name is the name its
   certificate carries, never a claim it sends; a peer that presents our own name, or a
@@ -75,6 +76,7 @@ import ssl
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +184,8 @@ class Session:
 class TcpTransport(NetTransport):
     """A host's attachment to a cluster over TCP with mutual TLS (see module docstring)."""
 
+    own_thread = True  # the sink is called only from the loop's thread
+
     def __init__(self, config: TcpConfig) -> None:
         self.config = config  # immutable
         self.limits = config.limits  # immutable
@@ -194,6 +198,7 @@ class TcpTransport(NetTransport):
         self._sink: PacketSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._loop_ident = 0  # the loop thread's threading.get_ident(), once it runs
         self._dialing: set[str] = set()  # peers we sent a HELLO and await an answer from
         self._known: dict[Address, str] = {}  # the host at each address we dialed
         self._pending = 0  # incoming connections not yet links
@@ -248,8 +253,25 @@ class TcpTransport(NetTransport):
             self._call(self._end, s, f"{self.limits.max_queued} bytes for it are "
                        f"unacknowledged")
             return False
-        if wake:
+        if wake and threading.get_ident() == self._loop_ident:
+            self._flush(s)  # (sent from the loop's own thread: written now)
+        elif wake:
             self._call(self._flush, s)
+        return True
+
+    def call_soon(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Run `fn(*args)` on the loop's thread soon, after what it has to do already
+        (from any thread; never blocks); False if the loop has stopped."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return False
+        try:
+            if threading.get_ident() == self._loop_ident:
+                loop.call_soon(fn, *args)  # (no wake-up needed: the loop is running this)
+            else:
+                loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed meanwhile
+            return False
         return True
 
     def disconnect(self, host: str, why: str) -> None:
@@ -287,13 +309,12 @@ class TcpTransport(NetTransport):
     # -- the loop ---------------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any) -> None:
         """Run `fn(*args)` on the loop (nothing if it has stopped)."""
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(fn, *args)
+        self.call_soon(fn, *args)
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         loop = self._loop
         assert loop is not None
+        self._loop_ident = threading.get_ident()
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(_log_loop_error)
         try:
