@@ -84,6 +84,7 @@ from pymach.errors import MachError
 from pymach.include import wire
 from pymach.include.wire import WireError
 from pymach.net.cluster import Credentials, cert_host, check_host_name, tls_contexts
+from pymach.net.tlsstream import TlsStream
 from pymach.net.transport import NetTransport, PacketSink
 
 log = logging.getLogger("pymach.net")
@@ -100,6 +101,7 @@ ACK_COUNT = 256  # packets received after which an acknowledgement goes at once
 HEARTBEATS = 8  # heartbeats (ACK frames) per peer_timeout, at least
 NOTICE_S = 0.1  # of peer_timeout, left for the news of a host down to reach tasks
 TIMEOUT_MS_MAX = 86_400_000  # the largest peer_timeout a peer may announce
+THROTTLE_S = 0.002  # seconds between looks at a host's backlog while reading waits
 _JOIN_MAX = 64 << 10  # bodies up to this size are written with their header in one piece
 Address = tuple[str, int]
 
@@ -147,9 +149,10 @@ def tcp_config(directory: str, host: str, listen: Address | None = None,
 class Conn:
     """One TCP connection, carrying one session's frames until it closes."""
 
-    writer: asyncio.StreamWriter
+    writer: TlsStream
     dialed: bool  # we dialed it (else the peer did)
     closed: bool = False
+    taking: bool = False  # its frames are being taken (_frames)
 
 
 @dataclass(eq=False)
@@ -179,6 +182,7 @@ class Session:
     watchdog: asyncio.TimerHandle | None = None
     resumed: int = 0  # connections after the first
     resent: int = 0  # packets written again after a reconnect
+    throttled: bool = False  # reading waits for the host to take what it has (_throttle)
 
 
 class TcpTransport(NetTransport):
@@ -413,25 +417,19 @@ class TcpTransport(NetTransport):
             await self._serve(*linked)
 
     async def _greet(self, sock: socket.socket
-                     ) -> tuple[Session, Conn, asyncio.StreamReader] | None:
+                     ) -> tuple[Session, Conn, TlsStream] | None:
         """The acceptor's side of the handshake: (the session, its new connection, the
         reader), or None if BUSY was sent."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, sock, ssl=self.config.server_tls,
-            ssl_handshake_timeout=self.limits.handshake_timeout)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        stream = await TlsStream.handshake(sock, self.config.server_tls, server_side=True)
         try:
-            linked = await self._hello(reader, writer)
+            linked = await self._hello(stream, stream)
         except BaseException:
-            transport.abort()
+            stream.abort()
             raise
-        return None if linked is None else (*linked, reader)
+        return None if linked is None else (*linked, stream)
 
-    async def _hello(self, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> tuple[Session, Conn] | None:
+    async def _hello(self, reader: TlsStream,
+                     writer: TlsStream) -> tuple[Session, Conn] | None:
         """Read the dialer's HELLO and answer it: (the session, the connection now
         carrying it), or None (BUSY sent)."""
         peer = self._peer_of(writer)
@@ -507,10 +505,10 @@ class TcpTransport(NetTransport):
             backoff = min(2 * backoff, most)
 
     async def _connect(self, addr: Address
-                       ) -> tuple[Session, Conn, asyncio.StreamReader] | None:
+                       ) -> tuple[Session, Conn, TlsStream] | None:
         """The dialer's side of the handshake: (the session, its new connection, the
         reader), or None if there is a link already or the acceptor is busy."""
-        reader, writer = await asyncio.open_connection(*addr, ssl=self.config.client_tls)
+        reader = writer = await TlsStream.dial(addr, self.config.client_tls)
         try:
             peer = self._peer_of(writer)
             self._known[addr] = peer
@@ -529,10 +527,10 @@ class TcpTransport(NetTransport):
             linked = self._answered(peer, s, writer, op, body)
             return None if linked is None else (*linked, reader)
         except BaseException:
-            writer.transport.abort()
+            writer.abort()
             raise
 
-    def _answered(self, peer: str, asked: Session | None, writer: asyncio.StreamWriter,
+    def _answered(self, peer: str, asked: Session | None, writer: TlsStream,
                   op: int, body: bytes) -> tuple[Session, Conn] | None:
         """The acceptor's answer to our HELLO (which named session `asked`): the session
         and connection, or None if it is busy or a link came the other way meanwhile."""
@@ -564,7 +562,7 @@ class TcpTransport(NetTransport):
         self._attach(s, conn)
         return s, conn
 
-    def _peer_of(self, writer: asyncio.StreamWriter) -> str:
+    def _peer_of(self, writer: TlsStream) -> str:
         """The host name in the peer's (verified) certificate."""
         try:
             peer = cert_host(writer.get_extra_info("peercert"))
@@ -636,7 +634,7 @@ class TcpTransport(NetTransport):
         if conn.closed:
             return
         conn.closed = True
-        conn.writer.transport.abort()
+        conn.writer.abort()
         with self._lock:
             current = s.conn is conn
             if current:
@@ -667,7 +665,7 @@ class TcpTransport(NetTransport):
                 timer.cancel()
         if conn is not None and not conn.closed:
             conn.closed = True
-            conn.writer.transport.abort()
+            conn.writer.abort()
         log.log(logging.INFO if closing else logging.WARNING, "tcp %s: host %r is down: %s",
                 self._host, s.peer, why)
         if not closing and self._sink is not None:
@@ -713,34 +711,59 @@ class TcpTransport(NetTransport):
             self._end(s, why)
 
     # -- frames on a connection ---------------------------------------------------------------
-    async def _serve(self, s: Session, conn: Conn, reader: asyncio.StreamReader) -> None:
+    async def _serve(self, s: Session, conn: Conn, reader: TlsStream) -> None:
         """Hand the connection's packets to the sink until it ends; then the session waits
-        for another (or ends, if the peer left or broke the protocol)."""
-        why = "the connection ended"
+        for another (or ends, if the peer left or broke the protocol). Frames are taken
+        as they arrive, on the reader's callback (`_frames`)."""
+        ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        reader.on_data = lambda: self._frames(s, conn, reader, ended)
         try:
-            while not conn.closed:
-                op, head, body = await read_frame(reader, self.limits.max_packet)
-                if conn.closed:
+            self._frames(s, conn, reader, ended)  # (what came with the handshake)
+            why = await ended
+        finally:
+            reader.on_data = None
+        if why:
+            self._lose(s, conn, why)
+
+    def _frames(self, s: Session, conn: Conn, reader: TlsStream,
+                ended: asyncio.Future[str]) -> None:
+        """Act on every whole frame `reader` holds; when the connection is over, say why
+        on `ended` ("" if nothing is left to do: it was closed here, or the session
+        ended)."""
+        if ended.done() or s.throttled or conn.taking:
+            return  # (called again from inside: the loop below goes on)
+        why = ""
+        conn.taking = True
+        try:
+            while not conn.closed and not s.ended and not s.throttled:
+                frame = take_frame(reader, self.limits.max_packet)
+                if frame is None:
                     return
-                s.last_heard = asyncio.get_running_loop().time()
-                if op == OP_DATA:
-                    self._data(s, head, body)
-                    await self._throttle(s, conn)
-                elif op == OP_ACK:
-                    self._acked(s, ACK_BODY.unpack(head)[0])
-                elif op == OP_BYE:
-                    self._end(s, "it left the cluster")
-                    return
-                else:
-                    raise WireError(f"op {op} on a link")
+                self._frame(s, conn, reader, *frame)
         except WireError as e:
             if not conn.closed:
                 self.dropped += 1
                 self._end(s, f"it broke the protocol: {e.detail}")
-            return
         except (OSError, EOFError) as e:
             why = _why(e)
-        self._lose(s, conn, why)
+        finally:
+            conn.taking = False
+        if (why or conn.closed or s.ended) and not ended.done():
+            ended.set_result(why)
+
+    def _frame(self, s: Session, conn: Conn, reader: TlsStream, op: int, head: bytes,
+               body: bytes) -> None:
+        """One frame from the peer (WireError if it has no business on a link)."""
+        s.last_heard = asyncio.get_running_loop().time()
+        if op == OP_DATA:
+            self._data(s, head, body)
+            self._throttle(s, conn, reader)
+        elif op == OP_ACK:
+            self._acked(s, ACK_BODY.unpack(head)[0])
+        elif op == OP_BYE:
+            self._end(s, "it left the cluster")
+        else:
+            raise WireError(f"op {op} on a link")
 
     def _data(self, s: Session, head: bytes, packet: bytes) -> None:
         """A DATA frame: exactly the next packet, to the sink; its acknowledgement."""
@@ -777,13 +800,23 @@ class TcpTransport(NetTransport):
             write_frame(conn.writer, OP_ACK, ACK_BODY.pack(s.received))
             s.told, s.owed_bytes = s.received, 0
 
-    async def _throttle(self, s: Session, conn: Conn) -> None:
-        """Stop reading from `conn` while the host has too much to take (module doc)."""
+    def _throttle(self, s: Session, conn: Conn, reader: TlsStream) -> None:
+        """Stop reading from `conn` while the host has too much to take (module doc);
+        look again every THROTTLE_S, then take what waited."""
         assert self._sink is not None
         loop = asyncio.get_running_loop()
-        while self._sink.backlog() > self.limits.max_backlog and not conn.closed:
-            s.last_heard = loop.time()  # our slowness, not the peer's silence
-            await asyncio.sleep(0.002)
+        if conn.closed or self._sink.backlog() <= self.limits.max_backlog:
+            if s.throttled:
+                s.throttled = False
+                reader.resume_reading()
+                if reader.on_data is not None:
+                    reader.on_data()
+            return
+        s.last_heard = loop.time()  # our slowness, not the peer's silence
+        if not s.throttled:
+            s.throttled = True
+            reader.pause_reading()
+        loop.call_later(THROTTLE_S, self._throttle, s, conn, reader)
 
     def _flush(self, s: Session) -> None:
         """Write what `send` queued for the session, if it has a connection (on the loop);
@@ -837,13 +870,38 @@ def address_text(addr: Address | None) -> str:
 
 
 # -- frames ---------------------------------------------------------------------------------
-async def read_frame(reader: asyncio.StreamReader, max_packet: int
+async def read_frame(reader: TlsStream, max_packet: int
                      ) -> tuple[int, bytes, bytes]:
     """The next frame's (op, head, body): a DATA frame's head is its seq and ack, an ACK's
     its acknowledgement (its body is empty), other frames have none. WireError for a bad
     header, an unknown op, descriptors, or a body larger (or of another size) than its op
     allows; EOFError at the end of the stream."""
     op, length, nfds = wire.unpack_header(await reader.readexactly(wire.HEADER_SIZE))
+    head_size = _frame_head(op, length, nfds, max_packet)
+    head = await reader.readexactly(head_size) if head_size else b""
+    body_size = length - head_size
+    return op, head, (await reader.readexactly(body_size) if body_size else b"")
+
+
+def take_frame(reader: TlsStream, max_packet: int) -> tuple[int, bytes, bytes] | None:
+    """read_frame's frame if `reader` holds all of it now (None if not yet: the reader
+    reads on until it does); the same errors."""
+    reader.need(wire.HEADER_SIZE)
+    if reader.buffered < wire.HEADER_SIZE:
+        return None
+    op, length, nfds = wire.unpack_header(reader.peek(wire.HEADER_SIZE))
+    head_size = _frame_head(op, length, nfds, max_packet)
+    reader.need(wire.HEADER_SIZE + length)
+    if reader.buffered < wire.HEADER_SIZE + length:
+        return None
+    reader.take(wire.HEADER_SIZE)
+    head = reader.take(head_size) if head_size else b""
+    return op, head, (reader.take(length - head_size) if length > head_size else b"")
+
+
+def _frame_head(op: int, length: int, nfds: int, max_packet: int) -> int:
+    """The size of the head of a frame with this header; WireError if no frame of a link
+    has it."""
     if op not in _OPS:
         raise WireError(f"unknown op {op}")
     if nfds:
@@ -853,12 +911,10 @@ async def read_frame(reader: asyncio.StreamReader, max_packet: int
              OP_BYE: 0}.get(op, CONTROL_MAX)
     if length > limit or length < head_size:
         raise WireError(f"a {length}-byte body does not fit op {op} (at most {limit})")
-    head = await reader.readexactly(head_size) if head_size else b""
-    body_size = length - head_size
-    return op, head, (await reader.readexactly(body_size) if body_size else b"")
+    return head_size
 
 
-def write_frame(writer: asyncio.StreamWriter, op: int, head: bytes, body: bytes = b"") -> None:
+def write_frame(writer: TlsStream, op: int, head: bytes, body: bytes = b"") -> None:
     """Queue one frame of `head` then `body` on `writer` (on its loop)."""
     header = wire.pack_header(op, len(head) + len(body), 0) + head
     if len(body) <= _JOIN_MAX:
@@ -895,7 +951,7 @@ def _why_new(old: Session, incarnation: bytes) -> str:
     return "it restarted" if incarnation != old.incarnation else "it began a new session"
 
 
-def _where(writer: asyncio.StreamWriter) -> str:
+def _where(writer: TlsStream) -> str:
     peer = writer.get_extra_info("peername")
     return address_text(peer[:2]) if isinstance(peer, tuple) else "an unknown address"
 
