@@ -154,10 +154,12 @@ class ServerPump(PacketSink):
         """Serve the messages queued for the server, then park its receive."""
         for _ in range(PUMP_BATCH):
             try:
-                msg = msg_receive_trap(self.receiver, PORT_NULL, MSG_OPTION_NONE, None,
-                                       REPLY_SIZE_ANY, self)
+                msg: Message | MachError | ThreadTerminated = msg_receive_trap(
+                    self.receiver, PORT_NULL, MSG_OPTION_NONE, None, REPLY_SIZE_ANY, self)
             except Parked:
                 return
+            except (MachError, ThreadTerminated) as e:
+                msg = e
             if not self._serve(msg):
                 return
         self.transport.call_soon(self._pump)  # the transport's own work has a turn

@@ -5,10 +5,14 @@ over the in-process network; this module only carries bytes between authenticate
 hosts, in order, and says when a host comes and goes.
 
 - **One event loop.** An asyncio loop in a thread of its own carries every connection.
-  `send` (from the server's thread) queues the packet on the peer's session and wakes
-  the loop; the loop hands what arrives to the sink, and only the loop's thread calls
-  the sink (`own_thread`: the host's server may act on a packet there before the loop
-  reads on, net/station.py).
+  `send` queues the packet on the peer's session and writes it at once when called on
+  the loop's thread (where the host's server runs, net/station.py), else wakes the loop
+  to write it. The loop takes each frame as it arrives (on the connection's reader
+  callback, no task switch) and hands the packet to the sink; only the loop's thread
+  calls the sink (`own_thread`: the host's server acts on a packet there before the
+  loop reads on; `call_soon` gives the loop the server's other work). A connection is
+  a `TlsStream` (net/tlsstream.py): the `ssl` module's socket driven by the loop,
+  about a fifth of the CPU of asyncio's TLS layer per small message.
 - **Who is a host.** Every connection is TLS 1.3 with certificates both ways, checked
   against the cluster's CA (net/cluster.py). A peer's host name is the name its
   certificate carries, never a claim it sends; a peer that presents our own name, or a
@@ -56,7 +60,8 @@ hosts, in order, and says when a host comes and goes.
   `max_packet` bytes; at most `max_queued` bytes sent to one peer and not acknowledged
   (written or not: the retransmit buffer; a peer that does not take that much is
   dropped); reading from peers stops while the sink's backlog is above `max_backlog`
-  bytes (TCP's flow control then holds the senders back).
+  bytes (TCP's flow control then holds the senders back); a connection buffers at most
+  about a frame or tlsstream.READ_HIGH bytes it has read and not handed on.
 
 State: `_sessions`, each session's outbound queues and counters, its `conn` and
 `_closed` are guarded by `_lock` (a leaf lock: no sink or loop call is made under it);
