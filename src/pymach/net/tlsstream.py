@@ -26,6 +26,9 @@ Invariants (all on the loop's thread: the `SSLSocket` is never used from two thr
   rule for a non-blocking SSL_write).
 - `abort` closes at once (pending writes are dropped); `close` closes once what was
   written has gone out. Either way the reader sees the end, and `wait_closed` returns.
+- `on_data` is only called from the loop's own callbacks (bytes arrived, or the end,
+  which is told on a later turn of the loop), never from inside `write` or `abort`: a
+  reader acting on a frame may write or abort without being called again inside.
 """
 
 from __future__ import annotations
@@ -318,7 +321,7 @@ class TlsStream:
         if self._error is None:
             self._eof = True
         self._closed.set_result(None)
-        self._wake()
+        self.loop.call_soon(self._wake)  # (not from inside whatever wrote or aborted)
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
