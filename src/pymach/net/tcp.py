@@ -101,6 +101,8 @@ CONTROL_MAX = 1024  # bytes of a HELLO, WELCOME or BUSY body
 INCARNATION_SIZE = SESSION_SIZE = 16
 DATA_HEAD = struct.Struct("!QQ")  # a DATA frame's seq and ack, before its packet
 ACK_BODY = struct.Struct("!Q")
+_HEAD_SIZE = {OP_DATA: DATA_HEAD.size, OP_ACK: ACK_BODY.size}  # (other ops: none)
+_BODY_MAX = {OP_ACK: ACK_BODY.size, OP_BYE: 0}  # (DATA: max_packet more; others CONTROL_MAX)
 ACK_DELAY = 0.05  # seconds an acknowledgement may wait for a DATA frame to ride on
 ACK_COUNT = 256  # packets received after which an acknowledgement goes at once
 HEARTBEATS = 8  # heartbeats (ACK frames) per peer_timeout, at least
@@ -911,9 +913,8 @@ def _frame_head(op: int, length: int, nfds: int, max_packet: int) -> int:
         raise WireError(f"unknown op {op}")
     if nfds:
         raise WireError("descriptors cannot cross hosts")
-    head_size = {OP_DATA: DATA_HEAD.size, OP_ACK: ACK_BODY.size}.get(op, 0)
-    limit = {OP_DATA: max_packet + DATA_HEAD.size, OP_ACK: ACK_BODY.size,
-             OP_BYE: 0}.get(op, CONTROL_MAX)
+    head_size = _HEAD_SIZE.get(op, 0)
+    limit = max_packet + DATA_HEAD.size if op == OP_DATA else _BODY_MAX.get(op, CONTROL_MAX)
     if length > limit or length < head_size:
         raise WireError(f"a {length}-byte body does not fit op {op} (at most {limit})")
     return head_size

@@ -184,6 +184,8 @@ class TlsStream:
                 if len(self._buf) >= max(READ_HIGH, self._want):
                     self._pause()
                     break
+                if not self.sock.pending():  # (more in the socket: the loop calls again;
+                    break  # OpenSSL reads no further than the record it decrypts)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             pass
         except OSError as e:  # (ssl.SSLError is one)
