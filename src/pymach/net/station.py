@@ -14,8 +14,9 @@ network interface. Two ways, one server:
   messages too: the server's receive parks with a continuation (kern/sched_prim.py),
   so a task's message to a proxy is taken on the sending thread and handed to the
   transport's thread (`call_soon`), which encodes it and writes it to the peer. A
-  packet reaches its port, and a message its peer, with no other thread of the host
-  woken (the wire port is then unused).
+  packet reaches its port with no thread of the host woken but the transport's, and a
+  message reaches its peer with one wake-up (of that thread) where the wire port took
+  two (the wire port is then unused).
 `Host(transport, config)` boots an embedded kernel named after `transport.host` and
 does that; machd does it on its own kernel (machd/machd.py). The same server runs over
 any `NetTransport` (net/transport.py): the in-process network (net/network.py), TCP

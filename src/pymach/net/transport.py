@@ -48,8 +48,8 @@ A `NetTransport` is one host's attachment to a network. Its contract:
   that thread other work with `call_soon(fn, *args)`: run `fn(*args)` there soon, in
   the order asked, callable from any thread without ever blocking (even with a kernel
   lock held); False if the transport has stopped. net/station.py has the host's
-  server run on that thread: a packet reaches its port, and a message its peer, with
-  no other thread of the host woken.
+  server run on that thread, so a packet reaches its port without waking another
+  thread of the host.
 """
 
 from __future__ import annotations
