@@ -34,6 +34,7 @@ one thread serves at a time (a pump's Handoff only schedules work on its thread)
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,7 @@ from pymach.ipc.kmsg import KItem, KMsg
 from pymach.ipc.mach_msg import msg_receive_trap
 from pymach.ipc.port import Port
 from pymach.kern.host import ExternalHandle, Kernel
-from pymach.kern.sched_prim import NOT_YET, Parked, thread_continue
+from pymach.kern.sched_prim import NOT_YET, Parked, thread_cancel, thread_continue
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, running_thread, set_current_thread
 from pymach.net.netmsgserver import HOST_DOWN_ID, HOST_UP_ID, PACKET_ID, NetMsgServer
@@ -101,7 +102,13 @@ class ServerPump(PacketSink):
     to a proxy completes the receive on the sender's thread, and the message goes to the
     transport's thread (`deliver`, this class being that receive's Handoff,
     kern/sched_prim.py). A pump takes the messages queued now, at most PUMP_BATCH before
-    the transport's own work has a turn, and parks again."""
+    the transport's own work has a turn, and parks again.
+
+    The server acts as if one thread took its messages and events in turn (the order
+    its flushes rely on, net/netmsgserver.py): a message the parked receive took
+    (`taken`) is served before any event the transport's thread acts on after it, and
+    while the thread acts on an event its receive is not parked (`_quiet`), so nothing
+    is taken meanwhile: a proxy held for a flush keeps what it has not forwarded."""
 
     def __init__(self, kernel: Kernel, server: NetMsgServer, transport: NetTransport,
                  threads: tuple[Thread, Thread], ports: tuple[int, int]) -> None:
@@ -112,6 +119,8 @@ class ServerPump(PacketSink):
         self.ports = ports  # (service, wire) for the server's `open`
         self.opened = False  # (transport thread) the server has its ports
         self.stopped = False  # (transport thread) the server's thread was terminated
+        self.taken: deque[Message | MachError] = deque()  # what the parked receive took
+        # (appended by `deliver`, kernel lock held; served by the transport thread)
 
     # -- transport events -------------------------------------------------------------
     def packet(self, source: str, data: bytes) -> None:
@@ -144,11 +153,21 @@ class ServerPump(PacketSink):
 
     def _event(self, handler: Callable[..., None], *args: Any) -> None:
         self.begin()
-        if not self.stopped:
-            try:
-                self.server.serve_event(handler, *args)
-            except ThreadTerminated:  # the kernel is shutting down: the event is moot
-                self.stopped = True
+        if not self._quiet():
+            return
+        try:
+            self.server.serve_event(handler, *args)
+        except ThreadTerminated:  # the kernel is shutting down: the event is moot
+            self.stopped = True
+            return
+        self._pump()
+
+    def _quiet(self) -> bool:
+        """Unpark the server's receive (nothing is taken for it until `_pump` parks it
+        again) and serve what it took already; False if the server cannot go on."""
+        with self.kernel.sched.lock:
+            thread_cancel(self.receiver)
+        return self._serve_taken()
 
     # -- the server's messages ------------------------------------------------------------
     def _pump(self) -> None:
@@ -163,7 +182,7 @@ class ServerPump(PacketSink):
                 msg = e
             if not self._serve(msg):
                 return
-        self.transport.call_soon(self._pump)  # the transport's own work has a turn
+        self.transport.call_soon(self._resume)  # the transport's own work has a turn
 
     def _serve(self, outcome: Message | MachError | ThreadTerminated) -> bool:
         """Act on a receive's outcome; False once the server cannot go on."""
@@ -183,20 +202,28 @@ class ServerPump(PacketSink):
 
     def deliver(self, outcome: Any) -> None:
         """(Handoff; kernel lock held, any thread) the parked receive completed."""
-        self.transport.call_soon(self._delivered, outcome)
+        self.taken.append(outcome)
+        self.transport.call_soon(self._resume)
 
     def wake(self) -> None:
         """(Handoff; kernel lock held, any thread) the receive needs its thread."""
         self.transport.call_soon(self._continued)
 
-    def _delivered(self, outcome: Message | MachError) -> None:
-        if not self.stopped and self._serve(outcome):
+    def _resume(self) -> None:
+        """Serve what was taken, then what is queued, and park again."""
+        if not self.stopped and self._quiet():
             self._pump()
+
+    def _serve_taken(self) -> bool:
+        """Serve what the parked receive took; False if the server cannot go on."""
+        while self.taken and not self.stopped:
+            self._serve(self.taken.popleft())
+        return not self.stopped
 
     def _continued(self) -> None:
         """The parked receive was handed back (its thread terminated or suspended): run
         the rest of it here, as its thread would on waking."""
-        if self.stopped:
+        if self.stopped or not self._serve_taken():
             return
         try:
             outcome = thread_continue(self.receiver)
