@@ -13,8 +13,18 @@ holds a sender back.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 import pymach as m
+from pymach.net.cluster import cluster_init
 from pymach.net.netname import netname_check_in, netname_wait
+from test_net_tcp import tcp_hosts
 
 WAIT_MS = 30_000
 SENDS = 60
@@ -26,9 +36,24 @@ def _boot(task: int) -> int:
     return port
 
 
-def test_a_full_port_holds_back_senders_on_another_host() -> None:
-    with m.Network() as net:
-        a, b = net.host("A"), net.host("B")
+@contextlib.contextmanager
+def two_hosts(how: str, tmp: Path) -> Iterator[tuple[Any, Any]]:
+    """Hosts A and B of the in-process network, or embedded hosts over TCP (whose
+    netmsgservers run on the transport's thread)."""
+    if how == "network":
+        with m.Network() as net:
+            yield net.host("A"), net.host("B")
+        return
+    if shutil.which("openssl") is None:
+        pytest.skip("making cluster certificates needs the openssl command")
+    cluster_init(str(tmp / "cluster"), ["A", "B"])
+    with tcp_hosts(str(tmp / "cluster"), "A", "B") as hosts:
+        yield hosts["A"], hosts["B"]
+
+
+@pytest.mark.parametrize("how", ["network", "tcp"])
+def test_a_full_port_holds_back_senders_on_another_host(how: str, tmp_path: Path) -> None:
+    with two_hosts(how, tmp_path) as (a, b):
         got: list[int] = []
 
         def receiver() -> None:
@@ -71,10 +96,10 @@ def test_a_full_port_holds_back_senders_on_another_host() -> None:
         assert got == [*range(sent), -1]  # every message, in order, nothing lost
 
 
-def test_hosts_go_on_as_before_when_ports_have_room() -> None:
+@pytest.mark.parametrize("how", ["network", "tcp"])
+def test_hosts_go_on_as_before_when_ports_have_room(how: str, tmp_path: Path) -> None:
     """The control: a receiver that keeps up never makes a sender wait."""
-    with m.Network() as net:
-        a, b = net.host("A"), net.host("B")
+    with two_hosts(how, tmp_path) as (a, b):
 
         def receiver() -> int:
             me = m.task_self()

@@ -3,10 +3,12 @@
 Mach makes a remote port look local: each host runs a *netmsgserver* task that holds a
 local *proxy* port for every remote port its tasks know, forwards what is sent to a
 proxy over the network, and delivers what arrives to the real port. This is that
-server, one task per host, one thread. It reaches other hosts only through a
-`NetTransport` (net/transport.py: bytes to a host, in order per pair of hosts), whose
-events the kernel queues on the server's *wire port* (net/station.py); what travels is
-the typed packets of net/packets.py, never pickles.
+server, one task per host, served by one thread at a time. It reaches other hosts only
+through a `NetTransport` (net/transport.py: bytes to a host, in order per pair of hosts),
+whose events the kernel queues on the server's *wire port*, for `run`'s thread; over a
+transport with a thread of its own (TCP) that thread serves instead, both its events and
+the server's messages (net/station.py); what travels is the typed packets of
+net/packets.py, never pickles.
 
 - a message arriving on a proxy is encoded (port rights become network references
   (host, unguessable id) or moved rights, see below; out-of-line memory becomes bytes,
@@ -159,7 +161,8 @@ receive right came back to its owner here) in that moment is refused.
 A Code item (a callable) does not cross hosts: such a message is refused with
 SEND_INVALID_TYPE.
 
-State belongs to the server's thread; the export tables and `alias` are also used by
+State belongs to the one thread that serves (`run`'s, or the transport's: it handles one
+message or one transport event at a time); the export tables and `alias` are also used by
 the threads that forward messages with remote-backed memory, under `lock` (those threads
 never move rights: a message that moves one is encoded by the loop).
 """
@@ -311,30 +314,48 @@ class NetMsgServer:
     # -- the loop ---------------------------------------------------------------------
     def run(self, service: int, wire: int) -> None:
         """Serve forever: proxies, packets, name service and notifications."""
+        self.open(service, wire)
+        while True:
+            msg = self._next()
+            if msg is not None:
+                self.serve(msg)
+
+    def open(self, service: int, wire: int) -> None:
+        """Take up the service and wire ports; enable them, the task's notify port and
+        the port forwarding threads report on (on a thread of the server's task)."""
         self.service, self.wire, self.notify = service, wire, mach.task_notify()
         me = mach.task_self()
         self.done = mach.port_allocate(me)  # forwarding threads say they are done here
         for port in (service, wire, self.notify, self.done):
             mach.port_enable(me, port)
-        while True:
-            msg = self._next()
-            if msg is None:
-                continue
-            try:
-                self._handle(msg)
-            except ThreadTerminated:
-                raise
-            except Exception:  # one bad message must not take the host off the network
-                log.exception("netmsgserver %s: could not handle message %d", self.host,
-                              msg.id)
-                self._refuse(msg.remote_port, msg.id, "SEND_INVALID_TYPE",
-                             "the network could not carry this message")
+
+    def serve(self, msg: Message) -> None:
+        """Act on one message the server received (from its task's enabled ports)."""
+        try:
+            self._handle(msg)
+        except ThreadTerminated:
+            raise
+        except Exception:  # one bad message must not take the host off the network
+            log.exception("netmsgserver %s: could not handle message %d", self.host, msg.id)
+            self._refuse(msg.remote_port, msg.id, "SEND_INVALID_TYPE",
+                         "the network could not carry this message")
+
+    def serve_event(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run a transport event's handler (`packet_in`, `host_up`, `host_down`) on the
+        calling thread, the one that serves messages (`serve`); as for a message, what
+        goes wrong is logged and the server goes on."""
+        try:
+            handler(*args)
+        except ThreadTerminated:
+            raise
+        except Exception:  # one bad event must not take the host off the network
+            log.exception("netmsgserver %s: could not handle a transport event", self.host)
 
     def _next(self) -> Message | None:
         """The next message (a packet may be 64 MiB); while ports here are full, look
         at them every CHOKE_POLL_MS (None then)."""
         if self.choking:
-            self._check_choking()
+            self.check_choking()
         if not self.choking:
             return mach.msg_receive(rcv_size=REPLY_SIZE_ANY)
         try:
@@ -1277,7 +1298,7 @@ class NetMsgServer:
             told.add(source)
             self._send(source, ChokePacket(net_id, max(1, min(backlog, PORT_BACKLOG_MAX))))
 
-    def _check_choking(self) -> None:
+    def check_choking(self) -> None:
         """READY to the hosts held off from each of our ports that has room now."""
         for name in list(self.choking):
             queued, backlog = portops.fill(name)

@@ -5,9 +5,14 @@ over the in-process network; this module only carries bytes between authenticate
 hosts, in order, and says when a host comes and goes.
 
 - **One event loop.** An asyncio loop in a thread of its own carries every connection.
-  `send` (from the server's thread) queues the packet on the peer's session and wakes
-  the loop; the loop hands what arrives to the sink, which only queues it
-  (net/station.py).
+  `send` queues the packet on the peer's session and writes it at once when called on
+  the loop's thread (where the host's server runs, net/station.py), else wakes the loop
+  to write it. The loop takes each frame as it arrives (on the connection's reader
+  callback, no task switch) and hands the packet to the sink; only the loop's thread
+  calls the sink (`own_thread`: the host's server acts on a packet there before the
+  loop reads on; `call_soon` gives the loop the server's other work). A connection is
+  a `TlsStream` (net/tlsstream.py): the `ssl` module's socket driven by the loop,
+  about a fifth of the CPU of asyncio's TLS layer per small message.
 - **Who is a host.** Every connection is TLS 1.3 with certificates both ways, checked
   against the cluster's CA (net/cluster.py). A peer's host name is the name its
   certificate carries, never a claim it sends; a peer that presents our own name, or a
@@ -55,7 +60,8 @@ hosts, in order, and says when a host comes and goes.
   `max_packet` bytes; at most `max_queued` bytes sent to one peer and not acknowledged
   (written or not: the retransmit buffer; a peer that does not take that much is
   dropped); reading from peers stops while the sink's backlog is above `max_backlog`
-  bytes (TCP's flow control then holds the senders back).
+  bytes (TCP's flow control then holds the senders back); a connection buffers at most
+  about a frame or tlsstream.READ_HIGH bytes it has read and not handed on.
 
 State: `_sessions`, each session's outbound queues and counters, its `conn` and
 `_closed` are guarded by `_lock` (a leaf lock: no sink or loop call is made under it);
@@ -75,6 +81,7 @@ import ssl
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +89,7 @@ from pymach.errors import MachError
 from pymach.include import wire
 from pymach.include.wire import WireError
 from pymach.net.cluster import Credentials, cert_host, check_host_name, tls_contexts
+from pymach.net.tlsstream import TlsStream
 from pymach.net.transport import NetTransport, PacketSink
 
 log = logging.getLogger("pymach.net")
@@ -93,11 +101,14 @@ CONTROL_MAX = 1024  # bytes of a HELLO, WELCOME or BUSY body
 INCARNATION_SIZE = SESSION_SIZE = 16
 DATA_HEAD = struct.Struct("!QQ")  # a DATA frame's seq and ack, before its packet
 ACK_BODY = struct.Struct("!Q")
+_HEAD_SIZE = {OP_DATA: DATA_HEAD.size, OP_ACK: ACK_BODY.size}  # (other ops: none)
+_BODY_MAX = {OP_ACK: ACK_BODY.size, OP_BYE: 0}  # (DATA: max_packet more; others CONTROL_MAX)
 ACK_DELAY = 0.05  # seconds an acknowledgement may wait for a DATA frame to ride on
 ACK_COUNT = 256  # packets received after which an acknowledgement goes at once
 HEARTBEATS = 8  # heartbeats (ACK frames) per peer_timeout, at least
 NOTICE_S = 0.1  # of peer_timeout, left for the news of a host down to reach tasks
 TIMEOUT_MS_MAX = 86_400_000  # the largest peer_timeout a peer may announce
+THROTTLE_S = 0.002  # seconds between looks at a host's backlog while reading waits
 _JOIN_MAX = 64 << 10  # bodies up to this size are written with their header in one piece
 Address = tuple[str, int]
 
@@ -145,9 +156,10 @@ def tcp_config(directory: str, host: str, listen: Address | None = None,
 class Conn:
     """One TCP connection, carrying one session's frames until it closes."""
 
-    writer: asyncio.StreamWriter
+    writer: TlsStream
     dialed: bool  # we dialed it (else the peer did)
     closed: bool = False
+    taking: bool = False  # its frames are being taken (_frames)
 
 
 @dataclass(eq=False)
@@ -177,10 +189,13 @@ class Session:
     watchdog: asyncio.TimerHandle | None = None
     resumed: int = 0  # connections after the first
     resent: int = 0  # packets written again after a reconnect
+    throttled: bool = False  # reading waits for the host to take what it has (_throttle)
 
 
 class TcpTransport(NetTransport):
     """A host's attachment to a cluster over TCP with mutual TLS (see module docstring)."""
+
+    own_thread = True  # the sink is called only from the loop's thread
 
     def __init__(self, config: TcpConfig) -> None:
         self.config = config  # immutable
@@ -194,6 +209,7 @@ class TcpTransport(NetTransport):
         self._sink: PacketSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._loop_ident = 0  # the loop thread's threading.get_ident(), once it runs
         self._dialing: set[str] = set()  # peers we sent a HELLO and await an answer from
         self._known: dict[Address, str] = {}  # the host at each address we dialed
         self._pending = 0  # incoming connections not yet links
@@ -248,8 +264,25 @@ class TcpTransport(NetTransport):
             self._call(self._end, s, f"{self.limits.max_queued} bytes for it are "
                        f"unacknowledged")
             return False
-        if wake:
+        if wake and threading.get_ident() == self._loop_ident:
+            self._flush(s)  # (sent from the loop's own thread: written now)
+        elif wake:
             self._call(self._flush, s)
+        return True
+
+    def call_soon(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Run `fn(*args)` on the loop's thread soon, after what it has to do already
+        (from any thread; never blocks); False if the loop has stopped."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return False
+        try:
+            if threading.get_ident() == self._loop_ident:
+                loop.call_soon(fn, *args)  # (no wake-up needed: the loop is running this)
+            else:
+                loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed meanwhile
+            return False
         return True
 
     def disconnect(self, host: str, why: str) -> None:
@@ -287,13 +320,12 @@ class TcpTransport(NetTransport):
     # -- the loop ---------------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any) -> None:
         """Run `fn(*args)` on the loop (nothing if it has stopped)."""
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(fn, *args)
+        self.call_soon(fn, *args)
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         loop = self._loop
         assert loop is not None
+        self._loop_ident = threading.get_ident()
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(_log_loop_error)
         try:
@@ -392,25 +424,19 @@ class TcpTransport(NetTransport):
             await self._serve(*linked)
 
     async def _greet(self, sock: socket.socket
-                     ) -> tuple[Session, Conn, asyncio.StreamReader] | None:
+                     ) -> tuple[Session, Conn, TlsStream] | None:
         """The acceptor's side of the handshake: (the session, its new connection, the
         reader), or None if BUSY was sent."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, sock, ssl=self.config.server_tls,
-            ssl_handshake_timeout=self.limits.handshake_timeout)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        stream = await TlsStream.handshake(sock, self.config.server_tls, server_side=True)
         try:
-            linked = await self._hello(reader, writer)
+            linked = await self._hello(stream, stream)
         except BaseException:
-            transport.abort()
+            stream.abort()
             raise
-        return None if linked is None else (*linked, reader)
+        return None if linked is None else (*linked, stream)
 
-    async def _hello(self, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> tuple[Session, Conn] | None:
+    async def _hello(self, reader: TlsStream,
+                     writer: TlsStream) -> tuple[Session, Conn] | None:
         """Read the dialer's HELLO and answer it: (the session, the connection now
         carrying it), or None (BUSY sent)."""
         peer = self._peer_of(writer)
@@ -486,10 +512,10 @@ class TcpTransport(NetTransport):
             backoff = min(2 * backoff, most)
 
     async def _connect(self, addr: Address
-                       ) -> tuple[Session, Conn, asyncio.StreamReader] | None:
+                       ) -> tuple[Session, Conn, TlsStream] | None:
         """The dialer's side of the handshake: (the session, its new connection, the
         reader), or None if there is a link already or the acceptor is busy."""
-        reader, writer = await asyncio.open_connection(*addr, ssl=self.config.client_tls)
+        reader = writer = await TlsStream.dial(addr, self.config.client_tls)
         try:
             peer = self._peer_of(writer)
             self._known[addr] = peer
@@ -508,10 +534,10 @@ class TcpTransport(NetTransport):
             linked = self._answered(peer, s, writer, op, body)
             return None if linked is None else (*linked, reader)
         except BaseException:
-            writer.transport.abort()
+            writer.abort()
             raise
 
-    def _answered(self, peer: str, asked: Session | None, writer: asyncio.StreamWriter,
+    def _answered(self, peer: str, asked: Session | None, writer: TlsStream,
                   op: int, body: bytes) -> tuple[Session, Conn] | None:
         """The acceptor's answer to our HELLO (which named session `asked`): the session
         and connection, or None if it is busy or a link came the other way meanwhile."""
@@ -543,7 +569,7 @@ class TcpTransport(NetTransport):
         self._attach(s, conn)
         return s, conn
 
-    def _peer_of(self, writer: asyncio.StreamWriter) -> str:
+    def _peer_of(self, writer: TlsStream) -> str:
         """The host name in the peer's (verified) certificate."""
         try:
             peer = cert_host(writer.get_extra_info("peercert"))
@@ -615,7 +641,7 @@ class TcpTransport(NetTransport):
         if conn.closed:
             return
         conn.closed = True
-        conn.writer.transport.abort()
+        conn.writer.abort()
         with self._lock:
             current = s.conn is conn
             if current:
@@ -646,7 +672,7 @@ class TcpTransport(NetTransport):
                 timer.cancel()
         if conn is not None and not conn.closed:
             conn.closed = True
-            conn.writer.transport.abort()
+            conn.writer.abort()
         log.log(logging.INFO if closing else logging.WARNING, "tcp %s: host %r is down: %s",
                 self._host, s.peer, why)
         if not closing and self._sink is not None:
@@ -692,34 +718,59 @@ class TcpTransport(NetTransport):
             self._end(s, why)
 
     # -- frames on a connection ---------------------------------------------------------------
-    async def _serve(self, s: Session, conn: Conn, reader: asyncio.StreamReader) -> None:
+    async def _serve(self, s: Session, conn: Conn, reader: TlsStream) -> None:
         """Hand the connection's packets to the sink until it ends; then the session waits
-        for another (or ends, if the peer left or broke the protocol)."""
-        why = "the connection ended"
+        for another (or ends, if the peer left or broke the protocol). Frames are taken
+        as they arrive, on the reader's callback (`_frames`)."""
+        ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        reader.on_data = lambda: self._frames(s, conn, reader, ended)
         try:
-            while not conn.closed:
-                op, head, body = await read_frame(reader, self.limits.max_packet)
-                if conn.closed:
+            self._frames(s, conn, reader, ended)  # (what came with the handshake)
+            why = await ended
+        finally:
+            reader.on_data = None
+        if why:
+            self._lose(s, conn, why)
+
+    def _frames(self, s: Session, conn: Conn, reader: TlsStream,
+                ended: asyncio.Future[str]) -> None:
+        """Act on every whole frame `reader` holds; when the connection is over, say why
+        on `ended` ("" if nothing is left to do: it was closed here, or the session
+        ended)."""
+        if ended.done() or s.throttled or conn.taking:
+            return  # (called again from inside: the loop below goes on)
+        why = ""
+        conn.taking = True
+        try:
+            while not conn.closed and not s.ended and not s.throttled:
+                frame = take_frame(reader, self.limits.max_packet)
+                if frame is None:
                     return
-                s.last_heard = asyncio.get_running_loop().time()
-                if op == OP_DATA:
-                    self._data(s, head, body)
-                    await self._throttle(s, conn)
-                elif op == OP_ACK:
-                    self._acked(s, ACK_BODY.unpack(head)[0])
-                elif op == OP_BYE:
-                    self._end(s, "it left the cluster")
-                    return
-                else:
-                    raise WireError(f"op {op} on a link")
+                self._frame(s, conn, reader, *frame)
         except WireError as e:
             if not conn.closed:
                 self.dropped += 1
                 self._end(s, f"it broke the protocol: {e.detail}")
-            return
         except (OSError, EOFError) as e:
             why = _why(e)
-        self._lose(s, conn, why)
+        finally:
+            conn.taking = False
+        if (why or conn.closed or s.ended) and not ended.done():
+            ended.set_result(why)
+
+    def _frame(self, s: Session, conn: Conn, reader: TlsStream, op: int, head: bytes,
+               body: bytes) -> None:
+        """One frame from the peer (WireError if it has no business on a link)."""
+        s.last_heard = asyncio.get_running_loop().time()
+        if op == OP_DATA:
+            self._data(s, head, body)
+            self._throttle(s, conn, reader)
+        elif op == OP_ACK:
+            self._acked(s, ACK_BODY.unpack(head)[0])
+        elif op == OP_BYE:
+            self._end(s, "it left the cluster")
+        else:
+            raise WireError(f"op {op} on a link")
 
     def _data(self, s: Session, head: bytes, packet: bytes) -> None:
         """A DATA frame: exactly the next packet, to the sink; its acknowledgement."""
@@ -756,13 +807,23 @@ class TcpTransport(NetTransport):
             write_frame(conn.writer, OP_ACK, ACK_BODY.pack(s.received))
             s.told, s.owed_bytes = s.received, 0
 
-    async def _throttle(self, s: Session, conn: Conn) -> None:
-        """Stop reading from `conn` while the host has too much to take (module doc)."""
+    def _throttle(self, s: Session, conn: Conn, reader: TlsStream) -> None:
+        """Stop reading from `conn` while the host has too much to take (module doc);
+        look again every THROTTLE_S, then take what waited."""
         assert self._sink is not None
         loop = asyncio.get_running_loop()
-        while self._sink.backlog() > self.limits.max_backlog and not conn.closed:
-            s.last_heard = loop.time()  # our slowness, not the peer's silence
-            await asyncio.sleep(0.002)
+        if conn.closed or self._sink.backlog() <= self.limits.max_backlog:
+            if s.throttled:
+                s.throttled = False
+                reader.resume_reading()
+                if reader.on_data is not None:
+                    reader.on_data()
+            return
+        s.last_heard = loop.time()  # our slowness, not the peer's silence
+        if not s.throttled:
+            s.throttled = True
+            reader.pause_reading()
+        loop.call_later(THROTTLE_S, self._throttle, s, conn, reader)
 
     def _flush(self, s: Session) -> None:
         """Write what `send` queued for the session, if it has a connection (on the loop);
@@ -816,28 +877,50 @@ def address_text(addr: Address | None) -> str:
 
 
 # -- frames ---------------------------------------------------------------------------------
-async def read_frame(reader: asyncio.StreamReader, max_packet: int
+async def read_frame(reader: TlsStream, max_packet: int
                      ) -> tuple[int, bytes, bytes]:
     """The next frame's (op, head, body): a DATA frame's head is its seq and ack, an ACK's
     its acknowledgement (its body is empty), other frames have none. WireError for a bad
     header, an unknown op, descriptors, or a body larger (or of another size) than its op
     allows; EOFError at the end of the stream."""
     op, length, nfds = wire.unpack_header(await reader.readexactly(wire.HEADER_SIZE))
-    if op not in _OPS:
-        raise WireError(f"unknown op {op}")
-    if nfds:
-        raise WireError("descriptors cannot cross hosts")
-    head_size = {OP_DATA: DATA_HEAD.size, OP_ACK: ACK_BODY.size}.get(op, 0)
-    limit = {OP_DATA: max_packet + DATA_HEAD.size, OP_ACK: ACK_BODY.size,
-             OP_BYE: 0}.get(op, CONTROL_MAX)
-    if length > limit or length < head_size:
-        raise WireError(f"a {length}-byte body does not fit op {op} (at most {limit})")
+    head_size = _frame_head(op, length, nfds, max_packet)
     head = await reader.readexactly(head_size) if head_size else b""
     body_size = length - head_size
     return op, head, (await reader.readexactly(body_size) if body_size else b"")
 
 
-def write_frame(writer: asyncio.StreamWriter, op: int, head: bytes, body: bytes = b"") -> None:
+def take_frame(reader: TlsStream, max_packet: int) -> tuple[int, bytes, bytes] | None:
+    """read_frame's frame if `reader` holds all of it now (None if not yet: the reader
+    reads on until it does); the same errors."""
+    reader.need(wire.HEADER_SIZE)
+    if reader.buffered < wire.HEADER_SIZE:
+        return None
+    op, length, nfds = wire.unpack_header(reader.peek(wire.HEADER_SIZE))
+    head_size = _frame_head(op, length, nfds, max_packet)
+    reader.need(wire.HEADER_SIZE + length)
+    if reader.buffered < wire.HEADER_SIZE + length:
+        return None
+    reader.take(wire.HEADER_SIZE)
+    head = reader.take(head_size) if head_size else b""
+    return op, head, (reader.take(length - head_size) if length > head_size else b"")
+
+
+def _frame_head(op: int, length: int, nfds: int, max_packet: int) -> int:
+    """The size of the head of a frame with this header; WireError if no frame of a link
+    has it."""
+    if op not in _OPS:
+        raise WireError(f"unknown op {op}")
+    if nfds:
+        raise WireError("descriptors cannot cross hosts")
+    head_size = _HEAD_SIZE.get(op, 0)
+    limit = max_packet + DATA_HEAD.size if op == OP_DATA else _BODY_MAX.get(op, CONTROL_MAX)
+    if length > limit or length < head_size:
+        raise WireError(f"a {length}-byte body does not fit op {op} (at most {limit})")
+    return head_size
+
+
+def write_frame(writer: TlsStream, op: int, head: bytes, body: bytes = b"") -> None:
     """Queue one frame of `head` then `body` on `writer` (on its loop)."""
     header = wire.pack_header(op, len(head) + len(body), 0) + head
     if len(body) <= _JOIN_MAX:
@@ -874,7 +957,7 @@ def _why_new(old: Session, incarnation: bytes) -> str:
     return "it restarted" if incarnation != old.incarnation else "it began a new session"
 
 
-def _where(writer: asyncio.StreamWriter) -> str:
+def _where(writer: TlsStream) -> str:
     peer = writer.get_extra_info("peername")
     return address_text(peer[:2]) if isinstance(peer, tuple) else "an unknown address"
 

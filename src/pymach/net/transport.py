@@ -12,7 +12,8 @@ A `NetTransport` is one host's attachment to a network. Its contract:
   non-empty strings unique on the network.
 - `start(sink)` is called once; from then on every event goes to `sink`, from any
   thread (a transport's own threads, or the thread of another host's `send` in the
-  in-process network), so a sink only queues work and returns (net/station.py).
+  in-process network), so a sink only queues work and returns (net/station.py), unless
+  the transport has `own_thread` (below).
 - `send(dest, data)` is best effort, non-blocking in the sense that it never waits for
   the receiver to process the packet. Packets from one host to another arrive whole, at
   most once, and in the order they were sent (per pair of hosts; one sending thread's
@@ -40,15 +41,29 @@ A `NetTransport` is one host's attachment to a network. Its contract:
 - A sink's `backlog()` is how many bytes of packets it was handed and its host has not
   yet taken; a transport that reads from peers stops reading while that is high, so a
   peer cannot make the host hold more than a bounded amount.
+- `own_thread`: True for a transport that calls its sink only from one thread of its
+  own, which holds no lock of its host and does nothing the host waits for. Its sink
+  may then act on each event before returning, on that thread, instead of only
+  queueing it (the transport's reading simply waits meanwhile); and the host may give
+  that thread other work with `call_soon(fn, *args)`: run `fn(*args)` there soon, in
+  the order asked, callable from any thread without ever blocking (even with a kernel
+  lock held); False if the transport has stopped. net/station.py has the host's
+  server run on that thread, so a packet reaches its port without waking another
+  thread of the host.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from pymach.errors import MachError
 
 
 class PacketSink(ABC):
-    """What a transport tells its host. Methods must return promptly (only queue work)."""
+    """What a transport tells its host. Methods return promptly (they queue work, or,
+    for a transport with `own_thread`, may do it on that thread)."""
 
     @abstractmethod
     def packet(self, source: str, data: bytes) -> None:
@@ -70,6 +85,8 @@ class PacketSink(ABC):
 class NetTransport(ABC):
     """One host's attachment to a network (see module docstring for the contract)."""
 
+    own_thread = False  # the sink is called only from one thread of the transport's own
+
     @property
     @abstractmethod
     def host(self) -> str:
@@ -86,6 +103,11 @@ class NetTransport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Leave the network (peers get host_down); idempotent."""
+
+    def call_soon(self, fn: Callable[..., None], *args: Any) -> bool:
+        """(A transport with `own_thread`) run `fn(*args)` on its thread soon; False if
+        it has stopped. This default, for a transport without a thread: KERN_FAILURE."""
+        raise MachError("KERN_FAILURE", f"{type(self).__name__} has no thread of its own")
 
     def disconnect(self, host: str, why: str) -> None:
         """Drop the connection to `host`, which misbehaved (`why`); this default, for a
