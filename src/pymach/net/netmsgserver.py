@@ -130,11 +130,13 @@ one receiver"; the port, not the host, is what senders name):
   moves with it. A sender on another host sends to its local proxy, whose backlog and
   the sender's SEND_TIMEOUT mean what they mean locally; the proxy drains as fast as the
   network takes packets, except while it is held: for a flush, or because the real
-  port is full. A server that queues a message from host H on a local port and so fills
-  it (queued >= backlog) sends CHOKE [id, backlog] to H, whose server sets its proxies
-  for that port to that backlog and stops taking from them: H's senders then wait, or
-  time out with SEND_TIMED_OUT, as they would at the port itself. The full port is
-  looked at every CHOKE_POLL_MS while it is full (the loop receives with that timeout);
+  port is full. A server that queues a message from host H on a local port that is then
+  full (queued >= backlog) sends CHOKE [id, backlog] to H (again for each message that
+  still comes: H's proxy may have been routed elsewhere when the last one arrived),
+  whose server sets its proxies for that port to that backlog and stops taking from
+  them: H's senders then wait, or time out with SEND_TIMED_OUT, as at the port itself.
+  The full port is looked at every CHOKE_POLL_MS while it is full (the loop receives
+  with that timeout, or a ticker wakes the transport's thread, net/station.py);
   once it has room, READY [id] goes to every host told, and their proxies go on (as
   they do when the port dies, DEAD, or moves away, MOVED). Messages on their way when
   the CHOKE left are still queued (a server does not wait), up to NET_QUEUE_MAX (beyond
@@ -1288,15 +1290,16 @@ class NetMsgServer:
 
     # -- a port's backlog across hosts (CHOKE / READY) ---------------------------------------
     def _check_full(self, name: int, net_id: bytes, source: str) -> None:
-        """A message from `source` was queued on our port `name` (id `net_id`): if that
-        filled it, tell `source` to hold its proxies (CHOKE) until it has room."""
+        """A message from `source` was queued on our port `name` (id `net_id`): if the
+        port is full, tell `source` to hold its proxies (CHOKE) until it has room. Told
+        again for every message that still comes while it is full: its proxy may have
+        been routed elsewhere when the last CHOKE arrived (a flush retargets it here)."""
         queued, backlog = portops.fill(name)
         if queued < backlog:
             return
         _, told = self.choking.setdefault(name, (net_id, set()))
-        if source not in told:
-            told.add(source)
-            self._send(source, ChokePacket(net_id, max(1, min(backlog, PORT_BACKLOG_MAX))))
+        told.add(source)
+        self._send(source, ChokePacket(net_id, max(1, min(backlog, PORT_BACKLOG_MAX))))
 
     def check_choking(self) -> None:
         """READY to the hosts held off from each of our ports that has room now."""
