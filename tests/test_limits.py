@@ -446,6 +446,24 @@ def test_the_default_pager_drops_an_object_whose_request_port_died_on_the_way() 
         dp.store.close()
 
 
+def test_a_pageout_for_an_object_that_died_is_freed_when_the_store_is_full() -> None:
+    """pager_data_write when the backing store is full and the object's request port has
+    died meanwhile: the pager cannot tell the kernel (pager_data_error to a dead port),
+    and still frees the pages the message brought (they are in its own space; kept, they
+    would hold the kernel's memory forever: a full-store test hung on it)."""
+    with m.boot():
+        me = m.task_self()
+        dp = DefaultPager(BackingStore(None, PS, 0))  # a store with no room at all
+        mo, request = m.port_allocate(me), m.port_allocate(me)
+        dp.pager_create(0, mo, request, m.PORT_NULL)
+        m.port_deallocate(me, request)  # the object dies: its request port is gone
+        data = m.vm_allocate(me, 0, 2 * PS, True)
+        m.memory()[data:data + 1] = b"x"
+        dp.pager_data_write(mo, 0, m.OOL(data, 2 * PS), 2 * PS)  # no error raised
+        assert m.vm_regions(me, data, 2 * PS) == []  # its pages went
+        dp.store.close()
+
+
 def test_tasks_per_user_and_threads_per_task_are_bounded() -> None:
     """task_create past tasks_max_per_user and thread_create past threads_max_per_task
     fail with KERN_RESOURCE_SHORTAGE; terminating frees the room; the kernel goes on."""

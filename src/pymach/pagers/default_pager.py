@@ -155,15 +155,19 @@ class DefaultPager:
 
     def pager_data_write(self, memory_object: int, offset: int, data: OOL,
                          data_count: int) -> None:
-        raw = mach_vm.memory().read(data.address, data.size)[:data_count]
-        obj = self.objects.get(memory_object)
-        ps = self.store.page_size
-        for i in range(0, len(raw), ps):
-            if obj is not None and not self._store(obj, offset + i, raw[i:i + ps]):
-                # Said while we still hold the data, so the kernel can take it back.
-                mach.pager_data_error(obj.request, offset + i, ps,
-                                      MachError("KERN_RESOURCE_SHORTAGE").value)
-        mach.vm_deallocate(mach.task_self(), data.address, data.size)
+        try:
+            raw = mach_vm.memory().read(data.address, data.size)[:data_count]
+            obj = self.objects.get(memory_object)
+            ps = self.store.page_size
+            for i in range(0, len(raw), ps):
+                if obj is not None and not self._store(obj, offset + i, raw[i:i + ps]):
+                    # Said while we still hold the data, so the kernel can take it back;
+                    # an object that died meanwhile (its request port gone) wants nothing.
+                    with contextlib.suppress(MachError):
+                        mach.pager_data_error(obj.request, offset + i, ps,
+                                              MachError("KERN_RESOURCE_SHORTAGE").value)
+        finally:  # the pages it brought are ours to free, whatever happened
+            mach.vm_deallocate(mach.task_self(), data.address, data.size)
 
     def _store(self, obj: DpObject, off: int, page: bytes) -> bool:
         block = obj.blocks.get(off)
