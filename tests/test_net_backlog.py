@@ -91,8 +91,9 @@ def test_a_full_port_holds_back_senders_on_another_host(how: str, tmp_path: Path
         rx.wait(WAIT_MS)
         assert code == "SEND_TIMED_OUT"  # a full port on B held A's sender back
         # the port's backlog, the proxy's (the same), and what was on its way before the
-        # CHOKE reached A (a few messages: how many depends on the two hosts' speeds)
-        assert 2 * BACKLOG <= sent <= SENDS // 2
+        # CHOKE reached A (how many depends on the two hosts' speeds: up to 40 of 60 seen
+        # over TCP on a loaded machine); without the CHOKE all SENDS go through
+        assert 2 * BACKLOG <= sent < SENDS
         assert got == [*range(sent), -1]  # every message, in order, nothing lost
 
 
