@@ -295,6 +295,8 @@ VALID: list[pk.Packet] = [
     pk.DeadPacket(b"\x04" * 16),
     pk.NamePacket("svc", REF),
     pk.UnnamePacket("svc"),
+    pk.ChokePacket(b"\x06" * 16, 16),
+    pk.ReadyPacket(b"\x07" * 16),
 ]
 
 
@@ -335,6 +337,14 @@ WRONG_TYPES: list[list[Any]] = [
     [pk.K_MSG, ID, 1, None, [[pk.I_INT, 1, 2]]],
     [pk.K_MSG, m.Message(items=[m.Int(1)])],
     [pk.K_MSG, ID, 1, None, [m.Message()]],
+    [pk.K_CHOKE, ID, 0],  # a backlog of nothing
+    [pk.K_CHOKE, ID, -1],
+    [pk.K_CHOKE, ID, pk.MAX_BACKLOG + 1],
+    [pk.K_CHOKE, ID, "16"],
+    [pk.K_CHOKE, b"short", 4],
+    [pk.K_CHOKE, ID],
+    [pk.K_READY, ID, 1],
+    [pk.K_READY, b"x" * 17],
 ]
 
 
