@@ -251,6 +251,34 @@ def test_protect_a_large_range(phys: Any) -> None:
     assert all(pmap.pmap_extract(va) is None for va in vas)
 
 
+def test_protect_every_entry_of_a_chunk_leaves_later_entries_alone(phys: Any) -> None:
+    """A range holding every entry of a page-table chunk, though not the whole chunk
+    (a GiB of 2 MiB pages is half a chunk), is lowered at once; an entry entered into
+    that chunk afterwards, outside the range, keeps its own protection, and the lowered
+    ones keep theirs when it comes."""
+    pmap = phys.pmap_create()
+    base = 0x400000 + 37 * PS  # mid-chunk
+    vas = [base + i * PS for i in range(8)]
+    for n, va in enumerate(vas):
+        pmap.pmap_enter(va, n, RW if n else W)  # the first is write-only
+    pmap.pmap_protect(vas[0], vas[-1] + PS, R)
+    assert pmap.pmap_extract(vas[0]) is None  # write-only lowered to read: nothing left
+    assert [pmap.pmap_extract(va) for va in vas[1:]] == list(range(1, 8))
+    assert [pmap.pmap_access(va) for va in vas[1:]] == [R] * 7
+    later = base + 100 * PS  # the same chunk, outside the range
+    pmap.pmap_enter(later, 9, RW)
+    assert pmap.pmap_access(later) == RW
+    assert [pmap.pmap_access(va) for va in vas[1:]] == [R] * 7
+    if has_mmu(pmap):
+        assert pmap.mmu_write(later, b"w")
+        assert not any(pmap.mmu_write(va, b"w") for va in vas[1:])
+    pmap.pmap_protect(vas[1], vas[4], NONE)  # a part of them now: entry by entry
+    assert [pmap.pmap_extract(va) for va in vas[1:]] == [None] * 3 + list(range(4, 8))
+    pmap.pmap_protect(vas[4], vas[-1] + PS, NONE)  # the rest, beside `later`
+    assert pmap.pmap_extract(later) == 9 and pmap.pmap_access(later) == RW
+    assert pmap.pmap_resident_count() == 1
+
+
 class _RecordingUffd:
     """Stands for a task's userfaultfd: records write-protect calls; refuses a range
     wider than one page when `refuse_ranges` (as Linux does when part of a range is not
@@ -286,6 +314,14 @@ def test_native_protect_takes_the_range_in_one_call(refuse: bool) -> None:
     else:
         assert fake.calls == [(vas[2], 10 * PS)]
     assert [pmap.pmap_extract(va) for va in vas] == [n % NFRAMES for n in range(20)]
+    # A range holding every entry of its chunk goes chunk-wide in the table; if Linux
+    # refuses the range, each of those entries is still protected alone.
+    fake.calls.clear()
+    pmap.pmap_protect(base - PS, vas[-1] + 2 * PS, R)
+    if refuse:
+        assert sorted(fake.calls) == [(va, PS) for va in vas]
+    else:
+        assert fake.calls == [(base - PS, 22 * PS)]
 
 
 def test_protect_to_nothing_removes_write_only_mappings(phys: Any) -> None:

@@ -227,21 +227,43 @@ class PageTable:
         self.pmap_protect(start, end, VM_PROT_NONE)
 
     def pmap_protect(self, start: int, end: int, prot: int) -> None:
-        """Reduce mappings in [start, end) to at most `prot`: whole chunks at once (by
-        mask, or dropped at NONE), the ragged ends entry by entry."""
+        """Reduce mappings in [start, end) to at most `prot`: chunks whose entries all
+        lie in the range at once (by mask, or dropped at NONE), the others entry by
+        entry; then the hardware, told every entry lowered."""
         lo, hi = self._vpn(start), self._vpn(end + self.phys.page_size - 1)
         with self.phys.lock:
-            ragged: list[int] = []
+            lowered: list[int] = []
             for c in [c for c in self.chunks if lo >> CHUNK_SHIFT <= c <= hi >> CHUNK_SHIFT]:
-                c_lo, c_hi = c << CHUNK_SHIFT, (c + 1) << CHUNK_SHIFT
-                if lo <= c_lo and c_hi <= hi:
+                if self._covered(c, lo, hi):
+                    lowered += self.chunks[c]
                     self._protect_chunk_locked(c, prot)
                     continue
-                vpns = [v for v in self.chunks[c] if lo <= v < hi]
-                for vpn in vpns:
-                    self._reduce_entry_locked(vpn, prot)
-                ragged += vpns
-            self.protect_hw_locked(start, end, prot, ragged)
+                lowered += self._reduce_ragged_locked(c, lo, hi, prot)
+            self.protect_hw_locked(start, end, prot, lowered)
+
+    def _covered(self, c: int, lo: int, hi: int) -> bool:
+        """True if every entry chunk `c` may hold, or does hold, lies in [lo, hi): then
+        the chunk-wide mask does the protect (a GiB of 2 MiB pages fills half a chunk)."""
+        if lo <= c << CHUNK_SHIFT and (c + 1) << CHUNK_SHIFT <= hi:
+            return True
+        chunk = self.chunks[c]
+        return not chunk or (lo <= min(chunk) and max(chunk) < hi)
+
+    def _reduce_ragged_locked(self, c: int, lo: int, hi: int, prot: int) -> list[int]:
+        """Lower the entries of chunk `c` within [lo, hi) to at most `prot` in one pass
+        (`_reduce_entry_locked` for each, without a call per entry: a GiB of 2 MiB pages
+        is 512 entries of one chunk); returns their vpns."""
+        self._unmask_locked(c)
+        chunk = self.chunks.get(c, {})
+        vpns = [v for v in chunk if lo <= v < hi]
+        keep = ~_PROT_MASK | prot
+        for vpn in vpns:
+            e = chunk[vpn]
+            if e & prot & _PROT_MASK:
+                chunk[vpn] = e & keep
+            else:
+                self._drop_locked(vpn)
+        return vpns
 
     def _protect_chunk_locked(self, c: int, prot: int) -> None:
         if prot == VM_PROT_NONE:  # pv pairs left behind are dropped lazily
@@ -311,9 +333,10 @@ class PageTable:
 
     def protect_hw_locked(self, start: int, end: int, prot: int, vpns: list[int]) -> None:
         """Make the hardware follow entries just lowered (phys.lock held): every mapping
-        in [start, end) is now at most `prot`; `vpns` are the entries lowered one by one
-        (the rest went chunk-wide). A backend whose MMU takes a whole range in one
-        operation does it here once. The soft MMU reads the table itself: nothing."""
+        in [start, end) is now at most `prot`; `vpns` are the entries lowered (for a
+        backend that must fall back to one operation per entry). A backend whose MMU
+        takes a whole range in one operation does it here once. The soft MMU reads the
+        table itself: nothing."""
 
     def _reduce_entry_locked(self, vpn: int, prot: int) -> None:
         """The table side of reduce_locked."""
