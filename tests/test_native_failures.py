@@ -121,6 +121,26 @@ def _memory_error(child: m.mach.Spawned, *words: str) -> None:
     assert e.value.code == "KERN_MEMORY_ERROR" and all(w in str(e.value) for w in words)
 
 
+def _waits_forever() -> None:
+    _answer()
+    m.msg_receive(m.port_allocate(m.task_self()))
+
+
+def test_a_task_ended_by_another_is_told_by_whom(capfd: pytest.CaptureFixture[str],
+                                                 native: str) -> None:
+    child = m.spawn(_waits_forever, name="sleeper")
+    _ask(child)  # it is up (and about to block)
+    m.task_terminate(child.port)
+    _aborted(child)
+    me = m.task_info(m.task_self())[0]
+    deadline = time.monotonic() + 10  # machd writes it as the process ends
+    err = ""
+    while f"task_terminate by task {me!r}" not in err and time.monotonic() < deadline:
+        err += capfd.readouterr().err
+        time.sleep(0.05)
+    assert f"pymach: task 'sleeper' ended by machd: task_terminate by task {me!r}" in err
+
+
 def test_a_dead_pager_ends_the_faulting_task_with_a_memory_error(
         capfd: pytest.CaptureFixture[str], native: str) -> None:
     me = m.task_self()

@@ -549,8 +549,7 @@ class Machd:
                 uffd, proc.uffd = proc.uffd, None  # without its userfaultfd would read
                 # zeros and write where nobody sees it
         if pidfd >= 0 and proc.control is not None:
-            me = running_thread()
-            why = proc.why or ("" if me is not None and me.task is task else "task_terminate")
+            why = proc.why or _ended_by(task)
             if why:
                 self._tell(proc, f"pymach: task {task.name!r} ended by machd: {why}\n")
             with contextlib.suppress(Disconnected, OSError):
@@ -742,6 +741,15 @@ def run_machd(machd: Machd) -> int:
         pass
     machd.stop()
     return 0
+
+
+def _ended_by(task: Task) -> str:
+    """Why a task is terminated when machd has no reason of its own: "" if it ended
+    itself, else who called task_terminate (the thread running the call)."""
+    me = running_thread()
+    if me is None:
+        return "task_terminate"
+    return "" if me.task is task else f"task_terminate by task {me.task.name!r}"
 
 
 def start_daemon(path: str, *options: str, timeout: float = 20.0,
