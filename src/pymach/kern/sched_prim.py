@@ -48,7 +48,15 @@ class WouldBlock(Exception):
     """A kernel call made with `thread.no_wait` set reached a wait. Raised where the
     call would have blocked, which is always a point where the blocked call would start
     again from the top once woken (vm_fault's Retry), so the caller may run the whole
-    call again in a context that can block and get the same result."""
+    call again in a context that can block and get the same result. It names the wait:
+    the queue, its deadline (ms, None: none) and what the thread waited for
+    (`Thread.vm_waiting` at the wait), so that a caller still holding the kernel lock
+    may park the call on that queue (machd's fault continuations) instead."""
+
+    def __init__(self, waitq: WaitQueue, deadline: float | None = None,
+                 waiting: object | None = None) -> None:
+        super().__init__(waitq.name)
+        self.waitq, self.deadline, self.waiting = waitq, deadline, waiting
 
 
 class Parked(Exception):
@@ -158,7 +166,7 @@ def thread_block(sched: Scheduler, thread: Thread, waitq: WaitQueue,
     WouldBlock at once if the thread may not block now (`thread.no_wait`).
     """
     if thread.no_wait:
-        raise WouldBlock(waitq.name)
+        raise WouldBlock(waitq, deadline, thread.vm_waiting)
     thread.wait_queue = waitq
     previous, thread.state = thread.state, "waiting" if thread.state == "running" else thread.state
     try:

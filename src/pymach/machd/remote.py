@@ -27,7 +27,10 @@ back (its thread was terminated or suspended), is finished here (`_continue`).
 posted fault, a parked trap's rest); a parked trap holds nothing, as it does not act
 as the thread: its completion only touches the task's space and map, under the
 kernel lock. The fault poller takes `busy` to run a fault as the thread
-(machd/faults.py).
+(machd/faults.py), and so does whoever runs a parked fault (machd/fault_park.py). A
+fault parked for this thread is dropped when the process thread makes a trap (it has
+left that fault: the event was stale) and when the connection ends; a parked fault
+that vm_fault refused comes here (`FailedFault`) to end the task.
 
 A frame that breaks the wire format or a trap's layout ends this connection (the
 thread), logged; nothing else is affected. The connection, the fault queue and the
@@ -61,6 +64,13 @@ from pymach.ipc.mach_msg import (
     msg_send_trap,
 )
 from pymach.kern.sched_prim import NOT_YET, Parked, thread_cancel, thread_continue
+from pymach.machd.fault_park import (
+    FailedFault,
+    drop_parked_fault,
+    fault_access,
+    fault_nowait,
+    has_parked_fault,
+)
 from pymach.pmap.uffd import UffdError
 from pymach.vm.vm_fault import vm_fault_trap
 
@@ -104,13 +114,16 @@ class RemoteState:
         self.tid = tid  # immutable: the process thread's id (0: a helper)
         self.busy = threading.Lock()  # held while the kernel thread acts as the process
         # thread (a trap, a posted fault); the poller runs a fault only if it can take it
-        self.faults: deque[Fault | None] = deque()
+        self.brief = False  # set by a holder of `busy` that holds the kernel lock and
+        # never waits (a parked fault's run: fault_park.py), so the poller may wait for
+        # it; a hint, read without locks
+        self.faults: deque[Fault | FailedFault | None] = deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.handoff: TrapHandoff | None = None  # set once by serve_remote
         self.outgoing: deque[Outgoing] = deque()  # parked traps' replies left to write
 
-    def post(self, fault: Fault | None) -> None:
-        """Queue a fault for the thread (called by the poller)."""
+    def post(self, fault: Fault | FailedFault | None) -> None:
+        """Queue a fault for the thread (by the poller, or a parked fault's end)."""
         self.faults.append(fault)
         self.kick()
 
@@ -301,6 +314,7 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
                     thread.name, e.detail)
     finally:
         with thread.kernel.sched.lock:  # a trap parked now has nobody to answer
+            drop_parked_fault(thread)
             thread_cancel(thread)
         machd.poller.unregister_thread(thread)
         conn.close()
@@ -384,6 +398,9 @@ def _serve_frame(machd: Machd, thread: Thread, conn: Channel) -> bool:
     if frame.op == traps.EXIT:
         thread.result = frame.values[0]
         return False
+    if has_parked_fault(thread):  # the process thread left that fault (module docstring)
+        with thread.kernel.sched.lock:
+            drop_parked_fault(thread)
     _trap(thread, conn, frame)
     return True
 
@@ -444,11 +461,6 @@ def send_reply(conn: Channel, values: list[Any], fds: list[int]) -> None:
         close_fds(fds)
 
 
-def fault_access(fault: Fault) -> int:
-    """The access a userfaultfd fault needs."""
-    return VM_PROT_WRITE if (fault.write or fault.wp) else VM_PROT_READ
-
-
 def fault_pending(pid: int, tid: int) -> bool:
     """False if the kernel shows that thread `tid` of process `pid` waits somewhere other
     than in a userfaultfd fault (its wait channel): an event read for a fault the thread
@@ -486,10 +498,19 @@ def memory_exception(machd: Machd, thread: Thread, fault: Fault, e: MachError) -
         machd.kill(proc, why)
 
 
-def serve_fault(machd: Machd, thread: Thread, fault: Fault) -> None:
-    """Resolve one page fault of the process thread, or end the task."""
+def serve_fault(machd: Machd, thread: Thread, fault: Fault | FailedFault,
+                park: bool = True) -> None:
+    """Resolve one page fault of the process thread, or end the task (as for a parked
+    fault that vm_fault refused). With `park`, a fault that waits for a page parks
+    (fault_park.py) rather than block this thread: so it holds `busy` only while it
+    runs, and the next fault of the process thread finds it free (the poller then runs
+    that one itself)."""
+    if isinstance(fault, FailedFault):
+        memory_exception(machd, thread, fault.fault, fault.error)
+        raise ThreadTerminated()
     try:
-        vm_fault_trap(thread, fault.address, fault_access(fault))
+        if not (park and fault_nowait(thread, fault)):
+            vm_fault_trap(thread, fault.address, fault_access(fault))
     except MachError as e:
         memory_exception(machd, thread, fault, e)
         raise ThreadTerminated() from None
@@ -511,7 +532,7 @@ def serve_faults(machd: Machd, thread: Thread) -> None:
                 fault = state.faults.popleft()
                 if fault is None or not thread.task.active:
                     return
-                serve_fault(machd, thread, fault)
+                serve_fault(machd, thread, fault, park=False)  # (it serves many threads)
     except ThreadTerminated:
         pass
     finally:
