@@ -141,3 +141,16 @@ def test_many_requests_in_a_row_are_each_answered(k: m.Kernel) -> None:
     m.vm_deallocate(m.task_self(), a, 4 * PS)
     b = _serve(Ones())
     wait_until(lambda: view[b + PS] == 1)
+
+
+def test_the_answer_message_is_built_alike_from_positions_and_names() -> None:
+    build = m.mach.oneway_message(pager_defs, "pager_data_provided")
+    by_position = build(5, PS, b"\1" * 8, 8, m.VM_PROT_NONE)
+    by_name = build(5, offset=PS, data=b"\1" * 8, data_count=8, lock_value=m.VM_PROT_NONE)
+    assert by_position == by_name and by_position.id == PROVIDED and not by_position.local_port
+    with pytest.raises(TypeError, match="missing a required argument"):
+        build(5, PS, b"", 0)
+    with pytest.raises(TypeError, match="too many"):
+        build(5, PS, b"", 0, 0, 0)
+    with pytest.raises(m.MachError, match="must be port"):
+        build("5", PS, b"", 0, 0)
