@@ -12,6 +12,8 @@ The last ones run it under machd, with a data manager in a task of its own.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -21,12 +23,14 @@ import pytest
 import pymach as m
 from machutil import wait_until
 from pagerutil import PS, Pager, routine
+from pymach.include import traps
+from pymach.include.channel import Channel
 from pymach.ipc.mach_msg import msg_receive_locked
 from pymach.kern.sched_prim import NOT_YET, Parked, thread_continue
 from pymach.kern.thread import Thread, current_thread
 from pymach.machd.fault_park import FailedFault, FaultHandoff, drop_parked_fault
 from pymach.machd.faults import FaultPoller
-from pymach.machd.remote import RemoteState
+from pymach.machd.remote import RemoteState, _run_trap
 from pymach.pmap.uffd import FLAG_WRITE, Fault
 from pymach.vm.vm_map import FaultPolicy
 
@@ -357,3 +361,18 @@ def _waits_on_mapped() -> bytes:
     mo = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000).items[0].value
     a = m.vm_allocate_with_pager(m.task_self(), 0, PS, True, mo, 0)  # type: ignore[arg-type]
     return _waits_on(a)
+
+
+def test_a_trap_of_the_thread_drops_its_parked_fault(k: m.Kernel) -> None:
+    """The process thread made a trap, so it is not in its fault any more (the event
+    was stale): the trap runs with the fault dropped, and nothing will complete it."""
+    s = Setup(k)
+    s.park()
+    cont = s.t.continuation
+    assert cont is not None
+    here, there = socket.socketpair()
+    with contextlib.closing(here), contextlib.closing(there):
+        _run_trap(s.t, Channel(here), lambda: 42)
+        assert settled(s.t) and cont not in cont.waitq.parked
+        reply = Channel(there).recv()
+        assert reply.op == traps.REPLY and reply.values[:2] == [traps.REPLY_OK, 42]

@@ -398,9 +398,6 @@ def _serve_frame(machd: Machd, thread: Thread, conn: Channel) -> bool:
     if frame.op == traps.EXIT:
         thread.result = frame.values[0]
         return False
-    if has_parked_fault(thread):  # the process thread left that fault (module docstring)
-        with thread.kernel.sched.lock:
-            drop_parked_fault(thread)
     _trap(thread, conn, frame)
     return True
 
@@ -415,6 +412,9 @@ def _run_trap(thread: Thread, conn: Channel, call: Callable[[], Any]) -> None:
     completion replies) or returned NOT_YET (a parked trap still waiting)."""
     try:
         with thread.host_data.busy:  # (released before the reply: see faults._resolve_now)
+            if has_parked_fault(thread):  # it left that fault (module docstring); while
+                with thread.kernel.sched.lock:  # we hold busy no fault of it parks anew
+                    drop_parked_fault(thread)
             value = call()
     except Parked:
         return
