@@ -26,7 +26,7 @@ from pagerutil import PS, Pager, routine
 from pymach.include import traps
 from pymach.include.channel import Channel
 from pymach.ipc.mach_msg import msg_receive_locked
-from pymach.kern.sched_prim import NOT_YET, Parked, thread_continue
+from pymach.kern.sched_prim import NOT_YET, Parked, WaitQueue, thread_continue, thread_park
 from pymach.kern.thread import Thread, current_thread
 from pymach.machd.fault_park import FailedFault, FaultHandoff, drop_parked_fault
 from pymach.machd.faults import FaultPoller
@@ -376,3 +376,33 @@ def test_a_trap_of_the_thread_drops_its_parked_fault(k: m.Kernel) -> None:
         assert settled(s.t) and cont not in cont.waitq.parked
         reply = Channel(there).recv()
         assert reply.op == traps.REPLY and reply.values[:2] == [traps.REPLY_OK, 42]
+
+
+def test_a_wake_up_within_a_continuations_own_attempt_does_not_offer_it_again(
+        k: m.Kernel) -> None:
+    """A parked call's attempt may itself wake its queue (a fault's run sends messages,
+    settles pages): the waker must not offer the same call again from within it (it
+    would run twice, or be completed twice)."""
+    q = WaitQueue(k.sched.lock, "test")
+    t = idle_thread(k)
+    runs: list[int] = []
+    done: list[Any] = []
+
+    class Once:
+        def deliver(self, outcome: Any) -> None:
+            done.append(outcome)
+
+        def wake(self) -> None:
+            done.append("woken")
+
+    def attempt() -> str:
+        runs.append(1)
+        k.sched.thread_wakeup(q)  # (kernel lock held, as in a real attempt)
+        return "done"
+
+    with k.sched.lock:
+        with pytest.raises(Parked):
+            thread_park(t, q, None, attempt, lambda: None, Once())
+        k.sched.thread_wakeup(q)
+    assert runs == [1] and done == ["done"]
+    assert t.continuation is None and not q.parked

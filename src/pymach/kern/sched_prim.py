@@ -27,7 +27,8 @@ thread would have after its wake-up; a timeout is the transport's to notice (the
 continuation's `deadline`), and it runs `thread_continue` too. Invariants (kernel
 lock): a thread has at most one continuation; it is on its wait queue's `parked` list
 exactly while it may be completed by a waker; exactly one party completes it (the
-waker that took it off the list, or the thread itself). Only the free scheduler parks:
+waker that took it off the list, or the thread itself); a wake-up of its queue from
+within its own attempt does not offer it again. Only the free scheduler parks:
 under the deterministic one every wait stays a thread_block, so a seed still gives one
 interleaving.
 """
@@ -101,17 +102,19 @@ class Continuation:
     """A parked call: the queue it waits on, its deadline (ms, None: none), how a
     waker tries to complete it (`attempt`: its value, NOT_YET, or a MachError raised)
     and how its own thread runs the rest of it (`rest`, the blocking version).
-    `handed_back`: taken off the queue for its thread to continue (kernel lock)."""
+    `handed_back`: taken off the queue for its thread to continue (kernel lock).
+    `attempting`: a waker runs its attempt now (kernel lock): a wake-up of its queue
+    from within that attempt does not offer it again."""
 
-    __slots__ = ("attempt", "deadline", "handed_back", "handoff", "rest", "thread",
-                 "waitq")
+    __slots__ = ("attempt", "attempting", "deadline", "handed_back", "handoff", "rest",
+                 "thread", "waitq")
 
     def __init__(self, thread: Thread, waitq: WaitQueue, deadline: float | None,
                  attempt: Callable[[], Any], rest: Callable[[], Any],
                  handoff: Handoff) -> None:
         self.thread, self.waitq, self.deadline = thread, waitq, deadline
         self.attempt, self.rest, self.handoff = attempt, rest, handoff
-        self.handed_back = False
+        self.handed_back = self.attempting = False
 
 
 class Scheduler(Protocol):
@@ -217,10 +220,13 @@ def _offer(cont: Continuation) -> None:
     if thread.terminating or thread.suspend_count or thread.task.suspend_count:
         _hand_back(cont)
         return
+    cont.attempting = True
     try:
         outcome = cont.attempt()
     except MachError as e:
         outcome = e
+    finally:
+        cont.attempting = False
     if outcome is NOT_YET:
         return
     _unpark(cont)
@@ -232,7 +238,7 @@ def continuations_wakeup(waitq: WaitQueue) -> None:
     """For the backends' thread_wakeup (lock held): offer the event to every call
     parked on `waitq`, oldest first."""
     for cont in list(waitq.parked):
-        if cont.thread.continuation is cont and not cont.handed_back:
+        if cont.thread.continuation is cont and not (cont.handed_back or cont.attempting):
             _offer(cont)
 
 
