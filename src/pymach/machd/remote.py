@@ -483,37 +483,40 @@ def fault_pending(pid: int, tid: int) -> bool:
 STALE_CHECKS = 5
 
 
-def memory_exception(machd: Machd, thread: Thread, fault: Fault, e: MachError) -> None:
-    """vm_fault refused a fault of the process: end the task, saying why (unless the
-    fault is stale: the thread is not waiting on it)."""
+def memory_exception(machd: Machd, thread: Thread, fault: Fault, e: MachError) -> bool:
+    """vm_fault refused a fault of the process: end the task, saying why, and return
+    True; unless the fault is stale (the thread is not waiting on it): False."""
     proc = thread.task.process
     if proc is not None and not fault_pending(proc.pid, fault.tid):
         log.info("task %s: stale fault at %#x ignored (%s)", thread.task.name,
                  fault.address, e.code)
-        return
+        return False
     why = (f"memory exception: {e.code} at {fault.address:#x} "
            f"({'write' if fault_access(fault) & VM_PROT_WRITE else 'read'}): {e.detail}")
     log.warning("task %s: %s", thread.task.name, why)
     if proc is not None:
         machd.kill(proc, why)
+    return True
 
 
 def serve_fault(machd: Machd, thread: Thread, fault: Fault | FailedFault,
                 park: bool = True) -> None:
     """Resolve one page fault of the process thread, or end the task (as for a parked
-    fault that vm_fault refused). With `park`, a fault that waits for a page parks
-    (fault_park.py) rather than block this thread: so it holds `busy` only while it
-    runs, and the next fault of the process thread finds it free (the poller then runs
-    that one itself)."""
+    fault that vm_fault refused): then ThreadTerminated; a stale fault vm_fault refuses
+    is only logged, and this thread serves on. With `park`, a fault that waits for a
+    page parks (fault_park.py) rather than block this thread: so it holds `busy` only
+    while it runs, and the next fault of the process thread finds it free (the poller
+    then runs that one itself)."""
     if isinstance(fault, FailedFault):
-        memory_exception(machd, thread, fault.fault, fault.error)
-        raise ThreadTerminated()
+        if memory_exception(machd, thread, fault.fault, fault.error):
+            raise ThreadTerminated()
+        return  # stale: this thread serves on
     try:
         if not (park and fault_nowait(thread, fault)):
             vm_fault_trap(thread, fault.address, fault_access(fault))
     except MachError as e:
-        memory_exception(machd, thread, fault, e)
-        raise ThreadTerminated() from None
+        if memory_exception(machd, thread, fault, e):
+            raise ThreadTerminated() from None
     except UffdError as e:  # the process died while its fault was resolved (ESRCH)
         log.info("task %s: a fault not resolved: %s", thread.task.name, e)
 
