@@ -54,3 +54,37 @@ def test_a_fault_that_fails_affects_its_process_only() -> None:
     poller = FaultPoller.__new__(FaultPoller)  # only _serve_events is exercised
     proc = SimpleNamespace(uffd=DyingUffd(), task=SimpleNamespace(name="gone"))
     poller._serve_events(proc)  # type: ignore[arg-type]  # returns: nothing raised
+
+
+def test_a_stale_fault_refused_on_a_kernel_thread_leaves_that_thread_serving() -> None:
+    """A fault vm_fault refuses whose thread no longer waits on it (asleep elsewhere)
+    is ignored; the kernel thread that ran it must go on serving its process thread
+    (it used to unwind as if the task had been ended)."""
+    from types import SimpleNamespace
+
+    from pymach.errors import MachError
+    from pymach.machd.fault_park import FailedFault
+    from pymach.machd.remote import serve_fault
+    from pymach.pmap.uffd import Fault
+
+    tids: list[int] = []
+    stop = threading.Event()
+
+    def sleeper() -> None:
+        tids.append(threading.get_native_id())
+        stop.wait(10)
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    try:
+        time.sleep(0.1)
+        killed: list[str] = []
+        machd = SimpleNamespace(kill=lambda proc, why: killed.append(why))
+        thread = SimpleNamespace(task=SimpleNamespace(
+            name="t", process=SimpleNamespace(pid=os.getpid())))
+        failed = FailedFault(Fault(0x1000, 0, tids[0]), MachError("KERN_INVALID_ADDRESS"))
+        serve_fault(machd, thread, failed)  # type: ignore[arg-type]  # returns: no unwind
+        assert killed == []
+    finally:
+        stop.set()
+        t.join()

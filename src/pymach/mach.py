@@ -169,18 +169,37 @@ def oneway_stub(subsystem: Subsystem, name: str) -> Callable[..., None]:
     server that streams requests and needs no answer, as a data manager providing data
     does (Mach 3.0 made memory_object_data_provided a simpleroutine). Arguments are
     checked here as the routine's stub checks them."""
+    message = oneway_message(subsystem, name)
+
+    def send(*args: Any, **kwargs: Any) -> None:
+        msg_send(message(*args, **kwargs))
+
+    signature = inspect.signature(message)
+    send.__name__ = send.__qualname__ = f"{name}_oneway"
+    send.__signature__ = signature  # type: ignore[attr-defined]  # (for help and inspect)
+    send.__doc__ = f"{name}({', '.join(signature.parameters)}) sent without waiting for " \
+        f"the reply."
+    return send
+
+
+def oneway_message(subsystem: Subsystem, name: str) -> Callable[..., Message]:
+    """What `oneway_stub(subsystem, name)` sends, built and not sent: the request with
+    no reply port, its arguments checked as the routine's stub checks them. For a
+    server that sends it itself: with its next receive, say (msg_send_receive)."""
     r = subsystem.by_name[name]
     names = [r.target] + [n for n, _ in r.ins]
     signature = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
 
-    def send(*args: Any, **kwargs: Any) -> None:
-        msg_send(_request(r, _bind(r, signature, args, kwargs)))
+    def message(*args: Any, **kwargs: Any) -> Message:
+        if not kwargs and len(args) == len(names):  # (what bind gives, without its cost)
+            return _request(r, list(args))
+        return _request(r, _bind(r, signature, args, kwargs))
 
-    send.__name__ = send.__qualname__ = f"{r.name}_oneway"
-    send.__signature__ = signature  # type: ignore[attr-defined]  # (for help and inspect)
-    send.__doc__ = f"{r.name}({', '.join(names)}) sent without waiting for the reply."
-    return send
+    message.__name__ = message.__qualname__ = f"{r.name}_message"
+    message.__signature__ = signature  # type: ignore[attr-defined]  # (for help, inspect)
+    message.__doc__ = f"The one-way request {r.name}({', '.join(names)})."
+    return message
 
 
 def _request(r: Routine, values: list[Any]) -> Message:

@@ -27,7 +27,8 @@ thread would have after its wake-up; a timeout is the transport's to notice (the
 continuation's `deadline`), and it runs `thread_continue` too. Invariants (kernel
 lock): a thread has at most one continuation; it is on its wait queue's `parked` list
 exactly while it may be completed by a waker; exactly one party completes it (the
-waker that took it off the list, or the thread itself). Only the free scheduler parks:
+waker that took it off the list, or the thread itself); a wake-up of its queue from
+within its own attempt does not offer it again. Only the free scheduler parks:
 under the deterministic one every wait stays a thread_block, so a seed still gives one
 interleaving.
 """
@@ -48,7 +49,15 @@ class WouldBlock(Exception):
     """A kernel call made with `thread.no_wait` set reached a wait. Raised where the
     call would have blocked, which is always a point where the blocked call would start
     again from the top once woken (vm_fault's Retry), so the caller may run the whole
-    call again in a context that can block and get the same result."""
+    call again in a context that can block and get the same result. It names the wait:
+    the queue, its deadline (ms, None: none) and what the thread waited for
+    (`Thread.vm_waiting` at the wait), so that a caller still holding the kernel lock
+    may park the call on that queue (machd's fault continuations) instead."""
+
+    def __init__(self, waitq: WaitQueue, deadline: float | None = None,
+                 waiting: object | None = None) -> None:
+        super().__init__(waitq.name)
+        self.waitq, self.deadline, self.waiting = waitq, deadline, waiting
 
 
 class Parked(Exception):
@@ -93,17 +102,19 @@ class Continuation:
     """A parked call: the queue it waits on, its deadline (ms, None: none), how a
     waker tries to complete it (`attempt`: its value, NOT_YET, or a MachError raised)
     and how its own thread runs the rest of it (`rest`, the blocking version).
-    `handed_back`: taken off the queue for its thread to continue (kernel lock)."""
+    `handed_back`: taken off the queue for its thread to continue (kernel lock).
+    `attempting`: a waker runs its attempt now (kernel lock): a wake-up of its queue
+    from within that attempt does not offer it again."""
 
-    __slots__ = ("attempt", "deadline", "handed_back", "handoff", "rest", "thread",
-                 "waitq")
+    __slots__ = ("attempt", "attempting", "deadline", "handed_back", "handoff", "rest",
+                 "thread", "waitq")
 
     def __init__(self, thread: Thread, waitq: WaitQueue, deadline: float | None,
                  attempt: Callable[[], Any], rest: Callable[[], Any],
                  handoff: Handoff) -> None:
         self.thread, self.waitq, self.deadline = thread, waitq, deadline
         self.attempt, self.rest, self.handoff = attempt, rest, handoff
-        self.handed_back = False
+        self.handed_back = self.attempting = False
 
 
 class Scheduler(Protocol):
@@ -158,7 +169,7 @@ def thread_block(sched: Scheduler, thread: Thread, waitq: WaitQueue,
     WouldBlock at once if the thread may not block now (`thread.no_wait`).
     """
     if thread.no_wait:
-        raise WouldBlock(waitq.name)
+        raise WouldBlock(waitq, deadline, thread.vm_waiting)
     thread.wait_queue = waitq
     previous, thread.state = thread.state, "waiting" if thread.state == "running" else thread.state
     try:
@@ -209,10 +220,13 @@ def _offer(cont: Continuation) -> None:
     if thread.terminating or thread.suspend_count or thread.task.suspend_count:
         _hand_back(cont)
         return
+    cont.attempting = True
     try:
         outcome = cont.attempt()
     except MachError as e:
         outcome = e
+    finally:
+        cont.attempting = False
     if outcome is NOT_YET:
         return
     _unpark(cont)
@@ -224,7 +238,7 @@ def continuations_wakeup(waitq: WaitQueue) -> None:
     """For the backends' thread_wakeup (lock held): offer the event to every call
     parked on `waitq`, oldest first."""
     for cont in list(waitq.parked):
-        if cont.thread.continuation is cont and not cont.handed_back:
+        if cont.thread.continuation is cont and not (cont.handed_back or cont.attempting):
             _offer(cont)
 
 

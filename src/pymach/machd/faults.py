@@ -11,8 +11,11 @@ as that kernel thread, with waiting forbidden (`Thread.no_wait`): a fault that n
 nothing but memory (a zero fill, a resident page, a copy-on-write copy) is resolved with
 no thread hand-off, as a hardware fault is served in the faulting context. A fault that
 must wait (for a data manager, a busy page, a free frame) stops at that wait, which is
-a point where the fault would start over anyway, and goes to the kernel thread, which
-runs it again and waits. A thread the process made without Mach (a library's worker
+a point where the fault would start over anyway. If it waits on a VM object's page
+queue (for a data manager's data), it parks there with a continuation (fault_park.py):
+whoever wakes the queue runs it again on its own thread, so the kernel thread is not
+woken at all. Any other wait goes to the kernel thread, which runs the fault again and
+waits. A thread the process made without Mach (a library's worker
 thread) has no kernel thread: its faults go to a helper kernel thread of the task, made
 on first need, which several process threads share, so it serves their faults itself.
 A missing-page fault read from a region the VM has since let the kernel zero-fill
@@ -29,14 +32,13 @@ import select
 import threading
 from typing import TYPE_CHECKING
 
-from pymach.errors import MachError, ThreadTerminated
+from pymach.errors import MachError
 from pymach.include.message import Code
-from pymach.kern.sched_prim import WouldBlock
 from pymach.kern.thread import Thread
-from pymach.machd.remote import RemoteState, fault_access, memory_exception, serve_faults
+from pymach.machd.fault_park import fault_nowait
+from pymach.machd.remote import RemoteState, memory_exception, serve_faults
 from pymach.pmap.uffd import UffdError
 from pymach.pmap.uffd_pmap import UffdPmap
-from pymach.vm.vm_fault import vm_fault_trap
 
 if TYPE_CHECKING:
     from pymach.machd.machd import Machd, Process
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("pymach.machd")
+
+BRIEF_WAIT_S = 0.05  # the longest the poller waits for a brief holder of `busy`
 
 
 class FaultPoller:
@@ -159,25 +163,24 @@ class FaultPoller:
         return True
 
     def _resolve_now(self, thread: Thread, fault: Fault) -> bool:
-        """Run the fault as `thread` without waiting; False if it must wait (or the thread
-        is being terminated), so that the kernel thread runs it."""
+        """Run the fault as `thread` without waiting, parking it if it waits for a page
+        (fault_park.py); False if it must wait otherwise (or the thread is being
+        terminated), so that the kernel thread runs it."""
         state: RemoteState = thread.host_data
-        if not state.busy.acquire(blocking=False):
+        if not state.busy.acquire(blocking=False) and not (
+                state.brief and state.busy.acquire(timeout=BRIEF_WAIT_S)):
             # Its kernel thread is acting as it (a trap, whose reply the process thread
             # waits for, so this event is stale; or a posted fault, whose resolution may
             # already have let the thread fault again): the kernel thread runs it next.
+            # (A parked fault's run that just resolved the last fault is waited for.)
             return False
-        thread.no_wait = True
         try:
-            vm_fault_trap(thread, fault.address, fault_access(fault))
-        except (WouldBlock, ThreadTerminated):
-            return False  # it must wait, or unwind: its own kernel thread does that
+            return fault_nowait(thread, fault)
         except MachError as e:
             memory_exception(self.machd, thread, fault, e)  # the process is killed
+            return True
         finally:
-            thread.no_wait = False
             state.busy.release()
-        return True
 
     def _helper(self, proc: Process) -> Thread:
         """The task's kernel thread for faults of threads unknown to Mach."""

@@ -27,7 +27,10 @@ back (its thread was terminated or suspended), is finished here (`_continue`).
 posted fault, a parked trap's rest); a parked trap holds nothing, as it does not act
 as the thread: its completion only touches the task's space and map, under the
 kernel lock. The fault poller takes `busy` to run a fault as the thread
-(machd/faults.py).
+(machd/faults.py), and so does whoever runs a parked fault (machd/fault_park.py). A
+fault parked for this thread is dropped when the process thread makes a trap (it has
+left that fault: the event was stale) and when the connection ends; a parked fault
+that vm_fault refused comes here (`FailedFault`) to end the task.
 
 A frame that breaks the wire format or a trap's layout ends this connection (the
 thread), logged; nothing else is affected. The connection, the fault queue and the
@@ -61,6 +64,13 @@ from pymach.ipc.mach_msg import (
     msg_send_trap,
 )
 from pymach.kern.sched_prim import NOT_YET, Parked, thread_cancel, thread_continue
+from pymach.machd.fault_park import (
+    FailedFault,
+    drop_parked_fault,
+    fault_access,
+    fault_nowait,
+    has_parked_fault,
+)
 from pymach.pmap.uffd import UffdError
 from pymach.vm.vm_fault import vm_fault_trap
 
@@ -104,13 +114,16 @@ class RemoteState:
         self.tid = tid  # immutable: the process thread's id (0: a helper)
         self.busy = threading.Lock()  # held while the kernel thread acts as the process
         # thread (a trap, a posted fault); the poller runs a fault only if it can take it
-        self.faults: deque[Fault | None] = deque()
+        self.brief = False  # set by a holder of `busy` that holds the kernel lock and
+        # never waits (a parked fault's run: fault_park.py), so the poller may wait for
+        # it; a hint, read without locks
+        self.faults: deque[Fault | FailedFault | None] = deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.handoff: TrapHandoff | None = None  # set once by serve_remote
         self.outgoing: deque[Outgoing] = deque()  # parked traps' replies left to write
 
-    def post(self, fault: Fault | None) -> None:
-        """Queue a fault for the thread (called by the poller)."""
+    def post(self, fault: Fault | FailedFault | None) -> None:
+        """Queue a fault for the thread (by the poller, or a parked fault's end)."""
         self.faults.append(fault)
         self.kick()
 
@@ -301,6 +314,7 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
                     thread.name, e.detail)
     finally:
         with thread.kernel.sched.lock:  # a trap parked now has nobody to answer
+            drop_parked_fault(thread)
             thread_cancel(thread)
         machd.poller.unregister_thread(thread)
         conn.close()
@@ -398,6 +412,9 @@ def _run_trap(thread: Thread, conn: Channel, call: Callable[[], Any]) -> None:
     completion replies) or returned NOT_YET (a parked trap still waiting)."""
     try:
         with thread.host_data.busy:  # (released before the reply: see faults._resolve_now)
+            if has_parked_fault(thread):  # it left that fault (module docstring); while
+                with thread.kernel.sched.lock:  # we hold busy no fault of it parks anew
+                    drop_parked_fault(thread)
             value = call()
     except Parked:
         return
@@ -444,11 +461,6 @@ def send_reply(conn: Channel, values: list[Any], fds: list[int]) -> None:
         close_fds(fds)
 
 
-def fault_access(fault: Fault) -> int:
-    """The access a userfaultfd fault needs."""
-    return VM_PROT_WRITE if (fault.write or fault.wp) else VM_PROT_READ
-
-
 def fault_pending(pid: int, tid: int) -> bool:
     """False if the kernel shows that thread `tid` of process `pid` waits somewhere other
     than in a userfaultfd fault (its wait channel): an event read for a fault the thread
@@ -471,28 +483,40 @@ def fault_pending(pid: int, tid: int) -> bool:
 STALE_CHECKS = 5
 
 
-def memory_exception(machd: Machd, thread: Thread, fault: Fault, e: MachError) -> None:
-    """vm_fault refused a fault of the process: end the task, saying why (unless the
-    fault is stale: the thread is not waiting on it)."""
+def memory_exception(machd: Machd, thread: Thread, fault: Fault, e: MachError) -> bool:
+    """vm_fault refused a fault of the process: end the task, saying why, and return
+    True; unless the fault is stale (the thread is not waiting on it): False."""
     proc = thread.task.process
     if proc is not None and not fault_pending(proc.pid, fault.tid):
         log.info("task %s: stale fault at %#x ignored (%s)", thread.task.name,
                  fault.address, e.code)
-        return
+        return False
     why = (f"memory exception: {e.code} at {fault.address:#x} "
            f"({'write' if fault_access(fault) & VM_PROT_WRITE else 'read'}): {e.detail}")
     log.warning("task %s: %s", thread.task.name, why)
     if proc is not None:
         machd.kill(proc, why)
+    return True
 
 
-def serve_fault(machd: Machd, thread: Thread, fault: Fault) -> None:
-    """Resolve one page fault of the process thread, or end the task."""
+def serve_fault(machd: Machd, thread: Thread, fault: Fault | FailedFault,
+                park: bool = True) -> None:
+    """Resolve one page fault of the process thread, or end the task (as for a parked
+    fault that vm_fault refused): then ThreadTerminated; a stale fault vm_fault refuses
+    is only logged, and this thread serves on. With `park`, a fault that waits for a
+    page parks (fault_park.py) rather than block this thread: so it holds `busy` only
+    while it runs, and the next fault of the process thread finds it free (the poller
+    then runs that one itself)."""
+    if isinstance(fault, FailedFault):
+        if memory_exception(machd, thread, fault.fault, fault.error):
+            raise ThreadTerminated()
+        return  # stale: this thread serves on
     try:
-        vm_fault_trap(thread, fault.address, fault_access(fault))
+        if not (park and fault_nowait(thread, fault)):
+            vm_fault_trap(thread, fault.address, fault_access(fault))
     except MachError as e:
-        memory_exception(machd, thread, fault, e)
-        raise ThreadTerminated() from None
+        if memory_exception(machd, thread, fault, e):
+            raise ThreadTerminated() from None
     except UffdError as e:  # the process died while its fault was resolved (ESRCH)
         log.info("task %s: a fault not resolved: %s", thread.task.name, e)
 
@@ -511,7 +535,7 @@ def serve_faults(machd: Machd, thread: Thread) -> None:
                 fault = state.faults.popleft()
                 if fault is None or not thread.task.active:
                     return
-                serve_fault(machd, thread, fault)
+                serve_fault(machd, thread, fault, park=False)  # (it serves many threads)
     except ThreadTerminated:
         pass
     finally:

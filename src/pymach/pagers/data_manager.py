@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,11 +48,16 @@ from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 from pymach.mach_vm import memory
 
+log = logging.getLogger("pymach.pagers")
 STOP_ID = 2299
 # The answers to a data request go without waiting for the kernel's reply (a manager
 # streams them; the kernel logs a bad one): one message each way per request.
-_data_provided = mach.oneway_stub(pager_defs, "pager_data_provided")
-_data_unavailable = mach.oneway_stub(pager_defs, "pager_data_unavailable")
+# The default pager_data_request's answer goes with the serving thread's next receive
+# (_answer): one kernel call per request.
+_provided_message = mach.oneway_message(pager_defs, "pager_data_provided")
+_unavailable_message = mach.oneway_message(pager_defs, "pager_data_unavailable")
+_answers = threading.local()  # .folding: in the default pager_data_request on a serving
+# thread; .held: the answer it made, sent with the thread's next receive
 _DATA_WRITE = memory_object_defs.by_name["pager_data_write"]
 _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferred", "_lock",
                          "_started", "_busy", "_writes", "_writing"})
@@ -151,11 +157,22 @@ class DataManager:
                 self._dispatch(msg)
 
     def _next_message(self) -> Message:
-        """A message kept for later (`_deferred`), else the next one received."""
-        try:
+        """A message kept for later (`_deferred`), else the next one received; the
+        answer the last request left (`_answer`) is sent first, with the receive."""
+        held, _answers.held = getattr(_answers, "held", None), None
+        if self._deferred:
+            if held is not None:
+                _send_logged(held)
             return self._deferred.popleft()
-        except IndexError:
+        if held is None:
             return mach.msg_receive()
+        try:
+            return mach.msg_send_receive(held)
+        except MachError as e:
+            if e.code.startswith("RCV_"):  # (sent; the receive failed)
+                raise
+            _refused(held, e)  # nothing was sent
+        return mach.msg_receive()
 
     def queue_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
         """Store written-back data (see module docstring): this thread stores it, and
@@ -296,6 +313,45 @@ class DataManager:
         """Store changed bytes of the object."""
 
 
+def _data_provided(request: int, offset: int, data: Any, data_count: int,
+                   lock_value: int) -> None:
+    """pager_data_provided sent without waiting (`_answer`)."""
+    _answer(_provided_message(request, offset, data, data_count, lock_value),
+            isinstance(data, bytes))
+
+
+def _data_unavailable(request: int, offset: int, size: int) -> None:
+    """pager_data_unavailable sent without waiting (`_answer`)."""
+    _answer(_unavailable_message(request, offset, size), True)
+
+
+def _answer(msg: Message, movable: bool) -> None:
+    """Send a one-way answer to the kernel. In the default pager_data_request of a
+    serving thread (whose answer is the last thing it does) the answer is held and sent
+    with the thread's next receive, in one kernel call (msg_send_receive: in native
+    mode one round trip to machd instead of two); a refusal is then logged, as the
+    kernel logs a bad one-way request. Data given out of line (`movable` False: a
+    region whose fate the caller learns from the send) goes at once."""
+    if movable and getattr(_answers, "folding", False) and \
+            getattr(_answers, "held", None) is None:
+        _answers.held = msg
+    else:
+        mach.msg_send(msg)
+
+
+def _send_logged(msg: Message) -> None:
+    """Send a held answer now, logging a refusal."""
+    try:
+        mach.msg_send(msg)
+    except MachError as e:
+        _refused(msg, e)
+
+
+def _refused(msg: Message, e: MachError) -> None:
+    log.warning("a data manager's answer (message %d) to port %d was refused: %s",
+                msg.id, msg.remote_port, e)
+
+
 def write_runs(writes: list[Write]) -> list[list[Write]]:
     """Writes grouped into runs of contiguous data of one object (of at most
     WRITE_RUN_MAX bytes, unless one write alone is larger), in the order to store them:
@@ -334,7 +390,12 @@ class _Adapter:
 
     def pager_data_request(self, mo: int, request: int, offset: int, length: int,
                            access: int) -> None:
-        self.dm.pager_data_request(mo, request, offset, length, access)
+        # The default handler answers last: its answer may wait for the next receive.
+        _answers.folding = type(self.dm).pager_data_request is DataManager.pager_data_request
+        try:
+            self.dm.pager_data_request(mo, request, offset, length, access)
+        finally:
+            _answers.folding = False
 
     def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
         self.dm.queue_write(mo, offset, data, data_count)

@@ -421,14 +421,20 @@ def _wait(thread: Thread, vm: VmSystem, waitq: WaitQueue, obj: VmObject,
 
 def vm_fault_trap(thread: Thread, va: int, access: int) -> None:
     """The trap a task thread takes when the MMU refuses an access (a kernel entry)."""
-    task = thread.task
     with thread.kernel.trap(thread):
-        if task.map is None:
-            raise MachError("KERN_INVALID_TASK", f"task {task.name!r} has no address space")
-        if not thread.kernel.tracing:
-            vm_fault(thread, task.map, va, access)
-            return
-        _traced_fault(thread, task.map, va, access)
+        vm_fault_locked(thread, va, access)
+
+
+def vm_fault_locked(thread: Thread, va: int, access: int) -> None:
+    """vm_fault_trap's work inside a kernel entry the caller made (kernel lock held):
+    for a caller that must still hold the lock when the fault stops at a wait."""
+    task = thread.task
+    if task.map is None:
+        raise MachError("KERN_INVALID_TASK", f"task {task.name!r} has no address space")
+    if not thread.kernel.tracing:
+        vm_fault(thread, task.map, va, access)
+        return
+    _traced_fault(thread, task.map, va, access)
 
 
 def _traced_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
