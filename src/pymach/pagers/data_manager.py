@@ -45,7 +45,7 @@ from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.include.mig import Subsystem, decode_items, serve_message
 from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
-from pymach.mach_vm import memory
+from pymach.mach_vm import NativeAddressSpace, memory
 
 STOP_ID = 2299
 # The answers to a data request go without waiting for the kernel's reply (a manager
@@ -57,6 +57,7 @@ _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferre
                          "_started", "_busy", "_writes", "_writing"})
 Write = tuple[int, int, OOL, int]  # memory object, offset, data, data_count
 WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
+OOL_MIN = 1 << 20  # provided data this large go out of line in a native task (provide)
 
 
 class DataManager:
@@ -273,7 +274,7 @@ class DataManager:
         if data is None:
             _data_unavailable(request, offset, length)
         else:
-            _data_provided(request, offset, bytes(data), len(data), VM_PROT_NONE)
+            provide(request, offset, data)
 
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """A kernel writes changed data back: store it with `write()`."""
@@ -294,6 +295,35 @@ class DataManager:
 
     def write(self, memory_object: int, offset: int, data: bytes) -> None:
         """Store changed bytes of the object."""
+
+
+def provide(request: int, offset: int, data: bytes | bytearray | memoryview,
+            lock_value: int = VM_PROT_NONE) -> None:
+    """pager_data_provided of `data` at `offset`, sent without waiting (a bad one is
+    logged by the kernel). In a native task, data of OOL_MIN bytes or more go out of
+    line: copied once into a fresh region of this task that moves to the kernel
+    (deallocate), so machd puts them into the object's pages with one copy per run
+    rather than reading them from its socket; smaller data, and any in the embedded
+    kernel (where bytes in a message are not copied again), go in the message."""
+    if len(data) < OOL_MIN or not isinstance(memory(), NativeAddressSpace):
+        _data_provided(request, offset, bytes(data), len(data), lock_value)
+        return
+    me = mach.task_self()
+    size = len(data)
+    address = mach.vm_allocate(me, 0, size, True)
+    try:
+        memory().buffer(address, size)[:] = data
+        _data_provided(request, offset, OOL(address, size, deallocate=True), size,
+                       lock_value)
+    except MachError as e:
+        if e.code in _REFUSED_BEFORE_COPYIN:  # the region is still ours
+            mach.vm_deallocate(me, address, size)
+        raise
+
+
+_REFUSED_BEFORE_COPYIN = frozenset({"SEND_INVALID_PORT", "SEND_INVALID_RIGHT",
+                                    "SEND_INVALID_MEMORY", "KERN_INVALID_ARGUMENT"})
+# a send refused with one of these changed nothing (its region did not move)
 
 
 def write_runs(writes: list[Write]) -> list[list[Write]]:
