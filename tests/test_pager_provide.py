@@ -27,6 +27,7 @@ from machutil import recv, start_thread
 from pagerutil import PS, Pager, finished, pattern, quiet, read, write
 from pymach import OOL, Message
 from pymach.kern.host import Kernel
+from pymach.mach_vm import NativeAddressSpace
 from pymach.pagers.data_manager import OOL_MIN
 from pymach.pmap import BACKENDS
 from pymach.vm.vm_kern import copy_view
@@ -266,31 +267,43 @@ def test_bad_out_of_line_data_are_refused_and_change_nothing(kernel: m.Kernel) -
 
 
 class Big(m.DataManager):
-    """Answers every request with OOL_MIN + 3 pages (more than asked) of pattern(7)."""
+    """Answers every request with BIG bytes (more than asked) of pattern(7) there."""
 
     threads = max_threads = 1
 
     def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
-        return pattern(7, OOL_MIN + 3 * PS)[offset:offset + OOL_MIN + 3 * PS]
+        return pattern(7, 3 * BIG)[offset:offset + BIG]
 
 
-def _big_manager() -> None:
+BIG = OOL_MIN + 3 * PS
+
+
+def _big_manager(staging_pages: int) -> None:
     from pagerutil import _manager_main
+    from pymach.pagers import data_manager
 
+    data_manager.STAGING_PAGES = staging_pages  # (this task's copy of the module)
     _manager_main(Big(), 1)  # (made here: a DataManager holds locks, never pickled)
 
 
-def test_a_data_manager_provides_a_large_run_whole(kernel: m.Kernel) -> None:
+@pytest.mark.parametrize("staging_pages", [0, 1024])
+def test_a_data_manager_provides_large_runs_whole(kernel: m.Kernel,
+                                                  staging_pages: int) -> None:
+    """Out of line in a native task: from a fresh region each time (moved to the
+    kernel), or from the thread's staging region, written again for the second run
+    while the kernel keeps the first."""
     me = m.task_self()
-    size = OOL_MIN + 3 * PS
     inbox = m.port_allocate(me)
-    handle = kernel.spawn(_big_manager, name="big")
+    handle = kernel.spawn(_big_manager, staging_pages, name="big")
     notify = m.task_get_special_port(handle.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, items=[m.Port(inbox, m.MAKE_SEND)]))
     obj = recv(inbox, 10_000).items[0].value
-    a = m.vm_allocate_with_pager(me, 0, size, True, obj, 0)  # type: ignore[arg-type]
-    assert read(a, size) == pattern(7, size)
-    regions = [r for r in m.vm_regions(handle.port) if r.size >= OOL_MIN]
-    assert regions == []  # each region it provided from moved to the kernel
-    m.vm_deallocate(me, a, size)
+    a = m.vm_allocate_with_pager(me, 0, 2 * BIG, True, obj, 0)  # type: ignore[arg-type]
+    assert read(a, BIG) == pattern(7, BIG)
+    assert read(a + BIG, BIG) == pattern(7, 2 * BIG)[BIG:]  # a second run, after it
+    assert read(a, BIG) == pattern(7, BIG)  # the first is as it was
+    kept = [r for r in m.vm_regions(handle.port) if r.size >= OOL_MIN]
+    staged = staging_pages and isinstance(m.memory(), NativeAddressSpace)
+    assert len(kept) == (1 if staged else 0)  # moved to the kernel, or kept for reuse
+    m.vm_deallocate(me, a, 2 * BIG)
     m.task_terminate(handle.port)

@@ -45,7 +45,7 @@ from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.include.mig import Subsystem, decode_items, serve_message
 from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
-from pymach.mach_vm import NativeAddressSpace, memory
+from pymach.mach_vm import NativeAddressSpace, memory, vm_page_size
 
 STOP_ID = 2299
 # The answers to a data request go without waiting for the kernel's reply (a manager
@@ -58,6 +58,8 @@ _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferre
 Write = tuple[int, int, OOL, int]  # memory object, offset, data, data_count
 WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
 OOL_MIN = 1 << 20  # provided data this large go out of line in a native task (provide)
+STAGING_PAGES = 16  # ... through a staging region kept per thread if this many pages hold
+# them (a write fault a page to reuse it), else through a fresh region each time
 
 
 class DataManager:
@@ -301,26 +303,47 @@ def provide(request: int, offset: int, data: bytes | bytearray | memoryview,
             lock_value: int = VM_PROT_NONE) -> None:
     """pager_data_provided of `data` at `offset`, sent without waiting (a bad one is
     logged by the kernel). In a native task, data of OOL_MIN bytes or more go out of
-    line: copied once into a fresh region of this task that moves to the kernel
-    (deallocate), so machd puts them into the object's pages with one copy per run
-    rather than reading them from its socket; smaller data, and any in the embedded
-    kernel (where bytes in a message are not copied again), go in the message."""
-    if len(data) < OOL_MIN or not isinstance(memory(), NativeAddressSpace):
-        _data_provided(request, offset, bytes(data), len(data), lock_value)
-        return
-    me = mach.task_self()
+    line, so machd puts them into the object's pages with one copy per run rather
+    than reading them from its socket: copied once into this thread's staging region
+    if they fit in STAGING_PAGES pages (sent copy-on-write; the kernel is done with
+    the copy when the send returns, so the next provide costs a write fault a page,
+    not a new region), else into a fresh region that moves to the kernel (deallocate).
+    Smaller data, and any in the embedded kernel (where bytes in a message are not
+    copied again), go in the message."""
     size = len(data)
-    address = mach.vm_allocate(me, 0, size, True)
+    if size < OOL_MIN or not isinstance(memory(), NativeAddressSpace):
+        _data_provided(request, offset, bytes(data), size, lock_value)
+        return
+    staged = size <= STAGING_PAGES * vm_page_size()
+    address = _staging_region(size) if staged else mach.vm_allocate(
+        mach.task_self(), 0, size, True)
     try:
         memory().buffer(address, size)[:] = data
-        _data_provided(request, offset, OOL(address, size, deallocate=True), size,
+        _data_provided(request, offset, OOL(address, size, deallocate=not staged), size,
                        lock_value)
     except MachError as e:
-        if e.code in _REFUSED_BEFORE_COPYIN:  # the region is still ours
-            mach.vm_deallocate(me, address, size)
+        if not staged and e.code in _REFUSED_BEFORE_COPYIN:  # the region is still ours
+            mach.vm_deallocate(mach.task_self(), address, size)
         raise
 
 
+def _staging_region(size: int) -> int:
+    """The calling thread's staging region for provided data, of at least `size`
+    bytes (made, or made larger, now)."""
+    held: tuple[int, int] | None = getattr(_staging, "region", None)
+    if held is not None and held[1] >= size:
+        return held[0]
+    me = mach.task_self()
+    if held is not None:
+        with contextlib.suppress(MachError):
+            mach.vm_deallocate(me, *held)
+        _staging.region = None
+    address: int = mach.vm_allocate(me, 0, size, True)
+    _staging.region = (address, size)
+    return address
+
+
+_staging = threading.local()  # per thread of the task: (address, size) of its region
 _REFUSED_BEFORE_COPYIN = frozenset({"SEND_INVALID_PORT", "SEND_INVALID_RIGHT",
                                     "SEND_INVALID_MEMORY", "KERN_INVALID_ARGUMENT"})
 # a send refused with one of these changed nothing (its region did not move)

@@ -46,6 +46,13 @@ class Pmap(Protocol):
         `prot` (a backend may install the run in one step)."""
         ...
 
+    def pmap_enter_around(self, va: int, frames: list[int], prot: int) -> None:
+        """pmap_enter of each page va + i * page_size that has no mapping now to
+        `frames[i]`, all with `prot`; a page mapped already keeps its mapping (what
+        fault-around does: a backend looks at the run and installs each stretch of
+        unmapped pages in one step)."""
+        ...
+
     def pmap_remove(self, start: int, end: int) -> None:
         """Remove every mapping of a page in [start, end)."""
         ...

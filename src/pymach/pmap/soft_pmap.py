@@ -256,6 +256,28 @@ class PageTable:
         with self.phys.lock:
             self.enter_run_locked(self._vpn(va), frames, prot)
 
+    def pmap_enter_around(self, va: int, frames: list[int], prot: int) -> None:
+        """pmap_enter of each page of the run with no mapping now (see the contract)."""
+        vpn = self._vpn(va)
+        with self.phys.lock:
+            for lo, hi in self.unmapped_runs_locked(vpn, len(frames)):
+                self.enter_run_locked(vpn + lo, frames[lo:hi], prot)
+
+    def unmapped_runs_locked(self, vpn: int, n: int) -> list[tuple[int, int]]:
+        """Index ranges [lo, hi) of pages vpn .. vpn+n-1 that have no mapping with any
+        access now (phys.lock held)."""
+        runs: list[tuple[int, int]] = []
+        lo = -1
+        for i in range(n + 1):
+            e = self._entry(vpn + i) if i < n else _PROT_MASK  # (past the end: mapped)
+            if e is None or not e & _PROT_MASK:
+                if lo < 0:
+                    lo = i
+            elif lo >= 0:
+                runs.append((lo, i))
+                lo = -1
+        return runs
+
     def pmap_remove(self, start: int, end: int) -> None:
         """Remove every mapping of a page in [start, end)."""
         self.pmap_protect(start, end, VM_PROT_NONE)

@@ -556,22 +556,41 @@ class UffdPmap(PageTable):
             for i in range(len(frames)):
                 self._install(va + i * ps, prot)
 
+    def pmap_enter_around(self, va: int, frames: list[int], prot: int) -> None:
+        """Enter the pages of the run that have no mapping now: one UFFDIO_CONTINUE for
+        each stretch of them (see the contract)."""
+        ps, vpn = self.phys.page_size, self._vpn(va)
+        with self.uphys.lock:
+            runs = self.unmapped_runs_locked(vpn, len(frames))
+            for lo, hi in runs:
+                self._account_run_locked(vpn + lo, frames[lo:hi], prot)
+        if self.uffd is None or prot == VM_PROT_NONE:
+            return
+        for lo, hi in runs:
+            if not self.uffd.cont(va + lo * ps, (hi - lo) * ps, wp=not prot & VM_PROT_WRITE):
+                for i in range(lo, hi):
+                    self._install(va + i * ps, prot)
+
     def _account(self, va: int, frame: int, prot: int) -> None:
         """The page-table side of pmap_enter; the frame's data back in its memfd."""
         self._account_run(self._vpn(va), [frame], prot)
 
     def _account_run(self, vpn: int, frames: list[int], prot: int) -> None:
         """_account of pages vpn, vpn + 1, ... to `frames`, under one hold of the lock."""
-        phys, stash, written = self.uphys, self.uphys.stash, bool(prot & VM_PROT_WRITE)
-        with phys.lock:
-            self.enter_run_locked(vpn, frames, prot)
-            referenced, modified = phys.referenced, phys.modified
-            for frame in frames:
-                if stash and frame in stash:
-                    phys._restore(frame)
-                referenced[frame] = 1
-                if written:
-                    modified[frame] = 1
+        with self.uphys.lock:
+            self._account_run_locked(vpn, frames, prot)
+
+    def _account_run_locked(self, vpn: int, frames: list[int], prot: int) -> None:
+        """_account_run with the backend lock held."""
+        phys, written = self.uphys, bool(prot & VM_PROT_WRITE)
+        self.enter_run_locked(vpn, frames, prot)
+        stash, referenced, modified = phys.stash, phys.referenced, phys.modified
+        for frame in frames:
+            if stash and frame in stash:
+                phys._restore(frame)
+            referenced[frame] = 1
+            if written:
+                modified[frame] = 1
 
     def _install(self, va: int, prot: int) -> None:
         """Make the task's page at `va` match `prot` (not NONE), waking its faulter."""
