@@ -307,3 +307,17 @@ def test_a_data_manager_provides_large_runs_whole(kernel: m.Kernel,
     assert len(kept) == (1 if staged else 0)  # moved to the kernel, or kept for reuse
     m.vm_deallocate(me, a, 2 * BIG)
     m.task_terminate(handle.port)
+
+
+def test_a_refused_provide_keeps_no_region(kernel: m.Kernel) -> None:
+    """provide() to a port that is not there: the error, and no region left behind."""
+    from pymach.pagers.data_manager import provide
+
+    me = m.task_self()
+    gone = m.port_allocate(me)
+    m.port_deallocate(me, gone)
+    before = m.vm_regions(me)
+    with pytest.raises(m.MachError) as e:
+        provide(gone, 0, pattern(2, OOL_MIN))
+    assert e.value.code == "SEND_INVALID_PORT"
+    assert m.vm_regions(me) == before
