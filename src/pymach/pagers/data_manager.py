@@ -13,6 +13,9 @@ thread of the manager's task:
   joined, contiguous pages into one call (so 256 dirty pages written back together
   come as one call of 256 pages, not 256 calls). A manager that overrides
   `pager_data_write` gets each message as the kernel sent it instead.
+- `read()`'s data go back with `provide` (pager_data_provided without waiting): in a
+  native task, data of OOL_MIN bytes or more go out of line (machd then copies them
+  into the object's pages once per run instead of reading them from its socket).
 - Or override the paper's handlers themselves: `pager_init`, `pager_data_request`,
   `pager_data_write`, `pager_data_unlock`, and `pager_terminate` (the kernel let go of
   the object: its request port died).

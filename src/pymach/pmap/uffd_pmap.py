@@ -14,7 +14,11 @@ machd holds every task's userfaultfd and makes the mappings real:
   its data in machd and punches it out of the memfd; the next access faults and
   `pmap_enter` puts the data back;
 - freeing a frame punches its page out of the memfd (frames freed together: one
-  punch per run of the object's offsets, `frames_discard`).
+  punch per run of the object's offsets, `frames_discard`);
+- data written into frames go into their memfds a run of adjacent pages per call
+  (`phys_write_run`), and the kernel reads an object's pages in place through a
+  read-only mapping of its memfd in machd (`object_view`, only where the memfd holds
+  every page of the range: none stashed, no hole).
 
 What this backend cannot do, the native VM layer avoids: it never removes a task's
 mapping of a range asynchronously (a task changes its own mappings, at its kernel

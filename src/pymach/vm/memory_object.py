@@ -12,7 +12,10 @@ pager_cache, and pager_data_error (pymach, after Mach 3). Offsets in messages ar
 offsets in the memory object; `paging_offset` maps them to the object. Provided data
 nobody asked for is taken only while memory and the manager's `manager_page_limit`
 allow; to keep within the limit the kernel evicts the manager's other pages, never the
-ones waiting faults asked for (6.1: a manager that floods the cache).
+ones waiting faults asked for (6.1: a manager that floods the cache). Provided data are
+read where they lie (`copy_view`: the message's bytes, or, natively, a mapping of the
+one object whose memory holds an out-of-line region) and written a run of adjacent
+pages at a time (`phys_write_run`), the new pages made in one step.
 
 The kernel holds send rights to the memory object port and all rights to the request
 and name ports; when it lets go of an object it destroys the latter two, and the
