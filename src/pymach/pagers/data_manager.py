@@ -346,7 +346,8 @@ def _staging_region(size: int) -> int:
     return address
 
 
-_staging = threading.local()  # per thread of the task: (address, size) of its region
+_staging = threading.local()  # per thread of the task: (address, size) of its region,
+# kept until the task ends (at most STAGING_PAGES pages a thread)
 _REFUSED_BEFORE_COPYIN = frozenset({"SEND_INVALID_PORT", "SEND_INVALID_RIGHT",
                                     "SEND_INVALID_MEMORY", "KERN_INVALID_ARGUMENT"})
 # a send refused with one of these changed nothing (its region did not move)
