@@ -280,10 +280,10 @@ BIG = OOL_MIN + 3 * PS
 
 def _big_manager(staging_pages: int) -> None:
     from pagerutil import _manager_main
-    from pymach.pagers import data_manager
 
-    data_manager.STAGING_PAGES = staging_pages  # (this task's copy of the module)
-    _manager_main(Big(), 1)  # (made here: a DataManager holds locks, never pickled)
+    dm = Big()  # (made here: a DataManager holds locks, never pickled)
+    dm.staging_pages = staging_pages  # type: ignore[misc]
+    _manager_main(dm, 1)
 
 
 @pytest.mark.parametrize("staging_pages", [0, 1024])
@@ -318,6 +318,6 @@ def test_a_refused_provide_keeps_no_region(kernel: m.Kernel) -> None:
     m.port_deallocate(me, gone)
     before = m.vm_regions(me)
     with pytest.raises(m.MachError) as e:
-        provide(gone, 0, pattern(2, OOL_MIN))
+        provide(gone, 0, pattern(2, OOL_MIN), staging_pages=0)  # a fresh region
     assert e.value.code == "SEND_INVALID_PORT"
     assert m.vm_regions(me) == before

@@ -61,8 +61,7 @@ _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferre
 Write = tuple[int, int, OOL, int]  # memory object, offset, data, data_count
 WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
 OOL_MIN = 1 << 20  # provided data this large go out of line in a native task (provide)
-STAGING_PAGES = 16  # ... through a staging region kept per thread if this many pages hold
-# them (a write fault a page to reuse it), else through a fresh region each time
+STAGING_PAGES = 16  # ... through the thread's staging region if so many pages hold them
 
 
 class DataManager:
@@ -70,6 +69,7 @@ class DataManager:
 
     threads: ClassVar[int] = 2
     max_threads: ClassVar[int] = 16
+    staging_pages: ClassVar[int] = STAGING_PAGES  # provide()'s, for read()'s data
     services: ClassVar[tuple[Subsystem, ...]] = ()
 
     def __init__(self) -> None:
@@ -279,7 +279,7 @@ class DataManager:
         if data is None:
             _data_unavailable(request, offset, length)
         else:
-            provide(request, offset, data)
+            provide(request, offset, data, staging_pages=self.staging_pages)
 
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """A kernel writes changed data back: store it with `write()`."""
@@ -303,12 +303,12 @@ class DataManager:
 
 
 def provide(request: int, offset: int, data: bytes | bytearray | memoryview,
-            lock_value: int = VM_PROT_NONE) -> None:
+            lock_value: int = VM_PROT_NONE, staging_pages: int = STAGING_PAGES) -> None:
     """pager_data_provided of `data` at `offset`, sent without waiting (a bad one is
     logged by the kernel). In a native task, data of OOL_MIN bytes or more go out of
     line, so machd puts them into the object's pages with one copy per run rather
     than reading them from its socket: copied once into this thread's staging region
-    if they fit in STAGING_PAGES pages (sent copy-on-write; the kernel is done with
+    if they fit in `staging_pages` pages (sent copy-on-write; the kernel is done with
     the copy when the send returns, so the next provide costs a write fault a page,
     not a new region), else into a fresh region that moves to the kernel (deallocate).
     Smaller data, and any in the embedded kernel (where bytes in a message are not
@@ -317,7 +317,7 @@ def provide(request: int, offset: int, data: bytes | bytearray | memoryview,
     if size < OOL_MIN or not isinstance(memory(), NativeAddressSpace):
         _data_provided(request, offset, bytes(data), size, lock_value)
         return
-    staged = size <= STAGING_PAGES * vm_page_size()
+    staged = size <= staging_pages * vm_page_size()
     address = _staging_region(size) if staged else mach.vm_allocate(
         mach.task_self(), 0, size, True)
     try:
@@ -347,7 +347,7 @@ def _staging_region(size: int) -> int:
 
 
 _staging = threading.local()  # per thread of the task: (address, size) of its region,
-# kept until the task ends (at most STAGING_PAGES pages a thread)
+# kept until the task ends (at most staging_pages pages a thread)
 _REFUSED_BEFORE_COPYIN = frozenset({"SEND_INVALID_PORT", "SEND_INVALID_RIGHT",
                                     "SEND_INVALID_MEMORY", "KERN_INVALID_ARGUMENT"})
 # a send refused with one of these changed nothing (its region did not move)

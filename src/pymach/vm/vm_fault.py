@@ -63,11 +63,12 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         assert vmap.pmap is not None
         if vm.phys.dirty_by_fault and not access & VM_PROT_WRITE:
             prot &= ~VM_PROT_WRITE  # no modify bit: the first write must fault
+        if not access & VM_PROT_WRITE:  # first: entering the page itself wakes the
+            _fault_around(vmap, look, page_va, prot, vm.phys.maps_objects)  # thread,
+            # which then finds the pages after it mapped rather than faulting on them
         vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
         if not page.busy:
             vm.resident.vm_page_activate(page)
-        if not access & VM_PROT_WRITE:
-            _fault_around(vmap, look, page_va, prot, vm.phys.maps_objects)
         return
 
 
