@@ -834,3 +834,16 @@ def test_freed_frames_have_no_reference_or_modify_bit(phys: Any) -> None:
     for f in (1, 2, 3):
         assert not phys.pmap_is_modified(f) and not phys.pmap_is_referenced(f)
     phys.object_gone(obj)
+
+
+def test_enter_around_maps_only_the_pages_not_mapped(phys: Any) -> None:
+    pmap = phys.pmap_create()
+    pmap.pmap_enter(9 * PS, 1, RW)  # mapped already: keeps its frame and its access
+    pmap.pmap_enter(11 * PS, 2, R)
+    pmap.pmap_protect(11 * PS, 12 * PS, NONE)  # no longer mapped: entered
+    pmap.pmap_enter_around(8 * PS, [5, 6, 7, 8], R)
+    pmap.pmap_enter_around(20 * PS, [], R)  # an empty run maps nothing
+    assert [pmap.pmap_extract(v * PS) for v in range(7, 13)] == [None, 5, 1, 7, 8, None]
+    assert [pmap.pmap_access(v * PS) for v in (8, 9, 10, 11)] == [R, RW, R, R]
+    phys.pmap_page_protect(7, NONE)  # the pv lists know the entered pages
+    assert pmap.pmap_extract(10 * PS) is None and pmap.pmap_extract(11 * PS) == 8

@@ -13,6 +13,9 @@ thread of the manager's task:
   joined, contiguous pages into one call (so 256 dirty pages written back together
   come as one call of 256 pages, not 256 calls). A manager that overrides
   `pager_data_write` gets each message as the kernel sent it instead.
+- `read()`'s data go back with `provide` (pager_data_provided without waiting): in a
+  native task, data of OOL_MIN bytes or more go out of line (machd then copies them
+  into the object's pages once per run instead of reading them from its socket).
 - Or override the paper's handlers themselves: `pager_init`, `pager_data_request`,
   `pager_data_write`, `pager_data_unlock`, and `pager_terminate` (the kernel let go of
   the object: its request port died).
@@ -46,7 +49,7 @@ from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.include.mig import Subsystem, decode_items, serve_message
 from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
-from pymach.mach_vm import memory
+from pymach.mach_vm import NativeAddressSpace, memory, vm_page_size
 
 log = logging.getLogger("pymach.pagers")
 STOP_ID = 2299
@@ -63,6 +66,8 @@ _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferre
                          "_started", "_busy", "_writes", "_writing"})
 Write = tuple[int, int, OOL, int]  # memory object, offset, data, data_count
 WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
+OOL_MIN = 1 << 20  # provided data this large go out of line in a native task (provide)
+STAGING_PAGES = 16  # ... through the thread's staging region if so many pages hold them
 
 
 class DataManager:
@@ -70,6 +75,7 @@ class DataManager:
 
     threads: ClassVar[int] = 2
     max_threads: ClassVar[int] = 16
+    staging_pages: ClassVar[int] = STAGING_PAGES  # provide()'s, for read()'s data
     services: ClassVar[tuple[Subsystem, ...]] = ()
 
     def __init__(self) -> None:
@@ -290,7 +296,7 @@ class DataManager:
         if data is None:
             _data_unavailable(request, offset, length)
         else:
-            _data_provided(request, offset, bytes(data), len(data), VM_PROT_NONE)
+            provide(request, offset, data, staging_pages=self.staging_pages)
 
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """A kernel writes changed data back: store it with `write()`."""
@@ -350,6 +356,57 @@ def _send_logged(msg: Message) -> None:
 def _refused(msg: Message, e: MachError) -> None:
     log.warning("a data manager's answer (message %d) to port %d was refused: %s",
                 msg.id, msg.remote_port, e)
+
+
+def provide(request: int, offset: int, data: bytes | bytearray | memoryview,
+            lock_value: int = VM_PROT_NONE, staging_pages: int = STAGING_PAGES) -> None:
+    """pager_data_provided of `data` at `offset`, sent without waiting (a bad one is
+    logged by the kernel). In a native task, data of OOL_MIN bytes or more go out of
+    line, so machd puts them into the object's pages with one copy per run rather
+    than reading them from its socket: copied once into this thread's staging region
+    if they fit in `staging_pages` pages (sent copy-on-write; the kernel is done with
+    the copy when the send returns, so the next provide costs a write fault a page,
+    not a new region), else into a fresh region that moves to the kernel (deallocate).
+    Smaller data, and any in the embedded kernel (where bytes in a message are not
+    copied again), go in the message."""
+    size = len(data)
+    if size < OOL_MIN or not isinstance(memory(), NativeAddressSpace):
+        _data_provided(request, offset, bytes(data), size, lock_value)
+        return
+    staged = size <= staging_pages * vm_page_size()
+    address = _staging_region(size) if staged else mach.vm_allocate(
+        mach.task_self(), 0, size, True)
+    try:
+        memory().buffer(address, size)[:] = data
+        _data_provided(request, offset, OOL(address, size, deallocate=not staged), size,
+                       lock_value)
+    except MachError as e:
+        if not staged and e.code in _REFUSED_BEFORE_COPYIN:  # the region is still ours
+            mach.vm_deallocate(mach.task_self(), address, size)
+        raise
+
+
+def _staging_region(size: int) -> int:
+    """The calling thread's staging region for provided data, of at least `size`
+    bytes (made, or made larger, now)."""
+    held: tuple[int, int] | None = getattr(_staging, "region", None)
+    if held is not None and held[1] >= size:
+        return held[0]
+    me = mach.task_self()
+    if held is not None:
+        with contextlib.suppress(MachError):
+            mach.vm_deallocate(me, *held)
+        _staging.region = None
+    address: int = mach.vm_allocate(me, 0, size, True)
+    _staging.region = (address, size)
+    return address
+
+
+_staging = threading.local()  # per thread of the task: (address, size) of its region,
+# kept until the task ends (at most staging_pages pages a thread)
+_REFUSED_BEFORE_COPYIN = frozenset({"SEND_INVALID_PORT", "SEND_INVALID_RIGHT",
+                                    "SEND_INVALID_MEMORY", "KERN_INVALID_ARGUMENT"})
+# a send refused with one of these changed nothing (its region did not move)
 
 
 def write_runs(writes: list[Write]) -> list[list[Write]]:

@@ -46,6 +46,13 @@ class Pmap(Protocol):
         `prot` (a backend may install the run in one step)."""
         ...
 
+    def pmap_enter_around(self, va: int, frames: list[int], prot: int) -> None:
+        """pmap_enter of each page va + i * page_size that has no mapping now to
+        `frames[i]`, all with `prot`; a page mapped already keeps its mapping (what
+        fault-around does: a backend looks at the run and installs each stretch of
+        unmapped pages in one step)."""
+        ...
+
     def pmap_remove(self, start: int, end: int) -> None:
         """Remove every mapping of a page in [start, end)."""
         ...
@@ -183,8 +190,29 @@ class PhysicalMemory(Protocol):
         writes of adjacent pages)."""
         ...
 
+    def phys_write_run(self, frames: list[int], data: bytes | memoryview) -> None:
+        """Store one buffer into `frames`, a page each in order (`data` holds
+        len(frames) pages): phys_write_pages of its pages, which a backend may store a
+        run of adjacent pages at a time without copying the buffer page by page."""
+        ...
+
+    def object_view(self, obj: object, start: int, end: int
+                    ) -> AbstractContextManager[memoryview | None]:
+        """A read-only view of bytes [start, end) (page aligned) of VM object `obj` as
+        the machine holds them, for the block only, without copying them; None if the
+        machine keeps that memory in no one place (then the VM reads page by page). The
+        VM asks only where every page of the range is resident in `obj` or was never
+        made (nothing lies below `obj`: a hole reads as zeros), and holds the kernel lock
+        for the block, so the data cannot change meanwhile."""
+        ...
+
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         """A frame now caches page `offset` of VM object `obj` (vm_page_insert)."""
+        ...
+
+    def frames_bind(self, frames: list[int], obj: object, offsets: list[int]) -> None:
+        """frame_bind of each frame to the offset of `obj` at the same place in
+        `offsets`, in one step."""
         ...
 
     def frame_unbind(self, frame: int) -> None:

@@ -150,9 +150,24 @@ class SoftPhysicalMemory:
         for frame, data in writes:
             self.phys_write(frame, data)
 
+    def phys_write_run(self, frames: list[int], data: bytes | memoryview) -> None:
+        """Store `data` into `frames`, a page each, in order."""
+        ps = self.page_size
+        with memoryview(data) as view:
+            for i, frame in enumerate(frames):
+                self.mv[frame * ps:(frame + 1) * ps] = view[i * ps:(i + 1) * ps]
+
+    def object_view(self, obj: object, start: int, end: int
+                    ) -> contextlib.AbstractContextManager[memoryview | None]:
+        """Simulated frames lie anywhere in memory: no view of an object (None)."""
+        return contextlib.nullcontext(None)
+
     # -- where frames live: simulated frames are anonymous, nothing to do --------------
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         """A frame now caches `obj` at `offset`."""
+
+    def frames_bind(self, frames: list[int], obj: object, offsets: list[int]) -> None:
+        """Frames now cache pages of `obj`."""
 
     def frame_unbind(self, frame: int) -> None:
         """A frame caches nothing any more."""
@@ -217,10 +232,51 @@ class PageTable:
             self.chunks.setdefault(vpn >> CHUNK_SHIFT, {})[vpn] = frame << 3 | prot
             self.phys.pv.setdefault(frame, set()).add((self, vpn))
 
+    def enter_run_locked(self, vpn: int, frames: list[int], prot: int) -> None:
+        """enter_locked of pages vpn, vpn + 1, ... to `frames` (phys.lock held): each
+        chunk's mask is applied once, and an entry is dropped first only where the page
+        was mapped."""
+        if prot == VM_PROT_NONE:
+            for i, frame in enumerate(frames):
+                self.enter_locked(vpn + i, frame, prot)
+            return
+        pv, c0, chunk = self.phys.pv, -1, {}
+        for v, frame in enumerate(frames, vpn):
+            if v >> CHUNK_SHIFT != c0:
+                c0 = v >> CHUNK_SHIFT
+                self._unmask_locked(c0)
+                chunk = self.chunks.setdefault(c0, {})
+            if v in chunk:
+                self._drop_locked(v)
+            chunk[v] = frame << 3 | prot
+            pv.setdefault(frame, set()).add((self, v))
+
     def pmap_enter_run(self, va: int, frames: list[int], prot: int) -> None:
         """pmap_enter of pages va, va + page_size, ... to `frames` in order."""
-        for i, frame in enumerate(frames):
-            self.pmap_enter(va + i * self.phys.page_size, frame, prot)
+        with self.phys.lock:
+            self.enter_run_locked(self._vpn(va), frames, prot)
+
+    def pmap_enter_around(self, va: int, frames: list[int], prot: int) -> None:
+        """pmap_enter of each page of the run with no mapping now (see the contract)."""
+        vpn = self._vpn(va)
+        with self.phys.lock:
+            for lo, hi in self.unmapped_runs_locked(vpn, len(frames)):
+                self.enter_run_locked(vpn + lo, frames[lo:hi], prot)
+
+    def unmapped_runs_locked(self, vpn: int, n: int) -> list[tuple[int, int]]:
+        """Index ranges [lo, hi) of pages vpn .. vpn+n-1 that have no mapping with any
+        access now (phys.lock held)."""
+        runs: list[tuple[int, int]] = []
+        lo = -1
+        for i in range(n + 1):
+            e = self._entry(vpn + i) if i < n else _PROT_MASK  # (past the end: mapped)
+            if e is None or not e & _PROT_MASK:
+                if lo < 0:
+                    lo = i
+            elif lo >= 0:
+                runs.append((lo, i))
+                lo = -1
+        return runs
 
     def pmap_remove(self, start: int, end: int) -> None:
         """Remove every mapping of a page in [start, end)."""

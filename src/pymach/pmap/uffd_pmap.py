@@ -14,7 +14,11 @@ machd holds every task's userfaultfd and makes the mappings real:
   its data in machd and punches it out of the memfd; the next access faults and
   `pmap_enter` puts the data back;
 - freeing a frame punches its page out of the memfd (frames freed together: one
-  punch per run of the object's offsets, `frames_discard`).
+  punch per run of the object's offsets, `frames_discard`);
+- data written into frames go into their memfds a run of adjacent pages per call
+  (`phys_write_run`), and the kernel reads an object's pages in place through a
+  read-only mapping of its memfd in machd (`object_view`, only where the memfd holds
+  every page of the range: none stashed, no hole).
 
 What this backend cannot do, the native VM layer avoids: it never removes a task's
 mapping of a range asynchronously (a task changes its own mappings, at its kernel
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -238,14 +243,24 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def frame_bind(self, frame: int, obj: Any, offset: int) -> None:
         """The frame caches `obj` at `offset`: its data go to the object's memfd if a
         task maps the object, else stay at the frame's place in the free store."""
+        self.frames_bind([frame], obj, [offset])
+
+    def frames_bind(self, frames: list[int], obj: Any, offsets: list[int]) -> None:
+        """frame_bind of each frame to its offset, under one hold of the lock."""
+        if not frames:
+            return
         with self.lock:
-            self._flush_locked()  # a held-back punch must not hit the page's new data
+            self._flush_locked()  # a held-back punch must not hit the pages' new data
             if obj.serial not in self.stores:
-                self.unstored.setdefault(obj.serial, {})[offset] = frame
-                self.unstored_at[frame] = (obj.serial, offset)
+                unstored = self.unstored.setdefault(obj.serial, {})
+                for frame, offset in zip(frames, offsets, strict=True):
+                    unstored[offset] = frame
+                    self.unstored_at[frame] = (obj.serial, offset)
                 return
-            store = self._store_locked(obj.serial, offset + self.page_size)
-            self.homes[frame] = (store, offset)
+            store = self._store_locked(obj.serial, max(offsets) + self.page_size)
+            homes = self.homes
+            for frame, offset in zip(frames, offsets, strict=True):
+                homes[frame] = (store, offset)
 
     def frame_unbind(self, frame: int) -> None:
         with self.lock:
@@ -377,6 +392,62 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         for frame, data in stashed:
             self.phys_write(frame, data)
 
+    def phys_write_run(self, frames: list[int], data: bytes | memoryview) -> None:
+        """Store `data` into `frames`, a page each: each run of frames that are adjacent
+        pages of one memfd takes one write of its slice of `data` (pages of the run are
+        not copied one by one)."""
+        ps, stashed = self.page_size, []
+        with self.lock, memoryview(data) as view:
+            homes, stash = self.homes, self.stash
+            store, base, lo, n = self.free_store, -1, 0, 0  # the run so far: frames[lo:lo+n]
+            for i, frame in enumerate(frames):
+                if stash and frame in stash:
+                    stashed.append(i)
+                    continue
+                home, at = homes[frame]
+                if home is store and at == base + n * ps and i == lo + n:
+                    n += 1
+                    continue
+                if n:
+                    self._store_write(store, base, [view[lo * ps:(lo + n) * ps]])
+                store, base, lo, n = home, at, i, 1
+            if n:
+                self._store_write(store, base, [view[lo * ps:(lo + n) * ps]])
+            pages = [(frames[i], bytes(view[i * ps:(i + 1) * ps])) for i in stashed]
+        for frame, page in pages:
+            self.phys_write(frame, page)
+
+    @contextlib.contextmanager
+    def object_view(self, obj: Any, start: int, end: int) -> Iterator[memoryview | None]:
+        """A read-only mapping, in machd, of [start, end) of the object's memfd (see the
+        contract); None unless the memfd holds every page of the range (no page of it
+        stashed, no hole: reading a hole through a mapping would make a page, and a
+        hugetlb one could fail)."""
+        m = None
+        with self.lock:
+            store = self.stores.get(obj.serial)
+            if store is not None and self._holds_locked(store, start, end):
+                m = mmap.mmap(store.fd, end - start, prot=mmap.PROT_READ, offset=start)
+        if m is None:
+            yield None
+            return
+        try:
+            yield memoryview(m)
+        finally:
+            with contextlib.suppress(BufferError):  # (a view still held: unmapped when
+                m.close()  # it goes)
+
+    def _holds_locked(self, store: ObjectStore, start: int, end: int) -> bool:
+        """True if the memfd holds the data of every page of [start, end) (a non-empty
+        range): none of them stashed, no hole."""
+        if not start < end <= store.size:
+            return False
+        for frame in self.stash:
+            home, at = self.homes[frame]
+            if home is store and start <= at < end:
+                return False
+        return _data_runs(store.fd, start, end) == [(start, end)]
+
     def _home(self, frame: int) -> tuple[ObjectStore, int]:
         return self.homes[frame]
 
@@ -489,21 +560,41 @@ class UffdPmap(PageTable):
             for i in range(len(frames)):
                 self._install(va + i * ps, prot)
 
+    def pmap_enter_around(self, va: int, frames: list[int], prot: int) -> None:
+        """Enter the pages of the run that have no mapping now: one UFFDIO_CONTINUE for
+        each stretch of them (see the contract)."""
+        ps, vpn = self.phys.page_size, self._vpn(va)
+        with self.uphys.lock:
+            runs = self.unmapped_runs_locked(vpn, len(frames))
+            for lo, hi in runs:
+                self._account_run_locked(vpn + lo, frames[lo:hi], prot)
+        if self.uffd is None or prot == VM_PROT_NONE:
+            return
+        for lo, hi in runs:
+            if not self.uffd.cont(va + lo * ps, (hi - lo) * ps, wp=not prot & VM_PROT_WRITE):
+                for i in range(lo, hi):
+                    self._install(va + i * ps, prot)
+
     def _account(self, va: int, frame: int, prot: int) -> None:
         """The page-table side of pmap_enter; the frame's data back in its memfd."""
         self._account_run(self._vpn(va), [frame], prot)
 
     def _account_run(self, vpn: int, frames: list[int], prot: int) -> None:
         """_account of pages vpn, vpn + 1, ... to `frames`, under one hold of the lock."""
-        phys, stash, written = self.uphys, self.uphys.stash, bool(prot & VM_PROT_WRITE)
-        with phys.lock:
-            for i, frame in enumerate(frames):
-                self.enter_locked(vpn + i, frame, prot)
-                if frame in stash:
-                    phys._restore(frame)
-                phys.referenced[frame] = 1
-                if written:
-                    phys.modified[frame] = 1
+        with self.uphys.lock:
+            self._account_run_locked(vpn, frames, prot)
+
+    def _account_run_locked(self, vpn: int, frames: list[int], prot: int) -> None:
+        """_account_run with the backend lock held."""
+        phys, written = self.uphys, bool(prot & VM_PROT_WRITE)
+        self.enter_run_locked(vpn, frames, prot)
+        stash, referenced, modified = phys.stash, phys.referenced, phys.modified
+        for frame in frames:
+            if stash and frame in stash:
+                phys._restore(frame)
+            referenced[frame] = 1
+            if written:
+                modified[frame] = 1
 
     def _install(self, va: int, prot: int) -> None:
         """Make the task's page at `va` match `prot` (not NONE), waking its faulter."""

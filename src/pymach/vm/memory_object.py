@@ -12,7 +12,10 @@ pager_cache, and pager_data_error (pymach, after Mach 3). Offsets in messages ar
 offsets in the memory object; `paging_offset` maps them to the object. Provided data
 nobody asked for is taken only while memory and the manager's `manager_page_limit`
 allow; to keep within the limit the kernel evicts the manager's other pages, never the
-ones waiting faults asked for (6.1: a manager that floods the cache).
+ones waiting faults asked for (6.1: a manager that floods the cache). Provided data are
+read where they lie (`copy_view`: the message's bytes, or, natively, a mapping of the
+one object whose memory holds an out-of-line region) and written a run of adjacent
+pages at a time (`phys_write_run`), the new pages made in one step.
 
 The kernel holds send rights to the memory object port and all rights to the request
 and name ports; when it lets go of an object it destroys the latter two, and the
@@ -34,7 +37,7 @@ from pymach.ipc.kmsg import KOOL, KMsg, KPort
 from pymach.ipc.port import Port
 from pymach.kern.thread import current_thread
 from pymach.vm.vm_fault import Retry, _wait
-from pymach.vm.vm_kern import copy_bytes
+from pymach.vm.vm_kern import copy_view
 from pymach.vm.vm_map_copy import vm_map_copy_discard
 from pymach.vm.vm_object import VmObject, vm_object_deallocate, vm_object_terminate
 from pymach.vm.vm_pageout import is_substitute, vm_pageout_page, vm_pageout_reclaim
@@ -400,24 +403,10 @@ class PagerServer:
         _trace_call(obj, "pager_data_provided", offset, data_count, lock_value)
         lock = check_prot(lock_value, "lock_value")
         count = check_int(data_count, "data_count")
-        base = check_int(offset, "offset") - obj.paging_offset
-        raw = memoryview(copy_bytes(current_thread(), data))[:count]  # pages: no copies
+        start = check_int(offset, "offset")
         _check_live(obj)
-        room = _manager_room(obj)  # pages nobody asked for are taken only within it
-        settled: set[VmPage] = set()
-        fills: list[tuple[VmPage, memoryview]] = []
-        for off in _range(obj, offset, len(raw)):
-            chunk = raw[off - base:off - base + obj.vm.page_size]
-            page = obj.memq.get(off)
-            if page is not None and page.absent:  # a fault waits for it
-                fills.append((page, chunk))
-                settled.add(page)
-            elif page is None and room > 0:
-                extra = _provide_extra(obj, off)
-                if extra is not None:
-                    fills.append((extra, chunk))
-                    room -= 1
-        _fill_pages(obj, fills, lock)
+        with copy_view(current_thread(), data) as raw:  # no copy: see copy_view
+            settled = _provide(obj, start, raw[:count], lock)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
 
@@ -490,28 +479,56 @@ def _check_live(obj: VmObject) -> None:
         raise MachError("KERN_INVALID_ARGUMENT", f"object {obj.serial} has been terminated")
 
 
-def _provide_extra(obj: VmObject, off: int) -> VmPage | None:
-    """A new page for provided data nobody asked for, if memory allows (None for pages
-    the kernel has or is paging out); the caller fills it."""
+def _provide(obj: VmObject, offset: int, raw: memoryview, lock: int) -> set[VmPage]:
+    """Put the whole pages of data provided for [offset, offset+len(raw)) of the
+    memory object into `obj`: the pages faults wait for, and pages nobody asked for
+    while the manager's room and free memory allow (never over a page the kernel has
+    or is paging out). New pages are made in one step (vm_page_grab_run) and each run
+    of adjacent pages is written with one backend call (phys_write_run). Returns the
+    waited-for pages it settled (woken once)."""
     vm = obj.vm
-    if off in obj.pending or vm.resident.free_count() <= vm.free_target:
-        return None
-    page = vm.resident.vm_page_grab(privileged=False)
-    if page is None:
-        return None
-    vm.resident.vm_page_insert(page, obj, off)
-    vm.resident.vm_page_activate(page)
-    return page
+    ps, base, memq, pending = vm.page_size, offset - obj.paging_offset, obj.memq, obj.pending
+    room = min(_manager_room(obj), vm.resident.free_count() - vm.free_target)
+    wanted: list[VmPage | int] = []  # in offset order: absent pages, offsets to fill anew
+    new: list[int] = []
+    settled: set[VmPage] = set()
+    for off in _range(obj, offset, len(raw)):
+        page = memq.get(off)
+        if page is None:
+            if len(new) < room and off not in pending:
+                new.append(off)
+                wanted.append(off)
+        elif page.absent:
+            settled.add(page)
+            wanted.append(page)
+    made = iter(vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else ())
+    fills = [p for p in (next(made, None) if isinstance(w, int) else w for w in wanted)
+             if p is not None]
+    for lo, hi in _page_runs(fills, ps):
+        first = fills[lo].offset - base
+        vm.phys.phys_write_run([p.frame for p in fills[lo:hi]],
+                               raw[first:first + (hi - lo) * ps])
+    _settle(obj, fills, lock)
+    return settled
 
 
-def _fill_pages(obj: VmObject, fills: list[tuple[VmPage, memoryview]], lock: int) -> None:
-    """Put provided data in pages (one backend call for all), settling the pages that
-    faults wait for."""
+def _page_runs(pages: list[VmPage], ps: int) -> list[tuple[int, int]]:
+    """Index ranges [lo, hi) of `pages` (in offset order) whose offsets are adjacent."""
+    runs, lo = [], 0
+    for i in range(1, len(pages) + 1):
+        if i == len(pages) or pages[i].offset != pages[i - 1].offset + ps:
+            runs.append((lo, i))
+            lo = i
+    return runs
+
+
+def _settle(obj: VmObject, fills: list[VmPage], lock: int) -> None:
+    """Pages just filled with provided data get the manager's lock; those faults wait
+    for are settled, and their waiters woken once for the run."""
     vm = obj.vm
-    vm.phys.phys_write_pages([(page.frame, chunk) for page, chunk in fills])
     vm.resident.stats.pageins += len(fills)
     settled = False
-    for page, _chunk in fills:
+    for page in fills:
         page.page_lock, page.unlock_request = lock, VM_PROT_NONE
         if page.absent:
             page_settled(obj, page, wake=False)

@@ -63,11 +63,12 @@ def vm_fault(thread: Thread, vmap: VmMap, va: int, access: int) -> None:
         assert vmap.pmap is not None
         if vm.phys.dirty_by_fault and not access & VM_PROT_WRITE:
             prot &= ~VM_PROT_WRITE  # no modify bit: the first write must fault
+        if not access & VM_PROT_WRITE:  # first: entering the page itself wakes the
+            _fault_around(vmap, look, page_va, prot, vm.phys.maps_objects)  # thread,
+            # which then finds the pages after it mapped rather than faulting on them
         vmap.pmap.pmap_enter(page_va, page.frame, prot)  # step 4: hardware validation
         if not page.busy:
             vm.resident.vm_page_activate(page)
-        if not access & VM_PROT_WRITE:
-            _fault_around(vmap, look, page_va, prot, vm.phys.maps_objects)
         return
 
 
@@ -107,24 +108,19 @@ def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int,
     count = max(vm.pager_cluster_pages, FAULT_AROUND_MIN)
     if page_va == vmap.around_end:
         count = max(count, min(2 * vmap.around, FAULT_AROUND_MAX))
-    pages = []
-    for i in range(1, min(count + 1, (look.entry.end - page_va) // ps)):
-        page = resident_page(look.object, look.offset + i * ps)
-        if page is None:
-            break
+    pages, obj, memq = [], look.object, look.object.memq
+    last = look.offset + min(count + 1, (look.entry.end - page_va) // ps) * ps
+    for off in range(look.offset + ps, last, ps):
+        page = memq.get(off)  # (the common case, in the first object, at once)
+        if page is None or page.busy or page.absent or page.error or page.page_lock:
+            page = resident_page(obj, off)
+            if page is None:
+                break
         pages.append(page)
     if copy_up:
         pages = _copy_up_run(look.object, look.offset + ps, pages)
     vmap.around, vmap.around_end = count, page_va + (len(pages) + 1) * ps
-    run_va, run = page_va + ps, []  # frames for pages from run_va on, none mapped yet
-    for i, page in enumerate(pages):
-        va = page_va + (i + 1) * ps
-        if pmap.pmap_extract(va) is None:
-            run.append(page.frame)
-            continue
-        pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
-        run_va, run = va + ps, []
-    pmap.pmap_enter_run(run_va, run, prot & ~VM_PROT_WRITE)
+    pmap.pmap_enter_around(page_va + ps, [p.frame for p in pages], prot & ~VM_PROT_WRITE)
 
 
 def _copy_up_run(first_object: VmObject, offset: int, pages: list[VmPage]) -> list[VmPage]:

@@ -8,6 +8,8 @@ kernel lock released and the read starts that page again.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
@@ -32,19 +34,69 @@ def object_read_page(thread: Thread, obj: VmObject, offset: int) -> bytes:
         return obj.vm.phys.phys_read(page.frame)
 
 
-def copy_bytes(thread: Thread, copy: VmMapCopy) -> bytes:
-    """The bytes of memory in transit (without consuming it)."""
+def _kernel_bytes(copy: VmMapCopy) -> bytes | None:
+    """All the data of memory in transit made from Python bytes and not changed since
+    (vm_map_copy_from_bytes), as the kernel holds them; else None."""
     if len(copy.entries) == 1:
         obj = copy.entries[0].object
         if (obj.data_source is not None and not obj.memq and not obj.existence
                 and obj.shadow is None and copy.entries[0].offset == 0):
-            return obj.data_source[copy.offset:copy.offset + copy.size]
+            return obj.data_source
+    return None
+
+
+def copy_bytes(thread: Thread, copy: VmMapCopy) -> bytes:
+    """The bytes of memory in transit (without consuming it)."""
+    held = _kernel_bytes(copy)
+    if held is not None:
+        return held[copy.offset:copy.offset + copy.size]
     ps = copy.vm.page_size
     out = bytearray()
     for piece in copy.entries:
         for off in range(piece.offset, piece.offset + piece.size, ps):
             out += object_read_page(thread, piece.object, off)
     return bytes(out[copy.offset:copy.offset + copy.size])
+
+
+@contextlib.contextmanager
+def copy_view(thread: Thread, copy: VmMapCopy) -> Iterator[memoryview]:
+    """The bytes of memory in transit (without consuming it) as one read-only buffer,
+    valid for the block (kernel lock held): with no copy, the bytes the kernel holds,
+    or the machine's view of the one object whose memory holds all the data
+    (`object_view`: the native backend maps its memfd); else a copy (copy_bytes)."""
+    held = _kernel_bytes(copy)
+    if held is not None:
+        yield memoryview(held)[copy.offset:copy.offset + copy.size]
+        return
+    plain = _plain_source(copy)
+    if plain is not None:
+        obj, start, end = plain
+        with copy.vm.phys.object_view(obj, start, end) as view:
+            if view is not None:
+                yield view[copy.offset:copy.offset + copy.size]
+                return
+    yield memoryview(copy_bytes(thread, copy))
+
+
+def _plain_source(copy: VmMapCopy) -> tuple[VmObject, int, int] | None:
+    """(object, start, end) if memory in transit is one piece whose every page is, as
+    it is, a page of that one object's range or a page never made there (a zero page:
+    nothing lies below the object, no pager, no data kept by the kernel); the object is
+    found down the shadow chain through objects with no page of their own (a copy
+    object nothing was pushed to). None otherwise."""
+    if len(copy.entries) != 1:
+        return None
+    piece = copy.entries[0]
+    obj, off = piece.object, piece.offset
+    while True:
+        if (obj.pager is not None or obj.pending or obj.existence
+                or obj.data_source is not None or obj.holding_for is not None):
+            return None
+        if obj.shadow is None:
+            return obj, off, off + piece.size
+        if obj.memq or obj.lazy_frames is not None:
+            return None
+        obj, off = obj.shadow, off + obj.shadow_offset
 
 
 def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:

@@ -160,6 +160,24 @@ class VmResident:
             return None
         return self._fresh_page(self.free.popleft())
 
+    def vm_page_grab_run(self, obj: VmObject, offsets: list[int],
+                         privileged: bool) -> list[VmPage]:
+        """New pages of `obj` at `offsets` (where it has none), in order, tabled and
+        active: what vm_page_grab, vm_page_insert and vm_page_activate of each would
+        make, with one backend call for all (frames_bind). Only the first ones if fewer
+        frames may be taken now."""
+        room = len(self.free) - (0 if privileged else self.reserved)
+        offsets = offsets[:max(room, 0)]
+        pages = [self._fresh_page(self.free.popleft()) for _ in offsets]
+        memq, active = obj.memq, self.active
+        for page, off in zip(pages, offsets, strict=True):
+            page.object, page.offset, page.queue = obj, off, "active"
+            memq[off] = page
+            active[page] = None
+        self.tabled += len(pages)
+        self.phys.frames_bind([page.frame for page in pages], obj, offsets)
+        return pages
+
     def _fresh_page(self, frame: int) -> VmPage:
         """The page structure of a frame just taken off the free queue, reset (its
         reference and modify bits were cleared when it was freed: frames_discard)."""
