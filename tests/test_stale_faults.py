@@ -9,14 +9,23 @@ handle_userfault is waiting on a fault.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
-from pymach.machd.remote import fault_pending
+from pymach.errors import MachError
+from pymach.machd.fault_park import FailedFault
+from pymach.machd.faults import FaultPoller
+from pymach.machd.remote import fault_pending, serve_fault
+from pymach.pmap.uffd import Fault, UffdError
 
 
-def test_a_thread_asleep_elsewhere_waits_on_no_fault() -> None:
+@contextlib.contextmanager
+def asleep_elsewhere() -> Iterator[int]:
+    """A thread of this process asleep in a wait that is no fault; yields its tid."""
     tids: list[int] = []
     stop = threading.Event()
 
@@ -28,10 +37,15 @@ def test_a_thread_asleep_elsewhere_waits_on_no_fault() -> None:
     t.start()
     try:
         time.sleep(0.1)
-        assert fault_pending(os.getpid(), tids[0]) is False
+        yield tids[0]
     finally:
         stop.set()
         t.join()
+
+
+def test_a_thread_asleep_elsewhere_waits_on_no_fault() -> None:
+    with asleep_elsewhere() as tid:
+        assert fault_pending(os.getpid(), tid) is False
 
 
 def test_when_it_cannot_tell_it_treats_the_fault_as_pending() -> None:
@@ -42,11 +56,6 @@ def test_when_it_cannot_tell_it_treats_the_fault_as_pending() -> None:
 def test_a_fault_that_fails_affects_its_process_only() -> None:
     """A process that dies while machd resolves its fault makes UFFDIO_CONTINUE fail
     with ESRCH; that must not end machd's fault poller (every task would hang)."""
-    from types import SimpleNamespace
-
-    from pymach.machd.faults import FaultPoller
-    from pymach.pmap.uffd import UffdError
-
     class DyingUffd:
         def read_events(self) -> list[object]:
             raise UffdError(3, "UFFDIO_CONTINUE: No such process")
@@ -60,31 +69,11 @@ def test_a_stale_fault_refused_on_a_kernel_thread_leaves_that_thread_serving() -
     """A fault vm_fault refuses whose thread no longer waits on it (asleep elsewhere)
     is ignored; the kernel thread that ran it must go on serving its process thread
     (it used to unwind as if the task had been ended)."""
-    from types import SimpleNamespace
-
-    from pymach.errors import MachError
-    from pymach.machd.fault_park import FailedFault
-    from pymach.machd.remote import serve_fault
-    from pymach.pmap.uffd import Fault
-
-    tids: list[int] = []
-    stop = threading.Event()
-
-    def sleeper() -> None:
-        tids.append(threading.get_native_id())
-        stop.wait(10)
-
-    t = threading.Thread(target=sleeper)
-    t.start()
-    try:
-        time.sleep(0.1)
+    with asleep_elsewhere() as tid:
         killed: list[str] = []
         machd = SimpleNamespace(kill=lambda proc, why: killed.append(why))
         thread = SimpleNamespace(task=SimpleNamespace(
             name="t", process=SimpleNamespace(pid=os.getpid())))
-        failed = FailedFault(Fault(0x1000, 0, tids[0]), MachError("KERN_INVALID_ADDRESS"))
+        failed = FailedFault(Fault(0x1000, 0, tid), MachError("KERN_INVALID_ADDRESS"))
         serve_fault(machd, thread, failed)  # type: ignore[arg-type]  # returns: no unwind
         assert killed == []
-    finally:
-        stop.set()
-        t.join()
