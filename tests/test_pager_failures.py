@@ -33,6 +33,7 @@ from pagerutil import (
     watchdog,
 )
 from pymach.include.mach_defs import memory_object_defs
+from pymach.vm import memory_object
 
 MODES = pytest.mark.parametrize("det", [False, True], ids=["free", "det"])
 
@@ -297,6 +298,30 @@ def test_a_flooding_manager_is_held_to_its_page_limit(det: bool) -> None:
             assert read(a + i * PS, 8) == bytes(p.data[i * PS:i * PS + 8])
             assert sum(r.resident for r in k.vmmap("bootstrap")) <= limit
         assert p.count("pager_data_request") <= 2 * len(range(0, 300, 37)) + 1
+        assert_kernel_ok()
+
+
+@MODES
+def test_a_manager_streaming_past_its_limit_is_trimmed_in_batches(
+        det: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading 10x a manager's page limit: every byte right, never over the limit, and
+    the walk for its oldest pages runs once per MANAGER_SLACK of the limit, not at every
+    provide (it walks every resident page: once per provide, a manager streaming more
+    than its limit took minutes a GiB)."""
+    limit, n = 64, 640
+    walks: list[int] = []
+    real = memory_object._manager_lru
+    monkeypatch.setattr(memory_object, "_manager_lru",
+                        lambda *args: walks.append(1) or real(*args))
+    with m.boot(deterministic=det, seed=6, manager_page_limit=limit) as k, \
+            watchdog(k, 20, "a manager streaming past its limit"):
+        p = Pager(size=n * PS).start()
+        a = p.map()
+        for i in range(n):
+            assert read(a + i * PS, 8) == bytes(p.data[i * PS:i * PS + 8])
+            assert sum(r.resident for r in k.vmmap("bootstrap")) <= limit
+        slack = max(1, int(limit * memory_object.MANAGER_SLACK))
+        assert 0 < len(walks) <= (n - limit) // slack + 2
         assert_kernel_ok()
 
 

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from pymach.vm.vm_map_copy import VmMapCopy
     from pymach.vm.vm_page import VmPage
 
+MANAGER_SLACK = 1 / 16  # of manager_page_limit: how far below it an over-limit manager
+# is brought (so the walk for its oldest pages is amortized over that many pages)
+
 
 class ObjectName:
     """The kobject behind a pager name port: it names an object and grants nothing."""
@@ -558,21 +561,31 @@ def _manager_room(obj: VmObject) -> int:
 def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     """Keep one manager's objects within `manager_page_limit` resident pages, evicting
     its least recently used pages (paper 6.1: a manager that floods the cache). Pages
-    in `keep` (just provided for waiting faults) stay; fresh ones go last."""
+    in `keep` (just provided for waiting faults) stay; fresh ones go last. A manager
+    over its limit is brought MANAGER_SLACK of it below, so that the walk over the
+    resident queues that finds its oldest pages runs once per that many pages (a
+    manager streaming more than its limit), not at every provide."""
     vm = obj.vm
     mine = _manager_objects(obj)
     count = sum(len(o.memq) for o in mine)
     if count <= vm.manager_page_limit:
         return
-    res = vm.resident
-    lru = [p for q in (res.inactive, res.active) for p in q
-           if p.object in mine and p not in keep]
-    for page in sorted(lru, key=lambda p: p.fresh):  # stable: LRU order otherwise
-        if count <= vm.manager_page_limit:
+    low = vm.manager_page_limit - max(1, int(vm.manager_page_limit * MANAGER_SLACK))
+    for page in _manager_lru(vm, mine, keep):
+        if count <= low:
             break
         if page.queue in ("active", "inactive") and page.object in mine \
                 and vm_pageout_reclaim(vm, page):
             count -= 1
+
+
+def _manager_lru(vm: VmSystem, mine: set[VmObject], keep: set[VmPage]) -> list[VmPage]:
+    """The resident pages of a manager's objects but `keep`, least recently used first
+    (inactive, then active), the fresh ones (provided, never used) after the rest."""
+    res = vm.resident
+    pages = [p for q in (res.inactive, res.active) for p in q
+             if p.object in mine and p not in keep]
+    return [p for p in pages if not p.fresh] + [p for p in pages if p.fresh]
 
 
 def _set_lock(obj: VmObject, page: VmPage, lock: int) -> None:
