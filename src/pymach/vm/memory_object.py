@@ -571,12 +571,13 @@ def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     if count <= vm.manager_page_limit:
         return
     low = vm.manager_page_limit - max(1, int(vm.manager_page_limit * MANAGER_SLACK))
-    for page in _manager_lru(vm, mine, keep):
-        if count <= low:
-            break
-        if page.queue in ("active", "inactive") and page.object in mine \
-                and vm_pageout_reclaim(vm, page):
-            count -= 1
+    with vm.phys.discard_batch():  # the freed pages' holes punched a run at a time
+        for page in _manager_lru(vm, mine, keep):
+            if count <= low:
+                break
+            if page.queue in ("active", "inactive") and page.object in mine \
+                    and vm_pageout_reclaim(vm, page):
+                count -= 1
 
 
 def _manager_lru(vm: VmSystem, mine: set[VmObject], keep: set[VmPage]) -> list[VmPage]:

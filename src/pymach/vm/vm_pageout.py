@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pymach.include.message import Code
-from pymach.include.vm_param import VM_PROT_NONE
+from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ
 from pymach.kern.sched_prim import thread_block
 from pymach.kern.thread import current_thread
 from pymach.vm.vm_map_copy import CopyEntry, VmMapCopy
@@ -150,8 +150,14 @@ def vm_pageout_reclaim(vm: VmSystem, page: VmPage) -> bool:
     from pymach.vm.memory_object import push_to_copy_object
 
     res = vm.resident
-    vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
     obj = page.object
+    if obj is not None and obj.copy is None and not page.precious \
+            and not is_substitute(page):
+        vm.phys.pmap_page_protect(page.frame, VM_PROT_READ)  # no more writes; data stays
+        if not res.vm_page_is_dirty(page):
+            res.vm_page_free(page)  # clean: nothing to keep (the backend drops it)
+            return True
+    vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
     if obj is not None and obj.copy is not None:  # the copy must keep what it saw
         push_to_copy_object(obj, page)
     if is_substitute(page):  # never the manager's: zeros after its timeout (6.2.1)
