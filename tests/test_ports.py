@@ -279,6 +279,37 @@ def test_port_messages_lists_enabled_ports_with_messages(kernel: m.Kernel) -> No
     assert m.port_messages(task) == ()
 
 
+def test_the_default_group_among_many_ports_as_rights_leave_and_return(
+        kernel: m.Kernel) -> None:
+    """A group receive takes the oldest head message among the enabled ports with
+    messages, however many ports the task has, and a port that was disabled or whose
+    receive right left is no longer the group's (its messages stay where they are)."""
+    task = m.task_self()
+    ports = [m.port_allocate(task) for _ in range(300)]
+    for p in ports:
+        m.port_enable(task, p)
+    for i in (250, 7, 120):
+        send(ports[i], Int(i))
+    assert [recv(m.PORT_NULL).values() for _ in range(3)] == [[250], [7], [120]]
+    send(ports[3], Int(3))
+    m.port_disable(task, ports[3])
+    with pytest.raises(m.RcvError):
+        recv(m.PORT_NULL, 0)
+    m.port_enable(task, ports[3])
+    assert recv(m.PORT_NULL).local_port == ports[3]
+    send(ports[9], Int(9))  # queued, then its receive right travels to ports[10]
+    send(ports[10], Port(ports[9], m.MOVE_RECEIVE))
+    carrier = recv(m.PORT_NULL)
+    assert carrier.local_port == ports[10]
+    back = carrier.items[0].name  # type: ignore[union-attr]
+    with pytest.raises(m.RcvError):
+        recv(m.PORT_NULL, 0)  # the right came back disabled: not in the group
+    assert m.port_messages(task) == ()
+    m.port_enable(task, back)
+    assert m.port_messages(task) == (back,)
+    assert recv(m.PORT_NULL).values() == [9]
+
+
 def test_port_messages_of_another_task(kernel: m.Kernel) -> None:
     child = m.task_create(m.task_self())
     p = m.port_allocate(child)

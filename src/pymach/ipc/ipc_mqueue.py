@@ -3,7 +3,10 @@
 A port's queue is FIFO, so messages from one sender to one port arrive in order. A task's
 *default group* is the set of its enabled ports; a group receive takes the oldest head
 message among them (lowest kernel sequence number), which keeps it fair and, under the
-deterministic scheduler, reproducible. All functions run with the kernel lock held.
+deterministic scheduler, reproducible; it looks only at the space's `ready` ports (those
+that may hold messages: space.py), so its cost does not grow with the task's other
+ports (a data manager serving thousands of objects). All functions run with the kernel
+lock held.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def mqueue_enqueue(port: Port, kmsg: KMsg) -> None:
     port.sched.thread_wakeup(port.rcv_waitq)
     receiver = port.receiver
     if port.enabled and receiver is not None:
+        receiver.space.ready[port] = None
         port.sched.thread_wakeup(receiver.space.group_waitq)
 
 
@@ -35,8 +39,8 @@ def mqueue_dequeue(port: Port) -> KMsg:
 def mqueue_group_select(space: IpcSpace) -> Port | None:
     """The enabled port of `space` whose head message is oldest, or None if all are empty."""
     best: Port | None = None
-    for port in space.enabled_ports():
-        if port.queue and (best is None or port.queue[0].seqno < best.queue[0].seqno):
+    for port in space.ready_ports():
+        if best is None or port.queue[0].seqno < best.queue[0].seqno:
             best = port
     return best
 

@@ -63,6 +63,8 @@ def port_enable(space: IpcSpace, name: int) -> None:
     """Add the port to the task's default group of ports for msg_receive."""
     port = _receiver_entry(space, name).port
     port.enabled = True
+    if port.queue:
+        space.ready[port] = None
     port.sched.thread_wakeup(space.group_waitq)
 
 
@@ -73,7 +75,7 @@ def port_disable(space: IpcSpace, name: int) -> None:
 
 def port_messages(space: IpcSpace) -> tuple[int, ...]:
     """Names of the task's enabled ports on which messages are queued, in name order."""
-    names = (space.name_of(p) for p in space.enabled_ports() if p.queue)
+    names = (space.name_of(p) for p in space.ready_ports())
     return tuple(sorted(n for n in names if n is not None))
 
 

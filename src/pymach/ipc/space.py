@@ -6,7 +6,11 @@ name fails with KERN_INVALID_NAME instead of reaching some other port.
 
 Invariants (kernel lock): a space has at most one name per port; an entry holds at least
 one right (send, receive or ownership); `entry.port.holders[space] == name` for every
-entry; an entry with receive rights is the port's `receiver`'s entry.
+entry; an entry with receive rights is the port's `receiver`'s entry. `ready` holds
+every port of the task's default group whose queue holds messages (enabled, received
+here, not empty), and maybe ports that no longer are: it is marked by whoever makes a
+port ready (mqueue_enqueue, port_enable) and pruned when read (`ready_ports`), so a
+group receive looks at the ports with messages, not at every name of the space.
 
 Limits (kernel resources one task can make the kernel hold):
 - names: a space holds at most `names_max` names (the kernel's `port_names_max`, None
@@ -76,6 +80,7 @@ class IpcSpace:
         self.group_waitq = WaitQueue(lock, f"task{task.serial}.group")
         self.names_max: int | None = task.kernel.port_names_max  # None: no limit
         self.ool_queued = 0  # bytes of out-of-line memory this task has queued
+        self.ready: dict[Port, None] = {}  # default-group ports that may hold messages
 
     def check_room(self, new_names: int, code: str, note: str = "") -> None:
         """Raise `code` (its detail ending with `note`) unless `new_names` more names fit
@@ -159,7 +164,11 @@ class IpcSpace:
         if entry is not None and not (entry.send or entry.receive or entry.owner):
             self.remove(name)
 
-    def enabled_ports(self) -> list[Port]:
-        """Ports in this task's default group (enabled ports it receives on), by serial."""
-        ports = [e.port for e in self.names.values() if e.receive and e.port.enabled]
-        return sorted(ports, key=lambda p: p.serial)
+    def ready_ports(self) -> list[Port]:
+        """The ports of this task's default group (enabled ports it receives on) whose
+        queues hold messages, in no particular order; `ready` is pruned of the rest."""
+        ready, task = self.ready, self.task
+        stale = [p for p in ready if not (p.queue and p.enabled and p.receiver is task)]
+        for port in stale:
+            del ready[port]
+        return list(ready)
