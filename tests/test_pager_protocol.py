@@ -45,6 +45,7 @@ from pagerutil import (
 )
 from pymach import Int, Message, Port
 from pymach.include.mach_defs import memory_object_defs
+from pymach.vm.memory_object import WRITE_RUN_PAGES
 
 R, W = m.VM_PROT_READ, m.VM_PROT_WRITE
 CONTRACT = True  # these run as native tasks of machd too (conftest.py)
@@ -405,12 +406,66 @@ def test_flush_reply_comes_after_the_writes_are_queued(kernel: m.Kernel) -> None
         p.provide(i * PS)
         finished(box)
     assert m.pager_flush_request(request, 0, 4 * PS) == 3
-    assert m.port_status(me, p.mo)[1] == 3  # already queued when the call returned
-    got = sorted((v[0], v[1].size, v[2]) for v in
-                 (p.expect("pager_data_write") for _ in range(3)))
-    assert got == [(0, PS, PS), (PS, PS, PS), (2 * PS, PS, PS)]
+    assert m.port_status(me, p.mo)[1] == 1  # already queued when the call returned
+    offset, data, count = p.expect("pager_data_write")  # adjacent pages: one run
+    assert (offset, data.size, count) == (0, 3 * PS, 3 * PS)
     for i in range(3):
         assert p.data[i * PS:i * PS + 8] == bytes([65 + i]) * 8
+
+
+def test_a_flush_writes_adjacent_dirty_pages_back_as_runs(kernel: m.Kernel) -> None:
+    """One pager_data_write per run of adjacent dirty pages, not one per page (the
+    paper's pager_data_write takes a range); clean pages and holes split runs."""
+    p = Pager(size=8 * PS).start()
+    a = p.map()
+    assert read(a, 8 * PS) == bytes(p.data)
+    for i in (0, 1, 2, 4, 6, 7):
+        write(a + i * PS + 100, bytes([70 + i]) * 50)
+    assert m.pager_flush_request(p.request, 0, 8 * PS) == 6
+    p.wait_for("pager_data_write", 3)
+    quiet(20)
+    assert sorted((off, len(raw)) for off, raw in p.writes) == [
+        (0, 3 * PS), (4 * PS, PS), (6 * PS, 2 * PS)]
+    for i in (0, 1, 2, 4, 6, 7):
+        assert p.data[i * PS + 100:i * PS + 150] == bytes([70 + i]) * 50
+    assert read(a, 8 * PS) == bytes(p.data)  # asked again: the written data
+
+
+def test_a_long_run_is_split_and_every_page_arrives(kernel: m.Kernel) -> None:
+    """A run longer than WRITE_RUN_PAGES goes in several messages; no page is left out
+    where one ends and the next begins."""
+    n = WRITE_RUN_PAGES + 44
+    p = Pager(size=n * PS).start()
+    a = p.map()
+    for i in range(n):
+        write(a + i * PS, i.to_bytes(4, "little") * 4)
+    assert m.pager_flush_request(p.request, 0, n * PS) == n
+    p.wait_for("pager_data_write", 2)
+    assert sorted((off, len(raw)) for off, raw in p.writes) == [
+        (0, WRITE_RUN_PAGES * PS), (WRITE_RUN_PAGES * PS, 44 * PS)]
+    for i in range(n):
+        assert p.data[i * PS:i * PS + 16] == i.to_bytes(4, "little") * 4, i
+
+
+def test_data_error_for_one_page_of_a_run_keeps_that_page(kernel: m.Kernel) -> None:
+    """pager_data_error for one page of a written-back run: that page's data stays with
+    the kernel; the rest of the run is the manager's."""
+    p = Pager().start()
+    p.hold_writes = True
+    p.store_writes = False  # the manager keeps nothing it is sent
+    a = p.map()
+    for i in range(3):
+        write(a + i * PS, bytes([80 + i]) * 8)
+    assert m.pager_flush_request(p.request, 0, 3 * PS) == 3
+    (_, off, count, _), = p.wait_for("pager_data_write")
+    assert (off, count) == (0, 3 * PS)
+    m.pager_data_error(p.request, PS, PS, m.MachError("KERN_FAILURE").value)
+    assert read(a + PS, 8) == bytes([81]) * 8  # from the kernel: the manager never had it
+    for region in p.held:
+        m.vm_deallocate(m.task_self(), region.address, region.size)
+    wait_until(lambda: kernel.vm_stat()["pageouts_in_flight"] == 0)
+    assert read(a + PS, 8) == bytes([81]) * 8
+    assert read(a, 8) == bytes(p.data[:8])  # the manager dropped page 0: its own data
 
 
 def test_data_unavailable_means_zero_fill(kernel: m.Kernel) -> None:

@@ -8,10 +8,11 @@ thread of the manager's task:
 - `read(memory_object, offset, length, access)` returns the bytes of a range (or None:
   no data, zero-fill) and `write(memory_object, offset, data)` stores changed data.
   These two are enough for most pagers: the default `pager_data_request` and
-  `pager_data_write` call them. `write` gets *runs*: the kernel writes back one page
-  per pager_data_write message, and the writes already queued when one is stored are
-  joined, contiguous pages into one call (so 256 dirty pages written back together
-  come as one call of 256 pages, not 256 calls). A manager that overrides
+  `pager_data_write` call them. `write` gets *runs*: a flush writes adjacent dirty
+  pages back in one pager_data_write (up to the kernel's WRITE_RUN_PAGES), a pageout
+  a page per message, and the writes already queued when one is stored are joined,
+  contiguous pages into one call (so 256 dirty pages written back together come as
+  one call of 256 pages, not 256 calls). A manager that overrides
   `pager_data_write` gets each message as the kernel sent it instead.
 - `read()`'s data go back with `provide` (pager_data_provided without waiting): in a
   native task, data of OOL_MIN bytes or more go out of line (machd then copies them

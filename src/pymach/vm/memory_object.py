@@ -38,18 +38,30 @@ from pymach.ipc.port import Port
 from pymach.kern.thread import current_thread
 from pymach.vm.vm_fault import Retry, _wait
 from pymach.vm.vm_kern import copy_view
-from pymach.vm.vm_map_copy import vm_map_copy_discard
-from pymach.vm.vm_object import VmObject, vm_object_deallocate, vm_object_terminate
-from pymach.vm.vm_pageout import is_substitute, vm_pageout_page, vm_pageout_reclaim
+from pymach.vm.vm_map_copy import CopyEntry, VmMapCopy, vm_map_copy_discard
+from pymach.vm.vm_object import (
+    VmObject,
+    holding_offset,
+    vm_object_allocate,
+    vm_object_deallocate,
+    vm_object_terminate,
+)
+from pymach.vm.vm_pageout import (
+    is_substitute,
+    vm_pageout_hold,
+    vm_pageout_page,
+    vm_pageout_possible,
+    vm_pageout_reclaim,
+)
 
 if TYPE_CHECKING:
     from pymach.kern.host import Kernel
     from pymach.kern.thread import Thread
     from pymach.vm.vm_init import VmSystem
     from pymach.vm.vm_map import FaultPolicy
-    from pymach.vm.vm_map_copy import VmMapCopy
     from pymach.vm.vm_page import VmPage
 
+WRITE_RUN_PAGES = 256  # the most pages a flush writes back in one pager_data_write
 MANAGER_SLACK = 1 / 16  # of manager_page_limit: how far below it an over-limit manager
 # is brought (so the walk for its oldest pages is amortized over that many pages)
 
@@ -311,8 +323,10 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
     the cached pages (pager_flush_request, termination). Returns the pages written.
     `terminating` (with `flush`): the object is being terminated, so nothing maps its
     pages (no mapping to take away, no modify bit that can change) and the caller frees
-    every page left at once: only the dirty pages are looked at one by one."""
+    every page left at once: only the dirty pages are looked at one by one. A flush of
+    an external object sends its adjacent dirty pages a run per message (_WriteRun)."""
     vm = obj.vm
+    run = _WriteRun(obj, privileged) if flush and not obj.internal else None
     written = 0
     for off in sorted(o for o in obj.memq if start <= o < end):
         page = obj.memq[off]
@@ -328,12 +342,15 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
             push_to_copy_object(obj, page)
         dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) \
             and not is_substitute(page)  # never the manager's: a flush drops it
-        if dirty:
-            if _write_back(page, flush, privileged):
-                written += 1
-            continue  # written, or kept because it cannot go back now: never lost
-        if flush:
+        if dirty and run is not None:
+            written += run.add(page)
+        elif dirty:
+            written += _write_back(page, flush, privileged)
+            # written, or kept because it cannot go back now: never lost
+        elif flush:
             vm.resident.vm_page_free(page)
+    if run is not None:
+        written += run.send()
     if flush and not obj.internal:  # pageouts on their way, this flush's included, are
         for off in [o for o in obj.pending if start <= o < end]:  # the manager's now: a
             obj.pending[off].refill = False  # later fault asks it (pager_data_error
@@ -343,6 +360,59 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
     if flush:  # faults waiting on these pages (say, for an unlock) must look again
         vm.kernel.sched.thread_wakeup(obj.page_waitq)
     return written
+
+
+class _WriteRun:
+    """A flush's dirty pages of an external object, sent to its manager a run of
+    adjacent pages (up to WRITE_RUN_PAGES) per pager_data_write (vm_pageout_run), not
+    a message per page. A run its manager cannot take now goes page by page
+    (_write_back), as before."""
+
+    def __init__(self, obj: VmObject, privileged: bool) -> None:
+        self.obj, self.privileged = obj, privileged
+        self.pages: list[VmPage] = []
+
+    def add(self, page: VmPage) -> int:
+        """Add the next dirty page (offsets ascending); returns the pages written now
+        (the run so far, if `page` does not continue it)."""
+        pages, ps = self.pages, self.obj.vm.page_size
+        written = 0
+        if pages and (page.offset != pages[-1].offset + ps or len(pages) >= WRITE_RUN_PAGES):
+            written = self.send()
+        self.pages.append(page)  # (a new list if the run was sent)
+        return written
+
+    def send(self) -> int:
+        """Write the run back; returns the pages written."""
+        pages, self.pages = self.pages, []
+        if not pages:
+            return 0
+        if len(pages) > 1 and _pageout_run(pages):
+            return len(pages)
+        return sum(_write_back(page, True, self.privileged) for page in pages)
+
+
+def _pageout_run(pages: list[VmPage]) -> bool:
+    """vm_pageout_page(keep=False) of a run of pages at adjacent offsets of one external
+    object, none a substitute, in one pager_data_write: the pages move into one holding
+    object, which stands for each of their offsets in the object's `pending` until the
+    manager lets go of it (all of it: vm_object.py's _holding_released). False (nothing
+    done) if the object's manager cannot take data now."""
+    obj = pages[0].object
+    assert obj is not None and not obj.internal
+    if not vm_pageout_possible(obj):
+        return False
+    vm, ps, first = obj.vm, obj.vm.page_size, pages[0].offset
+    size = len(pages) * ps
+    holding = vm_object_allocate(vm, size, label="pageout")
+    for i, page in enumerate(pages):
+        vm.resident.vm_page_rename(page, holding, i * ps)
+        vm.resident.vm_page_wire(page)
+        page.dirty = False
+    vm_pageout_hold(vm, holding, obj, first)
+    pager_data_write(obj, first, VmMapCopy(vm, [CopyEntry(holding, 0, size, False)], 0, size))
+    vm.resident.stats.pageouts += len(pages)
+    return True
 
 
 def _drop_store(obj: VmObject, off: int) -> None:
@@ -608,8 +678,8 @@ def _take_back(obj: VmObject, off: int) -> None:
     if kept is not None:  # a clean_request kept the page: it is dirty again
         kept.dirty = True
         return
-    if holding.memq:
-        src = next(iter(holding.memq.values()))
+    src = holding.memq.get(holding_offset(holding, off))
+    if src is not None:
         page = vm.resident.vm_page_grab(privileged=True)
         if page is None:  # move the frame itself back
             vm.phys.pmap_page_protect(src.frame, VM_PROT_NONE)

@@ -27,7 +27,7 @@ from pymach.errors import MachError
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
 from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
 from pymach.vm.vm_map import FaultPolicy, vm_map_lookup
-from pymach.vm.vm_object import vm_object_deallocate
+from pymach.vm.vm_object import holding_offset, vm_object_deallocate
 
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
@@ -250,7 +250,8 @@ def _fill_from_kernel(thread: Thread, obj: VmObject, off: int) -> VmPage | None:
     vm = obj.vm
     holding = obj.pending.get(off)
     if holding is not None and holding.refill:
-        src, _ = vm_fault_page(thread, holding, 0, VM_PROT_READ, VM_PROT_READ)
+        src, _ = vm_fault_page(thread, holding, holding_offset(holding, off), VM_PROT_READ,
+                               VM_PROT_READ)
         vm.resident.vm_page_wire(src)  # not evicted while we may wait for a frame
         try:
             page = _alloc(thread, obj, off)

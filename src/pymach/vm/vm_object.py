@@ -155,15 +155,23 @@ def vm_object_terminate(obj: VmObject) -> None:
 
 
 def _holding_released(holding: VmObject) -> None:
-    """The manager let go of paged-out data: the pageout of that page is complete."""
-    owner, off = holding.holding_for  # type: ignore[misc]
+    """The manager let go of paged-out data: the pageout of those pages is complete."""
+    owner, first = holding.holding_for  # type: ignore[misc]
     holding.holding_for = None
-    if owner.pending.get(off) is holding:
-        del owner.pending[off]
     vm = holding.vm
+    for off in range(first, first + holding.size, vm.page_size):
+        if owner.pending.get(off) is holding:
+            del owner.pending[off]
     vm.holdings.pop(holding, None)
     vm.pageouts_in_flight -= 1
     vm.kernel.sched.thread_wakeup(vm.pageout_waitq)
+
+
+def holding_offset(holding: VmObject, off: int) -> int:
+    """The offset, in an object of another's `pending` (a pageout in flight, or a
+    substitute page's one-page store), of the page it keeps for offset `off` of that
+    other object."""
+    return 0 if holding.holding_for is None else off - holding.holding_for[1]
 
 
 def vm_object_shadow(obj: VmObject, offset: int, size: int) -> VmObject:

@@ -189,7 +189,7 @@ def vm_pageout_page(page: VmPage, keep: bool, privileged: bool = True) -> bool:
     vm, off = obj.vm, page.offset
     if obj.internal and obj.pager is None and not pager_create(obj):
         return False
-    if obj.pager is None or obj.pager.dead or is_substitute(page) or _failed_recently(obj):
+    if not vm_pageout_possible(obj) or is_substitute(page):
         return False
     holding = vm_object_allocate(vm, vm.page_size, label="pageout")
     if keep:
@@ -206,11 +206,17 @@ def vm_pageout_page(page: VmPage, keep: bool, privileged: bool = True) -> bool:
         held = page
     vm.resident.vm_page_wire(held)
     page.dirty = held.dirty = False
-    _hold(vm, holding, obj, off)
+    vm_pageout_hold(vm, holding, obj, off)
     copy = VmMapCopy(vm, [CopyEntry(holding, 0, vm.page_size, False)], 0, vm.page_size)
     pager_data_write(obj, off, copy)
     vm.resident.stats.pageouts += 1
     return True
+
+
+def vm_pageout_possible(obj: VmObject) -> bool:
+    """True if the object's manager can be sent data now (it has one, alive, and a
+    pageout to it did not fail just now)."""
+    return obj.pager is not None and not obj.pager.dead and not _failed_recently(obj)
 
 
 def is_substitute(page: VmPage) -> bool:
@@ -263,13 +269,15 @@ def _failed_recently(obj: VmObject) -> bool:
     return obj.vm.kernel.sched.now() - when < obj.vm.pageout_deadline_ms
 
 
-def _hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) -> None:
-    """Record a pageout in flight until the manager releases the holding object."""
+def vm_pageout_hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) -> None:
+    """Record a pageout in flight until the manager releases the holding object, whose
+    pages are those of `obj` from `off` on."""
     holding.holding_for = (obj, off)
-    obj.pending[off] = holding
-    if obj.internal:
-        obj.existence.add(off)
-    else:  # an external manager must let go of it in time
+    for at in range(off, off + holding.size, vm.page_size):
+        obj.pending[at] = holding
+        if obj.internal:
+            obj.existence.add(at)
+    if not obj.internal:  # an external manager must let go of it in time
         deadline = vm.kernel.sched.now() + vm.pageout_deadline_ms
         if not vm.holdings or deadline < min(vm.holdings.values()):
             vm.kernel.sched.thread_wakeup(vm.pageout_waitq)  # the daemon must wait for it
