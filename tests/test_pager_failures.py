@@ -207,6 +207,32 @@ def test_a_dying_manager_fails_the_waiting_thread(guarded: m.Kernel) -> None:
 
 
 @MODES
+def test_a_busy_manager_is_not_an_errant_one(det: bool) -> None:
+    """A manager that lets go of written-back data steadily, but more slowly than it is
+    sent (ten pageouts queued at once, each released 60 ms after the last, against a
+    200 ms deadline), is busy, not errant: what it has not reached by the deadline
+    stays its own, and nothing goes to the default pager."""
+    with m.boot(deterministic=det, seed=7, pageout_deadline_ms=200, trace=True) as k, \
+            watchdog(k, 20, "a busy manager"):
+        me = m.task_self()
+        p = Pager(size=20 * PS).start()
+        a = p.map()
+        for i in range(0, 20, 2):  # ten dirty pages, none adjacent: ten messages
+            write(a + i * PS, b"page %03d" % i)
+        p.stop()
+        p.hold_writes = True
+        assert m.pager_flush_request(p.request, 0, 20 * PS) == 10
+        for _ in range(10):
+            p.expect("pager_data_write")
+            sleep_ms(60)
+            m.vm_deallocate(me, p.held[-1].address, p.held[-1].size)
+        wait_until(lambda: k.vm_stat()["pageouts_in_flight"] == 0)
+        assert not any("pageout deadline" in line for line in k.trace_log)
+        assert sorted((off, raw[:8]) for off, raw in p.writes) == [
+            (i * PS, b"page %03d" % i) for i in range(0, 20, 2)]
+
+
+@MODES
 def test_data_a_manager_keeps_goes_to_the_default_pager(det: bool) -> None:
     frames, n = 64, 100
     with m.boot(deterministic=det, seed=6, memory_size=frames * PS, pageout_deadline_ms=200,

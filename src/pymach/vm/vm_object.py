@@ -69,6 +69,8 @@ class VmObject:
         self.holding_for: tuple[VmObject, int] | None = None  # holding: whose page it is
         self.refill = True  # holding: a fault may take the data back (until a flush
         # hands it to the manager; pager_data_error still returns it to the kernel)
+        self.released_at: float | None = None  # when its manager last let go of data
+        # written back from it (a manager that does is busy, not errant: vm_pageout.py)
         self.pageout_failed: tuple[int, float] | None = None  # (swap epoch, time) of the
         # last pager_data_error for a pageout (vm_pageout._failed_recently)
         self.can_persist = False  # pager_cache: keep after the last reference
@@ -159,6 +161,7 @@ def _holding_released(holding: VmObject) -> None:
     owner, first = holding.holding_for  # type: ignore[misc]
     holding.holding_for = None
     vm = holding.vm
+    owner.released_at = vm.kernel.sched.now()
     for off in range(first, first + holding.size, vm.page_size):
         if owner.pending.get(off) is holding:
             del owner.pending[off]

@@ -79,10 +79,18 @@ def _expired(vm: VmSystem) -> bool:
 
 def vm_pageout_expired_holdings(vm: VmSystem) -> None:
     """Data written back to a manager that has not released it in time goes to the
-    default pager instead of pinning memory (6.2.2: errant data managers)."""
-    now = vm.kernel.sched.now()
+    default pager instead of pinning memory (6.2.2: errant data managers). A manager
+    that let go of other data written back from the same object within the deadline is
+    busy, not errant (its messages wait in its queue behind that data): its deadline
+    moves on by one period instead."""
+    now, period = vm.kernel.sched.now(), vm.pageout_deadline_ms
     for holding, deadline in list(vm.holdings.items()):
         if deadline > now:
+            continue
+        owner = holding.holding_for[0] if holding.holding_for is not None else None
+        if owner is not None and owner.released_at is not None \
+                and now - owner.released_at < period:
+            vm.holdings[holding] = now + period
             continue
         del vm.holdings[holding]
         for page in list(holding.memq.values()):
