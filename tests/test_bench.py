@@ -70,7 +70,8 @@ def test_bench_native_small() -> None:
     _ratio_ok(vm, "ratio_ool_deallocate_send_vs_munmap_punch", "ool_deallocate_send_ms",
               "munmap_punch_ms")
     assert vm["target_ratio_ool_first_send_vs_mprotect_at_most"] == 1.2
-    pager = native.run_pager(fault_pages=32, stream_size=4 << 20, fill_size=4 << 20)
+    pager = native.run_pager(fault_pages=32, stream_size=4 << 20, fill_size=4 << 20,
+                             writeback_size=1 << 20)
     assert min(pager["pager_fault_us"], pager["zero_fill_fault_us"],
                pager["stream_gb_per_s"], pager["mmap_page_cache_gb_per_s"]) > 0
     _ratio_ok(pager, "ratio_pager_fault_vs_naive_uffd", "pager_fault_us",
@@ -81,6 +82,7 @@ def test_bench_native_small() -> None:
               "naive_uffd_stream_gb_per_s")
     _ratio_ok(pager, "ratio_numpy_fill_native_vs_anon", "numpy_fill_native_ms",
               "numpy_fill_anon_ms")
+    _ratio_ok(pager, "ratio_writeback_vs_msync", "writeback_us_per_page", "msync_us_per_page")
 
 
 # -- the baselines (pymach.bench.baselines) --------------------------------------------
@@ -114,3 +116,4 @@ def test_kernel_baselines() -> None:
     _positive(baselines.mprotect_ms(4 << 20))
     _positive(baselines.munmap_punch_ms(4 << 20))
     _positive(baselines.numpy_fill_anon_ms(4 << 20))
+    _positive(baselines.msync_us_per_page(1 << 20))

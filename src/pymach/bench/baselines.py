@@ -25,6 +25,7 @@ import mmap
 import os
 import select
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -207,6 +208,23 @@ def munmap_punch_ms(size: int) -> float:
         m.close()
         punch_hole(fd, 0, size)
         return (time.perf_counter() - t0) * 1e3
+
+
+def msync_us_per_page(size: int) -> float:
+    """Microseconds per page for msync (mmap.flush) of a `size`-byte MAP_SHARED mapping
+    of a new file in the temporary directory whose 4 KiB pages are all dirty (each
+    written once): the kernel's own write-back of a mapped file to its disk (if the
+    temporary directory is a tmpfs, only the call's cost)."""
+    with tempfile.TemporaryFile() as f:
+        f.truncate(size)
+        with mmap.mmap(f.fileno(), size) as m:
+            view = np.frombuffer(m, dtype=np.uint8)
+            view[::PAGE] = 7
+            del view
+            t0 = time.perf_counter()
+            m.flush()
+            dt = time.perf_counter() - t0
+    return dt / (size // PAGE) * 1e6
 
 
 def numpy_fill_anon_ms(size: int) -> float:

@@ -12,8 +12,10 @@ Each figure is measured together with its baseline in the same run, on this mach
   machd alone, and a first touch of anonymous shared memory); a zero-fill fault vs the
   kernel's first touch of a memfd page; a streaming read of a 1 GiB pager-backed region
   (clustering on) vs the naive handler's stream with the same clusters and reading a
-  page-cached file through mmap; and a NumPy fill of 64 MiB of fresh task memory vs
-  the same fill of fresh anonymous memory.
+  page-cached file through mmap; a NumPy fill of 64 MiB of fresh task memory vs
+  the same fill of fresh anonymous memory; and (no target) the write-back of 16 MiB of
+  dirty pages to the trivial pager when the region is deallocated, beside msync of as
+  many dirty pages of a file mapping.
 Each target is a ratio to its baseline: the JSON carries both figures, the ratio
 ("ratio_X_vs_Y") and the target ("target_ratio_X_vs_Y_at_most" or "_at_least"). The
 baselines are in `pymach.bench.baselines`. The benchmark starts its own machd (a
@@ -45,6 +47,7 @@ from pymach.pmap import hugetlb
 PAGE = 4096
 MIB = 1 << 20
 GIB = 1 << 30
+WRITEBACK = 16 * MIB  # dirty bytes written back at unmap (bench_writeback)
 STOP = 2
 
 
@@ -254,6 +257,21 @@ def bench_pager_fault(pages: int) -> float:
     return dt / pages * 1e6
 
 
+def bench_writeback(size: int) -> float:
+    """Microseconds per page to write `size` bytes of dirty pages back to the Trivial
+    pager: every page is touched (faulted in) and written, then the region is
+    deallocated; timed from the vm_deallocate until the pager has taken every write and
+    its pager_terminate (it handles its messages in order)."""
+    h, a = _pager_region(size)
+    view = np.frombuffer(pymach.memory().buffer(a, size), dtype=np.uint8)
+    view[::PAGE] = 7
+    del view
+    t0 = time.perf_counter()
+    pymach.vm_deallocate(pymach.task_self(), a, size)
+    h.result(120_000)
+    return (time.perf_counter() - t0) / (size // PAGE) * 1e6
+
+
 def bench_zero_fill_fault(pages: int) -> float:
     """Microseconds per zero-fill fault of a native task (machd, no pager)."""
     me = pymach.task_self()
@@ -369,11 +387,12 @@ def _ratio(figure: float, baseline: float) -> float:
 
 
 def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
-              fill_size: int = 64 * MIB) -> dict[str, Any]:
+              fill_size: int = 64 * MIB, writeback_size: int = WRITEBACK) -> dict[str, Any]:
     """One-page pager faults (target <= 25 us, and <= 1x a naive Python userfaultfd
     handler), zero-fill faults (<= 3x the kernel's memfd first touch), a 1 GiB stream
-    (target >= 2 GB/s, and >= 1x the naive handler's stream) and a NumPy fill of fresh
-    task memory (<= 3x the same fill of fresh anonymous memory)."""
+    (target >= 2 GB/s, and >= 1x the naive handler's stream), a NumPy fill of fresh
+    task memory (<= 3x the same fill of fresh anonymous memory), and the write-back of
+    `writeback_size` dirty bytes at unmap beside msync (no target)."""
     with native_task("--pager-cluster", "1"):
         fault = statistics.median(bench_pager_fault(fault_pages) for _ in range(3))
         zero = statistics.median(bench_zero_fill_fault(fault_pages) for _ in range(3))
@@ -384,6 +403,8 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     fill_anon = statistics.median(baselines.numpy_fill_anon_ms(fill_size) for _ in range(3))
     with native_task("--memory", f"{2 * stream_size // MIB}M", "--pager-cluster", "64"):
         stream = bench_stream(stream_size)
+        writeback = statistics.median(bench_writeback(writeback_size) for _ in range(3))
+    msync = statistics.median(baselines.msync_us_per_page(writeback_size) for _ in range(3))
     naive_stream = baselines.naive_uffd_stream_gbps(stream_size, 64)
     cached = bench_mmap_file(stream_size)
     return {"pager_fault_us": round(fault, 1), "zero_fill_fault_us": round(zero, 1),
@@ -404,7 +425,10 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
             "numpy_fill_bytes": fill_size, "numpy_fill_native_ms": round(fill, 2),
             "numpy_fill_anon_ms": round(fill_anon, 2),
             "ratio_numpy_fill_native_vs_anon": _ratio(fill, fill_anon),
-            "target_ratio_numpy_fill_native_vs_anon_at_most": 3.0}
+            "target_ratio_numpy_fill_native_vs_anon_at_most": 3.0,
+            "writeback_bytes": writeback_size, "writeback_us_per_page": round(writeback, 1),
+            "msync_us_per_page": round(msync, 2),
+            "ratio_writeback_vs_msync": _ratio(writeback, msync)}
 
 
 HUGE = 2 * MIB
