@@ -299,7 +299,7 @@ def test_the_pageout_deadline_holds_without_memory_pressure(det: bool) -> None:
         a = p.map()
         for i in range(30):
             write(a + i * PS, b"page %03d" % i)
-        assert p.wait_for("pager_data_write", 20)
+        wait_until(lambda: sum(len(raw) for _, raw in p.writes) >= 20 * PS)  # in runs
         sleep_ms(1000)  # ten deadlines
         s = k.vm_stat()
         assert any("pageout deadline" in line for line in k.trace_log)
@@ -349,6 +349,24 @@ def test_a_manager_streaming_past_its_limit_is_trimmed_in_batches(
         slack = max(1, int(limit * memory_object.MANAGER_SLACK))
         assert 0 < len(walks) <= (n - limit) // slack + 2
         assert_kernel_ok()
+
+
+@MODES
+def test_pages_evicted_past_a_managers_limit_go_back_in_runs(det: bool) -> None:
+    """Dirty pages trimmed because their manager went over its page limit go back to it
+    a run of adjacent pages per pager_data_write, not a message per page, and every
+    byte comes back."""
+    limit, n = 64, 256
+    with m.boot(deterministic=det, seed=6, manager_page_limit=limit) as k, \
+            watchdog(k, 20, "dirty pages past a manager's limit"):
+        p = Pager(size=n * PS).start()
+        a = p.map()
+        for i in range(n):
+            write(a + i * PS, b"page %03d" % i)
+            assert sum(r.resident for r in k.vmmap("bootstrap") if r.start == a) <= limit
+        wait_until(lambda: sum(len(raw) for _, raw in p.writes) >= (n - limit) * PS)
+        assert p.count("pager_data_write") <= (n - limit) // 3
+        assert [i for i in range(n) if read(a + i * PS, 8) != b"page %03d" % i] == []
 
 
 def test_a_generous_manager_within_the_limit_saves_requests(guarded: m.Kernel) -> None:

@@ -48,8 +48,10 @@ from pymach.vm.vm_object import (
 )
 from pymach.vm.vm_pageout import (
     is_substitute,
+    vm_pageout_free_clean,
     vm_pageout_hold,
     vm_pageout_page,
+    vm_pageout_plain,
     vm_pageout_possible,
     vm_pageout_reclaim,
 )
@@ -363,10 +365,10 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
 
 
 class _WriteRun:
-    """A flush's dirty pages of an external object, sent to its manager a run of
-    adjacent pages (up to WRITE_RUN_PAGES) per pager_data_write (vm_pageout_run), not
-    a message per page. A run its manager cannot take now goes page by page
-    (_write_back), as before."""
+    """Dirty pages of an external object leaving memory (a flush, an eviction), sent to
+    its manager a run of adjacent pages (up to WRITE_RUN_PAGES) per pager_data_write
+    (_pageout_run), not a message per page. A run its manager cannot take now goes
+    page by page (_write_back), as before."""
 
     def __init__(self, obj: VmObject, privileged: bool) -> None:
         self.obj, self.privileged = obj, privileged
@@ -641,13 +643,39 @@ def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     if count <= vm.manager_page_limit:
         return
     low = vm.manager_page_limit - max(1, int(vm.manager_page_limit * MANAGER_SLACK))
+    victims = _manager_lru(vm, mine, keep)
     with vm.phys.discard_batch():  # the freed pages' holes punched a run at a time
-        for page in _manager_lru(vm, mine, keep):
-            if count <= low:
-                break
-            if page.queue in ("active", "inactive") and page.object in mine \
-                    and vm_pageout_reclaim(vm, page):
-                count -= 1
+        while count > low and victims:
+            chunk, victims = victims[:count - low], victims[count - low:]
+            count -= _evict(vm, [p for p in chunk if p.queue in ("active", "inactive")
+                                 and p.object in mine])
+
+
+def _evict(vm: VmSystem, pages: list[VmPage]) -> int:
+    """vm_pageout_reclaim of each page, except that the dirty pages of plain pages of
+    external objects go back to their manager a run of adjacent pages per message
+    (_WriteRun); one that cannot go now is activated, as vm_pageout_reclaim does.
+    Returns how many pages left memory."""
+    gone, run, dirty = 0, None, []
+    for page in sorted(pages, key=lambda p: (p.object.serial, p.offset)):  # type: ignore[union-attr]
+        obj = page.object
+        assert obj is not None
+        if obj.internal or not vm_pageout_plain(page):
+            gone += vm_pageout_reclaim(vm, page)
+        elif vm_pageout_free_clean(vm, page):
+            gone += 1
+        else:
+            vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+            if run is None or run.obj is not obj:
+                gone += run.send() if run is not None else 0
+                run = _WriteRun(obj, privileged=True)
+            gone += run.add(page)
+            dirty.append((page, obj))
+    gone += run.send() if run is not None else 0
+    for page, obj in dirty:
+        if page.object is obj:  # still there: it could not go back now
+            vm.resident.vm_page_activate(page)
+    return gone
 
 
 def _manager_lru(vm: VmSystem, mine: set[VmObject], keep: set[VmPage]) -> list[VmPage]:

@@ -159,12 +159,8 @@ def vm_pageout_reclaim(vm: VmSystem, page: VmPage) -> bool:
 
     res = vm.resident
     obj = page.object
-    if obj is not None and obj.copy is None and not page.precious \
-            and not is_substitute(page):
-        vm.phys.pmap_page_protect(page.frame, VM_PROT_READ)  # no more writes; data stays
-        if not res.vm_page_is_dirty(page):
-            res.vm_page_free(page)  # clean: nothing to keep (the backend drops it)
-            return True
+    if vm_pageout_plain(page) and vm_pageout_free_clean(vm, page):
+        return True
     vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
     if obj is not None and obj.copy is not None:  # the copy must keep what it saw
         push_to_copy_object(obj, page)
@@ -179,6 +175,25 @@ def vm_pageout_reclaim(vm: VmSystem, page: VmPage) -> bool:
         res.vm_page_activate(page)  # it cannot be paged out now
         return False
     res.vm_page_free(page)
+    return True
+
+
+def vm_pageout_plain(page: VmPage) -> bool:
+    """True for a page whose pageout needs nothing but its own data: its object has no
+    copy object to push it to, and it is neither precious nor a substitute."""
+    obj = page.object
+    return obj is not None and obj.copy is None and not page.precious \
+        and not is_substitute(page)
+
+
+def vm_pageout_free_clean(vm: VmSystem, page: VmPage) -> bool:
+    """Stop writes to a plain page (write-protect it: its data stays) and free it if it
+    is clean (the backend drops it). True if freed; False if it is dirty (it stays,
+    mapped read-only at most)."""
+    vm.phys.pmap_page_protect(page.frame, VM_PROT_READ)
+    if vm.resident.vm_page_is_dirty(page):
+        return False
+    vm.resident.vm_page_free(page)
     return True
 
 
