@@ -383,8 +383,10 @@ def test_ownership_alone_crosses_and_the_receive_right_follows_it(
 
 
 def _owner_gives_up() -> bool:
+    go = _box("go")
     port, kind = _await_right("box")
     assert kind == m.MOVE_OWNERSHIP and _status(port)[2:] == (False, True)
+    m.msg_receive(go, m.RCV_TIMEOUT, WAIT_MS)  # the receiver has looked at its rights
     m.port_deallocate(m.task_self(), port)
     return True
 
@@ -393,6 +395,7 @@ def _receiver_gets_ownership_back() -> tuple[Any, ...]:
     port = _box("p")
     _give(port, "box", m.MOVE_OWNERSHIP)
     after = _status(port)[2:]
+    m.msg_send(m.Message(remote_port=netname_wait("go", WAIT_MS), id=78))
     back = _notice(m.NOTIFY_OWNERSHIP_RIGHTS)
     return after, back == port, _status(port)[2:]
 
