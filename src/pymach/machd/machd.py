@@ -734,18 +734,20 @@ def listen(path: str, others: bool = False) -> socket.socket:
 
 
 def run_machd(machd: Machd) -> int:
-    """Serve in the foreground until SIGTERM or SIGINT; returns the exit status."""
-    done = threading.Event()
+    """Serve in the foreground until SIGTERM or SIGINT; returns the exit status. The
+    handler only sets a flag: it runs on the main thread between bytecodes, and taking
+    a lock there (threading.Event.set) could deadlock with the main thread's own wait."""
+    stopping: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:
-        done.set()
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _tune_gc()
     machd.start()
-    while not done.wait(0.5):
-        pass
+    while not stopping:
+        time.sleep(0.2)
     machd.stop()
     return 0
 
