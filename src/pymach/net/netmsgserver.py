@@ -595,7 +595,7 @@ class NetMsgServer:
         dest = self.by_id.get(packet.port)
         if dest is not None:  # (else the kernel let the object go meanwhile)
             self._send_local(Message(remote_port=dest, id=_PAGER_DATA_PROVIDED, items=[
-                Int(packet.offset), OOL(data=packet.data), Int(len(packet.data)),
+                Int(packet.offset), OOL(data=bytes(packet.data)), Int(len(packet.data)),
                 Int(VM_PROT_NONE)]))
 
     def _right(self, name: int) -> Ref | None:
@@ -731,7 +731,7 @@ class NetMsgServer:
             self._broadcast(DeadPacket(old), to_self=True)
 
     # -- inbound ------------------------------------------------------------------------
-    def packet_in(self, source: str, data: bytes) -> None:
+    def packet_in(self, source: str, data: bytes | memoryview) -> None:
         """Bytes from host `source`: act on the packet, or refuse and log a bad one."""
         self.bytes_in += len(data)
         try:

@@ -759,7 +759,7 @@ class TcpTransport(NetTransport):
             ended.set_result(why)
 
     def _frame(self, s: Session, conn: Conn, reader: TlsStream, op: int, head: bytes,
-               body: bytes) -> None:
+               body: bytes | memoryview) -> None:
         """One frame from the peer (WireError if it has no business on a link)."""
         s.last_heard = asyncio.get_running_loop().time()
         if op == OP_DATA:
@@ -772,7 +772,7 @@ class TcpTransport(NetTransport):
         else:
             raise WireError(f"op {op} on a link")
 
-    def _data(self, s: Session, head: bytes, packet: bytes) -> None:
+    def _data(self, s: Session, head: bytes, packet: bytes | memoryview) -> None:
         """A DATA frame: exactly the next packet, to the sink; its acknowledgement."""
         seq, ack = DATA_HEAD.unpack(head)
         if seq != s.received + 1:
@@ -890,9 +890,11 @@ async def read_frame(reader: TlsStream, max_packet: int
     return op, head, (await reader.readexactly(body_size) if body_size else b"")
 
 
-def take_frame(reader: TlsStream, max_packet: int) -> tuple[int, bytes, bytes] | None:
+def take_frame(reader: TlsStream, max_packet: int
+               ) -> tuple[int, bytes, bytes | memoryview] | None:
     """read_frame's frame if `reader` holds all of it now (None if not yet: the reader
-    reads on until it does); the same errors."""
+    reads on until it does); the same errors. A large body may come as a read-only view
+    of the buffer it was read into (tlsstream's `take_view`: not copied)."""
     reader.need(wire.HEADER_SIZE)
     if reader.buffered < wire.HEADER_SIZE:
         return None
@@ -903,7 +905,7 @@ def take_frame(reader: TlsStream, max_packet: int) -> tuple[int, bytes, bytes] |
         return None
     reader.take(wire.HEADER_SIZE)
     head = reader.take(head_size) if head_size else b""
-    return op, head, (reader.take(length - head_size) if length > head_size else b"")
+    return op, head, (reader.take_view(length - head_size) if length > head_size else b"")
 
 
 def _frame_head(op: int, length: int, nfds: int, max_packet: int) -> int:

@@ -21,6 +21,12 @@ Invariants (all on the loop's thread: the `SSLSocket` is never used from two thr
 - What is buffered is bounded: reading pauses while the buffer holds at least
   max(READ_HIGH, the size a reader waits for), and resumes when a reader takes it
   down (the peer is then held back by TCP's flow control).
+- A reader that waits for DIRECT_MIN bytes or more beyond what is buffered gets them
+  read straight into one buffer of exactly the size it waits for (`recv_into`: OpenSSL
+  decrypts into it; nothing more is read until it is full, and it is taken before
+  anything read after it); `take_view` hands the rest of such a buffer on without a
+  copy. While a reader waits for more, the socket is read until it has no more (not
+  one TLS record per turn of the loop).
 - Written bytes go out in the order written. A write the socket refused in part
   (SSLWantWriteError) is retried with the same bytes before any later ones (OpenSSL's
   rule for a non-blocking SSL_write).
@@ -42,6 +48,8 @@ from typing import Any
 
 READ_HIGH = 1 << 20  # bytes buffered after which reading pauses (unless a reader needs more)
 RECV_SIZE = 256 << 10  # bytes asked of the socket at a time
+DIRECT_MIN = 256 << 10  # bytes a reader waits for beyond the buffer, from which they are
+# read straight into a buffer of their own
 
 
 class TlsStream:
@@ -53,6 +61,8 @@ class TlsStream:
         self.loop = loop
         self.fd = sock.fileno()
         self._buf = bytearray()
+        self._direct: bytearray | None = None  # the front of the stream, read straight in
+        self._got = self._taken = 0  # bytes of `_direct` filled, and taken by the reader
         self._want = 0  # bytes the waiting reader needs (0: none waits)
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
@@ -119,7 +129,7 @@ class TlsStream:
     async def readexactly(self, n: int) -> bytes:
         """The next `n` bytes; asyncio.IncompleteReadError at the end of the stream, the
         connection's OSError if it broke."""
-        while len(self._buf) < n:
+        while self.buffered < n:
             self.need(n)
             self._waiter = self.loop.create_future()
             try:
@@ -132,32 +142,65 @@ class TlsStream:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet taken."""
-        return len(self._buf)
+        return len(self._buf) + (self._got - self._taken if self._direct is not None else 0)
 
     def peek(self, n: int) -> bytes:
         """The first `n` buffered bytes, left in the buffer."""
-        return bytes(self._buf[:n])
+        d = self._direct
+        if d is None:
+            return bytes(self._buf[:n])
+        front = bytes(d[self._taken:min(self._got, self._taken + n)])
+        return front + bytes(self._buf[:n - len(front)])
 
     def take(self, n: int) -> bytes:
         """Take the first `n` buffered bytes (there must be that many)."""
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
+        data = self.take_view(n)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def take_view(self, n: int) -> bytes | memoryview:
+        """`take`, but `n` bytes that end a buffer read straight in (DIRECT_MIN or more)
+        come as a read-only view of it, not copied."""
+        d = self._direct
+        if d is None:
+            data: bytes | memoryview = self._take_buffered(n)
+        elif self._taken + n <= self._got:
+            view = memoryview(d)[self._taken:self._taken + n].toreadonly()
+            self._taken += n
+            if self._taken == len(d):
+                self._direct = None
+            data = view if n >= DIRECT_MIN and self._direct is None else bytes(view)
+        else:  # (across its end: only once it is full)
+            front = bytes(d[self._taken:])
+            self._direct = None
+            data = front + self._take_buffered(n - len(front))
         self._want = 0
         if self._paused and len(self._buf) < READ_HIGH:
             self._resume()
+        return data
+
+    def _take_buffered(self, n: int) -> bytes:
+        with memoryview(self._buf) as view:
+            data = bytes(view[:n])
+        del self._buf[:n]
         return data
 
     def need(self, n: int) -> None:
         """A reader waits for `n` buffered bytes (via `on_data`): raise the stream's error,
         or asyncio.IncompleteReadError, if they will never come; else read on until they
         are here, however many that is."""
-        if len(self._buf) >= n:
+        have = self.buffered
+        if have >= n:
             return
         if self._error is not None:
             raise self._error
         if self._eof:
-            raise asyncio.IncompleteReadError(bytes(self._buf), n)
+            raise asyncio.IncompleteReadError(self.peek(have), n)
         self._want = n
+        if self._direct is None and n - have >= DIRECT_MIN:
+            self._direct = bytearray(n)  # (what is buffered is its start)
+            self._direct[:have] = self._buf
+            self._got, self._taken = have, 0
+            self._buf.clear()
         self._resume()
 
     def pause_reading(self) -> None:
@@ -171,21 +214,14 @@ class TlsStream:
         self._resume()
 
     def _readable(self) -> None:
-        """(Reader callback) take what the socket has, and what OpenSSL decrypted."""
+        """(Reader callback) take what the socket has, and what OpenSSL decrypted: one
+        record at a time unless a reader waits for more (then until the socket is dry,
+        or what the reader waits for is here)."""
         if self._closed.done():
             return
         try:
-            while True:
-                chunk = self.sock.recv(RECV_SIZE)
-                if not chunk:
-                    self._eof = True
-                    break
-                self._buf += chunk
-                if len(self._buf) >= max(READ_HIGH, self._want):
-                    self._pause()
-                    break
-                if not self.sock.pending():  # (more in the socket: the loop calls again;
-                    break  # OpenSSL reads no further than the record it decrypts)
+            while self._read_some():
+                pass
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             pass
         except OSError as e:  # (ssl.SSLError is one)
@@ -195,6 +231,29 @@ class TlsStream:
         if self._pending is not None:
             self._flush()  # (a write that waited for the peer)
         self._wake()
+
+    def _read_some(self) -> bool:
+        """One read from the socket; whether to read again at once."""
+        d = self._direct
+        if d is not None and self._got < len(d):
+            with memoryview(d) as view:
+                got = self.sock.recv_into(view[self._got:], len(d) - self._got)
+            if not got:
+                self._eof = True
+                return False
+            self._got += got  # (full: the reader takes it before more is read, but what
+            return self._got < len(d) or self.sock.pending() > 0  # OpenSSL holds, now)
+        chunk = self.sock.recv(RECV_SIZE)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buf += chunk
+        if len(self._buf) >= max(READ_HIGH, self._want):
+            self._pause()
+            return False
+        # (more in the socket: the loop calls again; OpenSSL reads no further than the
+        # record it decrypts)
+        return self.buffered < self._want or self.sock.pending() > 0
 
     def _pause(self) -> None:
         if not self._paused:
@@ -218,7 +277,7 @@ class TlsStream:
             self.on_data()
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (
-                len(self._buf) >= self._want or self._eof or self._error is not None):
+                self.buffered >= self._want or self._eof or self._error is not None):
             waiter.set_result(None)
 
     # -- writing ----------------------------------------------------------------------

@@ -181,6 +181,11 @@ class PhysicalMemory(Protocol):
         """Bytes of a frame, for the kernel's own copies (no reference bits change)."""
         ...
 
+    def phys_read_run(self, frames: list[int]) -> bytes:
+        """The bytes of `frames`, a page each in order (phys_read of each, joined; a
+        backend may read a run of adjacent frames at a time)."""
+        ...
+
     def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         """Store bytes into a frame, for the kernel's own copies."""
         ...

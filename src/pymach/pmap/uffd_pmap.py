@@ -360,6 +360,26 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             data = os.pread(store.fd, n, base + offset)
         return data.ljust(n, b"\0")
 
+    def phys_read_run(self, frames: list[int]) -> bytes:
+        """The bytes of `frames`, a page each in order: each run of frames that are
+        adjacent pages of one memfd takes one pread (not one per page)."""
+        ps = self.page_size
+        runs: list[tuple[ObjectStore | None, int, int]] = []  # (memfd, offset, pages), or
+        out: list[bytes] = []  # (None, frame, 1) for a stashed frame
+        with self.lock:
+            for frame in frames:
+                store, at = (None, frame) if frame in self.stash else self.homes[frame]
+                last = runs[-1] if runs else None
+                if store is not None and last is not None and last[0] is store \
+                        and last[1] + last[2] * ps == at:
+                    runs[-1] = (store, last[1], last[2] + 1)
+                else:
+                    runs.append((store, at, 1))
+            for store, at, n in runs:
+                data = self.stash[at][:ps] if store is None else os.pread(store.fd, n * ps, at)
+                out.append(data.ljust(n * ps, b"\0"))
+        return b"".join(out)
+
     def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         with self.lock:
             if frame in self.stash:

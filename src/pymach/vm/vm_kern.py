@@ -100,9 +100,19 @@ def _plain_source(copy: VmMapCopy) -> tuple[VmObject, int, int] | None:
 
 
 def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
-    """Bytes [address, address+size) of a map, read as the task would read them. After
-    each page a fault finds, the pages after it in the same entry that are resident at
-    once (`resident_page`) are read without another lookup."""
+    """Bytes [address, address+size) of a map, read as the task would read them."""
+    chunks = map_read_pages(thread, vmap, address, size)
+    start = address % vmap.vm.page_size
+    if start == 0 and sum(len(c) for c in chunks) == size:
+        return b"".join(chunks)
+    return b"".join(chunks)[start:start + size]
+
+
+def map_read_pages(thread: Thread, vmap: VmMap, address: int, size: int) -> list[bytes]:
+    """The whole pages that hold [address, address+size) of a map, read as the task
+    would read them, in pieces to join. After each page a fault finds, the pages after
+    it in the same entry that are resident at once (`resident_page`) are read with it,
+    in one backend call (phys_read_run: no allocation comes between)."""
     ps = vmap.vm.page_size
     phys = vmap.vm.phys
     chunks: list[bytes] = []
@@ -114,19 +124,17 @@ def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
                                     VM_PROT_READ)
         except Retry:
             continue
-        chunks.append(phys.phys_read(page.frame))
+        frames = [page.frame]
         base, stop = va - look.offset, min(end, look.entry.end)
         va += ps
         while look.holder is vmap and va < stop:
             more = resident_page(look.object, va - base)
             if more is None:
                 break
-            chunks.append(phys.phys_read(more.frame))
+            frames.append(more.frame)
             va += ps
-    start = address % ps
-    if start == 0 and len(chunks) * ps == size:
-        return b"".join(chunks)
-    return b"".join(chunks)[start:start + size]
+        chunks.append(phys.phys_read_run(frames))
+    return chunks
 
 
 def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:
