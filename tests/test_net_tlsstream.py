@@ -57,7 +57,8 @@ def linked(cluster: str, body: Body) -> None:
 
 
 def test_bytes_arrive_whole_and_in_order_and_the_peer_is_named(cluster: str) -> None:
-    pieces = [os.urandom(n) for n in (1, 7, 100, 16 << 10, 3 << 20, 5)]
+    pieces = [os.urandom(n) for n in (1, 7, 100, 16 << 10, 3 << 20, 5, 70 << 10, 3, 9,
+                                      2 << 20, 64 << 10, 1)]  # (waiting: joined, or not)
 
     async def body(a: TlsStream, b: TlsStream) -> None:
         for piece in pieces:

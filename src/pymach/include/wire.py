@@ -135,10 +135,16 @@ def _encoded(values: Sequence[Any]) -> bytearray:
 
 def encode_with_blob(values: Sequence[Any], blob: bytes | memoryview) -> bytes:
     """encode([*values, blob]), copying the (large) bytes `blob` once, not twice."""
+    return b"".join((blob_head(values, len(blob)), blob))
+
+
+def blob_head(values: Sequence[Any], size: int) -> bytes:
+    """What encode([*values, blob]) puts before the bytes of a `size`-byte `blob` (so a
+    caller can build the body around a blob it writes in place)."""
     head = _encoded(values)
     head.append(T_BYTES)
-    head += _U32.pack(len(blob))
-    return b"".join((head, blob))
+    head += _U32.pack(size)
+    return bytes(head)
 
 
 def _put_int(out: bytearray, v: int) -> None:

@@ -274,8 +274,14 @@ def encode_packet(packet: Packet) -> bytes:
     range (hosts and ids are checked where they are made: station.py, new_net_id). A
     PAGE's data is copied once (it is most of the bytes that cross)."""
     if isinstance(packet, PagePacket) and isinstance(packet.data, bytes | memoryview):
-        return wire.encode_with_blob([K_PAGE, packet.port, packet.offset], packet.data)
+        return b"".join((page_head(packet.port, packet.offset, len(packet.data)), packet.data))
     return wire.encode(_packet_values(packet))
+
+
+def page_head(port: bytes, offset: int, size: int) -> bytes:
+    """The bytes of PagePacket(port, offset, data) before its `size` bytes of data (a
+    sender may build the packet around data it reads in place: no copy)."""
+    return wire.blob_head([K_PAGE, port, offset], size)
 
 
 def _packet_values(packet: Packet) -> list[Any]:
@@ -344,7 +350,7 @@ def _item_values(item: NetItem) -> list[Any]:
 
 
 # -- decoding -----------------------------------------------------------------------------
-def decode_packet(data: bytes | memoryview) -> Packet:
+def decode_packet(data: bytes | bytearray | memoryview) -> Packet:
     """The packet in `data`, or WireError saying what is wrong with it. A PAGE's data
     is a read-only view of `data` (not copied: it is most of the bytes that cross)."""
     if len(data) > wire.MAX_BODY:

@@ -39,12 +39,11 @@ from typing import Literal
 
 from pymach.errors import MachError
 from pymach.include.message import Message, validate_message
-from pymach.include.vm_param import trunc_page
 from pymach.ipc.ipc_right import ownership_lost, port_destroy, receive_right_lost
 from pymach.ipc.mach_msg import msg_send_locked
 from pymach.ipc.space import IpcEntry
 from pymach.kern.thread import Thread, current_thread
-from pymach.vm.vm_kern import map_read_pages
+from pymach.vm.vm_kern import map_read_into
 
 Owner = Literal["server", "task", "none"]
 READ_CHUNK = 1 << 20  # bytes read per kernel entry (the kernel lock is held meanwhile)
@@ -159,19 +158,16 @@ def fill(name: int) -> tuple[int, int]:
 def read(address: int, size: int) -> bytes:
     """The `size` bytes at `address` of the server's space (MachError as a task's read
     would raise: KERN_INVALID_ADDRESS, KERN_MEMORY_ERROR)."""
-    if size <= 0:
-        return b""
-    out: list[bytes] = []  # whole pages, joined once at the end
-    at = first = -1  # where the next kernel entry reads; the first page's address
-    while at < address + size:
+    data = bytearray(max(0, size))
+    read_into(address, memoryview(data))
+    return bytes(data)
+
+
+def read_into(address: int, into: memoryview) -> None:
+    """`read`, copied straight into `into` (len(into) bytes; the same errors)."""
+    for at in range(0, len(into), READ_CHUNK):
         with _kernel() as thread:
             vmap = thread.task.map
             if vmap is None:
                 raise MachError("KERN_INVALID_TASK", "the server has no address space")
-            if first < 0:
-                first = at = trunc_page(address, vmap.vm.page_size)
-            out += map_read_pages(thread, vmap, at, min(READ_CHUNK, address + size - at))
-            at += READ_CHUNK
-    data = b"".join(out)
-    start = address - first
-    return data if start == 0 and len(data) == size else data[start:start + size]
+            map_read_into(thread, vmap, address + at, into[at:at + READ_CHUNK])

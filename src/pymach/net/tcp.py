@@ -175,8 +175,9 @@ class Session:
     heartbeat: float  # seconds between our ACKs
     last_heard: float  # (loop time) the last frame from the peer on any connection
     conn: Conn | None = None  # (_lock) the connection carrying it now
-    unacked: deque[bytes] = field(default_factory=deque)  # (_lock) written, unacknowledged
-    unwritten: deque[bytes] = field(default_factory=deque)  # (_lock) queued by send
+    unacked: deque[bytes | bytearray] = field(default_factory=deque)  # (_lock) written,
+    # unacknowledged
+    unwritten: deque[bytes | bytearray] = field(default_factory=deque)  # (_lock) queued
     retained: int = 0  # (_lock)
     acked: int = 0  # (_lock)
     sent: int = 0  # (_lock)
@@ -240,7 +241,7 @@ class TcpTransport(NetTransport):
         self._thread.start()
         ready.result()
 
-    def send(self, dest: str, data: bytes) -> bool:
+    def send(self, dest: str, data: bytes | bytearray) -> bool:
         """Queue `data` as the next packet of `dest`'s session (written at once if it has a
         connection, after the reconnect if not); False if there is no session, the packet
         is too large, or `max_queued` bytes for the peer are unacknowledged already (then
@@ -922,7 +923,7 @@ def _frame_head(op: int, length: int, nfds: int, max_packet: int) -> int:
     return head_size
 
 
-def write_frame(writer: TlsStream, op: int, head: bytes, body: bytes = b"") -> None:
+def write_frame(writer: TlsStream, op: int, head: bytes, body: bytes | bytearray = b"") -> None:
     """Queue one frame of `head` then `body` on `writer` (on its loop)."""
     header = wire.pack_header(op, len(head) + len(body), 0) + head
     if len(body) <= _JOIN_MAX:

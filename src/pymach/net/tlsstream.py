@@ -43,11 +43,13 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 READ_HIGH = 1 << 20  # bytes buffered after which reading pauses (unless a reader needs more)
 RECV_SIZE = 256 << 10  # bytes asked of the socket at a time
+_JOIN_MAX = 64 << 10  # bytes of small writes joined while the socket cannot take them
 DIRECT_MIN = 256 << 10  # bytes a reader waits for beyond the buffer, from which they are
 # read straight into a buffer of their own
 
@@ -70,7 +72,8 @@ class TlsStream:
         self._paused = False  # the reader callback is off
         self._held = False  # by pause_reading
         self._pending: bytes | memoryview | None = None  # a write to retry as it was
-        self._out = bytearray()  # bytes written after it
+        self._out: deque[bytearray | memoryview] = deque()  # what was written after it:
+        # small writes joined, large ones as they were given (not copied)
         self._writing = False  # a writer callback is registered
         self._closing = False
         self._closed: asyncio.Future[None] = loop.create_future()
@@ -282,13 +285,25 @@ class TlsStream:
 
     # -- writing ----------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send `data` after what was written before (at once if the socket takes it)."""
+        """Send `data` after what was written before (at once if the socket takes it; the
+        caller does not change `data` after: it is not copied)."""
         if self._closing or self._error is not None:
             return
         if self._pending is not None or self._out:
-            self._out += data
+            self._queue(data)
             return
-        self._send(bytes(data) if isinstance(data, bytearray) else data)
+        self._send(memoryview(data) if isinstance(data, bytearray) else data)
+
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
+        """Keep `data` to write after what waits: a small piece joins the last small one
+        (one TLS record for both), a large one is kept as it is (no copy)."""
+        last = self._out[-1] if self._out else None
+        if len(data) > _JOIN_MAX:
+            self._out.append(memoryview(data))
+        elif isinstance(last, bytearray) and len(last) + len(data) <= _JOIN_MAX:
+            last += data
+        else:
+            self._out.append(bytearray(data))
 
     def _send(self, data: bytes | memoryview) -> None:
         """SSL_write `data` whole, or keep it to retry as it is."""
@@ -306,7 +321,7 @@ class TlsStream:
             return
         self._pending = None
         if sent < len(data):  # (partial writes are off; in case they are not)
-            self._out[:0] = data[sent:]
+            self._out.appendleft(memoryview(data)[sent:])
             self._want_writable()
 
     def _flush(self) -> None:
@@ -314,9 +329,7 @@ class TlsStream:
         if self._pending is not None:
             self._send(self._pending)
         while self._pending is None and self._out and self._error is None:
-            data = bytes(self._out)
-            self._out.clear()
-            self._send(data)
+            self._send(memoryview(self._out.popleft()))
         if self._pending is None and not self._out:
             self._stop_writing()
             if self._closing:

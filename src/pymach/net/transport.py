@@ -98,8 +98,9 @@ class NetTransport(ABC):
         """Join the network and send every event to `sink` from now on (called once)."""
 
     @abstractmethod
-    def send(self, dest: str, data: bytes) -> bool:
-        """Carry `data` to host `dest` in order; False if it surely cannot be delivered."""
+    def send(self, dest: str, data: bytes | bytearray) -> bool:
+        """Carry `data` to host `dest` in order (the caller does not change it after);
+        False if it surely cannot be delivered."""
 
     @abstractmethod
     def close(self) -> None:

@@ -140,11 +140,16 @@ class SoftPhysicalMemory:
         base = frame * self.page_size + offset
         return bytes(self.mv[base:base + n])
 
-    def phys_read_run(self, frames: list[int]) -> bytes:
-        """The bytes of `frames`, a page each in order, copied once (a run of adjacent
-        frames is one slice)."""
-        ps, mv = self.page_size, self.mv
-        return b"".join([mv[lo * ps:hi * ps] for lo, hi in _frame_runs(frames)])
+    def phys_read_into(self, frames: list[int], into: memoryview, skip: int = 0) -> None:
+        """Copy the bytes of `frames` from `skip` on into `into` (see pmap.py; a run of
+        adjacent frames is one slice)."""
+        ps, mv, at = self.page_size, self.mv, 0
+        for lo, hi in _frame_runs(frames):
+            n = min((hi - lo) * ps - skip, len(into) - at)
+            if n <= 0:
+                break
+            into[at:at + n] = mv[lo * ps + skip:lo * ps + skip + n]
+            at, skip = at + n, 0
 
     def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         """Store bytes into a frame (kernel access)."""
