@@ -318,6 +318,15 @@ class TcpTransport(NetTransport):
         with self._lock:
             return sorted(self._sessions)
 
+    def link_cipher(self, peer: str) -> str | None:
+        """'TLS version, cipher suite' of the connection to `peer` now (None if there is
+        none): what the link's bytes cost to protect."""
+        with self._lock:
+            s = self._sessions.get(peer)
+            conn = s.conn if s is not None else None
+        cipher = conn.writer.sock.cipher() if conn is not None else None
+        return f"{cipher[1]}, {cipher[0]}" if cipher else None
+
     # -- the loop ---------------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any) -> None:
         """Run `fn(*args)` on the loop (nothing if it has stopped)."""
