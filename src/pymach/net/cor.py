@@ -16,12 +16,15 @@ pager_data_provided, travel in compact packets (PAGEIN, PAGE: net/packets.py) th
 name only the object or the request port, an offset and the data (the request port of
 a PAGEIN is the one the object's pager_init named), so a fault costs about 100 bytes
 besides its page. Only pages the receiver touches cross, plus read-ahead once the
-reader has twice gone on where the last data ended: it doubles on each such fault (up
-to WINDOW_MAX), then windows are sent without waiting for faults until STREAM_AHEAD
-bytes lie ahead of the reader (pre-paging, 8.2), so a sequential reader pays O(log
-size) round trips. A reader that overtakes data on its way (faults on a page of its
-run already sent) stays sequential: that page alone is sent again (the kernel may have
-let it go) and the stream goes on. A random reader gets just the pages it asks for.
+reader has twice gone on where the last data ended: from then on each of its faults
+makes the window GROWTH times larger (from WINDOW_MIN up to WINDOW_MAX), and windows are
+streamed without waiting for faults until GROWTH windows, at most STREAM_AHEAD bytes,
+lie ahead of the reader (pre-paging, 8.2), so a sequential reader pays O(log size)
+round trips and finds most of its data there. A reader that overtakes data on its way
+(faults on a page of its run already sent) stays sequential: that page alone is sent
+again (the kernel may have let it go) and the stream goes on. A random reader gets
+just the pages it asks for. Each window is read from the kept region straight into the
+packet that carries it (`Provide`'s fill: the data is copied once on this side).
 The receiving kernel maps the pages that came after a fault's page at the next fault
 (vm_fault.py's fault-around), so it takes one fault per run, not per page.
 
