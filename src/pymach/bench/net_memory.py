@@ -170,7 +170,7 @@ def _transfer(cluster: str, size_mib: int, fraction: float | None,
             else None
     return {"seconds": t1 - t0, "ok": ok, "touched": len(touch) * PAGE, "moved": moved,
             "provided": provided, "faults": faults, "cipher": cipher,
-            "cpu": cpu_end.user + cpu_end.system - cpu.user - cpu.system}
+            "cpu": max(0.0, (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system))}
 
 
 def _fill_and_send(size: int, filled: threading.Event, go: threading.Event) -> float:
