@@ -1,8 +1,9 @@
 """Read-ahead of memory by reference (net/cor.py) and fault-around (vm/vm_fault.py).
 
 - The sending host's pager (CorPager, driven here directly, its reads of the kept
-  region stubbed): a reader that faults in order gets clusters that double up to
-  WINDOW_MAX, then a stream that stays STREAM_AHEAD bytes ahead of it; a reader that
+  region stubbed): a reader that faults in order gets windows that grow GROWTH times
+  from WINDOW_MIN up to WINDOW_MAX, streamed GROWTH windows (at most STREAM_AHEAD
+  bytes) ahead of it; a reader that
   overtakes data on its way (asks for a page already sent) stays sequential and gets
   only that page again; random faults get exactly the pages they ask for.
 - The receiving kernel: a read fault maps the resident pages after it, through a
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 
 import pytest
 
@@ -33,8 +35,8 @@ def pager(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[cor.CorPager, list[
     """A CorPager with one 64 MiB object (port 1) for host "B", and the (offset, length)
     of every provide it makes; its reads of the region return zeros."""
     sent: list[tuple[int, int]] = []
-    monkeypatch.setattr(cor.portops, "read", lambda address, size: bytes(size))
-    p = cor.CorPager("A", lambda *_: None, lambda req, off, data: sent.append((off, len(data))))
+    monkeypatch.setattr(cor.portops, "read_into", lambda address, into: None)
+    p = cor.CorPager("A", lambda *_: None, lambda req, off, size, fill: sent.append((off, size)))
     size = 64 << 20
     p.objects[1] = cor.CorObject("B", 0, size, size, PAGE)
     yield p, sent
@@ -44,7 +46,7 @@ def _fault(p: cor.CorPager, offset: int, pages: int = 1) -> None:
     p.pager_data_request(1, 7, offset, pages * PAGE, 1)
 
 
-def test_an_in_order_reader_gets_doubling_clusters_then_a_stream(
+def test_an_in_order_reader_gets_growing_windows_streamed_ahead(
         pager: tuple[cor.CorPager, list[tuple[int, int]]]) -> None:
     p, sent = pager
     faults, at = 0, 0
@@ -52,11 +54,14 @@ def test_an_in_order_reader_gets_doubling_clusters_then_a_stream(
         _fault(p, at)
         faults += 1
         at = p.objects[1].next
-    assert faults <= 16  # log2(8 MiB / 4 KiB) doublings, then streamed windows
+    assert faults <= 8  # WINDOW_MIN, then GROWTH times larger each fault, to WINDOW_MAX
     assert sum(n for _, n in sent) == 64 << 20  # every byte once
     assert [o for o, _ in sent] == sorted(o for o, _ in sent)
-    assert max(n for _, n in sent) == cor.WINDOW_MAX
-    assert sent[:3] == [(0, PAGE), (PAGE, PAGE), (2 * PAGE, 2 * PAGE)]
+    assert sent[:3] == [(0, PAGE), (PAGE, PAGE), (2 * PAGE, cor.WINDOW_MIN)]
+    sizes = [n for _, n in sent[2:-1]]  # (the last: what is left)
+    assert sizes == sorted(sizes) and max(sizes) == cor.WINDOW_MAX
+    assert all(b in (a, min(cor.GROWTH * a, cor.WINDOW_MAX)) for a, b in pairwise(sizes))
+    assert sizes.count(cor.WINDOW_MIN) == cor.GROWTH  # a stream GROWTH windows long
 
 
 def test_a_reader_that_overtakes_the_data_stays_sequential(
@@ -72,7 +77,8 @@ def test_a_reader_that_overtakes_the_data_stays_sequential(
     _fault(p, ahead - cor.WINDOW_MAX // 2, 16)  # a page already on its way
     assert sent[0] == (ahead - cor.WINDOW_MAX // 2, PAGE)  # that page again, no more
     assert p.objects[1].streak > 2 and p.objects[1].window == cor.WINDOW_MAX
-    assert all(n == cor.WINDOW_MAX for _, n in sent[1:])  # the stream goes on
+    assert all(n == cor.WINDOW_MAX or o + n == 64 << 20 for o, n in sent[1:])  # the stream
+    assert len(sent) > 1  # goes on (to the object's end, here)
     assert p.objects[1].next - (ahead - cor.WINDOW_MAX // 2) <= cor.STREAM_AHEAD + cor.WINDOW_MAX
 
 

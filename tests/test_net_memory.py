@@ -327,3 +327,4 @@ def test_the_benchmark_counts_what_crosses(cluster: str) -> None:  # noqa: F811
     run = net_memory._transfer(cluster, 4, 0.01, 1987)
     assert run["ok"] and run["touched"] == 10 * PAGE == run["provided"]
     assert run["touched"] < run["moved"] < 1.05 * run["touched"]
+    assert run["cipher"].startswith("TLSv1.3, ") and run["cpu"] >= 0  # (the link it says)

@@ -3,7 +3,9 @@
 Two streams over loopback with the cluster's certificates, in one event loop: bytes
 arrive whole and in order however they are cut (a write larger than the socket buffers
 included), reading stops at a bound while nobody takes the bytes, and the end of a
-stream (closed or aborted by the peer) reaches a reader that waits.
+stream (closed or aborted by the peer) reaches a reader that waits. A reader waiting for
+a large piece gets it read straight into a buffer of its own and taken without a copy,
+with what came before and after it intact.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from pymach.net.cluster import Credentials, cluster_init, tls_contexts
-from pymach.net.tlsstream import READ_HIGH, TlsStream
+from pymach.net.tlsstream import DIRECT_MIN, READ_HIGH, TlsStream
 
 Body = Callable[[TlsStream, TlsStream], Awaitable[None]]
 
@@ -55,7 +57,8 @@ def linked(cluster: str, body: Body) -> None:
 
 
 def test_bytes_arrive_whole_and_in_order_and_the_peer_is_named(cluster: str) -> None:
-    pieces = [os.urandom(n) for n in (1, 7, 100, 16 << 10, 3 << 20, 5)]
+    pieces = [os.urandom(n) for n in (1, 7, 100, 16 << 10, 3 << 20, 5, 70 << 10, 3, 9,
+                                      2 << 20, 64 << 10, 1)]  # (waiting: joined, or not)
 
     async def body(a: TlsStream, b: TlsStream) -> None:
         for piece in pieces:
@@ -65,6 +68,33 @@ def test_bytes_arrive_whole_and_in_order_and_the_peer_is_named(cluster: str) -> 
         b.write(b"back")
         assert await a.readexactly(4) == b"back"
         assert "B" in str(a.get_extra_info("peercert"))
+
+    linked(cluster, body)
+
+
+def test_a_large_piece_is_read_straight_in_and_taken_without_a_copy(cluster: str) -> None:
+    big = os.urandom(4 * READ_HIGH + 3)
+
+    async def body(a: TlsStream, b: TlsStream) -> None:
+        a.write(b"head")
+        a.write(big)
+        a.write(b"tail")
+        assert await b.readexactly(4) == b"head"
+        b.need(len(big))  # (more than DIRECT_MIN beyond what is buffered)
+        while b.buffered < len(big):
+            await asyncio.sleep(0.01)
+        assert b.peek(8) == big[:8]
+        view = b.take_view(len(big))
+        assert isinstance(view, memoryview) and view.readonly and view == big
+        assert await b.readexactly(4) == b"tail"
+        a.write(big + b"more")  # taken across the end of the buffer read straight in
+        b.need(len(big))
+        assert await b.readexactly(len(big) + 4) == big + b"more"
+        a.write(b"x" * (DIRECT_MIN - 1))  # a small piece: copied out as bytes
+        b.need(DIRECT_MIN - 1)
+        while b.buffered < DIRECT_MIN - 1:
+            await asyncio.sleep(0.01)
+        assert b.take_view(DIRECT_MIN - 1) == b"x" * (DIRECT_MIN - 1)
 
     linked(cluster, body)
 

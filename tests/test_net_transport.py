@@ -297,6 +297,9 @@ VALID: list[pk.Packet] = [
     pk.UnnamePacket("svc"),
     pk.ChokePacket(b"\x06" * 16, 16),
     pk.ReadyPacket(b"\x07" * 16),
+    pk.PageInPacket(b"\x08" * 16, 4096, 8192, 1),
+    pk.PagePacket(b"\x09" * 16, 4096, b"page" * 1024),
+    pk.PagePacket(b"\x09" * 16, 0, b""),
 ]
 
 
@@ -345,6 +348,14 @@ WRONG_TYPES: list[list[Any]] = [
     [pk.K_CHOKE, ID],
     [pk.K_READY, ID, 1],
     [pk.K_READY, b"x" * 17],
+    [pk.K_PAGE, ID, 0, "data"],  # a PAGE ends with its data, bytes
+    [pk.K_PAGE, ID, 0, b"data", 1],
+    [pk.K_PAGE, ID, 0],
+    [pk.K_PAGE, ID, True, b"data"],
+    [pk.K_PAGE, ID, -1, b"data"],
+    [pk.K_PAGE, ID, pk.MAX_COR, b"data"],
+    [pk.K_PAGE, b"short", 0, b"data"],
+    [pk.K_PAGE, None, 0, b"data"],
 ]
 
 
@@ -352,6 +363,15 @@ WRONG_TYPES: list[list[Any]] = [
 def test_packets_of_the_wrong_shape_are_refused(values: list[Any]) -> None:
     with pytest.raises(WireError):
         pk.decode_packet(wire.encode(values))
+
+
+def test_a_page_packet_s_data_is_not_copied_when_decoded() -> None:
+    data = pk.encode_packet(pk.PagePacket(ID, 8192, b"\x07" * 3 * 4096))
+    page = pk.decode_packet(memoryview(bytearray(data)))  # as a frame's view comes
+    assert isinstance(page, pk.PagePacket) and isinstance(page.data, memoryview)
+    assert page.data.readonly and page.data == b"\x07" * 3 * 4096
+    assert page.port == ID and page.offset == 8192
+    assert pk.decode_packet(data) == page
 
 
 def test_truncated_packets_are_refused() -> None:

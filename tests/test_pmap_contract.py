@@ -802,6 +802,32 @@ def test_phys_write_pages_writes_each_frame(phys: Any) -> None:
     phys.object_gone(obj)
 
 
+def test_phys_read_into_copies_each_frame_in_order(phys: Any) -> None:
+    """phys_read_into(frames, into, skip) copies what phys_read of each frame, joined,
+    holds from `skip` on, as much as `into` holds, whatever the frames: adjacent pages
+    of one object (one run), a gap, frames out of order, a frame of no object, and a
+    frame whose page was taken away (NONE: kept aside by a backend that maps objects)."""
+    obj = _Object(10**9 + 3)
+    for f, page in zip([2, 3, 4, 9], [0, 1, 2, 6], strict=True):
+        phys.frame_bind(f, obj, page * PS)
+    for f in (2, 3, 4, 9, 11, 5):
+        fill(phys, f, f)
+        phys.phys_write(f, f.to_bytes(2, "little") * 3, 100)  # (not one byte throughout)
+    pmap = phys.pmap_create()
+    pmap.pmap_enter(40 * PS, 5, RW)
+    phys.pmap_page_protect(5, NONE)
+    frames = [2, 3, 4, 9, 11, 3, 5, 2]
+    whole = b"".join(phys.phys_read(f) for f in frames)
+    for skip, size in ((0, len(whole)), (101, len(whole) - 101), (7, 3 * PS), (99, 5),
+                       (0, PS - 1), (PS - 1, 2), (0, 0)):
+        into = bytearray(b"\xee" * (size + 3))
+        phys.phys_read_into(frames, memoryview(into)[:size], skip)
+        assert into == whole[skip:skip + size] + b"\xee" * 3, (skip, size)
+    for f in (2, 3, 4, 9):
+        phys.frame_unbind(f)
+    phys.object_gone(obj)
+
+
 def test_lazy_zero_fill_of_an_object_no_task_maps(phys: Any) -> None:
     """Zero fill by the machine needs tasks mapping the object: every backend refuses
     it for one no task maps (nothing changes: the frames bound keep their data and the

@@ -61,6 +61,19 @@ def test_byte_strings_are_bounded_by_the_body_not_the_element_count() -> None:
         wire.decode(bytes([wire.T_LIST]) + struct.pack("<I", n) + bytes([wire.T_NONE]) * n)
 
 
+def test_a_body_that_ends_with_a_blob_decodes_it_as_a_view() -> None:
+    blob = os.urandom(5000)
+    body = wire.encode_with_blob([1, b"id", "x", [2, b"in a list"]], memoryview(blob))
+    assert body == wire.encode([1, b"id", "x", [2, b"in a list"], blob])
+    values, view = wire.decode_with_blob(body)
+    assert values == [1, b"id", "x", [2, b"in a list"]] and view == blob
+    assert view.readonly and view.obj is body  # (not copied)
+    assert wire.decode_with_blob(wire.encode([b""])) == ([], b"")
+    for bad in (wire.encode([1, b"blob", 2]), wire.encode([1]), body[:-1], b""):
+        with pytest.raises(wire.WireError):
+            wire.decode_with_blob(bad)
+
+
 def test_values_that_cannot_travel_are_refused_at_the_sender() -> None:
     for bad in (object(), {1: 2}, 2**64, Code(lambda: 0), [[[[[1]]]]]):
         with pytest.raises(wire.WireError):

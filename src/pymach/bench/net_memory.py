@@ -8,11 +8,17 @@ of line to a task of B; B's netmsgserver maps it as a memory object served by A'
 (reads each touched page's first 8 bytes and checks the pattern).
 
 - `cor_all_pages_mib_s`: every page touched, in order: `size_mib` / the seconds from
-  A's msg_send to B's last touch (A's read-ahead doubles while B reads on where the
-  last data ended, so the pages come in a few large replies). Beside it the baselines of
-  the same run: `tcp_stream_mib_s`, a plain Python TCP stream between two processes on
-  the same link (bench/net.py's `bench_stream`), and `tls_stream_mib_s` the same over
-  TLS 1.3 (what the hosts' link costs by itself). Target: >= 0.5x the TCP stream.
+  A's msg_send to B's last touch (once B reads on where the last data ended, A's
+  read-ahead grows and streams windows ahead of it, so the pages come in a few large
+  replies). Beside it the baselines of the same run: `tcp_stream_mib_s`, a plain Python
+  TCP stream between two processes on the same link (bench/net.py's `bench_stream`),
+  and `tls_stream_mib_s` the same over TLS 1.3 (what the hosts' link costs by itself),
+  and the ratios to both. Target: >= 0.5x the TCP stream. `link` names the link and the
+  TLS cipher suite the hosts negotiated; `cpus_allowed` the CPUs this process may run
+  on (1 when pinned, `taskset -c 0`). `cor_all_pages_cpu_seconds` is the CPU time (user
+  and system) this process spent meanwhile (both kernels, both netmsgservers, TLS both
+  ways, and B's touches share it and one interpreter lock): less swayed by a busy
+  machine than the seconds.
 - `cor_sparse_*`: 1% of the pages touched, at random (seeded, so no two are likely to
   be neighbours and no read-ahead starts): `bytes_moved` is every packet byte both
   netmsgservers handed to the transport from the send to the last touch (the message,
@@ -31,8 +37,8 @@ of line to a task of B; B's netmsgserver maps it as a memory object served by A'
   any native program's would), not with `memory().read()`, which makes a round trip to
   machd per call (so that a pager's failure is a MachError) and would time that trap
   instead. Beside it `machd_local_cow_touch_mib_s`: the same touches of a copy-on-write
-  copy on one machd host, no network (the native fault path's own cost). Needs
-  userfaultfd; None without.
+  copy on one machd host, no network (the native fault path's own cost), and the
+  ratios to the TCP and TLS streams. Needs userfaultfd; None without.
 
 Call: `measure()` (or `python -m pymach.bench.net_memory [--json] [--mib N]`) returns
 the rows as a dict (it needs the openssl command for the cluster's certificates). This
@@ -83,16 +89,20 @@ def measure(size_mib: int = 64, rounds: int = 3, seed: int = 1987,
         native = _native_dense(tmp, size_mib, rounds)
         tcp = tcp_mib_s if tcp_mib_s is not None else bench_stream(size_mib, rounds, None)
         tls = tls_mib_s if tls_mib_s is not None else bench_stream(size_mib, rounds, tmp)
-    seconds = sorted(d["seconds"] for d in dense)[len(dense) // 2]
+    median = sorted(dense, key=lambda d: d["seconds"])[len(dense) // 2]
+    seconds = median["seconds"]
     mib_s = size_mib / seconds
     faults = max(1, sparse["faults"])
     return {
         "benchmark": "net_memory",
-        "link": f"loopback ({LOOPBACK}): two embedded kernels in one process, TCP + TLS 1.3",
+        "link": f"loopback ({LOOPBACK}): two embedded kernels in one process, TCP + "
+                f"{median['cipher'] or 'TLS'}; the streams: two processes",
+        "cpus_allowed": len(os.sched_getaffinity(0)),
         "size_mib": size_mib,
         "cor_all_pages_mib_s": round(mib_s, 1),
         "cor_all_pages_seconds": round(seconds, 3),
-        "cor_all_pages_faults": dense[0]["faults"],
+        "cor_all_pages_cpu_seconds": round(median["cpu"], 3),
+        "cor_all_pages_faults": median["faults"],
         "tcp_stream_mib_s": round(tcp, 1),
         "tls_stream_mib_s": round(tls, 1),
         "ratio_cor_vs_tcp_stream": round(mib_s / tcp, 3),
@@ -100,6 +110,7 @@ def measure(size_mib: int = 64, rounds: int = 3, seed: int = 1987,
         "ratio_cor_vs_tls_stream": round(mib_s / tls, 3),
         "machd_cor_all_pages_mib_s": None if native is None else round(native[0], 1),
         "machd_ratio_cor_vs_tcp_stream": None if native is None else round(native[0] / tcp, 3),
+        "machd_ratio_cor_vs_tls_stream": None if native is None else round(native[0] / tls, 3),
         "machd_local_cow_touch_mib_s": None if native is None else round(native[1], 1),
         "cor_sparse_pages_touched": sparse["touched"] // PAGE,
         "cor_sparse_touched_bytes": sparse["touched"],
@@ -147,14 +158,19 @@ def _transfer(cluster: str, size_mib: int, fraction: float | None,
             raise TimeoutError("the sender did not fill its memory")
         before = a.server.bytes_out + b.server.bytes_out
         faults, provided = a.server.cor.faults, a.server.cor.provided
+        cpu = os.times()
         go.set()
         t0 = sender.wait(WAIT_MS)
         t1, ok = receiver.wait(WAIT_MS)
+        cpu_end = os.times()
         moved = a.server.bytes_out + b.server.bytes_out - before
         faults, provided = a.server.cor.faults - faults, a.server.cor.provided - provided
         _wait(lambda: not a.server.cor.objects, "A to release the object")
+        cipher = a.transport.link_cipher("B") if isinstance(a.transport, TcpTransport) \
+            else None
     return {"seconds": t1 - t0, "ok": ok, "touched": len(touch) * PAGE, "moved": moved,
-            "provided": provided, "faults": faults}
+            "provided": provided, "faults": faults, "cipher": cipher,
+            "cpu": max(0.0, (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system))}
 
 
 def _fill_and_send(size: int, filled: threading.Event, go: threading.Event) -> float:

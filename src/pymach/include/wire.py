@@ -133,12 +133,18 @@ def _encoded(values: Sequence[Any]) -> bytearray:
     return out
 
 
-def encode_with_blob(values: Sequence[Any], blob: bytes) -> bytes:
+def encode_with_blob(values: Sequence[Any], blob: bytes | memoryview) -> bytes:
     """encode([*values, blob]), copying the (large) bytes `blob` once, not twice."""
+    return b"".join((blob_head(values, len(blob)), blob))
+
+
+def blob_head(values: Sequence[Any], size: int) -> bytes:
+    """What encode([*values, blob]) puts before the bytes of a `size`-byte `blob` (so a
+    caller can build the body around a blob it writes in place)."""
     head = _encoded(values)
     head.append(T_BYTES)
-    head += _U32.pack(len(blob))
-    return b"".join((head, blob))
+    head += _U32.pack(size)
+    return bytes(head)
 
 
 def _put_int(out: bytearray, v: int) -> None:
@@ -377,6 +383,23 @@ def decode(data: bytes | bytearray | memoryview) -> list[Any]:
         value, pos = _get(buf, pos, end, 0)
         out.append(value)
     return out
+
+
+def decode_with_blob(data: bytes | bytearray | memoryview) -> tuple[list[Any], memoryview]:
+    """decode() of a body whose last value is a byte string (as `encode_with_blob` makes
+    it): the values before it, and that byte string as a read-only view of `data`, not
+    copied (it is most of the body). WireError if the body is not such a body."""
+    buf = memoryview(data).toreadonly()
+    end, pos = len(buf), 0
+    out: list[Any] = []
+    while pos < end:
+        if buf[pos] == T_BYTES:
+            n, at = _count(buf, pos + 1, end, 1, MAX_BODY)
+            if at + n == end:
+                return out, buf[at:end]
+        value, pos = _get(buf, pos, end, 0)
+        out.append(value)
+    raise WireError("the body does not end with a byte string")
 
 
 def _get(buf: Buf, pos: int, end: int, depth: int) -> tuple[Any, int]:

@@ -16,12 +16,15 @@ pager_data_provided, travel in compact packets (PAGEIN, PAGE: net/packets.py) th
 name only the object or the request port, an offset and the data (the request port of
 a PAGEIN is the one the object's pager_init named), so a fault costs about 100 bytes
 besides its page. Only pages the receiver touches cross, plus read-ahead once the
-reader has twice gone on where the last data ended: it doubles on each such fault (up
-to WINDOW_MAX), then windows are sent without waiting for faults until STREAM_AHEAD
-bytes lie ahead of the reader (pre-paging, 8.2), so a sequential reader pays O(log
-size) round trips. A reader that overtakes data on its way (faults on a page of its
-run already sent) stays sequential: that page alone is sent again (the kernel may have
-let it go) and the stream goes on. A random reader gets just the pages it asks for.
+reader has twice gone on where the last data ended: from then on each of its faults
+makes the window GROWTH times larger (from WINDOW_MIN up to WINDOW_MAX), and windows are
+streamed without waiting for faults until GROWTH windows, at most STREAM_AHEAD bytes,
+lie ahead of the reader (pre-paging, 8.2), so a sequential reader pays O(log size)
+round trips and finds most of its data there. A reader that overtakes data on its way
+(faults on a page of its run already sent) stays sequential: that page alone is sent
+again (the kernel may have let it go) and the stream goes on. A random reader gets
+just the pages it asks for. Each window is read from the kept region straight into the
+packet that carries it (`Provide`'s fill: the data is copied once on this side).
 The receiving kernel maps the pages that came after a fault's page at the next fault
 (vm_fault.py's fault-around), so it takes one fault per run, not per page.
 
@@ -65,11 +68,15 @@ from pymach.net import portops
 log = logging.getLogger("pymach.net")
 COR_MIN = 256 << 10  # bytes: smaller regions go by value
 COR_HOST_MAX = 1 << 30  # bytes of regions kept for one host at most
+WINDOW_MIN = 256 << 10  # bytes of the first read-ahead
 WINDOW_MAX = 8 << 20  # bytes of read-ahead at most
+GROWTH = 4  # each fault of a sequential reader makes the window this much larger
 STREAM_AHEAD = 32 << 20  # bytes streamed ahead of a sequential reader at most
 _LOCK = pager_defs.by_name["pager_data_lock"].id
 Send = Callable[[int, int, list[Item]], None]  # (our proxy, msg id, items): forward it
-Provide = Callable[[int, int, bytes], None]  # (request port proxy, offset, data): send it
+Fill = Callable[[memoryview], None]  # copies the data into the buffer it is given
+Provide = Callable[[int, int, int, Fill], None]  # (request port proxy, offset, size, fill):
+# send `size` bytes of data, which `fill` copies into the packet being built
 
 
 @dataclass
@@ -95,7 +102,8 @@ class CorPager:
     def __init__(self, host: str, send: Send, provide: Provide) -> None:
         self.host = host
         self.send = send  # how a reply leaves: the server forwards it to the proxy's host
-        self.provide_data = provide  # how data leaves (a PAGE packet: net/packets.py)
+        self.provide_data = provide  # how data leaves (a PAGE packet: net/packets.py),
+        # read straight from the kept region into the packet
         self.lock = threading.Lock()
         self.objects: dict[int, CorObject] = {}  # memory object port (our name) -> object
         self.held: dict[str, int] = {}  # host -> bytes kept for it
@@ -148,44 +156,50 @@ class CorPager:
     def pager_data_request(self, mo: int, request: int, offset: int, length: int,
                            access: int) -> None:
         """Provide the bytes asked for, and more once the reader has twice gone on where
-        the last data ended (read-ahead, doubling up to WINDOW_MAX; a random reader whose
-        two pages happen to be neighbours gets no more than it asks). A sequential reader
-        that overtakes data on its way (asks for a page of the run already sent) stays
-        sequential: its page is sent again (the kernel may have let it go) and the
-        stream goes on; from WINDOW_MAX on, windows are sent until STREAM_AHEAD bytes
-        lie ahead of the reader."""
+        the last data ended (a random reader whose two pages happen to be neighbours gets
+        no more than it asks). From then on the reader is sequential: each of its faults
+        makes the window GROWTH times larger (from WINDOW_MIN up to WINDOW_MAX), and
+        windows are streamed without waiting for faults until GROWTH windows (at most
+        STREAM_AHEAD bytes) lie ahead of it. A sequential reader that overtakes data on
+        its way (asks for a page of the run already sent) stays sequential: its page is
+        sent again (the kernel may have let it go) and the stream goes on."""
         obj = self.objects[mo]
         if not 0 <= offset < obj.charge or length <= 0:
             return
         self.faults += 1
-        overtook = obj.streak > 2 and obj.start <= offset < obj.next
-        if overtook:
+        if obj.streak > 2 and obj.start <= offset < obj.next:  # overtook the data
             self._send_pages(obj, request, offset, min(length, obj.page_size))
+            obj.window = _grown(obj.window)
         else:
             if offset != obj.next:
-                obj.streak, obj.start = 0, offset
+                obj.streak, obj.start, obj.window = 0, offset, 0
             obj.streak += 1
-            window = min(2 * obj.window, WINDOW_MAX) if obj.streak > 2 else 0
+            window = _grown(obj.window) if obj.streak > 2 else 0
             self._provide(obj, request, offset, max(length, window))
-        if obj.window >= WINDOW_MAX:  # a sequential reader: stream what it will read next
-            while obj.next < min(obj.charge, offset + STREAM_AHEAD):
-                self._provide(obj, request, obj.next, WINDOW_MAX)
+            obj.window = max(obj.window, window)
+        if obj.streak > 2:  # a sequential reader: stream what it will read next
+            ahead = min(obj.charge, offset + min(STREAM_AHEAD, GROWTH * obj.window))
+            while obj.next < ahead:
+                self._provide(obj, request, obj.next, obj.window)
 
     def _provide(self, obj: CorObject, request: int, offset: int, length: int) -> None:
         """Provide whole pages from `offset`, the data that follows what was sent."""
         count = self._send_pages(obj, request, offset, length)
-        obj.next, obj.window = offset + count, count
+        obj.next, obj.window = offset + count, max(obj.window, count)
 
     def _send_pages(self, obj: CorObject, request: int, offset: int, length: int) -> int:
         """Send `length` bytes (whole pages) from `offset`, or up to the object's end: the
         bytes past the region's end (in its last page) are zeros, never what else the
         sender had in that page. The count sent."""
         count = min(length, obj.charge - offset)
-        data = portops.read(obj.address + offset, max(0, min(count, obj.size - offset)))
-        data += bytes(count - len(data))
+        readable = max(0, min(count, obj.size - offset))
+
+        def fill(into: memoryview) -> None:  # (the rest of `into` stays zeros)
+            portops.read_into(obj.address + offset, into[:readable])
+
+        self.provide_data(request, offset, count, fill)
         obj.provided += count
         self.provided += count
-        self.provide_data(request, offset, data)
         return count
 
     def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
@@ -233,3 +247,8 @@ class CorPager:
         """Bytes of regions kept now, for every host."""
         with self.lock:
             return sum(self.held.values())
+
+
+def _grown(window: int) -> int:
+    """The read-ahead window after one more fault of a sequential reader."""
+    return min(max(GROWTH * window, WINDOW_MIN), WINDOW_MAX)

@@ -212,7 +212,7 @@ from pymach.ipc.ipc_notify import (
 from pymach.kern.thread import current_thread
 from pymach.mach_vm import take_ool, vm_page_size
 from pymach.net import portops
-from pymach.net.cor import COR_MIN, CorPager
+from pymach.net.cor import COR_MIN, CorPager, Fill
 from pymach.net.migration import MSG_ID_TASK_CHECK, MSG_ID_TASK_STATE, refusal
 from pymach.net.packets import (
     MAX_NETNAME,
@@ -243,6 +243,7 @@ from pymach.net.packets import (
     decode_packet,
     encode_packet,
     new_net_id,
+    page_head,
 )
 from pymach.net.pending import PendingCalls
 from pymach.net.transport import NetTransport
@@ -570,11 +571,20 @@ class NetMsgServer:
         if route is not None:
             self._forward_now(Message(local_port=proxy, id=msg_id, items=items), route)
 
-    def _cor_provide(self, request: int, offset: int, data: bytes) -> None:
-        """Data of our memory objects for a kernel's request port (our proxy): PAGE."""
+    def _cor_provide(self, request: int, offset: int, size: int, fill: Fill) -> None:
+        """Data of our memory objects for a kernel's request port (our proxy): a PAGE,
+        built around its data (`fill` copies it in: the data is copied once)."""
         route = self.proxy_ref.get(request)
-        if route is not None:
-            self._send(route[0], PagePacket(route[1], offset, data))
+        if route is None:
+            return
+        head = page_head(route[1], offset, size)
+        data = bytearray(len(head) + size)
+        data[:len(head)] = head
+        fill(memoryview(data)[len(head):])
+        if route[0] == self.host:
+            self._dispatch(self.host, decode_packet(data))
+        else:
+            self._send_data(route[0], data)
 
     def _page_in_out(self, msg: Message) -> None:
         """Our kernel's pager_data_request to a memory object of another host (our proxy
@@ -595,7 +605,7 @@ class NetMsgServer:
         dest = self.by_id.get(packet.port)
         if dest is not None:  # (else the kernel let the object go meanwhile)
             self._send_local(Message(remote_port=dest, id=_PAGER_DATA_PROVIDED, items=[
-                Int(packet.offset), OOL(data=packet.data), Int(len(packet.data)),
+                Int(packet.offset), OOL(data=bytes(packet.data)), Int(len(packet.data)),
                 Int(VM_PROT_NONE)]))
 
     def _right(self, name: int) -> Ref | None:
@@ -608,6 +618,10 @@ class NetMsgServer:
         if host == self.host:
             self._dispatch(host, packet)
             return True
+        return self._send_data(host, data)
+
+    def _send_data(self, host: str, data: bytes | bytearray) -> bool:
+        """Hand an encoded packet to the transport for `host` (never changed after)."""
         self.bytes_out += len(data)
         return self.transport.send(host, data)
 
@@ -731,7 +745,7 @@ class NetMsgServer:
             self._broadcast(DeadPacket(old), to_self=True)
 
     # -- inbound ------------------------------------------------------------------------
-    def packet_in(self, source: str, data: bytes) -> None:
+    def packet_in(self, source: str, data: bytes | memoryview) -> None:
         """Bytes from host `source`: act on the packet, or refuse and log a bad one."""
         self.bytes_in += len(data)
         try:

@@ -50,7 +50,7 @@ class SimulatedTransport(NetTransport):
         """Join the network; KERN_NAME_EXISTS if a host of this name is on it."""
         self._network._join(self._host, sink)
 
-    def send(self, dest: str, data: bytes) -> bool:
+    def send(self, dest: str, data: bytes | bytearray) -> bool:
         """Hand `data` to `dest` now (unless fault injection loses it)."""
         return self._network._carry(self._host, dest, bytes(data))
 

@@ -223,11 +223,12 @@ class PageInPacket:
 
 @dataclass(frozen=True)
 class PagePacket:
-    """Data at `offset` of a memory object, for the sender's pager request port `port`."""
+    """Data at `offset` of a memory object, for the sender's pager request port `port`
+    (decoded, `data` is a read-only view of the packet's bytes: not copied)."""
 
     port: bytes
     offset: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -272,9 +273,15 @@ def encode_packet(packet: Packet) -> bytes:
     """The bytes of `packet`; WireError if a value cannot travel or a netname is out of
     range (hosts and ids are checked where they are made: station.py, new_net_id). A
     PAGE's data is copied once (it is most of the bytes that cross)."""
-    if isinstance(packet, PagePacket) and type(packet.data) is bytes:
-        return wire.encode_with_blob([K_PAGE, packet.port, packet.offset], packet.data)
+    if isinstance(packet, PagePacket) and isinstance(packet.data, bytes | memoryview):
+        return b"".join((page_head(packet.port, packet.offset, len(packet.data)), packet.data))
     return wire.encode(_packet_values(packet))
+
+
+def page_head(port: bytes, offset: int, size: int) -> bytes:
+    """The bytes of PagePacket(port, offset, data) before its `size` bytes of data (a
+    sender may build the packet around data it reads in place: no copy)."""
+    return wire.blob_head([K_PAGE, port, offset], size)
 
 
 def _packet_values(packet: Packet) -> list[Any]:
@@ -343,11 +350,16 @@ def _item_values(item: NetItem) -> list[Any]:
 
 
 # -- decoding -----------------------------------------------------------------------------
-def decode_packet(data: bytes) -> Packet:
-    """The packet in `data`, or WireError saying what is wrong with it."""
+def decode_packet(data: bytes | bytearray | memoryview) -> Packet:
+    """The packet in `data`, or WireError saying what is wrong with it. A PAGE's data
+    is a read-only view of `data` (not copied: it is most of the bytes that cross)."""
     if len(data) > wire.MAX_BODY:
         raise WireError(f"packet of {len(data)} bytes exceeds {wire.MAX_BODY}")
-    values = wire.decode(data)
+    if data[:len(_PAGE_KIND)] == _PAGE_KIND:
+        values, blob = wire.decode_with_blob(data)
+        values.append(blob)
+    else:
+        values = wire.decode(data)
     if not values or type(values[0]) is not int:
         raise WireError("a packet starts with its kind (an int)")
     kind = values[0]
@@ -366,6 +378,8 @@ def decode_packet(data: bytes) -> Packet:
     raise WireError(f"unknown packet kind {kind}")
 
 
+_PAGE_KIND = wire.encode([K_PAGE])  # how a PAGE packet begins
+
 # Packets of ids and hosts only: (their name, the types after the kind, which are ids)
 _ID_PACKETS: dict[int, tuple[str, tuple[type, ...], tuple[int, ...]]] = {
     K_DEAD: ("DEAD", (bytes,), (1,)),
@@ -375,7 +389,7 @@ _ID_PACKETS: dict[int, tuple[str, tuple[type, ...], tuple[int, ...]]] = {
     K_DISOWN: ("DISOWN", (bytes, bytes), (1, 2)),
     K_OWNER: ("OWNER", (bytes, bytes, str), (1, 2)),
     K_PAGEIN: ("PAGEIN", (bytes, int, int, int), (1,)),
-    K_PAGE: ("PAGE", (bytes, int, bytes), (1,)),
+    K_PAGE: ("PAGE", (bytes, int, memoryview), (1,)),
     K_CHOKE: ("CHOKE", (bytes, int), (1,)),
     K_READY: ("READY", (bytes,), (1,)),
 }

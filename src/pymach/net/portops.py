@@ -43,7 +43,7 @@ from pymach.ipc.ipc_right import ownership_lost, port_destroy, receive_right_los
 from pymach.ipc.mach_msg import msg_send_locked
 from pymach.ipc.space import IpcEntry
 from pymach.kern.thread import Thread, current_thread
-from pymach.vm.vm_kern import map_read
+from pymach.vm.vm_kern import map_read_into
 
 Owner = Literal["server", "task", "none"]
 READ_CHUNK = 1 << 20  # bytes read per kernel entry (the kernel lock is held meanwhile)
@@ -158,11 +158,16 @@ def fill(name: int) -> tuple[int, int]:
 def read(address: int, size: int) -> bytes:
     """The `size` bytes at `address` of the server's space (MachError as a task's read
     would raise: KERN_INVALID_ADDRESS, KERN_MEMORY_ERROR)."""
-    out = []
-    for at in range(address, address + size, READ_CHUNK):
+    data = bytearray(max(0, size))
+    read_into(address, memoryview(data))
+    return bytes(data)
+
+
+def read_into(address: int, into: memoryview) -> None:
+    """`read`, copied straight into `into` (len(into) bytes; the same errors)."""
+    for at in range(0, len(into), READ_CHUNK):
         with _kernel() as thread:
             vmap = thread.task.map
             if vmap is None:
                 raise MachError("KERN_INVALID_TASK", "the server has no address space")
-            out.append(map_read(thread, vmap, at, min(READ_CHUNK, address + size - at)))
-    return out[0] if len(out) == 1 else b"".join(out)
+            map_read_into(thread, vmap, address + at, into[at:at + READ_CHUNK])

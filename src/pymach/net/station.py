@@ -77,7 +77,7 @@ class WirePortSink(PacketSink):
         self.server = server  # counts the packet bytes it takes (bytes_in)
         self.posted = 0  # packet bytes ever queued on the wire port (kernel lock)
 
-    def packet(self, source: str, data: bytes) -> None:
+    def packet(self, source: str, data: bytes | memoryview) -> None:
         """Queue [Str source, Bytes data] as PACKET_ID."""
         self._post(PACKET_ID, [Str(source), Bytes(bytes(data))], len(data))
 
@@ -133,7 +133,7 @@ class ServerPump(PacketSink):
         # (appended by `deliver`, kernel lock held; served by the transport thread)
 
     # -- transport events -------------------------------------------------------------
-    def packet(self, source: str, data: bytes) -> None:
+    def packet(self, source: str, data: bytes | memoryview) -> None:
         """The server acts on the packet now."""
         self._event(self.server.packet_in, source, data)
 

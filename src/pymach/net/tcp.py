@@ -175,8 +175,9 @@ class Session:
     heartbeat: float  # seconds between our ACKs
     last_heard: float  # (loop time) the last frame from the peer on any connection
     conn: Conn | None = None  # (_lock) the connection carrying it now
-    unacked: deque[bytes] = field(default_factory=deque)  # (_lock) written, unacknowledged
-    unwritten: deque[bytes] = field(default_factory=deque)  # (_lock) queued by send
+    unacked: deque[bytes | bytearray] = field(default_factory=deque)  # (_lock) written,
+    # unacknowledged
+    unwritten: deque[bytes | bytearray] = field(default_factory=deque)  # (_lock) queued
     retained: int = 0  # (_lock)
     acked: int = 0  # (_lock)
     sent: int = 0  # (_lock)
@@ -240,7 +241,7 @@ class TcpTransport(NetTransport):
         self._thread.start()
         ready.result()
 
-    def send(self, dest: str, data: bytes) -> bool:
+    def send(self, dest: str, data: bytes | bytearray) -> bool:
         """Queue `data` as the next packet of `dest`'s session (written at once if it has a
         connection, after the reconnect if not); False if there is no session, the packet
         is too large, or `max_queued` bytes for the peer are unacknowledged already (then
@@ -316,6 +317,15 @@ class TcpTransport(NetTransport):
         """The hosts this one has a session with (connected, or reconnecting)."""
         with self._lock:
             return sorted(self._sessions)
+
+    def link_cipher(self, peer: str) -> str | None:
+        """'TLS version, cipher suite' of the connection to `peer` now (None if there is
+        none): what the link's bytes cost to protect."""
+        with self._lock:
+            s = self._sessions.get(peer)
+            conn = s.conn if s is not None else None
+        cipher = conn.writer.sock.cipher() if conn is not None else None
+        return f"{cipher[1]}, {cipher[0]}" if cipher else None
 
     # -- the loop ---------------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any) -> None:
@@ -759,7 +769,7 @@ class TcpTransport(NetTransport):
             ended.set_result(why)
 
     def _frame(self, s: Session, conn: Conn, reader: TlsStream, op: int, head: bytes,
-               body: bytes) -> None:
+               body: bytes | memoryview) -> None:
         """One frame from the peer (WireError if it has no business on a link)."""
         s.last_heard = asyncio.get_running_loop().time()
         if op == OP_DATA:
@@ -772,7 +782,7 @@ class TcpTransport(NetTransport):
         else:
             raise WireError(f"op {op} on a link")
 
-    def _data(self, s: Session, head: bytes, packet: bytes) -> None:
+    def _data(self, s: Session, head: bytes, packet: bytes | memoryview) -> None:
         """A DATA frame: exactly the next packet, to the sink; its acknowledgement."""
         seq, ack = DATA_HEAD.unpack(head)
         if seq != s.received + 1:
@@ -890,9 +900,11 @@ async def read_frame(reader: TlsStream, max_packet: int
     return op, head, (await reader.readexactly(body_size) if body_size else b"")
 
 
-def take_frame(reader: TlsStream, max_packet: int) -> tuple[int, bytes, bytes] | None:
+def take_frame(reader: TlsStream, max_packet: int
+               ) -> tuple[int, bytes, bytes | memoryview] | None:
     """read_frame's frame if `reader` holds all of it now (None if not yet: the reader
-    reads on until it does); the same errors."""
+    reads on until it does); the same errors. A large body may come as a read-only view
+    of the buffer it was read into (tlsstream's `take_view`: not copied)."""
     reader.need(wire.HEADER_SIZE)
     if reader.buffered < wire.HEADER_SIZE:
         return None
@@ -903,7 +915,7 @@ def take_frame(reader: TlsStream, max_packet: int) -> tuple[int, bytes, bytes] |
         return None
     reader.take(wire.HEADER_SIZE)
     head = reader.take(head_size) if head_size else b""
-    return op, head, (reader.take(length - head_size) if length > head_size else b"")
+    return op, head, (reader.take_view(length - head_size) if length > head_size else b"")
 
 
 def _frame_head(op: int, length: int, nfds: int, max_packet: int) -> int:
@@ -920,7 +932,7 @@ def _frame_head(op: int, length: int, nfds: int, max_packet: int) -> int:
     return head_size
 
 
-def write_frame(writer: TlsStream, op: int, head: bytes, body: bytes = b"") -> None:
+def write_frame(writer: TlsStream, op: int, head: bytes, body: bytes | bytearray = b"") -> None:
     """Queue one frame of `head` then `body` on `writer` (on its loop)."""
     header = wire.pack_header(op, len(head) + len(body), 0) + head
     if len(body) <= _JOIN_MAX:

@@ -21,6 +21,12 @@ Invariants (all on the loop's thread: the `SSLSocket` is never used from two thr
 - What is buffered is bounded: reading pauses while the buffer holds at least
   max(READ_HIGH, the size a reader waits for), and resumes when a reader takes it
   down (the peer is then held back by TCP's flow control).
+- A reader that waits for DIRECT_MIN bytes or more beyond what is buffered gets them
+  read straight into one buffer of exactly the size it waits for (`recv_into`: OpenSSL
+  decrypts into it; nothing more is read until it is full, and it is taken before
+  anything read after it); `take_view` hands the rest of such a buffer on without a
+  copy. While a reader waits for more, the socket is read until it has no more (not
+  one TLS record per turn of the loop).
 - Written bytes go out in the order written. A write the socket refused in part
   (SSLWantWriteError) is retried with the same bytes before any later ones (OpenSSL's
   rule for a non-blocking SSL_write).
@@ -37,11 +43,15 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 READ_HIGH = 1 << 20  # bytes buffered after which reading pauses (unless a reader needs more)
 RECV_SIZE = 256 << 10  # bytes asked of the socket at a time
+_JOIN_MAX = 64 << 10  # bytes of small writes joined while the socket cannot take them
+DIRECT_MIN = 256 << 10  # bytes a reader waits for beyond the buffer, from which they are
+# read straight into a buffer of their own
 
 
 class TlsStream:
@@ -53,6 +63,8 @@ class TlsStream:
         self.loop = loop
         self.fd = sock.fileno()
         self._buf = bytearray()
+        self._direct: bytearray | None = None  # the front of the stream, read straight in
+        self._got = self._taken = 0  # bytes of `_direct` filled, and taken by the reader
         self._want = 0  # bytes the waiting reader needs (0: none waits)
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
@@ -60,7 +72,8 @@ class TlsStream:
         self._paused = False  # the reader callback is off
         self._held = False  # by pause_reading
         self._pending: bytes | memoryview | None = None  # a write to retry as it was
-        self._out = bytearray()  # bytes written after it
+        self._out: deque[bytearray | memoryview] = deque()  # what was written after it:
+        # small writes joined, large ones as they were given (not copied)
         self._writing = False  # a writer callback is registered
         self._closing = False
         self._closed: asyncio.Future[None] = loop.create_future()
@@ -119,7 +132,7 @@ class TlsStream:
     async def readexactly(self, n: int) -> bytes:
         """The next `n` bytes; asyncio.IncompleteReadError at the end of the stream, the
         connection's OSError if it broke."""
-        while len(self._buf) < n:
+        while self.buffered < n:
             self.need(n)
             self._waiter = self.loop.create_future()
             try:
@@ -132,32 +145,65 @@ class TlsStream:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet taken."""
-        return len(self._buf)
+        return len(self._buf) + (self._got - self._taken if self._direct is not None else 0)
 
     def peek(self, n: int) -> bytes:
         """The first `n` buffered bytes, left in the buffer."""
-        return bytes(self._buf[:n])
+        d = self._direct
+        if d is None:
+            return bytes(self._buf[:n])
+        front = bytes(d[self._taken:min(self._got, self._taken + n)])
+        return front + bytes(self._buf[:n - len(front)])
 
     def take(self, n: int) -> bytes:
         """Take the first `n` buffered bytes (there must be that many)."""
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
+        data = self.take_view(n)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def take_view(self, n: int) -> bytes | memoryview:
+        """`take`, but `n` bytes that end a buffer read straight in (DIRECT_MIN or more)
+        come as a read-only view of it, not copied."""
+        d = self._direct
+        if d is None:
+            data: bytes | memoryview = self._take_buffered(n)
+        elif self._taken + n <= self._got:
+            view = memoryview(d)[self._taken:self._taken + n].toreadonly()
+            self._taken += n
+            if self._taken == len(d):
+                self._direct = None
+            data = view if n >= DIRECT_MIN and self._direct is None else bytes(view)
+        else:  # (across its end: only once it is full)
+            front = bytes(d[self._taken:])
+            self._direct = None
+            data = front + self._take_buffered(n - len(front))
         self._want = 0
         if self._paused and len(self._buf) < READ_HIGH:
             self._resume()
+        return data
+
+    def _take_buffered(self, n: int) -> bytes:
+        with memoryview(self._buf) as view:
+            data = bytes(view[:n])
+        del self._buf[:n]
         return data
 
     def need(self, n: int) -> None:
         """A reader waits for `n` buffered bytes (via `on_data`): raise the stream's error,
         or asyncio.IncompleteReadError, if they will never come; else read on until they
         are here, however many that is."""
-        if len(self._buf) >= n:
+        have = self.buffered
+        if have >= n:
             return
         if self._error is not None:
             raise self._error
         if self._eof:
-            raise asyncio.IncompleteReadError(bytes(self._buf), n)
+            raise asyncio.IncompleteReadError(self.peek(have), n)
         self._want = n
+        if self._direct is None and n - have >= DIRECT_MIN:
+            self._direct = bytearray(n)  # (what is buffered is its start)
+            self._direct[:have] = self._buf
+            self._got, self._taken = have, 0
+            self._buf.clear()
         self._resume()
 
     def pause_reading(self) -> None:
@@ -171,21 +217,14 @@ class TlsStream:
         self._resume()
 
     def _readable(self) -> None:
-        """(Reader callback) take what the socket has, and what OpenSSL decrypted."""
+        """(Reader callback) take what the socket has, and what OpenSSL decrypted: one
+        record at a time unless a reader waits for more (then until the socket is dry,
+        or what the reader waits for is here)."""
         if self._closed.done():
             return
         try:
-            while True:
-                chunk = self.sock.recv(RECV_SIZE)
-                if not chunk:
-                    self._eof = True
-                    break
-                self._buf += chunk
-                if len(self._buf) >= max(READ_HIGH, self._want):
-                    self._pause()
-                    break
-                if not self.sock.pending():  # (more in the socket: the loop calls again;
-                    break  # OpenSSL reads no further than the record it decrypts)
+            while self._read_some():
+                pass
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             pass
         except OSError as e:  # (ssl.SSLError is one)
@@ -195,6 +234,29 @@ class TlsStream:
         if self._pending is not None:
             self._flush()  # (a write that waited for the peer)
         self._wake()
+
+    def _read_some(self) -> bool:
+        """One read from the socket; whether to read again at once."""
+        d = self._direct
+        if d is not None and self._got < len(d):
+            with memoryview(d) as view:
+                got = self.sock.recv_into(view[self._got:], len(d) - self._got)
+            if not got:
+                self._eof = True
+                return False
+            self._got += got  # (full: the reader takes it before more is read, but what
+            return self._got < len(d) or self.sock.pending() > 0  # OpenSSL holds, now)
+        chunk = self.sock.recv(RECV_SIZE)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buf += chunk
+        if len(self._buf) >= max(READ_HIGH, self._want):
+            self._pause()
+            return False
+        # (more in the socket: the loop calls again; OpenSSL reads no further than the
+        # record it decrypts)
+        return self.buffered < self._want or self.sock.pending() > 0
 
     def _pause(self) -> None:
         if not self._paused:
@@ -218,18 +280,30 @@ class TlsStream:
             self.on_data()
         waiter = self._waiter
         if waiter is not None and not waiter.done() and (
-                len(self._buf) >= self._want or self._eof or self._error is not None):
+                self.buffered >= self._want or self._eof or self._error is not None):
             waiter.set_result(None)
 
     # -- writing ----------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send `data` after what was written before (at once if the socket takes it)."""
+        """Send `data` after what was written before (at once if the socket takes it; the
+        caller does not change `data` after: it is not copied)."""
         if self._closing or self._error is not None:
             return
         if self._pending is not None or self._out:
-            self._out += data
+            self._queue(data)
             return
-        self._send(bytes(data) if isinstance(data, bytearray) else data)
+        self._send(memoryview(data) if isinstance(data, bytearray) else data)
+
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
+        """Keep `data` to write after what waits: a small piece joins the last small one
+        (one TLS record for both), a large one is kept as it is (no copy)."""
+        last = self._out[-1] if self._out else None
+        if len(data) > _JOIN_MAX:
+            self._out.append(memoryview(data))
+        elif isinstance(last, bytearray) and len(last) + len(data) <= _JOIN_MAX:
+            last += data
+        else:
+            self._out.append(bytearray(data))
 
     def _send(self, data: bytes | memoryview) -> None:
         """SSL_write `data` whole, or keep it to retry as it is."""
@@ -247,7 +321,7 @@ class TlsStream:
             return
         self._pending = None
         if sent < len(data):  # (partial writes are off; in case they are not)
-            self._out[:0] = data[sent:]
+            self._out.appendleft(memoryview(data)[sent:])
             self._want_writable()
 
     def _flush(self) -> None:
@@ -255,9 +329,7 @@ class TlsStream:
         if self._pending is not None:
             self._send(self._pending)
         while self._pending is None and self._out and self._error is None:
-            data = bytes(self._out)
-            self._out.clear()
-            self._send(data)
+            self._send(memoryview(self._out.popleft()))
         if self._pending is None and not self._out:
             self._stop_writing()
             if self._closing:

@@ -66,8 +66,9 @@ class PacketSink(ABC):
     for a transport with `own_thread`, may do it on that thread)."""
 
     @abstractmethod
-    def packet(self, source: str, data: bytes) -> None:
-        """Bytes `data` arrived from host `source` (named by the transport)."""
+    def packet(self, source: str, data: bytes | memoryview) -> None:
+        """Bytes `data` arrived from host `source` (named by the transport; a large packet
+        may come as a read-only view, valid for as long as it is referenced)."""
 
     @abstractmethod
     def host_up(self, host: str) -> None:
@@ -97,8 +98,9 @@ class NetTransport(ABC):
         """Join the network and send every event to `sink` from now on (called once)."""
 
     @abstractmethod
-    def send(self, dest: str, data: bytes) -> bool:
-        """Carry `data` to host `dest` in order; False if it surely cannot be delivered."""
+    def send(self, dest: str, data: bytes | bytearray) -> bool:
+        """Carry `data` to host `dest` in order (the caller does not change it after);
+        False if it surely cannot be delivered."""
 
     @abstractmethod
     def close(self) -> None:

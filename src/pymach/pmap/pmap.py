@@ -181,6 +181,13 @@ class PhysicalMemory(Protocol):
         """Bytes of a frame, for the kernel's own copies (no reference bits change)."""
         ...
 
+    def phys_read_into(self, frames: list[int], into: memoryview, skip: int = 0) -> None:
+        """Copy the bytes of `frames` (a page each, in order), from `skip` bytes into the
+        first, into `into`, as many as it holds (the frames hold at least that many):
+        phys_read of each, once, straight into the caller's buffer (a backend may read
+        a run of adjacent frames at a time)."""
+        ...
+
     def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         """Store bytes into a frame, for the kernel's own copies."""
         ...

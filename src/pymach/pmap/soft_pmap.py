@@ -140,6 +140,17 @@ class SoftPhysicalMemory:
         base = frame * self.page_size + offset
         return bytes(self.mv[base:base + n])
 
+    def phys_read_into(self, frames: list[int], into: memoryview, skip: int = 0) -> None:
+        """Copy the bytes of `frames` from `skip` on into `into` (see pmap.py; a run of
+        adjacent frames is one slice)."""
+        ps, mv, at = self.page_size, self.mv, 0
+        for lo, hi in _frame_runs(frames):
+            n = min((hi - lo) * ps - skip, len(into) - at)
+            if n <= 0:
+                break
+            into[at:at + n] = mv[lo * ps + skip:lo * ps + skip + n]
+            at, skip = at + n, 0
+
     def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         """Store bytes into a frame (kernel access)."""
         base = frame * self.page_size + offset
@@ -151,11 +162,14 @@ class SoftPhysicalMemory:
             self.phys_write(frame, data)
 
     def phys_write_run(self, frames: list[int], data: bytes | memoryview) -> None:
-        """Store `data` into `frames`, a page each, in order."""
-        ps = self.page_size
+        """Store `data` into `frames`, a page each, in order (a run of adjacent frames
+        is one slice)."""
+        ps, mv, at = self.page_size, self.mv, 0
         with memoryview(data) as view:
-            for i, frame in enumerate(frames):
-                self.mv[frame * ps:(frame + 1) * ps] = view[i * ps:(i + 1) * ps]
+            for lo, hi in _frame_runs(frames):
+                n = (hi - lo) * ps
+                mv[lo * ps:hi * ps] = view[at:at + n]
+                at += n
 
     def object_view(self, obj: object, start: int, end: int
                     ) -> contextlib.AbstractContextManager[memoryview | None]:
@@ -448,6 +462,17 @@ class SoftPmap(PageTable):
             base = frame * phys.page_size + va % phys.page_size
             phys.mv[base:base + len(data)] = data
             return True
+
+
+def _frame_runs(frames: list[int]) -> list[tuple[int, int]]:
+    """`frames` as runs [lo, hi) of adjacent frames, in order."""
+    runs: list[tuple[int, int]] = []
+    for frame in frames:
+        if runs and runs[-1][1] == frame:
+            runs[-1] = (runs[-1][0], frame + 1)
+        else:
+            runs.append((frame, frame + 1))
+    return runs
 
 
 def _pow2(n: int) -> bool:

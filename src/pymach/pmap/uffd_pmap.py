@@ -360,6 +360,31 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             data = os.pread(store.fd, n, base + offset)
         return data.ljust(n, b"\0")
 
+    def phys_read_into(self, frames: list[int], into: memoryview, skip: int = 0) -> None:
+        """Copy the bytes of `frames` from `skip` on into `into` (see pmap.py): each run of
+        frames that are adjacent pages of one memfd takes one preadv (not one per page)."""
+        ps, at = self.page_size, 0
+        runs: list[tuple[ObjectStore | None, int, int]] = []  # (memfd, offset, pages), or
+        with self.lock:  # (None, frame, 1) for a stashed frame
+            for frame in frames:
+                store, base = (None, frame) if frame in self.stash else self.homes[frame]
+                last = runs[-1] if runs else None
+                if store is not None and last is not None and last[0] is store \
+                        and last[1] + last[2] * ps == base:
+                    runs[-1] = (store, last[1], last[2] + 1)
+                else:
+                    runs.append((store, base, 1))
+            for store, base, pages in runs:
+                n = min(pages * ps - skip, len(into) - at)
+                if n <= 0:
+                    break
+                got = 0 if store is None else os.preadv(store.fd, [into[at:at + n]], base + skip)
+                if store is None:
+                    into[at:at + n] = self.stash[base][skip:skip + n].ljust(n, b"\0")
+                elif got < n:  # (past the memfd's end: zeros)
+                    into[at + got:at + n] = bytes(n - got)
+                at, skip = at + n, 0
+
     def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         with self.lock:
             if frame in self.stash:

@@ -125,28 +125,31 @@ def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int,
 
 def _copy_up_run(first_object: VmObject, offset: int, pages: list[VmPage]) -> list[VmPage]:
     """_copy_up for fault-around of pages found for `first_object` from `offset` on:
-    those below it get a frame of their own in it (one backend write for the run), as
-    long as frames are free above the pageout target (never waits). The pages, as far
-    as it got."""
+    those below it get a frame of their own in it, as long as frames are free above the
+    pageout target (never waits): made in one step (vm_page_grab_run), their data read
+    a run at a time and written with one backend call. The pages, as far as it got."""
     vm = first_object.vm
-    ps, out = vm.page_size, []
-    writes: list[tuple[int, bytes | memoryview]] = []
+    ps, room, end = vm.page_size, vm.resident.free_count() - vm.free_target, len(pages)
+    picks: list[int] = []  # the indices of the pages to copy up
     for i, src in enumerate(pages):
-        if src.object is first_object:
-            out.append(src)
-            continue
-        if vm.resident.free_count() <= vm.free_target:
-            break
-        page = vm.resident.vm_page_grab(privileged=False)
-        if page is None:
-            break
-        vm.resident.vm_page_insert(page, first_object, offset + i * ps)
-        vm.resident.vm_page_activate(page)
-        writes.append((page.frame, vm.phys.phys_read(src.frame)))
+        if src.object is not first_object:
+            if len(picks) >= room:
+                end = i
+                break
+            picks.append(i)
+    made = vm.resident.vm_page_grab_run(first_object, [offset + i * ps for i in picks],
+                                        privileged=False) if picks else []
+    if len(made) < len(picks):
+        end = picks[len(made)]
+    out = pages[:end]
+    if made:
+        data = memoryview(bytearray(len(made) * ps))
+        vm.phys.phys_read_into([pages[i].frame for i in picks[:len(made)]], data)
+        vm.phys.phys_write_run([page.frame for page in made], data)
+    for i, page in zip(picks[:len(made)], made, strict=True):
         page.dirty = True
-        out.append(page)
-    vm.phys.phys_write_pages(writes)
-    vm.resident.stats.cow_faults += len(writes)
+        out[i] = page
+    vm.resident.stats.cow_faults += len(made)
     return out
 
 

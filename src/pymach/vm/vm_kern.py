@@ -100,13 +100,20 @@ def _plain_source(copy: VmMapCopy) -> tuple[VmObject, int, int] | None:
 
 
 def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
-    """Bytes [address, address+size) of a map, read as the task would read them. After
-    each page a fault finds, the pages after it in the same entry that are resident at
-    once (`resident_page`) are read without another lookup."""
+    """Bytes [address, address+size) of a map, read as the task would read them."""
+    data = bytearray(size)
+    map_read_into(thread, vmap, address, memoryview(data))
+    return bytes(data)
+
+
+def map_read_into(thread: Thread, vmap: VmMap, address: int, into: memoryview) -> None:
+    """Copy bytes [address, address+len(into)) of a map into `into`, read as the task
+    would read them. After each page a fault finds, the pages after it in the same
+    entry that are resident at once (`resident_page`) are copied with it, in one
+    backend call (phys_read_into: nothing is allocated between)."""
     ps = vmap.vm.page_size
     phys = vmap.vm.phys
-    chunks: list[bytes] = []
-    va, end = trunc_page(address, ps), address + size
+    va, end, at = trunc_page(address, ps), address + len(into), 0
     while va < end:
         look = vm_map_lookup(vmap, va, VM_PROT_READ)
         try:  # after a wait the map may have changed: look it up again
@@ -114,19 +121,19 @@ def map_read(thread: Thread, vmap: VmMap, address: int, size: int) -> bytes:
                                     VM_PROT_READ)
         except Retry:
             continue
-        chunks.append(phys.phys_read(page.frame))
+        frames, first = [page.frame], va
         base, stop = va - look.offset, min(end, look.entry.end)
         va += ps
         while look.holder is vmap and va < stop:
             more = resident_page(look.object, va - base)
             if more is None:
                 break
-            chunks.append(phys.phys_read(more.frame))
+            frames.append(more.frame)
             va += ps
-    start = address % ps
-    if start == 0 and len(chunks) * ps == size:
-        return b"".join(chunks)
-    return b"".join(chunks)[start:start + size]
+        skip = max(0, address - first)
+        n = min(va, end) - first - skip
+        phys.phys_read_into(frames, into[at:at + n], skip)
+        at += n
 
 
 def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:
