@@ -63,12 +63,17 @@ def port_enable(space: IpcSpace, name: int) -> None:
     """Add the port to the task's default group of ports for msg_receive."""
     port = _receiver_entry(space, name).port
     port.enabled = True
+    if port.observer is not None:
+        port.observer.changed(port)
     port.sched.thread_wakeup(space.group_waitq)
 
 
 def port_disable(space: IpcSpace, name: int) -> None:
     """Remove the port from the task's default group."""
-    _receiver_entry(space, name).port.enabled = False
+    port = _receiver_entry(space, name).port
+    port.enabled = False
+    if port.observer is not None:
+        port.observer.changed(port)
 
 
 def port_messages(space: IpcSpace) -> tuple[int, ...]:
@@ -81,7 +86,7 @@ def port_status(space: IpcSpace, name: int) -> PortStatus:
     """Status of the port named `name` in this task."""
     entry = space.lookup(name)
     port = entry.port
-    return PortStatus(port.enabled and entry.receive, len(port.queue), port.backlog,
+    return PortStatus(port.enabled and entry.receive, port.message_count(), port.backlog,
                       entry.receive, entry.owner)
 
 
@@ -94,6 +99,8 @@ def port_set_backlog(space: IpcSpace, name: int, backlog: int) -> None:
         raise MachError("KERN_INVALID_ARGUMENT",
                         f"backlog must be an int in 1..{PORT_BACKLOG_MAX}, not {backlog!r}")
     port.backlog = backlog
+    if port.observer is not None:
+        port.observer.changed(port)
     port.sched.thread_wakeup(port.send_waitq)
 
 

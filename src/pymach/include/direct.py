@@ -1,0 +1,77 @@
+"""Direct channels between native tasks: the packets on a channel and its shared page.
+
+machd may give a native sender thread a *direct channel* to a port whose receive right
+another native task holds (machd/channels.py grants it and tears it down; the runtime of
+both tasks, libmach/direct.py, uses it). A channel is one AF_UNIX SOCK_SEQPACKET
+socketpair and one shared page:
+
+- sender -> receiver: one packet per message, `encode_packet`: the typed wire
+  (include/wire.py) of one Message whose items are data only (Int, Float, Bytes, Str,
+  IntArray) and whose `local_port` says whether the reply port is the channel's bound
+  one (1) or none (0); `remote_port` is 0. Whoever reads a packet decodes it with
+  `decode_packet`, which refuses anything else (a WireError): a channel is another
+  task's input and never carries rights, memory or code, and its sender's identity is
+  machd's word (the grant), never the packet's.
+- receiver (or machd) -> sender: one-byte wake-ups for a sender waiting for room.
+- the page: u64 counters, each written by one party only: `SENT` (the sender: packets
+  written), `RECEIVED` (the receiver: packets taken), `QUEUED` and `BACKLOG` (machd: the
+  messages queued for the port in machd, and the port's backlog), `WAITING` (the sender:
+  it waits for room; whoever makes room writes a wake-up). A sender has room while
+  QUEUED + SENT - RECEIVED < BACKLOG.
+
+`CHANNEL_MARKER` is the id of machd's internal message (sender uid None: the kernel's)
+that tells the receiver, in the port's queue order, that a channel exists; its one Int
+item is the channel's id.
+"""
+
+from __future__ import annotations
+
+from pymach.include import wire
+from pymach.include.message import (
+    MSG_SIZE_MAX,
+    Bytes,
+    Float,
+    Int,
+    IntArray,
+    Message,
+    Str,
+)
+
+CHANNEL_MARKER = -0x4D41_4348_4348  # "MACHCH": an id no pymach interface uses
+PACKET_MAX = MSG_SIZE_MAX + 4096  # a packet's bytes at most (the wire's own overhead)
+PAGE_SIZE = 4096
+SENT, RECEIVED, QUEUED, BACKLOG, WAITING = 0, 1, 2, 3, 4
+WAKE = b"w"
+DATA_ITEMS = frozenset((Int, Float, Bytes, Str, IntArray))
+
+
+def channel_eligible(msg: Message, bound_reply: int) -> bool:
+    """True if `msg` may travel on a channel whose bound reply port is `bound_reply`:
+    data items only, within the default inline limit, and a reply port that is either
+    none or the bound one with its default disposition."""
+    if msg.local_port and (msg.local_port != bound_reply or msg.local_disposition is not None):
+        return False
+    items = msg.items
+    return all(type(i) in DATA_ITEMS for i in items) and msg.size <= MSG_SIZE_MAX
+
+
+def encode_packet(msg: Message, with_reply: bool) -> bytes:
+    """One channel packet for an eligible message (see module docstring)."""
+    return wire.encode([Message(0, 1 if with_reply else 0, msg.id, msg.items)])
+
+
+def decode_packet(data: bytes | bytearray | memoryview) -> tuple[Message, bool]:
+    """The message of one packet and whether it names the bound reply port; WireError
+    if the packet is not exactly one data-only message within the inline limit."""
+    if len(data) > PACKET_MAX:
+        raise wire.WireError(f"a channel packet of {len(data)} bytes")
+    values = wire.decode(data)
+    if len(values) != 1 or not isinstance(values[0], Message):
+        raise wire.WireError("a channel packet holds one message")
+    msg: Message = values[0]
+    if msg.remote_port != 0 or msg.local_port not in (0, 1) or \
+            msg.local_disposition is not None:
+        raise wire.WireError("a channel packet names no port")
+    if not all(type(i) in DATA_ITEMS for i in msg.items) or msg.size > MSG_SIZE_MAX:
+        raise wire.WireError("a channel packet carries data items only, inline size")
+    return msg, msg.local_port == 1

@@ -1,0 +1,428 @@
+"""A native task's side of direct channels: sending and receiving without machd.
+
+machd grants and tears down channels (machd/channels.py; packets and page:
+include/direct.py). In a task process:
+
+- **Sending.** A thread that has sent `OPEN_AFTER` messages a channel could carry
+  (data items only, no reply port or always the same one, options SEND_TIMEOUT /
+  RCV_TIMEOUT only) to one port through machd asks for a channel to it (CHANNEL_OPEN);
+  a refusal is remembered for a while (`RETRY_AFTER`, doubling). With a channel, such
+  a message is one packet written by the thread itself, once the port has room
+  (QUEUED + SENT - RECEIVED < BACKLOG on the page; else it waits for a wake-up, or
+  fails SEND_TIMED_OUT after its timeout). Any other message to that port first has
+  machd tear the channel down (CHANNEL_CLOSE), which puts what is still on it into the
+  port's queue, so the message queued next through machd stays after them. A write
+  that fails (EPIPE: machd tore the channel down) drops the channel and the message
+  goes through machd, which gives the error Mach would give. Channels belong to their
+  thread (per-sender order is per thread) and are closed when it ends.
+- **Receiving.** A receive's result that is machd's marker (CHANNEL_MARKER from the
+  kernel) is never returned: the runtime accepts the channel (CHANNEL_ACCEPT) and
+  receives again. A receive on a port that has channels waits on them, on the port's
+  doorbell (machd rings it when it queues a message for the port; the runtime then
+  takes it with a receive trap of timeout 0) and on the thread's alert (rung when the
+  thread is suspended or terminated: it then enters the kernel, BOUNDARY, where that
+  takes effect) -- never parked in machd. Packets are decoded with the bounded typed
+  wire (data items only); the sender's uid and the reply port are machd's word from
+  the grant. A packet that does not decode has machd tear its channel down (what
+  follows it goes into the queue, checked by machd); a channel that ends (EOF) is
+  forgotten. RCV_TIMEOUT is the wait's timeout; a message larger than `rcv_size` stays
+  on its channel (read with MSG_PEEK first) and raises RCV_TOO_LARGE.
+
+State: `Receivers` (one per process) under its lock; each thread's `Senders` belong to
+that thread alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import mmap
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymach.errors import MachError
+from pymach.include import direct, traps, wire
+from pymach.include.message import (
+    MSG_SIZE_MAX,
+    RCV_TIMEOUT,
+    SEND_TIMEOUT,
+    Int,
+    Message,
+)
+
+log = logging.getLogger("pymach")
+
+OPEN_AFTER = 2  # eligible sends through machd to one port before asking for a channel
+RETRY_AFTER = 64  # eligible sends after a refusal before asking again (doubles)
+_DIRECT_OPTIONS = SEND_TIMEOUT | RCV_TIMEOUT
+_POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+Trap = Callable[..., Any]  # NativeThread.trap
+TrapFds = Callable[..., tuple[Any, list[int]]]  # NativeThread.trap_fds
+
+
+def is_marker(msg: Any) -> bool:
+    """True for machd's channel marker (the kernel's message, never the user's)."""
+    return isinstance(msg, Message) and msg.id == direct.CHANNEL_MARKER and \
+        msg.sender_uid is None and len(msg.items) == 1 and isinstance(msg.items[0], Int)
+
+
+def _map_page(fd: int) -> tuple[mmap.mmap, memoryview]:
+    """Map a channel's page (the descriptor is closed)."""
+    try:
+        page = mmap.mmap(fd, direct.PAGE_SIZE)
+    finally:
+        os.close(fd)
+    return page, memoryview(page).cast("Q")
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One end of a channel in this process: its socket and page."""
+
+    cid: int
+    sock: socket.socket
+    page: mmap.mmap
+    view: memoryview
+    reply: int  # the bound reply port's name in this task (0: none)
+    uid: int = -1  # (receiver) the sender's uid, machd's word
+    lock: threading.Lock = field(default_factory=threading.Lock)  # (receiver) peek+take
+
+    def close(self) -> None:
+        """Close the socket and unmap the page."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(Exception):
+            self.view.release()
+            self.page.close()
+
+
+def _open_endpoint(cid: int, fds: list[int], reply: int, uid: int = -1) -> Endpoint:
+    sock = socket.socket(fileno=fds[0])
+    page, view = _map_page(fds[1])
+    return Endpoint(cid, sock, page, view, reply, uid)
+
+
+# -- the sender's side -------------------------------------------------------------------------
+class Senders:
+    """A thread's channels to other tasks' ports (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.channels: dict[int, Endpoint] = {}  # port name -> channel
+        self.counts: dict[int, int] = {}  # port name -> eligible sends through machd
+        self.refused: dict[int, int] = {}  # port name -> sends to wait before asking
+
+    def note_sent(self, msg: Message, option: int, trap_fds: TrapFds) -> None:
+        """An eligible message went to its port through machd: ask for a channel once
+        OPEN_AFTER such sends were made (or the refusal's wait is over)."""
+        name = msg.remote_port
+        if name in self.channels or option & ~_DIRECT_OPTIONS or \
+                not direct.channel_eligible(msg, msg.local_port):
+            return
+        n = self.counts.get(name, 0) + 1
+        self.counts[name] = n
+        if n < self.refused.get(name, OPEN_AFTER):
+            return
+        try:
+            value, fds = trap_fds(traps.CHANNEL_OPEN, name, msg.local_port)
+        except MachError:
+            wait = self.refused.get(name, RETRY_AFTER // 2) * 2
+            self.counts[name], self.refused[name] = 0, wait
+            return
+        self.channels[name] = _open_endpoint(int(value[0]), fds, msg.local_port)
+
+    def send(self, msg: Message, option: int, timeout: float | None, alert: int,
+             alerted: Callable[[], None], trap: Trap) -> bool:
+        """Send `msg` on its port's channel if it has one and may: True if sent. False:
+        send it through machd (a message the channel cannot carry: the channel is torn
+        down first; a channel that broke: forgotten)."""
+        ch = self.channels.get(msg.remote_port)
+        if ch is None:
+            return False
+        if option & ~_DIRECT_OPTIONS or not direct.channel_eligible(msg, ch.reply):
+            self.release(msg.remote_port, trap)
+            return False
+        alerted()
+        packet = direct.encode_packet(msg, bool(msg.local_port))
+        if not self._wait_room(ch, timeout, alert, alerted):
+            self._forget(msg.remote_port)
+            return False
+        ch.view[direct.SENT] += 1
+        try:
+            ch.sock.send(packet)
+        except OSError:
+            self._forget(msg.remote_port)
+            return False
+        return True
+
+    def _wait_room(self, ch: Endpoint, timeout: float | None, alert: int,
+                   alerted: Callable[[], None]) -> bool:
+        """Wait until the port has room (SEND_TIMED_OUT past `timeout` ms), entering
+        the kernel when alerted; False if the channel ended meanwhile."""
+        view = ch.view
+        if view[direct.QUEUED] + view[direct.SENT] - view[direct.RECEIVED] < \
+                view[direct.BACKLOG]:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        poller = select.poll()
+        poller.register(ch.sock, _POLLIN)
+        poller.register(alert, select.POLLIN)
+        try:
+            while True:
+                view[direct.WAITING] = 1
+                if view[direct.QUEUED] + view[direct.SENT] - view[direct.RECEIVED] < \
+                        view[direct.BACKLOG]:
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise MachError("SEND_TIMED_OUT", f"port stayed full "
+                                    f"({view[direct.BACKLOG]} messages)")
+                poller.poll(None if left is None else max(1, int(left * 1000)))
+                alerted()
+                if not _drain_wakes(ch.sock):
+                    return False
+        finally:
+            view[direct.WAITING] = 0
+
+    def release(self, name: int, trap: Trap) -> None:
+        """Have machd tear down the channel to port `name` (what is on it is queued)."""
+        ch = self.channels.pop(name, None)
+        if ch is None:
+            return
+        self.counts[name] = 0
+        with contextlib.suppress(MachError):
+            trap(traps.CHANNEL_CLOSE, name, ch.cid)
+        ch.close()
+
+    def _forget(self, name: int) -> None:
+        ch = self.channels.pop(name, None)
+        self.counts[name] = 0
+        if ch is not None:
+            ch.close()
+
+    def close_all(self) -> None:
+        """The thread ends: close its channels (machd tears them down)."""
+        for name in list(self.channels):
+            self._forget(name)
+
+
+def _drain_wakes(sock: socket.socket) -> bool:
+    """Read the wake-ups waiting on a sender's end; False if the channel ended."""
+    while True:
+        try:
+            data = sock.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+
+
+# -- the receiver's side -----------------------------------------------------------------------
+@dataclass(eq=False)
+class PortReceiver:
+    """A port of this task that has channels (Receivers.lock)."""
+
+    bell: int
+    channels: list[Endpoint] = field(default_factory=list)
+    maybe_queued: bool = True  # machd may hold messages for it (the bell rang)
+    generation: int = 0  # changes whenever `channels` does
+    turn: int = 0  # round-robin start among channels
+
+
+class Receivers:
+    """This process's ports with channels (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ports: dict[int, PortReceiver] = {}
+
+    def has(self, name: int) -> bool:
+        """True if port `name` has channels here (read without the lock: a hint)."""
+        return name in self.ports
+
+    def accept(self, name: int, marker: Message, trap_fds: TrapFds) -> None:
+        """Take the channel a marker announces (a channel gone meanwhile is ignored)."""
+        item = marker.items[0]
+        assert isinstance(item, Int)
+        cid = item.value
+        try:
+            value, fds = trap_fds(traps.CHANNEL_ACCEPT, name, cid)
+        except MachError:
+            return
+        ep = _open_endpoint(int(cid), fds, int(value[0]), int(value[1]))
+        with self.lock:
+            pr = self.ports.get(name)
+            if pr is None:
+                pr = self.ports[name] = PortReceiver(fds[2])
+            else:
+                os.close(pr.bell)  # machd's bell for the port may be a new one
+                pr.bell = fds[2]
+            pr.channels.append(ep)
+            pr.generation += 1
+            pr.maybe_queued = True
+
+    def drop(self, name: int, ep: Endpoint) -> None:
+        """Forget one channel; a port left with none forgets its bell."""
+        with self.lock:
+            pr = self.ports.get(name)
+            if pr is not None and ep in pr.channels:
+                pr.channels.remove(ep)
+                pr.generation += 1
+                if not pr.channels:
+                    del self.ports[name]
+                    os.close(pr.bell)
+        ep.close()
+
+    def close_all(self) -> None:
+        """The task is gone (detach): forget every channel."""
+        with self.lock:
+            ports, self.ports = self.ports, {}
+        for pr in ports.values():
+            for ep in pr.channels:
+                ep.close()
+            os.close(pr.bell)
+
+
+class LocalReceive:
+    """One receive on a port with channels, by one thread (see module docstring)."""
+
+    def __init__(self, receivers: Receivers, name: int, timeout: float | None,
+                 rcv_size: int, alert: int, trap: Trap, trap_fds: TrapFds) -> None:
+        self.receivers, self.name, self.rcv_size = receivers, name, rcv_size
+        self.alert, self.trap, self.trap_fds = alert, trap, trap_fds
+        self.deadline = None if timeout is None else time.monotonic() + timeout / 1000
+
+    def run(self, alerted: Callable[[], None], boundary: Callable[[], None]) -> Message | None:
+        """The message, or None once the port has no channels here (the caller then
+        receives through machd with `remaining()`); RCV_TIMED_OUT, or a trap's error.
+        A suspension or termination pending (`alerted`) takes effect first."""
+        alerted()
+        while True:
+            pr = self.receivers.ports.get(self.name)
+            if pr is None:
+                return None
+            if pr.maybe_queued:
+                msg = self._from_machd(pr)
+                if msg is not None:
+                    return msg
+                continue  # (a marker taken, or nothing there: look again)
+            generation = pr.generation
+            msg = self._from_channels(pr)
+            if msg is not None:
+                return msg
+            if pr.generation != generation or self._wait(pr, boundary):
+                continue  # (a channel ended: look again)
+            raise MachError("RCV_TIMED_OUT", f"no message on port {self.name}")
+
+    def remaining(self) -> float | None:
+        """The receive's timeout left, in ms (None: none)."""
+        if self.deadline is None:
+            return None
+        return max(0.0, (self.deadline - time.monotonic()) * 1000)
+
+    def _from_machd(self, pr: PortReceiver) -> Message | None:
+        """A message machd holds for the port (a receive trap of timeout 0), None if it
+        holds none (a marker is accepted here, and None returned)."""
+        with contextlib.suppress(OSError):
+            os.eventfd_read(pr.bell)
+        try:
+            msg: Message = self.trap(traps.MSG_RECEIVE, self.name, RCV_TIMEOUT, 0,
+                                     self.rcv_size)
+        except MachError as e:
+            if e.code != "RCV_TIMED_OUT":
+                raise
+            pr.maybe_queued = False
+            return None
+        if is_marker(msg):
+            self.receivers.accept(self.name, msg, self.trap_fds)
+            return None
+        return msg
+
+    def _from_channels(self, pr: PortReceiver) -> Message | None:
+        """A message from one of the port's channels, round-robin; None if none has one."""
+        channels = list(pr.channels)
+        n = len(channels)
+        for i in range(n):
+            ep = channels[(pr.turn + i) % n]
+            msg = self._take(ep)
+            if msg is not None:
+                pr.turn = (pr.turn + i + 1) % max(n, 1)
+                return msg
+        return None
+
+    def _take(self, ep: Endpoint) -> Message | None:
+        """The next message on one channel (None if it has none; a channel that ended
+        or sent garbage is dropped)."""
+        with ep.lock:
+            try:
+                data = self._read(ep)
+            except BlockingIOError:
+                return None
+            except OSError:
+                data = b""
+            if data is None:
+                return None
+        if not data:
+            self.receivers.drop(self.name, ep)
+            return None
+        try:
+            msg, with_reply = direct.decode_packet(data)
+        except wire.WireError as e:
+            log.warning("pymach: a bad packet on channel %d (port %d): %s; channel dropped",
+                        ep.cid, self.name, e.detail)
+            with contextlib.suppress(MachError):
+                self.trap(traps.CHANNEL_CLOSE, self.name, ep.cid)
+            self.receivers.drop(self.name, ep)
+            return None
+        return Message(ep.reply if with_reply else 0, self.name, msg.id, msg.items,
+                       sender_uid=ep.uid)
+
+    def _read(self, ep: Endpoint) -> bytes | None:
+        """One packet taken off the channel (ep.lock held); a message too large for the
+        receive stays (RCV_TOO_LARGE). b"": the channel ended."""
+        flags = socket.MSG_DONTWAIT
+        if self.rcv_size < MSG_SIZE_MAX:
+            peek = ep.sock.recv(direct.PACKET_MAX + 1, flags | socket.MSG_PEEK)
+            if peek:
+                with contextlib.suppress(wire.WireError):
+                    size = direct.decode_packet(peek)[0].size
+                    if size > self.rcv_size:
+                        raise MachError("RCV_TOO_LARGE", f"message of {size} bytes exceeds "
+                                        f"rcv_size {self.rcv_size}; it stays queued")
+        data = ep.sock.recv(direct.PACKET_MAX + 1, flags)
+        if data:
+            view = ep.view
+            view[direct.RECEIVED] += 1
+            if view[direct.WAITING]:
+                with contextlib.suppress(OSError):
+                    ep.sock.send(direct.WAKE, socket.MSG_DONTWAIT)
+        return data
+
+    def _wait(self, pr: PortReceiver, boundary: Callable[[], None]) -> bool:
+        """Wait for a channel, the bell or the alert (a look at them, once the timeout
+        has passed); False if nothing came and the timeout has passed."""
+        left = self.remaining()
+        poller = select.poll()
+        for ep in list(pr.channels):
+            with contextlib.suppress(ValueError, OSError):
+                poller.register(ep.sock, _POLLIN)
+        poller.register(pr.bell, select.POLLIN)
+        poller.register(self.alert, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}
+        if self.alert in ready:
+            boundary()
+        if pr.bell in ready:
+            pr.maybe_queued = True
+        if ready:
+            return True
+        left = self.remaining()
+        return left is None or left > 0

@@ -1,0 +1,353 @@
+"""Direct channels between native tasks: machd grants them and tears them down.
+
+A message between two native tasks otherwise crosses machd twice. machd, still the only
+authority over rights, may give a sender thread a *direct channel* to a port P (the
+packets and page of include/direct.py; the tasks' side is libmach/direct.py):
+
+- **Grant** (`open`, the CHANNEL_OPEN trap). The thread's task holds a right to send to
+  P; P is a task's port, not enabled (not in a default group), and its receiver is
+  another live native task; the channel is bound to one reply port R the sender names
+  (or none), to which machd gives the receiver a send right now (Mach 2.5 rights have
+  no reference counts, so a message that carries only that reply right changes nothing
+  in machd but P's queue). machd queues on P an internal marker (CHANNEL_MARKER) behind
+  everything queued so far and returns the sender its end and the page. One channel
+  per (sender thread, P); at most `PORT_CHANNELS_MAX` per port and
+  `TASK_CHANNELS_MAX` into one receiving task.
+- **Accept** (`accept`, CHANNEL_ACCEPT). The receiver's runtime, having received the
+  marker, takes its end, the page, and P's doorbell (an eventfd machd rings at every
+  message queued on P in machd), and reads the channel from then on: per-sender order
+  holds, since the sender's later messages go on the channel.
+- **Teardown** (`_teardown`). When P's receive right is about to leave its task or P
+  to die (PortObserver.receiver_leaving), P is enabled, the receiver loses its name for
+  R, the sender's task loses its name for P, R dies, the sender thread ends, or either
+  side asks (CHANNEL_CLOSE: a sender about
+  to send through machd what a channel cannot carry, or a receiver that read garbage),
+  machd shuts the channel down (the sender's next write fails with EPIPE, and it falls
+  back to machd; the receiver's reads end), reads what is left through its own dup of
+  the receiver's end, decodes it (bounded, data only: include/direct.py) and puts it in
+  P's queue where the marker stands, or at the head if the marker was received: so
+  nothing sent is lost, and it stays in order before anything the sender sends next.
+  A queue that then dies destroys them as any queued message.
+- **Backlog.** machd writes on each channel's page how many messages wait in P's queue
+  (markers aside) and P's backlog; the sender adds its own messages not yet received.
+  port_status counts the messages on channels too.
+
+Everything here runs with the kernel lock held (the traps take it), and machd never
+decodes more than one packet's worth of bounded typed wire at a time, never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.include import direct, wire
+from pymach.include.message import Int
+from pymach.ipc.ipc_mqueue import mqueue_enqueue, mqueue_requeue
+from pymach.ipc.kmsg import KMsg
+
+if TYPE_CHECKING:
+    from pymach.ipc.port import Port
+    from pymach.ipc.space import IpcSpace
+    from pymach.kern.task import Task
+    from pymach.kern.thread import Thread
+
+log = logging.getLogger("pymach.machd")
+
+PORT_CHANNELS_MAX = 16  # channels into one port
+TASK_CHANNELS_MAX = 64  # channels into the ports of one task
+DRAIN_MAX = 4096  # packets read back at a teardown, at most (a channel holds fewer)
+
+
+@dataclass(eq=False)
+class DirectChannel:
+    """machd's record of one channel (kernel lock)."""
+
+    cid: int
+    port: Port  # P
+    reply: Port | None  # R, the bound reply port
+    sender: Thread
+    receiver: Task
+    end: socket.socket  # machd's dup of the receiver's end
+    page: mmap.mmap
+    view: memoryview  # the page as u64 counters (include/direct.py)
+    page_fd: int  # the page's memfd, until the receiver takes it (-1 then)
+    marker: KMsg | None  # the marker while it is queued
+    accepted: bool = False
+
+
+@dataclass(eq=False)
+class PortChannels:
+    """The channels into one port and its doorbell (kernel lock)."""
+
+    bell: int  # an eventfd, rung at each message queued in machd
+    channels: list[DirectChannel] = field(default_factory=list)
+    markers: int = 0  # markers queued
+
+
+class ChannelTable:
+    """machd's channels (see module docstring); the PortObserver of every port that is
+    the destination or the bound reply port of a channel."""
+
+    def __init__(self) -> None:
+        self.ports: dict[Port, PortChannels] = {}
+        self.by_id: dict[int, DirectChannel] = {}
+        self.by_reply: dict[Port, list[DirectChannel]] = {}
+        self.by_sender: dict[Thread, list[DirectChannel]] = {}
+        self.per_task: dict[Task, int] = {}
+        self._ids = itertools.count(1)
+
+    # -- the traps ------------------------------------------------------------------------
+    def open(self, thread: Thread, name: int, reply_name: int) -> tuple[list[int], list[int]]:
+        """CHANNEL_OPEN (see module docstring): ([channel id, 2], [sender's end, page fd])
+        or a MachError saying why not (the runtime sends through machd then)."""
+        space = thread.task.space
+        port = space.lookup(name, "SEND_INVALID_PORT").port
+        receiver = port.receiver
+        self._check_open(thread, port, receiver)
+        assert receiver is not None
+        reply = space.lookup(reply_name, "SEND_INVALID_PORT").port if reply_name else None
+        if reply is not None and reply.dead:
+            raise MachError("SEND_INVALID_PORT", "the reply port is dead")
+        if reply is not None and receiver.space.name_of(reply) is None:
+            receiver.space.check_room(1, "KERN_NO_SPACE")
+        ch, sender_end = self._make(thread, port, reply, receiver)
+        if reply is not None:
+            receiver.space.insert(reply, send=True)
+        self._register(ch)
+        page_fd = os.dup(ch.page_fd)
+        mqueue_enqueue(port, ch.marker)  # type: ignore[arg-type]
+        return [ch.cid, 2], [sender_end, page_fd]
+
+    def _check_open(self, thread: Thread, port: Port, receiver: Task | None) -> None:
+        """KERN_FAILURE unless a channel from `thread` to `port` may be granted."""
+        why = ""
+        if port.dead or port.kobject is not None or receiver is None:
+            why = "not a task's port"
+        elif receiver is thread.task or receiver.process is None or not receiver.active:
+            why = "its receiver is not another native task"
+        elif port.enabled:
+            why = "it is in a default group"
+        elif any(c.sender is thread for c in self._channels(port)):
+            why = "there is one already"
+        elif len(self._channels(port)) >= PORT_CHANNELS_MAX or \
+                self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX:
+            why = "too many channels"
+        if why:
+            raise MachError("KERN_FAILURE", f"no direct channel to this port: {why}")
+
+    def _make(self, thread: Thread, port: Port, reply: Port | None,
+              receiver: Task) -> tuple[DirectChannel, int]:
+        """A new channel's record and the sender's end (a descriptor for the reply)."""
+        sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        page_fd = os.memfd_create("pymach-channel", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(page_fd, direct.PAGE_SIZE)
+            page = mmap.mmap(page_fd, direct.PAGE_SIZE)
+        except OSError:
+            for s in (sender_end, end):
+                s.close()
+            os.close(page_fd)
+            raise
+        view = memoryview(page).cast("Q")
+        view[direct.BACKLOG] = port.backlog
+        cid = next(self._ids)
+        marker = KMsg(port, None, direct.CHANNEL_MARKER, [Int(cid)])
+        ch = DirectChannel(cid, port, reply, thread, receiver, end, page, view, page_fd, marker)
+        return ch, sender_end.detach()
+
+    def _register(self, ch: DirectChannel) -> None:
+        st = self.ports.get(ch.port)
+        if st is None:
+            st = self.ports[ch.port] = PortChannels(os.eventfd(0, os.EFD_CLOEXEC |
+                                                               os.EFD_NONBLOCK))
+        st.channels.append(ch)
+        st.markers += 1
+        self.by_id[ch.cid] = ch
+        self.by_sender.setdefault(ch.sender, []).append(ch)
+        self.per_task[ch.receiver] = self.per_task.get(ch.receiver, 0) + 1
+        ch.port.observer = self
+        if ch.reply is not None:
+            self.by_reply.setdefault(ch.reply, []).append(ch)
+            ch.reply.observer = self
+        self._publish(ch.port)
+
+    def accept(self, thread: Thread, name: int, cid: int) -> tuple[list[int], list[int]]:
+        """CHANNEL_ACCEPT: ([reply name, sender uid, 3], [receiver's end, page, bell])
+        for the channel whose marker the task received on its port `name`;
+        KERN_INVALID_ARGUMENT if there is no such channel (any more)."""
+        ch = self.by_id.get(cid)
+        entry = thread.task.space.names.get(name)
+        if ch is None or entry is None or entry.port is not ch.port or not entry.receive \
+                or ch.receiver is not thread.task or ch.accepted or ch.marker is not None:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} to accept on {name}")
+        ch.accepted = True
+        reply_name = thread.task.space.name_of(ch.reply) or 0 if ch.reply is not None else 0
+        page_fd, ch.page_fd = ch.page_fd, -1
+        fds = [os.dup(ch.end.fileno()), page_fd, os.dup(self.ports[ch.port].bell)]
+        return [reply_name, ch.sender.task.uid, 3], fds
+
+    def close(self, thread: Thread, name: int, cid: int) -> None:
+        """CHANNEL_CLOSE by the channel's sender thread or receiving task (anyone else:
+        KERN_INVALID_ARGUMENT): tear it down."""
+        ch = self.by_id.get(cid)
+        if ch is None or not (ch.sender is thread or ch.receiver is thread.task):
+            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} of this thread")
+        self._teardown(ch)
+
+    def thread_gone(self, thread: Thread) -> None:
+        """The sender thread ended: its channels are torn down."""
+        for ch in list(self.by_sender.get(thread, ())):
+            self._teardown(ch)
+
+    # -- teardown --------------------------------------------------------------------------
+    def _teardown(self, ch: DirectChannel) -> None:
+        """Shut the channel, put what is left on it into its port's queue (module
+        docstring), and forget it."""
+        if self.by_id.pop(ch.cid, None) is None:
+            return
+        self._forget(ch)
+        with contextlib.suppress(OSError):
+            ch.end.shutdown(socket.SHUT_RDWR)
+        kmsgs = self._drain(ch)
+        if not ch.port.dead:
+            mqueue_requeue(ch.port, kmsgs, ch.marker)
+        ch.end.close()
+        ch.view.release()
+        ch.page.close()
+        if ch.page_fd >= 0:
+            os.close(ch.page_fd)
+        self._publish(ch.port)
+
+    def _forget(self, ch: DirectChannel) -> None:
+        """Take the channel out of every index; a port left with none loses its
+        doorbell (rung first, so its receiver looks again) and its observer."""
+        st = self.ports[ch.port]
+        st.channels.remove(ch)
+        if ch.marker is not None:
+            st.markers -= 1
+        self.by_sender[ch.sender].remove(ch)
+        if not self.by_sender[ch.sender]:
+            del self.by_sender[ch.sender]
+        self.per_task[ch.receiver] -= 1
+        if not self.per_task[ch.receiver]:
+            del self.per_task[ch.receiver]
+        if ch.reply is not None:
+            self.by_reply[ch.reply].remove(ch)
+            if not self.by_reply[ch.reply]:
+                del self.by_reply[ch.reply]
+                self._unobserve(ch.reply)
+        with contextlib.suppress(OSError):
+            os.eventfd_write(st.bell, 1)
+        if not st.channels:
+            os.close(st.bell)
+            del self.ports[ch.port]
+            self._unobserve(ch.port)
+
+    def _unobserve(self, port: Port) -> None:
+        if port not in self.ports and port not in self.by_reply:
+            port.observer = None
+
+    def _drain(self, ch: DirectChannel) -> list[KMsg]:
+        """The messages left on a shut channel, decoded (a bad packet is dropped and
+        logged), as kernel messages from its sender."""
+        out: list[KMsg] = []
+        sender = ch.sender.task
+        for _ in range(DRAIN_MAX):
+            try:
+                data = ch.end.recv(direct.PACKET_MAX + 1, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                msg, with_reply = direct.decode_packet(data)
+            except wire.WireError as e:
+                log.warning("task %s: a bad packet on channel %d dropped: %s", sender.name,
+                            ch.cid, e.detail)
+                continue
+            reply = ch.reply if with_reply and ch.reply is not None and \
+                not ch.reply.dead else None
+            out.append(KMsg(ch.port, reply, msg.id, list(msg.items), sender=sender.name,
+                            sender_uid=sender.uid, plain=True))
+        return out
+
+    def _channels(self, port: Port) -> list[DirectChannel]:
+        st = self.ports.get(port)
+        return st.channels if st is not None else []
+
+    def _publish(self, port: Port) -> None:
+        """Write the port's queue length (markers aside) and backlog on its channels'
+        pages, and wake the senders that wait for room."""
+        st = self.ports.get(port)
+        if st is None:
+            return
+        queued = max(0, len(port.queue) - st.markers)
+        for ch in st.channels:
+            view = ch.view
+            view[direct.QUEUED] = queued
+            view[direct.BACKLOG] = port.backlog
+            if view[direct.WAITING]:
+                with contextlib.suppress(OSError):
+                    ch.end.send(direct.WAKE, socket.MSG_DONTWAIT)
+
+    # -- PortObserver ------------------------------------------------------------------------
+    def enqueued(self, port: Port, kmsg: KMsg) -> None:
+        """Ring the port's doorbell; publish its queue length."""
+        st = self.ports.get(port)
+        if st is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(st.bell, 1)
+            self._publish(port)
+
+    def dequeued(self, port: Port, kmsg: KMsg) -> None:
+        """A marker received: its channel may be accepted; publish the queue length."""
+        st = self.ports.get(port)
+        if st is None:
+            return
+        if kmsg.id == direct.CHANNEL_MARKER and kmsg.sender_uid < 0:
+            for ch in st.channels:
+                if ch.marker is kmsg:
+                    ch.marker = None
+                    st.markers -= 1
+        self._publish(port)
+
+    def receiver_leaving(self, port: Port) -> None:
+        """The port's channels, and those bound to it as reply port, are torn down."""
+        for ch in [*self._channels(port), *self.by_reply.get(port, ())]:
+            self._teardown(ch)
+
+    def changed(self, port: Port) -> None:
+        """Enabled: its channels are torn down; else publish (backlog)."""
+        if port.enabled:
+            for ch in list(self._channels(port)):
+                self._teardown(ch)
+        self._publish(port)
+
+    def holder_removed(self, port: Port, space: IpcSpace) -> None:
+        """A receiver that loses its name for a channel's reply port loses the
+        channel; so does a sender that loses its name for the channel's port (its right
+        was given up, or taken: port_extract_right)."""
+        for ch in list(self.by_reply.get(port, ())):
+            if ch.receiver.space is space:
+                self._teardown(ch)
+        for ch in list(self._channels(port)):
+            if ch.sender.task.space is space:
+                self._teardown(ch)
+
+    def extra_messages(self, port: Port) -> int:
+        """Messages on the port's channels, minus its queued markers."""
+        st = self.ports.get(port)
+        if st is None:
+            return 0
+        limit = direct.PACKET_MAX  # a page's counters are the tasks' word: bounded
+        on_channels = sum(min(max(c.view[direct.SENT] - c.view[direct.RECEIVED], 0), limit)
+                          for c in st.channels)
+        return on_channels - st.markers
