@@ -310,6 +310,46 @@ def test_garbage_on_a_channel_drops_it_and_nothing_else(native: str) -> None:
     assert m.msg_receive(p, m.RCV_TIMEOUT, 0).id == 7
 
 
+def _sender_loses_its_right(dest: int, box: int) -> str:
+    """Get a channel to `dest`, say our name for it, and after GO send once more."""
+    me = m.task_self()
+    ctl = m.port_allocate(me)
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    assert dest in current_thread().senders.channels  # type: ignore[attr-defined]
+    m.msg_send(Message(remote_port=box, items=[Int(dest), Port(ctl, MAKE_SEND)]))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)  # GO: our right is gone by now
+    try:
+        m.msg_send(Message(remote_port=dest, id=9))
+    except m.MachError as e:
+        return e.code
+    return "sent"
+
+
+def test_a_sender_whose_right_is_taken_loses_its_channel(native: str) -> None:
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(_sender_loses_its_right, Port(p, MAKE_SEND), Port(box, MAKE_SEND),
+                name="robbed")
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3)] == [0, 1, 2]
+    their_name, ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).values()
+    taken = m.port_extract_right(h.port, their_name, m.MOVE_SEND)  # type: ignore[attr-defined]
+    assert taken == p
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    assert h.result(20_000) == "SEND_INVALID_PORT"  # type: ignore[attr-defined]
+    with pytest.raises(m.MachError) as e:
+        m.msg_receive(p, m.RCV_TIMEOUT, 0)  # nothing came on the old channel
+    assert e.value.code == "RCV_TIMED_OUT"
+
+
+def test_a_task_cannot_forge_a_marker(native: str) -> None:
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=p, id=direct.CHANNEL_MARKER, items=[Int(1)]))
+    got = m.msg_receive(p, m.RCV_TIMEOUT, 0)  # a user's message: returned as it is
+    assert (got.id, got.values()) == (direct.CHANNEL_MARKER, [1])
+
+
 # -- the packet decoder (no machd) ------------------------------------------------------------
 def test_packets_round_trip() -> None:
     msg = Message(id=5, items=[Int(1), Str("s"), Bytes(b"b")])

@@ -3,18 +3,17 @@
 machd grants and tears down channels (machd/channels.py; packets and page:
 include/direct.py). In a task process:
 
-- **Sending.** A thread that has sent `OPEN_AFTER` messages a channel could carry
-  (data items only, no reply port or always the same one, options SEND_TIMEOUT /
-  RCV_TIMEOUT only) to one port through machd asks for a channel to it (CHANNEL_OPEN);
-  a refusal is remembered for a while (`RETRY_AFTER`, doubling). With a channel, such
-  a message is one packet written by the thread itself, once the port has room
-  (QUEUED + SENT - RECEIVED < BACKLOG on the page; else it waits for a wake-up, or
-  fails SEND_TIMED_OUT after its timeout). Any other message to that port first has
-  machd tear the channel down (CHANNEL_CLOSE), which puts what is still on it into the
-  port's queue, so the message queued next through machd stays after them. A write
-  that fails (EPIPE: machd tore the channel down) drops the channel and the message
-  goes through machd, which gives the error Mach would give. Channels belong to their
-  thread (per-sender order is per thread) and are closed when it ends.
+- **Sending.** A thread that has sent `OPEN_AFTER` messages a channel could carry (data
+  items only, no reply port or always the same one) to one port through machd asks for a
+  channel to it (CHANNEL_OPEN); a refusal is remembered for a while (`RETRY_AFTER`,
+  doubling). With a channel, such a message is one packet written by the thread itself,
+  once the port has room (QUEUED + SENT - RECEIVED < BACKLOG on the page; else it waits
+  for a wake-up, or fails SEND_TIMED_OUT after its timeout). Any other message to that
+  port first has machd tear the channel down (CHANNEL_CLOSE), which puts what is still
+  on it into the port's queue, so the message queued next through machd stays after
+  them. A write that fails (EPIPE: machd tore the channel down) drops the channel and
+  the message goes through machd, which gives the error Mach would give. Channels belong
+  to their thread (per-sender order is per thread) and are closed when it ends.
 - **Receiving.** A receive's result that is machd's marker (CHANNEL_MARKER from the
   kernel) is never returned: the runtime accepts the channel (CHANNEL_ACCEPT) and
   receives again. A receive on a port that has channels waits on them, on the port's
@@ -49,10 +48,11 @@ from typing import Any
 
 from pymach.errors import MachError
 from pymach.include import direct, traps, wire
+from pymach.include.channel import close_fds
 from pymach.include.message import (
+    ALL_OPTIONS,
     MSG_SIZE_MAX,
     RCV_TIMEOUT,
-    SEND_TIMEOUT,
     Int,
     Message,
 )
@@ -61,7 +61,7 @@ log = logging.getLogger("pymach")
 
 OPEN_AFTER = 2  # eligible sends through machd to one port before asking for a channel
 RETRY_AFTER = 64  # eligible sends after a refusal before asking again (doubles)
-_DIRECT_OPTIONS = SEND_TIMEOUT | RCV_TIMEOUT
+_DIRECT_OPTIONS = ALL_OPTIONS  # (the *_INTERRUPT options change nothing here either)
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 Trap = Callable[..., Any]  # NativeThread.trap
@@ -105,9 +105,16 @@ class Endpoint:
 
 
 def _open_endpoint(cid: int, fds: list[int], reply: int, uid: int = -1) -> Endpoint:
-    sock = socket.socket(fileno=fds[0])
-    page, view = _map_page(fds[1])
-    return Endpoint(cid, sock, page, view, reply, uid)
+    """An endpoint of the socket and page machd sent (they and any other fd in `fds`
+    are not inherited by programs this process runs; all are closed on failure)."""
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        page, view = _map_page(fds[1])
+    except OSError:
+        close_fds(fds)
+        raise
+    return Endpoint(cid, socket.socket(fileno=fds[0]), page, view, reply, uid)
 
 
 # -- the sender's side -------------------------------------------------------------------------
@@ -132,11 +139,10 @@ class Senders:
             return
         try:
             value, fds = trap_fds(traps.CHANNEL_OPEN, name, msg.local_port)
-        except MachError:
+            self.channels[name] = _open_endpoint(int(value[0]), fds, msg.local_port)
+        except (MachError, OSError):
             wait = self.refused.get(name, RETRY_AFTER // 2) * 2
             self.counts[name], self.refused[name] = 0, wait
-            return
-        self.channels[name] = _open_endpoint(int(value[0]), fds, msg.local_port)
 
     def send(self, msg: Message, option: int, timeout: float | None, alert: int,
              alerted: Callable[[], None], trap: Trap) -> bool:
@@ -227,6 +233,14 @@ def _drain_wakes(sock: socket.socket) -> bool:
 
 
 # -- the receiver's side -----------------------------------------------------------------------
+def _has_data(ep: Endpoint) -> bool:
+    """True if a packet waits on the endpoint."""
+    try:
+        return bool(ep.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
 @dataclass(eq=False)
 class PortReceiver:
     """A port of this task that has channels (Receivers.lock)."""
@@ -256,9 +270,10 @@ class Receivers:
         cid = item.value
         try:
             value, fds = trap_fds(traps.CHANNEL_ACCEPT, name, cid)
-        except MachError:
-            return
-        ep = _open_endpoint(int(cid), fds, int(value[0]), int(value[1]))
+            ep = _open_endpoint(int(cid), fds, int(value[0]), int(value[1]))
+        except (MachError, OSError):
+            return  # (the sender's messages go through machd once it is torn down)
+        self.sweep()
         with self.lock:
             pr = self.ports.get(name)
             if pr is None:
@@ -269,6 +284,21 @@ class Receivers:
             pr.channels.append(ep)
             pr.generation += 1
             pr.maybe_queued = True
+
+    def sweep(self) -> None:
+        """Forget the channels machd tore down that nobody read since (a port whose
+        receive right went away, say): shut both ways and empty."""
+        with self.lock:
+            ends = [(name, ep) for name, pr in self.ports.items() for ep in pr.channels]
+        poller = select.poll()
+        by_fd = {}
+        for name, ep in ends:
+            with contextlib.suppress(ValueError, OSError):
+                poller.register(ep.sock, select.POLLHUP)
+                by_fd[ep.sock.fileno()] = (name, ep)
+        for fd, events in poller.poll(0):
+            if events & select.POLLHUP and fd in by_fd and not _has_data(by_fd[fd][1]):
+                self.drop(*by_fd[fd])
 
     def drop(self, name: int, ep: Endpoint) -> None:
         """Forget one channel; a port left with none forgets its bell."""
