@@ -23,7 +23,7 @@ GO, DONE = 1, 2
 
 
 def _channels() -> dict[int, object]:
-    return current_thread().senders.channels  # type: ignore[attr-defined, no-any-return]
+    return current_thread().process.senders.channels  # type: ignore[attr-defined, no-any-return]
 
 
 def _receivers() -> dict[int, object]:
@@ -107,6 +107,38 @@ def test_messages_that_need_machd_keep_their_order(native: str) -> None:
     got = h.result(30_000)  # type: ignore[attr-defined]
     assert [g[0] for g in got] == list(range(10, 10 + n))
     assert got == expect
+
+
+def _collect_replies(box: int, n: int) -> list[tuple[int, bool]]:
+    """Receive n messages on a new port; return (id, has a reply port) of each."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND)]))
+    return [(msg.id, bool(msg.remote_port)) for msg in
+            (m.msg_receive(p, m.RCV_TIMEOUT, 20_000) for _ in range(n))]
+
+
+def _send_from_thread(dest: int, ids: list[int], done: int) -> None:
+    reply = m.port_allocate(m.task_self())
+    for i in ids:
+        m.msg_send(Message(remote_port=dest, local_port=reply, id=i))
+    m.msg_send(Message(remote_port=done, id=DONE))
+
+
+def test_a_tasks_threads_share_its_channel_in_order(native: str) -> None:
+    me = m.task_self()
+    h, _box, (dest,) = _spawn_boxed(lambda b: _collect_replies(b, 30), "replies")
+    mine = m.port_allocate(me)
+    for i in range(10):  # a channel, bound to our reply port
+        m.msg_send(Message(remote_port=dest, local_port=mine, id=i))
+    done = m.port_allocate(me)
+    m.thread_create(me, _send_from_thread, dest, list(range(10, 20)), done)
+    assert m.msg_receive(done, m.RCV_TIMEOUT, 20_000).id == DONE  # another reply port
+    for i in range(20, 30):  # no reply port
+        m.msg_send(Message(remote_port=dest, id=i))
+    assert len(_channels()[dest].bound) == 2  # type: ignore[attr-defined]  # both replies
+    got = h.result(20_000)  # type: ignore[attr-defined]
+    assert got == [(i, i < 20) for i in range(30)]
 
 
 def _hold(box: int) -> tuple[list[int], int]:
@@ -292,7 +324,7 @@ def _garbage_then_data(dest: int) -> int:
     """Get a channel, write garbage on it, then send more messages."""
     for i in range(3):
         m.msg_send(Message(remote_port=dest, id=i))
-    chan = current_thread().senders.channels[dest]  # type: ignore[attr-defined]
+    chan = current_thread().process.senders.channels[dest]  # type: ignore[attr-defined]
     chan.sock.send(b"not a packet")
     for i in range(3, 6):
         m.msg_send(Message(remote_port=dest, id=i))
@@ -316,7 +348,7 @@ def _sender_loses_its_right(dest: int, box: int) -> str:
     ctl = m.port_allocate(me)
     for i in range(3):
         m.msg_send(Message(remote_port=dest, id=i))
-    assert dest in current_thread().senders.channels  # type: ignore[attr-defined]
+    assert dest in current_thread().process.senders.channels  # type: ignore[attr-defined]
     m.msg_send(Message(remote_port=box, items=[Int(dest), Port(ctl, MAKE_SEND)]))
     m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)  # GO: our right is gone by now
     try:
@@ -353,8 +385,8 @@ def test_a_task_cannot_forge_a_marker(native: str) -> None:
 # -- the packet decoder (no machd) ------------------------------------------------------------
 def test_packets_round_trip() -> None:
     msg = Message(id=5, items=[Int(1), Str("s"), Bytes(b"b")])
-    got, with_reply = direct.decode_packet(direct.encode_packet(msg, True))
-    assert (got.id, got.values(), with_reply) == (5, [1, "s", b"b"], True)
+    got, index = direct.decode_packet(direct.encode_packet(msg, 3))
+    assert (got.id, got.values(), index) == (5, [1, "s", b"b"], 3)
 
 
 @pytest.mark.parametrize("bad", [
@@ -362,7 +394,7 @@ def test_packets_round_trip() -> None:
     wire.encode([Message(0, 0, 1, [OOL(data=b"x")])]),  # memory
     wire.encode([Message(0, 0, 1, [Code(None, blob=b"pickle")])]),  # code
     wire.encode([Message(7, 0, 1, [])]),  # names a port
-    wire.encode([Message(0, 2, 1, [])]),  # another reply port
+    wire.encode([Message(0, direct.REPLIES_MAX + 1, 1, [])]),  # past the bound ports
     wire.encode([Message(0, 0, 1, [Bytes(b"x" * 9000)])]),  # past the inline limit
     wire.encode([1, 2]),  # not a message
     b"\x08garbage",
@@ -374,9 +406,9 @@ def test_bad_packets_are_refused(bad: bytes) -> None:
 
 
 def test_only_data_messages_may_use_a_channel() -> None:
-    assert direct.channel_eligible(Message(1, 9, 1, [Int(1)]), 9)
-    assert direct.channel_eligible(Message(1, 0, 1, []), 9)
-    assert not direct.channel_eligible(Message(1, 8, 1, []), 9)  # another reply port
-    assert not direct.channel_eligible(Message(1, 9, 1, [], m.MAKE_SEND), 9)
-    assert not direct.channel_eligible(Message(1, 0, 1, [Port(3, MAKE_SEND)]), 9)
-    assert not direct.channel_eligible(Message(1, 0, 1, [OOL(data=b"x")]), 9)
+    assert direct.channel_eligible(Message(1, 9, 1, [Int(1)]))
+    assert direct.channel_eligible(Message(1, 0, 1, []))
+    assert not direct.channel_eligible(Message(1, 9, 1, [], m.MAKE_SEND))
+    assert not direct.channel_eligible(Message(1, 0, 1, [Port(3, MAKE_SEND)]))
+    assert not direct.channel_eligible(Message(1, 0, 1, [OOL(data=b"x")]))
+    assert not direct.channel_eligible(Message(1, 0, 1, [Bytes(b"x" * 9000)]))

@@ -7,8 +7,10 @@ socketpair and one shared page:
 
 - sender -> receiver: one packet per message, `encode_packet`: the typed wire
   (include/wire.py) of one Message whose items are data only (Int, Float, Bytes, Str,
-  IntArray) and whose `local_port` says whether the reply port is the channel's bound
-  one (1) or none (0); `remote_port` is 0. Whoever reads a packet decodes it with
+  IntArray) and whose `local_port` is 0 (no reply port) or i + 1 for the channel's i-th
+  bound reply port (machd binds at most `REPLIES_MAX`, each at the sender's request,
+  giving the receiver a send right; the receiver asks machd for their names in its
+  space); `remote_port` is 0. Whoever reads a packet decodes it with
   `decode_packet`, which refuses anything else (a WireError): a channel is another
   task's input and never carries rights, memory or code, and its sender's identity is
   machd's word (the grant), never the packet's.
@@ -42,36 +44,36 @@ PACKET_MAX = MSG_SIZE_MAX + 4096  # a packet's bytes at most (the wire's own ove
 PAGE_SIZE = 4096
 SENT, RECEIVED, QUEUED, BACKLOG, WAITING = 0, 1, 2, 3, 4
 WAKE = b"w"
+REPLIES_MAX = 8  # reply ports bound to one channel
 DATA_ITEMS = frozenset((Int, Float, Bytes, Str, IntArray))
 
 
-def channel_eligible(msg: Message, bound_reply: int) -> bool:
-    """True if `msg` may travel on a channel whose bound reply port is `bound_reply`:
-    data items only, within the default inline limit, and a reply port that is either
-    none or the bound one with its default disposition."""
-    if msg.local_port and (msg.local_port != bound_reply or msg.local_disposition is not None):
+def channel_eligible(msg: Message) -> bool:
+    """True if `msg` may travel on a channel: data items only, within the default
+    inline limit, and a reply port (if any) with its default disposition."""
+    if msg.local_disposition is not None:
         return False
-    items = msg.items
-    return all(type(i) in DATA_ITEMS for i in items) and msg.size <= MSG_SIZE_MAX
+    return all(type(i) in DATA_ITEMS for i in msg.items) and msg.size <= MSG_SIZE_MAX
 
 
-def encode_packet(msg: Message, with_reply: bool) -> bytes:
-    """One channel packet for an eligible message (see module docstring)."""
-    return wire.encode([Message(0, 1 if with_reply else 0, msg.id, msg.items)])
+def encode_packet(msg: Message, reply_index: int) -> bytes:
+    """One channel packet for an eligible message; `reply_index` is 0 (no reply port) or
+    1 + the index of its bound reply port (see module docstring)."""
+    return wire.encode([Message(0, reply_index, msg.id, msg.items)])
 
 
-def decode_packet(data: bytes | bytearray | memoryview) -> tuple[Message, bool]:
-    """The message of one packet and whether it names the bound reply port; WireError
-    if the packet is not exactly one data-only message within the inline limit."""
+def decode_packet(data: bytes | bytearray | memoryview) -> tuple[Message, int]:
+    """The message of one packet and its reply index (0: none); WireError if the packet
+    is not exactly one data-only message within the inline limit."""
     if len(data) > PACKET_MAX:
         raise wire.WireError(f"a channel packet of {len(data)} bytes")
     values = wire.decode(data)
     if len(values) != 1 or not isinstance(values[0], Message):
         raise wire.WireError("a channel packet holds one message")
     msg: Message = values[0]
-    if msg.remote_port != 0 or msg.local_port not in (0, 1) or \
+    if msg.remote_port != 0 or not 0 <= msg.local_port <= REPLIES_MAX or \
             msg.local_disposition is not None:
         raise wire.WireError("a channel packet names no port")
     if not all(type(i) in DATA_ITEMS for i in msg.items) or msg.size > MSG_SIZE_MAX:
         raise wire.WireError("a channel packet carries data items only, inline size")
-    return msg, msg.local_port == 1
+    return msg, msg.local_port

@@ -3,17 +3,20 @@
 machd grants and tears down channels (machd/channels.py; packets and page:
 include/direct.py). In a task process:
 
-- **Sending.** A thread that has sent `OPEN_AFTER` messages a channel could carry (data
-  items only, no reply port or always the same one) to one port through machd asks for a
-  channel to it (CHANNEL_OPEN); a refusal is remembered for a while (`RETRY_AFTER`,
-  doubling). With a channel, such a message is one packet written by the thread itself,
-  once the port has room (QUEUED + SENT - RECEIVED < BACKLOG on the page; else it waits
-  for a wake-up, or fails SEND_TIMED_OUT after its timeout). Any other message to that
-  port first has machd tear the channel down (CHANNEL_CLOSE), which puts what is still
-  on it into the port's queue, so the message queued next through machd stays after
-  them. A write that fails (EPIPE: machd tore the channel down) drops the channel and
-  the message goes through machd, which gives the error Mach would give. Channels belong
-  to their thread (per-sender order is per thread) and are closed when it ends.
+- **Sending.** A task whose threads have sent `OPEN_AFTER` messages a channel could
+  carry (data items only, a reply port if any with its default disposition) to one port
+  through machd asks for a channel to it (CHANNEL_OPEN); a refusal is remembered for a
+  while (`RETRY_AFTER`, doubling). With a channel, such a message is one packet written
+  by the thread itself, once the port has room (QUEUED + SENT - RECEIVED < BACKLOG on
+  the page; else it waits for a wake-up, or fails SEND_TIMED_OUT after its timeout). Any
+  other message to that port first has machd tear the channel down (CHANNEL_CLOSE),
+  which puts what is still on it into the port's queue, so the message queued next
+  through machd stays after them. A write that fails (EPIPE: machd tore the channel
+  down) drops the channel and the message goes through machd, which gives the error Mach
+  would give. A channel belongs to the task, and its threads share it, so the task's
+  messages to the port stay in the order they were sent. A reply port new to the channel
+  is bound first (CHANNEL_BIND; at most REPLIES_MAX, then the channel is torn down as
+  above).
 - **Receiving.** A receive's result that is machd's marker (CHANNEL_MARKER from the
   kernel) is never returned: the runtime accepts the channel (CHANNEL_ACCEPT) and
   receives again. A receive on a port that has channels waits on them, on the port's
@@ -27,8 +30,8 @@ include/direct.py). In a task process:
   forgotten. RCV_TIMEOUT is the wait's timeout; a message larger than `rcv_size` stays
   on its channel (read with MSG_PEEK first) and raises RCV_TOO_LARGE.
 
-State: `Receivers` (one per process) under its lock; each thread's `Senders` belong to
-that thread alone.
+State: `Receivers` and `Senders` (one each per process) under their locks; a channel's
+writes and counters under its endpoint's lock.
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ from pymach.errors import MachError
 from pymach.include import direct, traps, wire
 from pymach.include.channel import close_fds
 from pymach.include.message import (
-    ALL_OPTIONS,
     MSG_SIZE_MAX,
     RCV_TIMEOUT,
     Int,
@@ -61,7 +63,6 @@ log = logging.getLogger("pymach")
 
 OPEN_AFTER = 2  # eligible sends through machd to one port before asking for a channel
 RETRY_AFTER = 64  # eligible sends after a refusal before asking again (doubles)
-_DIRECT_OPTIONS = ALL_OPTIONS  # (the *_INTERRUPT options change nothing here either)
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 Trap = Callable[..., Any]  # NativeThread.trap
@@ -91,9 +92,11 @@ class Endpoint:
     sock: socket.socket
     page: mmap.mmap
     view: memoryview
-    reply: int  # the bound reply port's name in this task (0: none)
     uid: int = -1  # (receiver) the sender's uid, machd's word
-    lock: threading.Lock = field(default_factory=threading.Lock)  # (receiver) peek+take
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the sender's writes and
+    # counts; the receiver's peek and take
+    bound: dict[int, int] = field(default_factory=dict)  # (sender) reply name -> index
+    replies: list[int] = field(default_factory=list)  # (receiver) reply names, by index
 
     def close(self) -> None:
         """Close the socket and unmap the page."""
@@ -104,7 +107,7 @@ class Endpoint:
             self.page.close()
 
 
-def _open_endpoint(cid: int, fds: list[int], reply: int, uid: int = -1) -> Endpoint:
+def _open_endpoint(cid: int, fds: list[int], uid: int = -1) -> Endpoint:
     """An endpoint of the socket and page machd sent (they and any other fd in `fds`
     are not inherited by programs this process runs; all are closed on failure)."""
     try:
@@ -114,109 +117,147 @@ def _open_endpoint(cid: int, fds: list[int], reply: int, uid: int = -1) -> Endpo
     except OSError:
         close_fds(fds)
         raise
-    return Endpoint(cid, socket.socket(fileno=fds[0]), page, view, reply, uid)
+    return Endpoint(cid, socket.socket(fileno=fds[0]), page, view, uid)
 
 
 # -- the sender's side -------------------------------------------------------------------------
 class Senders:
-    """A thread's channels to other tasks' ports (see module docstring)."""
+    """This task's channels to other tasks' ports (see module docstring): shared by its
+    threads, under `lock` (a channel's own writes under its endpoint's lock)."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.channels: dict[int, Endpoint] = {}  # port name -> channel
         self.counts: dict[int, int] = {}  # port name -> eligible sends through machd
         self.refused: dict[int, int] = {}  # port name -> sends to wait before asking
 
-    def note_sent(self, msg: Message, option: int, trap_fds: TrapFds) -> None:
+    def note_sent(self, msg: Message, trap_fds: TrapFds) -> None:
         """An eligible message went to its port through machd: ask for a channel once
         OPEN_AFTER such sends were made (or the refusal's wait is over)."""
         name = msg.remote_port
-        if name in self.channels or option & ~_DIRECT_OPTIONS or \
-                not direct.channel_eligible(msg, msg.local_port):
+        if name in self.channels or not direct.channel_eligible(msg):
             return
-        n = self.counts.get(name, 0) + 1
-        self.counts[name] = n
-        if n < self.refused.get(name, OPEN_AFTER):
-            return
-        try:
-            value, fds = trap_fds(traps.CHANNEL_OPEN, name, msg.local_port)
-            self.channels[name] = _open_endpoint(int(value[0]), fds, msg.local_port)
-        except (MachError, OSError):
-            wait = self.refused.get(name, RETRY_AFTER // 2) * 2
-            self.counts[name], self.refused[name] = 0, wait
+        with self.lock:
+            n = self.counts.get(name, 0) + 1
+            self.counts[name] = n
+            if n < self.refused.get(name, OPEN_AFTER) or name in self.channels:
+                return
+            try:
+                value, fds = trap_fds(traps.CHANNEL_OPEN, name, msg.local_port)
+                ch = self.channels[name] = _open_endpoint(int(value[0]), fds)
+            except (MachError, OSError):
+                wait = self.refused.get(name, RETRY_AFTER // 2) * 2
+                self.counts[name], self.refused[name] = 0, wait
+                return
+            if msg.local_port:
+                ch.bound[msg.local_port] = 0
 
-    def send(self, msg: Message, option: int, timeout: float | None, alert: int,
+    def send(self, msg: Message, timeout: float | None, alert: int,
              alerted: Callable[[], None], trap: Trap) -> bool:
         """Send `msg` on its port's channel if it has one and may: True if sent. False:
         send it through machd (a message the channel cannot carry: the channel is torn
         down first; a channel that broke: forgotten)."""
-        ch = self.channels.get(msg.remote_port)
+        name = msg.remote_port
+        ch = self.channels.get(name)
         if ch is None:
             return False
-        if option & ~_DIRECT_OPTIONS or not direct.channel_eligible(msg, ch.reply):
-            self.release(msg.remote_port, trap)
+        index = self._reply_index(ch, msg, trap) if direct.channel_eligible(msg) else None
+        if index is None:
+            self.release(name, trap)
             return False
         alerted()
-        packet = direct.encode_packet(msg, bool(msg.local_port))
-        if not self._wait_room(ch, timeout, alert, alerted):
-            self._forget(msg.remote_port)
-            return False
+        packet = direct.encode_packet(msg, index)
+        while True:
+            if not _wait_room(ch, timeout, alert, alerted):
+                self._forget(name, ch)
+                return False
+            with ch.lock:  # (room again under the lock: another thread may have taken it)
+                if _has_room(ch.view):
+                    return self._write(name, ch, packet)
+
+    def _write(self, name: int, ch: Endpoint, packet: bytes) -> bool:
+        """Write one packet (ch.lock held); False if the channel broke (it is forgotten)."""
         ch.view[direct.SENT] += 1
         try:
             ch.sock.send(packet)
         except OSError:
-            self._forget(msg.remote_port)
+            self._forget(name, ch)
             return False
         return True
 
-    def _wait_room(self, ch: Endpoint, timeout: float | None, alert: int,
-                   alerted: Callable[[], None]) -> bool:
-        """Wait until the port has room (SEND_TIMED_OUT past `timeout` ms), entering
-        the kernel when alerted; False if the channel ended meanwhile."""
-        view = ch.view
-        if view[direct.QUEUED] + view[direct.SENT] - view[direct.RECEIVED] < \
-                view[direct.BACKLOG]:
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout / 1000
-        poller = select.poll()
-        poller.register(ch.sock, _POLLIN)
-        poller.register(alert, select.POLLIN)
-        try:
-            while True:
-                view[direct.WAITING] = 1
-                if view[direct.QUEUED] + view[direct.SENT] - view[direct.RECEIVED] < \
-                        view[direct.BACKLOG]:
-                    return True
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise MachError("SEND_TIMED_OUT", f"port stayed full "
-                                    f"({view[direct.BACKLOG]} messages)")
-                poller.poll(None if left is None else max(1, int(left * 1000)))
-                alerted()
-                if not _drain_wakes(ch.sock):
-                    return False
-        finally:
-            view[direct.WAITING] = 0
+    def _reply_index(self, ch: Endpoint, msg: Message, trap: Trap) -> int | None:
+        """The packet's reply index for `msg` (binding its reply port if need be), or
+        None if the channel cannot name it."""
+        reply = msg.local_port
+        if not reply:
+            return 0
+        index = ch.bound.get(reply)
+        if index is None:
+            try:
+                index = int(trap(traps.CHANNEL_BIND, msg.remote_port, ch.cid, reply))
+            except MachError:
+                return None
+            ch.bound[reply] = index
+        return index + 1
 
     def release(self, name: int, trap: Trap) -> None:
         """Have machd tear down the channel to port `name` (what is on it is queued)."""
-        ch = self.channels.pop(name, None)
+        with self.lock:
+            ch = self.channels.pop(name, None)
+            self.counts[name] = 0
         if ch is None:
             return
-        self.counts[name] = 0
         with contextlib.suppress(MachError):
             trap(traps.CHANNEL_CLOSE, name, ch.cid)
         ch.close()
 
-    def _forget(self, name: int) -> None:
-        ch = self.channels.pop(name, None)
-        self.counts[name] = 0
-        if ch is not None:
-            ch.close()
+    def _forget(self, name: int, ch: Endpoint) -> None:
+        with self.lock:
+            if self.channels.get(name) is ch:
+                del self.channels[name]
+            self.counts[name] = 0
+        ch.close()
 
     def close_all(self) -> None:
-        """The thread ends: close its channels (machd tears them down)."""
-        for name in list(self.channels):
-            self._forget(name)
+        """The task is gone (detach): close its channels (machd tears them down)."""
+        with self.lock:
+            channels, self.channels = self.channels, {}
+        for ch in channels.values():
+            ch.close()
+
+
+def _has_room(view: memoryview) -> bool:
+    """True if the port may take another message (include/direct.py: the page)."""
+    return bool(view[direct.QUEUED] + view[direct.SENT] - view[direct.RECEIVED] <
+                view[direct.BACKLOG])
+
+
+def _wait_room(ch: Endpoint, timeout: float | None, alert: int,
+               alerted: Callable[[], None]) -> bool:
+    """Wait until the port has room (SEND_TIMED_OUT past `timeout` ms), entering the
+    kernel when alerted; False if the channel ended meanwhile."""
+    view = ch.view
+    if _has_room(view):
+        return True
+    deadline = None if timeout is None else time.monotonic() + timeout / 1000
+    poller = select.poll()
+    poller.register(ch.sock, _POLLIN)
+    poller.register(alert, select.POLLIN)
+    try:
+        while True:
+            view[direct.WAITING] = 1
+            if _has_room(view):
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise MachError("SEND_TIMED_OUT", f"port stayed full "
+                                f"({view[direct.BACKLOG]} messages)")
+            poller.poll(None if left is None else max(1, int(left * 1000)))
+            alerted()
+            if not _drain_wakes(ch.sock):
+                return False
+    finally:
+        view[direct.WAITING] = 0
 
 
 def _drain_wakes(sock: socket.socket) -> bool:
@@ -270,7 +311,7 @@ class Receivers:
         cid = item.value
         try:
             value, fds = trap_fds(traps.CHANNEL_ACCEPT, name, cid)
-            ep = _open_endpoint(int(cid), fds, int(value[0]), int(value[1]))
+            ep = _open_endpoint(int(cid), fds, int(value[0]))
         except (MachError, OSError):
             return  # (the sender's messages go through machd once it is torn down)
         self.sweep()
@@ -405,7 +446,8 @@ class LocalReceive:
             self.receivers.drop(self.name, ep)
             return None
         try:
-            msg, with_reply = direct.decode_packet(data)
+            msg, index = direct.decode_packet(data)
+            reply = self._reply_name(ep, index)
         except wire.WireError as e:
             log.warning("pymach: a bad packet on channel %d (port %d): %s; channel dropped",
                         ep.cid, self.name, e.detail)
@@ -413,8 +455,23 @@ class LocalReceive:
                 self.trap(traps.CHANNEL_CLOSE, self.name, ep.cid)
             self.receivers.drop(self.name, ep)
             return None
-        return Message(ep.reply if with_reply else 0, self.name, msg.id, msg.items,
-                       sender_uid=ep.uid)
+        return Message(reply, self.name, msg.id, msg.items, sender_uid=ep.uid)
+
+    def _reply_name(self, ep: Endpoint, index: int) -> int:
+        """Our name for the channel's reply port `index` (1-based; 0: none), asked of
+        machd when it is new to us; WireError if it is not bound."""
+        if not index:
+            return 0
+        if index > len(ep.replies):
+            try:
+                names = self.trap(traps.CHANNEL_REPLIES, self.name, ep.cid)
+            except MachError:
+                names = []
+            if isinstance(names, list) and all(type(n) is int for n in names):
+                ep.replies = names
+        if index > len(ep.replies):
+            raise wire.WireError(f"reply port {index} is not bound to the channel")
+        return ep.replies[index - 1]
 
     def _read(self, ep: Endpoint) -> bytes | None:
         """One packet taken off the channel (ep.lock held); a message too large for the

@@ -104,6 +104,7 @@ class NativeProcess:
         self.task_port = 0  # this task's name for its own task port
         self.local_code: dict[str, Code] = {}  # thread_create on our own task: shared
         self.receivers = Receivers()  # our ports that have direct channels (direct.py)
+        self.senders = Senders()  # our direct channels to other tasks' ports
         _mmap(WINDOW_BASE, WINDOW_SIZE, PROT_NONE,
               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE)
 
@@ -311,7 +312,7 @@ class NativeThread:
         self.reply_name = int(fields["thread_reply"])  # known without a round trip
         self.task = process
         self.kernel = _KernelInfo(process)
-        self.senders = Senders()  # this thread's direct channels (libmach/direct.py)
+        self.senders = process.senders  # the task's direct channels (libmach/direct.py)
         self.alert_fd = -1  # rung by machd when this thread is suspended or terminated
         self._alert_poll: select.poll | None = None
 
@@ -386,7 +387,7 @@ class NativeThread:
             return False
         t = check_options(option, SEND_TIMEOUT, timeout, "send")
         validate_message(msg)
-        return self.senders.send(msg, option, t, self._alert(), self._alerted, self.trap)
+        return self.senders.send(msg, t, self._alert(), self._alerted, self.trap)
 
     def _receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
         """A receive: on the port's direct channels if it has any here, else through
@@ -438,7 +439,7 @@ class NativeThread:
             return
         self._message_trap(traps.MSG_SEND, msg, option, timeout)
         if isinstance(msg, Message):
-            self.senders.note_sent(msg, option, self.trap_fds)
+            self.senders.note_sent(msg, self.trap_fds)
 
     def msg_receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
         """msg_receive: from direct channels and machd, or in machd."""
@@ -462,7 +463,7 @@ class NativeThread:
                 return self._receive(local, option, receive_timeout, rcv_size)
             got = self._message_trap(traps.MSG_RPC, msg, option, rcv_size, send_timeout,
                                      receive_timeout)
-            self.senders.note_sent(msg, option, self.trap_fds)
+            self.senders.note_sent(msg, self.trap_fds)
             return self._after_trap(got, local, option, receive_timeout, rcv_size)
         except MachError as e:
             if e.code in _STALE_REPLY and getattr(msg, "local_port", 0) == self.reply_name:
@@ -479,7 +480,7 @@ class NativeThread:
             return self._receive(port, option, receive_timeout, rcv_size)
         got = self._message_trap(traps.MSG_SEND_RECEIVE, msg, port, option, rcv_size,
                                  send_timeout, receive_timeout)
-        self.senders.note_sent(msg, option, self.trap_fds)
+        self.senders.note_sent(msg, self.trap_fds)
         return self._after_trap(got, port, option, receive_timeout, rcv_size)
 
     @property
@@ -506,14 +507,13 @@ class NativeThread:
         _reply(self.process, self.conn, self.conn.recv())
 
     def close_channels(self) -> None:
-        """Close this thread's direct channels and its alert (it ends)."""
-        self.senders.close_all()
+        """Close this thread's alert (it ends)."""
         if self.alert_fd >= 0:
             close_fds([self.alert_fd])
             self.alert_fd, self._alert_poll = -1, None
 
     def exit(self, result: Any) -> None:
-        """Tell machd this thread is done (its channels close)."""
+        """Tell machd this thread is done."""
         self.close_channels()
         with contextlib.suppress(Disconnected, OSError):
             self.conn.send(traps.EXIT, [_wire_value(result)])
@@ -695,6 +695,7 @@ def detach() -> None:
         return
     process.detaching = True
     process.receivers.close_all()
+    process.senders.close_all()
     me = running_thread()
     if isinstance(me, NativeThread):
         me.close_channels()

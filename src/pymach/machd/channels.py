@@ -6,21 +6,25 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
 
 - **Grant** (`open`, the CHANNEL_OPEN trap). The thread's task holds a right to send to
   P; P is a task's port, not enabled (not in a default group), and its receiver is
-  another live native task; the channel is bound to one reply port R the sender names
-  (or none), to which machd gives the receiver a send right now (Mach 2.5 rights have
-  no reference counts, so a message that carries only that reply right changes nothing
-  in machd but P's queue). machd queues on P an internal marker (CHANNEL_MARKER) behind
-  everything queued so far and returns the sender its end and the page. One channel
-  per (sender thread, P); at most `PORT_CHANNELS_MAX` per port and
-  `TASK_CHANNELS_MAX` into one receiving task.
+  another live native task. machd queues on P an internal marker (CHANNEL_MARKER)
+  behind everything queued so far and returns the sender its end and the page. One
+  channel per (sender task, P), shared by the task's threads; at most
+  `PORT_CHANNELS_MAX` per port and `TASK_CHANNELS_MAX` into one receiving task.
+- **Reply ports** (`bind`, CHANNEL_BIND; `replies`, CHANNEL_REPLIES). A message on a
+  channel names no port: its reply port is none or one of at most REPLIES_MAX ports
+  the sender bound to the channel, each a port it holds a right to send to, to which
+  machd gives the receiver a send right when it binds it (Mach 2.5 rights have no
+  reference counts, so a message that carries only such a reply right changes nothing
+  in machd but P's queue). The receiver asks machd for its names of them.
 - **Accept** (`accept`, CHANNEL_ACCEPT). The receiver's runtime, having received the
   marker, takes its end, the page, and P's doorbell (an eventfd machd rings at every
   message queued on P in machd), and reads the channel from then on: per-sender order
   holds, since the sender's later messages go on the channel.
 - **Teardown** (`_teardown`). When P's receive right is about to leave its task or P
-  to die (PortObserver.receiver_leaving), P is enabled, the receiver loses its name for
-  R, the sender's task loses its name for P, R dies, the sender thread ends, or either
-  side asks (CHANNEL_CLOSE: a sender about
+  to die (PortObserver.receiver_leaving), P is enabled, the receiver or the sender loses
+  its name for a bound reply port, the sender's task loses its name for P (its right
+  given up or taken, or the task's death), a bound reply port dies, or either side
+  asks (CHANNEL_CLOSE: a sender about
   to send through machd what a channel cannot carry, or a receiver that read garbage),
   machd shuts the channel down (the sender's next write fails with EPIPE, and it falls
   back to machd; the receiver's reads end), reads what is left through its own dup of
@@ -72,8 +76,8 @@ class DirectChannel:
 
     cid: int
     port: Port  # P
-    reply: Port | None  # R, the bound reply port
-    sender: Thread
+    replies: list[Port]  # the bound reply ports, by index
+    sender: Task
     receiver: Task
     end: socket.socket  # machd's dup of the receiver's end
     page: mmap.mmap
@@ -100,42 +104,88 @@ class ChannelTable:
         self.ports: dict[Port, PortChannels] = {}
         self.by_id: dict[int, DirectChannel] = {}
         self.by_reply: dict[Port, list[DirectChannel]] = {}
-        self.by_sender: dict[Thread, list[DirectChannel]] = {}
+        self.by_sender: dict[Task, list[DirectChannel]] = {}
         self.per_task: dict[Task, int] = {}
         self._ids = itertools.count(1)
 
     # -- the traps ------------------------------------------------------------------------
     def open(self, thread: Thread, name: int, reply_name: int) -> tuple[list[int], list[int]]:
-        """CHANNEL_OPEN (see module docstring): ([channel id, 2], [sender's end, page fd])
-        or a MachError saying why not (the runtime sends through machd then)."""
+        """CHANNEL_OPEN (see module docstring), with `reply_name` bound first unless 0:
+        ([channel id, 2], [sender's end, page fd]) or a MachError saying why not (the
+        runtime sends through machd then)."""
         space = thread.task.space
         port = space.lookup(name, "SEND_INVALID_PORT").port
         receiver = port.receiver
-        self._check_open(thread, port, receiver)
+        self._check_open(thread.task, port, receiver)
         assert receiver is not None
-        reply = space.lookup(reply_name, "SEND_INVALID_PORT").port if reply_name else None
-        if reply is not None and reply.dead:
-            raise MachError("SEND_INVALID_PORT", "the reply port is dead")
-        if reply is not None and receiver.space.name_of(reply) is None:
-            receiver.space.check_room(1, "KERN_NO_SPACE")
-        ch, sender_end = self._make(thread, port, reply, receiver)
-        if reply is not None:
-            receiver.space.insert(reply, send=True)
+        reply = self._reply_port(thread.task, reply_name, receiver) if reply_name else None
+        ch, sender_end = self._make(thread.task, port, receiver)
         self._register(ch)
+        if reply is not None:
+            self._bind(ch, reply)
         page_fd = os.dup(ch.page_fd)
         mqueue_enqueue(port, ch.marker)  # type: ignore[arg-type]
         return [ch.cid, 2], [sender_end, page_fd]
 
-    def _check_open(self, thread: Thread, port: Port, receiver: Task | None) -> None:
-        """KERN_FAILURE unless a channel from `thread` to `port` may be granted."""
+    def _reply_port(self, task: Task, reply_name: int, receiver: Task) -> Port:
+        """The port the sender names as a reply port, if it may be bound (it holds a
+        right to send to it, it lives, and the receiver has room for a name)."""
+        reply = task.space.lookup(reply_name, "SEND_INVALID_PORT").port
+        if reply.dead:
+            raise MachError("SEND_INVALID_PORT", "the reply port is dead")
+        if receiver.space.name_of(reply) is None:
+            receiver.space.check_room(1, "KERN_NO_SPACE")
+        return reply
+
+    def _bind(self, ch: DirectChannel, reply: Port) -> int:
+        """Bind a reply port to the channel (the receiver gets a send right); its index."""
+        if reply in ch.replies:
+            return ch.replies.index(reply)
+        ch.receiver.space.insert(reply, send=True)
+        ch.replies.append(reply)
+        self.by_reply.setdefault(reply, []).append(ch)
+        reply.observer = self
+        return len(ch.replies) - 1
+
+    def bind(self, thread: Thread, name: int, cid: int, reply_name: int) -> int:
+        """CHANNEL_BIND by the channel's sending task: the index of `reply_name`'s port
+        on the channel (bound now if it is not); KERN_RESOURCE_SHORTAGE past
+        REPLIES_MAX."""
+        ch = self._own(thread, name, cid, sender=True)
+        reply = self._reply_port(thread.task, reply_name, ch.receiver)
+        if reply not in ch.replies and len(ch.replies) >= direct.REPLIES_MAX:
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"{direct.REPLIES_MAX} reply ports "
+                            f"are bound to this channel already")
+        return self._bind(ch, reply)
+
+    def replies(self, thread: Thread, name: int, cid: int) -> list[int]:
+        """CHANNEL_REPLIES by the receiving task: its names for the bound reply ports,
+        by index (0 for one it no longer names)."""
+        ch = self._own(thread, name, cid, sender=False)
+        space = thread.task.space
+        return [space.name_of(p) or 0 for p in ch.replies]
+
+    def _own(self, thread: Thread, name: int, cid: int, sender: bool) -> DirectChannel:
+        """The channel `cid` to the port `name` names in the thread's task, of which the
+        task is the sender (or the receiver); KERN_INVALID_ARGUMENT otherwise."""
+        ch = self.by_id.get(cid)
+        entry = thread.task.space.names.get(name)
+        ours = ch is not None and (ch.sender if sender else ch.receiver) is thread.task
+        if ch is None or not ours or entry is None or entry.port is not ch.port:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} of this task to "
+                            f"port {name}")
+        return ch
+
+    def _check_open(self, task: Task, port: Port, receiver: Task | None) -> None:
+        """KERN_FAILURE unless a channel from `task` to `port` may be granted."""
         why = ""
         if port.dead or port.kobject is not None or receiver is None:
             why = "not a task's port"
-        elif receiver is thread.task or receiver.process is None or not receiver.active:
+        elif receiver is task or receiver.process is None or not receiver.active:
             why = "its receiver is not another native task"
         elif port.enabled:
             why = "it is in a default group"
-        elif any(c.sender is thread for c in self._channels(port)):
+        elif any(c.sender is task for c in self._channels(port)):
             why = "there is one already"
         elif len(self._channels(port)) >= PORT_CHANNELS_MAX or \
                 self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX:
@@ -143,8 +193,7 @@ class ChannelTable:
         if why:
             raise MachError("KERN_FAILURE", f"no direct channel to this port: {why}")
 
-    def _make(self, thread: Thread, port: Port, reply: Port | None,
-              receiver: Task) -> tuple[DirectChannel, int]:
+    def _make(self, sender: Task, port: Port, receiver: Task) -> tuple[DirectChannel, int]:
         """A new channel's record and the sender's end (a descriptor for the reply)."""
         sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         page_fd = os.memfd_create("pymach-channel", os.MFD_CLOEXEC)
@@ -160,7 +209,7 @@ class ChannelTable:
         view[direct.BACKLOG] = port.backlog
         cid = next(self._ids)
         marker = KMsg(port, None, direct.CHANNEL_MARKER, [Int(cid)])
-        ch = DirectChannel(cid, port, reply, thread, receiver, end, page, view, page_fd, marker)
+        ch = DirectChannel(cid, port, [], sender, receiver, end, page, view, page_fd, marker)
         return ch, sender_end.detach()
 
     def _register(self, ch: DirectChannel) -> None:
@@ -174,38 +223,27 @@ class ChannelTable:
         self.by_sender.setdefault(ch.sender, []).append(ch)
         self.per_task[ch.receiver] = self.per_task.get(ch.receiver, 0) + 1
         ch.port.observer = self
-        if ch.reply is not None:
-            self.by_reply.setdefault(ch.reply, []).append(ch)
-            ch.reply.observer = self
         self._publish(ch.port)
 
     def accept(self, thread: Thread, name: int, cid: int) -> tuple[list[int], list[int]]:
-        """CHANNEL_ACCEPT: ([reply name, sender uid, 3], [receiver's end, page, bell])
-        for the channel whose marker the task received on its port `name`;
-        KERN_INVALID_ARGUMENT if there is no such channel (any more)."""
-        ch = self.by_id.get(cid)
-        entry = thread.task.space.names.get(name)
-        if ch is None or entry is None or entry.port is not ch.port or not entry.receive \
-                or ch.receiver is not thread.task or ch.accepted or ch.marker is not None:
+        """CHANNEL_ACCEPT: ([sender uid, 3], [receiver's end, page, bell]) for the channel
+        whose marker the task received on its port `name`; KERN_INVALID_ARGUMENT if
+        there is no such channel (any more)."""
+        ch = self._own(thread, name, cid, sender=False)
+        if not thread.task.space.names[name].receive or ch.accepted or ch.marker is not None:
             raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} to accept on {name}")
         ch.accepted = True
-        reply_name = thread.task.space.name_of(ch.reply) or 0 if ch.reply is not None else 0
         page_fd, ch.page_fd = ch.page_fd, -1
         fds = [os.dup(ch.end.fileno()), page_fd, os.dup(self.ports[ch.port].bell)]
-        return [reply_name, ch.sender.task.uid, 3], fds
+        return [ch.sender.uid, 3], fds
 
     def close(self, thread: Thread, name: int, cid: int) -> None:
-        """CHANNEL_CLOSE by the channel's sender thread or receiving task (anyone else:
+        """CHANNEL_CLOSE by the channel's sending or receiving task (anyone else:
         KERN_INVALID_ARGUMENT): tear it down."""
         ch = self.by_id.get(cid)
-        if ch is None or not (ch.sender is thread or ch.receiver is thread.task):
-            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} of this thread")
+        if ch is None or thread.task not in (ch.sender, ch.receiver):
+            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} of this task")
         self._teardown(ch)
-
-    def thread_gone(self, thread: Thread) -> None:
-        """The sender thread ended: its channels are torn down."""
-        for ch in list(self.by_sender.get(thread, ())):
-            self._teardown(ch)
 
     # -- teardown --------------------------------------------------------------------------
     def _teardown(self, ch: DirectChannel) -> None:
@@ -239,11 +277,11 @@ class ChannelTable:
         self.per_task[ch.receiver] -= 1
         if not self.per_task[ch.receiver]:
             del self.per_task[ch.receiver]
-        if ch.reply is not None:
-            self.by_reply[ch.reply].remove(ch)
-            if not self.by_reply[ch.reply]:
-                del self.by_reply[ch.reply]
-                self._unobserve(ch.reply)
+        for reply in ch.replies:
+            self.by_reply[reply].remove(ch)
+            if not self.by_reply[reply]:
+                del self.by_reply[reply]
+                self._unobserve(reply)
         with contextlib.suppress(OSError):
             os.eventfd_write(st.bell, 1)
         if not st.channels:
@@ -259,7 +297,7 @@ class ChannelTable:
         """The messages left on a shut channel, decoded (a bad packet is dropped and
         logged), as kernel messages from its sender."""
         out: list[KMsg] = []
-        sender = ch.sender.task
+        sender = ch.sender
         for _ in range(DRAIN_MAX):
             try:
                 data = ch.end.recv(direct.PACKET_MAX + 1, socket.MSG_DONTWAIT)
@@ -268,13 +306,16 @@ class ChannelTable:
             if not data:
                 break
             try:
-                msg, with_reply = direct.decode_packet(data)
+                msg, index = direct.decode_packet(data)
+                if index > len(ch.replies):
+                    raise wire.WireError(f"reply port {index} is not bound")
             except wire.WireError as e:
                 log.warning("task %s: a bad packet on channel %d dropped: %s", sender.name,
                             ch.cid, e.detail)
                 continue
-            reply = ch.reply if with_reply and ch.reply is not None and \
-                not ch.reply.dead else None
+            reply = ch.replies[index - 1] if index else None
+            if reply is not None and reply.dead:
+                reply = None
             out.append(KMsg(ch.port, reply, msg.id, list(msg.items), sender=sender.name,
                             sender_uid=sender.uid, plain=True))
         return out
@@ -332,14 +373,14 @@ class ChannelTable:
         self._publish(port)
 
     def holder_removed(self, port: Port, space: IpcSpace) -> None:
-        """A receiver that loses its name for a channel's reply port loses the
+        """A receiver or sender that loses its name for a channel's reply port loses the
         channel; so does a sender that loses its name for the channel's port (its right
-        was given up, or taken: port_extract_right)."""
+        was given up, or taken: port_extract_right; or its task died)."""
         for ch in list(self.by_reply.get(port, ())):
-            if ch.receiver.space is space:
+            if space in (ch.receiver.space, ch.sender.space):
                 self._teardown(ch)
         for ch in list(self._channels(port)):
-            if ch.sender.task.space is space:
+            if ch.sender.space is space:
                 self._teardown(ch)
 
     def extra_messages(self, port: Port) -> int:

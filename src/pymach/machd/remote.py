@@ -247,6 +247,16 @@ def _channel_close(thread: Thread, args: list[Any]) -> Any:
         _channels(thread).close(thread, args[0], args[1])
 
 
+def _channel_bind(thread: Thread, args: list[Any]) -> Any:
+    with thread.kernel.trap(thread):
+        return _channels(thread).bind(thread, *args)
+
+
+def _channel_replies(thread: Thread, args: list[Any]) -> Any:
+    with thread.kernel.trap(thread):
+        return _channels(thread).replies(thread, *args)
+
+
 def _thread_alert(thread: Thread, args: list[Any]) -> Any:
     """The thread's alert eventfd (made once), rung when it is suspended or
     terminated (RemoteState.ring_alert); a kernel boundary, so a suspension made before
@@ -343,6 +353,8 @@ TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
     traps.CHANNEL_OPEN: _channel_open,
     traps.CHANNEL_ACCEPT: _channel_accept,
     traps.CHANNEL_CLOSE: _channel_close,
+    traps.CHANNEL_BIND: _channel_bind,
+    traps.CHANNEL_REPLIES: _channel_replies,
     traps.THREAD_ALERT: _thread_alert,
     traps.BOUNDARY: _boundary,
 }
@@ -377,7 +389,6 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
         with thread.kernel.sched.lock:  # a trap parked now has nobody to answer
             drop_parked_fault(thread)
             thread_cancel(thread)
-            machd.channels.thread_gone(thread)
         machd.poller.unregister_thread(thread)
         conn.close()
         for out in state.outgoing:
