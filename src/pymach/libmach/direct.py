@@ -92,6 +92,7 @@ class Endpoint:
     sock: socket.socket
     page: mmap.mmap
     view: memoryview
+    fd: int  # the socket's descriptor (for poll)
     uid: int = -1  # (receiver) the sender's uid, machd's word
     lock: threading.Lock = field(default_factory=threading.Lock)  # the sender's writes and
     # counts; the receiver's peek and take
@@ -117,7 +118,7 @@ def _open_endpoint(cid: int, fds: list[int], uid: int = -1) -> Endpoint:
     except OSError:
         close_fds(fds)
         raise
-    return Endpoint(cid, socket.socket(fileno=fds[0]), page, view, uid)
+    return Endpoint(cid, socket.socket(fileno=fds[0]), page, view, fds[0], uid)
 
 
 # -- the sender's side -------------------------------------------------------------------------
@@ -372,11 +373,10 @@ class LocalReceive:
         self.alert, self.trap, self.trap_fds = alert, trap, trap_fds
         self.deadline = None if timeout is None else time.monotonic() + timeout / 1000
 
-    def run(self, alerted: Callable[[], None], boundary: Callable[[], None]) -> Message | None:
+    def run(self, boundary: Callable[[], None]) -> Message | None:
         """The message, or None once the port has no channels here (the caller then
         receives through machd with `remaining()`); RCV_TIMED_OUT, or a trap's error.
-        A suspension or termination pending (`alerted`) takes effect first."""
-        alerted()
+        An alert (a suspension or termination) takes effect first (`boundary`)."""
         while True:
             pr = self.receivers.ports.get(self.name)
             if pr is None:
@@ -387,11 +387,18 @@ class LocalReceive:
                     return msg
                 continue  # (a marker taken, or nothing there: look again)
             generation = pr.generation
-            msg = self._from_channels(pr)
+            ready = self._poll(pr)
+            if self.alert in ready:
+                boundary()
+                continue
+            if pr.bell in ready:
+                pr.maybe_queued = True
+            msg = self._from_channels(pr, ready)
             if msg is not None:
                 return msg
-            if pr.generation != generation or self._wait(pr, boundary):
-                continue  # (a channel ended: look again)
+            left = self.remaining()
+            if ready or pr.generation != generation or left is None or left > 0:
+                continue  # (a channel ended, or the bell rang: look again)
             raise MachError("RCV_TIMED_OUT", f"no message on port {self.name}")
 
     def remaining(self) -> float | None:
@@ -418,16 +425,18 @@ class LocalReceive:
             return None
         return msg
 
-    def _from_channels(self, pr: PortReceiver) -> Message | None:
-        """A message from one of the port's channels, round-robin; None if none has one."""
+    def _from_channels(self, pr: PortReceiver, ready: set[int]) -> Message | None:
+        """A message from one of the port's channels that `ready` names, round-robin;
+        None if none has one."""
         channels = list(pr.channels)
         n = len(channels)
         for i in range(n):
             ep = channels[(pr.turn + i) % n]
-            msg = self._take(ep)
-            if msg is not None:
-                pr.turn = (pr.turn + i + 1) % max(n, 1)
-                return msg
+            if ep.fd in ready:
+                msg = self._take(ep)
+                if msg is not None:
+                    pr.turn = (pr.turn + i + 1) % n
+                    return msg
         return None
 
     def _take(self, ep: Endpoint) -> Message | None:
@@ -494,22 +503,13 @@ class LocalReceive:
                     ep.sock.send(direct.WAKE, socket.MSG_DONTWAIT)
         return data
 
-    def _wait(self, pr: PortReceiver, boundary: Callable[[], None]) -> bool:
-        """Wait for a channel, the bell or the alert (a look at them, once the timeout
-        has passed); False if nothing came and the timeout has passed."""
+    def _poll(self, pr: PortReceiver) -> set[int]:
+        """The descriptors ready among the port's channels, its bell and the thread's
+        alert, waiting for one until the receive's timeout (a look, once it passed)."""
         left = self.remaining()
         poller = select.poll()
-        for ep in list(pr.channels):
-            with contextlib.suppress(ValueError, OSError):
-                poller.register(ep.sock, _POLLIN)
+        for ep in pr.channels:
+            poller.register(ep.fd, _POLLIN)
         poller.register(pr.bell, select.POLLIN)
         poller.register(self.alert, select.POLLIN)
-        ready = {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}
-        if self.alert in ready:
-            boundary()
-        if pr.bell in ready:
-            pr.maybe_queued = True
-        if ready:
-            return True
-        left = self.remaining()
-        return left is None or left > 0
+        return {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}

@@ -398,7 +398,7 @@ class NativeThread:
                 local = LocalReceive(self.process.receivers, port, t,
                                      check_rcv_size(rcv_size), self._alert(), self.trap,
                                      self.trap_fds)
-                got = local.run(self._alerted, self._boundary)
+                got = local.run(self._boundary)
                 if got is not None:
                     return got
                 timeout = local.remaining()  # the port's channels are gone: machd's turn
