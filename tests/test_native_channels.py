@@ -189,6 +189,38 @@ def test_backlog_and_port_status_count_the_channel(native: str) -> None:
     assert ids == sent
 
 
+def _send_one(dest: int, done: int) -> None:
+    try:
+        m.msg_send(Message(remote_port=dest, id=77))  # blocks: the port is full
+        outcome = "sent"
+    except m.MachError as e:
+        outcome = e.code
+    m.msg_send(Message(remote_port=done, id=DONE, items=[Str(outcome)]))
+
+
+def test_a_sender_waiting_for_room_is_suspended_and_terminated(native: str) -> None:
+    me = m.task_self()
+    h, box, (p, ctl) = _spawn_boxed(_hold, "hold")
+    for i in range(2):
+        m.msg_send(Message(remote_port=p, id=i))
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == GO
+    for i in range(10, 10 + m.PORT_BACKLOG_DEFAULT):  # the port is full
+        m.msg_send(Message(remote_port=p, id=i), m.SEND_TIMEOUT, 20_000)
+    assert p in _channels()
+    done = m.port_allocate(me)
+    t = m.thread_create(me, _send_one, p, done)
+    m.thread_terminate(t)  # waiting for room, or before it began: it ends
+    with pytest.raises(m.MachError):
+        m.thread_info(t)
+    t2 = m.thread_create(me, _send_one, p, done)
+    m.thread_suspend(t2)
+    m.msg_send(Message(remote_port=ctl, id=GO))  # the holder takes everything, and ends
+    ids, _ = h.result(20_000)  # type: ignore[attr-defined]
+    assert ids == list(range(10, 10 + m.PORT_BACKLOG_DEFAULT))  # nothing of t's or t2's
+    m.thread_resume(t2)  # its port died while it waited: the send fails, as in Mach
+    assert m.msg_receive(done, m.RCV_TIMEOUT, 20_000).values() == ["SEND_INVALID_PORT"]
+
+
 def _receive_then_move(box: int) -> int:
     """Take 2 messages on a port, then (after GO) move its receive right to `box`'s
     sender without receiving what else came."""
