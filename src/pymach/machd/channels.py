@@ -119,11 +119,10 @@ class ChannelTable:
         self._check_open(thread.task, port, receiver)
         assert receiver is not None
         reply = self._reply_port(thread.task, reply_name, receiver) if reply_name else None
-        ch, sender_end = self._make(thread.task, port, receiver)
+        ch, sender_end, page_fd = self._make(thread.task, port, receiver)
         self._register(ch)
         if reply is not None:
             self._bind(ch, reply)
-        page_fd = os.dup(ch.page_fd)
         mqueue_enqueue(port, ch.marker)  # type: ignore[arg-type]
         return [ch.cid, 2], [sender_end, page_fd]
 
@@ -193,24 +192,29 @@ class ChannelTable:
         if why:
             raise MachError("KERN_FAILURE", f"no direct channel to this port: {why}")
 
-    def _make(self, sender: Task, port: Port, receiver: Task) -> tuple[DirectChannel, int]:
-        """A new channel's record and the sender's end (a descriptor for the reply)."""
+    def _make(self, sender: Task, port: Port,
+              receiver: Task) -> tuple[DirectChannel, int, int]:
+        """A new channel's record, the sender's end and a descriptor of the page (for
+        the reply); an OSError (out of descriptors, say) leaves nothing behind."""
         sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        page_fd = os.memfd_create("pymach-channel", os.MFD_CLOEXEC)
+        fds: list[int] = []
         try:
-            os.ftruncate(page_fd, direct.PAGE_SIZE)
-            page = mmap.mmap(page_fd, direct.PAGE_SIZE)
+            fds.append(os.memfd_create("pymach-channel", os.MFD_CLOEXEC))
+            os.ftruncate(fds[0], direct.PAGE_SIZE)
+            fds.append(os.dup(fds[0]))
+            page = mmap.mmap(fds[0], direct.PAGE_SIZE)
         except OSError:
             for s in (sender_end, end):
                 s.close()
-            os.close(page_fd)
+            for fd in fds:
+                os.close(fd)
             raise
         view = memoryview(page).cast("Q")
         view[direct.BACKLOG] = port.backlog
         cid = next(self._ids)
         marker = KMsg(port, None, direct.CHANNEL_MARKER, [Int(cid)])
-        ch = DirectChannel(cid, port, [], sender, receiver, end, page, view, page_fd, marker)
-        return ch, sender_end.detach()
+        ch = DirectChannel(cid, port, [], sender, receiver, end, page, view, fds[0], marker)
+        return ch, sender_end.detach(), fds[1]
 
     def _register(self, ch: DirectChannel) -> None:
         st = self.ports.get(ch.port)
@@ -232,10 +236,15 @@ class ChannelTable:
         ch = self._own(thread, name, cid, sender=False)
         if not thread.task.space.names[name].receive or ch.accepted or ch.marker is not None:
             raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} to accept on {name}")
+        end = os.dup(ch.end.fileno())
+        try:
+            bell = os.dup(self.ports[ch.port].bell)
+        except OSError:
+            os.close(end)
+            raise
         ch.accepted = True
         page_fd, ch.page_fd = ch.page_fd, -1
-        fds = [os.dup(ch.end.fileno()), page_fd, os.dup(self.ports[ch.port].bell)]
-        return [ch.sender.uid, 3], fds
+        return [ch.sender.uid, 3], [end, page_fd, bell]
 
     def close(self, thread: Thread, name: int, cid: int) -> None:
         """CHANNEL_CLOSE by the channel's sending or receiving task (anyone else:

@@ -64,6 +64,7 @@ from pymach.ipc.mach_msg import (
     msg_send_trap,
 )
 from pymach.kern.sched_prim import NOT_YET, Parked, thread_cancel, thread_continue
+from pymach.machd.channels import ChannelTable
 from pymach.machd.fault_park import (
     FailedFault,
     drop_parked_fault,
@@ -77,7 +78,6 @@ from pymach.vm.vm_fault import vm_fault_trap
 if TYPE_CHECKING:
     from pymach.include.message import Code
     from pymach.kern.thread import Thread
-    from pymach.machd.channels import ChannelTable
     from pymach.machd.machd import Machd
     from pymach.pmap.native_map import NativeMapBinding
     from pymach.pmap.uffd import Fault
@@ -232,29 +232,18 @@ def _channels(thread: Thread) -> ChannelTable:
     return table
 
 
-def _channel_open(thread: Thread, args: list[Any]) -> Any:
-    with thread.kernel.trap(thread):
-        return WithFds(*_channels(thread).open(thread, args[0], args[1]))
-
-
-def _channel_accept(thread: Thread, args: list[Any]) -> Any:
-    with thread.kernel.trap(thread):
-        return WithFds(*_channels(thread).accept(thread, args[0], args[1]))
-
-
-def _channel_close(thread: Thread, args: list[Any]) -> Any:
-    with thread.kernel.trap(thread):
-        _channels(thread).close(thread, args[0], args[1])
-
-
-def _channel_bind(thread: Thread, args: list[Any]) -> Any:
-    with thread.kernel.trap(thread):
-        return _channels(thread).bind(thread, *args)
-
-
-def _channel_replies(thread: Thread, args: list[Any]) -> Any:
-    with thread.kernel.trap(thread):
-        return _channels(thread).replies(thread, *args)
+def _channel_trap(call: Callable[..., Any]) -> Callable[[Thread, list[Any]], Any]:
+    """A channel trap (machd/channels.py) entered as a kernel call; a descriptor machd
+    cannot make (EMFILE, say) is KERN_RESOURCE_SHORTAGE for the caller."""
+    def trap(thread: Thread, args: list[Any]) -> Any:
+        with thread.kernel.trap(thread):
+            try:
+                value = call(_channels(thread), thread, *args)
+            except OSError as e:
+                raise MachError("KERN_RESOURCE_SHORTAGE", f"no direct channel: "
+                                f"{e.strerror or e}") from None
+            return WithFds(*value) if isinstance(value, tuple) else value
+    return trap
 
 
 def _thread_alert(thread: Thread, args: list[Any]) -> Any:
@@ -350,11 +339,11 @@ TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
     traps.MSG_SEND_RECEIVE: _msg_send_receive,
     traps.FAULT_IN: _fault_in,
     traps.MAPPED: _mapped,
-    traps.CHANNEL_OPEN: _channel_open,
-    traps.CHANNEL_ACCEPT: _channel_accept,
-    traps.CHANNEL_CLOSE: _channel_close,
-    traps.CHANNEL_BIND: _channel_bind,
-    traps.CHANNEL_REPLIES: _channel_replies,
+    traps.CHANNEL_OPEN: _channel_trap(ChannelTable.open),
+    traps.CHANNEL_ACCEPT: _channel_trap(ChannelTable.accept),
+    traps.CHANNEL_CLOSE: _channel_trap(ChannelTable.close),
+    traps.CHANNEL_BIND: _channel_trap(ChannelTable.bind),
+    traps.CHANNEL_REPLIES: _channel_trap(ChannelTable.replies),
     traps.THREAD_ALERT: _thread_alert,
     traps.BOUNDARY: _boundary,
 }
