@@ -221,23 +221,28 @@ def test_a_sender_waiting_for_room_is_suspended_and_terminated(native: str) -> N
     assert m.msg_receive(done, m.RCV_TIMEOUT, 20_000).values() == ["SEND_INVALID_PORT"]
 
 
-def _receive_then_move(box: int) -> int:
-    """Take 2 messages on a port, then (after GO) move its receive right to `box`'s
-    sender without receiving what else came."""
+def _take_3_then(box: int) -> int:
+    """Make a port and a control port, send `box` rights to both, take 3 messages on the
+    port, wait for GO on the control port; the port's name."""
     me = m.task_self()
     p, ctl = m.port_allocate(me), m.port_allocate(me)
     m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND), Port(ctl, MAKE_SEND)]))
     for _ in range(3):
         m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
     m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)  # GO
+    return p  # type: ignore[no-any-return]
+
+
+def _receive_then_move(box: int) -> int:
+    """Take 3 messages on a port, then (after GO) move its receive right to `box`'s
+    sender without receiving what else came."""
+    p = _take_3_then(box)
     m.msg_send(Message(remote_port=box, id=DONE, items=[Port(p, MOVE_RECEIVE)]))
     return 0
 
 
 def test_receive_right_moves_with_what_is_on_the_channel(native: str) -> None:
-    h, box, (p, ctl) = _spawn_boxed(_receive_then_move, "mover")
-    for i in range(3):
-        m.msg_send(Message(remote_port=p, id=i))
+    h, box, p, ctl = _after_three(_receive_then_move, "mover")
     for i in range(10, 14):  # on the channel, not received by the mover
         m.msg_send(Message(remote_port=p, id=i, items=[Int(i)]), m.SEND_TIMEOUT, 20_000)
     assert p in _channels()
@@ -249,6 +254,92 @@ def test_receive_right_moves_with_what_is_on_the_channel(native: str) -> None:
     assert ids == [10, 11, 12, 13]
     m.msg_send(Message(remote_port=p, id=99))  # to our own port now: through machd
     assert m.msg_receive(p, m.RCV_TIMEOUT, 0).id == 99
+
+
+def _after_three(fn: object, name: str) -> tuple[object, int, int, int]:
+    """Spawn fn(box) (_take_3_then's kind) and send it its 3 messages (a channel
+    follows): (its handle, box, its port, its control port)."""
+    h, box, (p, ctl) = _spawn_boxed(fn, name)
+    for i in range(3):
+        m.msg_send(Message(remote_port=p, id=i))
+    return h, box, p, ctl
+
+
+def test_held_messages_keep_their_place_and_move_with_the_port(native: str) -> None:
+    me = m.task_self()
+    h, box, p, ctl = _after_three(_receive_then_move, "mover")
+    q = m.port_allocate(me)
+    mixed: list[list[object]] = [[Int(10)], [Port(q, MAKE_SEND)], [Int(12)],
+                                 [OOL(data=b"hello")], [Int(14)]]
+    for i, items in enumerate(mixed):  # rights and memory: held by machd, in their place
+        m.msg_send(Message(remote_port=p, id=10 + i, items=items))  # type: ignore[arg-type]
+    assert p in _channels()
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == DONE  # the receive right
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+    got = [m.msg_receive(p, m.RCV_TIMEOUT, 0) for _ in mixed]
+    assert [g.id for g in got] == [10, 11, 12, 13, 14]
+    assert got[1].items[0].name == q  # type: ignore[union-attr]  # the right, ours again
+    ool = got[3].items[0]
+    assert isinstance(ool, OOL) and m.vm_read(me, ool.address, 5) == b"hello"
+
+
+def _sender_of_three(fn: object, name: str) -> tuple[object, int, int]:
+    """Spawn fn(port, box), a sender of 3 messages to a port of ours that gives `box` a
+    control port, and take the 3: (its handle, the port, its control port)."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(fn, Port(p, MAKE_SEND), Port(box, MAKE_SEND), name=name)  # type: ignore[arg-type]
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3)] == [0, 1, 2]
+    return h, p, ctl
+
+
+def _send_then_held(dest: int, box: int) -> int:
+    """Send 3 messages (a channel follows), then one machd holds, then one more; end
+    after DONE on a port given to `box` (the channel lives until then)."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    m.msg_send(Message(remote_port=dest, id=3, items=[Port(dest, m.COPY_SEND)]))
+    m.msg_send(Message(remote_port=dest, id=4))
+    return m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000).id
+
+
+def test_a_held_message_too_large_stays_first(native: str) -> None:
+    h, p, ctl = _sender_of_three(_send_then_held, "holder")
+    assert p in _receivers()
+    with pytest.raises(m.MachError) as e:
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000, rcv_size=8)
+    assert e.value.code == "RCV_TOO_LARGE"
+    held = m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    assert (held.id, held.items[0].name) == (3, p)  # type: ignore[union-attr]
+    assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == 4
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert h.result(20_000) == DONE  # type: ignore[attr-defined]
+
+
+def _receive_3_then_die(box: int) -> int:
+    p = _take_3_then(box)
+    m.port_deallocate(m.task_self(), p)  # with a held message still unclaimed
+    return 0
+
+
+def test_a_held_message_dies_with_its_port_and_releases_its_rights(native: str) -> None:
+    me = m.task_self()
+    h, _box, p, ctl = _after_three(_receive_3_then_die, "dier")
+    q = m.port_allocate(me)
+    m.msg_send(Message(remote_port=p, id=3, items=[Port(q, MOVE_RECEIVE)]))  # held
+    assert p in _channels()
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+    notes = {}
+    for _ in range(2):
+        note = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+        notes[note.id] = note.values()
+    assert notes == {m.NOTIFY_PORT_DELETED: [p], m.NOTIFY_RECEIVE_RIGHTS: [q]}
+    assert m.port_status(me, q)[3:] == (True, True)  # q's receive right came back to us
 
 
 def _receive_then_die(box: int) -> int:
@@ -330,10 +421,7 @@ def _waiter(p: int) -> int:
 
 def test_a_thread_waiting_on_a_channel_is_suspended_and_terminated(native: str) -> None:
     me = m.task_self()
-    p, box = m.port_allocate(me), m.port_allocate(me)
-    h = m.spawn(_sender_that_waits, Port(p, MAKE_SEND), Port(box, MAKE_SEND), name="s")
-    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
-    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3)] == [0, 1, 2]
+    h, p, ctl = _sender_of_three(_sender_that_waits, "s")
     m.msg_send(Message(remote_port=ctl, id=GO))
     assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == 3  # on the channel
     assert p in _receivers()

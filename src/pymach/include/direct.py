@@ -10,10 +10,14 @@ socketpair and one shared page:
   IntArray) and whose `local_port` is 0 (no reply port) or i + 1 for the channel's i-th
   bound reply port (machd binds at most `REPLIES_MAX`, each at the sender's request,
   giving the receiver a send right; the receiver asks machd for their names in its
-  space); `remote_port` is 0. Whoever reads a packet decodes it with
-  `decode_packet`, which refuses anything else (a WireError): a channel is another
-  task's input and never carries rights, memory or code, and its sender's identity is
-  machd's word (the grant), never the packet's.
+  space); `remote_port` is 0. A message the channel cannot carry (rights, memory, code,
+  another reply disposition, more reply ports) is *held* by machd (CHANNEL_HOLD: copied
+  in as a send would, under a token), and its packet, `encode_held`, says only that:
+  remote_port 1, the token as id, no items. The receiver claims it from machd
+  (CHANNEL_CLAIM), so it keeps its place among the sender's messages. Whoever reads a
+  packet decodes it with `decode_packet`, which refuses anything else (a WireError): a
+  channel is another task's input and never carries rights, memory or code itself, and
+  its sender's identity is machd's word (the grant), never the packet's.
 - receiver (or machd) -> sender: one-byte wake-ups for a sender waiting for room.
 - the page: u64 counters, each written by one party only: `SENT` (the sender: packets
   written), `RECEIVED` (the receiver: packets taken), `QUEUED` and `BACKLOG` (machd: the
@@ -62,15 +66,24 @@ def encode_packet(msg: Message, reply_index: int) -> bytes:
     return wire.encode([Message(0, reply_index, msg.id, msg.items)])
 
 
+def encode_held(token: int) -> bytes:
+    """The packet for a message machd holds under `token` (see module docstring)."""
+    return wire.encode([Message(1, 0, token, [])])
+
+
 def decode_packet(data: bytes | bytearray | memoryview) -> tuple[Message, int]:
-    """The message of one packet and its reply index (0: none); WireError if the packet
-    is not exactly one data-only message within the inline limit."""
+    """The message of one packet and its reply index (0: none; -1: a held message's
+    packet, whose id is its token); WireError if the packet is not exactly one
+    data-only message within the inline limit, or a held message's packet."""
     if len(data) > PACKET_MAX:
         raise wire.WireError(f"a channel packet of {len(data)} bytes")
     values = wire.decode(data)
     if len(values) != 1 or not isinstance(values[0], Message):
         raise wire.WireError("a channel packet holds one message")
     msg: Message = values[0]
+    if msg.remote_port == 1 and msg.local_port == 0 and not msg.items and \
+            msg.local_disposition is None:
+        return msg, -1
     if msg.remote_port != 0 or not 0 <= msg.local_port <= REPLIES_MAX or \
             msg.local_disposition is not None:
         raise wire.WireError("a channel packet names no port")

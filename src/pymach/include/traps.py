@@ -27,6 +27,8 @@ Traps (on a thread's connection, each answered by one REPLY):
   CHANNEL_CLOSE  port, channel id             -> None (machd tears the channel down)
   CHANNEL_BIND   port, channel id, reply port -> the reply port's index on the channel
   CHANNEL_REPLIES port, channel id            -> the receiver's names of the bound ports
+  CHANNEL_HOLD   port, channel id, message    -> a token: machd holds the message
+  CHANNEL_CLAIM  port, channel id, token, size -> the held message, received
   THREAD_ALERT   (nothing)                    -> [1] + 1 fd: the thread's alert eventfd
   BOUNDARY       (nothing)                    -> None (a kernel boundary: a suspension
                  or termination pending for the thread takes effect)
@@ -50,7 +52,7 @@ MSG_SEND, MSG_RECEIVE, MSG_RPC, MSG_SEND_RECEIVE = 20, 21, 22, 23
 FAULT_IN, STDIO, EXIT, MAPPED = 30, 31, 32, 33
 DETACH = 40
 CHANNEL_OPEN, CHANNEL_ACCEPT, CHANNEL_CLOSE, THREAD_ALERT, BOUNDARY = 50, 51, 52, 53, 54
-CHANNEL_BIND, CHANNEL_REPLIES = 55, 56
+CHANNEL_BIND, CHANNEL_REPLIES, CHANNEL_HOLD, CHANNEL_CLAIM = 55, 56, 57, 58
 REPLY, START_THREAD, DIE = 100, 110, 111
 
 REPLY_OK, REPLY_ERROR, REPLY_TERMINATED = 0, 1, 2
@@ -89,6 +91,8 @@ SIGNATURES: dict[int, tuple[Any, ...]] = {
     CHANNEL_CLOSE: (int, int),
     CHANNEL_BIND: (int, int, int),
     CHANNEL_REPLIES: (int, int),
+    CHANNEL_HOLD: (int, int, _ANY),  # (the message is checked as msg_send checks it)
+    CHANNEL_CLAIM: (int, int, int, _ANY),
     THREAD_ALERT: (),
     BOUNDARY: (),
     REPLY: (int, _ANY, str, str, int, int, list),
@@ -105,5 +109,6 @@ NAMES = {HELLO_ATTACH: "hello_attach", HELLO_THREAD: "hello_thread",
          MAPPED: "mapped", DETACH: "detach", CHANNEL_OPEN: "channel_open",
          CHANNEL_ACCEPT: "channel_accept", CHANNEL_CLOSE: "channel_close",
          THREAD_ALERT: "thread_alert", BOUNDARY: "boundary", CHANNEL_BIND: "channel_bind",
-         CHANNEL_REPLIES: "channel_replies", REPLY: "reply",
+         CHANNEL_REPLIES: "channel_replies", CHANNEL_HOLD: "channel_hold",
+         CHANNEL_CLAIM: "channel_claim", REPLY: "reply",
          START_THREAD: "start_thread", DIE: "die"}

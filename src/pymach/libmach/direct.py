@@ -9,26 +9,28 @@ include/direct.py). In a task process:
   while (`RETRY_AFTER`, doubling). With a channel, such a message is one packet written
   by the thread itself, once the port has room (QUEUED + SENT - RECEIVED < BACKLOG on
   the page; else it waits for a wake-up, or fails SEND_TIMED_OUT after its timeout). Any
-  other message to that port first has machd tear the channel down (CHANNEL_CLOSE),
-  which puts what is still on it into the port's queue, so the message queued next
-  through machd stays after them. A write that fails (EPIPE: machd tore the channel
-  down) drops the channel and the message goes through machd, which gives the error Mach
-  would give. A channel belongs to the task, and its threads share it, so the task's
-  messages to the port stay in the order they were sent. A reply port new to the channel
-  is bound first (CHANNEL_BIND; at most REPLIES_MAX, then the channel is torn down as
-  above).
+  other message to that port (a right, memory, code, a reply disposition of its own, a
+  ninth reply port) is held by machd (CHANNEL_HOLD: copied in as a send would) and only
+  its token goes on the channel, so it keeps its place among the task's messages. A
+  write that fails (EPIPE: machd tore the channel down) drops the channel and the
+  message goes through machd, which gives the error Mach would give. A channel belongs
+  to the task, and its threads share it, so the task's messages to the port stay in the
+  order they were sent. A reply port new to the channel is bound first (CHANNEL_BIND; at
+  most REPLIES_MAX).
 - **Receiving.** A receive's result that is machd's marker (CHANNEL_MARKER from the
   kernel) is never returned: the runtime accepts the channel (CHANNEL_ACCEPT) and
   receives again. A receive on a port that has channels waits on them, on the port's
-  doorbell (machd rings it when it queues a message for the port; the runtime then
-  takes it with a receive trap of timeout 0) and on the thread's alert (rung when the
-  thread is suspended or terminated: it then enters the kernel, BOUNDARY, where that
-  takes effect) -- never parked in machd. Packets are decoded with the bounded typed
-  wire (data items only); the sender's uid and the reply port are machd's word from
-  the grant. A packet that does not decode has machd tear its channel down (what
-  follows it goes into the queue, checked by machd); a channel that ends (EOF) is
-  forgotten. RCV_TIMEOUT is the wait's timeout; a message larger than `rcv_size` stays
-  on its channel (read with MSG_PEEK first) and raises RCV_TOO_LARGE.
+  doorbell (machd rings it when it queues a message for the port; the runtime then takes
+  it with a receive trap of timeout 0) and on the thread's alert (rung when the thread
+  is suspended or terminated: it then enters the kernel, BOUNDARY, where that takes
+  effect) -- never parked in machd. Packets are decoded with the bounded typed wire
+  (data items only); the sender's uid and the reply port are machd's word from the
+  grant. A packet that does not decode has machd tear its channel down (what follows it
+  goes into the queue, checked by machd); a channel that ends (EOF) is forgotten. A held
+  message's token is claimed from machd (CHANNEL_CLAIM: the receive's checks and
+  copyout; an error leaves it for the next receive, first). RCV_TIMEOUT is the wait's
+  timeout; a message larger than `rcv_size` stays on its channel (read with MSG_PEEK
+  first) and raises RCV_TOO_LARGE.
 
 State: `Receivers` and `Senders` (one each per process) under their locks; a channel's
 writes and counters under its endpoint's lock.
@@ -94,6 +96,7 @@ class Endpoint:
     view: memoryview
     fd: int  # the socket's descriptor (for poll)
     uid: int = -1  # (receiver) the sender's uid, machd's word
+    pending: int = 0  # (receiver) a held message's token whose claim failed: next
     lock: threading.Lock = field(default_factory=threading.Lock)  # the sender's writes and
     # counts; the receiver's peek and take
     bound: dict[int, int] = field(default_factory=dict)  # (sender) reply name -> index
@@ -154,27 +157,40 @@ class Senders:
                 ch.bound[msg.local_port] = 0
 
     def send(self, msg: Message, timeout: float | None, alert: int,
-             alerted: Callable[[], None], trap: Trap) -> bool:
-        """Send `msg` on its port's channel if it has one and may: True if sent. False:
-        send it through machd (a message the channel cannot carry: the channel is torn
-        down first; a channel that broke: forgotten)."""
+             alerted: Callable[[], None], trap: Trap, portable: Callable[[Message], Any]
+             ) -> bool:
+        """Send `msg` on its port's channel if it has one: True if sent (as a packet, or
+        held by machd: module docstring). False: send it through machd (there is no
+        channel, or it broke: it is forgotten)."""
         name = msg.remote_port
         ch = self.channels.get(name)
         if ch is None:
             return False
         index = self._reply_index(ch, msg, trap) if direct.channel_eligible(msg) else None
-        if index is None:
-            self.release(name, trap)
-            return False
         alerted()
-        packet = direct.encode_packet(msg, index)
         while True:
             if not _wait_room(ch, timeout, alert, alerted):
                 self._forget(name, ch)
                 return False
             with ch.lock:  # (room again under the lock: another thread may have taken it)
-                if _has_room(ch.view):
-                    return self._write(name, ch, packet)
+                if not _has_room(ch.view):
+                    continue
+                if index is not None:
+                    return self._write(name, ch, direct.encode_packet(msg, index))
+                return self._hold(name, ch, portable(msg), trap)
+
+    def _hold(self, name: int, ch: Endpoint, msg: Any, trap: Trap) -> bool:
+        """Have machd hold a message the channel cannot carry and write its token
+        (ch.lock held); False if the channel is gone (send through machd)."""
+        try:
+            token = int(trap(traps.CHANNEL_HOLD, name, ch.cid, msg))
+        except MachError as e:
+            if e.code != "KERN_INVALID_ARGUMENT":
+                raise
+            self._forget(name, ch)
+            return False
+        self._write(name, ch, direct.encode_held(token))  # (if the channel was torn down
+        return True  # meanwhile, machd queued what it held in its place: sent all the same)
 
     def _write(self, name: int, ch: Endpoint, packet: bytes) -> bool:
         """Write one packet (ch.lock held); False if the channel broke (it is forgotten)."""
@@ -200,17 +216,6 @@ class Senders:
                 return None
             ch.bound[reply] = index
         return index + 1
-
-    def release(self, name: int, trap: Trap) -> None:
-        """Have machd tear down the channel to port `name` (what is on it is queued)."""
-        with self.lock:
-            ch = self.channels.pop(name, None)
-            self.counts[name] = 0
-        if ch is None:
-            return
-        with contextlib.suppress(MachError):
-            trap(traps.CHANNEL_CLOSE, name, ch.cid)
-        ch.close()
 
     def _forget(self, name: int, ch: Endpoint) -> None:
         with self.lock:
@@ -387,7 +392,7 @@ class LocalReceive:
                     return msg
                 continue  # (a marker taken, or nothing there: look again)
             generation = pr.generation
-            ready = self._poll(pr)
+            ready = self._poll(pr, any(ep.pending for ep in pr.channels))
             if self.alert in ready:
                 boundary()
                 continue
@@ -441,30 +446,57 @@ class LocalReceive:
 
     def _take(self, ep: Endpoint) -> Message | None:
         """The next message on one channel (None if it has none; a channel that ended
-        or sent garbage is dropped)."""
+        or sent garbage is dropped): a held message's claim that failed comes first."""
         with ep.lock:
+            if ep.pending:
+                return self._claim(ep, ep.pending)
             try:
                 data = self._read(ep)
             except BlockingIOError:
                 return None
             except OSError:
                 data = b""
-            if data is None:
-                return None
-        if not data:
-            self.receivers.drop(self.name, ep)
-            return None
+            if data:
+                got = self._decode(ep, data)
+                if isinstance(got, int):
+                    ep.view[direct.RECEIVED] -= 1  # (counted once claimed)
+                    return self._claim(ep, got)
+                if got is not None:
+                    return got
+        self.receivers.drop(self.name, ep)
+        return None
+
+    def _decode(self, ep: Endpoint, data: bytes) -> Message | int | None:
+        """A packet's message, or a held message's token; None for a bad packet (machd
+        then tears the channel down)."""
         try:
             msg, index = direct.decode_packet(data)
+            if index < 0:
+                return msg.id
             reply = self._reply_name(ep, index)
         except wire.WireError as e:
             log.warning("pymach: a bad packet on channel %d (port %d): %s; channel dropped",
                         ep.cid, self.name, e.detail)
             with contextlib.suppress(MachError):
                 self.trap(traps.CHANNEL_CLOSE, self.name, ep.cid)
-            self.receivers.drop(self.name, ep)
             return None
         return Message(reply, self.name, msg.id, msg.items, sender_uid=ep.uid)
+
+    def _claim(self, ep: Endpoint, token: int) -> Message | None:
+        """The held message `token` (ep.lock held); a receive error keeps it for the next
+        receive; None if machd no longer holds it (the channel was torn down: it is in
+        the port's queue)."""
+        try:
+            msg: Message = self.trap(traps.CHANNEL_CLAIM, self.name, ep.cid, token,
+                                     self.rcv_size)
+        except MachError as e:
+            ep.pending = 0 if e.code == "KERN_INVALID_ARGUMENT" else token
+            if ep.pending:
+                raise
+            return None
+        ep.pending = 0
+        ep.view[direct.RECEIVED] += 1
+        return msg
 
     def _reply_name(self, ep: Endpoint, index: int) -> int:
         """Our name for the channel's reply port `index` (1-based; 0: none), asked of
@@ -503,13 +535,15 @@ class LocalReceive:
                     ep.sock.send(direct.WAKE, socket.MSG_DONTWAIT)
         return data
 
-    def _poll(self, pr: PortReceiver) -> set[int]:
-        """The descriptors ready among the port's channels, its bell and the thread's
-        alert, waiting for one until the receive's timeout (a look, once it passed)."""
-        left = self.remaining()
+    def _poll(self, pr: PortReceiver, pending: bool) -> set[int]:
+        """The descriptors ready among the port's channels (with a held message to
+        claim: ready at once), its bell and the thread's alert, waiting for one until the
+        receive's timeout (a look, once it passed)."""
+        left = 0 if pending else self.remaining()
         poller = select.poll()
+        ready = {ep.fd for ep in pr.channels if ep.pending}
         for ep in pr.channels:
             poller.register(ep.fd, _POLLIN)
         poller.register(pr.bell, select.POLLIN)
         poller.register(self.alert, select.POLLIN)
-        return {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}
+        return ready | {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}

@@ -387,7 +387,8 @@ class NativeThread:
             return False
         t = check_options(option, SEND_TIMEOUT, timeout, "send")
         validate_message(msg)
-        return self.senders.send(msg, t, self._alert(), self._alerted, self.trap)
+        return self.senders.send(msg, t, self._alert(), self._alerted, self.trap,
+                                 lambda m: _portable(self.process, m))
 
     def _receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
         """A receive: on the port's direct channels if it has any here, else through
@@ -400,7 +401,7 @@ class NativeThread:
                                      self.trap_fds)
                 got = local.run(self._boundary)
                 if got is not None:
-                    return got
+                    return _callable_code(got)  # type: ignore[no-any-return]
                 timeout = local.remaining()  # the port's channels are gone: machd's turn
             msg: Message = _callable_code(self.trap(traps.MSG_RECEIVE, port, option,
                                                     timeout, rcv_size))

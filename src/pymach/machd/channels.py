@@ -32,6 +32,15 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   P's queue where the marker stands, or at the head if the marker was received: so
   nothing sent is lost, and it stays in order before anything the sender sends next.
   A queue that then dies destroys them as any queued message.
+- **Held messages** (`hold`, CHANNEL_HOLD; `claim`, CHANNEL_CLAIM). A message the
+  channel cannot carry is copied in by machd as a send would (rights, memory, code,
+  checks and the sender's out-of-line allowance) but not queued: machd holds it under a
+  token (at most HELD_MAX per channel) and the sender writes the token on the channel.
+  The receiver claims it there, with the receive's checks (RCV_TOO_LARGE and the like
+  leave it held: it is claimed first next time) and copyout. At a teardown, held
+  messages take their places: a claim that failed first (the receiver read its token
+  before everything still on the channel), then each token read back in order, then any
+  whose token was never written (the sender wrote its earlier messages first).
 - **Backlog.** machd writes on each channel's page how many messages wait in P's queue
   (markers aside) and P's backlog; the sender adds its own messages not yet received.
   port_status counts the messages on channels too.
@@ -53,9 +62,11 @@ from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
 from pymach.include import direct, wire
-from pymach.include.message import Int
+from pymach.include.message import Int, Message, validate_message
 from pymach.ipc.ipc_mqueue import mqueue_enqueue, mqueue_requeue
-from pymach.ipc.kmsg import KMsg
+from pymach.ipc.ipc_right import kmsg_destroy
+from pymach.ipc.kmsg import KMsg, copyout, kmsg_uncharge
+from pymach.ipc.mach_msg import check_deliverable, check_rcv_size, msg_copyin_held
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
@@ -68,6 +79,7 @@ log = logging.getLogger("pymach.machd")
 PORT_CHANNELS_MAX = 16  # channels into one port
 TASK_CHANNELS_MAX = 64  # channels into the ports of one task
 DRAIN_MAX = 4096  # packets read back at a teardown, at most (a channel holds fewer)
+HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
 
 
 @dataclass(eq=False)
@@ -85,6 +97,8 @@ class DirectChannel:
     page_fd: int  # the page's memfd, until the receiver takes it (-1 then)
     marker: KMsg | None  # the marker while it is queued
     accepted: bool = False
+    held: dict[int, KMsg] = field(default_factory=dict)  # token -> held message
+    claimed_late: list[int] = field(default_factory=list)  # tokens whose claim failed
 
 
 @dataclass(eq=False)
@@ -107,6 +121,7 @@ class ChannelTable:
         self.by_sender: dict[Task, list[DirectChannel]] = {}
         self.per_task: dict[Task, int] = {}
         self._ids = itertools.count(1)
+        self._tokens = itertools.count(1)
 
     # -- the traps ------------------------------------------------------------------------
     def open(self, thread: Thread, name: int, reply_name: int) -> tuple[list[int], list[int]]:
@@ -163,6 +178,49 @@ class ChannelTable:
         ch = self._own(thread, name, cid, sender=False)
         space = thread.task.space
         return [space.name_of(p) or 0 for p in ch.replies]
+
+    def hold(self, thread: Thread, name: int, cid: int, msg: object) -> int:
+        """CHANNEL_HOLD by the channel's sending task: copy `msg` (to the channel's
+        port) in as msg_send would, hold it, and return its token; the send's errors
+        (nothing taken then), SEND_NO_BUFFER past HELD_MAX."""
+        ch = self._own(thread, name, cid, sender=True)
+        checked = validate_message(msg)
+        if checked.remote_port != name:
+            raise MachError("SEND_INVALID_PORT", "a held message goes to its channel's port")
+        if len(ch.held) >= HELD_MAX:
+            raise MachError("SEND_NO_BUFFER", f"{HELD_MAX} messages are held for this "
+                            f"channel already")
+        token = next(self._tokens)
+        kmsg = msg_copyin_held(thread, checked)
+        if self.by_id.get(cid) is ch:
+            ch.held[token] = kmsg
+        elif ch.port.dead:  # the copyin itself closed the channel (the message moved
+            kmsg_destroy(kmsg)  # the sender's right to the port away, say): it goes
+        else:  # where the channel's messages went, after them
+            mqueue_enqueue(ch.port, kmsg)
+        return token
+
+    def claim(self, thread: Thread, name: int, cid: int, token: int,
+              rcv_size: object) -> Message:
+        """CHANNEL_CLAIM by the channel's receiving task, whose runtime read `token` on
+        the channel: the held message, received (copied out) as a receive would; the
+        receive's errors leave it held (it goes first at a teardown)."""
+        ch = self._own(thread, name, cid, sender=False)
+        kmsg = ch.held.get(token)
+        if kmsg is None:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no message held under {token}")
+        space = thread.task.space
+        try:
+            check_deliverable(space, kmsg, check_rcv_size(rcv_size))
+        except MachError:
+            if token not in ch.claimed_late:
+                ch.claimed_late.append(token)
+            raise
+        del ch.held[token]
+        if token in ch.claimed_late:
+            ch.claimed_late.remove(token)
+        kmsg_uncharge(kmsg)
+        return copyout(space, kmsg)
 
     def _own(self, thread: Thread, name: int, cid: int, sender: bool) -> DirectChannel:
         """The channel `cid` to the port `name` names in the thread's task, of which the
@@ -264,7 +322,10 @@ class ChannelTable:
         with contextlib.suppress(OSError):
             ch.end.shutdown(socket.SHUT_RDWR)
         kmsgs = self._drain(ch)
-        if not ch.port.dead:
+        if ch.port.dead:
+            for kmsg in kmsgs:
+                kmsg_destroy(kmsg)
+        else:
             mqueue_requeue(ch.port, kmsgs, ch.marker)
         ch.end.close()
         ch.view.release()
@@ -303,8 +364,17 @@ class ChannelTable:
             port.observer = None
 
     def _drain(self, ch: DirectChannel) -> list[KMsg]:
-        """The messages left on a shut channel, decoded (a bad packet is dropped and
-        logged), as kernel messages from its sender."""
+        """The messages left on a shut channel and those machd holds for it, in their
+        order (module docstring): decoded (a bad packet is dropped and logged), as
+        kernel messages from its sender."""
+        out = [ch.held.pop(t) for t in ch.claimed_late if t in ch.held]
+        out += self._read_back(ch)
+        out += [ch.held.pop(t) for t in sorted(ch.held)]
+        return out
+
+    def _read_back(self, ch: DirectChannel) -> list[KMsg]:
+        """The packets left on a shut channel, as kernel messages (held ones taken
+        from `ch.held`)."""
         out: list[KMsg] = []
         sender = ch.sender
         for _ in range(DRAIN_MAX):
@@ -316,11 +386,15 @@ class ChannelTable:
                 break
             try:
                 msg, index = direct.decode_packet(data)
-                if index > len(ch.replies):
-                    raise wire.WireError(f"reply port {index} is not bound")
+                if index > len(ch.replies) or (index < 0 and msg.id not in ch.held):
+                    raise wire.WireError(f"reply port {index} is not bound, or the token "
+                                         f"{msg.id} is unknown")
             except wire.WireError as e:
                 log.warning("task %s: a bad packet on channel %d dropped: %s", sender.name,
                             ch.cid, e.detail)
+                continue
+            if index < 0:
+                out.append(ch.held.pop(msg.id))
                 continue
             reply = ch.replies[index - 1] if index else None
             if reply is not None and reply.dead:

@@ -344,6 +344,8 @@ TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
     traps.CHANNEL_CLOSE: _channel_trap(ChannelTable.close),
     traps.CHANNEL_BIND: _channel_trap(ChannelTable.bind),
     traps.CHANNEL_REPLIES: _channel_trap(ChannelTable.replies),
+    traps.CHANNEL_HOLD: _channel_trap(ChannelTable.hold),
+    traps.CHANNEL_CLAIM: _channel_trap(ChannelTable.claim),
     traps.THREAD_ALERT: _thread_alert,
     traps.BOUNDARY: _boundary,
 }
