@@ -1,6 +1,6 @@
 """Direct channels between native tasks: the packets on a channel and its shared page.
 
-machd may give a native sender thread a *direct channel* to a port whose receive right
+machd may give a native sending task a *direct channel* to a port whose receive right
 another native task holds (machd/channels.py grants it and tears it down; the runtime of
 both tasks, libmach/direct.py, uses it). A channel is one AF_UNIX SOCK_SEQPACKET
 socketpair and one shared page:

@@ -1,7 +1,7 @@
 """Direct channels between native tasks: machd grants them and tears them down.
 
 A message between two native tasks otherwise crosses machd twice. machd, still the only
-authority over rights, may give a sender thread a *direct channel* to a port P (the
+authority over rights, may give a sending task a *direct channel* to a port P (the
 packets and page of include/direct.py; the tasks' side is libmach/direct.py):
 
 - **Grant** (`open`, the CHANNEL_OPEN trap). The thread's task holds a right to send to
@@ -20,18 +20,17 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   marker, takes its end, the page, and P's doorbell (an eventfd machd rings at every
   message queued on P in machd), and reads the channel from then on: per-sender order
   holds, since the sender's later messages go on the channel.
-- **Teardown** (`_teardown`). When P's receive right is about to leave its task or P
-  to die (PortObserver.receiver_leaving), P is enabled, the receiver or the sender loses
+- **Teardown** (`_teardown`). When P's receive right is about to leave its task or P to
+  die (PortObserver.receiver_leaving), P is enabled, the receiver or the sender loses
   its name for a bound reply port, the sender's task loses its name for P (its right
-  given up or taken, or the task's death), a bound reply port dies, or either side
-  asks (CHANNEL_CLOSE: a sender about
-  to send through machd what a channel cannot carry, or a receiver that read garbage),
-  machd shuts the channel down (the sender's next write fails with EPIPE, and it falls
-  back to machd; the receiver's reads end), reads what is left through its own dup of
-  the receiver's end, decodes it (bounded, data only: include/direct.py) and puts it in
-  P's queue where the marker stands, or at the head if the marker was received: so
-  nothing sent is lost, and it stays in order before anything the sender sends next.
-  A queue that then dies destroys them as any queued message.
+  given up or taken, or the task's death), a bound reply port dies, or either side asks
+  (CHANNEL_CLOSE: a receiver that read garbage, say), machd shuts the channel down (the
+  sender's next write fails with EPIPE, and it falls back to machd; the receiver's reads
+  end), reads what is left through its own dup of the receiver's end, decodes it
+  (bounded, data only: include/direct.py) and puts it in P's queue where the marker
+  stands, or at the head if the marker was received: so nothing sent is lost, and it
+  stays in order before anything the sender sends next. A queue that then dies destroys
+  them as any queued message.
 - **Held messages** (`hold`, CHANNEL_HOLD; `claim`, CHANNEL_CLAIM). A message the
   channel cannot carry is copied in by machd as a send would (rights, memory, code,
   checks and the sender's out-of-line allowance) but not queued: machd holds it under a
