@@ -20,6 +20,19 @@ Traps (on a thread's connection, each answered by one REPLY):
   STDIO          cwd, sys.path list, main     + 0 or 2 fds (stdout, stderr) -> None
   MAPPED         batch int                    -> None (machd has armed the batch's ranges)
   EXIT           result (any wire value)      (no reply; the connection ends)
+  CHANNEL_OPEN   port, reply port             -> [channel id, 2] + 2 fds: the sender's
+                 end of a direct channel to the port, its shared page (include/direct.py)
+  CHANNEL_ACCEPT port, channel id             -> [reply name, sender uid, 3] + 3 fds:
+                 the receiver's end, the shared page, the port's doorbell (an eventfd)
+  CHANNEL_CLOSE  port, channel id             -> None (machd tears the channel down)
+  CHANNEL_BIND   port, channel id, reply port -> the reply port's index on the channel
+  CHANNEL_REPLIES port, channel id            -> the receiver's names of the bound ports
+  CHANNEL_HOLD   port, channel id, message    -> a token: machd holds the message
+  CHANNEL_CLAIM  port, channel id, token, size -> the held message, received
+  THREAD_ALERT   (nothing)                    -> [1] + 1 fd: the thread's alert eventfd
+  BOUNDARY       (nothing)                    -> None (a kernel boundary: a suspension
+                 or termination pending for the thread takes effect)
+A reply value that is a list ending in n > 0 for these traps owns the REPLY's last n fds.
 On the control connection: DETACH (task -> machd); START_THREAD token, DIE why (machd ->
 task).
 REPLY: status int (REPLY_OK, REPLY_ERROR, REPLY_TERMINATED), value, error code str,
@@ -38,6 +51,8 @@ TASK_SELF, THREAD_SELF, TASK_NOTIFY, HOST_SELF, THREAD_REPLY = 10, 11, 12, 13, 1
 MSG_SEND, MSG_RECEIVE, MSG_RPC, MSG_SEND_RECEIVE = 20, 21, 22, 23
 FAULT_IN, STDIO, EXIT, MAPPED = 30, 31, 32, 33
 DETACH = 40
+CHANNEL_OPEN, CHANNEL_ACCEPT, CHANNEL_CLOSE, THREAD_ALERT, BOUNDARY = 50, 51, 52, 53, 54
+CHANNEL_BIND, CHANNEL_REPLIES, CHANNEL_HOLD, CHANNEL_CLAIM = 55, 56, 57, 58
 REPLY, START_THREAD, DIE = 100, 110, 111
 
 REPLY_OK, REPLY_ERROR, REPLY_TERMINATED = 0, 1, 2
@@ -71,6 +86,15 @@ SIGNATURES: dict[int, tuple[Any, ...]] = {
     MAPPED: (int,),
     EXIT: (_ANY,),
     DETACH: (),
+    CHANNEL_OPEN: (int, int),
+    CHANNEL_ACCEPT: (int, int),
+    CHANNEL_CLOSE: (int, int),
+    CHANNEL_BIND: (int, int, int),
+    CHANNEL_REPLIES: (int, int),
+    CHANNEL_HOLD: (int, int, _ANY),  # (the message is checked as msg_send checks it)
+    CHANNEL_CLAIM: (int, int, int, _ANY),
+    THREAD_ALERT: (),
+    BOUNDARY: (),
     REPLY: (int, _ANY, str, str, int, int, list),
     START_THREAD: (bytes,),
     DIE: (str,),
@@ -82,5 +106,9 @@ NAMES = {HELLO_ATTACH: "hello_attach", HELLO_THREAD: "hello_thread",
          THREAD_REPLY: "thread_reply", MSG_SEND: "msg_send", MSG_RECEIVE: "msg_receive",
          MSG_RPC: "msg_rpc", MSG_SEND_RECEIVE: "msg_send_receive", FAULT_IN: "fault_in",
          STDIO: "stdio", EXIT: "exit",
-         MAPPED: "mapped", DETACH: "detach", REPLY: "reply", START_THREAD: "start_thread",
-         DIE: "die"}
+         MAPPED: "mapped", DETACH: "detach", CHANNEL_OPEN: "channel_open",
+         CHANNEL_ACCEPT: "channel_accept", CHANNEL_CLOSE: "channel_close",
+         THREAD_ALERT: "thread_alert", BOUNDARY: "boundary", CHANNEL_BIND: "channel_bind",
+         CHANNEL_REPLIES: "channel_replies", CHANNEL_HOLD: "channel_hold",
+         CHANNEL_CLAIM: "channel_claim", REPLY: "reply",
+         START_THREAD: "start_thread", DIE: "die"}

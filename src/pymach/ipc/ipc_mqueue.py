@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 def mqueue_enqueue(port: Port, kmsg: KMsg) -> None:
     """Append `kmsg` to a live port's queue and wake its receivers (no backlog check)."""
     port.queue.append(kmsg)
+    if port.observer is not None:
+        port.observer.enqueued(port, kmsg)
     port.sched.thread_wakeup(port.rcv_waitq)
     receiver = port.receiver
     if port.enabled and receiver is not None:
@@ -32,8 +34,34 @@ def mqueue_enqueue(port: Port, kmsg: KMsg) -> None:
 def mqueue_dequeue(port: Port) -> KMsg:
     """Remove the head message and wake one waiting sender's worth of room."""
     kmsg = port.queue.popleft()
+    if port.observer is not None:
+        port.observer.dequeued(port, kmsg)
     port.sched.thread_wakeup(port.send_waitq)
     return kmsg
+
+
+def mqueue_requeue(port: Port, kmsgs: list[KMsg], at: KMsg | None) -> None:
+    """Put `kmsgs` back into the port's queue, in order: in place of `at` if it is
+    queued (it leaves the queue), else at the head (messages that were the port's before
+    everything queued now); they take the sequence number of the place they take, and
+    the port's receivers are woken."""
+    queue = port.queue
+    index = next((i for i, k in enumerate(queue) if k is at), None) if at is not None else None
+    if index is not None:
+        del queue[index]
+    else:
+        index = 0
+    seqno = at.seqno if at is not None else (queue[0].seqno if queue else None)
+    for offset, kmsg in enumerate(kmsgs):
+        if seqno is not None:
+            kmsg.seqno = seqno
+        queue.insert(index + offset, kmsg)
+    if kmsgs:
+        mqueue_wake_all(port)
+        receiver = port.receiver
+        if port.enabled and receiver is not None:
+            receiver.space.ready[port] = None
+            port.sched.thread_wakeup(receiver.space.group_waitq)
 
 
 def mqueue_group_select(space: IpcSpace) -> Port | None:

@@ -44,6 +44,8 @@ def entry_deallocate(space: IpcSpace, name: int) -> None:
 
 def receive_right_lost(port: Port) -> None:
     """The port's receive rights were given up or destroyed: to the owner, else death."""
+    if port.observer is not None:
+        port.observer.receiver_leaving(port)
     port.receiver, port.receive_in_transit, port.enabled = None, False, False
     owner = port.owner
     if owner is not None and owner.active:
@@ -71,6 +73,8 @@ def port_destroy(port: Port) -> None:
     """Destroy a port: notify holders, fail waiters, destroy queued messages."""
     if port.dead:
         return
+    if port.observer is not None:
+        port.observer.receiver_leaving(port)
     port.dead = True
     port.receiver = port.owner = None
     port.receive_in_transit = port.ownership_in_transit = port.enabled = False

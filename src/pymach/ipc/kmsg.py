@@ -320,6 +320,8 @@ def _take_right(space: IpcSpace, name: int, disp: Disposition) -> KernelPort:
     if disp == Disposition.MOVE_SEND:
         entry.send = False
     if disp in (Disposition.MOVE_RECEIVE, Disposition.MOVE_ALL):
+        if port.observer is not None:
+            port.observer.receiver_leaving(port)
         entry.receive = False
         port.receiver, port.receive_in_transit, port.enabled = None, True, False
         port.sched.thread_wakeup(port.rcv_waitq)  # the sender's blocked receives now fail

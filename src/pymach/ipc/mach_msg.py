@@ -91,13 +91,33 @@ def check_rcv_size(rcv_size: object) -> int:
     return rcv_size
 
 
+def check_inline_size(thread: Thread, msg: Message) -> None:
+    """SEND_MSG_TOO_LARGE if `msg` is over the kernel's inline limit."""
+    if msg.size > thread.kernel.msg_size_max:
+        raise MachError("SEND_MSG_TOO_LARGE", f"{msg.size} bytes inline; the limit is "
+                        f"{thread.kernel.msg_size_max} (send large data out of line)")
+
+
+def msg_copyin_held(thread: Thread, msg: Message) -> KMsg:
+    """Copy `msg` in as a message to a task's port that someone other than its queue
+    will hold until it is received (kernel lock held): the inline limit, the
+    out-of-line allowance and the rights are checked and taken as msg_send does, but no
+    backlog and no queue (the holder answers for both: machd/channels.py)."""
+    check_inline_size(thread, msg)
+    space = thread.task.space
+    charge = ool_charge(msg, thread.kernel.page_size) if msg.items else 0
+    if charge:
+        ool_check_room(space, msg, charge)
+    kmsg = copyin(space, msg, thread.task.name)
+    kmsg_charge(space, kmsg, charge)
+    return kmsg
+
+
 def msg_send_locked(thread: Thread, msg: Message, timeout: float | None) -> None:
     """Send `msg` from `thread` (kernel lock held); see module docstring."""
     kernel = thread.kernel
     space = thread.task.space
-    if msg.size > kernel.msg_size_max:
-        raise MachError("SEND_MSG_TOO_LARGE", f"{msg.size} bytes inline; the limit is "
-                        f"{kernel.msg_size_max} (send large data out of line)")
+    check_inline_size(thread, msg)
     deadline = deadline_after(kernel.sched, timeout)
     while True:
         port = space.lookup(msg.remote_port, "SEND_INVALID_PORT").port
@@ -132,7 +152,7 @@ def _receive_source(thread: Thread, name: int) -> tuple[Port | None, WaitQueue]:
     return entry.port, entry.port.rcv_waitq
 
 
-def _check_deliverable(space: IpcSpace, head: KMsg, rcv_size: int) -> None:
+def check_deliverable(space: IpcSpace, head: KMsg, rcv_size: int) -> None:
     """Raise the RCV_ error that keeps `head` queued, if the receiver cannot take it now:
     RCV_TOO_LARGE, RCV_NOT_ENOUGH_MEMORY (address space), RCV_IPC_SPACE (name space)."""
     if head.size > rcv_size:
@@ -188,7 +208,7 @@ def _take(thread: Thread, port: Port, rcv_size: int) -> Message:
     """Dequeue the head message of `port` for `thread` and copy it out (or raise the
     RCV_ error that keeps it queued)."""
     space = thread.task.space
-    _check_deliverable(space, port.queue[0], rcv_size)
+    check_deliverable(space, port.queue[0], rcv_size)
     kmsg = mqueue_dequeue(port)
     kmsg_uncharge(kmsg)
     if thread.kernel.tracing:

@@ -63,6 +63,8 @@ def port_enable(space: IpcSpace, name: int) -> None:
     """Add the port to the task's default group of ports for msg_receive."""
     port = _receiver_entry(space, name).port
     port.enabled = True
+    if port.observer is not None:
+        port.observer.changed(port)
     if port.queue:
         space.ready[port] = None
     port.sched.thread_wakeup(space.group_waitq)
@@ -70,7 +72,10 @@ def port_enable(space: IpcSpace, name: int) -> None:
 
 def port_disable(space: IpcSpace, name: int) -> None:
     """Remove the port from the task's default group."""
-    _receiver_entry(space, name).port.enabled = False
+    port = _receiver_entry(space, name).port
+    port.enabled = False
+    if port.observer is not None:
+        port.observer.changed(port)
 
 
 def port_messages(space: IpcSpace) -> tuple[int, ...]:
@@ -83,7 +88,7 @@ def port_status(space: IpcSpace, name: int) -> PortStatus:
     """Status of the port named `name` in this task."""
     entry = space.lookup(name)
     port = entry.port
-    return PortStatus(port.enabled and entry.receive, len(port.queue), port.backlog,
+    return PortStatus(port.enabled and entry.receive, port.message_count(), port.backlog,
                       entry.receive, entry.owner)
 
 
@@ -96,6 +101,8 @@ def port_set_backlog(space: IpcSpace, name: int, backlog: int) -> None:
         raise MachError("KERN_INVALID_ARGUMENT",
                         f"backlog must be an int in 1..{PORT_BACKLOG_MAX}, not {backlog!r}")
     port.backlog = backlog
+    if port.observer is not None:
+        port.observer.changed(port)
     port.sched.thread_wakeup(port.send_waitq)
 
 

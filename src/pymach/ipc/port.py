@@ -13,13 +13,21 @@ Invariants of a live port:
 - `len(queue) <= backlog` for messages sent by tasks (the kernel's own messages, replies
   and notifications, are never refused).
 A dead port has no holders, an empty queue and no receiver or owner.
+
+Observers: a host may set `observer` (a `PortObserver`) on a port to learn, with the
+kernel lock held, of what happens to it that something outside the kernel depends on
+(machd's direct channels between native tasks, machd/channels.py): a message queued or
+dequeued, the receive right about to leave its task or the port about to die (while
+its queue is still there), the port enabled or its backlog changed, a space losing its
+name for it. `message_count` is what port_status reports: the queue, plus what the
+observer says is queued elsewhere (and minus the observer's own internal messages).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pymach.include.message import PORT_BACKLOG_DEFAULT
 from pymach.kern.sched_prim import WaitQueue
@@ -30,6 +38,36 @@ if TYPE_CHECKING:
     from pymach.kern.host import Kernel
     from pymach.kern.sched_prim import Scheduler
     from pymach.kern.task import Task
+
+class PortObserver(Protocol):
+    """What a host that keeps state for a port is told (kernel lock held; see module
+    docstring). Each call may change the port's queue only as documented."""
+
+    def enqueued(self, port: Port, kmsg: KMsg) -> None:
+        """`kmsg` was appended to the port's queue."""
+        ...
+
+    def dequeued(self, port: Port, kmsg: KMsg) -> None:
+        """`kmsg` was taken from the head of the port's queue for receipt."""
+        ...
+
+    def receiver_leaving(self, port: Port) -> None:
+        """The receive right is about to leave its task, or the port to die; the
+        observer may put messages back into the queue, which goes with the port."""
+        ...
+
+    def changed(self, port: Port) -> None:
+        """The port was enabled or disabled, or its backlog set."""
+        ...
+
+    def holder_removed(self, port: Port, space: IpcSpace) -> None:
+        """`space` no longer names the port."""
+        ...
+
+    def extra_messages(self, port: Port) -> int:
+        """Messages for the port held outside its queue, minus internal ones in it."""
+        ...
+
 
 class Port:
     """The kernel structure behind a port (see module docstring for invariants)."""
@@ -56,6 +94,7 @@ class Port:
         # Kernel structures that hold this port outside any name space (a VM object's
         # memory object port) are told of its death here, with the kernel lock held.
         self.death_hooks: list[Callable[[Port], None]] = []
+        self.observer: PortObserver | None = None  # see module docstring
         self.send_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.send")
         self.rcv_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.rcv")
 
@@ -63,6 +102,12 @@ class Port:
     def is_kernel_port(self) -> bool:
         """True for ports that stand for kernel objects (tasks, threads, the host)."""
         return self.kobject is not None
+
+    def message_count(self) -> int:
+        """The messages waiting for the receiver (port_status; see module docstring)."""
+        observer = self.observer
+        extra = observer.extra_messages(self) if observer is not None else 0
+        return max(0, len(self.queue) + extra)
 
     def queue_full(self) -> bool:
         """True when a task's message would have to wait for room."""

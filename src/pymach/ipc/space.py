@@ -155,7 +155,10 @@ class IpcSpace:
     def remove(self, name: int) -> IpcEntry:
         """Drop the name and all its rights from the space (no port-side effects)."""
         entry = self.names.pop(name)
-        entry.port.holders.pop(self, None)
+        port = entry.port
+        port.holders.pop(self, None)
+        if port.observer is not None:
+            port.observer.holder_removed(port, self)
         return entry
 
     def drop_if_empty(self, name: int) -> None:

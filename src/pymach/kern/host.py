@@ -211,6 +211,7 @@ class Kernel:
             port_destroy(thread.port)
         self.sched.thread_interrupt(thread)
         self.sched.thread_wakeup(thread.suspend_waitq)
+        thread.task.host.thread_alert(thread)
 
     def thread_exited(self, thread: Thread) -> None:
         """Called by a thread's Python thread as it ends (lock not held)."""

@@ -150,6 +150,8 @@ class KernelServer:
 
     def task_suspend(self, task: Task) -> None:
         _check_active(task).suspend_count += 1
+        for t in task.threads:
+            task.host.thread_alert(t)
 
     def task_resume(self, task: Task) -> None:
         if _check_active(task).suspend_count == 0:
@@ -251,6 +253,7 @@ class KernelServer:
 
     def thread_suspend(self, thread: Thread) -> None:
         _check_thread(thread).suspend_count += 1
+        thread.task.host.thread_alert(thread)
 
     def thread_resume(self, thread: Thread) -> None:
         if _check_thread(thread).suspend_count == 0:

@@ -135,7 +135,7 @@ def _lsmp_rows(task: Task) -> list[PortRow]:
         receiver = f"host {p.remote_host}" if p.remote_host else \
             _holder(p.receiver, p.receive_in_transit)
         rows.append(PortRow(name, e.rights_text(), p.label or f"port{p.serial}",
-                            len(p.queue), p.backlog, p.enabled and e.receive, receiver,
+                            p.message_count(), p.backlog, p.enabled and e.receive, receiver,
                             _holder(p.owner, p.ownership_in_transit), p.remote_host))
     return rows
 

@@ -69,6 +69,12 @@ class TaskHost(Protocol):
         """A task of this host was terminated (kernel lock held)."""
         ...
 
+    def thread_alert(self, thread: Thread) -> None:
+        """`thread` was suspended or terminated (kernel lock held): if it may be waiting
+        where the kernel cannot wake it (machd: a receive on a direct channel, in its
+        process), make it enter the kernel."""
+        ...
+
 
 class LocalTaskHost:
     """Threads of this process: each Mach thread is a Python thread here."""
@@ -79,6 +85,9 @@ class LocalTaskHost:
 
     def task_terminated(self, task: Task) -> None:
         """Nothing outside this process to end."""
+
+    def thread_alert(self, thread: Thread) -> None:
+        """Every wait of a thread here is in the kernel: nothing to do."""
 
 
 LOCAL_TASKS = LocalTaskHost()
@@ -160,6 +169,7 @@ class Task:
             if thread.port is not None:
                 port_destroy(thread.port)
             self.kernel.sched.thread_interrupt(thread)
+            self.host.thread_alert(thread)
         space_destroy(self.space)
         if self.map is not None:
             vm_map_deallocate(self.map)

@@ -45,9 +45,18 @@ import cloudpickle
 from pymach.errors import MachError, ThreadTerminated
 from pymach.include import traps, wire
 from pymach.include.channel import Channel, Disconnected, Frame, close_fds, default_socket_path
-from pymach.include.message import Bytes, Code, Message, validate_message
+from pymach.include.message import (
+    RCV_TIMEOUT,
+    SEND_TIMEOUT,
+    Bytes,
+    Code,
+    Message,
+    validate_message,
+)
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
-from pymach.kern.thread import set_current_thread
+from pymach.ipc.mach_msg import check_options, check_rcv_size
+from pymach.kern.thread import running_thread, set_current_thread
+from pymach.libmach.direct import LocalReceive, Receivers, Senders, is_marker
 from pymach.libmach.ranges import Ranges
 from pymach.mach import ENTRY_BLOB, _migrated_main
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE
@@ -94,6 +103,8 @@ class NativeProcess:
         self.control_closed = threading.Event()  # set when the control connection ends
         self.task_port = 0  # this task's name for its own task port
         self.local_code: dict[str, Code] = {}  # thread_create on our own task: shared
+        self.receivers = Receivers()  # our ports that have direct channels (direct.py)
+        self.senders = Senders()  # our direct channels to other tasks' ports
         _mmap(WINDOW_BASE, WINDOW_SIZE, PROT_NONE,
               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE)
 
@@ -301,6 +312,9 @@ class NativeThread:
         self.reply_name = int(fields["thread_reply"])  # known without a round trip
         self.task = process
         self.kernel = _KernelInfo(process)
+        self.senders = process.senders  # the task's direct channels (libmach/direct.py)
+        self.alert_fd = -1  # rung by machd when this thread is suspended or terminated
+        self._alert_poll: select.poll | None = None
 
     def trap(self, op: int, *args: Any) -> Any:
         """Run a trap in machd as this thread; returns its result or raises its error."""
@@ -337,38 +351,138 @@ class NativeThread:
             raise e from None
         return self._await_reply()
 
+    def trap_fds(self, op: int, *args: Any) -> tuple[Any, list[int]]:
+        """A trap whose value owns descriptors (traps.py): (value, those fds)."""
+        try:
+            self.conn.send(op, args)
+            frame = self.conn.recv()
+        except Disconnected:
+            self.process.check_machd()
+            raise ThreadTerminated() from None
+        return _reply_fds(self.process, self.conn, frame)
+
+    # -- direct channels (libmach/direct.py) ---------------------------------------------
+    def _alert(self) -> int:
+        """This thread's alert eventfd (asked of machd once)."""
+        if self.alert_fd < 0:
+            fds = self.trap_fds(traps.THREAD_ALERT)[1]
+            self.alert_fd = fds[0]
+            self._alert_poll = select.poll()
+            self._alert_poll.register(self.alert_fd, select.POLLIN)
+        return self.alert_fd
+
+    def _alerted(self) -> None:
+        """Enter the kernel if machd rang the alert (a suspension or termination)."""
+        if self._alert_poll is not None and self._alert_poll.poll(0):
+            self._boundary()
+
+    def _boundary(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_read(self.alert_fd)
+        self.trap(traps.BOUNDARY)
+
+    def _direct_send(self, msg: Any, option: Any, timeout: Any) -> bool:
+        """Send on a direct channel if there is one for the message and it may: True."""
+        if not (isinstance(msg, Message) and msg.remote_port in self.senders.channels):
+            return False
+        t = check_options(option, SEND_TIMEOUT, timeout, "send")
+        validate_message(msg)
+        return self.senders.send(msg, t, self._alert(), self._alerted, self.trap,
+                                 lambda m: _portable(self.process, m))
+
+    def _receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
+        """A receive: on the port's direct channels if it has any here, else through
+        machd; machd's channel markers are accepted, never returned."""
+        while True:
+            if type(port) is int and self.process.receivers.has(port):
+                t = check_options(option, RCV_TIMEOUT, timeout, "receive")
+                local = LocalReceive(self.process.receivers, port, t,
+                                     check_rcv_size(rcv_size), self._alert(), self.trap,
+                                     self.trap_fds)
+                got = local.run(self._boundary)
+                if got is not None:
+                    return _callable_code(got)  # type: ignore[no-any-return]
+                timeout = local.remaining()  # the port's channels are gone: machd's turn
+            msg: Message = _callable_code(self.trap(traps.MSG_RECEIVE, port, option,
+                                                    timeout, rcv_size))
+            if not is_marker(msg):
+                return msg
+            self.process.receivers.accept(msg.local_port, msg, self.trap_fds)
+
+    def _after_trap(self, got: Any, port: int, option: Any, timeout: Any,
+                    rcv_size: Any) -> Message:
+        """A combined trap's received message, or, for a marker, the next one."""
+        if not is_marker(got):
+            return _callable_code(got)  # type: ignore[no-any-return]
+        self.process.receivers.accept(got.local_port, got, self.trap_fds)
+        return self._receive(port, option, timeout, rcv_size)
+
+    def _split(self, msg: Any, port: Any) -> bool:
+        """True if a send-then-receive must be two steps (a channel on either side)."""
+        return isinstance(msg, Message) and (
+            msg.remote_port in self.senders.channels or
+            (type(port) is int and self.process.receivers.has(port)))
+
+    def _check_both(self, option: Any, rcv_size: Any, send_timeout: Any,
+                    receive_timeout: Any, msg: Any, port: Any) -> None:
+        """The checks a combined trap makes before it sends anything."""
+        check_options(option, SEND_TIMEOUT, send_timeout, "send")
+        check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
+        check_rcv_size(rcv_size)
+        validate_message(msg)
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {port!r}")
+
+    # -- the message traps ------------------------------------------------------------------
     def msg_send(self, msg: Any, option: Any, timeout: Any) -> None:
-        """msg_send in machd."""
+        """msg_send: on a direct channel, or in machd."""
+        if self._direct_send(msg, option, timeout):
+            return
         self._message_trap(traps.MSG_SEND, msg, option, timeout)
+        if isinstance(msg, Message):
+            self.senders.note_sent(msg, self.trap_fds)
 
     def msg_receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
-        """msg_receive in machd."""
+        """msg_receive: from direct channels and machd, or in machd."""
         if isinstance(port, Message):
             port = port.local_port
-        msg: Message = _callable_code(self.trap(traps.MSG_RECEIVE, port, option, timeout,
-                                                rcv_size))
-        return msg
+        return self._receive(port, option, timeout, rcv_size)
 
     def msg_rpc(self, msg: Any, option: Any, rcv_size: Any, send_timeout: Any,
                 receive_timeout: Any) -> Message:
-        """msg_rpc in machd. A failure that names our cached reply port (it was
-        destroyed) makes the next thread_reply() ask machd again."""
+        """msg_rpc in machd (or as a send and a receive, where there are channels). A
+        failure that names our cached reply port (it was destroyed) makes the next
+        thread_reply() ask machd again."""
         try:
-            reply: Message = _callable_code(self._message_trap(
-                traps.MSG_RPC, msg, option, rcv_size, send_timeout, receive_timeout))
+            local = getattr(msg, "local_port", 0)
+            if self._split(msg, local):
+                self._check_both(option, rcv_size, send_timeout, receive_timeout, msg, local)
+                if local == 0:
+                    raise MachError("RCV_INVALID_PORT", "msg_rpc needs a reply port in "
+                                    "local_port")
+                self.msg_send(msg, option, send_timeout)
+                return self._receive(local, option, receive_timeout, rcv_size)
+            got = self._message_trap(traps.MSG_RPC, msg, option, rcv_size, send_timeout,
+                                     receive_timeout)
+            self.senders.note_sent(msg, self.trap_fds)
+            return self._after_trap(got, local, option, receive_timeout, rcv_size)
         except MachError as e:
             if e.code in _STALE_REPLY and getattr(msg, "local_port", 0) == self.reply_name:
                 self.reply_name = 0
             raise
-        return reply
 
     def msg_send_receive(self, msg: Any, port: Any, option: Any, rcv_size: Any,
                          send_timeout: Any, receive_timeout: Any) -> Message:
-        """msg_send_receive in machd: one trap for a server's reply and next receive."""
-        received: Message = _callable_code(self._message_trap(
-            traps.MSG_SEND_RECEIVE, msg, port, option, rcv_size, send_timeout,
-            receive_timeout))
-        return received
+        """msg_send_receive: one trap for a server's reply and next receive (or a send
+        and a receive, where there are channels)."""
+        if self._split(msg, port):
+            self._check_both(option, rcv_size, send_timeout, receive_timeout, msg, port)
+            self.msg_send(msg, option, send_timeout)
+            return self._receive(port, option, receive_timeout, rcv_size)
+        got = self._message_trap(traps.MSG_SEND_RECEIVE, msg, port, option, rcv_size,
+                                 send_timeout, receive_timeout)
+        self.senders.note_sent(msg, self.trap_fds)
+        return self._after_trap(got, port, option, receive_timeout, rcv_size)
 
     @property
     def transport(self) -> NativeThread:
@@ -393,8 +507,15 @@ class NativeThread:
         self.conn.send(traps.STDIO, [os.getcwd(), path, main], _stdio())
         _reply(self.process, self.conn, self.conn.recv())
 
+    def close_channels(self) -> None:
+        """Close this thread's alert (it ends)."""
+        if self.alert_fd >= 0:
+            close_fds([self.alert_fd])
+            self.alert_fd, self._alert_poll = -1, None
+
     def exit(self, result: Any) -> None:
         """Tell machd this thread is done."""
+        self.close_channels()
         with contextlib.suppress(Disconnected, OSError):
             self.conn.send(traps.EXIT, [_wire_value(result)])
         self.conn.close()
@@ -418,6 +539,24 @@ def _reply(process: NativeProcess, chan: Channel, frame: Frame) -> Any:
     if status != traps.REPLY_OK:
         raise MachError(code, detail)
     return value
+
+
+def _reply_fds(process: NativeProcess, chan: Channel, frame: Frame) -> tuple[Any, list[int]]:
+    """`_reply` for a trap whose value owns the REPLY's last n fds (its value is a list
+    ending in n): (value, those fds, which the caller then owns)."""
+    own: list[int] = []
+    values = frame.values
+    if frame.op == traps.REPLY and len(values) == 7 and values[0] == traps.REPLY_OK:
+        value = values[1]
+        if isinstance(value, list) and value and type(value[-1]) is int and \
+                0 < value[-1] <= len(frame.fds):
+            n = value[-1]
+            own, frame.fds = frame.fds[-n:], frame.fds[:-n]
+    try:
+        return _reply(process, chan, frame), own
+    except BaseException:
+        close_fds(own)
+        raise
 
 
 def _portable(process: NativeProcess, msg: Any) -> Any:
@@ -556,6 +695,11 @@ def detach() -> None:
     if process is None:
         return
     process.detaching = True
+    process.receivers.close_all()
+    process.senders.close_all()
+    me = running_thread()
+    if isinstance(me, NativeThread):
+        me.close_channels()
     if process.control is not None:
         with contextlib.suppress(Disconnected, MachError, OSError):
             process.control.send(traps.DETACH)

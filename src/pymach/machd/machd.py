@@ -67,6 +67,7 @@ from pymach.include.message import Code
 from pymach.kern.host import Kernel
 from pymach.kern.task import Task
 from pymach.kern.thread import Thread, running_thread
+from pymach.machd.channels import ChannelTable
 from pymach.machd.faults import FaultPoller
 from pymach.machd.remote import (
     RemoteState,
@@ -159,6 +160,7 @@ class Machd:
         self.netmsgserver: NetMsgServer | None = None
         self.running = False
         self.poller = FaultPoller(self)
+        self.channels = ChannelTable()  # (kernel lock) direct channels between tasks
 
     # -- lifetime -----------------------------------------------------------------------
     def start(self) -> None:
@@ -566,6 +568,13 @@ class Machd:
                          daemon=True, name=f"machd.end.{task.name}").start()
         with self.lock:
             self.processes.pop(task.serial, None)
+
+    def thread_alert(self, thread: Thread) -> None:
+        """A thread of a native task was suspended or terminated (kernel lock held):
+        ring its alert, in case it waits on a direct channel (machd/channels.py)."""
+        state = thread.host_data
+        if isinstance(state, RemoteState):
+            state.ring_alert()
 
     def set_stdio(self, task: Task, fds: list[int], env: TaskEnv | None = None) -> None:
         """Take a task's stdout and stderr (received fds, now owned here) and where its

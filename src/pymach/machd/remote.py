@@ -64,6 +64,7 @@ from pymach.ipc.mach_msg import (
     msg_send_trap,
 )
 from pymach.kern.sched_prim import NOT_YET, Parked, thread_cancel, thread_continue
+from pymach.machd.channels import ChannelTable
 from pymach.machd.fault_park import (
     FailedFault,
     drop_parked_fault,
@@ -121,6 +122,14 @@ class RemoteState:
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.handoff: TrapHandoff | None = None  # set once by serve_remote
         self.outgoing: deque[Outgoing] = deque()  # parked traps' replies left to write
+        self.alert = -1  # (kernel lock) the thread's alert eventfd, once it asked for one
+
+    def ring_alert(self) -> None:
+        """Make the process thread enter the kernel if it waits on a direct channel
+        (kernel lock held)."""
+        if self.alert >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self.alert, 1)
 
     def post(self, fault: Fault | FailedFault | None) -> None:
         """Queue a fault for the thread (by the poller, or a parked fault's end)."""
@@ -139,7 +148,9 @@ class RemoteState:
             os.read(self.wake_r, 4096)
 
     def close(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
+        for fd in (self.wake_r, self.wake_w, self.alert):
+            if fd < 0:
+                continue
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -207,6 +218,50 @@ def _flush(conn: Channel, state: RemoteState) -> None:
 
 
 # -- the trap table -------------------------------------------------------------------------
+@dataclass
+class WithFds:
+    """A trap's value that owns descriptors: they ride last in its REPLY (and are
+    closed here once sent)."""
+
+    value: Any
+    fds: list[int]
+
+
+def _channels(thread: Thread) -> ChannelTable:
+    table: ChannelTable = thread.task.host.channels  # type: ignore[attr-defined]
+    return table
+
+
+def _channel_trap(call: Callable[..., Any]) -> Callable[[Thread, list[Any]], Any]:
+    """A channel trap (machd/channels.py) entered as a kernel call; a descriptor machd
+    cannot make (EMFILE, say) is KERN_RESOURCE_SHORTAGE for the caller."""
+    def trap(thread: Thread, args: list[Any]) -> Any:
+        with thread.kernel.trap(thread):
+            try:
+                value = call(_channels(thread), thread, *args)
+            except OSError as e:
+                raise MachError("KERN_RESOURCE_SHORTAGE", f"no direct channel: "
+                                f"{e.strerror or e}") from None
+            return WithFds(*value) if isinstance(value, tuple) else value
+    return trap
+
+
+def _thread_alert(thread: Thread, args: list[Any]) -> Any:
+    """The thread's alert eventfd (made once), rung when it is suspended or
+    terminated (RemoteState.ring_alert); a kernel boundary, so a suspension made before
+    the alert existed takes effect here."""
+    state: RemoteState = thread.host_data
+    with thread.kernel.trap(thread):
+        if state.alert < 0:
+            state.alert = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return WithFds([1], [os.dup(state.alert)])
+
+
+def _boundary(thread: Thread, args: list[Any]) -> Any:
+    with thread.kernel.trap(thread):
+        pass
+
+
 def _handoff(thread: Thread) -> TrapHandoff | None:
     handoff: TrapHandoff | None = thread.host_data.handoff
     return handoff
@@ -284,6 +339,15 @@ TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
     traps.MSG_SEND_RECEIVE: _msg_send_receive,
     traps.FAULT_IN: _fault_in,
     traps.MAPPED: _mapped,
+    traps.CHANNEL_OPEN: _channel_trap(ChannelTable.open),
+    traps.CHANNEL_ACCEPT: _channel_trap(ChannelTable.accept),
+    traps.CHANNEL_CLOSE: _channel_trap(ChannelTable.close),
+    traps.CHANNEL_BIND: _channel_trap(ChannelTable.bind),
+    traps.CHANNEL_REPLIES: _channel_trap(ChannelTable.replies),
+    traps.CHANNEL_HOLD: _channel_trap(ChannelTable.hold),
+    traps.CHANNEL_CLAIM: _channel_trap(ChannelTable.claim),
+    traps.THREAD_ALERT: _thread_alert,
+    traps.BOUNDARY: _boundary,
 }
 
 
@@ -423,20 +487,24 @@ def _run_trap(thread: Thread, conn: Channel, call: Callable[[], Any]) -> None:
     except ThreadTerminated:
         reply(thread, conn, traps.REPLY_TERMINATED, None)
     else:
-        if value is not NOT_YET:
+        if isinstance(value, WithFds):
+            reply(thread, conn, traps.REPLY_OK, value.value, fds=value.fds)
+        elif value is not NOT_YET:
             reply(thread, conn, traps.REPLY_OK, value)
 
 
 def reply(thread: Thread, conn: Channel, status: int, value: Any, code: str = "",
-          detail: str = "") -> None:
+          detail: str = "", fds: list[int] | None = None) -> None:
     """Send a REPLY with the task's pending address-space changes (their fds closed
-    here once sent); raise ThreadTerminated after a REPLY_TERMINATED."""
+    here once sent), and `fds` of the value's own after them (closed too); raise
+    ThreadTerminated after a REPLY_TERMINATED."""
+    own = fds or []
     if _binding(thread) is not None:
         with thread.kernel.sched.lock:
-            values, fds = reply_values(thread, status, value, code, detail)
+            values, batch_fds = reply_values(thread, status, value, code, detail)
     else:
-        values, fds = [status, value, code, detail, 0, 0, []], []
-    send_reply(conn, values, fds)
+        values, batch_fds = [status, value, code, detail, 0, 0, []], []
+    send_reply(conn, values, [*batch_fds, *own])
     if status == traps.REPLY_TERMINATED:
         raise ThreadTerminated()
 

@@ -1,0 +1,549 @@
+"""A native task's side of direct channels: sending and receiving without machd.
+
+machd grants and tears down channels (machd/channels.py; packets and page:
+include/direct.py). In a task process:
+
+- **Sending.** A task whose threads have sent `OPEN_AFTER` messages a channel could
+  carry (data items only, a reply port if any with its default disposition) to one port
+  through machd asks for a channel to it (CHANNEL_OPEN); a refusal is remembered for a
+  while (`RETRY_AFTER`, doubling). With a channel, such a message is one packet written
+  by the thread itself, once the port has room (QUEUED + SENT - RECEIVED < BACKLOG on
+  the page; else it waits for a wake-up, or fails SEND_TIMED_OUT after its timeout). Any
+  other message to that port (a right, memory, code, a reply disposition of its own, a
+  ninth reply port) is held by machd (CHANNEL_HOLD: copied in as a send would) and only
+  its token goes on the channel, so it keeps its place among the task's messages. A
+  write that fails (EPIPE: machd tore the channel down) drops the channel and the
+  message goes through machd, which gives the error Mach would give. A channel belongs
+  to the task, and its threads share it, so the task's messages to the port stay in the
+  order they were sent. A reply port new to the channel is bound first (CHANNEL_BIND; at
+  most REPLIES_MAX).
+- **Receiving.** A receive's result that is machd's marker (CHANNEL_MARKER from the
+  kernel) is never returned: the runtime accepts the channel (CHANNEL_ACCEPT) and
+  receives again. A receive on a port that has channels waits on them, on the port's
+  doorbell (machd rings it when it queues a message for the port; the runtime then takes
+  it with a receive trap of timeout 0) and on the thread's alert (rung when the thread
+  is suspended or terminated: it then enters the kernel, BOUNDARY, where that takes
+  effect) -- never parked in machd. Packets are decoded with the bounded typed wire
+  (data items only); the sender's uid and the reply port are machd's word from the
+  grant. A packet that does not decode has machd tear its channel down (what follows it
+  goes into the queue, checked by machd); a channel that ends (EOF) is forgotten. A held
+  message's token is claimed from machd (CHANNEL_CLAIM: the receive's checks and
+  copyout; an error leaves it for the next receive, first). RCV_TIMEOUT is the wait's
+  timeout; a message larger than `rcv_size` stays on its channel (read with MSG_PEEK
+  first) and raises RCV_TOO_LARGE.
+
+State: `Receivers` and `Senders` (one each per process) under their locks; a channel's
+writes and counters under its endpoint's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import mmap
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymach.errors import MachError
+from pymach.include import direct, traps, wire
+from pymach.include.channel import close_fds
+from pymach.include.message import (
+    MSG_SIZE_MAX,
+    RCV_TIMEOUT,
+    Int,
+    Message,
+)
+
+log = logging.getLogger("pymach")
+
+OPEN_AFTER = 2  # eligible sends through machd to one port before asking for a channel
+RETRY_AFTER = 64  # eligible sends after a refusal before asking again (doubles)
+_POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+Trap = Callable[..., Any]  # NativeThread.trap
+TrapFds = Callable[..., tuple[Any, list[int]]]  # NativeThread.trap_fds
+
+
+def is_marker(msg: Any) -> bool:
+    """True for machd's channel marker (the kernel's message, never the user's)."""
+    return isinstance(msg, Message) and msg.id == direct.CHANNEL_MARKER and \
+        msg.sender_uid is None and len(msg.items) == 1 and isinstance(msg.items[0], Int)
+
+
+def _map_page(fd: int) -> tuple[mmap.mmap, memoryview]:
+    """Map a channel's page (the descriptor is closed)."""
+    try:
+        page = mmap.mmap(fd, direct.PAGE_SIZE)
+    finally:
+        os.close(fd)
+    return page, memoryview(page).cast("Q")
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One end of a channel in this process: its socket and page."""
+
+    cid: int
+    sock: socket.socket
+    page: mmap.mmap
+    view: memoryview
+    fd: int  # the socket's descriptor (for poll)
+    uid: int = -1  # (receiver) the sender's uid, machd's word
+    pending: int = 0  # (receiver) a held message's token whose claim failed: next
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the sender's writes and
+    # counts; the receiver's peek and take
+    bound: dict[int, int] = field(default_factory=dict)  # (sender) reply name -> index
+    replies: list[int] = field(default_factory=list)  # (receiver) reply names, by index
+
+    def close(self) -> None:
+        """Close the socket and unmap the page."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(Exception):
+            self.view.release()
+            self.page.close()
+
+
+def _open_endpoint(cid: int, fds: list[int], uid: int = -1) -> Endpoint:
+    """An endpoint of the socket and page machd sent (they and any other fd in `fds`
+    are not inherited by programs this process runs; all are closed on failure)."""
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        page, view = _map_page(fds[1])
+    except OSError:
+        close_fds(fds)
+        raise
+    return Endpoint(cid, socket.socket(fileno=fds[0]), page, view, fds[0], uid)
+
+
+# -- the sender's side -------------------------------------------------------------------------
+class Senders:
+    """This task's channels to other tasks' ports (see module docstring): shared by its
+    threads, under `lock` (a channel's own writes under its endpoint's lock)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.channels: dict[int, Endpoint] = {}  # port name -> channel
+        self.counts: dict[int, int] = {}  # port name -> eligible sends through machd
+        self.refused: dict[int, int] = {}  # port name -> sends to wait before asking
+
+    def note_sent(self, msg: Message, trap_fds: TrapFds) -> None:
+        """An eligible message went to its port through machd: ask for a channel once
+        OPEN_AFTER such sends were made (or the refusal's wait is over)."""
+        name = msg.remote_port
+        if name in self.channels or not direct.channel_eligible(msg):
+            return
+        with self.lock:
+            n = self.counts.get(name, 0) + 1
+            self.counts[name] = n
+            if n < self.refused.get(name, OPEN_AFTER) or name in self.channels:
+                return
+            try:
+                value, fds = trap_fds(traps.CHANNEL_OPEN, name, msg.local_port)
+                ch = self.channels[name] = _open_endpoint(int(value[0]), fds)
+            except (MachError, OSError):
+                wait = self.refused.get(name, RETRY_AFTER // 2) * 2
+                self.counts[name], self.refused[name] = 0, wait
+                return
+            if msg.local_port:
+                ch.bound[msg.local_port] = 0
+
+    def send(self, msg: Message, timeout: float | None, alert: int,
+             alerted: Callable[[], None], trap: Trap, portable: Callable[[Message], Any]
+             ) -> bool:
+        """Send `msg` on its port's channel if it has one: True if sent (as a packet, or
+        held by machd: module docstring). False: send it through machd (there is no
+        channel, or it broke: it is forgotten)."""
+        name = msg.remote_port
+        ch = self.channels.get(name)
+        if ch is None:
+            return False
+        index = self._reply_index(ch, msg, trap) if direct.channel_eligible(msg) else None
+        alerted()
+        while True:
+            if not _wait_room(ch, timeout, alert, alerted):
+                self._forget(name, ch)
+                return False
+            with ch.lock:  # (room again under the lock: another thread may have taken it)
+                if not _has_room(ch.view):
+                    continue
+                if index is not None:
+                    return self._write(name, ch, direct.encode_packet(msg, index))
+                return self._hold(name, ch, portable(msg), trap)
+
+    def _hold(self, name: int, ch: Endpoint, msg: Any, trap: Trap) -> bool:
+        """Have machd hold a message the channel cannot carry and write its token
+        (ch.lock held); False if the channel is gone (send through machd)."""
+        try:
+            token = int(trap(traps.CHANNEL_HOLD, name, ch.cid, msg))
+        except MachError as e:
+            if e.code != "KERN_INVALID_ARGUMENT":
+                raise
+            self._forget(name, ch)
+            return False
+        self._write(name, ch, direct.encode_held(token))  # (if the channel was torn down
+        return True  # meanwhile, machd queued what it held in its place: sent all the same)
+
+    def _write(self, name: int, ch: Endpoint, packet: bytes) -> bool:
+        """Write one packet (ch.lock held); False if the channel broke (it is forgotten)."""
+        ch.view[direct.SENT] += 1
+        try:
+            ch.sock.send(packet)
+        except OSError:
+            self._forget(name, ch)
+            return False
+        return True
+
+    def _reply_index(self, ch: Endpoint, msg: Message, trap: Trap) -> int | None:
+        """The packet's reply index for `msg` (binding its reply port if need be), or
+        None if the channel cannot name it."""
+        reply = msg.local_port
+        if not reply:
+            return 0
+        index = ch.bound.get(reply)
+        if index is None:
+            try:
+                index = int(trap(traps.CHANNEL_BIND, msg.remote_port, ch.cid, reply))
+            except MachError:
+                return None
+            ch.bound[reply] = index
+        return index + 1
+
+    def _forget(self, name: int, ch: Endpoint) -> None:
+        with self.lock:
+            if self.channels.get(name) is ch:
+                del self.channels[name]
+            self.counts[name] = 0
+        ch.close()
+
+    def close_all(self) -> None:
+        """The task is gone (detach): close its channels (machd tears them down)."""
+        with self.lock:
+            channels, self.channels = self.channels, {}
+        for ch in channels.values():
+            ch.close()
+
+
+def _has_room(view: memoryview) -> bool:
+    """True if the port may take another message (include/direct.py: the page)."""
+    return bool(view[direct.QUEUED] + view[direct.SENT] - view[direct.RECEIVED] <
+                view[direct.BACKLOG])
+
+
+def _wait_room(ch: Endpoint, timeout: float | None, alert: int,
+               alerted: Callable[[], None]) -> bool:
+    """Wait until the port has room (SEND_TIMED_OUT past `timeout` ms), entering the
+    kernel when alerted; False if the channel ended meanwhile."""
+    view = ch.view
+    if _has_room(view):
+        return True
+    deadline = None if timeout is None else time.monotonic() + timeout / 1000
+    poller = select.poll()
+    poller.register(ch.sock, _POLLIN)
+    poller.register(alert, select.POLLIN)
+    try:
+        while True:
+            view[direct.WAITING] = 1
+            if _has_room(view):
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise MachError("SEND_TIMED_OUT", f"port stayed full "
+                                f"({view[direct.BACKLOG]} messages)")
+            poller.poll(None if left is None else max(1, int(left * 1000)))
+            alerted()
+            if not _drain_wakes(ch.sock):
+                return False
+    finally:
+        view[direct.WAITING] = 0
+
+
+def _drain_wakes(sock: socket.socket) -> bool:
+    """Read the wake-ups waiting on a sender's end; False if the channel ended."""
+    while True:
+        try:
+            data = sock.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+
+
+# -- the receiver's side -----------------------------------------------------------------------
+def _has_data(ep: Endpoint) -> bool:
+    """True if a packet waits on the endpoint."""
+    try:
+        return bool(ep.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+@dataclass(eq=False)
+class PortReceiver:
+    """A port of this task that has channels (Receivers.lock)."""
+
+    bell: int
+    channels: list[Endpoint] = field(default_factory=list)
+    maybe_queued: bool = True  # machd may hold messages for it (the bell rang)
+    generation: int = 0  # changes whenever `channels` does
+    turn: int = 0  # round-robin start among channels
+
+
+class Receivers:
+    """This process's ports with channels (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ports: dict[int, PortReceiver] = {}
+
+    def has(self, name: int) -> bool:
+        """True if port `name` has channels here (read without the lock: a hint)."""
+        return name in self.ports
+
+    def accept(self, name: int, marker: Message, trap_fds: TrapFds) -> None:
+        """Take the channel a marker announces (a channel gone meanwhile is ignored)."""
+        item = marker.items[0]
+        assert isinstance(item, Int)
+        cid = item.value
+        try:
+            value, fds = trap_fds(traps.CHANNEL_ACCEPT, name, cid)
+            ep = _open_endpoint(int(cid), fds, int(value[0]))
+        except (MachError, OSError):
+            return  # (the sender's messages go through machd once it is torn down)
+        self.sweep()
+        with self.lock:
+            pr = self.ports.get(name)
+            if pr is None:
+                pr = self.ports[name] = PortReceiver(fds[2])
+            else:
+                os.close(pr.bell)  # machd's bell for the port may be a new one
+                pr.bell = fds[2]
+            pr.channels.append(ep)
+            pr.generation += 1
+            pr.maybe_queued = True
+
+    def sweep(self) -> None:
+        """Forget the channels machd tore down that nobody read since (a port whose
+        receive right went away, say): shut both ways and empty."""
+        with self.lock:
+            ends = [(name, ep) for name, pr in self.ports.items() for ep in pr.channels]
+        poller = select.poll()
+        by_fd = {}
+        for name, ep in ends:
+            with contextlib.suppress(ValueError, OSError):
+                poller.register(ep.sock, select.POLLHUP)
+                by_fd[ep.sock.fileno()] = (name, ep)
+        for fd, events in poller.poll(0):
+            if events & select.POLLHUP and fd in by_fd and not _has_data(by_fd[fd][1]):
+                self.drop(*by_fd[fd])
+
+    def drop(self, name: int, ep: Endpoint) -> None:
+        """Forget one channel; a port left with none forgets its bell."""
+        with self.lock:
+            pr = self.ports.get(name)
+            if pr is not None and ep in pr.channels:
+                pr.channels.remove(ep)
+                pr.generation += 1
+                if not pr.channels:
+                    del self.ports[name]
+                    os.close(pr.bell)
+        ep.close()
+
+    def close_all(self) -> None:
+        """The task is gone (detach): forget every channel."""
+        with self.lock:
+            ports, self.ports = self.ports, {}
+        for pr in ports.values():
+            for ep in pr.channels:
+                ep.close()
+            os.close(pr.bell)
+
+
+class LocalReceive:
+    """One receive on a port with channels, by one thread (see module docstring)."""
+
+    def __init__(self, receivers: Receivers, name: int, timeout: float | None,
+                 rcv_size: int, alert: int, trap: Trap, trap_fds: TrapFds) -> None:
+        self.receivers, self.name, self.rcv_size = receivers, name, rcv_size
+        self.alert, self.trap, self.trap_fds = alert, trap, trap_fds
+        self.deadline = None if timeout is None else time.monotonic() + timeout / 1000
+
+    def run(self, boundary: Callable[[], None]) -> Message | None:
+        """The message, or None once the port has no channels here (the caller then
+        receives through machd with `remaining()`); RCV_TIMED_OUT, or a trap's error.
+        An alert (a suspension or termination) takes effect first (`boundary`)."""
+        while True:
+            pr = self.receivers.ports.get(self.name)
+            if pr is None:
+                return None
+            if pr.maybe_queued:
+                msg = self._from_machd(pr)
+                if msg is not None:
+                    return msg
+                continue  # (a marker taken, or nothing there: look again)
+            generation = pr.generation
+            ready = self._poll(pr, any(ep.pending for ep in pr.channels))
+            if self.alert in ready:
+                boundary()
+                continue
+            if pr.bell in ready:
+                pr.maybe_queued = True
+            msg = self._from_channels(pr, ready)
+            if msg is not None:
+                return msg
+            left = self.remaining()
+            if ready or pr.generation != generation or left is None or left > 0:
+                continue  # (a channel ended, or the bell rang: look again)
+            raise MachError("RCV_TIMED_OUT", f"no message on port {self.name}")
+
+    def remaining(self) -> float | None:
+        """The receive's timeout left, in ms (None: none)."""
+        if self.deadline is None:
+            return None
+        return max(0.0, (self.deadline - time.monotonic()) * 1000)
+
+    def _from_machd(self, pr: PortReceiver) -> Message | None:
+        """A message machd holds for the port (a receive trap of timeout 0), None if it
+        holds none (a marker is accepted here, and None returned)."""
+        with contextlib.suppress(OSError):
+            os.eventfd_read(pr.bell)
+        try:
+            msg: Message = self.trap(traps.MSG_RECEIVE, self.name, RCV_TIMEOUT, 0,
+                                     self.rcv_size)
+        except MachError as e:
+            if e.code != "RCV_TIMED_OUT":
+                raise
+            pr.maybe_queued = False
+            return None
+        if is_marker(msg):
+            self.receivers.accept(self.name, msg, self.trap_fds)
+            return None
+        return msg
+
+    def _from_channels(self, pr: PortReceiver, ready: set[int]) -> Message | None:
+        """A message from one of the port's channels that `ready` names, round-robin;
+        None if none has one."""
+        channels = list(pr.channels)
+        n = len(channels)
+        for i in range(n):
+            ep = channels[(pr.turn + i) % n]
+            if ep.fd in ready:
+                msg = self._take(ep)
+                if msg is not None:
+                    pr.turn = (pr.turn + i + 1) % n
+                    return msg
+        return None
+
+    def _take(self, ep: Endpoint) -> Message | None:
+        """The next message on one channel (None if it has none; a channel that ended
+        or sent garbage is dropped): a held message's claim that failed comes first."""
+        with ep.lock:
+            if ep.pending:
+                return self._claim(ep, ep.pending)
+            try:
+                data = self._read(ep)
+            except BlockingIOError:
+                return None
+            except OSError:
+                data = b""
+            if data:
+                got = self._decode(ep, data)
+                if isinstance(got, int):
+                    ep.view[direct.RECEIVED] -= 1  # (counted once claimed)
+                    return self._claim(ep, got)
+                if got is not None:
+                    return got
+        self.receivers.drop(self.name, ep)
+        return None
+
+    def _decode(self, ep: Endpoint, data: bytes) -> Message | int | None:
+        """A packet's message, or a held message's token; None for a bad packet (machd
+        then tears the channel down)."""
+        try:
+            msg, index = direct.decode_packet(data)
+            if index < 0:
+                return msg.id
+            reply = self._reply_name(ep, index)
+        except wire.WireError as e:
+            log.warning("pymach: a bad packet on channel %d (port %d): %s; channel dropped",
+                        ep.cid, self.name, e.detail)
+            with contextlib.suppress(MachError):
+                self.trap(traps.CHANNEL_CLOSE, self.name, ep.cid)
+            return None
+        return Message(reply, self.name, msg.id, msg.items, sender_uid=ep.uid)
+
+    def _claim(self, ep: Endpoint, token: int) -> Message | None:
+        """The held message `token` (ep.lock held); a receive error keeps it for the next
+        receive; None if machd no longer holds it (the channel was torn down: it is in
+        the port's queue)."""
+        try:
+            msg: Message = self.trap(traps.CHANNEL_CLAIM, self.name, ep.cid, token,
+                                     self.rcv_size)
+        except MachError as e:
+            ep.pending = 0 if e.code == "KERN_INVALID_ARGUMENT" else token
+            if ep.pending:
+                raise
+            return None
+        ep.pending = 0
+        ep.view[direct.RECEIVED] += 1
+        return msg
+
+    def _reply_name(self, ep: Endpoint, index: int) -> int:
+        """Our name for the channel's reply port `index` (1-based; 0: none), asked of
+        machd when it is new to us; WireError if it is not bound."""
+        if not index:
+            return 0
+        if index > len(ep.replies):
+            try:
+                names = self.trap(traps.CHANNEL_REPLIES, self.name, ep.cid)
+            except MachError:
+                names = []
+            if isinstance(names, list) and all(type(n) is int for n in names):
+                ep.replies = names
+        if index > len(ep.replies):
+            raise wire.WireError(f"reply port {index} is not bound to the channel")
+        return ep.replies[index - 1]
+
+    def _read(self, ep: Endpoint) -> bytes | None:
+        """One packet taken off the channel (ep.lock held); a message too large for the
+        receive stays (RCV_TOO_LARGE). b"": the channel ended."""
+        flags = socket.MSG_DONTWAIT
+        if self.rcv_size < MSG_SIZE_MAX:
+            peek = ep.sock.recv(direct.PACKET_MAX + 1, flags | socket.MSG_PEEK)
+            if peek:
+                with contextlib.suppress(wire.WireError):
+                    size = direct.decode_packet(peek)[0].size
+                    if size > self.rcv_size:
+                        raise MachError("RCV_TOO_LARGE", f"message of {size} bytes exceeds "
+                                        f"rcv_size {self.rcv_size}; it stays queued")
+        data = ep.sock.recv(direct.PACKET_MAX + 1, flags)
+        if data:
+            view = ep.view
+            view[direct.RECEIVED] += 1
+            if view[direct.WAITING]:
+                with contextlib.suppress(OSError):
+                    ep.sock.send(direct.WAKE, socket.MSG_DONTWAIT)
+        return data
+
+    def _poll(self, pr: PortReceiver, pending: bool) -> set[int]:
+        """The descriptors ready among the port's channels (with a held message to
+        claim: ready at once), its bell and the thread's alert, waiting for one until the
+        receive's timeout (a look, once it passed)."""
+        left = 0 if pending else self.remaining()
+        poller = select.poll()
+        ready = {ep.fd for ep in pr.channels if ep.pending}
+        for ep in pr.channels:
+            poller.register(ep.fd, _POLLIN)
+        poller.register(pr.bell, select.POLLIN)
+        poller.register(self.alert, select.POLLIN)
+        return ready | {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}

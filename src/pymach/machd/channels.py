@@ -1,0 +1,476 @@
+"""Direct channels between native tasks: machd grants them and tears them down.
+
+A message between two native tasks otherwise crosses machd twice. machd, still the only
+authority over rights, may give a sending task a *direct channel* to a port P (the
+packets and page of include/direct.py; the tasks' side is libmach/direct.py):
+
+- **Grant** (`open`, the CHANNEL_OPEN trap). The thread's task holds a right to send to
+  P; P is a task's port, not enabled (not in a default group), and its receiver is
+  another live native task. machd queues on P an internal marker (CHANNEL_MARKER)
+  behind everything queued so far and returns the sender its end and the page. One
+  channel per (sender task, P), shared by the task's threads; at most
+  `PORT_CHANNELS_MAX` per port and `TASK_CHANNELS_MAX` into one receiving task.
+- **Reply ports** (`bind`, CHANNEL_BIND; `replies`, CHANNEL_REPLIES). A message on a
+  channel names no port: its reply port is none or one of at most REPLIES_MAX ports
+  the sender bound to the channel, each a port it holds a right to send to, to which
+  machd gives the receiver a send right when it binds it (Mach 2.5 rights have no
+  reference counts, so a message that carries only such a reply right changes nothing
+  in machd but P's queue). The receiver asks machd for its names of them.
+- **Accept** (`accept`, CHANNEL_ACCEPT). The receiver's runtime, having received the
+  marker, takes its end, the page, and P's doorbell (an eventfd machd rings at every
+  message queued on P in machd), and reads the channel from then on: per-sender order
+  holds, since the sender's later messages go on the channel.
+- **Teardown** (`_teardown`). When P's receive right is about to leave its task or P to
+  die (PortObserver.receiver_leaving), P is enabled, the receiver or the sender loses
+  its name for a bound reply port, the sender's task loses its name for P (its right
+  given up or taken, or the task's death), a bound reply port dies, or either side asks
+  (CHANNEL_CLOSE: a receiver that read garbage, say), machd shuts the channel down (the
+  sender's next write fails with EPIPE, and it falls back to machd; the receiver's reads
+  end), reads what is left through its own dup of the receiver's end, decodes it
+  (bounded, data only: include/direct.py) and puts it in P's queue where the marker
+  stands, or at the head if the marker was received: so nothing sent is lost, and it
+  stays in order before anything the sender sends next. A queue that then dies destroys
+  them as any queued message.
+- **Held messages** (`hold`, CHANNEL_HOLD; `claim`, CHANNEL_CLAIM). A message the
+  channel cannot carry is copied in by machd as a send would (rights, memory, code,
+  checks and the sender's out-of-line allowance) but not queued: machd holds it under a
+  token (at most HELD_MAX per channel) and the sender writes the token on the channel.
+  The receiver claims it there, with the receive's checks (RCV_TOO_LARGE and the like
+  leave it held: it is claimed first next time) and copyout. At a teardown, held
+  messages take their places: a claim that failed first (the receiver read its token
+  before everything still on the channel), then each token read back in order, then any
+  whose token was never written (the sender wrote its earlier messages first).
+- **Backlog.** machd writes on each channel's page how many messages wait in P's queue
+  (markers aside) and P's backlog; the sender adds its own messages not yet received.
+  port_status counts the messages on channels too.
+
+Everything here runs with the kernel lock held (the traps take it), and machd never
+decodes more than one packet's worth of bounded typed wire at a time, never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pymach.errors import MachError
+from pymach.include import direct, wire
+from pymach.include.message import Int, Message, validate_message
+from pymach.ipc.ipc_mqueue import mqueue_enqueue, mqueue_requeue
+from pymach.ipc.ipc_right import kmsg_destroy
+from pymach.ipc.kmsg import KMsg, copyout, kmsg_uncharge
+from pymach.ipc.mach_msg import check_deliverable, check_rcv_size, msg_copyin_held
+
+if TYPE_CHECKING:
+    from pymach.ipc.port import Port
+    from pymach.ipc.space import IpcSpace
+    from pymach.kern.task import Task
+    from pymach.kern.thread import Thread
+
+log = logging.getLogger("pymach.machd")
+
+PORT_CHANNELS_MAX = 16  # channels into one port
+TASK_CHANNELS_MAX = 64  # channels into the ports of one task
+DRAIN_MAX = 4096  # packets read back at a teardown, at most (a channel holds fewer)
+HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
+
+
+@dataclass(eq=False)
+class DirectChannel:
+    """machd's record of one channel (kernel lock)."""
+
+    cid: int
+    port: Port  # P
+    replies: list[Port]  # the bound reply ports, by index
+    sender: Task
+    receiver: Task
+    end: socket.socket  # machd's dup of the receiver's end
+    page: mmap.mmap
+    view: memoryview  # the page as u64 counters (include/direct.py)
+    page_fd: int  # the page's memfd, until the receiver takes it (-1 then)
+    marker: KMsg | None  # the marker while it is queued
+    accepted: bool = False
+    held: dict[int, KMsg] = field(default_factory=dict)  # token -> held message
+    claimed_late: list[int] = field(default_factory=list)  # tokens whose claim failed
+
+
+@dataclass(eq=False)
+class PortChannels:
+    """The channels into one port and its doorbell (kernel lock)."""
+
+    bell: int  # an eventfd, rung at each message queued in machd
+    channels: list[DirectChannel] = field(default_factory=list)
+    markers: int = 0  # markers queued
+
+
+class ChannelTable:
+    """machd's channels (see module docstring); the PortObserver of every port that is
+    the destination or the bound reply port of a channel."""
+
+    def __init__(self) -> None:
+        self.ports: dict[Port, PortChannels] = {}
+        self.by_id: dict[int, DirectChannel] = {}
+        self.by_reply: dict[Port, list[DirectChannel]] = {}
+        self.by_sender: dict[Task, list[DirectChannel]] = {}
+        self.per_task: dict[Task, int] = {}
+        self._ids = itertools.count(1)
+        self._tokens = itertools.count(1)
+
+    # -- the traps ------------------------------------------------------------------------
+    def open(self, thread: Thread, name: int, reply_name: int) -> tuple[list[int], list[int]]:
+        """CHANNEL_OPEN (see module docstring), with `reply_name` bound first unless 0:
+        ([channel id, 2], [sender's end, page fd]) or a MachError saying why not (the
+        runtime sends through machd then)."""
+        space = thread.task.space
+        port = space.lookup(name, "SEND_INVALID_PORT").port
+        receiver = port.receiver
+        self._check_open(thread.task, port, receiver)
+        assert receiver is not None
+        reply = self._reply_port(thread.task, reply_name, receiver) if reply_name else None
+        ch, sender_end, page_fd = self._make(thread.task, port, receiver)
+        self._register(ch)
+        if reply is not None:
+            self._bind(ch, reply)
+        mqueue_enqueue(port, ch.marker)  # type: ignore[arg-type]
+        return [ch.cid, 2], [sender_end, page_fd]
+
+    def _reply_port(self, task: Task, reply_name: int, receiver: Task) -> Port:
+        """The port the sender names as a reply port, if it may be bound (it holds a
+        right to send to it, it lives, and the receiver has room for a name)."""
+        reply = task.space.lookup(reply_name, "SEND_INVALID_PORT").port
+        if reply.dead:
+            raise MachError("SEND_INVALID_PORT", "the reply port is dead")
+        if receiver.space.name_of(reply) is None:
+            receiver.space.check_room(1, "KERN_NO_SPACE")
+        return reply
+
+    def _bind(self, ch: DirectChannel, reply: Port) -> int:
+        """Bind a reply port to the channel (the receiver gets a send right); its index."""
+        if reply in ch.replies:
+            return ch.replies.index(reply)
+        ch.receiver.space.insert(reply, send=True)
+        ch.replies.append(reply)
+        self.by_reply.setdefault(reply, []).append(ch)
+        reply.observer = self
+        return len(ch.replies) - 1
+
+    def bind(self, thread: Thread, name: int, cid: int, reply_name: int) -> int:
+        """CHANNEL_BIND by the channel's sending task: the index of `reply_name`'s port
+        on the channel (bound now if it is not); KERN_RESOURCE_SHORTAGE past
+        REPLIES_MAX."""
+        ch = self._own(thread, name, cid, sender=True)
+        reply = self._reply_port(thread.task, reply_name, ch.receiver)
+        if reply not in ch.replies and len(ch.replies) >= direct.REPLIES_MAX:
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"{direct.REPLIES_MAX} reply ports "
+                            f"are bound to this channel already")
+        return self._bind(ch, reply)
+
+    def replies(self, thread: Thread, name: int, cid: int) -> list[int]:
+        """CHANNEL_REPLIES by the receiving task: its names for the bound reply ports,
+        by index (0 for one it no longer names)."""
+        ch = self._own(thread, name, cid, sender=False)
+        space = thread.task.space
+        return [space.name_of(p) or 0 for p in ch.replies]
+
+    def hold(self, thread: Thread, name: int, cid: int, msg: object) -> int:
+        """CHANNEL_HOLD by the channel's sending task: copy `msg` (to the channel's
+        port) in as msg_send would, hold it, and return its token; the send's errors
+        (nothing taken then), SEND_NO_BUFFER past HELD_MAX."""
+        ch = self._own(thread, name, cid, sender=True)
+        checked = validate_message(msg)
+        if checked.remote_port != name:
+            raise MachError("SEND_INVALID_PORT", "a held message goes to its channel's port")
+        if len(ch.held) >= HELD_MAX:
+            raise MachError("SEND_NO_BUFFER", f"{HELD_MAX} messages are held for this "
+                            f"channel already")
+        token = next(self._tokens)
+        kmsg = msg_copyin_held(thread, checked)
+        if self.by_id.get(cid) is ch:
+            ch.held[token] = kmsg
+        elif ch.port.dead:  # the copyin itself closed the channel (the message moved
+            kmsg_destroy(kmsg)  # the sender's right to the port away, say): it goes
+        else:  # where the channel's messages went, after them
+            mqueue_enqueue(ch.port, kmsg)
+        return token
+
+    def claim(self, thread: Thread, name: int, cid: int, token: int,
+              rcv_size: object) -> Message:
+        """CHANNEL_CLAIM by the channel's receiving task, whose runtime read `token` on
+        the channel: the held message, received (copied out) as a receive would; the
+        receive's errors leave it held (it goes first at a teardown)."""
+        ch = self._own(thread, name, cid, sender=False)
+        kmsg = ch.held.get(token)
+        if kmsg is None:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no message held under {token}")
+        space = thread.task.space
+        try:
+            check_deliverable(space, kmsg, check_rcv_size(rcv_size))
+        except MachError:
+            if token not in ch.claimed_late:
+                ch.claimed_late.append(token)
+            raise
+        del ch.held[token]
+        if token in ch.claimed_late:
+            ch.claimed_late.remove(token)
+        kmsg_uncharge(kmsg)
+        return copyout(space, kmsg)
+
+    def _own(self, thread: Thread, name: int, cid: int, sender: bool) -> DirectChannel:
+        """The channel `cid` to the port `name` names in the thread's task, of which the
+        task is the sender (or the receiver); KERN_INVALID_ARGUMENT otherwise."""
+        ch = self.by_id.get(cid)
+        entry = thread.task.space.names.get(name)
+        ours = ch is not None and (ch.sender if sender else ch.receiver) is thread.task
+        if ch is None or not ours or entry is None or entry.port is not ch.port:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} of this task to "
+                            f"port {name}")
+        return ch
+
+    def _check_open(self, task: Task, port: Port, receiver: Task | None) -> None:
+        """KERN_FAILURE unless a channel from `task` to `port` may be granted."""
+        why = ""
+        if port.dead or port.kobject is not None or receiver is None:
+            why = "not a task's port"
+        elif receiver is task or receiver.process is None or not receiver.active:
+            why = "its receiver is not another native task"
+        elif port.enabled:
+            why = "it is in a default group"
+        elif any(c.sender is task for c in self._channels(port)):
+            why = "there is one already"
+        elif len(self._channels(port)) >= PORT_CHANNELS_MAX or \
+                self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX:
+            why = "too many channels"
+        if why:
+            raise MachError("KERN_FAILURE", f"no direct channel to this port: {why}")
+
+    def _make(self, sender: Task, port: Port,
+              receiver: Task) -> tuple[DirectChannel, int, int]:
+        """A new channel's record, the sender's end and a descriptor of the page (for
+        the reply); an OSError (out of descriptors, say) leaves nothing behind."""
+        sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds: list[int] = []
+        try:
+            fds.append(os.memfd_create("pymach-channel", os.MFD_CLOEXEC))
+            os.ftruncate(fds[0], direct.PAGE_SIZE)
+            fds.append(os.dup(fds[0]))
+            page = mmap.mmap(fds[0], direct.PAGE_SIZE)
+        except OSError:
+            for s in (sender_end, end):
+                s.close()
+            for fd in fds:
+                os.close(fd)
+            raise
+        view = memoryview(page).cast("Q")
+        view[direct.BACKLOG] = port.backlog
+        cid = next(self._ids)
+        marker = KMsg(port, None, direct.CHANNEL_MARKER, [Int(cid)])
+        ch = DirectChannel(cid, port, [], sender, receiver, end, page, view, fds[0], marker)
+        return ch, sender_end.detach(), fds[1]
+
+    def _register(self, ch: DirectChannel) -> None:
+        st = self.ports.get(ch.port)
+        if st is None:
+            st = self.ports[ch.port] = PortChannels(os.eventfd(0, os.EFD_CLOEXEC |
+                                                               os.EFD_NONBLOCK))
+        st.channels.append(ch)
+        st.markers += 1
+        self.by_id[ch.cid] = ch
+        self.by_sender.setdefault(ch.sender, []).append(ch)
+        self.per_task[ch.receiver] = self.per_task.get(ch.receiver, 0) + 1
+        ch.port.observer = self
+        self._publish(ch.port)
+
+    def accept(self, thread: Thread, name: int, cid: int) -> tuple[list[int], list[int]]:
+        """CHANNEL_ACCEPT: ([sender uid, 3], [receiver's end, page, bell]) for the channel
+        whose marker the task received on its port `name`; KERN_INVALID_ARGUMENT if
+        there is no such channel (any more)."""
+        ch = self._own(thread, name, cid, sender=False)
+        if not thread.task.space.names[name].receive or ch.accepted or ch.marker is not None:
+            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} to accept on {name}")
+        end = os.dup(ch.end.fileno())
+        try:
+            bell = os.dup(self.ports[ch.port].bell)
+        except OSError:
+            os.close(end)
+            raise
+        ch.accepted = True
+        page_fd, ch.page_fd = ch.page_fd, -1
+        return [ch.sender.uid, 3], [end, page_fd, bell]
+
+    def close(self, thread: Thread, name: int, cid: int) -> None:
+        """CHANNEL_CLOSE by the channel's sending or receiving task (anyone else:
+        KERN_INVALID_ARGUMENT): tear it down."""
+        ch = self.by_id.get(cid)
+        if ch is None or thread.task not in (ch.sender, ch.receiver):
+            raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} of this task")
+        self._teardown(ch)
+
+    # -- teardown --------------------------------------------------------------------------
+    def _teardown(self, ch: DirectChannel) -> None:
+        """Shut the channel, put what is left on it into its port's queue (module
+        docstring), and forget it."""
+        if self.by_id.pop(ch.cid, None) is None:
+            return
+        self._forget(ch)
+        with contextlib.suppress(OSError):
+            ch.end.shutdown(socket.SHUT_RDWR)
+        kmsgs = self._drain(ch)
+        if ch.port.dead:
+            for kmsg in kmsgs:
+                kmsg_destroy(kmsg)
+        else:
+            mqueue_requeue(ch.port, kmsgs, ch.marker)
+        ch.end.close()
+        ch.view.release()
+        ch.page.close()
+        if ch.page_fd >= 0:
+            os.close(ch.page_fd)
+        self._publish(ch.port)
+
+    def _forget(self, ch: DirectChannel) -> None:
+        """Take the channel out of every index; a port left with none loses its
+        doorbell (rung first, so its receiver looks again) and its observer."""
+        st = self.ports[ch.port]
+        st.channels.remove(ch)
+        if ch.marker is not None:
+            st.markers -= 1
+        self.by_sender[ch.sender].remove(ch)
+        if not self.by_sender[ch.sender]:
+            del self.by_sender[ch.sender]
+        self.per_task[ch.receiver] -= 1
+        if not self.per_task[ch.receiver]:
+            del self.per_task[ch.receiver]
+        for reply in ch.replies:
+            self.by_reply[reply].remove(ch)
+            if not self.by_reply[reply]:
+                del self.by_reply[reply]
+                self._unobserve(reply)
+        with contextlib.suppress(OSError):
+            os.eventfd_write(st.bell, 1)
+        if not st.channels:
+            os.close(st.bell)
+            del self.ports[ch.port]
+            self._unobserve(ch.port)
+
+    def _unobserve(self, port: Port) -> None:
+        if port not in self.ports and port not in self.by_reply:
+            port.observer = None
+
+    def _drain(self, ch: DirectChannel) -> list[KMsg]:
+        """The messages left on a shut channel and those machd holds for it, in their
+        order (module docstring): decoded (a bad packet is dropped and logged), as
+        kernel messages from its sender."""
+        out = [ch.held.pop(t) for t in ch.claimed_late if t in ch.held]
+        out += self._read_back(ch)
+        out += [ch.held.pop(t) for t in sorted(ch.held)]
+        return out
+
+    def _read_back(self, ch: DirectChannel) -> list[KMsg]:
+        """The packets left on a shut channel, as kernel messages (held ones taken
+        from `ch.held`)."""
+        out: list[KMsg] = []
+        sender = ch.sender
+        for _ in range(DRAIN_MAX):
+            try:
+                data = ch.end.recv(direct.PACKET_MAX + 1, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                msg, index = direct.decode_packet(data)
+                if index > len(ch.replies) or (index < 0 and msg.id not in ch.held):
+                    raise wire.WireError(f"reply port {index} is not bound, or the token "
+                                         f"{msg.id} is unknown")
+            except wire.WireError as e:
+                log.warning("task %s: a bad packet on channel %d dropped: %s", sender.name,
+                            ch.cid, e.detail)
+                continue
+            if index < 0:
+                out.append(ch.held.pop(msg.id))
+                continue
+            reply = ch.replies[index - 1] if index else None
+            if reply is not None and reply.dead:
+                reply = None
+            out.append(KMsg(ch.port, reply, msg.id, list(msg.items), sender=sender.name,
+                            sender_uid=sender.uid, plain=True))
+        return out
+
+    def _channels(self, port: Port) -> list[DirectChannel]:
+        st = self.ports.get(port)
+        return st.channels if st is not None else []
+
+    def _publish(self, port: Port) -> None:
+        """Write the port's queue length (markers aside) and backlog on its channels'
+        pages, and wake the senders that wait for room."""
+        st = self.ports.get(port)
+        if st is None:
+            return
+        queued = max(0, len(port.queue) - st.markers)
+        for ch in st.channels:
+            view = ch.view
+            view[direct.QUEUED] = queued
+            view[direct.BACKLOG] = port.backlog
+            if view[direct.WAITING]:
+                with contextlib.suppress(OSError):
+                    ch.end.send(direct.WAKE, socket.MSG_DONTWAIT)
+
+    # -- PortObserver ------------------------------------------------------------------------
+    def enqueued(self, port: Port, kmsg: KMsg) -> None:
+        """Ring the port's doorbell; publish its queue length."""
+        st = self.ports.get(port)
+        if st is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(st.bell, 1)
+            self._publish(port)
+
+    def dequeued(self, port: Port, kmsg: KMsg) -> None:
+        """A marker received: its channel may be accepted; publish the queue length."""
+        st = self.ports.get(port)
+        if st is None:
+            return
+        if kmsg.id == direct.CHANNEL_MARKER and kmsg.sender_uid < 0:
+            for ch in st.channels:
+                if ch.marker is kmsg:
+                    ch.marker = None
+                    st.markers -= 1
+        self._publish(port)
+
+    def receiver_leaving(self, port: Port) -> None:
+        """The port's channels, and those bound to it as reply port, are torn down."""
+        for ch in [*self._channels(port), *self.by_reply.get(port, ())]:
+            self._teardown(ch)
+
+    def changed(self, port: Port) -> None:
+        """Enabled: its channels are torn down; else publish (backlog)."""
+        if port.enabled:
+            for ch in list(self._channels(port)):
+                self._teardown(ch)
+        self._publish(port)
+
+    def holder_removed(self, port: Port, space: IpcSpace) -> None:
+        """A receiver or sender that loses its name for a channel's reply port loses the
+        channel; so does a sender that loses its name for the channel's port (its right
+        was given up, or taken: port_extract_right; or its task died)."""
+        for ch in list(self.by_reply.get(port, ())):
+            if space in (ch.receiver.space, ch.sender.space):
+                self._teardown(ch)
+        for ch in list(self._channels(port)):
+            if ch.sender.space is space:
+                self._teardown(ch)
+
+    def extra_messages(self, port: Port) -> int:
+        """Messages on the port's channels, minus its queued markers."""
+        st = self.ports.get(port)
+        if st is None:
+            return 0
+        limit = direct.PACKET_MAX  # a page's counters are the tasks' word: bounded
+        on_channels = sum(min(max(c.view[direct.SENT] - c.view[direct.RECEIVED], 0), limit)
+                          for c in st.channels)
+        return on_channels - st.markers

@@ -1,0 +1,534 @@
+"""Direct channels between native tasks (issue 10, item 1): messages that skip machd.
+
+A thread that sends a few data-only messages to another native task's port gets a
+direct channel from machd (machd/channels.py, libmach/direct.py). These tests check that
+channels are used, and that Mach's semantics hold across them: per-sender order (also
+when messages that need machd are mixed in), backlog and port_status, the receive right
+moving away with messages still on a channel, port death, RCV_TOO_LARGE and timeouts,
+suspension and termination of a thread waiting on a channel, and a channel that carries
+garbage. The packet decoder's bounds are tested apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import pymach as m
+from pymach import MAKE_SEND, MOVE_RECEIVE, Int, Message, Port
+from pymach.include import direct, wire
+from pymach.include.message import OOL, Bytes, Code, Str
+from pymach.kern.thread import current_thread
+
+GO, DONE = 1, 2
+
+
+def _channels() -> dict[int, object]:
+    return current_thread().process.senders.channels  # type: ignore[attr-defined, no-any-return]
+
+
+def _receivers() -> dict[int, object]:
+    return current_thread().process.receivers.ports  # type: ignore[attr-defined, no-any-return]
+
+
+def _echo(svc_box: int) -> list[int]:
+    """A server: takes its port from `svc_box`'s first message, echoes id + 100 with the
+    items until id DONE; returns the ids it saw."""
+    me = m.task_self()
+    svc = m.port_allocate(me)
+    m.msg_send(Message(remote_port=svc_box, items=[Port(svc, MAKE_SEND)]))
+    seen: list[int] = []
+    while True:
+        msg = m.msg_receive(svc, m.RCV_TIMEOUT, 20_000)
+        seen.append(msg.id)
+        if msg.id == DONE:
+            return seen
+        if msg.remote_port:
+            m.msg_send(Message(remote_port=msg.remote_port, id=msg.id + 100, items=msg.items))
+
+
+def _server() -> tuple[object, int]:
+    me = m.task_self()
+    box = m.port_allocate(me)
+    h = m.spawn(_echo, Port(box, MAKE_SEND), name="echo")
+    svc = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    return h, svc
+
+
+def test_rpcs_go_over_a_channel_in_order(native: str) -> None:
+    h, svc = _server()
+    reply = m.port_allocate(m.task_self())
+    for i in range(10, 40):
+        r = m.msg_rpc(Message(remote_port=svc, local_port=reply, id=i,
+                              items=[Int(i), Str("x" * i), Bytes(b"b")]), m.RCV_TIMEOUT,
+                      receive_timeout=20_000)
+        assert (r.id, r.values()) == (i + 100, [i, "x" * i, b"b"])
+        assert r.local_port == reply and r.sender_uid is not None
+    assert svc in _channels()  # ours to the server's port
+    assert reply in _receivers()  # the server's to our reply port
+    m.msg_send(Message(remote_port=svc, id=DONE))
+    assert h.result(20_000) == [*range(10, 40), DONE]  # type: ignore[attr-defined]
+
+
+def _collect(box: int, n: int) -> list[list[object]]:
+    """Receive n messages on a new port (sent to `box`) after a GO; return (id, values)."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND)]))
+    m.msg_receive(p, m.RCV_TIMEOUT, 20_000)  # GO
+    got: list[list[object]] = []
+    for _ in range(n):
+        msg = m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+        kinds = [type(i).__name__ for i in msg.items]
+        got.append([msg.id, kinds])
+        if msg.id == GO:  # the next batch may come: say so
+            m.msg_send(Message(remote_port=msg.remote_port, id=GO))
+    return got
+
+
+def test_messages_that_need_machd_keep_their_order(native: str) -> None:
+    me = m.task_self()
+    box = m.port_allocate(me)
+    n = 24
+    h = m.spawn(_collect, Port(box, MAKE_SEND), n, name="collect")
+    dest = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    ack = m.port_allocate(me)
+    m.msg_send(Message(remote_port=dest, id=GO))
+    expect = []
+    for i in range(10, 10 + n):
+        items: list[object] = [Int(i)]
+        if i % 5 == 0:  # a right: through machd, after what is on the channel
+            items.append(Port(m.port_allocate(me), MAKE_SEND))
+        elif i % 7 == 0:
+            items.append(OOL(data=b"z" * 100))
+        m.msg_send(Message(remote_port=dest, id=i, items=items),  # type: ignore[arg-type]
+                   m.SEND_TIMEOUT, 20_000)
+        expect.append([i, [type(x).__name__ for x in items]])
+    del ack
+    got = h.result(30_000)  # type: ignore[attr-defined]
+    assert [g[0] for g in got] == list(range(10, 10 + n))
+    assert got == expect
+
+
+def _collect_replies(box: int, n: int) -> list[tuple[int, bool]]:
+    """Receive n messages on a new port; return (id, has a reply port) of each."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND)]))
+    return [(msg.id, bool(msg.remote_port)) for msg in
+            (m.msg_receive(p, m.RCV_TIMEOUT, 20_000) for _ in range(n))]
+
+
+def _send_from_thread(dest: int, ids: list[int], done: int) -> None:
+    reply = m.port_allocate(m.task_self())
+    for i in ids:
+        m.msg_send(Message(remote_port=dest, local_port=reply, id=i))
+    m.msg_send(Message(remote_port=done, id=DONE))
+
+
+def test_a_tasks_threads_share_its_channel_in_order(native: str) -> None:
+    me = m.task_self()
+    h, _box, (dest,) = _spawn_boxed(lambda b: _collect_replies(b, 30), "replies")
+    mine = m.port_allocate(me)
+    for i in range(10):  # a channel, bound to our reply port
+        m.msg_send(Message(remote_port=dest, local_port=mine, id=i))
+    done = m.port_allocate(me)
+    m.thread_create(me, _send_from_thread, dest, list(range(10, 20)), done)
+    assert m.msg_receive(done, m.RCV_TIMEOUT, 20_000).id == DONE  # another reply port
+    for i in range(20, 30):  # no reply port
+        m.msg_send(Message(remote_port=dest, id=i))
+    assert len(_channels()[dest].bound) == 2  # type: ignore[attr-defined]  # both replies
+    got = h.result(20_000)  # type: ignore[attr-defined]
+    assert got == [(i, i < 20) for i in range(30)]
+
+
+def _hold(box: int) -> tuple[list[int], int]:
+    """Make a port, hand a send right out, wait for GO on a second port, then report the
+    port's message count and receive everything (RCV_TIMEOUT 0 at the end)."""
+    me = m.task_self()
+    p, ctl = m.port_allocate(me), m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND), Port(ctl, MAKE_SEND)]))
+    for _ in range(2):  # two messages, taken at once: the sender then asks for a channel
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=box, id=GO))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)
+    count = m.port_status(me, p)[1]
+    ids = []
+    while True:
+        try:
+            ids.append(m.msg_receive(p, m.RCV_TIMEOUT, 0).id)
+        except m.MachError as e:
+            assert e.code == "RCV_TIMED_OUT"
+            return ids, count
+
+
+def _spawn_boxed(fn: object, name: str) -> tuple[object, int, list[int]]:
+    """Spawn fn(box) and return (its handle, box, the names of its first message)."""
+    box = m.port_allocate(m.task_self())
+    h = m.spawn(fn, Port(box, MAKE_SEND), name=name)  # type: ignore[arg-type]
+    return h, box, m.msg_receive(box, m.RCV_TIMEOUT, 20_000).values()
+
+
+def test_backlog_and_port_status_count_the_channel(native: str) -> None:
+    h, box, (p, ctl) = _spawn_boxed(_hold, "hold")
+    for i in range(2):
+        m.msg_send(Message(remote_port=p, id=i))
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == GO  # both taken
+    sent = []
+    for i in range(10, 30):
+        try:
+            m.msg_send(Message(remote_port=p, id=i), m.SEND_TIMEOUT, 0)
+        except m.MachError as e:
+            assert e.code == "SEND_TIMED_OUT"
+            break
+        sent.append(i)
+    assert p in _channels()
+    assert sent == list(range(10, 10 + m.PORT_BACKLOG_DEFAULT))  # the port's backlog
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    ids, count = h.result(20_000)  # type: ignore[attr-defined]
+    assert count == m.PORT_BACKLOG_DEFAULT
+    assert ids == sent
+
+
+def _send_one(dest: int, done: int) -> None:
+    try:
+        m.msg_send(Message(remote_port=dest, id=77))  # blocks: the port is full
+        outcome = "sent"
+    except m.MachError as e:
+        outcome = e.code
+    m.msg_send(Message(remote_port=done, id=DONE, items=[Str(outcome)]))
+
+
+def test_a_sender_waiting_for_room_is_suspended_and_terminated(native: str) -> None:
+    me = m.task_self()
+    h, box, (p, ctl) = _spawn_boxed(_hold, "hold")
+    for i in range(2):
+        m.msg_send(Message(remote_port=p, id=i))
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == GO
+    for i in range(10, 10 + m.PORT_BACKLOG_DEFAULT):  # the port is full
+        m.msg_send(Message(remote_port=p, id=i), m.SEND_TIMEOUT, 20_000)
+    assert p in _channels()
+    done = m.port_allocate(me)
+    t = m.thread_create(me, _send_one, p, done)
+    m.thread_terminate(t)  # waiting for room, or before it began: it ends
+    with pytest.raises(m.MachError):
+        m.thread_info(t)
+    t2 = m.thread_create(me, _send_one, p, done)
+    m.thread_suspend(t2)
+    m.msg_send(Message(remote_port=ctl, id=GO))  # the holder takes everything, and ends
+    ids, _ = h.result(20_000)  # type: ignore[attr-defined]
+    assert ids == list(range(10, 10 + m.PORT_BACKLOG_DEFAULT))  # nothing of t's or t2's
+    m.thread_resume(t2)  # its port died while it waited: the send fails, as in Mach
+    assert m.msg_receive(done, m.RCV_TIMEOUT, 20_000).values() == ["SEND_INVALID_PORT"]
+
+
+def _take_3_then(box: int) -> int:
+    """Make a port and a control port, send `box` rights to both, take 3 messages on the
+    port, wait for GO on the control port; the port's name."""
+    me = m.task_self()
+    p, ctl = m.port_allocate(me), m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND), Port(ctl, MAKE_SEND)]))
+    for _ in range(3):
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)  # GO
+    return p  # type: ignore[no-any-return]
+
+
+def _receive_then_move(box: int) -> int:
+    """Take 3 messages on a port, then (after GO) move its receive right to `box`'s
+    sender without receiving what else came."""
+    p = _take_3_then(box)
+    m.msg_send(Message(remote_port=box, id=DONE, items=[Port(p, MOVE_RECEIVE)]))
+    return 0
+
+
+def test_receive_right_moves_with_what_is_on_the_channel(native: str) -> None:
+    h, box, p, ctl = _after_three(_receive_then_move, "mover")
+    for i in range(10, 14):  # on the channel, not received by the mover
+        m.msg_send(Message(remote_port=p, id=i, items=[Int(i)]), m.SEND_TIMEOUT, 20_000)
+    assert p in _channels()
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    moved = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+    assert moved.items[0].name == p  # type: ignore[union-attr]
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+    ids = [m.msg_receive(p, m.RCV_TIMEOUT, 0).id for _ in range(4)]
+    assert ids == [10, 11, 12, 13]
+    m.msg_send(Message(remote_port=p, id=99))  # to our own port now: through machd
+    assert m.msg_receive(p, m.RCV_TIMEOUT, 0).id == 99
+
+
+def _after_three(fn: object, name: str) -> tuple[object, int, int, int]:
+    """Spawn fn(box) (_take_3_then's kind) and send it its 3 messages (a channel
+    follows): (its handle, box, its port, its control port)."""
+    h, box, (p, ctl) = _spawn_boxed(fn, name)
+    for i in range(3):
+        m.msg_send(Message(remote_port=p, id=i))
+    return h, box, p, ctl
+
+
+def test_held_messages_keep_their_place_and_move_with_the_port(native: str) -> None:
+    me = m.task_self()
+    h, box, p, ctl = _after_three(_receive_then_move, "mover")
+    q = m.port_allocate(me)
+    mixed: list[list[object]] = [[Int(10)], [Port(q, MAKE_SEND)], [Int(12)],
+                                 [OOL(data=b"hello")], [Int(14)]]
+    for i, items in enumerate(mixed):  # rights and memory: held by machd, in their place
+        m.msg_send(Message(remote_port=p, id=10 + i, items=items))  # type: ignore[arg-type]
+    assert p in _channels()
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == DONE  # the receive right
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+    got = [m.msg_receive(p, m.RCV_TIMEOUT, 0) for _ in mixed]
+    assert [g.id for g in got] == [10, 11, 12, 13, 14]
+    assert got[1].items[0].name == q  # type: ignore[union-attr]  # the right, ours again
+    ool = got[3].items[0]
+    assert isinstance(ool, OOL) and m.vm_read(me, ool.address, 5) == b"hello"
+
+
+def _sender_of_three(fn: object, name: str) -> tuple[object, int, int]:
+    """Spawn fn(port, box), a sender of 3 messages to a port of ours that gives `box` a
+    control port, and take the 3: (its handle, the port, its control port)."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(fn, Port(p, MAKE_SEND), Port(box, MAKE_SEND), name=name)  # type: ignore[arg-type]
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3)] == [0, 1, 2]
+    return h, p, ctl
+
+
+def _send_then_held(dest: int, box: int) -> int:
+    """Send 3 messages (a channel follows), then one machd holds, then one more; end
+    after DONE on a port given to `box` (the channel lives until then)."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    m.msg_send(Message(remote_port=dest, id=3, items=[Port(dest, m.COPY_SEND)]))
+    m.msg_send(Message(remote_port=dest, id=4))
+    return m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000).id
+
+
+def test_a_held_message_too_large_stays_first(native: str) -> None:
+    h, p, ctl = _sender_of_three(_send_then_held, "holder")
+    assert p in _receivers()
+    with pytest.raises(m.MachError) as e:
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000, rcv_size=8)
+    assert e.value.code == "RCV_TOO_LARGE"
+    held = m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    assert (held.id, held.items[0].name) == (3, p)  # type: ignore[union-attr]
+    assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == 4
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert h.result(20_000) == DONE  # type: ignore[attr-defined]
+
+
+def _receive_3_then_die(box: int) -> int:
+    p = _take_3_then(box)
+    m.port_deallocate(m.task_self(), p)  # with a held message still unclaimed
+    return 0
+
+
+def test_a_held_message_dies_with_its_port_and_releases_its_rights(native: str) -> None:
+    me = m.task_self()
+    h, _box, p, ctl = _after_three(_receive_3_then_die, "dier")
+    q = m.port_allocate(me)
+    m.msg_send(Message(remote_port=p, id=3, items=[Port(q, MOVE_RECEIVE)]))  # held
+    assert p in _channels()
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+    notes = {}
+    for _ in range(2):
+        note = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+        notes[note.id] = note.values()
+    assert notes == {m.NOTIFY_PORT_DELETED: [p], m.NOTIFY_RECEIVE_RIGHTS: [q]}
+    assert m.port_status(me, q)[3:] == (True, True)  # q's receive right came back to us
+
+
+def _receive_then_die(box: int) -> int:
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND)]))
+    for _ in range(4):
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    m.port_deallocate(me, p)  # receiver and owner: the port dies
+    return 0
+
+
+def test_port_death_reaches_a_sender_with_a_channel(native: str) -> None:
+    me = m.task_self()
+    box = m.port_allocate(me)
+    h = m.spawn(_receive_then_die, Port(box, MAKE_SEND), name="dier")
+    p = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    for i in range(4):
+        m.msg_send(Message(remote_port=p, id=i))
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+    note = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    assert note.id == m.NOTIFY_PORT_DELETED and note.values() == [p]
+    with pytest.raises(m.MachError) as e:
+        m.msg_send(Message(remote_port=p, id=5))
+    assert e.value.code == "SEND_INVALID_PORT"
+
+
+def _send_n(dest: int, ids: list[int], items: list[object]) -> int:
+    for i in ids:
+        m.msg_send(Message(remote_port=dest, id=i, items=items),  # type: ignore[arg-type]
+                   m.SEND_TIMEOUT, 20_000)
+    return len(ids)
+
+
+def _port_with_channel(me: int, n: int = 3) -> tuple[int, object]:
+    """A port of ours to which a spawned task sent `n` messages (taken here)."""
+    p = m.port_allocate(me)
+    h = m.spawn(_send_n, Port(p, MAKE_SEND), list(range(n)), [], name="sender")
+    for i in range(n):
+        assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == i
+    h.result(20_000)  # type: ignore[attr-defined]
+    return p, h
+
+
+def test_rcv_too_large_and_timeout_on_a_channel(native: str) -> None:
+    me = m.task_self()
+    p = m.port_allocate(me)
+    h = m.spawn(_send_n, Port(p, MAKE_SEND), [0, 1, 2, 3], [Bytes(b"x" * 1000)],
+                name="sender")
+    assert h.result(20_000) == 4  # type: ignore[attr-defined]
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(2)] == [0, 1]
+    # (the sender ended: what it left on its channel went into the port's queue)
+    with pytest.raises(m.MachError) as e:
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000, rcv_size=100)
+    assert e.value.code == "RCV_TOO_LARGE"
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(2)] == [2, 3]
+    with pytest.raises(m.MachError) as e:
+        m.msg_receive(p, m.RCV_TIMEOUT, 50)
+    assert e.value.code == "RCV_TIMED_OUT"
+
+
+def _sender_that_waits(dest: int, ctl_box: int) -> int:
+    """Send 3 messages to `dest` (a channel follows), then send one more on each GO."""
+    me = m.task_self()
+    ctl = m.port_allocate(me)
+    m.msg_send(Message(remote_port=ctl_box, items=[Port(ctl, MAKE_SEND)]))
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    n = 3
+    while m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000).id == GO:
+        m.msg_send(Message(remote_port=dest, id=n, items=[Int(n)]))
+        n += 1
+    return n
+
+
+def _waiter(p: int) -> int:
+    return m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id
+
+
+def test_a_thread_waiting_on_a_channel_is_suspended_and_terminated(native: str) -> None:
+    me = m.task_self()
+    h, p, ctl = _sender_of_three(_sender_that_waits, "s")
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == 3  # on the channel
+    assert p in _receivers()
+    t = m.thread_create(me, _waiter, p)  # waits on the channel, in this process
+    m.thread_terminate(t)
+    with pytest.raises(m.MachError):  # it is gone (its port died)
+        m.thread_info(t)
+    t2 = m.thread_create(me, _waiter, p)
+    m.thread_suspend(t2)
+    m.msg_send(Message(remote_port=ctl, id=GO))  # a message for it, while suspended
+    assert m.thread_info(t2)[2] == 1
+    m.thread_resume(t2)
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert h.result(20_000) == 5  # type: ignore[attr-defined]
+    # the suspended thread took message 4 once resumed (or it is still queued)
+    _ = t2
+
+
+def _garbage_then_data(dest: int) -> int:
+    """Get a channel, write garbage on it, then send more messages."""
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    chan = current_thread().process.senders.channels[dest]  # type: ignore[attr-defined]
+    chan.sock.send(b"not a packet")
+    for i in range(3, 6):
+        m.msg_send(Message(remote_port=dest, id=i))
+    return 0
+
+
+def test_garbage_on_a_channel_drops_it_and_nothing_else(native: str) -> None:
+    me = m.task_self()
+    p = m.port_allocate(me)
+    h = m.spawn(_garbage_then_data, Port(p, MAKE_SEND), name="liar")
+    ids = [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(6)]
+    assert ids == [0, 1, 2, 3, 4, 5]
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+    m.msg_send(Message(remote_port=p, id=7))  # the port works on
+    assert m.msg_receive(p, m.RCV_TIMEOUT, 0).id == 7
+
+
+def _sender_loses_its_right(dest: int, box: int) -> str:
+    """Get a channel to `dest`, say our name for it, and after GO send once more."""
+    me = m.task_self()
+    ctl = m.port_allocate(me)
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    assert dest in current_thread().process.senders.channels  # type: ignore[attr-defined]
+    m.msg_send(Message(remote_port=box, items=[Int(dest), Port(ctl, MAKE_SEND)]))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)  # GO: our right is gone by now
+    try:
+        m.msg_send(Message(remote_port=dest, id=9))
+    except m.MachError as e:
+        return e.code
+    return "sent"
+
+
+def test_a_sender_whose_right_is_taken_loses_its_channel(native: str) -> None:
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(_sender_loses_its_right, Port(p, MAKE_SEND), Port(box, MAKE_SEND),
+                name="robbed")
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3)] == [0, 1, 2]
+    their_name, ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).values()
+    taken = m.port_extract_right(h.port, their_name, m.MOVE_SEND)  # type: ignore[attr-defined]
+    assert taken == p
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    assert h.result(20_000) == "SEND_INVALID_PORT"  # type: ignore[attr-defined]
+    with pytest.raises(m.MachError) as e:
+        m.msg_receive(p, m.RCV_TIMEOUT, 0)  # nothing came on the old channel
+    assert e.value.code == "RCV_TIMED_OUT"
+
+
+def test_a_task_cannot_forge_a_marker(native: str) -> None:
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=p, id=direct.CHANNEL_MARKER, items=[Int(1)]))
+    got = m.msg_receive(p, m.RCV_TIMEOUT, 0)  # a user's message: returned as it is
+    assert (got.id, got.values()) == (direct.CHANNEL_MARKER, [1])
+
+
+# -- the packet decoder (no machd) ------------------------------------------------------------
+def test_packets_round_trip() -> None:
+    msg = Message(id=5, items=[Int(1), Str("s"), Bytes(b"b")])
+    got, index = direct.decode_packet(direct.encode_packet(msg, 3))
+    assert (got.id, got.values(), index) == (5, [1, "s", b"b"], 3)
+
+
+@pytest.mark.parametrize("bad", [
+    wire.encode([Message(0, 0, 1, [Port(3, MAKE_SEND)])]),  # a right
+    wire.encode([Message(0, 0, 1, [OOL(data=b"x")])]),  # memory
+    wire.encode([Message(0, 0, 1, [Code(None, blob=b"pickle")])]),  # code
+    wire.encode([Message(7, 0, 1, [])]),  # names a port
+    wire.encode([Message(0, direct.REPLIES_MAX + 1, 1, [])]),  # past the bound ports
+    wire.encode([Message(0, 0, 1, [Bytes(b"x" * 9000)])]),  # past the inline limit
+    wire.encode([1, 2]),  # not a message
+    b"\x08garbage",
+    b"",
+])
+def test_bad_packets_are_refused(bad: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        direct.decode_packet(bad)
+
+
+def test_only_data_messages_may_use_a_channel() -> None:
+    assert direct.channel_eligible(Message(1, 9, 1, [Int(1)]))
+    assert direct.channel_eligible(Message(1, 0, 1, []))
+    assert not direct.channel_eligible(Message(1, 9, 1, [], m.MAKE_SEND))
+    assert not direct.channel_eligible(Message(1, 0, 1, [Port(3, MAKE_SEND)]))
+    assert not direct.channel_eligible(Message(1, 0, 1, [OOL(data=b"x")]))
+    assert not direct.channel_eligible(Message(1, 0, 1, [Bytes(b"x" * 9000)]))
