@@ -67,6 +67,19 @@ def wait_notification(kind: int, name: int, timeout: float = WAIT_MS) -> list[tu
             return seen
 
 
+def bootstrap_port() -> int:
+    """A new port of ours, made our bootstrap port (children inherit it: their
+    parent_port())."""
+    p: int = m.port_allocate(m.task_self())
+    m.task_set_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT, p)
+    return p
+
+
+def parent_port() -> int:
+    """Our bootstrap port (a child's way to its parent's bootstrap_port())."""
+    return m.task_get_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT)  # type: ignore
+
+
 def has_name(name: int) -> bool:
     """True if the calling task still holds a right named `name`."""
     try:

@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 import pymach as m
-from machutil import recv, sleep_ms, start_thread, wait_notification, wait_until
+from machutil import (
+    bootstrap_port,
+    parent_port,
+    recv,
+    sleep_ms,
+    start_thread,
+    wait_notification,
+    wait_until,
+)
 from pymach import Int, Message, Port, Str
 
 CONTRACT = True  # embedded (both schedulers) and as native tasks of machd (conftest.py)
@@ -39,16 +47,6 @@ def send(dest: int, *items: object, msg_id: int = 1, reply: int = m.PORT_NULL,
                m.SEND_TIMEOUT, timeout)
 
 
-def bootstrap_port() -> int:
-    p = new_port()
-    m.task_set_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT, p)
-    return p
-
-
-def parent_port() -> int:
-    return m.task_get_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT)  # type: ignore
-
-
 def queued(name: int) -> int:
     return m.port_status(m.task_self(), name)[1]  # type: ignore[no-any-return]
 
@@ -56,6 +54,14 @@ def queued(name: int) -> int:
 def received_port(box: int) -> int:
     """The name of the right carried by the next message on `box`."""
     return recv(box).items[0].name  # type: ignore[union-attr]
+
+
+def from_parent() -> tuple[int, int]:
+    """In a child: give the parent a send right to a new port of ours and take the
+    right it sends back on it; returns (our port, the right's name)."""
+    me = new_port()
+    send(parent_port(), Port(me, m.MAKE_SEND))
+    return me, received_port(me)
 
 
 def warm(dest: int, count: int = WARM) -> None:
@@ -69,14 +75,12 @@ def expect_ids(port: int, ids: list[int]) -> None:
     assert got == ids
 
 
-def sender_child(box_name: str = "") -> Any:
+def sender_child() -> Any:
     """A child that gets a send right to the parent's port and a port of its own to be
     told what to do; it sends each batch it is told to, and reports DONE after each."""
 
     def child() -> None:
-        me = new_port()
-        send(parent_port(), Port(me, m.MAKE_SEND))
-        dest = received_port(me)
+        me, dest = from_parent()
         while True:
             order = recv(me, 10_000)
             if order.id == DONE:
@@ -95,6 +99,41 @@ def start_sender(kernel: m.Kernel, b: int, dest: int) -> tuple[Any, int]:
     ctl = received_port(b)
     send(ctl, Port(dest, m.MAKE_SEND))
     return h, ctl
+
+
+def with_sender(kernel: m.Kernel) -> tuple[int, int, Any, int]:
+    """Our bootstrap port b, a port p of ours (backlog PORT_BACKLOG_MAX) and a sender
+    child for p: (b, p, its handle, its control port)."""
+    b = bootstrap_port()
+    p = new_port()
+    m.port_set_backlog(m.task_self(), p, m.PORT_BACKLOG_MAX)
+    h, ctl = start_sender(kernel, b, p)
+    return b, p, h, ctl
+
+
+def finish(ctl: int, h: Any) -> None:
+    """Tell a sender child to return, and wait for it."""
+    send(ctl, msg_id=DONE)
+    h.result(10_000)
+
+
+def send_outcome(dest: int) -> str:
+    """Send a plain message to `dest`: "sent", or the SendError's code."""
+    try:
+        send(dest, Int(0))
+    except m.SendError as e:
+        return e.code
+    return "sent"
+
+
+def spawn_with_right(kernel: m.Kernel, b: int, child: Any) -> tuple[int, Any]:
+    """A new port of ours (backlog PORT_BACKLOG_MAX) and a child running `child`, which
+    gets a send right to it through from_parent(); returns (the port, the handle)."""
+    p = new_port()
+    m.port_set_backlog(m.task_self(), p, m.PORT_BACKLOG_MAX)
+    h = kernel.spawn(child)
+    send(received_port(b), Port(p, m.MAKE_SEND))
+    return p, h
 
 
 def order(ctl: int, b: int, first: int, count: int) -> None:
@@ -144,56 +183,40 @@ def test_order_per_sender_with_two_sender_tasks_and_the_default_group(
         assert [recv(b).id, recv(b).id] == [DONE, DONE]
     assert seen == {p1: list(range(40)), p2: list(range(40))}
     for ctl, h in ((c1, h1), (c2, h2)):
-        send(ctl, msg_id=DONE)
-        h.result(10_000)
+        finish(ctl, h)
 
 
 # -- the receive right moves, the port dies, the receiver dies --------------------------------
 
 
 def test_queued_messages_follow_a_moved_receive_right(kernel: m.Kernel) -> None:
-    b = bootstrap_port()
-    p = new_port()
-    m.port_set_backlog(m.task_self(), p, m.PORT_BACKLOG_MAX)
-    h, ctl = start_sender(kernel, b, p)
+    b, p, h, ctl = with_sender(kernel)
     order(ctl, b, 0, WARM)
     expect_ids(p, list(range(WARM)))
     order(ctl, b, WARM, 10)  # queued, not received here
 
     def new_receiver() -> list[int]:
-        me = new_port()
-        send(parent_port(), Port(me, m.MAKE_SEND))
-        mine = received_port(me)
+        _, mine = from_parent()
         return [recv(mine).id for _ in range(15)]
 
     r = kernel.spawn(new_receiver)
     send(received_port(b), Port(p, m.MOVE_RECEIVE))
     order(ctl, b, WARM + 10, 5)  # sent to the port's new receiver
     assert r.result(10_000) == list(range(WARM, WARM + 15))
-    send(ctl, msg_id=DONE)
-    h.result(10_000)
+    finish(ctl, h)
 
 
 def test_a_sender_is_told_when_the_port_it_sends_to_dies(kernel: m.Kernel) -> None:
     b = bootstrap_port()
 
     def child() -> str:
-        me = new_port()
-        send(parent_port(), Port(me, m.MAKE_SEND))
-        dest = received_port(me)
+        _, dest = from_parent()
         warm(dest)
         send(parent_port(), msg_id=DONE)
         wait_notification(m.NOTIFY_PORT_DELETED, dest, 10_000)
-        try:
-            send(dest, Int(0))
-        except m.SendError as e:
-            return e.code
-        return "sent"
+        return send_outcome(dest)
 
-    p = new_port()
-    m.port_set_backlog(m.task_self(), p, m.PORT_BACKLOG_MAX)
-    h = kernel.spawn(child)
-    send(received_port(b), Port(p, m.MAKE_SEND))
+    p, h = spawn_with_right(kernel, b, child)
     assert recv(b).id == DONE
     expect_ids(p, list(range(WARM)))
     m.port_deallocate(m.task_self(), p)  # the receive right: the port dies
@@ -229,9 +252,7 @@ def test_a_backlog_set_under_traffic_bounds_the_queue(kernel: m.Kernel) -> None:
     b = bootstrap_port()
 
     def child() -> str:
-        me = new_port()
-        send(parent_port(), Port(me, m.MAKE_SEND))
-        dest = received_port(me)
+        me, dest = from_parent()
         warm(dest)
         send(parent_port(), msg_id=DONE)
         assert recv(me, 10_000).id == GO
@@ -259,10 +280,7 @@ def test_a_backlog_set_under_traffic_bounds_the_queue(kernel: m.Kernel) -> None:
 
 
 def test_too_small_and_timed_out_receives_under_traffic(kernel: m.Kernel) -> None:
-    b = bootstrap_port()
-    p = new_port()
-    m.port_set_backlog(m.task_self(), p, m.PORT_BACKLOG_MAX)
-    h, ctl = start_sender(kernel, b, p)
+    b, p, h, ctl = with_sender(kernel)
     order(ctl, b, 0, WARM)
     expect_ids(p, list(range(WARM)))
     order(ctl, b, WARM, 1)
@@ -277,15 +295,11 @@ def test_too_small_and_timed_out_receives_under_traffic(kernel: m.Kernel) -> Non
     assert e.value.code == "RCV_TIMED_OUT"
     order(ctl, b, WARM + 1, 1)
     assert recv(p).id == WARM + 1
-    send(ctl, msg_id=DONE)
-    h.result(10_000)
+    finish(ctl, h)
 
 
 def test_a_receiving_thread_terminated_while_it_waits(kernel: m.Kernel) -> None:
-    b = bootstrap_port()
-    p = new_port()
-    m.port_set_backlog(m.task_self(), p, m.PORT_BACKLOG_MAX)
-    h, ctl = start_sender(kernel, b, p)
+    b, p, h, ctl = with_sender(kernel)
     got: list[int] = []
 
     def receiving() -> None:
@@ -301,8 +315,7 @@ def test_a_receiving_thread_terminated_while_it_waits(kernel: m.Kernel) -> None:
     order(ctl, b, WARM, 3)  # nothing of it was taken by the terminated thread
     expect_ids(p, [WARM, WARM + 1, WARM + 2])
     assert got == list(range(WARM))
-    send(ctl, msg_id=DONE)
-    h.result(10_000)
+    finish(ctl, h)
 
 
 # -- reply ports, and a sender that lets its right go -----------------------------------------
@@ -337,21 +350,12 @@ def test_a_sender_that_deallocated_its_right_cannot_send(kernel: m.Kernel) -> No
     b = bootstrap_port()
 
     def child() -> str:
-        me = new_port()
-        send(parent_port(), Port(me, m.MAKE_SEND))
-        dest = received_port(me)
+        _, dest = from_parent()
         warm(dest)
         m.port_deallocate(m.task_self(), dest)
-        try:
-            send(dest, Int(0))
-        except m.SendError as e:
-            return e.code
-        return "sent"
+        return send_outcome(dest)
 
-    p = new_port()
-    m.port_set_backlog(m.task_self(), p, m.PORT_BACKLOG_MAX)
-    h = kernel.spawn(child)
-    send(received_port(b), Port(p, m.MAKE_SEND))
+    p, h = spawn_with_right(kernel, b, child)
     assert h.result(10_000) == "SEND_INVALID_PORT"
     expect_ids(p, list(range(WARM)))
     assert queued(p) == 0

@@ -9,8 +9,10 @@ import pytest
 import pymach as m
 from machutil import (
     assert_kernel_ok,
+    bootstrap_port,
     has_name,
     notifications,
+    parent_port,
     recv,
     start_thread,
     thread_state,
@@ -55,16 +57,6 @@ def send(dest: int, *items: object, msg_id: int = 1, reply: int = m.PORT_NULL,
 
 def rights(kernel: m.Kernel, name: int, task: str = "bootstrap") -> str:
     return next((r.rights for r in kernel.lsmp(task) if r.name == name), "")
-
-
-def bootstrap_port() -> int:
-    p = new_port()
-    m.task_set_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT, p)
-    return p
-
-
-def parent_port() -> int:
-    return m.task_get_special_port(m.task_self(), m.TASK_BOOTSTRAP_PORT)  # type: ignore
 
 
 # -- items -------------------------------------------------------------------------------
