@@ -11,11 +11,17 @@ garbage. The packet decoder's bounds are tested apart.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import socket
+import time
+
 import pytest
 
 import pymach as m
 from pymach import MAKE_SEND, MOVE_RECEIVE, Int, Message, Port
-from pymach.include import direct, wire
+from pymach.include import direct, traps, wire
 from pymach.include.message import OOL, Bytes, Code, Str
 from pymach.kern.thread import current_thread
 
@@ -532,3 +538,166 @@ def test_only_data_messages_may_use_a_channel() -> None:
     assert not direct.channel_eligible(Message(1, 0, 1, [Port(3, MAKE_SEND)]))
     assert not direct.channel_eligible(Message(1, 0, 1, [OOL(data=b"x")]))
     assert not direct.channel_eligible(Message(1, 0, 1, [Bytes(b"x" * 9000)]))
+
+
+# -- a hostile sender or receiver (a review's findings, each a test) -----------------------------
+
+
+def _shrink_page(dest: int) -> str:
+    """Open a channel by hand and try to shrink its page (machd maps it)."""
+    (_, _), fds = current_thread().trap_fds(traps.CHANNEL_OPEN, dest, 0)
+    try:
+        os.ftruncate(fds[1], 0)
+    except OSError as e:
+        return e.strerror or "refused"
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return "shrunk"
+
+
+def test_a_task_cannot_shrink_a_channels_page(native: str) -> None:
+    """The page is sealed to its size before its descriptor leaves machd: a task that
+    could shrink it would make machd's next touch of it a SIGBUS (machd would die)."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    h = m.spawn(_shrink_page, Port(p, MAKE_SEND), name="shrink")
+    assert h.result(10_000) == os.strerror(errno.EPERM)
+    m.msg_send(Message(remote_port=p, id=1), m.SEND_TIMEOUT, 1000)  # machd is fine
+    assert m.msg_receive(p, m.RCV_TIMEOUT, 3000).id == 1
+
+
+def _flood_and_close(dest: int) -> list[str]:
+    """Fill a channel past the port's backlog (its sender's count ignored), close it,
+    and try again."""
+    t, out = current_thread(), []
+    for _ in range(3):
+        try:
+            (cid, _), fds = t.trap_fds(traps.CHANNEL_OPEN, dest, 0)
+        except m.MachError as e:
+            out.append(e.code)
+            continue
+        s = socket.socket(fileno=fds[0])
+        os.close(fds[1])
+        packet, n = direct.encode_packet(Message(id=7), 0), 0
+        with contextlib.suppress(BlockingIOError):
+            while n < 200:
+                s.send(packet, socket.MSG_DONTWAIT)
+                n += 1
+        t.trap(traps.CHANNEL_CLOSE, dest, cid)
+        s.close()
+        out.append(f"wrote {n}")
+    return out
+
+
+def test_a_sender_cannot_queue_past_the_backlog_by_closing_its_channel(native: str) -> None:
+    """What a closed channel holds goes back to the port's queue up to the backlog only,
+    and a task that closed a channel to a port gets no new one to it."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    h = m.spawn(_flood_and_close, Port(p, MAKE_SEND), name="flood")
+    got = h.result(20_000)
+    assert got[0] == "wrote 200" and got[1:] == ["KERN_FAILURE", "KERN_FAILURE"]
+    assert m.port_status(me, p)[1] <= m.PORT_BACKLOG_DEFAULT
+
+
+def _bind_many(dest: int, box: int) -> int:
+    t, me = current_thread(), m.task_self()
+    (cid, _), fds = t.trap_fds(traps.CHANNEL_OPEN, dest, 0)
+    for fd in fds:
+        os.close(fd)
+    m.msg_send(Message(remote_port=box, id=1))
+    time.sleep(0.5)  # (the parent counts its names)
+    for _ in range(direct.REPLIES_MAX):
+        t.trap(traps.CHANNEL_BIND, dest, cid, m.port_allocate(me))
+    m.msg_send(Message(remote_port=box, id=2))
+    time.sleep(2)  # (its ports live while the parent looks)
+    return int(cid)
+
+
+def test_binding_reply_ports_gives_the_receiver_nothing_until_it_reads_them(
+        native: str) -> None:
+    """A reply port bound to a channel reaches the receiver's name space only when it
+    reads a message naming it, as a message carrying the right would: a sender cannot
+    fill another task's names by binding."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(_bind_many, Port(p, MAKE_SEND), Port(box, MAKE_SEND), name="binder")
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 10_000).id == 1
+    before = m.port_names(me)[0]
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 10_000).id == 2
+    assert m.port_names(me)[0] == before
+    h.result(10_000)
+
+
+def _poison_page(dest: int) -> int:
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    ch = current_thread().process.senders.channels[dest]
+    ch.view[direct.RECEIVED] = 2**64 - 1  # the receiver's word, scribbled on
+    ch.sock.send(direct.encode_packet(Message(id=42), 0))
+    ch.sock.send(direct.encode_packet(Message(id=43), 0))
+    return 0
+
+
+def test_a_scribbled_page_word_loses_no_message(native: str) -> None:
+    """Each side writes its page word from its own count, never reading it back: a peer
+    that writes anything there breaks no receive and loses no message."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    h = m.spawn(_poison_page, Port(p, MAKE_SEND), name="poison")
+    got = [m.msg_receive(p, m.RCV_TIMEOUT, 5000).id for _ in range(5)]
+    h.result(10_000)
+    assert got == [0, 1, 2, 42, 43]
+
+
+def _open_only(dest: int, box: int) -> None:
+    current_thread().trap_fds(traps.CHANNEL_OPEN, dest, 0)  # a channel, never used
+    m.msg_send(Message(remote_port=box, id=1))
+    time.sleep(2)  # (its channel stays open while the parent looks)
+
+
+def test_markers_take_no_room_in_the_backlog(native: str) -> None:
+    """Channels opened and never used leave markers in the port's queue; they are the
+    kernel's own and take no room: a send through machd to the empty port goes."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    hs = [m.spawn(_open_only, Port(p, MAKE_SEND), Port(box, MAKE_SEND), name=f"o{i}")
+          for i in range(m.PORT_BACKLOG_DEFAULT)]
+    for _ in hs:
+        m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+    assert m.port_status(me, p)[1] == 0
+    m.msg_send(Message(remote_port=p, id=9), m.SEND_TIMEOUT, 0)
+    for h in hs:
+        h.result(20_000)
+
+
+def _fill_channel(dest: int) -> str:
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    assert dest in current_thread().process.senders.channels
+    for i in range(3, 100):
+        try:
+            m.msg_send(Message(remote_port=dest, id=i, items=[Bytes(b"x" * 8150)]),
+                       m.SEND_TIMEOUT, 200)
+        except m.MachError as e:
+            return e.code
+    return "all sent"
+
+
+def test_send_timeout_holds_when_the_channels_socket_is_full(native: str) -> None:
+    """A backlog of large messages can fill a channel's socket before the page says the
+    port is full: the sender then waits for the socket with its timeout (and its
+    alert), never blocked in the kernel until the receiver reads."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    h = m.spawn(_fill_channel, Port(p, MAKE_SEND), name="filler")
+    for i in range(3):
+        assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == i
+    assert h.result(20_000) == "SEND_TIMED_OUT"  # (not received meanwhile)
+    ids = []
+    with contextlib.suppress(m.MachError):
+        while True:
+            ids.append(m.msg_receive(p, m.RCV_TIMEOUT, 500).id)
+    assert ids == list(range(3, 3 + len(ids))) and ids  # in order, none lost

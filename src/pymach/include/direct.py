@@ -19,10 +19,13 @@ socketpair and one shared page:
   channel is another task's input and never carries rights, memory or code itself, and
   its sender's identity is machd's word (the grant), never the packet's.
 - receiver (or machd) -> sender: one-byte wake-ups for a sender waiting for room.
-- the page: u64 counters, each written by one party only: `SENT` (the sender: packets
-  written), `RECEIVED` (the receiver: packets taken), `QUEUED` and `BACKLOG` (machd: the
-  messages queued for the port in machd, and the port's backlog), `WAITING` (the sender:
-  it waits for room; whoever makes room writes a wake-up). A sender has room while
+- the page (a memfd machd seals to its size before a descriptor of it leaves machd):
+  u64 counters, each party writing only its own, from its own count (a peer maps the
+  page too and may write anything in its words, so every reader bounds what it reads):
+  `SENT` (the sender: packets written), `RECEIVED` (the receiver: packets taken),
+  `QUEUED` and `BACKLOG` (machd: the messages queued for the port in machd, and the
+  port's backlog), `WAITING` (the sender: it waits for room; whoever makes room writes
+  a wake-up). A sender has room while
   QUEUED + SENT - RECEIVED < BACKLOG.
 
 `CHANNEL_MARKER` is the id of machd's internal message (sender uid None: the kernel's)

@@ -122,7 +122,7 @@ def msg_send_locked(thread: Thread, msg: Message, timeout: float | None) -> None
     while True:
         port = space.lookup(msg.remote_port, "SEND_INVALID_PORT").port
         to_kernel = port.kobject is not None  # (is_kernel_port)
-        if to_kernel or len(port.queue) < port.backlog or thread.task.unthrottled:
+        if to_kernel or not port.queue_full() or thread.task.unthrottled:
             break
         if not thread_block(kernel.sched, thread, port.send_waitq, deadline):
             raise MachError("SEND_TIMED_OUT", f"port {msg.remote_port} stayed full "

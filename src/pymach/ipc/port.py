@@ -68,6 +68,10 @@ class PortObserver(Protocol):
         """Messages for the port held outside its queue, minus internal ones in it."""
         ...
 
+    def internal_messages(self, port: Port) -> int:
+        """Messages in the port's queue that are the host's own (they take no room)."""
+        ...
+
 
 class Port:
     """The kernel structure behind a port (see module docstring for invariants)."""
@@ -110,8 +114,11 @@ class Port:
         return max(0, len(self.queue) + extra)
 
     def queue_full(self) -> bool:
-        """True when a task's message would have to wait for room."""
-        return len(self.queue) >= self.backlog
+        """True when a task's message would have to wait for room (the host's own
+        messages in the queue take none)."""
+        observer = self.observer
+        internal = observer.internal_messages(self) if observer is not None else 0
+        return len(self.queue) - internal >= self.backlog
 
     def __repr__(self) -> str:
         state = "dead" if self.dead else f"q={len(self.queue)}"

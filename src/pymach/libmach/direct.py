@@ -66,6 +66,8 @@ log = logging.getLogger("pymach")
 OPEN_AFTER = 2  # eligible sends through machd to one port before asking for a channel
 RETRY_AFTER = 64  # eligible sends after a refusal before asking again (doubles)
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+_WORD = (1 << 64) - 1  # a page word: written from this process's own count, never read
+# back and changed (the peer maps the page too, and may write anything in its words)
 
 Trap = Callable[..., Any]  # NativeThread.trap
 TrapFds = Callable[..., tuple[Any, list[int]]]  # NativeThread.trap_fds
@@ -101,6 +103,12 @@ class Endpoint:
     # counts; the receiver's peek and take
     bound: dict[int, int] = field(default_factory=dict)  # (sender) reply name -> index
     replies: list[int] = field(default_factory=list)  # (receiver) reply names, by index
+    count: int = 0  # messages sent (sender) or taken (receiver): this side's page word
+
+    def counted(self, word: int, delta: int) -> None:
+        """Change this side's count by `delta` and publish it in its page word."""
+        self.count += delta
+        self.view[word] = self.count & _WORD
 
     def close(self) -> None:
         """Close the socket and unmap the page."""
@@ -148,13 +156,23 @@ class Senders:
                 return
             try:
                 value, fds = trap_fds(traps.CHANNEL_OPEN, name, msg.local_port)
-                ch = self.channels[name] = _open_endpoint(int(value[0]), fds)
             except (MachError, OSError):
-                wait = self.refused.get(name, RETRY_AFTER // 2) * 2
-                self.counts[name], self.refused[name] = 0, wait
+                self._refused(name)
+                return
+            try:
+                ch = self.channels[name] = _open_endpoint(int(value[0]), fds)
+            except OSError:  # machd granted it: it must tear it down
+                with contextlib.suppress(MachError, OSError):
+                    trap_fds(traps.CHANNEL_CLOSE, name, int(value[0]))
+                self._refused(name)
                 return
             if msg.local_port:
                 ch.bound[msg.local_port] = 0
+
+    def _refused(self, name: int) -> None:
+        """No channel to port `name` now: ask again after twice as many sends (lock)."""
+        wait = self.refused.get(name, RETRY_AFTER // 2) * 2
+        self.counts[name], self.refused[name] = 0, wait
 
     def send(self, msg: Message, timeout: float | None, alert: int,
              alerted: Callable[[], None], trap: Trap, portable: Callable[[Message], Any]
@@ -167,6 +185,7 @@ class Senders:
         if ch is None:
             return False
         index = self._reply_index(ch, msg, trap) if direct.channel_eligible(msg) else None
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
         alerted()
         while True:
             if not _wait_room(ch, timeout, alert, alerted):
@@ -175,11 +194,12 @@ class Senders:
             with ch.lock:  # (room again under the lock: another thread may have taken it)
                 if not _has_room(ch.view):
                     continue
+                wait = _Wait(deadline, alert, alerted)
                 if index is not None:
-                    return self._write(name, ch, direct.encode_packet(msg, index))
-                return self._hold(name, ch, portable(msg), trap)
+                    return self._write(name, ch, direct.encode_packet(msg, index), wait)
+                return self._hold(name, ch, portable(msg), trap, wait)
 
-    def _hold(self, name: int, ch: Endpoint, msg: Any, trap: Trap) -> bool:
+    def _hold(self, name: int, ch: Endpoint, msg: Any, trap: Trap, wait: _Wait) -> bool:
         """Have machd hold a message the channel cannot carry and write its token
         (ch.lock held); False if the channel is gone (send through machd)."""
         try:
@@ -189,17 +209,20 @@ class Senders:
                 raise
             self._forget(name, ch)
             return False
-        self._write(name, ch, direct.encode_held(token))  # (if the channel was torn down
-        return True  # meanwhile, machd queued what it held in its place: sent all the same)
+        wait.deadline = None  # (held now: its token must go, or it waits for a teardown)
+        self._write(name, ch, direct.encode_held(token), wait)  # (if the channel was torn
+        return True  # down meanwhile, machd queued what it held in its place: sent)
 
-    def _write(self, name: int, ch: Endpoint, packet: bytes) -> bool:
-        """Write one packet (ch.lock held); False if the channel broke (it is forgotten)."""
-        ch.view[direct.SENT] += 1
+    def _write(self, name: int, ch: Endpoint, packet: bytes, wait: _Wait) -> bool:
+        """Write one packet (ch.lock held), waiting for the socket's room as `wait` says
+        (SEND_TIMED_OUT, nothing sent, past its deadline; an alert enters the kernel);
+        False if the channel broke (it is forgotten)."""
         try:
-            ch.sock.send(packet)
+            _send_packet(ch.sock, packet, wait)
         except OSError:
             self._forget(name, ch)
             return False
+        ch.counted(direct.SENT, 1)
         return True
 
     def _reply_index(self, ch: Endpoint, msg: Message, trap: Trap) -> int | None:
@@ -230,6 +253,35 @@ class Senders:
             channels, self.channels = self.channels, {}
         for ch in channels.values():
             ch.close()
+
+
+@dataclass
+class _Wait:
+    """How a sender waits for a full socket: until `deadline` (monotonic seconds; None:
+    no limit), entering the kernel (`alerted`) when its thread's `alert` is rung."""
+
+    deadline: float | None
+    alert: int
+    alerted: Callable[[], None]
+
+
+def _send_packet(sock: socket.socket, packet: bytes, wait: _Wait) -> None:
+    """Send one packet without blocking in the kernel: while the socket is full, wait
+    for room, the alert or the deadline (SEND_TIMED_OUT: nothing was sent)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    poller.register(wait.alert, select.POLLIN)
+    while True:
+        try:
+            sock.send(packet, socket.MSG_DONTWAIT)
+            return
+        except BlockingIOError:
+            pass
+        left = None if wait.deadline is None else wait.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise MachError("SEND_TIMED_OUT", "the channel stayed full")
+        poller.poll(None if left is None else max(1, math.ceil(left * 1000)))
+        wait.alerted()
 
 
 def _has_room(view: memoryview) -> bool:
@@ -317,9 +369,14 @@ class Receivers:
         cid = item.value
         try:
             value, fds = trap_fds(traps.CHANNEL_ACCEPT, name, cid)
-            ep = _open_endpoint(int(cid), fds, int(value[0]))
         except (MachError, OSError):
-            return  # (the sender's messages go through machd once it is torn down)
+            return  # (gone meanwhile: its messages are in the port's queue)
+        try:
+            ep = _open_endpoint(int(cid), fds, int(value[0]))
+        except OSError:  # accepted, but not usable here: machd puts what is on it back
+            with contextlib.suppress(MachError, OSError):
+                trap_fds(traps.CHANNEL_CLOSE, name, cid)
+            return
         self.sweep()
         with self.lock:
             pr = self.ports.get(name)
@@ -459,7 +516,7 @@ class LocalReceive:
             if data:
                 got = self._decode(ep, data)
                 if isinstance(got, int):
-                    ep.view[direct.RECEIVED] -= 1  # (counted once claimed)
+                    ep.counted(direct.RECEIVED, -1)  # (counted once claimed)
                     return self._claim(ep, got)
                 if got is not None:
                     return got
@@ -495,7 +552,7 @@ class LocalReceive:
                 raise
             return None
         ep.pending = 0
-        ep.view[direct.RECEIVED] += 1
+        ep.counted(direct.RECEIVED, 1)
         return msg
 
     def _reply_name(self, ep: Endpoint, index: int) -> int:
@@ -529,7 +586,7 @@ class LocalReceive:
         data = ep.sock.recv(direct.PACKET_MAX + 1, flags)
         if data:
             view = ep.view
-            view[direct.RECEIVED] += 1
+            ep.counted(direct.RECEIVED, 1)
             if view[direct.WAITING]:
                 with contextlib.suppress(OSError):
                     ep.sock.send(direct.WAKE, socket.MSG_DONTWAIT)

@@ -12,14 +12,18 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   `PORT_CHANNELS_MAX` per port and `TASK_CHANNELS_MAX` into one receiving task.
 - **Reply ports** (`bind`, CHANNEL_BIND; `replies`, CHANNEL_REPLIES). A message on a
   channel names no port: its reply port is none or one of at most REPLIES_MAX ports
-  the sender bound to the channel, each a port it holds a right to send to, to which
-  machd gives the receiver a send right when it binds it (Mach 2.5 rights have no
-  reference counts, so a message that carries only such a reply right changes nothing
-  in machd but P's queue). The receiver asks machd for its names of them.
+  the sender bound to the channel, each a port it holds a right to send to (Mach 2.5
+  rights have no reference counts, so a message that carries only such a reply right
+  changes nothing in machd but P's queue). The receiver asks machd for its names of
+  them when it reads a message naming one new to it, and gets its send right then, as
+  the message would have given it: binding alone puts nothing in its space.
 - **Accept** (`accept`, CHANNEL_ACCEPT). The receiver's runtime, having received the
   marker, takes its end, the page, and P's doorbell (an eventfd machd rings at every
   message queued on P in machd), and reads the channel from then on: per-sender order
   holds, since the sender's later messages go on the channel.
+- **Closing** (CHANNEL_CLOSE). A sending task that closes a channel itself gets no new
+  one to that port (nor any once it closed CLOSED_MAX): filling a channel and closing
+  it queues at most a backlog's worth of messages once, not again and again.
 - **Teardown** (`_teardown`). When P's receive right is about to leave its task or P to
   die (PortObserver.receiver_leaving), P is enabled, the receiver or the sender loses
   its name for a bound reply port, the sender's task loses its name for P (its right
@@ -44,13 +48,15 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   (markers aside) and P's backlog; the sender adds its own messages not yet received.
   port_status counts the messages on channels too.
 
-Everything here runs with the kernel lock held (the traps take it), and machd never
-decodes more than one packet's worth of bounded typed wire at a time, never unpickles.
+Everything here runs with the kernel lock held (the traps take it); machd decodes at
+most DRAIN_MAX packets of bounded typed wire at a teardown, and never unpickles. The
+page's memfd is sealed to its size before any descriptor of it leaves machd.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import mmap
@@ -61,7 +67,7 @@ from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
 from pymach.include import direct, wire
-from pymach.include.message import Int, Message, validate_message
+from pymach.include.message import PORT_BACKLOG_MAX, Int, Message, validate_message
 from pymach.ipc.ipc_mqueue import mqueue_enqueue, mqueue_requeue
 from pymach.ipc.ipc_right import kmsg_destroy
 from pymach.ipc.kmsg import KMsg, copyout, kmsg_uncharge
@@ -77,8 +83,16 @@ log = logging.getLogger("pymach.machd")
 
 PORT_CHANNELS_MAX = 16  # channels into one port
 TASK_CHANNELS_MAX = 64  # channels into the ports of one task
-DRAIN_MAX = 4096  # packets read back at a teardown, at most (a channel holds fewer)
 HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
+# Packets read back at a teardown, at most: a sender that keeps to the backlog has at
+# most the port's backlog (<= PORT_BACKLOG_MAX) of messages and HELD_MAX tokens on its
+# channel; data packets beyond the backlog are dropped (logged), never queued.
+DATA_MAX = PORT_BACKLOG_MAX
+DRAIN_MAX = DATA_MAX + HELD_MAX
+CLOSED_MAX = 64  # ports a sending task may close channels to before it gets no more
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # the page's size
+# is fixed before a descriptor leaves machd: a task that could shrink it would make
+# machd's (or its peer's) next touch of the page a SIGBUS
 
 
 @dataclass(eq=False)
@@ -119,6 +133,10 @@ class ChannelTable:
         self.by_reply: dict[Port, list[DirectChannel]] = {}
         self.by_sender: dict[Task, list[DirectChannel]] = {}
         self.per_task: dict[Task, int] = {}
+        # (sender task -> ports it closed a channel to itself): it gets no new channel
+        # to them, so it cannot queue a backlog's worth past the port's backlog over
+        # and over by filling a channel and closing it; bounded by CLOSED_MAX a task
+        self.closed: dict[Task, set[Port]] = {}
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
 
@@ -142,19 +160,18 @@ class ChannelTable:
 
     def _reply_port(self, task: Task, reply_name: int, receiver: Task) -> Port:
         """The port the sender names as a reply port, if it may be bound (it holds a
-        right to send to it, it lives, and the receiver has room for a name)."""
+        right to send to it, and it lives)."""
         reply = task.space.lookup(reply_name, "SEND_INVALID_PORT").port
         if reply.dead:
             raise MachError("SEND_INVALID_PORT", "the reply port is dead")
-        if receiver.space.name_of(reply) is None:
-            receiver.space.check_room(1, "KERN_NO_SPACE")
         return reply
 
     def _bind(self, ch: DirectChannel, reply: Port) -> int:
-        """Bind a reply port to the channel (the receiver gets a send right); its index."""
+        """Bind a reply port to the channel; its index. The receiver gets its send right
+        only when it reads a message naming it (`replies`), as a message carrying it
+        would give it: binding alone puts nothing in the receiver's space."""
         if reply in ch.replies:
             return ch.replies.index(reply)
-        ch.receiver.space.insert(reply, send=True)
         ch.replies.append(reply)
         self.by_reply.setdefault(reply, []).append(ch)
         reply.observer = self
@@ -172,11 +189,21 @@ class ChannelTable:
         return self._bind(ch, reply)
 
     def replies(self, thread: Thread, name: int, cid: int) -> list[int]:
-        """CHANNEL_REPLIES by the receiving task: its names for the bound reply ports,
-        by index (0 for one it no longer names)."""
+        """CHANNEL_REPLIES by the receiving task, which read a message naming a bound
+        reply port new to it: its names for the bound reply ports, by index, each given
+        a send right now if it has none (0 for a dead port, or past its name limit: the
+        message then arrives without its reply port)."""
         ch = self._own(thread, name, cid, sender=False)
         space = thread.task.space
-        return [space.name_of(p) or 0 for p in ch.replies]
+        names = []
+        for port in ch.replies:
+            known = space.name_of(port)
+            if known is None and not port.dead:
+                with contextlib.suppress(MachError):
+                    space.check_room(1, "RCV_IPC_SPACE")
+                    known = space.insert(port, send=True)
+            names.append(known or 0)
+        return names
 
     def hold(self, thread: Thread, name: int, cid: int, msg: object) -> int:
         """CHANNEL_HOLD by the channel's sending task: copy `msg` (to the channel's
@@ -243,6 +270,8 @@ class ChannelTable:
             why = "it is in a default group"
         elif any(c.sender is task for c in self._channels(port)):
             why = "there is one already"
+        elif port in self.closed.get(task, ()) or len(self.closed.get(task, ())) >= CLOSED_MAX:
+            why = "this task closed one before"
         elif len(self._channels(port)) >= PORT_CHANNELS_MAX or \
                 self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX:
             why = "too many channels"
@@ -256,8 +285,10 @@ class ChannelTable:
         sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         fds: list[int] = []
         try:
-            fds.append(os.memfd_create("pymach-channel", os.MFD_CLOEXEC))
+            fds.append(os.memfd_create("pymach-channel",
+                                       os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
             os.ftruncate(fds[0], direct.PAGE_SIZE)
+            fcntl.fcntl(fds[0], fcntl.F_ADD_SEALS, SEALS)
             fds.append(os.dup(fds[0]))
             page = mmap.mmap(fds[0], direct.PAGE_SIZE)
         except OSError:
@@ -309,6 +340,10 @@ class ChannelTable:
         ch = self.by_id.get(cid)
         if ch is None or thread.task not in (ch.sender, ch.receiver):
             raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} of this task")
+        if thread.task is ch.sender:
+            for gone in [t for t in self.closed if not t.active]:
+                del self.closed[gone]  # (only live tasks' entries are kept)
+            self.closed.setdefault(ch.sender, set()).add(ch.port)
         self._teardown(ch)
 
     # -- teardown --------------------------------------------------------------------------
@@ -375,7 +410,7 @@ class ChannelTable:
         """The packets left on a shut channel, as kernel messages (held ones taken
         from `ch.held`)."""
         out: list[KMsg] = []
-        sender = ch.sender
+        sender, data_packets = ch.sender, 0
         for _ in range(DRAIN_MAX):
             try:
                 data = ch.end.recv(direct.PACKET_MAX + 1, socket.MSG_DONTWAIT)
@@ -394,6 +429,11 @@ class ChannelTable:
                 continue
             if index < 0:
                 out.append(ch.held.pop(msg.id))
+                continue
+            data_packets += 1
+            if data_packets > min(ch.port.backlog, DATA_MAX):
+                log.warning("task %s: channel %d held more than the backlog allows; "
+                            "a packet dropped", sender.name, ch.cid)
                 continue
             reply = ch.replies[index - 1] if index else None
             if reply is not None and reply.dead:
@@ -465,12 +505,18 @@ class ChannelTable:
             if ch.sender.space is space:
                 self._teardown(ch)
 
+
     def extra_messages(self, port: Port) -> int:
         """Messages on the port's channels, minus its queued markers."""
         st = self.ports.get(port)
         if st is None:
             return 0
-        limit = direct.PACKET_MAX  # a page's counters are the tasks' word: bounded
+        limit = DATA_MAX  # a page's counters are the tasks' word: bounded
         on_channels = sum(min(max(c.view[direct.SENT] - c.view[direct.RECEIVED], 0), limit)
                           for c in st.channels)
         return on_channels - st.markers
+
+    def internal_messages(self, port: Port) -> int:
+        """The markers queued on the port (they take no room in its backlog)."""
+        st = self.ports.get(port)
+        return st.markers if st is not None else 0
