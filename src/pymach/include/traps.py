@@ -22,7 +22,7 @@ Traps (on a thread's connection, each answered by one REPLY):
   EXIT           result (any wire value)      (no reply; the connection ends)
   CHANNEL_OPEN   port, reply port             -> [channel id, 2] + 2 fds: the sender's
                  end of a direct channel to the port, its shared page (include/direct.py)
-  CHANNEL_ACCEPT port, channel id             -> [reply name, sender uid, 3] + 3 fds:
+  CHANNEL_ACCEPT port, channel id             -> [sender uid, 3] + 3 fds:
                  the receiver's end, the shared page, the port's doorbell (an eventfd)
   CHANNEL_CLOSE  port, channel id             -> None (machd tears the channel down)
   CHANNEL_BIND   port, channel id, reply port -> the reply port's index on the channel

@@ -543,13 +543,14 @@ class LocalReceive:
         """The held message `token` (ep.lock held); a receive error keeps it for the next
         receive; None if machd no longer holds it (the channel was torn down: it is in
         the port's queue)."""
+        ep.pending = token  # (first: a thread ended in the trap leaves it to be claimed)
         try:
             msg: Message = self.trap(traps.CHANNEL_CLAIM, self.name, ep.cid, token,
                                      self.rcv_size)
         except MachError as e:
-            ep.pending = 0 if e.code == "KERN_INVALID_ARGUMENT" else token
-            if ep.pending:
+            if e.code != "KERN_INVALID_ARGUMENT":
                 raise
+            ep.pending = 0
             return None
         ep.pending = 0
         ep.counted(direct.RECEIVED, 1)

@@ -152,7 +152,11 @@ class ChannelTable:
         assert receiver is not None
         reply = self._reply_port(thread.task, reply_name, receiver) if reply_name else None
         ch, sender_end, page_fd = self._make(thread.task, port, receiver)
-        self._register(ch)
+        try:
+            self._register(ch)
+        except OSError:  # (no descriptor for the port's doorbell): nothing left behind
+            _discard(ch, [sender_end, page_fd])
+            raise
         if reply is not None:
             self._bind(ch, reply)
         mqueue_enqueue(port, ch.marker)  # type: ignore[arg-type]
@@ -305,6 +309,8 @@ class ChannelTable:
         return ch, sender_end.detach(), fds[1]
 
     def _register(self, ch: DirectChannel) -> None:
+        """Enter a new channel in the tables (its port's doorbell made if need be: an
+        OSError then leaves the tables as they were)."""
         st = self.ports.get(ch.port)
         if st is None:
             st = self.ports[ch.port] = PortChannels(os.eventfd(0, os.EFD_CLOEXEC |
@@ -520,3 +526,13 @@ class ChannelTable:
         """The markers queued on the port (they take no room in its backlog)."""
         st = self.ports.get(port)
         return st.markers if st is not None else 0
+
+
+def _discard(ch: DirectChannel, fds: list[int]) -> None:
+    """Close what a channel never registered holds, and the descriptors `fds`."""
+    ch.end.close()
+    ch.view.release()
+    ch.page.close()
+    for fd in [ch.page_fd, *fds]:
+        with contextlib.suppress(OSError):
+            os.close(fd)
