@@ -219,6 +219,8 @@ class Senders:
         False if the channel broke (it is forgotten)."""
         try:
             _send_packet(ch.sock, packet, wait)
+        except MachError:  # SEND_TIMED_OUT (a TimeoutError, so an OSError): nothing sent,
+            raise  # and the channel stays: its packets keep their place before the next
         except OSError:
             self._forget(name, ch)
             return False
