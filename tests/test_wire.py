@@ -36,7 +36,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pymach"
 ALL_ITEMS = [Int(-5), Float(2.5), Bytes(b"\x00xy"), Str("h\u00e9llo"), IntArray((1, -2, 3)),
              Port(7, MOVE_RECEIVE), PortArray((1, 2), MOVE_RECEIVE),
              OOL(0x1000, 8192, deallocate=True), OOL(data=b"abc"),
-             Code(None, blob=b"\x80blob", origin_uid=1000, refused=False)]
+             Code(None, blob=b"\x80blob", origin_uid=1000, refused=False),
+             Code(None, origin_uid=1001, refused=True)]  # another user's: inert, no blob
 
 
 def test_every_value_and_item_round_trips() -> None:

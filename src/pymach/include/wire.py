@@ -314,12 +314,15 @@ def _put_ool(out: bytearray, item: OOL) -> None:
 
 
 def _put_code(out: bytearray, item: Code) -> None:
-    if item.blob is None:
+    """A Code item: its blob, or none for a refused one (another user's code, which
+    arrives inert: the kernel dropped its blob)."""
+    if item.blob is None and not item.refused:
         raise WireError("a Code item travels as a blob (pickle it in the task first)")
+    blob = b"" if item.refused else item.blob
+    assert blob is not None
     out.append(I_CODE)
-    out += _CODE_HEAD.pack(item.origin_uid, CODE_REFUSED if item.refused else 0,
-                           len(item.blob))
-    out += item.blob
+    out += _CODE_HEAD.pack(item.origin_uid, CODE_REFUSED if item.refused else 0, len(blob))
+    out += blob
 
 
 _PUT_ITEM: dict[type, Any] = {
@@ -521,7 +524,8 @@ def _get_ool(buf: Buf, pos: int, end: int) -> tuple[OOL, int]:
 def _get_code(buf: Buf, pos: int, end: int) -> tuple[Code, int]:
     uid, flags, _n = _fixed(buf, pos, end, _CODE_HEAD)
     blob, pos = _blob(buf, pos + _CODE_HEAD.size - 4, end)
-    return Code(None, blob=blob, origin_uid=uid, refused=bool(flags & CODE_REFUSED)), pos
+    refused = bool(flags & CODE_REFUSED)
+    return Code(None, blob=None if refused else blob, origin_uid=uid, refused=refused), pos
 
 
 _GET_ITEM: dict[int, Any] = {
