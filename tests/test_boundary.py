@@ -55,11 +55,14 @@ from boundaryutil import (
     thread_count,
 )
 from nativeutil import start_machd, stop_machd, uffd_or_skip
+from pymach.bench.net_shm import machd_cluster
 from pymach.errors import MachError
 from pymach.include import traps, wire
 from pymach.include.channel import Channel, Disconnected
+from pymach.include.message import Code
 from pymach.kern.thread import current_thread
 from pymach.libmach.task import attach, attached, detach
+from pymach.net.netname import netname_check_in, netname_wait
 from pymach.pmap.uffd import Uffd
 
 PS = 4096
@@ -240,6 +243,67 @@ def test_an_allowed_user_is_served_as_the_uid_the_kernel_reports(
         got = run_as(other_user, _attach_and_message_self, str(d.sock), prepare=_new_uffd)
         assert got == {"uid": other_user.pw_uid, "sender_uid": other_user.pw_uid}
         assert "other-user" not in task_names(d.sock)  # it detached: the task is gone
+
+
+def _channel_attacker(uffd_fd: int, signal_ready: Any, path: str) -> dict[str, Any]:
+    """As another user: attach, find the victim's port by name, send it plain messages
+    until a direct channel is in use, then garbage on the channel, then one more plain
+    message and one carrying this user's code."""
+    libtask.Uffd.create = classmethod(lambda cls, features=0: Uffd(uffd_fd))  # type: ignore
+    attach(path, name="channel-attacker")
+    try:
+        signal_ready()
+        dest = netname_wait("victim-box", 10_000)
+        for i in range(3):
+            m.msg_send(m.Message(remote_port=dest, id=i), m.SEND_TIMEOUT, 5000)
+        ch = current_thread().process.senders.channels.get(dest)
+        if ch is not None:
+            ch.sock.send(b"\xff garbage, not a packet")
+        m.msg_send(m.Message(remote_port=dest, id=99, items=[m.Str("after")]),
+                   m.SEND_TIMEOUT, 5000)
+        code = Code(None, blob=b"pickled by the attacker")
+        m.msg_send(m.Message(remote_port=dest, id=100, items=[code]), m.SEND_TIMEOUT, 5000)
+        return {"channel": ch is not None}
+    finally:
+        detach()
+
+
+def test_garbage_from_another_users_channel_harms_only_that_channel(
+        other_user: pwd.struct_passwd) -> None:
+    """A task of another user sends to a root task's port over a direct channel, then
+    writes garbage on it: the receiver drops that channel and goes on; every message
+    the attacker sent properly still arrives, in order, with the uid machd knows (never
+    the channel's word), its code inert; machd and the receiver keep working."""
+    seen: list[tuple[int, Any, Any]] = []
+    with reachable_dir() as base, machd_cluster(  # (a one-host cluster: its netname
+            str(base), ["A"], options=[["--allow-user", other_user.pw_name]]) as c:
+        sock = c.socks[0]  # service is how two users' tasks meet)
+
+        def victim() -> None:
+            attach(sock, name="victim")
+            try:
+                box = m.port_allocate(m.task_self())
+                netname_check_in(m.task_get_special_port(m.task_self(),
+                                                         m.TASK_BOOTSTRAP_PORT),
+                                 "victim-box", box)
+                for _ in range(5):
+                    msg = m.msg_receive(box, m.RCV_TIMEOUT, 15_000)
+                    item = msg.items[0] if msg.items else None
+                    seen.append((msg.id, msg.sender_uid,
+                                 item.refused if isinstance(item, Code) else
+                                 (item.value if item is not None else None)))
+                m.msg_send(m.Message(remote_port=box, id=7), m.SEND_TIMEOUT, 1000)
+                assert m.msg_receive(box, m.RCV_TIMEOUT, 1000).id == 7
+            finally:
+                detach()
+
+        got = run_as(other_user, _channel_attacker, sock, prepare=_new_uffd,
+                     ready=victim)
+        assert got == {"channel": True}
+        assert c.daemons[0].poll() is None  # machd lives
+    uid = other_user.pw_uid
+    assert seen == [(0, uid, None), (1, uid, None), (2, uid, None), (99, uid, "after"),
+                    (100, uid, True)]
 
 
 def test_a_process_machd_starts_for_another_users_task_runs_as_that_user(
