@@ -30,7 +30,7 @@ from pymach.kern.sched_prim import NOT_YET, Parked, WaitQueue, thread_continue, 
 from pymach.kern.thread import Thread, current_thread
 from pymach.machd.fault_park import FailedFault, FaultHandoff, drop_parked_fault
 from pymach.machd.faults import FaultPoller
-from pymach.machd.remote import RemoteState, _run_trap
+from pymach.machd.remote import RemoteState, _continue, _run_trap
 from pymach.pmap.uffd import FLAG_WRITE, Fault
 from pymach.vm.vm_map import FaultPolicy
 
@@ -376,6 +376,28 @@ def test_a_trap_of_the_thread_drops_its_parked_fault(k: m.Kernel) -> None:
         assert settled(s.t) and cont not in cont.waitq.parked
         reply = Channel(there).recv()
         assert reply.op == traps.REPLY and reply.values[:2] == [traps.REPLY_OK, 42]
+
+
+def test_a_kick_of_the_kernel_thread_leaves_its_parked_fault(k: m.Kernel) -> None:
+    """The kernel thread's loop, kicked while a fault of its thread is parked (a fault
+    posted to it meanwhile, say), looks for a parked trap to finish: it must leave the
+    parked fault to its waker, or the process thread stays in its fault for ever (seen
+    under load: a native task hung in a page fault machd had dropped)."""
+    s = Setup(k)
+    s.park()
+    cont = s.t.continuation
+    assert cont is not None
+    here, there = socket.socketpair()
+    with contextlib.closing(here), contextlib.closing(there):
+        _continue(s.t, Channel(here))
+        assert s.t.continuation is cont and cont in cont.waitq.parked
+        there.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            there.recv(1)  # no reply: the process thread made no trap
+    s.p.expect("pager_data_request")
+    s.p.provide(0)  # the waker still completes it
+    assert settled(s.t) and posted(s.t) == []
+    assert mapped(s.t, s.a) & m.VM_PROT_READ
 
 
 def test_a_wake_up_within_a_continuations_own_attempt_does_not_offer_it_again(

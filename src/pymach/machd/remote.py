@@ -440,8 +440,11 @@ def _poll_timeout(thread: Thread) -> int | None:
 
 
 def _continue(thread: Thread, conn: Channel) -> None:
-    """Finish the thread's parked trap here if it was handed back or timed out."""
-    _run_trap(thread, conn, lambda: thread_continue(thread))
+    """Finish the thread's parked trap here if it was handed back or timed out. A
+    parked fault is left alone: its waker completes it (fault_park.py), and the process
+    thread is still in it (this loop was only kicked, say by a fault posted meanwhile);
+    dropping it here would leave that thread blocked in its fault for ever."""
+    _run_trap(thread, conn, lambda: thread_continue(thread), new_trap=False)
 
 
 def _serve_frame(machd: Machd, thread: Thread, conn: Channel) -> bool:
@@ -471,12 +474,14 @@ def _trap(thread: Thread, conn: Channel, frame: Frame) -> None:
     _run_trap(thread, conn, lambda: TRAP_TABLE[frame.op](thread, frame.values))
 
 
-def _run_trap(thread: Thread, conn: Channel, call: Callable[[], Any]) -> None:
+def _run_trap(thread: Thread, conn: Channel, call: Callable[[], Any],
+              new_trap: bool = True) -> None:
     """Run `call` as `thread` and reply with its outcome; no reply if it parked (its
-    completion replies) or returned NOT_YET (a parked trap still waiting)."""
+    completion replies) or returned NOT_YET (a parked trap still waiting). `new_trap`:
+    the process thread made this trap, so it has left any fault parked for it."""
     try:
         with thread.host_data.busy:  # (released before the reply: see faults._resolve_now)
-            if has_parked_fault(thread):  # it left that fault (module docstring); while
+            if new_trap and has_parked_fault(thread):  # (module docstring) while
                 with thread.kernel.sched.lock:  # we hold busy no fault of it parks anew
                     drop_parked_fault(thread)
             value = call()
