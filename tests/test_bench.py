@@ -71,7 +71,7 @@ def test_bench_native_small() -> None:
               "munmap_punch_ms")
     assert vm["target_ratio_ool_first_send_vs_mprotect_at_most"] == 1.2
     pager = native.run_pager(fault_pages=32, stream_size=4 << 20, fill_size=4 << 20,
-                             writeback_size=1 << 20)
+                             writeback_size=1 << 20, pressure=(12 << 20, 8 << 20))
     assert min(pager["pager_fault_us"], pager["zero_fill_fault_us"],
                pager["stream_gb_per_s"], pager["mmap_page_cache_gb_per_s"]) > 0
     _ratio_ok(pager, "ratio_pager_fault_vs_naive_uffd", "pager_fault_us",
@@ -83,6 +83,10 @@ def test_bench_native_small() -> None:
     _ratio_ok(pager, "ratio_numpy_fill_native_vs_anon", "numpy_fill_native_ms",
               "numpy_fill_anon_ms")
     _ratio_ok(pager, "ratio_writeback_vs_msync", "writeback_us_per_page", "msync_us_per_page")
+    _ratio_ok(pager, "ratio_pressure_write_vs_pwrite", "pressure_write_us_per_page",
+              "swap_file_pwrite_us_per_page")
+    _ratio_ok(pager, "ratio_pressure_read_back_vs_pread", "pressure_read_back_us_per_page",
+              "swap_file_pread_us_per_page")
 
 
 # -- the baselines (pymach.bench.baselines) --------------------------------------------
@@ -117,3 +121,4 @@ def test_kernel_baselines() -> None:
     _positive(baselines.munmap_punch_ms(4 << 20))
     _positive(baselines.numpy_fill_anon_ms(4 << 20))
     _positive(baselines.msync_us_per_page(1 << 20))
+    assert all(x > 0 for x in baselines.swap_file_us_per_page(1 << 20))

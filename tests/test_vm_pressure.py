@@ -101,6 +101,35 @@ def test_paging_keeps_every_byte(small: m.Kernel) -> None:
     assert_kernel_ok()
 
 
+@MODES
+def test_pageout_and_read_back_go_in_runs(det: bool) -> None:
+    """The pageout daemon sends an object's adjacent dirty pages to the default pager a
+    run per pager_data_write, and a fault on paged-out memory asks it for a cluster of
+    the pages it holds after the faulting one: far fewer messages than pages, and still
+    every byte."""
+    frames, n = 256, 1024
+    with m.boot(memory_size=frames * PS, deterministic=det, seed=3, trace=True,
+                pager_cluster_pages=16) as k:
+        me = m.task_self()
+        a = m.vm_allocate(me, 0, n * PS, True)
+        write_pages(a, n, 7)
+        settle(k)
+        writes = sum("pager_data_write" in line for line in k.trace_log)
+        out = k.vm_stat()["pageouts"]
+        assert out >= n - frames
+        assert writes * 4 <= out, f"{writes} pager_data_write for {out} pages"
+        k.trace_log.clear()
+        pageins = m.vm_statistics(me).pageins
+        assert bad_pages(a, n, 7) == []
+        requests = sum("pager_data_request" in line for line in k.trace_log)
+        read = m.vm_statistics(me).pageins - pageins
+        assert read >= n - frames
+        assert requests * 4 <= read, f"{requests} pager_data_request for {read} pages"
+        settle(k)
+        frames_add_up(k)
+        assert_kernel_ok()
+
+
 def test_freeing_paged_out_memory(small: m.Kernel) -> None:
     k = small
     me = m.task_self()

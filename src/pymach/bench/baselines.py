@@ -227,6 +227,25 @@ def msync_us_per_page(size: int) -> float:
     return dt / (size // PAGE) * 1e6
 
 
+def swap_file_us_per_page(size: int) -> tuple[float, float]:
+    """Microseconds per page to write `size` bytes to a new file in the temporary
+    directory a 4 KiB page per `pwrite`, then to read them back a page per `pread`, from
+    Python: the I/O a default pager written in Python does for each page it stores and
+    returns, with none of the paging around it. (write, read)."""
+    page = bytes(range(256)) * (PAGE // 256)
+    n = size // PAGE
+    with tempfile.TemporaryFile() as f:
+        fd = f.fileno()
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.pwrite(fd, page, i * PAGE)
+        t1 = time.perf_counter()
+        for i in range(n):
+            os.pread(fd, PAGE, i * PAGE)
+        t2 = time.perf_counter()
+    return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
+
+
 def numpy_fill_anon_ms(size: int) -> float:
     """Milliseconds for NumPy to fill (`arr[:] = 1`) a fresh `size`-byte private
     anonymous mapping of uint8 (every page first touched by the fill)."""

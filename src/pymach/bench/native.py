@@ -15,7 +15,9 @@ Each figure is measured together with its baseline in the same run, on this mach
   page-cached file through mmap; a NumPy fill of 64 MiB of fresh task memory vs
   the same fill of fresh anonymous memory; and (no target) the write-back of 16 MiB of
   dirty pages to the trivial pager when the region is deallocated, beside msync of as
-  many dirty pages of a file mapping.
+  many dirty pages of a file mapping; and (no target) 96 MiB of anonymous memory
+  written and read back in a machd of 64 MiB (through the default pager) beside
+  pwrite and pread of as many pages of a file, a page per call.
 Each target is a ratio to its baseline: the JSON carries both figures, the ratio
 ("ratio_X_vs_Y") and the target ("target_ratio_X_vs_Y_at_most" or "_at_least"). The
 baselines are in `pymach.bench.baselines`. The benchmark starts its own machd (a
@@ -48,6 +50,7 @@ PAGE = 4096
 MIB = 1 << 20
 GIB = 1 << 30
 WRITEBACK = 16 * MIB  # dirty bytes written back at unmap (bench_writeback)
+PRESSURE, PRESSURE_MEMORY = 96 * MIB, 64 * MIB  # bench_pressure: region, machd --memory
 STOP = 2
 
 
@@ -272,6 +275,27 @@ def bench_writeback(size: int) -> float:
     return (time.perf_counter() - t0) / (size // PAGE) * 1e6
 
 
+def bench_pressure(size: int) -> tuple[float, float]:
+    """Microseconds per page to write one word of every page of a fresh `size`-byte
+    region, more than machd's memory (the pageout daemon sends the pages to the default
+    pager), then to read every page back (each fault brings its page, and a cluster
+    after it, back from the default pager); checks every word. (write, read)."""
+    me = pymach.task_self()
+    n = size // PAGE
+    a = pymach.vm_allocate(me, 0, size, True)
+    view = np.frombuffer(pymach.memory().buffer(a, size), dtype=np.uint64)
+    t0 = time.perf_counter()
+    view[::PAGE // 8] = np.arange(n, dtype=np.uint64)
+    t1 = time.perf_counter()
+    ok = bool((view[::PAGE // 8] == np.arange(n, dtype=np.uint64)).all())
+    t2 = time.perf_counter()
+    del view
+    pymach.vm_deallocate(me, a, size)
+    if not ok:
+        raise AssertionError("a page read back from the default pager lost its data")
+    return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
+
+
 def bench_zero_fill_fault(pages: int) -> float:
     """Microseconds per zero-fill fault of a native task (machd, no pager)."""
     me = pymach.task_self()
@@ -387,12 +411,15 @@ def _ratio(figure: float, baseline: float) -> float:
 
 
 def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
-              fill_size: int = 64 * MIB, writeback_size: int = WRITEBACK) -> dict[str, Any]:
+              fill_size: int = 64 * MIB, writeback_size: int = WRITEBACK,
+              pressure: tuple[int, int] = (PRESSURE, PRESSURE_MEMORY)) -> dict[str, Any]:
     """One-page pager faults (target <= 25 us, and <= 1x a naive Python userfaultfd
     handler), zero-fill faults (<= 3x the kernel's memfd first touch), a 1 GiB stream
     (target >= 2 GB/s, and >= 1x the naive handler's stream), a NumPy fill of fresh
-    task memory (<= 3x the same fill of fresh anonymous memory), and the write-back of
-    `writeback_size` dirty bytes at unmap beside msync (no target)."""
+    task memory (<= 3x the same fill of fresh anonymous memory), the write-back of
+    `writeback_size` dirty bytes at unmap beside msync, and paging under memory pressure
+    (`pressure`: bytes written and read back, machd's memory) beside a page at a time
+    of pwrite and pread (no targets)."""
     with native_task("--pager-cluster", "1"):
         fault = statistics.median(bench_pager_fault(fault_pages) for _ in range(3))
         zero = statistics.median(bench_zero_fill_fault(fault_pages) for _ in range(3))
@@ -405,6 +432,9 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
         stream = bench_stream(stream_size)
         writeback = statistics.median(bench_writeback(writeback_size) for _ in range(3))
     msync = statistics.median(baselines.msync_us_per_page(writeback_size) for _ in range(3))
+    with native_task("--memory", f"{pressure[1] // MIB}M", "--pager-cluster", "16"):
+        out, back = bench_pressure(pressure[0])
+    swap_out, swap_back = baselines.swap_file_us_per_page(pressure[0])
     naive_stream = baselines.naive_uffd_stream_gbps(stream_size, 64)
     cached = bench_mmap_file(stream_size)
     return {"pager_fault_us": round(fault, 1), "zero_fill_fault_us": round(zero, 1),
@@ -428,7 +458,14 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
             "target_ratio_numpy_fill_native_vs_anon_at_most": 3.0,
             "writeback_bytes": writeback_size, "writeback_us_per_page": round(writeback, 1),
             "msync_us_per_page": round(msync, 2),
-            "ratio_writeback_vs_msync": _ratio(writeback, msync)}
+            "ratio_writeback_vs_msync": _ratio(writeback, msync),
+            "pressure_bytes": pressure[0], "pressure_machd_memory": pressure[1],
+            "pressure_write_us_per_page": round(out, 1),
+            "pressure_read_back_us_per_page": round(back, 1),
+            "swap_file_pwrite_us_per_page": round(swap_out, 2),
+            "swap_file_pread_us_per_page": round(swap_back, 2),
+            "ratio_pressure_write_vs_pwrite": _ratio(out, swap_out),
+            "ratio_pressure_read_back_vs_pread": _ratio(back, swap_back)}
 
 
 HUGE = 2 * MIB

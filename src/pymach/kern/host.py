@@ -455,9 +455,9 @@ def boot(**config: Any) -> Iterator[Kernel]:
     manager; default forever), pager_timeout_action ("error": KERN_MEMORY_ERROR, or
     "zero_fill"), pageout_deadline_ms (after which data written back to a manager that
     has not released it goes to the default pager), manager_page_limit (resident pages
-    one manager's objects may hold), pager_cluster_pages (a fault on an external object
-    asks its manager for up to this many pages at once, those not yet resident after
-    the faulting one; default 1).
+    one manager's objects may hold), pager_cluster_pages (a fault asks the manager for
+    up to this many pages at once, those not yet resident after the faulting one: of
+    an external object, or of an internal one that the default pager holds; default 1).
     Limits per task: port_names_max (names in one task's port name space; default
     PORT_NAMES_MAX = 4096; port_allocate beyond it fails with KERN_NO_SPACE, a receive
     needing more names with RCV_IPC_SPACE), ool_queued_max (bytes of out-of-line memory a

@@ -113,6 +113,21 @@ def _open_unlinked(directory: str) -> int:
     return fd
 
 
+def _runs(blocks: dict[int, int], offset: int, length: int,
+          ps: int) -> list[tuple[int, int, bool]]:
+    """The pages of [offset, offset+length) as runs (first offset, pages, stored):
+    adjacent pages that all have a block, or all have none."""
+    runs: list[tuple[int, int, bool]] = []
+    for off in range(offset, offset + length, ps):
+        stored = off in blocks
+        if runs and runs[-1][2] == stored:
+            first, n, _ = runs[-1]
+            runs[-1] = (first, n + 1, stored)
+        else:
+            runs.append((off, 1, stored))
+    return runs
+
+
 @dataclass
 class DpObject:
     """One memory object the default pager backs (names in the pager's space)."""
@@ -144,14 +159,18 @@ class DefaultPager:
 
     def pager_data_request(self, memory_object: int, request: int, offset: int, length: int,
                            desired_access: int) -> None:
+        """Answer a run of pages the kernel asks for (a fault's cluster) a run at a time:
+        the stored pages in one pager_data_provided, the others in one
+        pager_data_unavailable, so a cluster costs a message or two, not one a page."""
         obj = self.objects.get(memory_object)
         ps = self.store.page_size
-        for off in range(offset, offset + length, ps):
-            block = obj.blocks.get(off) if obj else None
-            if block is None:
-                mach.pager_data_unavailable(request, off, ps)
+        for off, n, stored in _runs(obj.blocks if obj else {}, offset, length, ps):
+            if stored:
+                data = b"".join(self.store.read(obj.blocks[off + i * ps])  # type: ignore[union-attr]
+                                for i in range(n))
+                mach.pager_data_provided(request, off, data, n * ps, 0)
             else:
-                mach.pager_data_provided(request, off, self.store.read(block), ps, 0)
+                mach.pager_data_unavailable(request, off, n * ps)
 
     def pager_data_write(self, memory_object: int, offset: int, data: OOL,
                          data_count: int) -> None:

@@ -365,10 +365,11 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
 
 
 class _WriteRun:
-    """Dirty pages of an external object leaving memory (a flush, an eviction), sent to
-    its manager a run of adjacent pages (up to WRITE_RUN_PAGES) per pager_data_write
-    (_pageout_run), not a message per page. A run its manager cannot take now goes
-    page by page (_write_back), as before."""
+    """Dirty pages of an object leaving memory (a flush or an eviction of an external
+    object, the pageout daemon's victims of any object), sent to its manager a run of
+    adjacent pages (up to WRITE_RUN_PAGES) per pager_data_write (_pageout_run), not a
+    message per page. A run its manager cannot take now goes page by page
+    (_write_back), as before."""
 
     def __init__(self, obj: VmObject, privileged: bool) -> None:
         self.obj, self.privileged = obj, privileged
@@ -395,13 +396,16 @@ class _WriteRun:
 
 
 def _pageout_run(pages: list[VmPage]) -> bool:
-    """vm_pageout_page(keep=False) of a run of pages at adjacent offsets of one external
-    object, none a substitute, in one pager_data_write: the pages move into one holding
-    object, which stands for each of their offsets in the object's `pending` until the
-    manager lets go of it (all of it: vm_object.py's _holding_released). False (nothing
-    done) if the object's manager cannot take data now."""
+    """vm_pageout_page(keep=False) of a run of pages at adjacent offsets of one object,
+    none a substitute, in one pager_data_write: the pages move into one holding object,
+    which stands for each of their offsets in the object's `pending` until the manager
+    lets go of it (all of it: vm_object.py's _holding_released). An internal object gets
+    the default pager first, as for one page. False (nothing done) if the object's
+    manager cannot take data now."""
     obj = pages[0].object
-    assert obj is not None and not obj.internal
+    assert obj is not None
+    if obj.internal and obj.pager is None and not pager_create(obj):
+        return False
     if not vm_pageout_possible(obj):
         return False
     vm, ps, first = obj.vm, obj.vm.page_size, pages[0].offset
@@ -563,7 +567,7 @@ def _provide(obj: VmObject, offset: int, raw: memoryview, lock: int) -> set[VmPa
     waited-for pages it settled (woken once)."""
     vm = obj.vm
     ps, base, memq, pending = vm.page_size, offset - obj.paging_offset, obj.memq, obj.pending
-    room = min(_manager_room(obj), vm.resident.free_count() - vm.free_target)
+    room = min(_manager_room(obj), vm.read_ahead_room())
     wanted: list[VmPage | int] = []  # in offset order: absent pages, offsets to fill anew
     new: list[int] = []
     settled: set[VmPage] = set()
@@ -647,20 +651,20 @@ def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     with vm.phys.discard_batch():  # the freed pages' holes punched a run at a time
         while count > low and victims:
             chunk, victims = victims[:count - low], victims[count - low:]
-            count -= _evict(vm, [p for p in chunk if p.queue in ("active", "inactive")
+            count -= evict_in_runs(vm, [p for p in chunk if p.queue in ("active", "inactive")
                                  and p.object in mine])
 
 
-def _evict(vm: VmSystem, pages: list[VmPage]) -> int:
-    """vm_pageout_reclaim of each page, except that the dirty pages of plain pages of
-    external objects go back to their manager a run of adjacent pages per message
-    (_WriteRun); one that cannot go now is activated, as vm_pageout_reclaim does.
-    Returns how many pages left memory."""
+def evict_in_runs(vm: VmSystem, pages: list[VmPage]) -> int:
+    """vm_pageout_reclaim of each page, except that the dirty plain pages (of internal
+    and external objects alike) go back to their manager a run of adjacent pages per
+    message (_WriteRun); one that cannot go now is activated, as vm_pageout_reclaim
+    does. Returns how many pages left memory (freed, or on their way to a manager)."""
     gone, run, dirty = 0, None, []
     for page in sorted(pages, key=lambda p: (p.object.serial, p.offset)):  # type: ignore[union-attr]
         obj = page.object
         assert obj is not None
-        if obj.internal or not vm_pageout_plain(page):
+        if not vm_pageout_plain(page):
             gone += vm_pageout_reclaim(vm, page)
         elif vm_pageout_free_clean(vm, page):
             gone += 1

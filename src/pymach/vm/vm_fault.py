@@ -305,17 +305,18 @@ def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPo
 
 
 def _cluster(obj: VmObject, off: int) -> int:
-    """How many bytes to ask an external manager for at `off`: the page, and the pages
-    after it that the object lacks, up to the host's cluster size. Only the faulting
-    page waits for the data; the others are installed if they come and there is room
-    (so a manager may answer just the first page)."""
+    """How many bytes to ask a manager for at `off`: the page, and the pages after it
+    that the object lacks (for an internal object, that its default pager holds: in
+    `existence`), up to the host's cluster size and the frames read-ahead may take
+    (VmSystem.read_ahead_room). Only the faulting page waits for the data; the others
+    are installed if they come and there is room (so a manager may answer just the
+    first page)."""
     vm = obj.vm
     ps, n = vm.page_size, 1
-    if obj.internal:
-        return ps
-    while n < vm.pager_cluster_pages:
+    while n < min(vm.pager_cluster_pages, vm.read_ahead_room()):
         nxt = off + n * ps
-        if nxt >= obj.size or nxt in obj.memq or nxt in obj.pending:
+        if nxt >= obj.size or nxt in obj.memq or nxt in obj.pending \
+                or (obj.internal and nxt not in obj.existence):
             break
         n += 1
     return n * ps

@@ -71,6 +71,12 @@ class VmSystem:
         if self.resident.free_count() < self.free_min:
             self.kernel.sched.thread_wakeup(self.pageout_waitq)
 
+    def read_ahead_room(self) -> int:
+        """How many frames pages nobody asked for yet (a fault's cluster, a manager's
+        extra data) may take now: those above `free_min`, where pageout wakes (so read-
+        ahead goes on, as the daemon works, while memory is short of its target)."""
+        return self.resident.free_count() - self.free_min
+
     def page_wait(self, thread: Thread) -> None:
         """Sleep until a frame may be free (kernel lock released meanwhile).
 

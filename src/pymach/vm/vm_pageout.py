@@ -6,7 +6,10 @@ A kernel thread that sleeps until free frames fall below `free_min`, then scans:
   (clearing their reference bits);
 - it walks the inactive queue: a page referenced meanwhile is reactivated (so is, once,
   a *fresh* page, just settled for a fault that may not have used it yet); a clean page
-  is freed; a dirty page is written to its pager with `vm_pageout_page`.
+  is freed; a dirty page is written to its pager with `vm_pageout_page`. The victims
+  of a pass are taken together (as many as free frames are short, and at least the
+  host's `pager_cluster_pages`), so adjacent dirty pages of an object go to its pager
+  in one pager_data_write (memory_object.py's `evict_in_runs`), not a message a page.
 
 Writing a page back moves it into a new *holding object* (6.2.2: "pages are temporarily
 moved to a new memory object which is destroyed when the data manager relinquishes
@@ -128,9 +131,13 @@ def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
         res.lazy_end_all()  # frames held for the machine's zero fill come back first
     _balance(vm)
     progress = pageable = False
+    victims: list[VmPage] = []
     for page in list(res.inactive):
-        if res.free_count() >= vm.free_target:
-            break
+        if len(victims) >= max(vm.free_target - res.free_count(), vm.pager_cluster_pages):
+            progress |= _reclaim(vm, victims)
+            victims = []
+            if res.free_count() >= vm.free_target:
+                break
         if page.queue != "inactive":
             continue
         referenced = vm.phys.pmap_is_referenced(page.frame)
@@ -140,8 +147,18 @@ def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
             res.stats.reactivations += referenced
             pageable = True
             continue
-        progress |= vm_pageout_reclaim(vm, page)
+        victims.append(page)
+    progress |= _reclaim(vm, victims)
     return progress, pageable
+
+
+def _reclaim(vm: VmSystem, victims: list[VmPage]) -> bool:
+    """Reclaim a scan's victims (vm_pageout_reclaim), their dirty pages going to their
+    pagers a run of adjacent pages per message (evict_in_runs). True if any left."""
+    from pymach.vm.memory_object import evict_in_runs
+
+    victims = [p for p in victims if p.queue == "inactive"]
+    return bool(victims) and evict_in_runs(vm, victims) > 0
 
 
 def _balance(vm: VmSystem) -> None:
