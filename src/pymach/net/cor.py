@@ -197,9 +197,9 @@ class CorPager:
         def fill(into: memoryview) -> None:  # (the rest of `into` stays zeros)
             portops.read_into(obj.address + offset, into[:readable])
 
+        obj.provided += count  # (counted before it goes: a reader that has the data
+        self.provided += count  # must find it counted)
         self.provide_data(request, offset, count, fill)
-        obj.provided += count
-        self.provided += count
         return count
 
     def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:

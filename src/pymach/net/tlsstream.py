@@ -63,6 +63,7 @@ class TlsStream:
         self.loop = loop
         self.fd = sock.fileno()
         self._buf = bytearray()
+        self._scratch = bytearray(RECV_SIZE)  # what one read lands in before `_buf`
         self._direct: bytearray | None = None  # the front of the stream, read straight in
         self._got = self._taken = 0  # bytes of `_direct` filled, and taken by the reader
         self._want = 0  # bytes the waiting reader needs (0: none waits)
@@ -246,11 +247,12 @@ class TlsStream:
                 return False
             self._got += got  # (full: the reader takes it before more is read, but what
             return self._got < len(d) or self.sock.pending() > 0  # OpenSSL holds, now)
-        chunk = self.sock.recv(RECV_SIZE)
-        if not chunk:
-            self._eof = True
-            return False
-        self._buf += chunk
+        with memoryview(self._scratch) as view:  # (no fresh RECV_SIZE buffer per read)
+            got = self.sock.recv_into(view, RECV_SIZE)
+            if not got:
+                self._eof = True
+                return False
+            self._buf += view[:got]
         if len(self._buf) >= max(READ_HIGH, self._want):
             self._pause()
             return False
