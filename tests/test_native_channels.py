@@ -16,15 +16,18 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
 import pymach as m
 from pymach import MAKE_SEND, MOVE_RECEIVE, Int, Message, Port
 from pymach.include import direct, traps, wire
-from pymach.include.message import OOL, Bytes, Code, Str
+from pymach.include.message import OOL, Bytes, Code, IntArray, Str
 from pymach.kern.thread import current_thread
-from pymach.libmach.direct import LocalReceive
+from pymach.libmach.direct import LocalReceive, take_frame
+from pymach.machd import channels
+from pymach.machd.channels import take_all
 
 GO, DONE = 1, 2
 
@@ -825,3 +828,222 @@ def test_a_stale_doorbell_is_never_a_reused_descriptor(native: str) -> None:
     finally:
         for fd in [*opened, r, w]:
             os.close(fd)
+
+
+class _Interleaved:
+    """A shut channel's receiving end as machd reads it back, with a thread of the
+    receiving task taking a frame (as its runtime does) before and after each read."""
+
+    def __init__(self, sock: socket.socket, take: Callable[[], None]) -> None:
+        self.sock, self.take = sock, take
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self.take()
+        data = self.sock.recv(size, flags)
+        self.take()
+        return data
+
+
+def _frames_on_a_shut_channel(n: int) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for i in range(n):
+        a.send(_frame(Message(id=i, items=[Str("x" * i)]), i + 1))
+    b.shutdown(socket.SHUT_RDWR)  # (machd shuts a channel before it reads it back)
+    return a, b
+
+
+def test_a_teardown_and_a_receivers_thread_split_a_channel_exactly() -> None:
+    """(L5) machd takes what is left on a torn-down channel while a thread of the
+    receiving task reads it too: the thread's frames are a prefix of the sender's, and
+    machd's are exactly the rest, each once, in order."""
+    a, b = _frames_on_a_shut_channel(8)
+    mine: list[int] = []
+    buf = bytearray()
+
+    def take() -> None:
+        with contextlib.suppress(BlockingIOError):
+            got = take_frame(b, buf, m.MSG_SIZE_MAX)
+            if got is not None:
+                mine.append(got[0].id)
+
+    take()
+    frames, skipped = direct.scan_frames(take_all(_Interleaved(b, take)), 100)  # type: ignore[arg-type]
+    theirs = [msg.id for _, msg, _ in frames]
+    assert skipped == 0 and mine + theirs == list(range(8)) and mine == [0, 1]
+    assert [seq for seq, _, _ in frames] == list(range(3, 9))
+    a.close()
+    b.close()
+
+
+class _Raced:
+    """A receiver's end whose take (the read after the peek) comes just after machd's
+    teardown read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.machd = sock, b""
+
+    def recv_into(self, buf: bytearray, size: int, flags: int = 0) -> int:
+        return self.sock.recv_into(buf, size, flags)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self.machd = take_all(self.sock)
+        return self.sock.recv(size, flags)
+
+
+def test_a_receiver_that_loses_the_race_to_a_teardown_takes_nothing() -> None:
+    """(L5) A frame the receiver peeked but machd read back first is machd's alone."""
+    a, b = _frames_on_a_shut_channel(3)
+    raced = _Raced(b)
+    assert take_frame(raced, bytearray(), m.MSG_SIZE_MAX) is None  # type: ignore[arg-type]
+    assert [msg.id for _, msg, _ in direct.scan_frames(raced.machd, 10)[0]] == [0, 1, 2]
+    a.close()
+    b.close()
+
+
+def test_garbage_is_skipped_and_what_follows_is_found() -> None:
+    """What a sender wrote properly after garbage is still read back, in order; the
+    garbage is skipped and counted."""
+    junk = b"\xff garbage, not a frame " + direct.FRAME_MAGIC + b"\x00" * 3
+    data = _frame(Message(id=1), 1) + junk + _frame(Message(id=2), 2) + b"" + \
+        _frame(Message(id=3), 3)[:-1]
+    frames, skipped = direct.scan_frames(data, 10)
+    assert [msg.id for _, msg, _ in frames] == [1, 2]
+    assert skipped == len(junk) + len(_frame(Message(id=3), 3)) - 1
+
+
+def _read_until_gone(p: int, go: int, done: int, signal_after: int) -> None:
+    """Receive on `p` until that fails (its receive right left this task); GO on `go`
+    after `signal_after` messages; then our ids and the failure on `done`."""
+    ids: list[int] = []
+    code = ""
+    while not code:
+        try:
+            ids.append(m.msg_receive(p, m.RCV_TIMEOUT, 30_000).id)
+        except m.MachError as e:
+            code = e.code
+        if len(ids) == signal_after:
+            m.msg_send(Message(remote_port=go, id=GO))
+    m.msg_send(Message(remote_port=done, id=DONE, items=[IntArray(tuple(ids)), Str(code)]))
+
+
+def _stream(dest: int, n: int) -> int:
+    for i in range(n):
+        m.msg_send(Message(remote_port=dest, id=i), m.SEND_TIMEOUT, 30_000)
+    return n
+
+
+def _take_over(box: int) -> list[int]:
+    """Get a port's receive right on a port given to `box`, then how many messages are
+    left for us; receive them, and look once more (nothing more must come)."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    p = m.msg_receive(ctl, m.RCV_TIMEOUT, 30_000).items[0].name  # type: ignore[union-attr]
+    rest = m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id
+    ids = [m.msg_receive(p, m.RCV_TIMEOUT, 30_000).id for _ in range(rest)]
+    with contextlib.suppress(m.MachError):
+        ids.append(m.msg_receive(p, m.RCV_TIMEOUT, 0).id)
+    return ids
+
+
+def test_a_receive_right_moved_while_a_thread_reads_the_channel(native: str) -> None:
+    """(L5) A thread of ours reads a port fed by another task's channel while another
+    thread moves the port's receive right to a third task: what our thread got and what
+    the new holder gets are the sender's messages, each once, in order (a prefix and the
+    rest), whenever the move falls."""
+    me = m.task_self()
+    p, box, go, done = (m.port_allocate(me) for _ in range(4))
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    n = 120
+    heir = m.spawn(_take_over, Port(box, MAKE_SEND), name="heir")
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    m.thread_create(me, _read_until_gone, p, go, done, 20)
+    sender = m.spawn(_stream, Port(p, MAKE_SEND), n, name="stream")
+    assert m.msg_receive(go, m.RCV_TIMEOUT, 30_000).id == GO
+    m.msg_send(Message(remote_port=ctl, items=[Port(p, MOVE_RECEIVE)]))
+    ids, _code = m.msg_receive(done, m.RCV_TIMEOUT, 60_000).values()
+    mine = list(ids)  # type: ignore[call-overload]
+    m.msg_send(Message(remote_port=ctl, id=n - len(mine)))
+    assert sender.result(60_000) == n  # type: ignore[attr-defined]
+    assert mine + heir.result(60_000) == list(range(n))  # type: ignore[attr-defined]
+
+
+def _channel_or_not(dest: int, box: int, index: int, n: int) -> bool:
+    """Send `n` messages (ids index * 100 + k) to `dest`, then say on `box` (id `index`)
+    whether a channel carried them, with a control port; end after a message on it."""
+    ctl = m.port_allocate(m.task_self())
+    for k in range(n):
+        m.msg_send(Message(remote_port=dest, id=index * 100 + k), m.SEND_TIMEOUT, 20_000)
+    has = dest in current_thread().process.senders.channels  # type: ignore[attr-defined]
+    m.msg_send(Message(remote_port=box, id=index, items=[Int(int(has)),
+                                                         Port(ctl, MAKE_SEND)]))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000)
+    return has
+
+
+@pytest.mark.slow
+def test_a_ports_channel_limit_holds_and_the_next_sender_goes_through_machd(
+        native: str) -> None:
+    """At most PORT_CHANNELS_MAX channels into one port: the next sending task gets
+    none, and its messages come through machd, in order, as everyone's."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    limit, handles, ctls, has = channels.PORT_CHANNELS_MAX, [], [], []
+    for i in range(limit + 1):
+        n = 3 if i < limit else 12  # (the third message of a sender with a channel: on it)
+        handles.append(m.spawn(_channel_or_not, Port(p, MAKE_SEND), Port(box, MAKE_SEND),
+                               i, n, name=f"sender{i}"))
+        assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(n)] == \
+            [i * 100 + k for k in range(n)]
+        report = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+        assert report.id == i
+        has.append(bool(report.values()[0]))
+        ctls.append(report.items[1].name)  # type: ignore[union-attr]
+    assert has == [True] * limit + [False]
+    assert len(_receivers()[p].channels) == limit  # type: ignore[attr-defined]
+    for ctl in ctls:
+        m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert [h.result(20_000) for h in handles] == has  # type: ignore[attr-defined]
+
+
+def _to_many_ports(box: int, last_n: int) -> list[int]:
+    """Get send rights to ports on a port given to `box`; send 3 messages to each (ids
+    j * 100 + k; `last_n` to the last), then say on `box` which went over a channel;
+    end after a message on our port."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    ports = [item.name for item in m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000).items]  # type: ignore[union-attr]
+    for j, dest in enumerate(ports):
+        for k in range(last_n if j == len(ports) - 1 else 3):
+            m.msg_send(Message(remote_port=dest, id=j * 100 + k), m.SEND_TIMEOUT, 20_000)
+    chans = current_thread().process.senders.channels  # type: ignore[attr-defined]
+    has = [int(dest in chans) for dest in ports]
+    m.msg_send(Message(remote_port=box, items=[IntArray(tuple(has))]))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000)
+    return has
+
+
+@pytest.mark.slow
+def test_a_tasks_channel_limit_holds_and_the_next_port_goes_through_machd(
+        native: str) -> None:
+    """At most TASK_CHANNELS_MAX channels into the ports of one task: a sender to one
+    more of its ports gets none, and its messages come through machd, in order."""
+    me = m.task_self()
+    limit, box = channels.TASK_CHANNELS_MAX, m.port_allocate(me)
+    ports = [m.port_allocate(me) for _ in range(limit + 1)]
+    m.port_set_backlog(me, ports[-1], m.PORT_BACKLOG_MAX)
+    h = m.spawn(_to_many_ports, Port(box, MAKE_SEND), 12, name="many")
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    m.msg_send(Message(remote_port=ctl, items=[Port(q, MAKE_SEND) for q in ports]))
+    has = list(m.msg_receive(box, m.RCV_TIMEOUT, 60_000).values()[0])  # type: ignore[call-overload]
+    assert has == [1] * limit + [0]
+    for j, q in enumerate(ports):
+        n = 12 if j == limit else 3
+        assert [m.msg_receive(q, m.RCV_TIMEOUT, 20_000).id for _ in range(n)] == \
+            [j * 100 + k for k in range(n)]
+    assert sum(q in _receivers() for q in ports) == limit
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert h.result(20_000) == has  # type: ignore[attr-defined]

@@ -36,7 +36,7 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   (CHANNEL_CLOSE: a receiver that read garbage, a sender whose write failed), machd
   shuts the channel down (the sender's next write fails with EPIPE, and it falls back
   to machd; the receiver's reads end), takes what is left on it with ONE read of the
-  receiver's end (`_take_all`), decodes it (bounded, data only, garbage skipped:
+  receiver's end (`take_all`), decodes it (bounded, data only, garbage skipped:
   include/direct.py) and puts it in P's queue where the marker stands, or at the head
   if the marker was received. The one read is what makes this exact while a thread of
   the receiving task may be reading the same channel: the kernel does a stream read
@@ -433,7 +433,7 @@ class ChannelTable:
     def _read_back(self, ch: DirectChannel) -> list[tuple[int, KMsg]]:
         """The frames left on a shut channel, as (sequence number, kernel message), held
         ones taken from `ch.held`."""
-        frames, skipped = direct.scan_frames(_take_all(ch.end), DRAIN_MAX)
+        frames, skipped = direct.scan_frames(take_all(ch.end), DRAIN_MAX)
         if skipped:
             log.warning("task %s: %d bytes of garbage on channel %d skipped",
                         ch.sender.name, skipped, ch.cid)
@@ -546,7 +546,7 @@ class ChannelTable:
         return st.markers if st is not None else 0
 
 
-def _take_all(end: socket.socket) -> bytes:
+def take_all(end: socket.socket) -> bytes:
     """Everything left on a shut channel (at most DRAIN_BYTES), in ONE read: the
     kernel reads a stream under its read lock, so a reader of the receiver's task takes
     a whole frame before it or nothing after it (module docstring). Nothing is written
