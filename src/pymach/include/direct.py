@@ -103,8 +103,8 @@ def _frame(body: bytes, seq: int) -> bytes:
 
 
 def frame_length(head: bytes | bytearray | memoryview) -> int:
-    """A frame's whole length from its first FRAME.size bytes; WireError if they are
-    not a frame's header (too few, another magic, a body past PACKET_MAX)."""
+    """A frame's whole length from its header, the first FRAME.size bytes of `head`;
+    WireError if they are not one (too few, another magic, a body past PACKET_MAX)."""
     if len(head) < FRAME.size:
         raise wire.WireError(f"half a frame header ({len(head)} bytes)")
     magic, length, _ = FRAME.unpack_from(head)
@@ -118,9 +118,9 @@ def decode_frame(data: bytes | bytearray | memoryview) -> tuple[int, Message, in
     `decode_packet`); WireError otherwise."""
     if len(data) < FRAME.size or frame_length(data) != len(data):
         raise wire.WireError(f"not one whole channel frame ({len(data)} bytes)")
-    seq = int(FRAME.unpack_from(data)[2])
-    msg, index = decode_packet(memoryview(data)[FRAME.size:])
-    return seq, msg, index
+    with memoryview(data) as view:
+        msg, index = decode_packet(view[FRAME.size:])
+    return int(FRAME.unpack_from(data)[2]), msg, index
 
 
 def scan_frames(data: bytes, limit: int) -> tuple[list[tuple[int, Message, int]], int]:
@@ -133,7 +133,7 @@ def scan_frames(data: bytes, limit: int) -> tuple[list[tuple[int, Message, int]]
     view = memoryview(data)
     while pos < len(data) and len(frames) < limit:
         try:
-            end = pos + frame_length(view[pos:pos + FRAME.size])
+            end = pos + frame_length(view[pos:])
             frames.append(decode_frame(view[pos:end]))
             pos = end
             continue

@@ -74,6 +74,9 @@ log = logging.getLogger("pymach")
 OPEN_AFTER = 2  # eligible sends through machd to one port before asking for a channel
 RETRY_AFTER = 64  # eligible sends after a refusal before asking again (doubles)
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_NOWAIT = int(socket.MSG_DONTWAIT)
+_SEND = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _WORD = (1 << 64) - 1  # a page word: written from this process's own count, never read
 # back and changed (the peer maps the page too, and may write anything in its words)
 
@@ -296,7 +299,7 @@ def _send_packet(sock: socket.socket, frame: bytes, wait: _Wait) -> None:
     poller.register(wait.alert, select.POLLIN)
     while True:
         try:
-            if sock.send(frame, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL) != len(frame):
+            if sock.send(frame, _SEND) != len(frame):
                 raise OSError(errno.EIO, "a channel frame written in part")
             return
         except BlockingIOError:
@@ -357,26 +360,26 @@ def _drain_wakes(sock: socket.socket) -> bool:
 
 # -- the receiver's side -----------------------------------------------------------------------
 def take_frame(sock: socket.socket, buf: bytearray, rcv_size: int) -> tuple[Message, int] | None:
-    """Take the next frame off a channel whole (the caller holds its endpoint's lock):
-    (message, reply index; -1: a held message's token, its id). None: the channel ended,
-    or machd's teardown read took the frame between our peek and our read (include/
-    direct.py). BlockingIOError if no frame waits; WireError for garbage, left on the
-    channel; RCV_TOO_LARGE, the frame left on the channel, if its message exceeds
-    `rcv_size`."""
-    if len(buf) < direct.FRAME_MAX:
-        buf.extend(bytes(direct.FRAME_MAX - len(buf)))
-    n = sock.recv_into(buf, direct.FRAME_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    """Take the next frame off a channel whole (the caller holds its endpoint's lock;
+    `buf`, the endpoint's, is sized on first use): (message, reply index; -1: a held
+    message's token, its id). None: the channel ended, or machd's teardown read took the
+    frame between our peek and our read (include/direct.py). BlockingIOError if no
+    frame waits; WireError for garbage, left on the channel; RCV_TOO_LARGE, the frame
+    left on the channel, if its message exceeds `rcv_size`."""
+    if not buf:
+        buf.extend(bytes(direct.FRAME_MAX))
+    n = sock.recv_into(buf, direct.FRAME_MAX, _PEEK)
     if n == 0:
         return None
     with memoryview(buf) as view:
-        length = direct.frame_length(view[:min(n, direct.FRAME.size)])
+        length = direct.frame_length(view[:n])
         if n < length:
             raise wire.WireError(f"half a frame ({n} of {length} bytes)")
-        _, msg, index = direct.decode_frame(view[:length])
+        msg, index = direct.decode_packet(view[direct.FRAME.size:length])
     if msg.size > rcv_size:
         raise MachError("RCV_TOO_LARGE", f"message of {msg.size} bytes exceeds rcv_size "
                         f"{rcv_size}; it stays queued")
-    taken = len(sock.recv(length, socket.MSG_DONTWAIT))
+    taken = sock.recv_into(buf, length, _NOWAIT)
     if taken == 0:
         return None  # (machd's read took it)
     if taken != length:
@@ -619,7 +622,7 @@ class LocalReceive:
         ep.counted(direct.RECEIVED, 1)
         if ep.view[direct.WAITING]:
             with contextlib.suppress(OSError):
-                ep.sock.send(direct.WAKE, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                ep.sock.send(direct.WAKE, _SEND)
 
     def _claim(self, ep: Endpoint, token: int) -> Message | None:
         """The held message `token` (ep.lock held); a receive error keeps it for the next
