@@ -16,14 +16,18 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
 import pymach as m
 from pymach import MAKE_SEND, MOVE_RECEIVE, Int, Message, Port
 from pymach.include import direct, traps, wire
-from pymach.include.message import OOL, Bytes, Code, Str
+from pymach.include.message import OOL, Bytes, Code, IntArray, Str
 from pymach.kern.thread import current_thread
+from pymach.libmach.direct import LocalReceive, take_frame
+from pymach.machd import channels
+from pymach.machd.channels import take_all
 
 GO, DONE = 1, 2
 
@@ -511,7 +515,7 @@ def test_a_task_cannot_forge_a_marker(native: str) -> None:
 # -- the packet decoder (no machd) ------------------------------------------------------------
 def test_packets_round_trip() -> None:
     msg = Message(id=5, items=[Int(1), Str("s"), Bytes(b"b")])
-    got, index = direct.decode_packet(direct.encode_packet(msg, 3))
+    got, index = direct.decode_packet(direct.encode_packet(msg, 3, 1)[direct.FRAME.size:])
     assert (got.id, got.values(), index) == (5, [1, "s", b"b"], 3)
 
 
@@ -579,10 +583,10 @@ def _flood_and_close(dest: int) -> list[str]:
             continue
         s = socket.socket(fileno=fds[0])
         os.close(fds[1])
-        packet, n = direct.encode_packet(Message(id=7), 0), 0
+        n = 0
         with contextlib.suppress(BlockingIOError):
             while n < 200:
-                s.send(packet, socket.MSG_DONTWAIT)
+                s.send(direct.encode_packet(Message(id=7), 0, n + 1), socket.MSG_DONTWAIT)
                 n += 1
         t.trap(traps.CHANNEL_CLOSE, dest, cid)
         s.close()
@@ -635,8 +639,8 @@ def _poison_page(dest: int) -> int:
         m.msg_send(Message(remote_port=dest, id=i))
     ch = current_thread().process.senders.channels[dest]
     ch.view[direct.RECEIVED] = 2**64 - 1  # the receiver's word, scribbled on
-    ch.sock.send(direct.encode_packet(Message(id=42), 0))
-    ch.sock.send(direct.encode_packet(Message(id=43), 0))
+    ch.sock.send(direct.encode_packet(Message(id=42), 0, 4))
+    ch.sock.send(direct.encode_packet(Message(id=43), 0, 5))
     return 0
 
 
@@ -701,3 +705,343 @@ def test_send_timeout_holds_when_the_channels_socket_is_full(native: str) -> Non
         while True:
             ids.append(m.msg_receive(p, m.RCV_TIMEOUT, 500).id)
     assert ids == list(range(3, 3 + len(ids))) and ids  # in order, none lost
+
+
+# -- the known gaps a review left open (each a test) ------------------------------------------
+def _frame(msg: Message, seq: int) -> bytes:
+    return direct.encode_packet(msg, 0, seq)
+
+
+def _empty_write_then_close(dest: int) -> int:
+    """Open a channel by hand, write a frame, an empty write, two frames, and close it
+    (machd then reads back what is on it)."""
+    t = current_thread()
+    (cid, _), fds = t.trap_fds(traps.CHANNEL_OPEN, dest, 0)
+    s = socket.socket(fileno=fds[0])
+    os.close(fds[1])
+    s.send(_frame(Message(id=10), 1))
+    s.send(b"")
+    s.send(_frame(Message(id=11), 2))
+    s.send(_frame(Message(id=12), 3))
+    t.trap(traps.CHANNEL_CLOSE, dest, cid)
+    s.close()
+    return 0
+
+
+def test_an_empty_write_loses_nothing_read_back_after_it(native: str) -> None:
+    """(L6) An empty write on a channel is no end of it: machd reads back everything
+    written after it too."""
+    p = m.port_allocate(m.task_self())
+    h = m.spawn(_empty_write_then_close, Port(p, MAKE_SEND), name="empty")
+    assert h.result(20_000) == 0
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 5000).id for _ in range(3)] == [10, 11, 12]
+
+
+class _FailOnce:
+    """A channel socket whose next send fails as `errno_` says (once)."""
+
+    def __init__(self, sock: socket.socket, errno_: int) -> None:
+        self.sock, self.errno = sock, errno_
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        if self.errno:
+            e, self.errno = self.errno, 0
+            raise OSError(e, os.strerror(e))
+        return self.sock.send(data, flags)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def _write_fails(dest: int, box: int, failure: int) -> bool:
+    """Send 0..5 (a channel after 0 and 1), make the channel's next write fail with
+    `failure`, send 6..9, say so on `box`; end after a message on a port given to
+    `box` (the channel's sender lives until then); True if a channel was used."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    for i in range(6):
+        m.msg_send(Message(remote_port=dest, id=i))
+    ch = current_thread().process.senders.channels.get(dest)  # type: ignore[attr-defined]
+    if ch is not None:
+        ch.sock = _FailOnce(ch.sock, failure)
+    for i in range(6, 10):
+        m.msg_send(Message(remote_port=dest, id=i))
+    m.msg_send(Message(remote_port=box, id=GO))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)
+    return ch is not None
+
+
+@pytest.mark.parametrize("failure", [errno.ENOBUFS, errno.EPIPE])
+def test_a_failed_channel_write_keeps_the_senders_order(native: str, failure: int) -> None:
+    """(L6) A channel write that fails for another reason than the channel's end
+    (ENOBUFS; or an EPIPE while machd still has the channel) must not send the message
+    through machd ahead of the frames still on the channel: they go into the queue
+    first."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    h = m.spawn(_write_fails, Port(p, MAKE_SEND), Port(box, MAKE_SEND), failure,
+                name="failing")
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == GO  # all sent, sender alive
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 5000).id for _ in range(10)] == list(range(10))
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert h.result(20_000) is True  # type: ignore[attr-defined]
+
+
+def _send_three_then_close(dest: int, box: int) -> int:
+    """Send 3 messages to `dest` (the third on a channel); after a message on a port
+    given to `box`, close the channel (machd tears it down before we answer)."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    got = m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000).id
+    ch = current_thread().process.senders.channels[dest]  # type: ignore[attr-defined]
+    current_thread().trap(traps.CHANNEL_CLOSE, dest, ch.cid)
+    return got
+
+
+def test_a_stale_doorbell_is_never_a_reused_descriptor(native: str) -> None:
+    """(R4) A thread that still holds a port's channel state after the runtime dropped
+    the channel (and the port's doorbell with it) must not read from whatever this
+    process opened since under the doorbell's old number."""
+    h, p, ctl = _sender_of_three(_send_three_then_close, "three")
+    receivers = current_thread().process.receivers
+    pr = receivers.ports[p]  # as a receiving thread would hold it
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert h.result(20_000) == DONE  # (its channel was torn down first)
+    number = getattr(pr.bell, "fd", pr.bell)
+    stale = LocalReceive(receivers, p, 0, m.MSG_SIZE_MAX, -1, current_thread().trap,
+                         current_thread().trap_fds)
+    r, w = os.pipe()
+    os.write(w, b"12345678")
+    receivers.sweep()  # the sender is gone: its channel ended, and the port's bell went
+    assert p not in receivers.ports
+    opened: list[int] = []
+    try:
+        while not opened or opened[-1] < number:  # the lowest free numbers, up to the bell's
+            opened.append(os.dup(r))
+        assert stale._from_machd(pr) is None  # (nothing queued in machd)
+        os.set_blocking(r, False)
+        assert os.read(r, 8) == b"12345678"  # nobody read our pipe under the old number
+    finally:
+        for fd in [*opened, r, w]:
+            os.close(fd)
+
+
+class _Interleaved:
+    """A shut channel's receiving end as machd reads it back, with a thread of the
+    receiving task taking a frame (as its runtime does) before and after each read."""
+
+    def __init__(self, sock: socket.socket, take: Callable[[], None]) -> None:
+        self.sock, self.take = sock, take
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self.take()
+        data = self.sock.recv(size, flags)
+        self.take()
+        return data
+
+
+def _frames_on_a_shut_channel(n: int) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for i in range(n):
+        a.send(_frame(Message(id=i, items=[Str("x" * i)]), i + 1))
+    b.shutdown(socket.SHUT_RDWR)  # (machd shuts a channel before it reads it back)
+    return a, b
+
+
+def test_a_teardown_and_a_receivers_thread_split_a_channel_exactly() -> None:
+    """(L5) machd takes what is left on a torn-down channel while a thread of the
+    receiving task reads it too: the thread's frames are a prefix of the sender's, and
+    machd's are exactly the rest, each once, in order."""
+    a, b = _frames_on_a_shut_channel(8)
+    mine: list[int] = []
+    buf = bytearray()
+
+    def take() -> None:
+        with contextlib.suppress(BlockingIOError):
+            got = take_frame(b, buf, m.MSG_SIZE_MAX)
+            if got is not None:
+                mine.append(got[0].id)
+
+    take()
+    frames, skipped = direct.scan_frames(take_all(_Interleaved(b, take)), 100)  # type: ignore[arg-type]
+    theirs = [msg.id for _, msg, _ in frames]
+    assert skipped == 0 and mine + theirs == list(range(8)) and mine == [0, 1]
+    assert [seq for seq, _, _ in frames] == list(range(3, 9))
+    a.close()
+    b.close()
+
+
+class _Raced:
+    """A receiver's end whose take (the read after the peek) comes just after machd's
+    teardown read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.machd = sock, b""
+
+    def recv_into(self, buf: bytearray, size: int, flags: int = 0) -> int:
+        if not flags & socket.MSG_PEEK:
+            self.machd = take_all(self.sock)
+        return self.sock.recv_into(buf, size, flags)
+
+
+def test_a_receiver_that_loses_the_race_to_a_teardown_takes_nothing() -> None:
+    """(L5) A frame the receiver peeked but machd read back first is machd's alone."""
+    a, b = _frames_on_a_shut_channel(3)
+    raced = _Raced(b)
+    assert take_frame(raced, bytearray(), m.MSG_SIZE_MAX) is None  # type: ignore[arg-type]
+    assert [msg.id for _, msg, _ in direct.scan_frames(raced.machd, 10)[0]] == [0, 1, 2]
+    a.close()
+    b.close()
+
+
+def test_garbage_is_skipped_and_what_follows_is_found() -> None:
+    """What a sender wrote properly after garbage is still read back, in order; the
+    garbage is skipped and counted."""
+    junk = b"\xff garbage, not a frame " + direct.FRAME_MAGIC + b"\x00" * 3
+    data = _frame(Message(id=1), 1) + junk + _frame(Message(id=2), 2) + b"" + \
+        _frame(Message(id=3), 3)[:-1]
+    frames, skipped = direct.scan_frames(data, 10)
+    assert [msg.id for _, msg, _ in frames] == [1, 2]
+    assert skipped == len(junk) + len(_frame(Message(id=3), 3)) - 1
+
+
+def _read_until_gone(p: int, go: int, done: int, signal_after: int) -> None:
+    """Receive on `p` until that fails (its receive right left this task); GO on `go`
+    after `signal_after` messages; then our ids and the failure on `done`."""
+    ids: list[int] = []
+    code = ""
+    while not code:
+        try:
+            ids.append(m.msg_receive(p, m.RCV_TIMEOUT, 30_000).id)
+        except m.MachError as e:
+            code = e.code
+        if len(ids) == signal_after:
+            m.msg_send(Message(remote_port=go, id=GO))
+    m.msg_send(Message(remote_port=done, id=DONE, items=[IntArray(tuple(ids)), Str(code)]))
+
+
+def _stream(dest: int, n: int) -> int:
+    for i in range(n):
+        m.msg_send(Message(remote_port=dest, id=i), m.SEND_TIMEOUT, 30_000)
+    return n
+
+
+def _take_over(box: int) -> list[int]:
+    """Get a port's receive right on a port given to `box`, then how many messages are
+    left for us; receive them, and look once more (nothing more must come)."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    p = m.msg_receive(ctl, m.RCV_TIMEOUT, 30_000).items[0].name  # type: ignore[union-attr]
+    rest = m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id
+    ids = [m.msg_receive(p, m.RCV_TIMEOUT, 30_000).id for _ in range(rest)]
+    with contextlib.suppress(m.MachError):
+        ids.append(m.msg_receive(p, m.RCV_TIMEOUT, 0).id)
+    return ids
+
+
+def test_a_receive_right_moved_while_a_thread_reads_the_channel(native: str) -> None:
+    """(L5) A thread of ours reads a port fed by another task's channel while another
+    thread moves the port's receive right to a third task: what our thread got and what
+    the new holder gets are the sender's messages, each once, in order (a prefix and the
+    rest), whenever the move falls."""
+    me = m.task_self()
+    p, box, go, done = (m.port_allocate(me) for _ in range(4))
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    n = 120
+    heir = m.spawn(_take_over, Port(box, MAKE_SEND), name="heir")
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    m.thread_create(me, _read_until_gone, p, go, done, 20)
+    sender = m.spawn(_stream, Port(p, MAKE_SEND), n, name="stream")
+    assert m.msg_receive(go, m.RCV_TIMEOUT, 30_000).id == GO
+    m.msg_send(Message(remote_port=ctl, items=[Port(p, MOVE_RECEIVE)]))
+    ids, _code = m.msg_receive(done, m.RCV_TIMEOUT, 60_000).values()
+    mine = list(ids)  # type: ignore[call-overload]
+    m.msg_send(Message(remote_port=ctl, id=n - len(mine)))
+    assert sender.result(60_000) == n  # type: ignore[attr-defined]
+    assert mine + heir.result(60_000) == list(range(n))  # type: ignore[attr-defined]
+
+
+def _channel_or_not(dest: int, box: int, index: int, n: int) -> bool:
+    """Send `n` messages (ids index * 100 + k) to `dest`, then say on `box` (id `index`)
+    whether a channel carried them, with a control port; end after a message on it."""
+    ctl = m.port_allocate(m.task_self())
+    for k in range(n):
+        m.msg_send(Message(remote_port=dest, id=index * 100 + k), m.SEND_TIMEOUT, 20_000)
+    has = dest in current_thread().process.senders.channels  # type: ignore[attr-defined]
+    m.msg_send(Message(remote_port=box, id=index, items=[Int(int(has)),
+                                                         Port(ctl, MAKE_SEND)]))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000)
+    return has
+
+
+@pytest.mark.slow
+def test_a_ports_channel_limit_holds_and_the_next_sender_goes_through_machd(
+        native: str) -> None:
+    """At most PORT_CHANNELS_MAX channels into one port: the next sending task gets
+    none, and its messages come through machd, in order, as everyone's."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    limit, handles, ctls, has = channels.PORT_CHANNELS_MAX, [], [], []
+    for i in range(limit + 1):
+        n = 3 if i < limit else 12  # (the third message of a sender with a channel: on it)
+        handles.append(m.spawn(_channel_or_not, Port(p, MAKE_SEND), Port(box, MAKE_SEND),
+                               i, n, name=f"sender{i}"))
+        assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(n)] == \
+            [i * 100 + k for k in range(n)]
+        report = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+        assert report.id == i
+        has.append(bool(report.values()[0]))
+        ctls.append(report.items[1].name)  # type: ignore[union-attr]
+    assert has == [True] * limit + [False]
+    assert len(_receivers()[p].channels) == limit  # type: ignore[attr-defined]
+    for ctl in ctls:
+        m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert [h.result(20_000) for h in handles] == has  # type: ignore[attr-defined]
+
+
+def _to_many_ports(box: int, last_n: int) -> list[int]:
+    """Get send rights to ports on a port given to `box`; send 3 messages to each (ids
+    j * 100 + k; `last_n` to the last), then say on `box` which went over a channel;
+    end after a message on our port."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    ports = [item.name for item in m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000).items]  # type: ignore[union-attr]
+    for j, dest in enumerate(ports):
+        for k in range(last_n if j == len(ports) - 1 else 3):
+            m.msg_send(Message(remote_port=dest, id=j * 100 + k), m.SEND_TIMEOUT, 20_000)
+    chans = current_thread().process.senders.channels  # type: ignore[attr-defined]
+    has = [int(dest in chans) for dest in ports]
+    m.msg_send(Message(remote_port=box, items=[IntArray(tuple(has))]))
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000)
+    return has
+
+
+@pytest.mark.slow
+def test_a_tasks_channel_limit_holds_and_the_next_port_goes_through_machd(
+        native: str) -> None:
+    """At most TASK_CHANNELS_MAX channels into the ports of one task: a sender to one
+    more of its ports gets none, and its messages come through machd, in order."""
+    me = m.task_self()
+    limit, box = channels.TASK_CHANNELS_MAX, m.port_allocate(me)
+    ports = [m.port_allocate(me) for _ in range(limit + 1)]
+    m.port_set_backlog(me, ports[-1], m.PORT_BACKLOG_MAX)
+    h = m.spawn(_to_many_ports, Port(box, MAKE_SEND), 12, name="many")
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    m.msg_send(Message(remote_port=ctl, items=[Port(q, MAKE_SEND) for q in ports]))
+    has = list(m.msg_receive(box, m.RCV_TIMEOUT, 60_000).values()[0])  # type: ignore[call-overload]
+    assert has == [1] * limit + [0]
+    for j, q in enumerate(ports):
+        n = 12 if j == limit else 3
+        assert [m.msg_receive(q, m.RCV_TIMEOUT, 20_000).id for _ in range(n)] == \
+            [j * 100 + k for k in range(n)]
+    assert sum(q in _receivers() for q in ports) == limit
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert h.result(20_000) == has  # type: ignore[attr-defined]

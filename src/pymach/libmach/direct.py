@@ -11,10 +11,13 @@ include/direct.py). In a task process:
   the page; else it waits for a wake-up, or fails SEND_TIMED_OUT after its timeout). Any
   other message to that port (a right, memory, code, a reply disposition of its own, a
   ninth reply port) is held by machd (CHANNEL_HOLD: copied in as a send would) and only
-  its token goes on the channel, so it keeps its place among the task's messages. A
-  write that fails (EPIPE: machd tore the channel down) drops the channel and the
-  message goes through machd, which gives the error Mach would give. A channel belongs
-  to the task, and its threads share it, so the task's messages to the port stay in the
+  its token goes on the channel, so it keeps its place among the task's messages. Each
+  frame carries its sequence number, the channel's count of frames written + 1. A write
+  that fails for any reason but a timeout (EPIPE: machd tore the channel down; ENOBUFS;
+  a frame written in part) has machd tear the channel down if it has not (CHANNEL_CLOSE:
+  what is on it goes into the port's queue first) and drops it; the message then goes
+  through machd, after them, and gets the error Mach would give. A channel belongs to
+  the task, and its threads share it, so the task's messages to the port stay in the
   order they were sent. A reply port new to the channel is bound first (CHANNEL_BIND; at
   most REPLIES_MAX).
 - **Receiving.** A receive's result that is machd's marker (CHANNEL_MARKER from the
@@ -26,11 +29,20 @@ include/direct.py). In a task process:
   effect) -- never parked in machd. Packets are decoded with the bounded typed wire
   (data items only); the sender's uid and the reply port are machd's word from the
   grant. A packet that does not decode has machd tear its channel down (what follows it
-  goes into the queue, checked by machd); a channel that ends (EOF) is forgotten. A held
-  message's token is claimed from machd (CHANNEL_CLAIM: the receive's checks and
-  copyout; an error leaves it for the next receive, first). RCV_TIMEOUT is the wait's
-  timeout; a message larger than `rcv_size` stays on its channel (read with MSG_PEEK
-  first) and raises RCV_TOO_LARGE.
+  goes into the queue, checked by machd); a channel that ends (EOF) is forgotten. A
+  frame is taken whole or not at all (`take_frame`: peeked whole and checked, then read
+  by its exact length; a read that comes back empty lost the race to machd's teardown,
+  which took it: include/direct.py), so what this task took of a sender's frames is
+  always a prefix, and machd requeues exactly the rest. A held message's token is
+  claimed from machd (CHANNEL_CLAIM: the receive's checks and copyout; an error leaves
+  it for the next receive, first). RCV_TIMEOUT is the wait's timeout; a message larger
+  than `rcv_size` stays on its channel and raises RCV_TOO_LARGE.
+- **Doorbells.** A port's doorbell descriptor belongs to a `Bell`, closed only once
+  nothing refers to it (the port's state, or a thread that read the state before the
+  runtime dropped or replaced it): a thread never polls or reads a descriptor number
+  this process has since reused for something else. A bell replaced by a new one (machd
+  made one when the port had channels again) is rung first, so threads waiting on it
+  look again.
 
 State: `Receivers` and `Senders` (one each per process) under their locks; a channel's
 writes and counters under its endpoint's lock.
@@ -39,6 +51,7 @@ writes and counters under its endpoint's lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import mmap
@@ -54,18 +67,16 @@ from typing import Any
 from pymach.errors import MachError
 from pymach.include import direct, traps, wire
 from pymach.include.channel import close_fds
-from pymach.include.message import (
-    MSG_SIZE_MAX,
-    RCV_TIMEOUT,
-    Int,
-    Message,
-)
+from pymach.include.message import RCV_TIMEOUT, Int, Message
 
 log = logging.getLogger("pymach")
 
 OPEN_AFTER = 2  # eligible sends through machd to one port before asking for a channel
 RETRY_AFTER = 64  # eligible sends after a refusal before asking again (doubles)
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_NOWAIT = int(socket.MSG_DONTWAIT)
+_SEND = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _WORD = (1 << 64) - 1  # a page word: written from this process's own count, never read
 # back and changed (the peer maps the page too, and may write anything in its words)
 
@@ -104,6 +115,7 @@ class Endpoint:
     bound: dict[int, int] = field(default_factory=dict)  # (sender) reply name -> index
     replies: list[int] = field(default_factory=list)  # (receiver) reply names, by index
     count: int = 0  # messages sent (sender) or taken (receiver): this side's page word
+    buf: bytearray = field(default_factory=bytearray)  # (receiver) a frame, peeked
 
     def counted(self, word: int, delta: int) -> None:
         """Change this side's count by `delta` and publish it in its page word."""
@@ -189,14 +201,15 @@ class Senders:
         alerted()
         while True:
             if not _wait_room(ch, timeout, alert, alerted):
-                self._forget(name, ch)
+                self._broken(name, ch, trap)
                 return False
             with ch.lock:  # (room again under the lock: another thread may have taken it)
                 if not _has_room(ch.view):
                     continue
-                wait = _Wait(deadline, alert, alerted)
+                wait = _Wait(deadline, alert, alerted, trap)
                 if index is not None:
-                    return self._write(name, ch, direct.encode_packet(msg, index), wait)
+                    frame = direct.encode_packet(msg, index, ch.count + 1)
+                    return self._write(name, ch, frame, wait)
                 return self._hold(name, ch, portable(msg), trap, wait)
 
     def _hold(self, name: int, ch: Endpoint, msg: Any, trap: Trap, wait: _Wait) -> bool:
@@ -210,22 +223,30 @@ class Senders:
             self._forget(name, ch)
             return False
         wait.deadline = None  # (held now: its token must go, or it waits for a teardown)
-        self._write(name, ch, direct.encode_held(token), wait)  # (if the channel was torn
-        return True  # down meanwhile, machd queued what it held in its place: sent)
+        self._write(name, ch, direct.encode_held(token, ch.count + 1), wait)  # (if the
+        return True  # channel was torn down, machd queued what it held in its place: sent)
 
-    def _write(self, name: int, ch: Endpoint, packet: bytes, wait: _Wait) -> bool:
-        """Write one packet (ch.lock held), waiting for the socket's room as `wait` says
+    def _write(self, name: int, ch: Endpoint, frame: bytes, wait: _Wait) -> bool:
+        """Write one frame (ch.lock held), waiting for the socket's room as `wait` says
         (SEND_TIMED_OUT, nothing sent, past its deadline; an alert enters the kernel);
-        False if the channel broke (it is forgotten)."""
+        False if the channel broke (machd tore it down: it is forgotten)."""
         try:
-            _send_packet(ch.sock, packet, wait)
+            _send_packet(ch.sock, frame, wait)
         except MachError:  # SEND_TIMED_OUT (a TimeoutError, so an OSError): nothing sent,
-            raise  # and the channel stays: its packets keep their place before the next
+            raise  # and the channel stays: its frames keep their place before the next
         except OSError:
-            self._forget(name, ch)
+            self._broken(name, ch, wait.trap)
             return False
         ch.counted(direct.SENT, 1)
         return True
+
+    def _broken(self, name: int, ch: Endpoint, trap: Trap) -> None:
+        """A write (or a wait for room) failed: have machd tear the channel down if it
+        has not (what is on it goes into the port's queue, before the message the
+        caller then sends through machd), and forget it."""
+        with contextlib.suppress(MachError, OSError):
+            trap(traps.CHANNEL_CLOSE, name, ch.cid)
+        self._forget(name, ch)
 
     def _reply_index(self, ch: Endpoint, msg: Message, trap: Trap) -> int | None:
         """The packet's reply index for `msg` (binding its reply port if need be), or
@@ -265,17 +286,21 @@ class _Wait:
     deadline: float | None
     alert: int
     alerted: Callable[[], None]
+    trap: Trap  # (to close a channel whose write failed)
 
 
-def _send_packet(sock: socket.socket, packet: bytes, wait: _Wait) -> None:
-    """Send one packet without blocking in the kernel: while the socket is full, wait
-    for room, the alert or the deadline (SEND_TIMED_OUT: nothing was sent)."""
+def _send_packet(sock: socket.socket, frame: bytes, wait: _Wait) -> None:
+    """Send one frame without blocking in the kernel: while the socket is full, wait
+    for room, the alert or the deadline (SEND_TIMED_OUT: nothing was sent). A frame
+    written in part (the kernel queues a frame of at most FRAME_MAX whole: never, from
+    this runtime) is an OSError: the channel is broken."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     poller.register(wait.alert, select.POLLIN)
     while True:
         try:
-            sock.send(packet, socket.MSG_DONTWAIT)
+            if sock.send(frame, _SEND) != len(frame):
+                raise OSError(errno.EIO, "a channel frame written in part")
             return
         except BlockingIOError:
             pass
@@ -334,6 +359,34 @@ def _drain_wakes(sock: socket.socket) -> bool:
 
 
 # -- the receiver's side -----------------------------------------------------------------------
+def take_frame(sock: socket.socket, buf: bytearray, rcv_size: int) -> tuple[Message, int] | None:
+    """Take the next frame off a channel whole (the caller holds its endpoint's lock;
+    `buf`, the endpoint's, is sized on first use): (message, reply index; -1: a held
+    message's token, its id). None: the channel ended, or machd's teardown read took the
+    frame between our peek and our read (include/direct.py). BlockingIOError if no
+    frame waits; WireError for garbage, left on the channel; RCV_TOO_LARGE, the frame
+    left on the channel, if its message exceeds `rcv_size`."""
+    if not buf:
+        buf.extend(bytes(direct.FRAME_MAX))
+    n = sock.recv_into(buf, direct.FRAME_MAX, _PEEK)
+    if n == 0:
+        return None
+    with memoryview(buf) as view:
+        length = direct.frame_length(view[:n])
+        if n < length:
+            raise wire.WireError(f"half a frame ({n} of {length} bytes)")
+        msg, index = direct.decode_packet(view[direct.FRAME.size:length])
+    if msg.size > rcv_size:
+        raise MachError("RCV_TOO_LARGE", f"message of {msg.size} bytes exceeds rcv_size "
+                        f"{rcv_size}; it stays queued")
+    taken = sock.recv_into(buf, length, _NOWAIT)
+    if taken == 0:
+        return None  # (machd's read took it)
+    if taken != length:
+        raise wire.WireError(f"a frame read in part ({taken} of {length} bytes)")
+    return msg, index
+
+
 def _has_data(ep: Endpoint) -> bool:
     """True if a packet waits on the endpoint."""
     try:
@@ -342,11 +395,30 @@ def _has_data(ep: Endpoint) -> bool:
         return False
 
 
+class Bell:
+    """machd's doorbell for one of our ports (an eventfd), closed once nothing refers to
+    it (module docstring: a thread that still holds it never meets a reused number)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def ring(self) -> None:
+        """Wake whoever waits on it."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.fd, 1)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 @dataclass(eq=False)
 class PortReceiver:
     """A port of this task that has channels (Receivers.lock)."""
 
-    bell: int
+    bell: Bell
     channels: list[Endpoint] = field(default_factory=list)
     maybe_queued: bool = True  # machd may hold messages for it (the bell rang)
     generation: int = 0  # changes whenever `channels` does
@@ -383,10 +455,10 @@ class Receivers:
         with self.lock:
             pr = self.ports.get(name)
             if pr is None:
-                pr = self.ports[name] = PortReceiver(fds[2])
-            else:
-                os.close(pr.bell)  # machd's bell for the port may be a new one
-                pr.bell = fds[2]
+                pr = self.ports[name] = PortReceiver(Bell(fds[2]))
+            else:  # machd's bell for the port may be a new one: who waits on the old one
+                pr.bell.ring()  # looks again (it is closed once nobody holds it)
+                pr.bell = Bell(fds[2])
             pr.channels.append(ep)
             pr.generation += 1
             pr.maybe_queued = True
@@ -414,8 +486,7 @@ class Receivers:
                 pr.channels.remove(ep)
                 pr.generation += 1
                 if not pr.channels:
-                    del self.ports[name]
-                    os.close(pr.bell)
+                    del self.ports[name]  # (its bell closes once nobody holds it)
         ep.close()
 
     def close_all(self) -> None:
@@ -425,7 +496,6 @@ class Receivers:
         for pr in ports.values():
             for ep in pr.channels:
                 ep.close()
-            os.close(pr.bell)
 
 
 class LocalReceive:
@@ -455,8 +525,6 @@ class LocalReceive:
             if self.alert in ready:
                 boundary()
                 continue
-            if pr.bell in ready:
-                pr.maybe_queued = True
             msg = self._from_channels(pr, ready)
             if msg is not None:
                 return msg
@@ -474,8 +542,9 @@ class LocalReceive:
     def _from_machd(self, pr: PortReceiver) -> Message | None:
         """A message machd holds for the port (a receive trap of timeout 0), None if it
         holds none (a marker is accepted here, and None returned)."""
+        bell = pr.bell  # (held: see Bell)
         with contextlib.suppress(OSError):
-            os.eventfd_read(pr.bell)
+            os.eventfd_read(bell.fd)
         try:
             msg: Message = self.trap(traps.MSG_RECEIVE, self.name, RCV_TIMEOUT, 0,
                                      self.rcv_size)
@@ -510,36 +579,50 @@ class LocalReceive:
             if ep.pending:
                 return self._claim(ep, ep.pending)
             try:
-                data = self._read(ep)
+                got = take_frame(ep.sock, ep.buf, self.rcv_size)
             except BlockingIOError:
                 return None
+            except wire.WireError as e:
+                self._garbage(ep, e)
+                got = None
             except OSError:
-                data = b""
-            if data:
-                got = self._decode(ep, data)
-                if isinstance(got, int):
-                    ep.counted(direct.RECEIVED, -1)  # (counted once claimed)
-                    return self._claim(ep, got)
-                if got is not None:
-                    return got
+                got = None
+            if got is not None:
+                msg, index = got
+                if index < 0:
+                    return self._claim(ep, msg.id)  # (counted once claimed)
+                self._taken(ep)
+                return self._message(ep, msg, index)
         self.receivers.drop(self.name, ep)
         return None
 
-    def _decode(self, ep: Endpoint, data: bytes) -> Message | int | None:
-        """A packet's message, or a held message's token; None for a bad packet (machd
-        then tears the channel down)."""
+    def _message(self, ep: Endpoint, msg: Message, index: int) -> Message | None:
+        """The message a data frame taken off the channel carries, as received (its
+        reply port named in our space); None for a reply index not bound (machd then
+        tears the channel down)."""
         try:
-            msg, index = direct.decode_packet(data)
-            if index < 0:
-                return msg.id
             reply = self._reply_name(ep, index)
         except wire.WireError as e:
-            log.warning("pymach: a bad packet on channel %d (port %d): %s; channel dropped",
-                        ep.cid, self.name, e.detail)
-            with contextlib.suppress(MachError):
-                self.trap(traps.CHANNEL_CLOSE, self.name, ep.cid)
+            self._garbage(ep, e)
             return None
         return Message(reply, self.name, msg.id, msg.items, sender_uid=ep.uid)
+
+    def _garbage(self, ep: Endpoint, e: wire.WireError) -> None:
+        """A bad frame: machd tears the channel down (it skips the garbage, and queues
+        what follows it)."""
+        log.warning("pymach: a bad frame on channel %d (port %d): %s; channel dropped",
+                    ep.cid, self.name, e.detail)
+        with contextlib.suppress(MachError):
+            self.trap(traps.CHANNEL_CLOSE, self.name, ep.cid)
+
+    @staticmethod
+    def _taken(ep: Endpoint) -> None:
+        """Count a message taken (the page's RECEIVED), and wake a sender that waits
+        for room."""
+        ep.counted(direct.RECEIVED, 1)
+        if ep.view[direct.WAITING]:
+            with contextlib.suppress(OSError):
+                ep.sock.send(direct.WAKE, _SEND)
 
     def _claim(self, ep: Endpoint, token: int) -> Message | None:
         """The held message `token` (ep.lock held); a receive error keeps it for the next
@@ -555,7 +638,7 @@ class LocalReceive:
             ep.pending = 0
             return None
         ep.pending = 0
-        ep.counted(direct.RECEIVED, 1)
+        self._taken(ep)
         return msg
 
     def _reply_name(self, ep: Endpoint, index: int) -> int:
@@ -574,27 +657,6 @@ class LocalReceive:
             raise wire.WireError(f"reply port {index} is not bound to the channel")
         return ep.replies[index - 1]
 
-    def _read(self, ep: Endpoint) -> bytes | None:
-        """One packet taken off the channel (ep.lock held); a message too large for the
-        receive stays (RCV_TOO_LARGE). b"": the channel ended."""
-        flags = socket.MSG_DONTWAIT
-        if self.rcv_size < MSG_SIZE_MAX:
-            peek = ep.sock.recv(direct.PACKET_MAX + 1, flags | socket.MSG_PEEK)
-            if peek:
-                with contextlib.suppress(wire.WireError):
-                    size = direct.decode_packet(peek)[0].size
-                    if size > self.rcv_size:
-                        raise MachError("RCV_TOO_LARGE", f"message of {size} bytes exceeds "
-                                        f"rcv_size {self.rcv_size}; it stays queued")
-        data = ep.sock.recv(direct.PACKET_MAX + 1, flags)
-        if data:
-            view = ep.view
-            ep.counted(direct.RECEIVED, 1)
-            if view[direct.WAITING]:
-                with contextlib.suppress(OSError):
-                    ep.sock.send(direct.WAKE, socket.MSG_DONTWAIT)
-        return data
-
     def _poll(self, pr: PortReceiver, pending: bool) -> set[int]:
         """The descriptors ready among the port's channels (with a held message to
         claim: ready at once), its bell and the thread's alert, waiting for one until the
@@ -604,6 +666,10 @@ class LocalReceive:
         ready = {ep.fd for ep in pr.channels if ep.pending}
         for ep in pr.channels:
             poller.register(ep.fd, _POLLIN)
-        poller.register(pr.bell, select.POLLIN)
+        bell = pr.bell  # (held while it is polled: see Bell)
+        poller.register(bell.fd, select.POLLIN)
         poller.register(self.alert, select.POLLIN)
-        return ready | {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}
+        ready |= {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}
+        if bell.fd in ready:  # (its number is no channel's: it is held open meanwhile)
+            pr.maybe_queued = True
+        return ready

@@ -10,6 +10,11 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   behind everything queued so far and returns the sender its end and the page. One
   channel per (sender task, P), shared by the task's threads; at most
   `PORT_CHANNELS_MAX` per port and `TASK_CHANNELS_MAX` into one receiving task.
+- **Descriptors.** machd holds, per channel, its end of the socket (the receiver's
+  end) and, until the receiver accepts it, the page's memfd; per port with channels,
+  its doorbell. It grants no channel that would take the descriptors it holds for
+  channels past `fds_max` (half its descriptor limit), so channels never starve machd of
+  descriptors: past that, senders go through machd.
 - **Reply ports** (`bind`, CHANNEL_BIND; `replies`, CHANNEL_REPLIES). A message on a
   channel names no port: its reply port is none or one of at most REPLIES_MAX ports
   the sender bound to the channel, each a port it holds a right to send to (Mach 2.5
@@ -28,29 +33,39 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   die (PortObserver.receiver_leaving), P is enabled, the receiver or the sender loses
   its name for a bound reply port, the sender's task loses its name for P (its right
   given up or taken, or the task's death), a bound reply port dies, or either side asks
-  (CHANNEL_CLOSE: a receiver that read garbage, say), machd shuts the channel down (the
-  sender's next write fails with EPIPE, and it falls back to machd; the receiver's reads
-  end), reads what is left through its own dup of the receiver's end, decodes it
-  (bounded, data only: include/direct.py) and puts it in P's queue where the marker
-  stands, or at the head if the marker was received: so nothing sent is lost, and it
-  stays in order before anything the sender sends next. A queue that then dies destroys
-  them as any queued message.
+  (CHANNEL_CLOSE: a receiver that read garbage, a sender whose write failed), machd
+  shuts the channel down (the sender's next write fails with EPIPE, and it falls back
+  to machd; the receiver's reads end), takes what is left on it with ONE read of the
+  receiver's end (`take_all`), decodes it (bounded, data only, garbage skipped:
+  include/direct.py) and puts it in P's queue where the marker stands, or at the head
+  if the marker was received. The one read is what makes this exact while a thread of
+  the receiving task may be reading the same channel: the kernel does a stream read
+  under the socket's read lock, so that thread takes a whole frame before machd's read
+  or nothing after it (include/direct.py). Hence, for each sender: the messages its
+  receiver took are a prefix of what it sent, machd requeues exactly the rest, in
+  order, before anything the sender sends next (its next write fails, and machd holds
+  the kernel lock until the requeue is done); none is lost or delivered twice, also
+  when the port goes to a new holder. A queue that then dies destroys them as any
+  queued message.
 - **Held messages** (`hold`, CHANNEL_HOLD; `claim`, CHANNEL_CLAIM). A message the
   channel cannot carry is copied in by machd as a send would (rights, memory, code,
   checks and the sender's out-of-line allowance) but not queued: machd holds it under a
   token (at most HELD_MAX per channel) and the sender writes the token on the channel.
   The receiver claims it there, with the receive's checks (RCV_TOO_LARGE and the like
-  leave it held: it is claimed first next time) and copyout. At a teardown, held
-  messages take their places: a claim that failed first (the receiver read its token
-  before everything still on the channel), then each token read back in order, then any
-  whose token was never written (the sender wrote its earlier messages first).
+  leave it held: it is claimed first next time) and copyout. A held message has the
+  sequence number its token's frame gets (the page's SENT + 1: the sender holds its
+  channel's lock from the hold to the token's write), so at a teardown each takes its
+  token's place (`_drain`): before what machd read back if the receiver took the token
+  (its claim failed, or had not come yet), in place if machd read the token back, after
+  everything if the token was never written.
 - **Backlog.** machd writes on each channel's page how many messages wait in P's queue
   (markers aside) and P's backlog; the sender adds its own messages not yet received.
   port_status counts the messages on channels too.
 
-Everything here runs with the kernel lock held (the traps take it); machd decodes at
-most DRAIN_MAX packets of bounded typed wire at a teardown, and never unpickles. The
-page's memfd is sealed to its size before any descriptor of it leaves machd.
+Everything here runs with the kernel lock held (the traps take it); machd reads at most
+DRAIN_BYTES and decodes at most DRAIN_MAX frames of bounded typed wire at a teardown
+(and skips at most direct.RESYNC_MAX runs of garbage), and never unpickles. The page's
+memfd is sealed to its size before any descriptor of it leaves machd.
 """
 
 from __future__ import annotations
@@ -61,12 +76,15 @@ import itertools
 import logging
 import mmap
 import os
+import resource
 import socket
+import struct
+import termios
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
-from pymach.include import direct, wire
+from pymach.include import direct
 from pymach.include.message import PORT_BACKLOG_MAX, Int, Message, validate_message
 from pymach.ipc.ipc_mqueue import mqueue_enqueue, mqueue_requeue
 from pymach.ipc.ipc_right import kmsg_destroy
@@ -89,6 +107,7 @@ HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
 # channel; data packets beyond the backlog are dropped (logged), never queued.
 DATA_MAX = PORT_BACKLOG_MAX
 DRAIN_MAX = DATA_MAX + HELD_MAX
+DRAIN_BYTES = DRAIN_MAX * direct.FRAME_MAX  # read back at a teardown, at most
 CLOSED_MAX = 64  # ports a sending task may close channels to before it gets no more
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # the page's size
 # is fixed before a descriptor leaves machd: a task that could shrink it would make
@@ -110,8 +129,8 @@ class DirectChannel:
     page_fd: int  # the page's memfd, until the receiver takes it (-1 then)
     marker: KMsg | None  # the marker while it is queued
     accepted: bool = False
-    held: dict[int, KMsg] = field(default_factory=dict)  # token -> held message
-    claimed_late: list[int] = field(default_factory=list)  # tokens whose claim failed
+    held: dict[int, tuple[int, KMsg]] = field(default_factory=dict)  # token -> (its
+    # frame's sequence number, the held message)
 
 
 @dataclass(eq=False)
@@ -139,6 +158,7 @@ class ChannelTable:
         self.closed: dict[Task, set[Port]] = {}
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
+        self.fds_max = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2  # (module doc)
 
     # -- the traps ------------------------------------------------------------------------
     def open(self, thread: Thread, name: int, reply_name: int) -> tuple[list[int], list[int]]:
@@ -221,9 +241,10 @@ class ChannelTable:
             raise MachError("SEND_NO_BUFFER", f"{HELD_MAX} messages are held for this "
                             f"channel already")
         token = next(self._tokens)
+        seq = int(ch.view[direct.SENT]) + 1  # (its token's frame: module docstring)
         kmsg = msg_copyin_held(thread, checked)
         if self.by_id.get(cid) is ch:
-            ch.held[token] = kmsg
+            ch.held[token] = (seq, kmsg)
         elif ch.port.dead:  # the copyin itself closed the channel (the message moved
             kmsg_destroy(kmsg)  # the sender's right to the port away, say): it goes
         else:  # where the channel's messages went, after them
@@ -236,19 +257,12 @@ class ChannelTable:
         the channel: the held message, received (copied out) as a receive would; the
         receive's errors leave it held (it goes first at a teardown)."""
         ch = self._own(thread, name, cid, sender=False)
-        kmsg = ch.held.get(token)
-        if kmsg is None:
+        if token not in ch.held:
             raise MachError("KERN_INVALID_ARGUMENT", f"no message held under {token}")
+        kmsg = ch.held[token][1]
         space = thread.task.space
-        try:
-            check_deliverable(space, kmsg, check_rcv_size(rcv_size))
-        except MachError:
-            if token not in ch.claimed_late:
-                ch.claimed_late.append(token)
-            raise
+        check_deliverable(space, kmsg, check_rcv_size(rcv_size))
         del ch.held[token]
-        if token in ch.claimed_late:
-            ch.claimed_late.remove(token)
         kmsg_uncharge(kmsg)
         return copyout(space, kmsg)
 
@@ -279,6 +293,8 @@ class ChannelTable:
         elif len(self._channels(port)) >= PORT_CHANNELS_MAX or \
                 self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX:
             why = "too many channels"
+        elif self.fds_held() + 3 > self.fds_max:
+            why = "machd holds the most descriptors it may for channels"
         if why:
             raise MachError("KERN_FAILURE", f"no direct channel to this port: {why}")
 
@@ -286,7 +302,7 @@ class ChannelTable:
               receiver: Task) -> tuple[DirectChannel, int, int]:
         """A new channel's record, the sender's end and a descriptor of the page (for
         the reply); an OSError (out of descriptors, say) leaves nothing behind."""
-        sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds: list[int] = []
         try:
             fds.append(os.memfd_create("pymach-channel",
@@ -405,52 +421,54 @@ class ChannelTable:
 
     def _drain(self, ch: DirectChannel) -> list[KMsg]:
         """The messages left on a shut channel and those machd holds for it, in their
-        order (module docstring): decoded (a bad packet is dropped and logged), as
-        kernel messages from its sender."""
-        out = [ch.held.pop(t) for t in ch.claimed_late if t in ch.held]
-        out += self._read_back(ch)
-        out += [ch.held.pop(t) for t in sorted(ch.held)]
-        return out
+        order (module docstring): decoded (garbage is skipped and logged), as kernel
+        messages from its sender."""
+        back = self._read_back(ch)
+        first = back[0][0] if back else None
+        held = sorted((seq, token) for token, (seq, _) in ch.held.items())
+        before = [ch.held.pop(t)[1] for seq, t in held if first is None or seq < first]
+        after = [ch.held.pop(t)[1] for _, t in held if t in ch.held]
+        return [*before, *(kmsg for _, kmsg in back), *after]
 
-    def _read_back(self, ch: DirectChannel) -> list[KMsg]:
-        """The packets left on a shut channel, as kernel messages (held ones taken
-        from `ch.held`)."""
-        out: list[KMsg] = []
-        sender, data_packets = ch.sender, 0
-        for _ in range(DRAIN_MAX):
-            try:
-                data = ch.end.recv(direct.PACKET_MAX + 1, socket.MSG_DONTWAIT)
-            except OSError:
-                break
-            if not data:
-                break
-            try:
-                msg, index = direct.decode_packet(data)
-                if index > len(ch.replies) or (index < 0 and msg.id not in ch.held):
-                    raise wire.WireError(f"reply port {index} is not bound, or the token "
-                                         f"{msg.id} is unknown")
-            except wire.WireError as e:
-                log.warning("task %s: a bad packet on channel %d dropped: %s", sender.name,
-                            ch.cid, e.detail)
-                continue
-            if index < 0:
-                out.append(ch.held.pop(msg.id))
+    def _read_back(self, ch: DirectChannel) -> list[tuple[int, KMsg]]:
+        """The frames left on a shut channel, as (sequence number, kernel message), held
+        ones taken from `ch.held`."""
+        frames, skipped = direct.scan_frames(take_all(ch.end), DRAIN_MAX)
+        if skipped:
+            log.warning("task %s: %d bytes of garbage on channel %d skipped",
+                        ch.sender.name, skipped, ch.cid)
+        out: list[tuple[int, KMsg]] = []
+        data_packets = 0
+        for seq, msg, index in frames:
+            if index < 0 and msg.id in ch.held:
+                out.append((seq, ch.held.pop(msg.id)[1]))
                 continue
             data_packets += 1
-            if data_packets > min(ch.port.backlog, DATA_MAX):
-                log.warning("task %s: channel %d held more than the backlog allows; "
-                            "a packet dropped", sender.name, ch.cid)
+            if index < 0 or index > len(ch.replies) or \
+                    data_packets > min(ch.port.backlog, DATA_MAX):
+                log.warning("task %s: a frame on channel %d dropped (reply port %d, token "
+                            "%d, or past the backlog)", ch.sender.name, ch.cid, index, msg.id)
                 continue
-            reply = ch.replies[index - 1] if index else None
-            if reply is not None and reply.dead:
-                reply = None
-            out.append(KMsg(ch.port, reply, msg.id, list(msg.items), sender=sender.name,
-                            sender_uid=sender.uid, plain=True))
+            out.append((seq, self._kmsg(ch, msg, index)))
         return out
+
+    @staticmethod
+    def _kmsg(ch: DirectChannel, msg: Message, index: int) -> KMsg:
+        """The kernel message of a data frame read back (a dead reply port: none)."""
+        reply = ch.replies[index - 1] if index else None
+        if reply is not None and reply.dead:
+            reply = None
+        return KMsg(ch.port, reply, msg.id, list(msg.items), sender=ch.sender.name,
+                    sender_uid=ch.sender.uid, plain=True)
 
     def _channels(self, port: Port) -> list[DirectChannel]:
         st = self.ports.get(port)
         return st.channels if st is not None else []
+
+    def fds_held(self) -> int:
+        """The descriptors machd holds for channels: each channel's end, each page's
+        memfd not yet accepted, each doorbell."""
+        return sum(1 + (c.page_fd >= 0) for c in self.by_id.values()) + len(self.ports)
 
     def _publish(self, port: Port) -> None:
         """Write the port's queue length (markers aside) and backlog on its channels'
@@ -526,6 +544,20 @@ class ChannelTable:
         """The markers queued on the port (they take no room in its backlog)."""
         st = self.ports.get(port)
         return st.markers if st is not None else 0
+
+
+def take_all(end: socket.socket) -> bytes:
+    """Everything left on a shut channel (at most DRAIN_BYTES), in ONE read: the
+    kernel reads a stream under its read lock, so a reader of the receiver's task takes
+    a whole frame before it or nothing after it (module docstring). Nothing is written
+    to a shut channel, so what FIONREAD counts is all there is (or less, if the receiver
+    took a frame meanwhile)."""
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(end.fileno(), termios.FIONREAD,
+                                                b"\0\0\0\0"))[0]
+        return end.recv(min(queued, DRAIN_BYTES), socket.MSG_DONTWAIT) if queued > 0 else b""
+    except OSError:
+        return b""
 
 
 def _discard(ch: DirectChannel, fds: list[int]) -> None:
