@@ -177,7 +177,10 @@ class NativeProcess:
                       fds[fd_index], offset)
             # (NORESERVE: a hugetlb memfd's pages are machd's to provide, not reserved)
             self.ranges.remove(start, start + length)
-            self._protect(start, length, prot, bool(shared))
+            if shared and prot & VM_PROT_READ:  # mapped read-write just now: no mprotect
+                self.ranges.set(start, start + length, prot)  # (a GiB's costs ~50 us)
+            else:
+                self._protect(start, length, prot, bool(shared))
             return True
         if kind == traps.MAP_UNMAP:
             _mmap(start, length, PROT_NONE,
