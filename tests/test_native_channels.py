@@ -27,7 +27,7 @@ from pymach.include.message import OOL, Bytes, Code, IntArray, Str
 from pymach.kern.thread import current_thread
 from pymach.libmach.direct import LocalReceive, take_frame
 from pymach.machd import channels
-from pymach.machd.channels import take_all
+from pymach.machd.channels import discard_rest, take_all
 
 GO, DONE = 1, 2
 
@@ -1045,3 +1045,166 @@ def test_a_tasks_channel_limit_holds_and_the_next_port_goes_through_machd(
     assert sum(q in _receivers() for q in ports) == limit
     m.msg_send(Message(remote_port=ctl, id=DONE))
     assert h.result(20_000) == has  # type: ignore[attr-defined]
+
+
+# -- doorbells no task can jam (a review's finding: machd hung in an eventfd write) ------
+def _jam(fd: int) -> None:
+    """What a hostile task does to a doorbell descriptor machd gave it: fill it, then
+    make it blocking (with an eventfd dup, machd's own ring then slept under the kernel
+    lock, and every trap of every task hung)."""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(fd, b"\1" * 4096)
+    os.set_blocking(fd, True)
+
+
+def _jams_its_bell(box: int) -> str:
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND)]))
+    for _ in range(4):  # two through machd, then the marker is accepted and two on the channel
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    _jam(_receivers()[p].bell.fd)  # type: ignore[attr-defined]
+    m.msg_send(Message(remote_port=box, id=GO))
+    time.sleep(60)  # keeps the port (and its jammed bell) until the test terminates it
+    return "not terminated"
+
+
+def _poke(p: int) -> str:
+    m.msg_send(Message(remote_port=p, id=99))  # through machd: it rings the port's bell
+    return "poked"
+
+
+def test_a_receiver_cannot_jam_machd_with_its_doorbell(native: str) -> None:
+    me = m.task_self()
+    box = m.port_allocate(me)
+    h = m.spawn(_jams_its_bell, Port(box, MAKE_SEND), name="jammer")
+    p = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    for i in range(4):
+        m.msg_send(Message(remote_port=p, id=i, items=[Int(i)]), m.SEND_TIMEOUT, 20_000)
+    assert p in _channels()
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == GO  # its bell is jammed
+    poker = m.spawn(_poke, Port(p, m.COPY_SEND), name="poker")
+    assert poker.result(20_000) == "poked"  # machd rang the bell, and went on
+    m.port_allocate(me)  # and serves every task
+    m.task_terminate(h.port)
+
+
+def _jams_its_alert(box: int) -> str:
+    _jam(current_thread()._alert())  # type: ignore[attr-defined]
+    m.msg_send(Message(remote_port=box, id=GO))
+    time.sleep(60)  # suspended (and then terminated) meanwhile
+    return "not terminated"
+
+
+def test_a_task_cannot_jam_machd_with_its_threads_alert(native: str) -> None:
+    box = m.port_allocate(m.task_self())
+    h = m.spawn(_jams_its_alert, Port(box, MAKE_SEND), name="jammer")
+    assert m.msg_receive(box, m.RCV_TIMEOUT, 20_000).id == GO
+    m.task_suspend(h.port)  # rings the jammed alert: machd must not wait on it
+    m.task_resume(h.port)
+    m.task_terminate(h.port)  # rings it again
+    m.port_allocate(m.task_self())  # machd serves every task
+
+
+def _lowers_backlog_then_moves(box: int) -> int:
+    me = m.task_self()
+    p, ctl = m.port_allocate(me), m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[Port(p, MAKE_SEND), Port(ctl, MAKE_SEND)]))
+    for _ in range(3):
+        m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 20_000)  # GO: four messages wait on the channel
+    m.port_set_backlog(me, p, 1)
+    m.msg_send(Message(remote_port=box, id=DONE, items=[Port(p, MOVE_RECEIVE)]))
+    return 0
+
+
+def test_lowering_the_backlog_drops_nothing_already_sent(native: str) -> None:
+    """Mach never discards queued messages when a backlog is lowered: neither does the
+    teardown that moves what is on a channel back into the queue (a review's finding:
+    it dropped the sender's messages past the new backlog)."""
+    me = m.task_self()
+    box = m.port_allocate(me)
+    h = m.spawn(_lowers_backlog_then_moves, Port(box, MAKE_SEND), name="mover")
+    p, ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).values()
+    for i in range(3):
+        m.msg_send(Message(remote_port=p, id=i))
+    for i in range(10, 14):
+        m.msg_send(Message(remote_port=p, id=i, items=[Int(i)]), m.SEND_TIMEOUT, 20_000)
+    assert p in _channels()
+    m.msg_send(Message(remote_port=ctl, id=GO))
+    moved = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+    assert moved.items[0].name == p and h.result(20_000) == 0
+    got = [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(4)]
+    assert got == [10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("mode", ["descriptor", "urgent"])
+def test_nothing_is_left_on_a_torn_down_channel_for_its_old_receiver(mode: str) -> None:
+    """A stream read stops at a message carrying descriptors or at an urgent mark (only
+    a hostile sender writes either): what the teardown's one read leaves is read and
+    dropped, so the old receiver cannot read the sender's later frames after the port
+    moved (a review's finding)."""
+    def frames(n: int, base: int) -> list[bytes]:
+        return [direct.encode_packet(Message(id=base + i, items=[Int(i)]), 0, base + i)
+                for i in range(n)]
+
+    sender, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    with contextlib.closing(sender), contextlib.closing(end):
+        for f in frames(3, 1):
+            sender.send(f)
+        if mode == "descriptor":
+            sender.sendmsg([frames(1, 4)[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                r.to_bytes(4, "little"))])
+        else:
+            sender.send(b"x", socket.MSG_OOB)
+        for f in frames(3, 5):
+            sender.send(f)
+        end.shutdown(socket.SHUT_RDWR)
+        got, _ = direct.scan_frames(take_all(end), 64)
+        assert [seq for seq, _, _ in got][:3] == [1, 2, 3]
+        assert discard_rest(end) > 0
+        assert end.recv(1 << 16, socket.MSG_DONTWAIT) == b""  # nothing for the old receiver
+    os.close(r)
+    os.close(w)
+
+
+def test_a_sender_waiting_for_room_on_an_endpoint_another_thread_closed() -> None:
+    """Two sender threads wait for room on one channel; the first to find it broken
+    closes the endpoint; the other must see the channel gone (and send through machd),
+    not fail on the released page (a review's finding: a ValueError escaped msg_send)."""
+    import mmap
+    import threading
+
+    from pymach.libmach.direct import Endpoint, _wait_room
+
+    s_end, r_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = os.memfd_create("page")
+    os.ftruncate(fd, direct.PAGE_SIZE)
+    page = mmap.mmap(fd, direct.PAGE_SIZE)
+    view = memoryview(page).cast("Q")
+    view[direct.BACKLOG], view[direct.SENT] = 1, 1  # full: no room
+    ep = Endpoint(1, s_end, page, view, s_end.fileno())
+    alert_r, alert_w = os.pipe()
+    out: list[object] = []
+
+    def waiter() -> None:
+        try:
+            out.append(_wait_room(ep, None, alert_r, lambda: None))
+        except Exception as e:  # (the failure this test is about)
+            out.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    wait_until_waiting = time.monotonic() + 10
+    while not view[direct.WAITING] and time.monotonic() < wait_until_waiting:
+        time.sleep(0.01)
+    ep.close()  # the other thread's _forget
+    r_end.shutdown(socket.SHUT_RDWR)  # machd's teardown: the waiter's poll wakes
+    t.join(20)
+    assert out == [False]
+    for f in (fd, alert_r, alert_w):
+        os.close(f)
+    r_end.close()

@@ -23,13 +23,13 @@ Traps (on a thread's connection, each answered by one REPLY):
   CHANNEL_OPEN   port, reply port             -> [channel id, 2] + 2 fds: the sender's
                  end of a direct channel to the port, its shared page (include/direct.py)
   CHANNEL_ACCEPT port, channel id             -> [sender uid, 3] + 3 fds:
-                 the receiver's end, the shared page, the port's doorbell (an eventfd)
+                 the receiver's end, the shared page, the port's doorbell (include/doorbell.py)
   CHANNEL_CLOSE  port, channel id             -> None (machd tears the channel down)
   CHANNEL_BIND   port, channel id, reply port -> the reply port's index on the channel
   CHANNEL_REPLIES port, channel id            -> the receiver's names of the bound ports
   CHANNEL_HOLD   port, channel id, message    -> a token: machd holds the message
   CHANNEL_CLAIM  port, channel id, token, size -> the held message, received
-  THREAD_ALERT   (nothing)                    -> [1] + 1 fd: the thread's alert eventfd
+  THREAD_ALERT   (nothing)                    -> [1] + 1 fd: the thread's alert (a doorbell)
   BOUNDARY       (nothing)                    -> None (a kernel boundary: a suspension
                  or termination pending for the thread takes effect)
 A reply value that is a list ending in n > 0 for these traps owns the REPLY's last n fds.

@@ -67,6 +67,7 @@ from typing import Any
 from pymach.errors import MachError
 from pymach.include import direct, traps, wire
 from pymach.include.channel import close_fds
+from pymach.include.doorbell import bell_clear, bell_ring
 from pymach.include.message import RCV_TIMEOUT, Int, Message
 
 log = logging.getLogger("pymach")
@@ -110,8 +111,10 @@ class Endpoint:
     fd: int  # the socket's descriptor (for poll)
     uid: int = -1  # (receiver) the sender's uid, machd's word
     pending: int = 0  # (receiver) a held message's token whose claim failed: next
-    lock: threading.Lock = field(default_factory=threading.Lock)  # the sender's writes and
-    # counts; the receiver's peek and take
+    lock: threading.RLock = field(default_factory=threading.RLock)  # the sender's writes
+    # and counts; the receiver's peek and take; closing (re-entrant: a failed write
+    # closes the endpoint under it)
+    closed: bool = False  # (lock) closed: its socket and page are gone
     bound: dict[int, int] = field(default_factory=dict)  # (sender) reply name -> index
     replies: list[int] = field(default_factory=list)  # (receiver) reply names, by index
     count: int = 0  # messages sent (sender) or taken (receiver): this side's page word
@@ -123,12 +126,19 @@ class Endpoint:
         self.view[word] = self.count & _WORD
 
     def close(self) -> None:
-        """Close the socket and unmap the page."""
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        with contextlib.suppress(Exception):
-            self.view.release()
-            self.page.close()
+        """Close the socket and unmap the page, once; under the lock, so that another
+        thread's write or take in progress ends first (a frame taken is counted, never
+        lost), and later ones see `closed` (a review's finding: a thread used the
+        released page and the message was lost)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            with contextlib.suppress(Exception):
+                self.view.release()
+                self.page.close()
 
 
 def _open_endpoint(cid: int, fds: list[int], uid: int = -1) -> Endpoint:
@@ -204,6 +214,8 @@ class Senders:
                 self._broken(name, ch, trap)
                 return False
             with ch.lock:  # (room again under the lock: another thread may have taken it)
+                if ch.closed:  # another thread's failed write tore it down: what was on
+                    return False  # it is in the port's queue, so this one goes to machd
                 if not _has_room(ch.view):
                     continue
                 wait = _Wait(deadline, alert, alerted, trap)
@@ -320,8 +332,17 @@ def _has_room(view: memoryview) -> bool:
 def _wait_room(ch: Endpoint, timeout: float | None, alert: int,
                alerted: Callable[[], None]) -> bool:
     """Wait until the port has room (SEND_TIMED_OUT past `timeout` ms), entering the
-    kernel when alerted; False if the channel ended meanwhile."""
-    view = ch.view
+    kernel when alerted; False if the channel ended meanwhile (or another thread closed
+    the endpoint: its page is released)."""
+    try:
+        return _wait_room_on(ch, ch.view, timeout, alert, alerted)
+    except ValueError:  # (a released memoryview)
+        return False
+
+
+def _wait_room_on(ch: Endpoint, view: memoryview, timeout: float | None, alert: int,
+                  alerted: Callable[[], None]) -> bool:
+    """_wait_room on the endpoint's page `view` (ValueError once it is released)."""
     if _has_room(view):
         return True
     deadline = None if timeout is None else time.monotonic() + timeout / 1000
@@ -342,7 +363,8 @@ def _wait_room(ch: Endpoint, timeout: float | None, alert: int,
             if not _drain_wakes(ch.sock):
                 return False
     finally:
-        view[direct.WAITING] = 0
+        with contextlib.suppress(ValueError):
+            view[direct.WAITING] = 0
 
 
 def _drain_wakes(sock: socket.socket) -> bool:
@@ -396,8 +418,9 @@ def _has_data(ep: Endpoint) -> bool:
 
 
 class Bell:
-    """machd's doorbell for one of our ports (an eventfd), closed once nothing refers to
-    it (module docstring: a thread that still holds it never meets a reused number)."""
+    """machd's doorbell for one of our ports (include/doorbell.py), closed once nothing
+    refers to it (module docstring: a thread that still holds it never meets a reused
+    number)."""
 
     __slots__ = ("fd",)
 
@@ -406,8 +429,7 @@ class Bell:
 
     def ring(self) -> None:
         """Wake whoever waits on it."""
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self.fd, 1)
+        bell_ring(self.fd)
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
@@ -543,8 +565,7 @@ class LocalReceive:
         """A message machd holds for the port (a receive trap of timeout 0), None if it
         holds none (a marker is accepted here, and None returned)."""
         bell = pr.bell  # (held: see Bell)
-        with contextlib.suppress(OSError):
-            os.eventfd_read(bell.fd)
+        bell_clear(bell.fd)
         try:
             msg: Message = self.trap(traps.MSG_RECEIVE, self.name, RCV_TIMEOUT, 0,
                                      self.rcv_size)

@@ -45,6 +45,7 @@ import cloudpickle
 from pymach.errors import MachError, ThreadTerminated
 from pymach.include import traps, wire
 from pymach.include.channel import Channel, Disconnected, Frame, close_fds, default_socket_path
+from pymach.include.doorbell import bell_clear
 from pymach.include.message import (
     RCV_TIMEOUT,
     SEND_TIMEOUT,
@@ -366,7 +367,7 @@ class NativeThread:
 
     # -- direct channels (libmach/direct.py) ---------------------------------------------
     def _alert(self) -> int:
-        """This thread's alert eventfd (asked of machd once)."""
+        """This thread's alert, a doorbell (include/doorbell.py) asked of machd once."""
         if self.alert_fd < 0:
             fds = self.trap_fds(traps.THREAD_ALERT)[1]
             self.alert_fd = fds[0]
@@ -380,8 +381,7 @@ class NativeThread:
             self._boundary()
 
     def _boundary(self) -> None:
-        with contextlib.suppress(OSError):
-            os.eventfd_read(self.alert_fd)
+        bell_clear(self.alert_fd)
         self.trap(traps.BOUNDARY)
 
     def _direct_send(self, msg: Any, option: Any, timeout: Any) -> bool:

@@ -23,7 +23,7 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   them when it reads a message naming one new to it, and gets its send right then, as
   the message would have given it: binding alone puts nothing in its space.
 - **Accept** (`accept`, CHANNEL_ACCEPT). The receiver's runtime, having received the
-  marker, takes its end, the page, and P's doorbell (an eventfd machd rings at every
+  marker, takes its end, the page, and P's doorbell (include/doorbell.py: machd rings it at every
   message queued on P in machd), and reads the channel from then on: per-sender order
   holds, since the sender's later messages go on the channel.
 - **Closing** (CHANNEL_CLOSE). A sending task that closes a channel itself gets no new
@@ -46,7 +46,11 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   order, before anything the sender sends next (its next write fails, and machd holds
   the kernel lock until the requeue is done); none is lost or delivered twice, also
   when the port goes to a new holder. A queue that then dies destroys them as any
-  queued message.
+  queued message. (The one read holds every honest frame; a stream read stops early
+  only at a message carrying descriptors or an urgent mark, which only a hostile
+  sender writes: what is left past it is read and dropped, `discard_rest`, so the old
+  receiver never reads it after the teardown. machd makes the sender's send buffer
+  big enough that a frame is queued whole.)
 - **Held messages** (`hold`, CHANNEL_HOLD; `claim`, CHANNEL_CLAIM). A message the
   channel cannot carry is copied in by machd as a send would (rights, memory, code,
   checks and the sender's out-of-line allowance) but not queued: machd holds it under a
@@ -85,6 +89,7 @@ from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
 from pymach.include import direct
+from pymach.include.doorbell import Doorbell
 from pymach.include.message import PORT_BACKLOG_MAX, Int, Message, validate_message
 from pymach.ipc.ipc_mqueue import mqueue_enqueue, mqueue_requeue
 from pymach.ipc.ipc_right import kmsg_destroy
@@ -108,6 +113,7 @@ HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
 DATA_MAX = PORT_BACKLOG_MAX
 DRAIN_MAX = DATA_MAX + HELD_MAX
 DRAIN_BYTES = DRAIN_MAX * direct.FRAME_MAX  # read back at a teardown, at most
+DISCARD_READS = 64  # reads of what is left past that (dropped), at most
 CLOSED_MAX = 64  # ports a sending task may close channels to before it gets no more
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # the page's size
 # is fixed before a descriptor leaves machd: a task that could shrink it would make
@@ -131,13 +137,15 @@ class DirectChannel:
     accepted: bool = False
     held: dict[int, tuple[int, KMsg]] = field(default_factory=dict)  # token -> (its
     # frame's sequence number, the held message)
+    backlog_seen: int = 0  # the largest backlog its page has shown: an honest sender
+    # never has more messages on it (a receiver lowering the backlog drops none)
 
 
 @dataclass(eq=False)
 class PortChannels:
     """The channels into one port and its doorbell (kernel lock)."""
 
-    bell: int  # an eventfd, rung at each message queued in machd
+    bell: Doorbell  # rung at each message queued in machd (include/doorbell.py)
     channels: list[DirectChannel] = field(default_factory=list)
     markers: int = 0  # markers queued
 
@@ -303,6 +311,7 @@ class ChannelTable:
         """A new channel's record, the sender's end and a descriptor of the page (for
         the reply); an OSError (out of descriptors, say) leaves nothing behind."""
         sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        _room_for_frames(sender_end)
         fds: list[int] = []
         try:
             fds.append(os.memfd_create("pymach-channel",
@@ -329,8 +338,7 @@ class ChannelTable:
         OSError then leaves the tables as they were)."""
         st = self.ports.get(ch.port)
         if st is None:
-            st = self.ports[ch.port] = PortChannels(os.eventfd(0, os.EFD_CLOEXEC |
-                                                               os.EFD_NONBLOCK))
+            st = self.ports[ch.port] = PortChannels(Doorbell())
         st.channels.append(ch)
         st.markers += 1
         self.by_id[ch.cid] = ch
@@ -348,7 +356,7 @@ class ChannelTable:
             raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} to accept on {name}")
         end = os.dup(ch.end.fileno())
         try:
-            bell = os.dup(self.ports[ch.port].bell)
+            bell = self.ports[ch.port].bell.handout()
         except OSError:
             os.close(end)
             raise
@@ -408,10 +416,9 @@ class ChannelTable:
             if not self.by_reply[reply]:
                 del self.by_reply[reply]
                 self._unobserve(reply)
-        with contextlib.suppress(OSError):
-            os.eventfd_write(st.bell, 1)
+        st.bell.ring()
         if not st.channels:
-            os.close(st.bell)
+            st.bell.close()
             del self.ports[ch.port]
             self._unobserve(ch.port)
 
@@ -434,6 +441,7 @@ class ChannelTable:
         """The frames left on a shut channel, as (sequence number, kernel message), held
         ones taken from `ch.held`."""
         frames, skipped = direct.scan_frames(take_all(ch.end), DRAIN_MAX)
+        skipped += discard_rest(ch.end)
         if skipped:
             log.warning("task %s: %d bytes of garbage on channel %d skipped",
                         ch.sender.name, skipped, ch.cid)
@@ -445,7 +453,7 @@ class ChannelTable:
                 continue
             data_packets += 1
             if index < 0 or index > len(ch.replies) or \
-                    data_packets > min(ch.port.backlog, DATA_MAX):
+                    data_packets > min(max(ch.backlog_seen, ch.port.backlog), DATA_MAX):
                 log.warning("task %s: a frame on channel %d dropped (reply port %d, token "
                             "%d, or past the backlog)", ch.sender.name, ch.cid, index, msg.id)
                 continue
@@ -481,6 +489,7 @@ class ChannelTable:
             view = ch.view
             view[direct.QUEUED] = queued
             view[direct.BACKLOG] = port.backlog
+            ch.backlog_seen = max(ch.backlog_seen, port.backlog)
             if view[direct.WAITING]:
                 with contextlib.suppress(OSError):
                     ch.end.send(direct.WAKE, socket.MSG_DONTWAIT)
@@ -490,8 +499,7 @@ class ChannelTable:
         """Ring the port's doorbell; publish its queue length."""
         st = self.ports.get(port)
         if st is not None:
-            with contextlib.suppress(OSError):
-                os.eventfd_write(st.bell, 1)
+            st.bell.ring()
             self._publish(port)
 
     def dequeued(self, port: Port, kmsg: KMsg) -> None:
@@ -558,6 +566,32 @@ def take_all(end: socket.socket) -> bytes:
         return end.recv(min(queued, DRAIN_BYTES), socket.MSG_DONTWAIT) if queued > 0 else b""
     except OSError:
         return b""
+
+
+def _room_for_frames(sender_end: socket.socket) -> None:
+    """Make the sender's send buffer hold whole frames: a send of one frame is queued
+    whole only while the buffer's half holds it (a small net.core.wmem_default would
+    let a frame go out in part). The sender may shrink it later: its own loss."""
+    with contextlib.suppress(OSError):
+        if sender_end.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 4 * direct.FRAME_MAX:
+            sender_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * direct.FRAME_MAX)
+
+
+def discard_rest(end: socket.socket) -> int:
+    """After `take_all`: read and drop whatever a shut channel still holds (a stream
+    read stops at a message carrying descriptors or at an urgent mark, which no honest
+    sender writes, and at DRAIN_BYTES), so the old receiver never reads it after the
+    teardown; returns the bytes dropped (bounded: DISCARD_READS reads)."""
+    dropped = 0
+    for _ in range(DISCARD_READS):
+        try:
+            data = end.recv(DRAIN_BYTES, socket.MSG_DONTWAIT)
+        except OSError:
+            break
+        if not data:
+            break
+        dropped += len(data)
+    return dropped
 
 
 def _discard(ch: DirectChannel, fds: list[int]) -> None:

@@ -56,6 +56,7 @@ from pymach import mach
 from pymach.errors import MachError, ThreadTerminated
 from pymach.include import traps, wire
 from pymach.include.channel import Channel, Disconnected, Frame, close_fds
+from pymach.include.doorbell import Doorbell
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
 from pymach.ipc.mach_msg import (
     msg_receive_trap,
@@ -122,14 +123,13 @@ class RemoteState:
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.handoff: TrapHandoff | None = None  # set once by serve_remote
         self.outgoing: deque[Outgoing] = deque()  # parked traps' replies left to write
-        self.alert = -1  # (kernel lock) the thread's alert eventfd, once it asked for one
+        self.alert: Doorbell | None = None  # (kernel lock) the thread's alert, once asked for
 
     def ring_alert(self) -> None:
         """Make the process thread enter the kernel if it waits on a direct channel
         (kernel lock held)."""
-        if self.alert >= 0:
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self.alert, 1)
+        if self.alert is not None:
+            self.alert.ring()
 
     def post(self, fault: Fault | FailedFault | None) -> None:
         """Queue a fault for the thread (by the poller, or a parked fault's end)."""
@@ -148,11 +148,11 @@ class RemoteState:
             os.read(self.wake_r, 4096)
 
     def close(self) -> None:
-        for fd in (self.wake_r, self.wake_w, self.alert):
-            if fd < 0:
-                continue
+        for fd in (self.wake_r, self.wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self.alert is not None:
+            self.alert.close()
 
 
 # A reply a parked trap's completion could not write at once: the whole frame (its
@@ -247,14 +247,14 @@ def _channel_trap(call: Callable[..., Any]) -> Callable[[Thread, list[Any]], Any
 
 
 def _thread_alert(thread: Thread, args: list[Any]) -> Any:
-    """The thread's alert eventfd (made once), rung when it is suspended or
-    terminated (RemoteState.ring_alert); a kernel boundary, so a suspension made before
-    the alert existed takes effect here."""
+    """The thread's alert (a doorbell, made once: include/doorbell.py), rung when it is
+    suspended or terminated (RemoteState.ring_alert); a kernel boundary, so a
+    suspension made before the alert existed takes effect here."""
     state: RemoteState = thread.host_data
     with thread.kernel.trap(thread):
-        if state.alert < 0:
-            state.alert = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        return WithFds([1], [os.dup(state.alert)])
+        if state.alert is None:
+            state.alert = Doorbell()
+        return WithFds([1], [state.alert.handout()])
 
 
 def _boundary(thread: Thread, args: list[Any]) -> Any:
