@@ -1208,3 +1208,45 @@ def test_a_sender_waiting_for_room_on_an_endpoint_another_thread_closed() -> Non
     for f in (fd, alert_r, alert_w):
         os.close(f)
     r_end.close()
+
+
+class _Stub:
+    """A stand-in for a Task or Port in ChannelTable's grant check (hashable)."""
+
+    def __init__(self, **kw: object) -> None:
+        self.__dict__.update(kw)
+
+
+def test_a_sending_task_and_a_user_have_channel_limits_too() -> None:
+    """Besides the limits per port and per receiving task: at most TASK_CHANNELS_MAX
+    channels from one sending task and USER_CHANNELS_MAX from one uid's tasks, so that
+    no user takes every descriptor machd allows channels (a review's finding)."""
+    table = channels.ChannelTable()
+    table.fds_max = 1 << 20
+
+    def task(uid: int) -> _Stub:
+        return _Stub(uid=uid, process=object(), active=True)
+
+    def port() -> _Stub:
+        return _Stub(dead=False, kobject=None, enabled=False)
+
+    receiver = task(0)
+
+    def may_open(sender: _Stub) -> bool:
+        try:
+            table._check_open(sender, port(), receiver)  # type: ignore[arg-type]
+        except m.MachError as e:
+            assert "too many channels" in e.detail
+            return False
+        return True
+
+    one = task(1000)
+    table.by_sender[one] = [object()] * (channels.TASK_CHANNELS_MAX - 1)  # type: ignore[list-item]
+    assert may_open(one)
+    table.by_sender[one].append(object())  # type: ignore[arg-type]
+    assert not may_open(one)  # its own limit
+    per = channels.TASK_CHANNELS_MAX - 1
+    for _ in range(-(-channels.USER_CHANNELS_MAX // per)):
+        table.by_sender[task(2000)] = [object()] * per  # type: ignore[list-item]
+    assert not may_open(task(2000))  # that user's limit, for a new task of that user
+    assert may_open(task(3000))  # another user is not affected

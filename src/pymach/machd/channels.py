@@ -9,7 +9,8 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   another live native task. machd queues on P an internal marker (CHANNEL_MARKER)
   behind everything queued so far and returns the sender its end and the page. One
   channel per (sender task, P), shared by the task's threads; at most
-  `PORT_CHANNELS_MAX` per port and `TASK_CHANNELS_MAX` into one receiving task.
+  `PORT_CHANNELS_MAX` per port, `TASK_CHANNELS_MAX` into one receiving task and from
+  one sending task, and `USER_CHANNELS_MAX` from the tasks of one uid.
 - **Descriptors.** machd holds, per channel, its end of the socket (the receiver's
   end) and, until the receiver accepts it, the page's memfd; per port with channels,
   its doorbell. It grants no channel that would take the descriptors it holds for
@@ -105,7 +106,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pymach.machd")
 
 PORT_CHANNELS_MAX = 16  # channels into one port
-TASK_CHANNELS_MAX = 64  # channels into the ports of one task
+TASK_CHANNELS_MAX = 64  # channels into the ports of one task, and from one task
+USER_CHANNELS_MAX = 256  # channels from the tasks of one uid (no user takes them all)
 HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
 # Packets read back at a teardown, at most: a sender that keeps to the backlog has at
 # most the port's backlog (<= PORT_BACKLOG_MAX) of messages and HELD_MAX tokens on its
@@ -299,12 +301,18 @@ class ChannelTable:
         elif port in self.closed.get(task, ()) or len(self.closed.get(task, ())) >= CLOSED_MAX:
             why = "this task closed one before"
         elif len(self._channels(port)) >= PORT_CHANNELS_MAX or \
-                self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX:
+                self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX or \
+                len(self.by_sender.get(task, ())) >= TASK_CHANNELS_MAX or \
+                self._user_channels(task.uid) >= USER_CHANNELS_MAX:
             why = "too many channels"
         elif self.fds_held() + 3 > self.fds_max:
             why = "machd holds the most descriptors it may for channels"
         if why:
             raise MachError("KERN_FAILURE", f"no direct channel to this port: {why}")
+
+    def _user_channels(self, uid: int) -> int:
+        """The channels whose sending task runs as `uid`."""
+        return sum(len(chs) for sender, chs in self.by_sender.items() if sender.uid == uid)
 
     def _make(self, sender: Task, port: Port,
               receiver: Task) -> tuple[DirectChannel, int, int]:
