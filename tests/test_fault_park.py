@@ -363,13 +363,19 @@ def _waits_on_mapped() -> bytes:
     return _waits_on(a)
 
 
-def test_a_trap_of_the_thread_drops_its_parked_fault(k: m.Kernel) -> None:
-    """The process thread made a trap, so it is not in its fault any more (the event
-    was stale): the trap runs with the fault dropped, and nothing will complete it."""
+def parked(k: m.Kernel) -> tuple[Setup, Any]:
+    """A Setup with its fault parked, and the fault's continuation."""
     s = Setup(k)
     s.park()
     cont = s.t.continuation
     assert cont is not None
+    return s, cont
+
+
+def test_a_trap_of_the_thread_drops_its_parked_fault(k: m.Kernel) -> None:
+    """The process thread made a trap, so it is not in its fault any more (the event
+    was stale): the trap runs with the fault dropped, and nothing will complete it."""
+    s, cont = parked(k)
     here, there = socket.socketpair()
     with contextlib.closing(here), contextlib.closing(there):
         _run_trap(s.t, Channel(here), lambda: 42)
@@ -383,10 +389,7 @@ def test_a_kick_of_the_kernel_thread_leaves_its_parked_fault(k: m.Kernel) -> Non
     posted to it meanwhile, say), looks for a parked trap to finish: it must leave the
     parked fault to its waker, or the process thread stays in its fault for ever (seen
     under load: a native task hung in a page fault machd had dropped)."""
-    s = Setup(k)
-    s.park()
-    cont = s.t.continuation
-    assert cont is not None
+    s, cont = parked(k)
     here, there = socket.socketpair()
     with contextlib.closing(here), contextlib.closing(there):
         _continue(s.t, Channel(here))
