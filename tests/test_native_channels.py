@@ -1250,3 +1250,49 @@ def test_a_sending_task_and_a_user_have_channel_limits_too() -> None:
         table.by_sender[task(2000)] = [object()] * per  # type: ignore[list-item]
     assert not may_open(task(2000))  # that user's limit, for a new task of that user
     assert may_open(task(3000))  # another user is not affected
+
+
+def test_detach_does_not_wait_for_a_sender_waiting_for_room() -> None:
+    """A thread waiting for room on a full channel holds the endpoint's lock; detach
+    (Senders.close_all) must wake it rather than wait for it (a review's finding: with
+    the endpoint closed under its lock, detach hung until the receiver read)."""
+    import mmap
+    import threading
+
+    from pymach.libmach.direct import Endpoint, Senders, _send_packet, _Wait
+
+    s_end, r_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    s_end.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            s_end.send(b"x" * 4096)  # the socket is full: a write must wait for room
+    fd = os.memfd_create("page")
+    os.ftruncate(fd, direct.PAGE_SIZE)
+    page = mmap.mmap(fd, direct.PAGE_SIZE)
+    ep = Endpoint(1, s_end, page, memoryview(page).cast("Q"), s_end.fileno())
+    senders = Senders()
+    senders.channels[5] = ep
+    alert_r, alert_w = os.pipe()
+    ended: list[object] = []
+
+    def writer() -> None:
+        with ep.lock:
+            try:
+                _send_packet(ep.sock, b"y" * 64, _Wait(None, alert_r, lambda: None,
+                                                       lambda *a: None))
+                ended.append("sent")
+            except OSError as e:
+                ended.append(type(e).__name__)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    time.sleep(0.2)  # (it waits for room now; if not yet, close_all shuts it out anyway)
+    closer = threading.Thread(target=senders.close_all, daemon=True)
+    closer.start()
+    closer.join(20)
+    t.join(20)
+    assert not closer.is_alive() and not t.is_alive()
+    assert ended and ended[0] != "sent" and ep.closed
+    for f in (fd, alert_r, alert_w):
+        os.close(f)
+    r_end.close()

@@ -125,6 +125,13 @@ class Endpoint:
         self.count += delta
         self.view[word] = self.count & _WORD
 
+    def shut(self) -> None:
+        """Shut the socket down both ways without the lock: a thread waiting for room
+        under the lock wakes (its write fails: the channel is gone), so that `close`
+        can take the lock (detach: a review's finding, it waited for ever)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Close the socket and unmap the page, once; under the lock, so that another
         thread's write or take in progress ends first (a frame taken is counted, never
@@ -287,6 +294,7 @@ class Senders:
         with self.lock:
             channels, self.channels = self.channels, {}
         for ch in channels.values():
+            ch.shut()
             ch.close()
 
 
@@ -517,6 +525,7 @@ class Receivers:
             ports, self.ports = self.ports, {}
         for pr in ports.values():
             for ep in pr.channels:
+                ep.shut()
                 ep.close()
 
 
@@ -597,6 +606,8 @@ class LocalReceive:
         """The next message on one channel (None if it has none; a channel that ended
         or sent garbage is dropped): a held message's claim that failed comes first."""
         with ep.lock:
+            if ep.closed:  # another thread dropped it (a stale list of channels)
+                return None
             if ep.pending:
                 return self._claim(ep, ep.pending)
             try:

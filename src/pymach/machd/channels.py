@@ -13,9 +13,10 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   one sending task, and `USER_CHANNELS_MAX` from the tasks of one uid.
 - **Descriptors.** machd holds, per channel, its end of the socket (the receiver's
   end) and, until the receiver accepts it, the page's memfd; per port with channels,
-  its doorbell. It grants no channel that would take the descriptors it holds for
-  channels past `fds_max` (half its descriptor limit), so channels never starve machd of
-  descriptors: past that, senders go through machd.
+  its doorbell (a pipe's two ends: include/doorbell.py). It grants no channel that
+  would take the descriptors it holds for channels past `fds_max` (half its descriptor
+  limit), so channels never starve machd of descriptors: past that, senders go through
+  machd.
 - **Reply ports** (`bind`, CHANNEL_BIND; `replies`, CHANNEL_REPLIES). A message on a
   channel names no port: its reply port is none or one of at most REPLIES_MAX ports
   the sender bound to the channel, each a port it holds a right to send to (Mach 2.5
@@ -107,7 +108,8 @@ log = logging.getLogger("pymach.machd")
 
 PORT_CHANNELS_MAX = 16  # channels into one port
 TASK_CHANNELS_MAX = 64  # channels into the ports of one task, and from one task
-USER_CHANNELS_MAX = 256  # channels from the tasks of one uid (no user takes them all)
+USER_CHANNELS_MAX = 256  # channels from the tasks of one uid, and at most an eighth of
+# fds_max (a channel holds two or three descriptors: no user takes them all)
 HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
 # Packets read back at a teardown, at most: a sender that keeps to the backlog has at
 # most the port's backlog (<= PORT_BACKLOG_MAX) of messages and HELD_MAX tokens on its
@@ -115,7 +117,8 @@ HELD_MAX = 16  # messages machd holds for one channel (a port's backlog at most)
 DATA_MAX = PORT_BACKLOG_MAX
 DRAIN_MAX = DATA_MAX + HELD_MAX
 DRAIN_BYTES = DRAIN_MAX * direct.FRAME_MAX  # read back at a teardown, at most
-DISCARD_READS = 64  # reads of what is left past that (dropped), at most
+DISCARD_READS = 1024  # reads of what is left past that (dropped), at most (each read
+# stops at a message carrying descriptors; the sender's buffer holds fewer than this)
 CLOSED_MAX = 64  # ports a sending task may close channels to before it gets no more
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # the page's size
 # is fixed before a descriptor leaves machd: a task that could shrink it would make
@@ -303,9 +306,9 @@ class ChannelTable:
         elif len(self._channels(port)) >= PORT_CHANNELS_MAX or \
                 self.per_task.get(receiver, 0) >= TASK_CHANNELS_MAX or \
                 len(self.by_sender.get(task, ())) >= TASK_CHANNELS_MAX or \
-                self._user_channels(task.uid) >= USER_CHANNELS_MAX:
+                self._user_channels(task.uid) >= min(USER_CHANNELS_MAX, self.fds_max // 8):
             why = "too many channels"
-        elif self.fds_held() + 3 > self.fds_max:
+        elif self.fds_held() + 4 > self.fds_max:  # (an end, a page, a doorbell's two)
             why = "machd holds the most descriptors it may for channels"
         if why:
             raise MachError("KERN_FAILURE", f"no direct channel to this port: {why}")
@@ -362,11 +365,16 @@ class ChannelTable:
         ch = self._own(thread, name, cid, sender=False)
         if not thread.task.space.names[name].receive or ch.accepted or ch.marker is not None:
             raise MachError("KERN_INVALID_ARGUMENT", f"no channel {cid} to accept on {name}")
-        end = os.dup(ch.end.fileno())
+        try:
+            end = os.dup(ch.end.fileno())
+        except OSError:
+            self._teardown(ch)  # (nobody else would: its marker is taken, its sender's
+            raise  # messages go into the queue; a review's finding)
         try:
             bell = self.ports[ch.port].bell.handout()
         except OSError:
             os.close(end)
+            self._teardown(ch)
             raise
         ch.accepted = True
         page_fd, ch.page_fd = ch.page_fd, -1
@@ -484,7 +492,7 @@ class ChannelTable:
     def fds_held(self) -> int:
         """The descriptors machd holds for channels: each channel's end, each page's
         memfd not yet accepted, each doorbell."""
-        return sum(1 + (c.page_fd >= 0) for c in self.by_id.values()) + len(self.ports)
+        return sum(1 + (c.page_fd >= 0) for c in self.by_id.values()) + 2 * len(self.ports)
 
     def _publish(self, port: Port) -> None:
         """Write the port's queue length (markers aside) and backlog on its channels'

@@ -120,7 +120,9 @@ class RemoteState:
         # never waits (a parked fault's run: fault_park.py), so the poller may wait for
         # it; a hint, read without locks
         self.faults: deque[Fault | FailedFault | None] = deque()
-        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # (pipe_lock
+        # for kick and close: -1 once closed)
+        self.pipe_lock = threading.Lock()  # a leaf
         self.handoff: TrapHandoff | None = None  # set once by serve_remote
         self.outgoing: deque[Outgoing] = deque()  # parked traps' replies left to write
         self.alert: Doorbell | None = None  # (kernel lock) the thread's alert, once asked for
@@ -138,9 +140,10 @@ class RemoteState:
 
     def kick(self) -> None:
         """Wake the kernel thread (it looks at its faults, outgoing replies, and parked
-        trap)."""
-        with contextlib.suppress(OSError):
-            os.write(self.wake_w, b"f")
+        trap); nothing once its state is closed (the number may be reused)."""
+        with self.pipe_lock, contextlib.suppress(OSError):
+            if self.wake_w >= 0:
+                os.write(self.wake_w, b"f")
 
     def drain(self) -> None:
         """Empty the wake pipe."""
@@ -148,7 +151,10 @@ class RemoteState:
             os.read(self.wake_r, 4096)
 
     def close(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
+        """Close the wake pipe and the alert (after which kick and ring do nothing)."""
+        with self.pipe_lock:
+            fds, self.wake_r, self.wake_w = (self.wake_r, self.wake_w), -1, -1
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if self.alert is not None:
@@ -252,9 +258,13 @@ def _thread_alert(thread: Thread, args: list[Any]) -> Any:
     suspension made before the alert existed takes effect here."""
     state: RemoteState = thread.host_data
     with thread.kernel.trap(thread):
-        if state.alert is None:
-            state.alert = Doorbell()
-        return WithFds([1], [state.alert.handout()])
+        try:
+            if state.alert is None:
+                state.alert = Doorbell()
+            return WithFds([1], [state.alert.handout()])
+        except OSError as e:  # (out of descriptors): the caller's call fails, clearly
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"no alert for this thread: {e}") \
+                from None
 
 
 def _boundary(thread: Thread, args: list[Any]) -> Any:
