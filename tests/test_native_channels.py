@@ -227,6 +227,10 @@ def test_a_sender_waiting_for_room_is_suspended_and_terminated(native: str) -> N
     m.msg_send(Message(remote_port=ctl, id=GO))  # the holder takes everything, and ends
     ids, _ = h.result(20_000)  # type: ignore[attr-defined]
     assert ids == list(range(10, 10 + m.PORT_BACKLOG_DEFAULT))  # nothing of t's or t2's
+    while True:  # (the result comes before the holder's end: wait for its port's death)
+        note = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+        if note.id == m.NOTIFY_PORT_DELETED and note.values() == [p]:
+            break
     m.thread_resume(t2)  # its port died while it waited: the send fails, as in Mach
     assert m.msg_receive(done, m.RCV_TIMEOUT, 20_000).values() == ["SEND_INVALID_PORT"]
 
