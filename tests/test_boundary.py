@@ -263,6 +263,12 @@ def _channel_attacker(uffd_fd: int, signal_ready: Any, path: str) -> dict[str, A
                    m.SEND_TIMEOUT, 5000)
         code = Code(None, blob=b"pickled by the attacker")
         m.msg_send(m.Message(remote_port=dest, id=100, items=[code]), m.SEND_TIMEOUT, 5000)
+        alert = current_thread()._alert()  # its thread's alert, made blocking and full:
+        os.set_blocking(alert, False)  # machd rings it when it ends this task (detach)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(alert, b"\1" * 4096)
+        os.set_blocking(alert, True)
         return {"channel": ch is not None}
     finally:
         detach()
@@ -273,7 +279,8 @@ def test_garbage_from_another_users_channel_harms_only_that_channel(
     """A task of another user sends to a root task's port over a direct channel, then
     writes garbage on it: the receiver drops that channel and goes on; every message
     the attacker sent properly still arrives, in order, with the uid machd knows (never
-    the channel's word), its code inert; machd and the receiver keep working."""
+    the channel's word), its code inert; machd and the receiver keep working, also
+    after the attacker made its thread's alert blocking and full."""
     seen: list[tuple[int, Any, Any]] = []
     with reachable_dir() as base, machd_cluster(  # (a one-host cluster: its netname
             str(base), ["A"], options=[["--allow-user", other_user.pw_name]]) as c:
@@ -301,6 +308,8 @@ def test_garbage_from_another_users_channel_harms_only_that_channel(
                      ready=victim)
         assert got == {"channel": True}
         assert c.daemons[0].poll() is None  # machd lives
+        assert "channel-attacker" not in task_names(Path(sock))  # and answers, after
+        # ringing the attacker's jammed alert as it ended that task
     uid = other_user.pw_uid
     assert seen == [(0, uid, None), (1, uid, None), (2, uid, None), (99, uid, "after"),
                     (100, uid, True)]
