@@ -1082,9 +1082,7 @@ def _poke(p: int) -> str:
 
 def test_a_receiver_cannot_jam_machd_with_its_doorbell(native: str) -> None:
     me = m.task_self()
-    box = m.port_allocate(me)
-    h = m.spawn(_jams_its_bell, Port(box, MAKE_SEND), name="jammer")
-    p = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    h, box, (p,) = _spawn_boxed(_jams_its_bell, "jammer")
     for i in range(4):
         m.msg_send(Message(remote_port=p, id=i, items=[Int(i)]), m.SEND_TIMEOUT, 20_000)
     assert p in _channels()
@@ -1092,7 +1090,7 @@ def test_a_receiver_cannot_jam_machd_with_its_doorbell(native: str) -> None:
     poker = m.spawn(_poke, Port(p, m.COPY_SEND), name="poker")
     assert poker.result(20_000) == "poked"  # machd rang the bell, and went on
     m.port_allocate(me)  # and serves every task
-    m.task_terminate(h.port)
+    m.task_terminate(h.port)  # type: ignore[attr-defined]
 
 
 def _jams_its_alert(box: int) -> str:
@@ -1128,10 +1126,7 @@ def test_lowering_the_backlog_drops_nothing_already_sent(native: str) -> None:
     """Mach never discards queued messages when a backlog is lowered: neither does the
     teardown that moves what is on a channel back into the queue (a review's finding:
     it dropped the sender's messages past the new backlog)."""
-    me = m.task_self()
-    box = m.port_allocate(me)
-    h = m.spawn(_lowers_backlog_then_moves, Port(box, MAKE_SEND), name="mover")
-    p, ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).values()
+    h, box, (p, ctl) = _spawn_boxed(_lowers_backlog_then_moves, "mover")
     for i in range(3):
         m.msg_send(Message(remote_port=p, id=i))
     for i in range(10, 14):

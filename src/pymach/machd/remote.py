@@ -491,8 +491,9 @@ def _run_trap(thread: Thread, conn: Channel, call: Callable[[], Any],
     the process thread made this trap, so it has left any fault parked for it."""
     try:
         with thread.host_data.busy:  # (released before the reply: see faults._resolve_now)
-            if new_trap and has_parked_fault(thread):  # (module docstring) while
-                with thread.kernel.sched.lock:  # we hold busy no fault of it parks anew
+            if new_trap and has_parked_fault(thread):  # it left that fault (module
+                # docstring); while we hold busy, no fault of it parks anew
+                with thread.kernel.sched.lock:
                     drop_parked_fault(thread)
             value = call()
     except Parked:
