@@ -9,6 +9,7 @@ import pickle
 import re
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,36 @@ def test_a_body_that_ends_with_a_blob_decodes_it_as_a_view() -> None:
     for bad in (wire.encode([1, b"blob", 2]), wire.encode([1]), body[:-1], b""):
         with pytest.raises(wire.WireError):
             wire.decode_with_blob(bad)
+
+
+def test_large_byte_strings_are_parts_of_their_own_not_copied() -> None:
+    big = os.urandom(wire.SPILL_MIN)  # a pager's data: sent from where it is
+    msg = Message(3, 0, 1, [Int(7), OOL(data=big), Bytes(b"small")])
+    values = [1, msg, "tail", big]
+    parts = wire.encode_parts(values)
+    assert b"".join(parts) == wire.encode(values)
+    assert sum(p is big for p in parts) == 2 and len(parts) == 4  # head, big, mid, big
+    assert wire.encode_parts([b"x" * (wire.SPILL_MIN - 1)]) == \
+        [wire.encode([b"x" * (wire.SPILL_MIN - 1)])]  # a smaller one is copied in
+    assert wire.encode_parts([]) == []
+
+
+def test_a_frame_of_parts_arrives_whole_however_the_socket_splits_it() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # many partial writes
+        big = os.urandom(3 * wire.SPILL_MIN + 5)
+        values = [1, big, Message(3, 0, 1, [OOL(data=big)]), "end"]
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(Channel(b).recv()))
+        reader.start()
+        Channel(a).send(traps.REPLY, values)
+        reader.join(10)
+        frame = got[0]
+        assert frame.values[:2] == [1, big] and frame.values[3] == "end"  # type: ignore
+        rest = Channel(a).send_nowait(traps.REPLY, values)  # nobody reads: part goes
+        assert rest is not None and 0 < len(rest) < len(b"".join(wire.encode_parts(
+            values))) + wire.HEADER_SIZE
 
 
 def test_values_that_cannot_travel_are_refused_at_the_sender() -> None:

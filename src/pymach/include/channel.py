@@ -118,11 +118,11 @@ class Channel:
     def send(self, op: int, values: Sequence[Any] = (), fds: Sequence[int] = ()) -> None:
         """Send one frame with `fds` (they stay open on this side). WireError if a value
         cannot be encoded (nothing is sent then); Disconnected if the peer is gone."""
-        header, body, anc = _frame(op, values, fds)
+        parts, anc = _frame(op, values, fds)
         try:
-            sent = self.sock.sendmsg([header, body], anc)  # the header carries the fds
-            if sent < len(header) + len(body):
-                self.sock.sendall(memoryview(header + body)[sent:])
+            sent = self.sock.sendmsg(parts, anc)  # the header carries the fds
+            for rest in _after(parts, sent):
+                self.sock.sendall(rest)
         except OSError as e:
             raise _lost(e) from None
 
@@ -132,14 +132,14 @@ class Channel:
         it all went; the rest, to send next with `send_rest`, if part went (the
         descriptors ride with the first byte); None if nothing went (send the frame
         again with `send`). WireError (nothing sent) or Disconnected as `send`."""
-        header, body, anc = _frame(op, values, fds)
+        parts, anc = _frame(op, values, fds)
         try:
-            sent = self.sock.sendmsg([header, body], anc, socket.MSG_DONTWAIT)
+            sent = self.sock.sendmsg(parts, anc, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         except OSError as e:
             raise _lost(e) from None
-        return b"" if sent == len(header) + len(body) else (header + body)[sent:]
+        return b"".join(_after(parts, sent))
 
     def send_rest(self, data: bytes) -> None:
         """Send the rest of a frame that `send_nowait` left (blocking)."""
@@ -250,14 +250,29 @@ _SMALL = 64 << 10  # bodies up to this size are read with one recv first
 
 
 def _frame(op: int, values: Sequence[Any],
-           fds: Sequence[int]) -> tuple[bytes, bytes, list[Any]]:
-    """A frame's header, body and ancillary data (WireError if it cannot be sent)."""
-    body = wire.encode(values)
-    if len(body) > wire.MAX_BODY or len(fds) > wire.MAX_FDS:
-        raise wire.WireError(f"frame too large ({len(body)} bytes, {len(fds)} fds)")
-    header = wire.pack_header(op, len(body), len(fds))
+           fds: Sequence[int]) -> tuple[list[bytes], list[Any]]:
+    """A frame's parts (its header, then its body: wire.encode_parts, so a large byte
+    string is sent from where it is, not copied into the frame) and its ancillary data
+    (WireError if it cannot be sent)."""
+    body = wire.encode_parts(values)
+    size = sum(map(len, body))
+    if size > wire.MAX_BODY or len(fds) > wire.MAX_FDS:
+        raise wire.WireError(f"frame too large ({size} bytes, {len(fds)} fds)")
+    header = wire.pack_header(op, size, len(fds))
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    return header, body, anc
+    return [header, *body], anc
+
+
+def _after(parts: list[bytes], sent: int) -> list[memoryview]:
+    """What of `parts` is left to send once their first `sent` bytes went."""
+    rest = []
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+        else:
+            rest.append(memoryview(part)[sent:])
+            sent = 0
+    return rest
 
 
 def _lost(e: OSError) -> OSError:

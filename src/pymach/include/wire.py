@@ -123,14 +123,48 @@ def encode(values: Sequence[Any]) -> bytes:
     return bytes(_encoded(values))
 
 
+def encode_parts(values: Sequence[Any]) -> list[bytes]:
+    """encode(values) as a list of byte strings whose concatenation is the body, for a
+    gathering write (sendmsg): a byte string of at least SPILL_MIN bytes (a pager's
+    data, say) is its own part, not copied into the body (twice) as `encode` does.
+    The parts are immutable, so the caller may send them later."""
+    out = _Spilling()
+    _fill(out, values)
+    out.spill(b"")
+    return out.parts
+
+
+SPILL_MIN = 64 << 10  # bytes: a byte string this large is a part of its own
+
+
+class _Spilling(bytearray):
+    """The body being encoded, which large byte strings leave as parts of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+
+    def spill(self, data: bytes) -> None:
+        """End the current part and add `data` (bytes: not copied) as a part."""
+        if self:
+            self.parts.append(bytes(self))
+            self.clear()
+        if data:
+            self.parts.append(data)
+
+
 def _encoded(values: Sequence[Any]) -> bytearray:
     out = bytearray()
+    _fill(out, values)
+    return out
+
+
+def _fill(out: bytearray, values: Sequence[Any]) -> None:
     try:
         for v in values:
             _put(out, v, 0)
     except (TypeError, ValueError, AttributeError, OverflowError, struct.error) as e:
         raise WireError(f"cannot encode: {e}") from None
-    return out
 
 
 def encode_with_blob(values: Sequence[Any], blob: bytes | memoryview) -> bytes:
@@ -155,7 +189,10 @@ def _put_int(out: bytearray, v: int) -> None:
 
 def _put_blob(out: bytearray, data: bytes) -> None:
     out += _U32.pack(len(data))
-    out += data
+    if len(data) >= SPILL_MIN and type(out) is _Spilling:
+        out.spill(data)
+    else:
+        out += data
 
 
 def _put(out: bytearray, v: Any, depth: int) -> None:

@@ -281,9 +281,16 @@ class PageTable:
         """Index ranges [lo, hi) of pages vpn .. vpn+n-1 that have no mapping with any
         access now (phys.lock held)."""
         runs: list[tuple[int, int]] = []
-        lo = -1
+        lo, c0, chunk, mask = -1, -1, None, None
         for i in range(n + 1):
-            e = self._entry(vpn + i) if i < n else _PROT_MASK  # (past the end: mapped)
+            v = vpn + i
+            if v >> CHUNK_SHIFT != c0:  # each chunk and its mask looked up once
+                c0 = v >> CHUNK_SHIFT
+                chunk, mask = self.chunks.get(c0), self.masks.get(c0)
+            e = (chunk.get(v) if chunk else None) if i < n else _PROT_MASK  # (past the
+            # end: mapped)
+            if e is not None and mask is not None and i < n:
+                e &= mask | ~_PROT_MASK
             if e is None or not e & _PROT_MASK:
                 if lo < 0:
                     lo = i

@@ -312,11 +312,13 @@ def _cluster(obj: VmObject, off: int) -> int:
     are installed if they come and there is room (so a manager may answer just the
     first page)."""
     vm = obj.vm
-    ps, n = vm.page_size, 1
-    while n < min(vm.pager_cluster_pages, vm.read_ahead_room()):
+    ps, memq, pending = vm.page_size, obj.memq, obj.pending
+    limit = min(vm.pager_cluster_pages, vm.read_ahead_room(), -(-(obj.size - off) // ps))
+    existence = obj.existence if obj.internal else None
+    n = 1
+    while n < limit:
         nxt = off + n * ps
-        if nxt >= obj.size or nxt in obj.memq or nxt in obj.pending \
-                or (obj.internal and nxt not in obj.existence):
+        if nxt in memq or nxt in pending or (existence is not None and nxt not in existence):
             break
         n += 1
     return n * ps

@@ -168,7 +168,8 @@ class VmResident:
         frames may be taken now."""
         room = len(self.free) - (0 if privileged else self.reserved)
         offsets = offsets[:max(room, 0)]
-        pages = [self._fresh_page(self.free.popleft()) for _ in offsets]
+        fresh, popleft = self._fresh_page, self.free.popleft
+        pages = [fresh(popleft()) for _ in offsets]
         memq, active = obj.memq, self.active
         for page, off in zip(pages, offsets, strict=True):
             page.object, page.offset, page.queue = obj, off, "active"
@@ -187,14 +188,14 @@ class VmResident:
         if phys.pmap_is_modified(frame):
             phys.pmap_clear_modify(frame)
         page = self.pages[frame]
-        if page is None:
+        if page is None:  # a new structure is reset already
             page = self.pages[frame] = VmPage(frame)
-        page.queue = ""
-        page.busy = page.absent = page.dirty = page.precious = page.substitute = False
-        page.fresh = False
-        page.error = ""
-        page.page_lock = page.unlock_request = VM_PROT_NONE
-        page.wire_count = 0
+        else:
+            page.queue = page.error = ""
+            page.busy = page.absent = page.dirty = page.precious = page.substitute = \
+                page.fresh = False
+            page.page_lock = page.unlock_request = VM_PROT_NONE
+            page.wire_count = 0
         return page
 
     def vm_page_free(self, page: VmPage) -> None:
