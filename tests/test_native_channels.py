@@ -1295,3 +1295,59 @@ def test_detach_does_not_wait_for_a_sender_waiting_for_room() -> None:
     for f in (fd, alert_r, alert_w):
         os.close(f)
     r_end.close()
+
+
+def _send_held(dest: int, right: int) -> None:
+    m.msg_send(Message(remote_port=dest, id=999, items=[Port(right, MAKE_SEND)]))
+
+
+def _held_token_writer_terminated(dest: int, box: int) -> int:
+    """Fill the channel's socket, then have a thread send a message machd must hold (it
+    carries a right): its token waits for room on the socket. Terminate that thread,
+    report to `box` (GO, the last id sent, a control port) and stay until DONE, so that
+    this task's end does not tear the channel down."""
+    me = m.task_self()
+    ctl, right = m.port_allocate(me), m.port_allocate(me)
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    sock = _channels()[dest].sock  # type: ignore[attr-defined]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, direct.FRAME_MAX)  # (its own
+    last = 2  # loss: the socket fills long before the port's backlog)
+    for i in range(3, 200):
+        try:
+            m.msg_send(Message(remote_port=dest, id=i, items=[Bytes(b"x" * 8150)]),
+                       m.SEND_TIMEOUT, 200)
+        except m.MachError as e:
+            assert e.code == "SEND_TIMED_OUT"
+            break
+        last = i
+    t = m.thread_create(me, _send_held, dest, right)
+    time.sleep(1.0)  # held by machd, its thread waiting for room to write the token
+    m.thread_terminate(t)
+    m.msg_send(Message(remote_port=box, id=GO, items=[Int(last), Port(ctl, MAKE_SEND)]))
+    assert m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id == DONE
+    return last
+
+
+def test_a_held_message_whose_thread_is_terminated_before_its_token_is_queued(
+        native: str) -> None:
+    """A thread terminated while it waits for room to write a held message's token:
+    machd tears the channel down as the thread ends, so the held message is queued
+    after what was on the channel (before: it stayed with machd until the channel's
+    teardown, here the sender task's end)."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    h = m.spawn(_held_token_writer_terminated, Port(p, MAKE_SEND), Port(box, MAKE_SEND),
+                name="holder")
+    for i in range(3):
+        assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == i
+    report = m.msg_receive(box, m.RCV_TIMEOUT, 60_000)
+    last, ctl = report.values()
+    assert report.id == GO and 3 < last < 2 + m.PORT_BACKLOG_MAX  # (the socket filled)
+    ids = [m.msg_receive(p, m.RCV_TIMEOUT, 10_000).id for _ in range(3, last + 1)]
+    assert ids == list(range(3, last + 1))
+    held = m.msg_receive(p, m.RCV_TIMEOUT, 10_000)  # before the fix: RCV_TIMED_OUT
+    assert held.id == 999 and isinstance(held.items[0], Port)
+    m.msg_send(Message(remote_port=ctl, id=DONE))  # type: ignore[arg-type]
+    assert h.result(20_000) == last  # type: ignore[attr-defined]

@@ -63,7 +63,10 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   channel's lock from the hold to the token's write), so at a teardown each takes its
   token's place (`_drain`): before what machd read back if the receiver took the token
   (its claim failed, or had not come yet), in place if machd read the token back, after
-  everything if the token was never written.
+  everything if the token was never written. A sending thread that ends (terminated,
+  say) before its hold's token is claimed may never have written it (it waited for
+  room on a full channel): its channel is torn down then (`thread_ended`), so the held
+  message goes into the queue in its place, not left with machd.
 - **Backlog.** machd writes on each channel's page how many messages wait in P's queue
   (markers aside) and P's backlog; the sender adds its own messages not yet received.
   port_status counts the messages on channels too.
@@ -142,6 +145,8 @@ class DirectChannel:
     accepted: bool = False
     held: dict[int, tuple[int, KMsg]] = field(default_factory=dict)  # token -> (its
     # frame's sequence number, the held message)
+    holders: dict[int, Thread] = field(default_factory=dict)  # token -> the thread that
+    # holds it and must write its token (until the claim; `thread_ended`)
     backlog_seen: int = 0  # the largest backlog its page has shown: an honest sender
     # never has more messages on it (a receiver lowering the backlog drops none)
 
@@ -258,6 +263,7 @@ class ChannelTable:
         kmsg = msg_copyin_held(thread, checked)
         if self.by_id.get(cid) is ch:
             ch.held[token] = (seq, kmsg)
+            ch.holders[token] = thread
         elif ch.port.dead:  # the copyin itself closed the channel (the message moved
             kmsg_destroy(kmsg)  # the sender's right to the port away, say): it goes
         else:  # where the channel's messages went, after them
@@ -276,8 +282,17 @@ class ChannelTable:
         space = thread.task.space
         check_deliverable(space, kmsg, check_rcv_size(rcv_size))
         del ch.held[token]
+        ch.holders.pop(token, None)
         kmsg_uncharge(kmsg)
         return copyout(space, kmsg)
+
+    def thread_ended(self, thread: Thread) -> None:
+        """A thread of a sending task ended (its connection closed): each channel on
+        which it holds a message whose token it may not have written is torn down, so
+        the message goes into the port's queue in its place (module docstring)."""
+        for ch in list(self.by_sender.get(thread.task, ())):
+            if thread in ch.holders.values():
+                self._teardown(ch)
 
     def _own(self, thread: Thread, name: int, cid: int, sender: bool) -> DirectChannel:
         """The channel `cid` to the port `name` names in the thread's task, of which the
@@ -402,6 +417,7 @@ class ChannelTable:
         with contextlib.suppress(OSError):
             ch.end.shutdown(socket.SHUT_RDWR)
         kmsgs = self._drain(ch)
+        ch.holders.clear()
         if ch.port.dead:
             for kmsg in kmsgs:
                 kmsg_destroy(kmsg)

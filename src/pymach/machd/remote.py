@@ -390,6 +390,7 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
         with thread.kernel.sched.lock:  # a trap parked now has nobody to answer
             drop_parked_fault(thread)
             thread_cancel(thread)
+            machd.channels.thread_ended(thread)  # (a token it held may never come)
         machd.poller.unregister_thread(thread)
         conn.close()
         for out in state.outgoing:
