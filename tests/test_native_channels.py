@@ -14,18 +14,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import pymach as m
+from nativeutil import start_machd, stop_machd, uffd_or_skip
 from pymach import MAKE_SEND, MOVE_RECEIVE, Int, Message, Port
 from pymach.include import direct, traps, wire
 from pymach.include.message import OOL, Bytes, Code, IntArray, Str
 from pymach.kern.thread import current_thread
 from pymach.libmach.direct import LocalReceive, take_frame
+from pymach.libmach.task import attach, detach
 from pymach.machd import channels
 from pymach.machd.channels import discard_rest, take_all
 
@@ -1351,3 +1354,121 @@ def test_a_held_message_whose_thread_is_terminated_before_its_token_is_queued(
     assert held.id == 999 and isinstance(held.items[0], Port)
     m.msg_send(Message(remote_port=ctl, id=DONE))  # type: ignore[arg-type]
     assert h.result(20_000) == last  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _own_machd(factory: pytest.TempPathFactory, name: str) -> Iterator[int]:
+    """A machd of the test's own (its limits are changed), this process attached to it
+    as task `name`; yields machd's pid."""
+    uffd_or_skip()
+    path = factory.mktemp("machd") / "machd.sock"
+    proc = start_machd(path)
+    attach(str(path), name=name)
+    try:
+        yield proc.pid
+    finally:
+        detach()
+        stop_machd(proc)
+
+
+@contextlib.contextmanager
+def _no_spare_descriptors(pid: int) -> Iterator[None]:
+    """machd (`pid`) may open no descriptor more, for the block (RLIMIT_NOFILE lowered
+    to what it holds; root may change another process's limits)."""
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE,
+                     (len(os.listdir(f"/proc/{pid}/fd")), limits[1]))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+
+
+def _send_ten_then_wait(dest: int, box: int) -> bool:
+    """Send ids 0..9 to `dest` (a channel follows the first ones), tell `box` (GO, a
+    control port), and stay until DONE (this task's end would tear the channel down);
+    True if a channel carried them."""
+    me = m.task_self()
+    ctl = m.port_allocate(me)
+    for i in range(10):
+        m.msg_send(Message(remote_port=dest, id=i))
+    used = dest in _channels()
+    m.msg_send(Message(remote_port=box, id=GO, items=[Port(ctl, MAKE_SEND)]))
+    assert m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id == DONE
+    return used
+
+
+def test_a_channel_machd_has_no_descriptor_to_hand_over_goes_back_to_the_queue(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """machd out of descriptors when the receiver accepts a channel (EMFILE on the dup
+    of its end): machd tears the channel down, so what the sender wrote on it goes into
+    the port's queue, in order, and the receiver gets every message through machd."""
+    with _own_machd(tmp_path_factory, "emfile") as pid:
+        me = m.task_self()
+        p, box = m.port_allocate(me), m.port_allocate(me)
+        m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+        h = m.spawn(_send_ten_then_wait, Port(p, MAKE_SEND), Port(box, MAKE_SEND),
+                    name="sender")
+        ctl = m.msg_receive(box, m.RCV_TIMEOUT, 60_000).items[0].name  # type: ignore
+        with _no_spare_descriptors(pid):  # the accept's dup fails
+            ids = [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(10)]
+            accepted = p in _receivers()
+        assert ids == list(range(10)) and not accepted
+        m.msg_send(Message(remote_port=ctl, id=DONE))
+        assert h.result(20_000) is True  # type: ignore[attr-defined]
+        m.msg_send(Message(remote_port=p, id=42))  # machd still serves this task
+        assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == 42
+
+
+def _send_then_more_from_a_new_thread(dest: int, box: int) -> bool:
+    """Send ids 0..9 (a channel follows); make a thread that, at GO on a control port,
+    sends ids 10..14 (its first use of the channel: it has no alert yet); tell `box`
+    (GO, the control port), then report DONE with what the thread saw, and stay until
+    DONE. True if the thread's sends all went."""
+    me = m.task_self()
+    ctl = m.port_allocate(me)
+    for i in range(10):
+        m.msg_send(Message(remote_port=dest, id=i))
+    assert dest in _channels()
+    out: list[str] = []
+
+    def more() -> None:
+        try:
+            assert m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id == GO
+            for i in range(10, 15):
+                m.msg_send(Message(remote_port=dest, id=i))
+            out.append("sent")
+        except m.MachError as e:
+            out.append(e.code)
+
+    m.thread_create(me, more)  # (its connection to machd made now, before the test
+    m.msg_send(Message(remote_port=box, id=GO, items=[Port(ctl, MAKE_SEND)]))  # takes
+    while not out:  # machd's spare descriptors away)
+        time.sleep(0.01)
+    m.msg_send(Message(remote_port=box, id=DONE, items=[Str(out[0])]))
+    assert m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id == DONE
+    return out == ["sent"]
+
+
+def test_a_sender_whose_alert_machd_cannot_make_sends_through_machd_in_order(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """machd out of descriptors when a new thread of a sending task first uses a channel
+    (its alert, THREAD_ALERT, cannot be made): the send does not fail; machd takes back
+    what is on the channel and the thread's messages follow it, through machd."""
+    with _own_machd(tmp_path_factory, "emfile-alert") as pid:
+        me = m.task_self()
+        p, box = m.port_allocate(me), m.port_allocate(me)
+        m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+        h = m.spawn(_send_then_more_from_a_new_thread, Port(p, MAKE_SEND),
+                    Port(box, MAKE_SEND), name="sender")
+        ctl = m.msg_receive(box, m.RCV_TIMEOUT, 60_000).items[0].name  # type: ignore
+        ids = [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3)]
+        assert p in _receivers()  # the channel is accepted (a receive took from it)
+        with _no_spare_descriptors(pid):  # none for the new thread's alert
+            m.msg_send(Message(remote_port=ctl, id=GO))  # type: ignore[arg-type]
+            outcome = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).values()
+        assert outcome == ["sent"]  # (before: KERN_RESOURCE_SHORTAGE from msg_send)
+        ids += [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3, 15)]
+        assert ids == list(range(15))
+        m.msg_send(Message(remote_port=ctl, id=DONE))  # type: ignore[arg-type]
+        assert h.result(20_000) is True  # type: ignore[attr-defined]

@@ -259,6 +259,13 @@ class Senders:
         ch.counted(direct.SENT, 1)
         return True
 
+    def give_up(self, name: int, trap: Trap) -> None:
+        """Stop using the channel to port `name` (if there is one): machd tears it down,
+        so what is on it goes into the port's queue before what is sent next."""
+        ch = self.channels.get(name)
+        if ch is not None:
+            self._broken(name, ch, trap)
+
     def _broken(self, name: int, ch: Endpoint, trap: Trap) -> None:
         """A write (or a wait for room) failed: have machd tear the channel down if it
         has not (what is on it goes into the port's queue, before the message the

@@ -390,7 +390,14 @@ class NativeThread:
             return False
         t = check_options(option, SEND_TIMEOUT, timeout, "send")
         validate_message(msg)
-        return self.senders.send(msg, t, self._alert(), self._alerted, self.trap,
+        try:
+            alert = self._alert()
+        except MachError as e:  # machd has no descriptor for it now: machd takes back
+            if e.code != "KERN_RESOURCE_SHORTAGE":  # what is on the channel, and this
+                raise  # message goes after it, through machd
+            self.senders.give_up(msg.remote_port, self.trap)
+            return False
+        return self.senders.send(msg, t, alert, self._alerted, self.trap,
                                  lambda m: _portable(self.process, m))
 
     def _receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
