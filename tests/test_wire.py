@@ -86,6 +86,24 @@ def test_large_byte_strings_are_parts_of_their_own_not_copied() -> None:
     assert wire.encode_parts([b"x" * (wire.SPILL_MIN - 1)]) == \
         [wire.encode([b"x" * (wire.SPILL_MIN - 1)])]  # a smaller one is copied in
     assert wire.encode_parts([]) == []
+    many = [os.urandom(wire.SPILL_MIN) for _ in range(wire.SPILL_PARTS_MAX)]  # each a part
+    parts = wire.encode_parts(many)  # at first, then copied in: a gathering write takes
+    assert b"".join(parts) == wire.encode(many) and len(parts) <= wire.SPILL_PARTS_MAX + 1
+
+
+def test_a_frame_of_many_large_strings_goes_whole() -> None:
+    """More large byte strings than a gathering write takes buffers (IOV_MAX, 1024): the
+    frame still goes (a review's finding: sendmsg failed with EMSGSIZE, which the
+    channel reported as a lost peer)."""
+    a, b = socket.socketpair()
+    with a, b:
+        values = [b"x" * wire.SPILL_MIN] * 600
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(Channel(b).recv()))
+        reader.start()
+        Channel(a).send(traps.REPLY, values)
+        reader.join(20)
+        assert got[0].values == values  # type: ignore[attr-defined]
 
 
 def test_a_frame_of_parts_arrives_whole_however_the_socket_splits_it() -> None:

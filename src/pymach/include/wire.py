@@ -135,6 +135,8 @@ def encode_parts(values: Sequence[Any]) -> list[bytes]:
 
 
 SPILL_MIN = 64 << 10  # bytes: a byte string this large is a part of its own
+SPILL_PARTS_MAX = 256  # parts at most (a gathering write takes at most IOV_MAX, 1024,
+# buffers): past it, large byte strings are copied into the body as `encode` does
 
 
 class _Spilling(bytearray):
@@ -189,7 +191,7 @@ def _put_int(out: bytearray, v: int) -> None:
 
 def _put_blob(out: bytearray, data: bytes) -> None:
     out += _U32.pack(len(data))
-    if len(data) >= SPILL_MIN and type(out) is _Spilling:
+    if len(data) >= SPILL_MIN and type(out) is _Spilling and len(out.parts) < SPILL_PARTS_MAX:
         out.spill(data)
     else:
         out += data
