@@ -1300,6 +1300,22 @@ def test_detach_does_not_wait_for_a_sender_waiting_for_room() -> None:
     r_end.close()
 
 
+def _wait_held_for(lock: object, seconds: float, timeout: float = 60.0) -> None:
+    """Wait until another thread has held `lock` for `seconds` without a break."""
+    deadline, since = time.monotonic() + timeout, None
+    while True:
+        now = time.monotonic()
+        assert now < deadline, "the lock was never held that long"
+        if lock.acquire(blocking=False):  # type: ignore[attr-defined]
+            lock.release()  # type: ignore[attr-defined]
+            since = None
+        elif since is None:
+            since = now
+        elif now - since >= seconds:
+            return
+        time.sleep(0.02)
+
+
 def _send_held(dest: int, right: int) -> None:
     m.msg_send(Message(remote_port=dest, id=999, items=[Port(right, MAKE_SEND)]))
 
@@ -1324,9 +1340,10 @@ def _held_token_writer_terminated(dest: int, box: int) -> int:
             assert e.code == "SEND_TIMED_OUT"
             break
         last = i
+    ep = _channels()[dest]
     t = m.thread_create(me, _send_held, dest, right)
-    time.sleep(1.0)  # held by machd, its thread waiting for room to write the token
-    m.thread_terminate(t)
+    _wait_held_for(ep.lock, 1.0)  # (the channel's lock is held from the hold to the
+    m.thread_terminate(t)  # token's write: held that long, the thread waits for room)
     m.msg_send(Message(remote_port=box, id=GO, items=[Int(last), Port(ctl, MAKE_SEND)]))
     assert m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id == DONE
     return last
@@ -1376,8 +1393,9 @@ def _no_spare_descriptors(pid: int) -> Iterator[None]:
     """machd (`pid`) may open no descriptor more, for the block (RLIMIT_NOFILE lowered
     to what it holds; root may change another process's limits)."""
     limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE,
-                     (len(os.listdir(f"/proc/{pid}/fd")), limits[1]))
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(held) + 1)) - held)  # (a new one takes the lowest)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, limits[1]))
     try:
         yield
     finally:
@@ -1432,8 +1450,11 @@ def _send_then_more_from_a_new_thread(dest: int, box: int) -> bool:
     assert dest in _channels()
     out: list[str] = []
 
+    ready = m.port_allocate(me)
+
     def more() -> None:
         try:
+            m.msg_send(Message(remote_port=ready, id=GO))  # (through machd: its own task)
             assert m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id == GO
             for i in range(10, 15):
                 m.msg_send(Message(remote_port=dest, id=i))
@@ -1441,13 +1462,16 @@ def _send_then_more_from_a_new_thread(dest: int, box: int) -> bool:
         except m.MachError as e:
             out.append(e.code)
 
-    m.thread_create(me, more)  # (its connection to machd made now, before the test
-    m.msg_send(Message(remote_port=box, id=GO, items=[Port(ctl, MAKE_SEND)]))  # takes
-    while not out:  # machd's spare descriptors away)
+    m.thread_create(me, more)
+    m.msg_receive(ready, m.RCV_TIMEOUT, 60_000)  # it runs: connected to machd before
+    m.msg_send(Message(remote_port=box, id=GO, items=[Port(ctl, MAKE_SEND)]))  # the test
+    deadline = time.monotonic() + 60  # takes machd's spare descriptors away
+    while not out and time.monotonic() < deadline:
         time.sleep(0.01)
+    out.append("no outcome")  # (if it never reported)
     m.msg_send(Message(remote_port=box, id=DONE, items=[Str(out[0])]))
     assert m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000).id == DONE
-    return out == ["sent"]
+    return out[0] == "sent"
 
 
 def test_a_sender_whose_alert_machd_cannot_make_sends_through_machd_in_order(
@@ -1472,3 +1496,34 @@ def test_a_sender_whose_alert_machd_cannot_make_sends_through_machd_in_order(
         assert ids == list(range(15))
         m.msg_send(Message(remote_port=ctl, id=DONE))  # type: ignore[arg-type]
         assert h.result(20_000) is True  # type: ignore[attr-defined]
+
+
+def _worker_holds_then_ends(dest: int) -> list[bool]:
+    """Send ids 0..4 (a channel follows); a thread sends id 100 carrying a right (held
+    by machd, its token written) and ends on its own; then send id 200. Whether the
+    channel was there before the thread and after its end."""
+    me = m.task_self()
+    for i in range(5):
+        m.msg_send(Message(remote_port=dest, id=i))
+    before = dest in _channels()
+    threads = len(m.task_threads(me))
+    m.thread_create(me, _send_held, dest, m.port_allocate(me))
+    deadline = time.monotonic() + 60
+    while len(m.task_threads(me)) > threads and time.monotonic() < deadline:
+        time.sleep(0.01)  # (it ran and ended: gone from the task)
+    time.sleep(0.3)  # (machd closes its connection)
+    m.msg_send(Message(remote_port=dest, id=200))
+    return [before, dest in _channels()]
+
+
+def test_a_thread_that_ends_after_writing_its_token_leaves_the_channel(native: str) -> None:
+    """A thread that sends a message machd holds and ends on its own has written the
+    token: its task keeps the channel (a review's finding: every such end tore it
+    down), and every message arrives in order."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.port_set_backlog(me, p, m.PORT_BACKLOG_MAX)
+    h = m.spawn(_worker_holds_then_ends, Port(p, MAKE_SEND), name="worker-holder")
+    assert h.result(60_000) == [True, True]  # type: ignore[attr-defined]
+    ids = [m.msg_receive(p, m.RCV_TIMEOUT, 10_000).id for _ in range(7)]
+    assert ids == [0, 1, 2, 3, 4, 999, 200]

@@ -63,10 +63,10 @@ packets and page of include/direct.py; the tasks' side is libmach/direct.py):
   channel's lock from the hold to the token's write), so at a teardown each takes its
   token's place (`_drain`): before what machd read back if the receiver took the token
   (its claim failed, or had not come yet), in place if machd read the token back, after
-  everything if the token was never written. A sending thread that ends (terminated,
-  say) before its hold's token is claimed may never have written it (it waited for
-  room on a full channel): its channel is torn down then (`thread_ended`), so the held
-  message goes into the queue in its place, not left with machd.
+  everything if the token was never written. A sending thread that ends before its
+  hold's token is claimed may never have written it (terminated while it waited for
+  room on a full channel, say): its channel is then torn down (`thread_ended`), so
+  the held message goes into the queue in its place, not left with machd.
 - **Backlog.** machd writes on each channel's page how many messages wait in P's queue
   (markers aside) and P's backlog; the sender adds its own messages not yet received.
   port_status counts the messages on channels too.
@@ -288,10 +288,16 @@ class ChannelTable:
 
     def thread_ended(self, thread: Thread) -> None:
         """A thread of a sending task ended (its connection closed): each channel on
-        which it holds a message whose token it may not have written is torn down, so
-        the message goes into the port's queue in its place (module docstring)."""
+        which it holds an unclaimed message whose token it may not have written is torn
+        down, so the message goes into the port's queue in its place (module
+        docstring). It may not have if it was terminated (it may have been waiting for
+        room to write it), or if the page's SENT is short of the token's sequence
+        number; a thread that ended on its own after writing its tokens costs its
+        task's channels nothing."""
         for ch in list(self.by_sender.get(thread.task, ())):
-            if thread in ch.holders.values():
+            sent = int(ch.view[direct.SENT])
+            if any(by is thread and (thread.terminating or ch.held[token][0] > sent)
+                   for token, by in ch.holders.items()):
                 self._teardown(ch)
 
     def _own(self, thread: Thread, name: int, cid: int, sender: bool) -> DirectChannel:

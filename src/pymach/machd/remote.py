@@ -390,7 +390,6 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
         with thread.kernel.sched.lock:  # a trap parked now has nobody to answer
             drop_parked_fault(thread)
             thread_cancel(thread)
-            machd.channels.thread_ended(thread)  # (a token it held may never come)
         machd.poller.unregister_thread(thread)
         conn.close()
         for out in state.outgoing:
@@ -398,6 +397,8 @@ def serve_remote(machd: Machd, thread: Thread, conn: Channel, code: Code | None,
                 close_fds(out[1])
         state.close()
         machd.connection_closed(thread.task.uid)
+        with thread.kernel.sched.lock:  # (last: the cleanup above never waits for it)
+            machd.channels.thread_ended(thread)  # a token it held may never come
 
 
 def refuse_thread(thread: Thread, conn: Channel) -> None:
