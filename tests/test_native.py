@@ -287,3 +287,33 @@ def test_flush_clean_and_lock_act_on_every_task_mapping_the_object(native: str) 
     assert mem[a + 2 * PS:a + 2 * PS + 1] == b"C" and _command(control, STATS)[0] == version
     m.vm_deallocate(me, a, 4 * PS)
     m.task_terminate(pager.port)
+
+
+def _receive_regions(box: int) -> list[bytes]:
+    """Receive one message on a new port (its send right went to `box`): the first
+    bytes of each of its out-of-line regions, read from this task's memory."""
+    me = m.task_self()
+    p = m.port_allocate(me)
+    m.msg_send(Message(remote_port=box, items=[m.Port(p, m.MAKE_SEND)]))
+    got = m.msg_receive(p, m.RCV_TIMEOUT, 20_000)
+    return [m.memory().read(i.address, 16) for i in got.items  # type: ignore[union-attr]
+            if isinstance(i, m.OOL)]
+
+
+def test_a_message_with_more_regions_than_a_reply_carries_descriptors(native: str) -> None:
+    """Each region a native task receives is a mapping of a memfd machd hands over; a
+    reply carries at most 16 descriptors, so 400 regions come in 34 batches (a review's
+    finding: more than 16 ended the receiving thread)."""
+    me = m.task_self()
+    box = m.port_allocate(me)
+    h = m.spawn(_receive_regions, m.Port(box, m.MAKE_SEND), name="regions")
+    p = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    blobs = [i.to_bytes(2, "little") * 8 + b"." * 4080 for i in range(400)]
+    regions = []
+    for blob in blobs[200:]:  # half of them regions of this task's memory
+        a = m.vm_allocate(me, 0, 4096, True)
+        m.memory().write(a, blob)
+        regions.append(m.OOL(a, 4096))
+    m.msg_send(Message(remote_port=p, id=7,
+                       items=[*(m.OOL(data=b) for b in blobs[:200]), *regions]))
+    assert h.result(30_000) == [b[:16] for b in blobs]  # type: ignore[attr-defined]

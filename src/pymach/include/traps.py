@@ -65,6 +65,9 @@ MAP_FD, MAP_UNMAP, MAP_PROTECT = 1, 2, 3
 # MAP_UNMAP:   [2, start, length]
 # MAP_PROTECT: [3, start, length, protection]
 MAP_LAYOUT = {MAP_FD: 7, MAP_UNMAP: 3, MAP_PROTECT: 4}
+MAP_FDS_MAX = 12  # MAP_FD instructions (descriptors) in one REPLY at most: a frame
+# carries at most wire.MAX_FDS (16), and a trap's own value up to 3 more; the rest
+# follow in the replies to the MAPPED traps the process makes as it applies each batch
 
 WELCOME_FIELDS = ("task", "task_name", "thread", "page_size", "code", "code_uid",
                   "task_self", "thread_reply", "control_token")

@@ -14,8 +14,10 @@ typed wire of include/wire.py and include/traps.py). The process:
   the trap, in the order machd issued them (threads of the task wait for batches
   other threads took first): it maps memory objects' memfds at their regions (read-only
   descriptors where the region may never be written), unmaps, and changes protections,
-  then tells machd (MAPPED), which arms the new ranges. Only the process can change its
-  own mappings (../shared/DESIGN.md);
+  then tells machd (MAPPED), which arms the new ranges. A reply carries at most
+  traps.MAP_FDS_MAX descriptors: more changes come in the replies to the MAPPED traps,
+  one batch after another, all before the trap returns. Only the process can change
+  its own mappings (../shared/DESIGN.md);
 - keeps a control connection, on which machd asks it to start threads (thread_create)
   or to die (task_terminate, a memory error); if machd itself dies, that connection
   closes and the process exits with a message instead of hanging.
@@ -129,13 +131,12 @@ class NativeProcess:
         return value
 
     # -- address-space changes --------------------------------------------------------
-    def apply(self, chan: Channel, batch: int, upto: int, maps: list[Any],
-              fds: list[int]) -> None:
-        """Apply machd's instructions in a trap reply (see module docstring), in machd's
-        batch order; have machd arm what was mapped; return only once every batch
-        issued before this reply is applied (another thread may be applying one)."""
-        if not batch and not fds and self.batches_applied >= upto:
-            return  # nothing to apply or wait for (the count only grows: no lock needed)
+    def apply(self, chan: Channel, batch: int, maps: list[Any],
+              fds: list[int]) -> Frame | None:
+        """Apply the batch of machd's instructions in a trap reply (see module
+        docstring), in machd's batch order, and have machd arm what was mapped: the
+        reply to that MAPPED trap (it may carry the next batch: machd sends at most
+        MAP_FDS_MAX descriptors a reply), or None."""
         follow: Frame | None = None
         try:
             if batch:
@@ -150,10 +151,14 @@ class NativeProcess:
                     self.applied.notify_all()
         finally:
             close_fds(fds)
-        if follow is not None:
-            _reply(self, chan, follow)
-        with self.applied:
-            self.applied.wait_for(lambda: self.batches_applied >= upto)
+        return follow
+
+    def wait_applied(self, upto: int) -> None:
+        """Return once every batch up to `upto` is applied (another thread may be
+        applying one)."""
+        if self.batches_applied < upto:  # (the count only grows: no lock needed)
+            with self.applied:
+                self.applied.wait_for(lambda: self.batches_applied >= upto)
 
     def _apply_batch(self, maps: list[Any], fds: list[int]) -> bool:
         """Apply one batch (lock held); True if it mapped anything."""
@@ -532,7 +537,28 @@ class NativeThread:
 
 
 def _reply(process: NativeProcess, chan: Channel, frame: Frame) -> Any:
-    """Act on one REPLY frame: apply its batch, then return its value or raise."""
+    """Act on one REPLY frame: apply its batch (and the batches of the MAPPED replies
+    that follow it, one after another), then return its value or raise; each reply of
+    the chain is finished (its batches waited for, its error raised) innermost first,
+    as nested traps would be."""
+    chain: list[list[Any]] = []
+    follow: Frame | None = frame
+    while follow is not None:
+        values = _checked_reply(follow)
+        chain.append(values)
+        follow = process.apply(chan, values[4], values[6], follow.fds)
+    for status, _value, code, detail, _batch, upto, _maps in reversed(chain):
+        process.wait_applied(upto)
+        if status == traps.REPLY_TERMINATED:
+            process.await_verdict()  # the whole task may be ending: machd says so (DIE)
+            raise ThreadTerminated()
+        if status != traps.REPLY_OK:
+            raise MachError(code, detail)
+    return chain[0][1]
+
+
+def _checked_reply(frame: Frame) -> list[Any]:
+    """A REPLY frame's values, checked (its descriptors closed if it is not one)."""
     if frame.op != traps.REPLY:
         frame.close_fds()
         raise MachError("MIG_TYPE_ERROR", f"machd sent frame {frame.op}, not a reply")
@@ -541,14 +567,7 @@ def _reply(process: NativeProcess, chan: Channel, frame: Frame) -> Any:
     except MachError:
         frame.close_fds()
         raise
-    status, value, code, detail, batch, upto, maps = frame.values
-    process.apply(chan, batch, upto, maps, frame.fds)
-    if status == traps.REPLY_TERMINATED:
-        process.await_verdict()  # the whole task may be ending: machd says so (DIE)
-        raise ThreadTerminated()
-    if status != traps.REPLY_OK:
-        raise MachError(code, detail)
-    return value
+    return frame.values
 
 
 def _reply_fds(process: NativeProcess, chan: Channel, frame: Frame) -> tuple[Any, list[int]]:

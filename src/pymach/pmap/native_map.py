@@ -40,7 +40,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pymach.include.traps import MAP_FD, MAP_PROTECT, MAP_UNMAP
+from pymach.include.traps import MAP_FD, MAP_FDS_MAX, MAP_PROTECT, MAP_UNMAP
 from pymach.include.vm_param import VM_PROT_WRITE
 from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, UffdError
 
@@ -113,15 +113,25 @@ class NativeMapBinding:
     def take(self) -> tuple[list[Any], list[int]]:
         """The pending instructions as the next numbered batch: ([batch, last batch
         issued, instructions], fds), each MAP_FD naming its fd by index into fds. The
-        process applies the batch (and every earlier one) before its trap returns."""
-        out, fds, arm = [], [], []
+        process applies the batch (and every earlier one) before its trap returns. At
+        most MAP_FDS_MAX MAP_FD instructions go in one batch: the rest stay pending, in
+        order, for the reply to the MAPPED trap that this batch makes the process send
+        (a batch that maps something always does)."""
+        out: list[list[Any]] = []
+        fds: list[int] = []
+        arm: list[tuple[int, int]] = []
+        taken = 0
         for ins in self.pending:
             if ins[0] == MAP_FD:
+                if len(fds) == MAP_FDS_MAX:
+                    break
                 fds.append(ins[3])
                 ins = [*ins[:3], len(fds) - 1, *ins[4:]]
                 arm.append((ins[1], ins[2]))
             out.append(ins)
-        self.pending, self.fds = [], []
+            taken += 1
+        self.pending = self.pending[taken:]
+        self.fds = [ins[3] for ins in self.pending if ins[0] == MAP_FD]
         batch = 0
         if out:
             self.batches += 1
