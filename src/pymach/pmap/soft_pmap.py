@@ -263,7 +263,11 @@ class PageTable:
             if v in chunk:
                 self._drop_locked(v)
             chunk[v] = frame << 3 | prot
-            pv.setdefault(frame, set()).add((self, v))
+            holders = pv.get(frame)
+            if holders is None:  # (no empty set made for a frame that has one)
+                pv[frame] = {(self, v)}
+            else:
+                holders.add((self, v))
 
     def pmap_enter_run(self, va: int, frames: list[int], prot: int) -> None:
         """pmap_enter of pages va, va + page_size, ... to `frames` in order."""

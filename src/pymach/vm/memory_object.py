@@ -568,27 +568,40 @@ def _provide(obj: VmObject, offset: int, raw: memoryview, lock: int) -> set[VmPa
     vm = obj.vm
     ps, base, memq, pending = vm.page_size, offset - obj.paging_offset, obj.memq, obj.pending
     room = min(_manager_room(obj), vm.read_ahead_room())
-    wanted: list[VmPage | int] = []  # in offset order: absent pages, offsets to fill anew
-    new: list[int] = []
-    settled: set[VmPage] = set()
+    new: list[int] = []  # offsets to fill anew, in order
+    absent: list[tuple[int, VmPage]] = []  # (how many new offsets come before it, page)
     for off in _range(obj, offset, len(raw)):
         page = memq.get(off)
         if page is None:
             if len(new) < room and off not in pending:
                 new.append(off)
-                wanted.append(off)
         elif page.absent:
-            settled.add(page)
-            wanted.append(page)
-    made = iter(vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else ())
-    fills = [p for p in (next(made, None) if isinstance(w, int) else w for w in wanted)
-             if p is not None]
+            absent.append((len(new), page))
+    made = vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else []
+    fills = _in_offset_order(made, absent)
     for lo, hi in _page_runs(fills, ps):
         first = fills[lo].offset - base
         vm.phys.phys_write_run([p.frame for p in fills[lo:hi]],
                                raw[first:first + (hi - lo) * ps])
     _settle(obj, fills, lock)
-    return settled
+    return {page for _, page in absent}
+
+
+def _in_offset_order(made: list[VmPage], absent: list[tuple[int, VmPage]]) -> list[VmPage]:
+    """The pages to fill, in offset order: the new pages `made` (the first of the new
+    offsets, if frames ran short) with each absent page put back after the new pages
+    that come before it (`absent`: in order, with their count of new offsets before)."""
+    if not absent:
+        return made
+    out: list[VmPage] = []
+    taken = 0
+    for before, page in absent:
+        upto = min(before, len(made))
+        out.extend(made[taken:upto])
+        taken = max(taken, upto)
+        out.append(page)
+    out.extend(made[taken:])
+    return out
 
 
 def _page_runs(pages: list[VmPage], ps: int) -> list[tuple[int, int]]:
