@@ -389,7 +389,7 @@ def run_vm(size: int = GIB, rounds: int = 3) -> dict[str, Any]:
     return {"ool_bytes": size, "ool_first_send_ms": round(ool["first"], 3),
             "ool_repeat_send_ms": round(ool["again"], 3),
             "ool_deallocate_send_ms": round(ool["moved"], 3),
-            "receiver_vm_deallocate_ms": round(ool["receiver_deallocate"], 1),
+            "receiver_vm_deallocate_ms": round(ool["receiver_deallocate"], 3),
             "pickle_pipe_ms": round(pipe, 1),
             "speedup_first_send": round(pipe / ool["first"], 1),
             "speedup_deallocate_send": round(pipe / ool["moved"], 1),
@@ -437,7 +437,7 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     swap_out, swap_back = baselines.swap_file_us_per_page(pressure[0])
     naive_stream = baselines.naive_uffd_stream_gbps(stream_size, 64)
     cached = bench_mmap_file(stream_size)
-    return {"pager_fault_us": round(fault, 1), "zero_fill_fault_us": round(zero, 1),
+    return {"pager_fault_us": round(fault, 1), "zero_fill_fault_us": round(zero, 2),
             "anonymous_fault_us": round(anon, 2), "target_pager_fault_us_at_most": 25,
             "naive_uffd_fault_us": round(naive, 1),
             "ratio_pager_fault_vs_naive_uffd": _ratio(fault, naive),
