@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -317,3 +319,76 @@ def test_a_message_with_more_regions_than_a_reply_carries_descriptors(native: st
     m.msg_send(Message(remote_port=p, id=7,
                        items=[*(m.OOL(data=b) for b in blobs[:200]), *regions]))
     assert h.result(30_000) == [b[:16] for b in blobs]  # type: ignore[attr-defined]
+
+
+def _park_on(port: int) -> None:
+    m.msg_receive(port)  # (terminated while parked)
+
+
+def _allocate_in_then_terminate(task: int, thread: int) -> int:
+    """Give `task` a new region (a map change its process has not applied yet), then
+    terminate its `thread`, parked in a receive; the region's address."""
+    a: int = m.vm_allocate(task, 0, 4096, True)
+    m.thread_terminate(thread)
+    return a
+
+
+def test_a_terminated_threads_reply_leaves_map_changes_to_the_live_threads(
+        native: str) -> None:
+    """The reply that ends a terminated thread carries no map batch (a review's finding:
+    the ending thread took the batch and never applied it, and every other thread of
+    the task then waited for it for ever)."""
+    me = m.task_self()
+    t1 = m.thread_create(me, _park_on, m.port_allocate(me))
+    time.sleep(0.5)  # (parked in machd, or not yet: either way it is terminated)
+    h = m.spawn(_allocate_in_then_terminate, m.Port(me, m.COPY_SEND),
+                m.Port(t1, m.COPY_SEND), name="changer")
+    a = h.result(30_000)
+    done: list[str] = []
+
+    def receive_with_timeout() -> None:
+        try:
+            m.msg_receive(m.port_allocate(me), m.RCV_TIMEOUT, 500)
+        except m.MachError as e:
+            done.append(e.code)
+
+    m.thread_create(me, receive_with_timeout)
+    deadline = time.monotonic() + 30
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert done == ["RCV_TIMED_OUT"]  # (before: it waited for the batch for ever)
+    m.memory().write(a, b"mapped")  # the change reached this process
+    assert m.memory().read(a, 6) == b"mapped"
+
+
+def _sleep_without_traps(box: int) -> None:
+    m.msg_send(Message(remote_port=box))  # (attached: its map changes are recorded)
+    time.sleep(60)
+
+
+def _machd_fds(socket_path: str) -> int:
+    from pymach.include.channel import Channel
+
+    chan = Channel.connect(socket_path)
+    try:
+        pid = chan.peer().pid
+    finally:
+        chan.close()
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_map_changes_a_dead_task_never_took_hold_no_descriptors(native: str) -> None:
+    """Regions made in a task that makes no trap wait as map changes, each with a
+    descriptor machd holds until a reply carries it; when the task dies first, machd
+    closes them (a review's finding: they leaked, 40 a task, without bound)."""
+    before = _machd_fds(native)
+    box = m.port_allocate(m.task_self())
+    h = m.spawn(_sleep_without_traps, m.Port(box, m.MAKE_SEND), name="idle")
+    m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+    for _ in range(40):
+        m.vm_allocate(h.port, 0, 4096, True)
+    m.task_terminate(h.port)
+    deadline = time.monotonic() + 30
+    while _machd_fds(native) > before + 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _machd_fds(native) <= before + 8  # (before: 40 more)

@@ -546,7 +546,11 @@ def _reply(process: NativeProcess, chan: Channel, frame: Frame) -> Any:
     while follow is not None:
         values = _checked_reply(follow)
         chain.append(values)
-        follow = process.apply(chan, values[4], values[6], follow.fds)
+        try:
+            follow = process.apply(chan, values[4], values[6], follow.fds)
+        except Disconnected:  # (machd ended this thread, or machd is gone)
+            process.check_machd()
+            raise ThreadTerminated() from None
     for status, _value, code, detail, _batch, upto, _maps in reversed(chain):
         process.wait_applied(upto)
         if status == traps.REPLY_TERMINATED:

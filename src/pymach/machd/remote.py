@@ -530,9 +530,12 @@ def reply(thread: Thread, conn: Channel, status: int, value: Any, code: str = ""
 def reply_values(thread: Thread, status: int, value: Any, code: str = "",
                  detail: str = "") -> tuple[list[Any], list[int]]:
     """A REPLY's values and descriptors, taking the task's pending address-space
-    changes as its batch (kernel lock held)."""
+    changes as its batch (kernel lock held). A REPLY_TERMINATED takes none: its thread
+    ends without applying it (a live thread of the task gets the changes)."""
     binding = _binding(thread)
-    batch, fds = binding.take() if binding is not None else ([0, 0, []], [])
+    if binding is None or status == traps.REPLY_TERMINATED:
+        return [status, value, code, detail, 0, 0, []], []
+    batch, fds = binding.take()
     return [status, value, code, detail, *batch], fds
 
 

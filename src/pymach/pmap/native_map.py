@@ -63,7 +63,6 @@ class NativeMapBinding:
     pmap: UffdPmap
     phys: UffdPhysicalMemory
     pending: list[list[Any]] = field(default_factory=list)
-    fds: list[int] = field(default_factory=list)  # dups owned until the reply is sent
     regions: dict[int, tuple[ObjectStore, int, int]] = field(default_factory=dict)
     # start -> (store, object offset, length) of every mapped range
     batches: int = 0  # instruction batches handed out so far (numbered from 1)
@@ -83,7 +82,6 @@ class NativeMapBinding:
             store = self.phys.store_for(obj, offset + length)
             fd = os.dup(store.fd) if shared else os.open(f"/proc/self/fd/{store.fd}",
                                                          os.O_RDONLY | os.O_CLOEXEC)
-            self.fds.append(fd)
             self.pending.append([MAP_FD, start, length, fd, offset, entry.protection,
                                  int(shared)])
             self.regions[start] = (store, offset, length)
@@ -130,8 +128,7 @@ class NativeMapBinding:
                 arm.append((ins[1], ins[2]))
             out.append(ins)
             taken += 1
-        self.pending = self.pending[taken:]
-        self.fds = [ins[3] for ins in self.pending if ins[0] == MAP_FD]
+        del self.pending[:taken]
         batch = 0
         if out:
             self.batches += 1
@@ -139,6 +136,15 @@ class NativeMapBinding:
             if arm:
                 self.unarmed[batch] = arm
         return [batch, self.batches, out], fds
+
+    def discard(self) -> None:
+        """The map is gone: close the descriptors of the instructions never sent (each
+        MAP_FD owns its dup until a reply carries it)."""
+        fds = [ins[3] for ins in self.pending if ins[0] == MAP_FD]
+        self.pending = []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def arm(self, batch: int) -> None:
         """The process has mapped `batch`: register its new ranges with the task's

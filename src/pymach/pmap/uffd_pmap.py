@@ -556,6 +556,12 @@ class UffdPmap(PageTable):
         self.uffd: Uffd | None = None  # set when the task's process attaches
         self.binding = NativeMapBinding(self, phys)  # immutable: the process's map changes
 
+    def pmap_destroy(self) -> None:
+        """Remove every mapping; the map changes the process never got are dropped
+        (their descriptors closed)."""
+        super().pmap_destroy()
+        self.binding.discard()
+
     def pmap_map_entry(self, vmap: Any, entry: Any) -> None:
         """The task's process must map the entry's objects (native_map.py)."""
         self.binding.mapped(vmap, entry)
