@@ -128,6 +128,15 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL  # the page'
 # machd's (or its peer's) next touch of the page a SIGBUS
 
 
+@dataclass(frozen=True)
+class Held:
+    """A message machd holds for a channel under a token (`hold`)."""
+
+    seq: int  # the sequence number of its token's frame
+    kmsg: KMsg
+    holder: Thread  # the thread that must write its token (`thread_ended`)
+
+
 @dataclass(eq=False)
 class DirectChannel:
     """machd's record of one channel (kernel lock)."""
@@ -143,10 +152,7 @@ class DirectChannel:
     page_fd: int  # the page's memfd, until the receiver takes it (-1 then)
     marker: KMsg | None  # the marker while it is queued
     accepted: bool = False
-    held: dict[int, tuple[int, KMsg]] = field(default_factory=dict)  # token -> (its
-    # frame's sequence number, the held message)
-    holders: dict[int, Thread] = field(default_factory=dict)  # token -> the thread that
-    # holds it and must write its token (until the claim; `thread_ended`)
+    held: dict[int, Held] = field(default_factory=dict)  # token -> the held message
     backlog_seen: int = 0  # the largest backlog its page has shown: an honest sender
     # never has more messages on it (a receiver lowering the backlog drops none)
 
@@ -262,8 +268,7 @@ class ChannelTable:
         seq = int(ch.view[direct.SENT]) + 1  # (its token's frame: module docstring)
         kmsg = msg_copyin_held(thread, checked)
         if self.by_id.get(cid) is ch:
-            ch.held[token] = (seq, kmsg)
-            ch.holders[token] = thread
+            ch.held[token] = Held(seq, kmsg, thread)
         elif ch.port.dead:  # the copyin itself closed the channel (the message moved
             kmsg_destroy(kmsg)  # the sender's right to the port away, say): it goes
         else:  # where the channel's messages went, after them
@@ -278,11 +283,10 @@ class ChannelTable:
         ch = self._own(thread, name, cid, sender=False)
         if token not in ch.held:
             raise MachError("KERN_INVALID_ARGUMENT", f"no message held under {token}")
-        kmsg = ch.held[token][1]
+        kmsg = ch.held[token].kmsg
         space = thread.task.space
         check_deliverable(space, kmsg, check_rcv_size(rcv_size))
         del ch.held[token]
-        ch.holders.pop(token, None)
         kmsg_uncharge(kmsg)
         return copyout(space, kmsg)
 
@@ -296,8 +300,8 @@ class ChannelTable:
         task's channels nothing."""
         for ch in list(self.by_sender.get(thread.task, ())):
             sent = int(ch.view[direct.SENT])
-            if any(by is thread and (thread.terminating or ch.held[token][0] > sent)
-                   for token, by in ch.holders.items()):
+            if any(h.holder is thread and (thread.terminating or h.seq > sent)
+                   for h in ch.held.values()):
                 self._teardown(ch)
 
     def _own(self, thread: Thread, name: int, cid: int, sender: bool) -> DirectChannel:
@@ -423,7 +427,6 @@ class ChannelTable:
         with contextlib.suppress(OSError):
             ch.end.shutdown(socket.SHUT_RDWR)
         kmsgs = self._drain(ch)
-        ch.holders.clear()
         if ch.port.dead:
             for kmsg in kmsgs:
                 kmsg_destroy(kmsg)
@@ -470,9 +473,9 @@ class ChannelTable:
         messages from its sender."""
         back = self._read_back(ch)
         first = back[0][0] if back else None
-        held = sorted((seq, token) for token, (seq, _) in ch.held.items())
-        before = [ch.held.pop(t)[1] for seq, t in held if first is None or seq < first]
-        after = [ch.held.pop(t)[1] for _, t in held if t in ch.held]
+        held = sorted((h.seq, token) for token, h in ch.held.items())
+        before = [ch.held.pop(t).kmsg for seq, t in held if first is None or seq < first]
+        after = [ch.held.pop(t).kmsg for _, t in held if t in ch.held]
         return [*before, *(kmsg for _, kmsg in back), *after]
 
     def _read_back(self, ch: DirectChannel) -> list[tuple[int, KMsg]]:
@@ -487,7 +490,7 @@ class ChannelTable:
         data_packets = 0
         for seq, msg, index in frames:
             if index < 0 and msg.id in ch.held:
-                out.append((seq, ch.held.pop(msg.id)[1]))
+                out.append((seq, ch.held.pop(msg.id).kmsg))
                 continue
             data_packets += 1
             if index < 0 or index > len(ch.replies) or \
