@@ -91,6 +91,7 @@ from pymach.mach import (
     pager_data_error,
     pager_data_lock,
     pager_data_provided,
+    pager_data_provided_in_place,
     pager_data_unavailable,
     pager_flush_request,
     port_allocate,
@@ -143,6 +144,7 @@ from pymach.mach import (
 )
 from pymach.mach_vm import (
     AddressSpace,
+    PagerWindow,
     Region,
     VmRegion,
     VmStatistics,
@@ -210,6 +212,7 @@ __all__ = [
     "Message",
     "MigError",
     "Network",
+    "PagerWindow",
     "Port",
     "PortArray",
     "RcvError",
@@ -243,6 +246,7 @@ __all__ = [
     "pager_data_error",
     "pager_data_lock",
     "pager_data_provided",
+    "pager_data_provided_in_place",
     "pager_data_unavailable",
     "pager_flush_request",
     "port_allocate",

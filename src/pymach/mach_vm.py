@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
@@ -83,6 +84,61 @@ class Memory(ABC):
         Only real memory has one: native tasks."""
         raise MachError("KERN_INVALID_ARGUMENT", "the embedded kernel's memory is reached "
                         "through the software MMU and has no buffer; native tasks have one")
+
+    def pager_window(self, request: int) -> PagerWindow | None:
+        """The window (PagerWindow) of the memory object whose pager request port this
+        task names `request` (a send right: the object's manager); None where the
+        kernel keeps the object's pages in no such place (the embedded kernel; in
+        machd, an object no task maps, or the kernel's own)."""
+        return None
+
+
+class PagerWindow:
+    """The memory that holds a memory object's pages at their offsets, into which its
+    data manager may write the data the kernel asked for (native mode: the object's
+    memfd; `memory().pager_window`), then say so with pager_data_provided_in_place: the
+    data then reach the object's pages without a copy through machd. The kernel takes
+    only the pages of a range it asked for; what a manager writes anywhere else is
+    punched out or, over a page the kernel has, changes that page (the manager's own
+    object). Close it when the object's request port dies."""
+
+    def __init__(self, key: int, base: int, size: int, huge: int, fd: int,
+                 page_size: int) -> None:
+        self.key = key  # names the window to the kernel (the object's serial)
+        self.base = base  # the memory-object offset of the window's first byte
+        self.size = size  # bytes of the object the window holds
+        self.huge = huge  # the huge page size if the memfd is hugetlb, else 0
+        self.fd = fd  # (owned) read-write descriptor of the object's memfd
+        self.page_size = page_size
+
+    def fits(self, offset: int, size: int) -> bool:
+        """True if [offset, offset+size) is whole pages of the object within the window."""
+        ps = self.page_size
+        return (offset % ps == 0 and size % ps == 0 and size > 0
+                and self.base <= offset and offset - self.base + size <= self.size)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at memory-object offset `offset` (a range that `fits`)."""
+        if not self.fits(offset, len(data)):
+            raise MachError("KERN_INVALID_ARGUMENT", f"{len(data):#x} bytes at {offset:#x} "
+                            f"are not whole pages of the window")
+        at = offset - self.base
+        with memoryview(data) as view:
+            if self.huge:  # (hugetlbfs has no write(): through a mapping)
+                from pymach.pmap import hugetlb  # (deferred: only a pager of huge pages
+                # needs it, and `import pymach` loads no pmap backend)
+
+                hugetlb.write(self.fd, at, [view], self.huge)
+                return
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], at + done)
+
+    def close(self) -> None:
+        """Give the descriptor back (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class AddressSpace(Memory):
@@ -191,6 +247,15 @@ class NativeAddressSpace(Memory):
         raw = bytes(data)
         self._check(address, len(raw), VM_PROT_WRITE, fault_in=True)
         ctypes.memmove(address, raw, len(raw))
+
+    def pager_window(self, request: int) -> PagerWindow | None:
+        """See Memory.pager_window: machd hands over a descriptor of the object's memfd."""
+        thread: Any = current_thread()  # a NativeThread
+        value, fds = thread.trap_fds(traps.PAGER_WINDOW, request)
+        if not fds:
+            return None
+        key, base, size, huge, _ = value
+        return PagerWindow(key, base, size, huge, fds[0], vm_page_size())
 
     def buffer(self, address: int, size: int) -> memoryview:
         """The memory itself (numpy.frombuffer works on it): a writable memoryview where

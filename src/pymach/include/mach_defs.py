@@ -266,5 +266,15 @@ pager_defs.routine("pager_data_error", "pager_request_port",
                    "with a memory error; data it could not store stays with the kernel. "
                    "(pymach; Mach 3's memory_object_data_error.)")
 
+pager_defs.routine("pager_data_provided_in_place", "pager_request_port",
+                   [("window", INT), ("offset", INT), ("data_count", INT),
+                    ("lock_value", INT)],
+                   doc="pymach, native mode: as pager_data_provided, for data the manager "
+                   "wrote itself into the object's window (PagerWindow: memory().pager_"
+                   "window), whose key is `window`. The kernel copies nothing; it takes the "
+                   "pages of the range it asked for (a page left unwritten reads as "
+                   "zeros), asks again if pages of that range left the object meanwhile, "
+                   "and fails the waiting faults if the window is not the object's.")
+
 SUBSYSTEMS = (task_defs, port_defs, thread_defs, host_defs, vm_defs, memory_object_defs,
               pager_defs)

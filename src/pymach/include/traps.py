@@ -19,6 +19,8 @@ Traps (on a thread's connection, each answered by one REPLY):
   FAULT_IN       address, size, access        -> None
   STDIO          cwd, sys.path list, main     + 0 or 2 fds (stdout, stderr) -> None
   MAPPED         batch int                    -> None (machd has armed the batch's ranges)
+  PAGER_WINDOW   request port                 -> [key, paging offset, size, huge page, 1] + 1 fd:
+                 the object's window for its manager (read-write), or None if it has none
   EXIT           result (any wire value)      (no reply; the connection ends)
   CHANNEL_OPEN   port, reply port             -> [channel id, 2] + 2 fds: the sender's
                  end of a direct channel to the port, its shared page (include/direct.py)
@@ -49,7 +51,7 @@ from pymach.include.message import Message
 HELLO_ATTACH, HELLO_THREAD, HELLO_CONTROL, HELLO_PING = 1, 2, 3, 4
 TASK_SELF, THREAD_SELF, TASK_NOTIFY, HOST_SELF, THREAD_REPLY = 10, 11, 12, 13, 14
 MSG_SEND, MSG_RECEIVE, MSG_RPC, MSG_SEND_RECEIVE = 20, 21, 22, 23
-FAULT_IN, STDIO, EXIT, MAPPED = 30, 31, 32, 33
+FAULT_IN, STDIO, EXIT, MAPPED, PAGER_WINDOW = 30, 31, 32, 33, 34
 DETACH = 40
 CHANNEL_OPEN, CHANNEL_ACCEPT, CHANNEL_CLOSE, THREAD_ALERT, BOUNDARY = 50, 51, 52, 53, 54
 CHANNEL_BIND, CHANNEL_REPLIES, CHANNEL_HOLD, CHANNEL_CLAIM = 55, 56, 57, 58
@@ -87,6 +89,7 @@ SIGNATURES: dict[int, tuple[Any, ...]] = {
     FAULT_IN: (int, int, int),
     STDIO: (str, list, str),
     MAPPED: (int,),
+    PAGER_WINDOW: (int,),
     EXIT: (_ANY,),
     DETACH: (),
     CHANNEL_OPEN: (int, int),
@@ -108,7 +111,7 @@ NAMES = {HELLO_ATTACH: "hello_attach", HELLO_THREAD: "hello_thread",
          THREAD_SELF: "thread_self", TASK_NOTIFY: "task_notify", HOST_SELF: "host_self",
          THREAD_REPLY: "thread_reply", MSG_SEND: "msg_send", MSG_RECEIVE: "msg_receive",
          MSG_RPC: "msg_rpc", MSG_SEND_RECEIVE: "msg_send_receive", FAULT_IN: "fault_in",
-         STDIO: "stdio", EXIT: "exit",
+         STDIO: "stdio", EXIT: "exit", PAGER_WINDOW: "pager_window",
          MAPPED: "mapped", DETACH: "detach", CHANNEL_OPEN: "channel_open",
          CHANNEL_ACCEPT: "channel_accept", CHANNEL_CLOSE: "channel_close",
          THREAD_ALERT: "thread_alert", BOUNDARY: "boundary", CHANNEL_BIND: "channel_bind",

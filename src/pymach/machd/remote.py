@@ -74,7 +74,9 @@ from pymach.machd.fault_park import (
     has_parked_fault,
 )
 from pymach.pmap.uffd import UffdError
+from pymach.vm.memory_object import object_window
 from pymach.vm.vm_fault import vm_fault_trap
+from pymach.vm.vm_object import VmObject
 
 if TYPE_CHECKING:
     from pymach.include.message import Code
@@ -331,6 +333,31 @@ def _mapped(thread: Thread, args: list[Any]) -> Any:
             binding.arm(args[0])
 
 
+def _pager_window(thread: Thread, args: list[Any]) -> Any:
+    """The window of the external object whose pager request port the caller names (a
+    send right it holds: the object's manager), for pager_data_provided_in_place:
+    [key, paging offset, object size, huge page size or 0, 1] and a read-write
+    descriptor of the object's memfd (memory_object.object_window); None if it has
+    none."""
+    with thread.kernel.trap(thread):
+        name = args[0]
+        entry = thread.task.space.lookup(name)
+        obj = entry.port.kobject
+        if not entry.can_send or not isinstance(obj, VmObject) or \
+                obj.pager_request is not entry.port:
+            raise MachError("KERN_INVALID_ARGUMENT", f"port {name} is not a pager "
+                            f"request port")
+        try:
+            fd = object_window(obj)
+        except OSError as e:  # (out of descriptors)
+            raise MachError("KERN_RESOURCE_SHORTAGE", f"no window: {e.strerror or e}") \
+                from None
+        if fd is None:
+            return None
+        huge = getattr(obj.vm.phys, "huge", 0)  # (UffdPhysicalMemory's: 0 or its size)
+        return WithFds([obj.serial, obj.paging_offset, obj.size, huge, 1], [fd])
+
+
 def _binding(thread: Thread) -> NativeMapBinding | None:
     """The map-change record of the thread's task (its UffdPmap's), if it has a map."""
     vmap = thread.task.map
@@ -349,6 +376,7 @@ TRAP_TABLE: dict[int, Callable[[Thread, list[Any]], Any]] = {
     traps.MSG_SEND_RECEIVE: _msg_send_receive,
     traps.FAULT_IN: _fault_in,
     traps.MAPPED: _mapped,
+    traps.PAGER_WINDOW: _pager_window,
     traps.CHANNEL_OPEN: _channel_trap(ChannelTable.open),
     traps.CHANNEL_ACCEPT: _channel_trap(ChannelTable.accept),
     traps.CHANNEL_CLOSE: _channel_trap(ChannelTable.close),

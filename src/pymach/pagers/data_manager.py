@@ -50,7 +50,7 @@ from pymach.include.message import OOL, RCV_TIMEOUT, SEND_TIMEOUT, Int, Message
 from pymach.include.mig import Subsystem, decode_items, serve_message
 from pymach.include.vm_param import VM_PROT_NONE
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
-from pymach.mach_vm import NativeAddressSpace, memory, vm_page_size
+from pymach.mach_vm import NativeAddressSpace, PagerWindow, memory, vm_page_size
 
 log = logging.getLogger("pymach.pagers")
 STOP_ID = 2299
@@ -60,21 +60,26 @@ STOP_ID = 2299
 # (_answer): one kernel call per request.
 _provided_message = mach.oneway_message(pager_defs, "pager_data_provided")
 _unavailable_message = mach.oneway_message(pager_defs, "pager_data_unavailable")
+_in_place_message = mach.oneway_message(pager_defs, "pager_data_provided_in_place")
 _answers = threading.local()  # .folding: in the default pager_data_request on a serving
 # thread; .held: the answer it made, sent with the thread's next receive
 _DATA_WRITE = memory_object_defs.by_name["pager_data_write"]
 _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferred", "_lock",
-                         "_started", "_busy", "_writes", "_writing"})
+                         "_started", "_busy", "_writes", "_writing", "_windows",
+                         "window_bytes"})
 Write = tuple[int, int, OOL, int]  # memory object, offset, data, data_count
 WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
 OOL_MIN = 1 << 20  # provided data this large go out of line in a native task (provide)
 STAGING_PAGES = 16  # ... through the thread's staging region if so many pages hold them
+WINDOW_MIN = 64 << 10  # read()'s data this large go through the object's window
 
 
 class DataManager:
     """Base class of user-level data managers (see module docstring)."""
 
     threads: ClassVar[int] = 2
+    window_min: ClassVar[int] = WINDOW_MIN  # read()'s data this large go through the
+    # object's window where it has one (0: never)
     max_threads: ClassVar[int] = 16
     staging_pages: ClassVar[int] = STAGING_PAGES  # provide()'s, for read()'s data
     services: ClassVar[tuple[Subsystem, ...]] = ()
@@ -90,6 +95,9 @@ class DataManager:
         self._started = self._busy = 0
         self._writes: deque[Write] = deque()
         self._writing = False
+        self.window_bytes = 0  # (_lock) bytes of read()'s data written into windows
+        self._windows: dict[int, PagerWindow | None] = {}  # request port -> the object's
+        # window (None: it has none), asked once, closed when the request port dies
 
     if not TYPE_CHECKING:  # (for mypy the base class's state is declared above)
         def __getattr__(self, name: str) -> Any:
@@ -257,6 +265,10 @@ class DataManager:
     def _request_died(self, request: int) -> None:
         """A kernel's request port for one of our objects died: it let the object go."""
         mo = self._by_request.pop(request, None)
+        with self._lock:
+            window = self._windows.pop(request, None)
+        if window is not None:
+            window.close()
         if mo is not None:
             self.uses.get(mo, {}).pop(request, None)
             self.pager_terminate(mo, request)
@@ -296,8 +308,41 @@ class DataManager:
         data = self.read(memory_object, offset, length, access)
         if data is None:
             _data_unavailable(request, offset, length)
-        else:
+        elif not self._placed(request, offset, data):
             provide(request, offset, data, staging_pages=self.staging_pages)
+
+    def _placed(self, request: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write read()'s data into the object's window and say so to the kernel
+        (pager_data_provided_in_place), if the object has a window and the data are
+        whole pages of at least `window_min` bytes; False if not (nothing done)."""
+        if not self.window_min or len(data) < self.window_min:
+            return False
+        window = self._window(request)
+        if window is None or not window.fits(offset, len(data)):
+            return False
+        window.write(offset, data)
+        with self._lock:
+            self.window_bytes += len(data)
+        _answer(_in_place_message(request, window.key, offset, len(data), VM_PROT_NONE),
+                True)
+        return True
+
+    def _window(self, request: int) -> PagerWindow | None:
+        """The window of the object whose request port is `request`, asked of the kernel
+        the first time (memory().pager_window), then kept until the port dies."""
+        with self._lock:
+            if request in self._windows:
+                return self._windows[request]
+        try:
+            window = memory().pager_window(request)
+        except MachError:  # (the port died meanwhile, say): the data go in the message
+            window = None
+        with self._lock:
+            kept = self._windows.setdefault(request, window) \
+                if request in self._by_request else None
+        if window is not None and kept is not window:  # another thread's, or too late
+            window.close()
+        return kept
 
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """A kernel writes changed data back: store it with `write()`."""

@@ -86,7 +86,7 @@ def write(fd: int, offset: int, chunks: list[bytes | memoryview], huge: int) -> 
     start = offset - offset % huge
     end = offset + sum(len(c) for c in chunks)
     length = -(-(end - start) // huge) * huge
-    _allocate(fd, start, length)
+    allocate_run(fd, start, length)
     with mmap.mmap(fd, length, flags=mmap.MAP_SHARED | MAP_NORESERVE, offset=start) as m:
         pos = offset - start
         for chunk in chunks:
@@ -97,10 +97,10 @@ def write(fd: int, offset: int, chunks: list[bytes | memoryview], huge: int) -> 
 def zero(fd: int, offset: int, length: int) -> None:
     """Make [offset, offset+length) of a hugetlb memfd fresh zeroed pages."""
     punch_hole(fd, offset, length)
-    _allocate(fd, offset, length)
+    allocate_run(fd, offset, length)
 
 
-def _allocate(fd: int, offset: int, length: int) -> None:
+def allocate_run(fd: int, offset: int, length: int) -> None:
     """`allocate`, an empty pool being KERN_RESOURCE_SHORTAGE."""
     try:
         allocate(fd, offset, length)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from pymach.include.traps import MAP_FD, MAP_FDS_MAX, MAP_PROTECT, MAP_UNMAP
 from pymach.include.vm_param import VM_PROT_WRITE
-from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, UffdError
+from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, MODE_WP, UffdError, reopen
 
 if TYPE_CHECKING:
     from pymach.pmap.uffd_pmap import ObjectStore, UffdPhysicalMemory, UffdPmap
@@ -80,8 +80,7 @@ class NativeMapBinding:
         shared = bool(entry.max_protection & VM_PROT_WRITE)
         for start, length, obj, offset in _pieces(entry):
             store = self.phys.store_for(obj, offset + length)
-            fd = os.dup(store.fd) if shared else os.open(f"/proc/self/fd/{store.fd}",
-                                                         os.O_RDONLY | os.O_CLOEXEC)
+            fd = reopen(store.fd, writable=shared)
             self.pending.append([MAP_FD, start, length, fd, offset, entry.protection,
                                  int(shared)])
             self.regions[start] = (store, offset, length)

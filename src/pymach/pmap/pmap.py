@@ -213,6 +213,23 @@ class PhysicalMemory(Protocol):
         for the block, so the data cannot change meanwhile."""
         ...
 
+    # Data an object's manager writes in place (memory_object.py, pager windows): where
+    # the machine keeps an object's pages in one file at their offsets, the manager may
+    # write the data it provides there itself, and the VM only accounts for the pages.
+    def object_window(self, obj: object) -> int | None:
+        """A new descriptor (the caller's to close), read-write and with an open file
+        description of its own, of the file that holds VM object `obj`'s pages at
+        their offsets; None if the machine keeps the object's pages in no such file
+        (simulated frames; an object no task maps)."""
+        ...
+
+    def phys_placed_run(self, frames: list[int]) -> None:
+        """The frames, bound to adjacent pages of one object that has a window
+        (object_window), hold what its manager wrote there: nothing is copied; a page
+        of them it left unwritten reads as zeros from now on. KERN_RESOURCE_SHORTAGE if
+        the machine has no memory for such a page."""
+        ...
+
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         """A frame now caches page `offset` of VM object `obj` (vm_page_insert)."""
         ...

@@ -23,6 +23,7 @@ import mmap
 import threading
 from typing import Any
 
+from pymach.errors import MachError
 from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
 
 _PROT_MASK = 0x7
@@ -175,6 +176,14 @@ class SoftPhysicalMemory:
                     ) -> contextlib.AbstractContextManager[memoryview | None]:
         """Simulated frames lie anywhere in memory: no view of an object (None)."""
         return contextlib.nullcontext(None)
+
+    def object_window(self, obj: object) -> int | None:
+        """Simulated frames lie in no file: no window."""
+        return None
+
+    def phys_placed_run(self, frames: list[int]) -> None:
+        """Never asked (no window is ever given): an error if it is."""
+        raise MachError("KERN_FAILURE", "simulated frames have no object windows")
 
     # -- where frames live: simulated frames are anonymous, nothing to do --------------
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:

@@ -267,6 +267,15 @@ def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> None:
             raise UffdError(e, f"{what}: {os.strerror(e)}")
 
 
+def reopen(fd: int, writable: bool) -> int:
+    """A new descriptor (close-on-exec) of the file `fd` names, read-write or read-only,
+    with an open file description of its own: what a task is handed, so that nothing it
+    does to its descriptor's status flags (O_APPEND, which makes every pwrite append)
+    reaches machd's."""
+    return os.open(f"/proc/self/fd/{fd}",
+                   (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Drop [offset, offset+length) of a memfd: the pages leave every mapping, and the
     next access is a missing fault again."""

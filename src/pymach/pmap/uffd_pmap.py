@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pymach.errors import MachError
 from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
 from pymach.pmap import hugetlb
 from pymach.pmap import uffd as linux
@@ -472,6 +473,34 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             if home is store and start <= at < end:
                 return False
         return _data_runs(store.fd, start, end) == [(start, end)]
+
+    # -- data an object's manager writes in place (pager windows: the contract) -----------
+    def object_window(self, obj: Any) -> int | None:
+        """A new read-write descriptor of the object's memfd, with its own open file
+        description (linux.reopen); None if no task maps the object (it has no memfd)."""
+        with self.lock:
+            store = self.stores.get(obj.serial)
+            return None if store is None else linux.reopen(store.fd, writable=True)
+
+    def phys_placed_run(self, frames: list[int]) -> None:
+        """Give the run's pages of its memfd memory where the manager left holes (one
+        fallocate, which keeps the pages it wrote); the frames must be adjacent pages
+        of one object's memfd, none stashed (KERN_FAILURE otherwise: a VM bug)."""
+        ps = self.page_size
+        with self.lock:
+            store, base = self.homes[frames[0]]
+            if store is self.free_store or any(
+                    self.homes[f] != (store, base + i * ps) or f in self.stash
+                    for i, f in enumerate(frames)):
+                raise MachError("KERN_FAILURE", "placed pages are not one run of a memfd")
+            if self.huge:
+                hugetlb.allocate_run(store.fd, base, len(frames) * ps)
+                return
+            try:
+                linux.allocate(store.fd, base, len(frames) * ps)
+            except UffdError as e:
+                raise MachError("KERN_RESOURCE_SHORTAGE", f"no memory for a page the "
+                                f"data manager left unwritten: {e.strerror}") from None
 
     def _home(self, frame: int) -> tuple[ObjectStore, int]:
         return self.homes[frame]

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 from pymach.errors import MachError, code_name
 from pymach.include.mach_defs import memory_object_defs
 from pymach.include.message import Disposition, Int
-from pymach.include.vm_param import VM_PROT_ALL, VM_PROT_NONE, VM_PROT_WRITE, check_int, check_prot
+from pymach.include.vm_param import (
+    VM_PROT_ALL,
+    VM_PROT_NONE,
+    VM_PROT_READ,
+    VM_PROT_WRITE,
+    check_int,
+    check_prot,
+)
 from pymach.ipc.ipc_mqueue import mqueue_enqueue
 from pymach.ipc.ipc_right import port_destroy
 from pymach.ipc.kmsg import KOOL, KMsg, KPort
@@ -145,7 +152,15 @@ def pager_init(obj: VmObject) -> None:
 
 
 def pager_data_request(obj: VmObject, offset: int, length: int, access: int) -> None:
-    """Ask the manager for data of [offset, offset+length) of the object."""
+    """Ask the manager for data of [offset, offset+length) of the object (noted, for
+    an external object, for an answer in place: the newest WINDOW_ASKED_MAX requests of
+    an object are kept)."""
+    if not obj.internal:
+        asked = obj.window_asked
+        asked.pop(offset, None)
+        asked[offset] = [offset + length, 0, obj.pages_gone]
+        if len(asked) > WINDOW_ASKED_MAX:
+            del asked[next(iter(asked))]
     _send(obj, obj.pager, "pager_data_request",
           [_send_right(obj.pager_request), Int(offset + obj.paging_offset), Int(length),
            Int(access)])
@@ -485,7 +500,40 @@ class PagerServer:
         start = check_int(offset, "offset")
         _check_live(obj)
         with copy_view(current_thread(), data) as raw:  # no copy: see copy_view
-            settled = _provide(obj, start, raw[:count], lock)
+            raw = raw[:count]
+            settled = _provide(obj, start, len(raw), lock, raw)
+        if settled and not obj.internal:  # never evict what the faults wait for
+            _enforce_manager_limit(obj, keep=settled)
+
+    def pager_data_provided_in_place(self, obj: VmObject, window: int, offset: int,
+                                     data_count: int, lock_value: int) -> None:
+        """pager_data_provided of data the manager wrote into the object's window
+        (`object_window`, whose key is `window`) itself: the kernel takes the pages as
+        pager_data_provided would, copying nothing (a page it left unwritten is zeros),
+        and punches out what it wrote where the kernel takes no page. Without that
+        window, the faults waiting on the range fail (pager_data_error) rather than
+        wait, and the call fails."""
+        _trace_call(obj, "pager_data_provided_in_place", offset, data_count, lock_value)
+        lock = check_prot(lock_value, "lock_value")
+        start = check_int(offset, "offset")
+        count = check_int(data_count, "data_count")
+        _check_live(obj)
+        if count > PLACED_MAX:
+            raise MachError("KERN_INVALID_ARGUMENT", f"{count:#x} bytes placed at once "
+                            f"(at most {PLACED_MAX:#x}, as much as a message carries)")
+        if not obj.windowed or check_int(window, "window") != obj.serial:
+            self.pager_data_error(obj, start, count,
+                                  MachError("KERN_INVALID_ARGUMENT").value)
+            raise MachError("KERN_INVALID_ARGUMENT", f"data placed in window {window}, "
+                            f"which is not object {obj.serial}'s")
+        asked = obj.window_asked.pop(start - obj.paging_offset, None)
+        if asked is None or asked[1]:  # not an answer, or its data may be punched
+            _ask_again(obj, start, count)
+            _drop_unplaced(obj, start, count)
+            return
+        asked_count = min(count, asked[0] - (start - obj.paging_offset))
+        settled = _provide(obj, start, asked_count, lock, None)
+        _drop_unplaced(obj, start, count)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
 
@@ -553,24 +601,31 @@ class PagerServer:
             object_cache_remove(obj, terminate=True)
 
 
+WINDOW_ASKED_MAX = 64  # requests of one object noted for answers in place at most
+PLACED_MAX = 64 << 20  # bytes one pager_data_provided_in_place covers at most (as much
+# as a message's data: the kernel's work per call stays bounded)
+
+
 def _check_live(obj: VmObject) -> None:
     if not obj.alive:
         raise MachError("KERN_INVALID_ARGUMENT", f"object {obj.serial} has been terminated")
 
 
-def _provide(obj: VmObject, offset: int, raw: memoryview, lock: int) -> set[VmPage]:
-    """Put the whole pages of data provided for [offset, offset+len(raw)) of the
-    memory object into `obj`: the pages faults wait for, and pages nobody asked for
-    while the manager's room and free memory allow (never over a page the kernel has
-    or is paging out). New pages are made in one step (vm_page_grab_run) and each run
-    of adjacent pages is written with one backend call (phys_write_run). Returns the
+def _provide(obj: VmObject, offset: int, count: int, lock: int,
+             raw: memoryview | None) -> set[VmPage]:
+    """Put the whole pages of data provided for [offset, offset+count) of the memory
+    object into `obj`: the pages faults wait for, and pages nobody asked for while the
+    manager's room and free memory allow (never over a page the kernel has or is paging
+    out). New pages are made in one step (vm_page_grab_run) and each run of adjacent
+    pages is written with one backend call (phys_write_run of `raw`, the data), or,
+    `raw` None, taken as the manager wrote it in place (phys_placed_run). Returns the
     waited-for pages it settled (woken once)."""
     vm = obj.vm
     ps, base, memq, pending = vm.page_size, offset - obj.paging_offset, obj.memq, obj.pending
     room = min(_manager_room(obj), vm.read_ahead_room())
     new: list[int] = []  # offsets to fill anew, in order
     absent: list[tuple[int, VmPage]] = []  # (how many new offsets come before it, page)
-    for off in _range(obj, offset, len(raw)):
+    for off in _range(obj, offset, count):
         page = memq.get(off)
         if page is None:
             if len(new) < room and off not in pending:
@@ -580,11 +635,67 @@ def _provide(obj: VmObject, offset: int, raw: memoryview, lock: int) -> set[VmPa
     made = vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else []
     fills = _in_offset_order(made, absent)
     for lo, hi in _page_runs(fills, ps):
-        first = fills[lo].offset - base
-        vm.phys.phys_write_run([p.frame for p in fills[lo:hi]],
-                               raw[first:first + (hi - lo) * ps])
+        frames = [p.frame for p in fills[lo:hi]]
+        if raw is None:
+            vm.phys.phys_placed_run(frames)
+        else:
+            first = fills[lo].offset - base
+            vm.phys.phys_write_run(frames, raw[first:first + (hi - lo) * ps])
     _settle(obj, fills, lock)
     return {page for _, page in absent}
+
+
+def _drop_unplaced(obj: VmObject, offset: int, count: int) -> None:
+    """Punch out of the object's window what its manager wrote in [offset,
+    offset+count) where the object has no page and none is being paged out (no room
+    for it, say): the window holds data only where the kernel has a page."""
+    ps, memq, pending = obj.vm.page_size, obj.memq, obj.pending
+    runs: list[tuple[int, int]] = []
+    for off in _range(obj, offset, count):
+        if off in memq or off in pending:
+            continue
+        if runs and runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], off + ps)
+        else:
+            runs.append((off, off + ps))
+    if runs:
+        obj.vm.phys.frames_discard(obj, runs, [])
+
+
+def _ask_again(obj: VmObject, offset: int, count: int) -> None:
+    """An answer in place that the kernel cannot take (it answers no request it knows
+    of, or a page of its range left the object after the request, so the window may
+    have lost its data there): ask the manager again for each run of pages of the range
+    that faults wait for."""
+    ps = obj.vm.page_size
+    runs: list[tuple[int, int]] = []
+    for off in _range(obj, offset, count):
+        page = obj.memq.get(off)
+        if page is None or not page.absent:
+            continue
+        if runs and runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], off + ps)
+        else:
+            runs.append((off, off + ps))
+    for start, end in runs:
+        pager_data_request(obj, start, end - start, VM_PROT_READ)
+
+
+def object_window(obj: VmObject) -> int | None:
+    """A descriptor of the window through which the manager of external object `obj`
+    may write the data it provides (pager_data_provided_in_place): the memory that
+    holds the object's pages at their offsets (the caller owns the descriptor). None
+    where the machine keeps no such memory (simulated frames; an object no task maps)
+    and for the kernel's own objects. Kernel lock held."""
+    _check_live(obj)
+    if obj.internal:
+        return None
+    fd = obj.vm.phys.object_window(obj)
+    if fd is not None and not obj.windowed:  # requests made before: stale if a page
+        for asked in obj.window_asked.values():  # has left the object since
+            asked[1] |= asked[2] != obj.pages_gone
+        obj.windowed = True
+    return fd
 
 
 def _in_offset_order(made: list[VmPage], absent: list[tuple[int, VmPage]]) -> list[VmPage]:
@@ -739,10 +850,12 @@ def _take_back(obj: VmObject, off: int) -> None:
 
 
 __all__ = [
+    "PLACED_MAX",
     "VM_PROT_WRITE",
     "ObjectName",
     "PagerServer",
     "object_clean",
+    "object_window",
     "pager_create",
     "pager_data_request",
     "pager_data_write",

@@ -74,6 +74,11 @@ class VmObject:
         self.pageout_failed: tuple[int, float] | None = None  # (swap epoch, time) of the
         # last pager_data_error for a pageout (vm_pageout._failed_recently)
         self.can_persist = False  # pager_cache: keep after the last reference
+        self.windowed = False  # its manager was given a window (memory_object.py)
+        self.pages_gone = 0  # external: pages that have left it (freed or moved)
+        self.window_asked: dict[int, list[int]] = {}  # external: the offset of each
+        # pager_data_request not yet answered in place -> [its end, 1 once a page of its
+        # range may have left it since (its window data punched), pages_gone then]
         self.lazy_frames: list[int] | None = None  # frames held for the pages the machine
         # zero-fills on its own (vm_page.py, "Zero fill by the machine"); None: the VM
         # knows every resident page of the object
@@ -83,6 +88,19 @@ class VmObject:
 
     def __repr__(self) -> str:
         return f"<VmObject {self.serial} {self.label} size={self.size:#x} refs={self.ref_count}>"
+
+    def pages_left(self, pages: list[VmPage]) -> None:
+        """`pages` left this external object (freed or moved: their window data, if it
+        has a window, punched): counted, and, once it has a window, each outstanding
+        request whose range held one is marked, so that its answer in place is not
+        taken (memory_object.py). Kernel lock held."""
+        self.pages_gone += len(pages)
+        if not self.windowed:
+            return
+        for start, asked in self.window_asked.items():
+            if not asked[1]:
+                end = asked[0]
+                asked[1] = int(any(start <= page.offset < end for page in pages))
 
     def has_busy_pages(self) -> bool:
         """True while any resident page is in transit."""

@@ -145,6 +145,8 @@ class VmResident:
 
     def vm_page_rename(self, page: VmPage, obj: VmObject, offset: int) -> None:
         """Move a tabled page, data and all, to another object and offset."""
+        if page.object is not None and not page.object.internal:
+            page.object.pages_left([page])
         self._untable(page)
         self._table(page, obj, offset)
         self.phys.frame_move(page.frame, obj, offset)
@@ -212,6 +214,8 @@ class VmResident:
         if not pages:
             return
         if obj is not None:
+            if not obj.internal:
+                obj.pages_left(pages)
             memq = obj.memq
             if len(pages) == len(memq):  # all of them: the object's table empties at once
                 memq.clear()

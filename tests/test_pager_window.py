@@ -1,0 +1,212 @@
+"""Pager windows: a data manager writes the data the kernel asked for into the object's
+memory itself (native: the object's memfd) and says so with
+pager_data_provided_in_place; machd copies nothing (memory_object.py, "windows").
+
+The native tests run against a machd of their own with 64-page clusters, so that the
+default DataManager's answers are large enough to go through the window; the last test
+drives the kernel's side of the protocol in the embedded kernel, with a stand-in for the
+machine's window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pymach as m
+from machutil import start_thread, wait_until
+from nativeutil import running_machd
+from pagerutil import Pager
+from pymach import Message
+from pymach.libmach.task import attach, detach
+from pymach.vm.memory_object import object_window
+
+PS = 4096
+PAGES = 256  # a 1 MiB object: four 64-page clusters
+
+
+@pytest.fixture(scope="module")
+def window_machd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from running_machd(tmp_path_factory, "--memory", "256M", "--pager-cluster", "64")
+
+
+@pytest.fixture
+def task(window_machd: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    attach(window_machd, name=request.node.name[:40])
+    try:
+        yield window_machd
+    finally:
+        detach()
+
+
+def page_data(page: int, version: int = 0) -> bytes:
+    """Page `page` of the test objects: its number and a version, repeated."""
+    return (page * 1000 + version).to_bytes(8, "little") * (PS // 8)
+
+
+class Numbered(m.DataManager):
+    """Page n holds n (page_data); `window_min` as the test sets it."""
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        return b"".join(page_data(offset // PS + i) for i in range(length // PS))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _serve(manager: m.DataManager) -> Any:
+    """Hand a new object of `manager` to whoever asks (task notify port), serve it, and
+    return what the manager's class says it saw."""
+    mo = manager.create_memory_object()
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                       items=[m.Port(mo, m.MAKE_SEND)]))
+    manager.serve()
+    return manager.window_bytes, getattr(manager, "asked", None)
+
+
+def _numbered(window_min: int) -> Any:
+    manager = Numbered()
+    manager.window_min = window_min  # type: ignore[misc]
+    return _serve(manager)
+
+
+def _map_from(pager: Any, pages: int) -> int:
+    """Map `pages` pages of the object the spawned pager task hands out."""
+    me = m.task_self()
+    box = m.port_allocate(me)
+    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    return m.vm_allocate_with_pager(me, 0, pages * PS, True, mo, 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("window_min", [64 << 10, 0])
+def test_a_data_manager_writes_asked_data_into_the_window(task: str, window_min: int) -> None:
+    pager = m.spawn(_numbered, window_min, name="numbered")
+    a = _map_from(pager, PAGES)
+    view = np.frombuffer(m.memory().buffer(a, PAGES * PS), dtype=np.int64)
+    firsts = view.reshape(PAGES, PS // 8)
+    assert [int(firsts[i, 0]) for i in range(PAGES)] == [i * 1000 for i in range(PAGES)]
+    assert all(int(firsts[i].min()) == int(firsts[i].max()) for i in range(PAGES))
+    del view, firsts
+    m.vm_deallocate(m.task_self(), a, PAGES * PS)
+    placed, _ = pager.result(20_000)
+    assert placed == (PAGES * PS if window_min else 0)  # every cluster went in place
+
+
+class Scripted(m.DataManager):
+    """Answers each request in place as its `script` says, from the window it asks for:
+    "wrong key" (names another window), "write and more" (writes the asked pages and
+    the page after them, and says so for all of them), "write nothing"."""
+
+    threads = 1
+    script: tuple[str, ...] = ()
+
+    def pager_data_request(self, memory_object: int, request: int, offset: int,
+                           length: int, access: int) -> None:
+        self.asked.append((offset, length))
+        step = self.script[min(len(self.asked), len(self.script)) - 1]
+        window = self._window(request)
+        assert window is not None
+        key, count = window.key, length
+        if step == "wrong key":
+            key += 1
+        elif step == "write and more":
+            count += PS
+            window.write(offset, b"".join(page_data(offset // PS + i, 1)
+                                          for i in range(count // PS)))
+        with contextlib.suppress(m.MachError):  # (the kernel's refusal comes back)
+            m.pager_data_provided_in_place(request, key, offset, count, m.VM_PROT_NONE)
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _scripted(*script: str) -> Any:
+    manager = Scripted()
+    manager.script = script
+    manager.asked = []  # type: ignore[attr-defined]
+    return _serve(manager)
+
+
+def test_data_placed_in_another_window_fail_the_faults(task: str) -> None:
+    pager = m.spawn(_scripted, "wrong key", name="wrong-key")
+    a = _map_from(pager, 1)
+    with pytest.raises(m.MachError) as e:
+        m.memory().read(a, 8)
+    assert e.value.code == "KERN_MEMORY_ERROR"
+    m.vm_deallocate(m.task_self(), a, PS)
+    pager.result(20_000)
+
+
+def test_what_a_manager_writes_beyond_the_asked_range_is_punched_out(task: str) -> None:
+    pager = m.spawn(_scripted, "write and more", "write nothing", name="punch")
+    a = _map_from(pager, 65)  # page 0's fault asks for a 64-page cluster
+    mem = m.memory()
+    assert [mem.read(a + i * PS, 8) for i in range(64)] == \
+        [page_data(i, 1)[:8] for i in range(64)]
+    # Page 64 was written but not asked for: punched out, so the answer in place that
+    # writes nothing leaves zeros there, not the first answer's data.
+    assert mem.read(a + 64 * PS, PS) == bytes(PS)
+    m.vm_deallocate(m.task_self(), a, 65 * PS)
+    _, requests = pager.result(20_000)
+    assert requests == [(0, 64 * PS), (64 * PS, PS)]
+
+
+
+# -- the kernel's side, in the embedded kernel with a stand-in window ------------------------
+def _stand_in_window(kernel: Any) -> list[int]:
+    """Give the embedded machine windows: object_window hands out a descriptor of
+    /dev/null, and the "manager's writes" are pages of 5s put into the frames when the
+    kernel takes them (phys_placed_run). Returns the list of frames placed."""
+    phys, placed = kernel.vm.phys, list[int]()
+
+    def place(frames: list[int]) -> None:
+        placed.extend(frames)
+        for frame in frames:
+            phys.phys_write(frame, b"\5" * PS)
+
+    phys.object_window = lambda obj: os.open(os.devnull, os.O_RDONLY)
+    phys.phys_placed_run = place
+    return placed
+
+
+def test_an_answer_in_place_whose_range_lost_a_page_is_asked_again(kernel: Any) -> None:
+    placed = _stand_in_window(kernel)
+    pager = Pager(size=2 * PS)
+    a = pager.map()
+    request = pager.init()
+    (obj,) = [o for o in kernel.vm.pager_objects.values() if not o.internal]
+    with kernel.sched.lock:
+        os.close(object_window(obj))  # (as the trap would: the manager asked for it)
+    _, box = start_thread(lambda: m.memory().read(a, 8))
+    assert pager.expect("pager_data_request")[1:3] == [0, PS]
+    with kernel.sched.lock:  # a page of the asked range leaves the object meanwhile
+        obj.pages_left([SimpleNamespace(offset=0)])
+    m.pager_data_provided_in_place(request, obj.serial, 0, PS, m.VM_PROT_NONE)
+    assert pager.expect("pager_data_request")[1:3] == [0, PS]  # asked again, not taken
+    assert placed == [] and "done" not in box
+    m.pager_data_provided_in_place(request, obj.serial, 0, PS, m.VM_PROT_NONE)
+    wait_until(lambda: "done" in box)
+    assert box.get("result") == b"\5" * 8 and len(placed) == 1
+
+
+def test_an_answer_in_place_without_a_window_fails_the_faults(kernel: Any) -> None:
+    pager = Pager(size=PS)
+    a = pager.map()
+    request = pager.init()
+    (obj,) = [o for o in kernel.vm.pager_objects.values() if not o.internal]
+    _, box = start_thread(lambda: m.memory().read(a, 8))
+    pager.expect("pager_data_request")
+    with pytest.raises(m.MachError) as e:  # the embedded machine has no windows
+        m.pager_data_provided_in_place(request, obj.serial, 0, PS, m.VM_PROT_NONE)
+    assert e.value.code == "KERN_INVALID_ARGUMENT"
+    wait_until(lambda: "done" in box)
+    assert box.get("error") == "KERN_MEMORY_ERROR"
