@@ -84,7 +84,8 @@ def _map_from(pager: Any, pages: int) -> int:
     notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
     m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
     mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
-    return m.vm_allocate_with_pager(me, 0, pages * PS, True, mo, 0)  # type: ignore[arg-type]
+    address: int = m.vm_allocate_with_pager(me, 0, pages * PS, True, mo, 0)
+    return address
 
 
 @pytest.mark.parametrize("window_min", [64 << 10, 0])
@@ -108,6 +109,7 @@ class Scripted(m.DataManager):
 
     threads = 1
     script: tuple[str, ...] = ()
+    asked: list[tuple[int, int]]
 
     def pager_data_request(self, memory_object: int, request: int, offset: int,
                            length: int, access: int) -> None:
@@ -132,7 +134,7 @@ class Scripted(m.DataManager):
 def _scripted(*script: str) -> Any:
     manager = Scripted()
     manager.script = script
-    manager.asked = []  # type: ignore[attr-defined]
+    manager.asked = []
     return _serve(manager)
 
 
@@ -185,7 +187,9 @@ def test_an_answer_in_place_whose_range_lost_a_page_is_asked_again(kernel: Any) 
     request = pager.init()
     (obj,) = [o for o in kernel.vm.pager_objects.values() if not o.internal]
     with kernel.sched.lock:
-        os.close(object_window(obj))  # (as the trap would: the manager asked for it)
+        fd = object_window(obj)  # (as the trap would: the manager asked for it)
+        assert fd is not None
+        os.close(fd)
     _, box = start_thread(lambda: m.memory().read(a, 8))
     assert pager.expect("pager_data_request")[1:3] == [0, PS]
     with kernel.sched.lock:  # a page of the asked range leaves the object meanwhile
