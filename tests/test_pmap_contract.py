@@ -12,6 +12,8 @@ translation of a task in the middle of its program does not change what it reads
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -873,3 +875,39 @@ def test_enter_around_maps_only_the_pages_not_mapped(phys: Any) -> None:
     assert [pmap.pmap_access(v * PS) for v in (8, 9, 10, 11)] == [R, RW, R, R]
     phys.pmap_page_protect(7, NONE)  # the pv lists know the entered pages
     assert pmap.pmap_extract(10 * PS) is None and pmap.pmap_extract(11 * PS) == 8
+
+
+def test_object_window_holds_the_objects_pages_where_the_machine_has_one(phys: Any) -> None:
+    """object_window: None for an object no task maps, on every backend; where the
+    machine keeps a mapped object's pages in one file (the native backend: store_for),
+    a read-write descriptor of it with an open file description of its own: what is
+    written there at an offset is the page of the frame bound there once
+    phys_placed_run takes it, and a page left unwritten reads as zeros."""
+    obj = _Object(10**9 + 5)
+    assert phys.object_window(obj) is None
+    if not phys.maps_objects:
+        return
+    phys.store_for(obj)
+    fd = phys.object_window(obj)
+    assert fd is not None
+    try:
+        # O_APPEND changes only the window's own description: machd's writes below
+        # still land at their offsets (this one lands at the file's end, not page 3)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        os.pwrite(fd, b"\7" * PS, 3 * PS)
+    finally:
+        os.close(fd)
+    fd = phys.object_window(obj)
+    assert fd is not None
+    try:
+        os.pwrite(fd, b"\3" * PS, 2 * PS)
+    finally:
+        os.close(fd)
+    phys.frames_bind([4, 5], obj, [2 * PS, 3 * PS])
+    phys.phys_placed_run([4, 5])
+    assert phys.phys_read(4) == b"\3" * PS
+    assert phys.phys_read(5) == bytes(PS)  # left unwritten: zeros
+    phys.phys_write(5, b"\5" * PS)  # machd's own writes land at their offsets
+    assert phys.phys_read(5) == b"\5" * PS
+    phys.frames_discard(obj, [(2 * PS, 4 * PS)], [4, 5])
+    phys.object_gone(obj)

@@ -17,6 +17,10 @@ thread of the manager's task:
 - `read()`'s data go back with `provide` (pager_data_provided without waiting): in a
   native task, data of OOL_MIN bytes or more go out of line (machd then copies them
   into the object's pages once per run instead of reading them from its socket).
+  Better, where the object has a window (a native task, an object a task maps): data
+  of `window_min` bytes or more of whole pages are written into the object's memory
+  here and announced with pager_data_provided_in_place, so machd copies nothing
+  (`_placed`; the window is asked for once per request port, closed when it dies).
 - Or override the paper's handlers themselves: `pager_init`, `pager_data_request`,
   `pager_data_write`, `pager_data_unlock`, and `pager_terminate` (the kernel let go of
   the object: its request port died).

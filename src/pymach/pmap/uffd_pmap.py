@@ -484,20 +484,21 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
 
     def phys_placed_run(self, frames: list[int]) -> None:
         """Give the run's pages of its memfd memory where the manager left holes (one
-        fallocate, which keeps the pages it wrote); the frames must be adjacent pages
-        of one object's memfd, none stashed (KERN_FAILURE otherwise: a VM bug)."""
-        ps = self.page_size
+        fallocate, which keeps the pages it wrote). The frames must be adjacent pages
+        of one object's memfd (the VM's runs), none stashed: KERN_FAILURE, a VM bug,
+        where the first and last frames or the stash show otherwise."""
+        ps, n = self.page_size, len(frames)
         with self.lock:
             store, base = self.homes[frames[0]]
-            if store is self.free_store or any(
-                    self.homes[f] != (store, base + i * ps) or f in self.stash
-                    for i, f in enumerate(frames)):
+            if store is self.free_store or self.homes[frames[-1]] != (
+                    store, base + (n - 1) * ps) or (
+                    self.stash and any(f in self.stash for f in frames)):
                 raise MachError("KERN_FAILURE", "placed pages are not one run of a memfd")
             if self.huge:
-                hugetlb.allocate_run(store.fd, base, len(frames) * ps)
+                hugetlb.allocate_run(store.fd, base, n * ps)
                 return
             try:
-                linux.allocate(store.fd, base, len(frames) * ps)
+                linux.allocate(store.fd, base, n * ps)
             except UffdError as e:
                 raise MachError("KERN_RESOURCE_SHORTAGE", f"no memory for a page the "
                                 f"data manager left unwritten: {e.strerror}") from None
