@@ -11,7 +11,9 @@ machine's window.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -88,7 +90,7 @@ def _map_from(pager: Any, pages: int) -> int:
     return address
 
 
-@pytest.mark.parametrize("window_min", [64 << 10, 0])
+@pytest.mark.parametrize("window_min", [1, 64 << 10, 0])
 def test_a_data_manager_writes_asked_data_into_the_window(task: str, window_min: int) -> None:
     pager = m.spawn(_numbered, window_min, name="numbered")
     a = _map_from(pager, PAGES)
@@ -161,6 +163,120 @@ def test_what_a_manager_writes_beyond_the_asked_range_is_punched_out(task: str) 
     _, requests = pager.result(20_000)
     assert requests == [(0, 64 * PS), (64 * PS, PS)]
 
+
+
+class Late(m.DataManager):
+    """Numbered, but the answer for offset 0 comes `late` seconds late (2 threads serve,
+    so later requests are answered meanwhile); every request is noted."""
+
+    late = 0.5
+    asked: list[tuple[int, int]]
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        self.asked.append((offset // PS, length // PS))
+        if offset == 0:
+            time.sleep(self.late)
+        return b"".join(page_data(offset // PS + i) for i in range(length // PS))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _late() -> Any:
+    manager = Late()
+    manager.asked = []
+    return _serve(manager)
+
+
+def test_a_late_answer_never_lands_on_a_page_a_client_changed(task: str) -> None:
+    """Page 10 lies in the cluster asked for page 0, whose answer comes late: a fault
+    on page 10 waits for that answer instead of asking again (a second, overlapping
+    request answered first would let the late one's window write land on page 10
+    after the client changed it)."""
+    pager = m.spawn(_late, name="late")
+    a = _map_from(pager, 128)
+    mem = m.memory()
+    _, box = start_thread(lambda: mem.read(a, 8))  # asks for pages 0-63, answered late
+    time.sleep(0.2)
+    assert mem.read(a + 10 * PS, 8) == page_data(10)[:8]  # waits for that answer
+    mem.write(a + 10 * PS, b"CLIENT!!")
+    wait_until(lambda: "done" in box)
+    time.sleep(0.3)  # (nothing else may come: there is no other request)
+    assert mem.read(a + 10 * PS, 8) == b"CLIENT!!"
+    m.vm_deallocate(m.task_self(), a, 128 * PS)
+    _, asked = pager.result(20_000)
+    assert asked == [(0, 64)]
+
+
+class Shrinker(Numbered):
+    """Tries to cut its object's memfd to nothing before each answer (machd seals it)."""
+
+    threads = 1
+    refused: list[str]
+
+    def pager_data_request(self, memory_object: int, request: int, offset: int,
+                           length: int, access: int) -> None:
+        window = self._window(request)
+        assert window is not None
+        try:
+            os.ftruncate(window.fd, 0)
+            self.refused.append("truncated")
+        except OSError as e:
+            self.refused.append(os.strerror(e.errno))
+        super().pager_data_request(memory_object, request, offset, length, access)
+
+
+def _shrinker() -> Any:
+    manager = Shrinker()
+    manager.refused = []
+    _serve(manager)
+    return manager.refused
+
+
+def test_a_manager_cannot_shrink_its_objects_memory(task: str) -> None:
+    pager = m.spawn(_shrinker, name="shrinker")
+    a = _map_from(pager, 128)
+    mem = m.memory()
+    assert [mem.read(a + i * PS, 8) for i in (0, 64, 127)] == \
+        [page_data(i)[:8] for i in (0, 64, 127)]
+    m.vm_deallocate(m.task_self(), a, 128 * PS)
+    assert set(pager.result(20_000)) == {os.strerror(errno.EPERM)}
+
+
+class Counted(Numbered):
+    """Numbered, one thread, the first answer late; counts the requests."""
+
+    threads = max_threads = 1
+    asked: list[int]
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        self.asked.append(offset // PS)
+        if len(self.asked) == 1:
+            time.sleep(0.5)  # the other faults all come meanwhile
+        return super().read(memory_object, offset, length, access)
+
+
+def _counted() -> Any:
+    manager = Counted()
+    manager.asked = []
+    _serve(manager)
+    return manager.asked
+
+
+def test_many_faults_at_once_each_ask_once(task: str) -> None:
+    """160 faults, two in each 64-page cluster, all while the first answer waits: no
+    page is asked for twice (a fault inside a cluster asked for waits for its answer;
+    and no request is refused and asked again, however many are outstanding)."""
+    n = 80
+    pager = m.spawn(_counted, name="counted")
+    a = _map_from(pager, n * 64)
+    pages = [i * 64 for i in range(n)] + [i * 64 + 32 for i in range(n)]
+    boxes = [start_thread(lambda p=p: m.memory().read(a + p * PS, 8))[1] for p in pages]
+    wait_until(lambda: all("done" in b for b in boxes), 30_000)
+    assert [b.get("result") for b in boxes] == [page_data(p)[:8] for p in pages]
+    m.vm_deallocate(m.task_self(), a, n * 64 * PS)
+    asked = pager.result(20_000)
+    assert len(asked) == len(set(asked)) and set(asked) <= set(pages)
 
 
 # -- the kernel's side, in the embedded kernel with a stand-in window ------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
@@ -108,8 +109,10 @@ class PagerWindow:
         self.base = base  # the memory-object offset of the window's first byte
         self.size = size  # bytes of the object the window holds
         self.huge = huge  # the huge page size if the memfd is hugetlb, else 0
-        self.fd = fd  # (owned) read-write descriptor of the object's memfd
+        self.fd = fd  # (owned; lock) read-write descriptor of the object's memfd, -1
+        # once closed
         self.page_size = page_size
+        self.lock = threading.Lock()  # a write and the close never overlap
 
     def fits(self, offset: int, size: int) -> bool:
         """True if [offset, offset+size) is whole pages of the object within the window."""
@@ -118,11 +121,17 @@ class PagerWindow:
                 and self.base <= offset and offset - self.base + size <= self.size)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write `data` at memory-object offset `offset` (a range that `fits`)."""
+        """Write `data` at memory-object offset `offset` (a range that `fits`);
+        KERN_INVALID_ARGUMENT if it does not, or if the window is closed."""
         if not self.fits(offset, len(data)):
             raise MachError("KERN_INVALID_ARGUMENT", f"{len(data):#x} bytes at {offset:#x} "
                             f"are not whole pages of the window")
-        at = offset - self.base
+        with self.lock:
+            if self.fd < 0:
+                raise MachError("KERN_INVALID_ARGUMENT", "the window is closed")
+            self._write(offset - self.base, data)
+
+    def _write(self, at: int, data: bytes | bytearray | memoryview) -> None:
         with memoryview(data) as view:
             if self.huge:  # (hugetlbfs has no write(): through a mapping)
                 from pymach.pmap import hugetlb  # (deferred: only a pager of huge pages
@@ -135,10 +144,11 @@ class PagerWindow:
                 done += os.pwrite(self.fd, view[done:], at + done)
 
     def close(self) -> None:
-        """Give the descriptor back (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Give the descriptor back (idempotent; after a write under way)."""
+        with self.lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class AddressSpace(Memory):

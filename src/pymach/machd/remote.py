@@ -354,8 +354,8 @@ def _pager_window(thread: Thread, args: list[Any]) -> Any:
                 from None
         if fd is None:
             return None
-        huge = getattr(obj.vm.phys, "huge", 0)  # (UffdPhysicalMemory's: 0 or its size)
-        return WithFds([obj.serial, obj.paging_offset, obj.size, huge, 1], [fd])
+        return WithFds([obj.serial, obj.paging_offset, obj.size, obj.vm.phys.huge, 1],
+                       [fd])
 
 
 def _binding(thread: Thread) -> NativeMapBinding | None:

@@ -74,9 +74,9 @@ def _in_use() -> int:
     return _meminfo("HugePages_Total") - _meminfo("HugePages_Free")
 
 
-def memfd(name: str) -> int:
-    """A new hugetlb memfd (close-on-exec)."""
-    return os.memfd_create(name, os.MFD_CLOEXEC | MFD_HUGETLB)
+def memfd(name: str, flags: int = os.MFD_CLOEXEC) -> int:
+    """A new hugetlb memfd (with memfd_create `flags`: by default close-on-exec)."""
+    return os.memfd_create(name, flags | MFD_HUGETLB)
 
 
 def write(fd: int, offset: int, chunks: list[bytes | memoryview], huge: int) -> None:

@@ -114,6 +114,9 @@ class PhysicalMemory(Protocol):
     maps_objects: bool
     dirty_by_fault: bool
     task_window: tuple[int, int] | None  # where task maps lie (None: the VM's default)
+    huge: int  # the huge page size where the machine keeps pages in huge pages, else 0
+    object_windows: bool  # object_window may give a descriptor (a data manager may
+    # then write an object's pages in place: the VM keeps its requests from overlapping)
 
     def object_write_protect(self, obj: Any) -> bool:
         """Write-protect every task mapping of VM object `obj` in one step per region (a

@@ -35,6 +35,8 @@ class SoftPhysicalMemory:
     maps_objects = False  # the pmap contract's capabilities (pmap.py)
     dirty_by_fault = False
     task_window: tuple[int, int] | None = None
+    huge = 0  # (simulated frames are never huge pages)
+    object_windows = False
 
     def object_write_protect(self, obj: Any) -> bool:
         """No shortcut here: the VM protects the object's pages one by one."""

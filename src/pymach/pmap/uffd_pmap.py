@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Iterator
@@ -81,9 +82,13 @@ def _data_runs(fd: int, start: int, end: int, page: int = 0) -> list[tuple[int, 
 def _memfd(name: str, huge: bool) -> int:
     """A new memfd (hugetlb if `huge`) only machd's user may reopen (a task handed a
     read-only descriptor cannot reopen it read-write through /proc/self/fd unless it runs
-    as that user)."""
-    fd = hugetlb.memfd(name) if huge else os.memfd_create(name, os.MFD_CLOEXEC)
+    as that user), sealed against shrinking: machd only grows one, and a task or data
+    manager holding a read-write descriptor cannot cut pages from under machd's
+    mappings of it (nor add seals of its own)."""
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    fd = hugetlb.memfd(name, flags) if huge else os.memfd_create(name, flags)
     os.fchmod(fd, 0o600)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     return fd
 
 
@@ -107,6 +112,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     """Frames whose data live in VM objects' memfds (see module docstring)."""
 
     maps_objects = True  # a region maps its object's memfd for the region's life
+    object_windows = True  # a data manager may write its object's memfd (object_window)
     dirty_by_fault = True  # userfaultfd gives no modify bit: writes must fault
     task_window: tuple[int, int] | None = (WINDOW_BASE, WINDOW_BASE + WINDOW_SIZE)  # what
     # each process reserves

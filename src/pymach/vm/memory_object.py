@@ -153,8 +153,7 @@ def pager_init(obj: VmObject) -> None:
 
 def pager_data_request(obj: VmObject, offset: int, length: int, access: int) -> None:
     """Ask the manager for data of [offset, offset+length) of the object (noted, for
-    an external object, for an answer in place: the newest WINDOW_ASKED_MAX requests of
-    an object are kept)."""
+    an external object, until it is answered: window_asked)."""
     if not obj.internal:
         asked = obj.window_asked
         asked.pop(offset, None)
@@ -501,6 +500,7 @@ class PagerServer:
         _check_live(obj)
         with copy_view(current_thread(), data) as raw:  # no copy: see copy_view
             raw = raw[:count]
+            _answered(obj, start, len(raw))
             settled = _provide(obj, start, len(raw), lock, raw)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
@@ -526,7 +526,8 @@ class PagerServer:
                                   MachError("KERN_INVALID_ARGUMENT").value)
             raise MachError("KERN_INVALID_ARGUMENT", f"data placed in window {window}, "
                             f"which is not object {obj.serial}'s")
-        asked = obj.window_asked.pop(start - obj.paging_offset, None)
+        asked = obj.window_asked.get(start - obj.paging_offset)
+        _answered(obj, start, count)
         if asked is None or asked[1]:  # not an answer, or its data may be punched
             _ask_again(obj, start, count)
             _drop_unplaced(obj, start, count)
@@ -540,6 +541,7 @@ class PagerServer:
     def pager_data_unavailable(self, obj: VmObject, offset: int, size: int) -> None:
         _trace_call(obj, "pager_data_unavailable", offset, size)
         _check_live(obj)
+        _answered(obj, check_int(offset, "offset"), check_int(size, "size"))
         vm = obj.vm
         for off in _range(obj, offset, size):
             page = obj.memq.get(off)
@@ -558,6 +560,7 @@ class PagerServer:
                          error_value: int) -> None:
         _trace_call(obj, "pager_data_error", offset, size)
         _check_live(obj)
+        _answered(obj, check_int(offset, "offset"), check_int(size, "size"))
         code = code_name(check_int(error_value, "error_value", -(2**63)))
         reason = f"the data manager reported {code}"
         for off in _range(obj, offset, size):
@@ -601,7 +604,8 @@ class PagerServer:
             object_cache_remove(obj, terminate=True)
 
 
-WINDOW_ASKED_MAX = 64  # requests of one object noted for answers in place at most
+WINDOW_ASKED_MAX = 4096  # outstanding requests of one object noted at most (each has a
+# page waiting for it, so this bounds only a manager that never answers; the oldest go)
 PLACED_MAX = 64 << 20  # bytes one pager_data_provided_in_place covers at most (as much
 # as a message's data: the kernel's work per call stays bounded)
 
@@ -625,34 +629,51 @@ def _provide(obj: VmObject, offset: int, count: int, lock: int,
     room = min(_manager_room(obj), vm.read_ahead_room())
     new: list[int] = []  # offsets to fill anew, in order
     absent: list[tuple[int, VmPage]] = []  # (how many new offsets come before it, page)
+    asked = obj.window_asked  # (pages another outstanding answer is to make)
     for off in _range(obj, offset, count):
         page = memq.get(off)
         if page is None:
-            if len(new) < room and off not in pending:
+            if len(new) < room and off not in pending and not (asked and
+                                                                obj.asked_over(off)):
                 new.append(off)
         elif page.absent:
             absent.append((len(new), page))
     made = vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else []
     fills = _in_offset_order(made, absent)
-    for lo, hi in _page_runs(fills, ps):
-        frames = [p.frame for p in fills[lo:hi]]
-        if raw is None:
-            vm.phys.phys_placed_run(frames)
-        else:
-            first = fills[lo].offset - base
-            vm.phys.phys_write_run(frames, raw[first:first + (hi - lo) * ps])
+    try:
+        for lo, hi in _page_runs(fills, ps):
+            frames = [p.frame for p in fills[lo:hi]]
+            if raw is None:
+                vm.phys.phys_placed_run(frames)
+            else:
+                first = fills[lo].offset - base
+                vm.phys.phys_write_run(frames, raw[first:first + (hi - lo) * ps])
+    except (MachError, OSError, ValueError) as e:  # (no memory; a memfd made smaller)
+        _unfill(obj, made, [page for _, page in absent], str(e))
+        raise
     _settle(obj, fills, lock)
     return {page for _, page in absent}
 
 
+def _unfill(obj: VmObject, made: list[VmPage], absent: list[VmPage], reason: str) -> None:
+    """The provided data could not be stored: the new pages go, and the faults that
+    wait on the absent ones fail (as after pager_data_error) instead of waiting on."""
+    for page in made:
+        obj.vm.resident.vm_page_free(page)
+    for page in absent:
+        page.error = f"the data could not be stored: {reason}"
+        page_settled(obj, page)
+
+
 def _drop_unplaced(obj: VmObject, offset: int, count: int) -> None:
     """Punch out of the object's window what its manager wrote in [offset,
-    offset+count) where the object has no page and none is being paged out (no room
-    for it, say): the window holds data only where the kernel has a page."""
+    offset+count) where the object has no page, none is being paged out and no
+    outstanding request may write (no room for it, say): the window holds data only
+    where the kernel has a page or awaits an answer."""
     ps, memq, pending = obj.vm.page_size, obj.memq, obj.pending
     runs: list[tuple[int, int]] = []
     for off in _range(obj, offset, count):
-        if off in memq or off in pending:
+        if off in memq or off in pending or obj.asked_over(off):  # (another request's)
             continue
         if runs and runs[-1][1] == off:
             runs[-1] = (runs[-1][0], off + ps)
@@ -660,6 +681,15 @@ def _drop_unplaced(obj: VmObject, offset: int, count: int) -> None:
             runs.append((off, off + ps))
     if runs:
         obj.vm.phys.frames_discard(obj, runs, [])
+
+
+def _answered(obj: VmObject, offset: int, count: int) -> None:
+    """An answer for [offset, offset+count) of the memory object came: the requests it
+    answers are forgotten, and faults that waited for them (vm_fault: asked_over) try
+    again."""
+    start = offset - obj.paging_offset
+    if obj.window_asked and obj.answered(start, start + count):
+        obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
 
 def _ask_again(obj: VmObject, offset: int, count: int) -> None:

@@ -295,6 +295,10 @@ def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPo
         raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} "
                         f"is gone")
     check_not_self_backed(thread, obj)
+    if obj.asked_over(off) and _wait(thread, vm, obj.page_waitq, obj, policy.timeout_ms,
+                                     raise_retry=False):
+        raise Retry  # an outstanding request covers it: its answer comes first (after
+        # the policy's timeout, ask anyway)
     page = _alloc(thread, obj, off)
     page.busy = page.absent = True
     vm.resident.vm_page_wire(page)
@@ -315,6 +319,8 @@ def _cluster(obj: VmObject, off: int) -> int:
     ps, memq, pending = vm.page_size, obj.memq, obj.pending
     limit = min(vm.pager_cluster_pages, vm.read_ahead_room(), -(-(obj.size - off) // ps))
     existence = obj.existence if obj.internal else None
+    if obj.window_asked and vm.phys.object_windows:  # no two outstanding requests
+        limit = min(limit, _asked_after(obj, off) // ps)  # overlap (asked_over)
     n = 1
     while n < limit:
         nxt = off + n * ps
@@ -322,6 +328,12 @@ def _cluster(obj: VmObject, off: int) -> int:
             break
         n += 1
     return n * ps
+
+
+def _asked_after(obj: VmObject, off: int) -> int:
+    """Bytes from `off` to the first outstanding request of the object after it."""
+    starts = [start for start in obj.window_asked if start > off]
+    return (min(starts) if starts else obj.size + obj.vm.page_size) - off
 
 
 def _timed_out(obj: VmObject, off: int, policy: FaultPolicy) -> None:
@@ -332,6 +344,7 @@ def _timed_out(obj: VmObject, off: int, policy: FaultPolicy) -> None:
     if page is None or not page.absent:
         return
     vm = obj.vm
+    obj.window_asked.pop(off, None)  # given up: a late answer is nobody's
     if policy.zero_fill:  # a substitute: the manager never gets it (vm_pageout.py)
         vm.phys.pmap_zero_page(page.frame)
         vm.resident.stats.zero_fill_count += 1

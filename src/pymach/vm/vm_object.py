@@ -77,8 +77,8 @@ class VmObject:
         self.windowed = False  # its manager was given a window (memory_object.py)
         self.pages_gone = 0  # external: pages that have left it (freed or moved)
         self.window_asked: dict[int, list[int]] = {}  # external: the offset of each
-        # pager_data_request not yet answered in place -> [its end, 1 once a page of its
-        # range may have left it since (its window data punched), pages_gone then]
+        # pager_data_request not yet answered -> [its end, 1 once a page of its range
+        # may have left it since (its window data punched), pages_gone then]
         self.lazy_frames: list[int] | None = None  # frames held for the pages the machine
         # zero-fills on its own (vm_page.py, "Zero fill by the machine"); None: the VM
         # knows every resident page of the object
@@ -95,12 +95,30 @@ class VmObject:
         request whose range held one is marked, so that its answer in place is not
         taken (memory_object.py). Kernel lock held."""
         self.pages_gone += len(pages)
-        if not self.windowed:
+        if not self.windowed or not self.window_asked:
             return
+        low = min(page.offset for page in pages)
+        high = max(page.offset for page in pages)
         for start, asked in self.window_asked.items():
-            if not asked[1]:
-                end = asked[0]
+            end = asked[0]
+            if not asked[1] and start <= high and low < end:
                 asked[1] = int(any(start <= page.offset < end for page in pages))
+
+    def asked_over(self, offset: int) -> bool:
+        """True if an outstanding request of this external object covers `offset`,
+        where the machine has object windows: its answer may write the window there,
+        so no other request may ask for it (that late write would land on the page the
+        other answer made, maybe changed since). Kernel lock held."""
+        return bool(self.window_asked) and self.vm.phys.object_windows and any(
+            start <= offset < asked[0] for start, asked in self.window_asked.items())
+
+    def answered(self, start: int, end: int) -> bool:
+        """Forget the outstanding requests whose offset lies in [start, end) (they are
+        answered, or given up); True if there were any. Kernel lock held."""
+        gone = [s for s in self.window_asked if start <= s < end]
+        for s in gone:
+            del self.window_asked[s]
+        return bool(gone)
 
     def has_busy_pages(self) -> bool:
         """True while any resident page is in transit."""
