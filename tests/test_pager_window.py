@@ -279,6 +279,101 @@ def test_many_faults_at_once_each_ask_once(task: str) -> None:
     assert len(asked) == len(set(asked)) and set(asked) <= set(pages)
 
 
+class Block(m.DataManager):
+    """Answers every request with the rest of the 16-page block it lies in: data beyond
+    the asked range, which the protocol accepts."""
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        return b"".join(page_data(i) for i in range(offset // PS, 16))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _block() -> Any:
+    return _serve(Block())
+
+
+def test_data_beyond_the_asked_range_never_lands_on_a_page_in_the_window(task: str) -> None:
+    pager = m.spawn(_block, name="block")
+    a = _map_from(pager, 16)
+    mem = m.memory()
+    mem.write(a + 8 * PS, b"CLIENT!!")  # asks for pages 8-15, then changes page 8
+    assert mem.read(a, 8) == page_data(0)[:8]  # asks for 0-7: the answer is 0-15
+    assert mem.read(a + 8 * PS, 8) == b"CLIENT!!"
+    m.vm_deallocate(m.task_self(), a, 16 * PS)
+    placed, _ = pager.result(20_000)
+    assert placed == 16 * PS  # the asked pages went in place (0-7, 8-15), no more
+
+
+class Introspective(m.DataManager):
+    """Two threads; the one answering for offset 0 first reads page 5 of the object
+    itself, through a mapping of its own (inside the range it is answering)."""
+
+    threads = 2
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        if offset == 0:
+            me = m.task_self()
+            mine = m.vm_allocate_with_pager(me, 0, 128 * PS, True, memory_object, 0)
+            assert m.memory().read(mine + 5 * PS, 8) == page_data(5)[:8]
+            m.vm_deallocate(me, mine, 128 * PS)
+        return b"".join(page_data(offset // PS + i) for i in range(length // PS))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _introspective() -> Any:
+    return _serve(Introspective())
+
+
+def test_a_manager_reading_its_own_object_while_answering_does_not_wait_on_itself(
+        task: str) -> None:
+    pager = m.spawn(_introspective, name="introspective")
+    a = _map_from(pager, 128)
+    _, box = start_thread(lambda: m.memory().read(a, 8))
+    wait_until(lambda: "done" in box, 10_000)
+    assert box.get("result") == page_data(0)[:8]
+    m.vm_deallocate(m.task_self(), a, 128 * PS)
+    pager.result(20_000)
+
+
+class Grower(Numbered):
+    """Makes its object's memfd larger (1 GiB, sparse) before its first answer."""
+
+    threads = 1
+    grown = False
+
+    def pager_data_request(self, memory_object: int, request: int, offset: int,
+                           length: int, access: int) -> None:
+        window = self._window(request)
+        if window is not None and not self.grown:
+            os.ftruncate(window.fd, 1 << 30)
+            self.grown = True
+        super().pager_data_request(memory_object, request, offset, length, access)
+
+
+def _grower() -> Any:
+    return _serve(Grower())
+
+
+def test_a_memfd_grown_by_its_manager_still_grows_for_a_larger_mapping(task: str) -> None:
+    pager = m.spawn(_grower, name="grower")
+    me = m.task_self()
+    box = m.port_allocate(me)
+    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    a = m.vm_allocate_with_pager(me, 0, 16 * PS, True, mo, 0)  # type: ignore[arg-type]
+    assert m.memory().read(a, 8) == page_data(0)[:8]
+    b = m.vm_allocate_with_pager(me, 0, 64 * PS, True, mo, 0)  # type: ignore[arg-type]
+    assert m.memory().read(b + 40 * PS, 8) == page_data(40)[:8]
+    m.vm_deallocate(me, a, 16 * PS)
+    m.vm_deallocate(me, b, 64 * PS)
+    pager.result(20_000)
+
+
 # -- the kernel's side, in the embedded kernel with a stand-in window ------------------------
 def _stand_in_window(kernel: Any) -> list[int]:
     """Give the embedded machine windows: object_window hands out a descriptor of

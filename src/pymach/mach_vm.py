@@ -132,6 +132,7 @@ class PagerWindow:
             self._write(offset - self.base, data)
 
     def _write(self, at: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at byte `at` of the memfd (lock held)."""
         with memoryview(data) as view:
             if self.huge:  # (hugetlbfs has no write(): through a mapping)
                 from pymach.pmap import hugetlb  # (deferred: only a pager of huge pages

@@ -314,26 +314,34 @@ class DataManager:
         data = self.read(memory_object, offset, length, access)
         if data is None:
             _data_unavailable(request, offset, length)
-        elif not self._placed(request, offset, data):
+        elif not self._placed(request, offset, length, data):
             provide(request, offset, data, staging_pages=self.staging_pages)
 
-    def _placed(self, request: int, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Write read()'s data into the object's window and say so to the kernel
-        (pager_data_provided_in_place), if the object has a window and the data are
-        whole pages of at least `window_min` bytes; False if not (nothing done)."""
-        if not self.window_min or len(data) < self.window_min:
+    def _placed(self, request: int, offset: int, length: int,
+                data: bytes | bytearray | memoryview) -> bool:
+        """Write read()'s data for the asked range [offset, offset+length) into the
+        object's window and say so to the kernel (pager_data_provided_in_place), if the
+        object has a window and they are whole pages of at least `window_min` bytes;
+        data beyond the asked range go in a message (in the window they could land on
+        a page the kernel has, and a task changed). False if nothing was done."""
+        size = min(len(data), length)
+        if not self.window_min or size < self.window_min:
             return False
         window = self._window(request)
-        if window is None or not window.fits(offset, len(data)):
+        if window is None or not window.fits(offset, size):
             return False
-        try:
-            window.write(offset, data)
-        except (MachError, OSError):  # (closed: the request port died meanwhile)
-            return False
-        with self._lock:
-            self.window_bytes += len(data)
-        _answer(_in_place_message(request, window.key, offset, len(data), VM_PROT_NONE),
-                True)
+        with memoryview(data) as view:
+            try:
+                window.write(offset, view[:size])
+            except (MachError, OSError):  # (closed: the request port died meanwhile)
+                return False
+            with self._lock:
+                self.window_bytes += size
+            _answer(_in_place_message(request, window.key, offset, size, VM_PROT_NONE),
+                    True)
+            if len(view) > size:
+                provide(request, offset + size, view[size:],
+                        staging_pages=self.staging_pages)
         return True
 
     def _window(self, request: int) -> PagerWindow | None:

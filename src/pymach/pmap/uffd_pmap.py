@@ -92,6 +92,20 @@ def _memfd(name: str, huge: bool) -> int:
     return fd
 
 
+def _grow(store: ObjectStore, size: int) -> None:
+    """Make the store's memfd at least `size` bytes. Only ever larger: it is sealed
+    against shrinking, and a holder of a read-write descriptor (a data manager's window,
+    a writable mapping's) may have made the file larger than machd's record of it."""
+    if size > store.size:
+        if os.fstat(store.fd).st_size < size:
+            try:
+                os.ftruncate(store.fd, size)
+            except PermissionError:  # (grown past `size` meanwhile: a shrink, refused)
+                if os.fstat(store.fd).st_size < size:
+                    raise
+        store.size = size
+
+
 @dataclass(eq=False)
 class ObjectStore:
     """One VM object's memory: a memfd (machd's descriptor) of at least `size` bytes."""
@@ -156,9 +170,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         ps, free = self.page_size, self.free_store
         for offset, frame in self.unstored.pop(store.serial, {}).items():
             del self.unstored_at[frame]
-            if offset + ps > store.size:
-                os.ftruncate(store.fd, offset + ps)
-                store.size = offset + ps
+            _grow(store, offset + ps)
             if frame not in self.stash:
                 data = os.pread(free.fd, ps, frame * ps).ljust(ps, b"\0")
                 self._store_write(store, offset, [data])
@@ -170,9 +182,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         if store is None:
             fd = _memfd(f"pymach-obj{serial}", bool(self.huge))
             store = self.stores[serial] = ObjectStore(serial, fd)
-        if size > store.size:
-            os.ftruncate(store.fd, size)
-            store.size = size
+        _grow(store, size)
         return store
 
     def object_gone(self, obj: Any) -> None:

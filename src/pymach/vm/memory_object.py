@@ -158,8 +158,9 @@ def pager_data_request(obj: VmObject, offset: int, length: int, access: int) -> 
         asked = obj.window_asked
         asked.pop(offset, None)
         asked[offset] = [offset + length, 0, obj.pages_gone]
-        if len(asked) > WINDOW_ASKED_MAX:
+        if len(asked) > WINDOW_ASKED_MAX:  # (faults waiting on it ask for themselves)
             del asked[next(iter(asked))]
+            obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
     _send(obj, obj.pager, "pager_data_request",
           [_send_right(obj.pager_request), Int(offset + obj.paging_offset), Int(length),
            Int(access)])
@@ -526,15 +527,19 @@ class PagerServer:
                                   MachError("KERN_INVALID_ARGUMENT").value)
             raise MachError("KERN_INVALID_ARGUMENT", f"data placed in window {window}, "
                             f"which is not object {obj.serial}'s")
-        asked = obj.window_asked.get(start - obj.paging_offset)
-        _answered(obj, start, count)
-        if asked is None or asked[1]:  # not an answer, or its data may be punched
+        if (start - obj.paging_offset) not in obj.window_asked:  # not an answer
             _ask_again(obj, start, count)
             _drop_unplaced(obj, start, count)
             return
-        asked_count = min(count, asked[0] - (start - obj.paging_offset))
-        settled = _provide(obj, start, asked_count, lock, None)
-        _drop_unplaced(obj, start, count)
+        settled: set[VmPage] = set()
+        try:
+            for lo, hi, stale in _answered(obj, start, count):
+                if stale:  # its window data may be punched: ask again
+                    _ask_again(obj, lo, hi - lo)
+                else:
+                    settled |= _provide(obj, lo, hi - lo, lock, None)
+        finally:
+            _drop_unplaced(obj, start, count)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
 
@@ -683,13 +688,20 @@ def _drop_unplaced(obj: VmObject, offset: int, count: int) -> None:
         obj.vm.phys.frames_discard(obj, runs, [])
 
 
-def _answered(obj: VmObject, offset: int, count: int) -> None:
+def _answered(obj: VmObject, offset: int, count: int) -> list[tuple[int, int, bool]]:
     """An answer for [offset, offset+count) of the memory object came: the requests it
-    answers are forgotten, and faults that waited for them (vm_fault: asked_over) try
-    again."""
-    start = offset - obj.paging_offset
-    if obj.window_asked and obj.answered(start, start + count):
+    answers (those that begin in it) are forgotten, and faults that waited for them
+    (vm_fault: asked_over) try again. Returns, in memory-object offsets, the part of
+    each such request the answer covers, and whether the request is stale (a page of
+    its range left the object since it was made)."""
+    if not obj.window_asked:
+        return []
+    base = obj.paging_offset
+    start, end = offset - base, offset - base + count
+    gone = obj.answered(start, end)
+    if gone:
         obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
+    return [(lo + base, min(asked[0], end) + base, bool(asked[1])) for lo, asked in gone]
 
 
 def _ask_again(obj: VmObject, offset: int, count: int) -> None:

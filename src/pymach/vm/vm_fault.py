@@ -295,10 +295,11 @@ def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPo
         raise MachError("KERN_MEMORY_ERROR", f"the data manager of object {obj.serial} "
                         f"is gone")
     check_not_self_backed(thread, obj)
-    if obj.asked_over(off) and _wait(thread, vm, obj.page_waitq, obj, policy.timeout_ms,
-                                     raise_retry=False):
+    if obj.asked_over(off) and obj.pager.receiver is not thread.task and _wait(
+            thread, vm, obj.page_waitq, obj, policy.timeout_ms, raise_retry=False):
         raise Retry  # an outstanding request covers it: its answer comes first (after
-        # the policy's timeout, ask anyway)
+        # the policy's timeout, ask anyway; the manager's own threads never wait on it:
+        # the one serving it may be the one faulting)
     page = _alloc(thread, obj, off)
     page.busy = page.absent = True
     vm.resident.vm_page_wire(page)

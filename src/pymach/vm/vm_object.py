@@ -112,13 +112,15 @@ class VmObject:
         return bool(self.window_asked) and self.vm.phys.object_windows and any(
             start <= offset < asked[0] for start, asked in self.window_asked.items())
 
-    def answered(self, start: int, end: int) -> bool:
+    def answered(self, start: int, end: int) -> list[tuple[int, list[int]]]:
         """Forget the outstanding requests whose offset lies in [start, end) (they are
-        answered, or given up); True if there were any. Kernel lock held."""
-        gone = [s for s in self.window_asked if start <= s < end]
-        for s in gone:
+        answered, or given up): (offset, record) of each, in offset order. Kernel lock
+        held."""
+        gone = sorted((s, asked) for s, asked in self.window_asked.items()
+                      if start <= s < end)
+        for s, _ in gone:
             del self.window_asked[s]
-        return bool(gone)
+        return gone
 
     def has_busy_pages(self) -> bool:
         """True while any resident page is in transit."""
