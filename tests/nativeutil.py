@@ -69,9 +69,15 @@ def machd_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def native(machd_socket: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """The test body runs as a new native task of the session's machd."""
-    attach(machd_socket, name=request.node.name[:40])
+    yield from as_native_task(machd_socket, request)
+
+
+def as_native_task(socket_path: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Fixture body: the test body runs as a new native task of the machd at
+    `socket_path` (named after the test), which it leaves afterwards."""
+    attach(socket_path, name=request.node.name[:40])
     try:
-        yield machd_socket
+        yield socket_path
     finally:
         detach()
 

@@ -23,10 +23,9 @@ import pytest
 
 import pymach as m
 from machutil import start_thread, wait_until
-from nativeutil import running_machd
+from nativeutil import as_native_task, running_machd
 from pagerutil import Pager
 from pymach import Message
-from pymach.libmach.task import attach, detach
 from pymach.vm.memory_object import object_window
 
 PS = 4096
@@ -40,11 +39,7 @@ def window_machd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def task(window_machd: str, request: pytest.FixtureRequest) -> Iterator[str]:
-    attach(window_machd, name=request.node.name[:40])
-    try:
-        yield window_machd
-    finally:
-        detach()
+    yield from as_native_task(window_machd, request)
 
 
 def page_data(page: int, version: int = 0) -> bytes:
