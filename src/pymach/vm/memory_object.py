@@ -501,7 +501,9 @@ class PagerServer:
         _check_live(obj)
         with copy_view(current_thread(), data) as raw:  # no copy: see copy_view
             raw = raw[:count]
-            _answered(obj, start, len(raw))
+            # With a window, this answers only the request made at `start`: another's
+            # pages may still come in place, so this fills none of them (_provide).
+            _answered(obj, start, 1 if obj.windowed else len(raw))
             settled = _provide(obj, start, len(raw), lock, raw)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
@@ -641,8 +643,8 @@ def _provide(obj: VmObject, offset: int, count: int, lock: int,
             if len(new) < room and off not in pending and not (asked and
                                                                 obj.asked_over(off)):
                 new.append(off)
-        elif page.absent:
-            absent.append((len(new), page))
+        elif page.absent and not (obj.windowed and off in asked):  # (another request's
+            absent.append((len(new), page))  # own page: its answer may still come in place)
     made = vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else []
     fills = _in_offset_order(made, absent)
     try:
