@@ -267,9 +267,11 @@ def test_bad_out_of_line_data_are_refused_and_change_nothing(kernel: m.Kernel) -
 
 
 class Big(m.DataManager):
-    """Answers every request with BIG bytes (more than asked) of pattern(7) there."""
+    """Answers every request with BIG bytes (more than asked) of pattern(7) there, by
+    message (no window: in place, what lies past the asked range is dropped)."""
 
     threads = max_threads = 1
+    window_min = 0
 
     def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
         return pattern(7, 3 * BIG)[offset:offset + BIG]

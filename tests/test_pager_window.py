@@ -26,6 +26,7 @@ from machutil import start_thread, wait_until
 from nativeutil import as_native_task, running_machd
 from pagerutil import Pager
 from pymach import Message
+from pymach.pagers.data_manager import provide
 from pymach.vm.memory_object import object_window
 
 PS = 4096
@@ -299,6 +300,72 @@ def test_data_beyond_the_asked_range_never_lands_on_a_page_in_the_window(task: s
     m.vm_deallocate(m.task_self(), a, 16 * PS)
     placed, _ = pager.result(20_000)
     assert placed == 16 * PS  # the asked pages went in place (0-7, 8-15), no more
+
+
+class LateBlock(Block):
+    """Block, two threads, the answer for page 8 late."""
+
+    threads = 2
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        if offset == 8 * PS:
+            time.sleep(0.5)
+        return super().read(memory_object, offset, length, access)
+
+
+def _late_block() -> Any:
+    return _serve(LateBlock())
+
+
+def test_data_past_an_answer_in_place_never_answers_another_request(task: str) -> None:
+    """Pages 8-15 are asked for first, and answered late; then pages 0-7 (the cluster
+    stops at the outstanding request): the answer for 0-7 has data for 8-15 too, which
+    must not make those pages (a task could change one before the late answer for 8-15
+    is written in place)."""
+    pager = m.spawn(_late_block, name="late-block")
+    a = _map_from(pager, 16)
+    mem = m.memory()
+    _, box = start_thread(lambda: mem.read(a + 8 * PS, 8))  # asks for 8-15, late
+    time.sleep(0.2)
+    assert mem.read(a, 8) == page_data(0)[:8]  # asks for 0-7
+    assert mem.read(a + 9 * PS, 8) == page_data(9)[:8]  # waits for the late answer
+    mem.write(a + 9 * PS, b"CLIENT!!")
+    wait_until(lambda: "done" in box)
+    time.sleep(0.3)
+    assert mem.read(a + 9 * PS, 8) == b"CLIENT!!"
+    m.vm_deallocate(m.task_self(), a, 16 * PS)
+    pager.result(20_000)
+
+
+class AlignedByMessage(m.DataManager):
+    """Has a window, but answers by message with the whole aligned 16-page block, at
+    another offset than the request's (the paper allows it)."""
+
+    threads = 1
+
+    def pager_data_request(self, memory_object: int, request: int, offset: int,
+                           length: int, access: int) -> None:
+        assert self._window(request) is not None
+        low = offset // (16 * PS) * 16 * PS
+        provide(request, low, b"".join(page_data(low // PS + i) for i in range(16)))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _aligned_by_message() -> Any:
+    return _serve(AlignedByMessage())
+
+
+def test_a_windowed_manager_may_answer_by_message_at_another_offset(task: str) -> None:
+    pager = m.spawn(_aligned_by_message, name="aligned")
+    a = _map_from(pager, 32)
+    _, box = start_thread(lambda: m.memory().read(a + 10 * PS, 8))
+    wait_until(lambda: "done" in box, 10_000)
+    assert box.get("result") == page_data(10)[:8]
+    assert m.memory().read(a + 12 * PS, 8) == page_data(12)[:8]
+    m.vm_deallocate(m.task_self(), a, 32 * PS)
+    pager.result(20_000)
 
 
 class Introspective(m.DataManager):

@@ -353,6 +353,10 @@ class Client:
 class BlackboardServer(DataManager):
     """The section 8.4 blackboard server (see module docstring)."""
 
+    window_min = 0  # it maps its own boards: a fault of its own threads may ask for a
+    # page another request covers, so an answer in place could land late on a page a
+    # task changed in between (README, "Windows"): its answers go by message
+
     def __init__(self) -> None:
         super().__init__()
         self.service = 0

@@ -321,9 +321,11 @@ class DataManager:
                 data: bytes | bytearray | memoryview) -> bool:
         """Write read()'s data for the asked range [offset, offset+length) into the
         object's window and say so to the kernel (pager_data_provided_in_place), if the
-        object has a window and they are whole pages of at least `window_min` bytes;
-        data beyond the asked range go in a message (in the window they could land on
-        a page the kernel has, and a task changed). False if nothing was done."""
+        object has a window and they are whole pages of at least `window_min` bytes.
+        Data past the asked range are dropped (read-ahead the kernel did not ask for:
+        in the window they could land on a page the kernel has and a task changed, and
+        in a message they would answer another request whose answer may still be
+        written in place). False if nothing was done."""
         size = min(len(data), length)
         if not self.window_min or size < self.window_min:
             return False
@@ -339,9 +341,6 @@ class DataManager:
                 self.window_bytes += size
             _answer(_in_place_message(request, window.key, offset, size, VM_PROT_NONE),
                     True)
-            if len(view) > size:
-                provide(request, offset + size, view[size:],
-                        staging_pages=self.staging_pages)
         return True
 
     def _window(self, request: int) -> PagerWindow | None:

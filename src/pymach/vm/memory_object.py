@@ -501,9 +501,7 @@ class PagerServer:
         _check_live(obj)
         with copy_view(current_thread(), data) as raw:  # no copy: see copy_view
             raw = raw[:count]
-            # With a window, this answers only the request made at `start`: another's
-            # pages may still come in place, so this fills none of them (_provide).
-            _answered(obj, start, 1 if obj.windowed else len(raw))
+            _answered(obj, start, len(raw))
             settled = _provide(obj, start, len(raw), lock, raw)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
@@ -534,12 +532,18 @@ class PagerServer:
             _drop_unplaced(obj, start, count)
             return
         settled: set[VmPage] = set()
+        answered = _answered(obj, start, count)
         try:
-            for lo, hi, stale in _answered(obj, start, count):
+            for i, (lo, hi, stale) in enumerate(answered):
                 if stale:  # its window data may be punched: ask again
                     _ask_again(obj, lo, hi - lo)
-                else:
+                    continue
+                try:
                     settled |= _provide(obj, lo, hi - lo, lock, None)
+                except BaseException:  # the requests after it are asked again
+                    for lo2, hi2, _ in answered[i + 1:]:
+                        _ask_again(obj, lo2, hi2 - lo2)
+                    raise
         finally:
             _drop_unplaced(obj, start, count)
         if settled and not obj.internal:  # never evict what the faults wait for
@@ -643,8 +647,8 @@ def _provide(obj: VmObject, offset: int, count: int, lock: int,
             if len(new) < room and off not in pending and not (asked and
                                                                 obj.asked_over(off)):
                 new.append(off)
-        elif page.absent and not (obj.windowed and off in asked):  # (another request's
-            absent.append((len(new), page))  # own page: its answer may still come in place)
+        elif page.absent:
+            absent.append((len(new), page))
     made = vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else []
     fills = _in_offset_order(made, absent)
     try:
@@ -709,20 +713,14 @@ def _answered(obj: VmObject, offset: int, count: int) -> list[tuple[int, int, bo
 def _ask_again(obj: VmObject, offset: int, count: int) -> None:
     """An answer in place that the kernel cannot take (it answers no request it knows
     of, or a page of its range left the object after the request, so the window may
-    have lost its data there): ask the manager again for each run of pages of the range
-    that faults wait for."""
+    have lost its data there): ask the manager again for each page of the range that
+    faults wait for (a request each, so that each has its own record: an answer that
+    covers only part of a run would leave the rest asked by nobody)."""
     ps = obj.vm.page_size
-    runs: list[tuple[int, int]] = []
     for off in _range(obj, offset, count):
         page = obj.memq.get(off)
-        if page is None or not page.absent:
-            continue
-        if runs and runs[-1][1] == off:
-            runs[-1] = (runs[-1][0], off + ps)
-        else:
-            runs.append((off, off + ps))
-    for start, end in runs:
-        pager_data_request(obj, start, end - start, VM_PROT_READ)
+        if page is not None and page.absent:
+            pager_data_request(obj, off, ps, VM_PROT_READ)
 
 
 def object_window(obj: VmObject) -> int | None:
