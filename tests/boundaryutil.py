@@ -423,7 +423,7 @@ def _valid_trap(rng: random.Random, welcome: list[Any]) -> tuple[int, list[Any]]
     op = rng.choice([traps.TASK_SELF, traps.THREAD_SELF, traps.TASK_NOTIFY, traps.HOST_SELF,
                      traps.THREAD_REPLY, traps.MSG_SEND, traps.MSG_RECEIVE, traps.MSG_RPC,
                      traps.MSG_RPC, traps.MSG_RPC, traps.FAULT_IN, traps.STDIO,
-                     traps.MAPPED])
+                     traps.MAPPED, traps.PAGER_WINDOW])
     if rng.random() < 0.03:  # not a trap
         op = rng.choice([traps.HELLO_PING, traps.DETACH, traps.REPLY, rng.randrange(200)])
     msg = _random_message(rng, task_port, reply_port)
@@ -445,8 +445,8 @@ def _valid_trap(rng: random.Random, welcome: list[Any]) -> tuple[int, list[Any]]
         big = rng.random() < 0.1  # past the bounds of a task's environment
         values = [rng.choice(["/", "/nonexistent"]) if not big else "x" * 5000,
                   ["/tmp", ""] if not big else ["y"] * 300, rng.choice(["", "/m.py"])]
-    elif op == traps.MAPPED:
-        values = [rng.choice(INTERESTING)]
+    elif op in (traps.MAPPED, traps.PAGER_WINDOW):
+        values = [rng.choice([*INTERESTING, task_port, reply_port])]
     else:
         values = []
     if rng.random() < 0.04:
