@@ -18,6 +18,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ import pymach as m
 from nativeutil import start_machd, stop_machd, uffd_or_skip
 from pymach import MAKE_SEND, MOVE_RECEIVE, Int, Message, Port
 from pymach.include import direct, traps, wire
-from pymach.include.message import OOL, Bytes, Code, IntArray, Str
+from pymach.include.message import OOL, Bytes, Code, Float, IntArray, Str
 from pymach.kern.thread import current_thread
 from pymach.libmach.direct import LocalReceive, take_frame
 from pymach.libmach.task import attach, detach
@@ -521,25 +522,46 @@ def test_a_task_cannot_forge_a_marker(native: str) -> None:
 
 # -- the packet decoder (no machd) ------------------------------------------------------------
 def test_packets_round_trip() -> None:
-    msg = Message(id=5, items=[Int(1), Str("s"), Bytes(b"b")])
-    got, index = direct.decode_packet(direct.encode_packet(msg, 3, 1)[direct.FRAME.size:])
-    assert (got.id, got.values(), index) == (5, [1, "s", b"b"], 3)
+    msg = Message(id=5, items=[Int(1), Str("s"), Bytes(b"b"), Float(0.5), IntArray([2])])
+    seq, got, index = direct.decode_frame(direct.encode_packet(msg, 3, 9))
+    assert (seq, got.id, got.values(), index) == (9, 5, [1, "s", b"b", 0.5, (2,)], 3)
+    seq, got, index = direct.decode_frame(direct.encode_held(77, 10))
+    assert (seq, got.id, got.items, index) == (10, 77, [], direct.HELD)
+
+
+def _raw_frame(items: list[Any], index: int = 0, count: int | None = None,
+           tail: bytes = b"", body: int | None = None) -> bytes:
+    """A frame as a sender could write it, items encoded as the wire does (any item)."""
+    out = bytearray(direct.HEAD.size)
+    wire.put_items(out, items)
+    out += tail
+    direct.HEAD.pack_into(out, 0, direct.FRAME_MAGIC,
+                          len(out) - direct.FRAME.size if body is None else body, 1, 1,
+                          index, len(items) if count is None else count)
+    return bytes(out)
 
 
 @pytest.mark.parametrize("bad", [
-    wire.encode([Message(0, 0, 1, [Port(3, MAKE_SEND)])]),  # a right
-    wire.encode([Message(0, 0, 1, [OOL(data=b"x")])]),  # memory
-    wire.encode([Message(0, 0, 1, [Code(None, blob=b"pickle")])]),  # code
-    wire.encode([Message(7, 0, 1, [])]),  # names a port
-    wire.encode([Message(0, direct.REPLIES_MAX + 1, 1, [])]),  # past the bound ports
-    wire.encode([Message(0, 0, 1, [Bytes(b"x" * 9000)])]),  # past the inline limit
-    wire.encode([1, 2]),  # not a message
+    _raw_frame([Port(3, MAKE_SEND)]),  # a right
+    _raw_frame([OOL(data=b"x")]),  # memory
+    _raw_frame([Code(None, blob=b"pickle")]),  # code
+    _raw_frame([], index=direct.REPLIES_MAX + 1),  # past the bound ports
+    _raw_frame([], index=-2),  # no reply index
+    _raw_frame([Int(1)], index=direct.HELD),  # a held message's frame with items
+    _raw_frame([Bytes(b"x" * 9000)]),  # past the inline limit
+    _raw_frame([Int(1)], count=2),  # more items than it holds
+    _raw_frame([Int(1)], count=0),  # fewer: trailing bytes
+    _raw_frame([], tail=b"x"),  # trailing bytes
+    _raw_frame([Int(1)], tail=b"\x99"),  # an unknown item after the counted ones
+    _raw_frame([], body=3),  # a body shorter than a packet's header
+    _raw_frame([Int(1)])[:-1],  # half a frame
+    b"PYMX" + _raw_frame([])[4:],  # another magic
     b"\x08garbage",
     b"",
 ])
-def test_bad_packets_are_refused(bad: bytes) -> None:
+def test_bad_frames_are_refused(bad: bytes) -> None:
     with pytest.raises(wire.WireError):
-        direct.decode_packet(bad)
+        direct.decode_frame(bad)
 
 
 def test_only_data_messages_may_use_a_channel() -> None:
@@ -820,7 +842,7 @@ def test_a_stale_doorbell_is_never_a_reused_descriptor(native: str) -> None:
     assert h.result(20_000) == DONE  # (its channel was torn down first)
     number = getattr(pr.bell, "fd", pr.bell)
     stale = LocalReceive(receivers, p, 0, m.MSG_SIZE_MAX, -1, current_thread().trap,
-                         current_thread().trap_fds)
+                         current_thread().trap_fds, {})
     r, w = os.pipe()
     os.write(w, b"12345678")
     receivers.sweep()  # the sender is gone: its channel ended, and the port's bell went
@@ -874,7 +896,7 @@ def test_a_teardown_and_a_receivers_thread_split_a_channel_exactly() -> None:
         with contextlib.suppress(BlockingIOError):
             got = take_frame(b, buf, m.MSG_SIZE_MAX)
             if got is not None:
-                mine.append(got[0].id)
+                mine.append(got[0])
 
     take()
     frames, skipped = direct.scan_frames(take_all(_Interleaved(b, take)), 100)  # type: ignore[arg-type]

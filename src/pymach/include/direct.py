@@ -5,21 +5,24 @@ another native task holds (machd/channels.py grants it and tears it down; the ru
 both tasks, libmach/direct.py, uses it). A channel is one AF_UNIX SOCK_STREAM
 socketpair and one shared page:
 
-- sender -> receiver: one *frame* per message, `encode_packet`: a header (FRAME: the
-  magic FRAME_MAGIC, the body's length, at most PACKET_MAX, and the sender's sequence
-  number of the frame, 1, 2, ...) and the typed wire (include/wire.py) of one Message
-  whose items are data only (Int, Float, Bytes, Str, IntArray) and whose `local_port` is
-  0 (no reply port) or i + 1 for the channel's i-th bound reply port (machd binds at
-  most `REPLIES_MAX`, each at the sender's request, giving the receiver a send right;
-  the receiver asks machd for their names in its space); `remote_port` is 0. A message
-  the channel cannot carry (rights, memory, code, another reply disposition, more reply
-  ports) is *held* by machd (CHANNEL_HOLD: copied in as a send would, under a token),
-  and its frame, `encode_held`, says only that: remote_port 1, the token as id, no
-  items. The receiver claims it from machd (CHANNEL_CLAIM), so it keeps its place among
-  the sender's messages. Whoever reads a frame decodes it with `decode_frame`, which
-  refuses anything else (a WireError): a channel is another task's input and never
-  carries rights, memory or code itself, and its sender's identity is machd's word
-  (the grant), never the frame's.
+- sender -> receiver: one *frame* per message, `encode_packet`: a header (HEAD: the
+  magic FRAME_MAGIC, the body's length, at most PACKET_MAX, the sender's sequence number
+  of the frame, 1, 2, ..., then the packet's own header: the message id, its reply
+  index and its item count) and the items of one message, as the typed wire
+  (include/wire.py) carries a message's items, data only (Int, Float, Bytes, Str,
+  IntArray). The reply index is 0 (no reply port) or i + 1 for the channel's i-th bound
+  reply port (machd binds at most `REPLIES_MAX`, each at the sender's request, giving
+  the receiver a send right; the receiver asks machd for their names in its space). A
+  message the channel cannot carry (rights, memory, code, another reply disposition,
+  more reply ports) is *held* by machd (CHANNEL_HOLD: copied in as a send would, under
+  a token), and its frame, `encode_held`, says only that: reply index HELD, the token
+  as id, no items. The receiver claims it from machd (CHANNEL_CLAIM), so it keeps its
+  place among the sender's messages. Whoever reads a frame checks it whole with
+  `parse_frame`, which refuses anything else (a WireError): a channel is another
+  task's input and never carries rights, memory or code itself, and its sender's
+  identity is machd's word (the grant), never the frame's. (The header is one struct,
+  so a message is packed and unpacked in one call each: the codec was an eighth of a
+  null `msg_rpc`'s time with the general wire's message value.)
 - Why a stream: one frame is one send of at most FRAME_MAX bytes, which the kernel
   queues whole (one buffer) or not at all, so a reader never meets half an honest
   sender's frame; and machd, tearing a channel down, takes everything left on it with
@@ -62,14 +65,20 @@ from pymach.include.message import (
     Float,
     Int,
     IntArray,
+    Item,
     Message,
     Str,
+    message_size,
 )
 
 CHANNEL_MARKER = -0x4D41_4348_4348  # "MACHCH": an id no pymach interface uses
 PACKET_MAX = MSG_SIZE_MAX + 4096  # a frame's body at most (the wire's own overhead)
 FRAME = struct.Struct("<4sIQ")  # a frame's header: magic, body length, sequence number
+PACKET = struct.Struct("<qiI")  # a packet's header: message id, reply index, item count
+HEAD = struct.Struct("<4sIQqiI")  # the two, as one frame's first bytes
 FRAME_MAGIC = b"PYMC"
+HELD = -1  # the reply index of a held message's frame
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
 FRAME_MAX = FRAME.size + PACKET_MAX  # a frame's bytes at most
 RESYNC_MAX = 64  # garbage runs `scan_frames` skips at most (each costs a decode at most)
 PAGE_SIZE = 4096
@@ -87,40 +96,74 @@ def channel_eligible(msg: Message) -> bool:
     return all(type(i) in DATA_ITEMS for i in msg.items) and msg.size <= MSG_SIZE_MAX
 
 
-def encode_packet(msg: Message, reply_index: int, seq: int) -> bytes:
+def encode_packet(msg: Message, reply_index: int, seq: int) -> bytearray:
     """The frame, numbered `seq`, of an eligible message; `reply_index` is 0 (no reply
     port) or 1 + the index of its bound reply port (see module docstring)."""
-    return _frame(wire.encode([Message(0, reply_index, msg.id, msg.items)]), seq)
+    out = bytearray(HEAD.size)
+    wire.put_items(out, msg.items)
+    HEAD.pack_into(out, 0, FRAME_MAGIC, len(out) - FRAME.size, seq & _U64, msg.id,
+                   reply_index, len(msg.items))
+    return out
 
 
 def encode_held(token: int, seq: int) -> bytes:
     """The frame, numbered `seq`, of a message machd holds under `token`."""
-    return _frame(wire.encode([Message(1, 0, token, [])]), seq)
-
-
-def _frame(body: bytes, seq: int) -> bytes:
-    return FRAME.pack(FRAME_MAGIC, len(body), seq & 0xFFFF_FFFF_FFFF_FFFF) + body
+    return HEAD.pack(FRAME_MAGIC, PACKET.size, seq & _U64, token, HELD, 0)
 
 
 def frame_length(head: bytes | bytearray | memoryview) -> int:
     """A frame's whole length from its header, the first FRAME.size bytes of `head`;
-    WireError if they are not one (too few, another magic, a body past PACKET_MAX)."""
+    WireError if they are not one (too few, another magic, a body shorter than a
+    packet's header or past PACKET_MAX)."""
     if len(head) < FRAME.size:
         raise wire.WireError(f"half a frame header ({len(head)} bytes)")
     magic, length, _ = FRAME.unpack_from(head)
-    if magic != FRAME_MAGIC or length > PACKET_MAX:
+    if magic != FRAME_MAGIC or not PACKET.size <= length <= PACKET_MAX:
         raise wire.WireError(f"not a channel frame (magic {bytes(magic)!r}, {length} bytes)")
     return FRAME.size + int(length)
 
 
+def parse_frame(view: memoryview, n: int) -> tuple[int, int, int, list[Item]]:
+    """The first frame among the `n` bytes at the start of `view`, checked whole:
+    (its length, the message id, the reply index, the items). The reply index is 0 (no
+    reply port), 1..REPLIES_MAX, or HELD (a held message's frame: the id is its token,
+    no items). WireError for anything else: half a frame, a bad header, items that are
+    not data only, trailing bytes, a message past the inline limit."""
+    if n < HEAD.size:
+        length = frame_length(view[:n])  # (a WireError, or a header with half a packet)
+        raise wire.WireError(f"half a frame ({n} of {length} bytes)")
+    magic, length, _, msg_id, index, count = HEAD.unpack_from(view)
+    if magic != FRAME_MAGIC or not PACKET.size <= length <= PACKET_MAX:
+        raise wire.WireError(f"not a channel frame (magic {bytes(magic)!r}, {length} bytes)")
+    length += FRAME.size
+    if n < length:
+        raise wire.WireError(f"half a frame ({n} of {length} bytes)")
+    if not HELD <= index <= REPLIES_MAX or (index == HELD and count):
+        raise wire.WireError(f"a channel packet names no port (reply index {index})")
+    if not count:
+        if length != HEAD.size:
+            raise wire.WireError("trailing bytes after a channel packet")
+        return length, msg_id, index, []
+    if count > length - HEAD.size:
+        raise wire.WireError(f"{count} items in a packet of {length} bytes")
+    items, pos = wire.get_items(view.toreadonly(), HEAD.size, length, count)
+    if pos != length:
+        raise wire.WireError("trailing bytes after a channel packet")
+    if not all(type(i) in DATA_ITEMS for i in items) or message_size(items) > MSG_SIZE_MAX:
+        raise wire.WireError("a channel packet carries data items only, inline size")
+    return length, msg_id, index, items
+
+
 def decode_frame(data: bytes | bytearray | memoryview) -> tuple[int, Message, int]:
     """(sequence number, message, reply index) of exactly one whole frame (see
-    `decode_packet`); WireError otherwise."""
-    if len(data) < FRAME.size or frame_length(data) != len(data):
-        raise wire.WireError(f"not one whole channel frame ({len(data)} bytes)")
+    `parse_frame`; the message's local_port is its reply index, its id a held
+    message's token where that is HELD); WireError otherwise."""
     with memoryview(data) as view:
-        msg, index = decode_packet(view[FRAME.size:])
-    return int(FRAME.unpack_from(data)[2]), msg, index
+        length, msg_id, index, items = parse_frame(view, len(data))
+        if length != len(data):
+            raise wire.WireError(f"not one whole channel frame ({len(data)} bytes)")
+        return int(FRAME.unpack_from(view)[2]), Message(0, max(index, 0), msg_id, items), \
+            index
 
 
 def scan_frames(data: bytes, limit: int) -> tuple[list[tuple[int, Message, int]], int]:
@@ -143,24 +186,3 @@ def scan_frames(data: bytes, limit: int) -> tuple[list[tuple[int, Message, int]]
         nxt = len(data) if nxt < 0 else nxt
         skipped, pos = skipped + nxt - pos, nxt
     return frames, skipped
-
-
-def decode_packet(data: bytes | bytearray | memoryview) -> tuple[Message, int]:
-    """The message of one packet and its reply index (0: none; -1: a held message's
-    packet, whose id is its token); WireError if the packet is not exactly one
-    data-only message within the inline limit, or a held message's packet."""
-    if len(data) > PACKET_MAX:
-        raise wire.WireError(f"a channel packet of {len(data)} bytes")
-    values = wire.decode(data)
-    if len(values) != 1 or not isinstance(values[0], Message):
-        raise wire.WireError("a channel packet holds one message")
-    msg: Message = values[0]
-    if msg.remote_port == 1 and msg.local_port == 0 and not msg.items and \
-            msg.local_disposition is None:
-        return msg, -1
-    if msg.remote_port != 0 or not 0 <= msg.local_port <= REPLIES_MAX or \
-            msg.local_disposition is not None:
-        raise wire.WireError("a channel packet names no port")
-    if not all(type(i) in DATA_ITEMS for i in msg.items) or msg.size > MSG_SIZE_MAX:
-        raise wire.WireError("a channel packet carries data items only, inline size")
-    return msg, msg.local_port

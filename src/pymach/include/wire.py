@@ -293,7 +293,13 @@ def _put_message(out: bytearray, msg: Message) -> None:
             raise WireError(f"message header field {f} does not fit in 64 bits")
     out += _MSG_HEAD.pack(msg.remote_port, msg.local_port, msg.id, disp, uid,
                           len(msg.items))
-    for item in msg.items:
+    put_items(out, msg.items)
+
+
+def put_items(out: bytearray, items: Sequence[Item]) -> None:
+    """Append message items as a message's body carries them (module docstring; their
+    count is the caller's to write). WireError for a value that is no item."""
+    for item in items:
         put = _PUT_ITEM.get(type(item))
         if put is None:  # a subclass of an item type, or not an item
             put = next((f for t, f in _PUT_ITEM.items() if isinstance(item, t)), None)
@@ -489,13 +495,20 @@ def _disposition(value: int, at: int) -> Disposition:
 def _get_message(buf: Buf, pos: int, end: int) -> tuple[Message, int]:
     remote, local, msg_id, disp, uid, _n = _fixed(buf, pos, end, _MSG_HEAD)
     n, pos = _count(buf, pos + _MSG_HEAD.size - 4, end, 1)
+    items, pos = get_items(buf, pos, end, n)
+    local_disp = None if disp == 0 else _disposition(disp, pos)
+    return Message(remote, local, msg_id, items, local_disp,
+                   sender_uid=None if uid < 0 else uid), pos
+
+
+def get_items(buf: Buf, pos: int, end: int, n: int) -> tuple[list[Item], int]:
+    """`n` message items from `pos` (their count already checked against the rest of
+    the body, at least one byte each) and the offset after them; WireError otherwise."""
     items = []
     for _ in range(n):
         item, pos = _get_item(buf, pos, end)
         items.append(item)
-    local_disp = None if disp == 0 else _disposition(disp, pos)
-    return Message(remote, local, msg_id, items, local_disp,
-                   sender_uid=None if uid < 0 else uid), pos
+    return items, pos
 
 
 def _get_item(buf: Buf, pos: int, end: int) -> tuple[Item, int]:

@@ -68,7 +68,7 @@ from pymach.errors import MachError
 from pymach.include import direct, traps, wire
 from pymach.include.channel import close_fds
 from pymach.include.doorbell import bell_clear, bell_ring
-from pymach.include.message import RCV_TIMEOUT, Int, Message
+from pymach.include.message import MSG_SIZE_MAX, RCV_TIMEOUT, Int, Item, Message, message_size
 
 log = logging.getLogger("pymach")
 
@@ -213,6 +213,8 @@ class Senders:
         ch = self.channels.get(name)
         if ch is None:
             return False
+        if self._send_now(ch, msg, alerted, trap):
+            return True
         index = self._reply_index(ch, msg, trap) if direct.channel_eligible(msg) else None
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         alerted()
@@ -231,6 +233,34 @@ class Senders:
                     return self._write(name, ch, frame, wait)
                 return self._hold(name, ch, portable(msg), trap, wait)
 
+    def _send_now(self, ch: Endpoint, msg: Message, alerted: Callable[[], None],
+                  trap: Trap) -> bool:
+        """The fast path of `send` (as Mach 3.0's mach_msg has one): an eligible message
+        whose reply port (if any) is bound already, while the port has room and the
+        socket takes the frame at once, is written here with none of the general path's
+        steps for waiting, binding or holding. False: nothing was sent (the general path
+        then waits, binds, holds, or tears a broken channel down: a write that failed
+        wrote nothing, and a frame the kernel took in part ends the channel here)."""
+        if msg.local_disposition is not None:
+            return False
+        index = ch.bound.get(msg.local_port, -1) + 1 if msg.local_port else 0
+        if (msg.local_port and not index) or not direct.channel_eligible(msg):
+            return False
+        alerted()
+        with ch.lock:
+            if ch.closed or not _has_room(ch.view):
+                return False
+            frame = direct.encode_packet(msg, index, ch.count + 1)
+            try:
+                sent = ch.sock.send(frame, _SEND)
+            except OSError:
+                return False
+            if sent != len(frame):
+                self._broken(msg.remote_port, ch, trap)
+                return False
+            ch.counted(direct.SENT, 1)
+        return True
+
     def _hold(self, name: int, ch: Endpoint, msg: Any, trap: Trap, wait: _Wait) -> bool:
         """Have machd hold a message the channel cannot carry and write its token
         (ch.lock held); False if the channel is gone (send through machd)."""
@@ -245,7 +275,8 @@ class Senders:
         self._write(name, ch, direct.encode_held(token, ch.count + 1), wait)  # (if the
         return True  # channel was torn down, machd queued what it held in its place: sent)
 
-    def _write(self, name: int, ch: Endpoint, frame: bytes, wait: _Wait) -> bool:
+    def _write(self, name: int, ch: Endpoint, frame: bytes | bytearray,
+               wait: _Wait) -> bool:
         """Write one frame (ch.lock held), waiting for the socket's room as `wait` says
         (SEND_TIMED_OUT, nothing sent, past its deadline; an alert enters the kernel);
         False if the channel broke (machd tore it down: it is forgotten)."""
@@ -316,14 +347,12 @@ class _Wait:
     trap: Trap  # (to close a channel whose write failed)
 
 
-def _send_packet(sock: socket.socket, frame: bytes, wait: _Wait) -> None:
+def _send_packet(sock: socket.socket, frame: bytes | bytearray, wait: _Wait) -> None:
     """Send one frame without blocking in the kernel: while the socket is full, wait
     for room, the alert or the deadline (SEND_TIMED_OUT: nothing was sent). A frame
     written in part (the kernel queues a frame of at most FRAME_MAX whole: never, from
     this runtime) is an OSError: the channel is broken."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    poller.register(wait.alert, select.POLLIN)
+    poller = None  # (made once the socket is full: most sends never wait)
     while True:
         try:
             if sock.send(frame, _SEND) != len(frame):
@@ -331,6 +360,10 @@ def _send_packet(sock: socket.socket, frame: bytes, wait: _Wait) -> None:
             return
         except BlockingIOError:
             pass
+        if poller is None:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            poller.register(wait.alert, select.POLLIN)
         left = None if wait.deadline is None else wait.deadline - time.monotonic()
         if left is not None and left <= 0:
             raise MachError("SEND_TIMED_OUT", "the channel stayed full")
@@ -396,32 +429,30 @@ def _drain_wakes(sock: socket.socket) -> bool:
 
 
 # -- the receiver's side -----------------------------------------------------------------------
-def take_frame(sock: socket.socket, buf: bytearray, rcv_size: int) -> tuple[Message, int] | None:
+def take_frame(sock: socket.socket, buf: bytearray,
+               rcv_size: int) -> tuple[int, int, list[Item]] | None:
     """Take the next frame off a channel whole (the caller holds its endpoint's lock;
-    `buf`, the endpoint's, is sized on first use): (message, reply index; -1: a held
-    message's token, its id). None: the channel ended, or machd's teardown read took the
-    frame between our peek and our read (include/direct.py). BlockingIOError if no
-    frame waits; WireError for garbage, left on the channel; RCV_TOO_LARGE, the frame
-    left on the channel, if its message exceeds `rcv_size`."""
+    `buf`, the endpoint's, is sized on first use): (message id, reply index, items; the
+    index HELD: a held message's token as id). None: the channel ended, or machd's
+    teardown read took the frame between our peek and our read (include/direct.py).
+    BlockingIOError if no frame waits; WireError for garbage, left on the channel;
+    RCV_TOO_LARGE, the frame left on the channel, if its message exceeds `rcv_size`."""
     if not buf:
         buf.extend(bytes(direct.FRAME_MAX))
     n = sock.recv_into(buf, direct.FRAME_MAX, _PEEK)
     if n == 0:
         return None
     with memoryview(buf) as view:
-        length = direct.frame_length(view[:n])
-        if n < length:
-            raise wire.WireError(f"half a frame ({n} of {length} bytes)")
-        msg, index = direct.decode_packet(view[direct.FRAME.size:length])
-    if msg.size > rcv_size:
-        raise MachError("RCV_TOO_LARGE", f"message of {msg.size} bytes exceeds rcv_size "
-                        f"{rcv_size}; it stays queued")
+        length, msg_id, index, items = direct.parse_frame(view, n)
+    if rcv_size < MSG_SIZE_MAX and message_size(items) > rcv_size:
+        raise MachError("RCV_TOO_LARGE", f"message of {message_size(items)} bytes exceeds "
+                        f"rcv_size {rcv_size}; it stays queued")
     taken = sock.recv_into(buf, length, _NOWAIT)
     if taken == 0:
         return None  # (machd's read took it)
     if taken != length:
         raise wire.WireError(f"a frame read in part ({taken} of {length} bytes)")
-    return msg, index
+    return msg_id, index, items
 
 
 def _has_data(ep: Endpoint) -> bool:
@@ -536,13 +567,31 @@ class Receivers:
                 ep.close()
 
 
+POLL_SETS = 8  # poll objects a thread keeps, one per port it received on last
+
+
+@dataclass(eq=False)
+class PollSet:
+    """A thread's poll object for one port's channels, its bell and the thread's alert,
+    as they were at the port's `generation` (owned by that thread: Python's poll objects
+    cannot be polled by two threads at once)."""
+
+    receiver: PortReceiver
+    generation: int
+    bell: Bell  # (held: its number is not reused while it is registered)
+    alert: int
+    poller: select.poll
+
+
 class LocalReceive:
     """One receive on a port with channels, by one thread (see module docstring)."""
 
     def __init__(self, receivers: Receivers, name: int, timeout: float | None,
-                 rcv_size: int, alert: int, trap: Trap, trap_fds: TrapFds) -> None:
+                 rcv_size: int, alert: int, trap: Trap, trap_fds: TrapFds,
+                 pollers: dict[int, PollSet]) -> None:
         self.receivers, self.name, self.rcv_size = receivers, name, rcv_size
         self.alert, self.trap, self.trap_fds = alert, trap, trap_fds
+        self.pollers = pollers  # the receiving thread's own (poll objects are not shared)
         self.deadline = None if timeout is None else time.monotonic() + timeout / 1000
 
     def run(self, boundary: Callable[[], None]) -> Message | None:
@@ -552,6 +601,7 @@ class LocalReceive:
         while True:
             pr = self.receivers.ports.get(self.name)
             if pr is None:
+                self.pollers.pop(self.name, None)  # (its bell is let go)
                 return None
             if pr.maybe_queued:
                 msg = self._from_machd(pr)
@@ -627,15 +677,16 @@ class LocalReceive:
             except OSError:
                 got = None
             if got is not None:
-                msg, index = got
-                if index < 0:
-                    return self._claim(ep, msg.id)  # (counted once claimed)
+                msg_id, index, items = got
+                if index == direct.HELD:
+                    return self._claim(ep, msg_id)  # (counted once claimed)
                 self._taken(ep)
-                return self._message(ep, msg, index)
+                return self._message(ep, msg_id, index, items)
         self.receivers.drop(self.name, ep)
         return None
 
-    def _message(self, ep: Endpoint, msg: Message, index: int) -> Message | None:
+    def _message(self, ep: Endpoint, msg_id: int, index: int,
+                 items: list[Item]) -> Message | None:
         """The message a data frame taken off the channel carries, as received (its
         reply port named in our space); None for a reply index not bound (machd then
         tears the channel down)."""
@@ -644,7 +695,7 @@ class LocalReceive:
         except wire.WireError as e:
             self._garbage(ep, e)
             return None
-        return Message(reply, self.name, msg.id, msg.items, sender_uid=ep.uid)
+        return Message(reply, self.name, msg_id, items, sender_uid=ep.uid)
 
     def _garbage(self, ep: Endpoint, e: wire.WireError) -> None:
         """A bad frame: machd tears the channel down (it skips the garbage, and queues
@@ -700,15 +751,34 @@ class LocalReceive:
         """The descriptors ready among the port's channels (with a held message to
         claim: ready at once), its bell and the thread's alert, waiting for one until the
         receive's timeout (a look, once it passed)."""
-        left = 0 if pending else self.remaining()
-        poller = select.poll()
-        ready = {ep.fd for ep in pr.channels if ep.pending}
-        for ep in pr.channels:
-            poller.register(ep.fd, _POLLIN)
-        bell = pr.bell  # (held while it is polled: see Bell)
-        poller.register(bell.fd, select.POLLIN)
-        poller.register(self.alert, select.POLLIN)
-        ready |= {fd for fd, _ in poller.poll(None if left is None else math.ceil(left))}
-        if bell.fd in ready:  # (its number is no channel's: it is held open meanwhile)
+        left = 0 if pending else None if self.deadline is None else self.remaining()
+        ps = self._poll_set(pr)
+        ready = {ep.fd for ep in pr.channels if ep.pending} if pending else set()
+        ready |= {fd for fd, _ in ps.poller.poll(None if left is None else math.ceil(left))}
+        if ps.bell.fd in ready:  # (its number is no channel's: it is held open meanwhile)
             pr.maybe_queued = True
         return ready
+
+    def _poll_set(self, pr: PortReceiver) -> PollSet:
+        """This thread's poll object for the port as it is now: the one kept from its
+        last receive there if the port's channels, bell and the thread's alert are the
+        same (`generation`: read before the channels, so a set that raced a change is
+        made again next time; a descriptor closed meanwhile polls as ready, and the
+        receive looks again), else a new one, kept (at most POLL_SETS a thread)."""
+        ps = self.pollers.get(self.name)
+        if ps is not None and ps.receiver is pr and ps.generation == pr.generation and \
+                ps.bell is pr.bell and ps.alert == self.alert:
+            return ps
+        generation, bell = pr.generation, pr.bell  # (held while registered: see Bell)
+        poller = select.poll()
+        for ep in pr.channels:
+            poller.register(ep.fd, _POLLIN)
+        poller.register(bell.fd, select.POLLIN)
+        poller.register(self.alert, select.POLLIN)
+        for name, kept in list(self.pollers.items()):  # (ports whose channels went:
+            if self.receivers.ports.get(name) is not kept.receiver:  # their bells go)
+                del self.pollers[name]
+        if len(self.pollers) >= POLL_SETS:
+            self.pollers.clear()
+        ps = self.pollers[self.name] = PollSet(pr, generation, bell, self.alert, poller)
+        return ps

@@ -59,7 +59,7 @@ from pymach.include.message import (
 from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE
 from pymach.ipc.mach_msg import check_options, check_rcv_size
 from pymach.kern.thread import running_thread, set_current_thread
-from pymach.libmach.direct import LocalReceive, Receivers, Senders, is_marker
+from pymach.libmach.direct import LocalReceive, PollSet, Receivers, Senders, is_marker
 from pymach.libmach.ranges import Ranges
 from pymach.mach import ENTRY_BLOB, _migrated_main
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE
@@ -324,6 +324,7 @@ class NativeThread:
         self.senders = process.senders  # the task's direct channels (libmach/direct.py)
         self.alert_fd = -1  # rung by machd when this thread is suspended or terminated
         self._alert_poll: select.poll | None = None
+        self._pollers: dict[int, PollSet] = {}  # receives on ports with channels
 
     def trap(self, op: int, *args: Any) -> Any:
         """Run a trap in machd as this thread; returns its result or raises its error."""
@@ -389,12 +390,11 @@ class NativeThread:
         bell_clear(self.alert_fd)
         self.trap(traps.BOUNDARY)
 
-    def _direct_send(self, msg: Any, option: Any, timeout: Any) -> bool:
-        """Send on a direct channel if there is one for the message and it may: True."""
-        if not (isinstance(msg, Message) and msg.remote_port in self.senders.channels):
+    def _direct_send(self, msg: Message, timeout: float | None) -> bool:
+        """Send a checked message on a direct channel if there is one for it and it may:
+        True."""
+        if msg.remote_port not in self.senders.channels:
             return False
-        t = check_options(option, SEND_TIMEOUT, timeout, "send")
-        validate_message(msg)
         try:
             alert = self._alert()
         except MachError as e:  # machd has no descriptor for it now: machd takes back
@@ -402,27 +402,44 @@ class NativeThread:
                 raise  # message goes after it, through machd
             self.senders.give_up(msg.remote_port, self.trap)
             return False
-        return self.senders.send(msg, t, alert, self._alerted, self.trap,
-                                 lambda m: _portable(self.process, m))
+        return self.senders.send(msg, timeout, alert, self._alerted, self.trap,
+                                 self._portable)
+
+    def _portable(self, msg: Message) -> Any:
+        return _portable(self.process, msg)
+
+    def _send_through_machd(self, msg: Any, option: Any, timeout: Any) -> None:
+        """msg_send as a trap (and, once a port was sent to often, ask for a channel)."""
+        self._message_trap(traps.MSG_SEND, msg, option, timeout)
+        if isinstance(msg, Message):
+            self.senders.note_sent(msg, self.trap_fds)
 
     def _receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
         """A receive: on the port's direct channels if it has any here, else through
         machd; machd's channel markers are accepted, never returned."""
         while True:
             if type(port) is int and self.process.receivers.has(port):
-                t = check_options(option, RCV_TIMEOUT, timeout, "receive")
-                local = LocalReceive(self.process.receivers, port, t,
-                                     check_rcv_size(rcv_size), self._alert(), self.trap,
-                                     self.trap_fds)
-                got = local.run(self._boundary)
+                got, timeout = self._receive_local(
+                    port, check_options(option, RCV_TIMEOUT, timeout, "receive"),
+                    check_rcv_size(rcv_size))
                 if got is not None:
-                    return _callable_code(got)  # type: ignore[no-any-return]
-                timeout = local.remaining()  # the port's channels are gone: machd's turn
+                    return got
             msg: Message = _callable_code(self.trap(traps.MSG_RECEIVE, port, option,
                                                     timeout, rcv_size))
             if not is_marker(msg):
                 return msg
             self.process.receivers.accept(msg.local_port, msg, self.trap_fds)
+
+    def _receive_local(self, port: int, timeout: float | None,
+                       rcv_size: int) -> tuple[Message | None, float | None]:
+        """A checked receive on a port with channels here: (the message, None), or
+        (None, the time left) once the port's channels are gone (machd's turn)."""
+        local = LocalReceive(self.process.receivers, port, timeout, rcv_size, self._alert(),
+                             self.trap, self.trap_fds, self._pollers)
+        got = local.run(self._boundary)
+        if got is not None:
+            return _callable_code(got), None
+        return None, local.remaining()
 
     def _after_trap(self, got: Any, port: int, option: Any, timeout: Any,
                     rcv_size: Any) -> Message:
@@ -439,23 +456,40 @@ class NativeThread:
             (type(port) is int and self.process.receivers.has(port)))
 
     def _check_both(self, option: Any, rcv_size: Any, send_timeout: Any,
-                    receive_timeout: Any, msg: Any, port: Any) -> None:
-        """The checks a combined trap makes before it sends anything."""
-        check_options(option, SEND_TIMEOUT, send_timeout, "send")
-        check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
-        check_rcv_size(rcv_size)
+                    receive_timeout: Any, msg: Any, port: Any
+                    ) -> tuple[float | None, float | None, int]:
+        """The checks a combined trap makes before it sends anything: (the send's and
+        the receive's timeouts, rcv_size)."""
+        sent = check_options(option, SEND_TIMEOUT, send_timeout, "send")
+        received = check_options(option, RCV_TIMEOUT, receive_timeout, "receive")
+        size = check_rcv_size(rcv_size)
         validate_message(msg)
         if isinstance(port, bool) or not isinstance(port, int):
             raise MachError("RCV_INVALID_PORT", f"port name must be an int, not {port!r}")
+        return sent, received, size
+
+    def _send_then_receive(self, msg: Message, port: int, option: Any, rcv_size: Any,
+                           send_timeout: Any, receive_timeout: Any) -> Message:
+        """A combined trap as a send and a receive (a channel on either side), each
+        checked once."""
+        sent, received, size = self._check_both(option, rcv_size, send_timeout,
+                                                receive_timeout, msg, port)
+        if not self._direct_send(msg, sent):
+            self._send_through_machd(msg, option, send_timeout)
+        if self.process.receivers.has(port):
+            got, received = self._receive_local(port, received, size)
+            if got is not None:
+                return got
+        return self._receive(port, option, received, size)
 
     # -- the message traps ------------------------------------------------------------------
     def msg_send(self, msg: Any, option: Any, timeout: Any) -> None:
         """msg_send: on a direct channel, or in machd."""
-        if self._direct_send(msg, option, timeout):
-            return
-        self._message_trap(traps.MSG_SEND, msg, option, timeout)
-        if isinstance(msg, Message):
-            self.senders.note_sent(msg, self.trap_fds)
+        if isinstance(msg, Message) and msg.remote_port in self.senders.channels:
+            t = check_options(option, SEND_TIMEOUT, timeout, "send")
+            if self._direct_send(validate_message(msg), t):
+                return
+        self._send_through_machd(msg, option, timeout)
 
     def msg_receive(self, port: Any, option: Any, timeout: Any, rcv_size: Any) -> Message:
         """msg_receive: from direct channels and machd, or in machd."""
@@ -471,12 +505,13 @@ class NativeThread:
         try:
             local = getattr(msg, "local_port", 0)
             if self._split(msg, local):
-                self._check_both(option, rcv_size, send_timeout, receive_timeout, msg, local)
                 if local == 0:
+                    self._check_both(option, rcv_size, send_timeout, receive_timeout, msg,
+                                     local)
                     raise MachError("RCV_INVALID_PORT", "msg_rpc needs a reply port in "
                                     "local_port")
-                self.msg_send(msg, option, send_timeout)
-                return self._receive(local, option, receive_timeout, rcv_size)
+                return self._send_then_receive(msg, local, option, rcv_size, send_timeout,
+                                               receive_timeout)
             got = self._message_trap(traps.MSG_RPC, msg, option, rcv_size, send_timeout,
                                      receive_timeout)
             self.senders.note_sent(msg, self.trap_fds)
@@ -491,9 +526,8 @@ class NativeThread:
         """msg_send_receive: one trap for a server's reply and next receive (or a send
         and a receive, where there are channels)."""
         if self._split(msg, port):
-            self._check_both(option, rcv_size, send_timeout, receive_timeout, msg, port)
-            self.msg_send(msg, option, send_timeout)
-            return self._receive(port, option, receive_timeout, rcv_size)
+            return self._send_then_receive(msg, port, option, rcv_size, send_timeout,
+                                           receive_timeout)
         got = self._message_trap(traps.MSG_SEND_RECEIVE, msg, port, option, rcv_size,
                                  send_timeout, receive_timeout)
         self.senders.note_sent(msg, self.trap_fds)
@@ -527,6 +561,7 @@ class NativeThread:
         if self.alert_fd >= 0:
             close_fds([self.alert_fd])
             self.alert_fd, self._alert_poll = -1, None
+        self._pollers.clear()
 
     def exit(self, result: Any) -> None:
         """Tell machd this thread is done."""
