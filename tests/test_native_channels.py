@@ -25,6 +25,7 @@ import pytest
 import pymach as m
 from nativeutil import start_machd, stop_machd, uffd_or_skip
 from pymach import MAKE_SEND, MOVE_RECEIVE, Int, Message, Port
+from pymach.errors import MachError
 from pymach.include import direct, traps, wire
 from pymach.include.message import OOL, Bytes, Code, Float, IntArray, Str
 from pymach.kern.thread import current_thread
@@ -81,6 +82,32 @@ def test_rpcs_go_over_a_channel_in_order(native: str) -> None:
     assert reply in _receivers()  # the server's to our reply port
     m.msg_send(Message(remote_port=svc, id=DONE))
     assert h.result(20_000) == [*range(10, 40), DONE]  # type: ignore[attr-defined]
+
+
+def test_a_thread_keeps_one_poll_set_a_port_and_lets_it_go(native: str) -> None:
+    """The poll object a receiving thread keeps for a port's channels is the port's as
+    it is now (made again once its channels changed), and let go, with the port's
+    doorbell, once the port has no channels left."""
+    reply = m.port_allocate(m.task_self())
+    pollers = current_thread()._pollers  # type: ignore[attr-defined]
+    kept = []
+    for _ in range(2):
+        h, svc = _server()
+        for i in range(5):
+            m.msg_rpc(Message(remote_port=svc, local_port=reply, id=10 + i), m.RCV_TIMEOUT,
+                      receive_timeout=20_000)
+        ps = pollers[reply]
+        assert ps.receiver is _receivers()[reply] and ps.bell is ps.receiver.bell
+        assert ps.generation == ps.receiver.generation
+        kept.append(ps)
+        m.msg_send(Message(remote_port=svc, id=DONE))
+        h.result(20_000)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 20
+        while reply in _receivers() and time.monotonic() < deadline:
+            with contextlib.suppress(MachError):  # (the channel's end is seen, and the
+                m.msg_receive(reply, m.RCV_TIMEOUT, 200)  # receive goes to machd)
+        assert reply not in _receivers() and reply not in pollers
+    assert kept[0].receiver is not kept[1].receiver and kept[0].bell is not kept[1].bell
 
 
 def _collect(box: int, n: int) -> list[list[object]]:

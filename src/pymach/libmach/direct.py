@@ -215,6 +215,8 @@ class Senders:
             return False
         if self._send_now(ch, msg, alerted, trap):
             return True
+        if ch.closed:  # (its write failed: the message goes through machd, after what
+            return False  # was on the channel)
         index = self._reply_index(ch, msg, trap) if direct.channel_eligible(msg) else None
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         alerted()
@@ -239,8 +241,9 @@ class Senders:
         whose reply port (if any) is bound already, while the port has room and the
         socket takes the frame at once, is written here with none of the general path's
         steps for waiting, binding or holding. False: nothing was sent (the general path
-        then waits, binds, holds, or tears a broken channel down: a write that failed
-        wrote nothing, and a frame the kernel took in part ends the channel here)."""
+        then waits, binds or holds; a write that failed for another reason than a full
+        socket, or wrote part of the frame, tore the channel down here, as `_write`
+        does)."""
         if msg.local_disposition is not None:
             return False
         index = ch.bound.get(msg.local_port, -1) + 1 if msg.local_port else 0
@@ -253,8 +256,10 @@ class Senders:
             frame = direct.encode_packet(msg, index, ch.count + 1)
             try:
                 sent = ch.sock.send(frame, _SEND)
-            except OSError:
+            except BlockingIOError:
                 return False
+            except OSError:  # (as `_write`: the channel is torn down)
+                sent = -1
             if sent != len(frame):
                 self._broken(msg.remote_port, ch, trap)
                 return False
