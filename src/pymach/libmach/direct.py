@@ -586,6 +586,7 @@ class PollSet:
     bell: Bell  # (held: its number is not reused while it is registered)
     alert: int
     poller: select.poll
+    channels: dict[int, Endpoint]  # descriptor -> the channel registered under it
 
 
 class LocalReceive:
@@ -614,7 +615,16 @@ class LocalReceive:
                     return msg
                 continue  # (a marker taken, or nothing there: look again)
             generation = pr.generation
-            ready = self._poll(pr, any(ep.pending for ep in pr.channels))
+            pending = any(ep.pending for ep in pr.channels)
+            ps = self._poll_set(pr)
+            events = ps.poller.poll(self._wait_ms(pending))
+            ep = ps.channels.get(events[0][0]) if len(events) == 1 and not pending else None
+            if ep is not None:  # (the common case: one channel has a frame, or ended)
+                msg = self._take(ep)
+                if msg is not None:
+                    return msg
+                continue
+            ready = self._ready(pr, ps, events, pending)
             if self.alert in ready:
                 boundary()
                 continue
@@ -752,14 +762,21 @@ class LocalReceive:
             raise wire.WireError(f"reply port {index} is not bound to the channel")
         return ep.replies[index - 1]
 
-    def _poll(self, pr: PortReceiver, pending: bool) -> set[int]:
-        """The descriptors ready among the port's channels (with a held message to
-        claim: ready at once), its bell and the thread's alert, waiting for one until the
-        receive's timeout (a look, once it passed)."""
-        left = 0 if pending else None if self.deadline is None else self.remaining()
-        ps = self._poll_set(pr)
+    def _wait_ms(self, pending: bool) -> int | None:
+        """How long a poll may wait: until the receive's timeout (None: no limit), not
+        at all once it passed or with a held message to claim."""
+        if pending:
+            return 0
+        return None if self.deadline is None else math.ceil(self.remaining() or 0)
+
+    @staticmethod
+    def _ready(pr: PortReceiver, ps: PollSet, events: list[tuple[int, int]],
+               pending: bool) -> set[int]:
+        """The descriptors a poll found ready among the port's channels, its bell and
+        the thread's alert (with channels that have a held message to claim: ready at
+        once); the bell marks the port as maybe having messages in machd."""
         ready = {ep.fd for ep in pr.channels if ep.pending} if pending else set()
-        ready |= {fd for fd, _ in ps.poller.poll(None if left is None else math.ceil(left))}
+        ready |= {fd for fd, _ in events}
         if ps.bell.fd in ready:  # (its number is no channel's: it is held open meanwhile)
             pr.maybe_queued = True
         return ready
@@ -776,8 +793,9 @@ class LocalReceive:
             return ps
         generation, bell = pr.generation, pr.bell  # (held while registered: see Bell)
         poller = select.poll()
-        for ep in pr.channels:
-            poller.register(ep.fd, _POLLIN)
+        channels = {ep.fd: ep for ep in pr.channels}
+        for fd in channels:
+            poller.register(fd, _POLLIN)
         poller.register(bell.fd, select.POLLIN)
         poller.register(self.alert, select.POLLIN)
         for name, kept in list(self.pollers.items()):  # (ports whose channels went:
@@ -785,5 +803,6 @@ class LocalReceive:
                 del self.pollers[name]
         if len(self.pollers) >= POLL_SETS:
             self.pollers.clear()
-        ps = self.pollers[self.name] = PollSet(pr, generation, bell, self.alert, poller)
+        ps = self.pollers[self.name] = PollSet(pr, generation, bell, self.alert, poller,
+                                               channels)
         return ps
