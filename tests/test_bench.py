@@ -33,6 +33,9 @@ def test_bench_ipc_command_prints_json_figures_and_ratios() -> None:
     _ratio_ok(out, "ratio_msg_rpc_vs_socketpair", "msg_rpc_us", "socketpair_us")
     _ratio_ok(out, "ratio_msg_rpc_vs_thread_queue", "msg_rpc_us", "thread_queue_us")
     assert out["target_ratio_at_most"] == 1.5
+    assert out["condition_handoff_us"] > 0
+    _ratio_ok(out, "ratio_condition_handoff_vs_thread_queue", "condition_handoff_us",
+              "thread_queue_us")
 
 
 def test_bench_command_refuses_what_a_mode_lacks() -> None:
@@ -60,6 +63,8 @@ def test_bench_native_small() -> None:
 
     ipc = native.run_ipc(n=50, rounds=1)
     _ratio_ok(ipc, "ratio_msg_rpc_vs_socketpair", "native_msg_rpc_us", "socketpair_us")
+    assert ipc["channel_floor_us"] > 0
+    _ratio_ok(ipc, "ratio_channel_floor_vs_socketpair", "channel_floor_us", "socketpair_us")
     vm = native.run_vm(size=4 << 20, rounds=1)
     assert min(vm["ool_first_send_ms"], vm["ool_repeat_send_ms"],
                vm["ool_deallocate_send_ms"], vm["receiver_vm_deallocate_ms"]) > 0

@@ -11,7 +11,12 @@ measured in the same run on the same machine (issue 10; the targets are in
   fault);
 - `mprotect_ms`: write-protecting a resident region (for a first out-of-line send);
 - `munmap_punch_ms`: unmapping and punching out a resident memfd (for freeing a region);
-- `numpy_fill_anon_ms`: NumPy filling fresh anonymous memory (for filling task memory).
+- `numpy_fill_anon_ms`: NumPy filling fresh anonymous memory (for filling task memory);
+- `channel_floor_us`: the floor of a null `msg_rpc` over direct channels: two processes
+  exchanging channel frames (include/direct.py's codec) with the system calls a
+  receiving task makes (a poll of the channel, a doorbell and an alert, a peek of the
+  whole frame, a read of its length) and nothing of the runtime's checks, locks, page
+  counters or layers.
 
 Pages are 4 KiB. The userfaultfd calls are pymach's own (`pymach.pmap.uffd`).
 """
@@ -25,6 +30,7 @@ import mmap
 import os
 import select
 import socket
+import statistics
 import tempfile
 import time
 import traceback
@@ -33,6 +39,8 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
+from pymach.include import direct
+from pymach.include.message import Message
 from pymach.pmap.uffd import MODE_MINOR, MODE_MISSING, Uffd, UffdError, punch_hole
 
 PAGE = 4096
@@ -257,3 +265,71 @@ def numpy_fill_anon_ms(size: int) -> float:
     del arr
     m.close()
     return dt * 1e3
+
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_SEND = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+
+
+class _ChannelSide:
+    """One process's end of `channel_floor_us`: it takes a frame as a receiving task
+    takes one and answers with a frame as a sending task writes one."""
+
+    def __init__(self, rx: socket.socket, tx: socket.socket) -> None:
+        self.rx, self.tx, self.seq = rx, tx, 0
+        self.buf = bytearray(direct.FRAME_MAX)
+        self.view = memoryview(self.buf)
+        self.fds = [os.eventfd(0), os.eventfd(0)]  # a doorbell and an alert, never rung
+        self.poller = select.poll()
+        for fd in (rx.fileno(), *self.fds):
+            self.poller.register(fd, select.POLLIN)
+
+    def send(self, msg_id: int) -> None:
+        self.seq += 1
+        self.tx.send(direct.encode_packet(Message(id=msg_id), 1, self.seq), _SEND)
+
+    def take(self) -> Message:
+        self.poller.poll()
+        n = self.rx.recv_into(self.buf, direct.FRAME_MAX, _PEEK)
+        length, msg_id, _, items = direct.parse_frame(self.view, n)
+        self.rx.recv_into(self.buf, length, socket.MSG_DONTWAIT)
+        return Message(1, 2, msg_id, items)
+
+    def close(self) -> None:
+        self.view.release()
+        for fd in self.fds:
+            os.close(fd)
+
+
+def channel_floor_us(n: int, rounds: int) -> float:
+    """Median microseconds per round trip of the direct channels' floor (see the module
+    docstring): `rounds` rounds of `n`, after a few to warm up."""
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    total = 10 + n * rounds
+    pid = os.fork()
+    if pid == 0:  # the server: answer every frame
+        try:
+            side = _ChannelSide(b1, b2)
+            for _ in range(total):
+                side.send(side.take().id + 100)
+        finally:
+            os._exit(0)
+    side = _ChannelSide(a2, a1)
+    samples = []
+    try:
+        for _ in range(10):
+            side.send(1)
+            side.take()
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                side.send(1)
+                side.take()
+            samples.append(time.perf_counter() - t0)
+    finally:
+        side.close()
+        for sock in (a1, b1, a2, b2):
+            sock.close()
+        os.waitpid(pid, 0)
+    return statistics.median(samples) / n * 1e6

@@ -4,7 +4,10 @@ Three figures, measured in one run on this machine:
 - a null msg_rpc round trip between two tasks of the embedded kernel (free scheduler);
 - a thread-to-thread round trip through two `queue.SimpleQueue`s (the cost floor of any
   in-process handoff between Python threads);
-- a 1-byte round trip over a `socket.socketpair` between two processes.
+- a 1-byte round trip over a `socket.socketpair` between two processes;
+- the embedded kernel's own floor: two threads handing a turn back and forth through
+  two condition variables of one lock, as the free scheduler's waits are
+  (kern/sched_free.py), with no kernel work at all (`condition_handoff_us`).
 Each is the median of several rounds of `n` round trips; ratios are pymach / baseline.
 The target (`target_ratio_at_most`) is for msg_rpc against the thread handoff: at most
 1.5x.
@@ -106,6 +109,41 @@ def bench_thread_queue(n: int, rounds: int) -> float:
     return median_us(samples, n)
 
 
+def bench_condition_handoff(n: int, rounds: int) -> float:
+    """Median microseconds per round trip between two threads that wait on condition
+    variables of one lock (the embedded kernel's wake-up, without its work)."""
+    lock = threading.Lock()
+    to_srv, to_cli = threading.Condition(lock), threading.Condition(lock)
+    turn = [0]  # (lock) 1: the server's, 2: the client's, -1: stop
+
+    def server() -> None:
+        with lock:
+            while True:
+                while turn[0] == 0 or turn[0] == 2:
+                    to_srv.wait()
+                if turn[0] < 0:
+                    return
+                turn[0] = 2
+                to_cli.notify_all()
+
+    t = threading.Thread(target=server, daemon=True)
+    t.start()
+    samples = []
+    with lock:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                turn[0] = 1
+                to_srv.notify_all()
+                while turn[0] != 2:
+                    to_cli.wait()
+            samples.append(time.perf_counter() - t0)
+        turn[0] = -1
+        to_srv.notify_all()
+    t.join()
+    return median_us(samples, n)
+
+
 def bench_socketpair(n: int, rounds: int) -> float:
     """Median microseconds per 1-byte round trip between two processes over a socketpair."""
     a, b = socket.socketpair()
@@ -128,6 +166,7 @@ def run(n: int = 5000, rounds: int = 5) -> dict[str, Any]:
     rpc = bench_msg_rpc(n, rounds)
     q = bench_thread_queue(n, rounds)
     sp = bench_socketpair(n, rounds)
+    cond = bench_condition_handoff(n, rounds)
     return {
         "benchmark": "ipc",
         "round_trips_per_round": n,
@@ -138,4 +177,6 @@ def run(n: int = 5000, rounds: int = 5) -> dict[str, Any]:
         "ratio_msg_rpc_vs_thread_queue": round(rpc / q, 2),
         "target_ratio_at_most": 1.5,  # for ratio_msg_rpc_vs_thread_queue
         "ratio_msg_rpc_vs_socketpair": round(rpc / sp, 2),
+        "condition_handoff_us": round(cond, 2),  # the embedded kernel's wake-up alone
+        "ratio_condition_handoff_vs_thread_queue": round(cond / q, 2),
     }

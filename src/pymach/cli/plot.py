@@ -136,7 +136,8 @@ PANELS: tuple[Panel, ...] = (
     _p("null msg_rpc round trip (embedded)", "us", "lower",
        [("msg_rpc between two embedded tasks", "msg_rpc_us"),
         ("thread handoff through SimpleQueues", "thread_queue_us", B),
-        ("1-byte socketpair round trip", "socketpair_us", B)],
+        ("1-byte socketpair round trip", "socketpair_us", B),
+        ("the kernel's wake-up alone (condition variables)", "condition_handoff_us", B)],
        [("target: <= {t}x the thread handoff", "target_ratio_at_most", "thread_queue_us")]),
     # bench/vm.py (embedded)
     _p("zero-fill faults", "pages/s", "higher",
@@ -184,7 +185,8 @@ PANELS: tuple[Panel, ...] = (
     # bench/native.py: ipc, vm, pager, huge
     _p("null msg_rpc round trip (native)", "us", "lower",
        [("msg_rpc between two native tasks", "native_msg_rpc_us"),
-        ("1-byte socketpair round trip", "socketpair_us", B)],
+        ("1-byte socketpair round trip", "socketpair_us", B),
+        ("the channels' system calls and codec alone", "channel_floor_us", B)],
        [("target: <= {t}x socketpair", "target_ratio_at_most", "socketpair_us")]),
     _p("1 GiB out of line to another task", "ms", "lower",
        [("first send", "ool_first_send_ms"), ("the same region again", "ool_repeat_send_ms"),
