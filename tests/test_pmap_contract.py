@@ -911,3 +911,43 @@ def test_object_window_holds_the_objects_pages_where_the_machine_has_one(phys: A
     assert phys.phys_read(5) == b"\5" * PS
     phys.frames_discard(obj, [(2 * PS, 4 * PS)], [4, 5])
     phys.object_gone(obj)
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_frames_move_keeps_each_frames_data_at_its_new_place(
+        phys: Any, stored: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """frames_move (a run of pages leaving for a holding object) is frame_move of each
+    frame: every frame keeps its data at its new object and offset, whether either
+    object's pages live in a file of their own (`stored`: a task maps them) or not, and
+    where the machine keeps the source's pages in a file, their old places there are
+    punched out. The frames, not adjacent, cross the chunks the backend reads at once."""
+    from pymach.pmap import uffd_pmap
+
+    monkeypatch.setattr(uffd_pmap, "MOVE_CHUNK", 2 * PS)  # (chunks of two pages)
+    src, dst = _Object(10**9 + 6), _Object(10**9 + 7)
+    if stored and phys.maps_objects:
+        phys.store_for(src)
+        phys.store_for(dst)
+    frames = [9, 3, 4, 5, 12]
+    for i, f in enumerate(frames):
+        phys.frame_bind(f, src, (2 + i) * PS)
+        fill(phys, f, 0x10 + i)
+    phys.frames_move(frames[:1], dst, [0])
+    phys.frames_move(frames[1:], dst, [i * PS for i in range(1, 5)])
+    for i, f in enumerate(frames):
+        assert phys.phys_read(f) == bytes([0x10 + i]) * PS
+    if stored and phys.maps_objects:
+        fd = phys.object_window(src)
+        try:
+            assert os.pread(fd, 5 * PS, 2 * PS) in (bytes(5 * PS), b"")  # punched out
+        finally:
+            os.close(fd)
+        fd = phys.object_window(dst)
+        try:
+            assert os.pread(fd, 5 * PS, 0) == b"".join(bytes([0x10 + i]) * PS
+                                                       for i in range(5))
+        finally:
+            os.close(fd)
+    phys.frames_discard(dst, [(0, 5 * PS)], frames)
+    phys.object_gone(src)
+    phys.object_gone(dst)

@@ -251,6 +251,12 @@ class PhysicalMemory(Protocol):
         (vm_page_rename: collapse, pageout's holding objects)."""
         ...
 
+    def frames_move(self, frames: list[int], obj: object, offsets: list[int]) -> None:
+        """frame_move of each frame to the offset of `obj` at the same place in
+        `offsets`, in one step (a run of pages leaving for a holding object: the data
+        are moved a run of adjacent pages per call, not a page at a time)."""
+        ...
+
     def object_gone(self, obj: object) -> None:
         """A VM object was terminated: release what the backend kept for it."""
         ...

@@ -200,6 +200,9 @@ class SoftPhysicalMemory:
     def frame_move(self, frame: int, obj: object, offset: int) -> None:
         """A frame's page moves to another object and offset, data and all."""
 
+    def frames_move(self, frames: list[int], obj: object, offsets: list[int]) -> None:
+        """Frames' pages move to another object, data and all."""
+
     def object_gone(self, obj: object) -> None:
         """An object was terminated."""
 

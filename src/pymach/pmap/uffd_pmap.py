@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 
 RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
+MOVE_CHUNK = 8 << 20  # bytes frames_move reads into one buffer at most
 
 
 def _data_runs(fd: int, start: int, end: int, page: int = 0) -> list[tuple[int, int]]:
@@ -366,6 +367,21 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         self.frame_unbind(frame)
         self.frame_bind(frame, obj, offset)
         self.phys_write(frame, data)
+
+    def frames_move(self, frames: list[int], obj: object, offsets: list[int]) -> None:
+        """frame_move of each frame, MOVE_CHUNK bytes at a time: read with a `preadv` per
+        run of adjacent pages of a memfd, the old places punched a run per call, written
+        a run per `pwritev` (the data cross Python once, as one buffer)."""
+        step = max(1, MOVE_CHUNK // self.page_size)
+        for at in range(0, len(frames), step):
+            chunk = frames[at:at + step]
+            data = bytearray(len(chunk) * self.page_size)
+            self.phys_read_into(chunk, memoryview(data))
+            with self.discard_batch():
+                for frame in chunk:
+                    self.frame_unbind(frame)
+            self.frames_bind(chunk, obj, offsets[at:at + step])
+            self.phys_write_run(chunk, memoryview(data))
 
     # -- data ------------------------------------------------------------------------------
     def phys_read(self, frame: int, offset: int = 0, size: int | None = None) -> bytes:

@@ -426,8 +426,8 @@ def _pageout_run(pages: list[VmPage]) -> bool:
     vm, ps, first = obj.vm, obj.vm.page_size, pages[0].offset
     size = len(pages) * ps
     holding = vm_object_allocate(vm, size, label="pageout")
-    for i, page in enumerate(pages):
-        vm.resident.vm_page_rename(page, holding, i * ps)
+    vm.resident.vm_pages_rename(pages, holding, [i * ps for i in range(len(pages))])
+    for page in pages:
         vm.resident.vm_page_wire(page)
         page.dirty = False
     vm_pageout_hold(vm, holding, obj, first)

@@ -151,6 +151,21 @@ class VmResident:
         self._table(page, obj, offset)
         self.phys.frame_move(page.frame, obj, offset)
 
+    def vm_pages_rename(self, pages: list[VmPage], obj: VmObject, offsets: list[int]) -> None:
+        """vm_page_rename of each tabled page to the offset at its place in `offsets`
+        (pages of one object: a run leaving for a holding object), the data moved with
+        one backend call (frames_move)."""
+        if not pages:
+            return
+        source = pages[0].object
+        assert all(page.object is source for page in pages)
+        if source is not None and not source.internal:
+            source.pages_left(pages)
+        for page, offset in zip(pages, offsets, strict=True):
+            self._untable(page)
+            self._table(page, obj, offset)
+        self.phys.frames_move([page.frame for page in pages], obj, offsets)
+
     # -- frames -----------------------------------------------------------------------
     def free_count(self) -> int:
         """Frames on the free queue."""
