@@ -377,9 +377,11 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             chunk = frames[at:at + step]
             data = bytearray(len(chunk) * self.page_size)
             self.phys_read_into(chunk, memoryview(data))
-            with self.discard_batch():
-                for frame in chunk:
-                    self.frame_unbind(frame)
+            with self.discard_batch(), self.lock:
+                old = [self.homes[frame] for frame in chunk]
+                self._unbind_locked(chunk)
+                for store, offset in old:  # (merged into runs at the batch's end)
+                    self._punch_locked(store, offset, self.page_size)
             self.frames_bind(chunk, obj, offsets[at:at + step])
             self.phys_write_run(chunk, memoryview(data))
 
