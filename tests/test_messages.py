@@ -722,3 +722,25 @@ def test_messages_from_python_thread_outside_kernel_fail() -> None:
     t.start()
     t.join(5)
     assert box == {"code": "KERN_INVALID_TASK"}
+
+
+def test_header_fields_must_be_ints() -> None:
+    """validate_message: a header field that is a bool, a float or a string is refused
+    with the field's name; an int subclass that is no bool (an IntEnum) is an int."""
+    import enum
+
+    from pymach.include.message import validate_message
+
+    class Name(enum.IntEnum):
+        SVC = 7
+
+    for field in ("remote_port", "local_port", "id"):
+        for bad in (True, 1.0, "1"):
+            msg = Message(**{field: bad})  # type: ignore[arg-type]
+            with pytest.raises(m.MachError) as e:
+                validate_message(msg)
+            assert e.value.code == "SEND_INVALID_TYPE" and field in e.value.detail
+        validate_message(Message(**{field: Name.SVC}))
+    with pytest.raises(m.MachError) as e:
+        validate_message(Message(id=2**63))
+    assert e.value.code == "SEND_INVALID_TYPE" and "64 bits" in e.value.detail
