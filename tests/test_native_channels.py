@@ -110,6 +110,42 @@ def test_a_thread_keeps_one_poll_set_a_port_and_lets_it_go(native: str) -> None:
     assert kept[0].receiver is not kept[1].receiver and kept[0].bell is not kept[1].bell
 
 
+def _oob_sender(dest: int, box: int) -> int:
+    """Send 0..2 (the third on a channel), then one out-of-band byte on the channel;
+    after a message on a port given to `box`, send 99."""
+    ctl = m.port_allocate(m.task_self())
+    m.msg_send(Message(remote_port=box, items=[Port(ctl, MAKE_SEND)]))
+    for i in range(3):
+        m.msg_send(Message(remote_port=dest, id=i))
+    ch = _channels()[dest]
+    ch.sock.send(b"x", socket.MSG_OOB)  # type: ignore[attr-defined]
+    m.msg_receive(ctl, m.RCV_TIMEOUT, 60_000)
+    m.msg_send(Message(remote_port=dest, id=99))
+    return 0
+
+
+def test_an_out_of_band_byte_is_garbage_not_a_spin(native: str) -> None:
+    """(A review's finding, from before the fast paths) A sender's MSG_OOB byte on its
+    channel made the receiver's channel poll readable for ever while a read found
+    nothing: a receive with a timeout spun at full CPU until the sender wrote again.
+    The byte now arrives inline (SO_OOBINLINE on both ends): garbage, the channel is
+    torn down, the receive times out on time, and what the sender sends next arrives."""
+    me = m.task_self()
+    p, box = m.port_allocate(me), m.port_allocate(me)
+    h = m.spawn(_oob_sender, Port(p, MAKE_SEND), Port(box, MAKE_SEND), name="oob")
+    ctl = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].name  # type: ignore[union-attr]
+    assert [m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id for _ in range(3)] == [0, 1, 2]
+    time.sleep(0.3)  # (the byte is on the channel)
+    t0, c0 = time.monotonic(), time.process_time()
+    with pytest.raises(MachError) as e:
+        m.msg_receive(p, m.RCV_TIMEOUT, 300)
+    wall, cpu = time.monotonic() - t0, time.process_time() - c0
+    assert e.value.code == "RCV_TIMED_OUT" and wall < 3 and cpu < 1, (wall, cpu)
+    m.msg_send(Message(remote_port=ctl, id=DONE))
+    assert m.msg_receive(p, m.RCV_TIMEOUT, 20_000).id == 99
+    assert h.result(20_000) == 0  # type: ignore[attr-defined]
+
+
 def _collect(box: int, n: int) -> list[list[object]]:
     """Receive n messages on a new port (sent to `box`) after a GO; return (id, values)."""
     me = m.task_self()

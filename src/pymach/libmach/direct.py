@@ -793,7 +793,7 @@ class LocalReceive:
             return ps
         generation, bell = pr.generation, pr.bell  # (held while registered: see Bell)
         poller = select.poll()
-        channels = {ep.fd: ep for ep in pr.channels}
+        channels = {ep.fd: ep for ep in list(pr.channels)}  # (a copy: drop may run)
         for fd in channels:
             poller.register(fd, _POLLIN)
         poller.register(bell.fd, select.POLLIN)

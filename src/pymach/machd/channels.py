@@ -348,6 +348,9 @@ class ChannelTable:
         the reply); an OSError (out of descriptors, say) leaves nothing behind."""
         sender_end, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         _room_for_frames(sender_end)
+        for s in (sender_end, end):  # an out-of-band byte a peer writes arrives inline:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)  # garbage (a frame)
+        # or a wake-up, never a socket that polls readable while a read finds nothing
         fds: list[int] = []
         try:
             fds.append(os.memfd_create("pymach-channel",
