@@ -127,3 +127,36 @@ def test_kernel_baselines() -> None:
     _positive(baselines.numpy_fill_anon_ms(4 << 20))
     _positive(baselines.msync_us_per_page(1 << 20))
     assert all(x > 0 for x in baselines.swap_file_us_per_page(1 << 20))
+
+
+def test_channel_floor_ends_when_either_side_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """channel_floor_us: each process closes the other's ends, so a server that fails
+    ends the client's wait (EOFError), and a client that fails ends the server (no hang:
+    the test's own timeout would fire)."""
+    import os
+
+    from pymach.bench import baselines
+
+    parent = os.getpid()
+    init, take = baselines._ChannelSide.__init__, baselines._ChannelSide.take
+
+    def failing_init(self: Any, rx: Any, tx: Any) -> None:
+        if os.getpid() != parent:
+            raise OSError(24, "no descriptor (simulated)")
+        init(self, rx, tx)
+
+    monkeypatch.setattr(baselines._ChannelSide, "__init__", failing_init)
+    with pytest.raises(EOFError):
+        baselines.channel_floor_us(50, 1)
+    monkeypatch.setattr(baselines._ChannelSide, "__init__", init)
+    calls = [0]
+
+    def failing_take(self: Any) -> Any:
+        calls[0] += 1
+        if os.getpid() == parent and calls[0] == 3:
+            raise RuntimeError("the client fails")
+        return take(self)
+
+    monkeypatch.setattr(baselines._ChannelSide, "take", failing_take)
+    with pytest.raises(RuntimeError):
+        baselines.channel_floor_us(50, 1)

@@ -279,7 +279,12 @@ class _ChannelSide:
         self.rx, self.tx, self.seq = rx, tx, 0
         self.buf = bytearray(direct.FRAME_MAX)
         self.view = memoryview(self.buf)
-        self.fds = [os.eventfd(0), os.eventfd(0)]  # a doorbell and an alert, never rung
+        self.fds = [os.eventfd(0)]  # a doorbell and an alert, never rung
+        try:
+            self.fds.append(os.eventfd(0))
+        except OSError:
+            self.close()
+            raise
         self.poller = select.poll()
         for fd in (rx.fileno(), *self.fds):
             self.poller.register(fd, select.POLLIN)
@@ -291,6 +296,8 @@ class _ChannelSide:
     def take(self) -> Message:
         self.poller.poll()
         n = self.rx.recv_into(self.buf, direct.FRAME_MAX, _PEEK)
+        if not n:
+            raise EOFError("the other side of the channel floor ended")
         length, msg_id, _, items = direct.parse_frame(self.view, n)
         self.rx.recv_into(self.buf, length, socket.MSG_DONTWAIT)
         return Message(1, 2, msg_id, items)
@@ -303,19 +310,36 @@ class _ChannelSide:
 
 def channel_floor_us(n: int, rounds: int) -> float:
     """Median microseconds per round trip of the direct channels' floor (see the module
-    docstring): `rounds` rounds of `n`, after a few to warm up."""
+    docstring): `rounds` rounds of `n`, after a few to warm up. Each process closes the
+    other's ends, so either one ending ends the other's wait (EOFError in the client,
+    never a hang)."""
     a1, b1 = socket.socketpair()
     a2, b2 = socket.socketpair()
-    total = 10 + n * rounds
     pid = os.fork()
-    if pid == 0:  # the server: answer every frame
+    if pid == 0:  # the server: answer every frame until the client's end closes
+        status = 1
         try:
+            a1.close()
+            a2.close()
             side = _ChannelSide(b1, b2)
-            for _ in range(total):
+            while True:
                 side.send(side.take().id + 100)
+        except EOFError:
+            status = 0
         finally:
-            os._exit(0)
-    side = _ChannelSide(a2, a1)
+            os._exit(status)
+    b1.close()
+    b2.close()
+    try:
+        return _time_channel_side(_ChannelSide(a2, a1), n, rounds)
+    finally:
+        a1.close()
+        a2.close()
+        os.waitpid(pid, 0)
+
+
+def _time_channel_side(side: _ChannelSide, n: int, rounds: int) -> float:
+    """The client's rounds of channel_floor_us (its side closed at the end)."""
     samples = []
     try:
         for _ in range(10):
@@ -329,7 +353,4 @@ def channel_floor_us(n: int, rounds: int) -> float:
             samples.append(time.perf_counter() - t0)
     finally:
         side.close()
-        for sock in (a1, b1, a2, b2):
-            sock.close()
-        os.waitpid(pid, 0)
     return statistics.median(samples) / n * 1e6
