@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pymach as m
 from nativeutil import start_machd, stop_machd, uffd_or_skip
@@ -1620,3 +1622,41 @@ def test_a_thread_that_ends_after_writing_its_token_leaves_the_channel(native: s
     assert h.result(60_000) == [True, True]  # type: ignore[attr-defined]
     ids = [m.msg_receive(p, m.RCV_TIMEOUT, 10_000).id for _ in range(7)]
     assert ids == [0, 1, 2, 3, 4, 999, 200]
+
+
+_GOOD_FRAME = direct.encode_packet(Message(id=7, items=[Int(1), Bytes(b"ab"), Str("x"),
+                                                        IntArray([1, 2]), Float(1.5)]), 1, 1)
+
+
+def _parse_or_refuse(data: bytes) -> None:
+    """What a receiver and machd's read-back do with bytes off a channel: a frame, or a
+    WireError; never another exception."""
+    with contextlib.suppress(wire.WireError):
+        _seq, msg, index = direct.decode_frame(data)
+        assert direct.HELD <= index <= direct.REPLIES_MAX and msg.size <= m.MSG_SIZE_MAX
+    frames, skipped = direct.scan_frames(data, 32)
+    assert skipped <= len(data) and len(frames) <= 32
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_GOOD_FRAME) - 1), st.integers(0, 255)),
+                max_size=6), st.integers(0, len(_GOOD_FRAME)))
+def test_a_mutated_frame_is_a_frame_or_garbage(flips: list[tuple[int, int]],
+                                               cut: int) -> None:
+    data = bytearray(_GOOD_FRAME)
+    for at, byte in flips:
+        data[at] = byte
+    _parse_or_refuse(bytes(data[:cut]))
+    _parse_or_refuse(bytes(data))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(-2**63, 2**63 - 1), st.integers(-2**31, 2**31 - 1),
+       st.integers(0, 2**32 - 1), st.binary(max_size=64))
+def test_a_forged_header_is_a_frame_or_garbage(length: int, msg_id: int, index: int,
+                                               count: int, body: bytes) -> None:
+    head = direct.HEAD.pack(direct.FRAME_MAGIC, length, 1, msg_id, index, count)
+    _parse_or_refuse(head + body)
+    honest = direct.HEAD.pack(direct.FRAME_MAGIC, direct.PACKET.size + len(body), 1, msg_id,
+                              index, count)
+    _parse_or_refuse(honest + body)
