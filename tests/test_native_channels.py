@@ -156,6 +156,32 @@ def test_an_out_of_band_byte_is_garbage_not_a_spin(native: str) -> None:
     assert h.result(20_000) == 0  # type: ignore[attr-defined]
 
 
+def test_a_port_named_by_an_int_subclass_is_received_on_from_its_channels(
+        native: str) -> None:
+    """(A review's finding, pre-existing) A program may name its ports with an IntEnum;
+    a receive on such a name of a port with channels took the machd path and timed out
+    while the message waited on the channel."""
+    import enum
+
+    h, svc = _server()
+    reply = m.port_allocate(m.task_self())
+    for i in range(3):  # (channels both ways)
+        m.msg_rpc(Message(remote_port=svc, local_port=reply, id=10 + i), m.RCV_TIMEOUT,
+                  receive_timeout=20_000)
+    assert reply in _receivers()
+    names = enum.IntEnum("Names", {"REPLY": reply})
+    m.msg_send(Message(remote_port=svc, local_port=reply, id=20))
+    assert m.msg_receive(names.REPLY, m.RCV_TIMEOUT, 5_000).id == 120
+    got = m.msg_rpc(Message(remote_port=svc, local_port=names.REPLY, id=21), m.RCV_TIMEOUT,
+                    receive_timeout=5_000)
+    assert got.id == 121
+    got = m.msg_send_receive(Message(remote_port=svc, local_port=reply, id=22), names.REPLY,
+                             m.RCV_TIMEOUT, receive_timeout=5_000)
+    assert got.id == 122
+    m.msg_send(Message(remote_port=svc, id=DONE))
+    h.result(20_000)  # type: ignore[attr-defined]
+
+
 def _collect(box: int, n: int) -> list[list[object]]:
     """Receive n messages on a new port (sent to `box`) after a GO; return (id, values)."""
     me = m.task_self()

@@ -495,7 +495,7 @@ class NativeThread:
         """msg_receive: from direct channels and machd, or in machd."""
         if isinstance(port, Message):
             port = port.local_port
-        return self._receive(port, option, timeout, rcv_size)
+        return self._receive(_name(port), option, timeout, rcv_size)
 
     def msg_rpc(self, msg: Any, option: Any, rcv_size: Any, send_timeout: Any,
                 receive_timeout: Any) -> Message:
@@ -503,7 +503,7 @@ class NativeThread:
         failure that names our cached reply port (it was destroyed) makes the next
         thread_reply() ask machd again."""
         try:
-            local = getattr(msg, "local_port", 0)
+            local = _name(getattr(msg, "local_port", 0))
             if self._split(msg, local):
                 if local == 0:
                     self._check_both(option, rcv_size, send_timeout, receive_timeout, msg,
@@ -525,6 +525,7 @@ class NativeThread:
                          send_timeout: Any, receive_timeout: Any) -> Message:
         """msg_send_receive: one trap for a server's reply and next receive (or a send
         and a receive, where there are channels)."""
+        port = _name(port)
         if self._split(msg, port):
             return self._send_then_receive(msg, port, option, rcv_size, send_timeout,
                                            receive_timeout)
@@ -656,6 +657,15 @@ def _portable(process: NativeProcess, msg: Any) -> Any:
 
     items = [portable(i) for i in msg.items]
     return Message(msg.remote_port, msg.local_port, msg.id, items, msg.local_disposition)
+
+
+def _name(port: Any) -> Any:
+    """A port name as the runtime looks it up: an int subclass (an IntEnum of a
+    program's well-known ports, say) as the plain int, so that a port with direct
+    channels is received on from them; anything else unchanged (the checks name it)."""
+    if isinstance(port, int) and type(port) is not int and not isinstance(port, bool):
+        return int(port)
+    return port
 
 
 def _callable_code(msg: Any) -> Any:
