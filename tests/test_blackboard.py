@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import os
 import pickle
-import socket
 import struct
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from pymach.apps.blackboard import (
     start_server,
 )
 from pymach.net.cluster import cluster_init
+from test_net_tcp import free_port
 
 CONTRACT = True
 ROOT = Path(__file__).resolve().parents[1]
@@ -508,9 +508,7 @@ def test_agents_on_two_machds_over_tcp(tmp_path: Path) -> None:
     uffd_or_skip()
     cluster = tmp_path / "cluster"
     cluster_init(str(cluster), ["A", "B"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     a_sock, b_sock = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
     common = ["--cluster", str(cluster), "--memory", "128M"]
     a = start_machd(Path(a_sock), *common, "--host-name", "A", "--listen", f"127.0.0.1:{port}")

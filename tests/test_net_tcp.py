@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -119,11 +120,36 @@ def wait_until(cond: Callable[[], bool], what: str, seconds: float = WAIT_S) -> 
         time.sleep(0.005)
 
 
+_PORTS = random.Random()  # (its own generator: tests that seed `random` do not repeat it)
+
+
+def _ephemeral() -> range:
+    """The kernel's range of ports for outgoing connections (Linux's default if unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, picked outside the kernel's ephemeral range: between
+    the pick and the bind of the test's listener, no connection the kernel makes
+    meanwhile (another test's, a host dialing) can take it as its own source port (a
+    port the kernel picked could be, and was once: EADDRINUSE in CI)."""
+    ephemeral = _ephemeral()
+    for _ in range(200):
+        port = _PORTS.randrange(10_000, 65_000)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind((LOOPBACK, port))
+            return port
+    with socket.socket() as s:  # (a machine whose ephemeral range covers them all)
         s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 @contextlib.contextmanager
