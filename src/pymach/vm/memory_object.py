@@ -25,6 +25,8 @@ the object (vm_regions): requests sent to it are refused (footnote 3).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError, code_name
@@ -501,8 +503,8 @@ class PagerServer:
         _check_live(obj)
         with copy_view(current_thread(), data) as raw:  # no copy: see copy_view
             raw = raw[:count]
-            _answered(obj, start, len(raw))
-            settled = _provide(obj, start, len(raw), lock, raw)
+            with _answering(obj, start, len(raw)):
+                settled = _provide(obj, start, len(raw), lock, raw)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
 
@@ -532,55 +534,55 @@ class PagerServer:
             _drop_unplaced(obj, start, count)
             return
         settled: set[VmPage] = set()
-        answered = _answered(obj, start, count)
-        try:
-            for i, (lo, hi, stale) in enumerate(answered):
-                if stale:  # its window data may be punched: ask again
-                    _ask_again(obj, lo, hi - lo)
-                    continue
-                try:
-                    settled |= _provide(obj, lo, hi - lo, lock, None)
-                except BaseException:  # the requests after it are asked again
-                    for lo2, hi2, _ in answered[i + 1:]:
-                        _ask_again(obj, lo2, hi2 - lo2)
-                    raise
-        finally:
-            _drop_unplaced(obj, start, count)
+        with _answering(obj, start, count) as answered:
+            try:
+                for i, (lo, hi, stale) in enumerate(answered):
+                    if stale:  # its window data may be punched: ask again
+                        _ask_again(obj, lo, hi - lo)
+                        continue
+                    try:
+                        settled |= _provide(obj, lo, hi - lo, lock, None)
+                    except BaseException:  # the requests after it are asked again
+                        for lo2, hi2, _ in answered[i + 1:]:
+                            _ask_again(obj, lo2, hi2 - lo2)
+                        raise
+            finally:
+                _drop_unplaced(obj, start, count)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
 
     def pager_data_unavailable(self, obj: VmObject, offset: int, size: int) -> None:
         _trace_call(obj, "pager_data_unavailable", offset, size)
         _check_live(obj)
-        _answered(obj, check_int(offset, "offset"), check_int(size, "size"))
         vm = obj.vm
-        for off in _range(obj, offset, size):
-            page = obj.memq.get(off)
-            if page is None or not page.absent:
-                continue
-            if obj.internal:  # the pager has nothing: look below (footnote 6) or zero-fill
-                obj.existence.discard(off)
-                vm.resident.vm_page_free(page)
-                vm.kernel.sched.thread_wakeup(obj.page_waitq)
-            else:
-                vm.phys.pmap_zero_page(page.frame)
-                vm.resident.stats.zero_fill_count += 1
-                page_settled(obj, page)
+        with _answering(obj, check_int(offset, "offset"), check_int(size, "size")):
+            for off in _range(obj, offset, size):
+                page = obj.memq.get(off)
+                if page is None or not page.absent:
+                    continue
+                if obj.internal:  # the pager has nothing: look below (footnote 6) or
+                    obj.existence.discard(off)  # zero-fill
+                    vm.resident.vm_page_free(page)
+                    vm.kernel.sched.thread_wakeup(obj.page_waitq)
+                else:
+                    vm.phys.pmap_zero_page(page.frame)
+                    vm.resident.stats.zero_fill_count += 1
+                    page_settled(obj, page)
 
     def pager_data_error(self, obj: VmObject, offset: int, size: int,
                          error_value: int) -> None:
         _trace_call(obj, "pager_data_error", offset, size)
         _check_live(obj)
-        _answered(obj, check_int(offset, "offset"), check_int(size, "size"))
         code = code_name(check_int(error_value, "error_value", -(2**63)))
         reason = f"the data manager reported {code}"
-        for off in _range(obj, offset, size):
-            page = obj.memq.get(off)
-            if page is not None and page.absent:
-                page.error = reason
-                page_settled(obj, page)
-            elif off in obj.pending and not obj.pending[off].substitute:
-                _take_back(obj, off)  # (a substitute page was never the manager's)
+        with _answering(obj, check_int(offset, "offset"), check_int(size, "size")):
+            for off in _range(obj, offset, size):
+                page = obj.memq.get(off)
+                if page is not None and page.absent:
+                    page.error = reason
+                    page_settled(obj, page)
+                elif off in obj.pending and not obj.pending[off].substitute:
+                    _take_back(obj, off)  # (a substitute page was never the manager's)
 
     def pager_data_lock(self, obj: VmObject, offset: int, length: int,
                         lock_value: int) -> None:
@@ -705,9 +707,22 @@ def _answered(obj: VmObject, offset: int, count: int) -> list[tuple[int, int, bo
     base = obj.paging_offset
     start, end = offset - base, offset - base + count
     gone = obj.answered(start, end)
-    if gone:
-        obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
     return [(lo + base, min(asked[0], end) + base, bool(asked[1])) for lo, asked in gone]
+
+
+@contextlib.contextmanager
+def _answering(obj: VmObject, offset: int,
+               count: int) -> Iterator[list[tuple[int, int, bool]]]:
+    """`_answered` for the body of an answer: the faults that waited for the requests it
+    answers are woken once, when the body has settled the answer's pages (woken before,
+    each would run its fault again only to find the page still absent and park again:
+    a third of machd's vm_fault calls per one-page pager fault)."""
+    answered = _answered(obj, offset, count)
+    try:
+        yield answered
+    finally:
+        if answered:
+            obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
 
 def _ask_again(obj: VmObject, offset: int, count: int) -> None:
