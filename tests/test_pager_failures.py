@@ -33,7 +33,9 @@ from pagerutil import (
     watchdog,
 )
 from pymach.include.mach_defs import memory_object_defs
+from pymach.kern.thread import current_thread
 from pymach.vm import memory_object
+from pymach.vm.vm_page import manager_key
 
 MODES = pytest.mark.parametrize("det", [False, True], ids=["free", "det"])
 
@@ -399,6 +401,66 @@ def _limit_test(k: m.Kernel, limit: int) -> None:
     assert p.count("pager_data_write") >= limit
     assert [i for i in range(2 * limit) if read(a + i * PS, 8) != bytes([i % 256]) * 8] == []
     assert sum(r.resident for r in k.vmmap("bootstrap")) <= limit
+
+
+def _counts_match(k: m.Kernel) -> bool:
+    """The kernel's resident pages by data manager equal a count of every external
+    object's pages by the manager it has now."""
+    resident = k.vm.resident
+    want: dict[object, int] = {}
+    for obj in k.vm.pager_objects.values():
+        key = manager_key(obj)
+        if key is not None and obj.memq:
+            want[key] = want.get(key, 0) + len(obj.memq)
+    with k.sched.lock:
+        for obj in k.vm.pager_objects.values():
+            resident.manager_resident(obj)  # (an object whose manager changed: moved)
+        return dict(resident.manager_pages) == want
+
+
+@MODES
+def test_the_page_limit_is_kept_without_walking_the_managers_objects(
+        det: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manager's resident pages are counted as they come and go, so a provide under
+    its limit looks at none of its other objects (it walked all of them, and every
+    object of the kernel: a file server with 1,000 objects paid 3x per fault), and the
+    count always equals a count of the objects' pages, through faults, write-backs, a
+    region's end, evictions past the limit, and the memory object's receive right
+    moving to another task."""
+    limit = 24
+    walks: list[int] = []
+    real = memory_object._manager_objects
+    monkeypatch.setattr(memory_object, "_manager_objects",
+                        lambda obj: walks.append(1) or real(obj))
+    with m.boot(deterministic=det, seed=6, manager_page_limit=limit) as k, \
+            watchdog(k, 20, "a manager's page count"):
+        pagers = [Pager(size=8 * PS).start() for _ in range(3)]
+        regions = [p.map() for p in pagers]
+        for a in regions:
+            for i in range(0, 8, 2):
+                write(a + i * PS, b"x")
+        assert walks == [] and _counts_match(k)
+        m.vm_deallocate(m.task_self(), regions[0], 8 * PS)
+        wait_until(lambda: pagers[0].count("pager_data_write") > 0)
+        assert walks == [] and _counts_match(k)
+        big = Pager(size=4 * limit * PS).start()
+        b = big.map()
+        for i in range(4 * limit):  # past the limit: now the walk finds the oldest pages
+            assert read(b + i * PS, 8) == bytes(big.data[i * PS:i * PS + 8])
+        assert walks and _counts_match(k)
+        me = current_thread().task
+        assert k.vm.resident.manager_pages[me] <= limit
+        assert read(regions[1], 8) == bytes(pagers[1].data[:8])  # (resident again)
+        other = m.task_create(m.task_self(), False)  # the object's port moves there
+        notify = m.task_get_special_port(other, m.TASK_NOTIFY_PORT)
+        m.msg_send(m.Message(remote_port=notify,
+                             items=[m.Port(pagers[1].mo, m.MOVE_RECEIVE)]))
+        finished(run_in_task(other, m.msg_receive, m.task_notify()))
+        with k.sched.lock:
+            obj = next(o for o in k.vm.pager_objects.values() if o.memq and
+                       o.pager is not None and o.pager.receiver not in (None, me))
+            assert k.vm.resident.manager_resident(obj) == len(obj.memq)
+        assert _counts_match(k)
 
 
 def test_a_dead_managers_cached_object_is_let_go(guarded: m.Kernel) -> None:

@@ -812,7 +812,7 @@ def _manager_room(obj: VmObject) -> int:
     vm = obj.vm
     if obj.internal:
         return len(vm.resident.pages)
-    return vm.manager_page_limit - sum(len(o.memq) for o in _manager_objects(obj))
+    return vm.manager_page_limit - vm.resident.manager_resident(obj)
 
 
 def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
@@ -823,6 +823,8 @@ def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     resident queues that finds its oldest pages runs once per that many pages (a
     manager streaming more than its limit), not at every provide."""
     vm = obj.vm
+    if vm.resident.manager_resident(obj) <= vm.manager_page_limit:
+        return  # (counted as pages come and go: no walk over the objects)
     mine = _manager_objects(obj)
     count = sum(len(o.memq) for o in mine)
     if count <= vm.manager_page_limit:

@@ -75,6 +75,8 @@ class VmObject:
         # last pager_data_error for a pageout (vm_pageout._failed_recently)
         self.can_persist = False  # pager_cache: keep after the last reference
         self.windowed = False  # its manager was given a window (memory_object.py)
+        self.counted_as: object | None = None  # the data manager its resident pages
+        # count for (vm_page.py: VmResident.manager_pages)
         self.pages_gone = 0  # external: pages that have left it (freed or moved)
         self.window_asked: dict[int, list[int]] = {}  # external: the offset of each
         # pager_data_request not yet answered -> [its end, 1 once a page of its range

@@ -111,6 +111,9 @@ class VmResident:
         self.active: dict[VmPage, None] = {}  # insertion order = LRU order
         self.inactive: dict[VmPage, None] = {}
         self.tabled = 0  # pages in some object's memq
+        self.manager_pages: dict[object, int] = {}  # resident pages of external objects
+        # by the data manager they count for (`manager_key`; paper 6.1's limit), kept
+        # as pages are tabled and untabled (`_count`); no zero entries
         self.reserved = reserved  # frames only vm-privileged threads may take (6.2.3)
         self.stats = VmStatistics()
         self.on_free: Callable[[], None] | None = None  # called when a frame is freed
@@ -133,15 +136,45 @@ class VmResident:
         self.phys.frame_bind(page.frame, obj, offset)
 
     def _table(self, page: VmPage, obj: VmObject, offset: int) -> None:
+        self._count(obj, 1)
         page.object, page.offset = obj, offset
         obj.memq[offset] = page
         self.tabled += 1
 
     def _untable(self, page: VmPage) -> None:
         obj = page.object
-        if obj is not None and obj.memq.pop(page.offset, None) is not None:
+        if obj is not None and page.offset in obj.memq:
+            self._count(obj, -1)
+            del obj.memq[page.offset]
             self.tabled -= 1
         page.object = None
+
+    # -- pages by data manager (paper 6.1) ----------------------------------------------
+    def _count(self, obj: VmObject, delta: int) -> None:
+        """`delta` pages are about to be tabled in (or, negative, untabled from) `obj`:
+        counted for its data manager. The object's pages moved before to the manager
+        it has now if its pager port's receive right moved since they were counted
+        (an object's pages count where they were counted last until it changes)."""
+        key, held = manager_key(obj), obj.counted_as
+        if key is None:
+            if held is None:
+                return  # the kernel's own objects count for nobody
+            key = held  # (its pager port gone: its pages leave where they counted)
+        counts = self.manager_pages
+        if key is not held:
+            have = len(obj.memq)
+            if held is not None:
+                _add(counts, held, -have)
+            _add(counts, key, have)
+            obj.counted_as = key
+        _add(counts, key, delta)
+
+    def manager_resident(self, obj: VmObject) -> int:
+        """The resident pages of the data manager of external object `obj` (of every
+        object of its, at most those whose pager port's receive right moved to it
+        and that have not changed since: see `_count`). O(1)."""
+        self._count(obj, 0)
+        return self.manager_pages.get(obj.counted_as, 0)
 
     def vm_page_rename(self, page: VmPage, obj: VmObject, offset: int) -> None:
         """Move a tabled page, data and all, to another object and offset."""
@@ -188,6 +221,7 @@ class VmResident:
         fresh, popleft = self._fresh_page, self.free.popleft
         pages = [fresh(popleft()) for _ in offsets]
         memq, active = obj.memq, self.active
+        self._count(obj, len(pages))
         for page, off in zip(pages, offsets, strict=True):
             page.object, page.offset, page.queue = obj, off, "active"
             memq[off] = page
@@ -231,6 +265,7 @@ class VmResident:
         if obj is not None:
             if not obj.internal:
                 obj.pages_left(pages)
+            self._count(obj, -len(pages))
             memq = obj.memq
             if len(pages) == len(memq):  # all of them: the object's table empties at once
                 memq.clear()
@@ -395,3 +430,23 @@ class VmResident:
             page.dirty = True
             self.phys.pmap_clear_modify(page.frame)
         return page.dirty
+
+
+def manager_key(obj: VmObject) -> object | None:
+    """What the resident pages of `obj` count for against `manager_page_limit` (paper
+    6.1): for an external object, the task that holds its pager port's receive right
+    (every object of one manager counts together), or the port itself while no task
+    holds it; None for the kernel's own objects."""
+    pager = obj.pager
+    if obj.internal or pager is None:
+        return None
+    return pager.receiver or pager
+
+
+def _add(counts: dict[object, int], key: object, n: int) -> None:
+    """counts[key] += n, with no zero entries left."""
+    left = counts.get(key, 0) + n
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
