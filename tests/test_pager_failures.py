@@ -405,17 +405,14 @@ def _limit_test(k: m.Kernel, limit: int) -> None:
 
 def _counts_match(k: m.Kernel) -> bool:
     """The kernel's resident pages by data manager equal a count of every external
-    object's pages by the manager it has now."""
-    resident = k.vm.resident
-    want: dict[object, int] = {}
-    for obj in k.vm.pager_objects.values():
-        key = manager_key(obj)
-        if key is not None and obj.memq:
-            want[key] = want.get(key, 0) + len(obj.memq)
+    object's pages by the manager it has now (no object refreshed first)."""
     with k.sched.lock:
+        want: dict[object, int] = {}
         for obj in k.vm.pager_objects.values():
-            resident.manager_resident(obj)  # (an object whose manager changed: moved)
-        return dict(resident.manager_pages) == want
+            key = manager_key(obj)
+            if key is not None and obj.memq:
+                want[key] = want.get(key, 0) + len(obj.memq)
+        return dict(k.vm.resident.manager_pages) == want
 
 
 @MODES
@@ -450,17 +447,22 @@ def test_the_page_limit_is_kept_without_walking_the_managers_objects(
         assert walks and _counts_match(k)
         me = current_thread().task
         assert k.vm.resident.manager_pages[me] <= limit
-        assert read(regions[1], 8) == bytes(pagers[1].data[:8])  # (resident again)
-        other = m.task_create(m.task_self(), False)  # the object's port moves there
+        for p, a in zip(pagers[1:], regions[1:], strict=True):  # (resident again)
+            assert read(a, 8) == bytes(p.data[:8])
+        other = m.task_create(m.task_self(), False)  # two objects' ports move there
         notify = m.task_get_special_port(other, m.TASK_NOTIFY_PORT)
-        m.msg_send(m.Message(remote_port=notify,
-                             items=[m.Port(pagers[1].mo, m.MOVE_RECEIVE)]))
-        finished(run_in_task(other, m.msg_receive, m.task_notify()))
+        for p in pagers[1:]:
+            m.msg_send(m.Message(remote_port=notify, items=[m.Port(p.mo, m.MOVE_RECEIVE)]))
+            assert _counts_match(k)  # (the right in transit: counted for the port)
+            finished(run_in_task(other, m.msg_receive, m.task_notify()))
+            assert _counts_match(k)  # counted for the new manager at once, though no
+            # page of the object changed since
         with k.sched.lock:
-            obj = next(o for o in k.vm.pager_objects.values() if o.memq and
-                       o.pager is not None and o.pager.receiver not in (None, me))
-            assert k.vm.resident.manager_resident(obj) == len(obj.memq)
-        assert _counts_match(k)
+            theirs = [o for o in k.vm.pager_objects.values() if o.pager is not None
+                      and o.pager.receiver not in (None, me)]
+            assert len(theirs) == 2 and all(o.memq for o in theirs)
+            assert k.vm.resident.manager_pages[theirs[0].pager.receiver] == \
+                sum(len(o.memq) for o in theirs)
 
 
 def test_a_dead_managers_cached_object_is_let_go(guarded: m.Kernel) -> None:

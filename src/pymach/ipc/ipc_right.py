@@ -24,6 +24,7 @@ from pymach.ipc.ipc_notify import (
     notify_task,
 )
 from pymach.ipc.kmsg import KOOL, KMsg, KPort, KPortArray, kmsg_uncharge
+from pymach.ipc.port import port_receiver_changed
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
@@ -51,6 +52,7 @@ def receive_right_lost(port: Port) -> None:
     if owner is not None and owner.active:
         name = owner.space.insert(port, send=True, receive=True)
         port.receiver = owner
+        port_receiver_changed(port)
         mqueue_wake_all(port)
         notify_task(owner, NOTIFY_RECEIVE_RIGHTS, name)
     else:
@@ -86,6 +88,8 @@ def port_destroy(port: Port) -> None:
     while port.queue:
         kmsg_destroy(port.queue.popleft())
     mqueue_wake_all(port)
+    port_receiver_changed(port)
+    port.receiver_hooks = []
     hooks, port.death_hooks = port.death_hooks, []
     for hook in hooks:
         hook(port)

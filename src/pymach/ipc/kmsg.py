@@ -47,6 +47,7 @@ from pymach.include.message import (
     message_size,
 )
 from pymach.include.vm_param import round_page, trunc_page
+from pymach.ipc.port import port_receiver_changed
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port as KernelPort
@@ -324,6 +325,7 @@ def _take_right(space: IpcSpace, name: int, disp: Disposition) -> KernelPort:
             port.observer.receiver_leaving(port)
         entry.receive = False
         port.receiver, port.receive_in_transit, port.enabled = None, True, False
+        port_receiver_changed(port)
         port.sched.thread_wakeup(port.rcv_waitq)  # the sender's blocked receives now fail
         entry.send = True  # the sender keeps a send right
     if disp in (Disposition.MOVE_OWNERSHIP, Disposition.MOVE_ALL):
@@ -375,6 +377,7 @@ def _put_right(space: IpcSpace, port: KernelPort | None, kind: Disposition,
         if port.owner is None and not port.ownership_in_transit:
             port.owner = space.task
             space.names[name].owner = True
+        port_receiver_changed(port)
     if own:
         port.owner, port.ownership_in_transit = space.task, False
     return name

@@ -98,6 +98,9 @@ class Port:
         # Kernel structures that hold this port outside any name space (a VM object's
         # memory object port) are told of its death here, with the kernel lock held.
         self.death_hooks: list[Callable[[Port], None]] = []
+        # ... and of each change of its receiver (the right arrived in a task, left one
+        # for a message, or the port died): `port_receiver_changed`, kernel lock held.
+        self.receiver_hooks: list[Callable[[Port], None]] = []
         self.observer: PortObserver | None = None  # see module docstring
         self.send_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.send")
         self.rcv_waitq = WaitQueue(self.sched.lock, f"port{self.serial}.rcv")
@@ -123,3 +126,10 @@ class Port:
     def __repr__(self) -> str:
         state = "dead" if self.dead else f"q={len(self.queue)}"
         return f"<Port {self.serial} {self.label} {state}>"
+
+
+def port_receiver_changed(port: Port) -> None:
+    """The port's receiver (or `receive_in_transit`) just changed: tell its receiver
+    hooks (kernel lock held)."""
+    for hook in port.receiver_hooks:
+        hook(port)

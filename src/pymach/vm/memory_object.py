@@ -233,6 +233,7 @@ def vm_object_enter(vm: VmSystem, port: object, offset: int, size: int
         vm.pager_objects[(port, align)] = obj
         if not any(getattr(h, "__self__", None) is vm for h in port.death_hooks):
             port.death_hooks.append(vm.pager_port_died)
+            port.receiver_hooks.append(vm.pager_receiver_changed)
         pager_init(obj)
     elif obj in vm.cached:
         object_cache_remove(obj, terminate=False)

@@ -126,6 +126,15 @@ class VmSystem:
         """Death hook of memory object ports (kernel lock held)."""
         pager_died(self, port)
 
+    def pager_receiver_changed(self, port: Port) -> None:
+        """Receiver hook of memory object ports (kernel lock held): the resident pages
+        of the port's objects count for its new receiver from now on (the data
+        manager's page limit, paper 6.1; vm_page.py's manager_pages). Walks the
+        external objects: receive rights of memory objects rarely move."""
+        for (p, _), obj in self.pager_objects.items():
+            if p is port:
+                self.resident.manager_resident(obj)
+
     # -- hooks for external objects (section 9 cache; cleaning before termination) ----
     def cache_enter(self, obj: VmObject) -> None:
         """Keep an unreferenced object whose manager allows caching (pager_cache)."""

@@ -151,10 +151,12 @@ class VmResident:
 
     # -- pages by data manager (paper 6.1) ----------------------------------------------
     def _count(self, obj: VmObject, delta: int) -> None:
-        """`delta` pages are about to be tabled in (or, negative, untabled from) `obj`:
-        counted for its data manager. The object's pages moved before to the manager
-        it has now if its pager port's receive right moved since they were counted
-        (an object's pages count where they were counted last until it changes)."""
+        """`delta` pages are about to be tabled in (or, negative, untabled from) `obj`
+        (delta 0: none): counted for its data manager, the object's pages moved first
+        to the manager it has now if its pager port's receive right moved since they
+        were counted (VmSystem.pager_receiver_changed does that for every object of a
+        port when the right moves; an object whose pager is gone keeps its pages
+        counted where they were until they leave)."""
         key, held = manager_key(obj), obj.counted_as
         if key is None:
             if held is None:
@@ -170,9 +172,8 @@ class VmResident:
         _add(counts, key, delta)
 
     def manager_resident(self, obj: VmObject) -> int:
-        """The resident pages of the data manager of external object `obj` (of every
-        object of its, at most those whose pager port's receive right moved to it
-        and that have not changed since: see `_count`). O(1)."""
+        """The resident pages of the data manager of external object `obj`, all its
+        objects together (see `_count`). O(1)."""
         self._count(obj, 0)
         return self.manager_pages.get(obj.counted_as, 0)
 
