@@ -12,6 +12,7 @@ translation of a task in the middle of its program does not change what it reads
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -949,5 +950,43 @@ def test_frames_move_keeps_each_frames_data_at_its_new_place(
         finally:
             os.close(fd)
     phys.frames_discard(dst, [(0, 5 * PS)], frames)
+    phys.object_gone(src)
+    phys.object_gone(dst)
+
+
+def test_frames_move_keeps_the_data_when_the_new_places_cannot_take_them(
+        phys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk frames_move cannot write to its new places (no memory there: the old
+    places are punched already) keeps its data in the backend (the stash of pages taken
+    from every task), so every frame still reads its data at its new place: nothing is
+    lost. (Only the native backend can fail to write.)"""
+    if not phys.maps_objects:
+        pytest.skip("only a backend that keeps pages in files can fail to write them")
+    from pymach.pmap import uffd_pmap
+
+    monkeypatch.setattr(uffd_pmap, "MOVE_CHUNK", 2 * PS)  # (chunks of two pages)
+    src, dst = _Object(10**9 + 8), _Object(10**9 + 9)
+    phys.store_for(src)
+    phys.store_for(dst)
+    frames = [9, 3, 4]
+    for i, f in enumerate(frames):
+        phys.frame_bind(f, src, (2 + i) * PS)
+        fill(phys, f, 0x20 + i)
+    real, calls = phys._store_write, []
+
+    def second_write_fails(*args: Any) -> None:  # the second chunk finds no memory
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)
+
+    monkeypatch.setattr(phys, "_store_write", second_write_fails)
+    phys.frames_move(frames, dst, [0, PS, 2 * PS])
+    monkeypatch.setattr(phys, "_store_write", real)
+    for i, f in enumerate(frames):
+        assert phys.phys_read(f) == bytes([0x20 + i]) * PS
+    assert 4 in phys.stash and 9 not in phys.stash
+    phys.frames_discard(dst, [(0, 3 * PS)], frames)
+    assert not phys.stash
     phys.object_gone(src)
     phys.object_gone(dst)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import mmap
 import os
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from pymach.pmap.uffd import Uffd
 
 
+log = logging.getLogger("pymach.pmap")
 RUN_MAX_PAGES = 512  # pages per pwritev (below the kernel's IOV_MAX of 1024)
 MOVE_CHUNK = 8 << 20  # bytes frames_move reads into one buffer at most
 
@@ -371,7 +373,9 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def frames_move(self, frames: list[int], obj: object, offsets: list[int]) -> None:
         """frame_move of each frame, MOVE_CHUNK bytes at a time: read with a `preadv` per
         run of adjacent pages of a memfd, the old places punched a run per call, written
-        a run per `pwritev` (the data cross Python once, as one buffer)."""
+        a run per `pwritev` (the data cross Python once, as one buffer). A chunk the
+        new places cannot take (no memory for them) is stashed instead, as a page taken
+        from every task is: its data stay in machd until a fault puts them back."""
         step = max(1, MOVE_CHUNK // self.page_size)
         for at in range(0, len(frames), step):
             chunk = frames[at:at + step]
@@ -383,7 +387,19 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
                 for store, offset in old:  # (merged into runs at the batch's end)
                     self._punch_locked(store, offset, self.page_size)
             self.frames_bind(chunk, obj, offsets[at:at + step])
-            self.phys_write_run(chunk, memoryview(data))
+            try:
+                self.phys_write_run(chunk, memoryview(data))
+            except OSError as e:  # (ENOSPC, ENOMEM: the old places are gone already)
+                log.warning("frames_move: %d pages kept in machd, not written to object "
+                            "%s: %s", len(chunk), getattr(obj, "serial", obj), e)
+                self._stash_run(chunk, data)
+
+    def _stash_run(self, frames: list[int], data: bytearray) -> None:
+        """Keep the data of `frames` (a page each, in order) in the stash."""
+        ps = self.page_size
+        with self.lock:
+            for i, frame in enumerate(frames):
+                self.stash[frame] = bytes(data[i * ps:(i + 1) * ps])
 
     # -- data ------------------------------------------------------------------------------
     def phys_read(self, frame: int, offset: int = 0, size: int | None = None) -> bytes:
