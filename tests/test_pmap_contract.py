@@ -959,7 +959,8 @@ def test_frames_move_keeps_the_data_when_the_new_places_cannot_take_them(
     """A chunk frames_move cannot write to its new places (no memory there: the old
     places are punched already) keeps its data in the backend (the stash of pages taken
     from every task), so every frame still reads its data at its new place: nothing is
-    lost. (Only the native backend can fail to write.)"""
+    lost; the same for one page (frame_move), and a stashed page that cannot be put
+    back yet stays stashed. (Only the native backend can fail to write.)"""
     if not phys.maps_objects:
         pytest.skip("only a backend that keeps pages in files can fail to write them")
     from pymach.pmap import uffd_pmap
@@ -980,13 +981,31 @@ def test_frames_move_keeps_the_data_when_the_new_places_cannot_take_them(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(*args)
 
+    def no_memory(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(phys, "_store_write", second_write_fails)
     phys.frames_move(frames, dst, [0, PS, 2 * PS])
-    monkeypatch.setattr(phys, "_store_write", real)
-    for i, f in enumerate(frames):
+    phys.frame_bind(7, src, 9 * PS)
+    fill(phys, 7, 0x23)
+    monkeypatch.setattr(phys, "_store_write", no_memory)
+    phys.frame_move(7, dst, 3 * PS)  # (one page: the same)
+    for i, f in enumerate([*frames, 7]):
         assert phys.phys_read(f) == bytes([0x20 + i]) * PS
-    assert 4 in phys.stash and 9 not in phys.stash
-    phys.frames_discard(dst, [(0, 3 * PS)], frames)
+    assert 4 in phys.stash and 7 in phys.stash and 9 not in phys.stash
+    with phys.lock, pytest.raises(OSError):  # putting it back while memory is short
+        phys._restore(4)
+    assert phys.phys_read(4) == b"\x22" * PS  # still kept
+    monkeypatch.setattr(phys, "_store_write", real)
+    with phys.lock:
+        phys._restore(4)
+    assert 4 not in phys.stash
+    fd = phys.object_window(dst)
+    try:
+        assert os.pread(fd, PS, 2 * PS) == b"\x22" * PS  # back in its place
+    finally:
+        os.close(fd)
+    phys.frames_discard(dst, [(0, 4 * PS)], [*frames, 7])
     assert not phys.stash
     phys.object_gone(src)
     phys.object_gone(dst)

@@ -365,10 +365,7 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             linux.punch_hole(store.fd, start, end - start)
 
     def frame_move(self, frame: int, obj: object, offset: int) -> None:
-        data = self.phys_read(frame)
-        self.frame_unbind(frame)
-        self.frame_bind(frame, obj, offset)
-        self.phys_write(frame, data)
+        self.frames_move([frame], obj, [offset])  # (what it cannot write, it stashes)
 
     def frames_move(self, frames: list[int], obj: object, offsets: list[int]) -> None:
         """frame_move of each frame, MOVE_CHUNK bytes at a time: read with a `preadv` per
@@ -389,7 +386,8 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             self.frames_bind(chunk, obj, offsets[at:at + step])
             try:
                 self.phys_write_run(chunk, memoryview(data))
-            except OSError as e:  # (ENOSPC, ENOMEM: the old places are gone already)
+            except (OSError, MachError) as e:  # (ENOSPC, ENOMEM; a hugetlb pool that is
+                # empty: the old places are gone already)
                 log.warning("frames_move: %d pages kept in machd, not written to object "
                             "%s: %s", len(chunk), getattr(obj, "serial", obj), e)
                 self._stash_run(chunk, data)
@@ -620,11 +618,13 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         return True
 
     def _restore(self, frame: int) -> None:
-        """Put a stashed page back into its memfd (lock held)."""
-        data = self.stash.pop(frame, None)
+        """Put a stashed page back into its memfd (lock held); kept in the stash if
+        the memfd cannot take it now."""
+        data = self.stash.get(frame)
         if data is not None:
             store, base = self._home(frame)
             self._store_write(store, base, [data])
+            del self.stash[frame]
 
 
 class UffdPmap(PageTable):

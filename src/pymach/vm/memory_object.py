@@ -137,7 +137,7 @@ def pager_create(obj: VmObject) -> bool:
     port = Port(vm.kernel, f"memory_object:obj{obj.serial}")
     port.receive_in_transit = port.ownership_in_transit = True  # moves to the default pager
     obj.pager = port
-    vm.pager_objects[(port, 0)] = obj
+    vm.pager_object_set(port, 0, obj)
     pager_ports_create(obj)
     obj.pager_ready = True
     _send(obj, dp, "pager_create", [KPort(port, Disposition.MOVE_ALL),
@@ -187,9 +187,9 @@ def pager_data_unlock(obj: VmObject, offset: int, length: int, access: int) -> N
 def pager_terminate(obj: VmObject) -> None:
     """Let go of an object's pager: destroy the request and name ports."""
     vm = obj.vm
-    key = (obj.pager, obj.paging_offset % vm.page_size)
-    if obj.pager is not None and vm.pager_objects.get(key) is obj:  # type: ignore[arg-type]
-        del vm.pager_objects[key]  # type: ignore[arg-type]
+    align = obj.paging_offset % vm.page_size
+    if obj.pager is not None and vm.pager_objects.get((obj.pager, align)) is obj:
+        vm.pager_object_drop(obj.pager, align)
     for port in (obj.pager_request, obj.pager_name):
         if port is not None and not port.dead:
             port_destroy(port)
@@ -206,7 +206,7 @@ def pager_rebind(old: VmObject, new: VmObject) -> None:
     if new.pager_name is not None:
         new.pager_name.kobject = ObjectName(new)
     if new.pager is not None:
-        vm.pager_objects[(new.pager, new.paging_offset % vm.page_size)] = new
+        vm.pager_object_set(new.pager, new.paging_offset % vm.page_size, new)
     old.pager = old.pager_request = old.pager_name = None
 
 
@@ -230,7 +230,7 @@ def vm_object_enter(vm: VmSystem, port: object, offset: int, size: int
         obj = VmObject(vm, 0, internal=False, label="external")
         vm.objects_alive += 1
         obj.pager, obj.paging_offset = port, align
-        vm.pager_objects[(port, align)] = obj
+        vm.pager_object_set(port, align, obj)
         if not any(getattr(h, "__self__", None) is vm for h in port.death_hooks):
             port.death_hooks.append(vm.pager_port_died)
             port.receiver_hooks.append(vm.pager_receiver_changed)
@@ -307,9 +307,7 @@ def pager_died(vm: VmSystem, port: Port) -> None:
     """A memory object port died (its manager is gone): fail what waits on it (6.2.1).
     The objects stay mapped; their resident pages stay readable, and a fault that needs
     the manager fails with KERN_MEMORY_ERROR."""
-    for (p, _), obj in list(vm.pager_objects.items()):
-        if p is not port:
-            continue
+    for obj in list(vm.port_objects.get(port, {}).values()):
         if obj in vm.cached:  # nobody maps it, and nobody can refill it
             object_cache_remove(obj, terminate=True)
             continue

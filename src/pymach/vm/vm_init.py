@@ -45,6 +45,8 @@ class VmSystem:
         self.objects_alive = 0
         self.stats_collapses = 0
         self.pager_objects: dict[tuple[Port, int], VmObject] = {}  # (port, align) -> obj
+        self.port_objects: dict[Port, dict[int, VmObject]] = {}  # the same by port:
+        # port -> {align: obj} (pager_object_set / pager_object_drop keep both)
         self.cached: dict[VmObject, None] = {}  # unreferenced objects kept (pager_cache)
         self.default_pager_port: Port | None = None  # set when the default pager starts
         self.free_waitq = WaitQueue(kernel.sched.lock, "vm.free")
@@ -129,11 +131,23 @@ class VmSystem:
     def pager_receiver_changed(self, port: Port) -> None:
         """Receiver hook of memory object ports (kernel lock held): the resident pages
         of the port's objects count for its new receiver from now on (the data
-        manager's page limit, paper 6.1; vm_page.py's manager_pages). Walks the
-        external objects: receive rights of memory objects rarely move."""
-        for (p, _), obj in self.pager_objects.items():
-            if p is port:
-                self.resident.manager_resident(obj)
+        manager's page limit, paper 6.1; vm_page.py's manager_pages)."""
+        for obj in list(self.port_objects.get(port, {}).values()):
+            self.resident.manager_resident(obj)
+
+    def pager_object_set(self, port: Port, align: int, obj: VmObject) -> None:
+        """`obj` is this kernel's object for memory object `port` at page alignment
+        `align` (kernel lock held)."""
+        self.pager_objects[(port, align)] = obj
+        self.port_objects.setdefault(port, {})[align] = obj
+
+    def pager_object_drop(self, port: Port, align: int) -> None:
+        """Forget this kernel's object for `port` at `align` (kernel lock held)."""
+        del self.pager_objects[(port, align)]
+        objs = self.port_objects[port]
+        del objs[align]
+        if not objs:
+            del self.port_objects[port]
 
     # -- hooks for external objects (section 9 cache; cleaning before termination) ----
     def cache_enter(self, obj: VmObject) -> None:
