@@ -1009,3 +1009,43 @@ def test_frames_move_keeps_the_data_when_the_new_places_cannot_take_them(
     assert not phys.stash
     phys.object_gone(src)
     phys.object_gone(dst)
+
+
+def test_an_object_mapped_at_last_takes_its_pages_with_it(
+        phys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages bound to an object no task maps (a pageout's holding object, say) move into
+    the object's own file when it first gets one (store_for: its manager maps it), each
+    with its data at its offset: adjacent and scattered frames, a page taken from every
+    task (stashed: it stays so), a page never written (zeros); their old places in the
+    backend's free store are punched out, a run of adjacent frames per call."""
+    if not phys.maps_objects:
+        pytest.skip("only a backend that keeps objects' pages in files moves them")
+    from pymach.pmap import uffd_pmap
+
+    punches: list[tuple[int, int]] = []
+    punch = uffd_pmap.linux.punch_hole
+    monkeypatch.setattr(uffd_pmap.linux, "punch_hole",
+                        lambda fd, at, n: punches.append((at, n)) or punch(fd, at, n))
+    obj = _Object(10**9 + 10)
+    frames = [20, 21, 22, 5, 30, 31]
+    for i, f in enumerate(frames):
+        phys.frame_bind(f, obj, i * PS)
+        if f != 30:  # (30: never written)
+            fill(phys, f, 0x40 + i)
+    phys.pmap_page_protect(22, m.VM_PROT_NONE)  # taken from every task: stashed
+    assert 22 in phys.stash
+    punches.clear()
+    phys.store_for(obj)
+    assert sorted(punches) == [(5 * PS, PS), (20 * PS, 2 * PS), (30 * PS, 2 * PS)]
+    want = [bytes([0x40 + i]) * PS if f != 30 else bytes(PS) for i, f in enumerate(frames)]
+    assert [phys.phys_read(f) for f in frames] == want
+    fd = phys.object_window(obj)
+    try:
+        got = [os.pread(fd, PS, i * PS).ljust(PS, b"\0") for i in range(len(frames))]
+    finally:
+        os.close(fd)
+    assert got[:2] + got[3:] == want[:2] + want[3:] and got[2] == bytes(PS)  # (stashed)
+    free = phys.free_store.fd
+    assert all(os.pread(free, PS, f * PS).strip(b"\0") == b"" for f in frames)
+    phys.frames_discard(obj, [(0, len(frames) * PS)], frames)
+    phys.object_gone(obj)

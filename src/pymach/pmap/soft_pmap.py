@@ -147,7 +147,7 @@ class SoftPhysicalMemory:
         """Copy the bytes of `frames` from `skip` on into `into` (see pmap.py; a run of
         adjacent frames is one slice)."""
         ps, mv, at = self.page_size, self.mv, 0
-        for lo, hi in _frame_runs(frames):
+        for lo, hi in frame_runs(frames):
             n = min((hi - lo) * ps - skip, len(into) - at)
             if n <= 0:
                 break
@@ -169,7 +169,7 @@ class SoftPhysicalMemory:
         is one slice)."""
         ps, mv, at = self.page_size, self.mv, 0
         with memoryview(data) as view:
-            for lo, hi in _frame_runs(frames):
+            for lo, hi in frame_runs(frames):
                 n = (hi - lo) * ps
                 mv[lo * ps:hi * ps] = view[at:at + n]
                 at += n
@@ -489,7 +489,7 @@ class SoftPmap(PageTable):
             return True
 
 
-def _frame_runs(frames: list[int]) -> list[tuple[int, int]]:
+def frame_runs(frames: list[int]) -> list[tuple[int, int]]:
     """`frames` as runs [lo, hi) of adjacent frames, in order."""
     runs: list[tuple[int, int]] = []
     for frame in frames:

@@ -46,7 +46,7 @@ from pymach.include.vm_param import VM_PROT_NONE, VM_PROT_READ, VM_PROT_WRITE
 from pymach.pmap import hugetlb
 from pymach.pmap import uffd as linux
 from pymach.pmap.native_map import WINDOW_BASE, WINDOW_SIZE, NativeMapBinding
-from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory
+from pymach.pmap.soft_pmap import PageTable, SoftPhysicalMemory, frame_runs
 from pymach.pmap.uffd import UffdError
 
 if TYPE_CHECKING:
@@ -169,16 +169,25 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             return store
 
     def _adopt_locked(self, store: ObjectStore) -> None:
-        """Move the pages of a newly stored object from the free store into its memfd."""
+        """Move the pages of a newly stored object from the free store into its memfd:
+        read with a `preadv` per run of adjacent frames, written a run of adjacent
+        offsets per call, their old places punched a run per call (a pageout's holding
+        object, say, when its manager maps it: a run of 256 pages, not 256 of each)."""
         ps, free = self.page_size, self.free_store
-        for offset, frame in self.unstored.pop(store.serial, {}).items():
+        pages = sorted(self.unstored.pop(store.serial, {}).items())
+        if not pages:
+            return
+        for _, frame in pages:
             del self.unstored_at[frame]
-            _grow(store, offset + ps)
-            if frame not in self.stash:
-                data = os.pread(free.fd, ps, frame * ps).ljust(ps, b"\0")
-                self._store_write(store, offset, [data])
-                linux.punch_hole(free.fd, frame * ps, ps)
+        _grow(store, pages[-1][0] + ps)
+        frames = [frame for _, frame in pages if frame not in self.stash]  # (a stashed
+        data = bytearray(len(frames) * ps)  # one stays so: its next access puts it back)
+        self._read_into_locked(frames, memoryview(data))
+        for offset, frame in pages:
             self.homes[frame] = (store, offset)
+        self._write_run_locked(frames, memoryview(data))
+        for start, end in frame_runs(sorted(frames)):
+            linux.punch_hole(free.fd, start * ps, (end - start) * ps)
 
     def _store_locked(self, serial: int, size: int) -> ObjectStore:
         store = self.stores.get(serial)
@@ -412,27 +421,31 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
     def phys_read_into(self, frames: list[int], into: memoryview, skip: int = 0) -> None:
         """Copy the bytes of `frames` from `skip` on into `into` (see pmap.py): each run of
         frames that are adjacent pages of one memfd takes one preadv (not one per page)."""
+        with self.lock:
+            self._read_into_locked(frames, into, skip)
+
+    def _read_into_locked(self, frames: list[int], into: memoryview, skip: int = 0) -> None:
+        """phys_read_into with the lock held."""
         ps, at = self.page_size, 0
         runs: list[tuple[ObjectStore | None, int, int]] = []  # (memfd, offset, pages), or
-        with self.lock:  # (None, frame, 1) for a stashed frame
-            for frame in frames:
-                store, base = (None, frame) if frame in self.stash else self.homes[frame]
-                last = runs[-1] if runs else None
-                if store is not None and last is not None and last[0] is store \
-                        and last[1] + last[2] * ps == base:
-                    runs[-1] = (store, last[1], last[2] + 1)
-                else:
-                    runs.append((store, base, 1))
-            for store, base, pages in runs:
-                n = min(pages * ps - skip, len(into) - at)
-                if n <= 0:
-                    break
-                got = 0 if store is None else os.preadv(store.fd, [into[at:at + n]], base + skip)
-                if store is None:
-                    into[at:at + n] = self.stash[base][skip:skip + n].ljust(n, b"\0")
-                elif got < n:  # (past the memfd's end: zeros)
-                    into[at + got:at + n] = bytes(n - got)
-                at, skip = at + n, 0
+        for frame in frames:  # (None, frame, 1) for a stashed frame
+            store, base = (None, frame) if frame in self.stash else self.homes[frame]
+            last = runs[-1] if runs else None
+            if store is not None and last is not None and last[0] is store \
+                    and last[1] + last[2] * ps == base:
+                runs[-1] = (store, last[1], last[2] + 1)
+            else:
+                runs.append((store, base, 1))
+        for store, base, pages in runs:
+            n = min(pages * ps - skip, len(into) - at)
+            if n <= 0:
+                break
+            got = 0 if store is None else os.preadv(store.fd, [into[at:at + n]], base + skip)
+            if store is None:
+                into[at:at + n] = self.stash[base][skip:skip + n].ljust(n, b"\0")
+            elif got < n:  # (past the memfd's end: zeros)
+                into[at + got:at + n] = bytes(n - got)
+            at, skip = at + n, 0
 
     def phys_write(self, frame: int, data: bytes | memoryview, offset: int = 0) -> None:
         with self.lock:
@@ -470,26 +483,33 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         """Store `data` into `frames`, a page each: each run of frames that are adjacent
         pages of one memfd takes one write of its slice of `data` (pages of the run are
         not copied one by one)."""
-        ps, stashed = self.page_size, []
+        ps = self.page_size
         with self.lock, memoryview(data) as view:
-            homes, stash = self.homes, self.stash
-            store, base, lo, n = self.free_store, -1, 0, 0  # the run so far: frames[lo:lo+n]
-            for i, frame in enumerate(frames):
-                if stash and frame in stash:
-                    stashed.append(i)
-                    continue
-                home, at = homes[frame]
-                if home is store and at == base + n * ps and i == lo + n:
-                    n += 1
-                    continue
-                if n:
-                    self._store_write(store, base, [view[lo * ps:(lo + n) * ps]])
-                store, base, lo, n = home, at, i, 1
-            if n:
-                self._store_write(store, base, [view[lo * ps:(lo + n) * ps]])
+            stashed = self._write_run_locked(frames, view)
             pages = [(frames[i], bytes(view[i * ps:(i + 1) * ps])) for i in stashed]
         for frame, page in pages:
             self.phys_write(frame, page)
+
+    def _write_run_locked(self, frames: list[int], view: memoryview) -> list[int]:
+        """phys_write_run with the lock held, but for stashed frames: their indexes in
+        `frames` are returned (not written)."""
+        ps, stashed = self.page_size, []
+        homes, stash = self.homes, self.stash
+        store, base, lo, n = self.free_store, -1, 0, 0  # the run so far: frames[lo:lo+n]
+        for i, frame in enumerate(frames):
+            if stash and frame in stash:
+                stashed.append(i)
+                continue
+            home, at = homes[frame]
+            if home is store and at == base + n * ps and i == lo + n:
+                n += 1
+                continue
+            if n:
+                self._store_write(store, base, [view[lo * ps:(lo + n) * ps]])
+            store, base, lo, n = home, at, i, 1
+        if n:
+            self._store_write(store, base, [view[lo * ps:(lo + n) * ps]])
+        return stashed
 
     @contextlib.contextmanager
     def object_view(self, obj: Any, start: int, end: int) -> Iterator[memoryview | None]:
