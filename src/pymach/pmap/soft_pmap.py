@@ -328,13 +328,22 @@ class PageTable:
         lo, hi = self._vpn(start), self._vpn(end + self.phys.page_size - 1)
         with self.phys.lock:
             lowered: list[int] = []
-            for c in [c for c in self.chunks if lo >> CHUNK_SHIFT <= c <= hi >> CHUNK_SHIFT]:
+            for c in self._chunks_in(lo >> CHUNK_SHIFT, hi >> CHUNK_SHIFT):
                 if self._covered(c, lo, hi):
                     lowered += self.chunks[c]
                     self._protect_chunk_locked(c, prot)
                     continue
                 lowered += self._reduce_ragged_locked(c, lo, hi, prot)
             self.protect_hw_locked(start, end, prot, lowered)
+
+    def _chunks_in(self, first: int, last: int) -> list[int]:
+        """The chunks of [first, last] that hold entries: looked up one by one when the
+        range spans fewer chunks than the table holds, else found by a walk of the
+        table (a page's protect in a task with thousands of chunks walked them all)."""
+        chunks = self.chunks
+        if last - first < len(chunks):
+            return [c for c in range(first, last + 1) if c in chunks]
+        return [c for c in chunks if first <= c <= last]
 
     def _covered(self, c: int, lo: int, hi: int) -> bool:
         """True if every entry chunk `c` may hold, or does hold, lies in [lo, hi): then
