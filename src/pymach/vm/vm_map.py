@@ -94,6 +94,8 @@ class VmMap:
         self.max_offset = max_offset - max_offset % ps  # immutable
         self.entries: list[VmMapEntry] = []
         self.starts: list[int] = []  # entries' start addresses, for bisect
+        self.first_free = self.min_offset  # [min_offset, first_free) has no hole: where
+        # find_space begins (Mach's first_free hint; kept by link and unlink)
         self.ref_count = 1
         self.sharers: set[VmMap] = set()  # sharing maps: task maps pointing here
         self.around = 0  # pages the last read fault mapped around it (vm_fault.py)
@@ -125,6 +127,8 @@ class VmMap:
         i = bisect.bisect_left(self.starts, entry.start)
         self.entries.insert(i, entry)
         self.starts.insert(i, entry.start)
+        if entry.start <= self.first_free:
+            self._advance_first_free(i)
         if entry.share_map is not None and not self.is_share_map:
             entry.share_map.sharers.add(self)
         if self.pmap is not None and remap:
@@ -135,11 +139,20 @@ class VmMap:
         i = self._index(entry)
         del self.entries[i]
         del self.starts[i]
+        self.first_free = min(self.first_free, entry.start)
         if self.pmap is not None:
             self.pmap.pmap_unmap_range(entry.start, entry.end)
         if entry.share_map is not None and not any(
                 e.share_map is entry.share_map for e in self.entries):
             entry.share_map.sharers.discard(self)
+
+    def _advance_first_free(self, i: int) -> None:
+        """Move `first_free` past the entries from index `i` on that leave no hole."""
+        entries, ff = self.entries, self.first_free
+        while i < len(entries) and entries[i].start <= ff:
+            ff = max(ff, entries[i].end)
+            i += 1
+        self.first_free = ff
 
     def clip(self, addr: int) -> None:
         """Split the entry containing `addr` so that an entry starts at `addr`."""
@@ -181,8 +194,10 @@ class VmMap:
         return entries
 
     def find_space(self, size: int, hint: int | None = None) -> int:
-        """The lowest free address >= `hint` (or min_offset) for `size` bytes."""
-        at = self.min_offset if hint is None else max(hint, self.min_offset)
+        """The lowest free address >= `hint` (or min_offset) for `size` bytes (the search
+        begins at first_free: below it, nothing is free)."""
+        at = max(self.min_offset if hint is None else hint, self.min_offset,
+                 self.first_free)
         i = max(bisect.bisect_right(self.starts, at) - 1, 0)
         for e in self.entries[i:]:
             if e.end <= at:
