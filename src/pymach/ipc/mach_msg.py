@@ -184,10 +184,9 @@ def _receive(thread: Thread, name: int, deadline: float | None, rcv_size: int,
         while True:
             port, waitq = _receive_source(thread, name)
             if port is not None and port.queue:
-                if not (thread.suspend_count or thread.task.suspend_count) \
-                        or not _running_sleeper(waitq):
+                if not _yields(thread, waitq):
                     return _take(thread, port, rcv_size)
-                sched.thread_wakeup_one(waitq)  # (suspended: it waits on)
+                sched.thread_wakeup_one(waitq)  # (then waits on, as suspended)
             if handoff is not None and not sched.deterministic:
                 if deadline is not None and sched.now() >= deadline:
                     break
@@ -206,11 +205,16 @@ def _receive(thread: Thread, name: int, deadline: float | None, rcv_size: int,
     raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
 
 
-def _running_sleeper(waitq: WaitQueue) -> bool:
-    """True if a receiver that is not suspended sleeps on `waitq`: a suspended receiver
-    leaves a message to it (a server's pool goes on serving while one of its threads is
-    held; alone, a suspended receiver takes it and stops at the trap's exit)."""
-    return any(not (t.suspend_count or t.task.suspend_count) for t in waitq.sleeping)
+def _suspended(thread: Thread) -> bool:
+    return bool(thread.suspend_count or thread.task.suspend_count)
+
+
+def _yields(thread: Thread, waitq: WaitQueue) -> bool:
+    """True if a suspended receiver should leave a message to another receiver sleeping
+    on the same queue that is not suspended (a server's pool goes on serving while one
+    of its threads is held; alone, a suspended receiver takes it and stops at the
+    trap's exit, as before)."""
+    return _suspended(thread) and any(not _suspended(t) for t in waitq.sleeping)
 
 
 def _pass_on(thread: Thread, name: int) -> None:
