@@ -74,30 +74,3 @@ def test_a_receiver_that_cannot_take_the_message_passes_the_wake_up_on(
     wait_until(lambda: small.get("done") and large.get("done"), 5_000)
     assert small["error"] == "RCV_TOO_LARGE" and large["result"].id == 9
 
-
-
-@pytest.mark.parametrize("group", [False, True], ids=["port", "group"])
-def test_a_suspended_receiver_leaves_the_message_to_a_running_one(
-        k: m.Kernel, group: bool) -> None:
-    """The receiver that waited first is suspended: the message goes to the running
-    receiver (woken alone, the suspended one took it and held it until resumed, while
-    the running one slept on); a suspended receiver alone still takes it and stops at
-    the trap's exit (test_tasks_threads)."""
-    me = m.task_self()
-    p = m.port_allocate(me)
-    if group:
-        m.port_enable(me, p)
-    waitq = current_thread().task.space.group_waitq if group else _rcv_waitq(p)
-    name = 0 if group else p
-    held_port, held = start_thread(m.msg_receive, name, m.RCV_TIMEOUT, 20_000)
-    wait_until(lambda: waitq.sleepers == 1)
-    _, running = start_thread(m.msg_receive, name, m.RCV_TIMEOUT, 20_000)
-    wait_until(lambda: waitq.sleepers == 2)
-    m.thread_suspend(held_port)
-    m.msg_send(Message(remote_port=p, id=11))
-    wait_until(lambda: running.get("done"), 5_000)
-    assert running["result"].id == 11 and not held.get("done")
-    m.msg_send(Message(remote_port=p, id=12))
-    m.thread_resume(held_port)
-    wait_until(lambda: held.get("done"), 5_000)
-    assert held["result"].id == 12

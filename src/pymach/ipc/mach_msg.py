@@ -184,9 +184,7 @@ def _receive(thread: Thread, name: int, deadline: float | None, rcv_size: int,
         while True:
             port, waitq = _receive_source(thread, name)
             if port is not None and port.queue:
-                if not _yields(thread, waitq):
-                    return _take(thread, port, rcv_size)
-                sched.thread_wakeup_one(waitq)  # (then waits on, as suspended)
+                return _take(thread, port, rcv_size)
             if handoff is not None and not sched.deterministic:
                 if deadline is not None and sched.now() >= deadline:
                     break
@@ -203,18 +201,6 @@ def _receive(thread: Thread, name: int, deadline: float | None, rcv_size: int,
         raise
     _pass_on(thread, name)
     raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
-
-
-def _suspended(thread: Thread) -> bool:
-    return bool(thread.suspend_count or thread.task.suspend_count)
-
-
-def _yields(thread: Thread, waitq: WaitQueue) -> bool:
-    """True if a suspended receiver should leave a message to another receiver sleeping
-    on the same queue that is not suspended (a server's pool goes on serving while one
-    of its threads is held; alone, a suspended receiver takes it and stops at the
-    trap's exit, as before)."""
-    return _suspended(thread) and any(not _suspended(t) for t in waitq.sleeping)
 
 
 def _pass_on(thread: Thread, name: int) -> None:

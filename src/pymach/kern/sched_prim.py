@@ -69,13 +69,12 @@ class Parked(Exception):
 class WaitQueue:
     """An event that threads wait on; guarded by the kernel lock."""
 
-    __slots__ = ("cond", "name", "parked", "sleepers", "sleeping")
+    __slots__ = ("cond", "name", "parked", "sleepers")
 
     def __init__(self, lock: threading.Lock, name: str) -> None:
         self.name = name
         self.cond = threading.Condition(lock)  # used by the free backend only
         self.sleepers = 0  # threads in cond.wait (free backend): a wake-up of none is free
-        self.sleeping: dict[Thread, None] = {}  # those threads (free backend)
         self.parked: list[Continuation] = []  # calls parked here, oldest first
 
     def __repr__(self) -> str:
