@@ -55,7 +55,6 @@ from pymach.ipc.kmsg import (
 from pymach.kern.sched_prim import (
     NOT_YET,
     Handoff,
-    Parked,
     WaitQueue,
     deadline_after,
     thread_block,
@@ -180,38 +179,20 @@ def _receive(thread: Thread, name: int, deadline: float | None, rcv_size: int,
     `deadline` (ms), blocking, or parking if there is a `handoff` (the parked call's
     rest is this loop again, run by its own thread)."""
     sched = thread.kernel.sched
-    try:
-        while True:
-            port, waitq = _receive_source(thread, name)
-            if port is not None and port.queue:
-                return _take(thread, port, rcv_size)
-            if handoff is not None and not sched.deterministic:
-                if deadline is not None and sched.now() >= deadline:
-                    break
-                thread_park(thread, waitq, deadline,
-                            lambda: _attempt(thread, name, rcv_size),
-                            lambda: _receive(thread, name, deadline, rcv_size, handoff),
-                            handoff)
-            if not thread_block(sched, thread, waitq, deadline):
-                break
-    except Parked:
-        raise
-    except BaseException:  # (an error that keeps the message queued, termination, ...)
-        _pass_on(thread, name)
-        raise
-    _pass_on(thread, name)
-    raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
-
-
-def _pass_on(thread: Thread, name: int) -> None:
-    """A receiver leaves without a message: if one is queued, another receiver is woken
-    for it (the enqueue's one wake-up may have been this receiver's)."""
-    try:
+    while True:
         port, waitq = _receive_source(thread, name)
-    except MachError:  # (the right is gone: its waiters were all woken)
-        return
-    if port is not None and port.queue:
-        thread.kernel.sched.thread_wakeup_one(waitq)
+        if port is not None and port.queue:
+            return _take(thread, port, rcv_size)
+        if handoff is not None and not sched.deterministic:
+            if deadline is not None and sched.now() >= deadline:
+                break
+            thread_park(thread, waitq, deadline,
+                        lambda: _attempt(thread, name, rcv_size),
+                        lambda: _receive(thread, name, deadline, rcv_size, handoff),
+                        handoff)
+        if not thread_block(sched, thread, waitq, deadline):
+            break
+    raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
 
 
 def _attempt(thread: Thread, name: int, rcv_size: int) -> Message:

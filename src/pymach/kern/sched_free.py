@@ -63,12 +63,6 @@ class FreeScheduler:
         if waitq.parked:
             continuations_wakeup(waitq)
 
-    def thread_wakeup_one(self, waitq: WaitQueue) -> None:
-        if waitq.sleepers:
-            waitq.cond.notify(1)
-        if waitq.parked:
-            continuations_wakeup(waitq)
-
     def thread_interrupt(self, thread: Thread) -> None:
         if thread.wait_queue is not None:
             thread.wait_queue.cond.notify_all()

@@ -151,13 +151,6 @@ class Scheduler(Protocol):
         """Wake every thread waiting on `waitq`. Lock held."""
         ...
 
-    def thread_wakeup_one(self, waitq: WaitQueue) -> None:
-        """Wake at least one thread waiting on `waitq` (Mach's thread_wakeup_one: an
-        event one waiter can consume, a message; a woken waiter that leaves without
-        consuming it passes the wake-up on). Calls parked on it are all offered the
-        event. Lock held."""
-        ...
-
     def thread_interrupt(self, thread: Thread) -> None:
         """Wake `thread` if it waits, whatever it waits on (termination). Lock held."""
         ...
