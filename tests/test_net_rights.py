@@ -252,6 +252,8 @@ def test_per_sender_order_holds_while_the_right_hops_between_hosts(
         assert len(log) == 450 and in_order(log, 3, 150)
         assert sum(h.server.moves_out for h in hs.values()) == 4
         assert sum(h.server.relayed for h in hs.values()) > 0  # messages were in flight
+        wait_until(lambda: all(len(h.server.relay_acks) == 0 for h in hs.values()),
+                   "every relayed ask answered")  # (net/window.py)
         assert all(h.server.refused_rights == 0 for h in hs.values())
 
 

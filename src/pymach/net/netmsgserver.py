@@ -140,7 +140,13 @@ one receiver"; the port, not the host, is what senders name):
   once it has room, READY [id] goes to every host told, and their proxies go on (as
   they do when the port dies, DEAD, or moves away, MOVED). Messages on their way when
   the CHOKE left are still queued (a server does not wait), up to NET_QUEUE_MAX (beyond
-  it the message fails with SEND_TIMED_OUT, as a full port with a zero timeout).
+  it the message fails with SEND_TIMED_OUT, as a full port with a zero timeout). How
+  many are on their way is bounded too: each proxy may have at most WINDOW of its
+  messages sent and not yet taken by the host it sends to (net/window.py: every
+  ASK_EVERY-th MSG asks for an ACK; a relaying host passes asks on and ACKs back), so
+  a host slow to take packets, or relaying for a port that moved, is never handed
+  more than the port may take (before the window a busy relay could be, and the
+  surplus was lost after its senders' msg_send had returned).
   Receive timeouts are local to the receiver, as always. Forwarding
   entries are kept for the MAX_FORWARDS most recent moves (an older entry is dropped:
   its port looks dead to a holder that had not yet switched).
@@ -217,6 +223,7 @@ from pymach.net.migration import MSG_ID_TASK_CHECK, MSG_ID_TASK_STATE, refusal
 from pymach.net.packets import (
     MAX_NETNAME,
     MIGRATE_NET_ID,
+    AckPacket,
     ChokePacket,
     CorItem,
     DeadPacket,
@@ -247,6 +254,7 @@ from pymach.net.packets import (
 )
 from pymach.net.pending import PendingCalls
 from pymach.net.transport import NetTransport
+from pymach.net.window import ProxyWindows, RelayAcks
 
 # Messages the kernel queues on the wire port for transport events (net/station.py)
 PACKET_ID = 1200  # [Str source host, Bytes packet]
@@ -313,6 +321,9 @@ class NetMsgServer:
         self.choked: set[int] = set()  # our proxies held: their port's host said CHOKE
         self.choking: dict[int, tuple[bytes, set[str]]] = {}  # our full port -> (its id,
         # the hosts told CHOKE); polled until it has room (READY)
+        self.windows = ProxyWindows()  # messages each proxy has on their way (lock)
+        self.windowed: set[int] = set()  # our proxies held: their window is full
+        self.relay_acks = RelayAcks()  # asks of relayed packets we passed on
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, service: int, wire: int) -> None:
@@ -454,6 +465,43 @@ class NetMsgServer:
             mach.thread_create(mach.task_self(), self._forward_threaded, msg, target)
         else:
             self._forward_now(msg, target)
+            self._hold_if_window_full(msg.local_port)
+
+    def _hold_if_window_full(self, proxy: int) -> None:
+        """Hold `proxy` while WINDOW of its messages are on their way (net/window.py):
+        its senders wait on its backlog until ACKs come back."""
+        with self.lock:
+            full = self.windows.full(proxy)
+        if full and proxy not in self.windowed and proxy in self.proxy_ref:
+            self.windowed.add(proxy)
+            if proxy not in self.held and proxy not in self.choked:
+                mach.port_disable(mach.task_self(), proxy)
+
+    def _acked(self, source: str, packet: AckPacket) -> None:
+        """An ACK: pass it back along a relay, or open the window of the proxy it names
+        (believed only from the host that proxy sends to)."""
+        owed = self.relay_acks.answered(source, packet.ask)
+        if owed is not None:
+            self._send(owed[0], AckPacket(owed[1], owed[2]))
+            return
+        with self.lock:
+            proxy = self.windows.proxy_of(packet.ask)
+            route = self.proxy_ref.get(proxy)
+            if route is None or route[0] != source:
+                return
+            self.windows.acked(proxy, packet.count)
+            full = self.windows.full(proxy)
+        if not full and proxy in self.windowed:
+            self.windowed.discard(proxy)
+            if proxy not in self.held and proxy not in self.choked:
+                mach.port_enable(mach.task_self(), proxy)
+
+    def _window_restart(self, proxy: int) -> None:
+        """Everything `proxy` sent has arrived, or it is no longer a proxy: a new window
+        (the caller enables it, or it is gone)."""
+        with self.lock:
+            self.windows.restart(proxy)
+        self.windowed.discard(proxy)
 
     def _needs_thread(self, msg: Message) -> bool:
         return not _moves_rights(msg) and any(
@@ -473,6 +521,7 @@ class NetMsgServer:
         """A forwarding thread sent its message: forward what waited behind it, in order
         (the next one that needs a thread of its own holds back the rest again)."""
         waiting = self._in_flight.pop(proxy, [])
+        self._hold_if_window_full(proxy)  # (counted by the forwarding thread)
         for n, msg in enumerate(waiting):
             route = self.proxy_ref.get(proxy)
             if route is None:  # the proxy died meanwhile
@@ -484,6 +533,7 @@ class NetMsgServer:
                 return
             else:
                 self._forward_now(msg, route)
+                self._hold_if_window_full(proxy)
 
     def _readable_now(self, item: OOL) -> bool:
         from pymach.vm.vm_kern import range_readable_now  # loaded with a kernel, not pymach
@@ -498,6 +548,11 @@ class NetMsgServer:
         its rights produced (queued messages, MOVED); refuse it if the host is gone."""
         after: After = []
         packet = self._packet(target[0], target[1], msg, after)
+        if target[0] != self.host and msg.local_port in self.proxy_ref:
+            with self.lock:  # (forwarding threads come here too)
+                ask, count = self.windows.sent(msg.local_port)
+            if ask is not None:
+                packet = replace(packet, ask=ask, count=count)
         self.forwarded += 1
         sent = self._send(target[0], packet)
         self._send_all(after)
@@ -722,6 +777,7 @@ class NetMsgServer:
             self.by_id.pop(old_id, None)
             self.alias[name] = old_id
         self._add_forward(old_id, route)
+        self._window_restart(name)
         self.proxy_ref[name] = route
         self.proxies.setdefault(route, name)
         self.proxies[(self.host, old_id)] = name
@@ -758,7 +814,8 @@ class NetMsgServer:
 
     def _dispatch(self, source: str, packet: Packet) -> None:
         if isinstance(packet, MsgPacket):
-            self._deliver(source, packet)
+            if self._deliver(source, packet) and packet.ask is not None:
+                self._send(source, AckPacket(packet.ask, packet.count))  # (after a CHOKE)
         elif isinstance(packet, DeadPacket):
             self._dead(source, packet.port)
         elif isinstance(packet, NamePacket | UnnamePacket):
@@ -779,6 +836,8 @@ class NetMsgServer:
             self._choke((source, packet.port), packet.backlog)
         elif isinstance(packet, ReadyPacket):
             self._ready((source, packet.port))
+        elif isinstance(packet, AckPacket):
+            self._acked(source, packet)
         else:
             self._receive_back(source, packet.right)
 
@@ -794,29 +853,30 @@ class NetMsgServer:
         self.names[packet.name] = packet.ref
         self.own_names.pop(packet.name, None)  # the later check-in elsewhere wins
 
-    def _deliver(self, source: str, packet: MsgPacket) -> None:
+    def _deliver(self, source: str, packet: MsgPacket) -> bool:
         """A message for one of our ports: deliver, hold (its port is coming back),
-        forward (it moved away), or fail the call (it died)."""
+        forward (it moved away), or fail the call (it died). True if it was taken here
+        (its ask is answered), False if it was relayed (the relay passes the ask on)."""
         if packet.dest == MIGRATE_NET_ID:
             self._migrate_in(source, packet)
-            return
+            return True
         held = self.pending.get(packet.dest)
         if held is not None:
             self._hold_packet(source, packet, held)
-            return
+            return True
         dest = self.by_id.get(packet.dest)
         if dest is None:
             route = self.forward.get(packet.dest)
             if route is not None:
                 self._relay(source, packet, route)
-                return
+                return False
             self._send(source, DeadPacket(packet.dest))
             self._fail_remote(packet, "MIG_SERVER_DIED",
                               "the destination port died before the request reached it")
-            return
+            return True
         if dest in self.cor.objects:  # a kernel's request to a memory object of ours
             self._cor_request(source, dest, packet)
-            return
+            return True
         msg = self._message(dest, packet)
         with self.lock:
             self.open_calls.delivered(dest, packet.msg_id)  # a reply closes its call
@@ -826,9 +886,10 @@ class NetMsgServer:
             self._abandon(msg)
             self._fail_remote(packet, "SEND_TIMED_OUT", f"the port stayed full "
                               f"({NET_QUEUE_MAX} messages from the network)")
-            return
+            return True
         self._send_local(msg)
         self._check_full(dest, packet.dest, source)
+        return True
 
     def _message(self, dest: int, packet: MsgPacket) -> Message:
         """The local message for a MSG packet (landing the rights it carries)."""
@@ -864,10 +925,18 @@ class NetMsgServer:
                 elif right.token is not None:
                     self._owner_went(right.token, route[0])
         self.relayed += 1
+        ask = None  # the sender's ask, passed on under our token (net/window.py)
+        if packet.ask is not None:
+            ask = self.relay_acks.pass_on(source, packet.ask, packet.count, route[0])
         if not self._send(route[0], MsgPacket(route[1], packet.msg_id, packet.reply,
-                                              packet.items)):
+                                              packet.items, ask, packet.count if ask else 0)):
             self._fail_remote(packet, "MIG_SERVER_DIED", f"host {route[0]!r} cannot be "
                               f"reached")
+            if ask is not None:
+                self.relay_acks.cancel(ask)
+                ask = None
+        if packet.ask is not None and ask is None:  # not passed on: answered here
+            self._send(source, AckPacket(packet.ask, packet.count))
         self._send(source, MovedPacket(packet.dest))
 
     def _fail_remote(self, packet: MsgPacket, code: str, detail: str) -> None:
@@ -1123,6 +1192,7 @@ class NetMsgServer:
             self.flushes[nonce].names.remove(name)
         with self.lock:
             self.alias.pop(name, None)
+        self._window_restart(name)
         mach.port_disable(mach.task_self(), name)
         self._mark(name, None)
         return self.proxy_ref.pop(name)
@@ -1181,6 +1251,7 @@ class NetMsgServer:
                 self.alias.pop(name, None)
             self._mark(name, home)
             self.choked.discard(name)  # (a CHOKE was about its old route)
+            self._window_restart(name)  # (all it sent is at the port now)
             mach.port_enable(me, name)
 
     def _return_done(self, name: int) -> None:
@@ -1248,6 +1319,7 @@ class NetMsgServer:
 
     def _forget(self, name: int) -> None:
         self.choked.discard(name)
+        self._window_restart(name)
         for ref in [r for r, n in self.proxies.items() if n == name]:
             del self.proxies[ref]
         self.proxy_ref.pop(name, None)
@@ -1280,6 +1352,8 @@ class NetMsgServer:
         self.peers.discard(host)
         for _, told in self.choking.values():
             told.discard(host)
+        for owed, ask, count in self.relay_acks.host_gone(host):
+            self._send(owed, AckPacket(ask, count))
         for name in [n for n, r in self.proxy_ref.items() if r[0] == host]:
             self._kill_proxy(name)
         for nonce in [k for k, f in self.flushes.items() if f.route[0] == host]:
@@ -1333,7 +1407,7 @@ class NetMsgServer:
         me = mach.task_self()
         for name in [n for n, r in self.proxy_ref.items() if r == route]:
             mach.port_set_backlog(me, name, backlog)
-            if name not in self.held:
+            if name not in self.held and name not in self.windowed:
                 mach.port_disable(me, name)
             self.choked.add(name)
 
@@ -1343,7 +1417,7 @@ class NetMsgServer:
         me = mach.task_self()
         for name in [n for n in self.choked if self.proxy_ref.get(n) == route]:
             self.choked.discard(name)
-            if name not in self.held:
+            if name not in self.held and name not in self.windowed:
                 mach.port_enable(me, name)
 
     # -- task migration (net/migration.py) ------------------------------------------------

@@ -10,8 +10,11 @@ A network port is named by a *reference* `[host: str, id: bytes]`: the host that
 its receive right and an unguessable id (NET_ID_SIZE random bytes) that host gave it.
 A null port is `None`. The sending host is never a field: the transport names it.
 
-    MSG     [1, dest: id, msg_id: int, reply: ref | None, items: [item, ...]]
-            a message for the sender-known port `dest` of the receiving host
+    MSG     [1, dest: id, msg_id: int, reply: ref | None, items: [item, ...],
+             ask: id | None, count: int]
+            a message for the sender-known port `dest` of the receiving host; with an
+            `ask`, the receiver returns ACK [ask, count] once it has taken it (a
+            proxy's window, net/window.py; count 0 without one)
     DEAD    [2, port: id]            the sender's port `port` died
     NAME    [3, name: str, port: ref]  netname: `name` now stands for `port`
     UNNAME  [4, name: str]           netname: `name` is checked out
@@ -31,6 +34,10 @@ A null port is `None`. The sending host is never a field: the transport names it
                                      `object` of the receiving host (net/cor.py)
     PAGE    [12, request: id, offset, data: bytes]  pager_data_provided, compact: data
                                      for the sender's pager request port `request`
+    CHOKE   [13, port: id, backlog]  the sender's port `port` is full: hold its proxies
+    READY   [14, port: id]           ... until this: it has room again
+    ACK     [15, ask: id, count]     the sender took the MSG that asked `ask`, and the
+                                     `count` - 1 sent before it on that window
 
 (The rights protocol that uses MOVED ... RECEIVE is in net/netmsgserver.py.)
 
@@ -69,7 +76,8 @@ MAX_HOST = 255
 MAX_NETNAME = 1024
 K_MSG, K_DEAD, K_NAME, K_UNNAME = 1, 2, 3, 4
 K_MOVED, K_FLUSH, K_FLUSHED, K_DISOWN, K_OWNER, K_RECEIVE, K_PAGEIN, K_PAGE = range(5, 13)
-K_CHOKE, K_READY = 13, 14
+K_CHOKE, K_READY, K_ACK = 13, 14, 15
+MAX_ASK = 1 << 16  # messages one ACK may count
 I_INT, I_FLOAT, I_BYTES, I_STR, I_INTS, I_PORT, I_PORTS, I_OOL = range(1, 9)
 I_RIGHT, I_RIGHTS, I_COR = 9, 10, 11
 MAX_COR = 1 << 40  # bytes of one region by reference
@@ -146,6 +154,8 @@ class MsgPacket:
     msg_id: int
     reply: Ref | None
     items: tuple[NetItem, ...]
+    ask: bytes | None = None  # return ACK [ask, count] once taken (net/window.py)
+    count: int = 0  # messages that ACK counts (0 without an ask)
 
 
 @dataclass(frozen=True)
@@ -254,9 +264,18 @@ class ReadyPacket:
     port: bytes
 
 
+@dataclass(frozen=True)
+class AckPacket:
+    """The sending host took the MSG that asked `ask`: `count` messages of that window
+    are no longer on their way."""
+
+    ask: bytes
+    count: int
+
+
 Packet = (MsgPacket | DeadPacket | NamePacket | UnnamePacket | MovedPacket | FlushPacket
           | FlushedPacket | DisownPacket | OwnerPacket | ReceivePacket | PageInPacket
-          | PagePacket | ChokePacket | ReadyPacket)
+          | PagePacket | ChokePacket | ReadyPacket | AckPacket)
 
 
 def new_net_id() -> bytes:
@@ -287,7 +306,7 @@ def page_head(port: bytes, offset: int, size: int) -> bytes:
 def _packet_values(packet: Packet) -> list[Any]:
     if isinstance(packet, MsgPacket):
         return [K_MSG, packet.dest, packet.msg_id, _ref_values(packet.reply),
-                [_item_values(i) for i in packet.items]]
+                [_item_values(i) for i in packet.items], packet.ask, packet.count]
     if isinstance(packet, DeadPacket):
         return [K_DEAD, packet.port]
     if isinstance(packet, NamePacket):
@@ -312,6 +331,8 @@ def _packet_values(packet: Packet) -> list[Any]:
         return [K_CHOKE, packet.port, packet.backlog]
     if isinstance(packet, ReadyPacket):
         return [K_READY, packet.port]
+    if isinstance(packet, AckPacket):
+        return [K_ACK, packet.ask, packet.count]
     return [K_RECEIVE, *_right_values(packet.right)]
 
 
@@ -392,6 +413,7 @@ _ID_PACKETS: dict[int, tuple[str, tuple[type, ...], tuple[int, ...]]] = {
     K_PAGE: ("PAGE", (bytes, int, memoryview), (1,)),
     K_CHOKE: ("CHOKE", (bytes, int), (1,)),
     K_READY: ("READY", (bytes,), (1,)),
+    K_ACK: ("ACK", (bytes, int), (1,)),
 }
 
 
@@ -414,6 +436,8 @@ def _id_packet(kind: int, values: list[Any]) -> Packet:
         return OwnerPacket(values[1], values[2], check_host(values[3], "OWNER host"))
     if kind == K_READY:
         return ReadyPacket(values[1])
+    if kind == K_ACK:
+        return AckPacket(values[1], _ask_count(values[2], "ACK"))
     if kind == K_CHOKE:
         if not 0 < values[2] <= MAX_BACKLOG:
             raise WireError(f"CHOKE backlog {values[2]} is not in 1..{MAX_BACKLOG}")
@@ -444,10 +468,23 @@ def _right(values: list[Any], what: str) -> RightItem:
 
 
 def _msg(values: list[Any]) -> MsgPacket:
-    wire.check(values, (int, bytes, int, (list, _NONE), list), "MSG packet")
+    wire.check(values, (int, bytes, int, (list, _NONE), list, (bytes, _NONE), int),
+               "MSG packet")
     items = tuple(_item(v, n) for n, v in enumerate(values[4]))
+    ask, count = values[5], values[6]
+    if ask is None and count != 0:
+        raise WireError(f"MSG count {count} without an ask")
+    if ask is not None:
+        _net_id(ask, "MSG ask")
+        _ask_count(count, "MSG")
     return MsgPacket(_net_id(values[1], "MSG dest"), values[2],
-                     _opt_ref(values[3], "MSG reply"), items)
+                     _opt_ref(values[3], "MSG reply"), items, ask, count)
+
+
+def _ask_count(count: int, what: str) -> int:
+    if not 0 < count <= MAX_ASK:
+        raise WireError(f"{what} count {count} is not in 1..{MAX_ASK}")
+    return count
 
 
 def _net_id(value: bytes, what: str) -> bytes:

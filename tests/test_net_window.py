@@ -1,0 +1,117 @@
+"""A proxy's window (net/window.py): how many of its messages may be on their way.
+
+Without it a host that is slow to take packets (busy, or relaying for a port that
+moved) could be handed more messages for one port than the port may take from the
+network, and the surplus was refused after the senders' msg_send had returned: lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import pymach as m
+from pymach.net import window as w
+from test_net_rights import (  # noqa: F401  (cluster: a fixture)
+    WAIT_MS,
+    _box,
+    cluster,
+    hosts,
+    in_order,
+    sender,
+    wait_until,
+)
+
+
+# -- the bookkeeping ------------------------------------------------------------------------
+def test_a_proxy_asks_every_quarter_window_and_is_full_at_the_window() -> None:
+    windows = w.ProxyWindows()
+    asks = [windows.sent(7) for _ in range(w.WINDOW)]
+    tokens = {a for a, _ in asks if a is not None}
+    assert [n for _, n in asks if n] == [w.ASK_EVERY] * (w.WINDOW // w.ASK_EVERY)
+    assert len(tokens) == 1 and windows.full(7) and not windows.full(8)
+    token = tokens.pop()
+    assert windows.proxy_of(token) == 7
+    windows.acked(7, w.ASK_EVERY)
+    assert not windows.full(7)
+    windows.restart(7)  # its route was flushed: a new window, the old token is stale
+    assert windows.proxy_of(token) == 0 and not windows.full(7)
+    assert windows.sent(7) == (None, 0)
+
+
+def test_a_relay_passes_asks_on_and_answers_only_the_host_it_asked() -> None:
+    relays = w.RelayAcks()
+    mine = relays.pass_on("B", b"t" * 16, 16, "A")
+    assert mine is not None and mine != b"t" * 16
+    assert relays.answered("C", mine) is None  # C was not asked
+    assert relays.answered("A", mine) == ("B", b"t" * 16, 16)
+    assert relays.answered("A", mine) is None  # once
+    lost = relays.pass_on("B", b"u" * 16, 5, "A")
+    relays.pass_on("A", b"v" * 16, 3, "C")
+    assert relays.host_gone("A") == [("B", b"u" * 16, 5)]  # answered for the lost packet
+    assert lost is not None and relays.answered("A", lost) is None
+    assert len(relays) == 0  # (A's own ask through us went with A)
+
+
+def test_a_relay_with_too_many_open_asks_answers_new_ones_itself() -> None:
+    relays = w.RelayAcks()
+    for n in range(w.MAX_RELAY_ACKS):
+        assert relays.pass_on("B", n.to_bytes(16, "big"), 1, "A") is not None
+    assert relays.pass_on("B", b"x" * 16, 1, "A") is None
+    assert len(relays) == w.MAX_RELAY_ACKS
+
+
+# -- across hosts -----------------------------------------------------------------------
+N = 1200  # more than a port may take from the network (NET_QUEUE_MAX) plus its backlog
+
+
+def _hold_then_take(ready: threading.Event, go: threading.Event, count: int) -> list[Any]:
+    """Check in "p" (backlog 16), take nothing until `go`, then `count` messages."""
+    port = _box("p")
+    m.port_set_backlog(m.task_self(), port, 16)
+    ready.set()
+    assert go.wait(WAIT_MS / 1000)
+    log = []
+    for _ in range(count):
+        log.append(tuple(m.msg_receive(port, m.RCV_TIMEOUT, WAIT_MS).values()))
+    return log
+
+
+@pytest.mark.parametrize("via", ["network", "tcp"])
+def test_a_host_slow_to_take_packets_loses_no_message(
+        via: str, request: pytest.FixtureRequest) -> None:
+    """A's server stops taking packets while B's sender sends N messages to A's port:
+    B's proxy stops at its window (its sender then waits on the proxy's backlog), and
+    when A goes on, and only then the receiver, every message arrives, in order (before
+    the window B sent them all, A refused those past NET_QUEUE_MAX, and the receive
+    timed out)."""
+    with hosts(via, request, "A", "B") as hs:
+        a, b = hs["A"], hs["B"]
+        ready, go, resume = threading.Event(), threading.Event(), threading.Event()
+        receiver = a.start(_hold_then_take, ready, go, N, name="receiver")
+        assert ready.wait(WAIT_MS / 1000)
+        wait_until(lambda: "p" in b.server.names, "B to know p")
+        taking = a.server.packet_in
+
+        def slow(host: str, data: bytes) -> None:
+            resume.wait(WAIT_MS / 1000)
+            taking(host, data)
+
+        a.server.packet_in = slow  # type: ignore[method-assign]
+        try:
+            sending = b.start(sender, "p", 0, N, name="sender")
+            wait_until(lambda: b.server.forwarded >= w.WINDOW, "B to fill its window")
+            time.sleep(0.3)  # (without the window, B would send on: N within this)
+            on_the_way = b.server.forwarded
+        finally:
+            resume.set()
+        wait_until(lambda: a.server.bytes_in >= b.server.bytes_out, "A to take B's packets")
+        go.set()  # (only now: a receiver taking meanwhile would make room at the port)
+        assert sending.wait(WAIT_MS) == N
+        log = receiver.wait(WAIT_MS)
+        assert len(log) == N and in_order(log, 1, N)
+        assert on_the_way <= w.WINDOW + 1  # (one more may have been counted meanwhile)
+        wait_until(lambda: not b.server.windowed, "B's proxy to be let go")
