@@ -20,15 +20,18 @@ if TYPE_CHECKING:
 
 
 def mqueue_enqueue(port: Port, kmsg: KMsg) -> None:
-    """Append `kmsg` to a live port's queue and wake its receivers (no backlog check)."""
+    """Append `kmsg` to a live port's queue and wake a receiver for it, on the port and
+    on its group (no backlog check). One message, one receiver: a server's other
+    threads sleep on (a receiver that leaves without it passes the wake-up on:
+    mach_msg's _receive)."""
     port.queue.append(kmsg)
     if port.observer is not None:
         port.observer.enqueued(port, kmsg)
-    port.sched.thread_wakeup(port.rcv_waitq)
+    port.sched.thread_wakeup_one(port.rcv_waitq)
     receiver = port.receiver
     if port.enabled and receiver is not None:
         receiver.space.ready[port] = None
-        port.sched.thread_wakeup(receiver.space.group_waitq)
+        port.sched.thread_wakeup_one(receiver.space.group_waitq)
 
 
 def mqueue_dequeue(port: Port) -> KMsg:

@@ -55,6 +55,7 @@ from pymach.ipc.kmsg import (
 from pymach.kern.sched_prim import (
     NOT_YET,
     Handoff,
+    Parked,
     WaitQueue,
     deadline_after,
     thread_block,
@@ -179,20 +180,48 @@ def _receive(thread: Thread, name: int, deadline: float | None, rcv_size: int,
     `deadline` (ms), blocking, or parking if there is a `handoff` (the parked call's
     rest is this loop again, run by its own thread)."""
     sched = thread.kernel.sched
-    while True:
-        port, waitq = _receive_source(thread, name)
-        if port is not None and port.queue:
-            return _take(thread, port, rcv_size)
-        if handoff is not None and not sched.deterministic:
-            if deadline is not None and sched.now() >= deadline:
+    try:
+        while True:
+            port, waitq = _receive_source(thread, name)
+            if port is not None and port.queue:
+                if not (thread.suspend_count or thread.task.suspend_count) \
+                        or not _running_sleeper(waitq):
+                    return _take(thread, port, rcv_size)
+                sched.thread_wakeup_one(waitq)  # (suspended: it waits on)
+            if handoff is not None and not sched.deterministic:
+                if deadline is not None and sched.now() >= deadline:
+                    break
+                thread_park(thread, waitq, deadline,
+                            lambda: _attempt(thread, name, rcv_size),
+                            lambda: _receive(thread, name, deadline, rcv_size, handoff),
+                            handoff)
+            if not thread_block(sched, thread, waitq, deadline):
                 break
-            thread_park(thread, waitq, deadline,
-                        lambda: _attempt(thread, name, rcv_size),
-                        lambda: _receive(thread, name, deadline, rcv_size, handoff),
-                        handoff)
-        if not thread_block(sched, thread, waitq, deadline):
-            break
+    except Parked:
+        raise
+    except BaseException:  # (an error that keeps the message queued, termination, ...)
+        _pass_on(thread, name)
+        raise
+    _pass_on(thread, name)
     raise MachError("RCV_TIMED_OUT", f"no message on port {name or 'default group'}")
+
+
+def _running_sleeper(waitq: WaitQueue) -> bool:
+    """True if a receiver that is not suspended sleeps on `waitq`: a suspended receiver
+    leaves a message to it (a server's pool goes on serving while one of its threads is
+    held; alone, a suspended receiver takes it and stops at the trap's exit)."""
+    return any(not (t.suspend_count or t.task.suspend_count) for t in waitq.sleeping)
+
+
+def _pass_on(thread: Thread, name: int) -> None:
+    """A receiver leaves without a message: if one is queued, another receiver is woken
+    for it (the enqueue's one wake-up may have been this receiver's)."""
+    try:
+        port, waitq = _receive_source(thread, name)
+    except MachError:  # (the right is gone: its waiters were all woken)
+        return
+    if port is not None and port.queue:
+        thread.kernel.sched.thread_wakeup_one(waitq)
 
 
 def _attempt(thread: Thread, name: int, rcv_size: int) -> Message:

@@ -94,6 +94,11 @@ class DeterministicScheduler:
         if waitq.parked:  # (none here: only the free scheduler parks; kept for the
             continuations_wakeup(waitq)  # contract, outside _mx as it may wake more)
 
+    def thread_wakeup_one(self, waitq: WaitQueue) -> None:
+        """Every waiter, as thread_wakeup: which one runs first is the schedule's
+        choice, and replay must not depend on the condition's order."""
+        self.thread_wakeup(waitq)
+
     def thread_interrupt(self, thread: Thread) -> None:
         with self._mx:
             if thread in self._blocked:

@@ -51,15 +51,28 @@ class FreeScheduler:
         if remaining is not None and remaining <= 0:
             return "timeout"
         waitq.sleepers += 1
+        waitq.sleeping[thread] = None
         try:
             waitq.cond.wait(remaining)
         finally:
             waitq.sleepers -= 1
+            del waitq.sleeping[thread]
         return "woken" if deadline is None or self.now() < deadline else "timeout"
 
     def thread_wakeup(self, waitq: WaitQueue) -> None:
         if waitq.sleepers:
             waitq.cond.notify_all()
+        if waitq.parked:
+            continuations_wakeup(waitq)
+
+    def thread_wakeup_one(self, waitq: WaitQueue) -> None:
+        if waitq.sleepers == 1:
+            waitq.cond.notify(1)
+        elif waitq.sleepers:  # the condition wakes its oldest sleeper, which may be
+            if any(t.suspend_count or t.task.suspend_count for t in waitq.sleeping):
+                waitq.cond.notify_all()  # suspended: it would take the event and stop
+            else:  # with it while the others sleep on
+                waitq.cond.notify(1)
         if waitq.parked:
             continuations_wakeup(waitq)
 

@@ -69,12 +69,13 @@ class Parked(Exception):
 class WaitQueue:
     """An event that threads wait on; guarded by the kernel lock."""
 
-    __slots__ = ("cond", "name", "parked", "sleepers")
+    __slots__ = ("cond", "name", "parked", "sleepers", "sleeping")
 
     def __init__(self, lock: threading.Lock, name: str) -> None:
         self.name = name
         self.cond = threading.Condition(lock)  # used by the free backend only
         self.sleepers = 0  # threads in cond.wait (free backend): a wake-up of none is free
+        self.sleeping: dict[Thread, None] = {}  # those threads (free backend)
         self.parked: list[Continuation] = []  # calls parked here, oldest first
 
     def __repr__(self) -> str:
@@ -149,6 +150,13 @@ class Scheduler(Protocol):
 
     def thread_wakeup(self, waitq: WaitQueue) -> None:
         """Wake every thread waiting on `waitq`. Lock held."""
+        ...
+
+    def thread_wakeup_one(self, waitq: WaitQueue) -> None:
+        """Wake at least one thread waiting on `waitq` (Mach's thread_wakeup_one: an
+        event one waiter can consume, a message; a woken waiter that leaves without
+        consuming it passes the wake-up on). Calls parked on it are all offered the
+        event. Lock held."""
         ...
 
     def thread_interrupt(self, thread: Thread) -> None:
