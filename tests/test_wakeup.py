@@ -101,3 +101,41 @@ def test_a_suspended_receiver_leaves_the_message_to_a_running_one(
     m.thread_resume(held_port)
     wait_until(lambda: held.get("done"), 5_000)
     assert held["result"].id == 12
+
+
+
+def test_a_group_receive_takes_the_oldest_head_without_walking_the_ready_ports(
+        k: m.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group's ports with messages are ordered by their head message (a heap), so a
+    group receive takes the oldest message of the group without looking at every ready
+    port (emptying 10,000 ready ports cost 2.1 ms a receive), through receives on the
+    ports themselves and a port disabled and enabled again."""
+    import random
+
+    from pymach.ipc.space import IpcSpace
+
+    me = m.task_self()
+    ports = [m.port_allocate(me) for _ in range(40)]
+    for p in ports:
+        m.port_enable(me, p)
+    rng = random.Random(7)
+    sent: list[tuple[int, int]] = []  # (port, id) in send order
+    order = ports * 3  # (three a port: within the default backlog)
+    rng.shuffle(order)
+    for i, p in enumerate(order):
+        m.msg_send(Message(remote_port=p, id=1000 + i))
+        sent.append((p, 1000 + i))
+    for p in ports[:5]:  # the first message of five ports taken from the port itself
+        first = next(i for q, i in sent if q == p)
+        assert m.msg_receive(p, m.RCV_TIMEOUT, 0).id == first
+        sent.remove((p, first))
+    m.port_disable(me, ports[5])
+    monkeypatch.setattr(IpcSpace, "ready_ports",
+                        lambda self: pytest.fail("a group receive walked the ready ports"))
+    want = [i for p, i in sent if p != ports[5]]
+    assert [m.msg_receive(0, m.RCV_TIMEOUT, 0).id for _ in want] == want
+    with pytest.raises(m.MachError, match="RCV_TIMED_OUT"):
+        m.msg_receive(0, m.RCV_TIMEOUT, 0)
+    m.port_enable(me, ports[5])
+    rest = [i for p, i in sent if p == ports[5]]
+    assert [m.msg_receive(0, m.RCV_TIMEOUT, 0).id for _ in rest] == rest
