@@ -7,6 +7,7 @@ network, and the surplus was refused after the senders' msg_send had returned: l
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 import pymach as m
 from pymach.net import window as w
+from pymach.net.netname import netname_wait
 from test_net_rights import (  # noqa: F401  (cluster: a fixture)
     WAIT_MS,
     _box,
@@ -114,4 +116,44 @@ def test_a_host_slow_to_take_packets_loses_no_message(
         log = receiver.wait(WAIT_MS)
         assert len(log) == N and in_order(log, 1, N)
         assert on_the_way <= w.WINDOW + 1  # (one more may have been counted meanwhile)
+        wait_until(lambda: not b.server.windowed, "B's proxy to be let go")
+
+
+def _send_rights_then_plain(rights: int, plain: int) -> str:
+    port = netname_wait("p", WAIT_MS)
+    for i in range(rights):  # each lands a new name in A's server: its space fills
+        mine = m.port_allocate(m.task_self())
+        m.msg_send(m.Message(remote_port=port, id=1,
+                             items=[m.Int(i), m.Port(mine, m.Disposition.MAKE_SEND)]))
+    for i in range(plain):
+        m.msg_send(m.Message(remote_port=port, id=2, items=[m.Int(i)]), m.SEND_TIMEOUT, 5000)
+    return "done"
+
+
+def _take_until(stop: threading.Event) -> int:
+    port = _box("p")
+    n = 0
+    while not stop.is_set():
+        with contextlib.suppress(m.MachError):
+            m.msg_receive(port, m.RCV_TIMEOUT, 100)
+            n += 1
+    return n
+
+
+def test_a_packet_the_host_fails_to_deliver_is_still_acknowledged() -> None:
+    """A's server cannot land the rights B's messages carry (its name space is full):
+    those messages fail there, but B's proxy gets its window back, and B's plain
+    messages after them still go (a review's finding: the ACK was sent only after a
+    delivery that did not raise, and B's proxy stayed held for good)."""
+    with m.Network() as net:
+        a, b = net.host("A", port_names_max=128), net.host("B")
+        stop = threading.Event()
+        receiver = a.start(_take_until, stop, name="receiver")
+        wait_until(lambda: "p" in b.server.names, "B to know p")
+        try:
+            assert b.start(_send_rights_then_plain, 300, 200, name="sender").wait(
+                4 * WAIT_MS) == "done"
+        finally:
+            stop.set()
+        assert receiver.wait(WAIT_MS) >= 200
         wait_until(lambda: not b.server.windowed, "B's proxy to be let go")

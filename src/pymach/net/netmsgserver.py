@@ -144,9 +144,13 @@ one receiver"; the port, not the host, is what senders name):
   many are on their way is bounded too: each proxy may have at most WINDOW of its
   messages sent and not yet taken by the host it sends to (net/window.py: every
   ASK_EVERY-th MSG asks for an ACK; a relaying host passes asks on and ACKs back), so
-  a host slow to take packets, or relaying for a port that moved, is never handed
-  more than the port may take (before the window a busy relay could be, and the
-  surplus was lost after its senders' msg_send had returned).
+  a host slow to take packets, or relaying for a port that moved, is handed at most
+  the port's backlog plus WINDOW per proxy sending to it (before the window a busy
+  relay could be handed any number, and the surplus was lost after its senders'
+  msg_send had returned). Not bounded by it yet: the messages a proxy queues behind a
+  forwarding thread (`_in_flight`), and packets held in `pending` (answered at once).
+  On a lossy `Network(drop=p)` a lost ask or ACK holds its proxy until its route
+  changes.
   Receive timeouts are local to the receiver, as always. Forwarding
   entries are kept for the MAX_FORWARDS most recent moves (an older entry is dropped:
   its port looks dead to a holder that had not yet switched).
@@ -548,14 +552,18 @@ class NetMsgServer:
         its rights produced (queued messages, MOVED); refuse it if the host is gone."""
         after: After = []
         packet = self._packet(target[0], target[1], msg, after)
-        if target[0] != self.host and msg.local_port in self.proxy_ref:
-            with self.lock:  # (forwarding threads come here too)
-                ask, count = self.windows.sent(msg.local_port)
-            if ask is not None:
-                packet = replace(packet, ask=ask, count=count)
+        counted = target[0] != self.host
+        with self.lock:  # (forwarding threads come here too)
+            counted = counted and msg.local_port in self.proxy_ref
+            ask, count = self.windows.sent(msg.local_port) if counted else (None, 0)
+        if ask is not None:
+            packet = replace(packet, ask=ask, count=count)
         self.forwarded += 1
         sent = self._send(target[0], packet)
         self._send_all(after)
+        if not sent and counted:  # (no ACK will come: a new window)
+            with self.lock:
+                self.windows.restart(msg.local_port)
         if not sent:
             self._refuse(msg.remote_port, msg.id, "MIG_SERVER_DIED",
                          f"host {target[0]!r} cannot be reached")
@@ -814,8 +822,7 @@ class NetMsgServer:
 
     def _dispatch(self, source: str, packet: Packet) -> None:
         if isinstance(packet, MsgPacket):
-            if self._deliver(source, packet) and packet.ask is not None:
-                self._send(source, AckPacket(packet.ask, packet.count))  # (after a CHOKE)
+            self._msg_in(source, packet)
         elif isinstance(packet, DeadPacket):
             self._dead(source, packet.port)
         elif isinstance(packet, NamePacket | UnnamePacket):
@@ -840,6 +847,17 @@ class NetMsgServer:
             self._acked(source, packet)
         else:
             self._receive_back(source, packet.right)
+
+    def _msg_in(self, source: str, packet: MsgPacket) -> None:
+        """Deliver a MSG, then answer its ask (after a CHOKE it caused, on the same link;
+        also when delivering it failed: an ACK says it is no longer on its way, and an
+        unanswered ask would hold its proxy for good); a relay passes the ask on."""
+        taken = True
+        try:
+            taken = self._deliver(source, packet)
+        finally:
+            if taken and packet.ask is not None:
+                self._send(source, AckPacket(packet.ask, packet.count))
 
     def _name_packet(self, source: str, packet: NamePacket | UnnamePacket) -> None:
         if isinstance(packet, UnnamePacket):
@@ -968,6 +986,7 @@ class NetMsgServer:
             me = mach.task_self()
             name = mach.port_allocate(me)
             mach.port_enable(me, name)
+            self._window_restart(name)  # (a name used before starts a new window)
             self.proxies[ref], self.proxy_ref[name] = name, ref
             self._mark(name, ref)
         return name
