@@ -157,3 +157,47 @@ def test_a_packet_the_host_fails_to_deliver_is_still_acknowledged() -> None:
             stop.set()
         assert receiver.wait(WAIT_MS) >= 200
         wait_until(lambda: not b.server.windowed, "B's proxy to be let go")
+
+
+def test_messages_queued_behind_a_forwarding_thread_keep_to_the_window() -> None:
+    """B's first message needs a forwarding thread (as one whose out-of-line memory a
+    data manager must page in does) and takes a while; the messages behind it wait on
+    the proxy and then go only as far as the window (a review's finding: they all went
+    at once, and A, not taking packets meanwhile, refused those past NET_QUEUE_MAX)."""
+    with m.Network() as net:
+        a, b = net.host("A"), net.host("B")
+        ready, go, resume = threading.Event(), threading.Event(), threading.Event()
+        receiver = a.start(_hold_then_take, ready, go, N, name="receiver")
+        assert ready.wait(WAIT_MS / 1000)
+        wait_until(lambda: "p" in b.server.names, "B to know p")
+        taking, threaded = a.server.packet_in, b.server._forward_threaded
+        first = [True]
+
+        def slow_take(host: str, data: bytes) -> None:
+            resume.wait(WAIT_MS / 1000)
+            taking(host, data)
+
+        def needs_thread(msg: m.Message) -> bool:
+            needs, first[0] = first[0], False
+            return needs
+
+        def slow_thread(msg: m.Message, target: Any) -> None:
+            time.sleep(0.5)  # (its data manager is slow)
+            threaded(msg, target)
+
+        a.server.packet_in = slow_take  # type: ignore[method-assign]
+        b.server._needs_thread = needs_thread  # type: ignore[method-assign]
+        b.server._forward_threaded = slow_thread  # type: ignore[method-assign]
+        try:
+            sending = b.start(sender, "p", 0, N, name="sender")
+            wait_until(lambda: b.server.forwarded >= w.WINDOW, "B to fill its window")
+            time.sleep(0.3)
+            on_the_way = b.server.forwarded
+        finally:
+            resume.set()
+        wait_until(lambda: a.server.bytes_in >= b.server.bytes_out, "A to take B's packets")
+        go.set()
+        assert sending.wait(WAIT_MS) == N
+        log = receiver.wait(WAIT_MS)
+        assert len(log) == N and in_order(log, 1, N)
+        assert on_the_way <= w.WINDOW + 1

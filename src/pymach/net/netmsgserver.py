@@ -147,10 +147,10 @@ one receiver"; the port, not the host, is what senders name):
   a host slow to take packets, or relaying for a port that moved, is handed at most
   the port's backlog plus WINDOW per proxy sending to it (before the window a busy
   relay could be handed any number, and the surplus was lost after its senders'
-  msg_send had returned). Not bounded by it yet: the messages a proxy queues behind a
-  forwarding thread (`_in_flight`), and packets held in `pending` (answered at once).
-  On a lossy `Network(drop=p)` a lost ask or ACK holds its proxy until its route
-  changes.
+  msg_send had returned). Messages a proxy queues behind a forwarding thread count in
+  its window (past it they wait, `_window_blocked`), and a packet held for a port
+  coming back here is answered when the port is here. On a lossy `Network(drop=p)` a
+  lost ask or ACK holds its proxy until its route changes.
   Receive timeouts are local to the receiver, as always. Forwarding
   entries are kept for the MAX_FORWARDS most recent moves (an older entry is dropped:
   its port looks dead to a holder that had not yet switched).
@@ -304,6 +304,8 @@ class NetMsgServer:
         self.flushes: dict[bytes, Flush] = {}  # nonce -> a FLUSH of ours in flight
         self.held: dict[int, bytes] = {}  # proxy held for a flush -> the flush's nonce
         self.pending: dict[bytes, list[MsgPacket]] = {}  # id coming back -> held packets
+        self.held_asks: dict[bytes, list[tuple[str, bytes, int]]] = {}  # id coming back
+        # -> the asks of its held packets: (host, ask, count), answered when it is here
         self.remote_owner: dict[bytes, tuple[str, bytes]] = {}  # id -> (owner host, token)
         self.owner_token: dict[int, bytes] = {}  # proxy a task here owns -> its token
         self.owner_moved: OrderedDict[bytes, str] = OrderedDict()  # token -> host it went to
@@ -327,6 +329,8 @@ class NetMsgServer:
         # the hosts told CHOKE); polled until it has room (READY)
         self.windows = ProxyWindows()  # messages each proxy has on their way (lock)
         self.windowed: set[int] = set()  # our proxies held: their window is full
+        self._window_blocked: set[int] = set()  # proxies whose `_in_flight` messages wait
+        # for their window, not for a forwarding thread (the loop's own state)
         self.relay_acks = RelayAcks()  # asks of relayed packets we passed on
 
     # -- the loop ---------------------------------------------------------------------
@@ -463,7 +467,8 @@ class NetMsgServer:
             return
         waiting = self._in_flight.get(msg.local_port)
         if waiting is not None:  # an earlier message of this proxy is being encoded
-            waiting.append(msg)
+            waiting.append(msg)  # (or waits for the window)
+            self._hold_if_window_full(msg.local_port)
         elif self._needs_thread(msg):
             self._in_flight[msg.local_port] = []
             mach.thread_create(mach.task_self(), self._forward_threaded, msg, target)
@@ -471,12 +476,17 @@ class NetMsgServer:
             self._forward_now(msg, target)
             self._hold_if_window_full(msg.local_port)
 
-    def _hold_if_window_full(self, proxy: int) -> None:
-        """Hold `proxy` while WINDOW of its messages are on their way (net/window.py):
-        its senders wait on its backlog until ACKs come back."""
+    def _window_full(self, proxy: int) -> bool:
+        """True if WINDOW of `proxy`'s messages are on their way or waiting to go."""
+        waiting = len(self._in_flight.get(proxy, ()))
         with self.lock:
-            full = self.windows.full(proxy)
-        if full and proxy not in self.windowed and proxy in self.proxy_ref:
+            return self.windows.full(proxy, waiting)
+
+    def _hold_if_window_full(self, proxy: int) -> None:
+        """Hold `proxy` while WINDOW of its messages are on their way (net/window.py) or
+        waiting behind a forwarding thread: its senders wait on its backlog until ACKs
+        come back."""
+        if self._window_full(proxy) and proxy not in self.windowed and proxy in self.proxy_ref:
             self.windowed.add(proxy)
             if proxy not in self.held and proxy not in self.choked:
                 mach.port_disable(mach.task_self(), proxy)
@@ -494,8 +504,9 @@ class NetMsgServer:
             if route is None or route[0] != source:
                 return
             self.windows.acked(proxy, packet.count)
-            full = self.windows.full(proxy)
-        if not full and proxy in self.windowed:
+        if proxy in self._window_blocked:  # messages waited for this: on with them
+            self._forward_waiting(proxy)
+        if not self._window_full(proxy) and proxy in self.windowed:
             self.windowed.discard(proxy)
             if proxy not in self.held and proxy not in self.choked:
                 mach.port_enable(mach.task_self(), proxy)
@@ -506,6 +517,7 @@ class NetMsgServer:
         with self.lock:
             self.windows.restart(proxy)
         self.windowed.discard(proxy)
+        self._window_blocked.discard(proxy)
 
     def _needs_thread(self, msg: Message) -> bool:
         return not _moves_rights(msg) and any(
@@ -525,19 +537,23 @@ class NetMsgServer:
         """A forwarding thread sent its message: forward what waited behind it, in order
         (the next one that needs a thread of its own holds back the rest again)."""
         waiting = self._in_flight.pop(proxy, [])
-        self._hold_if_window_full(proxy)  # (counted by the forwarding thread)
+        self._window_blocked.discard(proxy)
         for n, msg in enumerate(waiting):
             route = self.proxy_ref.get(proxy)
             if route is None:  # the proxy died meanwhile
                 self._refuse(msg.remote_port, msg.id)
                 self._abandon(msg)
+            elif self._window_full(proxy):  # the rest wait for ACKs (_acked goes on)
+                self._in_flight[proxy] = waiting[n:]
+                self._window_blocked.add(proxy)
+                break
             elif self._needs_thread(msg):
                 self._in_flight[proxy] = waiting[n + 1:]
                 mach.thread_create(mach.task_self(), self._forward_threaded, msg, route)
                 return
             else:
                 self._forward_now(msg, route)
-                self._hold_if_window_full(proxy)
+        self._hold_if_window_full(proxy)
 
     def _readable_now(self, item: OOL) -> bool:
         from pymach.vm.vm_kern import range_readable_now  # loaded with a kernel, not pymach
@@ -880,8 +896,7 @@ class NetMsgServer:
             return True
         held = self.pending.get(packet.dest)
         if held is not None:
-            self._hold_packet(source, packet, held)
-            return True
+            return self._hold_packet(source, packet, held)
         dest = self.by_id.get(packet.dest)
         if dest is None:
             route = self.forward.get(packet.dest)
@@ -924,13 +939,25 @@ class NetMsgServer:
             if isinstance(name, Port) and name.name in self.proxy_ref:
                 self._kill_proxy(name.name)
 
-    def _hold_packet(self, source: str, packet: MsgPacket, held: list[MsgPacket]) -> None:
+    def _hold_packet(self, source: str, packet: MsgPacket, held: list[MsgPacket]) -> bool:
+        """Hold a MSG for a port coming back here (refused past NET_QUEUE_MAX); its ask is
+        answered when the port is here (`_answer_held`): False if it waits for that."""
         if len(held) >= NET_QUEUE_MAX:
             log.warning("netmsgserver %s: refused message %d from %r: %d wait for a port "
                         "coming back", self.host, packet.msg_id, source, NET_QUEUE_MAX)
             self._fail_remote(packet, "SEND_TIMED_OUT", "the port stayed full")
-            return
+            return True
         held.append(packet)
+        if packet.ask is not None:
+            self.held_asks.setdefault(packet.dest, []).append((source, packet.ask,
+                                                               packet.count))
+        return packet.ask is None
+
+    def _answer_held(self, net_id: bytes) -> None:
+        """The packets held for port `net_id` are queued (or dropped with it): answer
+        their asks, which held their proxies' windows until now."""
+        for source, ask, count in self.held_asks.pop(net_id, []):
+            self._send(source, AckPacket(ask, count))
 
     def _relay(self, source: str, packet: MsgPacket, route: Ref) -> None:
         """Pass a MSG for a port that moved away on to where it went (unchanged but for
@@ -1284,6 +1311,7 @@ class NetMsgServer:
             return
         msgs = [self._message(name, p) for p in packets]
         portops.requeue_front(name, msgs)
+        self._answer_held(net_id)
         if portops.owner_of(name) == "task":
             portops.give_up(name, "receive")
         elif net_id in self.remote_owner:  # the owner sent ownership on meanwhile
@@ -1300,6 +1328,7 @@ class NetMsgServer:
         if net_id is not None:
             self.remote_owner.pop(net_id, None)
             self.pending.pop(net_id, None)
+            self._answer_held(net_id)
             self._broadcast(DeadPacket(net_id), to_self=True)
         self.choking.pop(name, None)  # (DEAD ends their hold)
         if name in self.proxy_ref:

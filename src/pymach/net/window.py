@@ -64,10 +64,11 @@ class ProxyWindows:
         count, window.unasked = window.unasked, 0
         return window.token, count
 
-    def full(self, proxy: int) -> bool:
-        """True if `proxy` has WINDOW messages on their way: hold it."""
+    def full(self, proxy: int, waiting: int = 0) -> bool:
+        """True if `proxy` has WINDOW messages on their way, counting `waiting` more
+        about to go: hold it."""
         window = self._by_proxy.get(proxy)
-        return window is not None and window.unacked >= WINDOW
+        return (window.unacked if window is not None else 0) + waiting >= WINDOW
 
     def proxy_of(self, token: bytes) -> int:
         """The proxy whose current window `token` names (0: an old or unknown token)."""
