@@ -30,8 +30,10 @@ def mqueue_enqueue(port: Port, kmsg: KMsg) -> None:
     port.sched.thread_wakeup_one(port.rcv_waitq)
     receiver = port.receiver
     if port.enabled and receiver is not None:
-        receiver.space.ready[port] = None
-        port.sched.thread_wakeup_one(receiver.space.group_waitq)
+        space = receiver.space
+        if len(port.queue) == 1 or port not in space.ready:  # (a new head)
+            space.mark_ready(port)
+        port.sched.thread_wakeup_one(space.group_waitq)
 
 
 def mqueue_dequeue(port: Port) -> KMsg:
@@ -39,6 +41,9 @@ def mqueue_dequeue(port: Port) -> KMsg:
     kmsg = port.queue.popleft()
     if port.observer is not None:
         port.observer.dequeued(port, kmsg)
+    receiver = port.receiver
+    if port.queue and port.enabled and receiver is not None:
+        receiver.space.mark_head(port)
     port.sched.thread_wakeup(port.send_waitq)
     return kmsg
 
@@ -63,17 +68,13 @@ def mqueue_requeue(port: Port, kmsgs: list[KMsg], at: KMsg | None) -> None:
         mqueue_wake_all(port)
         receiver = port.receiver
         if port.enabled and receiver is not None:
-            receiver.space.ready[port] = None
+            receiver.space.mark_ready(port)
             port.sched.thread_wakeup(receiver.space.group_waitq)
 
 
 def mqueue_group_select(space: IpcSpace) -> Port | None:
     """The enabled port of `space` whose head message is oldest, or None if all are empty."""
-    best: Port | None = None
-    for port in space.ready_ports():
-        if best is None or port.queue[0].seqno < best.queue[0].seqno:
-            best = port
-    return best
+    return space.group_select()
 
 
 def mqueue_wake_all(port: Port) -> None:

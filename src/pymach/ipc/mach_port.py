@@ -66,7 +66,7 @@ def port_enable(space: IpcSpace, name: int) -> None:
     if port.observer is not None:
         port.observer.changed(port)
     if port.queue:
-        space.ready[port] = None
+        space.mark_ready(port)
     port.sched.thread_wakeup(space.group_waitq)
 
 

@@ -11,6 +11,12 @@ every port of the task's default group whose queue holds messages (enabled, rece
 here, not empty), and maybe ports that no longer are: it is marked by whoever makes a
 port ready (mqueue_enqueue, port_enable) and pruned when read (`ready_ports`), so a
 group receive looks at the ports with messages, not at every name of the space.
+`ready_heap` orders them by the sequence number of their head message (`mark_head`:
+each head gets an entry when it becomes the head), so a group receive takes the oldest
+in O(log n) (`group_select`; `heaped` keeps each port to one entry for its current
+head, so an entry whose head has moved on is dropped when met, or refreshed if the
+port has none; the heap is rebuilt from `ready` when stale entries outnumber the
+live).
 
 Limits (kernel resources one task can make the kernel hold):
 - names: a space holds at most `names_max` names (the kernel's `port_names_max`, None
@@ -24,6 +30,8 @@ Limits (kernel resources one task can make the kernel hold):
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -46,6 +54,9 @@ def check_port_names_max(value: object) -> int:
         raise MachError("KERN_INVALID_ARGUMENT", f"port_names_max must be an int >= 16, "
                         f"not {value!r}")
     return value
+
+
+_ENTRIES = itertools.count()  # tie-breaks of ready_heap entries (never equal)
 
 
 @dataclass
@@ -81,6 +92,9 @@ class IpcSpace:
         self.names_max: int | None = task.kernel.port_names_max  # None: no limit
         self.ool_queued = 0  # bytes of out-of-line memory this task has queued
         self.ready: dict[Port, None] = {}  # default-group ports that may hold messages
+        self.ready_heap: list[tuple[int, int, Port]] = []  # (head seqno, a unique
+        # tie-break, port); a port's stale entries stay until met
+        self.heaped: dict[Port, int] = {}  # port -> the seqno of its newest heap entry
 
     def check_room(self, new_names: int, code: str, note: str = "") -> None:
         """Raise `code` (its detail ending with `note`) unless `new_names` more names fit
@@ -166,6 +180,49 @@ class IpcSpace:
         entry = self.names.get(name)
         if entry is not None and not (entry.send or entry.receive or entry.owner):
             self.remove(name)
+
+    def mark_ready(self, port: Port) -> None:
+        """The enabled port `port` of this task may hold messages (kernel lock held)."""
+        self.ready[port] = None
+        self.mark_head(port)
+
+    def mark_head(self, port: Port) -> None:
+        """`port`'s head message is new (or its sequence number changed): ordered by it
+        for the group receive, if the port is in the group's ready set."""
+        if not port.queue or port not in self.ready:
+            return
+        seqno = port.queue[0].seqno
+        if self.heaped.get(port) == seqno:  # (its entry is in the heap)
+            return
+        self.heaped[port] = seqno
+        heap = self.ready_heap
+        heapq.heappush(heap, (seqno, next(_ENTRIES), port))
+        if len(heap) > 4 * len(self.ready) + 64:  # mostly stale: rebuild
+            live = [p for p in self.ready if p.queue]
+            self.ready_heap = [(p.queue[0].seqno, next(_ENTRIES), p) for p in live]
+            heapq.heapify(self.ready_heap)
+            self.heaped = {p: p.queue[0].seqno for p in live}
+
+    def group_select(self) -> Port | None:
+        """The port of the default group whose head message is oldest, or None: the
+        heap's first live entry (see module docstring)."""
+        heap, ready, task, heaped = self.ready_heap, self.ready, self.task, self.heaped
+        while heap:
+            seqno, _, port = heap[0]
+            live = port in ready and port.queue and port.enabled and port.receiver is task
+            head = port.queue[0].seqno if live else None
+            if head == seqno:
+                return port
+            if head is not None and heaped.get(port) != head:  # (head moved on: the
+                heapq.heapreplace(heap, (head, next(_ENTRIES), port))  # entry follows)
+                heaped[port] = head
+                continue
+            heapq.heappop(heap)  # (stale: the port has its entry, or is not ready)
+            if heaped.get(port) == seqno:
+                del heaped[port]
+            if not live and port in ready:
+                del ready[port]
+        return None
 
     def ready_ports(self) -> list[Port]:
         """The ports of this task's default group (enabled ports it receives on) whose
