@@ -257,6 +257,7 @@ from pymach.net.packets import (
     page_head,
 )
 from pymach.net.pending import PendingCalls
+from pymach.net.routes import Indexed
 from pymach.net.transport import NetTransport
 from pymach.net.window import ProxyWindows, RelayAcks
 
@@ -297,8 +298,9 @@ class NetMsgServer:
         self.host = transport.host
         self.exported: dict[int, bytes] = {}  # our name for a local port -> network id
         self.by_id: dict[bytes, int] = {}  # network id -> our name for the local port
-        self.proxies: dict[Ref, int] = {}  # remote port (route or alias) -> our proxy
-        self.proxy_ref: dict[int, Ref] = {}  # proxy name -> its route
+        self.proxies: Indexed[Ref, int] = Indexed()  # remote port (route or alias) -> our
+        # proxy (both indexed the other way too: net/routes.py)
+        self.proxy_ref: Indexed[int, Ref] = Indexed()  # proxy name -> its route
         self.alias: dict[int, bytes] = {}  # a port that moved away -> its id here (lock)
         self.forward: OrderedDict[bytes, Ref] = OrderedDict()  # moved away: old id -> route
         self.flushes: dict[bytes, Flush] = {}  # nonce -> a FLUSH of ours in flight
@@ -1231,7 +1233,7 @@ class NetMsgServer:
 
     def _unproxy(self, name: int) -> Ref:
         """Our proxy `name` stops being one (held: its senders wait); its route."""
-        for ref in [r for r, n in self.proxies.items() if n == name]:
+        for ref in self.proxies.keys_of(name):
             del self.proxies[ref]
         nonce = self.held.pop(name, None)
         if nonce is not None and nonce in self.flushes:
@@ -1241,15 +1243,15 @@ class NetMsgServer:
         self._window_restart(name)
         mach.port_disable(mach.task_self(), name)
         self._mark(name, None)
-        return self.proxy_ref.pop(name)
+        return self.proxy_ref.remove(name)
 
     # -- flushing a path (per-sender order across a move) -------------------------------
     def _hold_route(self, route: Ref) -> None:
         """The port at `route` moved on: hold our proxies routed there and flush it (not
         one whose forwarding thread is still at work: a FLUSH must follow what it sends;
         the next MOVED for it will do)."""
-        names = [n for n, r in self.proxy_ref.items()
-                 if r == route and n not in self.held and n not in self._in_flight]
+        names = [n for n in self.proxy_ref.keys_of(route)
+                 if n not in self.held and n not in self._in_flight]
         if names:
             self._start_flush(route, names)
 
@@ -1340,7 +1342,7 @@ class NetMsgServer:
         """Host `source` says its port `net_id` died: proxies routed there die, ports
         coming back along that path stop waiting, forwarding entries to it die too."""
         dead = (source, net_id)
-        for name in [n for n, r in self.proxy_ref.items() if r == dead]:
+        for name in self.proxy_ref.keys_of(dead):
             self._kill_proxy(name)
         for nonce in [k for k, f in self.flushes.items() if f.route == dead]:
             self._flush_done(nonce, dead)
@@ -1368,9 +1370,9 @@ class NetMsgServer:
     def _forget(self, name: int) -> None:
         self.choked.discard(name)
         self._window_restart(name)
-        for ref in [r for r, n in self.proxies.items() if n == name]:
+        for ref in self.proxies.keys_of(name):
             del self.proxies[ref]
-        self.proxy_ref.pop(name, None)
+        self.proxy_ref.discard(name)
         self.mapped.discard(name)
         with self.lock:
             self.alias.pop(name, None)
@@ -1402,7 +1404,7 @@ class NetMsgServer:
             told.discard(host)
         for owed, ask, count in self.relay_acks.host_gone(host):
             self._send(owed, AckPacket(ask, count))
-        for name in [n for n, r in self.proxy_ref.items() if r[0] == host]:
+        for name in self.proxy_ref.keys_where(lambda route: route[0] == host):
             self._kill_proxy(name)
         for nonce in [k for k, f in self.flushes.items() if f.route[0] == host]:
             self._flush_done(nonce, self.flushes[nonce].route)
@@ -1453,7 +1455,7 @@ class NetMsgServer:
         """The port at `route` is full: our proxies for it take its backlog and are held
         (not received from), so local senders wait, or time out, as for the port."""
         me = mach.task_self()
-        for name in [n for n, r in self.proxy_ref.items() if r == route]:
+        for name in self.proxy_ref.keys_of(route):
             mach.port_set_backlog(me, name, backlog)
             if name not in self.held and name not in self.windowed:
                 mach.port_disable(me, name)
