@@ -59,11 +59,22 @@ def test_a_relay_passes_asks_on_and_answers_only_the_host_it_asked() -> None:
 
 
 def test_a_relay_with_too_many_open_asks_answers_new_ones_itself() -> None:
-    relays = w.RelayAcks()
-    for n in range(w.MAX_RELAY_ACKS):
-        assert relays.pass_on("B", n.to_bytes(16, "big"), 1, "A") is not None
-    assert relays.pass_on("B", b"x" * 16, 1, "A") is None
+    """A host that asks (or is asked) and never answers uses up only its own share
+    (a review's finding: one host could fill the whole table, and every host's asks
+    through the relay were answered at once after that)."""
+    relays, share = w.RelayAcks(), w.MAX_RELAY_ACKS_PER_HOST
+    mine = [relays.pass_on("B", n.to_bytes(16, "big"), 1, "A") for n in range(share)]
+    assert None not in mine
+    assert relays.pass_on("B", b"x" * 16, 1, "C") is None  # from B: B's share is used
+    assert relays.pass_on("C", b"x" * 16, 1, "A") is None  # to A: A's share is used
+    assert relays.pass_on("C", b"x" * 16, 1, "D") is not None  # others go on
+    assert relays.answered("A", mine[0] or b"") == ("B", (0).to_bytes(16, "big"), 1)
+    assert relays.pass_on("B", b"y" * 16, 1, "D") is not None  # (room again)
+    for n, host in enumerate("EFGHIJ"):
+        for k in range(share):
+            relays.pass_on(host, (n * share + k).to_bytes(16, "big"), 1, host.lower())
     assert len(relays) == w.MAX_RELAY_ACKS
+    assert relays.pass_on("K", b"z" * 16, 1, "k") is None  # the whole table
 
 
 # -- across hosts -----------------------------------------------------------------------

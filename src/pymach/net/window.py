@@ -26,7 +26,7 @@ and each names one proxy's current window. State is the netmsgserver's, under it
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 
 from pymach.net.packets import new_net_id
@@ -34,6 +34,7 @@ from pymach.net.packets import new_net_id
 WINDOW = 64  # messages a proxy may have on their way (the most a port gets beyond CHOKE)
 ASK_EVERY = WINDOW // 4  # one ACK for this many messages: a quarter of the window
 MAX_RELAY_ACKS = 4096  # asks passed on and not yet answered (then the relay answers)
+MAX_RELAY_ACKS_PER_HOST = 1024  # of those, from one host or to one host
 
 
 @dataclass
@@ -89,27 +90,36 @@ class ProxyWindows:
 
 class RelayAcks:
     """ACKs a relaying host owes: its token for a relayed ask -> (the host that asked,
-    its token, the count, the host the packet went on to). Bounded: when MAX_RELAY_ACKS
-    asks are open, the relay answers a new one itself at once (`pass_on` returns None).
-    The netmsgserver loop's own state."""
+    its token, the count, the host the packet went on to). Bounded: at most
+    MAX_RELAY_ACKS_PER_HOST asks open from one host or to one host, and MAX_RELAY_ACKS
+    in all; past a bound the relay answers a new ask itself at once (`pass_on` returns
+    None), so a host that asks and never answers uses up only its own share (the window
+    is then off for its own traffic through this relay). The netmsgserver loop's own
+    state."""
 
     def __init__(self) -> None:
-        self._open: OrderedDict[bytes, tuple[str, bytes, int, str]] = OrderedDict()
+        self._open: dict[bytes, tuple[str, bytes, int, str]] = {}
+        self._per_host: Counter[tuple[str, str]] = Counter()  # ("from"|"to", host) -> open
 
     def __len__(self) -> int:
         return len(self._open)
 
     def pass_on(self, source: str, token: bytes, count: int, dest: str) -> bytes | None:
         """The token to ask `dest` with for `source`'s ask `token` (None: answer it now)."""
-        if len(self._open) >= MAX_RELAY_ACKS:
+        per_host = self._per_host
+        if len(self._open) >= MAX_RELAY_ACKS or per_host["from", source] >= \
+                MAX_RELAY_ACKS_PER_HOST or per_host["to", dest] >= MAX_RELAY_ACKS_PER_HOST:
             return None
         mine = new_net_id()
         self._open[mine] = (source, token, count, dest)
+        per_host["from", source] += 1
+        per_host["to", dest] += 1
         return mine
 
     def cancel(self, mine: bytes) -> None:
         """The packet that asked `mine` could not be passed on: no ACK will come."""
-        self._open.pop(mine, None)
+        if mine in self._open:
+            self._close(mine)
 
     def answered(self, source: str, token: bytes) -> tuple[str, bytes, int] | None:
         """`source` answered our ask `token`: (the host to answer, its token, the count),
@@ -117,7 +127,7 @@ class RelayAcks:
         entry = self._open.get(token)
         if entry is None or entry[3] != source:
             return None
-        del self._open[token]
+        self._close(token)
         return entry[:3]
 
     def host_gone(self, host: str) -> list[tuple[str, bytes, int]]:
@@ -126,5 +136,12 @@ class RelayAcks:
         with the host; the proxies that sent them find out from their own route)."""
         owed = [(s, t, c) for s, t, c, d in self._open.values() if d == host and s != host]
         for mine in [k for k, (s, _, _, d) in self._open.items() if host in (s, d)]:
-            del self._open[mine]
+            self._close(mine)
         return owed
+
+    def _close(self, mine: bytes) -> None:
+        source, _, _, dest = self._open.pop(mine)
+        for key in (("from", source), ("to", dest)):
+            self._per_host[key] -= 1
+            if not self._per_host[key]:
+                del self._per_host[key]
