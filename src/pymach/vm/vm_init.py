@@ -58,6 +58,8 @@ class VmSystem:
         self.fault_policy = FaultPolicy()  # the host's pager timeout (set by boot)
         self.pageout_deadline_ms = 1000.0  # a manager must release paged-out data by then
         self.holdings: dict[VmObject, float] = {}  # external pageouts in flight -> deadline
+        self.holding_deadlines: list[tuple[float, int, VmObject]] = []  # a heap of
+        # (deadline, serial, holding); an entry that no longer matches `holdings` is stale
         self.manager_page_limit = max(MIN_MANAGER_PAGES, nframes // 2)  # pages per manager
         self.cache_limit = 64  # unreferenced objects kept for their managers (section 9)
         self.resident.on_free = self._frame_freed

@@ -23,8 +23,11 @@ to its manager: it moves into an internal store object that the default pager ba
 
 Data written back to an external manager must be released by `pageout_deadline_ms`;
 the daemon sleeps until the earliest such deadline even when memory is not short, and
-is woken when a new pageout sets an earlier one. It wakes no frame waiter itself (each
-freed frame does), so in deterministic mode virtual time can reach the deadline.
+is woken when a new pageout sets an earlier one. The deadlines are a heap
+(`holding_deadlines`, entries checked against `holdings` and dropped when stale), so
+neither finding the earliest nor a new pageout walks the held write-backs. It wakes
+no frame waiter itself (each freed frame does), so in deterministic mode virtual time
+can reach the deadline.
 
 The daemon and the default pager are vm-privileged: they may take the reserved frames,
 so pageout itself never waits for memory (6.2.3). If scans in a row find nothing they
@@ -35,6 +38,7 @@ of hanging. No data is lost then; freeing memory makes everything reachable agai
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 from pymach.include.message import Code
@@ -72,7 +76,22 @@ def vm_pageout_daemon(vm: VmSystem) -> None:
 
 
 def _next_deadline(vm: VmSystem) -> float | None:
-    return min(vm.holdings.values()) if vm.holdings else None
+    """The earliest deadline of a held write-back (None: none is held); the heap's
+    stale entries on top are dropped on the way."""
+    heap, holdings = vm.holding_deadlines, vm.holdings
+    while heap and holdings.get(heap[0][2]) != heap[0][0]:
+        heapq.heappop(heap)
+    return heap[0][0] if heap else None
+
+
+def _set_deadline(vm: VmSystem, holding: VmObject, deadline: float) -> None:
+    """`holding` must be released by `deadline` (its older entry, if any, goes stale)."""
+    vm.holdings[holding] = deadline
+    heap = vm.holding_deadlines
+    heapq.heappush(heap, (deadline, holding.serial, holding))
+    if len(heap) > 2 * len(vm.holdings) + 64:  # mostly stale (released): rebuild
+        vm.holding_deadlines = [(d, h.serial, h) for h, d in vm.holdings.items()]
+        heapq.heapify(vm.holding_deadlines)
 
 
 def _expired(vm: VmSystem) -> bool:
@@ -87,13 +106,12 @@ def vm_pageout_expired_holdings(vm: VmSystem) -> None:
     busy, not errant (its messages wait in its queue behind that data): its deadline
     moves on by one period instead."""
     now, period = vm.kernel.sched.now(), vm.pageout_deadline_ms
-    for holding, deadline in list(vm.holdings.items()):
-        if deadline > now:
-            continue
+    while (deadline := _next_deadline(vm)) is not None and deadline <= now:
+        holding = heapq.heappop(vm.holding_deadlines)[2]
         owner = holding.holding_for[0] if holding.holding_for is not None else None
         if owner is not None and owner.released_at is not None \
                 and now - owner.released_at < period:
-            vm.holdings[holding] = now + period
+            _set_deadline(vm, holding, now + period)
             continue
         del vm.holdings[holding]
         for page in list(holding.memq.values()):
@@ -318,10 +336,10 @@ def vm_pageout_hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) ->
         if obj.internal:
             obj.existence.add(at)
     if not obj.internal:  # an external manager must let go of it in time
-        deadline = vm.kernel.sched.now() + vm.pageout_deadline_ms
-        if not vm.holdings or deadline < min(vm.holdings.values()):
+        deadline, earliest = vm.kernel.sched.now() + vm.pageout_deadline_ms, _next_deadline(vm)
+        if earliest is None or deadline < earliest:
             vm.kernel.sched.thread_wakeup(vm.pageout_waitq)  # the daemon must wait for it
-        vm.holdings[holding] = deadline
+        _set_deadline(vm, holding, deadline)
     vm.pageouts_in_flight += 1
 
 
