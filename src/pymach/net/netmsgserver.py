@@ -302,7 +302,8 @@ class NetMsgServer:
         # proxy (both indexed the other way too: net/routes.py)
         self.proxy_ref: Indexed[int, Ref] = Indexed()  # proxy name -> its route
         self.alias: dict[int, bytes] = {}  # a port that moved away -> its id here (lock)
-        self.forward: OrderedDict[bytes, Ref] = OrderedDict()  # moved away: old id -> route
+        self.forward: Indexed[bytes, Ref] = Indexed()  # moved away: old id -> route
+        # (oldest first; indexed by route too)
         self.flushes: dict[bytes, Flush] = {}  # nonce -> a FLUSH of ours in flight
         self.held: dict[int, bytes] = {}  # proxy held for a flush -> the flush's nonce
         self.pending: dict[bytes, list[MsgPacket]] = {}  # id coming back -> held packets
@@ -311,8 +312,10 @@ class NetMsgServer:
         self.remote_owner: dict[bytes, tuple[str, bytes]] = {}  # id -> (owner host, token)
         self.owner_token: dict[int, bytes] = {}  # proxy a task here owns -> its token
         self.owner_moved: OrderedDict[bytes, str] = OrderedDict()  # token -> host it went to
-        self.names: dict[str, Ref] = {}  # this host's replica of the netname registry
-        self.own_names: dict[str, Ref] = {}  # names checked in here (told to newcomers)
+        self.names: Indexed[str, Ref] = Indexed()  # this host's replica of the netname
+        # registry (indexed by port too, as is the next)
+        self.own_names: Indexed[str, Ref] = Indexed()  # names checked in here (told to
+        # newcomers)
         self.peers: set[str] = set()  # hosts the transport reported up
         self.service = self.wire = self.notify = self.done = 0
         self._in_flight: dict[int, list[Message]] = {}  # proxy -> messages waiting for
@@ -812,15 +815,16 @@ class NetMsgServer:
 
     def _add_forward(self, old_id: bytes, route: Ref) -> None:
         with self.lock:
+            self.forward.discard(old_id)  # (to the end: the newest)
             self.forward[old_id] = route
-            self.forward.move_to_end(old_id)
             while len(self.forward) > MAX_FORWARDS:
-                self.forward.popitem(last=False)
+                del self.forward[next(iter(self.forward))]
 
-    def _drop_forwards(self, match: Callable[[Ref], bool]) -> None:
-        """Forwarding entries whose route `match`es die: their ids are dead too."""
+    def _drop_forwards(self, routes: Callable[[Indexed[bytes, Ref]], list[bytes]]) -> None:
+        """The forwarding entries `routes` picks from the table die: their ids are dead
+        too."""
         with self.lock:
-            dead = [k for k, r in self.forward.items() if match(r)]
+            dead = routes(self.forward)
             for old in dead:
                 del self.forward[old]
         for old in dead:
@@ -879,15 +883,15 @@ class NetMsgServer:
 
     def _name_packet(self, source: str, packet: NamePacket | UnnamePacket) -> None:
         if isinstance(packet, UnnamePacket):
-            self.names.pop(packet.name, None)
-            self.own_names.pop(packet.name, None)
+            self.names.discard(packet.name)
+            self.own_names.discard(packet.name)
             return
         if packet.name not in self.names and len(self.names) >= MAX_NAMES:
             log.warning("netmsgserver %s: refused name %r from %r: the registry holds "
                         "%d names", self.host, packet.name[:64], source, MAX_NAMES)
             return
         self.names[packet.name] = packet.ref
-        self.own_names.pop(packet.name, None)  # the later check-in elsewhere wins
+        self.own_names.discard(packet.name)  # the later check-in elsewhere wins
 
     def _deliver(self, source: str, packet: MsgPacket) -> bool:
         """A message for one of our ports: deliver, hold (its port is coming back),
@@ -1346,8 +1350,8 @@ class NetMsgServer:
             self._kill_proxy(name)
         for nonce in [k for k, f in self.flushes.items() if f.route == dead]:
             self._flush_done(nonce, dead)
-        self._drop_forwards(lambda route: route == dead)
-        self._drop_names(lambda ref: ref == dead)
+        self._drop_forwards(lambda table: table.keys_of(dead))
+        self._drop_names(lambda table: table.keys_of(dead))
 
     def _kill_proxy(self, name: int) -> None:
         """A proxy whose port died: requests still queued on it fail, and it dies."""
@@ -1381,10 +1385,11 @@ class NetMsgServer:
         if nonce is not None and nonce in self.flushes:
             self.flushes[nonce].names.remove(name)
 
-    def _drop_names(self, match: Callable[[Ref], bool]) -> None:
-        """Forget every registration whose port `match`es (it died or is unreachable)."""
+    def _drop_names(self, names: Callable[[Indexed[str, Ref]], list[str]]) -> None:
+        """Forget the registrations `names` picks from each table (their port died or is
+        unreachable)."""
         for table in (self.names, self.own_names):
-            for name in [n for n, ref in table.items() if match(ref)]:
+            for name in names(table):
                 del table[name]
 
     def host_up(self, host: str) -> None:
@@ -1408,13 +1413,13 @@ class NetMsgServer:
             self._kill_proxy(name)
         for nonce in [k for k, f in self.flushes.items() if f.route[0] == host]:
             self._flush_done(nonce, self.flushes[nonce].route)
-        self._drop_forwards(lambda route: route[0] == host)
+        self._drop_forwards(lambda table: table.keys_where(lambda route: route[0] == host))
         for net_id in [k for k, o in self.remote_owner.items() if o[0] == host]:
             del self.remote_owner[net_id]
             portops.give_up(self.by_id[net_id], "ownership")
         for mo in self.cor.host_gone(host):
             portops.destroy(mo)
-        self._drop_names(lambda ref: ref[0] == host)
+        self._drop_names(lambda table: table.keys_where(lambda ref: ref[0] == host))
         self._fail_open_calls(host)
 
     def _fail_open_calls(self, host: str) -> None:
@@ -1530,9 +1535,10 @@ class NetMsgServer:
         return 0
 
     def netname_check_out(self, _server: int, name: str) -> None:
-        if self.names.pop(name, None) is None:
+        if name not in self.names:
             raise MachError("KERN_INVALID_NAME", f"no port is checked in as {name!r}")
-        self.own_names.pop(name, None)
+        self.names.discard(name)
+        self.own_names.discard(name)
         self._broadcast(UnnamePacket(name))
 
 
