@@ -766,6 +766,18 @@ class VmModel(RuleBasedStateMachine):
         self.last_stats = s
 
     @invariant()
+    def busy_pages_counted(self) -> None:
+        """Each object's count of busy pages (has_busy_pages, which vm_object_collapse
+        asks of both objects at every collapse) is its tabled pages that are busy."""
+        if not hasattr(self, "kernel"):
+            return
+        with self.kernel.sched.lock:
+            objects = {id(p.object): p.object for p in self.kernel.vm.resident.pages
+                       if p is not None and p.object is not None}
+            for obj in objects.values():
+                assert obj.busy_pages == sum(p.busy for p in obj.memq.values()), obj
+
+    @invariant()
     def contents_match_model(self) -> None:
         self.steps += 1
         if self.steps % FULL_CHECK_EVERY == 0:

@@ -93,6 +93,8 @@ def frames_add_up(k: Kernel) -> None:
     assert res.free_count() + len(res.active) + len(res.inactive) + res.wired_count() == FRAMES
     assert res.tabled == sum(len(o.memq) for o in objects_of(res))
     assert len(set(res.free)) == res.free_count()  # no frame freed twice
+    for obj in objects_of(res):  # (has_busy_pages reads the count)
+        assert obj.busy_pages == sum(p.busy for p in obj.memq.values()), obj
 
 
 def objects_of(res: Any) -> set[VmObject]:
@@ -142,6 +144,31 @@ def test_page_remove_keeps_busy_pages_and_punches_around_them(vmk: Kernel,
         assert punches == [(PS, 2 * PS), (5 * PS, 3 * PS)]
     for off in obj.memq:
         assert vmk.vm.phys.phys_read(obj.memq[off].frame) == page_bytes(obj, off)
+    frames_add_up(vmk)
+
+
+def test_an_object_counts_its_busy_pages_as_they_come_and_go(vmk: Kernel) -> None:
+    """has_busy_pages reads a count (vm_object_collapse asks it of both objects each
+    time: with 10,000 pages resident, a one-page out-of-line send from a copy-on-write
+    region walked them, 590 against 74 us), kept as pages turn busy, are freed while
+    busy, move to another object and come back off the free queue."""
+    res = vmk.vm.resident
+    obj, other = resident(vmk, 6), resident(vmk, 1, 8 * PS)
+    assert not obj.has_busy_pages()
+    for off in (PS, 2 * PS, 3 * PS):
+        obj.memq[off].busy = True
+    obj.memq[PS].busy = True  # (again: counted once)
+    assert obj.busy_pages == 3 and obj.has_busy_pages()
+    res.vm_page_free(obj.memq[PS])  # freed while busy
+    res.vm_pages_free(obj, [obj.memq[2 * PS]], [(2 * PS, 3 * PS)])
+    assert obj.busy_pages == 1
+    res.vm_page_rename(obj.memq[3 * PS], other, 5 * PS)  # moves with its count
+    assert (obj.busy_pages, other.busy_pages) == (0, 1) and not obj.has_busy_pages()
+    other.memq[5 * PS].busy = False
+    assert other.busy_pages == 0
+    frames_add_up(vmk)
+    again = resident(vmk, 4)  # frames off the free queue, reset: none is busy
+    assert again.busy_pages == 0
     frames_add_up(vmk)
 
 

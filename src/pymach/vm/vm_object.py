@@ -29,6 +29,7 @@ All fields are guarded by the kernel lock.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 from pymach.include.vm_param import VM_PROT_WRITE
@@ -52,6 +53,7 @@ class VmObject:
         self.ref_count = 1
         self.memq: dict[int, VmPage] = {}  # offset -> resident page (this object's part
         # of the virtual-to-physical table, vm_page.py)
+        self.busy_pages = 0  # of memq's pages, how many are busy (VmPage.busy keeps it)
         self.shadow: VmObject | None = None  # a counted reference
         self.shadow_offset = 0
         self.copy: VmObject | None = None  # newest copy object; not a counted reference
@@ -126,7 +128,7 @@ class VmObject:
 
     def has_busy_pages(self) -> bool:
         """True while any resident page is in transit."""
-        return any(p.busy for p in self.memq.values())
+        return self.busy_pages > 0
 
     def shadow_depth(self) -> int:
         """The number of objects below this one in its shadow chain."""
@@ -347,8 +349,8 @@ def _shadows_everything(obj: VmObject, backing: VmObject) -> bool:
     """True if `obj` has its own copy of every page `backing` could show it; offsets
     where `backing` has nothing look through it to its shadow either way."""
     delta = obj.shadow_offset
-    for boff in list(backing.memq) + sorted(backing.existence):
-        off = boff - delta
+    for boff in itertools.chain(backing.memq, backing.existence):  # (no copy, no order:
+        off = boff - delta  # the first page obj lacks decides)
         if 0 <= off < obj.size and off not in obj.memq and off not in obj.existence:
             return False
     return True

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 class VmPage:
     """One resident page (see module docstring). Fields guarded by the kernel lock."""
 
-    __slots__ = ("absent", "busy", "dirty", "error", "frame", "fresh", "object", "offset",
+    __slots__ = ("_busy", "absent", "dirty", "error", "frame", "fresh", "object", "offset",
                  "page_lock", "precious", "queue", "substitute", "unlock_request",
                  "wire_count")
 
@@ -62,7 +62,7 @@ class VmPage:
         self.frame = frame  # immutable: the physical frame this structure describes
         self.object: VmObject | None = None
         self.offset = 0
-        self.busy = False  # data in transit (pagein, copy); others wait
+        self._busy = False  # data in transit (pagein, copy); others wait (`busy`)
         self.absent = False  # busy, and waiting for the data manager's data
         self.error = ""  # the data manager reported an error for this page
         self.dirty = False  # software modify bit (the pmap holds the hardware one)
@@ -75,6 +75,20 @@ class VmPage:
         self.unlock_request = VM_PROT_NONE  # access already asked for by pager_data_unlock
         self.wire_count = 0
         self.queue = ""  # "active", "inactive", "free" or "" (on none)
+
+    @property
+    def busy(self) -> bool:
+        """Data in transit (pagein, copy): others wait. Counted in its object's
+        `busy_pages` while it is tabled there."""
+        return self._busy
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        if value != self._busy:
+            obj = self.object
+            if obj is not None and obj.memq.get(self.offset) is self:
+                obj.busy_pages += 1 if value else -1
+            self._busy = value
 
     def __repr__(self) -> str:
         where = f"obj{self.object.serial}+{self.offset:#x}" if self.object else "free"
@@ -139,6 +153,7 @@ class VmResident:
         self._count(obj, 1)
         page.object, page.offset = obj, offset
         obj.memq[offset] = page
+        obj.busy_pages += page._busy
         self.tabled += 1
 
     def _untable(self, page: VmPage) -> None:
@@ -146,6 +161,7 @@ class VmResident:
         if obj is not None and page.offset in obj.memq:
             self._count(obj, -1)
             del obj.memq[page.offset]
+            obj.busy_pages -= page._busy
             self.tabled -= 1
         page.object = None
 
@@ -267,6 +283,7 @@ class VmResident:
             if not obj.internal:
                 obj.pages_left(pages)
             self._count(obj, -len(pages))
+            obj.busy_pages -= sum(page._busy for page in pages)
             memq = obj.memq
             if len(pages) == len(memq):  # all of them: the object's table empties at once
                 memq.clear()
