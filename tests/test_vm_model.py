@@ -766,9 +766,10 @@ class VmModel(RuleBasedStateMachine):
         self.last_stats = s
 
     @invariant()
-    def busy_pages_counted(self) -> None:
-        """Each object's count of busy pages (has_busy_pages, which vm_object_collapse
-        asks of both objects at every collapse) is its tabled pages that are busy."""
+    def indexes_match_walks(self) -> None:
+        """What the kernel keeps instead of walking equals the walk: each object's count
+        of busy pages (has_busy_pages, asked of both objects at every collapse), and each
+        task map's entries by sharing map (_pmap_ranges, unlink)."""
         if not hasattr(self, "kernel"):
             return
         with self.kernel.sched.lock:
@@ -776,6 +777,17 @@ class VmModel(RuleBasedStateMachine):
                        if p is not None and p.object is not None}
             for obj in objects.values():
                 assert obj.busy_pages == sum(p.busy for p in obj.memq.values()), obj
+            for task in self.kernel.tasks.values():
+                vmap = task.map
+                if vmap is None:
+                    continue
+                walked: dict[object, list[object]] = {}
+                for e in vmap.entries:
+                    if e.share_map is not None:
+                        walked.setdefault(e.share_map, []).append(e)
+                        assert vmap in e.share_map.sharers
+                assert {k: set(v) for k, v in vmap.shared.items()} == \
+                    {k: set(v) for k, v in walked.items()}
 
     @invariant()
     def contents_match_model(self) -> None:

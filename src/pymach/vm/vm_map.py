@@ -98,6 +98,8 @@ class VmMap:
         # find_space begins (Mach's first_free hint; kept by link and unlink)
         self.ref_count = 1
         self.sharers: set[VmMap] = set()  # sharing maps: task maps pointing here
+        self.shared: dict[VmMap, dict[VmMapEntry, None]] = {}  # task maps: sharing map ->
+        # this map's entries pointing there (kept by link, unlink and share_entry)
         self.around = 0  # pages the last read fault mapped around it (vm_fault.py)
         self.around_end = -1  # the address right after them
 
@@ -130,7 +132,7 @@ class VmMap:
         if entry.start <= self.first_free:
             self._advance_first_free(i)
         if entry.share_map is not None and not self.is_share_map:
-            entry.share_map.sharers.add(self)
+            self.share_entry(entry, entry.share_map)
         if self.pmap is not None and remap:
             self.pmap.pmap_map_entry(self, entry)
 
@@ -142,9 +144,19 @@ class VmMap:
         self.first_free = min(self.first_free, entry.start)
         if self.pmap is not None:
             self.pmap.pmap_unmap_range(entry.start, entry.end)
-        if entry.share_map is not None and not any(
-                e.share_map is entry.share_map for e in self.entries):
-            entry.share_map.sharers.discard(self)
+        smap = entry.share_map
+        if smap is not None and not self.is_share_map:
+            pointing = self.shared[smap]
+            del pointing[entry]
+            if not pointing:  # (this map's last entry there)
+                del self.shared[smap]
+                smap.sharers.discard(self)
+
+    def share_entry(self, entry: VmMapEntry, smap: VmMap) -> None:
+        """`entry`, linked in this task map, now points to the sharing map `smap`."""
+        entry.share_map = smap
+        self.shared.setdefault(smap, {})[entry] = None
+        smap.sharers.add(self)
 
     def _advance_first_free(self, i: int) -> None:
         """Move `first_free` past the entries from index `i` on that leave no hole."""
@@ -243,9 +255,7 @@ def _pmap_ranges(vmap: VmMap, start: int, end: int) -> list[tuple[Pmap, int, int
         return [(vmap.pmap, start, end)]
     out = []
     for task_map in vmap.sharers:
-        for e in task_map.entries:
-            if e.share_map is not vmap:
-                continue
+        for e in task_map.shared.get(vmap, ()):
             lo, hi = max(start, e.offset), min(end, e.offset + e.size)
             if lo < hi and task_map.pmap is not None:
                 out.append((task_map.pmap, e.start + lo - e.offset, e.start + hi - e.offset))

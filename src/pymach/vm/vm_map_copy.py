@@ -200,8 +200,8 @@ def _share(vm: VmSystem, tmap: VmMap, entry: VmMapEntry) -> VmMap:
     smap = vm_map_create(vm, None)
     vm_map_insert(smap, 0, entry.size, entry.object, entry.offset, protection=VM_PROT_ALL,
                   needs_copy=entry.needs_copy)  # the entry's object reference moves here
-    entry.object, entry.share_map, entry.offset, entry.needs_copy = None, smap, 0, False
-    smap.sharers.add(tmap)
+    entry.object, entry.offset, entry.needs_copy = None, 0, False
+    tmap.share_entry(entry, smap)
     return smap
 
 
