@@ -190,3 +190,33 @@ def test_a_group_receive_takes_the_oldest_head_through_random_steps(
         heap = space.ready_heap
         assert len(heap) <= 4 * max(len(space.ready), 1) + 65
         assert len({(s, port) for s, _, port in heap}) == len(heap)  # no entry twice
+        # (in these steps: a requeue that lowers a head can leave a second one)
+
+
+def test_the_group_forgets_ports_that_emptied_and_died(k: m.Kernel) -> None:
+    """Ports emptied by receives on themselves, then deallocated, do not stay in the
+    group's ready set once the heap is rebuilt (a review's finding: the rebuild kept
+    only ports with messages in the heap, and the rest stayed in `ready` for good)."""
+    me = m.task_self()
+    space = current_thread().task.space
+    q = m.port_allocate(me)
+    m.port_enable(me, q)
+    m.port_set_backlog(me, q, 16)
+    for _ in range(4):
+        ports = [m.port_allocate(me) for _ in range(200)]
+        for p in ports:
+            m.port_enable(me, p)
+            m.msg_send(Message(remote_port=p, id=1))
+            m.msg_receive(p, m.RCV_TIMEOUT, 0)  # emptied, still in the ready set
+        grew = len(space.ready_heap)
+        while len(space.ready_heap) >= grew:  # new heads of q until a rebuild
+            grew = max(grew, len(space.ready_heap))
+            for _ in range(2):
+                m.msg_send(Message(remote_port=q, id=2))
+            m.msg_receive(q, m.RCV_TIMEOUT, 0)
+            m.msg_receive(q, m.RCV_TIMEOUT, 0)
+        for p in ports:
+            m.port_deallocate(me, p)
+        m.msg_send(Message(remote_port=q, id=3))
+        assert m.msg_receive(0, m.RCV_TIMEOUT, 0).id == 3
+    assert len(space.ready) <= 1 and not any(p.dead for p in space.ready)

@@ -128,3 +128,4 @@ def space_destroy(space: IpcSpace) -> None:
     for name in sorted(space.names):
         if name in space.names:
             entry_deallocate(space, name)
+    space.clear_ready()

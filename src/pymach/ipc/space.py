@@ -15,8 +15,10 @@ group receive looks at the ports with messages, not at every name of the space.
 each head gets an entry when it becomes the head), so a group receive takes the oldest
 in O(log n) (`group_select`; `heaped` keeps each port to one entry for its current
 head, so an entry whose head has moved on is dropped when met, or refreshed if the
-port has none; the heap is rebuilt from `ready` when stale entries outnumber the
-live).
+port has none (a requeue that lowers a head and a receive that raises it again may
+leave a second entry for one head: dropped when met too); the heap is rebuilt from
+`ready`, and `ready` pruned, when stale entries outnumber the live). A dead space's
+tables are emptied (`clear_ready`).
 
 Limits (kernel resources one task can make the kernel hold):
 - names: a space holds at most `names_max` names (the kernel's `port_names_max`, None
@@ -197,11 +199,17 @@ class IpcSpace:
         self.heaped[port] = seqno
         heap = self.ready_heap
         heapq.heappush(heap, (seqno, next(_ENTRIES), port))
-        if len(heap) > 4 * len(self.ready) + 64:  # mostly stale: rebuild
-            live = [p for p in self.ready if p.queue]
+        if len(heap) > 4 * len(self.ready) + 64:  # mostly stale: rebuild (and prune
+            task = self.task  # `ready`: a port left out of the heap would stay in it)
+            live = [p for p in self.ready if p.queue and p.enabled and p.receiver is task]
+            self.ready = dict.fromkeys(live)
             self.ready_heap = [(p.queue[0].seqno, next(_ENTRIES), p) for p in live]
             heapq.heapify(self.ready_heap)
             self.heaped = {p: p.queue[0].seqno for p in live}
+
+    def clear_ready(self) -> None:
+        """The task died: forget the group's ports (kernel lock held)."""
+        self.ready, self.ready_heap, self.heaped = {}, [], {}
 
     def group_select(self) -> Port | None:
         """The port of the default group whose head message is oldest, or None: the
