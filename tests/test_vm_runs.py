@@ -169,6 +169,10 @@ def test_an_object_counts_its_busy_pages_as_they_come_and_go(vmk: Kernel) -> Non
     frames_add_up(vmk)
     again = resident(vmk, 4)  # frames off the free queue, reset: none is busy
     assert again.busy_pages == 0
+    single = resident(vmk, 1)  # its only page freed while busy: no page left to show it
+    single.memq[0].busy = True
+    res.vm_page_free(single.memq[0])
+    assert single.busy_pages == 0 and not single.has_busy_pages()
     frames_add_up(vmk)
 
 

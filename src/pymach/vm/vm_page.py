@@ -158,7 +158,7 @@ class VmResident:
 
     def _untable(self, page: VmPage) -> None:
         obj = page.object
-        if obj is not None and page.offset in obj.memq:
+        if obj is not None and obj.memq.get(page.offset) is page:
             self._count(obj, -1)
             del obj.memq[page.offset]
             obj.busy_pages -= page._busy

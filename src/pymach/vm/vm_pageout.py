@@ -104,7 +104,7 @@ def vm_pageout_expired_holdings(vm: VmSystem) -> None:
     default pager instead of pinning memory (6.2.2: errant data managers). A manager
     that let go of other data written back from the same object within the deadline is
     busy, not errant (its messages wait in its queue behind that data): its deadline
-    moves on by one period instead."""
+    moves on by one period instead. Expired ones are taken in (deadline, serial) order."""
     now, period = vm.kernel.sched.now(), vm.pageout_deadline_ms
     while (deadline := _next_deadline(vm)) is not None and deadline <= now:
         holding = heapq.heappop(vm.holding_deadlines)[2]
