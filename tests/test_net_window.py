@@ -17,6 +17,7 @@ import pytest
 import pymach as m
 from pymach.net import window as w
 from pymach.net.netname import netname_wait
+from pymach.net.packets import AckPacket
 from test_net_rights import (  # noqa: F401  (cluster: a fixture)
     WAIT_MS,
     _box,
@@ -212,3 +213,37 @@ def test_messages_queued_behind_a_forwarding_thread_keep_to_the_window() -> None
         log = receiver.wait(WAIT_MS)
         assert len(log) == N and in_order(log, 1, N)
         assert on_the_way <= w.WINDOW + 1
+
+
+def test_an_ack_from_another_host_opens_no_window() -> None:
+    """B's proxy for A's port is held at its window while A takes nothing; an ACK for
+    that window's token from C (which B never asked: even knowing the token) is
+    ignored, and B's proxy stays held until A's own ACKs come."""
+    with m.Network() as net:
+        a, b, c = net.host("A"), net.host("B"), net.host("C")
+        ready, go, resume = threading.Event(), threading.Event(), threading.Event()
+        receiver = a.start(_hold_then_take, ready, go, 200, name="receiver")
+        assert ready.wait(WAIT_MS / 1000)
+        wait_until(lambda: "p" in b.server.names, "B to know p")
+        taking = a.server.packet_in
+
+        def slow_take(host: str, data: bytes) -> None:
+            resume.wait(WAIT_MS / 1000)
+            taking(host, data)
+
+        a.server.packet_in = slow_take  # type: ignore[method-assign]
+        try:
+            sending = b.start(sender, "p", 0, 200, name="sender")
+            wait_until(lambda: b.server.windowed, "B's proxy held at its window")
+            with b.server.lock:
+                (proxy,) = b.server.windowed
+                token = b.server.windows._by_proxy[proxy].token
+            for _ in range(8):  # (as many as would open it many times over)
+                c.server._send("B", AckPacket(token, w.WINDOW))
+            time.sleep(0.2)
+            assert b.server.windowed == {proxy} and b.server.forwarded == w.WINDOW
+        finally:
+            resume.set()
+        go.set()
+        assert sending.wait(WAIT_MS) == 200
+        assert len(receiver.wait(WAIT_MS)) == 200
