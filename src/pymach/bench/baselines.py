@@ -291,7 +291,10 @@ class _ChannelSide:
 
     def send(self, msg_id: int) -> None:
         self.seq += 1
-        self.tx.send(direct.encode_packet(Message(id=msg_id), 1, self.seq), _SEND)
+        try:
+            self.tx.send(direct.encode_packet(Message(id=msg_id), 1, self.seq), _SEND)
+        except (BrokenPipeError, ConnectionResetError) as e:  # (it ended first)
+            raise EOFError("the other side of the channel floor ended") from e
 
     def take(self) -> Message:
         self.poller.poll()
