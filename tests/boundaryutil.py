@@ -445,8 +445,10 @@ def _valid_trap(rng: random.Random, welcome: list[Any]) -> tuple[int, list[Any]]
         big = rng.random() < 0.1  # past the bounds of a task's environment
         values = [rng.choice(["/", "/nonexistent"]) if not big else "x" * 5000,
                   ["/tmp", ""] if not big else ["y"] * 300, rng.choice(["", "/m.py"])]
-    elif op in (traps.MAPPED, traps.PAGER_WINDOW):
+    elif op == traps.MAPPED:
         values = [rng.choice([*INTERESTING, task_port, reply_port])]
+    elif op == traps.PAGER_WINDOW:
+        values = [rng.choice([*INTERESTING, task_port, reply_port]), rng.choice([0, 1])]
     else:
         values = []
     if rng.random() < 0.04:

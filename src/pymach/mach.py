@@ -321,6 +321,7 @@ pager_clean_request = pager_defs.stub("pager_clean_request")
 pager_cache = pager_defs.stub("pager_cache")
 pager_data_error = pager_defs.stub("pager_data_error")
 pager_data_provided_in_place = pager_defs.stub("pager_data_provided_in_place")
+pager_data_write_released = pager_defs.stub("pager_data_write_released")
 
 host_info = host_defs.stub("host_info")
 host_kernel_version = host_defs.stub("host_kernel_version")

@@ -86,11 +86,14 @@ class Memory(ABC):
         raise MachError("KERN_INVALID_ARGUMENT", "the embedded kernel's memory is reached "
                         "through the software MMU and has no buffer; native tasks have one")
 
-    def pager_window(self, request: int) -> PagerWindow | None:
+    def pager_window(self, request: int, writes_in_place: bool = False
+                     ) -> PagerWindow | None:
         """The window (PagerWindow) of the memory object whose pager request port this
         task names `request` (a send right: the object's manager); None where the
         kernel keeps the object's pages in no such place (the embedded kernel; in
-        machd, an object no task maps, or the kernel's own)."""
+        machd, an object no task maps, or the kernel's own). With `writes_in_place`
+        the manager also takes the write-backs of the object's termination through
+        the window (pager_data_write_in_place), not in pager_data_write."""
         return None
 
 
@@ -143,6 +146,26 @@ class PagerWindow:
             done = 0
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], at + done)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """The `size` bytes at memory-object offset `offset` (a range that `fits`): what
+        the kernel left there for pager_data_write_in_place. KERN_INVALID_ARGUMENT if
+        the range does not fit, or if the window is closed."""
+        if not self.fits(offset, size):
+            raise MachError("KERN_INVALID_ARGUMENT", f"{size:#x} bytes at {offset:#x} "
+                            f"are not whole pages of the window")
+        parts, done, at = [], 0, offset - self.base
+        with self.lock:
+            if self.fd < 0:
+                raise MachError("KERN_INVALID_ARGUMENT", "the window is closed")
+            while done < size:  # (hugetlbfs reads as any file does)
+                part = os.pread(self.fd, size - done, at + done)
+                if not part:  # past the memfd's end: never so short where the kernel
+                    raise MachError("KERN_INVALID_ARGUMENT", f"the window ends before "
+                                    f"{offset + done:#x}")  # left data
+                parts.append(part)
+                done += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
         """Give the descriptor back (idempotent; after a write under way)."""
@@ -259,10 +282,11 @@ class NativeAddressSpace(Memory):
         self._check(address, len(raw), VM_PROT_WRITE, fault_in=True)
         ctypes.memmove(address, raw, len(raw))
 
-    def pager_window(self, request: int) -> PagerWindow | None:
+    def pager_window(self, request: int, writes_in_place: bool = False
+                     ) -> PagerWindow | None:
         """See Memory.pager_window: machd hands over a descriptor of the object's memfd."""
         thread: Any = current_thread()  # a NativeThread
-        value, fds = thread.trap_fds(traps.PAGER_WINDOW, request)
+        value, fds = thread.trap_fds(traps.PAGER_WINDOW, request, int(writes_in_place))
         if not fds:
             return None
         key, base, size, huge, _ = value

@@ -234,6 +234,16 @@ memory_object_defs.routine(
                               ("new_name", PORT)],
     doc="Sent to the default pager: back a kernel-created object (receive rights to "
     "`new_memory_object` come with it).", simple=True)
+memory_object_defs.routine(
+    "pager_data_write_in_place", "memory_object",
+    [("pager_request_port", PORT), ("window", INT), ("offset", INT), ("data_count", INT)],
+    doc="pymach, native mode: as pager_data_write, for changed data the kernel leaves in "
+    "the object's window (whose key is `window`) at their offsets. Sent only to a "
+    "manager that asked for them (memory().pager_window(request, writes_in_place=True)) "
+    "and only as the object is terminated. The manager reads the range from its window "
+    "and then calls pager_data_write_released; only if that answers True were the bytes "
+    "it read the written-back data (else the kernel took them back, and they come again "
+    "in pager_data_write).", simple=True)
 
 # -- Table 3-6: data manager to kernel (on the pager request port) ------------------------
 pager_defs = Subsystem("pager", 2300)
@@ -275,6 +285,15 @@ pager_defs.routine("pager_data_provided_in_place", "pager_request_port",
                    "pages of the range it asked for (a page left unwritten reads as "
                    "zeros), asks again if pages of that range left the object meanwhile, "
                    "and fails the waiting faults if the window is not the object's.")
+pager_defs.routine("pager_data_write_released", "pager_request_port",
+                   [("window", INT), ("offset", INT), ("data_count", INT)],
+                   [("in_time", BOOL)],
+                   doc="pymach, native mode: the manager has read the range of a "
+                   "pager_data_write_in_place from its window; the kernel frees those "
+                   "pages. `in_time` is False if the kernel had already taken the data "
+                   "back (the manager kept them past the pageout deadline): what the "
+                   "manager read may not be the data, which come again in "
+                   "pager_data_write.")
 
 SUBSYSTEMS = (task_defs, port_defs, thread_defs, host_defs, vm_defs, memory_object_defs,
               pager_defs)

@@ -19,8 +19,9 @@ Traps (on a thread's connection, each answered by one REPLY):
   FAULT_IN       address, size, access        -> None
   STDIO          cwd, sys.path list, main     + 0 or 2 fds (stdout, stderr) -> None
   MAPPED         batch int                    -> None (machd has armed the batch's ranges)
-  PAGER_WINDOW   request port                 -> [key, paging offset, size, huge page, 1] + 1 fd:
-                 the object's window for its manager (read-write), or None if it has none
+  PAGER_WINDOW   request port, writes         -> [key, paging offset, size, huge page, 1] + 1 fd:
+                 the object's window for its manager (read-write), or None if it has none;
+                 `writes` 1: the manager takes write-backs in place (pager_data_write_in_place)
   EXIT           result (any wire value)      (no reply; the connection ends)
   CHANNEL_OPEN   port, reply port             -> [channel id, 2] + 2 fds: the sender's
                  end of a direct channel to the port, its shared page (include/direct.py)
@@ -89,7 +90,7 @@ SIGNATURES: dict[int, tuple[Any, ...]] = {
     FAULT_IN: (int, int, int),
     STDIO: (str, list, str),
     MAPPED: (int,),
-    PAGER_WINDOW: (int,),
+    PAGER_WINDOW: (int, int),
     EXIT: (_ANY,),
     DETACH: (),
     CHANNEL_OPEN: (int, int),

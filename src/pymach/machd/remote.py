@@ -338,9 +338,10 @@ def _pager_window(thread: Thread, args: list[Any]) -> Any:
     send right it holds: the object's manager), for pager_data_provided_in_place:
     [key, paging offset, object size, huge page size or 0, 1] and a read-write
     descriptor of the object's memfd (memory_object.object_window); None if it has
-    none."""
+    none. A true `args[1]` also says the manager takes write-backs at the object's
+    termination in place (pager_data_write_in_place)."""
     with thread.kernel.trap(thread):
-        name = args[0]
+        name, writes = args
         entry = thread.task.space.lookup(name)
         obj = entry.port.kobject
         if not entry.can_send or not isinstance(obj, VmObject) or \
@@ -354,6 +355,7 @@ def _pager_window(thread: Thread, args: list[Any]) -> Any:
                 from None
         if fd is None:
             return None
+        obj.writes_in_place = bool(writes)
         return WithFds([obj.serial, obj.paging_offset, obj.size, obj.vm.phys.huge, 1],
                        [fd])
 

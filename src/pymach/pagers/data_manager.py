@@ -22,6 +22,11 @@ thread of the manager's task:
   object's memory here and announced with pager_data_provided_in_place, so machd
   copies nothing
   (`_placed`; the window is asked for once per request port, closed when it dies).
+  The other way too (`writes_in_place`, on by default): an object's dirty pages at its
+  termination stay in its memory, and the kernel names them in
+  pager_data_write_in_place; the manager reads them from the window, releases them
+  (pager_data_write_released) and stores them as any write-back, through `write()`
+  or an overriding `pager_data_write`.
 - Or override the paper's handlers themselves: `pager_init`, `pager_data_request`,
   `pager_data_write`, `pager_data_unlock`, and `pager_terminate` (the kernel let go of
   the object: its request port died).
@@ -72,7 +77,8 @@ _DATA_WRITE = memory_object_defs.by_name["pager_data_write"]
 _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferred", "_lock",
                          "_started", "_busy", "_writes", "_writing", "_windows",
                          "window_bytes"})
-Write = tuple[int, int, OOL, int]  # memory object, offset, data, data_count
+Write = tuple[int, int, OOL | bytes, int]  # memory object, offset, data (out of line,
+# or read from the object's window), data_count
 WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
 OOL_MIN = 1 << 20  # provided data this large go out of line in a native task (provide)
 STAGING_PAGES = 16  # ... through the thread's staging region if so many pages hold them
@@ -86,6 +92,8 @@ class DataManager:
     threads: ClassVar[int] = 2
     window_min: ClassVar[int] = WINDOW_MIN  # read()'s data of whole pages this large go
     # through the object's window where it has one (0: never)
+    writes_in_place: ClassVar[bool] = True  # with a window, take the write-backs of the
+    # object's termination through it (pager_data_write_in_place)
     max_threads: ClassVar[int] = 16
     staging_pages: ClassVar[int] = STAGING_PAGES  # provide()'s, for read()'s data
     services: ClassVar[tuple[Subsystem, ...]] = ()
@@ -195,7 +203,7 @@ class DataManager:
             _refused(held, e)  # nothing was sent
         return mach.msg_receive()
 
-    def queue_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
+    def queue_write(self, mo: int, offset: int, data: OOL | bytes, data_count: int) -> None:
         """Store written-back data (see module docstring): this thread stores it, and
         whatever arrives meanwhile, unless another thread is at it. Unless a subclass
         overrides pager_data_write, the writes already queued are joined into runs."""
@@ -244,12 +252,11 @@ class DataManager:
     def _store_run(self, run: list[Write]) -> None:
         """Hand one run of written-back data to pager_data_write, then release it."""
         try:
-            raw = b"".join(memory().read(data.address, data.size)[:count] if data.size
-                           else b"" for _, _, data, count in run)
+            raw = b"".join(_written_bytes(data, count) for _, _, data, count in run)
             self.pager_data_write(run[0][0], run[0][1], raw)
         finally:  # released only now: until then the kernel still has the data
             for _, _, data, _ in run:
-                if data.size:
+                if isinstance(data, OOL) and data.size:
                     mach.vm_deallocate(mach.task_self(), data.address, data.size)
 
     def await_message(self, port: int, wanted: Any, timeout_ms: float = 30_000) -> Message:
@@ -350,7 +357,7 @@ class DataManager:
             if request in self._windows:
                 return self._windows[request]
         try:
-            window = memory().pager_window(request)
+            window = memory().pager_window(request, writes_in_place=self.writes_in_place)
         except MachError:  # (the port died meanwhile, say): the data go in the message
             window = None
         with self._lock:
@@ -363,6 +370,32 @@ class DataManager:
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """A kernel writes changed data back: store it with `write()`."""
         self.write(memory_object, offset, data)
+
+    def pager_data_write_in_place(self, memory_object: int, request: int, window: int,
+                                  offset: int, data_count: int) -> None:
+        """A kernel terminating the object left its changed data in the object's window
+        (whose key is `window`): read them, release them, and store them as a
+        pager_data_write's. A window this manager no longer has is not released: the
+        kernel takes the data back at the pageout deadline and sends them again."""
+        with self._lock:
+            held = self._windows.get(request)
+        if held is None or held.key != window:
+            log.warning("a write-back in place to window %d, which this manager does not "
+                        "hold: left to the kernel's deadline", window)
+            return
+        try:
+            data = held.read(offset, data_count)
+        except MachError as e:  # (closed meanwhile)
+            log.warning("a write-back in place could not be read (%s): left to the "
+                        "kernel's deadline", e)
+            return
+        try:
+            in_time = mach.pager_data_write_released(request, window, offset, data_count)
+        except MachError as e:  # (past the deadline the kernel let go of the object:
+            log.info("a write-back in place released too late: %s", e)  # the data come
+            return  # again in pager_data_write)
+        if in_time:  # (else the kernel took them back: they come in pager_data_write)
+            self.queue_write(memory_object, offset, data, data_count)
 
     def pager_data_unlock(self, memory_object: int, request: int, offset: int, length: int,
                           access: int) -> None:
@@ -379,6 +412,14 @@ class DataManager:
 
     def write(self, memory_object: int, offset: int, data: bytes) -> None:
         """Store changed bytes of the object."""
+
+
+def _written_bytes(data: OOL | bytes, count: int) -> bytes:
+    """The `count` bytes of a write-back: read from its out-of-line region, or as read
+    from the object's window."""
+    if isinstance(data, bytes):
+        return data[:count]
+    return memory().read(data.address, data.size)[:count] if data.size else b""
 
 
 def _data_provided(request: int, offset: int, data: Any, data_count: int,
@@ -518,6 +559,10 @@ class _Adapter:
 
     def pager_data_write(self, mo: int, offset: int, data: OOL, data_count: int) -> None:
         self.dm.queue_write(mo, offset, data, data_count)
+
+    def pager_data_write_in_place(self, mo: int, request: int, window: int, offset: int,
+                                  data_count: int) -> None:
+        self.dm.pager_data_write_in_place(mo, request, window, offset, data_count)
 
     def pager_data_unlock(self, mo: int, request: int, offset: int, length: int,
                           access: int) -> None:

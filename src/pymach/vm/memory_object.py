@@ -51,18 +51,22 @@ from pymach.vm.vm_map_copy import CopyEntry, VmMapCopy, vm_map_copy_discard
 from pymach.vm.vm_object import (
     VmObject,
     holding_offset,
+    runs_between,
     vm_object_allocate,
     vm_object_deallocate,
     vm_object_terminate,
+    vm_object_terminate_finish,
 )
 from pymach.vm.vm_pageout import (
     is_substitute,
     vm_pageout_free_clean,
     vm_pageout_hold,
+    vm_pageout_hold_in_place,
     vm_pageout_page,
     vm_pageout_plain,
     vm_pageout_possible,
     vm_pageout_reclaim,
+    vm_pageout_released_in_place,
 )
 
 if TYPE_CHECKING:
@@ -311,6 +315,9 @@ def pager_died(vm: VmSystem, port: Port) -> None:
         if obj in vm.cached:  # nobody maps it, and nobody can refill it
             object_cache_remove(obj, terminate=True)
             continue
+        if obj.in_place:  # terminating: no release will come
+            in_place_expired(obj)
+            continue
         reason = f"the data manager of object {obj.serial} died"
         for page in list(obj.memq.values()):
             if page.absent:
@@ -344,7 +351,8 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
     every page left at once: only the dirty pages are looked at one by one. A flush of
     an external object sends its adjacent dirty pages a run per message (_WriteRun)."""
     vm = obj.vm
-    run = _WriteRun(obj, privileged) if flush and not obj.internal else None
+    run = _WriteRun(obj, privileged, terminating and _takes_in_place(obj)) \
+        if flush and not obj.internal else None
     written = 0
     for off in sorted(o for o in obj.memq if start <= o < end):
         page = obj.memq[off]
@@ -369,6 +377,8 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
             vm.resident.vm_page_free(page)
     if run is not None:
         written += run.send()
+        if obj.in_place:  # the rest need not wait for the manager's release
+            _free_outside_in_place(obj)
     if flush and not obj.internal:  # pageouts on their way, this flush's included, are
         for off in [o for o in obj.pending if start <= o < end]:  # the manager's now: a
             obj.pending[off].refill = False  # later fault asks it (pager_data_error
@@ -387,8 +397,8 @@ class _WriteRun:
     message per page. A run its manager cannot take now goes page by page
     (_write_back), as before."""
 
-    def __init__(self, obj: VmObject, privileged: bool) -> None:
-        self.obj, self.privileged = obj, privileged
+    def __init__(self, obj: VmObject, privileged: bool, in_place: bool = False) -> None:
+        self.obj, self.privileged, self.in_place = obj, privileged, in_place
         self.pages: list[VmPage] = []
 
     def add(self, page: VmPage) -> int:
@@ -406,6 +416,8 @@ class _WriteRun:
         pages, self.pages = self.pages, []
         if not pages:
             return 0
+        if self.in_place and _write_in_place(pages):
+            return len(pages)
         if len(pages) > 1 and _pageout_run(pages):
             return len(pages)
         return sum(_write_back(page, True, self.privileged) for page in pages)
@@ -435,6 +447,86 @@ def _pageout_run(pages: list[VmPage]) -> bool:
     pager_data_write(obj, first, VmMapCopy(vm, [CopyEntry(holding, 0, size, False)], 0, size))
     vm.resident.stats.pageouts += len(pages)
     return True
+
+
+# -- write-backs in place (native mode) ---------------------------------------------------
+# As an external object is terminated, nothing maps it any more, so its dirty pages can
+# stay where they are, in the object's memory, for a manager that has the object's
+# window and asked for them so (writes_in_place): pager_data_write_in_place names the
+# range, the manager reads it from its window and releases it
+# (pager_data_write_released), and only then are those pages freed and the termination
+# finished (vm_object_terminate_finish): until then the object keeps its pages of the
+# runs (wired), its memory and its request port. Nothing is copied in machd, and no
+# holding object is made. By the pageout deadline (vm_pageout.py, shared by all of an
+# object's runs) a manager that has released none of them is errant: its runs are
+# taken back and go the way of any write-back (a holding object in pager_data_write,
+# then the default pager), and a late release learns it (`in_time` False).
+
+def _takes_in_place(obj: VmObject) -> bool:
+    """True if the dirty pages of terminating `obj` may go back in place."""
+    return (obj.writes_in_place and obj.windowed and obj.vm.phys.object_windows
+            and obj.pager_request is not None and vm_pageout_possible(obj))
+
+
+def _write_in_place(pages: list[VmPage]) -> bool:
+    """pager_data_write_in_place of a run of adjacent dirty pages of terminating `obj`
+    (see above): they stay, wired, until released. False if the manager cannot take
+    data now (nothing done)."""
+    obj = pages[0].object
+    assert obj is not None
+    if not vm_pageout_possible(obj):
+        return False
+    vm = obj.vm
+    first, end = pages[0].offset, pages[-1].offset + vm.page_size
+    for page in pages:
+        vm.resident.vm_page_wire(page)
+        page.dirty = False
+    obj.in_place[first] = end
+    vm_pageout_hold_in_place(vm, obj)
+    vm.resident.stats.pageouts += len(pages)
+    _send(obj, obj.pager, "pager_data_write_in_place",
+          [_send_right(obj.pager_request), Int(obj.serial), Int(first + obj.paging_offset),
+           Int(end - first)])
+    return True
+
+
+def _free_in_place(obj: VmObject, start: int, end: int) -> list[VmPage]:
+    """Forget run [start, end) written back in place; its pages, unwired."""
+    del obj.in_place[start]
+    vm = obj.vm
+    pages = [obj.memq[o] for o in range(start, end, vm.page_size) if o in obj.memq]
+    for page in pages:
+        vm.resident.vm_page_unwire(page)
+    vm_pageout_released_in_place(vm, obj)
+    return pages
+
+
+def in_place_expired(obj: VmObject) -> None:
+    """The deadline passed with runs of terminating `obj` still in place: each goes
+    back as any write-back does (its pages into a holding object sent in
+    pager_data_write; dropped if the manager is gone), and the termination finishes."""
+    vm = obj.vm
+    for start, end in sorted(obj.in_place.items()):
+        pages = _free_in_place(obj, start, end)
+        vm.kernel.trace_event(f"write-back in place expired: obj{obj.serial} "
+                              f"{start:#x}+{end - start:#x}")
+        if len(pages) > 1 and _pageout_run(pages):
+            continue
+        for page in pages:
+            _write_back(page, True, True)
+    if not obj.alive:
+        vm_object_terminate_finish(obj)
+
+
+def _free_outside_in_place(obj: VmObject) -> None:
+    """Free the pages of terminating `obj` that no run in place holds (now, not when
+    the last run is released)."""
+    vm, ps = obj.vm, obj.vm.page_size
+    held = sorted(o for start, end in obj.in_place.items() for o in range(start, end, ps))
+    kept = set(held)
+    pages = [page for off, page in obj.memq.items() if off not in kept]
+    end = max(obj.size, max(obj.memq) + ps) if obj.memq else obj.size
+    vm.resident.vm_pages_free(obj, pages, runs_between(0, end, held, ps))
 
 
 def _drop_store(obj: VmObject, off: int) -> None:
@@ -549,6 +641,27 @@ class PagerServer:
                 _drop_unplaced(obj, start, count)
         if settled and not obj.internal:  # never evict what the faults wait for
             _enforce_manager_limit(obj, keep=settled)
+
+    def pager_data_write_released(self, obj: VmObject, window: int, offset: int,
+                                  data_count: int) -> bool:
+        """The manager has read a run written back in place (pager_data_write_in_place):
+        its pages are freed, and the object's termination finished if it was the last.
+        False if the kernel no longer holds that run (taken back at the deadline: the
+        manager gets the data again in pager_data_write). KERN_INVALID_ARGUMENT for a
+        window that is not the object's."""
+        _trace_call(obj, "pager_data_write_released", offset, data_count)
+        start = check_int(offset, "offset") - obj.paging_offset
+        count = check_int(data_count, "data_count")
+        if check_int(window, "window") != obj.serial:
+            raise MachError("KERN_INVALID_ARGUMENT", f"window {window} is not object "
+                            f"{obj.serial}'s")
+        if obj.in_place.get(start) != start + count:
+            return False
+        pages = _free_in_place(obj, start, start + count)
+        obj.vm.resident.vm_pages_free(obj, pages, [(start, start + count)])
+        if not obj.in_place and not obj.alive:
+            vm_object_terminate_finish(obj)
+        return True
 
     def pager_data_unavailable(self, obj: VmObject, offset: int, size: int) -> None:
         _trace_call(obj, "pager_data_unavailable", offset, size)

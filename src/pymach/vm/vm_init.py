@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 from pymach.errors import MachError
 from pymach.kern.sched_prim import WaitQueue, thread_block
 from pymach.pmap import make_physical_memory
-from pymach.vm.memory_object import object_cache_enter, object_clean, pager_died
+from pymach.vm.memory_object import (
+    in_place_expired,
+    object_cache_enter,
+    object_clean,
+    pager_died,
+)
 from pymach.vm.vm_map import FaultPolicy
 from pymach.vm.vm_page import VmResident
 
@@ -159,3 +164,8 @@ class VmSystem:
     def clean_external_object(self, obj: VmObject) -> None:
         """Write an external object's dirty pages back to its manager before it goes."""
         object_clean(obj, 0, obj.size, flush=True, terminating=True)
+
+    def in_place_expired(self, obj: VmObject) -> None:
+        """The pageout deadline passed with write-backs of terminating `obj` still in
+        place (the pageout daemon; kernel lock held)."""
+        in_place_expired(obj)

@@ -77,6 +77,10 @@ class VmObject:
         # last pager_data_error for a pageout (vm_pageout._failed_recently)
         self.can_persist = False  # pager_cache: keep after the last reference
         self.windowed = False  # its manager was given a window (memory_object.py)
+        self.writes_in_place = False  # ... and takes its termination's write-backs there
+        self.in_place: dict[int, int] = {}  # external, terminating: start -> end of each
+        # run written back in place (pager_data_write_in_place) and not yet released;
+        # its pages stay (wired) until then, and so does the object (`terminating`)
         self.counted_as: object | None = None  # the data manager its resident pages
         # count for (vm_page.py: VmResident.manager_pages)
         self.pages_gone = 0  # external: pages that have left it (freed or moved)
@@ -173,15 +177,26 @@ def vm_object_deallocate(obj: VmObject | None) -> None:
 
 
 def vm_object_terminate(obj: VmObject) -> None:
-    """Free every page of an object nobody references and let go of its pager."""
-    from pymach.vm.memory_object import pager_terminate
-
+    """Free every page of an object nobody references and let go of its pager. An
+    external object whose changed data went back in place (its manager reads them from
+    its window) is finished only once the manager has released them, or the pageout
+    deadline has passed (memory_object.py, "write-backs in place")."""
     if not obj.alive:
         return
     obj.alive = False
-    vm = obj.vm
     if not obj.internal:
-        vm.clean_external_object(obj)  # dirty data goes back to its manager first
+        obj.vm.clean_external_object(obj)  # dirty data goes back to its manager first
+        if obj.in_place:  # the manager reads them from its window: the rest waits
+            return  # (vm_object_terminate_finish, when the last run is released)
+    vm_object_terminate_finish(obj)
+
+
+def vm_object_terminate_finish(obj: VmObject) -> None:
+    """The rest of vm_object_terminate, once no write-back in place is outstanding:
+    free the pages, let go of the pager (pager_terminate), forget the object."""
+    from pymach.vm.memory_object import pager_terminate
+
+    vm = obj.vm
     _free_all_pages(obj)
     stores = [h for h in obj.pending.values() if h.substitute]
     obj.pending.clear()  # holding objects in flight still reach their manager
@@ -247,7 +262,7 @@ def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
         else:
             pages.append(page)
     busy.sort()
-    runs = _runs_between(start, end, busy, vm.page_size)
+    runs = runs_between(start, end, busy, vm.page_size)
     vm.resident.vm_pages_free(obj, pages, runs)
     if obj.lazy_frames is not None:  # and the pages the machine made there, unseen
         vm.phys.frames_discard(obj, runs, [])
@@ -256,7 +271,7 @@ def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
         obj.data_source = None
 
 
-def _runs_between(start: int, end: int, holes: list[int], page_size: int
+def runs_between(start: int, end: int, holes: list[int], page_size: int
                   ) -> list[tuple[int, int]]:
     """[start, end) less the pages at the sorted offsets `holes`, as runs."""
     runs, at = [], start

@@ -108,12 +108,16 @@ def vm_pageout_expired_holdings(vm: VmSystem) -> None:
     now, period = vm.kernel.sched.now(), vm.pageout_deadline_ms
     while (deadline := _next_deadline(vm)) is not None and deadline <= now:
         holding = heapq.heappop(vm.holding_deadlines)[2]
-        owner = holding.holding_for[0] if holding.holding_for is not None else None
+        owner = holding if holding.in_place else \
+            holding.holding_for[0] if holding.holding_for is not None else None
         if owner is not None and owner.released_at is not None \
                 and now - owner.released_at < period:
             _set_deadline(vm, holding, now + period)
             continue
         del vm.holdings[holding]
+        if holding.in_place:  # an object's write-backs in place, not a holding object
+            vm.in_place_expired(holding)
+            continue
         for page in list(holding.memq.values()):
             if page.busy:
                 continue
@@ -341,6 +345,27 @@ def vm_pageout_hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) ->
             vm.kernel.sched.thread_wakeup(vm.pageout_waitq)  # the daemon must wait for it
         _set_deadline(vm, holding, deadline)
     vm.pageouts_in_flight += 1
+
+
+def vm_pageout_hold_in_place(vm: VmSystem, obj: VmObject) -> None:
+    """Record a run of terminating external object `obj` written back in place, in
+    flight until its manager releases it; all of the object's runs share one deadline
+    (in `holdings`, as a holding object's, keyed by the object itself)."""
+    if obj not in vm.holdings:
+        deadline, earliest = vm.kernel.sched.now() + vm.pageout_deadline_ms, _next_deadline(vm)
+        if earliest is None or deadline < earliest:
+            vm.kernel.sched.thread_wakeup(vm.pageout_waitq)  # the daemon must wait for it
+        _set_deadline(vm, obj, deadline)
+    vm.pageouts_in_flight += 1
+
+
+def vm_pageout_released_in_place(vm: VmSystem, obj: VmObject) -> None:
+    """A run of `obj` written back in place is released (or given up on)."""
+    obj.released_at = vm.kernel.sched.now()
+    if not obj.in_place:
+        vm.holdings.pop(obj, None)  # (its heap entry goes stale)
+    vm.pageouts_in_flight -= 1
+    vm.kernel.sched.thread_wakeup(vm.pageout_waitq)
 
 
 def start_pageout_daemon(vm: VmSystem) -> None:

@@ -1,0 +1,239 @@
+"""Write-backs in place: as an external object is terminated, its dirty pages stay in the
+object's memory for a manager that has the object's window and asked for them so
+(`DataManager.writes_in_place`); the kernel names each run in
+pager_data_write_in_place, the manager reads it from its window and releases it
+(pager_data_write_released), and only then does the kernel free those pages and finish
+the termination (memory_object.py, "write-backs in place").
+
+The native tests run against a machd of their own; the last ones drive the kernel's
+side of the protocol in the embedded kernel, with a stand-in for the machine's window.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pymach as m
+from machutil import wait_until
+from nativeutil import as_native_task, running_machd
+from pagerutil import Pager
+from pymach import Message
+from pymach.include.message import OOL
+from pymach.vm.memory_object import object_window
+
+PS = 4096
+PAGES = 96
+CHANGED = {i: i + 7000 for i in [*range(0, 40), *range(60, PAGES)]}  # two runs
+
+
+@pytest.fixture(scope="module")
+def window_machd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from running_machd(tmp_path_factory, "--memory", "256M", "--pager-cluster", "16")
+
+
+@pytest.fixture
+def task(window_machd: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    yield from as_native_task(window_machd, request)
+
+
+class Recorder(m.DataManager):
+    """Page n reads as n; stores the first word of each page written back, and records
+    how the write-backs came. `mode` says what its pager_data_write_in_place does:
+    "take" (the base class's), "ignore" (never reads nor releases), "late" (releases
+    only after the pageout deadline, itself, and keeps what it is told), "probe"
+    (first makes two bad releases, then as "take")."""
+
+    threads = max_threads = 1  # (one handler at a time, in the kernel's order)
+
+    def __init__(self, mode: str, in_place: bool) -> None:
+        super().__init__()
+        self.mode = mode
+        self.writes_in_place = in_place  # type: ignore[misc]
+        self.seen: list[tuple[int, int]] = []  # pager_data_write_in_place (offset, count)
+        self.kinds: list[str] = []  # "window" or "out of line", per queued write-back
+        self.stored: dict[int, int] = {}  # page -> first word written back
+        self.outcomes: list[Any] = []
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        return b"".join((offset // PS + i).to_bytes(8, "little") * (PS // 8)
+                        for i in range(length // PS))
+
+    def pager_data_write_in_place(self, memory_object: int, request: int, window: int,
+                                  offset: int, data_count: int) -> None:
+        self.seen.append((offset, data_count))
+        if self.mode == "ignore":
+            return
+        if self.mode == "late":
+            if len(self.seen) == 1:  # (the later ones come after it)
+                time.sleep(2.0)  # past the kernel's pageout deadline (1 s)
+            try:
+                self.outcomes.append(m.pager_data_write_released(request, window, offset,
+                                                                 data_count))
+            except m.MachError as e:  # (the object is gone, and its request port)
+                self.outcomes.append(e.code)
+            return
+        if self.mode == "probe":
+            self.outcomes.append(m.pager_data_write_released(  # not a run it sent
+                request, window, offset + PS, data_count - PS))
+            try:
+                m.pager_data_write_released(request, window + 1, offset, data_count)
+            except m.MachError as e:
+                self.outcomes.append(e.code)
+        super().pager_data_write_in_place(memory_object, request, window, offset,
+                                          data_count)
+
+    def queue_write(self, mo: int, offset: int, data: OOL | bytes, data_count: int) -> None:
+        self.kinds.append("window" if isinstance(data, bytes) else "out of line")
+        super().queue_write(mo, offset, data, data_count)
+
+    def write(self, memory_object: int, offset: int, data: bytes) -> None:
+        for i in range(0, len(data), PS):
+            self.stored[(offset + i) // PS] = int.from_bytes(data[i:i + 8], "little")
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _recorder(mode: str, in_place: bool) -> Any:
+    manager = Recorder(mode, in_place)
+    mo = manager.create_memory_object()
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                       items=[m.Port(mo, m.MAKE_SEND)]))
+    manager.serve()
+    return manager.seen, manager.kinds, manager.stored, manager.outcomes
+
+
+def _write_back(mode: str, in_place: bool = True) -> tuple[Any, ...]:
+    """Map PAGES pages of a new Recorder's object, read them all (so the manager has its
+    window), change the first word of the pages of CHANGED (two runs), and deallocate:
+    what the manager recorded, once it has seen the object's termination."""
+    pager = m.spawn(_recorder, mode, in_place, name=f"recorder-{mode}")
+    me = m.task_self()
+    box = m.port_allocate(me)
+    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    a = m.vm_allocate_with_pager(me, 0, PAGES * PS, True, mo, 0)
+    view = np.frombuffer(m.memory().buffer(a, PAGES * PS), dtype=np.int64)
+    pages = view.reshape(PAGES, PS // 8)
+    assert [int(pages[i, 0]) for i in range(PAGES)] == list(range(PAGES))
+    for i, value in CHANGED.items():
+        pages[i, 0] = value
+    del view, pages
+    m.vm_deallocate(me, a, PAGES * PS)
+    result: tuple[Any, ...] = pager.result(30_000)
+    return result
+
+
+
+
+def test_changed_pages_go_back_through_the_window_at_termination(task: str) -> None:
+    seen, kinds, stored, _ = _write_back("take")
+    assert stored == CHANGED  # every changed page, and only those, with their data
+    assert sorted(seen) == [(0, 40 * PS), (60 * PS, 36 * PS)]
+    assert kinds == ["window"] * 2  # none went out of line
+
+
+def test_a_manager_that_does_not_ask_gets_them_out_of_line(task: str) -> None:
+    seen, kinds, stored, _ = _write_back("take", in_place=False)
+    assert stored == CHANGED and seen == [] and set(kinds) == {"out of line"}
+
+
+def test_bad_releases_are_refused_and_change_nothing(task: str) -> None:
+    seen, kinds, stored, outcomes = _write_back("probe")
+    assert len(seen) == 2 and sorted(outcomes, key=str) == \
+        [False, False, "KERN_INVALID_ARGUMENT", "KERN_INVALID_ARGUMENT"]
+    # (a range the kernel did not send; another window), and each run taken after them
+    assert stored == CHANGED and kinds == ["window"] * len(seen)
+
+
+def test_unreleased_write_backs_come_again_out_of_line_after_the_deadline(task: str) -> None:
+    t0 = time.monotonic()
+    seen, kinds, stored, _ = _write_back("ignore")
+    assert seen and stored == CHANGED and set(kinds) == {"out of line"}
+    assert time.monotonic() - t0 >= 0.9  # (the termination waited for the deadline)
+
+
+def test_a_release_after_the_deadline_is_told_so(task: str) -> None:
+    seen, kinds, stored, outcomes = _write_back("late")
+    assert len(outcomes) == len(seen) == 2  # each told it was too late:
+    assert set(outcomes) <= {False, "SEND_INVALID_PORT"}  # (or the object is gone)
+    assert stored == CHANGED and set(kinds) == {"out of line"}
+
+
+# -- the kernel's side, in the embedded kernel with a stand-in window ------------------------
+def _windowed_object(kernel: Any, pages: int) -> tuple[Pager, int, int, Any]:
+    """A hand-driven Pager's object of `pages` pages, mapped, every page read (provided)
+    and changed, as if its manager had asked for its window with writes in place:
+    (pager, address, request port, the kernel's object)."""
+    kernel.vm.phys.object_windows = True  # (the embedded machine's windows stand in)
+    kernel.vm.phys.object_window = lambda obj: os.open(os.devnull, os.O_RDONLY)
+    pager = Pager(size=pages * PS)
+    pager.start()
+    a = pager.map()
+    request = pager.request
+    (obj,) = [o for o in kernel.vm.pager_objects.values() if not o.internal]
+    with kernel.sched.lock:
+        fd = object_window(obj)
+        assert fd is not None
+        os.close(fd)
+        obj.writes_in_place = True
+    for i in range(pages):
+        m.memory().write(a + i * PS, b"%d" % (i + 50))
+    pager.stop()
+    return pager, a, request, obj
+
+
+def test_the_object_waits_for_the_release_and_then_is_gone(kernel: Any) -> None:
+    pager, a, request, obj = _windowed_object(kernel, 4)
+    alive = kernel.vm.objects_alive
+    m.vm_deallocate(m.task_self(), a, 4 * PS)
+    _, key, offset, count = pager.expect("pager_data_write_in_place")
+    assert (key, offset, count) == (obj.serial, 0, 4 * PS)
+    with kernel.sched.lock:  # waiting: its pages wired, its request port alive
+        assert len(obj.memq) == 4 and all(p.wire_count for p in obj.memq.values())
+        assert obj.pager_request is not None and not obj.alive
+        assert kernel.vm.objects_alive == alive and kernel.vm.pageouts_in_flight == 1
+        data = b"".join(kernel.vm.phys.phys_read(obj.memq[o].frame, 0, 2)
+                        for o in range(0, 4 * PS, PS))
+    assert data == b"50515253"  # what the window holds for the manager
+    assert m.pager_data_write_released(request, key, PS, PS) is False
+    assert m.pager_data_write_released(request, key, 0, 4 * PS) is True
+    with kernel.sched.lock:
+        assert obj.memq == {} and obj.pager_request is None
+        assert kernel.vm.objects_alive == alive - 1 and kernel.vm.pageouts_in_flight == 0
+    with pytest.raises(m.MachError):  # the request port is gone with the object
+        m.pager_data_write_released(request, key, 0, 4 * PS)
+
+
+def test_at_the_deadline_the_data_go_out_of_line_and_the_object_is_gone(kernel: Any) -> None:
+    kernel.vm.pageout_deadline_ms = 100.0
+    pager, a, request, obj = _windowed_object(kernel, 3)
+    m.vm_deallocate(m.task_self(), a, 3 * PS)
+    _, key, offset, count = pager.expect("pager_data_write_in_place")
+    offset, _, count = pager.expect("pager_data_write")  # (after the deadline)
+    assert (offset, count) == (0, 3 * PS)
+    assert [pager.data[i * PS:i * PS + 2] for i in range(3)] == [b"50", b"51", b"52"]
+    wait_until(lambda: obj.pager_request is None)  # the termination finished
+    with pytest.raises(m.MachError) as e:  # too late: the request port went with it
+        m.pager_data_write_released(request, key, 0, 3 * PS)
+    assert e.value.code.startswith("SEND_INVALID")
+
+
+def test_a_manager_that_dies_leaves_no_object_waiting(kernel: Any) -> None:
+    pager, a, _, obj = _windowed_object(kernel, 2)
+    alive = kernel.vm.objects_alive
+    m.vm_deallocate(m.task_self(), a, 2 * PS)
+    pager.expect("pager_data_write_in_place")
+    m.port_deallocate(m.task_self(), pager.mo)  # the memory object port dies
+    wait_until(lambda: obj.pager_request is None)
+    with kernel.sched.lock:
+        assert obj.memq == {} and kernel.vm.objects_alive == alive - 1
+        assert kernel.vm.pageouts_in_flight == 0
