@@ -55,6 +55,7 @@ from pymach.errors import MachError
 from pymach.include.mach_defs import TASK_NOTIFY_PORT
 from pymach.include.message import (
     MAKE_SEND,
+    OOL,
     RCV_TIMEOUT,
     SEND_TIMEOUT,
     Int,
@@ -74,7 +75,7 @@ from pymach.include.mig import (
 from pymach.include.vm_param import round_page, trunc_page
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 from pymach.mach_vm import memory, vm_page_size
-from pymach.pagers.data_manager import DataManager
+from pymach.pagers.data_manager import DataManager, release_written, written_bytes
 from pymach.pagers.fs import FileServer, fs_defs
 
 NINODE = 1024  # inode records in the table
@@ -594,18 +595,16 @@ class UnixFileServer(FileServer):
             self.pager_messages += 1
             self._dispatch_one(msg)
 
-    def queue_write(self, mo: int, offset: int, data: Any, data_count: int) -> None:
+    def queue_write(self, mo: int, offset: int, data: OOL | bytes, data_count: int) -> None:
         """A file's write-back is stored at once, by the object's own thread (the
         order the barrier relies on); the table's go through the base class's queue."""
         if mo not in self.by_object:
             super().queue_write(mo, offset, data, data_count)
             return
         try:
-            raw = memory().read(data.address, data.size)[:data_count] if data.size else b""
-            self.pager_data_write(mo, offset, raw)
+            self.pager_data_write(mo, offset, written_bytes(data, data_count))
         finally:
-            if data.size:
-                mach.vm_deallocate(mach.task_self(), data.address, data.size)
+            release_written(data)
 
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """Store written-back pages: a file's on disk (up to its size), the table's here."""

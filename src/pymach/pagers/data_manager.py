@@ -252,12 +252,11 @@ class DataManager:
     def _store_run(self, run: list[Write]) -> None:
         """Hand one run of written-back data to pager_data_write, then release it."""
         try:
-            raw = b"".join(_written_bytes(data, count) for _, _, data, count in run)
+            raw = b"".join(written_bytes(data, count) for _, _, data, count in run)
             self.pager_data_write(run[0][0], run[0][1], raw)
         finally:  # released only now: until then the kernel still has the data
             for _, _, data, _ in run:
-                if isinstance(data, OOL) and data.size:
-                    mach.vm_deallocate(mach.task_self(), data.address, data.size)
+                release_written(data)
 
     def await_message(self, port: int, wanted: Any, timeout_ms: float = 30_000) -> Message:
         """Receive on `port` until `wanted(msg)` holds; other messages are kept and served
@@ -414,12 +413,19 @@ class DataManager:
         """Store changed bytes of the object."""
 
 
-def _written_bytes(data: OOL | bytes, count: int) -> bytes:
-    """The `count` bytes of a write-back: read from its out-of-line region, or as read
-    from the object's window."""
+def written_bytes(data: OOL | bytes, count: int) -> bytes:
+    """The `count` bytes of a queued write-back (queue_write's `data`): read from its
+    out-of-line region, or as read from the object's window."""
     if isinstance(data, bytes):
         return data[:count]
     return memory().read(data.address, data.size)[:count] if data.size else b""
+
+
+def release_written(data: OOL | bytes) -> None:
+    """Let go of a queued write-back once stored: deallocate its out-of-line region
+    (data read from the window hold nothing of the kernel's)."""
+    if isinstance(data, OOL) and data.size:
+        mach.vm_deallocate(mach.task_self(), data.address, data.size)
 
 
 def _data_provided(request: int, offset: int, data: Any, data_count: int,

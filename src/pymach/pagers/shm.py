@@ -142,6 +142,8 @@ class SharedMemoryServer(DataManager):
 
     threads = max_threads = 1  # requests are handled strictly in arrival order
     services = (shm_defs,)
+    writes_in_place = False  # (it awaits a kernel's write-backs as pager_data_write
+    # messages, _take_back; it asks for no window anyway)
 
     def __init__(self, answers_oneway: bool = True, hold_ms: float = HOLD_MS) -> None:
         super().__init__()
