@@ -168,6 +168,27 @@ def test_a_release_after_the_deadline_is_told_so(task: str) -> None:
     assert stored == CHANGED and set(kinds) == {"out of line"}
 
 
+def test_a_run_past_the_window_the_manager_was_given_goes_back_in_place(task: str) -> None:
+    """The object grew (a larger mapping) after its manager got its window: the run
+    past the window's first size is still read there, with no wait for the deadline."""
+    pager = m.spawn(_recorder, "take", True, name="recorder-grown")
+    me = m.task_self()
+    box = m.port_allocate(me)
+    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)
+    assert m.memory().read(a, 8) == bytes(8)  # the manager takes its window: 4 pages
+    b = m.vm_allocate_with_pager(me, 0, 8 * PS, True, mo, 0)  # the object grows
+    m.memory().write(b + 6 * PS, (666).to_bytes(8, "little"))
+    t0 = time.monotonic()
+    m.vm_deallocate(me, a, 4 * PS)
+    m.vm_deallocate(me, b, 8 * PS)
+    seen, kinds, stored, _ = pager.result(30_000)
+    assert stored == {6: 666} and kinds == ["window"] and seen == [(6 * PS, PS)]
+    assert time.monotonic() - t0 < 0.9  # (not the pageout deadline's 1 s)
+
+
 # -- the kernel's side, in the embedded kernel with a stand-in window ------------------------
 def _windowed_object(kernel: Any, pages: int) -> tuple[Pager, int, int, Any]:
     """A hand-driven Pager's object of `pages` pages, mapped, every page read (provided)
@@ -175,6 +196,7 @@ def _windowed_object(kernel: Any, pages: int) -> tuple[Pager, int, int, Any]:
     (pager, address, request port, the kernel's object)."""
     kernel.vm.phys.object_windows = True  # (the embedded machine's windows stand in)
     kernel.vm.phys.object_window = lambda obj: os.open(os.devnull, os.O_RDONLY)
+    kernel.vm.phys.object_pages_home = lambda frames: True
     pager = Pager(size=pages * PS)
     pager.start()
     a = pager.map()
@@ -227,7 +249,21 @@ def test_at_the_deadline_the_data_go_out_of_line_and_the_object_is_gone(kernel: 
     assert e.value.code.startswith("SEND_INVALID")
 
 
+def test_a_manager_that_dies_finishes_an_object_a_new_mapping_replaced(kernel: Any) -> None:
+    kernel.vm.pageout_deadline_ms = 60_000.0  # (the death, not the deadline, must do it)
+    pager, a, _, obj = _windowed_object(kernel, 2)
+    m.vm_deallocate(m.task_self(), a, 2 * PS)
+    pager.expect("pager_data_write_in_place")
+    pager.map()  # the same memory object again: a new kernel object replaces it
+    assert obj.pager_request is not None and not obj.alive
+    m.port_deallocate(m.task_self(), pager.mo)  # the manager dies
+    wait_until(lambda: obj.pager_request is None)
+    with kernel.sched.lock:
+        assert kernel.vm.pageouts_in_flight == 0 and not kernel.vm.in_place_waiting
+
+
 def test_a_manager_that_dies_leaves_no_object_waiting(kernel: Any) -> None:
+    kernel.vm.pageout_deadline_ms = 60_000.0  # (the death, not the deadline, must do it)
     pager, a, _, obj = _windowed_object(kernel, 2)
     alive = kernel.vm.objects_alive
     m.vm_deallocate(m.task_self(), a, 2 * PS)
@@ -237,3 +273,55 @@ def test_a_manager_that_dies_leaves_no_object_waiting(kernel: Any) -> None:
     with kernel.sched.lock:
         assert obj.memq == {} and kernel.vm.objects_alive == alive - 1
         assert kernel.vm.pageouts_in_flight == 0
+
+
+
+class Locker(Recorder):
+    """A Recorder whose driver thread, asked on its `go` port, takes page 1 from every
+    task (pager_data_lock of all access: machd keeps its data aside, out of the
+    object's memory, until a task touches it again) and then says so."""
+
+    def pager_init(self, memory_object: int, request: int, name: int) -> None:
+        super().pager_init(memory_object, request, name)
+        self.request = request
+
+    def drive(self, go: int) -> None:
+        reply = m.msg_receive(go, m.RCV_TIMEOUT, 20_000).items[0].value
+        m.pager_data_lock(self.request, PS, PS, m.VM_PROT_ALL)
+        m.msg_send(Message(remote_port=reply))  # type: ignore[arg-type]
+
+
+def _locker() -> Any:
+    manager = Locker("take", True)
+    mo = manager.create_memory_object()
+    me = m.task_self()
+    go = m.port_allocate(me)
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                       items=[m.Port(mo, m.MAKE_SEND), m.Port(go, m.MAKE_SEND)]))
+    m.thread_create(me, manager.drive, go)
+    manager.serve()
+    return manager.kinds, manager.stored
+
+
+def test_a_page_taken_from_every_task_goes_back_with_its_data(task: str) -> None:
+    """A dirty page whose data machd keeps aside (taken from every task) is put back
+    into the object's memory before the manager is told to read it there."""
+    pager = m.spawn(_locker, name="locker")
+    me = m.task_self()
+    box = m.port_allocate(me)
+    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+    got = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+    mo, go = got.items[0].value, got.items[1].value
+    a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)
+    view = np.frombuffer(m.memory().buffer(a, 4 * PS), dtype=np.int64)
+    assert [int(view[i * PS // 8]) for i in range(4)] == [0, 1, 2, 3]
+    view[PS // 8] = 4321
+    del view
+    done = m.port_allocate(me)
+    m.msg_send(Message(remote_port=go, items=[m.Port(done, m.MAKE_SEND)]))
+    m.msg_receive(done, m.RCV_TIMEOUT, 20_000)  # page 1 is now kept aside by machd
+    m.vm_deallocate(me, a, 4 * PS)
+    kinds, stored = pager.result(30_000)
+    assert stored == {1: 4321} and kinds == ["window"]

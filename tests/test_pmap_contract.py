@@ -1079,3 +1079,30 @@ def test_an_object_mapped_at_last_takes_its_pages_with_it(
     assert all(os.pread(free, PS, f * PS).strip(b"\0") == b"" for f in frames)
     phys.frames_discard(obj, [(0, len(frames) * PS)], frames)
     phys.object_gone(obj)
+
+
+def test_object_pages_home_puts_kept_data_back_into_the_window(phys: Any) -> None:
+    """object_pages_home: False where the machine has no windows; where it has, a page
+    taken from every task (its data kept aside: pmap_page_protect to NONE) is back in
+    the object's window, at its offset, afterwards."""
+    obj = _Object(10**9 + 7)
+    if not phys.maps_objects:
+        phys.frames_bind([4], obj, [0])
+        assert phys.object_pages_home([4]) is False
+        return
+    phys.store_for(obj)
+    phys.frames_bind([4, 5], obj, [0, PS])
+    phys.phys_write(4, b"\4" * PS)
+    phys.phys_write(5, b"\5" * PS)
+    phys.pmap_page_protect(5, NONE)  # taken from every task
+    fd = phys.object_window(obj)
+    assert fd is not None
+    try:
+        assert os.pread(fd, PS, PS) == bytes(PS)  # (kept aside: a hole in the window)
+        assert phys.object_pages_home([4, 5]) is True
+        assert os.pread(fd, 2 * PS, 0) == b"\4" * PS + b"\5" * PS
+        assert phys.phys_read(5) == b"\5" * PS
+    finally:
+        os.close(fd)
+    phys.frames_discard(obj, [(0, 2 * PS)], [4, 5])
+    phys.object_gone(obj)

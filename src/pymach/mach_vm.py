@@ -148,10 +148,13 @@ class PagerWindow:
                 done += os.pwrite(self.fd, view[done:], at + done)
 
     def read(self, offset: int, size: int) -> bytes:
-        """The `size` bytes at memory-object offset `offset` (a range that `fits`): what
-        the kernel left there for pager_data_write_in_place. KERN_INVALID_ARGUMENT if
-        the range does not fit, or if the window is closed."""
-        if not self.fits(offset, size):
+        """The `size` bytes at memory-object offset `offset` (whole pages from the
+        window's base on; the object may have grown past `size` since the window was
+        given): what the kernel left there for pager_data_write_in_place.
+        KERN_INVALID_ARGUMENT if the range is not such pages, lies past the object's
+        memory, or if the window is closed."""
+        ps = self.page_size
+        if offset % ps or size % ps or size <= 0 or offset < self.base:
             raise MachError("KERN_INVALID_ARGUMENT", f"{size:#x} bytes at {offset:#x} "
                             f"are not whole pages of the window")
         parts, done, at = [], 0, offset - self.base

@@ -233,6 +233,14 @@ class PhysicalMemory(Protocol):
         the machine has no memory for such a page."""
         ...
 
+    def object_pages_home(self, frames: list[int]) -> bool:
+        """The frames, bound to pages of one object that has a window (object_window):
+        make the window hold their data at their offsets, putting back any kept
+        elsewhere (a page taken from every task: pmap_page_protect to NONE), so that
+        its manager reads them there (write-backs in place, memory_object.py). False
+        if the machine cannot now (no memory for a page put back; no windows)."""
+        ...
+
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         """A frame now caches page `offset` of VM object `obj` (vm_page_insert)."""
         ...

@@ -187,6 +187,10 @@ class SoftPhysicalMemory:
         """Never asked (no window is ever given): an error if it is."""
         raise MachError("KERN_FAILURE", "simulated frames have no object windows")
 
+    def object_pages_home(self, frames: list[int]) -> bool:
+        """Simulated frames lie in no window: False."""
+        return False
+
     # -- where frames live: simulated frames are anonymous, nothing to do --------------
     def frame_bind(self, frame: int, obj: object, offset: int) -> None:
         """A frame now caches `obj` at `offset`."""

@@ -571,6 +571,20 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
                 raise MachError("KERN_RESOURCE_SHORTAGE", f"no memory for a page the "
                                 f"data manager left unwritten: {e.strerror}") from None
 
+    def object_pages_home(self, frames: list[int]) -> bool:
+        """See PhysicalMemory.object_pages_home: stashed frames go back into their
+        memfd; False if one cannot now, or if a frame's home is the free store (its
+        object has no memfd)."""
+        with self.lock:
+            try:
+                for frame in frames:
+                    if frame in self.stash:
+                        self._restore(frame)
+            except (OSError, MachError):  # (no memory for it: it stays in the stash)
+                return False
+            return not any(frame in self.stash or self.homes[frame][0] is self.free_store
+                           for frame in frames)
+
     def _home(self, frame: int) -> tuple[ObjectStore, int]:
         return self.homes[frame]
 

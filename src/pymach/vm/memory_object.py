@@ -311,12 +311,11 @@ def pager_died(vm: VmSystem, port: Port) -> None:
     """A memory object port died (its manager is gone): fail what waits on it (6.2.1).
     The objects stay mapped; their resident pages stay readable, and a fault that needs
     the manager fails with KERN_MEMORY_ERROR."""
+    for obj in [o for o in vm.in_place_waiting if o.pager is port]:  # terminating (even
+        in_place_expired(obj)  # one a new mapping replaced): no release will come
     for obj in list(vm.port_objects.get(port, {}).values()):
         if obj in vm.cached:  # nobody maps it, and nobody can refill it
             object_cache_remove(obj, terminate=True)
-            continue
-        if obj.in_place:  # terminating: no release will come
-            in_place_expired(obj)
             continue
         reason = f"the data manager of object {obj.serial} died"
         for page in list(obj.memq.values()):
@@ -474,9 +473,10 @@ def _write_in_place(pages: list[VmPage]) -> bool:
     data now (nothing done)."""
     obj = pages[0].object
     assert obj is not None
-    if not vm_pageout_possible(obj):
-        return False
     vm = obj.vm
+    if not vm_pageout_possible(obj) or \
+            not vm.phys.object_pages_home([page.frame for page in pages]):
+        return False  # (the data of a page taken from every task must be in the window)
     first, end = pages[0].offset, pages[-1].offset + vm.page_size
     for page in pages:
         vm.resident.vm_page_wire(page)

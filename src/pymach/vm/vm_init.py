@@ -63,6 +63,8 @@ class VmSystem:
         self.fault_policy = FaultPolicy()  # the host's pager timeout (set by boot)
         self.pageout_deadline_ms = 1000.0  # a manager must release paged-out data by then
         self.holdings: dict[VmObject, float] = {}  # external pageouts in flight -> deadline
+        self.in_place_waiting: dict[VmObject, None] = {}  # terminating objects waiting
+        # for their write-backs in place to be released (memory_object.py)
         self.holding_deadlines: list[tuple[float, int, VmObject]] = []  # a heap of
         # (deadline, serial, holding); an entry that no longer matches `holdings` is stale
         self.manager_page_limit = max(MIN_MANAGER_PAGES, nframes // 2)  # pages per manager

@@ -356,6 +356,7 @@ def vm_pageout_hold_in_place(vm: VmSystem, obj: VmObject) -> None:
         if earliest is None or deadline < earliest:
             vm.kernel.sched.thread_wakeup(vm.pageout_waitq)  # the daemon must wait for it
         _set_deadline(vm, obj, deadline)
+    vm.in_place_waiting[obj] = None
     vm.pageouts_in_flight += 1
 
 
@@ -364,6 +365,7 @@ def vm_pageout_released_in_place(vm: VmSystem, obj: VmObject) -> None:
     obj.released_at = vm.kernel.sched.now()
     if not obj.in_place:
         vm.holdings.pop(obj, None)  # (its heap entry goes stale)
+        vm.in_place_waiting.pop(obj, None)
     vm.pageouts_in_flight -= 1
     vm.kernel.sched.thread_wakeup(vm.pageout_waitq)
 
