@@ -45,7 +45,8 @@ def task(window_machd: str, request: pytest.FixtureRequest) -> Iterator[str]:
 class Recorder(m.DataManager):
     """Page n reads as n; stores the first word of each page written back, and records
     how the write-backs came. `mode` says what its pager_data_write_in_place does:
-    "take" (the base class's), "ignore" (never reads nor releases), "late" (releases
+    "take" (the base class's), "slow" (the same 0.3 s later), "ignore" (never reads
+    nor releases), "late" (releases
     only after the pageout deadline, itself, and keeps what it is told), "probe"
     (first makes two bad releases, then as "take")."""
 
@@ -59,16 +60,20 @@ class Recorder(m.DataManager):
         self.kinds: list[str] = []  # "window" or "out of line", per queued write-back
         self.stored: dict[int, int] = {}  # page -> first word written back
         self.outcomes: list[Any] = []
+        self.asked = 0  # pages read() was asked for
 
     def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
-        return b"".join((offset // PS + i).to_bytes(8, "little") * (PS // 8)
-                        for i in range(length // PS))
+        self.asked += length // PS
+        return b"".join(self.stored.get(page, page).to_bytes(8, "little") * (PS // 8)
+                        for page in range(offset // PS, (offset + length) // PS))
 
     def pager_data_write_in_place(self, memory_object: int, request: int, window: int,
                                   offset: int, data_count: int) -> None:
         self.seen.append((offset, data_count))
         if self.mode == "ignore":
             return
+        if self.mode == "slow":
+            time.sleep(0.3)
         if self.mode == "late":
             if len(self.seen) == 1:  # (the later ones come after it)
                 time.sleep(2.0)  # past the kernel's pageout deadline (1 s)
@@ -189,6 +194,33 @@ def test_a_run_past_the_window_the_manager_was_given_goes_back_in_place(task: st
     assert time.monotonic() - t0 < 0.9  # (not the pageout deadline's 1 s)
 
 
+@pytest.fixture(scope="module")
+def small_machd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from running_machd(tmp_path_factory, "--memory", "32M", "--pager-cluster", "16")
+
+
+def test_pageouts_under_memory_pressure_go_back_in_place(
+        small_machd: str, request: pytest.FixtureRequest) -> None:
+    """A region of a manager's object half again as large as machd's memory, every page
+    changed: the pages the pageout daemon evicts go back in place, and nothing is lost."""
+    pages = 48 * 256  # 48 MiB in a machd of 32 MiB
+    for _ in as_native_task(small_machd, request):
+        pager = m.spawn(_recorder, "take", True, name="recorder-pressure")
+        me = m.task_self()
+        box = m.port_allocate(me)
+        notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+        m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+        mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+        a = m.vm_allocate_with_pager(me, 0, pages * PS, True, mo, 0)
+        view = np.frombuffer(m.memory().buffer(a, pages * PS), dtype=np.int64)
+        view[::PS // 8] = np.arange(pages) + 10**6
+        del view
+        m.vm_deallocate(me, a, pages * PS)
+        seen, kinds, stored, _ = pager.result(120_000)
+        assert stored == {i: i + 10**6 for i in range(pages)}
+        assert set(kinds) == {"window"} and len(seen) > 1
+
+
 # -- the kernel's side, in the embedded kernel with a stand-in window ------------------------
 def _windowed_object(kernel: Any, pages: int) -> tuple[Pager, int, int, Any]:
     """A hand-driven Pager's object of `pages` pages, mapped, every page read (provided)
@@ -276,23 +308,35 @@ def test_a_manager_that_dies_leaves_no_object_waiting(kernel: Any) -> None:
 
 
 
-class Locker(Recorder):
-    """A Recorder whose driver thread, asked on its `go` port, takes page 1 from every
-    task (pager_data_lock of all access: machd keeps its data aside, out of the
-    object's memory, until a task touches it again) and then says so."""
+class Driven(Recorder):
+    """A Recorder with a driver thread that, asked on its `go` port ([reply port,
+    operation]), makes a call on the request port and answers with its result:
+    "lock" takes page 1 from every task (pager_data_lock of all access: machd keeps its
+    data aside, out of the object's memory, until a task touches it again), "flush"
+    and "clean" are pager_flush_request and pager_clean_request of the first 4 pages,
+    "asked" answers how many pages read() was asked for."""
 
     def pager_init(self, memory_object: int, request: int, name: int) -> None:
         super().pager_init(memory_object, request, name)
         self.request = request
 
     def drive(self, go: int) -> None:
-        reply = m.msg_receive(go, m.RCV_TIMEOUT, 20_000).items[0].value
-        m.pager_data_lock(self.request, PS, PS, m.VM_PROT_ALL)
-        m.msg_send(Message(remote_port=reply))  # type: ignore[arg-type]
+        while True:
+            msg = m.msg_receive(go)
+            reply, op = msg.items[0].value, msg.items[1].value  # type: ignore[union-attr]
+            if op == "lock":
+                m.pager_data_lock(self.request, PS, PS, m.VM_PROT_ALL)
+                out = 0
+            elif op == "asked":
+                out = self.asked
+            else:
+                call = m.pager_flush_request if op == "flush" else m.pager_clean_request
+                out = call(self.request, 0, 4 * PS)
+            m.msg_send(Message(remote_port=reply, items=[m.Int(out)]))  # type: ignore[arg-type]
 
 
-def _locker() -> Any:
-    manager = Locker("take", True)
+def _driven(mode: str) -> Any:
+    manager = Driven(mode, True)
     mo = manager.create_memory_object()
     me = m.task_self()
     go = m.port_allocate(me)
@@ -301,27 +345,70 @@ def _locker() -> Any:
                        items=[m.Port(mo, m.MAKE_SEND), m.Port(go, m.MAKE_SEND)]))
     m.thread_create(me, manager.drive, go)
     manager.serve()
-    return manager.kinds, manager.stored
+    return manager.kinds, manager.stored, manager.seen
+
+
+class Client:
+    """This task's side of a Driven manager: 4 pages of its object mapped, and `ask`."""
+
+    def __init__(self, mode: str) -> None:
+        self.pager = m.spawn(_driven, mode, name=f"driven-{mode}")
+        me = m.task_self()
+        box = m.port_allocate(me)
+        notify = m.task_get_special_port(self.pager.port, m.TASK_NOTIFY_PORT)
+        m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+        got = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+        mo, self.go = got.items[0].value, got.items[1].value
+        self.reply = m.port_allocate(me)
+        self.a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)
+        assert [self.word(i) for i in range(4)] == [0, 1, 2, 3]  # (the window is taken)
+
+    def word(self, page: int) -> int:
+        return int.from_bytes(m.memory().read(self.a + page * PS, 8), "little")
+
+    def set(self, page: int, value: int) -> None:
+        m.memory().write(self.a + page * PS, value.to_bytes(8, "little"))
+
+    def ask(self, op: str) -> int:
+        m.msg_send(Message(remote_port=self.go, items=[m.Port(self.reply, m.MAKE_SEND),
+                                                        m.Str(op)]))
+        out: int = m.msg_receive(self.reply, m.RCV_TIMEOUT, 20_000).items[0].value  # type: ignore[union-attr,assignment]
+        return out
+
+    def end(self) -> Any:
+        m.vm_deallocate(m.task_self(), self.a, 4 * PS)
+        return self.pager.result(30_000)
 
 
 def test_a_page_taken_from_every_task_goes_back_with_its_data(task: str) -> None:
     """A dirty page whose data machd keeps aside (taken from every task) is put back
     into the object's memory before the manager is told to read it there."""
-    pager = m.spawn(_locker, name="locker")
-    me = m.task_self()
-    box = m.port_allocate(me)
-    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
-    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
-    got = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
-    mo, go = got.items[0].value, got.items[1].value
-    a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)
-    view = np.frombuffer(m.memory().buffer(a, 4 * PS), dtype=np.int64)
-    assert [int(view[i * PS // 8]) for i in range(4)] == [0, 1, 2, 3]
-    view[PS // 8] = 4321
-    del view
-    done = m.port_allocate(me)
-    m.msg_send(Message(remote_port=go, items=[m.Port(done, m.MAKE_SEND)]))
-    m.msg_receive(done, m.RCV_TIMEOUT, 20_000)  # page 1 is now kept aside by machd
-    m.vm_deallocate(me, a, 4 * PS)
-    kinds, stored = pager.result(30_000)
+    client = Client("take")
+    client.set(1, 4321)
+    client.ask("lock")  # page 1 is now kept aside by machd
+    kinds, stored, _ = client.end()
     assert stored == {1: 4321} and kinds == ["window"]
+
+
+def test_a_flush_goes_back_in_place_and_a_write_meanwhile_waits_for_it(task: str) -> None:
+    client = Client("slow")  # (it reads a run 0.3 s after it is told of it)
+    client.set(1, 111)
+    assert client.ask("flush") == 1
+    t0 = time.monotonic()
+    client.set(1, 222)  # waits until the manager has the run (then reads it back)
+    assert time.monotonic() - t0 >= 0.2
+    assert client.word(1) == 222 and client.ask("asked") > 4  # (flushed: asked again)
+    kinds, stored, seen = client.end()
+    assert seen == [(PS, PS), (PS, PS)] and kinds == ["window", "window"]
+    assert stored == {1: 222}
+
+
+def test_a_clean_keeps_the_pages_it_writes_back_in_place(task: str) -> None:
+    client = Client("take")
+    client.set(2, 333)
+    assert client.ask("clean") == 1
+    assert client.word(2) == 333 and client.ask("asked") == 4  # (kept: not asked again)
+    client.set(2, 444)
+    kinds, stored, seen = client.end()
+    assert seen == [(2 * PS, PS), (2 * PS, PS)] and kinds == ["window", "window"]
+    assert stored == {2: 444}

@@ -92,8 +92,8 @@ class Memory(ABC):
         task names `request` (a send right: the object's manager); None where the
         kernel keeps the object's pages in no such place (the embedded kernel; in
         machd, an object no task maps, or the kernel's own). With `writes_in_place`
-        the manager also takes the write-backs of the object's termination through
-        the window (pager_data_write_in_place), not in pager_data_write."""
+        the manager also takes the object's write-backs through the window
+        (pager_data_write_in_place), not in pager_data_write."""
         return None
 
 

@@ -238,12 +238,12 @@ memory_object_defs.routine(
     "pager_data_write_in_place", "memory_object",
     [("pager_request_port", PORT), ("window", INT), ("offset", INT), ("data_count", INT)],
     doc="pymach, native mode: as pager_data_write, for changed data the kernel leaves in "
-    "the object's window (whose key is `window`) at their offsets. Sent only to a "
-    "manager that asked for them (memory().pager_window(request, writes_in_place=True)) "
-    "and only as the object is terminated. The manager reads the range from its window "
-    "and then calls pager_data_write_released; only if that answers True were the bytes "
-    "it read the written-back data (else the kernel took them back, and they come again "
-    "in pager_data_write).", simple=True)
+    "the object's window (whose key is `window`) at their offsets until released. Sent "
+    "only to a manager that asked for them (memory().pager_window(request, "
+    "writes_in_place=True)). The manager reads the range from its window and then calls "
+    "pager_data_write_released; only if that answers True were the bytes it read the "
+    "written-back data (else the kernel took them back, and they come again in "
+    "pager_data_write).", simple=True)
 
 # -- Table 3-6: data manager to kernel (on the pager request port) ------------------------
 pager_defs = Subsystem("pager", 2300)

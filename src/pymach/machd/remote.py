@@ -338,8 +338,8 @@ def _pager_window(thread: Thread, args: list[Any]) -> Any:
     send right it holds: the object's manager), for pager_data_provided_in_place:
     [key, paging offset, object size, huge page size or 0, 1] and a read-write
     descriptor of the object's memfd (memory_object.object_window); None if it has
-    none. A true `args[1]` also says the manager takes write-backs at the object's
-    termination in place (pager_data_write_in_place)."""
+    none. A true `args[1]` also says the manager takes the object's write-backs in
+    place (pager_data_write_in_place)."""
     with thread.kernel.trap(thread):
         name, writes = args
         entry = thread.task.space.lookup(name)

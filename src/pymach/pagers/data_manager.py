@@ -22,11 +22,12 @@ thread of the manager's task:
   object's memory here and announced with pager_data_provided_in_place, so machd
   copies nothing
   (`_placed`; the window is asked for once per request port, closed when it dies).
-  The other way too (`writes_in_place`, on by default): an object's dirty pages at its
-  termination stay in its memory, and the kernel names them in
-  pager_data_write_in_place; the manager reads them from the window, releases them
-  (pager_data_write_released) and stores them as any write-back, through `write()`
-  or an overriding `pager_data_write`.
+  The other way too (`writes_in_place`, on by default): an object's dirty pages going
+  back (a flush, a clean, a pageout, the object's termination) stay in its memory, and
+  the kernel names them in pager_data_write_in_place; the manager reads them from the
+  window, releases them (pager_data_write_released) and stores them as any
+  write-back, through `write()` or an overriding `pager_data_write`. A manager that
+  waits for write-backs as pager_data_write messages sets `writes_in_place = False`.
 - Or override the paper's handlers themselves: `pager_init`, `pager_data_request`,
   `pager_data_write`, `pager_data_unlock`, and `pager_terminate` (the kernel let go of
   the object: its request port died).
@@ -92,8 +93,8 @@ class DataManager:
     threads: ClassVar[int] = 2
     window_min: ClassVar[int] = WINDOW_MIN  # read()'s data of whole pages this large go
     # through the object's window where it has one (0: never)
-    writes_in_place: ClassVar[bool] = True  # with a window, take the write-backs of the
-    # object's termination through it (pager_data_write_in_place)
+    writes_in_place: ClassVar[bool] = True  # with a window, take write-backs through it
+    # (pager_data_write_in_place)
     max_threads: ClassVar[int] = 16
     staging_pages: ClassVar[int] = STAGING_PAGES  # provide()'s, for read()'s data
     services: ClassVar[tuple[Subsystem, ...]] = ()
@@ -372,9 +373,8 @@ class DataManager:
 
     def pager_data_write_in_place(self, memory_object: int, request: int, window: int,
                                   offset: int, data_count: int) -> None:
-        """A kernel terminating the object left its changed data in the object's window
-        (whose key is `window`): read them, release them, and store them as a
-        pager_data_write's. A window this manager no longer has is not released: the
+        """A kernel left changed data of the object in its window (whose key is
+        `window`): read them, release them, and store them as a pager_data_write's. A window this manager no longer has is not released: the
         kernel takes the data back at the pageout deadline and sends them again."""
         with self._lock:
             held = self._windows.get(request)

@@ -350,8 +350,9 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
     every page left at once: only the dirty pages are looked at one by one. A flush of
     an external object sends its adjacent dirty pages a run per message (_WriteRun)."""
     vm = obj.vm
-    run = _WriteRun(obj, privileged, terminating and _takes_in_place(obj)) \
-        if flush and not obj.internal else None
+    in_place = not obj.internal and _takes_in_place(obj)
+    run = _WriteRun(obj, privileged, in_place, keep=not flush) \
+        if in_place or (flush and not obj.internal) else None
     written = 0
     for off in sorted(o for o in obj.memq if start <= o < end):
         page = obj.memq[off]
@@ -360,9 +361,9 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
         if terminating and not (page.dirty or page.precious
                                 or vm.phys.pmap_is_modified(page.frame)):
             continue  # clean: freed with the rest by the caller
-        if not terminating:
-            vm.phys.pmap_page_protect(page.frame,
-                                      VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
+        if not terminating:  # (in place, the data must stay where the manager reads
+            vm.phys.pmap_page_protect(  # them: write-protected, not taken away)
+                page.frame, VM_PROT_NONE if flush and not in_place else ~VM_PROT_WRITE & 7)
         if flush and obj.copy is not None:
             push_to_copy_object(obj, page)
         dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) \
@@ -372,11 +373,11 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
         elif dirty:
             written += _write_back(page, flush, privileged)
             # written, or kept because it cannot go back now: never lost
-        elif flush:
+        elif flush:  # (freeing takes it from every task, write-protected or not)
             vm.resident.vm_page_free(page)
     if run is not None:
         written += run.send()
-        if obj.in_place:  # the rest need not wait for the manager's release
+        if terminating and obj.in_place:  # the rest need not wait for the releases
             _free_outside_in_place(obj)
     if flush and not obj.internal:  # pageouts on their way, this flush's included, are
         for off in [o for o in obj.pending if start <= o < end]:  # the manager's now: a
@@ -394,10 +395,13 @@ class _WriteRun:
     object, the pageout daemon's victims of any object), sent to its manager a run of
     adjacent pages (up to WRITE_RUN_PAGES) per pager_data_write (_pageout_run), not a
     message per page. A run its manager cannot take now goes page by page
-    (_write_back), as before."""
+    (_write_back), as before. With `in_place` (the caller only write-protected the
+    pages) a run goes in place if it can (_write_in_place); with `keep` (a clean) its
+    pages stay once written."""
 
-    def __init__(self, obj: VmObject, privileged: bool, in_place: bool = False) -> None:
-        self.obj, self.privileged, self.in_place = obj, privileged, in_place
+    def __init__(self, obj: VmObject, privileged: bool, in_place: bool = False,
+                 keep: bool = False) -> None:
+        self.obj, self.privileged, self.in_place, self.keep = obj, privileged, in_place, keep
         self.pages: list[VmPage] = []
 
     def add(self, page: VmPage) -> int:
@@ -415,8 +419,12 @@ class _WriteRun:
         pages, self.pages = self.pages, []
         if not pages:
             return 0
-        if self.in_place and _write_in_place(pages):
-            return len(pages)
+        if self.in_place:
+            if _write_in_place(pages, self.keep):
+                return len(pages)
+            if self.keep:  # as a clean does without windows: a copy of each
+                return sum(_write_back(page, False, self.privileged) for page in pages)
+            _take_from_tasks(pages)  # they leave memory the old way
         if len(pages) > 1 and _pageout_run(pages):
             return len(pages)
         return sum(_write_back(page, True, self.privileged) for page in pages)
@@ -449,17 +457,20 @@ def _pageout_run(pages: list[VmPage]) -> bool:
 
 
 # -- write-backs in place (native mode) ---------------------------------------------------
-# As an external object is terminated, nothing maps it any more, so its dirty pages can
-# stay where they are, in the object's memory, for a manager that has the object's
-# window and asked for them so (writes_in_place): pager_data_write_in_place names the
-# range, the manager reads it from its window and releases it
-# (pager_data_write_released), and only then are those pages freed and the termination
-# finished (vm_object_terminate_finish): until then the object keeps its pages of the
-# runs (wired), its memory and its request port. Nothing is copied in machd, and no
-# holding object is made. By the pageout deadline (vm_pageout.py, shared by all of an
-# object's runs) a manager that has released none of them is errant: its runs are
-# taken back and go the way of any write-back (a holding object in pager_data_write,
-# then the default pager), and a late release learns it (`in_time` False).
+# For a manager that has the object's window and asked for write-backs there
+# (writes_in_place), a run of dirty pages going back (a flush, a clean, a pageout, the
+# object's termination) stays where it is, in the object's memory:
+# pager_data_write_in_place names the range, the manager reads it from its window and
+# releases it (pager_data_write_released), and only then are those pages freed (kept,
+# clean, for a clean of a live object) and, if it was the last run of a terminating
+# object, the termination finished (vm_object_terminate_finish). Until then the pages
+# are busy and wired (a fault on one waits, as on any page in transit), and tasks keep
+# them at most read-only; a terminating object keeps its memory and request port.
+# Nothing is copied in machd, and no holding object is made. By the pageout deadline
+# (vm_pageout.py, shared by all of an object's runs) a manager that has released none
+# of them is errant: its runs are taken back and go the way of any write-back (a
+# holding object in pager_data_write, then the default pager; a clean's pages stay
+# dirty), and a late release learns it (`in_time` False).
 
 def _takes_in_place(obj: VmObject) -> bool:
     """True if the dirty pages of terminating `obj` may go back in place."""
@@ -467,10 +478,11 @@ def _takes_in_place(obj: VmObject) -> bool:
             and obj.pager_request is not None and vm_pageout_possible(obj))
 
 
-def _write_in_place(pages: list[VmPage]) -> bool:
-    """pager_data_write_in_place of a run of adjacent dirty pages of terminating `obj`
-    (see above): they stay, wired, until released. False if the manager cannot take
-    data now (nothing done)."""
+def _write_in_place(pages: list[VmPage], keep: bool = False) -> bool:
+    """pager_data_write_in_place of a run of adjacent dirty pages of one object (see
+    above): they stay, busy and wired, until released (and then stay, with `keep`,
+    if the object is alive). False if the manager cannot take data now, or if the
+    machine cannot put a page's data in the window (nothing done)."""
     obj = pages[0].object
     assert obj is not None
     vm = obj.vm
@@ -480,8 +492,8 @@ def _write_in_place(pages: list[VmPage]) -> bool:
     first, end = pages[0].offset, pages[-1].offset + vm.page_size
     for page in pages:
         vm.resident.vm_page_wire(page)
-        page.dirty = False
-    obj.in_place[first] = end
+        page.busy, page.dirty = True, False
+    obj.in_place[first] = (end, keep)
     vm_pageout_hold_in_place(vm, obj)
     vm.resident.stats.pageouts += len(pages)
     _send(obj, obj.pager, "pager_data_write_in_place",
@@ -491,29 +503,47 @@ def _write_in_place(pages: list[VmPage]) -> bool:
 
 
 def _free_in_place(obj: VmObject, start: int, end: int) -> list[VmPage]:
-    """Forget run [start, end) written back in place; its pages, unwired."""
+    """Forget run [start, end) written back in place; its pages, neither busy nor
+    wired (the caller wakes the faults waiting on them)."""
     del obj.in_place[start]
     vm = obj.vm
     pages = [obj.memq[o] for o in range(start, end, vm.page_size) if o in obj.memq]
     for page in pages:
+        page.busy = False
         vm.resident.vm_page_unwire(page)
     vm_pageout_released_in_place(vm, obj)
     return pages
 
 
+def _take_from_tasks(pages: list[VmPage]) -> None:
+    """Take write-protected pages from every task (pmap_page_protect to NONE), as a
+    page leaving memory the old way must be."""
+    phys = pages[0].object.vm.phys  # type: ignore[union-attr]
+    for page in pages:
+        phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+
+
 def in_place_expired(obj: VmObject) -> None:
-    """The deadline passed with runs of terminating `obj` still in place: each goes
-    back as any write-back does (its pages into a holding object sent in
-    pager_data_write; dropped if the manager is gone), and the termination finishes."""
+    """The deadline passed with runs of `obj` still in place: each goes back as any
+    write-back does (its pages into a holding object sent in pager_data_write; kept if
+    the manager is gone), a clean's pages stay dirty, and a terminating object's
+    termination finishes."""
     vm = obj.vm
-    for start, end in sorted(obj.in_place.items()):
+    for start, (end, keep) in sorted(obj.in_place.items()):
         pages = _free_in_place(obj, start, end)
         vm.kernel.trace_event(f"write-back in place expired: obj{obj.serial} "
                               f"{start:#x}+{end - start:#x}")
+        if keep and obj.alive:
+            for page in pages:
+                page.dirty = True
+            continue
+        if obj.alive:
+            _take_from_tasks(pages)
         if len(pages) > 1 and _pageout_run(pages):
             continue
         for page in pages:
             _write_back(page, True, True)
+    vm.kernel.sched.thread_wakeup(obj.page_waitq)
     if not obj.alive:
         vm_object_terminate_finish(obj)
 
@@ -522,7 +552,8 @@ def _free_outside_in_place(obj: VmObject) -> None:
     """Free the pages of terminating `obj` that no run in place holds (now, not when
     the last run is released)."""
     vm, ps = obj.vm, obj.vm.page_size
-    held = sorted(o for start, end in obj.in_place.items() for o in range(start, end, ps))
+    held = sorted(o for start, (end, _) in obj.in_place.items()
+                  for o in range(start, end, ps))
     kept = set(held)
     pages = [page for off, page in obj.memq.items() if off not in kept]
     end = max(obj.size, max(obj.memq) + ps) if obj.memq else obj.size
@@ -655,10 +686,13 @@ class PagerServer:
         if check_int(window, "window") != obj.serial:
             raise MachError("KERN_INVALID_ARGUMENT", f"window {window} is not object "
                             f"{obj.serial}'s")
-        if obj.in_place.get(start) != start + count:
+        held = obj.in_place.get(start)
+        if held is None or held[0] != start + count:
             return False
         pages = _free_in_place(obj, start, start + count)
-        obj.vm.resident.vm_pages_free(obj, pages, [(start, start + count)])
+        if not (held[1] and obj.alive):  # (a clean's pages stay, clean)
+            obj.vm.resident.vm_pages_free(obj, pages, [(start, start + count)])
+        obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
         if not obj.in_place and not obj.alive:
             vm_object_terminate_finish(obj)
         return True
@@ -964,16 +998,17 @@ def evict_in_runs(vm: VmSystem, pages: list[VmPage]) -> int:
         elif vm_pageout_free_clean(vm, page):
             gone += 1
         else:
-            vm.phys.pmap_page_protect(page.frame, VM_PROT_NONE)
             if run is None or run.obj is not obj:
                 gone += run.send() if run is not None else 0
-                run = _WriteRun(obj, privileged=True)
+                run = _WriteRun(obj, True, not obj.internal and _takes_in_place(obj))
+            vm.phys.pmap_page_protect(  # (in place: its data must stay where it is)
+                page.frame, ~VM_PROT_WRITE & 7 if run.in_place else VM_PROT_NONE)
             gone += run.add(page)
             dirty.append((page, obj))
     gone += run.send() if run is not None else 0
     for page, obj in dirty:
-        if page.object is obj:  # still there: it could not go back now
-            vm.resident.vm_page_activate(page)
+        if page.object is obj and not page.busy:  # still there (not in place): it
+            vm.resident.vm_page_activate(page)  # could not go back now
     return gone
 
 

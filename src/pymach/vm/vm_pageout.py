@@ -348,9 +348,9 @@ def vm_pageout_hold(vm: VmSystem, holding: VmObject, obj: VmObject, off: int) ->
 
 
 def vm_pageout_hold_in_place(vm: VmSystem, obj: VmObject) -> None:
-    """Record a run of terminating external object `obj` written back in place, in
-    flight until its manager releases it; all of the object's runs share one deadline
-    (in `holdings`, as a holding object's, keyed by the object itself)."""
+    """Record a run of external object `obj` written back in place, in flight until
+    its manager releases it; all of the object's runs share one deadline (in
+    `holdings`, as a holding object's, keyed by the object itself)."""
     if obj not in vm.holdings:
         deadline, earliest = vm.kernel.sched.now() + vm.pageout_deadline_ms, _next_deadline(vm)
         if earliest is None or deadline < earliest:
