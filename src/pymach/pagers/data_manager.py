@@ -374,8 +374,9 @@ class DataManager:
     def pager_data_write_in_place(self, memory_object: int, request: int, window: int,
                                   offset: int, data_count: int) -> None:
         """A kernel left changed data of the object in its window (whose key is
-        `window`): read them, release them, and store them as a pager_data_write's. A window this manager no longer has is not released: the
-        kernel takes the data back at the pageout deadline and sends them again."""
+        `window`): read them, release them, and store them as a pager_data_write's. A
+        run in a window this manager no longer has is not released: the kernel takes
+        the data back at the pageout deadline and sends them again."""
         with self._lock:
             held = self._windows.get(request)
         if held is None or held.key != window:
