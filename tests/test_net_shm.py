@@ -412,5 +412,6 @@ def test_bench_net_shm_prints_messages_per_fault() -> None:
         run = out[mode]
         assert run["sequentially_consistent"] is True and run["operations"] == 200
         assert run["faults"] > 0 and run["messages"] >= 2 * run["faults"]
-        assert run["messages_per_fault"] == pytest.approx(
-            run["remote_messages_per_fault"] + run["local_messages_per_fault"], abs=0.02)
+        assert run["messages_per_fault"] == pytest.approx(  # (three roundings apart)
+            run["remote_messages_per_fault"] + run["local_messages_per_fault"]
+            + run["unattributed_messages_per_fault"], abs=0.021)

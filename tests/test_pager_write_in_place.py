@@ -25,6 +25,7 @@ from nativeutil import as_native_task, running_machd
 from pagerutil import Pager
 from pymach import Message
 from pymach.include.message import OOL
+from pymach.pagers.data_manager import WindowData
 from pymach.vm.memory_object import object_window
 
 PS = 4096
@@ -93,8 +94,9 @@ class Recorder(m.DataManager):
         super().pager_data_write_in_place(memory_object, request, window, offset,
                                           data_count)
 
-    def queue_write(self, mo: int, offset: int, data: OOL | bytes, data_count: int) -> None:
-        self.kinds.append("window" if isinstance(data, bytes) else "out of line")
+    def queue_write(self, mo: int, offset: int, data: OOL | WindowData,
+                    data_count: int) -> None:
+        self.kinds.append("out of line" if isinstance(data, OOL) else "window")
         super().queue_write(mo, offset, data, data_count)
 
     def write(self, memory_object: int, offset: int, data: bytes) -> None:
@@ -221,6 +223,62 @@ def test_pageouts_under_memory_pressure_go_back_in_place(
         assert set(kinds) == {"window"} and len(seen) > 1
 
 
+class SlowStore(m.DataManager):
+    """Page n reads as its stored word (n if none); write() takes 5 ms a call, so that a
+    run it has released may not be stored yet when a fault asks for it again (default
+    threads: another one answers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: dict[int, int] = {}
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        return b"".join(self.stored.get(p, p).to_bytes(8, "little") * (PS // 8)
+                        for p in range(offset // PS, (offset + length) // PS))
+
+    def write(self, memory_object: int, offset: int, data: bytes) -> None:
+        time.sleep(0.005)
+        for i in range(0, len(data), PS):
+            self.stored[(offset + i) // PS] = int.from_bytes(data[i:i + 8], "little")
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
+def _slow_store() -> Any:
+    manager = SlowStore()
+    mo = manager.create_memory_object()
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                       items=[m.Port(mo, m.MAKE_SEND)]))
+    manager.serve()
+    return len(manager.stored)
+
+
+def test_evicted_pages_read_back_at_once_have_their_data(
+        small_machd: str, request: pytest.FixtureRequest) -> None:
+    """Pages evicted in place and read back at once are found in memory (clean) until
+    the pageout daemon frees them, not asked of a manager that may not have stored
+    them yet."""
+    pages = 6000  # over the manager page limit of a machd of 32 MiB
+    for _ in as_native_task(small_machd, request):
+        pager = m.spawn(_slow_store, name="slow-store")
+        me = m.task_self()
+        box = m.port_allocate(me)
+        notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+        m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+        mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+        a = m.vm_allocate_with_pager(me, 0, pages * PS, True, mo, 0)
+        view = np.frombuffer(m.memory().buffer(a, pages * PS), dtype=np.int64)
+        words = view[::PS // 8]
+        words[:] = np.arange(pages) + 10**6  # every page changed, evictions under way
+        got = np.array(words)  # read back at once
+        del view, words
+        m.vm_deallocate(me, a, pages * PS)
+        assert pager.result(120_000) == pages
+        assert (got == np.arange(pages) + 10**6).all()
+
+
 # -- the kernel's side, in the embedded kernel with a stand-in window ------------------------
 def _windowed_object(kernel: Any, pages: int) -> tuple[Pager, int, int, Any]:
     """A hand-driven Pager's object of `pages` pages, mapped, every page read (provided)
@@ -314,7 +372,8 @@ class Driven(Recorder):
     "lock" takes page 1 from every task (pager_data_lock of all access: machd keeps its
     data aside, out of the object's memory, until a task touches it again), "flush"
     and "clean" are pager_flush_request and pager_clean_request of the first 4 pages,
-    "asked" answers how many pages read() was asked for."""
+    "lock2", "flush2" and "clean2" the same of page 2 only, and "asked" answers how
+    many pages read() was asked for."""
 
     def pager_init(self, memory_object: int, request: int, name: int) -> None:
         super().pager_init(memory_object, request, name)
@@ -324,14 +383,16 @@ class Driven(Recorder):
         while True:
             msg = m.msg_receive(go)
             reply, op = msg.items[0].value, msg.items[1].value  # type: ignore[union-attr]
-            if op == "lock":
-                m.pager_data_lock(self.request, PS, PS, m.VM_PROT_ALL)
-                out = 0
+            out, page = 0, (1 if op == "lock" else 2)  # ("...2": page 2 only)
+            if op in ("lock", "lock2"):
+                m.pager_data_lock(self.request, page * PS, PS, m.VM_PROT_ALL)
             elif op == "asked":
                 out = self.asked
             else:
-                call = m.pager_flush_request if op == "flush" else m.pager_clean_request
-                out = call(self.request, 0, 4 * PS)
+                call = m.pager_flush_request if op.startswith("flush") \
+                    else m.pager_clean_request
+                start, size = (2 * PS, PS) if op.endswith("2") else (0, 4 * PS)
+                out = call(self.request, start, size)
             m.msg_send(Message(remote_port=reply, items=[m.Int(out)]))  # type: ignore[arg-type]
 
 
@@ -401,6 +462,29 @@ def test_a_flush_goes_back_in_place_and_a_write_meanwhile_waits_for_it(task: str
     kinds, stored, seen = client.end()
     assert seen == [(PS, PS), (PS, PS)] and kinds == ["window", "window"]
     assert stored == {1: 222}
+
+
+def test_a_lock_on_a_page_held_in_place_waits_for_the_release(task: str) -> None:
+    """pager_data_lock of all access on a page of a run in place must not take its data
+    out of the window (where the manager is about to read it)."""
+    client = Client("slow")
+    client.set(2, 555)
+    assert client.ask("flush2") == 1
+    client.ask("lock2")  # while the run is in place (the manager reads it 0.3 s later)
+    kinds, stored, _ = client.end()
+    assert stored == {2: 555} and kinds == ["window"]
+
+
+def test_a_flush_of_a_page_a_clean_holds_in_place_drops_it_once_released(
+        task: str) -> None:
+    client = Client("slow")
+    client.set(2, 333)
+    assert client.ask("clean2") == 1
+    client.ask("flush2")  # while the clean's run is in place: taken from this task
+    asked = client.ask("asked")
+    assert client.word(2) == 333  # (waits for the release: then dropped, asked again)
+    assert client.ask("asked") > asked
+    client.end()
 
 
 def test_a_clean_keeps_the_pages_it_writes_back_in_place(task: str) -> None:

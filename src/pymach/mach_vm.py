@@ -170,6 +170,19 @@ class PagerWindow:
                 done += len(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def holds(self, offset: int, size: int) -> bool:
+        """False if the window has a hole in [offset, offset+size) now: the kernel took
+        a page of it back (read before: what was read there may be zeros). True if
+        not, or where the memory cannot tell (hugetlbfs reports no holes)."""
+        with self.lock:
+            if self.fd < 0:
+                return False
+            try:
+                return os.lseek(self.fd, offset - self.base, os.SEEK_HOLE) >= \
+                    offset - self.base + size
+            except OSError:  # (ENXIO: past the end)
+                return False
+
     def close(self) -> None:
         """Give the descriptor back (idempotent; after a write under way)."""
         with self.lock:

@@ -75,7 +75,12 @@ from pymach.include.mig import (
 from pymach.include.vm_param import round_page, trunc_page
 from pymach.ipc.ipc_notify import NOTIFY_OVERFLOW, NOTIFY_PORT_DELETED
 from pymach.mach_vm import memory, vm_page_size
-from pymach.pagers.data_manager import DataManager, release_written, written_bytes
+from pymach.pagers.data_manager import (
+    DataManager,
+    WindowData,
+    release_written,
+    written_bytes,
+)
 from pymach.pagers.fs import FileServer, fs_defs
 
 NINODE = 1024  # inode records in the table
@@ -595,7 +600,8 @@ class UnixFileServer(FileServer):
             self.pager_messages += 1
             self._dispatch_one(msg)
 
-    def queue_write(self, mo: int, offset: int, data: OOL | bytes, data_count: int) -> None:
+    def queue_write(self, mo: int, offset: int, data: OOL | WindowData,
+                    data_count: int) -> None:
         """A file's write-back is stored at once, by the object's own thread (the
         order the barrier relies on); the table's go through the base class's queue."""
         if mo not in self.by_object:

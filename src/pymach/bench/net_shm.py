@@ -397,6 +397,8 @@ def figures(run: Run) -> dict[str, Any]:
         "messages_per_fault": per(received + sent, faults),
         "remote_messages_per_fault": per(sum(c[2] + c[3] for c in remote), faults),
         "local_messages_per_fault": per(local[2] + local[3], faults),
+        "unattributed_messages_per_fault": per(  # write-backs no fault asked for
+            received + sent - sum(c[2] + c[3] for c in run.counts), faults),
         "remote_faults": remote_faults,
         "messages_per_remote_fault": per(sum(c[1] for c in remote), remote_faults),
         "local_faults": local[0],

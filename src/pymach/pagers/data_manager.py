@@ -78,8 +78,8 @@ _DATA_WRITE = memory_object_defs.by_name["pager_data_write"]
 _BASE_STATE = frozenset({"uses", "_by_request", "_stop_port", "_task", "_deferred", "_lock",
                          "_started", "_busy", "_writes", "_writing", "_windows",
                          "window_bytes"})
-Write = tuple[int, int, OOL | bytes, int]  # memory object, offset, data (out of line,
-# or read from the object's window), data_count
+Write = tuple[int, int, "OOL | WindowData", int]  # memory object, offset, data (out of
+# line, or read from the object's window), data_count
 WRITE_RUN_MAX = 16 << 20  # bytes one write() call gets at most (a run is split beyond)
 OOL_MIN = 1 << 20  # provided data this large go out of line in a native task (provide)
 STAGING_PAGES = 16  # ... through the thread's staging region if so many pages hold them
@@ -204,7 +204,8 @@ class DataManager:
             _refused(held, e)  # nothing was sent
         return mach.msg_receive()
 
-    def queue_write(self, mo: int, offset: int, data: OOL | bytes, data_count: int) -> None:
+    def queue_write(self, mo: int, offset: int, data: OOL | WindowData,
+                    data_count: int) -> None:
         """Store written-back data (see module docstring): this thread stores it, and
         whatever arrives meanwhile, unless another thread is at it. Unless a subclass
         overrides pager_data_write, the writes already queued are joined into runs."""
@@ -374,9 +375,11 @@ class DataManager:
     def pager_data_write_in_place(self, memory_object: int, request: int, window: int,
                                   offset: int, data_count: int) -> None:
         """A kernel left changed data of the object in its window (whose key is
-        `window`): read them, release them, and store them as a pager_data_write's. A
-        run in a window this manager no longer has is not released: the kernel takes
-        the data back at the pageout deadline and sends them again."""
+        `window`): read them and store them as a pager_data_write's, then release them
+        (as an out-of-line region is deallocated only once stored: until then a fault
+        on those pages waits for them, not for this manager's store). A run in a window
+        this manager no longer has is not released: the kernel takes the data back at
+        the pageout deadline and sends them again."""
         with self._lock:
             held = self._windows.get(request)
         if held is None or held.key != window:
@@ -389,13 +392,10 @@ class DataManager:
             log.warning("a write-back in place could not be read (%s): left to the "
                         "kernel's deadline", e)
             return
-        try:
-            in_time = mach.pager_data_write_released(request, window, offset, data_count)
-        except MachError as e:  # (past the deadline the kernel let go of the object:
-            log.info("a write-back in place released too late: %s", e)  # the data come
-            return  # again in pager_data_write)
-        if in_time:  # (else the kernel took them back: they come in pager_data_write)
-            self.queue_write(memory_object, offset, data, data_count)
+        if not held.holds(offset, data_count):  # the kernel took them back (a late
+            return  # manager): they come again in pager_data_write
+        self.queue_write(memory_object, offset,
+                         WindowData(data, request, window, offset, data_count), data_count)
 
     def pager_data_unlock(self, memory_object: int, request: int, offset: int, length: int,
                           access: int) -> None:
@@ -414,18 +414,46 @@ class DataManager:
         """Store changed bytes of the object."""
 
 
-def written_bytes(data: OOL | bytes, count: int) -> bytes:
+class WindowData:
+    """Written-back data read from the object's window (pager_data_write_in_place),
+    and what releasing them takes."""
+
+    __slots__ = ("count", "data", "offset", "request", "window")
+
+    def __init__(self, data: bytes, request: int, window: int, offset: int,
+                 count: int) -> None:
+        self.data, self.request, self.window = data, request, window
+        self.offset, self.count = offset, count
+
+    def release(self) -> None:
+        """pager_data_write_released (once stored); a refusal is logged: the kernel
+        took the data back past its deadline and sends them again."""
+        try:
+            in_time = mach.pager_data_write_released(self.request, self.window,
+                                                     self.offset, self.count)
+        except MachError as e:  # (the kernel let go of the object meanwhile)
+            in_time, reason = False, str(e)
+        else:
+            reason = "past the pageout deadline"
+        if not in_time:
+            log.warning("a write-back in place was released too late (%s): what was "
+                        "stored may not be the data, which come again", reason)
+
+
+def written_bytes(data: OOL | WindowData, count: int) -> bytes:
     """The `count` bytes of a queued write-back (queue_write's `data`): read from its
     out-of-line region, or as read from the object's window."""
-    if isinstance(data, bytes):
-        return data[:count]
+    if isinstance(data, WindowData):
+        return data.data[:count]
     return memory().read(data.address, data.size)[:count] if data.size else b""
 
 
-def release_written(data: OOL | bytes) -> None:
-    """Let go of a queued write-back once stored: deallocate its out-of-line region
-    (data read from the window hold nothing of the kernel's)."""
-    if isinstance(data, OOL) and data.size:
+def release_written(data: OOL | WindowData) -> None:
+    """Let go of a queued write-back once stored: deallocate its out-of-line region, or
+    release the run read from the window."""
+    if isinstance(data, WindowData):
+        data.release()
+    elif data.size:
         mach.vm_deallocate(mach.task_self(), data.address, data.size)
 
 

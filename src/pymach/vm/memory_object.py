@@ -328,6 +328,10 @@ def pager_died(vm: VmSystem, port: Port) -> None:
 
 # -- cleaning and caching -----------------------------------------------------------------
 
+DROP, KEEP, DEACTIVATE = 0, 1, 2  # what becomes of a write-back run's pages once
+# released, when they went back in place ("write-backs in place" below)
+
+
 def _write_back(page: VmPage, flush: bool, privileged: bool) -> bool:
     """Send a dirty page's data to its manager: a copy of it for a clean (the page
     stays), or the page itself for a flush. A clean with no free frame for the copy
@@ -351,19 +355,21 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
     an external object sends its adjacent dirty pages a run per message (_WriteRun)."""
     vm = obj.vm
     in_place = not obj.internal and _takes_in_place(obj)
-    run = _WriteRun(obj, privileged, in_place, keep=not flush) \
+    run = _WriteRun(obj, privileged, in_place, DROP if flush else KEEP) \
         if in_place or (flush and not obj.internal) else None
     written = 0
     for off in sorted(o for o in obj.memq if start <= o < end):
         page = obj.memq[off]
         if page.busy:
+            if flush and obj.in_place:  # (a run in place stays only until released)
+                _drop_when_released(obj, off)
             continue
         if terminating and not (page.dirty or page.precious
                                 or vm.phys.pmap_is_modified(page.frame)):
             continue  # clean: freed with the rest by the caller
-        if not terminating:  # (in place, the data must stay where the manager reads
-            vm.phys.pmap_page_protect(  # them: write-protected, not taken away)
-                page.frame, VM_PROT_NONE if flush and not in_place else ~VM_PROT_WRITE & 7)
+        if not terminating:  # (a page taken from every task whose data go back in
+            vm.phys.pmap_page_protect(  # place is put back in the window first)
+                page.frame, VM_PROT_NONE if flush else ~VM_PROT_WRITE & 7)
         if flush and obj.copy is not None:
             push_to_copy_object(obj, page)
         dirty = (vm.resident.vm_page_is_dirty(page) or page.precious) \
@@ -396,12 +402,12 @@ class _WriteRun:
     adjacent pages (up to WRITE_RUN_PAGES) per pager_data_write (_pageout_run), not a
     message per page. A run its manager cannot take now goes page by page
     (_write_back), as before. With `in_place` (the caller only write-protected the
-    pages) a run goes in place if it can (_write_in_place); with `keep` (a clean) its
-    pages stay once written."""
+    pages) a run goes in place if it can (_write_in_place), and `after` says what
+    becomes of its pages once released (DROP, KEEP or DEACTIVATE)."""
 
     def __init__(self, obj: VmObject, privileged: bool, in_place: bool = False,
-                 keep: bool = False) -> None:
-        self.obj, self.privileged, self.in_place, self.keep = obj, privileged, in_place, keep
+                 after: int = DROP) -> None:
+        self.obj, self.privileged, self.in_place, self.after = obj, privileged, in_place, after
         self.pages: list[VmPage] = []
 
     def add(self, page: VmPage) -> int:
@@ -420,11 +426,12 @@ class _WriteRun:
         if not pages:
             return 0
         if self.in_place:
-            if _write_in_place(pages, self.keep):
+            if _write_in_place(pages, self.after):
                 return len(pages)
-            if self.keep:  # as a clean does without windows: a copy of each
+            if self.after == KEEP:  # as a clean does without windows: a copy of each
                 return sum(_write_back(page, False, self.privileged) for page in pages)
-            _take_from_tasks(pages)  # they leave memory the old way
+            if self.obj.alive:  # they leave memory the old way
+                _take_from_tasks(pages)
         if len(pages) > 1 and _pageout_run(pages):
             return len(pages)
         return sum(_write_back(page, True, self.privileged) for page in pages)
@@ -461,11 +468,15 @@ def _pageout_run(pages: list[VmPage]) -> bool:
 # (writes_in_place), a run of dirty pages going back (a flush, a clean, a pageout, the
 # object's termination) stays where it is, in the object's memory:
 # pager_data_write_in_place names the range, the manager reads it from its window and
-# releases it (pager_data_write_released), and only then are those pages freed (kept,
-# clean, for a clean of a live object) and, if it was the last run of a terminating
-# object, the termination finished (vm_object_terminate_finish). Until then the pages
-# are busy and wired (a fault on one waits, as on any page in transit), and tasks keep
-# them at most read-only; a terminating object keeps its memory and request port.
+# releases it (pager_data_write_released), and only then are those pages freed (a
+# flush, a termination) or made clean pages (a clean; a pageout's go to the inactive
+# queue: until the next scan frees them, a fault finds them there rather than asking
+# the manager, which may not have stored them yet, just as a holding object serves
+# such faults), and, after the last run of a terminating object, the termination
+# finished (vm_object_terminate_finish). Until then the pages are busy and wired (a
+# fault on one waits, as on any page in transit); tasks keep them at most read-only
+# (none, for a flush: a page taken from every task has its data put back in the
+# window, object_pages_home); a terminating object keeps its memory and request port.
 # Nothing is copied in machd, and no holding object is made. By the pageout deadline
 # (vm_pageout.py, shared by all of an object's runs) a manager that has released none
 # of them is errant: its runs are taken back and go the way of any write-back (a
@@ -478,10 +489,10 @@ def _takes_in_place(obj: VmObject) -> bool:
             and obj.pager_request is not None and vm_pageout_possible(obj))
 
 
-def _write_in_place(pages: list[VmPage], keep: bool = False) -> bool:
+def _write_in_place(pages: list[VmPage], after: int = DROP) -> bool:
     """pager_data_write_in_place of a run of adjacent dirty pages of one object (see
-    above): they stay, busy and wired, until released (and then stay, with `keep`,
-    if the object is alive). False if the manager cannot take data now, or if the
+    above): they stay, busy and wired, until released (and then as `after` says, if
+    the object is alive). False if the manager cannot take data now, or if the
     machine cannot put a page's data in the window (nothing done)."""
     obj = pages[0].object
     assert obj is not None
@@ -493,7 +504,8 @@ def _write_in_place(pages: list[VmPage], keep: bool = False) -> bool:
     for page in pages:
         vm.resident.vm_page_wire(page)
         page.busy, page.dirty = True, False
-    obj.in_place[first] = (end, keep)
+    obj.in_place[first] = (end, after)
+    obj.in_place_pages += len(pages)
     vm_pageout_hold_in_place(vm, obj)
     vm.resident.stats.pageouts += len(pages)
     _send(obj, obj.pager, "pager_data_write_in_place",
@@ -508,11 +520,54 @@ def _free_in_place(obj: VmObject, start: int, end: int) -> list[VmPage]:
     del obj.in_place[start]
     vm = obj.vm
     pages = [obj.memq[o] for o in range(start, end, vm.page_size) if o in obj.memq]
+    obj.in_place_pages -= len(pages)
     for page in pages:
         page.busy = False
         vm.resident.vm_page_unwire(page)
     vm_pageout_released_in_place(vm, obj)
     return pages
+
+
+def _settle_released(obj: VmObject, start: int, pages: list[VmPage], after: int) -> None:
+    """The pages of a run released in place: freed, or (a live object's clean or
+    pageout) kept as clean pages, with any lock set meanwhile now applied."""
+    vm = obj.vm
+    if after == DROP or not obj.alive:
+        vm.resident.vm_pages_free(obj, pages, [(start, start + len(pages) * vm.page_size)]
+                                  if pages else [])
+        return
+    for page in pages:
+        if page.page_lock:
+            vm.phys.pmap_page_protect(page.frame, VM_PROT_ALL & ~page.page_lock)
+        if after == DEACTIVATE:
+            vm.resident.vm_page_deactivate(page)
+
+
+def _held_run(obj: VmObject, off: int) -> int | None:
+    """The start of the run in place of `obj` that holds offset `off`, if any."""
+    for start, (end, _) in obj.in_place.items():
+        if start <= off < end:
+            return start
+    return None
+
+
+def _drop_when_released(obj: VmObject, off: int) -> None:
+    """A flush met a page of a run in place: it is taken from every task now (its data
+    put back in the window for the manager), and the run's pages go once released,
+    whatever the run was sent for (a clean's, a pageout's)."""
+    start = _held_run(obj, off)
+    if start is not None:
+        obj.in_place[start] = (obj.in_place[start][0], DROP)
+        _take_from_tasks_in_place([obj.memq[off]])
+
+
+def _take_from_tasks_in_place(pages: list[VmPage]) -> None:
+    """Take pages held in place from every task (a flush, a lock of read access) and
+    put their data back in the window, where the manager reads them."""
+    phys = pages[0].object.vm.phys  # type: ignore[union-attr]
+    for page in pages:
+        phys.pmap_page_protect(page.frame, VM_PROT_NONE)
+    phys.object_pages_home([page.frame for page in pages])
 
 
 def _take_from_tasks(pages: list[VmPage]) -> None:
@@ -529,13 +584,14 @@ def in_place_expired(obj: VmObject) -> None:
     the manager is gone), a clean's pages stay dirty, and a terminating object's
     termination finishes."""
     vm = obj.vm
-    for start, (end, keep) in sorted(obj.in_place.items()):
+    for start, (end, after) in sorted(obj.in_place.items()):
         pages = _free_in_place(obj, start, end)
         vm.kernel.trace_event(f"write-back in place expired: obj{obj.serial} "
                               f"{start:#x}+{end - start:#x}")
-        if keep and obj.alive:
+        if after == KEEP and obj.alive:
             for page in pages:
                 page.dirty = True
+            _settle_released(obj, start, pages, KEEP)  # (its lock, if one came)
             continue
         if obj.alive:
             _take_from_tasks(pages)
@@ -689,9 +745,7 @@ class PagerServer:
         held = obj.in_place.get(start)
         if held is None or held[0] != start + count:
             return False
-        pages = _free_in_place(obj, start, start + count)
-        if not (held[1] and obj.alive):  # (a clean's pages stay, clean)
-            obj.vm.resident.vm_pages_free(obj, pages, [(start, start + count)])
+        _settle_released(obj, start, _free_in_place(obj, start, start + count), held[1])
         obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
         if not obj.in_place and not obj.alive:
             vm_object_terminate_finish(obj)
@@ -972,7 +1026,8 @@ def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
     if vm.resident.manager_resident(obj) <= vm.manager_page_limit:
         return  # (counted as pages come and go: no walk over the objects)
     mine = _manager_objects(obj)
-    count = sum(len(o.memq) for o in mine)
+    count = sum(len(o.memq) - o.in_place_pages for o in mine)  # (held in place: on
+    # their way back, not victims)
     if count <= vm.manager_page_limit:
         return
     low = vm.manager_page_limit - max(1, int(vm.manager_page_limit * MANAGER_SLACK))
@@ -1000,7 +1055,8 @@ def evict_in_runs(vm: VmSystem, pages: list[VmPage]) -> int:
         else:
             if run is None or run.obj is not obj:
                 gone += run.send() if run is not None else 0
-                run = _WriteRun(obj, True, not obj.internal and _takes_in_place(obj))
+                run = _WriteRun(obj, True, not obj.internal and _takes_in_place(obj),
+                                DEACTIVATE)
             vm.phys.pmap_page_protect(  # (in place: its data must stay where it is)
                 page.frame, ~VM_PROT_WRITE & 7 if run.in_place else VM_PROT_NONE)
             gone += run.add(page)
@@ -1028,6 +1084,8 @@ def _set_lock(obj: VmObject, page: VmPage, lock: int) -> None:
     page.unlock_request &= lock
     if lock:
         vm.phys.pmap_page_protect(page.frame, VM_PROT_ALL & ~lock)
+        if page.busy and obj.in_place and _held_run(obj, page.offset) is not None:
+            vm.phys.object_pages_home([page.frame])  # (its data stay in the window)
 
 
 def _take_back(obj: VmObject, off: int) -> None:

@@ -78,10 +78,11 @@ class VmObject:
         self.can_persist = False  # pager_cache: keep after the last reference
         self.windowed = False  # its manager was given a window (memory_object.py)
         self.writes_in_place = False  # ... and takes its write-backs there
-        self.in_place: dict[int, tuple[int, bool]] = {}  # external: start -> (end, kept
-        # once written: a clean) of each run written back in place
+        self.in_place: dict[int, tuple[int, int]] = {}  # external: start -> (end, what
+        # becomes of its pages once released) of each run written back in place
         # (pager_data_write_in_place) and not yet released; its pages stay (busy,
         # wired) until then, and so does a terminating object (memory_object.py)
+        self.in_place_pages = 0  # the pages of those runs
         self.counted_as: object | None = None  # the data manager its resident pages
         # count for (vm_page.py: VmResident.manager_pages)
         self.pages_gone = 0  # external: pages that have left it (freed or moved)
