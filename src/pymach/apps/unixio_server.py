@@ -609,8 +609,11 @@ class UnixFileServer(FileServer):
             return
         try:
             self.pager_data_write(mo, offset, written_bytes(data, data_count))
-        finally:
-            release_written(data)
+        except BaseException:  # (data read from the window are left to the kernel's
+            if isinstance(data, OOL):  # deadline, which sends them again)
+                release_written(data)
+            raise
+        release_written(data)
 
     def pager_data_write(self, memory_object: int, offset: int, data: bytes) -> None:
         """Store written-back pages: a file's on disk (up to its size), the table's here."""

@@ -226,8 +226,11 @@ class DataManager:
                 for _ in batch:
                     self._writes.popleft()
             for run in write_runs(batch):
-                self._store_run(run)
-                mo = run[0][0]
+                try:
+                    self._store_run(run)
+                except Exception:  # (one failed store neither stops the others nor
+                    log.exception("a data manager's store of written-back data failed")
+                mo = run[0][0]  # leaves the queue without a thread to store it)
 
     def _take_queued_writes(self, mo: int) -> None:
         """Queue, without waiting, the pager_data_write messages already queued on `mo`
@@ -252,13 +255,19 @@ class DataManager:
             taken += count
 
     def _store_run(self, run: list[Write]) -> None:
-        """Hand one run of written-back data to pager_data_write, then release it."""
+        """Hand one run of written-back data to pager_data_write, then release it (only
+        now: until then the kernel still has the data). A store that raises releases
+        nothing read from a window (the kernel takes those back at its deadline and
+        sends them again); out-of-line regions are deallocated either way."""
+        stored = False
         try:
             raw = b"".join(written_bytes(data, count) for _, _, data, count in run)
             self.pager_data_write(run[0][0], run[0][1], raw)
-        finally:  # released only now: until then the kernel still has the data
+            stored = True
+        finally:
             for _, _, data, _ in run:
-                release_written(data)
+                if stored or not isinstance(data, WindowData):
+                    release_written(data)
 
     def await_message(self, port: int, wanted: Any, timeout_ms: float = 30_000) -> Message:
         """Receive on `port` until `wanted(msg)` holds; other messages are kept and served

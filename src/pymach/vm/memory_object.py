@@ -475,8 +475,10 @@ def _pageout_run(pages: list[VmPage]) -> bool:
 # such faults), and, after the last run of a terminating object, the termination
 # finished (vm_object_terminate_finish). Until then the pages are busy and wired (a
 # fault on one waits, as on any page in transit); tasks keep them at most read-only
-# (none, for a flush: a page taken from every task has its data put back in the
-# window, object_pages_home); a terminating object keeps its memory and request port.
+# (none, for a flush: its pages are taken from every task and their data put back in
+# the window, object_pages_home, before the manager is told; a flush or a lock that
+# meets a page already held takes effect at the release, as on a busy page in Mach);
+# a terminating object keeps its memory and request port.
 # Nothing is copied in machd, and no holding object is made. By the pageout deadline
 # (vm_pageout.py, shared by all of an object's runs) a manager that has released none
 # of them is errant: its runs are taken back and go the way of any write-back (a
@@ -552,22 +554,13 @@ def _held_run(obj: VmObject, off: int) -> int | None:
 
 
 def _drop_when_released(obj: VmObject, off: int) -> None:
-    """A flush met a page of a run in place: it is taken from every task now (its data
-    put back in the window for the manager), and the run's pages go once released,
-    whatever the run was sent for (a clean's, a pageout's)."""
+    """A flush met a page of a run in place: the run's pages go once released,
+    whatever the run was sent for (a clean's, a pageout's). Until then tasks keep
+    them read-only: taking one from every task would punch its data out of the window
+    while the manager may be reading it there."""
     start = _held_run(obj, off)
     if start is not None:
         obj.in_place[start] = (obj.in_place[start][0], DROP)
-        _take_from_tasks_in_place([obj.memq[off]])
-
-
-def _take_from_tasks_in_place(pages: list[VmPage]) -> None:
-    """Take pages held in place from every task (a flush, a lock of read access) and
-    put their data back in the window, where the manager reads them."""
-    phys = pages[0].object.vm.phys  # type: ignore[union-attr]
-    for page in pages:
-        phys.pmap_page_protect(page.frame, VM_PROT_NONE)
-    phys.object_pages_home([page.frame for page in pages])
 
 
 def _take_from_tasks(pages: list[VmPage]) -> None:
@@ -1082,10 +1075,10 @@ def _set_lock(obj: VmObject, page: VmPage, lock: int) -> None:
     vm = obj.vm
     page.page_lock = lock
     page.unlock_request &= lock
-    if lock:
-        vm.phys.pmap_page_protect(page.frame, VM_PROT_ALL & ~lock)
-        if page.busy and obj.in_place and _held_run(obj, page.offset) is not None:
-            vm.phys.object_pages_home([page.frame])  # (its data stay in the window)
+    if lock and not (page.busy and obj.in_place and _held_run(obj, page.offset) is not None):
+        vm.phys.pmap_page_protect(page.frame, VM_PROT_ALL & ~lock)  # (on a page held
+        # in place, at its release: _settle_released; until then it is read-only, and
+        # its data stay in the window, where the manager may be reading them)
 
 
 def _take_back(obj: VmObject, off: int) -> None:
