@@ -92,6 +92,8 @@ def test_bench_native_small() -> None:
               "swap_file_pwrite_us_per_page")
     _ratio_ok(pager, "ratio_pressure_read_back_vs_pread", "pressure_read_back_us_per_page",
               "swap_file_pread_us_per_page")
+    _ratio_ok(pager, "ratio_pager_pressure_write_vs_pwrite",
+              "pager_pressure_write_us_per_page", "swap_file_pwrite_us_per_page")
 
 
 # -- the baselines (pymach.bench.baselines) --------------------------------------------

@@ -17,7 +17,9 @@ Each figure is measured together with its baseline in the same run, on this mach
   dirty pages to the trivial pager when the region is deallocated, beside msync of as
   many dirty pages of a file mapping; and (no target) 96 MiB of anonymous memory
   written and read back in a machd of 64 MiB (through the default pager) beside
-  pwrite and pread of as many pages of a file, a page per call.
+  pwrite and pread of as many pages of a file, a page per call, and the same 96 MiB of
+  a trivial pager's object written (its pages asked of the pager, then evicted back to
+  it in place) beside the same pwrite.
 Each target is a ratio to its baseline: the JSON carries both figures, the ratio
 ("ratio_X_vs_Y") and the target ("target_ratio_X_vs_Y_at_most" or "_at_least"). The
 baselines are in `pymach.bench.baselines`. The benchmark starts its own machd (a
@@ -296,6 +298,23 @@ def bench_pressure(size: int) -> tuple[float, float]:
     return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
 
 
+def bench_pager_pressure(size: int) -> float:
+    """Microseconds per page to write one word of every page of a `size`-byte region of
+    a Trivial pager's object, more than machd's memory: each page is asked of the pager
+    (a cluster at a time) and, dirty, evicted back to it by the pageout daemon (through
+    its window: write-backs in place)."""
+    h, a = _pager_region(size)
+    n = size // PAGE
+    view = np.frombuffer(pymach.memory().buffer(a, size), dtype=np.uint64)
+    t0 = time.perf_counter()
+    view[::PAGE // 8] = np.arange(n, dtype=np.uint64)
+    dt = time.perf_counter() - t0
+    del view
+    pymach.vm_deallocate(pymach.task_self(), a, size)
+    h.result(120_000)
+    return dt / n * 1e6
+
+
 def bench_zero_fill_fault(pages: int) -> float:
     """Microseconds per zero-fill fault of a native task (machd, no pager)."""
     me = pymach.task_self()
@@ -437,6 +456,7 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     msync = statistics.median(baselines.msync_us_per_page(writeback_size) for _ in range(3))
     with native_task("--memory", f"{pressure[1] // MIB}M", "--pager-cluster", "16"):
         out, back = bench_pressure(pressure[0])
+        pager_out = bench_pager_pressure(pressure[0])
     swap_out, swap_back = baselines.swap_file_us_per_page(pressure[0])
     naive_stream = baselines.naive_uffd_stream_gbps(stream_size, 64)
     cached = bench_mmap_file(stream_size)
@@ -468,7 +488,9 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
             "swap_file_pwrite_us_per_page": round(swap_out, 2),
             "swap_file_pread_us_per_page": round(swap_back, 2),
             "ratio_pressure_write_vs_pwrite": _ratio(out, swap_out),
-            "ratio_pressure_read_back_vs_pread": _ratio(back, swap_back)}
+            "ratio_pressure_read_back_vs_pread": _ratio(back, swap_back),
+            "pager_pressure_write_us_per_page": round(pager_out, 1),
+            "ratio_pager_pressure_write_vs_pwrite": _ratio(pager_out, swap_out)}
 
 
 HUGE = 2 * MIB
