@@ -120,16 +120,22 @@ def _recorder(mode: str, in_place: bool) -> Any:
     return manager.seen, manager.kinds, manager.stored, manager.outcomes
 
 
+def _ask(pager: Any) -> Message:
+    """Ask a spawned manager task for what it hands out (its task notify port): the
+    message it answers with (its memory object port first)."""
+    box = m.port_allocate(m.task_self())
+    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
+    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
+    return m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+
+
 def _write_back(mode: str, in_place: bool = True) -> tuple[Any, ...]:
     """Map PAGES pages of a new Recorder's object, read them all (so the manager has its
     window), change the first word of the pages of CHANGED (two runs), and deallocate:
     what the manager recorded, once it has seen the object's termination."""
     pager = m.spawn(_recorder, mode, in_place, name=f"recorder-{mode}")
     me = m.task_self()
-    box = m.port_allocate(me)
-    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
-    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
-    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    mo = _ask(pager).items[0].value
     a = m.vm_allocate_with_pager(me, 0, PAGES * PS, True, mo, 0)
     view = np.frombuffer(m.memory().buffer(a, PAGES * PS), dtype=np.int64)
     pages = view.reshape(PAGES, PS // 8)
@@ -189,10 +195,7 @@ def test_a_run_past_the_window_the_manager_was_given_goes_back_in_place(task: st
     past the window's first size is still read there, with no wait for the deadline."""
     pager = m.spawn(_recorder, "take", True, name="recorder-grown")
     me = m.task_self()
-    box = m.port_allocate(me)
-    notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
-    m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
-    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    mo = _ask(pager).items[0].value
     a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)
     assert m.memory().read(a, 8) == bytes(8)  # the manager takes its window: 4 pages
     b = m.vm_allocate_with_pager(me, 0, 8 * PS, True, mo, 0)  # the object grows
@@ -218,10 +221,7 @@ def test_pageouts_under_memory_pressure_go_back_in_place(
     for _ in as_native_task(small_machd, request):
         pager = m.spawn(_recorder, "take", True, name="recorder-pressure")
         me = m.task_self()
-        box = m.port_allocate(me)
-        notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
-        m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
-        mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+        mo = _ask(pager).items[0].value
         a = m.vm_allocate_with_pager(me, 0, pages * PS, True, mo, 0)
         view = np.frombuffer(m.memory().buffer(a, pages * PS), dtype=np.int64)
         view[::PS // 8] = np.arange(pages) + 10**6
@@ -273,10 +273,7 @@ def test_evicted_pages_read_back_at_once_have_their_data(
     for _ in as_native_task(small_machd, request):
         pager = m.spawn(_slow_store, name="slow-store")
         me = m.task_self()
-        box = m.port_allocate(me)
-        notify = m.task_get_special_port(pager.port, m.TASK_NOTIFY_PORT)
-        m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
-        mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+        mo = _ask(pager).items[0].value
         a = m.vm_allocate_with_pager(me, 0, pages * PS, True, mo, 0)
         view = np.frombuffer(m.memory().buffer(a, pages * PS), dtype=np.int64)
         words = view[::PS // 8]
@@ -424,10 +421,7 @@ class Client:
     def __init__(self, mode: str) -> None:
         self.pager = m.spawn(_driven, mode, name=f"driven-{mode}")
         me = m.task_self()
-        box = m.port_allocate(me)
-        notify = m.task_get_special_port(self.pager.port, m.TASK_NOTIFY_PORT)
-        m.msg_send(Message(remote_port=notify, items=[m.Port(box, m.MAKE_SEND)]))
-        got = m.msg_receive(box, m.RCV_TIMEOUT, 20_000)
+        got = _ask(self.pager)
         mo, self.go = got.items[0].value, got.items[1].value
         self.reply = m.port_allocate(me)
         self.a = m.vm_allocate_with_pager(me, 0, 4 * PS, True, mo, 0)
