@@ -110,13 +110,19 @@ class Recorder(m.DataManager):
         self.stop()
 
 
-def _recorder(mode: str, in_place: bool) -> Any:
-    manager = Recorder(mode, in_place)
+def _hand_out(manager: m.DataManager, *ports: int) -> Any:
+    """In a manager task: a new memory object of `manager`, handed (with send rights to
+    `ports`) to whoever asks on the task notify port, then served; the manager."""
     mo = manager.create_memory_object()
     ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
     m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
-                       items=[m.Port(mo, m.MAKE_SEND)]))
+                       items=[m.Port(port, m.MAKE_SEND) for port in (mo, *ports)]))
     manager.serve()
+    return manager
+
+
+def _recorder(mode: str, in_place: bool) -> Any:
+    manager = _hand_out(Recorder(mode, in_place))
     return manager.seen, manager.kinds, manager.stored, manager.outcomes
 
 
@@ -255,13 +261,7 @@ class SlowStore(m.DataManager):
 
 
 def _slow_store() -> Any:
-    manager = SlowStore()
-    mo = manager.create_memory_object()
-    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
-    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
-                       items=[m.Port(mo, m.MAKE_SEND)]))
-    manager.serve()
-    return len(manager.stored)
+    return len(_hand_out(SlowStore()).stored)
 
 
 def test_evicted_pages_read_back_at_once_have_their_data(
@@ -404,14 +404,9 @@ class Driven(Recorder):
 
 def _driven(mode: str) -> Any:
     manager = Driven(mode, True)
-    mo = manager.create_memory_object()
-    me = m.task_self()
-    go = m.port_allocate(me)
-    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
-    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
-                       items=[m.Port(mo, m.MAKE_SEND), m.Port(go, m.MAKE_SEND)]))
-    m.thread_create(me, manager.drive, go)
-    manager.serve()
+    go = m.port_allocate(m.task_self())
+    m.thread_create(m.task_self(), manager.drive, go)
+    _hand_out(manager, go)
     return manager.kinds, manager.stored, manager.seen
 
 

@@ -486,7 +486,7 @@ def _pageout_run(pages: list[VmPage]) -> bool:
 # dirty), and a late release learns it (`in_time` False).
 
 def _takes_in_place(obj: VmObject) -> bool:
-    """True if the dirty pages of terminating `obj` may go back in place."""
+    """True if the dirty pages of external object `obj` may go back in place."""
     return (obj.writes_in_place and obj.windowed and obj.vm.phys.object_windows
             and obj.pager_request is not None and vm_pageout_possible(obj))
 
@@ -530,13 +530,13 @@ def _free_in_place(obj: VmObject, start: int, end: int) -> list[VmPage]:
     return pages
 
 
-def _settle_released(obj: VmObject, start: int, pages: list[VmPage], after: int) -> None:
-    """The pages of a run released in place: freed, or (a live object's clean or
-    pageout) kept as clean pages, with any lock set meanwhile now applied."""
+def _settle_released(obj: VmObject, run: tuple[int, int], pages: list[VmPage],
+                     after: int) -> None:
+    """The pages of run [start, end) released in place: freed, or (a live object's
+    clean or pageout) kept as clean pages, with any lock set meanwhile now applied."""
     vm = obj.vm
     if after == DROP or not obj.alive:
-        vm.resident.vm_pages_free(obj, pages, [(start, start + len(pages) * vm.page_size)]
-                                  if pages else [])
+        vm.resident.vm_pages_free(obj, pages, [run])
         return
     for page in pages:
         if page.page_lock:
@@ -584,7 +584,7 @@ def in_place_expired(obj: VmObject) -> None:
         if after == KEEP and obj.alive:
             for page in pages:
                 page.dirty = True
-            _settle_released(obj, start, pages, KEEP)  # (its lock, if one came)
+            _settle_released(obj, (start, end), pages, KEEP)  # (its lock, if one came)
             continue
         if obj.alive:
             _take_from_tasks(pages)
@@ -738,7 +738,8 @@ class PagerServer:
         held = obj.in_place.get(start)
         if held is None or held[0] != start + count:
             return False
-        _settle_released(obj, start, _free_in_place(obj, start, start + count), held[1])
+        run = (start, start + count)
+        _settle_released(obj, run, _free_in_place(obj, *run), held[1])
         obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)
         if not obj.in_place and not obj.alive:
             vm_object_terminate_finish(obj)
