@@ -85,6 +85,10 @@ def test_bench_native_small() -> None:
               "memfd_first_touch_us")
     _ratio_ok(pager, "ratio_stream_vs_naive_uffd_stream", "stream_gb_per_s",
               "naive_uffd_stream_gb_per_s")
+    _ratio_ok(pager, "ratio_stream_vs_naive_uffd_stream_1024", "stream_gb_per_s",
+              "naive_uffd_stream_1024_gb_per_s")
+    _ratio_ok(pager, "ratio_stream_no_read_ahead_vs_naive_uffd_stream",
+              "stream_no_read_ahead_gb_per_s", "naive_uffd_stream_gb_per_s")
     _ratio_ok(pager, "ratio_numpy_fill_native_vs_anon", "numpy_fill_native_ms",
               "numpy_fill_anon_ms")
     _ratio_ok(pager, "ratio_writeback_vs_msync", "writeback_us_per_page", "msync_us_per_page")

@@ -121,6 +121,10 @@ def test_machd_names_its_options_in_the_kernels_messages(tmp_path: Path) -> None
                 "--memory must be a multiple of --page-size")
     clean_error(run("machd", "--socket", str(sock), "--page-size", "1000"), 2,
                 "--page-size must be a multiple of 4096")
+    clean_error(run("machd", "--socket", str(sock), "--read-ahead", "2000"), 2,
+                "--read-ahead must be an int from 1 to 1024")
+    clean_error(run("machd", "--socket", str(sock), "--pager-cluster", "8", "--read-ahead",
+                    "4"), 2, "--read-ahead must be at least --pager-cluster")
     assert not sock.exists()
 
 

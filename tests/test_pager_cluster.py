@@ -1,5 +1,6 @@
 """Clustered paging: a fault on an external object asks its manager for several pages
-(pager_data_request's length), as many as the host's pager_cluster_pages allows."""
+(pager_data_request's length), as many as the host's pager_cluster_pages allows, and,
+with read-ahead (read_ahead_pages), twice as many each time a reader goes on in order."""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def _serve(dm: Recording) -> None:
     dm.serve()
 
 
-def _sequential_read(cluster: int, pages: int, first: int = 0) -> list[tuple[int, int]]:
-    with m.boot(pager_cluster_pages=cluster) as k:
+def _sequential_read(cluster: int, pages: int, first: int = 0,
+                     read_ahead: int | None = None) -> list[tuple[int, int]]:
+    with m.boot(pager_cluster_pages=cluster, read_ahead_pages=read_ahead) as k:
         dm = Recording()
         h = k.spawn(_serve, dm, name="recording")
         box = m.port_allocate(m.task_self())
@@ -70,3 +72,27 @@ def test_pager_cluster_pages_is_checked() -> None:
         with pytest.raises(m.MachError) as e, m.boot(pager_cluster_pages=bad):
             pass
         assert e.value.code == "KERN_INVALID_ARGUMENT"
+
+
+def test_read_ahead_doubles_each_request_of_a_reader_in_order() -> None:
+    asked = _sequential_read(4, 64, read_ahead=32)
+    assert asked == [(0, 4 * PS), (4 * PS, 8 * PS), (12 * PS, 16 * PS), (28 * PS, 32 * PS),
+                     (60 * PS, 4 * PS)]  # (the last stops at the object's end)
+
+
+def test_read_ahead_starts_again_from_the_cluster_after_a_jump() -> None:
+    asked = _sequential_read(4, 32, first=20, read_ahead=16)
+    assert asked[:3] == [(20 * PS, 4 * PS), (0, 4 * PS), (4 * PS, 8 * PS)]
+    assert sum(n for _, n in asked) == 32 * PS  # every page asked for exactly once
+
+
+def test_no_read_ahead_by_default() -> None:
+    assert [n for _, n in _sequential_read(4, 16)] == [4 * PS] * 4
+
+
+@pytest.mark.parametrize("bad", [0, 1025, 2.0, True, 3])
+def test_read_ahead_pages_is_checked(bad: object) -> None:
+    with pytest.raises(m.MachError) as e, m.boot(pager_cluster_pages=4, read_ahead_pages=bad):
+        pass
+    assert e.value.code == "KERN_INVALID_ARGUMENT"
+    assert "read_ahead_pages" in str(e.value)

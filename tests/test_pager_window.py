@@ -204,6 +204,36 @@ def test_a_late_answer_never_lands_on_a_page_a_client_changed(task: str) -> None
     assert asked == [(0, 64)]
 
 
+class Noting(Numbered):
+    """Numbered, noting the (page, pages) of every request."""
+
+    asked: list[tuple[int, int]]
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        self.asked.append((offset // PS, length // PS))
+        return super().read(memory_object, offset, length, access)
+
+
+def _noting() -> Any:
+    manager = Noting()
+    manager.asked = []
+    return _serve(manager)
+
+
+def test_machds_read_ahead_doubles_the_requests_of_a_reader_in_order(task: str) -> None:
+    """machd's default read-ahead (4 MiB of 4 KiB pages: 1024) from its 64-page
+    cluster: a NumPy sum reading 2048 pages in order makes six requests, each from
+    where the last ended, and gets every page's data."""
+    pager = m.spawn(_noting, name="noting")
+    a = _map_from(pager, 2048)
+    view = np.frombuffer(m.memory().buffer(a, 2048 * PS), dtype=np.int64)
+    assert int(view[::PS // 8].sum()) == sum(i * 1000 for i in range(2048))
+    del view
+    m.vm_deallocate(m.task_self(), a, 2048 * PS)
+    _, asked = pager.result(20_000)
+    assert asked == [(0, 64), (64, 128), (192, 256), (448, 512), (960, 1024), (1984, 64)]
+
+
 class Shrinker(Numbered):
     """Tries to cut its object's memfd to nothing before each answer (machd seals it)."""
 

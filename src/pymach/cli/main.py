@@ -239,7 +239,8 @@ def _cmd_machd(args: argparse.Namespace) -> int:
                       swap_dir=args.swap_dir, swap_size=args.swap_size,
                       pager_timeout_ms=args.pager_timeout,
                       pager_timeout_action=args.pager_timeout_action,
-                      pager_cluster_pages=args.pager_cluster, limits=limits,
+                      pager_cluster_pages=args.pager_cluster,
+                      read_ahead_pages=args.read_ahead, limits=limits,
                       allow_uids=args.allow_user, port_names_max=args.port_names_max,
                       ool_queued_max=args.ool_queued_max,
                       tasks_max_per_user=args.tasks_max_per_user,
@@ -407,6 +408,12 @@ def _machd_memory_options(machd: argparse.ArgumentParser) -> None:
                        "or give it zero-filled memory (paper 6.2.1)")
     machd.add_argument("--pager-cluster", type=positive_int, default=16, metavar="PAGES",
                        help="pages a fault asks an external pager for at once")
+    machd.add_argument("--read-ahead", type=positive_int, default=None, metavar="PAGES",
+                       help="read-ahead: while a task reads a pager's object in order, "
+                       "each request asks for twice the pages of the last, up to this "
+                       "many (default: 4 MiB of pages, at most 1024, at least "
+                       "--pager-cluster; --read-ahead equal to --pager-cluster turns "
+                       "it off)")
 
 
 def _machd_network_options(machd: argparse.ArgumentParser) -> None:

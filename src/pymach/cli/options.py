@@ -209,7 +209,8 @@ def machd_option_error(args: argparse.Namespace) -> str | None:
 # messages name the keyword).
 _KEYWORD_OPTIONS = {"memory_size": "--memory", "page_size": "--page-size",
                     "swap_size": "--swap-size", "ool_queued_max": "--ool-queued-max",
-                    "pager_cluster_pages": "--pager-cluster", "pager_timeout_ms": "--pager-timeout"}
+                    "pager_cluster_pages": "--pager-cluster", "pager_timeout_ms": "--pager-timeout",
+                    "read_ahead_pages": "--read-ahead"}
 _KEYWORD = re.compile(r"\b(" + "|".join(_KEYWORD_OPTIONS) + r")\b")
 
 

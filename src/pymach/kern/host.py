@@ -87,6 +87,7 @@ class Kernel:
                  pmap: str = "soft", pager_timeout_ms: float | None = None,
                  pager_timeout_action: str = "error", pageout_deadline_ms: float = 1000.0,
                  manager_page_limit: int | None = None, pager_cluster_pages: int = 1,
+                 read_ahead_pages: int | None = None,
                  port_names_max: int = PORT_NAMES_MAX,
                  ool_queued_max: int | None = None,
                  tasks_max_per_user: int = TASKS_MAX_PER_USER,
@@ -124,7 +125,7 @@ class Kernel:
         self.server = KernelServer(self)
         self.vm = VmSystem(self, pmap)  # immutable
         self.vm.configure(pager_timeout_ms, pager_timeout_action, pageout_deadline_ms,
-                          manager_page_limit, pager_cluster_pages)
+                          manager_page_limit, pager_cluster_pages, read_ahead_pages)
         self.served = served_subsystems(self)  # immutable
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -457,7 +458,10 @@ def boot(**config: Any) -> Iterator[Kernel]:
     has not released it goes to the default pager), manager_page_limit (resident pages
     one manager's objects may hold), pager_cluster_pages (a fault asks the manager for
     up to this many pages at once, those not yet resident after the faulting one: of
-    an external object, or of an internal one that the default pager holds; default 1).
+    an external object, or of an internal one that the default pager holds; default 1),
+    read_ahead_pages (read-ahead: while faults on an object come in order, each where
+    the last request ended, each request asks for twice as many pages as the last, up
+    to this many; default pager_cluster_pages, no growth; at most 1024).
     Limits per task: port_names_max (names in one task's port name space; default
     PORT_NAMES_MAX = 4096; port_allocate beyond it fails with KERN_NO_SPACE, a receive
     needing more names with RCV_IPC_SPACE), ool_queued_max (bytes of out-of-line memory a

@@ -126,6 +126,21 @@ class Process:
     why: str = ""  # the diagnostic it is ended with, if machd ends it
 
 
+READ_AHEAD_BYTES = 4 << 20  # machd's default read-ahead: up to 4 MiB a request
+
+
+def default_read_ahead(pages: int | None, cluster: int, page_size: int) -> int | None:
+    """machd's read-ahead (Kernel's read_ahead_pages): `pages` if given, else as many
+    pages as READ_AHEAD_BYTES holds (at most 1024), and never fewer than `cluster`
+    (with 2 MiB pages: the cluster, no growth). A bad `pages` is left for the kernel to
+    refuse."""
+    if pages is not None:
+        return pages
+    if isinstance(cluster, bool) or not isinstance(cluster, int) or page_size <= 0:
+        return None  # (the kernel refuses the cluster, or the page size)
+    return max(cluster, min(1024, READ_AHEAD_BYTES // page_size))
+
+
 class Machd:
     """The daemon (see module docstring)."""
 
@@ -133,7 +148,8 @@ class Machd:
                  page_size: int = 4096, swap_dir: str | None = None,
                  swap_size: int | None = None, pager_timeout_ms: float | None = None,
                  pager_timeout_action: str = "error", pager_cluster_pages: int = 16,
-                 limits: Limits | None = None, allow_uids: Iterable[int] = (),
+                 read_ahead_pages: int | None = None, limits: Limits | None = None,
+                 allow_uids: Iterable[int] = (),
                  network: TcpConfig | None = None, **kernel_limits: Any) -> None:
         reason = probe()
         if reason:
@@ -146,6 +162,8 @@ class Machd:
                              pager_timeout_ms=pager_timeout_ms,
                              pager_timeout_action=pager_timeout_action,
                              pager_cluster_pages=pager_cluster_pages,
+                             read_ahead_pages=default_read_ahead(
+                                 read_ahead_pages, pager_cluster_pages, page_size),
                              **kernel_limits)  # immutable
         self.lock = threading.Lock()
         self.pending: dict[bytes, Thread] = {}  # token -> a thread awaiting its process

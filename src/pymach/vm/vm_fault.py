@@ -312,13 +312,14 @@ def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPo
 def _cluster(obj: VmObject, off: int) -> int:
     """How many bytes to ask a manager for at `off`: the page, and the pages after it
     that the object lacks (for an internal object, that its default pager holds: in
-    `existence`), up to the host's cluster size and the frames read-ahead may take
-    (VmSystem.read_ahead_room). Only the faulting page waits for the data; the others
-    are installed if they come and there is room (so a manager may answer just the
-    first page)."""
+    `existence`), up to the request's window (`_read_ahead_window`) and the frames
+    read-ahead may take (VmSystem.read_ahead_room). Only the faulting page waits for
+    the data; the others are installed if they come and there is room (so a manager
+    may answer just the first page)."""
     vm = obj.vm
     ps, memq, pending = vm.page_size, obj.memq, obj.pending
-    limit = min(vm.pager_cluster_pages, vm.read_ahead_room(), -(-(obj.size - off) // ps))
+    limit = min(_read_ahead_window(obj, off), vm.read_ahead_room(),
+                -(-(obj.size - off) // ps))
     existence = obj.existence if obj.internal else None
     if obj.window_asked and vm.phys.object_windows:  # no two outstanding requests
         limit = min(limit, _asked_after(obj, off) // ps)  # overlap (asked_over)
@@ -328,7 +329,20 @@ def _cluster(obj: VmObject, off: int) -> int:
         if nxt in memq or nxt in pending or (existence is not None and nxt not in existence):
             break
         n += 1
+    obj.read_ahead = (off + n * ps, n)
     return n * ps
+
+
+def _read_ahead_window(obj: VmObject, off: int) -> int:
+    """The most pages a request at `off` may ask for: the host's cluster, or, for a
+    reader going on in order (the fault is where the object's last request ended, so
+    the manager gave all of it and the reader used it), twice the last request, up to
+    the host's `read_ahead_pages` (as Linux grows its read-ahead window)."""
+    vm = obj.vm
+    end, asked = obj.read_ahead
+    if off != end:
+        return vm.pager_cluster_pages
+    return min(max(2 * asked, vm.pager_cluster_pages), vm.read_ahead_pages)
 
 
 def _asked_after(obj: VmObject, off: int) -> int:

@@ -35,6 +35,14 @@ if TYPE_CHECKING:
     from pymach.vm.vm_object import VmObject
 
 
+def _pages_1024(what: str, pages: object) -> int:
+    """`pages` if it is an int from 1 to 1024 (a count of pages one request may ask for),
+    else KERN_INVALID_ARGUMENT naming `what`."""
+    if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= 1024:
+        raise MachError("KERN_INVALID_ARGUMENT", f"{what} must be an int from 1 to 1024")
+    return pages
+
+
 class VmSystem:
     """The VM state of one kernel (see module docstring)."""
 
@@ -110,13 +118,15 @@ class VmSystem:
 
     def configure(self, pager_timeout_ms: float | None, pager_timeout_action: str,
                   pageout_deadline_ms: float, manager_page_limit: int | None,
-                  pager_cluster_pages: int = 1) -> None:
-        """Set the host's policies for data managers (boot parameters)."""
-        if isinstance(pager_cluster_pages, bool) or not isinstance(pager_cluster_pages, int) \
-                or not 1 <= pager_cluster_pages <= 1024:
-            raise MachError("KERN_INVALID_ARGUMENT", "pager_cluster_pages must be an int "
-                            "from 1 to 1024")
-        self.pager_cluster_pages = pager_cluster_pages
+                  pager_cluster_pages: int = 1, read_ahead_pages: int | None = None) -> None:
+        """Set the host's policies for data managers (boot parameters). `read_ahead_pages`
+        None: as many as `pager_cluster_pages` (a request never grows)."""
+        self.pager_cluster_pages = _pages_1024("pager_cluster_pages", pager_cluster_pages)
+        self.read_ahead_pages = pager_cluster_pages if read_ahead_pages is None else \
+            _pages_1024("read_ahead_pages", read_ahead_pages)
+        if self.read_ahead_pages < pager_cluster_pages:
+            raise MachError("KERN_INVALID_ARGUMENT", "read_ahead_pages must be at least "
+                            "pager_cluster_pages")
         if pager_timeout_action not in ("error", "zero_fill"):
             raise MachError("KERN_INVALID_ARGUMENT", "pager_timeout_action must be 'error' or "
                             "'zero_fill'")

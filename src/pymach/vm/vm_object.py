@@ -89,6 +89,9 @@ class VmObject:
         self.window_asked: dict[int, list[int]] = {}  # external: the offset of each
         # pager_data_request not yet answered -> [its end, 1 once a page of its range
         # may have left it since (its window data punched), pages_gone then]
+        self.read_ahead = (-1, 0)  # (the offset where the last request to its manager
+        # ended, how many pages it asked for): a fault there is a reader going on in
+        # order, whose next request may grow (vm_fault._cluster)
         self.lazy_frames: list[int] | None = None  # frames held for the pages the machine
         # zero-fills on its own (vm_page.py, "Zero fill by the machine"); None: the VM
         # knows every resident page of the object
