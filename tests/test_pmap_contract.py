@@ -787,6 +787,25 @@ def test_frames_discard_drops_mappings_and_unbinds(phys: Any) -> None:
     phys.object_gone(other)
 
 
+def test_a_discarded_frame_has_no_reference_or_modify_bit(phys: Any) -> None:
+    """Both ways of freeing a frame clear its bits, so a frame taken off the free queue
+    needs no pmap work (VmResident._fresh_page relies on it)."""
+    pmap = phys.pmap_create()
+    obj = _Object(10**9 + 5)
+    for f in (11, 12):
+        phys.frame_bind(f, obj, f * PS)
+        pmap.pmap_enter(f * PS, f, RW)  # (a machine without a software MMU sets the
+        if has_mmu(pmap):  # bits as it maps a frame: uffd_pmap)
+            assert pmap.mmu_write(f * PS, b"w")
+        assert phys.pmap_is_referenced(f) and phys.pmap_is_modified(f)
+    phys.frames_discard(obj, [(11 * PS, 12 * PS)], [11])
+    phys.pmap_page_discard(12)
+    phys.frame_unbind(12)
+    for f in (11, 12):
+        assert not phys.pmap_is_referenced(f) and not phys.pmap_is_modified(f)
+    phys.object_gone(obj)
+
+
 def test_frames_discard_of_untabled_frames_and_in_a_batch(phys: Any) -> None:
     """Frames of no object (no runs) lose their mappings; inside a discard_batch a frame
     discarded and bound again at once keeps its new data."""

@@ -840,11 +840,11 @@ def _provide(obj: VmObject, offset: int, count: int, lock: int,
     for off in _range(obj, offset, count):
         page = memq.get(off)
         if page is None:
-            if len(new) < room and off not in pending and not (asked and
-                                                                obj.asked_over(off)):
+            if off not in pending and not (asked and obj.asked_over(off)):
                 new.append(off)
         elif page.absent:
             absent.append((len(new), page))
+    del new[max(room, 0):]  # (an absent page's count may pass it: _in_offset_order)
     made = vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else []
     fills = _in_offset_order(made, absent)
     try:
@@ -968,6 +968,8 @@ def _in_offset_order(made: list[VmPage], absent: list[tuple[int, VmPage]]) -> li
 
 def _page_runs(pages: list[VmPage], ps: int) -> list[tuple[int, int]]:
     """Index ranges [lo, hi) of `pages` (in offset order) whose offsets are adjacent."""
+    if pages and pages[-1].offset - pages[0].offset == (len(pages) - 1) * ps:
+        return [(0, len(pages))]  # (one run: the usual answer, known without a loop)
     runs, lo = [], 0
     for i in range(1, len(pages) + 1):
         if i == len(pages) or pages[i].offset != pages[i - 1].offset + ps:

@@ -96,18 +96,20 @@ def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int,
     """Map the resident pages that follow a read fault in the same entry, read only (a
     write still faults), as Linux maps page-cache pages around a fault: reading a region
     a pager filled in clusters takes one fault per cluster, not per page. The count
-    doubles (up to FAULT_AROUND_MAX) while each fault comes right after the pages the
-    last one mapped. A page may be in an object below the first (a copy-on-write copy
-    of a manager's object): what a read fault there would map. With `copy_up` (the
-    machine maps only a region's first object: `maps_objects`) such pages are copied
-    up as the fault would, in one write, and only while frames are plentiful."""
+    doubles (up to FAULT_AROUND_MAX, or the host's read-ahead if larger: the pages
+    one request brings are mapped by the fault that waited for them) while each fault
+    comes right after the pages the last one mapped. A page may be in an object below
+    the first (a copy-on-write copy of a manager's object): what a read fault there
+    would map. With `copy_up` (the machine maps only a region's first object:
+    `maps_objects`) such pages are copied up as the fault would, in one write, and only
+    while frames are plentiful."""
     if look.holder is not vmap or vmap.pmap is None or not look.single_use:
         return  # through a sharing map: keep it simple, fault page by page
     vm, pmap = vmap.vm, vmap.pmap
     ps = vm.page_size
     count = max(vm.pager_cluster_pages, FAULT_AROUND_MIN)
     if page_va == vmap.around_end:
-        count = max(count, min(2 * vmap.around, FAULT_AROUND_MAX))
+        count = max(count, min(2 * vmap.around, max(FAULT_AROUND_MAX, vm.read_ahead_pages)))
     pages, obj, memq = [], look.object, look.object.memq
     last = look.offset + min(count + 1, (look.entry.end - page_va) // ps) * ps
     for off in range(look.offset + ps, last, ps):

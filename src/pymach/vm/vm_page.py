@@ -76,6 +76,16 @@ class VmPage:
         self.wire_count = 0
         self.queue = ""  # "active", "inactive", "free" or "" (on none)
 
+    def reset(self) -> None:
+        """Back to what a new structure holds, but for its frame (the page is untabled:
+        its frame was just taken off the free queue)."""
+        self.object = None
+        self.queue = self.error = ""
+        self._busy = self.absent = self.dirty = self.precious = self.substitute = \
+            self.fresh = False
+        self.page_lock = self.unlock_request = VM_PROT_NONE
+        self.wire_count = 0
+
     @property
     def busy(self) -> bool:
         """Data in transit (pagein, copy): others wait. Counted in its object's
@@ -235,35 +245,33 @@ class VmResident:
         frames may be taken now."""
         room = len(self.free) - (0 if privileged else self.reserved)
         offsets = offsets[:max(room, 0)]
-        fresh, popleft = self._fresh_page, self.free.popleft
-        pages = [fresh(popleft()) for _ in offsets]
-        memq, active = obj.memq, self.active
-        self._count(obj, len(pages))
-        for page, off in zip(pages, offsets, strict=True):
+        self._count(obj, len(offsets))
+        table, popleft, memq, active = self.pages, self.free.popleft, obj.memq, self.active
+        pages = []
+        for off in offsets:  # (_fresh_page, inline: this loop is a stream's per-page cost)
+            frame = popleft()
+            page = table[frame]
+            if page is None:
+                page = table[frame] = VmPage(frame)
+            else:
+                page.reset()
             page.object, page.offset, page.queue = obj, off, "active"
             memq[off] = page
             active[page] = None
+            pages.append(page)
         self.tabled += len(pages)
         self.phys.frames_bind([page.frame for page in pages], obj, offsets)
         return pages
 
     def _fresh_page(self, frame: int) -> VmPage:
-        """The page structure of a frame just taken off the free queue, reset (its
-        reference and modify bits were cleared when it was freed: frames_discard)."""
-        phys = self.phys
-        if phys.pmap_is_referenced(frame):  # (a frame never freed since boot has none)
-            phys.pmap_clear_reference(frame)
-        if phys.pmap_is_modified(frame):
-            phys.pmap_clear_modify(frame)
+        """The page structure of a frame just taken off the free queue, reset. The frame
+        needs no pmap work: the pmap contract clears a frame's reference and modify
+        bits when it is freed (frames_discard), and a frame never freed has none."""
         page = self.pages[frame]
         if page is None:  # a new structure is reset already
             page = self.pages[frame] = VmPage(frame)
         else:
-            page.queue = page.error = ""
-            page.busy = page.absent = page.dirty = page.precious = page.substitute = \
-                page.fresh = False
-            page.page_lock = page.unlock_request = VM_PROT_NONE
-            page.wire_count = 0
+            page.reset()
         return page
 
     def vm_page_free(self, page: VmPage) -> None:
