@@ -971,8 +971,10 @@ def test_a_huge_fault_in_is_refused_at_once(daemon: Daemon) -> None:
 
 # -- 7. churn ------------------------------------------------------------------------------------
 def _flat(d: Daemon, fds: int, rss: int) -> None:
-    now = settled(lambda: fd_count(d.pid), lambda n: abs(n - fds) <= 8, 10)
-    assert abs(now - fds) <= 8, (fds, now)
+    """machd holds at most a few more fds than at `fds` and little more memory (fewer
+    fds is no leak: the baseline may count fds of tasks still closing)."""
+    now = settled(lambda: fd_count(d.pid), lambda n: n - fds <= 8, 10)
+    assert now - fds <= 8, (fds, now)
     assert rss_bytes(d.pid) - rss < 64 << 20, (rss >> 20, rss_bytes(d.pid) >> 20)
 
 
