@@ -443,7 +443,7 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     `writeback_size` dirty bytes at unmap beside msync, and paging under memory pressure
     (`pressure`: bytes written and read back, machd's memory) beside a page at a time
     of pwrite and pread (no targets)."""
-    with native_task("--pager-cluster", "1"):
+    with native_task("--pager-cluster", "1", "--read-ahead", "1"):
         fault = statistics.median(bench_pager_fault(fault_pages) for _ in range(3))
         zero = statistics.median(bench_zero_fill_fault(fault_pages) for _ in range(3))
         fill = statistics.median(bench_numpy_fill(fill_size) for _ in range(3))

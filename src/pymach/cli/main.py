@@ -412,8 +412,8 @@ def _machd_memory_options(machd: argparse.ArgumentParser) -> None:
                        help="read-ahead: while a task reads a pager's object in order, "
                        "each request asks for twice the pages of the last, up to this "
                        "many (default: 4 MiB of pages, at most 1024, at least "
-                       "--pager-cluster; --read-ahead equal to --pager-cluster turns "
-                       "it off)")
+                       "--pager-cluster, and none with --pager-cluster 1; --read-ahead "
+                       "equal to --pager-cluster turns it off)")
 
 
 def _machd_network_options(machd: argparse.ArgumentParser) -> None:

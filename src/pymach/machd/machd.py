@@ -132,12 +132,14 @@ READ_AHEAD_BYTES = 4 << 20  # machd's default read-ahead: up to 4 MiB a request
 def default_read_ahead(pages: int | None, cluster: int, page_size: int) -> int | None:
     """machd's read-ahead (Kernel's read_ahead_pages): `pages` if given, else as many
     pages as READ_AHEAD_BYTES holds (at most 1024), and never fewer than `cluster`
-    (with 2 MiB pages: the cluster, no growth). A bad `pages` is left for the kernel to
-    refuse."""
+    (with 2 MiB pages: the cluster, no growth); with a cluster of 1 (clustering off: a
+    page a request) none. A bad `pages` is left for the kernel to refuse."""
     if pages is not None:
         return pages
     if isinstance(cluster, bool) or not isinstance(cluster, int) or page_size <= 0:
         return None  # (the kernel refuses the cluster, or the page size)
+    if cluster == 1:
+        return 1
     return max(cluster, min(1024, READ_AHEAD_BYTES // page_size))
 
 
