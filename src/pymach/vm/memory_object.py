@@ -26,7 +26,7 @@ the object (vm_regions): requests sent to it are refused (footnote 3).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pymach.errors import MachError, code_name
@@ -318,7 +318,7 @@ def pager_died(vm: VmSystem, port: Port) -> None:
             object_cache_remove(obj, terminate=True)
             continue
         reason = f"the data manager of object {obj.serial} died"
-        for page in list(obj.memq.values()):
+        for page in list(obj._memq.values()):  # (absent pages: never in an extent)
             if page.absent:
                 page.error = reason
                 page_settled(obj, page)
@@ -358,8 +358,9 @@ def object_clean(obj: VmObject, start: int, end: int, flush: bool,
     run = _WriteRun(obj, privileged, in_place, DROP if flush else KEEP) \
         if in_place or (flush and not obj.internal) else None
     written = 0
-    for off in sorted(o for o in obj.memq if start <= o < end):
-        page = obj.memq[off]
+    memq = obj._memq if terminating else obj.memq  # (an extent's pages are clean: the
+    for off in sorted(o for o in memq if start <= o < end):  # caller frees them)
+        page = memq[off]
         if page.busy:
             if flush and obj.in_place:  # (a run in place stays only until released)
                 _drop_when_released(obj, off)
@@ -751,7 +752,7 @@ class PagerServer:
         vm = obj.vm
         with _answering(obj, check_int(offset, "offset"), check_int(size, "size")):
             for off in _range(obj, offset, size):
-                page = obj.memq.get(off)
+                page = obj._memq.get(off)  # (absent pages: never in an extent)
                 if page is None or not page.absent:
                     continue
                 if obj.internal:  # the pager has nothing: look below (footnote 6) or
@@ -771,7 +772,7 @@ class PagerServer:
         reason = f"the data manager reported {code}"
         with _answering(obj, check_int(offset, "offset"), check_int(size, "size")):
             for off in _range(obj, offset, size):
-                page = obj.memq.get(off)
+                page = obj._memq.get(off)  # (absent pages: never in an extent)
                 if page is not None and page.absent:
                     page.error = reason
                     page_settled(obj, page)
@@ -827,46 +828,131 @@ def _provide(obj: VmObject, offset: int, count: int, lock: int,
     """Put the whole pages of data provided for [offset, offset+count) of the memory
     object into `obj`: the pages faults wait for, and pages nobody asked for while the
     manager's room and free memory allow (never over a page the kernel has or is paging
-    out). New pages are made in one step (vm_page_grab_run) and each run of adjacent
-    pages is written with one backend call (phys_write_run of `raw`, the data), or,
-    `raw` None, taken as the manager wrote it in place (phys_placed_run). Returns the
-    waited-for pages it settled (woken once)."""
+    out). The new pages of an external object provided unlocked become extents, a run
+    at a time (vm_page.py, "Extents"); the others are made in one step
+    (vm_page_grab_run). Each run of adjacent pages is written with one backend call
+    (phys_write_run of `raw`, the data), or, `raw` None, taken as the manager wrote it
+    in place (phys_placed_run). Returns the waited-for pages it settled (woken once)."""
     vm = obj.vm
-    ps, base, memq, pending = vm.page_size, offset - obj.paging_offset, obj.memq, obj.pending
-    room = min(_manager_room(obj), vm.read_ahead_room())
+    new, absent = _new_and_absent(obj, offset, count)
+    del new[max(min(_manager_room(obj), vm.read_ahead_room()), 0):]  # (an absent page's
+    # count may pass it: _in_offset_order)
+    waited = [page for _, page in absent]
+    if lock == VM_PROT_NONE and not obj.internal:
+        made, extents = [], _grab_extents(obj, new)
+        fills = waited
+        runs = _merged_runs([(p.offset, [p.frame]) for p in waited] + extents, vm.page_size)
+    else:
+        made, extents = vm.resident.vm_page_grab_run(obj, new, privileged=False) \
+            if new else [], []
+        fills = _in_offset_order(made, absent)
+        runs = [(fills[lo].offset, [p.frame for p in fills[lo:hi]])
+                for lo, hi in _page_runs(fills, vm.page_size)]
+    try:
+        _fill_runs(obj, runs, raw, offset - obj.paging_offset)
+    except (MachError, OSError, ValueError) as e:  # (no memory; a memfd made smaller)
+        _unfill(obj, made, extents, waited, str(e))
+        raise
+    vm.resident.stats.pageins += sum(len(frames) for _, frames in extents)
+    _settle(obj, fills, lock)
+    return set(waited)
+
+
+def _new_and_absent(obj: VmObject, offset: int, count: int
+                    ) -> tuple[list[int], list[tuple[int, VmPage]]]:
+    """The offsets of [offset, offset+count) of the memory object where `obj` may take
+    new pages (no page, no extent, no pageout, no other request's answer to come), and
+    its absent pages there, each with how many new offsets come before it."""
+    memq, pending = obj._memq, obj.pending
     new: list[int] = []  # offsets to fill anew, in order
-    absent: list[tuple[int, VmPage]] = []  # (how many new offsets come before it, page)
+    absent: list[tuple[int, VmPage]] = []
     asked = obj.window_asked  # (pages another outstanding answer is to make)
-    for off in _range(obj, offset, count):
+    for off in _outside_extents(obj, _range(obj, offset, count)):
         page = memq.get(off)
         if page is None:
             if off not in pending and not (asked and obj.asked_over(off)):
                 new.append(off)
         elif page.absent:
             absent.append((len(new), page))
-    del new[max(room, 0):]  # (an absent page's count may pass it: _in_offset_order)
-    made = vm.resident.vm_page_grab_run(obj, new, privileged=False) if new else []
-    fills = _in_offset_order(made, absent)
-    try:
-        for lo, hi in _page_runs(fills, ps):
-            frames = [p.frame for p in fills[lo:hi]]
-            if raw is None:
-                vm.phys.phys_placed_run(frames)
-            else:
-                first = fills[lo].offset - base
-                vm.phys.phys_write_run(frames, raw[first:first + (hi - lo) * ps])
-    except (MachError, OSError, ValueError) as e:  # (no memory; a memfd made smaller)
-        _unfill(obj, made, [page for _, page in absent], str(e))
-        raise
-    _settle(obj, fills, lock)
-    return {page for _, page in absent}
+    return new, absent
 
 
-def _unfill(obj: VmObject, made: list[VmPage], absent: list[VmPage], reason: str) -> None:
-    """The provided data could not be stored: the new pages go, and the faults that
-    wait on the absent ones fail (as after pager_data_error) instead of waiting on."""
+def _outside_extents(obj: VmObject, offsets: range) -> Iterable[int]:
+    """The offsets of `offsets` (a range of object offsets, a page apart) that none of
+    `obj`'s extents holds: the range itself if it has none."""
+    if not obj.extents:
+        return offsets
+    ps, end = obj.vm.page_size, offsets.stop
+    spans = sorted((s, s + len(frames) * ps) for s, frames in obj.extents.items()
+                   if s < end and offsets.start < s + len(frames) * ps)
+    out: list[int] = []
+    at = offsets.start
+    for lo, hi in [*spans, (end, end)]:
+        out.extend(range(at, max(at, min(lo, end)), ps))
+        at = max(at, hi)
+    return out
+
+
+def _grab_extents(obj: VmObject, offsets: list[int]) -> list[tuple[int, list[int]]]:
+    """An extent of `obj` for each run of adjacent `offsets` (in order), as far as
+    frames allow: (start, frames) of each."""
+    res, ps = obj.vm.resident, obj.vm.page_size
+    out: list[tuple[int, list[int]]] = []
+    for start, n in _offset_runs(offsets, ps):
+        frames = res.extent_grab(obj, start, n, privileged=False)
+        if frames:
+            out.append((start, frames))
+        if len(frames) < n:
+            break
+    return out
+
+
+def _offset_runs(offsets: list[int], ps: int) -> list[tuple[int, int]]:
+    """(start, pages) of each run of adjacent offsets of the sorted `offsets`."""
+    runs: list[tuple[int, int]] = []
+    for off in offsets:
+        if runs and runs[-1][0] + runs[-1][1] * ps == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((off, 1))
+    return runs
+
+
+def _merged_runs(runs: list[tuple[int, list[int]]], ps: int) -> list[tuple[int, list[int]]]:
+    """`runs` of (start offset, frames) in offset order, adjacent ones made one."""
+    out: list[tuple[int, list[int]]] = []
+    for start, frames in sorted(runs, key=lambda run: run[0]):
+        if out and out[-1][0] + len(out[-1][1]) * ps == start:
+            out[-1] = (out[-1][0], out[-1][1] + frames)
+        else:
+            out.append((start, list(frames)))
+    return out
+
+
+def _fill_runs(obj: VmObject, runs: list[tuple[int, list[int]]], raw: memoryview | None,
+               base: int) -> None:
+    """Write each run (start offset, frames) of provided data with one backend call:
+    its slice of `raw` (which begins at object offset `base`), or, `raw` None, what
+    the manager wrote in place."""
+    phys, ps = obj.vm.phys, obj.vm.page_size
+    for start, frames in runs:
+        if raw is None:
+            phys.phys_placed_run(frames)
+        else:
+            first = start - base
+            phys.phys_write_run(frames, raw[first:first + len(frames) * ps])
+
+
+def _unfill(obj: VmObject, made: list[VmPage], extents: list[tuple[int, list[int]]],
+            absent: list[VmPage], reason: str) -> None:
+    """The provided data could not be stored: the new pages and extents go, and the
+    faults that wait on the absent ones fail (as after pager_data_error) instead of
+    waiting on."""
+    res = obj.vm.resident
     for page in made:
-        obj.vm.resident.vm_page_free(page)
+        res.vm_page_free(page)
+    for start, frames in extents:
+        res.extents_free(obj, start, start + len(frames) * obj.vm.page_size)
     for page in absent:
         page.error = f"the data could not be stored: {reason}"
         page_settled(obj, page)
@@ -877,9 +963,9 @@ def _drop_unplaced(obj: VmObject, offset: int, count: int) -> None:
     offset+count) where the object has no page, none is being paged out and no
     outstanding request may write (no room for it, say): the window holds data only
     where the kernel has a page or awaits an answer."""
-    ps, memq, pending = obj.vm.page_size, obj.memq, obj.pending
+    ps, memq, pending = obj.vm.page_size, obj._memq, obj.pending
     runs: list[tuple[int, int]] = []
-    for off in _range(obj, offset, count):
+    for off in _outside_extents(obj, _range(obj, offset, count)):
         if off in memq or off in pending or obj.asked_over(off):  # (another request's)
             continue
         if runs and runs[-1][1] == off:
@@ -927,7 +1013,7 @@ def _ask_again(obj: VmObject, offset: int, count: int) -> None:
     covers only part of a run would leave the rest asked by nobody)."""
     ps = obj.vm.page_size
     for off in _range(obj, offset, count):
-        page = obj.memq.get(off)
+        page = obj._memq.get(off)  # (absent pages: never in an extent)
         if page is not None and page.absent:
             pager_data_request(obj, off, ps, VM_PROT_READ)
 

@@ -77,7 +77,7 @@ def _machine_zero_fill(vmap: VmMap, look: MapLookup) -> bool:
     and writable: let the machine zero-fill the object's pages itself from now on
     (vm_page.py, "Zero fill by the machine"). True if it does."""
     obj, entry = look.object, look.entry
-    if (obj.memq or obj.lazy_frames is not None or not obj.internal or obj.ref_count != 1
+    if (not obj.internal or obj.memq or obj.lazy_frames is not None or obj.ref_count != 1
             or obj.shadow is not None or obj.copy is not None or obj.pager is not None
             or obj.data_source is not None or obj.pending or obj.existence
             or obj.holding_for is not None or look.holder is not vmap or entry.needs_copy
@@ -110,8 +110,14 @@ def _fault_around(vmap: VmMap, look: MapLookup, page_va: int, prot: int,
     count = max(vm.pager_cluster_pages, FAULT_AROUND_MIN)
     if page_va == vmap.around_end:
         count = max(count, min(2 * vmap.around, max(FAULT_AROUND_MAX, vm.read_ahead_pages)))
-    pages, obj, memq = [], look.object, look.object.memq
+    pages, obj, memq = [], look.object, look.object._memq
     last = look.offset + min(count + 1, (look.entry.end - page_va) // ps) * ps
+    if obj.extents and look.offset + ps not in memq:  # (what a request brought)
+        frames = vm.resident.extent_frames(obj, look.offset + ps, last)
+        if frames:
+            vmap.around, vmap.around_end = count, page_va + (len(frames) + 1) * ps
+            pmap.pmap_enter_around(page_va + ps, frames, prot & ~VM_PROT_WRITE)
+            return
     for off in range(look.offset + ps, last, ps):
         page = memq.get(off)  # (the common case, in the first object, at once)
         if page is None or page.busy or page.absent or page.error or page.page_lock:
@@ -161,7 +167,7 @@ def resident_page(obj: VmObject, off: int) -> VmPage | None:
     it that nothing above it covers; None otherwise (the fault must take its course:
     vm_fault_page). A shortcut for runs of pages (fault-around, the kernel's reads)."""
     while True:
-        page = obj.memq.get(off)
+        page = obj.vm.resident.page_at(obj, off)
         if page is None and obj.lazy_frames is not None:
             return None  # (the machine may have made it: vm_page_lookup knows)
         if page is not None:
@@ -319,9 +325,12 @@ def _cluster(obj: VmObject, off: int) -> int:
     the data; the others are installed if they come and there is room (so a manager
     may answer just the first page)."""
     vm = obj.vm
-    ps, memq, pending = vm.page_size, obj.memq, obj.pending
+    ps, memq, pending = vm.page_size, obj._memq, obj.pending
     limit = min(_read_ahead_window(obj, off), vm.read_ahead_room(),
                 -(-(obj.size - off) // ps))
+    extent = vm.resident.extent_after(obj, off) if obj.extents else None
+    if extent is not None:  # (resident pages: never asked for again)
+        limit = min(limit, (extent - off) // ps)
     existence = obj.existence if obj.internal else None
     if obj.window_asked and vm.phys.object_windows:  # no two outstanding requests
         limit = min(limit, _asked_after(obj, off) // ps)  # overlap (asked_over)
@@ -357,7 +366,7 @@ def _timed_out(obj: VmObject, off: int, policy: FaultPolicy) -> None:
     """The manager did not answer in time: zero-fill the page, or fail it."""
     from pymach.vm.memory_object import page_settled
 
-    page = obj.memq.get(off)
+    page = obj._memq.get(off)  # (an absent page: never in an extent)
     if page is None or not page.absent:
         return
     vm = obj.vm

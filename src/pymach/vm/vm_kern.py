@@ -169,9 +169,9 @@ def range_readable_now(vmap: VmMap, address: int, size: int) -> bool:
 
 def _available(obj: VmObject | None, off: int) -> bool:
     while obj is not None:
-        page = obj.memq.get(off)
-        if page is not None:
-            return not page.busy
+        if obj.resident_at(off):  # (an extent's page is never busy)
+            page = obj._memq.get(off)
+            return page is None or not page.busy
         if off in obj.pending or (obj.data_source is not None and off not in obj.existence):
             return True
         if _pager_has(obj, off):

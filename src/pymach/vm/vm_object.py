@@ -1,7 +1,11 @@
 """Virtual memory objects: the kernel's structure for one memory object (paper 5.2).
 
 A `VmObject` caches the data of a memory object in resident pages (`memq`) and records
-how to get the rest:
+how to get the rest. Some of an external object's resident pages may be held as
+*extents* (`extents`): runs of frames that hold data a manager provided and that nobody
+has looked at one by one yet, with no page structure each (vm_page.py, "Extents").
+Reading `memq` makes them pages first, so code that walks an object's pages sees them
+all; the fault, provide and free paths look at `_memq` and the extents themselves.
 
 - an external object has a data manager: `pager` is the memory object port (a send
   right), `pager_request` and `pager_name` the ports the kernel made for it (3.4.1);
@@ -30,6 +34,7 @@ All fields are guarded by the kernel lock.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pymach.include.vm_param import VM_PROT_WRITE
@@ -51,8 +56,11 @@ class VmObject:
         self.internal = internal  # made by the kernel (zero fill, shadow, data in transit)
         self.label = label or ("anonymous" if internal else "external")
         self.ref_count = 1
-        self.memq: dict[int, VmPage] = {}  # offset -> resident page (this object's part
-        # of the virtual-to-physical table, vm_page.py)
+        self._memq: dict[int, VmPage] = {}  # offset -> resident page (this object's part
+        # of the virtual-to-physical table, vm_page.py); never an offset of an extent
+        self.extents: dict[int, list[int]] = {}  # start offset -> the frames of a run of
+        # resident pages with no page structures yet (vm_page.py, "Extents")
+        self.extent_starts: list[int] = []  # the extents' starts, in order (bisect)
         self.busy_pages = 0  # of memq's pages, how many are busy (VmPage.busy keeps it)
         self.shadow: VmObject | None = None  # a counted reference
         self.shadow_offset = 0
@@ -134,6 +142,42 @@ class VmObject:
         for s, _ in gone:
             del self.window_asked[s]
         return gone
+
+    @property
+    def memq(self) -> dict[int, VmPage]:
+        """Every resident page of the object by offset: its extents are made pages first
+        (VmResident.extents_make), so a walk over the object sees each page."""
+        if self.extents:
+            self.vm.resident.extents_make(self)
+        return self._memq
+
+    def resident_offsets(self) -> Iterable[int]:
+        """The offsets of its resident pages, those of its extents included, without
+        making the extents pages (for reports)."""
+        if not self.extents:
+            return self._memq.keys()
+        ps = self.vm.page_size
+        return itertools.chain(self._memq, *(range(s, s + len(frames) * ps, ps)
+                                             for s, frames in self.extents.items()))
+
+    def resident_at(self, offset: int) -> bool:
+        """True if a resident page (in an extent or not) holds `offset`."""
+        return offset in self._memq or (
+            bool(self.extents) and self.vm.resident.extent_of(self, offset) is not None)
+
+    def extent_pages(self) -> int:
+        """How many resident pages its extents hold."""
+        return sum(map(len, self.extents.values())) if self.extents else 0
+
+    def runs_left(self, runs: list[tuple[int, int]], count: int) -> None:
+        """`pages_left` for `count` pages that filled the offset ranges `runs` (an
+        extent's, freed with no page structures)."""
+        self.pages_gone += count
+        if not self.windowed or not self.window_asked:
+            return
+        for start, asked in self.window_asked.items():
+            if not asked[1] and any(lo < asked[0] and start < hi for lo, hi in runs):
+                asked[1] = 1
 
     def has_busy_pages(self) -> bool:
         """True while any resident page is in transit."""
@@ -250,16 +294,19 @@ def vm_object_shadow(obj: VmObject, offset: int, size: int) -> VmObject:
 def vm_object_page_remove(obj: VmObject, start: int, end: int) -> None:
     """Discard the object's data in [start, end): resident pages (but busy ones: their
     data are in transit) and pager copies. The pages go in one step, each run of the
-    range between busy pages at once (vm_pages_free). All of an object the machine
-    zero-fills goes with no look at its pages; part of one ends the machine's fill first."""
+    range between busy pages at once (vm_pages_free), and each extent in the range with
+    one backend call. All of an object the machine zero-fills goes with no look at its
+    pages; part of one ends the machine's fill first."""
     vm = obj.vm
     if obj.lazy_frames is not None:
         if start <= 0 and end >= obj.size:
             vm.resident.lazy_drop(obj)
         else:
             vm.resident.lazy_freeze(obj)
+    if obj.extents:  # (an extent's pages go a run at a time, with no look at each)
+        vm.resident.extents_free(obj, start, end)
     pages, busy = [], []
-    for offset, page in obj.memq.items():  # one pass over the pages (memory-bound)
+    for offset, page in obj._memq.items():  # one pass over the pages (memory-bound)
         if not start <= offset < end:
             continue
         if page.busy:
@@ -291,7 +338,10 @@ def runs_between(start: int, end: int, holes: list[int], page_size: int
 
 def _free_all_pages(obj: VmObject) -> None:
     """Free every resident page of `obj` (busy ones too) in one step: one run covers
-    the object (termination, collapse)."""
+    the object (termination, collapse); its extents each with one backend call."""
+    if obj.extents:
+        last = obj.extent_starts[-1]
+        obj.vm.resident.extents_free(obj, 0, last + len(obj.extents[last]) * obj.vm.page_size)
     if obj.memq:
         end = max(obj.size, max(obj.memq) + obj.vm.page_size)
         obj.vm.resident.vm_pages_free(obj, list(obj.memq.values()), [(0, end)])

@@ -29,16 +29,31 @@ costs. Pageout short of frames makes them all resident at once and takes back th
 frames no page needed (`lazy_end`). Freeing the whole object needs no look at all
 (`lazy_drop`).
 
+Extents. The pages a data manager provides beyond those faults wait for (a request's
+read-ahead) need nothing of the VM one by one until something looks at one of them:
+they are resident, clean, unlocked and unwired. `extent_grab` takes their frames off
+the free queue as one run, an extent of the object (`VmObject.extents`: start offset
+-> frames), with no page structure, table entry or queue entry each; fault-around maps
+an extent's frames straight from it (`extent_frames`), and freeing frees it with one
+backend call (`extents_free`). A lookup of one of its pages (a write fault, a read
+through another map) makes that extent pages (`page_at`), anything that walks an
+object's pages (`VmObject.memq`) makes all of the object's, and pageout short of
+frames makes every extent pages (`extents_make_all`), so the paper's per-page
+semantics hold wherever something looks.
+
 Invariants (kernel lock): a page is tabled (`object` set) iff it is in its object's
-memq, and `tabled` counts such pages; a tabled page is on exactly one of
-active/inactive unless it is busy or wired (then on none); a free frame is on `free`,
-its page (if made) is untabled with queue "free". The reserved pool: only
+memq, and `tabled` counts such pages and the pages of extents (`extent_pages` of
+them); an offset is in an object's memq or in one of its extents, never both; a
+tabled page is on exactly one of active/inactive unless it is busy or wired (then on
+none); a free frame is on `free`, its page (if made) is untabled with queue "free";
+an extent's frames are on no queue. The reserved pool: only
 vm-privileged threads (the pageout daemon and the default pager, 6.2.3) may take the
 last `reserved` free frames.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -96,7 +111,7 @@ class VmPage:
     def busy(self, value: bool) -> None:
         if value != self._busy:
             obj = self.object
-            if obj is not None and obj.memq.get(self.offset) is self:
+            if obj is not None and obj._memq.get(self.offset) is self:
                 obj.busy_pages += 1 if value else -1
             self._busy = value
 
@@ -134,7 +149,9 @@ class VmResident:
         self.free: deque[int] = deque(range(phys.nframes))
         self.active: dict[VmPage, None] = {}  # insertion order = LRU order
         self.inactive: dict[VmPage, None] = {}
-        self.tabled = 0  # pages in some object's memq
+        self.tabled = 0  # pages in some object's memq, or in an extent
+        self.extent_pages = 0  # pages held in extents (tabled, on no queue)
+        self.extent_objects: dict[VmObject, None] = {}  # objects that have extents
         self.manager_pages: dict[object, int] = {}  # resident pages of external objects
         # by the data manager they count for (`manager_key`; paper 6.1's limit), kept
         # as pages are tabled and untabled (`_count`); no zero entries
@@ -147,7 +164,7 @@ class VmResident:
     def vm_page_lookup(self, obj: VmObject, offset: int) -> VmPage | None:
         """The resident page of `obj` at `offset`, or None (counts lookups and hits)."""
         self.stats.lookups += 1
-        page = obj.memq.get(offset)
+        page = self.page_at(obj, offset)
         if page is None and obj.lazy_frames is not None:
             page = self.lazy_page(obj, offset)  # the machine may have made it
         if page is not None:
@@ -160,17 +177,19 @@ class VmResident:
         self.phys.frame_bind(page.frame, obj, offset)
 
     def _table(self, page: VmPage, obj: VmObject, offset: int) -> None:
+        if obj.extents:  # (no page over an extent's: it becomes pages first)
+            self._extent_make_at(obj, offset)
         self._count(obj, 1)
         page.object, page.offset = obj, offset
-        obj.memq[offset] = page
+        obj._memq[offset] = page
         obj.busy_pages += page._busy
         self.tabled += 1
 
     def _untable(self, page: VmPage) -> None:
         obj = page.object
-        if obj is not None and obj.memq.get(page.offset) is page:
+        if obj is not None and obj._memq.get(page.offset) is page:
             self._count(obj, -1)
-            del obj.memq[page.offset]
+            del obj._memq[page.offset]
             obj.busy_pages -= page._busy
             self.tabled -= 1
         page.object = None
@@ -190,7 +209,7 @@ class VmResident:
             key = held  # (its pager port gone: its pages leave where they counted)
         counts = self.manager_pages
         if key is not held:
-            have = len(obj.memq)
+            have = len(obj._memq) + obj.extent_pages()
             if held is not None:
                 _add(counts, held, -have)
             _add(counts, key, have)
@@ -246,7 +265,7 @@ class VmResident:
         room = len(self.free) - (0 if privileged else self.reserved)
         offsets = offsets[:max(room, 0)]
         self._count(obj, len(offsets))
-        table, popleft, memq, active = self.pages, self.free.popleft, obj.memq, self.active
+        table, popleft, memq, active = self.pages, self.free.popleft, obj._memq, self.active
         pages = []
         for off in offsets:  # (_fresh_page, inline: this loop is a stream's per-page cost)
             frame = popleft()
@@ -292,7 +311,7 @@ class VmResident:
                 obj.pages_left(pages)
             self._count(obj, -len(pages))
             obj.busy_pages -= sum(page._busy for page in pages)
-            memq = obj.memq
+            memq = obj._memq
             if len(pages) == len(memq):  # all of them: the object's table empties at once
                 memq.clear()
             else:
@@ -396,6 +415,118 @@ class VmResident:
         for obj in list(self.lazy):
             self.lazy_end(obj)
 
+    # -- extents (module docstring) -----------------------------------------------------
+    def extent_grab(self, obj: VmObject, start: int, n: int, privileged: bool) -> list[int]:
+        """Up to `n` free frames, bound to `obj`'s offsets from `start` on (where it has
+        no page and no extent), as one extent: resident pages with no structures. Fewer
+        (maybe none) if fewer frames may be taken now."""
+        room = len(self.free) - (0 if privileged else self.reserved)
+        n = min(n, max(room, 0))
+        if n <= 0:
+            return []
+        popleft, ps = self.free.popleft, self.page_size
+        frames = [popleft() for _ in range(n)]
+        self._count(obj, n)
+        self.tabled += n
+        self.extent_pages += n
+        obj.extents[start] = frames
+        bisect.insort(obj.extent_starts, start)
+        self.extent_objects[obj] = None
+        self.phys.frames_bind(frames, obj, list(range(start, start + n * ps, ps)))
+        return frames
+
+    def extent_of(self, obj: VmObject, offset: int) -> int | None:
+        """The start of `obj`'s extent that holds `offset`, or None."""
+        starts = obj.extent_starts
+        i = bisect.bisect_right(starts, offset) - 1
+        if i < 0:
+            return None
+        start = starts[i]
+        return start if offset < start + len(obj.extents[start]) * self.page_size else None
+
+    def extent_after(self, obj: VmObject, offset: int) -> int | None:
+        """The start of `obj`'s first extent that begins after `offset`, or None."""
+        starts = obj.extent_starts
+        i = bisect.bisect_right(starts, offset)
+        return starts[i] if i < len(starts) else None
+
+    def extent_frames(self, obj: VmObject, offset: int, end: int) -> list[int]:
+        """The frames of `obj`'s pages from `offset` up to `end` that one extent holds
+        (empty if no extent holds `offset`)."""
+        start = self.extent_of(obj, offset)
+        if start is None:
+            return []
+        ps = self.page_size
+        return obj.extents[start][(offset - start) // ps:(end - start) // ps]
+
+    def page_at(self, obj: VmObject, offset: int) -> VmPage | None:
+        """`obj`'s resident page at `offset`, made from its extent if one holds it."""
+        page = obj._memq.get(offset)
+        if page is None and obj.extents and self._extent_make_at(obj, offset):
+            page = obj._memq.get(offset)
+        return page
+
+    def _extent_make_at(self, obj: VmObject, offset: int) -> bool:
+        """Make the extent that holds `offset` pages, if one does (True)."""
+        start = self.extent_of(obj, offset)
+        if start is not None:
+            self._extent_make(obj, start)
+        return start is not None
+
+    def _extent_make(self, obj: VmObject, start: int) -> None:
+        """Give each page of `obj`'s extent at `start` a page structure: tabled (they
+        were counted as they came), clean, active (after the pages already there)."""
+        frames = obj.extents.pop(start)
+        obj.extent_starts.remove(start)
+        if not obj.extents:
+            del self.extent_objects[obj]
+        self.extent_pages -= len(frames)
+        table, memq, active, ps = self.pages, obj._memq, self.active, self.page_size
+        for off, frame in zip(range(start, start + len(frames) * ps, ps), frames,
+                              strict=True):
+            page = table[frame]
+            if page is None:
+                page = table[frame] = VmPage(frame)
+            else:
+                page.reset()
+            page.object, page.offset, page.queue = obj, off, "active"
+            memq[off] = page
+            active[page] = None
+
+    def extents_make(self, obj: VmObject) -> None:
+        """Make every extent of `obj` pages (something walks its pages)."""
+        for start in list(obj.extent_starts):
+            self._extent_make(obj, start)
+
+    def extents_make_all(self) -> None:
+        """Make every extent pages (pageout needs to see each page)."""
+        for obj in list(self.extent_objects):
+            self.extents_make(obj)
+
+    def extents_free(self, obj: VmObject, start: int, end: int) -> None:
+        """Free `obj`'s extents that lie within [start, end) with one backend call each
+        and no page structures; one that lies only partly within becomes pages, for
+        the caller to free as pages."""
+        ps = self.page_size
+        for s in [s for s in obj.extent_starts
+                  if s < end and start < s + len(obj.extents[s]) * ps]:
+            e = s + len(obj.extents[s]) * ps
+            if not (start <= s and e <= end):
+                self._extent_make(obj, s)
+                continue
+            n = len(obj.extents[s])
+            self._count(obj, -n)  # (before they leave: _count may move them all)
+            frames = obj.extents.pop(s)
+            obj.extent_starts.remove(s)
+            self.extent_pages -= n
+            self.tabled -= n
+            if not obj.internal:
+                obj.runs_left([(s, e)], n)
+            self.phys.frames_discard(obj, [(s, e)], frames)
+            self._release(frames)
+        if not obj.extents:
+            self.extent_objects.pop(obj, None)
+
     def _release(self, frames: list[int]) -> None:
         if frames:
             self.free.extend(frames)
@@ -447,8 +578,12 @@ class VmResident:
             self.vm_page_activate(page)
 
     def wired_count(self) -> int:
-        """Pages that are tabled but on no queue (wired or busy)."""
-        return self.tabled - len(self.active) - len(self.inactive)
+        """Pages that are tabled but on no queue (wired or busy; not those of extents)."""
+        return self.tabled - len(self.active) - len(self.inactive) - self.extent_pages
+
+    def active_count(self) -> int:
+        """Pages in use: those on the active queue and those of extents."""
+        return len(self.active) + self.extent_pages
 
     def vm_page_is_dirty(self, page: VmPage) -> bool:
         """Fold the hardware modify bit into the page's dirty flag; return it."""

@@ -151,6 +151,7 @@ def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
     res = vm.resident
     if res.free_count() < vm.free_target:
         res.lazy_end_all()  # frames held for the machine's zero fill come back first
+        res.extents_make_all()  # and every resident page is seen one by one
     _balance(vm)
     progress = pageable = False
     victims: list[VmPage] = []

@@ -110,7 +110,7 @@ def _resident(obj: VmObject | None, offset: int, size: int, page_size: int) -> i
         o: VmObject | None = obj
         at = off
         while o is not None:
-            if at in o.memq:
+            if o.resident_at(at):
                 count += 1
                 break
             at += o.shadow_offset
@@ -119,7 +119,8 @@ def _resident(obj: VmObject | None, offset: int, size: int, page_size: int) -> i
 
 
 def _own_resident(obj: VmObject | None, offset: int, size: int) -> int:
-    return 0 if obj is None else sum(1 for at in obj.memq if offset <= at < offset + size)
+    return 0 if obj is None else sum(1 for at in obj.resident_offsets()
+                                     if offset <= at < offset + size)
 
 
 def resident_runs(vmap: VmMap, start: int, end: int, most: int) -> list[tuple[int, int]]:
@@ -134,7 +135,7 @@ def resident_runs(vmap: VmMap, start: int, end: int, most: int) -> list[tuple[in
             continue
         lo, hi = max(start, e.start), min(end, e.end)
         base = off + lo - e.start  # the object offset of lo
-        offsets = {at for at in obj.memq if base <= at < base + hi - lo}
+        offsets = {at for at in obj.resident_offsets() if base <= at < base + hi - lo}
         if obj.lazy_frames is not None:
             offsets.update(vmap.vm.phys.lazy_collect(obj, base, base + hi - lo))
         for at in sorted(offsets):
@@ -183,7 +184,7 @@ def vm_stat(vm: VmSystem) -> dict[str, int]:
     """Page counts and counters of a kernel's VM, like macOS `vm_stat`."""
     res = vm.resident
     out = {"page_size": vm.page_size, "pages_free": res.free_count(),
-           "pages_active": len(res.active), "pages_inactive": len(res.inactive),
+           "pages_active": res.active_count(), "pages_inactive": len(res.inactive),
            "pages_wired": res.wired_count()}
     out.update(res.stats.as_dict())
     out.update(objects=vm.objects_alive, collapses=vm.stats_collapses,

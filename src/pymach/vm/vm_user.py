@@ -211,7 +211,7 @@ class VmServer:
         vm = task_map(task).vm
         res = vm.resident
         s = res.stats
-        return (vm.page_size, res.free_count(), len(res.active), len(res.inactive),
+        return (vm.page_size, res.free_count(), res.active_count(), len(res.inactive),
                 res.wired_count(), s.faults, s.zero_fill_count, s.cow_faults, s.pageins,
                 s.pageouts, s.reactivations, s.lookups, s.hits)
 
