@@ -238,6 +238,29 @@ def finished(box: dict[str, Any], timeout_ms: float = WAIT_MS) -> dict[str, Any]
     return box
 
 
+class Recording(m.DataManager):
+    """A one-thread manager whose page n holds the byte n % 256; records each request's
+    (offset, length) in `asked` and each write-back's (offset, data) in `written`, and
+    stops at its object's termination."""
+
+    threads = max_threads = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[int, int]] = []
+        self.written: list[tuple[int, bytes]] = []
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        self.asked.append((offset, length))
+        return b"".join(bytes([(offset // PS + i) % 256]) * PS for i in range(length // PS))
+
+    def write(self, memory_object: int, offset: int, data: bytes) -> None:
+        self.written.append((offset, bytes(data)))
+
+    def pager_terminate(self, memory_object: int, request: int) -> None:
+        self.stop()
+
+
 def _manager_main(dm: m.DataManager, n: int) -> None:
     inbox_msg = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 10_000)
     inbox = inbox_msg.items[0].value  # type: ignore[union-attr]

@@ -12,64 +12,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 
 import pymach as m
 from machutil import wait_until
-from pymach import Message
+from pagerutil import PS, Recording, spawn_manager
 from pymach.kern.host import Kernel
 from pymach.vm.memory_object import PagerServer
 from pymach.vm.vm_object import VmObject
 
-PS = 4096
-
-
-class Recording(m.DataManager):
-    """Page n holds byte n + 1; records each request's (first page, pages) and each
-    write's (first page, data)."""
-
-    threads = max_threads = 1
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked: list[tuple[int, int]] = []
-        self.written: list[tuple[int, bytes]] = []
-
-    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
-        self.asked.append((offset // PS, length // PS))
-        return b"".join(bytes([(offset // PS + i + 1) % 256]) * PS
-                        for i in range(length // PS))
-
-    def write(self, memory_object: int, offset: int, data: bytes) -> None:
-        self.written.append((offset // PS, bytes(data)))
-
-    def pager_terminate(self, memory_object: int, request: int) -> None:
-        self.stop()
-
-
-def _serve(dm: Recording) -> None:
-    mo = dm.create_memory_object()
-    m.msg_send(Message(remote_port=m.msg_receive(m.task_notify()).items[0].value,  # type: ignore
-                       items=[m.Port(mo, m.MAKE_SEND)]))
-    dm.serve()
-
 
 @contextmanager
-def mapped(k: Kernel, pages: int) -> Iterator[tuple[Recording, Any, int]]:
+def mapped(k: Kernel, pages: int) -> Iterator[tuple[Recording, int]]:
     """A Recording manager's object of `pages` pages mapped in this task: (manager,
-    its task's handle, address). The region is deallocated after the block and the
-    manager's end awaited."""
+    address). The region is deallocated after the block and the manager's end
+    awaited."""
     dm = Recording()
-    h = k.spawn(_serve, dm, name="recording")
-    box = m.port_allocate(m.task_self())
-    m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
-                       items=[m.Port(box, m.MAKE_SEND)]))
-    mo = m.msg_receive(box, m.RCV_TIMEOUT, 5000).items[0].value
-    a: int = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, mo, 0)  # type: ignore
+    h, (mo,) = spawn_manager(k, dm, name="recording")
+    a: int = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, mo, 0)
     try:
-        yield dm, h, a
+        yield dm, a
     finally:
         m.vm_deallocate(m.task_self(), a, pages * PS)  # (nothing, if the block did)
         h.result(5000)
@@ -104,9 +67,9 @@ def k() -> Iterator[Kernel]:
 
 def test_read_ahead_pages_are_an_extent_read_without_page_structures(k: Kernel) -> None:
     before = m.vm_statistics(m.task_self())
-    with mapped(k, 64) as (dm, _, a):
+    with mapped(k, 64) as (dm, a):
         mem = m.memory()
-        assert mem[a] == 1
+        assert mem[a] == 0
         assert extents_of(k) == {1: 15}  # page 0 waited: a page; 1-15 came along
         with k.sched.lock:
             assert len(external(k)._memq) == 1 and k.vm.resident.extent_pages == 15
@@ -114,17 +77,17 @@ def test_read_ahead_pages_are_an_extent_read_without_page_structures(k: Kernel) 
         now = m.vm_statistics(m.task_self())  # (an extent's pages count as active)
         assert now.wire_count == before.wire_count
         assert now.active_count - before.active_count >= 16
-        assert [mem[a + i * PS] for i in range(16)] == list(range(1, 17))
-        assert dm.asked == [(0, 16)]  # fault-around mapped the extent: no other request
+        assert [mem[a + i * PS] for i in range(16)] == list(range(16))
+        assert dm.asked == [(0, 16 * PS)]  # fault-around mapped the extent: no other request
         assert extents_of(k) == {1: 15}  # ... and made no page of it
         assert m.vm_resident(m.task_self(), a, 64 * PS) == [(a, 16)]  # (reports
         assert extents_of(k) == {1: 15}  # count an extent's pages without making them)
 
 
 def test_a_write_makes_its_extent_pages_and_goes_back_to_the_manager(k: Kernel) -> None:
-    with mapped(k, 32) as (dm, _, a):
+    with mapped(k, 32) as (dm, a):
         mem = m.memory()
-        assert mem[a] == 1
+        assert mem[a] == 0
         mem[a + 5 * PS] = 0xAB  # a page of the extent: its extent becomes pages
         assert extents_of(k) == {}
         with k.sched.lock:
@@ -133,18 +96,18 @@ def test_a_write_makes_its_extent_pages_and_goes_back_to_the_manager(k: Kernel) 
             assert k.vm.resident.vm_page_is_dirty(obj._memq[5 * PS])
             assert k.vm.resident.extent_pages == 0
         counts_add_up(k)
-        assert mem[a + 5 * PS] == 0xAB and mem[a + 6 * PS] == 7
+        assert mem[a + 5 * PS] == 0xAB and mem[a + 6 * PS] == 6
         m.vm_deallocate(m.task_self(), a, 32 * PS)
         wait_until(lambda: dm.written)
-    assert [page for page, _ in dm.written] == [5]  # the clean pages were not written
-    assert dm.written[0][1][:2] == b"\xab\x06"
+    assert [off // PS for off, _ in dm.written] == [5]  # the clean pages were not written
+    assert dm.written[0][1][:2] == b"\xab\x05"
 
 
 def test_deallocating_frees_the_extents_and_their_count(k: Kernel) -> None:
     free = m.vm_statistics(m.task_self()).free_count
-    with mapped(k, 64) as (_, _, a):
+    with mapped(k, 64) as (_, a):
         mem = m.memory()
-        assert [mem[a + i * PS] for i in range(0, 64, 16)] == [1, 17, 33, 49]
+        assert [mem[a + i * PS] for i in range(0, 64, 16)] == [0, 16, 32, 48]
         assert extents_of(k) == {1: 15, 17: 15, 33: 15, 49: 15}
         m.vm_deallocate(m.task_self(), a, 64 * PS)
         with k.sched.lock:
@@ -160,9 +123,9 @@ def test_a_lock_and_a_flush_see_the_extents_pages(k: Kernel) -> None:
     become pages first, so the lock holds for their pages and the flush drops them (the
     calls are made as the kernel's pager server runs them, kernel lock held)."""
     server = PagerServer(k)
-    with mapped(k, 32) as (dm, _, a):
+    with mapped(k, 32) as (dm, a):
         mem = m.memory()
-        assert mem[a] == 1 and extents_of(k) == {1: 15}
+        assert mem[a] == 0 and extents_of(k) == {1: 15}
         with k.sched.lock:
             server.pager_data_lock(external(k), 0, 8 * PS, m.VM_PROT_WRITE)
             obj = external(k)
@@ -170,13 +133,13 @@ def test_a_lock_and_a_flush_see_the_extents_pages(k: Kernel) -> None:
             assert [obj._memq[i * PS].page_lock for i in (0, 3, 7, 8)] == \
                 [m.VM_PROT_WRITE] * 3 + [m.VM_PROT_NONE]
         counts_add_up(k)
-        assert mem[a + 17 * PS] == 18 and extents_of(k) == {18: 14}
+        assert mem[a + 17 * PS] == 17 and extents_of(k) == {18: 14}
         with k.sched.lock:
             server.pager_flush_request(external(k), 16 * PS, 16 * PS)
             assert not external(k).extents and 20 * PS not in external(k)._memq
         counts_add_up(k)
-        assert mem[a + 20 * PS] == 21  # asked for again
-        assert dm.asked[-1][0] == 20
+        assert mem[a + 20 * PS] == 20  # asked for again
+        assert dm.asked[-1][0] == 20 * PS
 
 
 def test_pageout_short_of_frames_takes_extents_pages_too() -> None:
@@ -184,11 +147,11 @@ def test_pageout_short_of_frames_takes_extents_pages_too() -> None:
     read first become pages that pageout evicts (clean: nothing to write), and every
     page reads right."""
     with m.boot(pager_cluster_pages=16, memory_size=1 << 20) as k, \
-            mapped(k, 512) as (dm, _, a):
+            mapped(k, 512) as (dm, a):
         mem = m.memory()
-        assert [mem[a + i * PS] for i in range(512)] == [(i + 1) % 256 for i in range(512)]
+        assert [mem[a + i * PS] for i in range(512)] == [i % 256 for i in range(512)]
         counts_add_up(k)
-        assert sum(n for _, n in dm.asked) >= 512
+        assert sum(n for _, n in dm.asked) >= 512 * PS
         assert not dm.written
         with k.sched.lock:
             res = k.vm.resident

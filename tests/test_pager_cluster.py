@@ -7,45 +7,15 @@ from __future__ import annotations
 import pytest
 
 import pymach as m
-from pymach import Message
-
-PS = 4096
-
-
-class Recording(m.DataManager):
-    """Page n holds byte n; records each request's (offset, length)."""
-
-    threads = max_threads = 1
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked: list[tuple[int, int]] = []
-
-    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
-        self.asked.append((offset, length))
-        return b"".join(bytes([(offset // PS + i) % 256]) * PS for i in range(length // PS))
-
-    def pager_terminate(self, memory_object: int, request: int) -> None:
-        self.stop()
-
-
-def _serve(dm: Recording) -> None:
-    mo = dm.create_memory_object()
-    m.msg_send(Message(remote_port=m.msg_receive(m.task_notify()).items[0].value,  # type: ignore
-                       items=[m.Port(mo, m.MAKE_SEND)]))
-    dm.serve()
+from pagerutil import PS, Recording, spawn_manager
 
 
 def _sequential_read(cluster: int, pages: int, first: int = 0,
                      read_ahead: int | None = None) -> list[tuple[int, int]]:
     with m.boot(pager_cluster_pages=cluster, read_ahead_pages=read_ahead) as k:
         dm = Recording()
-        h = k.spawn(_serve, dm, name="recording")
-        box = m.port_allocate(m.task_self())
-        m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
-                           items=[m.Port(box, m.MAKE_SEND)]))
-        mo = m.msg_receive(box, m.RCV_TIMEOUT, 5000).items[0].value
-        a = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, mo, 0)  # type: ignore
+        h, (mo,) = spawn_manager(k, dm, name="recording")
+        a = m.vm_allocate_with_pager(m.task_self(), 0, pages * PS, True, mo, 0)
         mem = m.memory()
         _ = mem[a + first * PS]  # a fault in the middle first
         assert [mem[a + i * PS] for i in range(pages)] == [i % 256 for i in range(pages)]

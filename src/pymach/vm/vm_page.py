@@ -265,10 +265,22 @@ class VmResident:
         room = len(self.free) - (0 if privileged else self.reserved)
         offsets = offsets[:max(room, 0)]
         self._count(obj, len(offsets))
-        table, popleft, memq, active = self.pages, self.free.popleft, obj._memq, self.active
+        popleft = self.free.popleft
+        frames = [popleft() for _ in offsets]
+        pages = self._table_active(obj, offsets, frames)
+        self.tabled += len(pages)
+        self.phys.frames_bind(frames, obj, offsets)
+        return pages
+
+    def _table_active(self, obj: VmObject, offsets: Iterable[int],
+                      frames: list[int]) -> list[VmPage]:
+        """The page structures of `frames` (just taken off the free queue, or an
+        extent's), reset, each put in `obj`'s memq at its offset and at the end of the
+        active queue (_fresh_page, inline: this loop is a stream's per-page cost). The
+        caller counts them as tabled."""
+        table, memq, active = self.pages, obj._memq, self.active
         pages = []
-        for off in offsets:  # (_fresh_page, inline: this loop is a stream's per-page cost)
-            frame = popleft()
+        for off, frame in zip(offsets, frames, strict=True):
             page = table[frame]
             if page is None:
                 page = table[frame] = VmPage(frame)
@@ -278,8 +290,6 @@ class VmResident:
             memq[off] = page
             active[page] = None
             pages.append(page)
-        self.tabled += len(pages)
-        self.phys.frames_bind([page.frame for page in pages], obj, offsets)
         return pages
 
     def _fresh_page(self, frame: int) -> VmPage:
@@ -481,17 +491,8 @@ class VmResident:
         if not obj.extents:
             del self.extent_objects[obj]
         self.extent_pages -= len(frames)
-        table, memq, active, ps = self.pages, obj._memq, self.active, self.page_size
-        for off, frame in zip(range(start, start + len(frames) * ps, ps), frames,
-                              strict=True):
-            page = table[frame]
-            if page is None:
-                page = table[frame] = VmPage(frame)
-            else:
-                page.reset()
-            page.object, page.offset, page.queue = obj, off, "active"
-            memq[off] = page
-            active[page] = None
+        ps = self.page_size
+        self._table_active(obj, range(start, start + len(frames) * ps, ps), frames)
 
     def extents_make(self, obj: VmObject) -> None:
         """Make every extent of `obj` pages (something walks its pages)."""
