@@ -838,7 +838,7 @@ def _provide(obj: VmObject, offset: int, count: int, lock: int,
     del new[max(min(_manager_room(obj), vm.read_ahead_room()), 0):]  # (an absent page's
     # count may pass it: _in_offset_order)
     waited = [page for _, page in absent]
-    if lock == VM_PROT_NONE and not obj.internal:
+    if new and lock == VM_PROT_NONE and not obj.internal:
         made, extents = [], _grab_extents(obj, new)
         fills = waited
         runs = _merged_runs([(p.offset, [p.frame]) for p in waited] + extents, vm.page_size)

@@ -164,7 +164,9 @@ class VmResident:
     def vm_page_lookup(self, obj: VmObject, offset: int) -> VmPage | None:
         """The resident page of `obj` at `offset`, or None (counts lookups and hits)."""
         self.stats.lookups += 1
-        page = self.page_at(obj, offset)
+        page = obj._memq.get(offset)
+        if page is None and obj.extents:
+            page = self.page_at(obj, offset)
         if page is None and obj.lazy_frames is not None:
             page = self.lazy_page(obj, offset)  # the machine may have made it
         if page is not None:
