@@ -867,10 +867,11 @@ def _new_and_absent(obj: VmObject, offset: int, count: int
     new: list[int] = []  # offsets to fill anew, in order
     absent: list[tuple[int, VmPage]] = []
     asked = obj.window_asked  # (pages another outstanding answer is to make)
+    clear = not pending and not asked  # (then every hole is new)
     for off in _outside_extents(obj, _range(obj, offset, count)):
         page = memq.get(off)
         if page is None:
-            if off not in pending and not (asked and obj.asked_over(off)):
+            if clear or (off not in pending and not (asked and obj.asked_over(off))):
                 new.append(off)
         elif page.absent:
             absent.append((len(new), page))
@@ -909,6 +910,8 @@ def _grab_extents(obj: VmObject, offsets: list[int]) -> list[tuple[int, list[int
 
 def _offset_runs(offsets: list[int], ps: int) -> list[tuple[int, int]]:
     """(start, pages) of each run of adjacent offsets of the sorted `offsets`."""
+    if offsets and offsets[-1] - offsets[0] == (len(offsets) - 1) * ps:
+        return [(offsets[0], len(offsets))]  # (one run: the usual case, without a loop)
     runs: list[tuple[int, int]] = []
     for off in offsets:
         if runs and runs[-1][0] + runs[-1][1] * ps == off:
