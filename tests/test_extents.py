@@ -19,7 +19,7 @@ import pymach as m
 from machutil import wait_until
 from pagerutil import PS, Recording, spawn_manager
 from pymach.kern.host import Kernel
-from pymach.vm.memory_object import PagerServer
+from pymach.vm.memory_object import PagerServer, _outside_extents
 from pymach.vm.vm_object import VmObject
 
 
@@ -156,3 +156,21 @@ def test_pageout_short_of_frames_takes_extents_pages_too() -> None:
         with k.sched.lock:
             res = k.vm.resident
             assert res.stats.pageins >= 512 and res.extent_pages <= k.memory_size // PS
+
+
+def test_the_extents_met_by_a_range_are_found_among_many(k: Kernel) -> None:
+    """A provide looks only at the extents its range meets (found by bisection: a
+    streamed object has thousands), and the offsets between them are its new pages."""
+    with mapped(k, 400) as (_, a):
+        mem = m.memory()
+        for page in range(0, 400, 16):  # a fault a cluster: 25 extents of 15 pages
+            assert mem[a + page * PS] == page % 256
+        with k.sched.lock:
+            obj, res = external(k), k.vm.resident
+            assert len(obj.extents) == 25
+            assert res.extents_in(obj, 20 * PS, 50 * PS) == [
+                (17 * PS, 32 * PS), (33 * PS, 48 * PS), (49 * PS, 64 * PS)]
+            assert res.extents_in(obj, 16 * PS, 17 * PS) == []  # (a page, not an extent)
+            assert res.extents_in(obj, 399 * PS, 500 * PS) == [(385 * PS, 400 * PS)]
+            outside = _outside_extents(obj, range(10 * PS, 40 * PS, PS))
+            assert [off // PS for off in outside] == [16, 32]

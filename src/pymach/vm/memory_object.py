@@ -884,8 +884,9 @@ def _outside_extents(obj: VmObject, offsets: range) -> Iterable[int]:
     if not obj.extents:
         return offsets
     ps, end = obj.vm.page_size, offsets.stop
-    spans = sorted((s, s + len(frames) * ps) for s, frames in obj.extents.items()
-                   if s < end and offsets.start < s + len(frames) * ps)
+    spans = obj.vm.resident.extents_in(obj, offsets.start, end)
+    if not spans:
+        return offsets
     out: list[int] = []
     at = offsets.start
     for lo, hi in [*spans, (end, end)]:

@@ -462,6 +462,20 @@ class VmResident:
         i = bisect.bisect_right(starts, offset)
         return starts[i] if i < len(starts) else None
 
+    def extents_in(self, obj: VmObject, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges [s, e) of `obj`'s extents that meet [start, end), in order (a look
+        at those only: an object may have thousands)."""
+        starts, ps = obj.extent_starts, self.page_size
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        out = []
+        while i < len(starts) and starts[i] < end:
+            s = starts[i]
+            e = s + len(obj.extents[s]) * ps
+            if start < e:
+                out.append((s, e))
+            i += 1
+        return out
+
     def extent_frames(self, obj: VmObject, offset: int, end: int) -> list[int]:
         """The frames of `obj`'s pages from `offset` up to `end` that one extent holds
         (empty if no extent holds `offset`)."""
@@ -510,10 +524,7 @@ class VmResident:
         """Free `obj`'s extents that lie within [start, end) with one backend call each
         and no page structures; one that lies only partly within becomes pages, for
         the caller to free as pages."""
-        ps = self.page_size
-        for s in [s for s in obj.extent_starts
-                  if s < end and start < s + len(obj.extents[s]) * ps]:
-            e = s + len(obj.extents[s]) * ps
+        for s, e in self.extents_in(obj, start, end):
             if not (start <= s and e <= end):
                 self._extent_make(obj, s)
                 continue
