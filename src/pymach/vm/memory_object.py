@@ -521,8 +521,8 @@ def _free_in_place(obj: VmObject, start: int, end: int) -> list[VmPage]:
     """Forget run [start, end) written back in place; its pages, neither busy nor
     wired (the caller wakes the faults waiting on them)."""
     del obj.in_place[start]
-    vm = obj.vm
-    pages = [obj.memq[o] for o in range(start, end, vm.page_size) if o in obj.memq]
+    vm, memq = obj.vm, obj._memq  # (pages held in place: never in an extent)
+    pages = [memq[o] for o in range(start, end, vm.page_size) if o in memq]
     obj.in_place_pages -= len(pages)
     for page in pages:
         page.busy = False
@@ -784,8 +784,9 @@ class PagerServer:
         _trace_call(obj, "pager_data_lock", offset, length, lock_value)
         lock = check_prot(lock_value, "lock_value")
         _check_live(obj)
+        memq = obj.memq  # (its extents made pages: the lock holds for them too)
         for off in _range(obj, offset, length):
-            page = obj.memq.get(off)
+            page = memq.get(off)
             if page is not None and not page.absent:
                 _set_lock(obj, page, lock)
         obj.vm.kernel.sched.thread_wakeup(obj.page_waitq)

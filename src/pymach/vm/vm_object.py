@@ -350,15 +350,15 @@ def _free_all_pages(obj: VmObject) -> None:
 def vm_object_pmap_protect_copy(obj: VmObject, start: int, end: int) -> None:
     """Write-protect, in every pmap, the object's resident pages in [start, end)."""
     phys = obj.vm.phys
-    keep = ~VM_PROT_WRITE & 0x7
-    if end - start <= len(obj.memq) * obj.vm.page_size:
+    keep, memq = ~VM_PROT_WRITE & 0x7, obj.memq
+    if end - start <= len(memq) * obj.vm.page_size:
         ps = obj.vm.page_size
         for off in range(start, end, ps):
-            page = obj.memq.get(off)
+            page = memq.get(off)
             if page is not None:
                 phys.pmap_page_protect(page.frame, keep)
     else:
-        for off, page in obj.memq.items():
+        for off, page in memq.items():
             if start <= off < end:
                 phys.pmap_page_protect(page.frame, keep)
 
@@ -395,10 +395,10 @@ def _collapsible(obj: VmObject, backing: VmObject) -> bool:
 
 def _collapse_into(obj: VmObject, backing: VmObject) -> None:
     """Move `backing`'s pages (and pager, if any) into `obj`; `backing` disappears."""
-    vm, delta = obj.vm, obj.shadow_offset
+    vm, delta, memq = obj.vm, obj.shadow_offset, obj.memq
     for boff, page in list(backing.memq.items()):
         off = boff - delta
-        if 0 <= off < obj.size and off not in obj.memq and off not in obj.existence:
+        if 0 <= off < obj.size and off not in memq and off not in obj.existence:
             vm.resident.vm_page_rename(page, obj, off)
     _free_all_pages(backing)  # what obj hides or cannot hold
     if backing.pager is not None:
@@ -418,10 +418,10 @@ def _collapse_into(obj: VmObject, backing: VmObject) -> None:
 def _shadows_everything(obj: VmObject, backing: VmObject) -> bool:
     """True if `obj` has its own copy of every page `backing` could show it; offsets
     where `backing` has nothing look through it to its shadow either way."""
-    delta = obj.shadow_offset
+    delta, memq = obj.shadow_offset, obj.memq
     for boff in itertools.chain(backing.memq, backing.existence):  # (no copy, no order:
         off = boff - delta  # the first page obj lacks decides)
-        if 0 <= off < obj.size and off not in obj.memq and off not in obj.existence:
+        if 0 <= off < obj.size and off not in memq and off not in obj.existence:
             return False
     return True
 

@@ -380,8 +380,8 @@ class VmResident:
         frames = self._lazy_stop(obj)
         if frames is None:
             return
-        made = [off for off in self.phys.lazy_collect(obj, 0, obj.size)
-                if off not in obj.memq]
+        memq = obj.memq
+        made = [off for off in self.phys.lazy_collect(obj, 0, obj.size) if off not in memq]
         self._lazy_adopt(obj, made[:len(frames)], frames)
         self._release(frames)
 
