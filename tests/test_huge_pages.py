@@ -26,7 +26,8 @@ from pymach.pmap.hugetlb import free_huge_pages, huge_page_size
 
 HP = 2 << 20
 NR = Path("/proc/sys/vm/nr_hugepages")
-POOL = 96  # huge pages: 64 for the first machd (128M), 16 for the small one, and room
+POOL = 224  # huge pages: 64 for the first machd (128M), 128 for the read-ahead one
+# (256M; the small pageout one, 16, runs when it has gone), and room
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,56 @@ def test_a_python_pager_serves_huge_pages(task: None) -> None:
     del v
     m.vm_deallocate(me, a, n * HP)
     h.result(20_000)
+
+
+class Noting(Pages):
+    """Pages, noting each request's (first page, pages)."""
+
+    asked: list[tuple[int, int]]
+
+    def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
+        self.asked.append((offset // HP, length // HP))
+        return super().read(memory_object, offset, length, access)
+
+
+def _noting_pager() -> list[tuple[int, int]]:
+    dm = Noting()
+    dm.asked = []
+    mo = dm.create_memory_object()
+    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
+    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
+                       items=[m.Port(mo, m.MAKE_SEND)]))
+    dm.serve()
+    return dm.asked
+
+
+def test_read_ahead_of_huge_pages_stops_at_what_an_answer_in_place_covers(
+        pool: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With 2 MiB pages, read-ahead to 64 pages would ask for 128 MiB, more than one
+    answer in place may cover (PLACED_MAX, 64 MiB): the kernel refused the answer and
+    the fault waited out the pager timeout. Requests stop at 32 pages."""
+    gen = running_machd(tmp_path_factory, "--page-size", "2M", "--memory", "256M",
+                        "--pager-cluster", "16", "--read-ahead", "64",
+                        "--pager-timeout", "20000")
+    sock = next(gen)
+    attach(sock, name="huge-read-ahead")
+    try:
+        me, n = m.task_self(), 96
+        h = m.spawn(_noting_pager, name="noting")
+        box = m.port_allocate(me)
+        m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
+                           items=[m.Port(box, m.MAKE_SEND)]))
+        mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+        a = m.vm_allocate_with_pager(me, 0, n * HP, True, mo, 0)
+        v = np.frombuffer(m.memory().buffer(a, n * HP), dtype=np.uint8)
+        assert [int(v[i * HP]) for i in range(n)] == [(i + 1) % 256 for i in range(n)]
+        del v
+        m.vm_deallocate(me, a, n * HP)
+        asked = h.result(30_000)
+        assert max(pages for _, pages in asked) == 32 and asked[:2] == [(0, 16), (16, 32)]
+    finally:
+        detach()
+        next(gen, None)
 
 
 def test_pageout_of_huge_pages_keeps_every_byte(pool: None,

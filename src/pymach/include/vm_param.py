@@ -25,6 +25,9 @@ INHERIT_NAMES = {VM_INHERIT_SHARE: "share", VM_INHERIT_COPY: "copy", VM_INHERIT_
 
 VM_MIN_ADDRESS = 0x10000  # the first 64 KiB stay unmapped, so small ints fault
 VM_MAX_ADDRESS = 1 << 47  # a 128 TiB user address space, like x86-64
+PLACED_MAX = 64 << 20  # bytes one pager_data_provided_in_place covers at most (as much
+# as a message's data: the kernel's work per call stays bounded), so also the most a
+# request to a manager with a window asks for (vm_fault._cluster)
 
 
 def prot_text(prot: int) -> str:

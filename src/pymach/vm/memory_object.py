@@ -33,6 +33,7 @@ from pymach.errors import MachError, code_name
 from pymach.include.mach_defs import memory_object_defs
 from pymach.include.message import Disposition, Int
 from pymach.include.vm_param import (
+    PLACED_MAX,
     VM_PROT_ALL,
     VM_PROT_NONE,
     VM_PROT_READ,
@@ -815,8 +816,6 @@ class PagerServer:
 
 WINDOW_ASKED_MAX = 4096  # outstanding requests of one object noted at most (each has a
 # page waiting for it, so this bounds only a manager that never answers; the oldest go)
-PLACED_MAX = 64 << 20  # bytes one pager_data_provided_in_place covers at most (as much
-# as a message's data: the kernel's work per call stays bounded)
 
 
 def _check_live(obj: VmObject) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pymach.errors import MachError
-from pymach.include.vm_param import VM_PROT_READ, VM_PROT_WRITE, trunc_page
+from pymach.include.vm_param import PLACED_MAX, VM_PROT_READ, VM_PROT_WRITE, trunc_page
 from pymach.kern.sched_prim import WaitQueue, deadline_after, thread_block
 from pymach.vm.vm_map import FaultPolicy, vm_map_lookup
 from pymach.vm.vm_object import holding_offset, vm_object_deallocate
@@ -320,8 +320,9 @@ def _request_from_pager(thread: Thread, obj: VmObject, off: int, policy: FaultPo
 def _cluster(obj: VmObject, off: int) -> int:
     """How many bytes to ask a manager for at `off`: the page, and the pages after it
     that the object lacks (for an internal object, that its default pager holds: in
-    `existence`), up to the request's window (`_read_ahead_window`) and the frames
-    read-ahead may take (VmSystem.read_ahead_room). Only the faulting page waits for
+    `existence`), up to the request's window (`_read_ahead_window`), the frames
+    read-ahead may take (VmSystem.read_ahead_room) and, where managers answer in place,
+    what one answer in place may cover (PLACED_MAX). Only the faulting page waits for
     the data; the others are installed if they come and there is room (so a manager
     may answer just the first page)."""
     vm = obj.vm
@@ -332,6 +333,8 @@ def _cluster(obj: VmObject, off: int) -> int:
     if extent is not None:  # (resident pages: never asked for again)
         limit = min(limit, (extent - off) // ps)
     existence = obj.existence if obj.internal else None
+    if vm.phys.object_windows:  # an answer in place covers PLACED_MAX at most
+        limit = min(limit, max(PLACED_MAX // ps, 1))
     if obj.window_asked and vm.phys.object_windows:  # no two outstanding requests
         limit = min(limit, _asked_after(obj, off) // ps)  # overlap (asked_over)
     n = 1
