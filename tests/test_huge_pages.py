@@ -122,13 +122,15 @@ class Pages(m.DataManager):
         self.stop()
 
 
-def _pager() -> None:
-    dm = Pages()
+def _pager(kind: type[Pages] = Pages) -> list[tuple[int, int]]:
+    """Serve a new object of a `kind` manager to whoever asks; what it noted (Noting)."""
+    dm = kind()
     mo = dm.create_memory_object()
     ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
     m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
                        items=[m.Port(mo, m.MAKE_SEND)]))
     dm.serve()
+    return getattr(dm, "asked", [])
 
 
 def test_a_python_pager_serves_huge_pages(task: None) -> None:
@@ -150,22 +152,13 @@ def test_a_python_pager_serves_huge_pages(task: None) -> None:
 class Noting(Pages):
     """Pages, noting each request's (first page, pages)."""
 
-    asked: list[tuple[int, int]]
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[int, int]] = []
 
     def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
         self.asked.append((offset // HP, length // HP))
         return super().read(memory_object, offset, length, access)
-
-
-def _noting_pager() -> list[tuple[int, int]]:
-    dm = Noting()
-    dm.asked = []
-    mo = dm.create_memory_object()
-    ask = m.msg_receive(m.task_notify(), m.RCV_TIMEOUT, 20_000)
-    m.msg_send(Message(remote_port=ask.items[0].value,  # type: ignore[arg-type]
-                       items=[m.Port(mo, m.MAKE_SEND)]))
-    dm.serve()
-    return dm.asked
 
 
 def test_read_ahead_of_huge_pages_stops_at_what_an_answer_in_place_covers(
@@ -180,7 +173,7 @@ def test_read_ahead_of_huge_pages_stops_at_what_an_answer_in_place_covers(
     attach(sock, name="huge-read-ahead")
     try:
         me, n = m.task_self(), 96
-        h = m.spawn(_noting_pager, name="noting")
+        h = m.spawn(_pager, Noting, name="noting")
         box = m.port_allocate(me)
         m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
                            items=[m.Port(box, m.MAKE_SEND)]))
