@@ -239,9 +239,9 @@ def finished(box: dict[str, Any], timeout_ms: float = WAIT_MS) -> dict[str, Any]
 
 
 class Recording(m.DataManager):
-    """A one-thread manager whose page n holds the byte n % 256; records each request's
-    (offset, length) in `asked` and each write-back's (offset, data) in `written`, and
-    stops at its object's termination."""
+    """A one-thread manager whose page n holds the byte n % 256 until a write-back
+    changes it; records each request's (offset, length) in `asked` and each
+    write-back's (offset, data) in `written`, and stops at its object's termination."""
 
     threads = max_threads = 1
 
@@ -249,13 +249,18 @@ class Recording(m.DataManager):
         super().__init__()
         self.asked: list[tuple[int, int]] = []
         self.written: list[tuple[int, bytes]] = []
+        self.pages: dict[int, bytes] = {}  # page number -> data written back
 
     def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
         self.asked.append((offset, length))
-        return b"".join(bytes([(offset // PS + i) % 256]) * PS for i in range(length // PS))
+        first = offset // PS
+        return b"".join(self.pages.get(n, bytes([n % 256]) * PS)
+                        for n in range(first, first + length // PS))
 
     def write(self, memory_object: int, offset: int, data: bytes) -> None:
         self.written.append((offset, bytes(data)))
+        for i in range(len(data) // PS):
+            self.pages[offset // PS + i] = bytes(data[i * PS:(i + 1) * PS])
 
     def pager_terminate(self, memory_object: int, request: int) -> None:
         self.stop()

@@ -10,6 +10,7 @@ while looking); the native stream through machd is in test_pager_window.py.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -174,3 +175,109 @@ def test_the_extents_met_by_a_range_are_found_among_many(k: Kernel) -> None:
             assert res.extents_in(obj, 399 * PS, 500 * PS) == [(385 * PS, 400 * PS)]
             outside = _outside_extents(obj, range(10 * PS, 40 * PS, PS))
             assert [off // PS for off in outside] == [16, 32]
+
+
+# -- every frame accounted for, under a random workload ------------------------------------
+def _owners(k: Kernel) -> tuple[dict[int, str], list[str]]:
+    """What holds each frame (free, the machine's zero fill, an extent, a page), and
+    the frames claimed twice and offsets both in a table and in an extent."""
+    res, ps = k.vm.resident, k.vm.page_size
+    owner: dict[int, str] = {}
+    errors: list[str] = []
+
+    def claim(frame: int, what: str) -> None:
+        if frame in owner:
+            errors.append(f"frame {frame}: {owner[frame]} and {what}")
+        owner[frame] = what
+
+    for frame in res.free:
+        claim(frame, "free")
+    for obj in res.lazy:
+        for frame in obj.lazy_frames or ():
+            claim(frame, f"zero fill of obj{obj.serial}")
+    for obj in res.extent_objects:
+        assert obj.extents and sorted(obj.extents) == obj.extent_starts, obj
+        for start, frames in obj.extents.items():
+            for i, frame in enumerate(frames):
+                claim(frame, f"extent obj{obj.serial}+{start + i * ps:#x}")
+                if start + i * ps in obj._memq:
+                    errors.append(f"obj{obj.serial}+{start + i * ps:#x}: page and extent")
+    for page in res.pages:
+        if page is not None and page.object is not None:
+            assert page.object._memq.get(page.offset) is page, page
+            claim(page.frame, f"page {page}")
+    return owner, errors
+
+
+def resident_invariants(k: Kernel) -> list[str]:
+    """The resident table's invariants (vm_page.py), kernel lock held: every frame held
+    by exactly one of free, zero fill, extent, page; the counts of tabled and extent
+    pages, and of each data manager's pages, match what is there."""
+    res = k.vm.resident
+    owner, errors = _owners(k)
+    if len(owner) != res.phys.nframes:
+        errors.append(f"{res.phys.nframes - len(owner)} frames held by nothing")
+    extent = sum(o.extent_pages() for o in res.extent_objects)
+    pages = sum(1 for p in res.pages if p is not None and p.object is not None)
+    if (extent, pages + extent) != (res.extent_pages, res.tabled):
+        errors.append(f"extent/tabled {res.extent_pages}/{res.tabled}, counted "
+                      f"{extent}/{pages + extent}")
+    want: dict[object, int] = {}
+    for obj in {p.object for p in res.pages if p and p.object} | set(res.extent_objects):
+        if obj.counted_as is not None:
+            want[obj.counted_as] = want.get(obj.counted_as, 0) + len(obj._memq) + \
+                obj.extent_pages()
+    if {key: n for key, n in want.items() if n} != res.manager_pages:
+        errors.append(f"manager pages {res.manager_pages}, counted {want}")
+    return errors
+
+
+def _step(k: Kernel, rnd: random.Random, a: int, expect: dict[int, int]) -> str:
+    """One random operation on the mapped object (96 pages), checked as it goes."""
+    mem, server, pages = m.memory(), PagerServer(k), len(expect)
+    op, i = rnd.choice(["read", "run", "write", "flush", "clean", "lock", "unlock",
+                        "vm_read"]), rnd.randrange(pages)
+    n = min(rnd.randint(1, 24), pages - i)
+    if op == "read":
+        assert mem[a + i * PS] == expect[i]
+    elif op == "run":  # (a reader going on in order: read-ahead)
+        assert [mem[a + j * PS] for j in range(i, i + n)] == [expect[j] for j in
+                                                              range(i, i + n)]
+    elif op == "write":
+        expect[i] = rnd.randrange(256)
+        mem[a + i * PS] = expect[i]
+    elif op == "vm_read":
+        data = m.vm_read(m.task_self(), a + i * PS, n * PS)
+        assert [data[j * PS] for j in range(n)] == [expect[i + j] for j in range(n)]
+    else:
+        with k.sched.lock:
+            obj = external(k)
+            if op in ("flush", "clean"):
+                call = server.pager_flush_request if op == "flush" else \
+                    server.pager_clean_request
+                call(obj, i * PS, n * PS)
+            else:
+                server.pager_data_lock(obj, i * PS, n * PS, m.VM_PROT_WRITE
+                                       if op == "lock" else m.VM_PROT_NONE)
+    return f"{op} {i} {n}"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_random_workload_keeps_every_frame_accounted_for(seed: int) -> None:
+    """Reads, runs in order, writes, flushes, cleans, locks and kernel reads of a pager's
+    object in a memory smaller than it (extents made, freed and paged out), the
+    resident table's invariants checked after every step, then the data and the
+    frames once the region is gone."""
+    rnd = random.Random(seed)
+    with m.boot(pager_cluster_pages=8, read_ahead_pages=32, memory_size=112 * PS) as k, \
+            mapped(k, 96) as (_, a):
+        expect = {i: i % 256 for i in range(96)}
+        done: list[str] = []
+        for _ in range(150):
+            done.append(_step(k, rnd, a, expect))
+            with k.sched.lock:
+                assert not resident_invariants(k), done[-5:]
+        assert [m.memory()[a + i * PS] for i in range(96)] == [expect[i] for i in range(96)]
+        m.vm_deallocate(m.task_self(), a, 96 * PS)
+        with k.sched.lock:
+            assert not resident_invariants(k) and k.vm.resident.extent_pages == 0
