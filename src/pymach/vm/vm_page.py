@@ -264,15 +264,20 @@ class VmResident:
         active: what vm_page_grab, vm_page_insert and vm_page_activate of each would
         make, with one backend call for all (frames_bind). Only the first ones if fewer
         frames may be taken now."""
-        room = len(self.free) - (0 if privileged else self.reserved)
-        offsets = offsets[:max(room, 0)]
+        frames = self._take_free(len(offsets), privileged)
+        offsets = offsets[:len(frames)]
         self._count(obj, len(offsets))
-        popleft = self.free.popleft
-        frames = [popleft() for _ in offsets]
         pages = self._table_active(obj, offsets, frames)
         self.tabled += len(pages)
         self.phys.frames_bind(frames, obj, offsets)
         return pages
+
+    def _take_free(self, n: int, privileged: bool) -> list[int]:
+        """Up to `n` frames off the free queue: as many as may be taken now (the last
+        `reserved` only by vm-privileged threads)."""
+        room = len(self.free) - (0 if privileged else self.reserved)
+        popleft = self.free.popleft
+        return [popleft() for _ in range(min(n, max(room, 0)))]
 
     def _table_active(self, obj: VmObject, offsets: Iterable[int],
                       frames: list[int]) -> list[VmPage]:
@@ -432,12 +437,10 @@ class VmResident:
         """Up to `n` free frames, bound to `obj`'s offsets from `start` on (where it has
         no page and no extent), as one extent: resident pages with no structures. Fewer
         (maybe none) if fewer frames may be taken now."""
-        room = len(self.free) - (0 if privileged else self.reserved)
-        n = min(n, max(room, 0))
-        if n <= 0:
+        frames = self._take_free(n, privileged)
+        if not frames:
             return []
-        popleft, ps = self.free.popleft, self.page_size
-        frames = [popleft() for _ in range(n)]
+        n, ps = len(frames), self.page_size
         self._count(obj, n)
         self.tabled += n
         self.extent_pages += n
