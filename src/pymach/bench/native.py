@@ -54,6 +54,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 WRITEBACK = 16 * MIB  # dirty bytes written back at unmap (bench_writeback)
 PRESSURE, PRESSURE_MEMORY = 96 * MIB, 64 * MIB  # bench_pressure: region, machd --memory
+PROBE_S = 6.0  # bench_kernel_call_latency: seconds of calls (the pressure run's length)
 STOP = 2
 
 
@@ -316,6 +317,36 @@ def bench_pager_pressure(size: int) -> float:
     return dt / n * 1e6
 
 
+def _kernel_call_prober(seconds: float) -> list[int]:
+    """For `seconds`, once a millisecond, a null kernel call (a port allocated and
+    deallocated: two traps into machd's kernel, each under its kernel lock); returns
+    the median, 99th percentile and longest call in microseconds, and the count."""
+    me = pymach.task_self()
+    took, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.perf_counter()
+        pymach.port_deallocate(me, pymach.port_allocate(me))
+        took.append(time.perf_counter() - t0)
+        time.sleep(0.001)
+    took.sort()
+    return [round(took[len(took) // 2] * 1e6), round(took[len(took) * 99 // 100] * 1e6),
+            round(took[-1] * 1e6), len(took)]
+
+
+def bench_kernel_call_latency(size: int, seconds: float) -> dict[str, list[int]]:
+    """The latency of another task's null kernel calls (`_kernel_call_prober`), alone
+    and while this task writes then reads back `size` bytes, more than machd's memory
+    (bench_pressure: the pageout daemon evicts thousands of pages). The kernel lock is
+    let go between pageout batches (kern/lock.py), so the longest call stays near one
+    batch's work, not a whole scan's."""
+    h = pymach.spawn(_kernel_call_prober, seconds, name="kernel-call-prober")
+    alone = h.result(int(seconds * 1000) + 30_000)
+    h = pymach.spawn(_kernel_call_prober, seconds, name="kernel-call-prober")
+    time.sleep(0.2)  # (its process up and calling)
+    bench_pressure(size)
+    return {"alone": alone, "paging": h.result(int(seconds * 1000) + 60_000)}
+
+
 def bench_zero_fill_fault(pages: int) -> float:
     """Microseconds per zero-fill fault of a native task (machd, no pager)."""
     me = pymach.task_self()
@@ -442,7 +473,8 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     task memory (<= 3x the same fill of fresh anonymous memory), the write-back of
     `writeback_size` dirty bytes at unmap beside msync, and paging under memory pressure
     (`pressure`: bytes written and read back, machd's memory) beside a page at a time
-    of pwrite and pread (no targets)."""
+    of pwrite and pread, and another task's kernel calls alone and during that paging
+    (no targets)."""
     with native_task("--pager-cluster", "1", "--read-ahead", "1"):
         fault = statistics.median(bench_pager_fault(fault_pages) for _ in range(3))
         zero = statistics.median(bench_zero_fill_fault(fault_pages) for _ in range(3))
@@ -458,6 +490,8 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     with native_task("--memory", f"{pressure[1] // MIB}M", "--pager-cluster", "16"):
         out, back = bench_pressure(pressure[0])
         pager_out = bench_pager_pressure(pressure[0])
+    with native_task("--memory", f"{pressure[1] // MIB}M", "--pager-cluster", "16"):
+        calls = bench_kernel_call_latency(pressure[0], PROBE_S)
     swap_out, swap_back = baselines.swap_file_us_per_page(pressure[0])
     return {"pager_fault_us": round(fault, 1), "zero_fill_fault_us": round(zero, 2),
             "anonymous_fault_us": round(anon, 2), "target_pager_fault_us_at_most": 25,
@@ -483,7 +517,9 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
             "ratio_pressure_write_vs_pwrite": _ratio(out, swap_out),
             "ratio_pressure_read_back_vs_pread": _ratio(back, swap_back),
             "pager_pressure_write_us_per_page": round(pager_out, 1),
-            "ratio_pager_pressure_write_vs_pwrite": _ratio(pager_out, swap_out)}
+            "ratio_pager_pressure_write_vs_pwrite": _ratio(pager_out, swap_out),
+            "kernel_call_alone_us_median_p99_max_count": calls["alone"],
+            "kernel_call_paging_us_median_p99_max_count": calls["paging"]}
 
 
 def run_streams(size: int) -> dict[str, Any]:

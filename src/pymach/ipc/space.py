@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +42,7 @@ from pymach.kern.sched_prim import WaitQueue
 
 if TYPE_CHECKING:
     from pymach.ipc.port import Port
+    from pymach.kern.lock import KernelLock
     from pymach.kern.task import Task
 
 # Default port_names_max. Above the rights one message can carry (msg_size_max / 4 with
@@ -85,7 +85,7 @@ class IpcEntry:
 class IpcSpace:
     """A task's port name space. Guarded by the kernel lock."""
 
-    def __init__(self, task: Task, lock: threading.Lock) -> None:
+    def __init__(self, task: Task, lock: KernelLock) -> None:
         self.task = task
         self.names: dict[int, IpcEntry] = {}
         self._next_name = 1  # every name below it has been used (names are never reused)

@@ -21,6 +21,7 @@ import random
 import threading
 from typing import TYPE_CHECKING
 
+from pymach.kern.lock import KernelLock
 from pymach.kern.sched_prim import WaitQueue, continuation_interrupt, continuations_wakeup
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class DeterministicScheduler:
     deterministic = True
 
     def __init__(self, seed: int) -> None:
-        self.lock = threading.Lock()  # the kernel lock
+        self.lock = KernelLock()  # the kernel lock
         self._mx = threading.Lock()
         self._tokens: dict[Thread, threading.Condition] = {}  # a thread waiting for the
         # token -> its condition (of _mx)
@@ -116,6 +117,9 @@ class DeterministicScheduler:
                 self._make_runnable(thread, "woken")
         if thread.continuation is not None:
             continuation_interrupt(thread)
+
+    def lock_break(self) -> bool:
+        return False  # (turns are taken at kernel entries and waits only)
 
     def shutdown(self) -> None:
         with self._mx:

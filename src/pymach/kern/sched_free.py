@@ -10,10 +10,10 @@ also offers the event to the calls parked on the queue with a continuation
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING
 
+from pymach.kern.lock import KernelLock
 from pymach.kern.sched_prim import WaitQueue, continuation_interrupt, continuations_wakeup
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ class FreeScheduler:
     deterministic = False
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = KernelLock()
         self._shutdown = False  # guarded by lock
 
     def now(self) -> float:
@@ -81,6 +81,9 @@ class FreeScheduler:
             thread.wait_queue.cond.notify_all()
         if thread.continuation is not None:
             continuation_interrupt(thread)
+
+    def lock_break(self) -> bool:
+        return self.lock.lock_break()
 
     def shutdown(self) -> None:
         self._shutdown = True

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from pymach.errors import MachError, ThreadTerminated
+from pymach.kern.lock import KernelLock
 
 if TYPE_CHECKING:
     from pymach.kern.thread import Thread
@@ -71,9 +72,10 @@ class WaitQueue:
 
     __slots__ = ("cond", "name", "parked", "sleepers", "sleeping")
 
-    def __init__(self, lock: threading.Lock, name: str) -> None:
+    def __init__(self, lock: KernelLock, name: str) -> None:
         self.name = name
-        self.cond = threading.Condition(lock)  # used by the free backend only
+        self.cond = threading.Condition(lock)  # type: ignore[arg-type]  # (any lock with
+        # acquire and release will do); used by the free backend only
         self.sleepers = 0  # threads in cond.wait (free backend): a wake-up of none is free
         self.sleeping: dict[Thread, None] = {}  # those threads (free backend)
         self.parked: list[Continuation] = []  # calls parked here, oldest first
@@ -121,7 +123,7 @@ class Continuation:
 class Scheduler(Protocol):
     """What the rest of the kernel may ask of a scheduler backend."""
 
-    lock: threading.Lock
+    lock: KernelLock
     deterministic: bool
 
     def now(self) -> float:
@@ -161,6 +163,13 @@ class Scheduler(Protocol):
 
     def thread_interrupt(self, thread: Thread) -> None:
         """Wake `thread` if it waits, whatever it waits on (termination). Lock held."""
+        ...
+
+    def lock_break(self) -> bool:
+        """Let a thread waiting for the kernel lock in, and take the lock back after it
+        (kern/lock.py); call only where every kernel structure is consistent. False if
+        there was nobody to let in (the deterministic scheduler never breaks: its
+        threads take turns only at kernel entries and waits). Lock held."""
         ...
 
     def shutdown(self) -> None:

@@ -10,6 +10,9 @@ A kernel thread that sleeps until free frames fall below `free_min`, then scans:
   of a pass are taken together (as many as free frames are short, and at least the
   host's `pager_cluster_pages`), so adjacent dirty pages of an object go to its pager
   in one pager_data_write (memory_object.py's `evict_in_runs`), not a message a page.
+  Between batches of victims (PAGEOUT_BATCH pages, or a cluster), the scan lets any
+  thread waiting for the kernel lock in (`lock_break`), so paging out thousands of
+  pages does not stall every other task's traps and faults behind it.
 
 Writing a page back moves it into a new *holding object* (6.2.2: "pages are temporarily
 moved to a new memory object which is destroyed when the data manager relinquishes
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from pymach.vm.vm_page import VmPage
 
 GIVE_UP_AFTER = 3  # scans in a row that find nothing pageable, with nothing in flight
+PAGEOUT_BATCH = 64  # victims taken together, at most (unless a cluster is more)
 
 
 def vm_pageout_daemon(vm: VmSystem) -> None:
@@ -156,11 +160,13 @@ def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
     progress = pageable = False
     victims: list[VmPage] = []
     for page in list(res.inactive):
-        if len(victims) >= max(vm.free_target - res.free_count(), vm.pager_cluster_pages):
+        if len(victims) >= _batch(vm):
             progress |= _reclaim(vm, victims)
             victims = []
             if res.free_count() >= vm.free_target:
                 break
+            vm.kernel.sched.lock_break()  # (between batches, nothing is in flux; the
+            # pages still listed are checked again below)
         if page.queue != "inactive":
             continue
         referenced = vm.phys.pmap_is_referenced(page.frame)
@@ -173,6 +179,14 @@ def vm_pageout_scan(vm: VmSystem) -> tuple[bool, bool]:
         victims.append(page)
     progress |= _reclaim(vm, victims)
     return progress, pageable
+
+
+def _batch(vm: VmSystem) -> int:
+    """How many victims a scan takes together: as many as free frames are short, at
+    least a cluster (adjacent dirty pages go to their pager in one message), at most
+    PAGEOUT_BATCH or a cluster (the kernel lock is let go between batches)."""
+    short = vm.free_target - vm.resident.free_count()
+    return max(vm.pager_cluster_pages, min(short, PAGEOUT_BATCH))
 
 
 def _reclaim(vm: VmSystem, victims: list[VmPage]) -> bool:
