@@ -54,7 +54,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 WRITEBACK = 16 * MIB  # dirty bytes written back at unmap (bench_writeback)
 PRESSURE, PRESSURE_MEMORY = 96 * MIB, 64 * MIB  # bench_pressure: region, machd --memory
-PROBE_S = 6.0  # bench_kernel_call_latency: seconds of calls (the pressure run's length)
+PROBE_S = 5.0  # bench_kernel_call_latency: seconds of calls alone
 STOP = 2
 
 
@@ -317,34 +317,45 @@ def bench_pager_pressure(size: int) -> float:
     return dt / n * 1e6
 
 
-def _kernel_call_prober(seconds: float) -> list[int]:
-    """For `seconds`, once a millisecond, a null kernel call (a port allocated and
-    deallocated: two traps into machd's kernel, each under its kernel lock); returns
-    the median, 99th percentile and longest call in microseconds, and the count."""
-    me = pymach.task_self()
-    took, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
+def _kernel_call_prober() -> list[int]:
+    """Until a message comes to this task's notify port: a null kernel call (a port
+    allocated and deallocated: two traps into machd's kernel, each under its kernel
+    lock), then a 1 ms wait for that message. Returns the median, 99th percentile and
+    longest call in microseconds, and the count of calls."""
+    me, took = pymach.task_self(), []
+    while True:
         t0 = time.perf_counter()
         pymach.port_deallocate(me, pymach.port_allocate(me))
         took.append(time.perf_counter() - t0)
-        time.sleep(0.001)
+        try:
+            pymach.msg_receive(pymach.task_notify(), pymach.RCV_TIMEOUT, 1)
+            break
+        except TimeoutError:
+            continue
     took.sort()
     return [round(took[len(took) // 2] * 1e6), round(took[len(took) * 99 // 100] * 1e6),
             round(took[-1] * 1e6), len(took)]
 
 
-def bench_kernel_call_latency(size: int, seconds: float) -> dict[str, list[int]]:
-    """The latency of another task's null kernel calls (`_kernel_call_prober`), alone
-    and while this task writes then reads back `size` bytes, more than machd's memory
-    (bench_pressure: the pageout daemon evicts thousands of pages). The kernel lock is
-    let go between pageout batches (kern/lock.py), so the longest call stays near one
-    batch's work, not a whole scan's."""
-    h = pymach.spawn(_kernel_call_prober, seconds, name="kernel-call-prober")
-    alone = h.result(int(seconds * 1000) + 30_000)
-    h = pymach.spawn(_kernel_call_prober, seconds, name="kernel-call-prober")
+def _probe_while(work: Callable[[], object]) -> list[int]:
+    """_kernel_call_prober's figures, from another task, for the time `work()` takes."""
+    h = pymach.spawn(_kernel_call_prober, name="kernel-call-prober")
+    notify = pymach.task_get_special_port(h.port, pymach.TASK_NOTIFY_PORT)
     time.sleep(0.2)  # (its process up and calling)
-    bench_pressure(size)
-    return {"alone": alone, "paging": h.result(int(seconds * 1000) + 60_000)}
+    work()
+    pymach.msg_send(Message(remote_port=notify, id=STOP))
+    figures: list[int] = h.result(60_000)
+    return figures
+
+
+def bench_kernel_call_latency(size: int, seconds: float) -> dict[str, list[int]]:
+    """The latency of another task's null kernel calls (`_kernel_call_prober`), for
+    `seconds` alone, and while this task writes then reads back `size` bytes, more than
+    machd's memory (bench_pressure: the pageout daemon evicts thousands of pages). The
+    kernel lock is let go between pageout batches (kern/lock.py), so the longest call
+    stays near one batch's work, not a whole scan's."""
+    return {"alone": _probe_while(lambda: time.sleep(seconds)),
+            "paging": _probe_while(lambda: bench_pressure(size))}
 
 
 def bench_zero_fill_fault(pages: int) -> float:
@@ -466,7 +477,8 @@ def _ratio(figure: float, baseline: float) -> float:
 
 def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
               fill_size: int = 64 * MIB, writeback_size: int = WRITEBACK,
-              pressure: tuple[int, int] = (PRESSURE, PRESSURE_MEMORY)) -> dict[str, Any]:
+              pressure: tuple[int, int] = (PRESSURE, PRESSURE_MEMORY),
+              probe_s: float = PROBE_S) -> dict[str, Any]:
     """One-page pager faults (target <= 25 us, and <= 1x a naive Python userfaultfd
     handler), zero-fill faults (<= 3x the kernel's memfd first touch), a 1 GiB stream
     (target >= 2 GB/s, and >= 1x the naive handler's stream), a NumPy fill of fresh
@@ -474,7 +486,7 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     `writeback_size` dirty bytes at unmap beside msync, and paging under memory pressure
     (`pressure`: bytes written and read back, machd's memory) beside a page at a time
     of pwrite and pread, and another task's kernel calls alone and during that paging
-    (no targets)."""
+    (for `probe_s` seconds each; no targets)."""
     with native_task("--pager-cluster", "1", "--read-ahead", "1"):
         fault = statistics.median(bench_pager_fault(fault_pages) for _ in range(3))
         zero = statistics.median(bench_zero_fill_fault(fault_pages) for _ in range(3))
@@ -491,7 +503,7 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
         out, back = bench_pressure(pressure[0])
         pager_out = bench_pager_pressure(pressure[0])
     with native_task("--memory", f"{pressure[1] // MIB}M", "--pager-cluster", "16"):
-        calls = bench_kernel_call_latency(pressure[0], PROBE_S)
+        calls = bench_kernel_call_latency(pressure[0], probe_s)
     swap_out, swap_back = baselines.swap_file_us_per_page(pressure[0])
     return {"pager_fault_us": round(fault, 1), "zero_fill_fault_us": round(zero, 2),
             "anonymous_fault_us": round(anon, 2), "target_pager_fault_us_at_most": 25,

@@ -150,10 +150,12 @@ class PhysicalMemory(Protocol):
         ...
 
     def discard_batch(self) -> AbstractContextManager[None]:
-        """A block inside which pmap_page_discard, frame_unbind and frames_discard may
-        defer their work to the block's end, done there a run of pages at a time. The
-        caller holds the kernel lock for the whole block, so no task is served a fault
-        meanwhile."""
+        """A block inside which pmap_page_discard, frame_unbind, frames_discard and
+        pmap_page_protect to NONE may defer their work to the block's end, done there a
+        run of pages at a time (a page protected to NONE keeps its data in the pmap at
+        once, and writes to it fault at once: only its removal from the tasks waits).
+        The caller holds the kernel lock for the whole block, so no task is served a
+        fault meanwhile."""
         ...
 
     def pmap_is_referenced(self, frame: int) -> bool:

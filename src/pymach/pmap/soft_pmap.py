@@ -434,8 +434,11 @@ class PageTable:
 
     def reduce_locked(self, vpn: int, prot: int) -> None:
         """Lower one entry's protection to at most `prot`, removing it at NONE, and make
-        the hardware follow (phys.lock held)."""
-        self._reduce_entry_locked(vpn, prot)
+        the hardware follow (phys.lock held). An entry already at most `prot` is left
+        alone: the hardware follows every entry already (a page write-protected for a
+        pageout is not write-protected again when its modify bit is cleared)."""
+        if not self._reduce_entry_locked(vpn, prot):
+            return
         ps = self.phys.page_size
         self.protect_hw_locked(vpn * ps, (vpn + 1) * ps, prot, [vpn])
 
@@ -446,19 +449,23 @@ class PageTable:
         takes a whole range in one operation does it here once. The soft MMU reads the
         table itself: nothing."""
 
-    def _reduce_entry_locked(self, vpn: int, prot: int) -> None:
-        """The table side of reduce_locked."""
+    def _reduce_entry_locked(self, vpn: int, prot: int) -> bool:
+        """The table side of reduce_locked: False if the entry was there and is
+        unchanged (the hardware needs nothing), True otherwise."""
         c = vpn >> CHUNK_SHIFT
         self._unmask_locked(c)
         chunk = self.chunks.get(c)
         e = None if chunk is None else chunk.get(vpn)
         if e is None:
-            return
+            return True  # (the hardware may hold what the table does not: lazy zero fill)
         new = e & _PROT_MASK & prot
+        if new == e & _PROT_MASK:
+            return False
         if new == VM_PROT_NONE:
             self._drop_locked(vpn)
         else:
             chunk[vpn] = (e & ~_PROT_MASK) | new  # type: ignore[index]
+        return True
 
     def _drop_locked(self, vpn: int) -> None:
         chunk = self.chunks.get(vpn >> CHUNK_SHIFT)

@@ -614,7 +614,9 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
 
     def pmap_page_protect(self, frame: int, prot: int) -> None:
         """Lower every mapping of `frame`; at NONE the data moves to the stash and the page
-        leaves every task (the next access faults)."""
+        leaves every task (the next access faults; inside a discard_batch, the punch
+        that takes it out waits for the batch's end, merged with its neighbours': until
+        then a task may still read the same data, and a write faults)."""
         super().pmap_page_protect(frame, prot)
         if prot != VM_PROT_NONE:
             return
@@ -624,7 +626,10 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
             store, base = self.homes[frame]
             self.stash[frame] = os.pread(store.fd, self.page_size, base).ljust(
                 self.page_size, b"\0")
-            linux.punch_hole(store.fd, base, self.page_size)
+            if self.deferred is not None and self.stores.get(store.serial) is store:
+                self._punch_locked(store, base, self.page_size)  # (a run at the end)
+            else:
+                linux.punch_hole(store.fd, base, self.page_size)
 
     def pmap_page_discard(self, frame: int) -> None:
         """Remove every mapping of `frame` by punching its page out, without stashing the

@@ -191,11 +191,15 @@ def _batch(vm: VmSystem) -> int:
 
 def _reclaim(vm: VmSystem, victims: list[VmPage]) -> bool:
     """Reclaim a scan's victims (vm_pageout_reclaim), their dirty pages going to their
-    pagers a run of adjacent pages per message (evict_in_runs). True if any left."""
+    pagers a run of adjacent pages per message (evict_in_runs), the pages taken out of
+    the tasks a run per call. True if any left."""
     from pymach.vm.memory_object import evict_in_runs
 
     victims = [p for p in victims if p.queue == "inactive"]
-    return bool(victims) and evict_in_runs(vm, victims) > 0
+    if not victims:
+        return False
+    with vm.phys.discard_batch():  # the holes punched a run at a time
+        return evict_in_runs(vm, victims) > 0
 
 
 def _balance(vm: VmSystem) -> None:
