@@ -125,3 +125,25 @@ def test_the_pageout_scan_lets_a_waiting_thread_in_between_batches(
 def test_the_deterministic_scheduler_never_breaks() -> None:
     with m.boot(deterministic=True, seed=1) as kernel, kernel.sched.lock:
         assert kernel.sched.lock_break() is False
+
+
+def test_deferred_work_runs_on_the_holders_thread_once_it_lets_go() -> None:
+    lock, ran = KernelLock(), []
+    with lock:
+        lock.defer(lambda: ran.append(("first", lock.locked())))
+        lock.defer(lambda: 1 / 0)  # (a failure is logged; the rest still runs)
+        lock.defer(lambda: ran.append(("second", lock.locked())))
+        assert ran == []
+    assert ran == [("first", False), ("second", False)]
+    with lock:  # nothing left over for the next hold
+        pass
+    assert len(ran) == 2
+
+
+def test_deferred_work_runs_when_a_wait_lets_go_of_the_lock() -> None:
+    lock, ran = KernelLock(), []
+    cond = threading.Condition(lock)  # type: ignore[arg-type]
+    with cond:
+        lock.defer(lambda: ran.append(lock.locked()))
+        cond.wait(0.01)  # (the wait lets go of the lock: the work runs, unlocked)
+        assert ran == [False]

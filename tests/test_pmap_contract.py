@@ -1125,3 +1125,44 @@ def test_object_pages_home_puts_kept_data_back_into_the_window(phys: Any) -> Non
         os.close(fd)
     phys.frames_discard(obj, [(0, 2 * PS)], [4, 5])
     phys.object_gone(obj)
+
+
+def test_a_dead_objects_punches_may_wait_until_the_kernel_lock_is_let_go(
+        phys: Any) -> None:
+    """object_gone inside a discard_batch may return, instead of doing it, what is
+    left of letting go of the object (its pages, discarded in the batch, punched out
+    of its file): work that touches nothing anybody else reaches, which the caller runs
+    once it lets go of the kernel lock (vm_object._gone). Until then the object's file
+    may still hold the data; afterwards nothing of it is left. Another object's
+    punches held in the same batch are done by the batch's end, as always."""
+    obj, other = _Object(10**9 + 20), _Object(10**9 + 21)
+    for f, o in ((0, obj), (1, obj), (2, other), (3, other)):
+        phys.frame_bind(f, o, (f % 2) * PS)
+        fill(phys, f, 0x50 + f)
+    fd = None
+    if phys.maps_objects:
+        phys.store_for(obj)
+        phys.store_for(other)
+        fd = phys.stores[obj.serial].fd
+    with phys.discard_batch():
+        phys.frames_discard(obj, [(0, 2 * PS)], [0, 1])
+        phys.frames_discard(other, [(0, PS)], [2])
+        rest = phys.object_gone(obj)
+    assert rest is None or callable(rest)
+    if phys.maps_objects:
+        assert rest is not None  # (the batch held the dead object's punch back)
+        assert os.pread(fd, PS, 0) == bytes([0x50]) * PS  # not punched yet
+        window = phys.object_window(other)
+        try:  # the other object's page 0 was punched at the batch's end; page 1 stays
+            assert os.pread(window, PS, 0).strip(b"\0") == b""
+            assert os.pread(window, PS, PS) == bytes([0x53]) * PS
+        finally:
+            os.close(window)
+    if rest is not None:
+        rest()
+    if fd is not None:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed with its pages gone
+    assert phys.phys_read(3) == bytes([0x53]) * PS
+    phys.frames_discard(other, [(PS, 2 * PS)], [3])
+    assert phys.object_gone(other) is None  # (outside a batch: all done at once)

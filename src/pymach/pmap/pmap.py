@@ -30,6 +30,7 @@ while it is held), so the VM may call them with the kernel lock held and the "ha
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -267,8 +268,11 @@ class PhysicalMemory(Protocol):
         are moved a run of adjacent pages per call, not a page at a time)."""
         ...
 
-    def object_gone(self, obj: object) -> None:
-        """A VM object was terminated: release what the backend kept for it."""
+    def object_gone(self, obj: object) -> Callable[[], None] | None:
+        """A VM object was terminated: release what the backend kept for it. What may
+        wait until the kernel lock is let go (it touches nothing anybody else can
+        reach: a dead object's pages, punched out) the backend may return, instead of
+        doing it, for the caller to run then (KernelLock.defer); None if nothing."""
         ...
 
     # Zero fill by the machine (vm_page.py): where the hardware can zero-fill a page on

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pymach.errors import MachError
@@ -207,8 +208,9 @@ class SoftPhysicalMemory:
     def frames_move(self, frames: list[int], obj: object, offsets: list[int]) -> None:
         """Frames' pages move to another object, data and all."""
 
-    def object_gone(self, obj: object) -> None:
-        """An object was terminated."""
+    def object_gone(self, obj: object) -> Callable[[], None] | None:
+        """An object was terminated: nothing kept for it here."""
+        return None
 
     def lazy_zero_fill(self, obj: object, on: bool) -> bool:
         """Simulated frames are filled by the VM: no zero fill by the machine."""

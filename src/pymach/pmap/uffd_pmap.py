@@ -34,10 +34,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,29 @@ def _data_runs(fd: int, start: int, end: int, page: int = 0) -> list[tuple[int, 
         runs.append((lo, hi))
         at = hi
     return runs
+
+
+
+def _punch_runs(fd: int, runs: list[tuple[int, int]]) -> None:
+    """Punch ranges [start, end) of a memfd, one call per run of adjacent ones."""
+    runs.sort()
+    start, end = runs[0]
+    for lo, hi in runs:
+        if lo > end:  # a gap: punch the run so far
+            linux.punch_hole(fd, start, end - start)
+            start = lo
+        end = max(end, hi)
+    linux.punch_hole(fd, start, end - start)
+
+
+def _punch_and_close(fd: int, runs: list[tuple[int, int]]) -> None:
+    """A dead object's memfd: its pages punched out of every task still mapping it (the
+    memory goes back to the system now, not when the last task unmaps it), then
+    machd's descriptor closed."""
+    try:
+        _punch_runs(fd, runs)
+    finally:
+        os.close(fd)
 
 
 def _memfd(name: str, huge: bool) -> int:
@@ -197,17 +221,26 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         _grow(store, size)
         return store
 
-    def object_gone(self, obj: Any) -> None:
-        """Close machd's descriptor of a dead object's memfd (tasks may keep theirs)."""
+    def object_gone(self, obj: Any) -> Callable[[], None] | None:
+        """Close machd's descriptor of a dead object's memfd (tasks may keep theirs).
+        Inside a discard_batch, the punches held back for it are not done here: they
+        and the close are returned, to be done once the kernel lock is let go (nothing
+        can reach a dead object's memfd, and a GiB takes Linux 150 ms to punch)."""
         with self.lock:
-            self._flush_locked()
             store = self.stores.pop(obj.serial, None)
+            runs = self.deferred.pop(obj.serial, []) \
+                if self.deferred is not None and store is not None else []
+            self._flush_locked()
             if store is not None:
                 self.lazy_stores.discard(store)
             for frame in self.unstored.pop(obj.serial, {}).values():
                 self.unstored_at.pop(frame, None)
-        if store is not None:
+        if store is None:
+            return None
+        if not runs:
             os.close(store.fd)
+            return None
+        return functools.partial(_punch_and_close, store.fd, runs)
 
     # -- zero fill by the kernel (pmap contract) -------------------------------------------
     def lazy_zero_fill(self, obj: Any, on: bool) -> bool:
@@ -362,16 +395,8 @@ class UffdPhysicalMemory(SoftPhysicalMemory):
         self.deferred.clear()
         for serial, runs in batches:
             store = self.stores.get(serial)  # serials are never reused
-            if store is None:
-                continue
-            runs.sort()
-            start, end = runs[0]
-            for lo, hi in runs:
-                if lo > end:  # a gap: punch the run so far
-                    linux.punch_hole(store.fd, start, end - start)
-                    start = lo
-                end = max(end, hi)
-            linux.punch_hole(store.fd, start, end - start)
+            if store is not None:
+                _punch_runs(store.fd, runs)
 
     def frame_move(self, frame: int, obj: object, offset: int) -> None:
         self.frames_move([frame], obj, [offset])  # (what it cannot write, it stashes)

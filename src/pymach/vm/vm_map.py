@@ -282,8 +282,9 @@ def vm_map_delete(vmap: VmMap, start: int, end: int) -> None:
     for entry in doomed:
         vmap.unlink(entry)
     vm_map_pmap_remove(vmap, start, end)
-    for entry in doomed:
-        entry_release(entry)
+    with vmap.vm.phys.discard_batch():  # (a dead object's pages are punched out after
+        for entry in doomed:  # the kernel lock is let go: vm_object._gone)
+            entry_release(entry)
 
 
 def entry_release(entry: VmMapEntry) -> None:

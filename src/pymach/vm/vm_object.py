@@ -240,6 +240,14 @@ def vm_object_terminate(obj: VmObject) -> None:
     vm_object_terminate_finish(obj)
 
 
+def _gone(vm: VmSystem, obj: VmObject) -> None:
+    """The backend lets go of a dead object; what of that may wait (a dead object's
+    memfd punched out) runs once this thread lets go of the kernel lock."""
+    rest = vm.phys.object_gone(obj)
+    if rest is not None:
+        vm.kernel.sched.lock.defer(rest)
+
+
 def vm_object_terminate_finish(obj: VmObject) -> None:
     """The rest of vm_object_terminate, once no write-back in place is outstanding:
     free the pages, let go of the pager (pager_terminate), forget the object."""
@@ -257,7 +265,7 @@ def vm_object_terminate_finish(obj: VmObject) -> None:
     if obj.internal and obj.pager is not None:
         vm.swap_epoch += 1  # the default pager frees this object's blocks: room to retry
     pager_terminate(obj)
-    vm.phys.object_gone(obj)
+    _gone(vm, obj)
     vm.objects_alive -= 1
     vm.kernel.sched.thread_wakeup(obj.page_waitq)
 
@@ -410,7 +418,7 @@ def _collapse_into(obj: VmObject, backing: VmObject) -> None:
     obj.shadow, obj.shadow_offset = backing.shadow, backing.shadow_offset + delta
     backing.shadow = None
     backing.alive = False
-    vm.phys.object_gone(backing)
+    _gone(vm, backing)
     vm.objects_alive -= 1
     vm.stats_collapses += 1
 
