@@ -12,31 +12,11 @@ A kernel thread that sleeps until free frames fall below `free_min`, then scans:
   in one pager_data_write (memory_object.py's `evict_in_runs`), not a message a page.
   Between batches of victims (PAGEOUT_BATCH pages, or a cluster), the scan lets any
   thread waiting for the kernel lock in (`lock_break`), so paging out thousands of
-  pages does not stall every other task's traps and faults behind it.
-
-Writing a page back moves it into a new *holding object* (6.2.2: "pages are temporarily
-moved to a new memory object which is destroyed when the data manager relinquishes
-that memory") sent to the manager as out-of-line data in pager_data_write. The frame
-is freed when the manager vm_deallocates that data. Until then a fault on the offset
-copies the data back from the holding object, so nothing is ever read before the pager
-has it. Internal objects get the default pager (pager_create) at their first pageout.
-A written *substitute* page (zeros given after a manager's timeout, 6.2.1) never goes
-to its manager: it moves into an internal store object that the default pager backs
-(`vm_pageout_substitute`).
-
-Data written back to an external manager must be released by `pageout_deadline_ms`;
-the daemon sleeps until the earliest such deadline even when memory is not short, and
-is woken when a new pageout sets an earlier one. The deadlines are a heap
-(`holding_deadlines`, entries checked against `holdings` and dropped when stale), so
-neither finding the earliest nor a new pageout walks the held write-backs. It wakes
-no frame waiter itself (each freed frame does), so in deterministic mode virtual time
-can reach the deadline.
-
-The daemon and the default pager are vm-privileged: they may take the reserved frames,
-so pageout itself never waits for memory (6.2.3). If scans in a row find nothing they
-could ever page out (every page dirty with nowhere to go, or wired) and no pageout is
-in flight, memory is exhausted: waiting faults fail with KERN_RESOURCE_SHORTAGE instead
-of hanging. No data is lost then; freeing memory makes everything reachable again.
+  pages does not stall every other task's traps and faults behind it. While a quarter
+  of memory is held by write-backs to external managers (`laundry_pages`), it frees
+  clean pages only: pages held for their managers do not fill memory (a tiny machd
+  paging a manager's own object thrashed so, every frame but two in flight, each
+  fault evicting the page just brought in).
 """
 
 from __future__ import annotations
@@ -189,6 +169,15 @@ def _batch(vm: VmSystem) -> int:
     return max(vm.pager_cluster_pages, min(short, PAGEOUT_BATCH))
 
 
+def laundry_pages(vm: VmSystem) -> int:
+    """Frames held by write-backs to external managers that are in flight (neither
+    released nor past their deadline): while they are a quarter of memory, the daemon
+    sends no more dirty pages (_reclaim). The default pager's are not counted (it is
+    the kernel's own, and lets go of each at once); nor is data past its deadline,
+    which went to the default pager (6.2.2), so an errant manager holds back nothing."""
+    return sum(h.in_place_pages if h.in_place else len(h._memq) for h in vm.holdings)
+
+
 def _reclaim(vm: VmSystem, victims: list[VmPage]) -> bool:
     """Reclaim a scan's victims (vm_pageout_reclaim), their dirty pages going to their
     pagers a run of adjacent pages per message (evict_in_runs), the pages taken out of
@@ -196,6 +185,9 @@ def _reclaim(vm: VmSystem, victims: list[VmPage]) -> bool:
     from pymach.vm.memory_object import evict_in_runs
 
     victims = [p for p in victims if p.queue == "inactive"]
+    if laundry_pages(vm) >= vm.phys.nframes // 4:  # enough held for managers: clean
+        res = vm.resident
+        victims = [p for p in victims if not p.precious and not res.vm_page_is_dirty(p)]
     if not victims:
         return False
     with vm.phys.discard_batch():  # the holes punched a run at a time
