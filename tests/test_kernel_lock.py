@@ -147,3 +147,16 @@ def test_deferred_work_runs_when_a_wait_lets_go_of_the_lock() -> None:
         lock.defer(lambda: ran.append(lock.locked()))
         cond.wait(0.01)  # (the wait lets go of the lock: the work runs, unlocked)
         assert ran == [False]
+
+
+def test_pageout_gives_up_only_while_memory_is_still_short() -> None:
+    """A scan that made no progress, after others without, declares memory exhausted
+    only if it still is: a lock break may have let a task free memory meanwhile (the
+    waiting faults would otherwise fail with KERN_RESOURCE_SHORTAGE with frames free)."""
+    from pymach.kern.thread import current_thread
+
+    with m.boot(memory_size=1 << 20) as k, k.sched.lock:
+        vm = k.vm
+        assert not vm.pageout_needed()
+        vm_pageout._after_scan(vm, current_thread(), False, vm_pageout.GIVE_UP_AFTER)
+        assert vm.shortage == ""

@@ -417,26 +417,29 @@ def test_an_object_no_task_maps_holds_no_descriptor_and_moves_in_when_mapped(
 
 def test_pageout_frees_only_clean_pages_while_enough_write_backs_are_in_flight(
         vmk: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a quarter of memory is held by write-backs on their way to managers, the
-    pageout daemon's reclaim frees its clean victims only; the dirty ones stay inactive
-    for a later pass (held write-backs must not fill memory: a tiny machd thrashed so).
-    With fewer held, the dirty ones are taken too."""
+    """While a quarter of memory is held by write-backs on their way to external
+    managers, the pageout daemon's reclaim sends them no more dirty pages: their dirty
+    victims stay inactive for a later pass (held write-backs must not fill memory: a
+    tiny machd thrashed so), while clean pages are freed and internal objects' dirty
+    pages still go (to the default pager). With fewer held, all are taken."""
     from pymach.vm import vm_pageout
 
     vm = vmk.vm
-    obj = resident(vmk, 8)
-    pages = [obj.memq[i * PS] for i in range(8)]
+    ext, internal = resident(vmk, 8), resident(vmk, 2)
+    ext.internal = False  # (as a data manager's object, seen by pageout)
+    pages = [ext.memq[i * PS] for i in range(8)] + list(internal.memq.values())
     for page in pages:
-        page.dirty = page.offset < 4 * PS
+        page.dirty = page.object is internal or page.offset < 4 * PS
         vm.resident.vm_page_deactivate(page)
     held = [FRAMES // 4]  # frames held by write-backs to managers
     monkeypatch.setattr(vm_pageout, "laundry_pages", lambda vm: held[0])
     free, in_flight = vm.resident.free_count(), vm.pageouts_in_flight
-    assert vm_pageout._reclaim(vm, pages)
+    vm_pageout._reclaim(vm, pages)
     assert vm.resident.free_count() == free + 4 and vm.pageouts_in_flight == in_flight
-    assert sorted(obj.memq) == [i * PS for i in range(4)]
+    assert sorted(ext.memq) == [i * PS for i in range(4)]
     assert all(p.queue == "inactive" and p.dirty for p in pages[:4])
-    held[0] -= 1  # (this kernel has no default pager: they are tried, cannot go, and are
-    vm_pageout._reclaim(vm, pages[:4])  # activated, as a page that cannot go is)
+    assert not any(p.queue == "inactive" for p in pages[8:])  # (taken: this kernel has
+    held[0] -= 1  # no default pager, so they could not go, and were activated, as a
+    vm_pageout._reclaim(vm, pages[:4])  # page that cannot go is; so are these now)
     assert not any(p.queue == "inactive" for p in pages[:4])
     frames_add_up(vmk)

@@ -101,7 +101,7 @@ class KernelLock:
         if not self.waiting:
             return False
         taken = self.taken
-        self._lock.release()
+        self.release()  # (work deferred by this thread runs now, unlocked)
         deadline = time.monotonic() + BREAK_PATIENCE_S
         try:
             while self.taken == taken and self.waiting and time.monotonic() < deadline:

@@ -118,7 +118,8 @@ def _after_scan(vm: VmSystem, thread: Thread, progress: bool, idle_scans: int) -
     sched = vm.kernel.sched
     if progress:
         return
-    if vm.pageouts_in_flight == 0 and idle_scans >= GIVE_UP_AFTER:
+    if vm.pageouts_in_flight == 0 and idle_scans >= GIVE_UP_AFTER and vm.pageout_needed():
+        # (still short: a lock break may have let a task free memory meanwhile)
         vm.shortage = ("out of memory: every page is in use and none can be paged out "
                        "(the backing store is full or unavailable)")
         sched.thread_wakeup(vm.free_waitq)
@@ -172,9 +173,10 @@ def _batch(vm: VmSystem) -> int:
 def laundry_pages(vm: VmSystem) -> int:
     """Frames held by write-backs to external managers that are in flight (neither
     released nor past their deadline): while they are a quarter of memory, the daemon
-    sends no more dirty pages (_reclaim). The default pager's are not counted (it is
-    the kernel's own, and lets go of each at once); nor is data past its deadline,
-    which went to the default pager (6.2.2), so an errant manager holds back nothing."""
+    sends no more dirty pages to external managers (_reclaim). The default pager's
+    are not counted (it is the kernel's own, and lets go of each at once), and its
+    pages still go; nor is data past its deadline, which went to the default pager
+    (6.2.2), so an errant manager holds back nothing."""
     return sum(h.in_place_pages if h.in_place else len(h._memq) for h in vm.holdings)
 
 
@@ -185,9 +187,10 @@ def _reclaim(vm: VmSystem, victims: list[VmPage]) -> bool:
     from pymach.vm.memory_object import evict_in_runs
 
     victims = [p for p in victims if p.queue == "inactive"]
-    if laundry_pages(vm) >= vm.phys.nframes // 4:  # enough held for managers: clean
-        res = vm.resident
-        victims = [p for p in victims if not p.precious and not res.vm_page_is_dirty(p)]
+    if laundry_pages(vm) >= vm.phys.nframes // 4:  # enough held for managers: no
+        res = vm.resident  # more dirty pages to them (the default pager's still go)
+        victims = [p for p in victims if p.object is None or p.object.internal
+                   or not (p.precious or res.vm_page_is_dirty(p))]
     if not victims:
         return False
     with vm.phys.discard_batch():  # the holes punched a run at a time
