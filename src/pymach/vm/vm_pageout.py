@@ -13,10 +13,11 @@ A kernel thread that sleeps until free frames fall below `free_min`, then scans:
   Between batches of victims (PAGEOUT_BATCH pages, or a cluster), the scan lets any
   thread waiting for the kernel lock in (`lock_break`), so paging out thousands of
   pages does not stall every other task's traps and faults behind it. While a quarter
-  of memory is held by write-backs to external managers (`laundry_pages`), it frees
-  clean pages only: pages held for their managers do not fill memory (a tiny machd
-  paging a manager's own object thrashed so, every frame but two in flight, each
-  fault evicting the page just brought in).
+  of memory is held by write-backs to external managers (`laundry_pages`), it sends
+  them no more dirty pages (clean pages and the default pager's still go): pages held
+  for managers do not fill memory (a tiny machd paging a manager's own object
+  thrashed so, every frame but two in flight, each fault evicting the page just
+  brought in).
 """
 
 from __future__ import annotations
