@@ -61,6 +61,12 @@ HERE = Path(__file__).resolve().parent
 
 
 # -- what machd holds ------------------------------------------------------------------
+def plus_one(x: int) -> int:
+    """What the churn tests' process tasks run: it lives here, not in a test module, so
+    each of their hundreds of processes imports this light module and not pytest."""
+    return x + 1
+
+
 def fd_count(pid: int) -> int:
     """Open descriptors of process `pid`."""
     return len(os.listdir(f"/proc/{pid}/fd"))

@@ -46,6 +46,7 @@ from boundaryutil import (
     Raw,
     error_of,
     fd_count,
+    plus_one,
     reachable_dir,
     rss_bytes,
     run_as,
@@ -978,10 +979,6 @@ def _flat(d: Daemon, fds: int, rss: int) -> None:
     assert rss_bytes(d.pid) - rss < 64 << 20, (rss >> 20, rss_bytes(d.pid) >> 20)
 
 
-def _plus_one(x: int) -> int:
-    return x + 1
-
-
 def test_task_churn_leaves_machd_flat(tmp_path: Path) -> None:
     with machd(tmp_path / "machd.sock") as d, task_of(d, "churn"):
         me = m.task_self()
@@ -1000,10 +997,10 @@ def test_task_churn_leaves_machd_flat(tmp_path: Path) -> None:
 def test_process_churn_leaves_machd_flat(tmp_path: Path) -> None:
     with machd(tmp_path / "machd.sock") as d, task_of(d, "spawner"):
         for i in range(5):
-            assert m.spawn(_plus_one, i).result(30_000) == i + 1
+            assert m.spawn(plus_one, i).result(30_000) == i + 1
         fds, rss = fd_count(d.pid), rss_bytes(d.pid)
         for i in range(0, 500, 2):  # 500 process tasks in a row (issue 9), two at a
-            pair = [m.spawn(_plus_one, j) for j in (i, i + 1)]  # time: one per core
+            pair = [m.spawn(plus_one, j) for j in (i, i + 1)]  # time: one per core
             assert [h.result(30_000) for h in pair] == [i + 1, i + 2]
         _flat(d, fds, rss)
         assert task_names(d.sock).count("spawner") == 1 and len(task_names(d.sock)) == 3
