@@ -443,3 +443,64 @@ def test_pageout_frees_only_clean_pages_while_enough_write_backs_are_in_flight(
     vm_pageout._reclaim(vm, pages[:4])  # page that cannot go is; so are these now)
     assert not any(p.queue == "inactive" for p in pages[:4])
     frames_add_up(vmk)
+
+
+# -- range_readable_now: by map entry and shadow chain, pages only where needed ------------------
+def _readable_page_by_page(vmap: Any, address: int, size: int) -> bool:
+    """The definition, a page at a time (what range_readable_now did before)."""
+    from pymach.vm.vm_kern import _available
+
+    for va in range(address, address + size, PS):
+        entry = vmap.lookup_entry(va)
+        if entry is None:
+            return False
+        if entry.object is not None and not _available(
+                entry.object, entry.offset + (va - entry.start)):
+            return False
+    return True
+
+
+def test_range_readable_now_agrees_with_the_page_by_page_definition(vmk: Kernel) -> None:
+    """A region is readable now when no page of it needs a data manager or is in
+    transit. The check skips the pages of entries whose whole shadow chain has neither
+    (one look per entry); every case where it must look closer gives the answer of the
+    page-by-page definition."""
+    from types import SimpleNamespace
+
+    from pymach.vm.vm_kern import range_readable_now
+
+    vm = vmk.vm
+    vmap = vm_map_create(vm, vm.phys.pmap_create())
+    at = 0x100000
+    backing = resident(vmk, 4, 8 * PS)  # pages 0-3 resident, 4-7 zero fill
+    top = vm_object_shadow(backing, 2 * PS, 6 * PS)  # sees backing's pages 2-7
+    vm_map_insert(vmap, at, at + 6 * PS, top, 0)
+    other = resident(vmk, 2, 4 * PS)
+    vm_map_insert(vmap, at + 6 * PS, at + 10 * PS, other, 0)
+    vm_map_insert(vmap, at + 11 * PS, at + 12 * PS, resident(vmk, 1), 0)  # after a hole
+    ranges = [(at, 10 * PS), (at + PS, 3 * PS), (at + 4 * PS, 3 * PS), (at, 12 * PS),
+              (at + 11 * PS, PS), (at + 9 * PS, 3 * PS)]
+
+    def agree() -> list[bool]:
+        got = [range_readable_now(vmap, a, n) for a, n in ranges]
+        assert got == [_readable_page_by_page(vmap, a, n) for a, n in ranges]
+        return got
+
+    assert agree() == [True, True, True, False, True, False]  # anonymous: no manager
+    backing.pager = SimpleNamespace(dead=False)  # type: ignore[assignment]
+    backing.existence.add(6 * PS)  # paged out: top's offset 4 needs the default pager
+    assert agree() == [False, True, False, False, True, False]
+    backing.existence.clear()
+    backing.existence.add(0)  # paged out, but top does not see it
+    assert agree()[:3] == [True, True, True]
+    busy = backing.memq[3 * PS]
+    busy.busy = True  # in transit: top's offset 1
+    assert agree()[:3] == [False, False, True]
+    busy.busy = False
+    other.pager = SimpleNamespace(dead=False)  # type: ignore[assignment]
+    other.internal = False  # an external object's absent pages need its manager
+    assert agree()[:3] == [False, True, True]  # (its resident pages need nothing)
+    assert not range_readable_now(vmap, at + 6 * PS, 3 * PS)
+    other.internal, other.pager = True, None
+    backing.pager = None
+    frames_add_up(vmk)

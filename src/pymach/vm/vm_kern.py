@@ -156,14 +156,39 @@ def map_write(thread: Thread, vmap: VmMap, address: int, data: bytes) -> None:
 
 def range_readable_now(vmap: VmMap, address: int, size: int) -> bool:
     """True if every page of [address, address+size) can be read without waiting for a
-    data manager: resident, held by the kernel, or zero-filled (kernel lock held)."""
+    data manager: resident, held by the kernel, or zero-filled (kernel lock held). A
+    hole is not readable; a sharing map's range counts as readable.
+
+    Works by map entry: an entry whose shadow chain has no busy page and no page any
+    data manager holds is readable with no look at its pages (a task's anonymous GiB:
+    one check, not 262,144); only the others are looked at page by page."""
     ps = vmap.vm.page_size
-    for va in range(trunc_page(address, ps), address + size, ps):
-        entry = vmap.lookup_entry(va)
-        if entry is None or entry.object is None:
-            return entry is not None  # a sharing map: be safe below
-        if not _available(entry.object, entry.offset + (va - entry.start)):
+    start, end = trunc_page(address, ps), address + size
+    at = start
+    for entry in vmap.entries_in(start, end):
+        if entry.start > at:
+            return False  # a hole
+        lo, hi = max(entry.start, start), min(entry.end, end)
+        at = entry.end
+        if entry.object is None:
+            continue  # a sharing map: be safe below
+        off = entry.offset + (lo - entry.start)
+        if not _chain_needs_nothing(entry.object, off, off + (hi - lo)) and not all(
+                _available(entry.object, o) for o in range(off, off + (hi - lo), ps)):
             return False
+    return at >= end
+
+
+def _chain_needs_nothing(obj: VmObject | None, lo: int, hi: int) -> bool:
+    """True if no page of [lo, hi) of `obj`, nor below it in its shadow chain, is busy
+    or held by a data manager: every page there is resident or zero-fill, readable now.
+    (False only means "look page by page".)"""
+    while obj is not None:
+        if obj.busy_pages or (obj.pager is not None and not (obj.internal and not any(
+                lo <= o < hi for o in obj.existence))):
+            return False
+        lo, hi = lo + obj.shadow_offset, hi + obj.shadow_offset
+        obj = obj.shadow
     return True
 
 
