@@ -227,5 +227,6 @@ def test_the_huge_page_benchmark_measures_what_it_prints(pool: None) -> None:
     out = run_huge(size=8 * HP, rounds=1, fill_size=8 * HP)
     assert "huge_pages_skipped" not in out, out
     for key in ("huge_ool_first_send_ms", "huge_receiver_vm_deallocate_ms",
-                "huge_stream_gb_per_s", "huge_numpy_fill_native_ms"):
+                "huge_stream_gb_per_s", "huge_stream_read_ahead_gb_per_s",
+                "huge_numpy_fill_native_ms"):
         assert 0 < out[key] < float("inf"), (key, out)

@@ -213,12 +213,23 @@ def bench_pickle_pipe(size: int) -> float:
 
 # -- pager: one-page faults and streaming ----------------------------------------------
 class Trivial(DataManager):
-    """A trivial Python pager: every page it is asked for holds the byte 1."""
+    """A trivial Python pager: every page it is asked for holds the byte 1. Like the
+    naive handler it is compared with (bench/baselines.py), it makes its data once and
+    hands out the same bytes for every request of a length (making 8 MiB of bytes
+    anew is a pass over memory of its own: 1.4 ms of the 4 ms a 2 MiB-page cluster
+    cost it on the 2-core development machine)."""
 
     threads = max_threads = 1
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._ones: dict[int, bytes] = {}  # length -> that many bytes of 1 (its thread)
+
     def read(self, memory_object: int, offset: int, length: int, access: int) -> bytes:
-        return b"\1" * length
+        data = self._ones.get(length)
+        if data is None:
+            data = self._ones[length] = b"\1" * length
+        return data
 
     def pager_terminate(self, memory_object: int, request: int) -> None:
         self.stop()
@@ -567,14 +578,19 @@ def run_streams(size: int) -> dict[str, Any]:
 HUGE = 2 * MIB
 
 
+HUGE_READ_AHEAD = 64  # bench huge's second stream: --read-ahead 64 (2 MiB pages)
+
+
 def run_huge(size: int = GIB, rounds: int = 3, fill_size: int = 64 * MIB) -> dict[str, Any]:
     """The vm and stream figures again with 2 MiB pages (machd --page-size 2M: hugetlb
     memfds), each beside its baseline from this run: a 1 GiB OOL first send (target
     <= 1 ms) and the receiver's deallocate, a 1 GiB stream
     from the Trivial pager in 4-page (8 MiB) clusters (>= 2 GB/s, and >= 1x the naive
-    handler's 4 KiB stream), and the NumPy fill (<= 3x anonymous memory, 4 KiB pages).
-    The receiver's deallocate is shown beside munmap + PUNCH_HOLE of a 4 KiB memfd,
-    for scale only (huge pages make both cheaper). Needs
+    handler's 4 KiB stream; machd's default read-ahead, 4 MiB of pages, is no growth
+    with 2 MiB pages), the same with requests growing to HUGE_READ_AHEAD pages
+    (--read-ahead; the kernel asks at most 64 MiB at once), and the NumPy fill (<= 3x
+    anonymous memory, 4 KiB pages). The receiver's deallocate is shown beside munmap +
+    PUNCH_HOLE of a 4 KiB memfd, for scale only (huge pages make both cheaper). Needs
     vm.nr_hugepages to hold 3 GiB; otherwise says so and measures nothing."""
     memory = 3 * size
     if not hugetlb.uses_huge_pages(HUGE) or hugetlb.free_huge_pages() < memory // HUGE:
@@ -586,6 +602,8 @@ def run_huge(size: int = GIB, rounds: int = 3, fill_size: int = 64 * MIB) -> dic
         fill = statistics.median(bench_numpy_fill(fill_size) for _ in range(3))
     with native_task(*opts, "--pager-cluster", "4"):
         stream = bench_stream(size)
+    with native_task(*opts, "--pager-cluster", "4", "--read-ahead", str(HUGE_READ_AHEAD)):
+        stream_ahead = bench_stream(size)
     punch = baselines.munmap_punch_ms(size)
     naive_stream = baselines.naive_uffd_stream_gbps(size, 64)
     fill_anon = statistics.median(baselines.numpy_fill_anon_ms(fill_size) for _ in range(3))
@@ -597,6 +615,8 @@ def run_huge(size: int = GIB, rounds: int = 3, fill_size: int = 64 * MIB) -> dic
             "huge_stream_gb_per_s": round(stream, 3),
             "huge_target_stream_gb_per_s_at_least": 2.0,
             "huge_ratio_stream_vs_naive_uffd_stream": _ratio(stream, naive_stream),
+            "huge_stream_read_ahead_pages": HUGE_READ_AHEAD,
+            "huge_stream_read_ahead_gb_per_s": round(stream_ahead, 3),
             "huge_numpy_fill_native_ms": round(fill, 2),
             "huge_ratio_numpy_fill_native_vs_anon": _ratio(fill, fill_anon)}
 

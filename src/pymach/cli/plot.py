@@ -234,6 +234,7 @@ PANELS: tuple[Panel, ...] = (
        [("target: first send <= {t} ms", "huge_target_ool_first_send_ms_at_most")]),
     _p("streaming read, 2 MiB pages", "GB/s", "higher",
        [("from a trivial Python pager", "huge_stream_gb_per_s"),
+        ("the same, machd --read-ahead 64", "huge_stream_read_ahead_gb_per_s"),
         ("naive userfaultfd handler, 4 KiB (from the ratio)", "huge_stream_gb_per_s", B,
          "huge_ratio_stream_vs_naive_uffd_stream")],
        [("target: >= {t} GB/s", "huge_target_stream_gb_per_s_at_least")]),
