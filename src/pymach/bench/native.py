@@ -576,8 +576,6 @@ def run_streams(size: int) -> dict[str, Any]:
 
 
 HUGE = 2 * MIB
-
-
 HUGE_READ_AHEAD = 64  # bench huge's second stream: --read-ahead 64 (2 MiB pages)
 
 

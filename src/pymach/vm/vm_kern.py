@@ -184,12 +184,20 @@ def _chain_needs_nothing(obj: VmObject | None, lo: int, hi: int) -> bool:
     or held by a data manager: every page there is resident or zero-fill, readable now.
     (False only means "look page by page".)"""
     while obj is not None:
-        if obj.busy_pages or (obj.pager is not None and not (obj.internal and not any(
-                lo <= o < hi for o in obj.existence))):
+        if obj.busy_pages or _manager_may_hold(obj, lo, hi):
             return False
         lo, hi = lo + obj.shadow_offset, hi + obj.shadow_offset
         obj = obj.shadow
     return True
+
+
+def _manager_may_hold(obj: VmObject, lo: int, hi: int) -> bool:
+    """True if a data manager may have to be asked for a page of [lo, hi) of `obj`: an
+    external object's manager may hold any page; the default pager only those it was
+    given (`existence`)."""
+    if obj.pager is None:
+        return False
+    return not obj.internal or any(lo <= o < hi for o in obj.existence)
 
 
 def _available(obj: VmObject | None, off: int) -> bool:
