@@ -161,6 +161,30 @@ class Noting(Pages):
         return super().read(memory_object, offset, length, access)
 
 
+def _requests_of_a_reader_in_order(n: int) -> list[tuple[int, int]]:
+    """The requests (first page, pages) a Noting pager gets while this task reads one
+    byte of each of `n` pages of its object in order (each checked)."""
+    me = m.task_self()
+    h = m.spawn(_pager, Noting, name="noting")
+    box = m.port_allocate(me)
+    m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
+                       items=[m.Port(box, m.MAKE_SEND)]))
+    mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
+    a = m.vm_allocate_with_pager(me, 0, n * HP, True, mo, 0)
+    v = np.frombuffer(m.memory().buffer(a, n * HP), dtype=np.uint8)
+    assert [int(v[i * HP]) for i in range(n)] == [(i + 1) % 256 for i in range(n)]
+    del v
+    m.vm_deallocate(me, a, n * HP)
+    asked: list[tuple[int, int]] = h.result(30_000)
+    return asked
+
+
+def test_machds_default_read_ahead_grows_huge_page_requests_to_16_mib(task: None) -> None:
+    """machd's default read-ahead is 16 MiB of pages: with 2 MiB pages and a 2-page
+    cluster, the requests of a reader in order grow 2, 4, 8 and stay at 8."""
+    assert _requests_of_a_reader_in_order(24) == [(0, 2), (2, 4), (6, 8), (14, 8), (22, 2)]
+
+
 def test_read_ahead_of_huge_pages_stops_at_what_an_answer_in_place_covers(
         pool: None, tmp_path_factory: pytest.TempPathFactory) -> None:
     """With 2 MiB pages, read-ahead to 64 pages would ask for 128 MiB, more than one
@@ -172,18 +196,7 @@ def test_read_ahead_of_huge_pages_stops_at_what_an_answer_in_place_covers(
     sock = next(gen)
     attach(sock, name="huge-read-ahead")
     try:
-        me, n = m.task_self(), 96
-        h = m.spawn(_pager, Noting, name="noting")
-        box = m.port_allocate(me)
-        m.msg_send(Message(remote_port=m.task_get_special_port(h.port, m.TASK_NOTIFY_PORT),
-                           items=[m.Port(box, m.MAKE_SEND)]))
-        mo = m.msg_receive(box, m.RCV_TIMEOUT, 20_000).items[0].value
-        a = m.vm_allocate_with_pager(me, 0, n * HP, True, mo, 0)
-        v = np.frombuffer(m.memory().buffer(a, n * HP), dtype=np.uint8)
-        assert [int(v[i * HP]) for i in range(n)] == [(i + 1) % 256 for i in range(n)]
-        del v
-        m.vm_deallocate(me, a, n * HP)
-        asked = h.result(30_000)
+        asked = _requests_of_a_reader_in_order(96)
         assert max(pages for _, pages in asked) == 32 and asked[:2] == [(0, 16), (16, 32)]
     finally:
         detach()

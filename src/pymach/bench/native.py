@@ -584,8 +584,8 @@ def run_huge(size: int = GIB, rounds: int = 3, fill_size: int = 64 * MIB) -> dic
     memfds), each beside its baseline from this run: a 1 GiB OOL first send (target
     <= 1 ms) and the receiver's deallocate, a 1 GiB stream
     from the Trivial pager in 4-page (8 MiB) clusters (>= 2 GB/s, and >= 1x the naive
-    handler's 4 KiB stream; machd's default read-ahead, 4 MiB of pages, is no growth
-    with 2 MiB pages), the same with requests growing to HUGE_READ_AHEAD pages
+    handler's 4 KiB stream; machd's default read-ahead, 16 MiB of pages, lets requests
+    grow to 8 pages), the same with requests growing to HUGE_READ_AHEAD pages
     (--read-ahead; the kernel asks at most 64 MiB at once), and the NumPy fill (<= 3x
     anonymous memory, 4 KiB pages). The receiver's deallocate is shown beside munmap +
     PUNCH_HOLE of a 4 KiB memfd, for scale only (huge pages make both cheaper). Needs

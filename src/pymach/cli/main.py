@@ -411,7 +411,7 @@ def _machd_memory_options(machd: argparse.ArgumentParser) -> None:
     machd.add_argument("--read-ahead", type=positive_int, default=None, metavar="PAGES",
                        help="read-ahead: while a task reads a pager's object in order, "
                        "each request asks for twice the pages of the last, up to this "
-                       "many (default: 4 MiB of pages, at most 1024, at least "
+                       "many (default: 16 MiB of pages, at most 1024, at least "
                        "--pager-cluster, and none with --pager-cluster 1; --read-ahead "
                        "equal to --pager-cluster turns it off)")
 
