@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,6 +85,15 @@ def test_bench_native_small() -> None:
                pager["stream_gb_per_s"], pager["mmap_page_cache_gb_per_s"]) > 0
     _ratio_ok(pager, "ratio_pager_fault_vs_naive_uffd", "pager_fault_us",
               "naive_uffd_fault_us")
+    if shutil.which("cc") or os.environ.get("CC"):  # the C baseline of the fault
+        _ratio_ok(pager, "ratio_pager_fault_vs_c_three_fault", "pager_fault_us",
+                  "c_three_fault_us")
+        _ratio_ok(pager, "ratio_naive_uffd_fault_vs_c_three_fault", "naive_uffd_fault_us",
+                  "c_three_fault_us")
+        _ratio_ok(pager, "ratio_stream_vs_c_three_stream", "stream_gb_per_s",
+                  "c_three_stream_gb_per_s")
+    else:
+        assert "C compiler" in pager["c_three_skipped"]
     _ratio_ok(pager, "ratio_zero_fill_fault_vs_memfd_first_touch", "zero_fill_fault_us",
               "memfd_first_touch_us")
     _ratio_ok(pager, "ratio_stream_vs_naive_uffd_stream", "stream_gb_per_s",
@@ -118,6 +130,53 @@ def test_naive_uffd_handler_serves_the_ones_it_writes(cluster_pages: int) -> Non
     with naive_handler(size, cluster_pages) as view:
         assert view.size == size and bool((view == 1).all())  # every byte, from the handler
         del view
+
+
+@pytest.fixture(scope="module")
+def c_three(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The C baseline program, built (skipped where there is no C compiler, except in
+    CI, whose machine has one)."""
+    uffd_or_skip()
+    from pymach.bench import baselines
+
+    try:
+        return baselines.c_three_program(str(tmp_path_factory.mktemp("c_three")))
+    except baselines.CBaselineUnavailable as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("cluster_pages", [1, 64])
+def test_c_three_process_handler_serves_the_ones_it_writes(c_three: str,
+                                                           cluster_pages: int) -> None:
+    from pymach.bench.baselines import PAGE, c_three_handler
+
+    size = 100 * PAGE + 123  # a partial last block, and a partial last page
+    with c_three_handler(c_three, size, cluster_pages) as view:
+        assert view.size == size and bool((view == 1).all())  # every byte, from its pager
+        del view
+
+
+def test_c_three_process_fault_and_stream_baselines(c_three: str) -> None:
+    from pymach.bench import baselines
+
+    _positive(baselines.c_three_fault_us(c_three, 64))  # raises if a page is not all 1s
+    _positive(baselines.c_three_stream_gbps(c_three, 4 << 20, 64))
+
+
+def test_c_baseline_without_a_working_compiler_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymach.bench import baselines, native
+
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with pytest.raises(baselines.CBaselineUnavailable, match="false failed"):
+        baselines.c_three_program(str(tmp_path))
+    assert native.run_c_three(8, 1 << 20) == {"c_three_skipped": "false failed: "}
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path))  # and none at all
+    with pytest.raises(baselines.CBaselineUnavailable, match="no C compiler"):
+        baselines.c_three_program(str(tmp_path))
 
 
 def test_naive_uffd_fault_and_stream_baselines() -> None:

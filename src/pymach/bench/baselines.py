@@ -7,6 +7,10 @@ measured in the same run on the same machine (issue 10; the targets are in
 - `naive_uffd_fault_us` and `naive_uffd_stream_gbps`: a naive Python userfaultfd handler
   in a separate process serving a memfd mapped in this process (the floor for a pager
   fault and a pager stream, which cross machd and a pager task);
+- `c_three_fault_us` and `c_three_stream_gbps`: the same served in C by two processes,
+  one reading the userfaultfd and one writing the data (uffd_three.c, built here with
+  the system's C compiler when there is one): pymach's topology of three processes
+  (the faulting task, machd, the pager) with no Python in it;
 - `memfd_first_touch_us`: the kernel's own first touch of a memfd page (for a zero-fill
   fault);
 - `mprotect_ms`: write-protecting a resident region (for a first out-of-line send);
@@ -26,11 +30,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import importlib.resources
 import mmap
 import os
 import select
+import shutil
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 import traceback
@@ -92,6 +99,31 @@ def _serve_faults(uffd: Uffd, fd: int, base: int, size: int, run: int,
 
 
 @contextlib.contextmanager
+def _uffd_memfd(size: int) -> Iterator[tuple[int, Uffd, npt.NDArray[np.uint8]]]:
+    """A memfd of `size` bytes rounded up to whole pages, mapped MAP_SHARED here and
+    registered with a new userfaultfd for missing and minor faults: (the memfd, the
+    userfaultfd, a NumPy view of the whole mapping). The caller hands the userfaultfd
+    to a handler and closes its own copy."""
+    whole = -(-size // PAGE) * PAGE
+    fd = os.memfd_create("uffd-baseline", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, whole)
+        m = mmap.mmap(fd, whole, mmap.MAP_SHARED)
+        view = np.frombuffer(m, dtype=np.uint8)
+        uffd = Uffd.create()
+        try:
+            uffd.register(view.ctypes.data, whole, MODE_MISSING | MODE_MINOR)
+            yield fd, uffd, view
+        finally:
+            uffd.close()
+            del view
+            with contextlib.suppress(BufferError):  # a caller's view may still be alive
+                m.close()
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def naive_handler(size: int, cluster_pages: int = 1) -> Iterator[npt.NDArray[np.uint8]]:
     """A memfd of `size` bytes (rounded up to whole pages), mapped MAP_SHARED here and
     registered with a userfaultfd for missing and minor faults; yields a NumPy view of
@@ -104,62 +136,121 @@ def naive_handler(size: int, cluster_pages: int = 1) -> Iterator[npt.NDArray[np.
     pymach's pager faults are such missing faults, resolved the same way by machd
     (pwritev, then UFFDIO_CONTINUE). If the handler dies, the userfaultfd closes and
     the faults fill with zeros."""
-    whole = -(-size // PAGE) * PAGE
-    fd = os.memfd_create("naive-uffd", os.MFD_CLOEXEC)
-    os.ftruncate(fd, whole)
-    m = mmap.mmap(fd, whole, mmap.MAP_SHARED)
-    view = np.frombuffer(m, dtype=np.uint8)
-    uffd = Uffd.create()
-    uffd.register(view.ctypes.data, whole, MODE_MISSING | MODE_MINOR)
-    here, there = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # the handler process
-        code = 1
+    with _uffd_memfd(size) as (fd, uffd, view):
+        here, there = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the handler process
+            code = 1
+            try:
+                here.close()
+                _serve_faults(uffd, fd, view.ctypes.data, len(view), cluster_pages * PAGE,
+                              there)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        uffd.close()  # only the handler holds the userfaultfd now
+        there.close()
         try:
-            here.close()
-            _serve_faults(uffd, fd, view.ctypes.data, whole, cluster_pages * PAGE, there)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
+            here.recv(1)  # the handler is polling
+            yield view[:size]
         finally:
-            os._exit(code)
-    uffd.close()  # only the handler holds the userfaultfd now
-    there.close()
-    try:
-        here.recv(1)  # the handler is polling
-        yield view[:size]
-    finally:
-        here.close()
-        os.waitpid(pid, 0)
-        del view
-        with contextlib.suppress(BufferError):  # a caller's view may still be alive
-            m.close()
-        os.close(fd)
+            here.close()
+            os.waitpid(pid, 0)
+
+
+class CBaselineUnavailable(Exception):
+    """The C baseline cannot be built here (no C compiler, or it failed): the reason."""
+
+
+def c_three_program(directory: str) -> str:
+    """Compile uffd_three.c (this package's C baseline of pymach's three-process pager
+    fault) with the system's C compiler ($CC, else cc) into `directory`; returns the
+    program's path. CBaselineUnavailable if there is no compiler or it fails."""
+    cc = os.environ.get("CC") or shutil.which("cc")
+    if not cc:
+        raise CBaselineUnavailable("no C compiler (cc, or $CC)")
+    out = os.path.join(directory, "uffd_three")
+    with importlib.resources.as_file(
+            importlib.resources.files("pymach.bench") / "uffd_three.c") as source:
+        done = subprocess.run([cc, "-O2", "-o", out, str(source)], capture_output=True,
+                              text=True, check=False)
+    if done.returncode != 0:
+        raise CBaselineUnavailable(f"{cc} failed: {done.stderr.strip()[-500:]}")
+    return out
+
+
+@contextlib.contextmanager
+def c_three_handler(program: str, size: int,
+                    cluster_pages: int = 1) -> Iterator[npt.NDArray[np.uint8]]:
+    """As `naive_handler`, but served by `program` (c_three_program) in C and over two
+    processes, as pymach's pager fault crosses machd and a pager task: one reads the
+    userfaultfd and asks the other over a socketpair, which `pwrite`s the block into
+    the memfd and answers; the first then maps it with UFFDIO_CONTINUE."""
+    with _uffd_memfd(size) as (fd, uffd, view):
+        here, there = socket.socketpair()
+        args = (uffd.fd, fd, view.ctypes.data, len(view), cluster_pages * PAGE,
+                there.fileno())
+        proc = subprocess.Popen([program, *map(str, args)],
+                                pass_fds=(uffd.fd, fd, there.fileno()))
+        uffd.close()  # only the C handler holds the userfaultfd now
+        there.close()
+        try:
+            if here.recv(1) != b"r":
+                raise RuntimeError(f"the C handler did not start (status {proc.wait()})")
+            yield view[:size]
+        finally:
+            here.close()
+            proc.wait(30)
 
 
 def naive_uffd_fault_us(pages: int) -> float:
     """Microseconds per one-page fault served by `naive_handler` (one page per fault):
     reading one byte of each of `pages` pages, in order, each page touched once."""
-    with naive_handler(pages * PAGE, 1) as view:
+    return _fault_us(naive_handler(pages * PAGE, 1), pages)
+
+
+def c_three_fault_us(program: str, pages: int) -> float:
+    """As naive_uffd_fault_us, served by `c_three_handler`."""
+    return _fault_us(c_three_handler(program, pages * PAGE, 1), pages)
+
+
+def _fault_us(handler: contextlib.AbstractContextManager[npt.NDArray[np.uint8]],
+              pages: int) -> float:
+    """Microseconds per fault reading one byte of each page of `handler`'s region (of
+    `pages` pages, one per fault), in order; checks the bytes read."""
+    with handler as view:
         t0 = time.perf_counter()
         total = int(view[::PAGE].sum())
         dt = time.perf_counter() - t0
     if total != pages:
-        raise RuntimeError(f"the naive handler's pages read {total}, not {pages}")
+        raise RuntimeError(f"the handler's pages read {total}, not {pages}")
     return dt / pages * 1e6
 
 
 def naive_uffd_stream_gbps(size: int, cluster_pages: int = 64) -> float:
     """GB/s reading every byte (a NumPy sum) of a `size`-byte region served by
     `naive_handler` with `cluster_pages` pages per fault."""
-    with naive_handler(size, cluster_pages) as view:
+    return _stream_gbps(naive_handler(size, cluster_pages), size)
+
+
+def c_three_stream_gbps(program: str, size: int, cluster_pages: int = 64) -> float:
+    """As naive_uffd_stream_gbps, served by `c_three_handler`."""
+    return _stream_gbps(c_three_handler(program, size, cluster_pages), size)
+
+
+def _stream_gbps(handler: contextlib.AbstractContextManager[npt.NDArray[np.uint8]],
+                 size: int) -> float:
+    """GB/s summing every byte of `handler`'s `size`-byte region; checks the sum."""
+    with handler as view:
         words = view.view(np.uint64)
         t0 = time.perf_counter()
         total = int(words.sum(dtype=np.uint64))
         dt = time.perf_counter() - t0
         del words
     if total != (size // 8) * ONES % (1 << 64):
-        raise RuntimeError("the naive handler's stream read wrong bytes")
+        raise RuntimeError("the handler's stream read wrong bytes")
     return size / dt / 1e9
 
 

@@ -8,7 +8,8 @@ Each figure is measured together with its baseline in the same run, on this mach
   mprotect of a resident GiB; the send with deallocate and the receiver's vm_deallocate
   vs munmap + PUNCH_HOLE of a resident GiB memfd;
 - pager: a one-page fault served by a trivial Python pager (clustering off) vs a naive
-  Python userfaultfd handler in a separate process (and a zero-fill fault served by
+  Python userfaultfd handler in a separate process (and beside the same work done in C
+  by pymach's three processes, if a C compiler is here; a zero-fill fault served by
   machd alone, and a first touch of anonymous shared memory); a zero-fill fault vs the
   kernel's first touch of a memfd page; a streaming read of a 1 GiB pager-backed region
   (64-page clusters, with machd's read-ahead and without) vs the naive handler's stream
@@ -511,6 +512,7 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
     touch = statistics.median(baselines.memfd_first_touch_us(fault_pages) for _ in range(3))
     fill_anon = statistics.median(baselines.numpy_fill_anon_ms(fill_size) for _ in range(3))
     streams = run_streams(stream_size)
+    c_three = run_c_three(fault_pages, stream_size)
     with native_task("--memory", f"{2 * stream_size // MIB}M", "--pager-cluster", "64"):
         writeback = statistics.median(bench_writeback(writeback_size) for _ in range(3))
     msync = statistics.median(baselines.msync_us_per_page(writeback_size) for _ in range(3))
@@ -525,6 +527,7 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
             "naive_uffd_fault_us": round(naive, 1),
             "ratio_pager_fault_vs_naive_uffd": _ratio(fault, naive),
             "target_ratio_pager_fault_vs_naive_uffd_at_most": 1.0,
+            **c_three, **_c_three_ratios(c_three, fault, naive, streams["stream_gb_per_s"]),
             "memfd_first_touch_us": round(touch, 2),
             "ratio_zero_fill_fault_vs_memfd_first_touch": _ratio(zero, touch),
             "target_ratio_zero_fill_fault_vs_memfd_first_touch_at_most": 3.0,
@@ -547,6 +550,34 @@ def run_pager(fault_pages: int = 4000, stream_size: int = GIB,
             "ratio_pager_pressure_write_vs_pwrite": _ratio(pager_out, swap_out),
             "kernel_call_alone_us_median_p99_max_count": calls["alone"],
             "kernel_call_paging_us_median_p99_max_count": calls["paging"]}
+
+
+def run_c_three(fault_pages: int, stream_size: int) -> dict[str, Any]:
+    """The C baseline of the pager fault's three processes (baselines.c_three_*),
+    built for this run: its one-page fault and its stream of 64-page clusters; or why
+    it could not be built ("c_three_skipped")."""
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            program = baselines.c_three_program(d)
+        except baselines.CBaselineUnavailable as e:
+            return {"c_three_skipped": str(e)}
+        fault = statistics.median(baselines.c_three_fault_us(program, fault_pages)
+                                  for _ in range(3))
+        stream = baselines.c_three_stream_gbps(program, stream_size, 64)
+    return {"c_three_fault_us": round(fault, 1), "c_three_stream_gb_per_s": round(stream, 3)}
+
+
+def _c_three_ratios(c_three: dict[str, Any], fault: float, naive: float,
+                    stream: float) -> dict[str, Any]:
+    """The pager fault and the naive handler's fault beside the C three-process fault,
+    and the stream beside its stream."""
+    if "c_three_fault_us" not in c_three:
+        return {}
+    c = c_three["c_three_fault_us"]
+    return {"ratio_pager_fault_vs_c_three_fault": _ratio(fault, c),
+            "ratio_naive_uffd_fault_vs_c_three_fault": _ratio(naive, c),
+            "ratio_stream_vs_c_three_stream": _ratio(stream,
+                                                     c_three["c_three_stream_gb_per_s"])}
 
 
 def run_streams(size: int) -> dict[str, Any]:
