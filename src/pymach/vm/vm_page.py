@@ -9,7 +9,9 @@ modify bits. `VmResident` is the per-kernel table of them:
   hash table split by object: each object's `memq` maps its offsets to its pages, so
   the lookup is one probe and an object's pages leave the table in one step;
 - three queues (5.4): `active` in least-recently-used order, `inactive` (pages being
-  prepared for pageout) and `free` (frames caching nothing).
+  prepared for pageout) and `free` (frames caching nothing: a stack, whose last frames
+  are taken first, so a run of frames comes off it in one slice, as a GiB's frames do
+  when the machine's zero fill holds them: 260,000 pops under the kernel lock before).
 
 Pages are freed a batch at a time where they can be (`vm_pages_free`: an object's range
 or all of it), so freeing costs the backend one step per run of the object's offsets
@@ -54,7 +56,6 @@ last `reserved` free frames.
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -146,7 +147,8 @@ class VmResident:
         self.phys = phys  # immutable
         self.page_size = phys.page_size  # immutable
         self.pages: list[VmPage | None] = [None] * phys.nframes
-        self.free: deque[int] = deque(range(phys.nframes))
+        self.free: list[int] = list(range(phys.nframes - 1, -1, -1))  # (a stack: the
+        # frames taken next are at the end; a fresh kernel hands out 0, 1, 2, ...)
         self.active: dict[VmPage, None] = {}  # insertion order = LRU order
         self.inactive: dict[VmPage, None] = {}
         self.tabled = 0  # pages in some object's memq, or in an extent
@@ -256,7 +258,7 @@ class VmResident:
         """Take a free frame's page structure, or None if none may be taken now."""
         if not self.free or (len(self.free) <= self.reserved and not privileged):
             return None
-        return self._fresh_page(self.free.popleft())
+        return self._fresh_page(self.free.pop())
 
     def vm_page_grab_run(self, obj: VmObject, offsets: list[int],
                          privileged: bool) -> list[VmPage]:
@@ -276,8 +278,18 @@ class VmResident:
         """Up to `n` frames off the free queue: as many as may be taken now (the last
         `reserved` only by vm-privileged threads)."""
         room = len(self.free) - (0 if privileged else self.reserved)
-        popleft = self.free.popleft
-        return [popleft() for _ in range(min(n, max(room, 0)))]
+        return self._pop_frames(min(n, room))
+
+    def _pop_frames(self, n: int) -> list[int]:
+        """The `n` frames at the top of the free stack (none if n <= 0), taken off it
+        in one slice, in the order single pops would have given them."""
+        if n <= 0:
+            return []
+        free = self.free
+        frames = free[-n:]
+        del free[-n:]
+        frames.reverse()
+        return frames
 
     def _table_active(self, obj: VmObject, offsets: Iterable[int],
                       frames: list[int]) -> list[VmPage]:
@@ -351,7 +363,7 @@ class VmResident:
             return False
         if not self.phys.lazy_zero_fill(obj, True):
             return False
-        obj.lazy_frames = [self.free.pop() for _ in range(n)]
+        obj.lazy_frames = self._pop_frames(n)
         obj.lazy_filling = True
         self.lazy[obj] = None
         return True
