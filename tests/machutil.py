@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -127,3 +129,22 @@ def assert_kernel_ok() -> None:
     m.port_deallocate(task, p)
     assert not has_name(p)
     assert m.task_info(task)[2] >= 1  # the caller's task has threads
+
+
+def blocked_waiter(lock: Any, got: list[str], timeout: float = -1) -> threading.Thread:
+    """A thread that takes `lock` (a kern.lock.KernelLock; recording "waiter" in `got`),
+    started and blocked. Callable with the kernel lock held: it waits for the thread to
+    block with time.sleep, never entering the kernel (wait_until would)."""
+    def take() -> None:
+        if lock.acquire(True, timeout):
+            got.append("waiter")
+            lock.release()
+    before = lock.waiting  # (other threads may be waiting already)
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while lock.waiting <= before:
+        if time.monotonic() > deadline:
+            raise AssertionError("the waiter did not block on the lock within 5 s")
+        time.sleep(0.001)
+    return t

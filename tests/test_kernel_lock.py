@@ -15,24 +15,12 @@ from typing import Any
 import pytest
 
 import pymach as m
-from machutil import wait_until
+from machutil import blocked_waiter
 from pymach.kern import lock as kern_lock
 from pymach.kern.lock import KernelLock
 from pymach.vm import vm_pageout
 
 PS = 4096
-
-
-def blocked_waiter(lock: KernelLock, got: list[str], timeout: float = -1) -> threading.Thread:
-    """A thread that takes `lock` (recording "waiter" in `got`), started and blocked."""
-    def take() -> None:
-        if lock.acquire(True, timeout):
-            got.append("waiter")
-            lock.release()
-    t = threading.Thread(target=take, daemon=True)
-    t.start()
-    wait_until(lambda: lock.waiting == 1, 5000)
-    return t
 
 
 def test_a_break_with_nobody_waiting_keeps_the_lock() -> None:

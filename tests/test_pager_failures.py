@@ -17,13 +17,21 @@ hangs fails the test (and is shut down) instead of hanging the suite.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import pymach as m
-from machutil import assert_kernel_ok, recv, sleep_ms, start_thread, wait_until
+from machutil import (
+    assert_kernel_ok,
+    blocked_waiter,
+    recv,
+    sleep_ms,
+    start_thread,
+    wait_until,
+)
 from pagerutil import (
     PS,
     Pager,
@@ -368,6 +376,44 @@ def test_a_manager_streaming_past_its_limit_is_trimmed_in_batches(
         slack = max(1, int(limit * memory_object.MANAGER_SLACK))
         assert 0 < len(walks) <= (n - limit) // slack + 2
         assert_kernel_ok()
+
+
+def test_trimming_a_manager_lets_a_waiting_thread_in_between_batches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manager brought back under its page limit loses its pages EVICT_BATCH at a
+    time; a thread waiting for the kernel lock gets it between two batches of one
+    trimming (before, the whole slack went in one hold), and every byte stays right."""
+    limit, n = 64, 256
+    monkeypatch.setattr(memory_object, "EVICT_BATCH", 2)
+    events: list[str] = []
+    waiters: list[threading.Thread] = []
+    evict, trim = memory_object.evict_in_runs, memory_object._enforce_manager_limit
+
+    def evicting(vm: Any, pages: list[Any]) -> int:
+        events.append("batch")  # (the kernel lock is held here)
+        if not waiters and events.count("batch") == 1:
+            waiters.append(blocked_waiter(vm.kernel.sched.lock, events))
+        return evict(vm, pages)
+
+    def trimming(obj: Any, keep: Any) -> None:
+        events.append("trim")
+        try:
+            trim(obj, keep)
+        finally:
+            events.append("end")
+    monkeypatch.setattr(memory_object, "evict_in_runs", evicting)
+    monkeypatch.setattr(memory_object, "_enforce_manager_limit", trimming)
+    with m.boot(manager_page_limit=limit) as k, watchdog(k, 20, "trimming in batches"):
+        p = Pager(size=n * PS).start()
+        a = p.map()
+        for i in range(n):
+            assert read(a + i * PS, 8) == bytes(p.data[i * PS:i * PS + 8])
+        assert "waiter" in events
+        got = events.index("waiter")
+        started = len(events[:got]) - events[:got][::-1].index("trim") - 1
+        assert "end" not in events[started:got], "the waiter got in only after the trim"
+        assert events[started:got].count("batch") == 1
+        assert sum(r.resident for r in k.vmmap("bootstrap")) <= limit
 
 
 @MODES

@@ -78,6 +78,9 @@ if TYPE_CHECKING:
     from pymach.vm.vm_page import VmPage
 
 WRITE_RUN_PAGES = 256  # the most pages a flush writes back in one pager_data_write
+EVICT_BATCH = WRITE_RUN_PAGES  # pages a manager over its limit loses per hold of the
+# kernel lock (_enforce_manager_limit breaks the lock between batches: a 3 GiB machd's
+# slack is 24,576 pages, well over 100 ms of eviction in one hold before)
 MANAGER_SLACK = 1 / 16  # of manager_page_limit: how far below it an over-limit manager
 # is brought (so the walk for its oldest pages is amortized over that many pages)
 
@@ -1118,11 +1121,14 @@ def _enforce_manager_limit(obj: VmObject, keep: set[VmPage]) -> None:
         return
     low = vm.manager_page_limit - max(1, int(vm.manager_page_limit * MANAGER_SLACK))
     victims = _manager_lru(vm, mine, keep)
-    with vm.phys.discard_batch():  # the freed pages' holes punched a run at a time
-        while count > low and victims:
-            chunk, victims = victims[:count - low], victims[count - low:]
+    while count > low and victims:
+        n = min(count - low, EVICT_BATCH)
+        chunk, victims = victims[:n], victims[n:]
+        with vm.phys.discard_batch():  # the freed pages' holes punched a run at a time
             count -= evict_in_runs(vm, [p for p in chunk if p.queue in ("active", "inactive")
-                                 and p.object in mine])
+                                        and p.object in mine])
+        if count > low and victims:  # (between batches every structure is settled;
+            vm.kernel.sched.lock_break()  # the pages still listed are checked again)
 
 
 def evict_in_runs(vm: VmSystem, pages: list[VmPage]) -> int:
