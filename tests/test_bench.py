@@ -165,6 +165,18 @@ def test_c_three_process_fault_and_stream_baselines(c_three: str) -> None:
     _positive(baselines.c_three_stream_gbps(c_three, 4 << 20, 64))
 
 
+def test_c_baseline_takes_a_compiler_with_its_flags_from_cc(
+        c_three: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymach.bench import baselines
+
+    cc = os.environ.get("CC") or shutil.which("cc")  # (c_three built with it)
+    monkeypatch.setenv("CC", f"{cc} -Wall -Werror")  # a compiler and flags, as make's
+    program = baselines.c_three_program(str(tmp_path))
+    with baselines.c_three_handler(program, 8 * baselines.PAGE) as view:
+        assert bool((view == 1).all())
+        del view
+
+
 def test_c_baseline_without_a_working_compiler_says_why(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pymach.bench import baselines, native
@@ -173,6 +185,9 @@ def test_c_baseline_without_a_working_compiler_says_why(
     with pytest.raises(baselines.CBaselineUnavailable, match="false failed"):
         baselines.c_three_program(str(tmp_path))
     assert native.run_c_three(8, 1 << 20) == {"c_three_skipped": "false failed: "}
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))  # one that is not there
+    with pytest.raises(baselines.CBaselineUnavailable, match="no-such-cc: No such file"):
+        baselines.c_three_program(str(tmp_path))
     monkeypatch.setenv("CC", "")
     monkeypatch.setenv("PATH", str(tmp_path))  # and none at all
     with pytest.raises(baselines.CBaselineUnavailable, match="no C compiler"):

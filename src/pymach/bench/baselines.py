@@ -34,6 +34,7 @@ import importlib.resources
 import mmap
 import os
 import select
+import shlex
 import shutil
 import socket
 import statistics
@@ -168,16 +169,19 @@ def c_three_program(directory: str) -> str:
     """Compile uffd_three.c (this package's C baseline of pymach's three-process pager
     fault) with the system's C compiler ($CC, else cc) into `directory`; returns the
     program's path. CBaselineUnavailable if there is no compiler or it fails."""
-    cc = os.environ.get("CC") or shutil.which("cc")
-    if not cc:
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or ""]
+    if not cc[0]:
         raise CBaselineUnavailable("no C compiler (cc, or $CC)")
     out = os.path.join(directory, "uffd_three")
     with importlib.resources.as_file(
             importlib.resources.files("pymach.bench") / "uffd_three.c") as source:
-        done = subprocess.run([cc, "-O2", "-o", out, str(source)], capture_output=True,
-                              text=True, check=False)
+        try:
+            done = subprocess.run([*cc, "-O2", "-o", out, str(source)],
+                                  capture_output=True, text=True, check=False)
+        except OSError as e:  # $CC names no program
+            raise CBaselineUnavailable(f"{cc[0]}: {e.strerror}") from None
     if done.returncode != 0:
-        raise CBaselineUnavailable(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        raise CBaselineUnavailable(f"{cc[0]} failed: {done.stderr.strip()[-500:]}")
     return out
 
 
