@@ -148,3 +148,24 @@ def blocked_waiter(lock: Any, got: list[str], timeout: float = -1) -> threading.
             raise AssertionError("the waiter did not block on the lock within 5 s")
         time.sleep(0.001)
     return t
+
+
+def noting(events: list[str], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, noting `name` in `events` when it starts and "end" when it returns."""
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        events.append(name)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            events.append("end")
+    return noted
+
+
+def waiter_got_in_during(events: list[str], start: str) -> list[str]:
+    """The events from the last `start` before a blocked_waiter got the lock up to it:
+    AssertionError unless it got the lock, and before that work's "end" (noting)."""
+    assert "waiter" in events, "the waiter never got the lock"
+    got = events.index("waiter")
+    during = events[got - events[:got][::-1].index(start) - 1:got]
+    assert "end" not in during, f"the waiter got the lock only after the {start}"
+    return during

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import pymach as m
-from machutil import blocked_waiter
+from machutil import blocked_waiter, noting, waiter_got_in_during
 from pymach.kern import lock as kern_lock
 from pymach.kern.lock import KernelLock
 from pymach.vm import vm_pageout
@@ -88,24 +88,14 @@ def test_the_pageout_scan_lets_a_waiting_thread_in_between_batches(
             waiters.append(blocked_waiter(k.sched.lock, events))
         return reclaim(vm, victims)
 
-    def scanning(vm: Any) -> tuple[bool, bool]:
-        events.append("scan")
-        try:
-            return scan(vm)
-        finally:
-            events.append("end")
     monkeypatch.setattr(vm_pageout, "_reclaim", reclaiming)
-    monkeypatch.setattr(vm_pageout, "vm_pageout_scan", scanning)
+    monkeypatch.setattr(vm_pageout, "vm_pageout_scan", noting(events, "scan", scan))
     n = 3 * k.memory_size // PS  # three times memory: the daemon pages out
     a = m.vm_allocate(m.task_self(), 0, n * PS, True)
     mem = m.memory()
     for i in range(n):
         mem[a + i * PS] = i % 251
-    assert "waiter" in events
-    got = events.index("waiter")
-    started = len(events[:got]) - events[:got][::-1].index("scan") - 1
-    assert "end" not in events[started:got], "the waiter got the lock only after the scan"
-    assert events[started:got].count("batch") >= 1
+    assert waiter_got_in_during(events, "scan").count("batch") >= 1
     assert all(mem[a + i * PS] == i % 251 for i in range(n))  # every page intact
     m.vm_deallocate(m.task_self(), a, n * PS)
 

@@ -27,10 +27,12 @@ import pymach as m
 from machutil import (
     assert_kernel_ok,
     blocked_waiter,
+    noting,
     recv,
     sleep_ms,
     start_thread,
     wait_until,
+    waiter_got_in_during,
 )
 from pagerutil import (
     PS,
@@ -395,24 +397,14 @@ def test_trimming_a_manager_lets_a_waiting_thread_in_between_batches(
             waiters.append(blocked_waiter(vm.kernel.sched.lock, events))
         return evict(vm, pages)
 
-    def trimming(obj: Any, keep: Any) -> None:
-        events.append("trim")
-        try:
-            trim(obj, keep)
-        finally:
-            events.append("end")
     monkeypatch.setattr(memory_object, "evict_in_runs", evicting)
-    monkeypatch.setattr(memory_object, "_enforce_manager_limit", trimming)
+    monkeypatch.setattr(memory_object, "_enforce_manager_limit", noting(events, "trim", trim))
     with m.boot(manager_page_limit=limit) as k, watchdog(k, 20, "trimming in batches"):
         p = Pager(size=n * PS).start()
         a = p.map()
         for i in range(n):
             assert read(a + i * PS, 8) == bytes(p.data[i * PS:i * PS + 8])
-        assert "waiter" in events
-        got = events.index("waiter")
-        started = len(events[:got]) - events[:got][::-1].index("trim") - 1
-        assert "end" not in events[started:got], "the waiter got in only after the trim"
-        assert events[started:got].count("batch") == 1
+        assert waiter_got_in_during(events, "trim").count("batch") == 1
         assert sum(r.resident for r in k.vmmap("bootstrap")) <= limit
 
 
