@@ -383,10 +383,10 @@ def test_a_manager_streaming_past_its_limit_is_trimmed_in_batches(
 def test_trimming_a_manager_lets_a_waiting_thread_in_between_batches(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A manager brought back under its page limit loses its pages EVICT_BATCH at a
-    time; a thread waiting for the kernel lock gets it between two batches of one
-    trimming (before, the whole slack went in one hold), and every byte stays right."""
+    time; a thread waiting for the kernel lock gets it between batches of one trimming
+    (before, the whole slack went in one hold), and every byte stays right."""
     limit, n = 64, 256
-    monkeypatch.setattr(memory_object, "EVICT_BATCH", 2)
+    monkeypatch.setattr(memory_object, "EVICT_BATCH", 1)  # (a break after each page)
     events: list[str] = []
     waiters: list[threading.Thread] = []
     evict, trim = memory_object.evict_in_runs, memory_object._enforce_manager_limit
@@ -404,7 +404,8 @@ def test_trimming_a_manager_lets_a_waiting_thread_in_between_batches(
         a = p.map()
         for i in range(n):
             assert read(a + i * PS, 8) == bytes(p.data[i * PS:i * PS + 8])
-        assert waiter_got_in_during(events, "trim").count("batch") == 1
+        assert waiter_got_in_during(events, "trim").count("batch") >= 1  # (a break
+        # waits BREAK_PATIENCE_S for the waiter: under load it may get a later one)
         assert sum(r.resident for r in k.vmmap("bootstrap")) <= limit
 
 
