@@ -179,3 +179,34 @@ def test_a_stray_access_ends_a_spawned_task_with_pymachs_diagnostic(
     r = _exec(machd, prog)
     assert r.stdout.strip() == "result: None"
     assert "pymach: task 'stray' ended: memory exception: SIGSEGV" in r.stderr
+
+
+_DIE_WHILE_DETACHING = """
+import socket, sys, threading
+from pymach.include import traps
+from pymach.include.channel import Channel
+from pymach.libmach.task import NativeProcess
+
+here, there = socket.socketpair()
+process = NativeProcess("/nonexistent")
+process.detaching = sys.argv[1] == "detaching"
+Channel(there).send(traps.DIE, ["machd is shutting down"])
+process._control(Channel(here))  # exits the process with 70 unless detaching
+print("went on", process.control_closed.is_set())
+"""
+
+
+@pytest.mark.parametrize("detaching", [True, False])
+def test_a_process_leaving_its_task_is_not_ended_by_a_machd_shutting_down(
+        detaching: bool) -> None:
+    """A DIE from machd ends the process (status 70), unless the process is leaving
+    the task (detach): a machd stopped before it took the DETACH (a slow machd: the
+    detach waits 5 s at most) ended the test run that had detached from it, silently,
+    at a module's end (its fixture's machd stopped)."""
+    done = subprocess.run([sys.executable, "-c", _DIE_WHILE_DETACHING,
+                           "detaching" if detaching else "attached"],
+                          capture_output=True, text=True, timeout=60)
+    if detaching:
+        assert (done.returncode, done.stdout) == (0, "went on True\n"), done.stderr
+    else:
+        assert done.returncode == 70 and done.stdout == "", done.stderr

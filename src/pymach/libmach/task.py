@@ -278,6 +278,9 @@ class NativeProcess:
                 threading.Thread(target=run_thread, args=(self, frame.values[0]),
                                  daemon=True, name="mach-thread").start()
             elif frame.op == traps.DIE:  # machd has written why to our stderr
+                if self.detaching:  # the process goes on: it is leaving the task (a
+                    self.control_closed.set()  # machd that shuts down before it has
+                    return  # taken the DETACH ends the task, never the process)
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                 os._exit(EXIT_KILLED if frame.values and frame.values[0] else 0)
