@@ -200,9 +200,8 @@ print("went on", process.control_closed.is_set())
 def test_a_process_leaving_its_task_is_not_ended_by_a_machd_shutting_down(
         detaching: bool) -> None:
     """A DIE from machd ends the process (status 70), unless the process is leaving
-    the task (detach): a machd stopped before it took the DETACH (a slow machd: the
-    detach waits 5 s at most) ended the test run that had detached from it, silently,
-    at a module's end (its fixture's machd stopped)."""
+    the task (detach): a machd stopped after a detach that gave up waiting for it (5 s
+    at most) would end a process that has gone on without it."""
     done = subprocess.run([sys.executable, "-c", _DIE_WHILE_DETACHING,
                            "detaching" if detaching else "attached"],
                           capture_output=True, text=True, timeout=60)

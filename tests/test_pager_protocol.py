@@ -19,6 +19,7 @@ serving thread in the test's own task. Both scheduler modes run every test.
 from __future__ import annotations
 
 import re
+from collections import deque
 
 import pytest
 
@@ -870,3 +871,29 @@ def test_a_data_manager_keeps_nothing_for_a_pager_init_whose_request_port_died(
     live = m.port_allocate(me)
     _Adapter(dm).pager_init(mo, live, 0)
     assert dm.uses == {mo: {live: 0}}
+
+
+class _TakenMeanwhile(deque):  # type: ignore[type-arg]
+    """A queue that another thread emptied between a look at it and a pop: it looks
+    non-empty, and has nothing."""
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_a_kept_message_another_thread_took_meanwhile_is_no_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data manager's threads share the messages kept for later; the last one taken
+    by another thread between a look and a pop raised IndexError and ended the thread
+    (a multi-threaded manager under write-back lost its threads one by one, then died,
+    and the faults on its objects failed). The thread receives the next message
+    instead."""
+    from pymach.pagers import data_manager
+
+    dm = m.DataManager()
+    dm._deferred = _TakenMeanwhile()
+    monkeypatch.setattr(data_manager.mach, "msg_receive", lambda *args: "received")
+    assert dm._next_message() == "received"

@@ -104,7 +104,8 @@ class DataManager:
         self._by_request: dict[int, int] = {}  # request port -> memory object
         self._stop_port = 0
         self._task = 0
-        self._deferred: deque[Message] = deque()  # received while awaiting something else
+        self._deferred: deque[Message] = deque()  # received while awaiting something
+        # else (any thread: each takes with one popleft, never a look and then a pop)
         self._lock = threading.Lock()  # guards the counters and the write queue below;
         # never held across a Mach call
         self._started = self._busy = 0
@@ -190,10 +191,14 @@ class DataManager:
         """A message kept for later (`_deferred`), else the next one received; the
         answer the last request left (`_answer`) is sent first, with the receive."""
         held, _answers.held = getattr(_answers, "held", None), None
-        if self._deferred:
+        try:  # (one step: a look, then a pop, let two threads race for the last one,
+            kept = self._deferred.popleft()  # and the loser's pop raised IndexError)
+        except IndexError:
+            kept = None
+        if kept is not None:
             if held is not None:
                 _send_logged(held)
-            return self._deferred.popleft()
+            return kept
         if held is None:
             return mach.msg_receive()
         try:
